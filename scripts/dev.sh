@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for people and CI:
+#   scripts/dev.sh setup   create .venv and install the project (idempotent)
+#   scripts/dev.sh up      setup, then start API + worker + Flower on the embedded default
+#   scripts/dev.sh test    setup, then run the test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+
+setup() {
+    if [ ! -x .venv/bin/python ]; then
+        "$PYTHON" -m venv .venv
+    fi
+    # Reinstall only when the dependency list changed since the last install.
+    stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+    if [ ! -f "$stamp" ]; then
+        .venv/bin/python -m pip install --upgrade pip >/dev/null
+        .venv/bin/python -m pip install -e '.[test]'
+        rm -f .venv/.installed-*
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-up}
+shift || true
+case "$cmd" in
+    setup) setup ;;
+    up) setup; export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}; exec .venv/bin/audio-analysis up "$@" ;;
+    test) setup; export HF_HUB_OFFLINE=1; exec .venv/bin/python -m pytest "$@" ;;
+    *) echo "usage: $0 {setup|up|test}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,169 @@
+"""Audio decoding: any common container/codec, any rate and channel count -> 16 kHz mono float32.
+
+soundfile (libsndfile) reads WAV, FLAC, OGG/Vorbis/Opus and MP3 fast and lets us check the header
+before reading a sample; everything else (M4A/AAC, odd WAV codecs, video containers) goes through
+FFmpeg via PyAV, decoded and resampled frame by frame so a bogus header cannot make us allocate
+more than the duration limit allows.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+
+from shared.errors import AudioDecodeError, AudioTooLongError, InputError
+
+SAMPLE_RATE = 16_000
+# below this RMS (about -80 dBFS) a recording carries no usable speech
+SILENCE_RMS = 1e-4
+
+AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Decoded mono waveform at :data:`SAMPLE_RATE`."""
+
+    samples: np.ndarray  # (num_samples,) float32
+    sample_rate: int = SAMPLE_RATE
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    def as_pyannote(self) -> dict:
+        """The in-memory form pyannote.audio pipelines accept (no second decode)."""
+        import torch
+
+        return {"waveform": torch.from_numpy(self.samples).unsqueeze(0), "sample_rate": self.sample_rate}
+
+
+def _open(source: AudioSource) -> BinaryIO:
+    if isinstance(source, (bytes, bytearray)):
+        return io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)):
+        return open(Path(source), "rb")
+    return source
+
+
+def _downmix(data: np.ndarray) -> np.ndarray:
+    return data.mean(axis=1, dtype=np.float32) if data.ndim == 2 else data.astype(np.float32, copy=False)
+
+
+def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    if orig_sr == target_sr:
+        return samples
+    import torch
+    import torchaudio.functional as AF
+
+    return AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), orig_sr, target_sr).numpy()
+
+
+def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
+    """Decode with libsndfile; ``None`` when libsndfile does not know the format."""
+    import soundfile as sf
+
+    start = fh.tell()
+    try:
+        with sf.SoundFile(fh) as snd:
+            if snd.samplerate <= 0 or snd.channels <= 0:
+                raise AudioDecodeError("audio header declares no samples or channels")
+            # a header can claim anything: check what it claims before allocating for it
+            if snd.frames > max_duration * snd.samplerate:
+                raise AudioTooLongError(
+                    f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
+                )
+            data = snd.read(dtype="float32", always_2d=True)
+            rate = snd.samplerate
+    except sf.LibsndfileError:
+        fh.seek(start)
+        return None
+    except RuntimeError:  # older soundfile raises RuntimeError for unknown formats
+        fh.seek(start)
+        return None
+    return resample(_downmix(data), rate)
+
+
+def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
+    import av
+
+    try:
+        container = av.open(fh, mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        raise AudioDecodeError(f"not a decodable audio file ({exc.__class__.__name__})") from exc
+    with container:
+        if not container.streams.audio:
+            raise AudioDecodeError("file has no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        limit = int(max_duration * SAMPLE_RATE)
+        chunks: list[np.ndarray] = []
+        total = 0
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunk = out.to_ndarray().reshape(-1)
+                    total += len(chunk)
+                    if total > limit:
+                        raise AudioTooLongError(f"audio is longer than the limit of {max_duration:.0f} s")
+                    chunks.append(chunk)
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as exc:
+            if not chunks:
+                raise AudioDecodeError(f"audio stream could not be decoded ({exc.__class__.__name__})") from exc
+            # a truncated file: keep what decoded, as FFmpeg's own tools do
+    if not chunks:
+        raise AudioDecodeError("audio stream holds no samples")
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def load_audio(
+    source: AudioSource,
+    *,
+    max_duration: float = 4 * 3600.0,
+    min_duration: float = 0.5,
+    reject_silence: bool = True,
+) -> Audio:
+    """Decode ``source`` (path, bytes or binary file object) into 16 kHz mono float32.
+
+    Raises :class:`~shared.errors.InputError` subclasses for anything a caller sent wrong.
+    """
+    owned = isinstance(source, (bytes, bytearray, str, os.PathLike))
+    fh = _open(source)
+    try:
+        head = fh.read(16)
+        if not head:
+            raise AudioDecodeError("file is empty")
+        fh.seek(0)
+        samples = _read_soundfile(fh, max_duration)
+        if samples is None:
+            fh.seek(0)
+            samples = _read_pyav(fh, max_duration)
+    finally:
+        if owned:
+            fh.close()
+    return validate_samples(samples, min_duration=min_duration, max_duration=max_duration, reject_silence=reject_silence)
+
+
+def validate_samples(
+    samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True
+) -> Audio:
+    if samples.size == 0:
+        raise AudioDecodeError("audio holds no samples")
+    if not np.all(np.isfinite(samples)):
+        raise InputError("audio holds non-finite samples (NaN or infinity)")
+    duration = samples.size / SAMPLE_RATE
+    if duration < min_duration:
+        raise InputError(f"audio is {duration:.2f} s long; at least {min_duration:.2f} s is needed")
+    if duration > max_duration:
+        raise AudioTooLongError(f"audio is {duration:.0f} s long; the limit is {max_duration:.0f} s")
+    if reject_silence and float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) < SILENCE_RMS:
+        raise InputError("audio is silent: no signal to analyse")
+    # clip rather than reject: some encoders overshoot full scale slightly
+    return Audio(np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False))

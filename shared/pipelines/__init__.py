@@ -1,0 +1,1 @@
+"""Pure analysis pipelines: decoded audio in, results out (no HTTP, no queue)."""

