@@ -70,6 +70,33 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: list[str] = Field(default_factory=list)
     api_keys: list[SecretStr] = Field(default_factory=list)
 
+    # --- job queue (api/, worker/) ------------------------------------------------------------
+    # analysis jobs and webhook deliveries use separate queues so a delivery never waits behind
+    # an hour-long diarization on a GPU worker
+    queue_name: str = "audio"
+    webhook_queue_name: str = "webhooks"
+    # prefix of every Redis key the service writes (job records, heartbeats, metrics)
+    redis_key_prefix: str = "aa"
+    # "local": a directory (storage_dir) shared by API and workers; see shared/storage.py
+    storage_backend: Literal["local"] = "local"
+    # False for a worker that only delivers webhooks: it never needs the models
+    worker_load_models: bool = True
+    worker_heartbeat_interval_s: float = 5.0
+    # how often a worker sweeps uploads left behind by jobs that never ran (expired, lost)
+    storage_sweep_interval_s: float = 600.0
+    # first retry delay; doubles each attempt (Celery retry_backoff), capped by the max
+    webhook_backoff_s: int = 2
+    webhook_backoff_max_s: int = 600
+    webhook_timeout_s: float = 10.0
+    # how often a synchronous request polls its job record while waiting
+    sync_poll_interval_s: float = 0.05
+    jobs_list_limit: int = 100
+    # local stack (``audio-analysis up``)
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    flower_port: int = 5555
+    data_dir: Path = Path(".data")
+
 
 @lru_cache
 def get_settings() -> Settings:

