@@ -9,6 +9,7 @@ more than the duration limit allows.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 SAMPLE_RATE = 16_000
 # below this RMS (about -80 dBFS) a recording carries no usable speech
 SILENCE_RMS = 1e-4
+# the highest rate real recorders use; anything above is a forged header
+MAX_SAMPLE_RATE = 768_000
+# above this many (orig/g) x (target/g) taps, resample() leaves torchaudio for libswresample
+_MAX_SINC_KERNEL = 1 << 20
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -55,9 +60,39 @@ def _downmix(data: np.ndarray) -> np.ndarray:
     return data.mean(axis=1, dtype=np.float32) if data.ndim == 2 else data.astype(np.float32, copy=False)
 
 
+def _check_sample_rate(rate: int) -> None:
+    # a header can declare any rate; resampling from an absurd one costs memory in proportion
+    # (libswresample needs ~470 MB for 50 MHz and fails outright near 2 GHz)
+    if not 0 < rate <= MAX_SAMPLE_RATE:
+        raise AudioDecodeError(f"sample rate {rate} Hz is not supported (at most {MAX_SAMPLE_RATE} Hz)")
+
+
+def _resample_swr(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample with FFmpeg's libswresample, whose cost does not depend on how the rates divide."""
+    import av
+
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_sr)
+    step = orig_sr * 10  # ten seconds per frame keeps each FFmpeg buffer small
+    out: list[np.ndarray] = []
+    for start in range(0, len(samples), step):
+        chunk = np.ascontiguousarray(samples[start : start + step], dtype=np.float32).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+        frame.sample_rate = orig_sr
+        out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     if orig_sr == target_sr:
         return samples
+    _check_sample_rate(orig_sr)
+    # torchaudio builds a sinc kernel of about (orig/g) x (target/g) taps, g = gcd of the rates:
+    # tiny for the usual rates (44100 -> 441 x 160) but a 1 s WAV at 44101 Hz (g = 1) asked for
+    # 12 GB and 50 s of CPU. Rates that divide badly go through libswresample instead.
+    g = math.gcd(orig_sr, target_sr)
+    if (orig_sr // g) * (target_sr // g) > _MAX_SINC_KERNEL:
+        return _resample_swr(samples, orig_sr, target_sr)
     import torch
     import torchaudio.functional as AF
 
@@ -73,6 +108,7 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
         with sf.SoundFile(fh) as snd:
             if snd.samplerate <= 0 or snd.channels <= 0:
                 raise AudioDecodeError("audio header declares no samples or channels")
+            _check_sample_rate(snd.samplerate)
             # a header can claim anything: check what it claims before allocating for it
             if snd.frames > max_duration * snd.samplerate:
                 raise AudioTooLongError(
@@ -106,6 +142,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
         total = 0
         try:
             for frame in container.decode(stream):
+                _check_sample_rate(frame.sample_rate)
                 for out in resampler.resample(frame):
                     chunk = out.to_ndarray().reshape(-1)
                     total += len(chunk)
