@@ -84,7 +84,8 @@ def _resample_swr(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarr
 
 
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    if orig_sr == target_sr:
+    # nothing to resample (a header with no frames): torchaudio raises RuntimeError on empty input
+    if orig_sr == target_sr or samples.size == 0:
         return samples
     _check_sample_rate(orig_sr)
     # torchaudio builds a sinc kernel of about (orig/g) x (target/g) taps, g = gcd of the rates:
@@ -136,22 +137,38 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
         if not container.streams.audio:
             raise AudioDecodeError("file has no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         limit = int(max_duration * SAMPLE_RATE)
         chunks: list[np.ndarray] = []
         total = 0
+
+        def keep(frames: list) -> None:
+            nonlocal total
+            for out in frames:
+                chunk = out.to_ndarray().reshape(-1)
+                total += len(chunk)
+                if total > limit:
+                    raise AudioTooLongError(f"audio is longer than the limit of {max_duration:.0f} s")
+                chunks.append(chunk)
+
+        resampler = None
+        setup: tuple | None = None
         try:
             for frame in container.decode(stream):
                 _check_sample_rate(frame.sample_rate)
-                for out in resampler.resample(frame):
-                    chunk = out.to_ndarray().reshape(-1)
-                    total += len(chunk)
-                    if total > limit:
-                        raise AudioTooLongError(f"audio is longer than the limit of {max_duration:.0f} s")
-                    chunks.append(chunk)
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().reshape(-1))
-        except av.FFmpegError as exc:
+                # PyAV's resampler is fixed to its first frame's rate/layout/format and raises
+                # ValueError on any other; a stream may change them (concatenated files, or a
+                # corrupt AAC header), so drain the old resampler and start a new one
+                params = (frame.sample_rate, frame.layout.name, frame.format.name)
+                if params != setup:
+                    if resampler is not None:
+                        keep(resampler.resample(None))
+                    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+                    setup = params
+                keep(resampler.resample(frame))
+            if resampler is not None:
+                keep(resampler.resample(None))
+        # PyAV raises ValueError for frames it cannot convert: corrupt data like any other
+        except (av.FFmpegError, ValueError) as exc:
             if not chunks:
                 raise AudioDecodeError(f"audio stream could not be decoded ({exc.__class__.__name__})") from exc
             # a truncated file: keep what decoded, as FFmpeg's own tools do

@@ -145,6 +145,15 @@ def test_zero_length_wav() -> None:
     expect_client_error(lambda: load_audio(data), AudioDecodeError)
 
 
+@pytest.mark.parametrize("container", ["WAV", "AIFF", "CAF"])
+@pytest.mark.parametrize("rate", [8_000, 44_100, 48_000])
+def test_zero_length_file_at_another_rate(container: str, rate: int) -> None:
+    # no frames to resample: torchaudio used to raise RuntimeError (a 500) on the empty input
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(0, dtype=np.float32), rate, format=container)
+    expect_client_error(lambda: load_audio(buf.getvalue()), AudioDecodeError)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_random_bytes(seed: int) -> None:
     data = np.random.default_rng(seed).bytes(20_000 + seed * 7919)
@@ -206,6 +215,14 @@ def test_truncated_aac_decodes_what_exists(speech: np.ndarray) -> None:
     audio = load_audio(data[: len(data) // 2])
     assert 0.5 <= audio.duration < 0.75 * full
     expect_client_error(lambda: load_audio(data[:5]), AudioDecodeError)
+
+
+def test_stream_whose_sample_rate_changes_midway_decodes() -> None:
+    # two AAC streams back to back (16 kHz, then 44.1 kHz), as concatenated recordings or a corrupt
+    # ADTS header give: PyAV's resampler raised ValueError (a 500) on the first changed frame
+    data = aac_bytes(noise(2.0, seed=1), 16_000) + aac_bytes(noise(2.0, 44_100, seed=2), 44_100)
+    audio = load_audio(data)
+    assert abs(audio.duration - 4.0) < 0.3
 
 
 # --- wrong extension is not an error -------------------------------------------------------------
