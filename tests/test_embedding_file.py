@@ -117,8 +117,9 @@ def test_result_is_a_private_writable_copy(vector: np.ndarray) -> None:
 
 def test_dimension_argument(vector: np.ndarray) -> None:
     small = vector[:10]
-    _assert_same_small = load_embedding(pickle.dumps(small.tolist()), dimension=10)
-    np.testing.assert_allclose(_assert_same_small, small, rtol=1e-6)
+    out = load_embedding(pickle.dumps(small.tolist()), dimension=10)
+    assert out.shape == (10,)
+    np.testing.assert_allclose(out, small, rtol=1e-6)
     with pytest.raises(InputError):
         load_embedding(pickle.dumps(small.tolist()))
 
