@@ -42,9 +42,9 @@ class Settings(BaseSettings):
     diarization_window_s: float = 1800.0
 
     # --- verification -------------------------------------------------------------------------
-    # cosine threshold on CAM++ embeddings (calibrated at the EER point, see docs/tuning.md);
-    # the API default of the original contract (0.25, for ECAPA) is kept when a client sends one.
-    verification_threshold: float = 0.25
+    # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated
+    # for the active model (see shared.engine.DEFAULT_THRESHOLDS and docs/tuning.md).
+    verification_threshold: float | None = None
 
     # --- input limits -------------------------------------------------------------------------
     max_audio_seconds: float = 4 * 3600.0

@@ -84,36 +84,34 @@ class CAMPPlusEmbedding(Model):
             x = layer(x)
         return x
 
+    def embed_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, mel) mean-normalised fbank -> (batch, dimension) embeddings."""
+        return self.campplus(feats)
+
     def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.compute_fbank(waveforms)
         if weights is None:
-            return self.campplus.xvector.dense(_stats_pool(self.trunk(waveforms), None))
-        # The diarization pipeline asks for one embedding per (chunk, local speaker) and sends
-        # the same chunk once per local speaker, in consecutive rows. The trunk is the expensive
-        # part, so run it once per distinct chunk and pool it with each speaker's mask; chunks in
-        # which no local speaker is active are not run at all (their rows are ignored downstream).
-        batch = waveforms.size(0)
-        new_chunk = torch.ones(batch, dtype=torch.bool, device=waveforms.device)
-        if batch > 1:
-            new_chunk[1:] = ~(waveforms[1:] == waveforms[:-1]).flatten(1).all(dim=1)
-        group = torch.cumsum(new_chunk.long(), dim=0) - 1
-        active = weights.flatten(1).sum(dim=1) > 0
-        group_active = torch.zeros(int(group[-1]) + 1, dtype=torch.bool, device=waveforms.device)
-        group_active.index_fill_(0, group[active], True)
-        out = torch.zeros(batch, self.dimension, device=waveforms.device)
-        if not bool(group_active.any()):
-            return out
-        firsts = torch.nonzero(new_chunk).squeeze(1)[group_active]
-        features = self.trunk(waveforms[firsts])
-        # map each active row to its chunk's position among the computed ones
-        position = torch.cumsum(group_active.long(), dim=0) - 1
-        rows = torch.nonzero(active).squeeze(1)
-        pooled = _stats_pool(features[position[group[rows]]], weights[rows])
-        out[rows] = self.campplus.xvector.dense(pooled)
+            return self.embed_features(feats)
+        # The diarization pipeline asks for one embedding per (chunk, local speaker), passing the
+        # chunk and that speaker's frame mask. CAM++ mixes context from every frame into every
+        # frame (its CAM layers pool over the whole input), so masking only at the final
+        # pooling would leak the other speakers in. Instead each speaker's own frames are
+        # selected from the chunk's fbank and embedded on their own: cleaner embeddings, and
+        # about the same cost, since a chunk's speakers together cover about the chunk once.
+        # Rows with no active frame (inactive local speakers) stay zero; the pipeline drops
+        # them before clustering.
+        raw = torch.vmap(self._fbank)(waveforms * (1 << 15))
+        num_frames = raw.size(1)
+        masks = F.interpolate(weights.unsqueeze(1).float(), size=num_frames, mode="nearest").squeeze(1) > 0.5
+        out = torch.zeros(waveforms.size(0), self.dimension, device=waveforms.device)
+        for row in torch.nonzero(masks.sum(dim=1) >= MIN_FRAMES).squeeze(1).tolist():
+            selected = raw[row][masks[row]]
+            out[row] = self.embed_features((selected - selected.mean(dim=0, keepdim=True)).unsqueeze(0))[0]
         return out
 
-    @cached_property
-    def _default_receptive_field(self):  # pragma: no cover - not used by inference
-        return None
+
+# fewer selected fbank frames (10 ms each) than this give no usable embedding
+MIN_FRAMES = 25
 
 
 def _stats_pool(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Quality measurement on real speech: reference conversations, DER and EER.
+
+Used by the benchmarks and the tests. Conversations are built from real recorded clips
+(one talker each) with known turns, so their RTTM reference is exact by construction.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from shared.audio import SAMPLE_RATE, load_audio
+
+
+@dataclass(frozen=True)
+class Clip:
+    speaker: str
+    samples: np.ndarray
+
+
+def pyannote_sample() -> tuple[Path, Path]:
+    """The real two-speaker recording (and its RTTM) shipped inside pyannote.audio."""
+    import pyannote.audio
+
+    folder = Path(pyannote.audio.__file__).parent / "sample"
+    return folder / "sample.wav", folder / "sample.rttm"
+
+
+def load_reference(rttm: str | os.PathLike):
+    from pyannote.database.util import load_rttm
+
+    return next(iter(load_rttm(str(rttm)).values()))
+
+
+def trim_silence(samples: np.ndarray, top_db: float = 35.0, frame: int = 400) -> np.ndarray:
+    """Cut leading/trailing frames more than ``top_db`` below the loudest frame."""
+    n = len(samples) // frame
+    if n == 0:
+        return samples
+    energy = np.sqrt(np.mean(samples[: n * frame].reshape(n, frame) ** 2, axis=1)) + 1e-10
+    loud = np.nonzero(20 * np.log10(energy / energy.max()) > -top_db)[0]
+    if loud.size == 0:
+        return samples
+    return samples[loud[0] * frame : (loud[-1] + 1) * frame]
+
+
+def speech_clips(data_dir: str | os.PathLike = "../shared/data/speech") -> list[Clip]:
+    """Every single-talker clip of the shared speech data, trimmed to its speech span.
+
+    utterances/spkK_sntN.wav -> speaker "spkK"; two-talker/sourceS_N.wav -> speaker "ttS_N"
+    (the talkers differ between N).
+    """
+    clips = []
+    for path in sorted(glob.glob(os.path.join(data_dir, "utterances", "*.wav"))):
+        clips.append(Clip(Path(path).stem.split("_")[0], trim_silence(load_audio(path).samples)))
+    for path in sorted(glob.glob(os.path.join(data_dir, "two-talker", "*.wav"))):
+        stem = Path(path).stem  # source1_0
+        clips.append(Clip("tt" + stem.removeprefix("source"), trim_silence(load_audio(path).samples)))
+    return clips
+
+
+def build_conversation(
+    turns: Sequence[Clip],
+    *,
+    seed: int = 0,
+    pause: tuple[float, float] = (0.3, 1.0),
+    overlap_probability: float = 0.15,
+    overlap: tuple[float, float] = (0.2, 0.6),
+    lead_in: float = 1.0,
+):
+    """Lay ``turns`` one after the other with pauses and occasional overlaps.
+
+    Returns ``(samples, reference)``: float32 16 kHz mono audio and the pyannote ``Annotation``
+    of exactly what was laid down.
+    """
+    from pyannote.core import Annotation, Segment
+
+    rng = np.random.default_rng(seed)
+    placed: list[tuple[int, Clip]] = []
+    cursor = int(lead_in * SAMPLE_RATE)
+    previous: Clip | None = None
+    for clip in turns:
+        if previous is not None and previous.speaker != clip.speaker and rng.random() < overlap_probability:
+            shift = int(rng.uniform(*overlap) * SAMPLE_RATE)
+            start = max(cursor - min(shift, len(previous.samples) // 2), 0)
+        else:
+            start = cursor + int(rng.uniform(*pause) * SAMPLE_RATE)
+        placed.append((start, clip))
+        cursor = start + len(clip.samples)
+        previous = clip
+    total = cursor + int(lead_in * SAMPLE_RATE)
+    audio = np.zeros(total, dtype=np.float32)
+    reference = Annotation(uri="conversation")
+    for i, (start, clip) in enumerate(placed):
+        audio[start : start + len(clip.samples)] += clip.samples
+        reference[Segment(start / SAMPLE_RATE, (start + len(clip.samples)) / SAMPLE_RATE), i] = clip.speaker
+    peak = float(np.abs(audio).max()) or 1.0
+    return (audio / peak * 0.9).astype(np.float32), reference
+
+
+def to_annotation(turns: Iterable, uri: str = "hypothesis"):
+    from pyannote.core import Annotation, Segment
+
+    hyp = Annotation(uri=uri)
+    for i, t in enumerate(turns):
+        hyp[Segment(t.start, t.end), i] = t.speaker
+    return hyp
+
+
+def diarization_error_rate(reference, turns: Iterable) -> float:
+    """DER with pyannote.metrics, collar 0, overlap included (the strict setting)."""
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    metric = DiarizationErrorRate(collar=0.0, skip_overlap=False)
+    return float(metric(reference, to_annotation(turns)))
+
+
+def equal_error_rate(scores: Sequence[float], same: Sequence[bool]) -> tuple[float, float]:
+    """(EER, threshold at the EER point) from trial scores and same-speaker labels."""
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    if same.all() or not same.any():
+        raise ValueError("need both target and non-target trials")
+    best = (1.0, 0.0)
+    gap = np.inf
+    for t in np.unique(scores):
+        frr = float(np.mean(scores[same] < t))
+        far = float(np.mean(scores[~same] >= t))
+        if abs(frr - far) < gap:
+            gap, best = abs(frr - far), ((frr + far) / 2, float(t))
+    return best
+
+
+def reference_clips(wav: str | os.PathLike, rttm: str | os.PathLike, min_duration: float = 1.0) -> list[Clip]:
+    """Single-talker pieces of a real recording, cut where its reference has exactly one speaker."""
+    reference = load_reference(rttm)
+    samples = load_audio(wav).samples
+    overlap = reference.get_overlap()
+    clips = []
+    for segment, _, label in reference.itertracks(yield_label=True):
+        for piece in reference.get_timeline().support().crop(segment).extrude(overlap) if overlap else [segment]:
+            if piece.duration >= min_duration:
+                a, b = int(piece.start * SAMPLE_RATE), int(piece.end * SAMPLE_RATE)
+                clips.append(Clip(str(label), samples[a:b]))
+    return clips
+
+
+def multi_speaker_conversation(data_dir: str | os.PathLike = "../shared/data/speech", seed: int = 0):
+    """Four real talkers (the two of pyannote's sample + the two of the utterances), alternating."""
+    wav, rttm = pyannote_sample()
+    pools: dict[str, list[Clip]] = {}
+    for clip in reference_clips(wav, rttm) + [c for c in speech_clips(data_dir) if c.speaker in ("spk1", "spk2")]:
+        pools.setdefault(clip.speaker, []).append(clip)
+    rng = np.random.default_rng(seed)
+    speakers = sorted(pools)
+    order, last, used = [], None, {s: 0 for s in speakers}
+    while any(used[s] < len(pools[s]) for s in speakers):
+        choices = [s for s in speakers if s != last and used[s] < len(pools[s])] or [
+            s for s in speakers if used[s] < len(pools[s])
+        ]
+        s = str(rng.choice(choices))
+        order.append(pools[s][used[s]])
+        used[s] += 1
+        last = s
+    return build_conversation(order, seed=seed)
