@@ -159,3 +159,19 @@ def test_cancel_queued_and_running_jobs(client, sample_wav, utterances, settings
         final = client.get(f"/jobs/{job['job_id']}").json()
         assert final["status"] == "cancelled" and final["result"] is None
         assert not (settings.storage_dir / job["job_id"]).exists()
+
+
+def test_redelivered_finished_job_is_not_run_again(client, utterances, settings):
+    """What the broker does after a worker died between finishing and acking: same task id again."""
+    from worker.celery_app import make_celery
+
+    r = client.post("/jobs/embedding", files=_files("file", utterances["spk2"][5]))
+    done = wait_for_job(client, r.json()["job_id"])
+    assert done["status"] == "succeeded"
+    app = make_celery(settings)
+    replay = app.send_task("audio.embedding", args=(done["job_id"], {"file": f"{done['job_id']}/file"}),
+                           task_id=done["job_id"], queue=settings.queue_name)
+    returned = replay.get(timeout=60)
+    assert returned["status"] == "succeeded" and returned["result"] == done["result"]
+    after = client.get(f"/jobs/{done['job_id']}").json()
+    assert after == done  # same timestamps, same result: not re-run, not overwritten
