@@ -38,3 +38,21 @@ def webhook_param(
     webhook_url: str | None = Form(None, description="POSTed the job record, signed, when the job ends"),
 ) -> str | None:
     return webhook_url or None
+
+
+# a 192-float vector is a few KiB in any format; anything far larger is not an embedding file
+MAX_EMBEDDING_FILE_BYTES = 1024 * 1024
+
+
+async def check_embedding_file(upload: Any) -> None:
+    """Parse the stored embedding now so a bad file is a 4xx at submit, not a failed job later."""
+    from starlette.concurrency import run_in_threadpool
+
+    from shared.embedding_file import load_embedding  # owned by the verification work
+    from shared.errors import InputError
+
+    data = await upload.read(MAX_EMBEDDING_FILE_BYTES + 1)
+    if len(data) > MAX_EMBEDDING_FILE_BYTES:
+        raise InputError(f"embedding file is larger than {MAX_EMBEDDING_FILE_BYTES} bytes")
+    await run_in_threadpool(load_embedding, data, upload.filename)
+    await upload.seek(0)

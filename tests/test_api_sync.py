@@ -201,3 +201,13 @@ def test_openapi_documents_sync_and_job_interface(client):
     props = spec["components"]["schemas"][form.rsplit("/", 1)[1]]["properties"]
     assert {"file", "num_speakers", "min_speakers", "max_speakers", "min_duration"} <= set(props)
     assert client.get("/docs").status_code == 200
+
+
+def test_bad_embedding_file_is_refused_at_submit(client, utterances):
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    for name, data in (("ref.json", b"[1, 2, 3]"), ("ref.json", b"{not json"), ("ref.bin", b"\x00" * 10)):
+        r = client.post("/jobs/compare_embedding",
+                        files={**_f("audio", utterances["spk1"][0]), "embedding": (name, data)})
+        _assert_error(r, r.status_code)
+        assert 400 <= r.status_code < 500, r.text
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from api.deps import require_api_key
 from api.dispatch import Dispatcher, view
 from api.errors import JobNotFound
-from api.forms import diarize_params, embedding_params, threshold_params, webhook_param
+from api.forms import check_embedding_file, diarize_params, embedding_params, threshold_params, webhook_param
 from api.models import ERRORS, Batch, Job, JobList
 from shared.errors import InputError
 from shared.jobs import STATES, new_job_id
@@ -78,6 +78,7 @@ async def submit_compare_embedding(
     params: dict[str, Any] = Depends(threshold_params),
     webhook_url: str | None = Depends(webhook_param),
 ) -> JSONResponse:
+    await check_embedding_file(embedding)
     params = {**params, "embedding_filename": embedding.filename}
     return await _accepted(request, "compare_embedding", {"audio": audio, "embedding": embedding}, params, webhook_url)
 

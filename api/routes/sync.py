@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Request, UploadFile
 
 from api.deps import require_api_key
-from api.forms import diarize_params, embedding_params, threshold_params
+from api.forms import check_embedding_file, diarize_params, embedding_params, threshold_params
 from api.models import ERRORS
 from shared.schemas import CompareResponse, DiarizationResponse, EmbeddingResponse
 
@@ -49,6 +49,7 @@ async def compare_embedding(
     embedding: UploadFile = File(..., description="stored embedding: .npy, JSON array or a (safely read) pickle"),
     params: dict[str, Any] = Depends(threshold_params),
 ) -> dict[str, Any]:
+    await check_embedding_file(embedding)
     return await _dispatcher(request).run_sync(
         "compare_embedding", {"audio": audio, "embedding": embedding}, {**params, "embedding_filename": embedding.filename}
     )
