@@ -26,6 +26,8 @@ SILENCE_RMS = 1e-4
 MAX_SAMPLE_RATE = 768_000
 # above this many (orig/g) x (target/g) taps, resample() leaves torchaudio for libswresample
 _MAX_SINC_KERNEL = 1 << 20
+# files longer than this (seconds) are decoded and resampled block by block
+_LONG_FILE_S = 600
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -67,20 +69,26 @@ def _check_sample_rate(rate: int) -> None:
         raise AudioDecodeError(f"sample rate {rate} Hz is not supported (at most {MAX_SAMPLE_RATE} Hz)")
 
 
-def _resample_swr(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
-    """Resample with FFmpeg's libswresample, whose cost does not depend on how the rates divide."""
+def _stream_resample(blocks, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample mono blocks with FFmpeg's libswresample, keeping its filter state across blocks."""
     import av
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=target_sr)
     step = orig_sr * 10  # ten seconds per frame keeps each FFmpeg buffer small
     out: list[np.ndarray] = []
-    for start in range(0, len(samples), step):
-        chunk = np.ascontiguousarray(samples[start : start + step], dtype=np.float32).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
-        frame.sample_rate = orig_sr
-        out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+    for block in blocks:
+        for start in range(0, len(block), step):
+            chunk = np.ascontiguousarray(block[start : start + step], dtype=np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+            frame.sample_rate = orig_sr
+            out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
     out.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def _resample_swr(samples: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Resample with libswresample, whose cost does not depend on how the rates divide."""
+    return _stream_resample([samples], orig_sr, target_sr)
 
 
 def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -100,6 +108,21 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) ->
     return AF.resample(torch.from_numpy(np.ascontiguousarray(samples)), orig_sr, target_sr).numpy()
 
 
+def _mono_blocks(snd, seconds: int = 60):
+    """Down-mixed minute-long blocks until libsndfile has no more frames.
+
+    Reads until a short read rather than trusting the header's frame count: for a truncated MP3
+    that count is an estimate, and ``SoundFile.blocks`` would pad up to it.
+    """
+    size = snd.samplerate * seconds
+    while True:
+        block = snd.read(size, dtype="float32", always_2d=True)
+        if len(block):
+            yield _downmix(block)
+        if len(block) < size:
+            return
+
+
 def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
     """Decode with libsndfile; ``None`` when libsndfile does not know the format."""
     import soundfile as sf
@@ -115,15 +138,20 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
                 raise AudioTooLongError(
                     f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
                 )
-            data = snd.read(dtype="float32", always_2d=True)
             rate = snd.samplerate
+            if snd.frames > _LONG_FILE_S * rate and rate != SAMPLE_RATE:
+                # Hours-long input: down-mix and resample block by block so that only the 16 kHz
+                # mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise take
+                # 1.4 GB as float32 before down-mixing).
+                return _stream_resample(_mono_blocks(snd), rate)
+            mono = np.concatenate(list(_mono_blocks(snd)) or [np.zeros(0, dtype=np.float32)])
     except sf.LibsndfileError:
         fh.seek(start)
         return None
     except RuntimeError:  # older soundfile raises RuntimeError for unknown formats
         fh.seek(start)
         return None
-    return resample(_downmix(data), rate)
+    return resample(mono, rate)
 
 
 def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:

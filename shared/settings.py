@@ -32,14 +32,12 @@ class Settings(BaseSettings):
     torch_threads: int | None = None
 
     # --- diarization (embedded profile; tuned on real speech, see docs/tuning.md) -------------
-    segmentation_step: float = 0.1
+    segmentation_step: float = 0.2
     segmentation_batch_size: int = 32
     embedding_batch_size: int = 32
     embedding_exclude_overlap: bool = True
-    clustering_threshold: float = 0.70
+    clustering_threshold: float = 0.75
     clustering_min_cluster_size: int = 12
-    # audio longer than this is diarized window by window so memory stays bounded
-    diarization_window_s: float = 1800.0
 
     # --- verification -------------------------------------------------------------------------
     # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated

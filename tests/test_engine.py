@@ -1,0 +1,161 @@
+"""The analysis engine on real speech with real weights (no HTTP, no queue)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.audio import Audio
+from shared.engine import Engine
+from shared.evaluation import (
+    diarization_error_rate,
+    equal_error_rate,
+    load_reference,
+    multi_speaker_conversation,
+    pyannote_sample,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+UTTERANCES = ROOT.parent / "shared" / "data" / "speech" / "utterances"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine()
+
+
+@pytest.fixture(scope="module")
+def sample_result(engine):
+    wav, _ = pyannote_sample()
+    return engine.diarize(wav)
+
+
+def test_diarization_on_pyannote_sample_meets_der_target(sample_result):
+    _, rttm = pyannote_sample()
+    der = diarization_error_rate(load_reference(rttm), sample_result.diarization_results)
+    assert der <= 0.15, f"DER {der:.3f} on sample.wav (collar 0, overlap scored)"
+    assert {t.speaker for t in sample_result.diarization_results} == {"SPEAKER_00", "SPEAKER_01"}
+
+
+def test_diarization_result_shape_and_label_order(sample_result):
+    body = sample_result.model_dump()
+    assert set(body) == {"diarization_results", "processing_time", "audio_duration", "segments_count", "model_device"}
+    assert body["segments_count"] == len(body["diarization_results"]) > 0
+    assert body["model_device"] == "cpu"
+    assert abs(body["audio_duration"] - 30.0) < 0.01
+    first_seen: list[str] = []
+    for turn in body["diarization_results"]:
+        assert 0 <= turn["start"] < turn["end"] <= body["audio_duration"] + 1e-6
+        if turn["speaker"] not in first_seen:
+            first_seen.append(turn["speaker"])
+    assert first_seen == [f"SPEAKER_{i:02d}" for i in range(len(first_seen))]
+
+
+def test_four_talker_conversation(engine):
+    """Second real check: four talkers (pyannote's two + the two of ../shared utterances)."""
+    samples, reference = multi_speaker_conversation()
+    result = engine.diarize(Audio(samples), num_speakers=4)
+    der = diarization_error_rate(reference, result.diarization_results)
+    assert len({t.speaker for t in result.diarization_results}) == 4
+    assert der <= 0.20, f"DER {der:.3f} on the four-talker conversation"
+
+
+def test_speaker_count_constraints_are_honoured(engine):
+    wav, _ = pyannote_sample()
+    one = engine.diarize(wav, max_speakers=1)
+    assert {t.speaker for t in one.diarization_results} == {"SPEAKER_00"}
+    three = engine.diarize(wav, num_speakers=3)
+    assert len({t.speaker for t in three.diarization_results}) == 3
+
+
+def test_min_duration_drops_short_turns(engine, sample_result):
+    wav, _ = pyannote_sample()
+    shortest = min(t.end - t.start for t in sample_result.diarization_results)
+    cut = shortest + 0.5
+    filtered = engine.diarize(wav, min_duration=cut)
+    assert filtered.segments_count < sample_result.segments_count
+    assert all(t.end - t.start >= cut for t in filtered.diarization_results)
+
+
+def test_embedding_is_192_dim_and_normalised_on_request(engine):
+    normed = engine.embed(UTTERANCES / "spk1_snt1.wav")
+    raw = engine.embed(UTTERANCES / "spk1_snt1.wav", normalize=False)
+    assert len(normed.embedding) == len(raw.embedding) == 192
+    assert normed.normalized and not raw.normalized
+    assert abs(np.linalg.norm(normed.embedding) - 1.0) < 1e-4
+    assert abs(np.linalg.norm(raw.embedding) - 1.0) > 1e-2
+    direction = np.asarray(raw.embedding) / np.linalg.norm(raw.embedding)
+    assert np.allclose(direction, normed.embedding, atol=1e-5)
+
+
+def test_verification_separates_speakers(engine):
+    files = sorted(UTTERANCES.glob("spk*_snt*.wav"))
+    vectors = {f: np.asarray(engine.embed(f).embedding) for f in files}
+    scores, same = [], []
+    for i, a in enumerate(files):
+        for b in files[i + 1 :]:
+            scores.append(float(vectors[a] @ vectors[b]))
+            same.append(a.name[:4] == b.name[:4])
+    scores, same = np.asarray(scores), np.asarray(same)
+    assert scores[same].mean() > scores[~same].mean() + 0.2
+    eer, threshold = equal_error_rate(scores, same)
+    assert eer <= 0.05
+    # the calibrated default sits between the two populations
+    assert scores[~same].mean() < engine.default_threshold < scores[same].mean()
+
+
+def test_compare_uses_calibrated_default_threshold(engine):
+    same = engine.compare(UTTERANCES / "spk1_snt1.wav", UTTERANCES / "spk1_snt2.wav")
+    diff = engine.compare(UTTERANCES / "spk1_snt1.wav", UTTERANCES / "spk2_snt1.wav")
+    assert same.threshold == diff.threshold == engine.default_threshold
+    assert same.same_speaker and not diff.same_speaker
+    assert same.similarity_score > diff.similarity_score
+    assert same.audio_duration == pytest.approx(2.87 + 3.15, abs=0.02)
+
+
+def test_compare_embedding_with_enrolled_average(engine):
+    enrolled = np.mean([engine.embed(UTTERANCES / f"spk1_snt{i}.wav").embedding for i in (1, 2, 3)], axis=0)
+    genuine = engine.compare_embedding(UTTERANCES / "spk1_snt5.wav", enrolled)
+    impostor = engine.compare_embedding(UTTERANCES / "spk2_snt5.wav", enrolled)
+    assert genuine.same_speaker and not impostor.same_speaker
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+def test_cli_diarize_writes_rttm_that_scores_like_the_api(tmp_path):
+    wav, rttm = pyannote_sample()
+    out = tmp_path / "hyp.rttm"
+    proc = _cli("diarize", str(wav), "--rttm", str(out))
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)
+    hypothesis = load_reference(out)
+    assert len(list(hypothesis.itertracks())) == body["segments_count"]
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    assert DiarizationErrorRate(collar=0.0, skip_overlap=False)(load_reference(rttm), hypothesis) <= 0.15
+
+
+def test_cli_embed_and_compare(tmp_path):
+    proc = _cli("embed", str(UTTERANCES / "spk2_snt1.wav"), "-o", str(tmp_path / "e.npy"))
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "e.npy").shape == (192,)
+    proc = _cli("compare", str(UTTERANCES / "spk2_snt1.wav"), str(UTTERANCES / "spk2_snt2.wav"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["same_speaker"] is True
+
+
+def test_cli_reports_bad_audio_as_a_caller_error(tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio")
+    proc = _cli("embed", str(bad))
+    assert proc.returncode == 2
+    assert "ValidationError" in proc.stderr
