@@ -24,6 +24,7 @@ def run(base: str, clients: int, jobs: int, timeout_s: float) -> None:
     files = sorted(UTTERANCES.glob("*.wav"))
     payloads = [(f.name, f.read_bytes()) for f in files]
     outcomes: Counter[str] = Counter()
+    engine_s: list[float] = []
     submitted = 0
     lock = threading.Lock()
     deadline = time.monotonic() + timeout_s
@@ -46,8 +47,12 @@ def run(base: str, clients: int, jobs: int, timeout_s: float) -> None:
                 job_id = r.json()["job_id"]
                 status = "lost"
                 while time.monotonic() < deadline:
-                    status = http.get(f"/jobs/{job_id}").json()["status"]
+                    record = http.get(f"/jobs/{job_id}").json()
+                    status = record["status"]
                     if status in TERMINAL:
+                        if record.get("result"):
+                            with lock:
+                                engine_s.append(record["result"]["processing_time"])
                         break
                     time.sleep(0.05)
                 else:
@@ -68,6 +73,11 @@ def run(base: str, clients: int, jobs: int, timeout_s: float) -> None:
           f"outcomes={dict(outcomes)}")
     print(f"wall={wall:.1f}s throughput={outcomes['succeeded'] / wall:.2f} jobs/s (succeeded), "
           f"{completed / wall:.2f} jobs/s (terminal)")
+    if engine_s:
+        # the worker runs jobs one at a time: the gap to 1/engine time is queue + API overhead
+        mean = sum(engine_s) / len(engine_s)
+        print(f"engine time per job: mean={mean:.3f}s -> ceiling {1 / mean:.2f} jobs/s for one worker; "
+              f"overhead per job={max(0.0, wall / max(1, completed) - mean) * 1000:.0f} ms")
     if lost:
         raise SystemExit(f"{lost} job(s) never reached a terminal state")
 
