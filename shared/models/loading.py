@@ -18,7 +18,6 @@ from the hub with the token. Expected layout of ``model_dir``::
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,19 @@ from shared.settings import Settings
 DIARIZATION_ID = "pyannote/speaker-diarization-3.1"
 ECAPA_ID = "speechbrain/spkrec-ecapa-voxceleb"
 
-# hub id -> folder name under model_dir, for every checkpoint the 3.1 config refers to
-_LOCAL_NAMES = {
+# hub id -> folder name under model_dir, for every checkpoint the 3.1 config refers to;
+# scripts/fetch_models.py writes this layout, so both read it from here
+LOCAL_NAMES = {
     "pyannote/speaker-diarization-3.1": "speaker-diarization-3.1",
     "pyannote/segmentation-3.0": "segmentation-3.0",
     "pyannote/wespeaker-voxceleb-resnet34-LM": "wespeaker-voxceleb-resnet34-LM",
     "speechbrain/spkrec-ecapa-voxceleb": "spkrec-ecapa-voxceleb",
 }
+PIPELINE_CONFIG = "config.yaml"
+PYANNOTE_CHECKPOINT = "pytorch_model.bin"
+ECAPA_HPARAMS = "hyperparams.yaml"
+# what SpeechBrain's pretrainer reads for spkrec-ecapa-voxceleb (hyperparams.yaml's loadables)
+ECAPA_FILES = (ECAPA_HPARAMS, "embedding_model.ckpt", "mean_var_norm_emb.ckpt", "classifier.ckpt", "label_encoder.txt")
 
 
 def bundled_segmentation_path() -> Path:
@@ -76,64 +81,110 @@ def unused_plda():
     return PLDA.__new__(PLDA)
 
 
-def _localize(config: dict[str, Any], model_dir: Path) -> dict[str, Any]:
-    """Rewrite hub ids in a pipeline config into paths under ``model_dir``."""
-    config = copy.deepcopy(config)
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
-        if isinstance(node, str) and node in _LOCAL_NAMES:
-            folder = model_dir / _LOCAL_NAMES[node]
-            ckpt = folder / "pytorch_model.bin"
-            if not ckpt.exists():
-                raise ModelError(f"{node} is not in the model directory ({ckpt} missing)")
-            return str(ckpt)
-        return node
-
-    return walk(config)
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub, read the way huggingface_hub reads it."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def load_production_diarization(settings: Settings):
-    """The pyannote/speaker-diarization-3.1 pipeline, from ``model_dir`` or the hub."""
+def _token(settings: Settings) -> str | None:
+    return settings.hf_token.get_secret_value() if settings.hf_token else None
+
+
+def _local_folder(settings: Settings, hub_id: str) -> Path | None:
+    return settings.model_dir / LOCAL_NAMES[hub_id] if settings.model_dir else None
+
+
+def _diarization_config(settings: Settings) -> dict[str, Any]:
+    folder = _local_folder(settings, DIARIZATION_ID)
+    if folder is not None and (folder / PIPELINE_CONFIG).is_file():
+        path = folder / PIPELINE_CONFIG
+    elif hub_offline():
+        raise ModelError(f"{DIARIZATION_ID} is not in the model directory and the hub is offline")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(DIARIZATION_ID, PIPELINE_CONFIG, token=_token(settings)))
+    config = yaml.safe_load(path.read_text())
+    if not isinstance(config, dict) or "pipeline" not in config:
+        raise ModelError(f"{path} is not a pyannote pipeline config")
+    return config
+
+
+def _pyannote_model(settings: Settings, hub_id: str):
+    """One checkpoint of the pipeline, loaded here rather than by pyannote from a path string.
+
+    pyannote picks the embedding wrapper by substrings of the string it is given: a local
+    ``.../wespeaker-voxceleb-resnet34-LM/pytorch_model.bin`` would be routed to its ONNX WeSpeaker
+    wrapper (or to SpeechBrain's if the directory name holds "speechbrain"), so the pipeline gets
+    a loaded ``Model`` instead.
+    """
+    from pyannote.audio import Model
+
+    folder = _local_folder(settings, hub_id)
+    if folder is not None and (folder / PYANNOTE_CHECKPOINT).is_file():
+        source = str(folder / PYANNOTE_CHECKPOINT)
+    elif hub_offline():
+        raise ModelError(f"{hub_id} is not in the model directory and the hub is offline")
+    else:
+        source = hub_id
+    # strict=False: as pyannote's own get_model, so a checkpoint carrying its training loss loads
+    model = Model.from_pretrained(source, token=_token(settings), strict=False)
+    if model is None:
+        raise ModelError(f"could not download {hub_id} (gated model: is the token accepted?)")
+    return model.eval()
+
+
+def load_production_diarization(settings: Settings, device: torch.device | None = None):
+    """The pyannote/speaker-diarization-3.1 pipeline, from ``model_dir`` or the hub.
+
+    The config is the hub's own, but the pipeline is not built by ``Pipeline.from_pretrained(id)``:
+    pyannote 4 would also fetch the community-1 PLDA (another gated download) that 3.1's
+    agglomerative clustering never uses, and would resolve the models by id over the network.
+    """
     from pyannote.audio import Pipeline
 
-    token = settings.hf_token.get_secret_value() if settings.hf_token else None
-    local = settings.model_dir / _LOCAL_NAMES[DIARIZATION_ID] if settings.model_dir else None
     try:
-        if local is not None and (local / "config.yaml").exists():
-            config = yaml.safe_load((local / "config.yaml").read_text())
-            config = _localize(config, settings.model_dir)
-            params = config["pipeline"].setdefault("params", {})
-            if params.get("clustering", "VBxClustering") != "VBxClustering":
-                params["plda"] = unused_plda()
-            return Pipeline.from_pretrained(config)
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ModelError(f"{DIARIZATION_ID} is not in the model directory and the hub is offline")
-        pipeline = Pipeline.from_pretrained(DIARIZATION_ID, token=token)
+        config = _diarization_config(settings)
+        params = config["pipeline"].setdefault("params", {})
+        for key in ("segmentation", "embedding"):
+            if isinstance(params.get(key), str) and params[key] in LOCAL_NAMES:
+                params[key] = _pyannote_model(settings, params[key])
+        if params.get("clustering", "VBxClustering") != "VBxClustering":
+            params["plda"] = unused_plda()
+        pipeline = Pipeline.from_pretrained(config, token=_token(settings))
+        if pipeline is None:
+            raise ModelError(f"could not load {DIARIZATION_ID}")
+        return pipeline.to(device) if device is not None else pipeline
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model error for callers
         raise ModelError(f"could not load {DIARIZATION_ID}: {exc}") from exc
-    if pipeline is None:
-        raise ModelError(f"could not load {DIARIZATION_ID} (gated model: is the token accepted?)")
-    return pipeline
 
 
 def load_production_ecapa(settings: Settings, device: torch.device):
-    """speechbrain/spkrec-ecapa-voxceleb as a SpeechBrain ``EncoderClassifier``."""
+    """speechbrain/spkrec-ecapa-voxceleb as a SpeechBrain ``EncoderClassifier`` on ``device``."""
     from speechbrain.inference.speaker import EncoderClassifier
+    from speechbrain.utils.fetching import FetchConfig
 
-    local = settings.model_dir / _LOCAL_NAMES[ECAPA_ID] if settings.model_dir else None
+    folder = _local_folder(settings, ECAPA_ID)
+    run_opts = {"device": str(device)}
     try:
-        if local is not None and (local / "hyperparams.yaml").exists():
-            # source == savedir: SpeechBrain reads the files in place, no copy, no network
+        if folder is not None and (folder / ECAPA_HPARAMS).is_file():
+            # savedir=None: SpeechBrain reads every file where it lies (no copy or symlink, so
+            # a read-only /models works); pretrained_path points the pretrainer's paths here
+            # instead of at the hub id, and allow_network=False makes a missing file an error
+            # rather than a download.
             return EncoderClassifier.from_hparams(
-                source=str(local), savedir=str(local), run_opts={"device": str(device)}
+                source=str(folder.resolve()),
+                savedir=None,
+                overrides={"pretrained_path": str(folder.resolve())},
+                fetch_config=FetchConfig(allow_network=False),
+                run_opts=run_opts,
             )
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
+        if hub_offline():
             raise ModelError(f"{ECAPA_ID} is not in the model directory and the hub is offline")
-        return EncoderClassifier.from_hparams(source=ECAPA_ID, run_opts={"device": str(device)})
+        # savedir=None: files stay in the hub cache, nothing is linked into the working directory
+        return EncoderClassifier.from_hparams(source=ECAPA_ID, savedir=None, run_opts=run_opts)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001

