@@ -8,6 +8,7 @@ the formats their loaders read. Quality is not under test; the loading path is.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import shutil
@@ -172,8 +173,12 @@ def _write_ecapa(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in embedding_model.state_dict().items()}
 
 
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict[str, torch.Tensor]]]]:
+def model_dir(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict[str, torch.Tensor]], dict[str, Any]]]:
     root = tmp_path_factory.mktemp("baked_models")
     folders = {hub_id: root / name for hub_id, name in LOCAL_NAMES.items()}
     for folder in folders.values():
@@ -184,12 +189,13 @@ def model_dir(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict[str, torc
         WESPEAKER_ID: _write_wespeaker(folders[WESPEAKER_ID] / PYANNOTE_CHECKPOINT),
         ECAPA_ID: _write_ecapa(folders[ECAPA_ID]),
     }
-    # a baked /models is read-only in the image: loading must not write into it
+    # a baked /models is read-only in the image: loading must not write into it (chmod only
+    # bites when not root, so test_nothing_written_or_sent also compares the tree)
     modes = {}
     for path in [root, *root.rglob("*")]:
         modes[path] = path.stat().st_mode
         path.chmod(modes[path] & ~0o222)
-    yield root, saved
+    yield root, saved, _tree(root)
     for path, mode in modes.items():
         path.chmod(mode)
 
@@ -294,12 +300,39 @@ def test_ecapa_embeds_and_compares(engine, model_dir, utterances) -> None:
     assert engine.compare(utterances["spk1"][1], utterances["spk1"][1]).similarity_score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_nothing_left_the_machine(engine, no_network) -> None:
+def test_nothing_written_or_sent(engine, model_dir, no_network, utterances) -> None:
     from pyannote.audio.telemetry.metrics import is_metrics_enabled
 
-    _ = engine.diarizer, engine.embedder  # loaded (by the tests above, or now)
-    assert not is_metrics_enabled()
+    engine.load_models().embed(utterances["spk2"][0])
+    assert _tree(model_dir[0]) == model_dir[2]
+    # SpeechBrain read every file in place: no copy or symlink farm anywhere else
+    ecapa = (model_dir[0] / LOCAL_NAMES[ECAPA_ID]).resolve()
+    paths = engine.embedder.classifier.hparams.pretrainer.paths
+    assert paths and all(Path(p).parent == ecapa for p in paths.values())
+    assert not is_metrics_enabled()  # pyannote's track_* calls return without exporting
     assert no_network == []
+
+
+def test_fetch_models_writes_the_layout_the_loaders_read(tmp_path, model_dir) -> None:
+    spec = importlib.util.spec_from_file_location("fetch_models", Path(__file__).parents[1] / "scripts" / "fetch_models.py")
+    assert spec and spec.loader
+    fetch_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch_models)
+    reverse = {name: hub_id for hub_id, name in LOCAL_NAMES.items()}
+    requested = []
+
+    def fake_download(repo_id: str, filename: str, *, local_dir: Path, token: str | None) -> str:
+        # what hf_hub_download(local_dir=...) does: a plain file at local_dir/filename
+        requested.append((repo_id, filename, token))
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_dir[0] / LOCAL_NAMES[repo_id] / filename, Path(local_dir) / filename)
+        return str(Path(local_dir) / filename)
+
+    written = fetch_models.fetch(tmp_path, "hf_test", download=fake_download)
+    assert {tuple(p.relative_to(tmp_path).parts) for p in written} == {
+        tuple(p.relative_to(model_dir[0]).parts) for p in model_dir[0].rglob("*") if p.is_file()
+    }
+    assert all(repo in reverse.values() and token == "hf_test" for repo, _, token in requested)
 
 
 def test_loaders_honour_the_device(model_dir, no_network) -> None:
