@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
@@ -37,6 +37,8 @@ class Dispatcher:
     store: JobStore
     storage: Storage
     celery: Celery
+    # created on first use, inside the server's event loop
+    _aredis: Any = field(default=None, init=False, repr=False)
 
     def check_webhook(self, url: str | None) -> str | None:
         if not url:
@@ -109,7 +111,7 @@ class Dispatcher:
     def store_async(self):
         import redis.asyncio
 
-        if not hasattr(self, "_aredis"):
+        if self._aredis is None:
             self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, decode_responses=True)
         return self._aredis
 
@@ -146,8 +148,9 @@ class Dispatcher:
         return record
 
     async def close(self) -> None:
-        if hasattr(self, "_aredis"):
+        if self._aredis is not None:
             await self._aredis.aclose()
+            self._aredis = None
 
 
 def view(record: dict[str, Any], base_url: str = "") -> dict[str, Any]:

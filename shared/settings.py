@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # False for a worker that only delivers webhooks: it never needs the models
     worker_load_models: bool = True
     worker_heartbeat_interval_s: float = 5.0
+    # how long a fresh pool process may take to load the models before Celery gives up on it
+    worker_boot_timeout_s: float = 300.0
     # how often a worker sweeps uploads left behind by jobs that never ran (expired, lost)
     storage_sweep_interval_s: float = 600.0
     # first retry delay; doubles each attempt (Celery retry_backoff), capped by the max

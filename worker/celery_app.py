@@ -49,6 +49,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
         # a model-loaded worker process is expensive: never recycle it between jobs
         worker_max_tasks_per_child=None,
+        # a replacement pool process (after a crash) loads the models before it reports up;
+        # Celery's 4 s default would kill it over and over
+        worker_proc_alive_timeout=settings.worker_boot_timeout_s,
     )
     return app
 

@@ -67,6 +67,14 @@ def _heartbeat_loop(stop: threading.Event) -> None:
         stop.wait(interval)
 
 
+@signals.worker_init.connect
+def preimport(**_: Any) -> None:
+    # import torch and the pipelines once in the main process so every forked pool process
+    # starts with them; no model is built and CUDA is not touched here, so forking stays safe
+    if get_settings().worker_load_models:
+        import shared.engine  # noqa: F401
+
+
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, **_: Any) -> None:
     from shared.engine import get_engine

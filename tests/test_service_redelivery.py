@@ -1,0 +1,63 @@
+"""A worker process dying mid-job (OOM, GPU fault) loses no job: acks_late + reject_on_worker_lost.
+
+Runs its own prefork worker on a separate queue so the session worker is not disturbed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from datetime import datetime, timezone
+
+from tests.conftest import wait_for_job
+
+
+def _ts(value: str) -> float:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_job_survives_its_worker_process_being_killed(worker, settings, sample_wav, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from shared.jobs import JobStore
+    from shared.launcher import Stack, wait_until
+
+    queue = "audio-redelivery"
+    local = settings.model_copy(update={"queue_name": queue})
+    store = JobStore.from_settings(settings)
+
+    def children() -> list[dict]:
+        return [w for w in store.workers() if w["worker"].startswith("redeliver@") and w["diarization_model_loaded"]]
+
+    # 12 s of the two-speaker sample: long enough to kill mid-run, short enough to run twice
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    short = tmp_path / "short.wav"
+    sf.write(short, audio[: 12 * rate], rate, subtype="PCM_16")
+
+    stack = Stack(log_dir=tmp_path)
+    try:
+        proc = stack.start_worker(queues=[queue], name="redeliver", pool="prefork")
+        wait_until(lambda: bool(children()), 180, "prefork worker", proc)
+        [child] = children()
+        with TestClient(create_app(local), raise_server_exceptions=False) as client:
+            job = client.post("/jobs/diarize", files={"file": (short.name, short.read_bytes(), "audio/wav")}).json()
+            deadline = time.monotonic() + 60
+            while client.get(f"/jobs/{job['job_id']}").json()["progress"] <= 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            first_start = client.get(f"/jobs/{job['job_id']}").json()["started_at"]
+            killed_at = time.time()
+            os.kill(child["pid"], signal.SIGKILL)  # the pool process, as the OOM killer would
+
+            done = wait_for_job(client, job["job_id"], timeout_s=180)
+            assert done["status"] == "succeeded", done
+            assert done["result"]["segments_count"] > 0
+            # run again from the start by the replacement process, not resumed or duplicated
+            assert done["started_at"] != first_start and _ts(done["started_at"]) > killed_at
+            assert proc.poll() is None, "the worker's main process must survive its child"
+            assert not (settings.storage_dir / job["job_id"]).exists()
+    finally:
+        stack.stop()
