@@ -45,6 +45,17 @@ def sample_wav() -> Path:
 
 
 @pytest.fixture(scope="session")
+def short_sample(sample_wav, tmp_path_factory) -> Path:
+    """The first 12 s of the two-speaker sample (both speakers talk), in a temp dir."""
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    path = tmp_path_factory.mktemp("audio") / "sample_12s.wav"
+    sf.write(path, audio[: 12 * rate], rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
 def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment shared by the in-process API and the worker subprocess."""
     from shared.launcher import Stack, redis_reachable

@@ -57,8 +57,8 @@ def test_health_reports_worker_models_and_broker(client):
     assert body["workers"][0]["model_device"] == "cpu"
 
 
-def test_sync_diarize_shape(client, sample_wav):
-    r = client.post("/diarize", files=_f("file", sample_wav), data={"min_speakers": "1", "max_speakers": "3"})
+def test_sync_diarize_shape(client, short_sample):
+    r = client.post("/diarize", files=_f("file", short_sample), data={"min_speakers": "1", "max_speakers": "3"})
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == DIARIZE_KEYS

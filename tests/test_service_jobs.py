@@ -134,6 +134,8 @@ def test_list_recent_jobs(client, utterances):
 
 
 def test_cancel_queued_and_running_jobs(client, sample_wav, utterances, settings):
+    # the full sample: a running job is interrupted at its next progress report, so its length
+    # only adds margin against finishing before the cancel arrives
     running = client.post("/jobs/diarize", files=_files("file", sample_wav)).json()
     queued = client.post("/jobs/embedding", files=_files("file", utterances["spk1"][5])).json()
     assert (settings.storage_dir / queued["job_id"]).is_dir()
@@ -142,10 +144,9 @@ def test_cancel_queued_and_running_jobs(client, sample_wav, utterances, settings
     deadline = time.monotonic() + 60
     while client.get(f"/jobs/{running['job_id']}").json()["progress"] <= 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.get(f"/jobs/{queued['job_id']}").json()["status"] == "queued"
-
     r = client.post(f"/jobs/{queued['job_id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert r.json()["started_at"] is None  # it was still queued
     assert not (settings.storage_dir / queued["job_id"]).exists()
     r = client.post(f"/jobs/{running['job_id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"

@@ -17,7 +17,9 @@ def _ts(value: str) -> float:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def test_job_survives_its_worker_process_being_killed(worker, settings, sample_wav, tmp_path):
+def test_job_survives_its_worker_process_being_killed(worker, settings, short_sample, tmp_path):
+    # 12 s of speech: long enough to kill mid-run, short enough to run twice
+    short = short_sample
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -30,13 +32,6 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, sample_w
 
     def children() -> list[dict]:
         return [w for w in store.workers() if w["worker"].startswith("redeliver@") and w["diarization_model_loaded"]]
-
-    # 12 s of the two-speaker sample: long enough to kill mid-run, short enough to run twice
-    import soundfile as sf
-
-    audio, rate = sf.read(sample_wav, dtype="int16")
-    short = tmp_path / "short.wav"
-    sf.write(short, audio[: 12 * rate], rate, subtype="PCM_16")
 
     stack = Stack(log_dir=tmp_path)
     try:
