@@ -7,7 +7,6 @@ from typing import Any
 from fastapi import Form
 
 
-
 def diarize_params(
     num_speakers: int | None = Form(None, description="exact number of speakers (overrides min/max)"),
     min_speakers: int | None = Form(None),
@@ -27,10 +26,19 @@ def embedding_params(normalize: bool = Form(True, description="L2-normalise the 
     return {"normalize": normalize}
 
 
-def threshold_params(threshold: float = Form(0.25, description="cosine threshold in [-1, 1]")) -> dict[str, Any]:
-    from shared.engine import validate_threshold
+def threshold_params(
+    threshold: float | None = Form(
+        None,
+        description="cosine threshold in [-1, 1]; default: calibrated for the active model "
+        "(0.25 for the production ECAPA model, as in the original contract)",
+    ),
+) -> dict[str, Any]:
+    # omitted -> None, so the worker's engine applies the threshold calibrated for its model:
+    # the contract's 0.25 was calibrated for ECAPA and accepts most impostors with CAM++
+    if threshold is not None:
+        from shared.engine import validate_threshold
 
-    validate_threshold(threshold)
+        validate_threshold(threshold)
     return {"threshold": threshold}
 
 

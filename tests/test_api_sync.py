@@ -67,7 +67,7 @@ def test_sync_diarize_shape(client, short_sample):
     assert body["diarization_results"][0]["speaker"] == "SPEAKER_00"
 
 
-def test_sync_embedding_and_compare_shapes(client, utterances):
+def test_sync_embedding_and_compare_shapes(client, utterances, settings):
     r = client.post("/embedding", files=_f("file", utterances["spk1"][0]))
     assert r.status_code == 200, r.text
     body = r.json()
@@ -79,8 +79,16 @@ def test_sync_embedding_and_compare_shapes(client, utterances):
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == COMPARE_KEYS
-    assert body["threshold"] == 0.25  # the contract's default
     assert body["same_speaker"] is (body["similarity_score"] >= body["threshold"]) is True
+    # no threshold sent: the one calibrated for the worker's model (0.25 for production ECAPA)
+    from shared.engine import DEFAULT_THRESHOLDS
+
+    assert body["threshold"] == DEFAULT_THRESHOLDS[settings.model_profile]
+    other = client.post("/compare", files={**_f("file1", utterances["spk1"][0]), **_f("file2", utterances["spk2"][0])})
+    assert other.status_code == 200 and other.json()["same_speaker"] is False
+    explicit = client.post("/compare", data={"threshold": "0.25"},
+                           files={**_f("file1", utterances["spk1"][0]), **_f("file2", utterances["spk2"][0])})
+    assert explicit.json()["threshold"] == 0.25
 
 
 def test_sync_compare_embedding_json_and_npy(client, utterances):
