@@ -76,10 +76,16 @@ class Dispatcher:
         job_id = job_id or new_job_id()
         keys = await self.save_uploads(job_id, uploads)
         first = next(iter(uploads.values()), None)
-        record = self.store.create(
-            job_id, kind, uploads=list(keys.values()), webhook_url=webhook_url, batch_id=batch_id, sync=sync,
-            filename=first.filename if first is not None else None,
-        )
+        try:
+            record = await run_in_threadpool(
+                self.store.create,
+                job_id, kind, uploads=list(keys.values()), webhook_url=webhook_url, batch_id=batch_id, sync=sync,
+                filename=first.filename if first is not None else None,
+            )
+        except BaseException:
+            # job store down (503): no job exists, so no upload may stay behind
+            self.storage.delete_job(job_id)
+            raise
         try:
             await run_in_threadpool(
                 self.celery.send_task, TASK_NAMES[kind], args=(job_id, {**params, **keys}), task_id=job_id,

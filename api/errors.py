@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -62,6 +63,13 @@ def install(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = "ValidationError" if exc.status_code < 500 else "ProcessingError"
         return error_response(exc.status_code, str(exc.detail), error_type, getattr(exc, "headers", None))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def store_unavailable(_: Request, exc: redis.RedisError) -> JSONResponse:
+        # Redis restarting or unreachable: the client may retry; nothing was accepted
+        log.warning("job store unavailable: %s", exc)
+        return error_response(503, "job store unavailable, retry later", "ModelError", {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

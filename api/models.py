@@ -32,6 +32,7 @@ class Job(BaseModel):
     finished_at: str | None = None
     progress: float = Field(description="0..1 while running (diarization reports per step)")
     step: str | None = Field(None, description="pipeline step currently running")
+    attempts: int = Field(0, description="times a worker started the job: 2 or more after a redelivery")
     result: dict[str, Any] | None = Field(None, description="the synchronous endpoint's body, once succeeded")
     error: JobError | None = Field(None, description="the documented error body, once failed")
     webhook_url: str | None = None

@@ -93,6 +93,7 @@ class JobStore:
             "finished_at": None,
             "progress": 0.0,
             "step": None,
+            "attempts": 0,
             "result": None,
             "error": None,
             "webhook_url": webhook_url,
@@ -176,7 +177,8 @@ class JobStore:
             if r["status"] in TERMINAL:
                 return None
             # a redelivered job starts again from scratch: reset what the lost run reported
-            r.update(status=RUNNING, started_at=utc_now(), progress=0.0, step="starting", _started_ts=time.time())
+            r.update(status=RUNNING, started_at=utc_now(), progress=0.0, step="starting", _started_ts=time.time(),
+                     attempts=r.get("attempts", 0) + 1)
             return r
 
         return self.update(job_id, change)

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     sync_timeout_s: float = 3600.0
     # longer than the longest job: an unacked job is redelivered only after this
     visibility_timeout_s: int = 6 * 3600
+    # a running job's lease in Redis, refreshed every third of this: a redelivered copy waits
+    # while the lease lives, and runs the job once its holder is gone (worker/lease.py)
+    job_lease_s: float = 30.0
     task_soft_time_limit_s: int = 3 * 3600
     task_time_limit_s: int = 3 * 3600 + 300
     webhook_secret: SecretStr = SecretStr("change-me")

@@ -81,7 +81,11 @@ def test_gpu_workers_are_pinned_one_job_at_a_time(compose):
         assert service["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
         cmd = service["command"]
         assert cmd[cmd.index("--concurrency") + 1] == "1"
-        assert Settings().queue_name == cmd[cmd.index("-Q") + 1]
+        # the queue the API sends to inside the stack: compose's env, else the setting's default
+        # (not Settings(): the process env of a test session may name a test queue)
+        api_env = compose["services"]["api"]["environment"]
+        queue = api_env.get("AUDIO_ANALYSIS_QUEUE_NAME", Settings.model_fields["queue_name"].default)
+        assert cmd[cmd.index("-Q") + 1] == queue
     assert len(seen_devices) == len(gpu), "two workers reserve the same GPU"
     cpu = compose["services"]["worker-cpu"]
     assert cpu["environment"]["AUDIO_ANALYSIS_DEVICE"] == "cpu"

@@ -52,6 +52,10 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, short_sa
             assert done["result"]["segments_count"] > 0
             # run again from the start by the replacement process, not resumed or duplicated
             assert done["started_at"] != first_start and _ts(done["started_at"]) > killed_at
+            assert done["attempts"] == 2
+            # the dead process's lease was taken over at once, not waited out
+            log = (tmp_path / "redeliver.log").read_text(errors="replace")
+            assert "is gone, taking over" in log and "is running on" not in log
             assert proc.poll() is None, "the worker's main process must survive its child"
             assert not (settings.storage_dir / job["job_id"]).exists()
     finally:

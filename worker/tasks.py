@@ -21,6 +21,7 @@ from shared.jobs import CANCELLED, FAILED, SUCCEEDED, TERMINAL, JobStore, error_
 from shared.settings import get_settings
 from shared.storage import get_storage
 from worker.celery_app import app
+from worker.lease import JobLease
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -67,12 +68,27 @@ def _run(task: Task, job_id: str, work: Callable[[Callable[[str], Any], Callable
         return {"job_id": job_id, "status": FAILED, "error": error_body("ProcessingError", "job record expired")}
     if record["status"] in TERMINAL:
         # cancelled while queued, or a redelivery of a job that already finished
+        log.info("job %s already %s: redelivered copy skipped", job_id, record["status"])
         storage.delete_job(job_id)
         _notify(record)
         return public_view(record)
+    lease = JobLease(jobs.redis, jobs.key("job", job_id, "lease"), settings.job_lease_s)
+    holder = lease.acquire()
+    if holder is not None:
+        # a second copy of a job that is still running elsewhere (the broker's visibility
+        # timeout ran out, or a worker restored its unacked messages): look again later, when the
+        # job has ended (skip) or its holder died (run it)
+        log.info("job %s is running on %s: checking again in %.0f s", job_id, holder, settings.job_lease_s)
+        raise task.retry(countdown=settings.job_lease_s)
+    with lease:
+        return _run_leased(task, job_id, record, work)
+
+
+def _run_leased(task: Task, job_id: str, record: dict[str, Any], work: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    jobs, storage = store(), get_storage(settings)
     running = jobs.mark_running(job_id)
     if running is None or running["status"] in TERMINAL:
-        # cancelled between the check above and now
+        # cancelled, or finished by the lease's previous holder, since the check above
         storage.delete_job(job_id)
         return public_view(running or record)
     task.update_state(state="PROGRESS", meta={"progress": 0.0, "step": "starting"})
@@ -113,7 +129,10 @@ def _engine():
     return get_engine()
 
 
-@app.task(bind=True, name="audio.diarize")
+# max_retries=None: an analysis task retries only to wait for a copy of itself that is running
+# elsewhere (see _run), for as long as that copy runs
+
+@app.task(bind=True, max_retries=None, name="audio.diarize")
 def diarize(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     def work(path_of, progress):
         return _engine().diarize(
@@ -128,7 +147,7 @@ def diarize(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     return _run(self, job_id, work)
 
 
-@app.task(bind=True, name="audio.embedding")
+@app.task(bind=True, max_retries=None, name="audio.embedding")
 def embedding(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     def work(path_of, progress):
         return _engine().embed(path_of(params["file"]), normalize=params.get("normalize", True)).model_dump()
@@ -136,7 +155,7 @@ def embedding(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]
     return _run(self, job_id, work)
 
 
-@app.task(bind=True, name="audio.compare")
+@app.task(bind=True, max_retries=None, name="audio.compare")
 def compare(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     def work(path_of, progress):
         return _engine().compare(
@@ -146,7 +165,7 @@ def compare(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     return _run(self, job_id, work)
 
 
-@app.task(bind=True, name="audio.compare_embedding")
+@app.task(bind=True, max_retries=None, name="audio.compare_embedding")
 def compare_embedding(self: Task, job_id: str, params: dict[str, Any]) -> dict[str, Any]:
     def work(path_of, progress):
         # owned by the verification work; parses .npy / JSON / restricted pickle, never executes
