@@ -78,7 +78,9 @@ class Engine:
     def diarizer(self) -> Diarizer:
         with self._lock:
             if self._diarizer is None:
-                self._diarizer = Diarizer(self._load_diarization_pipeline(), self.device)
+                self._diarizer = Diarizer(
+                    self._load_diarization_pipeline(), self.device, self.settings.diarization_min_speaker_s
+                )
             return self._diarizer
 
     @property

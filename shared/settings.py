@@ -31,17 +31,20 @@ class Settings(BaseSettings):
     device: str = "auto"
     torch_threads: int | None = None
 
-    # --- diarization (embedded profile; tuned on real speech, see docs/tuning.md) -------------
-    segmentation_step: float = 0.2
+    # --- diarization (embedded profile; tuned on real speech, see docs/models.md) -------------
+    segmentation_step: float = 0.5
     segmentation_batch_size: int = 32
     embedding_batch_size: int = 32
     embedding_exclude_overlap: bool = True
-    clustering_threshold: float = 0.75
-    clustering_min_cluster_size: int = 12
+    clustering_threshold: float = 0.65
+    clustering_min_cluster_size: int = 6
+    # a speaker with less total speech than this is a clustering artefact and is dropped, unless
+    # the caller fixed num_speakers (any profile)
+    diarization_min_speaker_s: float = 0.5
 
     # --- verification -------------------------------------------------------------------------
     # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated
-    # for the active model (see shared.engine.DEFAULT_THRESHOLDS and docs/tuning.md).
+    # for the active model (see shared.engine.DEFAULT_THRESHOLDS and docs/models.md).
     verification_threshold: float | None = None
 
     # --- input limits -------------------------------------------------------------------------

@@ -42,6 +42,20 @@ def test_diarization_on_pyannote_sample_meets_der_target(sample_result):
     assert {t.speaker for t in sample_result.diarization_results} == {"SPEAKER_00", "SPEAKER_01"}
 
 
+def test_stray_speakers_are_dropped_but_never_below_the_floor():
+    from pyannote.core import Annotation, Segment
+
+    from shared.pipelines.diarization import drop_stray_speakers
+
+    annotation = Annotation()
+    annotation[Segment(0, 10)] = "A"
+    annotation[Segment(10, 10.07)] = "B"
+    annotation[Segment(10.1, 10.4)] = "C"
+    assert drop_stray_speakers(annotation, 0.5).labels() == ["A"]
+    assert sorted(drop_stray_speakers(annotation, 0.5, keep_at_least=2).labels()) == ["A", "C"]
+    assert sorted(drop_stray_speakers(annotation, 0.0).labels()) == ["A", "B", "C"]
+
+
 def test_diarization_result_shape_and_label_order(sample_result):
     body = sample_result.model_dump()
     assert set(body) == {"diarization_results", "processing_time", "audio_duration", "segments_count", "model_device"}
