@@ -197,6 +197,19 @@ class WebhookReceiver:
 
 
 @pytest.fixture(scope="session")
+def long_sample(sample_wav, tmp_path_factory) -> Path:
+    """The two-speaker sample four times over (2 min): a diarization job that runs for seconds,
+    long enough to be watched, cancelled or killed mid-run."""
+    import numpy as np
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    path = tmp_path_factory.mktemp("audio") / "sample_x4.wav"
+    sf.write(path, np.concatenate([audio] * 4), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
 def webhook_receiver() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     yield receiver

@@ -131,22 +131,13 @@ def test_queued_jobs_survive_a_redis_crash(private, utterances):
         assert not (Path(private.settings.storage_dir) / job_id).exists()
 
 
-@pytest.fixture(scope="module")
-def long_recording(sample_wav, tmp_path_factory) -> Path:
-    """90 s of two-speaker speech: a job of several seconds on one CPU thread."""
-    audio, rate = sf.read(sample_wav, dtype="int16")
-    path = tmp_path_factory.mktemp("long") / "sample_x3.wav"
-    sf.write(path, np.concatenate([audio] * 3), rate, subtype="PCM_16")
-    return path
-
-
-def test_job_outliving_the_visibility_timeout_runs_once(private, long_recording):
+def test_job_outliving_the_visibility_timeout_runs_once(private, long_sample):
     from worker.celery_app import make_celery
 
     client = private.client
     private.worker("a")
     private.worker("b")  # idle: it takes whatever the broker hands out again
-    job_id = post_clip(client, long_recording, "/jobs/diarize").json()["job_id"]
+    job_id = post_clip(client, long_sample, "/jobs/diarize").json()["job_id"]
     deadline = time.monotonic() + 60
     while client.get(f"/jobs/{job_id}").json()["status"] != "running":
         assert time.monotonic() < deadline, "job never started"

@@ -17,9 +17,9 @@ def _ts(value: str) -> float:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def test_job_survives_its_worker_process_being_killed(worker, settings, short_sample, tmp_path):
-    # 12 s of speech: long enough to kill mid-run, short enough to run twice
-    short = short_sample
+def test_job_survives_its_worker_process_being_killed(worker, settings, long_sample, tmp_path):
+    # 2 min of speech: long enough to kill mid-run, short enough to run twice
+    audio = long_sample
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -39,7 +39,7 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, short_sa
         wait_until(lambda: bool(children()), 180, "prefork worker", proc)
         [child] = children()
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
-            job = client.post("/jobs/diarize", files={"file": (short.name, short.read_bytes(), "audio/wav")}).json()
+            job = client.post("/jobs/diarize", files={"file": (audio.name, audio.read_bytes(), "audio/wav")}).json()
             deadline = time.monotonic() + 60
             while client.get(f"/jobs/{job['job_id']}").json()["progress"] <= 0 and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -71,8 +71,8 @@ def test_failed_delivery_is_retried_and_arrives_once(client, utterances, webhook
     assert len(webhook_receiver.for_path("/flaky")) == 2
 
 
-def test_cancelled_job_notifies_its_webhook(client, short_sample, webhook_receiver):
-    r = client.post("/jobs/diarize", files={"file": (short_sample.name, short_sample.read_bytes(), "audio/wav")},
+def test_cancelled_job_notifies_its_webhook(client, long_sample, webhook_receiver):
+    r = client.post("/jobs/diarize", files={"file": (long_sample.name, long_sample.read_bytes(), "audio/wav")},
                     data={"webhook_url": webhook_receiver.url("/cancelled")})
     job_id = r.json()["job_id"]
     assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
