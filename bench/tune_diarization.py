@@ -20,7 +20,7 @@ import torch
 from shared.audio import SAMPLE_RATE, load_audio
 from shared.evaluation import diarization_error_rate, load_reference, multi_speaker_conversation, pyannote_sample
 from shared.longform import long_conversation
-from shared.pipelines.diarization import build_embedded_pipeline, drop_stray_speakers, relabel_by_first_appearance
+from shared.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
@@ -39,7 +39,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.75, 0.8])
-    parser.add_argument("--min-cluster-sizes", type=int, nargs="+", default=[12])
+    defaults = Settings()
+    parser.add_argument("--min-cluster-sizes", type=int, nargs="+", default=[defaults.clustering_min_cluster_size])
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=20.0)
     args = parser.parse_args()
@@ -64,13 +65,7 @@ def main() -> None:
             ders, found = {}, []
             with torch.inference_mode():
                 for file, (name, _, reference) in zip(files, data):
-                    output = pipeline(file)
-                    annotation = drop_stray_speakers(
-                        getattr(output, "speaker_diarization", output), Settings().diarization_min_speaker_s
-                    )
-                    turns = relabel_by_first_appearance(
-                        [(s.start, s.end, str(label)) for s, _, label in annotation.itertracks(yield_label=True)]
-                    )
+                    turns = to_turns(pipeline(file), min_speaker_s=defaults.diarization_min_speaker_s)
                     ders[name] = diarization_error_rate(reference, turns)
                     found.append(f"{len({t.speaker for t in turns})}/{len(reference.labels())}")
             if first_pass_s is None:

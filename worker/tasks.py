@@ -19,7 +19,7 @@ from shared import webhooks
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, SUCCEEDED, TERMINAL, JobStore, error_body, public_view, utc_now
 from shared.settings import get_settings
-from shared.storage import get_storage
+from shared.storage import Storage, get_storage
 from worker.celery_app import app
 from worker.lease import JobLease
 
@@ -81,11 +81,12 @@ def _run(task: Task, job_id: str, work: Callable[[Callable[[str], Any], Callable
         log.info("job %s is running on %s: checking again in %.0f s", job_id, holder, settings.job_lease_s)
         raise task.retry(countdown=settings.job_lease_s)
     with lease:
-        return _run_leased(task, job_id, record, work)
+        return _run_leased(task, job_id, record, work, jobs, storage)
 
 
-def _run_leased(task: Task, job_id: str, record: dict[str, Any], work: Callable[..., dict[str, Any]]) -> dict[str, Any]:
-    jobs, storage = store(), get_storage(settings)
+def _run_leased(
+    task: Task, job_id: str, record: dict[str, Any], work: Callable[..., dict[str, Any]], jobs: JobStore, storage: Storage
+) -> dict[str, Any]:
     running = jobs.mark_running(job_id)
     if running is None or running["status"] in TERMINAL:
         # cancelled, or finished by the lease's previous holder, since the check above

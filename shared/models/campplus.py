@@ -45,7 +45,6 @@ class CAMPPlusEmbedding(Model):
     def __init__(self, embedding_size: int = 192, num_mel_bins: int = 80, sample_rate: int = 16000):
         super().__init__(sample_rate=sample_rate, num_channels=1)
         self.save_hyperparameters("embedding_size", "num_mel_bins")
-        self._rate = sample_rate
         self.campplus = _campplus_class()(feat_dim=num_mel_bins, embedding_size=embedding_size)
         self._fbank = partial(
             kaldi.fbank,
@@ -83,7 +82,8 @@ class CAMPPlusEmbedding(Model):
 
     def num_frames(self, num_samples: int) -> int:
         """fbank frames of a waveform (Kaldi's snip_edges: whole 25 ms windows every 10 ms)."""
-        window, shift = int(self._rate * 0.025), int(self._rate * 0.010)
+        rate = self.hparams.sample_rate
+        window, shift = int(rate * 0.025), int(rate * 0.010)
         return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
     def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -85,16 +85,32 @@ class Diarizer:
         hook = _ProgressHook(progress) if progress else None
         with torch.inference_mode():
             output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
-        annotation = getattr(output, "speaker_diarization", output)
-        if num_speakers is None:
-            annotation = drop_stray_speakers(annotation, self.min_speaker_s, keep_at_least=min_speakers or 1)
-        return relabel_by_first_appearance(
-            [
-                (float(seg.start), float(seg.end), str(label))
-                for seg, _, label in annotation.itertracks(yield_label=True)
-                if seg.duration >= min_duration
-            ]
+        return to_turns(
+            output, min_speaker_s=self.min_speaker_s, num_speakers=num_speakers, min_speakers=min_speakers,
+            min_duration=min_duration,
         )
+
+
+def to_turns(
+    output,
+    *,
+    min_speaker_s: float,
+    num_speakers: int | None = None,
+    min_speakers: int | None = None,
+    min_duration: float = 0.0,
+) -> list[Turn]:
+    """The pipeline's output as the product reports it: stray speakers dropped (unless the caller
+    fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance."""
+    annotation = getattr(output, "speaker_diarization", output)
+    if num_speakers is None:
+        annotation = drop_stray_speakers(annotation, min_speaker_s, keep_at_least=min_speakers or 1)
+    return relabel_by_first_appearance(
+        [
+            (float(seg.start), float(seg.end), str(label))
+            for seg, _, label in annotation.itertracks(yield_label=True)
+            if seg.duration >= min_duration
+        ]
+    )
 
 
 def drop_stray_speakers(annotation, min_total_s: float, keep_at_least: int = 1):
