@@ -11,7 +11,10 @@ import time
 from typing import Callable
 
 import numpy as np
-import torch
+
+from shared.models import runtime  # noqa: F401  (before torch is imported)
+
+import torch  # noqa: E402
 
 from shared.audio import Audio, AudioSource, load_audio
 from shared.errors import InputError, ModelError
@@ -103,7 +106,7 @@ class Engine:
         from shared.pipelines.diarization import build_embedded_pipeline
 
         try:
-            return build_embedded_pipeline(self.settings)
+            return build_embedded_pipeline(self.settings, self.device)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"could not load the embedded diarization models: {exc}") from exc
 
