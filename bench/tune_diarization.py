@@ -1,12 +1,22 @@
-"""How the embedded diarization's hyper-parameters were chosen: DER and speed over a grid.
+"""How the embedded diarization's hyper-parameters were chosen: DER and speaker counts over a grid.
 
 For each segmentation step (the sliding window's hop, as a fraction of its 10 s) the pipeline's
 segmentation and CAM++ embeddings are computed once per recording (pyannote's own training
-cache) and the clustering threshold is swept over them. Recordings: pyannote's sample.wav with
-its reference, and 55 s four-talker conversations laid from real speech (shared.evaluation).
-DER: pyannote.metrics, collar 0, overlap included.
+cache) and the clustering threshold and minimum cluster size are swept over them.
 
-    .venv/bin/python bench/tune_diarization.py --steps 0.2 0.5 --thresholds 0.65 0.7 0.75 --min-cluster-sizes 6 12
+Recordings, all real speech with exact references:
+- pyannote's ``sample.wav`` (2 talkers, 30 s);
+- ``--conversations`` 55 s four-talker conversations (the sample's talkers + the two of
+  ``../shared/data/speech/utterances``);
+- ``--many`` conversations of 5-8 LibriSpeech readers (249 voices, none used elsewhere in tuning),
+  one to three of them minor (3-6 s of speech);
+- a ``--long-minutes`` meeting of the four talkers (clustering behaves differently with many
+  embeddings per speaker).
+
+DER: pyannote.metrics, collar 0, overlap included. "count err" is the mean absolute difference
+between found and true speaker counts over the many-talker set.
+
+    .venv/bin/python bench/tune_diarization.py --steps 0.5 --thresholds 0.55 0.6 0.65 0.7
 """
 
 from __future__ import annotations
@@ -18,40 +28,51 @@ import numpy as np
 import torch
 
 from shared.audio import SAMPLE_RATE, load_audio
-from shared.evaluation import diarization_error_rate, load_reference, multi_speaker_conversation, pyannote_sample
+from shared.evaluation import (
+    diarization_error_rate,
+    librispeech_clips,
+    load_reference,
+    many_talker_conversation,
+    multi_speaker_conversation,
+    pyannote_sample,
+)
 from shared.longform import long_conversation
 from shared.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
-def recordings(conversations: int, long_minutes: float):
+def recordings(conversations: int, many: int, long_minutes: float):
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).samples, load_reference(rttm)
     for seed in range(conversations):
-        samples, reference = multi_speaker_conversation(seed=seed)
-        yield f"conv{seed}", samples, reference
+        yield f"conv{seed}", *multi_speaker_conversation(seed=seed)
+    clips = librispeech_clips() if many else []
+    for seed in range(many):
+        talkers = 5 + seed % 4
+        yield f"many{seed}", *many_talker_conversation(talkers, minor=1 + seed % 3, seed=100 + seed, clips=clips)
     if long_minutes:
-        # clustering behaves differently with many embeddings per speaker: check a long meeting too
         yield "long", *long_conversation(long_minutes)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.6, 0.7, 0.75, 0.8])
     defaults = Settings()
+    parser.add_argument("--steps", type=float, nargs="+", default=[defaults.segmentation_step])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6, 0.65, 0.7])
     parser.add_argument("--min-cluster-sizes", type=int, nargs="+", default=[defaults.clustering_min_cluster_size])
     parser.add_argument("--conversations", type=int, default=8)
-    parser.add_argument("--long-minutes", type=float, default=20.0)
+    parser.add_argument("--many", type=int, default=8)
+    parser.add_argument("--long-minutes", type=float, default=10.0)
     args = parser.parse_args()
 
-    data = list(recordings(args.conversations, args.long_minutes))
+    data = list(recordings(args.conversations, args.many, args.long_minutes))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
-    print("step  mcs  threshold  DER(sample)  DER(conv mean)  DER(conv max)  DER(long)  speakers found per recording  s per audio min")
+    print("step  mcs  thr    DER sample  conv mean  conv max  many mean  many max  long    count err  "
+          "speakers found (conv | many)  s per audio min")
     for step in args.steps:
         pipeline = build_embedded_pipeline(Settings(segmentation_step=step))
-        pipeline.training = True  # keep segmentation + embeddings per file across thresholds
+        pipeline.training = True  # keep segmentation + embeddings per file across trials
         files = [
             {"uri": name, "waveform": torch.from_numpy(s)[None], "sample_rate": SAMPLE_RATE}
             for name, s, _ in data
@@ -62,18 +83,29 @@ def main() -> None:
             params["clustering"].update(threshold=threshold, min_cluster_size=mcs)
             pipeline.instantiate(params)
             started = time.perf_counter()
-            ders, found = {}, []
+            ders, found, count_err = {}, {}, []
             with torch.inference_mode():
                 for file, (name, _, reference) in zip(files, data):
                     turns = to_turns(pipeline(file), min_speaker_s=defaults.diarization_min_speaker_s)
                     ders[name] = diarization_error_rate(reference, turns)
-                    found.append(f"{len({t.speaker for t in turns})}/{len(reference.labels())}")
+                    n, true = len({t.speaker for t in turns}), len(reference.labels())
+                    found[name] = f"{n}/{true}"
+                    if name.startswith("many"):
+                        count_err.append(abs(n - true))
             if first_pass_s is None:
                 first_pass_s = time.perf_counter() - started
-            conv = [v for k, v in ders.items() if k.startswith("conv")]
+
+            def pick(prefix):
+                return [v for k, v in ders.items() if k.startswith(prefix)] or [float("nan")]
+
+            conv, many = pick("conv"), pick("many")
+            counts = " ".join(v for k, v in found.items() if k.startswith("conv")) + " | " + " ".join(
+                v for k, v in found.items() if k.startswith("many"))
             print(
-                f"{step:<5} {mcs:<4} {threshold:<10} {ders['sample']:<12.3f} {np.mean(conv):<15.3f} {np.max(conv):<14.3f} "
-                f"{ders.get('long', float('nan')):<10.3f} {' '.join(found):<30} {first_pass_s / (total_s / 60):.2f}"
+                f"{step:<5} {mcs:<4} {threshold:<6} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
+                f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
+                f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}",
+                flush=True,
             )
 
 

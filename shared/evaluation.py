@@ -168,3 +168,65 @@ def multi_speaker_conversation(data_dir: str | os.PathLike = "../shared/data/spe
         used[s] += 1
         last = s
     return build_conversation(order, seed=seed)
+
+
+LIBRISPEECH = "librispeech-train-clean"
+
+
+def librispeech_clips(data_dir: str | os.PathLike = "../shared/data/speech") -> list[Clip]:
+    """One trimmed utterance (up to 15 s) of each of the 249 LibriSpeech readers; speaker = reader id."""
+    clips = []
+    for path in sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg"))):
+        clips.append(Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).samples)))
+    return clips
+
+
+def split_clip(clip: Clip, rng: np.random.Generator, piece_s: tuple[float, float] = (2.0, 4.0)) -> list[Clip]:
+    """Cut one utterance into consecutive turns of ``piece_s`` seconds (a short tail joins the last)."""
+    pieces, start, n = [], 0, len(clip.samples)
+    while start < n:
+        length = int(rng.uniform(*piece_s) * SAMPLE_RATE)
+        if n - (start + length) < piece_s[0] * SAMPLE_RATE:
+            length = n - start
+        pieces.append(Clip(clip.speaker, clip.samples[start : start + length]))
+        start += length
+    return pieces
+
+
+def many_talker_conversation(
+    talkers: int,
+    *,
+    minor: int = 0,
+    seed: int = 0,
+    clips: Sequence[Clip] | None = None,
+    data_dir: str | os.PathLike = "../shared/data/speech",
+):
+    """A conversation of ``talkers`` LibriSpeech readers, ``minor`` of whom say only 3-6 s.
+
+    Main talkers' utterances are cut into 2-4 s turns and interleaved at random (never the same
+    talker twice in a row when avoidable); a minor talker keeps one or two turns of their
+    utterance. Pauses and overlaps as in :func:`build_conversation`. Returns (samples, reference).
+    """
+    rng = np.random.default_rng(seed)
+    pool = list(clips) if clips is not None else librispeech_clips(data_dir)
+    chosen = [pool[i] for i in rng.choice(len(pool), size=talkers, replace=False)]
+    turns: list[Clip] = []
+    for i, clip in enumerate(chosen):
+        pieces = split_clip(clip, rng)
+        if i < minor:
+            keep, total = [], 0
+            for piece in pieces:
+                keep.append(piece)
+                total += len(piece.samples)
+                if total >= 3 * SAMPLE_RATE:
+                    break
+            pieces = keep
+        turns.extend(pieces)
+    order: list[Clip] = []
+    remaining = list(rng.permutation(len(turns)))
+    while remaining:
+        last = order[-1].speaker if order else None
+        pick = next((k for k in remaining if turns[k].speaker != last), remaining[0])
+        remaining.remove(pick)
+        order.append(turns[pick])
+    return build_conversation(order, seed=seed)

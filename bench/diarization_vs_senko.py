@@ -1,0 +1,198 @@
+"""This engine against senko's own Diarizer on the same recording, in one run.
+
+    .venv/bin/python bench/diarization_vs_senko.py --minutes 60            # CPU (and GPU if present)
+    .venv/bin/python bench/diarization_vs_senko.py --minutes 240 --only ours --device cuda
+
+The recording is `shared.longform.long_conversation` (real speech of four talkers, exact
+reference). Each engine runs in a fresh child process, one after the other, so its peak RSS and
+peak GPU memory are its own and neither inherits the other's warm caches; models are loaded and
+warmed before the clock starts (a worker holds them loaded). DER: pyannote.metrics, collar 0,
+overlap scored. The ratio is senko's time over ours (above 1: we are faster).
+
+senko ships its CPU fbank as a C++ library built for AVX-512; on a CPU without it that library
+dies with SIGILL, so there the bench replaces that one step with torchaudio's Kaldi fbank (same
+options, same per-segment mean normalisation) and says so. senko's VAD, CAM++ and clustering run
+unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.models import runtime  # noqa: E402,F401  (before torch)
+
+
+def _has_avx512() -> bool:
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peaks(device: str) -> dict:
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.startswith("cuda"):
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
+    import numpy as np
+    import torch
+
+    from shared.audio import Audio
+    from shared.engine import Engine
+    from shared.settings import Settings
+
+    if threads:
+        torch.set_num_threads(threads)
+    samples = np.load(audio_path, mmap_mode="r")
+    engine = Engine(Settings(device=device, torch_threads=threads)).load_models()
+    engine.diarize(Audio(np.ascontiguousarray(samples[: 60 * 16000])))  # warm-up, as a worker is
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    audio = Audio(np.ascontiguousarray(samples))
+    _sync(device)
+    started = time.perf_counter()
+    result = engine.diarize(audio)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    turns = [(t.start, t.end, t.speaker) for t in result.diarization_results]
+    queue.put({"elapsed_s": elapsed, "turns": turns, "device": engine.model_device,
+               "threads": torch.get_num_threads(), **_peaks(device)})
+
+
+def _patch_senko_fbank() -> None:
+    """senko's own fbank step, computed with torchaudio (for CPUs without AVX-512)."""
+    import numpy as np
+    import senko.diarizer as sd
+    import torch
+    import torchaudio.compliance.kaldi as kaldi
+
+    def fbank(self, audio, subsegments, *, sample_offset=0):
+        wav = torch.from_numpy(np.asarray(audio, dtype=np.float32)) * 32768
+        feats, frames, offsets, offset = [], [], [], 0
+        for start_s, end_s in subsegments:
+            start = int(start_s * 16000) - sample_offset
+            seg = wav[start : start + int((end_s - start_s) * 16000)]
+            if seg.numel() < 400:  # senko pads to one frame too
+                seg = torch.nn.functional.pad(seg, (0, 400 - seg.numel()))
+            f = kaldi.fbank(seg[None], num_mel_bins=80, frame_length=25.0, frame_shift=10.0, dither=0.0,
+                            sample_frequency=16000, window_type="povey")
+            f = f - f.mean(dim=0, keepdim=True)
+            feats.append(f.reshape(-1))
+            frames.append(f.shape[0])
+            offsets.append(offset)
+            offset += f.numel()
+        return torch.cat(feats).numpy(), np.asarray(frames), np.asarray(offsets), 80
+
+    sd.Diarizer._extract_fbank_features = sd.time_method("fbank_time", "Fbank feature extraction")(fbank)
+
+
+def run_senko(audio_path: str, device: str, threads: int | None, queue) -> None:
+    import numpy as np
+    import torch
+
+    patched = device == "cpu" and not _has_avx512()
+    if patched:
+        _patch_senko_fbank()
+    import senko
+
+    samples = np.ascontiguousarray(np.load(audio_path))
+    diarizer = senko.Diarizer(device="cuda" if device.startswith("cuda") else "cpu", warmup=True, quiet=True)
+    if threads:
+        torch.set_num_threads(threads)
+    diarizer.diarize_samples(samples[: 60 * 16000], 16000)  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    started = time.perf_counter()
+    result = diarizer.diarize_samples(samples, 16000)
+    _sync(device)
+    elapsed = time.perf_counter() - started
+    turns = [(s["start"], s["end"], str(s["speaker"])) for s in (result or {}).get("merged_segments", [])]
+    queue.put({"elapsed_s": elapsed, "turns": turns, "device": device, "threads": torch.get_num_threads(),
+               "steps": (result or {}).get("timing_stats"), "fbank": "torchaudio (no AVX-512)" if patched else "senko",
+               **_peaks(device)})
+
+
+def in_child(target, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    try:
+        return queue.get(timeout=3 * 3600)
+    finally:
+        proc.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CPU, then the GPU too when there is one")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on the CPU (default: all cores)")
+    parser.add_argument("--only", choices=["both", "ours", "senko"], default="both")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from shared.evaluation import diarization_error_rate
+    from shared.longform import long_conversation
+    from shared.pipelines.diarization import Turn
+
+    samples, reference = long_conversation(args.minutes)
+    duration = len(samples) / 16000
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
+    engines = {"ours": run_ours, "senko": run_senko}
+    if args.only != "both":
+        engines = {args.only: engines[args.only]}
+    print(f"audio {duration / 60:.1f} min, {len(reference.labels())} speakers, cpu cores {os.cpu_count()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "audio.npy")
+        np.save(path, samples)
+        del samples
+        for device in devices:
+            figures = {}
+            for name, target in engines.items():
+                r = in_child(target, path, device, args.threads if device == "cpu" else None)
+                turns = [Turn(a, b, s) for a, b, s in r.pop("turns")]
+                r["der"] = diarization_error_rate(reference, turns)
+                r["speakers"] = len({t.speaker for t in turns})
+                figures[name] = r
+                gpu = f" peak_gpu={r['peak_gpu_mb']:.0f}MB" if "peak_gpu_mb" in r else ""
+                extra = f" steps={json.dumps(r['steps'])} fbank={r['fbank']}" if "steps" in r else ""
+                print(f"[{device}] {name:<5} {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
+                      f"DER {r['der']:.3f}  speakers {r['speakers']}/{len(reference.labels())}  "
+                      f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']}{extra}")
+            if len(figures) == 2:
+                ratio = figures["senko"]["elapsed_s"] / figures["ours"]["elapsed_s"]
+                print(f"[{device}] ratio senko/ours = {ratio:.2f}x  (1 h would take us "
+                      f"{figures['ours']['elapsed_s'] * 3600 / duration:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
