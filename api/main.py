@@ -9,10 +9,11 @@ from fastapi import FastAPI, Request
 
 from api import errors
 from api.dispatch import Dispatcher
-from api.limits import UploadLimitMiddleware
+from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
 from api.routes import jobs, ops, sync
 from shared.jobs import JobStore
+from shared.webhooks import check_secret
 from shared.settings import Settings, get_settings
 from shared.storage import get_storage
 
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # at start-up, not at import: uvicorn then exits with the reason instead of serving
+        check_secret(settings.webhook_secret.get_secret_value(), allow_insecure=settings.allow_insecure_webhook_secret)
         yield
         await app.state.dispatcher.close()
 
@@ -47,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dispatcher = Dispatcher(settings, store, storage, make_celery(settings))
 
     errors.install(app)
-    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
 
     @app.middleware("http")
     async def observe(request: Request, call_next):
