@@ -315,4 +315,5 @@ class JobStore:
 
     def workers(self) -> list[dict[str, Any]]:
         keys = list(self.redis.scan_iter(match=self.key("worker", "*"), count=100))
-        return [json.loads(r) for r in (self.redis.mget(keys) if keys else []) if r]
+        infos = [json.loads(r) for r in (self.redis.mget(keys) if keys else []) if r]
+        return [w for w in infos if isinstance(w, dict)]

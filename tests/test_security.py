@@ -120,3 +120,231 @@ def test_json_with_huge_integers_is_refused_as_input():
                     pickle.dumps([int("9" * 4000)] + [1.0] * 191)):
         with pytest.raises(InputError):
             load_embedding(payload)
+
+
+# --- a real uvicorn API (api.serve) on its own queue, no worker: jobs it accepts stay queued ------
+
+KEY_A, KEY_B, KEY_ADMIN = "key-a-0123456789", "key-b-0123456789", "key-admin-0123456789"
+LIVE_MAX_UPLOAD = 2 * 1024 * 1024
+LIVE_HEADER_TIMEOUT_S = 2.0
+LIVE_BODY_TIMEOUT_S = 2.0
+
+
+class LiveAPI:
+    def __init__(self, base: str, proc: Any, settings: Any, redis_url: str) -> None:
+        self.base, self.proc, self.settings, self.redis_url = base, proc, settings, redis_url
+        self.port = int(base.rsplit(":", 1)[1])
+
+    def http(self, key: str | None = KEY_A, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base, headers={"X-API-Key": key} if key else {}, timeout=30, **kw)
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            return False
+        r = httpx.get(f"{self.base}/health", timeout=10)
+        assert r.status_code == 200, r.text
+        return True
+
+
+@pytest.fixture(scope="module")
+def live(service_env, settings, tmp_path_factory) -> Iterator[LiveAPI]:
+    import redis as redis_lib
+
+    from shared.launcher import Stack, free_port
+
+    env = {
+        "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY_A, KEY_B]),
+        "AUDIO_ANALYSIS_ADMIN_API_KEYS": json.dumps([KEY_ADMIN]),
+        "AUDIO_ANALYSIS_QUEUE_NAME": "audio-security",  # nobody consumes it: jobs stay queued
+        "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "false",  # the production default
+        "AUDIO_ANALYSIS_MAX_UPLOAD_BYTES": str(LIVE_MAX_UPLOAD),
+        "AUDIO_ANALYSIS_HTTP_HEADER_TIMEOUT_S": str(LIVE_HEADER_TIMEOUT_S),
+        "AUDIO_ANALYSIS_HTTP_BODY_TIMEOUT_S": str(LIVE_BODY_TIMEOUT_S),
+        "AUDIO_ANALYSIS_SYNC_MAX_AUDIO_SECONDS": "60",
+        "AUDIO_ANALYSIS_MAX_AUDIO_SECONDS": "100",
+    }
+    base_dir = tmp_path_factory.mktemp("live")
+    stack = Stack(env={**{k: v for k, v in service_env.items() if not k.startswith("_")}, **__import__("os").environ, **env},
+                  log_dir=base_dir)
+    port = free_port()
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        live_settings = settings.model_copy(update={"queue_name": "audio-security"})
+        redis_lib.Redis.from_url(settings.redis_url).delete("audio-security")
+        yield LiveAPI(f"http://127.0.0.1:{port}", proc, live_settings, settings.redis_url)
+    finally:
+        stack.stop()
+        print("\n" + (base_dir / "api.log").read_text(errors="replace")[-1500:])
+
+
+def _wav(path: Path) -> tuple[str, bytes, str]:
+    return (path.name, path.read_bytes(), "audio/wav")
+
+
+def test_api_survives_the_crashing_pickle_and_a_fuzz_of_it(live, utterances):
+    audio = _wav(utterances["spk1"][0])
+    cases = [object_dtype_pickle()] + list(_fuzz_pickles())[::40]
+    cases += [b"[" + b"9" * 4000 + b"]", json.dumps([int("9" * 4000)] * 192).encode()]
+    codes = []
+    with live.http() as http:
+        for i, payload in enumerate(cases):
+            route = "/compare_embedding" if i % 2 else "/jobs/compare_embedding"
+            r = http.post(route, files={"audio": audio, "embedding": ("e.pkl", payload, "application/octet-stream")})
+            codes.append(r.status_code)
+            assert r.status_code == 422 or (r.status_code in (202, 200) and i > 0), (i, r.status_code, r.text)
+            if r.status_code == 422:
+                assert set(r.json()) == ERROR_KEYS
+        # a 4000-digit integer in a form field
+        r = http.post("/jobs/diarize", files={"file": audio}, data={"num_speakers": "9" * 4000})
+        codes.append(r.status_code)
+        assert r.status_code == 422, r.text
+    print(f"\nhostile embedding files through the API: {len(codes)}, 5xx: {sum(c >= 500 for c in codes)}")
+    assert not any(c >= 500 for c in codes)
+    assert live.alive(), "the API process died"
+
+
+# --- 2. every job belongs to the key that created it ------------------------------------------------
+
+
+def test_api_keys_are_tenants(live, utterances):
+    clip = _wav(utterances["spk1"][1])
+    with live.http(KEY_A) as a, live.http(KEY_B) as b, live.http(KEY_ADMIN) as admin, live.http(None) as anonymous:
+        job = a.post("/jobs/embedding", files={"file": clip}).json()
+        job_id = job["job_id"]
+        batch = a.post("/jobs/batch", data={"kind": "embedding"}, files=[("files", clip), ("files", clip)]).json()
+        mine_b = b.post("/jobs/embedding", files={"file": clip}).json()["job_id"]
+
+        # key B: A's job does not exist for it, whatever it asks
+        assert b.get(f"/jobs/{job_id}").status_code == 404
+        assert b.post(f"/jobs/{job_id}/cancel").status_code == 404
+        assert b.get(f"/batches/{batch['batch_id']}").status_code == 404
+        listed_b = {j["job_id"] for j in b.get("/jobs", params={"limit": 100}).json()["jobs"]}
+        assert listed_b == {mine_b}, "B lists jobs that are not its own"
+        body = b.get(f"/jobs/{job_id}").json()
+        assert set(body) == ERROR_KEYS and job_id in body["detail"]  # as for an unknown id
+
+        # A's job is untouched by B's cancel, and A sees its own
+        assert a.get(f"/jobs/{job_id}").json()["status"] == "queued"
+        listed_a = {j["job_id"] for j in a.get("/jobs", params={"limit": 100}).json()["jobs"]}
+        assert job_id in listed_a and mine_b not in listed_a
+        assert a.get(f"/jobs/{mine_b}").status_code == 404
+        assert len(a.get(f"/batches/{batch['batch_id']}").json()["jobs"]) == 2
+        # the record never shows the owner (a digest of the key) or the key
+        assert "_owner" not in a.get(f"/jobs/{job_id}").json()
+
+        # the admin key sees everyone's
+        listed = {j["job_id"] for j in admin.get("/jobs", params={"limit": 1000}).json()["jobs"]}
+        assert {job_id, mine_b} <= listed
+        assert admin.get(f"/jobs/{mine_b}").status_code == 200
+        assert anonymous.get(f"/jobs/{job_id}").status_code == 401
+
+        assert a.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        assert admin.post(f"/jobs/{mine_b}/cancel").json()["status"] == "cancelled"
+
+
+# --- 3. webhooks reach only public addresses --------------------------------------------------------
+
+def _hostile_webhook_urls(redis_port: int, api_port: int) -> list[str]:
+    return [
+        f"http://127.0.0.1:{api_port}/jobs", "http://localhost/hook", "http://LOCALHOST./hook", "http://[::1]/hook",
+        "http://0.0.0.0/hook", "http://0/hook", "http://169.254.169.254/latest/meta-data/",
+        "http://metadata.google.internal/computeMetadata/v1/", "http://metadata/", "http://2130706433/hook",
+        "http://0x7f000001/hook", "http://0177.0.0.1/hook", "http://127.1/hook", "http://0x7f.0.0.1/hook",
+        "http://[::ffff:127.0.0.1]/hook", "http://[::ffff:7f00:1]/hook", "http://[64:ff9b::7f00:1]/hook",
+        "http://10.0.0.1/hook", "http://172.16.0.1/hook", "http://192.168.1.1/hook", "http://100.64.0.1/hook",
+        "http://[fd00::1]/hook", "http://[fe80::1]/hook", "http://224.0.0.1/hook", "http://[ff02::1]/hook",
+        "http://240.0.0.1/hook", "http://255.255.255.255/hook", "http://198.18.0.1/hook",
+        f"http://127.0.0.1:{redis_port}/", f"https://127.0.0.1:{redis_port}/", "http://no-such-host.invalid/hook",
+        "gopher://127.0.0.1:6379/_PING", "file:///etc/passwd", "http:///nohost", "http://user@127.0.0.1/x",
+        "http://127.0.0.1:99999/x", "http://[::1/x", "http://" + "a" * 3000 + ".example/",
+    ]
+
+
+def test_webhooks_to_internal_addresses_are_refused_at_submit(live, utterances):
+    from urllib.parse import urlsplit
+
+    redis_port = urlsplit(live.redis_url).port or 6379
+    clip = _wav(utterances["spk1"][2])
+    with live.http(KEY_A) as a:
+        before = a.get("/jobs", params={"limit": 1000}).json()["count"]
+        for url in _hostile_webhook_urls(redis_port, live.port):
+            r = a.post("/jobs/embedding", files={"file": clip}, data={"webhook_url": url})
+            assert r.status_code == 422, (url, r.status_code, r.text)
+            assert set(r.json()) == ERROR_KEYS
+        # and nothing was queued for any of them
+        assert a.get("/jobs", params={"limit": 1000}).json()["count"] == before
+        # a public address literal passes (resolving it needs no network)
+        r = a.post("/jobs/embedding", files={"file": clip}, data={"webhook_url": "https://93.184.215.14/hook"})
+        assert r.status_code == 202, r.text
+        a.post(f"/jobs/{r.json()['job_id']}/cancel")
+
+
+def test_connect_time_check_defeats_dns_rebinding(monkeypatch, webhook_receiver):
+    """The name resolves to a public address at submit and to 127.0.0.1 when the worker connects."""
+    import socket as socket_mod
+
+    from shared import webhooks
+
+    real = socket_mod.getaddrinfo
+    answers = iter(["93.184.215.14", "127.0.0.1", "127.0.0.1"])
+    port = webhook_receiver.server.server_address[1]
+
+    def rebinding(host, *args, **kwargs):
+        if host == "rebind.example":
+            return real(next(answers), *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_mod, "getaddrinfo", rebinding)
+    url = f"http://rebind.example:{port}/rebind"
+    assert webhooks.validate_webhook_url(url, [], allow_private=False) == url  # public at submit
+    with pytest.raises(webhooks.WebhookDeliveryError) as info:
+        webhooks.post(url, "job", {"x": 1}, "s" * 32, 5.0, allow_private=False)
+    assert str(info.value) == "delivery failed: could not connect"
+    assert webhook_receiver.for_path("/rebind") == []
+
+
+def test_connection_goes_to_the_checked_address_with_the_host_name(monkeypatch, webhook_receiver):
+    """Pinning: one lookup per connection, the socket to that address, Host (and SNI) the name."""
+    import socket as socket_mod
+
+    from shared import webhooks
+
+    real = socket_mod.getaddrinfo
+    lookups: list[str] = []
+    port = webhook_receiver.server.server_address[1]
+
+    def resolver(host, *args, **kwargs):
+        if host == "hooks.example":
+            lookups.append(host)
+            return real("127.0.0.1", *args, **kwargs)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket_mod, "getaddrinfo", resolver)
+    # stand-in for a public receiver: treat the loopback test receiver as public
+    monkeypatch.setattr(webhooks, "address_allowed", lambda address: address == "127.0.0.1")
+    assert webhooks.post(f"http://hooks.example:{port}/pinned", "job", {"x": 1}, "s" * 32, 5.0) == 200
+    [hit] = webhook_receiver.for_path("/pinned")
+    assert hit["headers"]["Host"] == f"hooks.example:{port}"
+    assert lookups == ["hooks.example"]
+
+
+def test_delivery_errors_tell_the_caller_only_the_status(client, utterances, webhook_receiver):
+    from tests.test_service_webhooks import _wait_for
+
+    webhook_receiver.statuses[:] = [418, 418, 418, 418]
+    r = client.post("/jobs/embedding", files={"file": _wav(utterances["spk2"][1])},
+                    data={"webhook_url": webhook_receiver.url("/teapot")})
+    job_id = r.json()["job_id"]
+    wait_for_job(client, job_id)
+    state = _wait_for(lambda: (client.get(f"/jobs/{job_id}").json()["webhook"] or {}).get("last_error"), 30)
+    assert state == "delivery failed, status 418"
+    webhook_receiver.statuses[:] = []
+    # nothing listens on that port: no banner, no exception text, just the generic failure
+    from shared.launcher import free_port
+
+    r = client.post("/jobs/embedding", files={"file": _wav(utterances["spk2"][2])},
+                    data={"webhook_url": f"http://127.0.0.1:{free_port()}/closed"})
+    job_id = r.json()["job_id"]
+    wait_for_job(client, job_id)
+    state = _wait_for(lambda: (client.get(f"/jobs/{job_id}").json()["webhook"] or {}).get("last_error"), 30)
+    assert state == "delivery failed: could not connect"

@@ -29,7 +29,8 @@ _stop_checked: dict[str, float] = {"at": 0.0}
 
 
 def _stopping_key(hostname: str) -> str:
-    return JobStore.from_settings().key("worker", "stopping", hostname)
+    # not under "worker:": /health reads every aa:worker:* key as a heartbeat
+    return JobStore.from_settings().key("stopping", hostname)
 
 
 @signals.worker_shutting_down.connect
