@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from prometheus_client import Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.dispatch import Dispatcher
@@ -25,6 +27,39 @@ submit (202 with a `status_url`), poll, or pass `webhook_url` to be POSTed the r
 HMAC-SHA256 (`X-AudioAnalysis-Timestamp`, `X-AudioAnalysis-Signature`, `X-AudioAnalysis-Job-Id`).
 Errors are always `{"detail", "error_type", "timestamp"}`.
 """
+
+
+class LatencyMiddleware:
+    """Request latency per route and status, as plain ASGI.
+
+    Not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware swallows the client's
+    disconnect (``Request.is_disconnected`` never turns true behind it), and the synchronous
+    endpoints cancel their job when their client hangs up.
+    """
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app = app
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            self.latency.labels(scope["method"], getattr(route, "path", "unmatched"), str(status["code"])).observe(
+                time.perf_counter() - started
+            )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,15 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        latency.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
+    app.add_middleware(LatencyMiddleware, latency=latency)
 
     app.include_router(ops.router)
     app.include_router(sync.router)

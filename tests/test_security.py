@@ -125,7 +125,7 @@ def test_json_with_huge_integers_is_refused_as_input():
 # --- a real uvicorn API (api.serve) on its own queue, no worker: jobs it accepts stay queued ------
 
 KEY_A, KEY_B, KEY_ADMIN = "key-a-0123456789", "key-b-0123456789", "key-admin-0123456789"
-LIVE_MAX_UPLOAD = 2 * 1024 * 1024
+LIVE_MAX_UPLOAD = 8 * 1024 * 1024
 LIVE_HEADER_TIMEOUT_S = 2.0
 LIVE_BODY_TIMEOUT_S = 2.0
 
@@ -348,3 +348,215 @@ def test_delivery_errors_tell_the_caller_only_the_status(client, utterances, web
     wait_for_job(client, job_id)
     state = _wait_for(lambda: (client.get(f"/jobs/{job_id}").json()["webhook"] or {}).get("last_error"), 30)
     assert state == "delivery failed: could not connect"
+
+
+# --- 6. a chunked upload stops being read at the limit ----------------------------------------------
+
+
+def _deleted_open_files(pid: int) -> list[str]:
+    """Temporary files the process still holds open after unlinking them (invisible to du)."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.endswith("(deleted)") and not target.startswith("/memfd:"):
+            out.append(target)
+    return out
+
+
+def _raw_request(live: LiveAPI, head: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+    sock.sendall(head.encode())
+    return sock
+
+
+def _read_status(sock: socket.socket, timeout_s: float = 10) -> int:
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+
+
+def test_chunked_upload_is_cut_at_the_limit(live):
+    import select
+
+    boundary = "x" * 16
+    sock = _raw_request(live, (
+        "POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: " + KEY_A + "\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ))
+    preamble = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n"
+                "Content-Type: audio/wav\r\n\r\n").encode()
+    chunk = b"\0" * 65536
+    sent = 0
+    total = 200 * 1024 * 1024  # 100 times the limit
+    sock.setblocking(False)
+    pending = b"%x\r\n%s\r\n" % (len(preamble), preamble)
+    deadline = time.monotonic() + 60
+    answered = False
+    while sent < total and time.monotonic() < deadline:
+        readable, writable, _ = select.select([sock], [sock], [], 1.0)
+        if readable:
+            answered = True
+            break
+        if writable:
+            if not pending:
+                pending = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            try:
+                n = sock.send(pending)
+            except (BrokenPipeError, ConnectionResetError):
+                answered = True
+                break
+            pending = pending[n:]
+            sent += n
+    sock.setblocking(True)
+    status = _read_status(sock) if answered else 0
+    sock.close()
+    print(f"\nchunked upload: server answered {status} after {sent / 2**20:.1f} MiB sent (limit {LIVE_MAX_UPLOAD / 2**20:.0f} MiB)")
+    assert status == 413
+    # what the client got into socket buffers on top of the limit, not the 200 MiB it offered
+    assert sent < LIVE_MAX_UPLOAD + 16 * 1024 * 1024
+    time.sleep(0.5)
+    assert _deleted_open_files(live.proc.pid) == [], "unlinked temporary files still held open"
+    assert live.alive()
+
+
+# --- 10. slow clients are dropped --------------------------------------------------------------------
+
+
+def test_slowloris_connections_are_closed(live):
+    socks = []
+    for _ in range(60):
+        s = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        socks.append(s)
+    started = time.monotonic()
+    closed: dict[int, float] = {}
+    while len(closed) < len(socks) and time.monotonic() - started < LIVE_HEADER_TIMEOUT_S + 8:
+        for i, s in enumerate(socks):
+            if i in closed:
+                continue
+            try:
+                s.sendall(b"X-a: b\r\n")  # a header line now and then, never the blank line
+                s.settimeout(0.01)
+                if s.recv(1) == b"":
+                    closed[i] = time.monotonic() - started
+            except socket.timeout:
+                pass
+            except OSError:
+                closed[i] = time.monotonic() - started
+        time.sleep(0.3)
+    for s in socks:
+        s.close()
+    print(f"\nslowloris: {len(closed)}/60 closed by the server, the last after {max(closed.values(), default=0):.1f} s")
+    assert len(closed) == 60
+    assert max(closed.values()) < LIVE_HEADER_TIMEOUT_S + 5
+    assert live.alive()
+
+
+def test_stalled_body_is_answered_408(live):
+    sock = _raw_request(live, (
+        "POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: " + KEY_A + "\r\nContent-Length: 100000\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    ))
+    started = time.monotonic()
+    status = _read_status(sock, timeout_s=LIVE_BODY_TIMEOUT_S + 10)
+    waited = time.monotonic() - started
+    sock.close()
+    assert status == 408 and waited < LIVE_BODY_TIMEOUT_S + 5, (status, waited)
+    assert live.alive()
+
+
+# --- 7. duration limits from the header; a synchronous client that hangs up cancels its job ------
+
+
+def _tone_wav(tmp_path: Path, seconds: float, rate: int, name: str) -> Path:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    path = tmp_path / name
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 200.0 * t)).astype(np.float32), rate, subtype="PCM_16")
+    return path
+
+
+def _m4a(tmp_path: Path, seconds: float) -> Path:
+    """AAC in MP4: not a libsndfile format, so its duration comes from FFmpeg's header probe."""
+    import av
+
+    path = tmp_path / "long.m4a"
+    rate = 16_000
+    with av.open(str(path), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        t = 0
+        block = np.zeros((1, 1024), dtype=np.float32)
+        while t < seconds * rate:
+            frame = av.AudioFrame.from_ndarray(block + 0.01, format="fltp", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = t
+            for packet in stream.encode(frame):
+                out.mux(packet)
+            t += 1024
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return path
+
+
+def test_duration_and_sample_rate_limits_come_from_the_header(live, long_sample, short_sample, tmp_path):
+    one_hz = _tone_wav(tmp_path, 3 * 3600, 1, "1hz.wav")  # 21 KB that is 3 h long
+    assert one_hz.stat().st_size < 30_000
+    m4a = _m4a(tmp_path, 130)
+    with live.http(KEY_A) as a:
+        # long_sample is 2 min: over the synchronous limit (60 s here) and the jobs' (100 s here)
+        started = time.monotonic()
+        r = a.post("/diarize", files={"file": _wav(long_sample)})
+        assert r.status_code == 413 and "/jobs" in r.json()["detail"], r.text
+        r = a.post("/jobs/diarize", files={"file": _wav(long_sample)})
+        assert r.status_code == 413 and "/jobs" not in r.json()["detail"], r.text
+        r = a.post("/jobs/diarize", files={"file": ("long.m4a", m4a.read_bytes(), "audio/mp4")})
+        assert r.status_code == 413, r.text
+        r = a.post("/jobs/diarize", files={"file": _wav(one_hz)})
+        assert r.status_code == 415 and "sample rate" in r.json()["detail"], r.text
+        assert time.monotonic() - started < 10, "refused from the header, not after decoding"
+        # within the limits: accepted
+        r = a.post("/jobs/diarize", files={"file": _wav(short_sample)})
+        assert r.status_code == 202, r.text
+        a.post(f"/jobs/{r.json()['job_id']}/cancel")
+
+
+def test_sync_client_hanging_up_cancels_its_job(live, short_sample):
+    import redis as redis_lib
+
+    from shared.jobs import JobStore
+
+    store = JobStore(redis_lib.Redis.from_url(live.redis_url, decode_responses=True), live.settings)
+    before = {r["job_id"] for r in store.recent(1000)}
+    data = short_sample.read_bytes()
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.wav\"\r\n"
+            b"Content-Type: audio/wav\r\n\r\n" + data + b"\r\n--b--\r\n")
+    sock = _raw_request(live, (
+        "POST /diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: " + KEY_A + f"\r\nContent-Length: {len(body)}\r\n"
+        "Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+    ))
+    sock.sendall(body)
+    deadline = time.monotonic() + 20
+    job = None
+    while job is None and time.monotonic() < deadline:
+        new = [r for r in store.recent(1000) if r["job_id"] not in before and r["sync"]]
+        job = new[0] if new else None
+        time.sleep(0.05)
+    assert job is not None and job["status"] == "queued"  # nobody consumes this queue
+    sock.close()  # the client hangs up
+    deadline = time.monotonic() + 10
+    while store.get(job["job_id"])["status"] != "cancelled":
+        assert time.monotonic() < deadline, "the job outlived its client"
+        time.sleep(0.05)
+    # the upload goes right after the status (cancel revokes, then deletes)
+    while (Path(live.settings.storage_dir) / job["job_id"]).exists():
+        assert time.monotonic() < deadline, "the cancelled job's upload stayed"
+        time.sleep(0.05)
