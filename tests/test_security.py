@@ -560,3 +560,86 @@ def test_sync_client_hanging_up_cancels_its_job(live, short_sample):
     while (Path(live.settings.storage_dir) / job["job_id"]).exists():
         assert time.monotonic() < deadline, "the cancelled job's upload stayed"
         time.sleep(0.05)
+
+
+# --- 9. Celery (and so Flower) carries only job ids; its task states are the jobs' ------------------
+
+
+def test_broker_messages_carry_only_the_job_id(live, utterances):
+    import base64
+
+    import redis as redis_lib
+
+    r = redis_lib.Redis.from_url(live.redis_url)
+    r.delete("audio-security")
+    with live.http(KEY_A) as a:
+        job = a.post("/jobs/embedding", files={"file": ("private-name.wav", utterances["spk1"][3].read_bytes(), "audio/wav")},
+                     data={"webhook_url": "https://93.184.215.14/hook?token=SECRET-TOKEN"}).json()
+        [raw] = r.lrange("audio-security", 0, -1)
+        a.post(f"/jobs/{job['job_id']}/cancel")
+    message = json.loads(raw)
+    body = json.loads(base64.b64decode(message["body"]))
+    assert body[0] == [job["job_id"]] and body[1] == {}, body
+    everything = raw + base64.b64decode(message["body"])
+    for secret in (b"private-name", b"SECRET-TOKEN", b"93.184.215.14", b"uploads"):
+        assert secret not in everything, secret
+
+
+def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, settings, utterances, long_sample, tmp_path):
+    from shared.launcher import Stack, free_port, wait_until
+
+    port = free_port()
+    stack = Stack(log_dir=tmp_path)
+    try:
+        stack.start_flower(port, "admin:flower-pw-123")
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthcheck", timeout=1).status_code in (200, 401)
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "flower")
+        time.sleep(2)  # Flower subscribes to task events once it runs
+        assert httpx.get(f"{base}/", timeout=5).status_code == 401
+        assert httpx.get(f"{base}/api/tasks", timeout=5).status_code == 401
+        auth = ("admin", "flower-pw-123")
+        assert httpx.get(f"{base}/", auth=auth, timeout=5).status_code == 200
+
+        ok = client.post("/jobs/embedding", files={"file": ("named-by-client.wav", utterances["spk1"][4].read_bytes(), "audio/wav")}).json()
+        bad = client.post("/jobs/embedding", files={"file": ("noise.wav", b"RIFF but not audio" * 100, "audio/wav")}).json()
+        long = client.post("/jobs/diarize", files={"file": _wav(long_sample)}).json()
+        assert wait_for_job(client, ok["job_id"])["status"] == "succeeded"
+        assert wait_for_job(client, bad["job_id"])["status"] == "failed"
+        deadline = time.monotonic() + 60
+        while client.get(f"/jobs/{long['job_id']}").json()["progress"] <= 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.post(f"/jobs/{long['job_id']}/cancel").json()["status"] == "cancelled"
+
+        expected = {ok["job_id"]: "SUCCESS", bad["job_id"]: "FAILURE", long["job_id"]: "REVOKED"}
+        seen: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = {i: httpx.get(f"{base}/api/task/info/{i}", auth=auth, timeout=5).json() for i in expected}
+            if {i: t.get("state") for i, t in seen.items()} == expected:
+                break
+            time.sleep(0.5)
+        assert {i: t.get("state") for i, t in seen.items()} == expected, seen
+        shown = json.dumps(seen)
+        assert "named-by-client" not in shown and "embedding\": [" not in shown
+        assert all(t["args"] == f"('{i}',)" for i, t in seen.items()), seen
+
+        # the result backend holds the same: states, and no client data
+        from celery.result import AsyncResult
+
+        from worker.celery_app import make_celery
+
+        app = make_celery(settings)
+        assert AsyncResult(ok["job_id"], app=app).state == "SUCCESS"
+        assert AsyncResult(ok["job_id"], app=app).result == {"job_id": ok["job_id"], "status": "succeeded"}
+        assert AsyncResult(bad["job_id"], app=app).state == "FAILURE"
+        assert AsyncResult(long["job_id"], app=app).state == "REVOKED"
+    finally:
+        stack.stop()
