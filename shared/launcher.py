@@ -202,7 +202,8 @@ def local_credentials(settings: Settings, env: dict[str, str], say) -> str | Non
 
 def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
-    say = console.print if console is not None else print
+    # soft_wrap: paths printed whole, not folded at the terminal width (people copy them)
+    say = (lambda text: console.print(text, soft_wrap=True, highlight=False)) if console is not None else print
     data_dir = settings.data_dir
     stack = Stack(log_dir=None)
     stopping = {"flag": False}

@@ -643,3 +643,32 @@ def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, sett
         assert AsyncResult(long["job_id"], app=app).state == "REVOKED"
     finally:
         stack.stop()
+
+
+# --- 4. the default webhook secret is refused -------------------------------------------------------
+
+
+@pytest.mark.parametrize("secret", [None, "change-me", "short"])
+def test_api_and_worker_refuse_to_start_with_a_weak_webhook_secret(service_env, tmp_path, secret):
+    import os
+
+    from shared.launcher import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "AUDIO_ANALYSIS_WEBHOOK_SECRET"}
+    if secret is not None:
+        env["AUDIO_ANALYSIS_WEBHOOK_SECRET"] = secret
+    api = subprocess.run([sys.executable, "-m", "api.serve", "--port", str(free_port())], cwd=PROJECT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert api.returncode != 0 and "AUDIO_ANALYSIS_WEBHOOK_SECRET" in api.stderr, api.stderr[-2000:]
+    worker = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo", "-Q", "nothing-here",
+         "-n", "weak@%h", "--without-gossip", "--without-mingle"],
+        cwd=PROJECT, env={**env, "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false"}, capture_output=True, text=True, timeout=60,
+    )
+    assert worker.returncode != 0 and "AUDIO_ANALYSIS_WEBHOOK_SECRET" in worker.stderr + worker.stdout, worker.stderr[-2000:]
+    # allowed only when said so explicitly (e.g. a throw-away local run)
+    ok = subprocess.run([sys.executable, "-c", "from shared.settings import Settings; from shared.webhooks import check_secret;"
+                         "s = Settings(); check_secret(s.webhook_secret.get_secret_value(), allow_insecure=s.allow_insecure_webhook_secret)"],
+                        cwd=PROJECT, env={**env, "AUDIO_ANALYSIS_ALLOW_INSECURE_WEBHOOK_SECRET": "true"}, capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr

