@@ -62,18 +62,12 @@ class TimeoutH11Protocol(_HeaderTimeout, H11Protocol):
     pass
 
 
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-except ImportError:  # httptools is optional (uvicorn[standard]); h11 is pure Python
-    HttpToolsProtocol = None  # type: ignore[assignment,misc]
-else:
-    class TimeoutHttpToolsProtocol(_HeaderTimeout, HttpToolsProtocol):  # type: ignore[misc]
-        pass
-
-
 def protocol_path() -> str:
-    # by import path, as uvicorn takes it: a class object would not reach spawned --workers
-    return "api.serve:TimeoutHttpToolsProtocol" if HttpToolsProtocol is not None else "api.serve:TimeoutH11Protocol"
+    # h11, not httptools: uvicorn bounds a request head only with h11
+    # (h11_max_incomplete_event_size); under httptools a 100 KB header line was read and served,
+    # and nothing but the header timeout bounded how much more a client could send.
+    # By import path, as uvicorn takes it: a class object would not reach spawned --workers.
+    return "api.serve:TimeoutH11Protocol"
 
 
 def main(argv: list[str] | None = None) -> None:

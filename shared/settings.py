@@ -110,8 +110,8 @@ class Settings(BaseSettings):
     # webhooks may reach loopback, private, link-local, multicast and reserved addresses only with
     # this (local development and the tests); checked after DNS resolution and at connect time
     webhook_allow_private_addresses: bool = False
-    # the built-in webhook secret "change-me" (or an empty one) is refused at start-up unless this
-    # is set; ``audio-analysis up`` generates a random secret instead
+    # the built-in webhook secret "change-me", an empty one or one under 16 characters is refused
+    # at start-up unless this is set; ``audio-analysis up`` generates a random secret instead
     allow_insecure_webhook_secret: bool = False
     # a job whose worker died (its lease expired) is queued again, and failed once its worker
     # was lost this many times; workers look for such jobs every job_recovery_interval_s

@@ -184,6 +184,10 @@ def validate_webhook_url(url: str, allowed_hosts: list[str], allow_private: bool
         raise InputError("webhook_url must be an absolute http(s) URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > 2048:
         raise InputError("webhook_url must be an absolute http(s) URL")
+    # whitespace and control characters (CR LF: header injection) have no place in a URL; httpx
+    # would refuse them only at delivery, long after the caller could be told
+    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+        raise InputError("webhook_url must not contain whitespace or control characters")
     if allowed_hosts and parts.hostname.lower() not in {h.lower() for h in allowed_hosts}:
         raise InputError(f"webhook host {parts.hostname!r} is not in the allowed hosts")
     if not allow_private:
@@ -222,7 +226,8 @@ def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s:
             # gigabytes), nor shown to anyone
             with client.stream("POST", url, content=body, headers=headers) as response:
                 status = response.status_code
-    except (httpx.HTTPError, httpcore.ConnectError, OSError) as exc:
+    # InvalidURL is not an HTTPError; a URL stored before the checks above could still be one
+    except (httpx.HTTPError, httpx.InvalidURL, httpcore.ConnectError, OSError, ValueError) as exc:
         log.warning("webhook delivery for job %s failed: %s: %s", job_id, type(exc).__name__, exc)
         raise WebhookDeliveryError("delivery failed: could not connect") from None
     if not 200 <= status < 300:

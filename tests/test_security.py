@@ -672,3 +672,73 @@ def test_api_and_worker_refuse_to_start_with_a_weak_webhook_secret(service_env, 
                         cwd=PROJECT, env={**env, "AUDIO_ANALYSIS_ALLOW_INSECURE_WEBHOOK_SECRET": "true"}, capture_output=True,
                         text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+# --- more of what a hostile client sends: every answer a 4xx in the documented shape, never a 5xx ---
+
+
+def test_assorted_hostile_requests_get_client_errors(live, utterances):
+    wav = utterances["spk2"][3].read_bytes()
+    form_cases: list[tuple[str, str, dict, dict]] = [
+        ("/jobs/diarize", "json body", {}, {}),
+        ("/jobs/diarize", "num_speakers=1e309", {"file": ("a.wav", wav, "audio/wav")}, {"num_speakers": "1e309"}),
+        ("/jobs/diarize", "min_duration=nan", {"file": ("a.wav", wav, "audio/wav")}, {"min_duration": "nan"}),
+        ("/jobs/diarize", "min_duration=-inf", {"file": ("a.wav", wav, "audio/wav")}, {"min_duration": "-inf"}),
+        ("/jobs/compare", "threshold=1e400", {"file1": ("a.wav", wav, "audio/wav"), "file2": ("b.wav", wav, "audio/wav")},
+         {"threshold": "1e400"}),
+        ("/jobs/compare", "threshold=inf", {"file1": ("a.wav", wav, "audio/wav"), "file2": ("b.wav", wav, "audio/wav")},
+         {"threshold": "inf"}),
+        ("/jobs/batch", "kind=xyz", {"files": ("a.wav", wav, "audio/wav")}, {"kind": "xyz"}),
+        ("/jobs/batch", "no files", {}, {"kind": "embedding"}),
+        ("/jobs/embedding", "webhook with CRLF", {"file": ("a.wav", wav, "audio/wav")},
+         {"webhook_url": "https://93.184.215.14/x\r\nX-Injected: 1"}),
+        ("/jobs/embedding", "webhook with a space", {"file": ("a.wav", wav, "audio/wav")},
+         {"webhook_url": "https://93.184.215.14/a b"}),
+        ("/jobs/embedding", "fullwidth localhost", {"file": ("a.wav", wav, "audio/wav")},
+         {"webhook_url": "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54/x"}),
+        ("/jobs/embedding", "normalize=maybe", {"file": ("a.wav", wav, "audio/wav")}, {"normalize": "maybe"}),
+        ("/jobs/compare_embedding", "embedding of 2 MB", {"audio": ("a.wav", wav, "audio/wav"),
+                                                           "embedding": ("e.npy", b"\x93NUMPY" + b"\0" * 2_000_000, "x")}, {}),
+        ("/jobs/compare_embedding", "no embedding part", {"audio": ("a.wav", wav, "audio/wav")}, {}),
+    ]
+    raw_cases = [
+        b"GET /jobs?limit=abc HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n",
+        b"GET /jobs?limit=1000000000000000000000000000000 HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n",
+        b"GET /jobs?status=%%00 HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n",
+        b"GET /jobs/%%2e%%2e%%2f%%2e%%2e HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\n\r\n",
+        b"POST /jobs/nope/cancel HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Length: 0\r\n\r\n",
+        b"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Length: -1\r\n\r\n",
+        b"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Type: multipart/form-data\r\nContent-Length: 4\r\n\r\nxxxx",
+        b"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 60\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nxx\r\n--b",
+        b"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: %s\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 93\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"\xff\xfe\x00.wav\"\r\n\r\nxx\r\n--b--\r\n",
+        b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n",  # bounded by h11
+        b"GARBAGE\r\n\r\n",
+        b"GET /jobs HTTP/1.1\r\nHost: t\r\nX-API-Key: " + b"\xff" * 40 + b"\r\n\r\n",
+    ]
+    codes: list[tuple[str, int]] = []
+    with live.http(KEY_A) as a:
+        for route, name, files, data in form_cases:
+            if name == "json body":
+                r = a.post(route, json={"file": "x"})
+            else:
+                r = a.post(route, files=files or None, data=data)
+            codes.append((name, r.status_code))
+            assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+            assert set(r.json()) == ERROR_KEYS, (name, r.text)
+    for raw in raw_cases:
+        request = raw % KEY_A.encode() if b"%s" in raw else raw
+        sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
+        try:
+            sock.sendall(request)
+            status = _read_status(sock)
+        except OSError:
+            status = 0  # the server closed the connection: fine for garbage
+        finally:
+            sock.close()
+        codes.append((request[:40].decode(errors="replace"), status))
+        assert status == 0 or 400 <= status < 500, (request[:120], status)
+    print(f"\nassorted hostile requests: {len(codes)}, 5xx: {sum(c >= 500 for _, c in codes)}")
+    assert live.alive()
