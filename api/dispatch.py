@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from fastapi import UploadFile
+from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import Principal
 from api.errors import JobConflict, JobNotFound, SyncTimeout
+from shared.audio import check_audio_limits
 from shared.errors import AnalysisError, ModelError
 from shared.jobs import CANCELLED, FAILED, TERMINAL, JobStore, error_body, new_job_id, public_view
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.webhooks import validate_webhook_url
+
+log = logging.getLogger(__name__)
 
 TASK_NAMES = {
     "diarize": "audio.diarize",
@@ -40,10 +45,13 @@ class Dispatcher:
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
 
-    def check_webhook(self, url: str | None) -> str | None:
+    async def check_webhook(self, url: str | None) -> str | None:
         if not url:
             return None
-        return validate_webhook_url(url, self.settings.webhook_allowed_hosts)
+        # resolves the host name: off the event loop
+        return await run_in_threadpool(
+            validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses
+        )
 
     async def save_uploads(self, job_id: str, uploads: dict[str, UploadFile]) -> dict[str, str]:
         """Stream each upload into storage; the request as a whole stays under max_upload_bytes."""
@@ -72,15 +80,22 @@ class Dispatcher:
         batch_id: str | None = None,
         sync: bool = False,
         job_id: str | None = None,
+        principal: Principal | None = None,
     ) -> dict[str, Any]:
         job_id = job_id or new_job_id()
         keys = await self.save_uploads(job_id, uploads)
+        try:
+            await self.check_audio_limits(keys, sync=sync)
+        except BaseException:
+            self.storage.delete_job(job_id)
+            raise
         first = next(iter(uploads.values()), None)
         try:
             record = await run_in_threadpool(
                 self.store.create,
                 job_id, kind, uploads=list(keys.values()), webhook_url=webhook_url, batch_id=batch_id, sync=sync,
                 filename=first.filename if first is not None else None,
+                owner=principal.owner if principal is not None else None, params={**params, **keys},
             )
         except BaseException:
             # job store down (503): no job exists, so no upload may stay behind
@@ -88,7 +103,9 @@ class Dispatcher:
             raise
         try:
             await run_in_threadpool(
-                self.celery.send_task, TASK_NAMES[kind], args=(job_id, {**params, **keys}), task_id=job_id,
+                # only the job id travels through the broker: parameters, file names and webhook URLs
+                # stay in the job record, out of Flower and the result backend
+                self.celery.send_task, TASK_NAMES[kind], args=(job_id,), task_id=job_id,
                 queue=self.settings.queue_name,
             )
         except Exception as exc:  # noqa: BLE001 - broker down: the job never existed for a worker
@@ -97,8 +114,12 @@ class Dispatcher:
             raise ModelError(f"job queue unavailable: {exc}") from exc
         return record
 
-    async def wait(self, job_id: str, timeout_s: float) -> dict[str, Any]:
-        """Poll the record until the job ends (synchronous endpoints)."""
+    async def wait(self, job_id: str, timeout_s: float, request: Request | None = None) -> dict[str, Any]:
+        """Poll the record until the job ends (synchronous endpoints).
+
+        A client that hangs up gets its job cancelled: nobody is left to read the result, and
+        the worker should not spend an hour on it.
+        """
         deadline = time.monotonic() + timeout_s
         aredis = self.store_async()
         key = self.store.key("job", job_id)
@@ -110,9 +131,35 @@ class Dispatcher:
             if record["status"] in TERMINAL:
                 return record
             if time.monotonic() >= deadline:
-                await self.cancel(job_id)
+                await self._cancel_quietly(job_id)
                 raise SyncTimeout(f"no result within {timeout_s:.0f} s; submit long audio to /jobs instead")
+            if request is not None and await request.is_disconnected():
+                log.info("sync client of job %s disconnected: cancelling it", job_id)
+                await self._cancel_quietly(job_id)
+                raise JobConflict("client disconnected; job cancelled")
             await asyncio.sleep(self.settings.sync_poll_interval_s)
+
+    async def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            await self.cancel(job_id)
+        except JobConflict:
+            pass  # it ended meanwhile
+
+    async def check_audio_limits(self, keys: dict[str, str], *, sync: bool) -> None:
+        """Duration and sample rate from the container header, before any worker decodes.
+
+        A file whose header cannot be read is left to the worker, which answers 415.
+        """
+        limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
+            else self.settings.max_audio_seconds
+        hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
+        for name, key in keys.items():
+            if name == "embedding":
+                continue
+            with self.storage.local_path(key) as path:
+                await run_in_threadpool(
+                    check_audio_limits, path, max_duration=limit, min_sample_rate=self.settings.min_sample_rate, hint=hint
+                )
 
     def store_async(self):
         import redis.asyncio
@@ -121,23 +168,27 @@ class Dispatcher:
             self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, decode_responses=True)
         return self._aredis
 
-    async def run_sync(self, kind: str, uploads: dict[str, UploadFile], params: dict[str, Any]) -> dict[str, Any]:
-        record = await self.submit(kind, uploads, params, sync=True)
-        record = await self.wait(record["job_id"], self.settings.sync_timeout_s)
+    async def run_sync(
+        self, kind: str, uploads: dict[str, UploadFile], params: dict[str, Any], principal: Principal | None = None,
+        request: Request | None = None,
+    ) -> dict[str, Any]:
+        record = await self.submit(kind, uploads, params, sync=True, principal=principal)
+        record = await self.wait(record["job_id"], self.settings.sync_timeout_s, request)
         if record["status"] == FAILED:
             raise AnalysisError.from_dict(record["error"] or {})
         if record["status"] == CANCELLED:
             raise JobConflict("job was cancelled")
         return record["result"]
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str, principal: Principal | None = None) -> dict[str, Any]:
         record = self.store.get(job_id)
-        if record is None:
+        # another tenant's job is answered exactly like a missing one: its existence is not told
+        if record is None or (principal is not None and not principal.can_see(record)):
             raise JobNotFound(f"no job {job_id} (unknown or expired)")
         return record
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        record = self.get(job_id)
+    async def cancel(self, job_id: str, principal: Principal | None = None) -> dict[str, Any]:
+        record = self.get(job_id, principal)
         if record["status"] in TERMINAL:
             raise JobConflict(f"job {job_id} already {record['status']}")
         record, changed = self.store.finish(job_id, CANCELLED)

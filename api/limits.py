@@ -1,29 +1,64 @@
-"""Refuse oversized uploads before reading them.
+"""Refuse oversized or too slow request bodies while they stream in.
 
-A declared Content-Length over the limit is answered 413 at once. Bodies without one (chunked)
-are parsed by Starlette into temporary files on disk, never memory, and the copy into storage
-stops at the limit (``LocalStorage.save``), which also answers 413.
+A declared Content-Length over the limit is answered 413 at once. A body without one (chunked)
+is counted as it arrives: the moment it passes the limit, reading stops and the request is
+answered 413. Before, Starlette's multipart parser wrote a 3 GiB chunked upload (limit 1 GiB) to
+its temporary files to the end, and only the copy into storage noticed.
+
+A client that stops sending in the middle of a body (slowloris on the body) is answered 408 once
+``http_body_timeout_s`` passed without a new part. Slow request heads are cut by the server
+protocol (api/serve.py), since no ASGI app sees a request before its head is complete.
 """
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import asyncio
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 
 
-class UploadLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT"):
-            declared = dict(scope["headers"]).get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-                response = error_response(
-                    413, f"request body is larger than the limit of {self.max_bytes} bytes", "ValidationError"
-                )
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(
+                413, f"request body is larger than the limit of {self.max_bytes} bytes", "ValidationError"
+            )
+            await response(scope, receive, send)
+            return
+
+        received = 0
+        body_done = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, body_done
+            if body_done:
+                # after the body: only http.disconnect is left to wait for (sync endpoints
+                # watch for it), with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                # an HTTPException passes FastAPI's body parsing unchanged, so the client gets
+                # this status in the documented shape (api.errors), and the connection closes
+                raise HTTPException(408, f"request body stalled for {self.body_timeout_s:.0f} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+                if not message.get("more_body", False):
+                    body_done = True
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from prometheus_client import Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.dispatch import Dispatcher
-from api.limits import UploadLimitMiddleware
+from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
 from api.routes import jobs, ops, sync
 from shared.jobs import JobStore
+from shared.webhooks import check_secret
 from shared.settings import Settings, get_settings
 from shared.storage import get_storage
 
@@ -26,11 +29,46 @@ Errors are always `{"detail", "error_type", "timestamp"}`.
 """
 
 
+class LatencyMiddleware:
+    """Request latency per route and status, as plain ASGI.
+
+    Not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware swallows the client's
+    disconnect (``Request.is_disconnected`` never turns true behind it), and the synchronous
+    endpoints cancel their job when their client hangs up.
+    """
+
+    def __init__(self, app: ASGIApp, latency: Histogram) -> None:
+        self.app = app
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def observed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = scope.get("route")
+            self.latency.labels(scope["method"], getattr(route, "path", "unmatched"), str(status["code"])).observe(
+                time.perf_counter() - started
+            )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # at start-up, not at import: uvicorn then exits with the reason instead of serving
+        check_secret(settings.webhook_secret.get_secret_value(), allow_insecure=settings.allow_insecure_webhook_secret)
         yield
         await app.state.dispatcher.close()
 
@@ -47,17 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dispatcher = Dispatcher(settings, store, storage, make_celery(settings))
 
     errors.install(app)
-    app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        latency.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).observe(
-            time.perf_counter() - started
-        )
-        return response
+    app.add_middleware(LatencyMiddleware, latency=latency)
 
     app.include_router(ops.router)
     app.include_router(sync.router)

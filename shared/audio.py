@@ -24,10 +24,18 @@ SAMPLE_RATE = 16_000
 SILENCE_RMS = 1e-4
 # the highest rate real recorders use; anything above is a forged header
 MAX_SAMPLE_RATE = 768_000
+# below this no speech is left (telephony is 8 kHz); a 1 Hz WAV of 28 KB is 3.9 h once resampled
+MIN_SAMPLE_RATE = 4_000
 # above this many (orig/g) x (target/g) taps, resample() leaves torchaudio for libswresample
 _MAX_SINC_KERNEL = 1 << 20
 # files longer than this (seconds) are decoded and resampled block by block
 _LONG_FILE_S = 600
+# at most this many samples (all channels together) in one decoded block: 16 MiB as float32.
+# A 64-channel 384 kHz WAV read a minute at a time took 5.9 GB per block.
+_BLOCK_SAMPLES = 1 << 22
+# files up to this many samples (all channels) are decoded whole and resampled by torchaudio,
+# as before; larger ones stream through libswresample block by block
+_WHOLE_FILE_SAMPLES = 1 << 24
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -65,16 +73,107 @@ def _downmix(data: np.ndarray) -> np.ndarray:
 def _check_sample_rate(rate: int) -> None:
     # a header can declare any rate; resampling from an absurd one costs memory in proportion
     # (libswresample needs ~470 MB for 50 MHz and fails outright near 2 GHz)
-    if not 0 < rate <= MAX_SAMPLE_RATE:
-        raise AudioDecodeError(f"sample rate {rate} Hz is not supported (at most {MAX_SAMPLE_RATE} Hz)")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise AudioDecodeError(
+            f"sample rate {rate} Hz is not supported ({MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz)"
+        )
+
+
+class _Collector:
+    """The 16 kHz mono result, written in place as blocks arrive.
+
+    One buffer sized from the header's length (np.zeros: the kernel hands out zeroed pages only
+    when they are first written, so an over-estimate costs nothing), instead of a list of chunks
+    and a concatenation that held the result twice. Runs of exact zeros (digital silence) are
+    skipped, not written: a file that is silent throughout never commits its buffer and is
+    refused at the end without having cost its decoded size (3.9 h of silence took 4.1 GB).
+    """
+
+    def __init__(self, max_duration: float, expected_s: float | None = None) -> None:
+        # a little slack over the limit for resampling's rounding; validate_samples is exact
+        self.limit = int(max_duration * SAMPLE_RATE) + SAMPLE_RATE
+        capacity = int(expected_s * SAMPLE_RATE) + SAMPLE_RATE if expected_s else 60 * SAMPLE_RATE
+        try:
+            self.buffer = np.zeros(max(1, min(capacity, self.limit)), dtype=np.float32)
+        except MemoryError:  # a header claiming more than the machine could map: grow instead
+            self.buffer = np.zeros(60 * SAMPLE_RATE, dtype=np.float32)
+        self.size = 0
+        self.loud = False
+        self.max_duration = max_duration
+
+    def _reserve(self, n: int) -> None:
+        if self.size + n > self.limit:
+            raise AudioTooLongError(f"audio is longer than the limit of {self.max_duration:.0f} s")
+        if self.size + n > len(self.buffer):
+            # the header under-estimated (a truncated MP3's frame count, no duration at all)
+            grown = np.zeros(min(self.limit, max(2 * len(self.buffer), self.size + n)), dtype=np.float32)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+
+    def add(self, chunk: np.ndarray) -> None:
+        n = len(chunk)
+        self._reserve(n)
+        if chunk.any():
+            self.buffer[self.size : self.size + n] = chunk
+            self.loud = True
+        self.size += n
+
+    def skip(self, n: int) -> None:
+        """``n`` samples of silence: already zero in the buffer."""
+        if n > 0:
+            self._reserve(n)
+            self.size += n
+
+    def samples(self) -> np.ndarray:
+        return self.buffer[: self.size]
+
+
+class _StreamResampler:
+    """Mono blocks at ``orig_sr`` into a collector at 16 kHz, with FFmpeg's libswresample.
+
+    The filter state is kept across blocks. An all-zero block is not resampled at all: its 16 kHz
+    length is skipped in the collector (the filter is flushed before it and started afresh
+    after, which only touches samples that are silent anyway).
+    """
+
+    def __init__(self, orig_sr: int, out: _Collector) -> None:
+        self.orig_sr, self.out = orig_sr, out
+        self.resampler = None
+        self.consumed = 0  # input samples seen, to keep the output aligned across skipped blocks
+
+    def _emit(self, frames) -> None:
+        for f in frames:
+            self.out.add(f.to_ndarray().reshape(-1))
+
+    def feed(self, block: np.ndarray) -> None:
+        import av
+
+        step = self.orig_sr * 10  # ten seconds per frame keeps each FFmpeg buffer small
+        for start in range(0, len(block), step):
+            chunk = np.ascontiguousarray(block[start : start + step], dtype=np.float32)
+            self.consumed += len(chunk)
+            if not chunk.any():
+                self.flush()
+                self.out.skip(round(self.consumed * SAMPLE_RATE / self.orig_sr) - self.out.size)
+                continue
+            if self.resampler is None:
+                self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="flt", layout="mono")
+            frame.sample_rate = self.orig_sr
+            self._emit(self.resampler.resample(frame))
+
+    def flush(self) -> None:
+        if self.resampler is not None:
+            self._emit(self.resampler.resample(None))
+            self.resampler = None
 
 
 def _stream_resample(blocks, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Resample mono blocks with FFmpeg's libswresample, keeping its filter state across blocks."""
+    """Resample mono blocks with libswresample (whole arrays; the decoders use _StreamResampler)."""
     import av
 
     resampler = av.AudioResampler(format="flt", layout="mono", rate=target_sr)
-    step = orig_sr * 10  # ten seconds per frame keeps each FFmpeg buffer small
+    step = orig_sr * 10
     out: list[np.ndarray] = []
     for block in blocks:
         for start in range(0, len(block), step):
@@ -109,12 +208,13 @@ def resample(samples: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) ->
 
 
 def _mono_blocks(snd, seconds: int = 60):
-    """Down-mixed minute-long blocks until libsndfile has no more frames.
+    """Down-mixed blocks (a minute, or fewer frames when there are many channels) until
+    libsndfile has no more frames.
 
     Reads until a short read rather than trusting the header's frame count: for a truncated MP3
     that count is an estimate, and ``SoundFile.blocks`` would pad up to it.
     """
-    size = snd.samplerate * seconds
+    size = max(1, min(snd.samplerate * seconds, _BLOCK_SAMPLES // snd.channels))
     while True:
         block = snd.read(size, dtype="float32", always_2d=True)
         if len(block):
@@ -123,7 +223,7 @@ def _mono_blocks(snd, seconds: int = 60):
             return
 
 
-def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
+def _read_soundfile(fh: BinaryIO, max_duration: float) -> _Collector | None:
     """Decode with libsndfile; ``None`` when libsndfile does not know the format."""
     import soundfile as sf
 
@@ -139,11 +239,20 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
                     f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
                 )
             rate = snd.samplerate
-            if snd.frames > _LONG_FILE_S * rate and rate != SAMPLE_RATE:
-                # Hours-long input: down-mix and resample block by block so that only the 16 kHz
-                # mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise take
-                # 1.4 GB as float32 before down-mixing).
-                return _stream_resample(_mono_blocks(snd), rate)
+            out = _Collector(max_duration, snd.frames / rate)
+            if snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
+                # Long or wide input: down-mix and resample block by block so that only the 16
+                # kHz mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise
+                # take 1.4 GB as float32 before down-mixing, a 1 GB 64-channel one 5.5 GB).
+                if rate == SAMPLE_RATE:
+                    for block in _mono_blocks(snd):
+                        out.add(block)
+                else:
+                    stream = _StreamResampler(rate, out)
+                    for block in _mono_blocks(snd):
+                        stream.feed(block)
+                    stream.flush()
+                return out
             mono = np.concatenate(list(_mono_blocks(snd)) or [np.zeros(0, dtype=np.float32)])
     except sf.LibsndfileError:
         fh.seek(start)
@@ -151,10 +260,11 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> np.ndarray | None:
     except RuntimeError:  # older soundfile raises RuntimeError for unknown formats
         fh.seek(start)
         return None
-    return resample(mono, rate)
+    out.add(resample(mono, rate))
+    return out
 
 
-def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
+def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
     try:
@@ -165,18 +275,12 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
         if not container.streams.audio:
             raise AudioDecodeError("file has no audio stream")
         stream = container.streams.audio[0]
-        limit = int(max_duration * SAMPLE_RATE)
-        chunks: list[np.ndarray] = []
-        total = 0
+        declared = container.duration / av.time_base if container.duration else None
+        collected = _Collector(max_duration, declared)
 
         def keep(frames: list) -> None:
-            nonlocal total
             for out in frames:
-                chunk = out.to_ndarray().reshape(-1)
-                total += len(chunk)
-                if total > limit:
-                    raise AudioTooLongError(f"audio is longer than the limit of {max_duration:.0f} s")
-                chunks.append(chunk)
+                collected.add(out.to_ndarray().reshape(-1))
 
         resampler = None
         setup: tuple | None = None
@@ -197,12 +301,64 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> np.ndarray:
                 keep(resampler.resample(None))
         # PyAV raises ValueError for frames it cannot convert: corrupt data like any other
         except (av.FFmpegError, ValueError) as exc:
-            if not chunks:
+            if not collected.size:
                 raise AudioDecodeError(f"audio stream could not be decoded ({exc.__class__.__name__})") from exc
             # a truncated file: keep what decoded, as FFmpeg's own tools do
-    if not chunks:
+    if not collected.size:
         raise AudioDecodeError("audio stream holds no samples")
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return collected
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a container header declares, read without decoding a sample."""
+
+    duration: float | None
+    sample_rate: int | None
+
+
+def probe(path: str | os.PathLike) -> AudioInfo | None:
+    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(path) as snd:
+            rate = int(snd.samplerate)
+            return AudioInfo(snd.frames / rate if rate > 0 else None, rate)
+    except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
+        pass
+    import av
+
+    try:
+        with av.open(str(path), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate = stream.sample_rate or stream.codec_context.sample_rate or None
+            if stream.duration is not None and stream.time_base is not None:
+                duration: float | None = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = None
+            return AudioInfo(duration, rate)
+    except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
+        return None
+
+
+def check_audio_limits(
+    path: str | os.PathLike, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
+) -> AudioInfo | None:
+    """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
+    so low that resampling multiplies it (413 / 415)."""
+    info = probe(path)
+    if info is None:
+        return None
+    if info.sample_rate is not None and info.sample_rate < min_sample_rate:
+        raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is below the minimum of {min_sample_rate} Hz")
+    if info.duration is not None and info.duration > max_duration:
+        raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
+    return info
 
 
 def load_audio(
@@ -223,13 +379,17 @@ def load_audio(
         if not head:
             raise AudioDecodeError("file is empty")
         fh.seek(0)
-        samples = _read_soundfile(fh, max_duration)
-        if samples is None:
+        collected = _read_soundfile(fh, max_duration)
+        if collected is None:
             fh.seek(0)
-            samples = _read_pyav(fh, max_duration)
+            collected = _read_pyav(fh, max_duration)
     finally:
         if owned:
             fh.close()
+    samples = collected.samples()
+    if reject_silence and not collected.loud and samples.size / SAMPLE_RATE >= min_duration:
+        # nothing but exact zeros: refused before any pass over the (never written) buffer
+        raise InputError("audio is silent: no signal to analyse")
     return validate_samples(samples, min_duration=min_duration, max_duration=max_duration, reject_silence=reject_silence)
 
 
@@ -238,14 +398,26 @@ def validate_samples(
 ) -> Audio:
     if samples.size == 0:
         raise AudioDecodeError("audio holds no samples")
-    if not np.all(np.isfinite(samples)):
-        raise InputError("audio holds non-finite samples (NaN or infinity)")
+    # in slices: np.isfinite and a float64 square of a 3.9 h array took 1.1 and 1.8 GB more
+    squares = 0.0
+    step = 1 << 20
+    for start in range(0, samples.size, step):
+        part = samples[start : start + step]
+        if not np.all(np.isfinite(part)):
+            raise InputError("audio holds non-finite samples (NaN or infinity)")
+        squares += float(np.dot(part.astype(np.float64), part.astype(np.float64)))
     duration = samples.size / SAMPLE_RATE
     if duration < min_duration:
         raise InputError(f"audio is {duration:.2f} s long; at least {min_duration:.2f} s is needed")
     if duration > max_duration:
         raise AudioTooLongError(f"audio is {duration:.0f} s long; the limit is {max_duration:.0f} s")
-    if reject_silence and float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) < SILENCE_RMS:
+    if reject_silence and math.sqrt(squares / samples.size) < SILENCE_RMS:
         raise InputError("audio is silent: no signal to analyse")
-    # clip rather than reject: some encoders overshoot full scale slightly
-    return Audio(np.clip(samples, -1.0, 1.0).astype(np.float32, copy=False))
+    # clip rather than reject: some encoders overshoot full scale slightly; in place when the
+    # array is ours (no second copy of an hours-long result)
+    samples = samples.astype(np.float32, copy=False)
+    if samples.flags.writeable:
+        np.clip(samples, -1.0, 1.0, out=samples)
+    else:
+        samples = np.clip(samples, -1.0, 1.0)
+    return Audio(samples)

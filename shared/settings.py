@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     verification_threshold: float | None = None
 
     # --- input limits -------------------------------------------------------------------------
-    max_audio_seconds: float = 4 * 3600.0
+    # the longest recording a job takes (checked from the container header before decoding)
+    max_audio_seconds: float = 24 * 3600.0
     min_audio_seconds: float = 0.5
     max_upload_bytes: int = 1024 * 1024 * 1024
     embedding_dimension: int = 192
@@ -102,6 +103,31 @@ class Settings(BaseSettings):
     api_port: int = 8000
     flower_port: int = 5555
     data_dir: Path = Path(".data")
+
+    # --- security / limits (issue 8) ----------------------------------------------------------
+    # keys that see and cancel every tenant's jobs (operators); plain api_keys see only their own
+    admin_api_keys: list[SecretStr] = Field(default_factory=list)
+    # webhooks may reach loopback, private, link-local, multicast and reserved addresses only with
+    # this (local development and the tests); checked after DNS resolution and at connect time
+    webhook_allow_private_addresses: bool = False
+    # the built-in webhook secret "change-me", an empty one or one under 16 characters is refused
+    # at start-up unless this is set; ``audio-analysis up`` generates a random secret instead
+    allow_insecure_webhook_secret: bool = False
+    # a job whose worker died (its lease expired) is queued again, and failed once its worker
+    # was lost this many times; workers look for such jobs every job_recovery_interval_s
+    job_max_attempts: int = 3
+    job_recovery_interval_s: float = 10.0
+    # the synchronous endpoints hold a connection and a worker: longer audio answers 413 with a
+    # hint to use /jobs (max_audio_seconds is the limit for jobs)
+    sync_max_audio_seconds: float = 1800.0
+    # lower rates cannot carry speech (a 1 Hz WAV of 28 KB is 3.9 h once resampled)
+    min_sample_rate: int = 4000
+    # Flower's login ("user:password"); ``audio-analysis up`` generates one
+    flower_basic_auth: SecretStr | None = None
+    # slow clients: a connection must send its request headers within http_header_timeout_s, and
+    # each part of a body within http_body_timeout_s of the previous one (api/serve.py)
+    http_header_timeout_s: float = 10.0
+    http_body_timeout_s: float = 30.0
 
 
 @lru_cache

@@ -14,7 +14,8 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = {f"AUDIO_ANALYSIS_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
 # variables read by something other than Settings, on purpose
-OTHER_ENV = {"CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "HF_TOKEN"}
+OTHER_ENV = {"CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "HF_TOKEN",
+             "FLOWER_BASIC_AUTH"}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,11 @@ def _check_command(argv: list[str]) -> None:
         app = argv[argv.index("-A") + 1]
         assert (ROOT / (app.replace(".", "/") + ".py")).is_file(), app
         assert argv[argv.index("-A") + 2] in ("worker", "flower")
+    elif argv[:2] == ["python", "-m"]:
+        module = argv[2]
+        path = ROOT / (module.replace(".", "/") + ".py")
+        assert path.is_file(), module
+        assert "__main__" in path.read_text(), f"{module} cannot be run with -m"
     elif argv[0] == "uvicorn":
         module, _, attr = argv[1].partition(":")
         path = ROOT / (module.replace(".", "/") + ".py")
@@ -99,6 +105,12 @@ def test_api_and_workers_share_upload_storage(compose):
     assert "uploads" in compose["volumes"] and "redis-data" in compose["volumes"]
     # the webhook worker and flower never read audio
     assert "volumes" not in services["webhooks"] and "volumes" not in services["flower"]
+
+
+def test_flower_asks_for_a_login_and_listens_on_loopback(compose):
+    flower = compose["services"]["flower"]
+    assert "FLOWER_BASIC_AUTH" in flower["environment"]
+    assert all(str(p).startswith("127.0.0.1:") for p in flower["ports"])
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.api", "Dockerfile.worker"])

@@ -60,6 +60,9 @@ class JobLease:
         self.lock = client.lock(key, timeout=ttl_s, blocking=False, thread_local=False)
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
+        # set when the lease expired under us (the process stalled past ttl_s): the job may be
+        # running elsewhere by now, so this attempt stops at its next progress report
+        self.lost = False
 
     def acquire(self) -> str | None:
         """Take the lease. Returns None when taken, else the token of the live holder."""
@@ -90,6 +93,7 @@ class JobLease:
                 self.lock.reacquire()
             except LockError:
                 log.error("lease %s was lost while the job ran", self.key)
+                self.lost = True
                 return
             except redis.RedisError as exc:  # a Redis blip: keep the job going, try again
                 log.warning("lease %s not refreshed: %s", self.key, exc)

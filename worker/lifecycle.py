@@ -23,6 +23,48 @@ from shared.storage import get_storage
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {"name": None, "stop": threading.Event(), "thread": None, "load_error": None}
+# set by a warm shutdown (SIGTERM, Ctrl-C of `up`): a running job is handed back to the queue
+_shutting_down = threading.Event()
+_stop_checked: dict[str, float] = {"at": 0.0}
+
+
+def _stopping_key(hostname: str) -> str:
+    # not under "worker:": /health reads every aa:worker:* key as a heartbeat
+    return JobStore.from_settings().key("stopping", hostname)
+
+
+@signals.worker_shutting_down.connect
+def on_shutting_down(sender: str | None = None, **_: Any) -> None:
+    """Runs in the worker's main process (inside its signal handler): keep it short.
+
+    The solo pool runs jobs in this very process and sees the flag; prefork children are other
+    processes and see the Redis key instead.
+    """
+    _shutting_down.set()
+    if sender:
+        def mark() -> None:
+            try:
+                JobStore.from_settings().redis.set(_stopping_key(sender), "1", ex=300)
+            except Exception:  # noqa: BLE001 - Redis down: the solo flag still works
+                log.debug("could not mark %s as stopping", sender, exc_info=True)
+
+        threading.Thread(target=mark, name="mark-stopping", daemon=True).start()
+
+
+def shutting_down(hostname: str | None) -> bool:
+    """True once this worker began a warm shutdown (checked by running jobs' progress reports)."""
+    if _shutting_down.is_set():
+        return True
+    now = time.monotonic()
+    if not hostname or now - _stop_checked["at"] < 1.0:
+        return False
+    _stop_checked["at"] = now
+    try:
+        if JobStore.from_settings().redis.exists(_stopping_key(hostname)):
+            _shutting_down.set()
+    except Exception:  # noqa: BLE001
+        return False
+    return _shutting_down.is_set()
 
 
 def worker_name() -> str:
@@ -52,10 +94,16 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     interval = settings.worker_heartbeat_interval_s
-    next_sweep = 0.0
+    next_sweep = next_recovery = 0.0
     while not stop.is_set():
         try:
             store.heartbeat(worker_name(), heartbeat_info(), ttl_s=interval * 3)
+            if time.monotonic() >= next_recovery:
+                # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
+                from worker.recovery import recover_stalled_jobs
+
+                recover_stalled_jobs(store, storage, settings)
+                next_recovery = time.monotonic() + settings.job_recovery_interval_s
             if time.monotonic() >= next_sweep:
                 # uploads of jobs that never reached a worker (expired, purged queue)
                 removed = storage.sweep(settings.upload_expires_s)
@@ -69,10 +117,28 @@ def _heartbeat_loop(stop: threading.Event) -> None:
 
 @signals.worker_init.connect
 def preimport(**_: Any) -> None:
+    from shared.webhooks import InsecureSecretError, check_secret
+
+    settings = get_settings()
+    try:
+        check_secret(settings.webhook_secret.get_secret_value(), allow_insecure=settings.allow_insecure_webhook_secret)
+    except InsecureSecretError as exc:
+        log.critical("%s", exc)
+        # SystemExit, not an exception: Celery logs and ignores exceptions of signal handlers
+        raise SystemExit(1) from None
     # import torch and the pipelines once in the main process so every forked pool process
     # starts with them; no model is built and CUDA is not touched here, so forking stays safe
-    if get_settings().worker_load_models:
+    if settings.worker_load_models:
         import shared.engine  # noqa: F401
+
+
+@signals.worker_ready.connect
+def clear_stopping(sender: Any = None, **_: Any) -> None:
+    # a restarted worker with the same name must not hand its first job back
+    try:
+        JobStore.from_settings().redis.delete(_stopping_key(sender.hostname))
+    except Exception:  # noqa: BLE001
+        log.debug("could not clear the stopping mark", exc_info=True)
 
 
 @signals.worker_process_init.connect

@@ -1,0 +1,95 @@
+"""Run the API under uvicorn, with read timeouts for slow clients: ``python -m api.serve``.
+
+uvicorn closes idle keep-alive connections, but has no limit on how long a client may take to
+send its request head: 60 slowloris connections trickling header bytes were never closed. The
+protocol classes below close a connection whose request head is not complete within
+``http_header_timeout_s`` of the connection opening (or of the previous response). Slow bodies
+are cut by :class:`api.limits.BodyLimitMiddleware` (``http_body_timeout_s`` between parts).
+
+In production, put a reverse proxy in front anyway (nginx, Caddy, a cloud load balancer): it
+buffers slow clients for every worker process at once (see docs/service.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from shared.settings import get_settings
+
+
+class _HeaderTimeout:
+    """Mixed into uvicorn's HTTP protocol classes (they share these hooks and attributes)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        timeout = get_settings().http_header_timeout_s
+        self._header_timer = self.loop.call_later(timeout, self._on_header_timeout)  # type: ignore[attr-defined]
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _on_header_timeout(self) -> None:
+        self._header_timer = None
+        cycle = self.cycle  # type: ignore[attr-defined]
+        # no request being served: the client is still (slowly) sending a request head
+        if cycle is None or cycle.response_complete:
+            self.transport.close()  # type: ignore[attr-defined]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        # the next request head on this keep-alive connection gets the same allowance
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class TimeoutH11Protocol(_HeaderTimeout, H11Protocol):
+    pass
+
+
+def protocol_path() -> str:
+    # h11, not httptools: uvicorn bounds a request head only with h11
+    # (h11_max_incomplete_event_size); under httptools a 100 KB header line was read and served,
+    # and nothing but the header timeout bounded how much more a client could send.
+    # By import path, as uvicorn takes it: a class object would not reach spawned --workers.
+    return "api.serve:TimeoutH11Protocol"
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=settings.api_host)
+    parser.add_argument("--port", type=int, default=settings.api_port)
+    parser.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from --forwarded-allow-ips")
+    parser.add_argument("--forwarded-allow-ips", default=None)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args(argv)
+    options: dict[str, Any] = {
+        "host": args.host, "port": args.port, "proxy_headers": args.proxy_headers,
+        "forwarded_allow_ips": args.forwarded_allow_ips, "workers": args.workers,
+        "http": protocol_path(),
+        # idle keep-alive connections: closed after this (uvicorn's default is 5 s)
+        "timeout_keep_alive": 5,
+        # request heads larger than this are refused by h11 (its default is 16 KiB)
+        "h11_max_incomplete_event_size": 64 * 1024,
+    }
+    uvicorn.run("api.main:app", **options)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Jobs left "running" by a worker that is gone: started again, or failed after too many tries.
+
+With ``acks_late`` the broker hands an unacked job out again only after its visibility timeout
+(6 h, longer than any job), or when a prefork pool child dies under a living parent. A worker
+killed whole (SIGKILL of the solo pool `up` runs, the OOM killer, a host lost) or a Redis crash
+mid-job leaves the job "running" for those hours. Every running attempt holds a lease in Redis
+(worker/lease.py), refreshed every third of ``job_lease_s``; each worker's heartbeat thread looks
+every ``job_recovery_interval_s`` for running jobs whose lease has lapsed (or whose holder was a
+process of this host that no longer exists) and puts them back on the queue, or fails them once
+their worker was lost ``job_max_attempts`` times, deleting the upload and sending the webhook as
+any failure does.
+
+A requeued job that is also redelivered later by the broker is safe: the copy finds the job
+running under a live lease (and waits) or ended (and skips it), see worker.tasks._run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from shared.jobs import RUNNING, JobStore
+from shared.settings import Settings
+from shared.storage import Storage
+from worker.lease import holder_alive
+
+log = logging.getLogger(__name__)
+
+
+def _lease_alive(store: JobStore, job_id: str) -> bool:
+    raw = store.redis.get(store.key("job", job_id, "lease"))
+    if raw is None:
+        return False
+    token = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        if int(token.split("|")[1]) == os.getpid():
+            return True  # a job this very process is running (the solo pool's heartbeat thread)
+    except (IndexError, ValueError):
+        return True
+    return holder_alive(token)
+
+
+def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
+    """One pass; returns the ids of the jobs it requeued or failed."""
+    from worker.tasks import _enqueue, give_up
+
+    handled: list[str] = []
+    for job_id in store.running_ids():
+        record = store.get(job_id)
+        if record is None or record["status"] != RUNNING:
+            store.forget_running(job_id)
+            continue
+        if _lease_alive(store, job_id):
+            continue
+        attempt = record.get("attempts", 0)
+        lost = record.get("_lost", 0) + 1
+        if lost >= settings.job_max_attempts:
+            detail = f"the job's worker was lost {lost} times; giving up"
+            if give_up(store, storage, job_id, attempt, detail) is not None:
+                log.error("job %s: %s", job_id, detail)
+                handled.append(job_id)
+            continue
+        # the message goes first: a crash between the two leaves a duplicate message (harmless,
+        # see the module docstring), never a queued job without one
+        _enqueue(job_id, record["kind"])
+        # conditional on the attempt: if a worker took the new message and started the job in
+        # between, the record changed and this does nothing
+        if store.requeue(job_id, attempt, lost=True) is not None:
+            log.warning("job %s: its worker is gone (lease expired); queued again after attempt %d", job_id, attempt)
+            handled.append(job_id)
+    return handled
