@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     segmentation_batch_size: int = 32
     embedding_batch_size: int = 32
     embedding_exclude_overlap: bool = True
-    clustering_threshold: float = 0.65
-    clustering_min_cluster_size: int = 6
+    clustering_threshold: float = 0.8
+    clustering_min_cluster_size: int = 2
     # a speaker with less total speech than this is a clustering artefact and is dropped, unless
     # the caller fixed num_speakers (any profile)
     diarization_min_speaker_s: float = 0.5

@@ -44,7 +44,9 @@ BUCKET_RATIO = 1.1
 class EmbeddingBudget:
     """How much work one call may hold at once (device memory is the limit)."""
 
-    batch_frames: int = 32_000  # fbank frames per CAM++ call
+    # fbank frames per CAM++ call: CAM++'s first 2-D layers hold 32 x 80 floats per frame, so
+    # 32k frames took 1 GB+ of activations on the CPU; 8k frames are as fast there
+    batch_frames: int = 8_000
     group_chunks: int = 128  # chunks whose fbank is held at once
 
 

