@@ -96,6 +96,7 @@ class Dispatcher:
                 job_id, kind, uploads=list(keys.values()), webhook_url=webhook_url, batch_id=batch_id, sync=sync,
                 filename=first.filename if first is not None else None,
                 owner=principal.owner if principal is not None else None, params={**params, **keys},
+                queue=self.settings.queue_name,
             )
         except BaseException:
             # job store down (503): no job exists, so no upload may stay behind

@@ -84,6 +84,7 @@ class JobStore:
         filename: str | None = None,
         owner: str | None = None,
         params: dict[str, Any] | None = None,
+        queue: str | None = None,
     ) -> dict[str, Any]:
         now = time.time()
         record: dict[str, Any] = {
@@ -110,6 +111,9 @@ class JobStore:
             # what the worker needs to run the job; kept here, not in the Celery message, so the
             # broker, its result backend and Flower carry only the job id
             "_params": params or {},
+            # the queue it was sent to: a job recovered by another worker goes back there, not
+            # to the recovering worker's own queue (another pool, another kind of device)
+            "_queue": queue,
         }
         pipe = self.redis.pipeline()
         pipe.set(self._job_key(job_id), json.dumps(record), ex=self.ttl)

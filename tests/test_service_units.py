@@ -114,3 +114,31 @@ def test_webhook_signature_and_url_policy():
     for bad, allowed in (("ftp://a/b", []), ("/relative", []), ("http://evil.example/", ["hooks.example"])):
         with pytest.raises(InputError):
             webhooks.validate_webhook_url(bad, allowed, allow_private=True)
+
+
+def test_a_recovered_job_goes_back_to_the_queue_it_was_sent_to(service_env, settings):
+    """A worker of another pool (another queue) that finds a job with a lapsed lease puts it back
+    on the job's own queue, not on its own: otherwise a CPU worker would take a GPU job, and a
+    job would change pools behind its workers' backs."""
+    import json as _json
+
+    import redis
+
+    from shared.jobs import JobStore, new_job_id
+    from shared.storage import LocalStorage
+    from worker.recovery import recover_stalled_jobs
+
+    store = JobStore.from_settings(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    queue = "audio-elsewhere"
+    client.delete(queue)
+    job_id = new_job_id()
+    store.create(job_id, "embedding", uploads=[], queue=queue)
+    assert store.mark_running(job_id) is not None  # running, and no lease: its worker is gone
+    handled = recover_stalled_jobs(store, LocalStorage(settings.storage_dir), settings)
+    assert job_id in handled
+    assert store.get(job_id)["status"] == "queued"
+    messages = [_json.loads(m) for m in client.lrange(queue, 0, -1)]
+    assert [m["headers"]["id"] for m in messages] == [job_id]
+    assert not any(job_id.encode() in m for m in client.lrange(settings.queue_name, 0, -1))
+    client.delete(queue)

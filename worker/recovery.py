@@ -62,7 +62,7 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
             continue
         # the message goes first: a crash between the two leaves a duplicate message (harmless,
         # see the module docstring), never a queued job without one
-        _enqueue(job_id, record["kind"])
+        _enqueue(job_id, record["kind"], record.get("_queue"))
         # conditional on the attempt: if a worker took the new message and started the job in
         # between, the record changed and this does nothing
         if store.requeue(job_id, attempt, lost=True) is not None:

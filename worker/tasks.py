@@ -183,7 +183,7 @@ def _run_leased(
         # warm shutdown (Ctrl-C of `up`, a deploy): the job goes back to the queue now, its
         # upload stays, and another (or the restarted) worker runs it from the start
         if jobs.requeue(job_id, attempt, lost=False) is not None:
-            _enqueue(job_id, running["kind"])
+            _enqueue(job_id, running["kind"], running.get("_queue"))
             log.warning("job %s handed back to the queue: worker shutting down", job_id)
         return {"job_id": job_id, "status": QUEUED}
     except LeaseLost:
@@ -220,8 +220,8 @@ def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
     raise JobInterrupted("job store unreachable") from None
 
 
-def _enqueue(job_id: str, kind: str) -> None:
-    app.send_task(TASK_NAMES[kind], args=(job_id,), task_id=job_id, queue=settings.queue_name)
+def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
+    app.send_task(TASK_NAMES[kind], args=(job_id,), task_id=job_id, queue=queue or settings.queue_name)
 
 
 def _notify(record: dict[str, Any]) -> None:

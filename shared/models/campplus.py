@@ -115,6 +115,12 @@ class CAMPPlusEmbedding(Model):
         """
         return self._network(feats.device)(feats - feats.mean(dim=1, keepdim=True))
 
+    def prepare(self, device: torch.device) -> "CAMPPlusEmbedding":
+        """Build the frozen network for ``device`` now (at model load), not in the first job: the
+        trace holds the GIL for seconds, long enough to starve a job lease's refresher."""
+        self._network(device)
+        return self
+
     def _network(self, device: torch.device):
         """CAM++ traced and frozen for inference on ``device``, built on first use there.
 

@@ -58,7 +58,10 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
             },
         }
     )
-    return pipeline.to(device) if device is not None else pipeline
+    if device is not None:
+        pipeline = pipeline.to(device)
+    pipeline._embedding.model_.prepare(device or torch.device("cpu"))
+    return pipeline
 
 
 class Diarizer:

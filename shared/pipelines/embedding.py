@@ -35,7 +35,7 @@ class CAMPPlusEmbedder:
     """Embedded default: CAM++ (192-dim)."""
 
     def __init__(self, model, device: torch.device):
-        self.model = model.to(device).eval()
+        self.model = model.to(device).eval().prepare(device)
         self.device = device
         self.dimension = int(model.dimension)
 
