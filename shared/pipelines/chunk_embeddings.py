@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from shared.models.campplus import FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
+from shared.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
 
 # a speaker's embedding in a chunk uses at most this many of its frames (10 ms each) there: those
 # nearest the chunk's middle
@@ -132,7 +132,7 @@ def chunk_embeddings(
             start_frame = int(round(chunk_start_s * rate / FRAME_SHIFT)) + first * step_frames
             end_frame = start_frame + (last - 1 - first) * step_frames + chunk_frames
             a = max(0, start_frame * FRAME_SHIFT)
-            b = min(waveform.numel(), (end_frame - 1) * FRAME_SHIFT + 400)
+            b = min(waveform.numel(), (end_frame - 1) * FRAME_SHIFT + FRAME_LENGTH)
             feats = model.fbank_frames(waveform[a:b].to(device))
             offset = a // FRAME_SHIFT - start_frame  # 0 unless the span started before sample 0
             _embed_rows(model, feats, group, first, step_frames, offset, out, budget.batch_frames)

@@ -157,8 +157,7 @@ def _inherit_from_neighbours(hard: np.ndarray, embeddings: np.ndarray, segmentat
             else:
                 mine, theirs = data[c, : num_frames - shift, s], data[n, shift:]
             overlap = mine @ theirs
-            for t in np.argsort(-overlap):
-                if overlap[t] > best and not missing[n, t] and hard[n, t] >= 0:
-                    best, label = float(overlap[t]), int(hard[n, t])
-                break
+            t = int(np.argmax(overlap))
+            if overlap[t] > best and not missing[n, t] and hard[n, t] >= 0:
+                best, label = float(overlap[t]), int(hard[n, t])
         hard[c, s] = label
