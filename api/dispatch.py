@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Principal
 from api.errors import JobConflict, JobNotFound, SyncTimeout
-from shared.audio import check_audio_limits
+from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ModelError
 from shared.jobs import CANCELLED, FAILED, TERMINAL, JobStore, error_body, new_job_id, public_view
 from shared.settings import Settings

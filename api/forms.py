@@ -13,7 +13,7 @@ def diarize_params(
     max_speakers: int | None = Form(None),
     min_duration: float | None = Form(None, description="drop segments shorter than this (seconds)"),
 ) -> dict[str, Any]:
-    from shared.engine import validate_speaker_bounds
+    from engine.core import validate_speaker_bounds
 
     validate_speaker_bounds(num_speakers, min_speakers, max_speakers, min_duration)
     return {
@@ -36,7 +36,7 @@ def threshold_params(
     # omitted -> None, so the worker's engine applies the threshold calibrated for its model:
     # the contract's 0.25 was calibrated for ECAPA and accepts most impostors with CAM++
     if threshold is not None:
-        from shared.engine import validate_threshold
+        from engine.core import validate_threshold
 
         validate_threshold(threshold)
     return {"threshold": threshold}

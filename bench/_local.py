@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import redis  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from shared.launcher import Stack, free_port, local_torch_threads, redis_reachable, wait_until  # noqa: E402
+from cli.launcher import Stack, free_port, local_torch_threads, redis_reachable, wait_until  # noqa: E402
 
 UTTERANCES = ROOT.parent / "shared" / "data" / "speech" / "utterances"
 

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from shared.audio import Audio
-from shared.engine import Engine
-from shared.evaluation import diarization_error_rate
-from shared.longform import long_conversation
+from engine.audio import Audio
+from engine.core import Engine
+from evaluation.speech import diarization_error_rate
+from evaluation.longform import long_conversation
 
 
 def peak_rss_mb() -> float:

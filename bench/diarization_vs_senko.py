@@ -3,7 +3,7 @@
     .venv/bin/python bench/diarization_vs_senko.py --minutes 60            # CPU (and GPU if present)
     .venv/bin/python bench/diarization_vs_senko.py --minutes 240 --only ours --device cuda
 
-The recording is `shared.longform.long_conversation` (real speech of four talkers, exact
+The recording is `evaluation.longform.long_conversation` (real speech of four talkers, exact
 reference). Each engine runs in a fresh child process, one after the other, so its peak RSS and
 peak GPU memory are its own and neither inherits the other's warm caches; models are loaded and
 warmed before the clock starts (a worker holds them loaded). DER: pyannote.metrics, collar 0,
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.models import runtime  # noqa: E402,F401  (before torch)
+from engine import runtime  # noqa: E402,F401  (before torch)
 
 
 def _has_avx512() -> bool:
@@ -60,8 +60,8 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     import numpy as np
     import torch
 
-    from shared.audio import Audio
-    from shared.engine import Engine
+    from engine.audio import Audio
+    from engine.core import Engine
     from shared.settings import Settings
 
     if threads:
@@ -159,9 +159,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from shared.evaluation import diarization_error_rate
-    from shared.longform import long_conversation
-    from shared.pipelines.diarization import Turn
+    from evaluation.speech import diarization_error_rate
+    from evaluation.longform import long_conversation
+    from engine.pipelines.diarization import Turn
 
     samples, reference = long_conversation(args.minutes)
     duration = len(samples) / 16000

@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from shared.audio import SAMPLE_RATE, load_audio
-from shared.evaluation import (
+from engine.audio import SAMPLE_RATE, load_audio
+from evaluation.speech import (
     diarization_error_rate,
     librispeech_clips,
     load_reference,
@@ -36,8 +36,8 @@ from shared.evaluation import (
     multi_speaker_conversation,
     pyannote_sample,
 )
-from shared.longform import long_conversation
-from shared.pipelines.diarization import build_embedded_pipeline, to_turns
+from evaluation.longform import long_conversation
+from engine.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 

@@ -19,10 +19,10 @@ import time
 
 import numpy as np
 
-from shared.audio import Audio
-from shared.engine import Engine
-from shared.evaluation import equal_error_rate, pyannote_sample, reference_clips, speech_clips
-from shared.pipelines.embedding import cosine_similarity
+from engine.audio import Audio
+from engine.core import Engine
+from evaluation.speech import equal_error_rate, pyannote_sample, reference_clips, speech_clips
+from engine.pipelines.embedding import cosine_similarity
 
 
 def labelled_clips():
@@ -43,7 +43,7 @@ def trials(engine: Engine):
 
 def librispeech_trials(engine: Engine):
     """249 readers: the first half of each one's utterance against the second half of every one's."""
-    from shared.evaluation import librispeech_clips
+    from evaluation.speech import librispeech_clips
 
     clips = librispeech_clips()
     halves = [(c.samples[: len(c.samples) // 2], c.samples[len(c.samples) // 2 :]) for c in clips]

@@ -2,7 +2,7 @@
 
     python scripts/fetch_models.py --out /models [--token hf_...]   (or HF_TOKEN in the environment)
 
-Writes the layout that ``shared.models.loading`` reads (see its docstring); the folder names
+Writes the layout that ``engine.models.loading`` reads (see its docstring); the folder names
 and file names come from there, so the two cannot drift apart. The pyannote repositories are
 gated: the token's account must have accepted their conditions on huggingface.co.
 """
@@ -18,7 +18,7 @@ from typing import Callable
 
 from huggingface_hub import hf_hub_download
 
-from shared.models.loading import (
+from engine.models.loading import (
     DIARIZATION_ID,
     ECAPA_FILES,
     ECAPA_ID,

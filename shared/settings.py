@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     # --- verification -------------------------------------------------------------------------
     # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated
-    # for the active model (see shared.engine.DEFAULT_THRESHOLDS and docs/models.md).
+    # for the active model (see engine.core.DEFAULT_THRESHOLDS and docs/models.md).
     verification_threshold: float | None = None
 
     # --- input limits -------------------------------------------------------------------------

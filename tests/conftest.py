@@ -58,7 +58,7 @@ def short_sample(sample_wav, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment shared by the in-process API and the worker subprocess."""
-    from shared.launcher import Stack, redis_reachable
+    from cli.launcher import Stack, redis_reachable
 
     stack = Stack()
     base = tmp_path_factory.mktemp("service")
@@ -114,7 +114,7 @@ def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     import redis
 
     from shared.jobs import JobStore
-    from shared.launcher import Stack, wait_until
+    from cli.launcher import Stack, wait_until
 
     redis.Redis.from_url(settings.redis_url).flushdb()
     stack = Stack(log_dir=tmp_path_factory.mktemp("logs"))

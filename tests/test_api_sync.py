@@ -81,9 +81,9 @@ def test_sync_embedding_and_compare_shapes(client, utterances, settings):
     assert set(body) == COMPARE_KEYS
     assert body["same_speaker"] is (body["similarity_score"] >= body["threshold"]) is True
     # no threshold sent: the one calibrated for the worker's model (0.25 for production ECAPA)
-    from shared.engine import DEFAULT_THRESHOLDS
+    from engine.profiles import PROFILES
 
-    assert body["threshold"] == DEFAULT_THRESHOLDS[settings.model_profile]
+    assert body["threshold"] == PROFILES[settings.model_profile].default_threshold
     other = client.post("/compare", files={**_f("file1", utterances["spk1"][0]), **_f("file2", utterances["spk2"][0])})
     assert other.status_code == 200 and other.json()["same_speaker"] is False
     explicit = client.post("/compare", data={"threshold": "0.25"},

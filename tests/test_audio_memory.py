@@ -22,7 +22,7 @@ MB = 1024 * 1024
 def _peak_mb(path: Path, max_duration: float = 24 * 3600) -> tuple[float, str]:
     code = textwrap.dedent(f"""
         import numpy, soundfile, av
-        import shared.audio as audio
+        import engine.audio as audio
 
         def kb(field):
             for line in open("/proc/self/status"):

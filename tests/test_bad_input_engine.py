@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shared.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, Audio, load_audio, resample
+from engine.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, Audio, load_audio, resample
 from shared.embedding_file import load_embedding
-from shared.engine import Engine, validate_speaker_bounds, validate_threshold
+from engine.core import Engine
+from shared.kinds import CompareParams, DiarizeParams, validate_params
 from shared.errors import AnalysisError, AudioDecodeError, AudioTooLongError, InputError
 from shared.settings import Settings
 
@@ -269,7 +270,7 @@ def test_wav_header_claiming_a_huge_data_chunk(rate: int, channels: int, bits: i
 @pytest.mark.parametrize("rate", [44_101, 96_001, 15_999], ids=str)
 def test_sample_rate_coprime_with_16k_decodes_cheaply(rate: int) -> None:
     # torchaudio's resampler builds a (rate/g) x (16000/g) kernel (g = gcd): at 44101 Hz a 1 s WAV
-    # took 50 s and 12 GB before shared.audio routed such rates through libswresample
+    # took 50 s and 12 GB before engine.audio routed such rates through libswresample
     t = np.arange(rate) / rate
     tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
     with Budget() as budget:
@@ -383,21 +384,21 @@ def test_over_long_is_413_and_checked_before_the_model(short_limit_engine: Engin
 )
 def test_bad_diarization_parameters(short_limit_engine: Engine, kwargs: dict) -> None:
     args = {"num_speakers": None, "min_speakers": None, "max_speakers": None, "min_duration": None, **kwargs}
-    expect_client_error(lambda: validate_speaker_bounds(**args), InputError)
+    expect_client_error(lambda: validate_params(DiarizeParams, args), InputError)
     # the engine refuses them before decoding the audio or loading a model
     expect_client_error(lambda: short_limit_engine.diarize(b"not even audio", **kwargs), InputError)
     assert not short_limit_engine.diarization_loaded
 
 
 def test_good_diarization_parameters_pass() -> None:
-    validate_speaker_bounds(2, None, None, 0.0)
-    validate_speaker_bounds(None, 1, 4, 0.5)
-    validate_speaker_bounds(None, 2, 2, None)
+    validate_params(DiarizeParams, {"num_speakers": 2, "min_duration": 0.0})
+    validate_params(DiarizeParams, {"min_speakers": 1, "max_speakers": 4, "min_duration": 0.5})
+    validate_params(DiarizeParams, {"min_speakers": 2, "max_speakers": 2})
 
 
 @pytest.mark.parametrize("threshold", [1.5, -1.01, float("nan"), float("inf"), -float("inf")], ids=str)
 def test_bad_threshold(short_limit_engine: Engine, threshold: float) -> None:
-    expect_client_error(lambda: validate_threshold(threshold), InputError)
+    expect_client_error(lambda: validate_params(CompareParams, {"threshold": threshold}), InputError)
     expect_client_error(lambda: short_limit_engine.compare(b"x", b"y", threshold=threshold), InputError)
     reference = np.ones(192, dtype=np.float32)
     expect_client_error(lambda: short_limit_engine.compare_embedding(b"x", reference, threshold=threshold), InputError)
@@ -406,7 +407,7 @@ def test_bad_threshold(short_limit_engine: Engine, threshold: float) -> None:
 
 @pytest.mark.parametrize("threshold", [-1.0, 0.0, 0.25, 1.0])
 def test_threshold_bounds_are_inclusive(threshold: float) -> None:
-    validate_threshold(threshold)
+    validate_params(CompareParams, {"threshold": threshold})
 
 
 @pytest.mark.parametrize(

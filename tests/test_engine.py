@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.audio import Audio
-from shared.engine import Engine
-from shared.evaluation import (
+from engine.audio import Audio
+from engine.core import Engine
+from evaluation.speech import (
     diarization_error_rate,
     equal_error_rate,
     load_reference,
@@ -45,7 +45,7 @@ def test_diarization_on_pyannote_sample_meets_der_target(sample_result):
 def test_stray_speakers_are_dropped_but_never_below_the_floor():
     from pyannote.core import Annotation, Segment
 
-    from shared.pipelines.diarization import drop_stray_speakers
+    from engine.pipelines.diarization import drop_stray_speakers
 
     annotation = Annotation()
     annotation[Segment(0, 10)] = "A"
@@ -143,7 +143,7 @@ def test_compare_embedding_with_enrolled_average(engine):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from shared.audio import Audio, load_audio
-from shared.evaluation import librispeech_clips, many_talker_conversation, pyannote_sample
-from shared.models.campplus import CAMPPlusEmbedding
-from shared.pipelines import chunk_embeddings as ce
+from engine.audio import Audio, load_audio
+from evaluation.speech import librispeech_clips, many_talker_conversation, pyannote_sample
+from engine.models.campplus import CAMPPlusEmbedding
+from engine.pipelines import chunk_embeddings as ce
 
 ROOT = Path(__file__).resolve().parents[1]
 UTTERANCES = ROOT.parent / "shared" / "data" / "speech" / "utterances"
@@ -33,7 +33,7 @@ def campplus() -> CAMPPlusEmbedding:
 
 @pytest.fixture(scope="module")
 def engine():
-    from shared.engine import Engine
+    from engine.core import Engine
 
     return Engine()
 
@@ -84,7 +84,7 @@ def test_length_batches_keep_rows_of_similar_length_and_the_frame_budget():
 
 def test_batched_rows_say_what_each_row_says_alone(campplus):
     """Rows embedded in length buckets (cropped by at most 10 %) against each row on its own."""
-    from shared.engine import Engine
+    from engine.core import Engine
 
     pipeline = Engine().diarizer.pipeline
     samples = load_audio(pyannote_sample()[0]).samples
@@ -104,7 +104,7 @@ def test_batched_rows_say_what_each_row_says_alone(campplus):
 
 
 def test_exact_count_clustering_returns_the_count_asked_for():
-    from shared.pipelines.embedded import ExactCountClustering
+    from engine.pipelines.embedded import ExactCountClustering
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((3, 16))
@@ -137,7 +137,7 @@ def test_cli_stdout_is_only_json_when_the_count_is_forced(tmp_path):
     wav = tmp_path / "clip.wav"
     sf.write(wav, load_audio(pyannote_sample()[0]).samples[: 16000 * 12], 16000)
     proc = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "diarize", str(wav), "--num-speakers", "6"],
+        [sys.executable, "-m", "cli.main", "diarize", str(wav), "--num-speakers", "6"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from shared.errors import ModelError
-from shared.models.loading import (
+from engine.models.loading import (
     DIARIZATION_ID,
     ECAPA_ID,
     LOCAL_NAMES,
@@ -226,7 +226,7 @@ def no_network() -> Iterator[list[Any]]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir, no_network):
-    from shared.engine import Engine
+    from engine.core import Engine
 
     return Engine(Settings(model_profile="production", model_dir=model_dir[0], device="cpu"))
 

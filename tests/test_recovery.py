@@ -23,7 +23,7 @@ def recovery(settings, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from shared.launcher import Stack, free_port
+    from cli.launcher import Stack, free_port
 
     base = tmp_path_factory.mktemp("recovery")
     port = free_port()

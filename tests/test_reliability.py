@@ -56,7 +56,7 @@ class PrivateStack:
 
     def worker(self, name: str) -> Any:
         from shared.jobs import JobStore
-        from shared.launcher import wait_until
+        from cli.launcher import wait_until
 
         if name not in self.workers:
             proc = self.stack.start_worker(queues=[self.settings.queue_name], name=name, env=self.env)
@@ -77,7 +77,7 @@ def private(settings, tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from shared.launcher import Stack, free_port
+    from cli.launcher import Stack, free_port
 
     base = tmp_path_factory.mktemp("private")
     port = free_port()
@@ -252,7 +252,7 @@ def _rss_mb(pid: int) -> float:
 
 def test_bounded_load_loses_nothing_and_memory_stays_flat(worker, settings, utterances, tmp_path):
     """200 submissions from 20 concurrent clients against a real uvicorn API and worker."""
-    from shared.launcher import Stack, free_port
+    from cli.launcher import Stack, free_port
 
     clips = [p.read_bytes() for p in utterances["spk1"] + utterances["spk2"]]
     stack = Stack(log_dir=tmp_path)

@@ -150,7 +150,7 @@ class LiveAPI:
 def live(service_env, settings, tmp_path_factory) -> Iterator[LiveAPI]:
     import redis as redis_lib
 
-    from shared.launcher import Stack, free_port
+    from cli.launcher import Stack, free_port
 
     env = {
         "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY_A, KEY_B]),
@@ -340,7 +340,7 @@ def test_delivery_errors_tell_the_caller_only_the_status(client, utterances, web
     assert state == "delivery failed, status 418"
     webhook_receiver.statuses[:] = []
     # nothing listens on that port: no banner, no exception text, just the generic failure
-    from shared.launcher import free_port
+    from cli.launcher import free_port
 
     r = client.post("/jobs/embedding", files={"file": _wav(utterances["spk2"][2])},
                     data={"webhook_url": f"http://127.0.0.1:{free_port()}/closed"})
@@ -586,7 +586,7 @@ def test_broker_messages_carry_only_the_job_id(live, utterances):
 
 
 def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, settings, utterances, long_sample, tmp_path):
-    from shared.launcher import Stack, free_port, wait_until
+    from cli.launcher import Stack, free_port, wait_until
 
     port = free_port()
     stack = Stack(log_dir=tmp_path)
@@ -651,7 +651,7 @@ def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, sett
 def test_api_and_worker_refuse_to_start_with_a_weak_webhook_secret(service_env, tmp_path):
     import os
 
-    from shared.launcher import free_port
+    from cli.launcher import free_port
 
     env = {k: v for k, v in os.environ.items() if k != "AUDIO_ANALYSIS_WEBHOOK_SECRET"}
     for secret in (None, "change-me", "", "short"):

@@ -14,10 +14,10 @@ import httpx
 import psutil
 import pytest
 
-from shared.launcher import free_port, wait_until
+from cli.launcher import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "shared.cli"]
+CLI = [sys.executable, "-m", "cli.main"]
 
 
 def _up_env(tmp_path: Path, api_port: int, flower_port: int, dead_redis: int) -> dict[str, str]:
@@ -118,7 +118,7 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
     # "running", and its message back in the queue; that a requeued job then runs to the end on
     # its next attempt is shown in test_recovery.py
     from shared.jobs import JobStore
-    from shared.launcher import Stack
+    from cli.launcher import Stack
     from shared.settings import Settings
 
     with Stack() as stack:

@@ -24,7 +24,7 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, long_sam
 
     from api.main import create_app
     from shared.jobs import JobStore
-    from shared.launcher import Stack, wait_until
+    from cli.launcher import Stack, wait_until
 
     queue = "audio-redelivery"
     local = settings.model_copy(update={"queue_name": queue})

@@ -72,7 +72,7 @@ def worker_name() -> str:
 
 
 def heartbeat_info() -> dict[str, Any]:
-    from shared.engine import get_engine
+    from engine.core import get_engine
 
     settings = get_settings()
     engine = get_engine()
@@ -129,7 +129,7 @@ def preimport(**_: Any) -> None:
     # import torch and the pipelines once in the main process so every forked pool process
     # starts with them; no model is built and CUDA is not touched here, so forking stays safe
     if settings.worker_load_models:
-        import shared.engine  # noqa: F401
+        import engine.core  # noqa: F401
 
 
 @signals.worker_ready.connect
@@ -143,7 +143,7 @@ def clear_stopping(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, **_: Any) -> None:
-    from shared.engine import get_engine
+    from engine.core import get_engine
 
     _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
     if get_settings().worker_load_models:

@@ -21,7 +21,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from shared import webhooks
-from shared.audio import check_audio_limits
+from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobStore, error_body, public_view, utc_now
 from shared.settings import get_settings
@@ -230,7 +230,7 @@ def _notify(record: dict[str, Any]) -> None:
 
 
 def _engine():
-    from shared.engine import get_engine
+    from engine.core import get_engine
 
     return get_engine()
 

@@ -17,7 +17,7 @@ def up(
     flower: bool = typer.Option(True, "--flower/--no-flower", help="also start Flower"),
 ) -> None:
     """Start Redis (if REDIS_URL is unreachable), the API, one worker and Flower; Ctrl-C stops all."""
-    from shared.launcher import run_local
+    from cli.launcher import run_local
     from shared.settings import get_settings
 
     settings = get_settings()
@@ -41,7 +41,7 @@ def submit(
     """Submit a job to a running service; prints the job, or its result with --wait."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from shared.client import Client
+    from cli.client import Client
     from shared.errors import AnalysisError
 
     params = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers} \

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from shared.errors import ModelError
-from shared.models import pyannote_env  # noqa: F401
+from engine.models import pyannote_env  # noqa: F401
 from shared.settings import Settings
 
 DIARIZATION_ID = "pyannote/speaker-diarization-3.1"

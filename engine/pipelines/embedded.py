@@ -22,8 +22,8 @@ from pyannote.audio.pipelines.clustering import AgglomerativeClustering
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import cdist
 
-from shared.models.loading import unused_plda
-from shared.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
+from engine.models.loading import unused_plda
+from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
 
 def budget_for(device: torch.device | None) -> EmbeddingBudget:

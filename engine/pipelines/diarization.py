@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from shared.audio import Audio
-from shared.models import pyannote_env  # noqa: F401
+from engine.audio import Audio
+from engine.models import pyannote_env  # noqa: F401
 from shared.settings import Settings
 
 # (step name, fraction of that step done)
@@ -31,12 +31,12 @@ class Turn:
 
 def build_embedded_pipeline(settings: Settings, device: torch.device | None = None):
     """The 3.1 recipe from local weights: segmentation-3.0 + CAM++ + agglomerative clustering,
-    with CAM++ run in batches (``shared.pipelines.embedded``)."""
+    with CAM++ run in batches (``engine.pipelines.embedded``)."""
     from pyannote.audio import Model
 
-    from shared.models.campplus import CAMPPlusEmbedding
-    from shared.models.loading import bundled_segmentation_path
-    from shared.pipelines.embedded import EmbeddedSpeakerDiarization, budget_for
+    from engine.models.campplus import CAMPPlusEmbedding
+    from engine.models.loading import bundled_segmentation_path
+    from engine.pipelines.embedded import EmbeddedSpeakerDiarization, budget_for
 
     on_gpu = device is not None and device.type == "cuda"
     pipeline = EmbeddedSpeakerDiarization(

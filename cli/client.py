@@ -1,6 +1,6 @@
 """Python client for the job interface: ``submit`` a file, ``wait`` with progress, get the ``result``.
 
-    from shared.client import Client
+    from cli.client import Client
     with Client("http://127.0.0.1:8000") as c:
         job = c.submit("diarize", "meeting.wav", num_speakers=2)
         done = c.wait(job["job_id"], progress=lambda f, step: print(f"{f:.0%} {step}"))

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from shared.audio import SAMPLE_RATE, load_audio
+from engine.audio import SAMPLE_RATE, load_audio
 
 
 @dataclass(frozen=True)

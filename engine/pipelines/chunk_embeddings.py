@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from shared.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
+from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
 
 # a speaker's embedding in a chunk uses at most this many of its frames (10 ms each) there: those
 # nearest the chunk's middle

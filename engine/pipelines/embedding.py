@@ -7,7 +7,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from shared.audio import SAMPLE_RATE, Audio
+from engine.audio import SAMPLE_RATE, Audio
 
 # Long inputs are embedded window by window and averaged, so memory stays flat with duration.
 WINDOW_S = 30.0

@@ -3,7 +3,7 @@
 - pyannote.audio 4 sends usage telemetry to a remote endpoint by default; recordings handled
   here are customers' data, so it is switched off unless the operator opts in.
 - torchcodec (pyannote's own file decoder) needs system FFmpeg libraries; we always hand pyannote
-  decoded waveforms (shared.audio does the decoding), so its import warning is noise.
+  decoded waveforms (engine.audio does the decoding), so its import warning is noise.
 """
 
 from __future__ import annotations

