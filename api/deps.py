@@ -1,19 +1,22 @@
-"""Request-scoped access to what the app holds (settings, job store, storage) and API-key auth."""
+"""What a route may ask for, as typed ``Annotated`` aliases: settings, the job store, the
+dispatcher and the caller (API-key auth). Routes declare ``settings: SettingsDep`` instead of
+reaching into ``request.app.state``."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated
 
-from fastapi import Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
+from prometheus_client import CollectorRegistry
 
+from api.dispatch import Dispatcher
 from api.errors import AuthError
-from shared.jobs import JobStore
+from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
-from shared.storage import Storage
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has API keys")
 
@@ -26,8 +29,17 @@ def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_storage(request: Request) -> Storage:
-    return request.app.state.storage
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+def get_registry(request: Request) -> CollectorRegistry:
+    return request.app.state.registry
+
+
+def base_url(request: Request) -> str:
+    """Where this API is reached from the client's side (status_url, Location)."""
+    return str(request.base_url).rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,8 @@ class Principal:
     owner: str | None
     admin: bool = False
 
-    def can_see(self, record: dict[str, Any]) -> bool:
-        return self.admin or self.owner is None or record.get("_owner") == self.owner
+    def can_see(self, record: JobRecord) -> bool:
+        return self.admin or self.owner is None or record.owner == self.owner
 
     @property
     def list_owner(self) -> str | None:
@@ -65,7 +77,7 @@ def _matches(key: str, keys: list) -> bool:
 
 def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
     """Off unless settings.api_keys (or admin_api_keys) is set; compared in constant time."""
-    settings = request.app.state.settings
+    settings = get_settings(request)
     keys, admins = settings.api_keys, settings.admin_api_keys
     if not keys and not admins:
         return Principal(owner=None, admin=False)
@@ -76,3 +88,11 @@ def require_api_key(request: Request, key: str | None = Security(api_key_header)
     if _matches(key, keys):
         return Principal(owner=owner_of(key))
     raise AuthError("invalid API key")
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+PrincipalDep = Annotated[Principal, Depends(require_api_key)]
+BaseUrlDep = Annotated[str, Depends(base_url)]
+RegistryDep = Annotated[CollectorRegistry, Depends(get_registry)]

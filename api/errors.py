@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 
 import redis
 from fastapi import FastAPI, Request
@@ -12,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import AnalysisError, InputError
+from shared.schemas import ErrorBody, ErrorType
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,9 @@ class SyncTimeout(AnalysisError):
     status_code = 504
 
 
-def error_response(status_code: int, detail: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {
-        "detail": detail,
-        "error_type": error_type,
-        "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    return JSONResponse(body, status_code=status_code, headers=headers)
+def error_response(status_code: int, detail: str, error_type: ErrorType, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(detail=detail, error_type=error_type)
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -53,7 +49,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(AnalysisError)
     async def analysis_error(_: Request, exc: AnalysisError) -> JSONResponse:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
-        return error_response(exc.status_code, exc.detail, exc.error_type, headers)
+        return error_response(exc.status_code, exc.detail, exc.error_type, headers)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
     async def request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,66 +1,56 @@
-"""Form parameters of the contract, validated before anything is stored or enqueued."""
+"""A job kind's multipart form, as FastAPI parameters built from its declaration.
+
+FastAPI reads an endpoint's parameters from ``inspect.signature``; :func:`kind_endpoint` gives
+a generic endpoint the signature of one kind (its upload fields as ``File``, its parameter
+model's form fields as ``Form``), so every kind's routes document and parse exactly their own
+fields, and nothing is written per kind. The values then go through the kind's pydantic model
+once (``Dispatcher.read``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Awaitable, Callable, Iterable
 
-from fastapi import Form
+from fastapi import File, Form, UploadFile
+from pydantic.fields import FieldInfo
 
+from shared.kinds import JobKind
 
-def diarize_params(
-    num_speakers: int | None = Form(None, description="exact number of speakers (overrides min/max)"),
-    min_speakers: int | None = Form(None),
-    max_speakers: int | None = Form(None),
-    min_duration: float | None = Form(None, description="drop segments shorter than this (seconds)"),
-) -> dict[str, Any]:
-    from engine.core import validate_speaker_bounds
-
-    validate_speaker_bounds(num_speakers, min_speakers, max_speakers, min_duration)
-    return {
-        "num_speakers": num_speakers, "min_speakers": min_speakers,
-        "max_speakers": max_speakers, "min_duration": min_duration,
-    }
+WEBHOOK = inspect.Parameter(
+    "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+    default=Form(None, description="POSTed the job record, signed, when the job ends"),
+)
 
 
-def embedding_params(normalize: bool = Form(True, description="L2-normalise the vector")) -> dict[str, Any]:
-    return {"normalize": normalize}
+def file_parameters(kind: JobKind) -> list[inspect.Parameter]:
+    return [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                          default=File(..., description=f.description))
+        for f in kind.files
+    ]
 
 
-def threshold_params(
-    threshold: float | None = Form(
-        None,
-        description="cosine threshold in [-1, 1]; default: calibrated for the active model "
-        "(0.25 for the production ECAPA model, as in the original contract)",
-    ),
-) -> dict[str, Any]:
-    # omitted -> None, so the worker's engine applies the threshold calibrated for its model:
-    # the contract's 0.25 was calibrated for ECAPA and accepts most impostors with CAM++
-    if threshold is not None:
-        from engine.core import validate_threshold
-
-        validate_threshold(threshold)
-    return {"threshold": threshold}
+def form_parameters(fields: Iterable[tuple[str, FieldInfo]]) -> list[inspect.Parameter]:
+    """Each parameter arrives as an optional form field; defaults are the model's to apply."""
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation | None,
+                          default=Form(None, description=field.description))
+        for name, field in fields
+    ]
 
 
-def webhook_param(
-    webhook_url: str | None = Form(None, description="POSTed the job record, signed, when the job ends"),
-) -> str | None:
-    return webhook_url or None
+def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],
+                   extra: list[inspect.Parameter]) -> Callable[..., Awaitable[Any]]:
+    """``endpoint(**values)`` as FastAPI sees it: ``fixed`` (dependencies) then ``extra``."""
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed] + extra
+    endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    endpoint.__annotations__ = {p.name: p.annotation for p in params}
+    return endpoint
 
 
-# a 192-float vector is a few KiB in any format; anything far larger is not an embedding file
-MAX_EMBEDDING_FILE_BYTES = 1024 * 1024
-
-
-async def check_embedding_file(upload: Any) -> None:
-    """Parse the stored embedding now so a bad file is a 4xx at submit, not a failed job later."""
-    from starlette.concurrency import run_in_threadpool
-
-    from shared.embedding_file import load_embedding  # owned by the verification work
-    from shared.errors import InputError
-
-    data = await upload.read(MAX_EMBEDDING_FILE_BYTES + 1)
-    if len(data) > MAX_EMBEDDING_FILE_BYTES:
-        raise InputError(f"embedding file is larger than {MAX_EMBEDDING_FILE_BYTES} bytes")
-    await run_in_threadpool(load_embedding, data, upload.filename)
-    await upload.seek(0)
+def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, UploadFile], dict[str, Any]]:
+    """(uploads, form fields of the kind's parameters) out of an endpoint's keyword values."""
+    uploads = {f.name: values[f.name] for f in kind.files}
+    form = {name: values.get(name) for name in kind.form_fields}
+    return uploads, form

@@ -13,11 +13,12 @@ from api import errors
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
-from api.routes import jobs, ops, sync
+from api.routes import analyses, jobs, ops
 from shared.jobs import JobStore
-from shared.webhooks import check_secret
+from shared.queue import make_celery
 from shared.settings import Settings, get_settings
 from shared.storage import get_storage
+from shared.webhooks import check_secret
 
 DESCRIPTION = """Speaker diarization and verification.
 
@@ -73,8 +74,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.dispatcher.close()
 
     app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
-    from worker.celery_app import make_celery
-
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     registry, latency = build_registry(store, settings)
@@ -90,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LatencyMiddleware, latency=latency)
 
     app.include_router(ops.router)
-    app.include_router(sync.router)
+    app.include_router(analyses.synchronous)
     app.include_router(jobs.router)
     app.include_router(jobs.batches)
     return app

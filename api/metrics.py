@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.jobs import DURATION_BUCKETS, KINDS, JobStore
+from shared.jobs import DURATION_BUCKETS, JobStore
+from shared.kinds import KIND_NAMES
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class JobCollector(Collector):
         durations = HistogramMetricFamily(
             "audio_analysis_job_duration_seconds", "Run time of succeeded jobs (worker side)", labels=["kind"]
         )
-        for kind in KINDS:
+        for kind in KIND_NAMES:
             hist = self.store.duration_histogram(kind)
             if not hist:
                 continue

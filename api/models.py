@@ -1,32 +1,22 @@
-"""Response models of the job interface, for validation-free documentation in OpenAPI."""
+"""Response models of the job interface, for the OpenAPI documentation."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.schemas import HealthResponse
-
-
-class JobError(BaseModel):
-    detail: str
-    error_type: str = Field(description="ValidationError | ProcessingError | ModelError")
-    timestamp: str
-    status_code: int = Field(description="HTTP status the synchronous endpoint answers with")
-
-
-class WebhookState(BaseModel):
-    status: Literal["pending", "retrying", "delivered", "failed"]
-    attempts: int = 0
-    last_error: str | None = None
-    delivered_at: str | None = None
+from shared.jobs import Status, WebhookState
+from shared.kinds import KindName
+from shared.schemas import ErrorBody, HealthResponse, JobError
 
 
 class Job(BaseModel):
+    """A job as a client sees it: the public fields of shared.jobs.JobRecord, and where to poll."""
+
     job_id: str
-    kind: Literal["diarize", "embedding", "compare", "compare_embedding"]
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    kind: KindName
+    status: Status
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
@@ -50,7 +40,7 @@ class JobList(BaseModel):
 
 class Batch(BaseModel):
     batch_id: str
-    kind: str
+    kind: KindName
     jobs: list[Job]
     status_url: str
     counts: dict[str, int] = Field(description="jobs per status")
@@ -61,10 +51,6 @@ class Health(HealthResponse):
     workers: list[dict[str, Any]] = Field(description="live workers from their heartbeats")
 
 
-class ErrorBody(BaseModel):
-    detail: str
-    error_type: str
-    timestamp: str
-
-
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 500, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 500, 503, 504)
+}

@@ -16,15 +16,11 @@ from typing import Any, Callable
 import httpx
 
 from shared.errors import AnalysisError, ProcessingError
+from shared.jobs import TERMINAL
+from shared.kinds import KINDS
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-# the form fields that carry files, per kind (as in the API contract)
-FILE_FIELDS = {
-    "diarize": ("file",),
-    "embedding": ("file",),
-    "compare": ("file1", "file2"),
-    "compare_embedding": ("audio", "embedding"),
-}
+# the form fields that carry files, per kind (as the API's routes take them)
+FILE_FIELDS = {name: tuple(f.name for f in kind.files) for name, kind in KINDS.items()}
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -34,7 +30,7 @@ def _raise_for_error(response: httpx.Response) -> None:
         body = response.json()
     except ValueError:
         body = {"detail": response.text or response.reason_phrase}
-    raise AnalysisError.from_dict({**body, "status_code": response.status_code})
+    raise AnalysisError.from_body({**body, "status_code": response.status_code})
 
 
 class Client:
@@ -108,5 +104,5 @@ class Client:
         if record["status"] == "succeeded":
             return record["result"]
         if record["status"] == "failed":
-            raise AnalysisError.from_dict(record.get("error") or {})
+            raise AnalysisError.from_body(record.get("error") or {})
         raise ProcessingError(f"job {job_id} is {record['status']}, no result")

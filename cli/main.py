@@ -1,113 +1,133 @@
-"""``audio-analysis`` command line: the engine offline, and the service (up, submit)."""
+"""``audio-analysis`` command line: every job kind offline on the engine, and the service (up,
+submit).
+
+The offline commands are derived from shared/kinds.py: a kind's uploads are the command's
+arguments and its parameters its options, validated by the same model the API uses, and the
+engine call is the kind's own. What a kind prints besides its JSON body (RTTM, a .npy file) is
+the only per-kind code here.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
+from cli.options import option_parameters, set_signature
+from shared.errors import AnalysisError
+from shared.kinds import KINDS, JobKind, Params
+from shared.settings import get_settings
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Speaker diarization and verification.")
 err = Console(stderr=True)
 
-
-def _engine():
-    from engine.core import Engine
-
-    return Engine()
+# the command name of a kind, where the CLI had a shorter one first
+COMMAND_NAMES = {"embedding": "embed"}
 
 
 def _fail(exc: Exception) -> None:
-    from shared.errors import AnalysisError
-
     if isinstance(exc, AnalysisError):
         err.print(f"[red]{exc.error_type}[/red]: {exc.detail}")
         raise typer.Exit(2 if exc.status_code < 500 else 1)
     raise exc
 
 
-@app.command()
-def diarize(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="audio file"),
-    num_speakers: Optional[int] = typer.Option(None, "--num-speakers", help="exact number of speakers"),
-    min_speakers: Optional[int] = typer.Option(None, "--min-speakers"),
-    max_speakers: Optional[int] = typer.Option(None, "--max-speakers"),
-    min_duration: float = typer.Option(0.0, "--min-duration", help="drop turns shorter than this (s)"),
-    rttm: Optional[Path] = typer.Option(None, "--rttm", help="also write the result as RTTM here ('-' = stdout only RTTM)"),
-) -> None:
-    """Who spoke when. Prints JSON (the /diarize body), or RTTM with --rttm."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    engine = _engine()
-    try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-            TimeElapsedColumn(), console=err, transient=True,
-        ) as bar:
-            task = bar.add_task("loading", total=1.0)
-            result = engine.diarize(
-                file,
-                num_speakers=num_speakers,
-                min_speakers=min_speakers,
-                max_speakers=max_speakers,
-                min_duration=min_duration,
-                progress=lambda step, frac: bar.update(task, completed=frac, description=step),
-            )
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-    if rttm is not None:
-        from shared.rttm import to_rttm
-
-        text = to_rttm(result.diarization_results, uri=file.stem)
-        if str(rttm) == "-":
-            typer.echo(text, nl=False)
-            return
-        rttm.write_text(text)
-    typer.echo(result.model_dump_json(indent=2))
+def read_inputs(kind: JobKind, files: dict[str, Path], options: dict[str, Any]) -> tuple[Params, dict[str, Path]]:
+    """As the API does: non-audio files parsed into parameters, all validated once."""
+    values = dict(options)
+    for spec in kind.files:
+        if spec.parse is not None:
+            values[spec.into or spec.name] = spec.parse(files[spec.name].read_bytes(), files[spec.name].name,
+                                                        get_settings())
+    return kind.parse_params(values), {f.name: files[f.name] for f in kind.audio_files}
 
 
-@app.command()
-def embed(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="L2-normalise the vector"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also save the vector as .npy or .json"),
-) -> None:
-    """192-dim speaker embedding as JSON (the /embedding body)."""
-    import numpy as np
+# --- what some kinds write besides JSON ----------------------------------------------------------
+def _rttm_option() -> inspect.Parameter:
+    return inspect.Parameter("rttm", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--rttm", help="also write the result as RTTM here ('-' = stdout only RTTM)"))
 
-    try:
-        result = _engine().embed(file, normalize=normalize)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
+
+def _write_rttm(result: Any, files: dict[str, Path], rttm: Path | None) -> bool:
+    if rttm is None:
+        return False
+    from shared.rttm import to_rttm
+
+    text = to_rttm(result.diarization_results, uri=files["file"].stem)
+    if str(rttm) == "-":
+        typer.echo(text, nl=False)
+        return True
+    rttm.write_text(text)
+    return False
+
+
+def _output_option() -> inspect.Parameter:
+    return inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+        None, "--output", "-o", help="also save the vector as .npy or .json"))
+
+
+def _write_vector(result: Any, files: dict[str, Path], output: Path | None) -> bool:
     if output is not None:
         if output.suffix == ".npy":
+            import numpy as np
+
             np.save(output, np.asarray(result.embedding, dtype=np.float32))
         else:
             output.write_text(json.dumps(result.embedding))
-    typer.echo(result.model_dump_json(indent=2))
+    return False
 
 
-@app.command()
-def compare(
-    first: Path = typer.Argument(..., exists=True, dir_okay=False),
-    second: Path = typer.Argument(..., exists=True, dir_okay=False),
-    threshold: Optional[float] = typer.Option(None, help="cosine threshold (default: calibrated setting)"),
-) -> None:
-    """Are two recordings the same speaker? JSON (the /compare body)."""
-    try:
-        result = _engine().compare(first, second, threshold=threshold)
-    except Exception as exc:  # noqa: BLE001
-        _fail(exc)
-    typer.echo(result.model_dump_json(indent=2))
+# kind -> (extra option, writer returning True when it printed the output itself)
+EXTRA_OUTPUT = {"diarize": (_rttm_option, _write_rttm), "embedding": (_output_option, _write_vector)}
+
+
+def _offline_command(kind: JobKind) -> Callable[..., None]:
+    extra = EXTRA_OUTPUT.get(kind.name)
+
+    def command(**values: Any) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from engine.core import Engine
+
+        files = {f.name: values.pop(f.name) for f in kind.files}
+        extra_value = values.pop(extra[0]().name) if extra else None
+        try:
+            params, audio = read_inputs(kind, files, values)
+            engine = Engine()
+            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                          TimeElapsedColumn(), console=err, transient=True) as bar:
+                task = bar.add_task("loading", total=1.0)
+                result = kind.run(engine, audio, params,
+                                  lambda step, frac: bar.update(task, completed=frac, description=step))
+        except Exception as exc:  # noqa: BLE001
+            _fail(exc)
+        if extra and extra[1](result, files, extra_value):
+            return
+        typer.echo(result.model_dump_json(indent=2))
+
+    arguments = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+                          default=typer.Argument(..., exists=True, dir_okay=False, help=f.description))
+        for f in kind.files
+    ]
+    params = arguments + option_parameters(kind.form_fields) + ([extra[0]()] if extra else [])
+    command.__doc__ = f"{kind.summary}. Prints JSON (the body of POST /jobs/{kind.name}'s result)."
+    return set_signature(command, params)
+
+
+for _kind in KINDS.values():
+    app.command(name=COMMAND_NAMES.get(_kind.name, _kind.name.replace("_", "-")))(_offline_command(_kind))
 
 
 def _register_service_commands() -> None:
-    # up / worker / submit live with the service code
-    from cli import service as service_cli
+    # up / submit live with the service code
+    from cli import service
 
-    service_cli.register(app)
+    service.register(app)
 
 
 _register_service_commands()

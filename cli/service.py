@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+
+from cli.options import option_parameters, set_signature
+from shared.kinds import KINDS, get_kind
 
 err = Console(stderr=True)
 
@@ -27,16 +31,13 @@ def up(
 
 
 def submit(
-    files: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="audio file(s); compare takes two"),
-    kind: str = typer.Option("diarize", "--kind", "-k", help="diarize | embedding | compare | compare_embedding"),
+    files: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="the kind's upload(s), in order"),
+    kind: str = typer.Option("diarize", "--kind", "-k", help=" | ".join(KINDS)),
     url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="AUDIO_ANALYSIS_URL", help="API base URL"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AUDIO_ANALYSIS_API_KEY"),
     wait: bool = typer.Option(False, "--wait", help="wait for the result with a progress bar"),
-    num_speakers: Optional[int] = typer.Option(None, "--num-speakers"),
-    min_speakers: Optional[int] = typer.Option(None, "--min-speakers"),
-    max_speakers: Optional[int] = typer.Option(None, "--max-speakers"),
-    threshold: Optional[float] = typer.Option(None, "--threshold"),
     webhook_url: Optional[str] = typer.Option(None, "--webhook-url"),
+    **values: Any,
 ) -> None:
     """Submit a job to a running service; prints the job, or its result with --wait."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -44,8 +45,9 @@ def submit(
     from cli.client import Client
     from shared.errors import AnalysisError
 
-    params = {"num_speakers": num_speakers, "min_speakers": min_speakers, "max_speakers": max_speakers} \
-        if kind == "diarize" else {"threshold": threshold} if kind.startswith("compare") else {}
+    job_kind = get_kind(kind)
+    # only the chosen kind's options go out; the API validates them with the kind's model
+    params = {name: values.get(name) for name in job_kind.form_fields}
     try:
         with Client(url, api_key=api_key) as client:
             job = client.submit(kind, *files, webhook_url=webhook_url, **params)
@@ -67,7 +69,26 @@ def submit(
         raise typer.Exit(2 if exc.status_code < 500 else 1)
 
 
+def _all_form_fields() -> dict[str, Any]:
+    # every kind's options, each named once (the kind picked decides which are sent)
+    fields: dict[str, Any] = {}
+    for job_kind in KINDS.values():
+        for name, field in job_kind.form_fields.items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def _submit_command():
+    def command(**values: Any) -> None:
+        submit(**values)
+
+    command.__doc__ = submit.__doc__
+    fixed = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(submit).parameters.values()
+             if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return set_signature(command, fixed + option_parameters(_all_form_fields()))
+
+
 def register(app: typer.Typer) -> None:
     """Add the service commands to the ``audio-analysis`` app."""
     app.command()(up)
-    app.command()(submit)
+    app.command(name="submit")(_submit_command())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.schemas import JobError
+
 
 class AnalysisError(Exception):
     """Base of every error the service reports to a caller."""
@@ -22,15 +24,23 @@ class AnalysisError(Exception):
         if status_code is not None:
             self.status_code = status_code
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"detail": self.detail, "error_type": self.error_type, "status_code": self.status_code}
+    def body(self) -> JobError:
+        """The documented error body, with the HTTP status it goes out with."""
+        return JobError(detail=self.detail, error_type=self.error_type, status_code=self.status_code)  # type: ignore[arg-type]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AnalysisError":
+    def from_body(cls, data: JobError | dict[str, Any]) -> "AnalysisError":
+        """Back from a stored or received body (a failed job, an HTTP error the client got)."""
+        if isinstance(data, JobError):
+            data = data.model_dump()
         kind = {c.error_type: c for c in (InputError, ProcessingError, ModelError)}.get(
             str(data.get("error_type")), ProcessingError
         )
-        return kind(str(data.get("detail", "unknown error")), status_code=int(data.get("status_code", 500)))
+        try:
+            status = int(data.get("status_code", 500))
+        except (TypeError, ValueError):
+            status = 500
+        return kind(str(data.get("detail", "unknown error")), status_code=status)
 
 
 class InputError(AnalysisError):

@@ -15,16 +15,18 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 import redis
+from pydantic import BaseModel, ConfigDict, Field
 
+from shared.schemas import JobError
 from shared.settings import Settings, get_settings
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-KINDS = ("diarize", "embedding", "compare", "compare_embedding")
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # upper bounds (seconds) of the job duration histogram kept in Redis for /metrics
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0)
 
@@ -37,19 +39,97 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def error_body(error_type: str, detail: str, status_code: int = 500) -> dict[str, Any]:
-    """The documented error shape, plus the HTTP status the sync API answers with."""
-    return {
-        "detail": detail,
-        "error_type": error_type,
-        "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "status_code": status_code,
-    }
+class WebhookState(BaseModel):
+    status: Literal["pending", "retrying", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: str | None = None
 
 
-def public_view(record: dict[str, Any]) -> dict[str, Any]:
-    """The record without internal fields (names starting with ``_``)."""
-    return {k: v for k, v in record.items() if not k.startswith("_")}
+def _internal(description: str, default: Any = None, **kw: Any) -> Any:
+    # stored under "_<name>" (records written before they were typed keep reading) and never
+    # shown: JobRecord.public() leaves every internal field out
+    if "default_factory" not in kw:
+        kw["default"] = default
+    return Field(description=description, json_schema_extra={"internal": True}, **kw)
+
+
+class JobRecord(BaseModel):
+    """A job as stored in Redis. The public fields are what GET /jobs/{id} shows."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", validate_assignment=True)
+
+    job_id: str
+    kind: str
+    status: Status = QUEUED
+    created_at: str = Field(default_factory=utc_now)
+    started_at: str | None = None
+    finished_at: str | None = None
+    progress: float = 0.0
+    step: str | None = None
+    attempts: int = 0
+    result: dict[str, Any] | None = None
+    error: JobError | None = None
+    webhook_url: str | None = None
+    webhook: WebhookState | None = None
+    batch_id: str | None = None
+    filename: str | None = None
+    sync: bool = False
+
+    # the tenant (a digest of its API key): only it sees the job (api.deps.Principal)
+    owner: str | None = _internal("tenant", alias="_owner")
+    # what the worker needs to run the job, validated by its kind's parameter model at submit;
+    # kept here, not in the Celery message, so the broker, its result backend and Flower carry
+    # only the job id
+    params: dict[str, Any] = _internal("kind parameters", alias="_params", default_factory=dict)
+    # upload field -> storage key of the audio the worker decodes
+    files: dict[str, str] = _internal("uploads", alias="_files", default_factory=dict)
+    # the queue it was sent to: a job recovered by another worker goes back there, not to the
+    # recovering worker's own queue (another pool, another kind of device)
+    queue: str | None = _internal("queue", alias="_queue")
+    # attempts whose worker died (counted towards job_max_attempts)
+    lost: int = _internal("lost attempts", 0, alias="_lost")
+    created_ts: float = _internal("epoch seconds", 0.0, alias="_created_ts")
+    started_ts: float | None = _internal("epoch seconds", alias="_started_ts")
+    finished_ts: float | None = _internal("epoch seconds", alias="_finished_ts")
+
+    @property
+    def ended(self) -> bool:
+        return self.status in TERMINAL
+
+    def public(self) -> dict[str, Any]:
+        """What a client sees (API, webhook): no internal field."""
+        return self.model_dump(mode="json", exclude=_INTERNAL)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> "JobRecord":
+        record = cls.model_validate_json(raw)
+        if not record.files:
+            record = _upgrade(record)
+        return record
+
+
+_INTERNAL = frozenset(
+    name for name, f in JobRecord.model_fields.items() if (f.json_schema_extra or {}).get("internal")
+)
+
+
+def _upgrade(record: JobRecord) -> JobRecord:
+    """Records written before kinds were declared once kept upload keys among the parameters."""
+    from shared.kinds import KINDS
+
+    kind = KINDS.get(record.kind)
+    if kind is None:
+        return record
+    names = {f.name for f in kind.files}
+    files = {k: v for k, v in record.params.items() if k in names and isinstance(v, str)}
+    if not files:
+        return record
+    params = {k: v for k, v in record.params.items() if k not in files}
+    return record.model_copy(update={"files": files, "params": params})
 
 
 class JobStore:
@@ -72,80 +152,42 @@ class JobStore:
         return self.key("job", job_id)
 
     # --- create / read ----------------------------------------------------------------------
-    def create(
-        self,
-        job_id: str,
-        kind: str,
-        *,
-        uploads: list[str],
-        webhook_url: str | None = None,
-        batch_id: str | None = None,
-        sync: bool = False,
-        filename: str | None = None,
-        owner: str | None = None,
-        params: dict[str, Any] | None = None,
-        queue: str | None = None,
-    ) -> dict[str, Any]:
+    def create(self, record: JobRecord) -> JobRecord:
         now = time.time()
-        record: dict[str, Any] = {
-            "job_id": job_id,
-            "kind": kind,
-            "status": QUEUED,
-            "created_at": utc_now(),
-            "started_at": None,
-            "finished_at": None,
-            "progress": 0.0,
-            "step": None,
-            "attempts": 0,
-            "result": None,
-            "error": None,
-            "webhook_url": webhook_url,
-            "webhook": {"status": "pending", "attempts": 0} if webhook_url else None,
-            "batch_id": batch_id,
-            "filename": filename,
-            "sync": sync,
-            "_uploads": uploads,
-            "_created_ts": now,
-            # the tenant (a digest of its API key): only it sees the job (api.deps.Principal)
-            "_owner": owner,
-            # what the worker needs to run the job; kept here, not in the Celery message, so the
-            # broker, its result backend and Flower carry only the job id
-            "_params": params or {},
-            # the queue it was sent to: a job recovered by another worker goes back there, not
-            # to the recovering worker's own queue (another pool, another kind of device)
-            "_queue": queue,
-        }
+        record = record.model_copy(update={"status": QUEUED, "created_ts": now})
+        if record.webhook_url and record.webhook is None:
+            record = record.model_copy(update={"webhook": WebhookState()})
         pipe = self.redis.pipeline()
-        pipe.set(self._job_key(job_id), json.dumps(record), ex=self.ttl)
-        indexes = [self.key("jobs")] + ([self._owner_index(owner)] if owner else [])
+        pipe.set(self._job_key(record.job_id), record.to_json(), ex=self.ttl)
+        indexes = [self.key("jobs")] + ([self._owner_index(record.owner)] if record.owner else [])
         for index in indexes:
-            pipe.zadd(index, {job_id: now})
+            pipe.zadd(index, {record.job_id: now})
             # the index is trimmed here rather than by a cron: records expire on their own
             pipe.zremrangebyscore(index, "-inf", now - self.ttl)
             pipe.expire(index, self.ttl)
-        if batch_id:
-            pipe.rpush(self.key("batch", batch_id), job_id)
-            pipe.expire(self.key("batch", batch_id), self.ttl)
+        if record.batch_id:
+            pipe.rpush(self.key("batch", record.batch_id), record.job_id)
+            pipe.expire(self.key("batch", record.batch_id), self.ttl)
         pipe.execute()
         return record
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self._job_key(job_id))
-        return json.loads(raw) if raw else None
+        return JobRecord.from_json(raw) if raw else None
 
-    def get_many(self, job_ids: Iterable[str]) -> list[dict[str, Any]]:
+    def get_many(self, job_ids: Iterable[str]) -> list[JobRecord]:
         ids = list(job_ids)
         if not ids:
             return []
         raws = self.redis.mget([self._job_key(i) for i in ids])
-        return [json.loads(r) for r in raws if r]
+        return [JobRecord.from_json(r) for r in raws if r]
 
     def _owner_index(self, owner: str) -> str:
         return self.key("jobs", "owner", owner)
 
     def recent(
         self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[JobRecord]:
         """Newest first, of one owner's jobs or (owner None) all. Filters apply after the fetch,
         so scan a bounded window of the index."""
         window = limit if status is None and kind is None else max(limit * 10, 1000)
@@ -153,24 +195,25 @@ class JobStore:
         ids = self.redis.zrevrange(index, 0, window - 1)
         records = [
             r for r in self.get_many(ids)
-            if (status is None or r["status"] == status) and (kind is None or r["kind"] == kind)
+            if (status is None or r.status == status) and (kind is None or r.kind == kind)
         ]
         return records[:limit]
 
-    def batch(self, batch_id: str) -> list[dict[str, Any]]:
+    def batch(self, batch_id: str) -> list[JobRecord]:
         return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1))
 
     def count_by_status(self, window: int = 10000) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
         for record in self.get_many(self.redis.zrevrange(self.key("jobs"), 0, window - 1)):
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
+            counts[record.status] = counts.get(record.status, 0) + 1
         return counts
 
     # --- transitions ------------------------------------------------------------------------
-    def update(self, job_id: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any] | None:
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
         """Apply ``change`` atomically; it returns the new record or None to leave it as is.
 
-        Returns the record as stored afterwards (None when the job does not exist).
+        ``change`` gets a copy it may modify. Returns the record as stored afterwards (None
+        when the job does not exist).
         """
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:
@@ -181,13 +224,13 @@ class JobStore:
                     if raw is None:
                         pipe.unwatch()
                         return None
-                    current = json.loads(raw)
-                    changed = change(dict(current))
+                    current = JobRecord.from_json(raw)
+                    changed = change(current.model_copy(deep=True))
                     if changed is None:
                         pipe.unwatch()
                         return current
                     pipe.multi()
-                    pipe.set(key, json.dumps(changed), keepttl=True)
+                    pipe.set(key, changed.to_json(), keepttl=True)
                     pipe.execute()
                     return changed
                 except redis.WatchError:
@@ -196,26 +239,27 @@ class JobStore:
     def _running_set(self) -> str:
         return self.key("running")
 
-    def mark_running(self, job_id: str) -> dict[str, Any] | None:
+    def mark_running(self, job_id: str) -> JobRecord | None:
         # in the set of running jobs before the record says so: the recovery pass
         # (worker/recovery.py) reads the set, and drops entries whose record is not running
         self.redis.sadd(self._running_set(), job_id)
 
-        def change(r: dict[str, Any]) -> dict[str, Any] | None:
-            if r["status"] in TERMINAL:
+        def change(r: JobRecord) -> JobRecord | None:
+            if r.ended:
                 return None
-            if r["status"] == RUNNING:
+            if r.status == RUNNING:
                 # its previous attempt never ended (the caller holds the lease, so that attempt's
                 # worker is gone): counted towards job_max_attempts
-                r["_lost"] = r.get("_lost", 0) + 1
+                r.lost += 1
             # a redelivered job starts again from scratch: reset what the lost run reported
-            r.update(status=RUNNING, started_at=utc_now(), progress=0.0, step="starting", _started_ts=time.time(),
-                     attempts=r.get("attempts", 0) + 1)
-            return r
+            return r.model_copy(update={
+                "status": RUNNING, "started_at": utc_now(), "progress": 0.0, "step": "starting",
+                "started_ts": time.time(), "attempts": r.attempts + 1,
+            })
 
         return self.update(job_id, change)
 
-    def requeue(self, job_id: str, attempt: int, *, lost: bool) -> dict[str, Any] | None:
+    def requeue(self, job_id: str, attempt: int, *, lost: bool) -> JobRecord | None:
         """Running attempt ``attempt`` goes back to queued (handed back, or its worker died).
 
         Returns the new record, or None when the job is no longer at that attempt (finished,
@@ -223,15 +267,14 @@ class JobStore:
         """
         done = False
 
-        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+        def change(r: JobRecord) -> JobRecord | None:
             nonlocal done
-            if r["status"] != RUNNING or r.get("attempts") != attempt:
+            if r.status != RUNNING or r.attempts != attempt:
                 return None
             done = True
-            r.update(status=QUEUED, progress=0.0, step=None, started_at=None)
-            if lost:
-                r["_lost"] = r.get("_lost", 0) + 1
-            return r
+            return r.model_copy(update={
+                "status": QUEUED, "progress": 0.0, "step": None, "started_at": None, "lost": r.lost + int(lost),
+            })
 
         record = self.update(job_id, change)
         if done:
@@ -244,19 +287,18 @@ class JobStore:
     def forget_running(self, job_id: str) -> None:
         self.redis.srem(self._running_set(), job_id)
 
-    def set_progress(self, job_id: str, fraction: float, step: str) -> dict[str, Any] | None:
-        def change(r: dict[str, Any]) -> dict[str, Any] | None:
-            if r["status"] != RUNNING:
+    def set_progress(self, job_id: str, fraction: float, step: str) -> JobRecord | None:
+        def change(r: JobRecord) -> JobRecord | None:
+            if r.status != RUNNING:
                 return None
-            r.update(progress=round(float(fraction), 4), step=step)
-            return r
+            return r.model_copy(update={"progress": round(float(fraction), 4), "step": step})
 
         return self.update(job_id, change)
 
     def finish(
-        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: dict[str, Any] | None = None,
+        self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: JobError | None = None,
         attempt: int | None = None,
-    ) -> tuple[dict[str, Any] | None, bool]:
+    ) -> tuple[JobRecord | None, bool]:
         """Move to a terminal status unless already terminal. Returns (record, changed).
 
         With ``attempt``, only while the job is still at that attempt: a worker whose lease was
@@ -265,17 +307,18 @@ class JobStore:
         assert status in TERMINAL
         changed_flag = False
 
-        def change(r: dict[str, Any]) -> dict[str, Any] | None:
+        def change(r: JobRecord) -> JobRecord | None:
             nonlocal changed_flag
-            if r["status"] in TERMINAL:
-                return None
-            if attempt is not None and r.get("attempts") != attempt:
+            if r.ended or (attempt is not None and r.attempts != attempt):
                 return None
             changed_flag = True
-            r.update(status=status, finished_at=utc_now(), result=result, error=error, _finished_ts=time.time())
+            update: dict[str, Any] = {
+                "status": status, "finished_at": utc_now(), "result": result, "error": error,
+                "finished_ts": time.time(),
+            }
             if status == SUCCEEDED:
-                r["progress"] = 1.0
-            return r
+                update["progress"] = 1.0
+            return r.model_copy(update=update)
 
         record = self.update(job_id, change)
         if changed_flag and record is not None:
@@ -284,20 +327,20 @@ class JobStore:
         return record, changed_flag
 
     def set_webhook(self, job_id: str, **fields: Any) -> None:
-        def change(r: dict[str, Any]) -> dict[str, Any] | None:
-            r["webhook"] = {**(r.get("webhook") or {}), **fields}
-            return r
+        def change(r: JobRecord) -> JobRecord | None:
+            state = (r.webhook or WebhookState()).model_copy(update=fields)
+            return r.model_copy(update={"webhook": state})
 
         self.update(job_id, change)
 
     # --- metrics kept in Redis so every API replica reports the same figures ----------------
-    def _count_finished(self, record: dict[str, Any]) -> None:
-        kind, status = record["kind"], record["status"]
+    def _count_finished(self, record: JobRecord) -> None:
+        kind, status = record.kind, record.status
         pipe = self.redis.pipeline()
         pipe.hincrby(self.key("stats", "finished"), f"{kind}:{status}", 1)
-        started = record.get("_started_ts")
-        if started is not None and status == SUCCEEDED:
-            duration = max(0.0, record["_finished_ts"] - started)
+        started = record.started_ts
+        if started is not None and record.finished_ts is not None and status == SUCCEEDED:
+            duration = max(0.0, record.finished_ts - started)
             hkey = self.key("stats", "duration", kind)
             for bound in DURATION_BUCKETS:
                 if duration <= bound:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -41,7 +42,22 @@ class HealthResponse(BaseModel):
     verification_model_loaded: bool
 
 
-class ErrorResponse(BaseModel):
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+ErrorType = Literal["ValidationError", "ProcessingError", "ModelError"]
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of the contract: every 4xx/5xx body, and a failed job's ``error``."""
+
     detail: str
-    error_type: str = Field(description="ValidationError | ProcessingError | ModelError")
-    timestamp: str = Field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    error_type: ErrorType = Field(description="ValidationError | ProcessingError | ModelError")
+    timestamp: str = Field(default_factory=utc_timestamp)
+
+
+class JobError(ErrorBody):
+    """A failed job's error: the body its synchronous endpoint answers, and with which status."""
+
+    status_code: int = Field(500, description="HTTP status the synchronous endpoint answers with")

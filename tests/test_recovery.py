@@ -59,7 +59,7 @@ def _running_on(p: PrivateStack, job_id: str, timeout_s: float = 60) -> str:
     while time.monotonic() < deadline:
         record = store.get(job_id)
         token = store.redis.get(store.key("job", job_id, "lease"))
-        if record and record["status"] == "running" and record["progress"] > 0 and token:
+        if record and record.status == "running" and record.progress > 0 and token:
             pid = int(token.split("|")[1])
             for name, worker_pid in pids.items():
                 if worker_pid == pid:
@@ -153,7 +153,7 @@ def test_job_whose_worker_keeps_dying_fails_with_upload_deleted_and_webhook_sent
     """After job_max_attempts lost workers: failed, upload gone, webhook delivered, like any failure."""
     import io
 
-    from shared.jobs import JobStore
+    from shared.jobs import JobRecord, JobStore
     from shared.storage import get_storage
     from tests.test_service_webhooks import _wait_for
     from worker.recovery import recover_stalled_jobs
@@ -161,13 +161,14 @@ def test_job_whose_worker_keeps_dying_fails_with_upload_deleted_and_webhook_sent
     store, storage = JobStore.from_settings(settings), get_storage(settings)
     job_id = "f" * 32
     key = storage.save(job_id, "file", io.BytesIO(b"RIFF...."), max_bytes=100)
-    store.create(job_id, "diarize", uploads=[key], webhook_url=webhook_receiver.url("/gave-up"), params={"file": key})
+    store.create(JobRecord(job_id=job_id, kind="diarize", webhook_url=webhook_receiver.url("/gave-up"),
+                           files={"file": key}))
     # its worker died on each attempt but this one, and this one's is gone too: nobody holds its lease
     store.mark_running(job_id)
-    store.update(job_id, lambda r: {**r, "_lost": settings.job_max_attempts - 1})
+    store.update(job_id, lambda r: r.model_copy(update={"lost": settings.job_max_attempts - 1}))
     recover_stalled_jobs(store, storage, settings)  # the session worker's own pass may get there first
     record = store.get(job_id)
-    assert record["status"] == "failed" and "lost 3 times" in record["error"]["detail"], record
+    assert record.status == "failed" and "lost 3 times" in record.error.detail, record
     assert not (Path(settings.storage_dir) / job_id).exists()
     assert job_id not in store.running_ids()
     [hit] = _wait_for(lambda: webhook_receiver.for_path("/gave-up"), 30)

@@ -132,7 +132,7 @@ def test_queued_jobs_survive_a_redis_crash(private, utterances):
 
 
 def test_job_outliving_the_visibility_timeout_runs_once(private, long_sample):
-    from worker.celery_app import make_celery
+    from shared.queue import make_celery
 
     client = private.client
     private.worker("a")

@@ -535,7 +535,7 @@ def test_sync_client_hanging_up_cancels_its_job(live, short_sample):
     from shared.jobs import JobStore
 
     store = JobStore(redis_lib.Redis.from_url(live.redis_url, decode_responses=True), live.settings)
-    before = {r["job_id"] for r in store.recent(1000)}
+    before = {r.job_id for r in store.recent(1000)}
     data = short_sample.read_bytes()
     body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.wav\"\r\n"
             b"Content-Type: audio/wav\r\n\r\n" + data + b"\r\n--b--\r\n")
@@ -547,17 +547,17 @@ def test_sync_client_hanging_up_cancels_its_job(live, short_sample):
     deadline = time.monotonic() + 20
     job = None
     while job is None and time.monotonic() < deadline:
-        new = [r for r in store.recent(1000) if r["job_id"] not in before and r["sync"]]
+        new = [r for r in store.recent(1000) if r.job_id not in before and r.sync]
         job = new[0] if new else None
         time.sleep(0.05)
-    assert job is not None and job["status"] == "queued"  # nobody consumes this queue
+    assert job is not None and job.status == "queued"  # nobody consumes this queue
     sock.close()  # the client hangs up
     deadline = time.monotonic() + 10
-    while store.get(job["job_id"])["status"] != "cancelled":
+    while store.get(job.job_id).status != "cancelled":
         assert time.monotonic() < deadline, "the job outlived its client"
         time.sleep(0.05)
     # the upload goes right after the status (cancel revokes, then deletes)
-    while (Path(live.settings.storage_dir) / job["job_id"]).exists():
+    while (Path(live.settings.storage_dir) / job.job_id).exists():
         assert time.monotonic() < deadline, "the cancelled job's upload stayed"
         time.sleep(0.05)
 
@@ -634,7 +634,7 @@ def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, sett
         # the result backend holds the same: states, and no client data
         from celery.result import AsyncResult
 
-        from worker.celery_app import make_celery
+        from shared.queue import make_celery
 
         app = make_celery(settings)
         assert AsyncResult(ok["job_id"], app=app).state == "SUCCESS"

@@ -126,7 +126,7 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         store = JobStore.from_settings(Settings(redis_url=url))
         record = store.get(job["job_id"])
         queued = [json.loads(m)["headers"]["id"] for m in store.redis.lrange("audio", 0, -1)]
-    print(f"\nCtrl-C of up mid-job: stopped in {stopped_in:.1f} s; job {record['status']} (attempts "
-          f"{record['attempts']}), {queued.count(job['job_id'])} message for it in the queue")
-    assert record["status"] == "queued" and record["attempts"] == 1, record
+    print(f"\nCtrl-C of up mid-job: stopped in {stopped_in:.1f} s; job {record.status} (attempts "
+          f"{record.attempts}), {queued.count(job['job_id'])} message for it in the queue")
+    assert record.status == "queued" and record.attempts == 1, record
     assert queued == [job["job_id"]]

@@ -164,7 +164,7 @@ def test_cancel_queued_and_running_jobs(client, long_sample, utterances, setting
 
 def test_redelivered_finished_job_is_not_run_again(client, utterances, settings):
     """What the broker does after a worker died between finishing and acking: same task id again."""
-    from worker.celery_app import make_celery
+    from shared.queue import make_celery
 
     r = client.post("/jobs/embedding", files=_files("file", utterances["spk2"][5]))
     done = wait_for_job(client, r.json()["job_id"])

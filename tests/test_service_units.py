@@ -73,31 +73,31 @@ def store(service_env, settings):
 
 
 def test_terminal_status_is_never_overwritten(store):
-    from shared.jobs import CANCELLED, RUNNING, SUCCEEDED
+    from shared.jobs import CANCELLED, RUNNING, SUCCEEDED, JobRecord
 
-    store.create("j1", "embedding", uploads=[])
-    assert store.mark_running("j1")["status"] == RUNNING
+    store.create(JobRecord(job_id="j1", kind="embedding"))
+    assert store.mark_running("j1").status == RUNNING
     record, changed = store.finish("j1", CANCELLED)
-    assert changed and record["status"] == CANCELLED
+    assert changed and record.status == CANCELLED
     # the worker finishing afterwards changes nothing
     record, changed = store.finish("j1", SUCCEEDED, result={"x": 1})
-    assert not changed and record["status"] == CANCELLED and record["result"] is None
-    assert store.mark_running("j1")["status"] == CANCELLED
-    assert store.set_progress("j1", 0.5, "segmentation")["progress"] == 0.0
+    assert not changed and record.status == CANCELLED and record.result is None
+    assert store.mark_running("j1").status == CANCELLED
+    assert store.set_progress("j1", 0.5, "segmentation").progress == 0.0
     assert store.finished_counts() == {("embedding", "cancelled"): 1}
 
 
 def test_job_list_is_newest_first_and_filtered(store):
-    from shared.jobs import SUCCEEDED
+    from shared.jobs import SUCCEEDED, JobRecord
 
     for i in range(5):
-        store.create(f"j{i}", "diarize" if i % 2 else "embedding", uploads=[])
+        store.create(JobRecord(job_id=f"j{i}", kind="diarize" if i % 2 else "embedding"))
         time.sleep(0.002)
     store.mark_running("j3")
     store.finish("j3", SUCCEEDED, result={})
-    assert [r["job_id"] for r in store.recent(3)] == ["j4", "j3", "j2"]
-    assert [r["job_id"] for r in store.recent(10, kind="diarize")] == ["j3", "j1"]
-    assert [r["job_id"] for r in store.recent(10, status="succeeded")] == ["j3"]
+    assert [r.job_id for r in store.recent(3)] == ["j4", "j3", "j2"]
+    assert [r.job_id for r in store.recent(10, kind="diarize")] == ["j3", "j1"]
+    assert [r.job_id for r in store.recent(10, status="succeeded")] == ["j3"]
     assert store.count_by_status()["queued"] == 4
 
 
@@ -124,7 +124,7 @@ def test_a_recovered_job_goes_back_to_the_queue_it_was_sent_to(service_env, sett
 
     import redis
 
-    from shared.jobs import JobStore, new_job_id
+    from shared.jobs import JobRecord, JobStore, new_job_id
     from shared.storage import LocalStorage
     from worker.recovery import recover_stalled_jobs
 
@@ -133,11 +133,11 @@ def test_a_recovered_job_goes_back_to_the_queue_it_was_sent_to(service_env, sett
     queue = "audio-elsewhere"
     client.delete(queue)
     job_id = new_job_id()
-    store.create(job_id, "embedding", uploads=[], queue=queue)
+    store.create(JobRecord(job_id=job_id, kind="embedding", queue=queue))
     assert store.mark_running(job_id) is not None  # running, and no lease: its worker is gone
     handled = recover_stalled_jobs(store, LocalStorage(settings.storage_dir), settings)
     assert job_id in handled
-    assert store.get(job_id)["status"] == "queued"
+    assert store.get(job_id).status == "queued"
     messages = [_json.loads(m) for m in client.lrange(queue, 0, -1)]
     assert [m["headers"]["id"] for m in messages] == [job_id]
     assert not any(job_id.encode() in m for m in client.lrange(settings.queue_name, 0, -1))

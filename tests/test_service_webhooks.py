@@ -62,7 +62,7 @@ def test_failed_delivery_is_retried_and_arrives_once(client, utterances, webhook
     assert record["webhook"]["status"] == "delivered" and record["webhook"]["attempts"] == 2
 
     # a redelivered job (or a duplicate delivery task) must not fire the webhook again
-    from worker.celery_app import make_celery
+    from shared.queue import make_celery
     from shared.settings import Settings
 
     settings = Settings()

@@ -72,16 +72,22 @@ def worker_name() -> str:
 
 
 def heartbeat_info() -> dict[str, Any]:
-    from engine.core import get_engine
-
     settings = get_settings()
-    engine = get_engine()
+    models: dict[str, Any] = {"diarization_model_loaded": False, "verification_model_loaded": False, "model_device": None}
+    if settings.worker_load_models:
+        # a webhook-delivery worker (or Flower's) runs from the API image, which has no torch
+        from engine.core import get_engine
+
+        engine = get_engine()
+        models = {
+            "diarization_model_loaded": engine.diarization_loaded,
+            "verification_model_loaded": engine.verification_loaded,
+            "model_device": engine.model_device,
+        }
     return {
         "worker": worker_name(),
         "pid": os.getpid(),
-        "diarization_model_loaded": engine.diarization_loaded,
-        "verification_model_loaded": engine.verification_loaded,
-        "model_device": engine.model_device,
+        **models,
         "loads_models": settings.worker_load_models,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "load_error": _state["load_error"],
@@ -143,10 +149,10 @@ def clear_stopping(sender: Any = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, **_: Any) -> None:
-    from engine.core import get_engine
-
     _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
     if get_settings().worker_load_models:
+        from engine.core import get_engine
+
         started = time.perf_counter()
         try:
             get_engine().load_models()

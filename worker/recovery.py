@@ -47,13 +47,13 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
     handled: list[str] = []
     for job_id in store.running_ids():
         record = store.get(job_id)
-        if record is None or record["status"] != RUNNING:
+        if record is None or record.status != RUNNING:
             store.forget_running(job_id)
             continue
         if _lease_alive(store, job_id):
             continue
-        attempt = record.get("attempts", 0)
-        lost = record.get("_lost", 0) + 1
+        attempt = record.attempts
+        lost = record.lost + 1
         if lost >= settings.job_max_attempts:
             detail = f"the job's worker was lost {lost} times; giving up"
             if give_up(store, storage, job_id, attempt, detail) is not None:
@@ -62,7 +62,7 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
             continue
         # the message goes first: a crash between the two leaves a duplicate message (harmless,
         # see the module docstring), never a queued job without one
-        _enqueue(job_id, record["kind"], record.get("_queue"))
+        _enqueue(job_id, record.kind, record.queue)
         # conditional on the attempt: if a worker took the new message and started the job in
         # between, the record changed and this does nothing
         if store.requeue(job_id, attempt, lost=True) is not None:

@@ -1,4 +1,4 @@
-"""Celery tasks: one per analysis kind, plus webhook delivery.
+"""Celery tasks: one per job kind of shared/kinds.py (``audio.<kind>``), plus webhook delivery.
 
 A task's message carries only the job id; what to run (parameters, upload keys) is read from the
 job record, so the broker, the result backend and Flower never hold file names, webhook URLs or
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Callable
 
 import redis
@@ -23,7 +24,9 @@ from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from shared import webhooks
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
-from shared.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, TERMINAL, JobStore, error_body, public_view, utc_now
+from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
+from shared.kinds import KINDS, JobKind, Params
+from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage
 from worker import lifecycle
@@ -32,13 +35,6 @@ from worker.lease import JobLease
 
 log = logging.getLogger(__name__)
 settings = get_settings()
-
-TASK_NAMES = {
-    "diarize": "audio.diarize",
-    "embedding": "audio.embedding",
-    "compare": "audio.compare",
-    "compare_embedding": "audio.compare_embedding",
-}
 
 
 class JobCancelled(Exception):
@@ -86,29 +82,29 @@ def _progress_reporter(task: Task, job_id: str, attempt: int, lease: JobLease) -
             return
         last.update(t=now, step=step)
         record = store().set_progress(job_id, fraction, step)
-        if record is not None and record["status"] == CANCELLED:
+        if record is not None and record.status == CANCELLED:
             raise JobCancelled(job_id)
-        if record is not None and record.get("attempts") != attempt:
+        if record is not None and record.attempts != attempt:
             raise LeaseLost(job_id)
         task.update_state(state="PROGRESS", meta={"progress": round(fraction, 4), "step": step})
 
     return report
 
 
-def _settle(task: Task, record: dict[str, Any] | None, job_id: str) -> dict[str, Any]:
+def _settle(task: Task, record: JobRecord | None, job_id: str) -> dict[str, Any]:
     """End the Celery task in the state matching the job's, with nothing but the job id in it."""
-    status = (record or {}).get("status", FAILED)
-    if status == SUCCEEDED or status not in TERMINAL:
-        return {"job_id": job_id, "status": status}
-    if status == CANCELLED:
+    if record is None:
+        raise JobFailed("ProcessingError")
+    if record.status == SUCCEEDED or not record.ended:
+        return {"job_id": job_id, "status": record.status}
+    if record.status == CANCELLED:
         task.backend.mark_as_revoked(job_id, "cancelled", request=task.request)
         task.send_event("task-revoked", terminated=False, signum=None, expired=False)
         raise Ignore()
-    error_type = ((record or {}).get("error") or {}).get("error_type", "ProcessingError")
-    raise JobFailed(error_type)
+    raise JobFailed(record.error.error_type if record.error else "ProcessingError")
 
 
-def _run(task: Task, job_id: str, work: Callable[..., dict[str, Any]], legacy_params: dict[str, Any] | None) -> dict[str, Any]:
+def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] | None) -> dict[str, Any]:
     """Shared life cycle: skip if already ended, mark running, run, record the outcome, clean up."""
     jobs, storage = store(), get_storage(settings)
     record = jobs.get(job_id)
@@ -116,9 +112,9 @@ def _run(task: Task, job_id: str, work: Callable[..., dict[str, Any]], legacy_pa
         # the record expired before a worker got to the job: nothing to report to
         storage.delete_job(job_id)
         return {"job_id": job_id, "status": "expired"}
-    if record["status"] in TERMINAL:
+    if record.ended:
         # cancelled while queued, or a redelivery of a job that already finished
-        log.info("job %s already %s: redelivered copy skipped", job_id, record["status"])
+        log.info("job %s already %s: redelivered copy skipped", job_id, record.status)
         storage.delete_job(job_id)
         _notify(record)
         return _settle(task, record, job_id)
@@ -131,12 +127,12 @@ def _run(task: Task, job_id: str, work: Callable[..., dict[str, Any]], legacy_pa
         log.info("job %s is running on %s: checking again in %.0f s", job_id, holder, settings.job_lease_s)
         raise task.retry(countdown=settings.job_lease_s)
     with lease:
-        return _run_leased(task, job_id, work, jobs, storage, lease, legacy_params)
+        return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
-def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, detail: str) -> dict[str, Any] | None:
+def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, detail: str) -> JobRecord | None:
     """Fail a job whose workers kept dying: delete its upload, send its webhook."""
-    record, changed = jobs.finish(job_id, FAILED, error=error_body("ProcessingError", detail), attempt=attempt)
+    record, changed = jobs.finish(job_id, FAILED, error=ProcessingError(detail).body(), attempt=attempt)
     if changed:
         storage.delete_job(job_id)
         _notify(record)
@@ -144,28 +140,27 @@ def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, 
 
 
 def _run_leased(
-    task: Task, job_id: str, work: Callable[..., dict[str, Any]], jobs: JobStore, storage: Storage, lease: JobLease,
+    task: Task, job_id: str, kind: JobKind, jobs: JobStore, storage: Storage, lease: JobLease,
     legacy_params: dict[str, Any] | None,
 ) -> dict[str, Any]:
     running = jobs.mark_running(job_id)
-    if running is None or running["status"] in TERMINAL:
+    if running is None or running.ended:
         # cancelled, or finished by the lease's previous holder, since the check above
         storage.delete_job(job_id)
         return _settle(task, running, job_id)
-    attempt = running["attempts"]
-    if running.get("_lost", 0) >= settings.job_max_attempts:
+    attempt = running.attempts
+    if running.lost >= settings.job_max_attempts:
         # a job whose worker died job_max_attempts times (a file that gets it OOM-killed, say)
-        detail = f"the job's worker was lost {running['_lost']} times; giving up"
+        detail = f"the job's worker was lost {running.lost} times; giving up"
         log.error("job %s: %s", job_id, detail)
         return _settle(task, give_up(jobs, storage, job_id, attempt, detail), job_id)
-    params = running.get("_params") or legacy_params or {}
-    duration_limit = min(settings.max_audio_seconds, settings.sync_max_audio_seconds) if running.get("sync") \
+    duration_limit = min(settings.max_audio_seconds, settings.sync_max_audio_seconds) if running.sync \
         else settings.max_audio_seconds
     task.update_state(state="PROGRESS", meta={"progress": 0.0, "step": "starting"})
-    outcome: tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None = None
+    outcome: tuple[str, dict[str, Any] | None, AnalysisError | None] | None = None
     try:
         with ExitStack() as stack:
-            def path_of(key: str, audio: bool = True) -> Any:
+            def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
                     raise ProcessingError("uploaded file is no longer in storage (expired)")
                 path = stack.enter_context(storage.local_path(key))
@@ -175,42 +170,68 @@ def _run_leased(
                     check_audio_limits(path, max_duration=duration_limit, min_sample_rate=settings.min_sample_rate)
                 return path
 
-            result = work(path_of, _progress_reporter(task, job_id, attempt, lease), params)
-        outcome = (SUCCEEDED, result, None)
+            params, files = _inputs(kind, running, legacy_params, path_of)
+            result = kind.run(_engine(), files, params, _progress_reporter(task, job_id, attempt, lease))
+        outcome = (SUCCEEDED, result.model_dump(mode="json"), None)
     except JobCancelled:
         pass  # recorded by whoever cancelled it
     except HandBack:
         # warm shutdown (Ctrl-C of `up`, a deploy): the job goes back to the queue now, its
         # upload stays, and another (or the restarted) worker runs it from the start
         if jobs.requeue(job_id, attempt, lost=False) is not None:
-            _enqueue(job_id, running["kind"], running.get("_queue"))
+            _enqueue(job_id, running.kind, running.queue)
             log.warning("job %s handed back to the queue: worker shutting down", job_id)
         return {"job_id": job_id, "status": QUEUED}
     except LeaseLost:
         log.error("job %s: lease lost mid-run; leaving the job to its new attempt", job_id)
         return {"job_id": job_id, "status": "superseded"}
     except AnalysisError as exc:
-        outcome = (FAILED, None, error_body(exc.error_type, exc.detail, exc.status_code))
+        outcome = (FAILED, None, exc)
     except SoftTimeLimitExceeded:
-        outcome = (FAILED, None, error_body("ProcessingError", "job exceeded its time limit"))
+        outcome = (FAILED, None, ProcessingError("job exceeded its time limit"))
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
     except Exception as exc:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
         log.exception("job %s failed", job_id)
-        outcome = (FAILED, None, error_body("ProcessingError", f"{type(exc).__name__}: {exc}"))
+        outcome = (FAILED, None, ProcessingError(f"{type(exc).__name__}: {exc}"))
     try:
         if outcome is not None:
             status, result, error = outcome
-            record, _ = jobs.finish(job_id, status, result=result, error=error, attempt=attempt)
+            record, _ = jobs.finish(job_id, status, result=result, error=error.body() if error else None,
+                                    attempt=attempt)
         else:
             record = jobs.get(job_id)
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
     # nothing of the audio is kept once the job ended, whatever the outcome
     storage.delete_job(job_id)
-    record = record or {"job_id": job_id, "status": FAILED}
-    _notify(record)
+    if record is not None:
+        _notify(record)
     return _settle(task, record, job_id)
+
+
+def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
+            path_of: Callable[..., Path]) -> tuple[Params, dict[str, Path]]:
+    """The job's typed parameters and local audio paths, as the API stored them.
+
+    Records queued by a version that stored the embedding file itself (not its numbers) have it
+    parsed here, with the same parser the API uses now.
+    """
+    raw = dict(record.params or legacy_params or {})
+    stored = dict(record.files)
+    if not stored:
+        # messages from before the record held parameters carried upload keys among them
+        stored = {f.name: raw.pop(f.name) for f in kind.files if isinstance(raw.get(f.name), str)}
+    for spec in kind.files:
+        if spec.parse is not None and spec.name in stored:
+            with open(path_of(stored[spec.name], audio=False), "rb") as fh:
+                raw[spec.into or spec.name] = spec.parse(fh.read(), raw.get(f"{spec.name}_filename"), settings)
+    missing = [f.name for f in kind.audio_files if f.name not in stored]
+    if missing:
+        raise ProcessingError(f"job record names no upload for {', '.join(missing)}")
+    params = kind.params.model_validate({k: v for k, v in raw.items() if k in kind.params.model_fields})
+    files = {spec.name: path_of(stored[spec.name]) for spec in kind.audio_files}
+    return params, files
 
 
 def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
@@ -221,12 +242,12 @@ def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
 
 
 def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
-    app.send_task(TASK_NAMES[kind], args=(job_id,), task_id=job_id, queue=queue or settings.queue_name)
+    send_job(app, KINDS[kind], job_id, queue or settings.queue_name)
 
 
-def _notify(record: dict[str, Any]) -> None:
-    if record.get("webhook_url") and record.get("status") in TERMINAL:
-        deliver_webhook.apply_async((record["job_id"],), queue=settings.webhook_queue_name)
+def _notify(record: JobRecord) -> None:
+    if record.webhook_url and record.ended:
+        deliver_webhook.apply_async((record.job_id,), queue=settings.webhook_queue_name)
 
 
 def _engine():
@@ -242,61 +263,23 @@ def _engine():
 _ANALYSIS = {"bind": True, "max_retries": None, "throws": (JobFailed, JobInterrupted)}
 
 
-# params: only in messages queued before the job record held them
-@app.task(name="audio.diarize", **_ANALYSIS)
-def diarize(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    def work(path_of, progress, params):
-        return _engine().diarize(
-            path_of(params["file"]),
-            num_speakers=params.get("num_speakers"),
-            min_speakers=params.get("min_speakers"),
-            max_speakers=params.get("max_speakers"),
-            min_duration=params.get("min_duration"),
-            progress=progress,
-        ).model_dump()
+def _register(kind: JobKind) -> Task:
+    # params: only in messages queued before the job record held them
+    def run(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _run(self, job_id, kind, params)
 
-    return _run(self, job_id, work, params)
+    run.__name__ = run.__qualname__ = kind.name
+    run.__doc__ = f"{kind.summary} (job kind {kind.name!r}, shared/kinds.py)."
+    return app.task(name=kind.task_name, **_ANALYSIS)(run)
 
 
-@app.task(name="audio.embedding", **_ANALYSIS)
-def embedding(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    def work(path_of, progress, params):
-        return _engine().embed(path_of(params["file"]), normalize=params.get("normalize", True)).model_dump()
-
-    return _run(self, job_id, work, params)
-
-
-@app.task(name="audio.compare", **_ANALYSIS)
-def compare(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    def work(path_of, progress, params):
-        return _engine().compare(
-            path_of(params["file1"]), path_of(params["file2"]), threshold=params.get("threshold")
-        ).model_dump()
-
-    return _run(self, job_id, work, params)
-
-
-@app.task(name="audio.compare_embedding", **_ANALYSIS)
-def compare_embedding(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    def work(path_of, progress, params):
-        # owned by the verification work; parses .npy / JSON / restricted pickle, never executes
-        from shared.embedding_file import load_embedding
-
-        with open(path_of(params["embedding"], audio=False), "rb") as fh:
-            reference = load_embedding(fh.read(), params.get("embedding_filename"))
-        return _engine().compare_embedding(
-            path_of(params["audio"]), reference, threshold=params.get("threshold")
-        ).model_dump()
-
-    return _run(self, job_id, work, params)
-
-
-TASKS = {"diarize": diarize, "embedding": embedding, "compare": compare, "compare_embedding": compare_embedding}
+for _kind in KINDS.values():
+    _register(_kind)
 
 
 @app.task(
     bind=True,
-    name="audio.deliver_webhook",
+    name=WEBHOOK_TASK,
     autoretry_for=(webhooks.WebhookDeliveryError,),
     retry_backoff=settings.webhook_backoff_s,
     retry_backoff_max=settings.webhook_backoff_max_s,
@@ -307,7 +290,7 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
     """POST the finished job to its webhook once, retrying with exponential backoff."""
     jobs = store()
     record = jobs.get(job_id)
-    if record is None or not record.get("webhook_url"):
+    if record is None or not record.webhook_url:
         return {"job_id": job_id, "delivered": False, "reason": "no job or no webhook"}
     delivered = jobs.key("webhook", job_id, "delivered")
     if jobs.redis.exists(delivered):
@@ -319,10 +302,10 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
         return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
 
     attempt = self.request.retries + 1
-    payload = {k: v for k, v in public_view(record).items() if k != "webhook"}
+    payload = {k: v for k, v in record.public().items() if k != "webhook"}
     try:
         code = webhooks.post(
-            record["webhook_url"], job_id, payload, settings.webhook_secret.get_secret_value(), settings.webhook_timeout_s,
+            record.webhook_url, job_id, payload, settings.webhook_secret.get_secret_value(), settings.webhook_timeout_s,
             allow_private=settings.webhook_allow_private_addresses,
         )
     except webhooks.WebhookDeliveryError as exc:

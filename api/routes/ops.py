@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import RegistryDep, StoreDep
 from api.models import Health
+from shared.jobs import JobStore
 
 router = APIRouter(tags=["operations"])
 
 
-def _health(request: Request) -> tuple[int, dict[str, Any]]:
-    store = request.app.state.store
+def _health(store: JobStore) -> tuple[int, dict[str, Any]]:
     try:
         store.redis.ping()
         broker = "ok"
@@ -42,12 +43,12 @@ def _health(request: Request) -> tuple[int, dict[str, Any]]:
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}},
             summary="Model state of the workers and broker reachability")
-async def health(request: Request) -> JSONResponse:
-    code, body = await run_in_threadpool(_health, request)
+async def health(store: StoreDep) -> JSONResponse:
+    code, body = await run_in_threadpool(_health, store)
     return JSONResponse(body, status_code=code)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    data = await run_in_threadpool(generate_latest, request.app.state.registry)
+async def metrics(registry: RegistryDep) -> Response:
+    data = await run_in_threadpool(generate_latest, registry)
     return Response(data, media_type=CONTENT_TYPE_LATEST)

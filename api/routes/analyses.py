@@ -1,0 +1,70 @@
+"""The routes of every job kind, derived from shared/kinds.py: ``POST /jobs/<kind>`` (202, a job
+to poll or a webhook to wait for) and the original synchronous route (``/diarize`` and friends),
+which enqueues the same job and waits for it."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, require_api_key
+from api.dispatch import view
+from api.forms import WEBHOOK, file_parameters, form_parameters, split, with_signature
+from api.models import ERRORS, Job
+from shared.kinds import KINDS, JobKind
+
+jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook"}}
+
+_DEPS = [
+    inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+    inspect.Parameter("dispatcher", inspect.Parameter.KEYWORD_ONLY, annotation=DispatcherDep),
+    inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=PrincipalDep),
+    inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, annotation=BaseUrlDep),
+]
+
+
+def _fields(kind: JobKind) -> list[inspect.Parameter]:
+    return file_parameters(kind) + form_parameters(kind.form_fields.items())
+
+
+def _submit_endpoint(kind: JobKind):
+    async def submit(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
+                     **values: Any) -> JSONResponse:
+        uploads, form = split(kind, values)
+        submission = await dispatcher.read(kind, uploads, form)
+        webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
+        record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal)
+        body = view(record, base)
+        return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+
+    submit.__name__ = f"submit_{kind.name}"
+    return with_signature(submit, _DEPS, _fields(kind) + [WEBHOOK])
+
+
+def _sync_endpoint(kind: JobKind):
+    async def run(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
+                  **values: Any) -> dict[str, Any]:
+        uploads, form = split(kind, values)
+        submission = await dispatcher.read(kind, uploads, form)
+        return await dispatcher.run_sync(submission, principal, request)
+
+    run.__name__ = kind.name
+    return with_signature(run, _DEPS, _fields(kind))
+
+
+for _kind in KINDS.values():
+    jobs.add_api_route(
+        f"/{_kind.name}", _submit_endpoint(_kind), methods=["POST"], status_code=202, response_model=Job,
+        responses=ACCEPTED, summary=f"Submit: {_kind.summary.lower()}", name=f"submit_{_kind.name}",
+    )
+    if _kind.sync_path:
+        synchronous.add_api_route(
+            _kind.sync_path, _sync_endpoint(_kind), methods=["POST"], response_model=_kind.result,
+            summary=_kind.summary, name=_kind.name,
+        )
