@@ -16,7 +16,7 @@ setup() {
     stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
     if [ ! -f "$stamp" ]; then
         .venv/bin/python -m pip install --upgrade pip >/dev/null
-        .venv/bin/python -m pip install -e '.[test]'
+        .venv/bin/python -m pip install -e '.[all,test]'
         rm -f .venv/.installed-*
         touch "$stamp"
     fi

