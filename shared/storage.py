@@ -92,10 +92,6 @@ class LocalStorage:
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.root / _safe_part(job_id), ignore_errors=True)
 
-    def job_files(self, job_id: str) -> list[Path]:
-        folder = self.root / _safe_part(job_id)
-        return sorted(folder.iterdir()) if folder.is_dir() else []
-
     def sweep(self, older_than_s: float) -> int:
         """Delete upload folders older than ``older_than_s`` (jobs that never ran or were lost)."""
         cutoff = time.time() - older_than_s

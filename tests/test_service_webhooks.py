@@ -25,7 +25,7 @@ def _submit(client, utterance, url):
     r = client.post("/jobs/embedding", files={"file": (utterance.name, utterance.read_bytes(), "audio/wav")},
                     data={"webhook_url": url})
     assert r.status_code == 202, r.text
-    assert r.json()["webhook"] == {"status": "pending", "attempts": 0}
+    assert r.json()["webhook"] == {"status": "pending", "attempts": 0, "last_error": None, "delivered_at": None}
     return r.json()["job_id"]
 
 
