@@ -13,7 +13,7 @@ from api import errors
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
-from api.routes import analyses, jobs, ops
+from api.routes import analyses, jobs, ops, web
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
@@ -73,7 +73,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await app.state.dispatcher.close()
 
-    app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from api/routes/web.py: FastAPI's own pages load Swagger UI and
+    # ReDoc from a CDN and show a blank page without internet
+    app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     registry, latency = build_registry(store, settings)
@@ -88,6 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(LatencyMiddleware, latency=latency)
 
+    app.include_router(web.router)
+    app.mount("/ui", web.assets, name="ui")
+    app.mount("/docs-assets", web.docs_assets, name="docs-assets")
     app.include_router(ops.router)
     app.include_router(analyses.synchronous)
     app.include_router(jobs.router)
