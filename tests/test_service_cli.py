@@ -86,6 +86,10 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         assert login not in names
         up_log = (tmp_path / "up.log").read_text()
         assert str(secret_file.resolve()) in up_log and str(login_file.resolve()) in up_log
+        # it says where everything is: the page, the docs, Flower's login, which Redis database
+        assert f"web page  {base}/" in up_log and f"API docs  {base}/docs" in up_log
+        assert f"password {login.split(':', 1)[1]}" in up_log and "(database 0;" in up_log
+        assert str((tmp_path / "uploads").resolve()) in up_log
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 401
         user, password = login.split(":", 1)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=5).status_code == 200
