@@ -60,6 +60,36 @@ class JobCollector(Collector):
 
         workers = self.store.workers()
         yield GaugeMetricFamily("audio_analysis_workers", "Workers with a live heartbeat", value=len(workers))
+        yield from worker_metrics(workers)
+
+
+# per-worker readings from the heartbeats (worker/telemetry.py): (metric, help, telemetry key)
+WORKER_GAUGES = (
+    ("audio_analysis_worker_rss_bytes", "Resident memory of the worker process", "rss_bytes"),
+    ("audio_analysis_worker_cpu_percent", "CPU use of the worker process (100 = one core)", "cpu_percent"),
+    ("audio_analysis_worker_model_load_seconds", "Time the worker took to load its models", "model_load_s"),
+    ("audio_analysis_worker_jobs_running", "Jobs the worker process is running", "jobs_running"),
+    ("audio_analysis_worker_jobs_done", "Jobs the worker process ran since it started", "jobs_done"),
+    # GPU series: only workers on a GPU report them
+    ("audio_analysis_worker_gpu_utilization_percent", "GPU utilization of the worker's card (NVML)",
+     "gpu_utilization_percent"),
+    ("audio_analysis_worker_gpu_memory_used_bytes", "Memory used on the worker's card, all processes (NVML)",
+     "gpu_memory_used_bytes"),
+    ("audio_analysis_worker_gpu_memory_total_bytes", "Memory of the worker's card (NVML)", "gpu_memory_total_bytes"),
+    ("audio_analysis_worker_gpu_torch_allocated_bytes", "Memory torch holds allocated in the worker process",
+     "gpu_torch_allocated_bytes"),
+)
+
+
+def worker_metrics(workers: list[dict]) -> Iterator[Metric]:
+    for name, help_text, key in WORKER_GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=["worker", "device"])
+        for worker in workers:
+            value = (worker.get("telemetry") or {}).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family.add_metric([str(worker.get("worker")), str(worker.get("model_device") or "none")], float(value))
+        if family.samples:
+            yield family
 
 
 def build_registry(store: JobStore, settings: Settings) -> tuple[CollectorRegistry, Histogram]:

@@ -40,6 +40,10 @@ class Engine:
         self.profile = profile or PROFILES[self.settings.model_profile]
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.device.type == "cuda" and self.settings.gpu_memory_fraction is not None:
+            # several workers on one card: each stays inside its share (an allocation beyond
+            # it fails that job with an out-of-memory error instead of the neighbour's)
+            torch.cuda.set_per_process_memory_fraction(self.settings.gpu_memory_fraction, self.device)
         self._diarizer: Diarizer | None = None
         self._embedder: SpeakerEmbedder | None = None
         self._lock = threading.Lock()

@@ -12,6 +12,10 @@ class Timing(BaseModel):
     processing_time: float = Field(description="seconds spent processing")
     audio_duration: float = Field(description="seconds of input audio")
     model_device: str = Field(description="cuda:N or cpu")
+    peak_memory_mb: float | None = Field(
+        None, description="the job's peak memory on its device: torch's peak allocation on a GPU, the worker "
+        "process's peak resident memory on the CPU (set by the service's workers)",
+    )
 
 
 class DiarizationSegment(BaseModel):

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # otherwise the CPU.
     device: str = "auto"
     torch_threads: int | None = None
+    # share of the card's memory this worker process may allocate (torch's
+    # set_per_process_memory_fraction), so two workers can share one GPU without one starving
+    # the other; unset: no cap. PYTORCH_CUDA_ALLOC_CONF is torch's own and passes through as is.
+    gpu_memory_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     # --- diarization (embedded profile; tuned on real speech, see docs/models.md) -------------
     segmentation_step: float = 0.5

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = {f"AUDIO_ANALYSIS_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
 # variables read by something other than Settings, on purpose
 OTHER_ENV = {"CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "HF_TOKEN",
-             "FLOWER_BASIC_AUTH"}
+             "FLOWER_BASIC_AUTH", "PYTORCH_CUDA_ALLOC_CONF"}
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,21 @@ def test_worker_image_has_the_engine():
     extras = _installed_extras("Dockerfile.worker")
     assert "worker" in extras or "all" in extras, extras
     assert {"shared", "worker", "engine", "scripts"} <= _copied("Dockerfile.worker")
+
+
+def test_two_workers_can_share_a_card(compose):
+    """The shared-gpu profile: both workers reserve GPU 0 and each keeps to its memory share."""
+    shared = {n: s for n, s in compose["services"].items() if n.startswith("shared-gpu0")}
+    assert len(shared) == 2
+    fractions = []
+    for service in shared.values():
+        assert service["profiles"] == ["shared-gpu"]
+        [device] = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == ["0"]
+        env = service["environment"]
+        fractions.append(Settings(gpu_memory_fraction=env["AUDIO_ANALYSIS_GPU_MEMORY_FRACTION"]).gpu_memory_fraction)
+        assert "expandable_segments" in env["PYTORCH_CUDA_ALLOC_CONF"]
+    assert sum(fractions) <= 1.0
+    # the seed template's build argument name still works
+    dockerfile = (ROOT / "Dockerfile.worker").read_text()
+    assert "ARG HF_TOKEN_BUILD" in dockerfile and "ARG HF_TOKEN=${HF_TOKEN_BUILD}" in dockerfile

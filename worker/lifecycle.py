@@ -19,6 +19,7 @@ from celery import signals
 from shared.jobs import JobStore, utc_now
 from shared.settings import get_settings
 from shared.storage import get_storage
+from worker import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def heartbeat_info() -> dict[str, Any]:
         "worker": worker_name(),
         "pid": os.getpid(),
         **models,
+        # process and device readings, exposed by the API's /metrics per worker
+        "telemetry": telemetry.sample(models["model_device"]),
         "loads_models": settings.worker_load_models,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "load_error": _state["load_error"],
@@ -156,6 +159,7 @@ def boot(sender: str | None = None, **_: Any) -> None:
         started = time.perf_counter()
         try:
             get_engine().load_models()
+            telemetry.set_model_load_time(time.perf_counter() - started)
             log.info("models loaded on %s in %.1fs", get_engine().model_device, time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - keep serving; jobs report ModelError, /health shows it
             _state["load_error"] = f"{type(exc).__name__}: {exc}"

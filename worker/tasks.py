@@ -29,7 +29,7 @@ from shared.kinds import KINDS, JobKind, Params
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage
-from worker import lifecycle
+from worker import lifecycle, telemetry
 from worker.celery_app import app
 from worker.lease import JobLease
 
@@ -171,8 +171,10 @@ def _run_leased(
                 return path
 
             params, files = _inputs(kind, running, legacy_params, path_of)
-            result = kind.run(_engine(), files, params, _progress_reporter(task, job_id, attempt, lease))
-        outcome = (SUCCEEDED, result.model_dump(mode="json"), None)
+            engine = _engine()
+            with telemetry.job(engine.model_device) as peak:
+                result = kind.run(engine, files, params, _progress_reporter(task, job_id, attempt, lease))
+        outcome = (SUCCEEDED, {**result.model_dump(mode="json"), **peak}, None)
     except JobCancelled:
         pass  # recorded by whoever cancelled it
     except HandBack:
