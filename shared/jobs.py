@@ -29,6 +29,8 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # upper bounds (seconds) of the job duration histogram kept in Redis for /metrics
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0)
+# worker seconds per hour of audio: 6 s is 600x real time, 3600 s is real time
+PER_AUDIO_HOUR_BUCKETS = (2.0, 6.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
 def utc_now() -> str:
@@ -332,6 +334,12 @@ class JobStore:
             return r.model_copy(update={"webhook": state})
 
         self.update(job_id, change)
+        if fields.get("status") in ("retrying", "delivered", "failed"):
+            # every delivery attempt's outcome, for /metrics (webhook retries on the dashboard)
+            self.redis.hincrby(self.key("stats", "webhooks"), fields["status"], 1)
+
+    def webhook_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.redis.hgetall(self.key("stats", "webhooks")).items()}
 
     # --- metrics kept in Redis so every API replica reports the same figures ----------------
     def _count_finished(self, record: JobRecord) -> None:
@@ -347,6 +355,16 @@ class JobStore:
                     pipe.hincrby(hkey, f"le:{bound}", 1)
             pipe.hincrby(hkey, "count", 1)
             pipe.hincrbyfloat(hkey, "sum", duration)
+            audio_s = (record.result or {}).get("audio_duration")
+            if isinstance(audio_s, (int, float)) and audio_s > 0:
+                # what users pay for: worker seconds per hour of audio (a real-time factor)
+                per_hour = duration * 3600.0 / audio_s
+                rkey = self.key("stats", "per_audio_hour", kind)
+                for bound in PER_AUDIO_HOUR_BUCKETS:
+                    if per_hour <= bound:
+                        pipe.hincrby(rkey, f"le:{bound}", 1)
+                pipe.hincrby(rkey, "count", 1)
+                pipe.hincrbyfloat(rkey, "sum", per_hour)
         pipe.execute()
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
@@ -355,6 +373,9 @@ class JobStore:
 
     def duration_histogram(self, kind: str) -> dict[str, float]:
         return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "duration", kind)).items()}
+
+    def per_audio_hour_histogram(self, kind: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "per_audio_hour", kind)).items()}
 
     # --- worker heartbeats ------------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:
