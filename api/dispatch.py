@@ -19,6 +19,7 @@ from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import JobConflict, JobNotFound, SyncTimeout
+from shared import logs
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, InputError, ModelError
 from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, new_job_id
@@ -116,6 +117,7 @@ class Dispatcher:
             filename=first.filename if first is not None else None,
             owner=principal.owner if principal is not None else None,
             params=submission.params.model_dump(mode="json"), files=keys, queue=self.settings.queue_name,
+            request_id=logs.current("request_id"),
         )
         try:
             record = await run_in_threadpool(self.store.create, record)
@@ -129,6 +131,8 @@ class Dispatcher:
             self.storage.delete_job(job_id)
             self.store.finish(job_id, FAILED, error=ModelError(f"could not enqueue: {exc}").body())
             raise ModelError(f"job queue unavailable: {exc}") from exc
+        with logs.bound(job_id=job_id, kind=submission.kind.name):
+            log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
         return record
 
     async def check_audio_limits(self, keys: Mapping[str, str], *, sync: bool) -> None:

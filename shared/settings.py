@@ -108,6 +108,12 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     data_dir: Path = Path(".data")
 
+    # --- logs ---------------------------------------------------------------------------------
+    # "json": one object a line with job_id, kind, step, attempt and request_id (shared/logs.py),
+    # for a log collector; "text" for a terminal (``audio-analysis up`` uses it)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+
     # --- security / limits (issue 8) ----------------------------------------------------------
     # keys that see and cancel every tenant's jobs (operators); plain api_keys see only their own
     admin_api_keys: list[SecretStr] = Field(default_factory=list)

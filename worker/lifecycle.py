@@ -16,6 +16,7 @@ from typing import Any
 
 from celery import signals
 
+from shared import logs
 from shared.jobs import JobStore, utc_now
 from shared.settings import get_settings
 from shared.storage import get_storage
@@ -122,6 +123,15 @@ def _heartbeat_loop(stop: threading.Event) -> None:
         except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
             log.exception("heartbeat failed")
         stop.wait(interval)
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def format_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Celery's handlers, in our format: JSON lines (or text) with the job's fields."""
+    if logger is not None:
+        settings = get_settings()
+        logs.configure(settings.log_format, handlers=list(logger.handlers))
 
 
 @signals.worker_init.connect

@@ -21,7 +21,7 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from shared import webhooks
+from shared import logs, webhooks
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
@@ -80,6 +80,9 @@ def _progress_reporter(task: Task, job_id: str, attempt: int, lease: JobLease) -
         # Redis writes at most ~4/s, but always on a step change and at the end
         if step == last["step"] and fraction < 1.0 and now - last["t"] < 0.25:
             return
+        if step != last["step"]:
+            logs.bind(step=step)
+            log.info("step %s", step)
         last.update(t=now, step=step)
         record = store().set_progress(job_id, fraction, step)
         if record is not None and record.status == CANCELLED:
@@ -126,7 +129,7 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         # job has ended (skip) or its holder died (run it)
         log.info("job %s is running on %s: checking again in %.0f s", job_id, holder, settings.job_lease_s)
         raise task.retry(countdown=settings.job_lease_s)
-    with lease:
+    with lease, logs.bound(request_id=record.request_id):
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
@@ -149,6 +152,8 @@ def _run_leased(
         storage.delete_job(job_id)
         return _settle(task, running, job_id)
     attempt = running.attempts
+    logs.bind(attempt=attempt)
+    log.info("job started (attempt %d)", attempt)
     if running.lost >= settings.job_max_attempts:
         # a job whose worker died job_max_attempts times (a file that gets it OOM-killed, say)
         detail = f"the job's worker was lost {running.lost} times; giving up"
@@ -205,6 +210,7 @@ def _run_leased(
             record = jobs.get(job_id)
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
+    log.info("job %s", record.status if record is not None else "gone")
     # nothing of the audio is kept once the job ended, whatever the outcome
     storage.delete_job(job_id)
     if record is not None:
@@ -268,7 +274,8 @@ _ANALYSIS = {"bind": True, "max_retries": None, "throws": (JobFailed, JobInterru
 def _register(kind: JobKind) -> Task:
     # params: only in messages queued before the job record held them
     def run(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return _run(self, job_id, kind, params)
+        with logs.bound(job_id=job_id, kind=kind.name):
+            return _run(self, job_id, kind, params)
 
     run.__name__ = run.__qualname__ = kind.name
     run.__doc__ = f"{kind.summary} (job kind {kind.name!r}, shared/kinds.py)."
