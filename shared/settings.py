@@ -86,8 +86,20 @@ class Settings(BaseSettings):
     webhook_queue_name: str = "webhooks"
     # prefix of every Redis key the service writes (job records, heartbeats, metrics)
     redis_key_prefix: str = "aa"
-    # "local": a directory (storage_dir) shared by API and workers; see shared/storage.py
-    storage_backend: Literal["local"] = "local"
+    # "local": a directory (storage_dir) shared by API and workers; "s3": an S3-compatible bucket,
+    # for API and workers on different hosts (shared/storage.py; storage_dir then only holds the
+    # worker's temporary copies). Credentials come from boto3's usual chain (AWS_* environment,
+    # config files, instance/task role), never from these settings.
+    storage_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = "uploads"
+    # MinIO, a local test server, another S3-compatible store; unset: AWS
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # "AES256" (SSE-S3) or "aws:kms" (with s3_kms_key_id, or the bucket's default key)
+    s3_server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    s3_kms_key_id: str | None = None
     # False for a worker that only delivers webhooks: it never needs the models
     worker_load_models: bool = True
     worker_heartbeat_interval_s: float = 5.0

@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_ENV = {f"AUDIO_ANALYSIS_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
 # variables read by something other than Settings, on purpose
 # images of other projects (their own settings, no project code)
-THIRD_PARTY = {"redis", "prometheus", "grafana"}
+THIRD_PARTY = {"redis", "prometheus", "grafana", "minio", "minio-init"}
 OTHER_ENV = {"CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "HF_TOKEN",
-             "FLOWER_BASIC_AUTH", "PYTORCH_CUDA_ALLOC_CONF"}
+             "FLOWER_BASIC_AUTH", "PYTORCH_CUDA_ALLOC_CONF",
+             # boto3's own credential variables (the S3 storage backend)
+             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +253,15 @@ def test_two_workers_can_share_a_card(compose):
     # the seed template's build argument name still works
     dockerfile = (ROOT / "Dockerfile.worker").read_text()
     assert "ARG HF_TOKEN_BUILD" in dockerfile and "ARG HF_TOKEN=${HF_TOKEN_BUILD}" in dockerfile
+
+
+def test_s3_profile_wires_storage_to_minio(compose):
+    services = compose["services"]
+    assert services["minio"]["profiles"] == services["minio-init"]["profiles"] == ["s3"]
+    for name in ("api", "worker-gpu0", "webhooks"):
+        env = services[name]["environment"]
+        assert Settings.model_fields["storage_backend"].annotation  # a real setting
+        assert env["AUDIO_ANALYSIS_STORAGE_BACKEND"].startswith("${AUDIO_ANALYSIS_STORAGE_BACKEND:-local}")
+        assert env["AUDIO_ANALYSIS_S3_ENDPOINT_URL"].endswith("http://minio:9000}")
+    bucket = services["api"]["environment"]["AUDIO_ANALYSIS_S3_BUCKET"].split(":-")[1].rstrip("}")
+    assert f"local/{bucket}" in " ".join(services["minio-init"]["command"])
