@@ -97,9 +97,13 @@ def test_keys_cannot_leave_the_prefix(s3_server, tmp_path) -> None:
     storage.delete_job(key.partition("/")[0])
 
 
-def test_a_job_runs_with_api_and_worker_sharing_only_redis_and_the_bucket(s3_server, service_env, settings,
-                                                                          utterances, tmp_path) -> None:
-    """The worker gets its own working directory and queue; the upload exists only in the bucket."""
+def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, service_env, settings, long_sample,
+                                                                 tmp_path) -> None:
+    """API and two workers as if on three hosts: each its own working directory, nothing shared
+    but Redis and the bucket. The worker running a diarization is killed (SIGKILL, as the OOM
+    killer or a lost host would); the other runs the job to the end, once."""
+    import signal
+
     import httpx
 
     from cli.launcher import Stack, free_port, wait_until
@@ -111,32 +115,59 @@ def test_a_job_runs_with_api_and_worker_sharing_only_redis_and_the_bucket(s3_ser
         "AUDIO_ANALYSIS_STORAGE_BACKEND": "s3", "AUDIO_ANALYSIS_S3_BUCKET": BUCKET,
         "AUDIO_ANALYSIS_S3_ENDPOINT_URL": s3_server, "AUDIO_ANALYSIS_S3_REGION": "us-east-1",
         "AUDIO_ANALYSIS_S3_ADDRESSING_STYLE": "path", "AUDIO_ANALYSIS_QUEUE_NAME": queue,
+        "AUDIO_ANALYSIS_JOB_LEASE_S": "3", "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
     })
     store = JobStore.from_settings(settings)
-    with Stack(env={**os.environ, **env}, log_dir=tmp_path) as stack:
-        api_env = {"AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path / "api-host")}
-        worker_env = {"AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path / "worker-host"), "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "true"}
-        stack.env.update(api_env)
+    hosts = {name: tmp_path / name for name in ("api-host", "host-a", "host-b")}
+    with Stack(env={**os.environ, **env, "AUDIO_ANALYSIS_STORAGE_DIR": str(hosts["api-host"])}, log_dir=tmp_path) as stack:
         port = free_port()
         stack.start_api("127.0.0.1", port)
-        worker = stack.start_worker(queues=[queue], name="s3-worker", env=worker_env)
-        wait_until(lambda: any(w["worker"].startswith("s3-worker@") and w.get("verification_model_loaded")
-                               for w in store.workers()), 240, "s3 worker", worker)
+        workers = {name: stack.start_worker(queues=[queue], name=name,
+                                            env={"AUDIO_ANALYSIS_STORAGE_DIR": str(hosts[name])})
+                   for name in ("host-a", "host-b")}
+
+        def ready() -> bool:
+            loaded = {w["worker"].split("@")[0] for w in store.workers() if w.get("diarization_model_loaded")}
+            return set(workers) <= loaded
+
+        wait_until(ready, 300, "two s3 workers", next(iter(workers.values())))
+        finished_before = store.finished_counts().get(("diarize", "succeeded"), 0)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            utterance = utterances["spk1"][0]
-            r = http.post("/jobs/embedding", files={"file": (utterance.name, utterance.read_bytes(), "audio/wav")})
+            r = http.post("/jobs/diarize", files={"file": (long_sample.name, long_sample.read_bytes(), "audio/wav")})
             assert r.status_code == 202, r.text
             job_id = r.json()["job_id"]
-            deadline = time.monotonic() + 180
-            while (job := http.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+            storage = S3Storage(_settings(s3_server, tmp_path))
+            assert storage.exists(f"{job_id}/file")
+            pids = {name: proc.pid for name, proc in workers.items()}
+            deadline = time.monotonic() + 120
+            victim = None
+            while victim is None:
+                job = http.get(f"/jobs/{job_id}").json()
+                token = store.redis.get(store.key("job", job_id, "lease"))
+                if job["status"] == "running" and job["progress"] > 0 and token:
+                    victim = next((n for n, pid in pids.items() if pid == int(token.split("|")[1])), None)
                 assert time.monotonic() < deadline, job
-                time.sleep(0.3)
+                time.sleep(0.05)
+            workers[victim].send_signal(signal.SIGKILL)
+            workers[victim].wait(10)
+            survivor = next(n for n in workers if n != victim)
+            deadline = time.monotonic() + 240
+            while (job := http.get(f"/jobs/{job_id}").json())["status"] not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+        print(f"\ntwo hosts over S3: {victim} killed mid-job, {survivor} finished it on attempt {job['attempts']}")
         assert job["status"] == "succeeded", job
-        assert len(job["result"]["embedding"]) == 192
-        # nothing of the upload on either host's disk, nor left in the bucket
-        for host in ("api-host", "worker-host"):
-            leftovers = [p for p in (tmp_path / host).rglob("*") if p.is_file()] if (tmp_path / host).exists() else []
-            assert leftovers == [], (host, leftovers)
-        storage = S3Storage(_settings(s3_server, tmp_path))
-        assert not storage.exists(f"{job_id}/file")
+        assert job["attempts"] == 2 and job["result"]["segments_count"] > 0
+        # run to the end once: one more succeeded diarization in the counters, not two
+        assert store.finished_counts().get(("diarize", "succeeded"), 0) == finished_before + 1
+        assert workers[survivor].poll() is None
+        # nothing of the upload left in the bucket (deleted right after the result is recorded)
+        # or on the surviving hosts' disks
+        deadline = time.monotonic() + 10
+        while storage.exists(f"{job_id}/file"):
+            assert time.monotonic() < deadline, "the upload stayed in the bucket"
+            time.sleep(0.1)
+        for name in ("api-host", survivor):
+            leftovers = [p for p in hosts[name].rglob("*") if p.is_file()] if hosts[name].exists() else []
+            assert leftovers == [], (name, leftovers)
