@@ -100,6 +100,7 @@ class Dispatcher:
         submission: Submission,
         *,
         webhook_url: str | None = None,
+        webhook_payload: str | None = None,
         batch_id: str | None = None,
         sync: bool = False,
         principal: Principal | None = None,
@@ -114,6 +115,8 @@ class Dispatcher:
         first = next(iter(submission.audio.values()), None)
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
+            # what the webhook carries; only a job with a webhook has one
+            webhook_payload=(webhook_payload or "full") if webhook_url else None,
             filename=first.filename if first is not None else None,
             owner=principal.owner if principal is not None else None,
             params=submission.params.model_dump(mode="json"), files=keys, queue=self.settings.queue_name,

@@ -10,7 +10,7 @@ once (``Dispatcher.read``).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Literal
 
 from fastapi import File, Form, UploadFile
 from pydantic.fields import FieldInfo
@@ -21,6 +21,13 @@ WEBHOOK = inspect.Parameter(
     "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
     default=Form(None, description="POSTed the job record, signed, when the job ends"),
 )
+WEBHOOK_PAYLOAD = inspect.Parameter(
+    "webhook_payload", inspect.Parameter.KEYWORD_ONLY, annotation=Literal["full", "status"] | None,
+    default=Form(None, description="what the webhook carries: 'full' (default) the job record with its result, "
+                 "'status' the record without `result` (fetch it from GET /jobs/{id}/result)"),
+)
+# every asynchronous route's webhook fields, after the kind's own
+WEBHOOK_FIELDS = [WEBHOOK, WEBHOOK_PAYLOAD]
 
 
 def file_parameters(kind: JobKind) -> list[inspect.Parameter]:

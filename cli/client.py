@@ -4,7 +4,8 @@
     with Client("http://127.0.0.1:8000") as c:
         job = c.submit("diarize", "meeting.wav", num_speakers=2)
         done = c.wait(job["job_id"], progress=lambda f, step: print(f"{f:.0%} {step}"))
-        print(c.result(job["job_id"]))
+        print(c.result(job["job_id"]))                 # the JSON body, as a dict
+        print(c.result(job["job_id"], format="srt"))   # or rttm, vtt: the text
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import httpx
 
-from shared.errors import AnalysisError, ProcessingError
+from shared.errors import AnalysisError
 from shared.jobs import TERMINAL
 from shared.kinds import KINDS
 
@@ -47,8 +48,10 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None, **params: Any) -> dict[str, Any]:
-        """Upload and enqueue; returns the job record (status 'queued')."""
+    def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None,
+               webhook_payload: str | None = None, **params: Any) -> dict[str, Any]:
+        """Upload and enqueue; returns the job record (status 'queued'). ``webhook_payload``:
+        'full' (default) or 'status' (the webhook carries the record without its result)."""
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
@@ -57,6 +60,8 @@ class Client:
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
+        if webhook_payload:
+            data["webhook_payload"] = webhook_payload
         handles = [open(f, "rb") for f in files]
         try:
             # httpx streams file objects from disk rather than loading them
@@ -98,11 +103,14 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {record['status']} after {timeout_s} s")
             time.sleep(interval_s)
 
-    def result(self, job_id: str) -> dict[str, Any]:
-        """The result body of a finished job; raises the job's error if it failed."""
-        record = self.status(job_id)
-        if record["status"] == "succeeded":
-            return record["result"]
-        if record["status"] == "failed":
-            raise AnalysisError.from_body(record.get("error") or {})
-        raise ProcessingError(f"job {job_id} is {record['status']}, no result")
+    def result(self, job_id: str, format: str = "json") -> Any:  # noqa: A002
+        """The result of a succeeded job (``GET /jobs/{id}/result``): the body as a dict for
+        ``json``, the text for ``rttm``, ``srt`` and ``vtt``. Raises the job's own error if it
+        failed, and the API's 409 while it is queued or running (or was cancelled)."""
+        response = self.http.get(f"/jobs/{job_id}/result", params={"format": format})
+        if response.status_code == 409:
+            record = self.status(job_id)
+            if record["status"] == "failed":
+                raise AnalysisError.from_body(record.get("error") or {})
+        _raise_for_error(response)
+        return response.json() if format == "json" else response.text

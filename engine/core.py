@@ -111,10 +111,12 @@ class Engine:
         min_speakers: int | None = None,
         max_speakers: int | None = None,
         min_duration: float | None = None,
+        exclusive: bool = False,
         progress: ProgressCallback | None = None,
     ) -> DiarizationResponse:
+        """Who spoke when; ``exclusive``: one speaker at a time (no overlapping turns)."""
         _check(DiarizeParams, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
-               min_duration=min_duration)
+               min_duration=min_duration, exclusive=exclusive)
         started = time.perf_counter()
         audio = self.load(source)
         turns: list[Turn] = self.diarizer(
@@ -123,6 +125,7 @@ class Engine:
             min_speakers=min_speakers,
             max_speakers=max_speakers,
             min_duration=min_duration or 0.0,
+            exclusive=exclusive,
             progress=progress,
         )
         return DiarizationResponse(

@@ -27,6 +27,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+WebhookPayload = Literal["full", "status"]
 # upper bounds (seconds) of the job duration histogram kept in Redis for /metrics
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0)
 # worker seconds per hour of audio: 6 s is 600x real time, 3600 s is real time
@@ -74,6 +75,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     webhook_url: str | None = None
     webhook: WebhookState | None = None
+    # "full": the webhook carries the record with its result; "status": without it
+    webhook_payload: WebhookPayload | None = None
     batch_id: str | None = None
     filename: str | None = None
     sync: bool = False

@@ -8,6 +8,8 @@ call that produces it. Everything else is derived from :data:`KINDS`:
   original contract (``api/routes/analyses.py``), their form fields and OpenAPI docs;
 * the Celery task ``audio.<name>`` that runs it on a worker (``worker/tasks.py``);
 * the Python client's upload fields and the CLI's offline and ``submit`` commands (``cli/``);
+* the formats its result is offered in (``GET /jobs/{id}/result?format=``, the CLI's
+  ``--format``): JSON for every kind, plus the kind's ``renderers`` (``shared/formats.py``);
 * the metrics' per-kind series (``api/metrics.py``).
 
 Adding a kind (voice identification, URL input) is a declaration here, its engine method and a
@@ -17,13 +19,15 @@ and in the offline CLI.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.errors import InputError
+from shared.formats import DIARIZATION_RENDERERS
 from shared.schemas import CompareResponse, DiarizationResponse, EmbeddingResponse
 from shared.settings import Settings
 
@@ -43,6 +47,11 @@ class DiarizeParams(Params):
     max_speakers: int | None = Field(None, ge=1, le=100, description="at most this many speakers")
     min_duration: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="drop segments shorter than this (seconds)"
+    )
+    exclusive: bool = Field(
+        False,
+        description="one speaker at a time (pyannote's exclusive diarization: in overlapped speech only the "
+        "most active speaker is kept), for aligning with a transcript",
     )
 
     @model_validator(mode="after")
@@ -106,6 +115,8 @@ class Engine(Protocol):
 
 
 Runner = Callable[[Engine, Mapping[str, Path], Any, "ProgressCallback | None"], BaseModel]
+# (result body, uri: the audio's name) -> the result as text in one format
+Renderer = Callable[[Mapping[str, Any], str], str]
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class JobKind:
     sync_path: str | None = None
     # offered by POST /jobs/batch (one job per file): kinds with a single audio upload
     batch: bool = False
+    # formats besides JSON its result renders to (shared/formats.py)
+    renderers: Mapping[str, Renderer] = field(default_factory=dict, hash=False)
 
     @property
     def task_name(self) -> str:
@@ -138,6 +151,22 @@ class JobKind:
 
     def parse_params(self, values: Mapping[str, Any]) -> Params:
         return validate_params(self.params, values)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return ("json", *self.renderers)
+
+    def check_format(self, name: str) -> str:
+        """``name`` if this kind's result is offered in it; a 422 naming the ones it is offered in."""
+        if name not in self.formats:
+            raise InputError(f"format {name!r} is not offered for {self.name} results; one of {', '.join(self.formats)}")
+        return name
+
+    def render(self, body: Mapping[str, Any], name: str, *, uri: str = "audio") -> str:
+        """The result body as text in format ``name`` (JSON: indented, as the CLI prints it)."""
+        if self.check_format(name) == "json":
+            return json.dumps(body, indent=2) + "\n"
+        return self.renderers[name](body, uri)
 
 
 def validate_params(model: type[Params], values: Mapping[str, Any]) -> Params:
@@ -167,6 +196,7 @@ DIARIZE = JobKind(
     run=lambda engine, files, p, progress: engine.diarize(files["file"], **p.model_dump(), progress=progress),
     sync_path="/diarize",
     batch=True,
+    renderers=DIARIZATION_RENDERERS,
 )
 
 EMBEDDING = JobKind(

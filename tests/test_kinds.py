@@ -42,7 +42,7 @@ def _form_fields(spec: dict, path: str) -> set[str]:
 def test_every_kind_has_its_routes_with_exactly_its_fields(openapi, name) -> None:
     kind = KINDS[name]
     expected = {f.name for f in kind.files} | set(kind.form_fields)
-    assert _form_fields(openapi, f"/jobs/{name}") == expected | {"webhook_url"}
+    assert _form_fields(openapi, f"/jobs/{name}") == expected | {"webhook_url", "webhook_payload"}
     assert "202" in openapi["paths"][f"/jobs/{name}"]["post"]["responses"]
     if kind.sync_path:
         assert _form_fields(openapi, kind.sync_path) == expected
@@ -54,7 +54,16 @@ def test_every_kind_has_its_routes_with_exactly_its_fields(openapi, name) -> Non
 def test_batch_offers_the_batch_kinds(openapi) -> None:
     fields = _form_fields(openapi, "/jobs/batch")
     batch = [k for k in KINDS.values() if k.batch]
-    assert {"kind", "files", "webhook_url"} | {n for k in batch for n in k.form_fields} == fields
+    assert {"kind", "files", "webhook_url", "webhook_payload"} | {n for k in batch for n in k.form_fields} == fields
+
+
+def test_result_formats_follow_the_registry(openapi) -> None:
+    get = openapi["paths"]["/jobs/{job_id}/result"]["get"]
+    (fmt,) = [p for p in get["parameters"] if p["name"] == "format"]
+    offered = {f for k in KINDS.values() for f in k.formats}
+    assert set(fmt["schema"]["enum"]) == offered == {"json", "rttm", "srt", "vtt"}
+    assert {"application/json", "text/vtt", "application/x-subrip", "text/plain"} <= set(get["responses"]["200"]["content"])
+    assert {"404", "409", "422"} <= set(get["responses"])
 
 
 def test_the_worker_registers_one_task_per_kind() -> None:

@@ -286,6 +286,13 @@ for _kind in KINDS.values():
     _register(_kind)
 
 
+def webhook_payload(record: JobRecord) -> dict[str, Any]:
+    """The record as the webhook carries it: without its webhook state, and without ``result``
+    when the job asked for the status only (``webhook_payload=status``)."""
+    leave_out = {"webhook"} | ({"result"} if record.webhook_payload == "status" else set())
+    return {k: v for k, v in record.public().items() if k not in leave_out}
+
+
 @app.task(
     bind=True,
     name=WEBHOOK_TASK,
@@ -310,12 +317,13 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
     if not jobs.redis.set(claim, self.request.id, nx=True, ex=jobs.ttl) and jobs.redis.get(claim) != self.request.id:
         return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
 
-    attempt = self.request.retries + 1
-    payload = {k: v for k, v in record.public().items() if k != "webhook"}
+    # counted from the record too: a delivery task redelivered after its worker died starts its
+    # own retry count again, the receiver's count goes on
+    attempt = max(self.request.retries, record.webhook.attempts if record.webhook else 0) + 1
     try:
         code = webhooks.post(
-            record.webhook_url, job_id, payload, settings.webhook_secret.get_secret_value(), settings.webhook_timeout_s,
-            allow_private=settings.webhook_allow_private_addresses,
+            record.webhook_url, job_id, webhook_payload(record), settings.webhook_secret.get_secret_value(),
+            settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
         )
     except webhooks.WebhookDeliveryError as exc:
         final = self.request.retries >= self.max_retries
