@@ -70,7 +70,10 @@ class Diarizer:
         self.device = device
         self.min_speaker_s = min_speaker_s
 
-    def __call__(
+    def __call__(self, audio: Audio, **kwargs) -> list[Turn]:
+        return self.run(audio, **kwargs).turns
+
+    def run(
         self,
         audio: Audio,
         *,
@@ -79,7 +82,8 @@ class Diarizer:
         max_speakers: int | None = None,
         min_duration: float = 0.0,
         progress: ProgressCallback | None = None,
-    ) -> list[Turn]:
+    ) -> "Diarization":
+        """The turns, and each reported speaker's non-overlapped speech (for naming it)."""
         kwargs = {}
         if num_speakers is not None:
             kwargs["num_speakers"] = num_speakers
@@ -92,10 +96,27 @@ class Diarizer:
         # stdout belongs to the CLI's JSON/RTTM: anything a library prints goes to stderr
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
-        return to_turns(
+        names: dict[str, str] = {}
+        turns = to_turns(
             output, min_speaker_s=self.min_speaker_s, num_speakers=num_speakers, min_speakers=min_speakers,
-            min_duration=min_duration,
+            min_duration=min_duration, names=names,
         )
+        exclusive = getattr(output, "exclusive_speaker_diarization", None)
+        speech: dict[str, list[tuple[float, float]]] = {name: [] for name in dict.fromkeys(t.speaker for t in turns)}
+        if exclusive is not None:
+            for seg, _, label in exclusive.itertracks(yield_label=True):
+                name = names.get(str(label))
+                if name in speech:
+                    speech[name].append((float(seg.start), float(seg.end)))
+        return Diarization(turns, speech)
+
+
+@dataclass(frozen=True)
+class Diarization:
+    turns: list[Turn]
+    # reported speaker -> its non-overlapped speech regions (seconds), from pyannote's exclusive
+    # diarization; empty for a pipeline that gives none
+    speech: dict[str, list[tuple[float, float]]]
 
 
 def to_turns(
@@ -105,9 +126,11 @@ def to_turns(
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     min_duration: float = 0.0,
+    names: dict[str, str] | None = None,
 ) -> list[Turn]:
     """The pipeline's output as the product reports it: stray speakers dropped (unless the caller
-    fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance."""
+    fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance.
+    ``names`` receives pipeline label -> reported label."""
     annotation = getattr(output, "speaker_diarization", output)
     if num_speakers is None:
         annotation = drop_stray_speakers(annotation, min_speaker_s, keep_at_least=min_speakers or 1)
@@ -116,7 +139,8 @@ def to_turns(
             (float(seg.start), float(seg.end), str(label))
             for seg, _, label in annotation.itertracks(yield_label=True)
             if seg.duration >= min_duration
-        ]
+        ],
+        names=names,
     )
 
 
@@ -135,10 +159,11 @@ def drop_stray_speakers(annotation, min_total_s: float, keep_at_least: int = 1):
     return annotation.subset(stray, invert=True)
 
 
-def relabel_by_first_appearance(turns: list[tuple[float, float, str]]) -> list[Turn]:
-    """SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn."""
+def relabel_by_first_appearance(turns: list[tuple[float, float, str]],
+                                names: dict[str, str] | None = None) -> list[Turn]:
+    """SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn (``names``: old -> new)."""
     turns = sorted(turns, key=lambda t: (t[0], t[1]))
-    names: dict[str, str] = {}
+    names = {} if names is None else names
     out = []
     for start, end, label in turns:
         name = names.setdefault(label, f"SPEAKER_{len(names):02d}")
