@@ -27,6 +27,7 @@ from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.voiceprints import VoiceprintStore
 from shared.webhooks import validate_webhook_url
 
 if TYPE_CHECKING:
@@ -41,7 +42,17 @@ class Submission:
 
     kind: JobKind
     params: Params
+    # upload name -> file; a multiple-file field's files as <name>.0, <name>.1, ...
     audio: Mapping[str, UploadFile]
+
+
+@dataclass(frozen=True)
+class EdgeContext:
+    """What a kind's lookups see (shared.kinds.Edge): the caller and the stores."""
+
+    owner: str | None
+    settings: Settings
+    voiceprints: VoiceprintStore
 
 
 @dataclass
@@ -50,13 +61,25 @@ class Dispatcher:
     store: JobStore
     storage: Storage
     celery: Celery
+    voiceprints: VoiceprintStore | None = None
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.voiceprints is None:
+            self.voiceprints = VoiceprintStore.from_settings(self.settings)
+
     # --- the edge: what a client sent, parsed and validated once ----------------------------
-    async def read(self, kind: JobKind, uploads: Mapping[str, UploadFile], form: Mapping[str, Any]) -> Submission:
-        """Non-audio uploads (a stored embedding) become parameters; all are validated."""
+    async def read(self, kind: JobKind, uploads: Mapping[str, Any], form: Mapping[str, Any],
+                   principal: Principal | None = None) -> Submission:
+        """Non-audio uploads (a stored embedding) and lookups (voiceprint ids) become
+        parameters; all are validated."""
         values = dict(form)
+        edge = EdgeContext(principal.owner if principal is not None else None, self.settings, self.voiceprints)
+        for lookup in kind.lookups:
+            given = values.pop(lookup.name, None)
+            if given is not None and str(given).strip():
+                values[lookup.into] = await run_in_threadpool(lookup.resolve, str(given), edge)
         for spec in kind.files:
             if spec.parse is None:
                 continue
@@ -67,7 +90,19 @@ class Dispatcher:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
         params = kind.parse_params(values)
-        return Submission(kind, params, {f.name: uploads[f.name] for f in kind.audio_files})
+        audio: dict[str, UploadFile] = {}
+        for spec in kind.audio_files:
+            upload = uploads[spec.name]
+            if not spec.multiple:
+                audio[spec.name] = upload
+                continue
+            files = [u for u in (upload or []) if u is not None]
+            if not files:
+                raise InputError(f"{spec.name}: at least one file is required")
+            if len(files) > spec.max_count:
+                raise InputError(f"{spec.name}: at most {spec.max_count} files, {len(files)} given")
+            audio.update({f"{spec.name}.{i}": u for i, u in enumerate(files)})
+        return Submission(kind, params, audio)
 
     async def check_webhook(self, url: str | None) -> str | None:
         if not url:

@@ -32,8 +32,8 @@ WEBHOOK_FIELDS = [WEBHOOK, WEBHOOK_PAYLOAD]
 
 def file_parameters(kind: JobKind) -> list[inspect.Parameter]:
     return [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
-                          default=File(..., description=f.description))
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile] if f.multiple else UploadFile,
+                          default=File(..., description=f.description + (f" (1 to {f.max_count})" if f.multiple else "")))
         for f in kind.files
     ]
 
@@ -56,8 +56,9 @@ def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.
     return endpoint
 
 
-def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, UploadFile], dict[str, Any]]:
-    """(uploads, form fields of the kind's parameters) out of an endpoint's keyword values."""
+def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(uploads, form fields of the kind's parameters) out of an endpoint's keyword values; a
+    multiple-file field's upload is a list."""
     uploads = {f.name: values[f.name] for f in kind.files}
     form = {name: values.get(name) for name in kind.form_fields}
     return uploads, form

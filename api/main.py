@@ -14,7 +14,7 @@ from api import errors
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
-from api.routes import analyses, jobs, ops, web
+from api.routes import analyses, jobs, ops, voiceprints, web
 from shared import logs
 from shared.jobs import JobStore
 from shared.queue import make_celery
@@ -28,6 +28,8 @@ The synchronous endpoints (`/diarize`, `/embedding`, `/compare`, `/compare_embed
 original contract: they enqueue a job and wait for it. Long recordings go through `/jobs/*`:
 submit (202 with a `status_url`), poll, or pass `webhook_url` to be POSTed the result, signed with
 HMAC-SHA256 (`X-AudioAnalysis-Timestamp`, `X-AudioAnalysis-Signature`, `X-AudioAnalysis-Job-Id`).
+Known speakers: `POST /voiceprints` enrolls a person (one or more recordings and a label);
+`voiceprints=<ids>|all` on `/diarize` and `/identify` names the speakers.
 Errors are always `{"detail", "error_type", "timestamp"}`.
 """
 
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(analyses.synchronous)
     app.include_router(jobs.router)
     app.include_router(jobs.batches)
+    app.include_router(voiceprints.router)
     return app
 
 

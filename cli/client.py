@@ -24,6 +24,19 @@ from shared.kinds import KINDS
 FILE_FIELDS = {name: tuple(f.name for f in kind.files) for name, kind in KINDS.items()}
 
 
+def _assign(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | Path]]:
+    """(field, file) pairs in the kind's order; a multiple-file field (last) takes the rest."""
+    specs = KINDS[kind].files
+    if specs and specs[-1].multiple and len(files) >= len(specs):
+        names = [f.name for f in specs[:-1]] + [specs[-1].name] * (len(files) - len(specs) + 1)
+        if len(files) - len(specs) + 1 > specs[-1].max_count:
+            raise ValueError(f"{kind} takes at most {specs[-1].max_count} files for {specs[-1].name}")
+        return list(zip(names, files))
+    if len(files) != len(specs):
+        raise ValueError(f"{kind} takes {len(specs)} file(s): {', '.join(f.name for f in specs)}")
+    return [(f.name, path) for f, path in zip(specs, files)]
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -55,23 +68,39 @@ class Client:
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
-        if len(files) != len(fields):
-            raise ValueError(f"{kind} takes {len(fields)} file(s): {', '.join(fields)}")
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
         if webhook_payload:
             data["webhook_payload"] = webhook_payload
-        handles = [open(f, "rb") for f in files]
+        response = self._post_files(f"/jobs/{kind}", _assign(kind, files), data)
+        _raise_for_error(response)
+        return response.json()
+
+    def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str]) -> httpx.Response:
+        handles = [open(f, "rb") for _, f in pairs]
         try:
             # httpx streams file objects from disk rather than loading them
-            upload = {field: (Path(f).name, h) for field, f, h in zip(fields, files, handles)}
-            response = self.http.post(f"/jobs/{kind}", files=upload, data=data)
+            upload = [(field, (Path(f).name, h)) for (field, f), h in zip(pairs, handles)]
+            return self.http.post(path, files=upload, data=data)
         finally:
             for h in handles:
                 h.close()
+
+    # --- voiceprints ----------------------------------------------------------------------------
+    def create_voiceprint(self, label: str, *files: str | Path) -> dict[str, Any]:
+        """Enroll a person from one or more recordings; returns the stored voiceprint (its ``id``)."""
+        response = self._post_files("/voiceprints", [("files", f) for f in files], {"label": label})
         _raise_for_error(response)
         return response.json()
+
+    def voiceprints(self) -> list[dict[str, Any]]:
+        response = self.http.get("/voiceprints")
+        _raise_for_error(response)
+        return response.json()["voiceprints"]
+
+    def delete_voiceprint(self, voiceprint_id: str) -> None:
+        _raise_for_error(self.http.delete(f"/voiceprints/{voiceprint_id}"))
 
     def status(self, job_id: str) -> dict[str, Any]:
         response = self.http.get(f"/jobs/{job_id}")

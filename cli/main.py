@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -37,9 +37,15 @@ def _fail(exc: Exception) -> None:
     raise exc
 
 
-def read_inputs(kind: JobKind, files: dict[str, Path], options: dict[str, Any]) -> tuple[Params, dict[str, Path]]:
-    """As the API does: non-audio files parsed into parameters, all validated once."""
+def read_inputs(kind: JobKind, files: dict[str, Any], options: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """As the API does: non-audio files parsed into parameters, lookups resolved (offline:
+    voiceprint files), all validated once. A multiple-file field's value is a list of paths."""
     values = dict(options)
+    settings = get_settings()
+    for lookup in kind.lookups:
+        given = values.pop(lookup.name, None)
+        if given:
+            values[lookup.into] = lookup.resolve_offline(str(given), settings)
     for spec in kind.files:
         if spec.parse is not None:
             values[spec.into or spec.name] = spec.parse(files[spec.name].read_bytes(), files[spec.name].name,
@@ -129,7 +135,7 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
         typer.echo(result.model_dump_json(indent=2))
 
     arguments = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=List[Path] if f.multiple else Path,
                           default=typer.Argument(..., exists=True, dir_okay=False, help=f.description))
         for f in kind.files
     ]

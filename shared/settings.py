@@ -51,6 +51,22 @@ class Settings(BaseSettings):
     # for the active model (see engine.core.DEFAULT_THRESHOLDS and docs/models.md).
     verification_threshold: float | None = None
 
+    # --- voiceprints and identification (issue 10, docs/models.md) -----------------------------
+    # cosine threshold for naming a speaker (diarize) or a recording (identify) when a request
+    # gives none. Unset: the value calibrated for the active model (engine/profiles.py)
+    identification_threshold: float | None = None
+    # a voiceprint needs this much detected speech over its recordings (bench/identification.py)
+    voiceprint_min_speech_s: float = 3.0
+    # voiceprints per job (their vectors travel in the job record)
+    voiceprints_max_per_job: int = 200
+    # a diarized speaker is named from at most this much of its own (non-overlapped) speech, its
+    # longest turns first; with less than identification_min_speech_s it stays unnamed
+    identification_max_speech_s: float = 60.0
+    identification_min_speech_s: float = 1.0
+    # voiceprints never expire: by default they live in the service's Redis (redis_url), which
+    # then needs persistence; set this to keep them in another Redis (docs/service.md)
+    voiceprint_redis_url: str | None = None
+
     # --- input limits -------------------------------------------------------------------------
     # the longest recording a job takes (checked from the container header before decoding)
     max_audio_seconds: float = 24 * 3600.0

@@ -219,7 +219,7 @@ def _run_leased(
 
 
 def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
-            path_of: Callable[..., Path]) -> tuple[Params, dict[str, Path]]:
+            path_of: Callable[..., Path]) -> tuple[Params, dict[str, Any]]:
     """The job's typed parameters and local audio paths, as the API stored them.
 
     Records queued by a version that stored the embedding file itself (not its numbers) have it
@@ -234,12 +234,27 @@ def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | No
         if spec.parse is not None and spec.name in stored:
             with open(path_of(stored[spec.name], audio=False), "rb") as fh:
                 raw[spec.into or spec.name] = spec.parse(fh.read(), raw.get(f"{spec.name}_filename"), settings)
-    missing = [f.name for f in kind.audio_files if f.name not in stored]
+    missing = [f.name for f in kind.audio_files if not _upload_keys(f, stored)]
     if missing:
         raise ProcessingError(f"job record names no upload for {', '.join(missing)}")
     params = kind.params.model_validate({k: v for k, v in raw.items() if k in kind.params.model_fields})
-    files = {spec.name: path_of(stored[spec.name]) for spec in kind.audio_files}
+    files: dict[str, Any] = {}
+    for spec in kind.audio_files:
+        paths = [path_of(key) for key in _upload_keys(spec, stored)]
+        files[spec.name] = paths if spec.multiple else paths[0]
     return params, files
+
+
+def _upload_keys(spec: Any, stored: dict[str, str]) -> list[str]:
+    """Storage keys of one upload field; a multiple-file field's are ``<name>.0``, ``<name>.1``..."""
+    if not spec.multiple:
+        return [stored[spec.name]] if spec.name in stored else []
+    numbered = []
+    for name, key in stored.items():
+        head, _, index = name.rpartition(".")
+        if head == spec.name and index.isdigit():
+            numbered.append((int(index), key))
+    return [key for _, key in sorted(numbered)]
 
 
 def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def _submit_endpoint(kind: JobKind):
     async def submit(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                      **values: Any) -> JSONResponse:
         uploads, form = split(kind, values)
-        submission = await dispatcher.read(kind, uploads, form)
+        submission = await dispatcher.read(kind, uploads, form, principal)
         webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
         record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
                                          webhook_payload=values.get("webhook_payload"))
@@ -52,7 +52,7 @@ def _sync_endpoint(kind: JobKind):
     async def run(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                   **values: Any) -> dict[str, Any]:
         uploads, form = split(kind, values)
-        submission = await dispatcher.read(kind, uploads, form)
+        submission = await dispatcher.read(kind, uploads, form, principal)
         return await dispatcher.run_sync(submission, principal, request)
 
     run.__name__ = kind.name

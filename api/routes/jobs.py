@@ -48,7 +48,7 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     batch_id = new_job_id()
     records = []
     for upload in files:
-        submission = await dispatcher.read(job_kind, {upload_field.name: upload}, form)
+        submission = await dispatcher.read(job_kind, {upload_field.name: upload}, form, principal)
         records.append(await dispatcher.submit(submission, webhook_url=webhook_url, webhook_payload=webhook_payload,
                                                batch_id=batch_id, principal=principal))
     body = _batch_body(base, batch_id, kind, records)
