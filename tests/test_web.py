@@ -129,7 +129,7 @@ def test_upload_shows_the_timeline_the_api_computed(web, browser, sample_wav, tm
     # clicking a turn plays the user's own file from that turn's start
     turn = page.locator(f"#timeline .lane[data-speaker='{first['speaker']}'] .turn").first
     turn.click()
-    page.wait_for_function(f"document.querySelector('#audio').currentTime >= {first['start'] - 0.05}")
+    page.wait_for_function(f"() => document.querySelector('#audio').currentTime >= {first['start'] - 0.05}")
     assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
     # zoom widens the tracks
     before = page.eval_on_selector("#timeline .track", "e => e.getBoundingClientRect().width")
@@ -175,3 +175,25 @@ def test_no_page_references_another_host(web) -> None:
         assert foreign == [], (path, foreign)
     csp = httpx.get(web + "/", timeout=10).headers["content-security-policy"]
     assert "default-src 'self'" in csp
+
+
+def test_enroll_list_and_delete_a_voiceprint_from_the_page(web, browser, utterances) -> None:
+    page = browser.new_page()
+    requests = _recorded(page)
+    page.goto(web + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.fill("#vp-label", "Alice")
+    page.set_input_files("#vp-files", [str(p) for p in utterances["spk1"][:2]])
+    page.click("#vp-enroll")
+    row = page.wait_for_selector("#voiceprints tbody tr[data-voiceprint-id]", timeout=240_000)
+    cells = row.query_selector_all("td")
+    assert cells[0].inner_text() == "Alice" and cells[2].inner_text() == "2"
+    listed = httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"]
+    assert [v["label"] for v in listed] == ["Alice"]
+    row.query_selector("button").click()
+    # function form: a bare expression would go through eval, which the page's policy refuses
+    page.wait_for_function("() => document.querySelectorAll('#voiceprints tbody tr[data-voiceprint-id]').length === 0")
+    assert httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"] == []
+    assert _outside(requests, web) == []
+    page.close()

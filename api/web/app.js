@@ -54,6 +54,7 @@ $("#submit").addEventListener("click", async () => {
     const form = new FormData();
     form.append("file", file, file.name);
     for (const [name, value] of Object.entries(options)) if (value !== "") form.append(name, value);
+    if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
     try {
       const job = await (await api("/jobs/diarize", { method: "POST", body: form })).json();
       track(job, file);
@@ -259,4 +260,66 @@ async function refreshRecent() {
   }
 }
 $("#refresh").addEventListener("click", refreshRecent);
+
+// --- voiceprints: enroll a person, list and delete them ------------------------------------------
+async function refreshVoiceprints() {
+  const body = $("#voiceprints tbody");
+  try {
+    const { voiceprints } = await (await api("/voiceprints")).json();
+    body.innerHTML = "";
+    for (const vp of voiceprints) {
+      const tr = document.createElement("tr");
+      tr.dataset.voiceprintId = vp.id;
+      tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+      const cells = tr.querySelectorAll("td");
+      cells[0].textContent = vp.label;
+      cells[1].textContent = vp.speech_seconds == null ? "" : `${vp.speech_seconds.toFixed(1)} s`;
+      cells[2].textContent = vp.files == null ? "imported" : String(vp.files);
+      cells[3].textContent = vp.model;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "small";
+      button.textContent = "delete";
+      button.addEventListener("click", async () => {
+        try { await api(`/voiceprints/${vp.id}`, { method: "DELETE" }); } catch (err) { $("#vp-error").textContent = err.message; }
+        refreshVoiceprints();
+      });
+      cells[4].appendChild(button);
+      body.appendChild(tr);
+    }
+  } catch (err) {
+    body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
+    body.querySelector("td").textContent = err.message;
+  }
+}
+
+$("#vp-enroll").addEventListener("click", async () => {
+  $("#vp-error").textContent = "";
+  const files = Array.from($("#vp-files").files);
+  const label = $("#vp-label").value.trim();
+  if (!label || files.length === 0) {
+    $("#vp-error").textContent = "a name and at least one recording are needed";
+    return;
+  }
+  const form = new FormData();
+  form.append("label", label);
+  for (const file of files) form.append("files", file, file.name);
+  const button = $("#vp-enroll");
+  button.disabled = true;
+  button.textContent = "enrolling…";
+  try {
+    await api("/voiceprints", { method: "POST", body: form });
+    $("#vp-label").value = "";
+    $("#vp-files").value = "";
+  } catch (err) {
+    $("#vp-error").textContent = err.message;
+  } finally {
+    button.disabled = false;
+    button.textContent = "Enroll";
+  }
+  refreshVoiceprints();
+});
+
+keyInput.addEventListener("change", refreshVoiceprints);
 refreshRecent();
+refreshVoiceprints();
