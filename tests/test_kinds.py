@@ -126,7 +126,8 @@ def _legacy_record(tmp_path: Path, utterances) -> tuple[JobRecord, dict[str, Pat
     return JobRecord.from_json(raw), paths
 
 
-def test_records_queued_before_the_registry_still_run(tmp_path, utterances) -> None:
+def test_records_queued_before_the_registry_still_run(service_env, tmp_path, utterances) -> None:
+    # service_env first: importing worker.tasks freezes its settings (and Celery app) at import
     from worker.tasks import _inputs
 
     record, paths = _legacy_record(tmp_path, utterances)

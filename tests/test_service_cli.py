@@ -55,6 +55,42 @@ def _start_up(env: dict[str, str], base: str, log_path: Path) -> subprocess.Pope
     return up
 
 
+def _flower_browser():
+    """Debian's chromium through playwright, started before the job so the screenshot is quick."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return None
+    from playwright.sync_api import sync_playwright
+
+    driver = sync_playwright().start()
+    browser = driver.chromium.launch(executable_path=chromium, headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+    browser._driver = driver  # stopped with the browser in _flower_screenshot
+    return browser
+
+
+def _flower_screenshot(browser, port: int, user: str, password: str, path: Path) -> str:
+    """Flower's workers page as a person sees it; returns the page's text."""
+    try:
+        context = browser.new_context(http_credentials={"username": user, "password": password},
+                                      viewport={"width": 1280, "height": 600})
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{port}/workers", wait_until="domcontentloaded")
+        page.wait_for_selector("table", timeout=15_000)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(path))
+        if os.environ.get("AUDIO_ANALYSIS_SCREENSHOTS"):
+            import shutil
+
+            shutil.copyfile(path, ROOT / "docs" / "flower-workers.png")
+        return page.inner_text("body")
+    finally:
+        browser.close()
+        browser._driver.stop()
+
+
 def _ctrl_c(up: subprocess.Popen) -> float:
     started = time.monotonic()
     up.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -103,12 +139,22 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         assert len(result["embedding"]) == 192 and result["model_device"] == "cpu"
 
         # a diarization running when Ctrl-C comes
+        browser = _flower_browser()
         job = httpx.post(f"{base}/jobs/diarize", files={"file": (long_sample.name, long_sample.read_bytes(), "audio/wav")},
                          timeout=30).json()
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/jobs/{job['job_id']}", timeout=5).json()["progress"] <= 0:
             assert time.monotonic() < deadline, "job never started"
             time.sleep(0.05)
+        # Flower while the job runs: the worker answers (prefork: its parent process keeps
+        # beating while the child works; with the solo pool Flower showed it "Offline")
+        online = httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", params={"status": "true"},
+                           auth=(user, password), timeout=20).json()
+        assert online and all(online.values()), online
+        if browser is not None:
+            shot = _flower_screenshot(browser, flower_port, user, password, tmp_path / "flower-workers.png")
+            assert "Online" in shot, shot[:500]
+        assert httpx.get(f"{base}/jobs/{job['job_id']}", timeout=5).json()["status"] == "running"
     finally:
         stopped_in = _ctrl_c(up)
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
