@@ -322,6 +322,35 @@ def test_diarization_names_the_enrolled_talkers(client, readers, conversation):
            422, "identification_threshold")
 
 
+def test_subtitles_and_rttm_carry_the_names(client, readers, conversation):
+    """GET /jobs/{id}/result?format=: a cue's speaker is its identity, else its diarization label,
+    here with exclusive=true (one speaker at a time, as a transcript aligner wants)."""
+    from tests.test_formats import read_rttm, read_srt, read_vtt
+
+    _clear(client)
+    for reader in ENROLLED:
+        _enroll(client, f"reader {reader}", readers[reader]["enroll"])
+    path, _ = conversation
+    job = client.post("/jobs/diarize", files={"file": _wav(path)}, data={"voiceprints": "all", "exclusive": "true"})
+    done = wait_for_job(client, job.json()["job_id"])
+    assert done["status"] == "succeeded", done
+    expected = [(s["start"], s["end"], s["identity"] or s["speaker"]) for s in done["result"]["diarization_results"]]
+    names = {who for *_, who in expected}
+    # the enrolled readers by name, the outsider by its label
+    assert {f"reader {r}" for r in ENROLLED} <= names and any(n.startswith("SPEAKER_") for n in names), names
+    assert all(a[1] <= b[0] for a, b in zip(expected, expected[1:])), "exclusive turns overlap"
+
+    def fetch(fmt: str) -> str:
+        r = client.get(f"/jobs/{done['job_id']}/result", params={"format": fmt})
+        assert r.status_code == 200, r.text
+        return r.text
+
+    vtt = fetch("vtt")
+    assert "<v reader 103>reader 103</v>" in vtt
+    assert read_vtt(vtt) == expected and read_srt(fetch("srt")) == expected
+    assert read_rttm(fetch("rttm")) == sorted((s, e, who.replace(" ", "_")) for s, e, who in expected)
+
+
 def test_identify_picks_the_enrolled_reader(client, readers):
     _clear(client)
     ids = {r: _enroll(client, f"reader {r}", readers[r]["enroll"])["id"] for r in ENROLLED}
