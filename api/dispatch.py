@@ -2,8 +2,10 @@
 
 Every kind goes through the same path (:meth:`Dispatcher.submit`): its non-audio uploads are
 parsed into parameters, the parameters validated by the kind's model, the audio streamed into
-storage and its header checked, the record created, the job id sent by task name. The API never
-imports the engine or the task code, so its process stays free of torch and model weights.
+storage and its header checked (audio given by URL: the URL checked against the address policy
+and kept in the record for the worker to fetch), the record created, the job id sent by task
+name. The API never imports the engine or the task code, so its process stays free of torch and
+model weights.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.url_input import check_media_url, filename_of
 from shared.webhooks import validate_webhook_url
 
 if TYPE_CHECKING:
@@ -41,6 +44,8 @@ class Submission:
     kind: JobKind
     params: Params
     audio: Mapping[str, UploadFile]
+    # audio fields given by URL instead (checked against the address policy): the worker fetches them
+    urls: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,8 +58,19 @@ class Dispatcher:
     _aredis: Any = field(default=None, init=False, repr=False)
 
     # --- the edge: what a client sent, parsed and validated once ----------------------------
-    async def read(self, kind: JobKind, uploads: Mapping[str, UploadFile], form: Mapping[str, Any]) -> Submission:
-        """Non-audio uploads (a stored embedding) become parameters; all are validated."""
+    async def read(self, kind: JobKind, uploads: Mapping[str, UploadFile], form: Mapping[str, Any],
+                   urls: Mapping[str, str] | None = None) -> Submission:
+        """Non-audio uploads (a stored embedding) become parameters; all are validated.
+
+        Each audio field comes as an upload or, on the job routes, as a URL (``urls``, by field):
+        exactly one of the two. A URL is checked here (422) and fetched by the worker.
+        """
+        urls = dict(urls or {})
+        for spec in kind.audio_files:
+            if spec.name in uploads and spec.name in urls:
+                raise InputError(f"{spec.name}: give either an upload or {spec.url_name}, not both")
+            if spec.name not in uploads and spec.name not in urls:
+                raise InputError(f"{spec.name}: an upload (or {spec.url_name}) is required")
         values = dict(form)
         for spec in kind.files:
             if spec.parse is None:
@@ -66,7 +82,12 @@ class Dispatcher:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
         params = kind.parse_params(values)
-        return Submission(kind, params, {f.name: uploads[f.name] for f in kind.audio_files})
+        for spec in kind.audio_files:
+            if spec.name in urls:
+                # resolves the host name: off the event loop
+                await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings)
+        audio = {f.name: uploads[f.name] for f in kind.audio_files if f.name in uploads}
+        return Submission(kind, params, audio, urls)
 
     async def check_webhook(self, url: str | None) -> str | None:
         if not url:
@@ -110,12 +131,11 @@ class Dispatcher:
         except BaseException:
             self.storage.delete_job(job_id)
             raise
-        first = next(iter(submission.audio.values()), None)
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
-            filename=first.filename if first is not None else None,
-            owner=principal.owner if principal is not None else None,
-            params=submission.params.model_dump(mode="json"), files=keys, queue=self.settings.queue_name,
+            filename=_first_filename(submission), owner=principal.owner if principal is not None else None,
+            params=submission.params.model_dump(mode="json"), files=keys, urls=dict(submission.urls),
+            queue=self.settings.queue_name,
         )
         try:
             record = await run_in_threadpool(self.store.create, record)
@@ -221,6 +241,16 @@ class Dispatcher:
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
+
+
+def _first_filename(submission: Submission) -> str | None:
+    """The name of the kind's first audio: the upload's file name, or the URL path's last part."""
+    for spec in submission.kind.audio_files:
+        if spec.name in submission.audio:
+            return submission.audio[spec.name].filename
+        if spec.name in submission.urls:
+            return filename_of(submission.urls[spec.name])
+    return None
 
 
 def view(record: JobRecord, base_url: str = "") -> dict[str, Any]:

@@ -23,12 +23,27 @@ WEBHOOK = inspect.Parameter(
 )
 
 
-def file_parameters(kind: JobKind) -> list[inspect.Parameter]:
-    return [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
-                          default=File(..., description=f.description))
-        for f in kind.files
-    ]
+def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parameter]:
+    """The kind's uploads; with ``urls``, each audio upload optional and ``<name>_url`` beside it
+    (exactly one of the two is required, checked by ``Dispatcher.read``)."""
+    params = []
+    for f in kind.files:
+        if urls and f.url_name:
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile | None,
+                default=File(None, description=f"{f.description}; or give {f.url_name} instead"),
+            ))
+            params.append(inspect.Parameter(
+                f.url_name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                default=Form(None, description=(
+                    f"instead of uploading {f.name}: an http(s) URL the worker fetches it from (a presigned "
+                    "S3/GCS URL, say); public addresses only, same size and duration limits as an upload"
+                )),
+            ))
+        else:
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
+                                            default=File(..., description=f.description)))
+    return params
 
 
 def form_parameters(fields: Iterable[tuple[str, FieldInfo]]) -> list[inspect.Parameter]:
@@ -49,8 +64,10 @@ def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.
     return endpoint
 
 
-def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, UploadFile], dict[str, Any]]:
-    """(uploads, form fields of the kind's parameters) out of an endpoint's keyword values."""
-    uploads = {f.name: values[f.name] for f in kind.files}
+def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, UploadFile], dict[str, str], dict[str, Any]]:
+    """(uploads, URLs by audio field, form fields of the kind's parameters) out of an endpoint's
+    keyword values; a field left out (or sent empty) is not among them."""
+    uploads = {f.name: values[f.name] for f in kind.files if values.get(f.name) is not None}
+    urls = {spec.name: values[name] for name, spec in kind.url_fields.items() if values.get(name)}
     form = {name: values.get(name) for name in kind.form_fields}
-    return uploads, form
+    return uploads, urls, form

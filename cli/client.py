@@ -5,6 +5,10 @@
         job = c.submit("diarize", "meeting.wav", num_speakers=2)
         done = c.wait(job["job_id"], progress=lambda f, step: print(f"{f:.0%} {step}"))
         print(c.result(job["job_id"]))
+
+Audio may be given by URL instead of a file: a ``str`` that starts with ``http://`` or
+``https://`` is sent as the field's ``<name>_url`` (the service's worker fetches it), e.g.
+``c.submit("diarize", "https://bucket.s3.amazonaws.com/meeting.wav?X-Amz-Signature=...")``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from shared.kinds import KINDS
 
 # the form fields that carry files, per kind (as the API's routes take them)
 FILE_FIELDS = {name: tuple(f.name for f in kind.files) for name, kind in KINDS.items()}
+# upload field -> the field that gives it by URL instead, per kind (audio fields only)
+URL_FIELDS = {name: {f.name: f.url_name for f in kind.audio_files if f.url_name} for name, kind in KINDS.items()}
+
+
+def is_url(source: str | Path) -> bool:
+    """A source given as an http(s) URL (a ``str``); a ``Path`` is always a local file."""
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -48,7 +59,8 @@ class Client:
         self.http.close()
 
     def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None, **params: Any) -> dict[str, Any]:
-        """Upload and enqueue; returns the job record (status 'queued')."""
+        """Upload (or, for an http(s) URL, name) each of the kind's inputs and enqueue; returns the
+        job record (status 'queued')."""
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
@@ -57,11 +69,21 @@ class Client:
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
-        handles = [open(f, "rb") for f in files]
+        local: list[tuple[str, str | Path]] = []
+        for field, source in zip(fields, files):
+            if is_url(source):
+                url_field = URL_FIELDS[kind].get(field)
+                if url_field is None:
+                    raise ValueError(f"{kind}: {field} must be a local file (only audio may be given by URL)")
+                data[url_field] = str(source)
+            else:
+                local.append((field, source))
+        handles = [open(f, "rb") for _, f in local]
         try:
             # httpx streams file objects from disk rather than loading them
-            upload = {field: (Path(f).name, h) for field, f, h in zip(fields, files, handles)}
-            response = self.http.post(f"/jobs/{kind}", files=upload, data=data)
+            upload = {field: (Path(f).name, h) for (field, f), h in zip(local, handles)}
+            # only URLs: an urlencoded form, which the API's routes read as well
+            response = self.http.post(f"/jobs/{kind}", files=upload or None, data=data)
         finally:
             for h in handles:
                 h.close()

@@ -10,7 +10,10 @@ call that produces it. Everything else is derived from :data:`KINDS`:
 * the Python client's upload fields and the CLI's offline and ``submit`` commands (``cli/``);
 * the metrics' per-kind series (``api/metrics.py``).
 
-Adding a kind (voice identification, URL input) is a declaration here, its engine method and a
+Every audio field ``<name>`` may instead be given by URL as ``<name>_url`` on the job routes
+(``FileField.url_name``; fetched by the worker, ``shared/url_input.py``).
+
+Adding a kind (voice identification) is a declaration here, its engine method and a
 test. This module imports no torch: the engine reaches ``run`` only as an argument, in workers
 and in the offline CLI.
 """
@@ -95,6 +98,15 @@ class FileField:
     def audio(self) -> bool:
         return self.parse is None
 
+    @property
+    def url_name(self) -> str | None:
+        """The form field that gives this audio by URL instead of an upload: ``<name>_url``.
+
+        One rule for every kind (``shared/url_input.py``); None for a non-audio file, which is
+        parsed in the API and so always uploaded.
+        """
+        return f"{self.name}_url" if self.audio else None
+
 
 class Engine(Protocol):
     """What a kind's ``run`` needs of :class:`engine.core.Engine` (named here, imported nowhere)."""
@@ -129,6 +141,11 @@ class JobKind:
     @property
     def audio_files(self) -> tuple[FileField, ...]:
         return tuple(f for f in self.files if f.audio)
+
+    @property
+    def url_fields(self) -> dict[str, FileField]:
+        """``<name>_url`` -> the audio field it stands for."""
+        return {f.url_name: f for f in self.audio_files if f.url_name}
 
     @property
     def form_fields(self) -> dict[str, Any]:
