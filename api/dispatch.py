@@ -21,6 +21,7 @@ from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import JobConflict, JobNotFound, SyncTimeout
+from shared import logs
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, InputError, ModelError
 from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, new_job_id
@@ -29,6 +30,7 @@ from shared.queue import send_job, send_webhook
 from shared.settings import Settings
 from shared.storage import Storage
 from shared.url_input import check_media_url, filename_of
+from shared.voiceprints import VoiceprintStore
 from shared.webhooks import validate_webhook_url
 
 if TYPE_CHECKING:
@@ -43,9 +45,19 @@ class Submission:
 
     kind: JobKind
     params: Params
+    # upload name -> file; a multiple-file field's files as <name>.0, <name>.1, ...
     audio: Mapping[str, UploadFile]
     # audio fields given by URL instead (checked against the address policy): the worker fetches them
     urls: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EdgeContext:
+    """What a kind's lookups see (shared.kinds.Edge): the caller and the stores."""
+
+    owner: str | None
+    settings: Settings
+    voiceprints: VoiceprintStore
 
 
 @dataclass
@@ -54,24 +66,40 @@ class Dispatcher:
     store: JobStore
     storage: Storage
     celery: Celery
+    voiceprints: VoiceprintStore | None = None
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
 
-    # --- the edge: what a client sent, parsed and validated once ----------------------------
-    async def read(self, kind: JobKind, uploads: Mapping[str, UploadFile], form: Mapping[str, Any],
-                   urls: Mapping[str, str] | None = None) -> Submission:
-        """Non-audio uploads (a stored embedding) become parameters; all are validated.
+    def __post_init__(self) -> None:
+        if self.voiceprints is None:
+            self.voiceprints = VoiceprintStore.from_settings(self.settings)
 
-        Each audio field comes as an upload or, on the job routes, as a URL (``urls``, by field):
-        exactly one of the two. A URL is checked here (422) and fetched by the worker.
+    # --- the edge: what a client sent, parsed and validated once ----------------------------
+    async def read(self, kind: JobKind, uploads: Mapping[str, Any], form: Mapping[str, Any],
+                   principal: Principal | None = None, urls: Mapping[str, str] | None = None) -> Submission:
+        """Non-audio uploads (a stored embedding) and lookups (voiceprint ids) become
+        parameters; all are validated.
+
+        Each single audio field comes as an upload or, on the job routes, as a URL (``urls``, by
+        field): exactly one of the two. A URL is checked here (422) and fetched by the worker.
+        A multiple-file field (``enroll``'s ``files``) is uploads only.
         """
         urls = dict(urls or {})
         for spec in kind.audio_files:
-            if spec.name in uploads and spec.name in urls:
+            if spec.name in urls and spec.url_name is None:
+                raise InputError(f"{spec.name}: this field takes uploads only")
+            if uploads.get(spec.name) is not None and spec.name in urls:
                 raise InputError(f"{spec.name}: give either an upload or {spec.url_name}, not both")
-            if spec.name not in uploads and spec.name not in urls:
+            if uploads.get(spec.name) is None and spec.name not in urls:
+                if spec.multiple:
+                    raise InputError(f"{spec.name}: at least one file is required")
                 raise InputError(f"{spec.name}: an upload (or {spec.url_name}) is required")
         values = dict(form)
+        edge = EdgeContext(principal.owner if principal is not None else None, self.settings, self.voiceprints)
+        for lookup in kind.lookups:
+            given = values.pop(lookup.name, None)
+            if given is not None and str(given).strip():
+                values[lookup.into] = await run_in_threadpool(lookup.resolve, str(given), edge)
         for spec in kind.files:
             if spec.parse is None:
                 continue
@@ -86,7 +114,20 @@ class Dispatcher:
             if spec.name in urls:
                 # resolves the host name: off the event loop
                 await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings)
-        audio = {f.name: uploads[f.name] for f in kind.audio_files if f.name in uploads}
+        audio: dict[str, UploadFile] = {}
+        for spec in kind.audio_files:
+            if spec.name not in uploads:
+                continue  # given by URL
+            upload = uploads[spec.name]
+            if not spec.multiple:
+                audio[spec.name] = upload
+                continue
+            files = [u for u in (upload or []) if u is not None]
+            if not files:
+                raise InputError(f"{spec.name}: at least one file is required")
+            if len(files) > spec.max_count:
+                raise InputError(f"{spec.name}: at most {spec.max_count} files, {len(files)} given")
+            audio.update({f"{spec.name}.{i}": u for i, u in enumerate(files)})
         return Submission(kind, params, audio, urls)
 
     async def check_webhook(self, url: str | None) -> str | None:
@@ -120,6 +161,7 @@ class Dispatcher:
         submission: Submission,
         *,
         webhook_url: str | None = None,
+        webhook_payload: str | None = None,
         batch_id: str | None = None,
         sync: bool = False,
         principal: Principal | None = None,
@@ -133,9 +175,11 @@ class Dispatcher:
             raise
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
+            # what the webhook carries; only a job with a webhook has one
+            webhook_payload=(webhook_payload or "full") if webhook_url else None,
             filename=_first_filename(submission), owner=principal.owner if principal is not None else None,
             params=submission.params.model_dump(mode="json"), files=keys, urls=dict(submission.urls),
-            queue=self.settings.queue_name,
+            queue=self.settings.queue_name, request_id=logs.current("request_id"),
         )
         try:
             record = await run_in_threadpool(self.store.create, record)
@@ -149,6 +193,8 @@ class Dispatcher:
             self.storage.delete_job(job_id)
             self.store.finish(job_id, FAILED, error=ModelError(f"could not enqueue: {exc}").body())
             raise ModelError(f"job queue unavailable: {exc}") from exc
+        with logs.bound(job_id=job_id, kind=submission.kind.name):
+            log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
         return record
 
     async def check_audio_limits(self, keys: Mapping[str, str], *, sync: bool) -> None:
@@ -246,8 +292,10 @@ class Dispatcher:
 def _first_filename(submission: Submission) -> str | None:
     """The name of the kind's first audio: the upload's file name, or the URL path's last part."""
     for spec in submission.kind.audio_files:
-        if spec.name in submission.audio:
-            return submission.audio[spec.name].filename
+        # a multiple-file field's first file is <name>.0
+        for name in (spec.name, f"{spec.name}.0"):
+            if name in submission.audio:
+                return submission.audio[name].filename
         if spec.name in submission.urls:
             return filename_of(submission.urls[spec.name])
     return None

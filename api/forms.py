@@ -10,7 +10,7 @@ once (``Dispatcher.read``).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Literal
 
 from fastapi import File, Form, UploadFile
 from pydantic.fields import FieldInfo
@@ -21,11 +21,19 @@ WEBHOOK = inspect.Parameter(
     "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
     default=Form(None, description="POSTed the job record, signed, when the job ends"),
 )
+WEBHOOK_PAYLOAD = inspect.Parameter(
+    "webhook_payload", inspect.Parameter.KEYWORD_ONLY, annotation=Literal["full", "status"] | None,
+    default=Form(None, description="what the webhook carries: 'full' (default) the job record with its result, "
+                 "'status' the record without `result` (fetch it from GET /jobs/{id}/result)"),
+)
+# every asynchronous route's webhook fields, after the kind's own
+WEBHOOK_FIELDS = [WEBHOOK, WEBHOOK_PAYLOAD]
 
 
 def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parameter]:
-    """The kind's uploads; with ``urls``, each audio upload optional and ``<name>_url`` beside it
-    (exactly one of the two is required, checked by ``Dispatcher.read``)."""
+    """The kind's uploads (a multiple-file field's a list); with ``urls``, each single audio
+    upload optional and ``<name>_url`` beside it (exactly one of the two is required, checked by
+    ``Dispatcher.read``). A multiple-file field has no URL alternative."""
     params = []
     for f in kind.files:
         if urls and f.url_name:
@@ -41,8 +49,10 @@ def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parame
                 )),
             ))
         else:
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile,
-                                            default=File(..., description=f.description)))
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile] if f.multiple else UploadFile,
+                default=File(..., description=f.description + (f" (1 to {f.max_count})" if f.multiple else "")),
+            ))
     return params
 
 
@@ -64,9 +74,10 @@ def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.
     return endpoint
 
 
-def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, UploadFile], dict[str, str], dict[str, Any]]:
+def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
     """(uploads, URLs by audio field, form fields of the kind's parameters) out of an endpoint's
-    keyword values; a field left out (or sent empty) is not among them."""
+    keyword values; a field left out (or sent empty) is not among them; a multiple-file field's
+    upload is a list."""
     uploads = {f.name: values[f.name] for f in kind.files if values.get(f.name) is not None}
     urls = {spec.name: values[name] for name, spec in kind.url_fields.items() if values.get(name)}
     form = {name: values.get(name) for name in kind.form_fields}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,8 @@ from api import errors
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
-from api.routes import analyses, jobs, ops
+from api.routes import analyses, jobs, ops, voiceprints, web
+from shared import logs
 from shared.jobs import JobStore
 from shared.queue import make_celery
 from shared.settings import Settings, get_settings
@@ -26,8 +28,36 @@ The synchronous endpoints (`/diarize`, `/embedding`, `/compare`, `/compare_embed
 original contract: they enqueue a job and wait for it. Long recordings go through `/jobs/*`:
 submit (202 with a `status_url`), poll, or pass `webhook_url` to be POSTed the result, signed with
 HMAC-SHA256 (`X-AudioAnalysis-Timestamp`, `X-AudioAnalysis-Signature`, `X-AudioAnalysis-Job-Id`).
+Known speakers: `POST /voiceprints` enrolls a person (one or more recordings and a label);
+`voiceprints=<ids>|all` on `/diarize` and `/identify` names the speakers.
 Errors are always `{"detail", "error_type", "timestamp"}`.
 """
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestIdMiddleware:
+    """Every request gets an id (the client's ``X-Request-ID`` when it is a sane token): in the
+    response header, on every log line of the request, and in the job it creates."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else logs.new_request_id()
+
+        async def with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with logs.bound(request_id=request_id):
+            await self.app(scope, receive, with_header)
 
 
 class LatencyMiddleware:
@@ -73,7 +103,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await app.state.dispatcher.close()
 
-    app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from api/routes/web.py: FastAPI's own pages load Swagger UI and
+    # ReDoc from a CDN and show a blank page without internet
+    app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     registry, latency = build_registry(store, settings)
@@ -87,11 +120,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
+    # outermost: even a refused body's 413 carries the request id
+    app.add_middleware(RequestIdMiddleware)
 
+    app.include_router(web.router)
+    app.mount("/ui", web.assets, name="ui")
+    app.mount("/docs-assets", web.docs_assets, name="docs-assets")
     app.include_router(ops.router)
     app.include_router(analyses.synchronous)
     app.include_router(jobs.router)
     app.include_router(jobs.batches)
+    app.include_router(voiceprints.router)
     return app
 
 

@@ -4,13 +4,13 @@ reports the same numbers whichever process ran the job."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shared.jobs import DURATION_BUCKETS, JobStore
+from shared.jobs import DURATION_BUCKETS, PER_AUDIO_HOUR_BUCKETS, JobStore
 from shared.kinds import KIND_NAMES
 from shared.settings import Settings
 
@@ -41,17 +41,19 @@ class JobCollector(Collector):
             finished.add_metric([kind, status], count)
         yield finished
 
-        durations = HistogramMetricFamily(
-            "audio_analysis_job_duration_seconds", "Run time of succeeded jobs (worker side)", labels=["kind"]
+        yield _histogram("audio_analysis_job_duration_seconds", "Run time of succeeded jobs (worker side)",
+                         DURATION_BUCKETS, self.store.duration_histogram)
+        yield _histogram("audio_analysis_job_seconds_per_audio_hour",
+                         "Run time of succeeded jobs per hour of their audio (600x real time = 6 s)",
+                         PER_AUDIO_HOUR_BUCKETS, self.store.per_audio_hour_histogram)
+
+        hooks = CounterMetricFamily(
+            "audio_analysis_webhook_deliveries", "Webhook delivery attempts by outcome (retrying = will be retried)",
+            labels=["outcome"],
         )
-        for kind in KIND_NAMES:
-            hist = self.store.duration_histogram(kind)
-            if not hist:
-                continue
-            buckets = [(str(b), hist.get(f"le:{b}", 0.0)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", hist.get("count", 0.0)))
-            durations.add_metric([kind], buckets, sum_value=hist.get("sum", 0.0))
-        yield durations
+        for outcome, count in sorted(self.store.webhook_counts().items()):
+            hooks.add_metric([outcome], count)
+        yield hooks
 
         depth = GaugeMetricFamily("audio_analysis_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue in (self.settings.queue_name, self.settings.webhook_queue_name):
@@ -60,6 +62,50 @@ class JobCollector(Collector):
 
         workers = self.store.workers()
         yield GaugeMetricFamily("audio_analysis_workers", "Workers with a live heartbeat", value=len(workers))
+        yield from worker_metrics(workers)
+
+
+# per-worker readings from the heartbeats (worker/telemetry.py): (metric, help, telemetry key)
+WORKER_GAUGES = (
+    ("audio_analysis_worker_rss_bytes", "Resident memory of the worker process", "rss_bytes"),
+    ("audio_analysis_worker_cpu_percent", "CPU use of the worker process (100 = one core)", "cpu_percent"),
+    ("audio_analysis_worker_model_load_seconds", "Time the worker took to load its models", "model_load_s"),
+    ("audio_analysis_worker_jobs_running", "Jobs the worker process is running", "jobs_running"),
+    ("audio_analysis_worker_jobs_done", "Jobs the worker process ran since it started", "jobs_done"),
+    # GPU series: only workers on a GPU report them
+    ("audio_analysis_worker_gpu_utilization_percent", "GPU utilization of the worker's card (NVML)",
+     "gpu_utilization_percent"),
+    ("audio_analysis_worker_gpu_memory_used_bytes", "Memory used on the worker's card, all processes (NVML)",
+     "gpu_memory_used_bytes"),
+    ("audio_analysis_worker_gpu_memory_total_bytes", "Memory of the worker's card (NVML)", "gpu_memory_total_bytes"),
+    ("audio_analysis_worker_gpu_torch_allocated_bytes", "Memory torch holds allocated in the worker process",
+     "gpu_torch_allocated_bytes"),
+)
+
+
+def worker_metrics(workers: list[dict]) -> Iterator[Metric]:
+    for name, help_text, key in WORKER_GAUGES:
+        family = GaugeMetricFamily(name, help_text, labels=["worker", "device"])
+        for worker in workers:
+            value = (worker.get("telemetry") or {}).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                family.add_metric([str(worker.get("worker")), str(worker.get("model_device") or "none")], float(value))
+        if family.samples:
+            yield family
+
+
+def _histogram(name: str, help_text: str, bounds: tuple[float, ...],
+               read: Callable[[str], dict[str, float]]) -> HistogramMetricFamily:
+    """A per-kind histogram kept in Redis as le:<bound>/count/sum (shared/jobs.py)."""
+    family = HistogramMetricFamily(name, help_text, labels=["kind"])
+    for kind in KIND_NAMES:
+        hist = read(kind)
+        if not hist:
+            continue
+        buckets = [(str(b), hist.get(f"le:{b}", 0.0)) for b in bounds]
+        buckets.append(("+Inf", hist.get("count", 0.0)))
+        family.add_metric([kind], buckets, sum_value=hist.get("sum", 0.0))
+    return family
 
 
 def build_registry(store: JobStore, settings: Settings) -> tuple[CollectorRegistry, Histogram]:

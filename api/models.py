@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.jobs import Status, WebhookState
+from shared.jobs import Status, WebhookPayload, WebhookState
 from shared.kinds import KindName
 from shared.schemas import ErrorBody, HealthResponse, JobError
 
@@ -27,6 +27,9 @@ class Job(BaseModel):
     error: JobError | None = Field(None, description="the documented error body, once failed")
     webhook_url: str | None = None
     webhook: WebhookState | None = None
+    webhook_payload: WebhookPayload | None = Field(
+        None, description="what the webhook carries: 'full' (the record with its result) or 'status' (without it)"
+    )
     batch_id: str | None = None
     filename: str | None = None
     sync: bool = Field(False, description="submitted through a synchronous endpoint")

@@ -19,6 +19,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from shared import logs
 from shared.settings import get_settings
 
 
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         # request heads larger than this are refused by h11 (its default is 16 KiB)
         "h11_max_incomplete_event_size": 64 * 1024,
     }
+    # our formatter on the root logger, uvicorn's loggers propagating to it: its access and error
+    # lines come out as JSON (or text) with the request id, like the app's own
+    logs.configure(settings.log_format, settings.log_level)
+    options["log_config"] = None
     uvicorn.run("api.main:app", **options)
 
 

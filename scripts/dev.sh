@@ -22,11 +22,20 @@ setup() {
     fi
 }
 
+# The web page's browser tests drive Debian's chromium (no browser download at run time). As
+# root (CI, a fresh dev machine) it is installed here when missing; elsewhere those tests are
+# skipped with the command to run.
+browser() {
+    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+}
+
 cmd=${1:-up}
 shift || true
 case "$cmd" in
     setup) setup ;;
     up) setup; export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}; exec .venv/bin/audio-analysis up "$@" ;;
-    test) setup; export HF_HUB_OFFLINE=1; exec .venv/bin/python -m pytest "$@" ;;
+    test) setup; browser; export HF_HUB_OFFLINE=1; exec .venv/bin/python -m pytest "$@" ;;
     *) echo "usage: $0 {setup|up|test}" >&2; exit 2 ;;
 esac

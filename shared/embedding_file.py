@@ -302,10 +302,12 @@ def _to_vector(obj: Any, dimension: int) -> np.ndarray:
     return vector
 
 
-def load_embedding(data: bytes, filename: str | None = None, *, dimension: int = 192) -> np.ndarray:
+def load_embedding(data: bytes, filename: str | None = None, *, dimension: int = 192,
+                   allow_pickle: bool = True) -> np.ndarray:
     """Decode a stored embedding (.npy, JSON or a pickled vector) into a ``(dimension,)`` float32 array.
 
     ``filename`` is only used in messages: the format is detected from the content.
+    ``allow_pickle=False`` (voiceprint imports) takes .npy and JSON only.
     """
     label = f"embedding file {filename!r}" if filename else "embedding file"
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -322,6 +324,8 @@ def load_embedding(data: bytes, filename: str | None = None, *, dimension: int =
     stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()
     if stripped[:1] in (b"[", b"{"):
         return _to_vector(_from_json(data), dimension)
+    if not allow_pickle:
+        raise InputError(f"{label} is neither .npy nor JSON (pickles are not accepted here)")
     # protocol 2+ pickles start with PROTO (\x80); protocols 0 and 1 have no header at all, so
     # anything else is tried as a pickle too: the restricted unpickler makes that safe
     return _to_vector(_from_pickle(data), dimension)

@@ -27,8 +27,11 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+WebhookPayload = Literal["full", "status"]
 # upper bounds (seconds) of the job duration histogram kept in Redis for /metrics
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 10800.0)
+# worker seconds per hour of audio: 6 s is 600x real time, 3600 s is real time
+PER_AUDIO_HOUR_BUCKETS = (2.0, 6.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
 
 
 def utc_now() -> str:
@@ -72,6 +75,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     webhook_url: str | None = None
     webhook: WebhookState | None = None
+    # "full": the webhook carries the record with its result; "status": without it
+    webhook_payload: WebhookPayload | None = None
     batch_id: str | None = None
     filename: str | None = None
     sync: bool = False
@@ -90,6 +95,8 @@ class JobRecord(BaseModel):
     # the queue it was sent to: a job recovered by another worker goes back there, not to the
     # recovering worker's own queue (another pool, another kind of device)
     queue: str | None = _internal("queue", alias="_queue")
+    # the HTTP request that created the job: its log lines in API and worker carry it
+    request_id: str | None = _internal("request id", alias="_request_id")
     # attempts whose worker died (counted towards job_max_attempts)
     lost: int = _internal("lost attempts", 0, alias="_lost")
     created_ts: float = _internal("epoch seconds", 0.0, alias="_created_ts")
@@ -335,6 +342,12 @@ class JobStore:
             return r.model_copy(update={"webhook": state})
 
         self.update(job_id, change)
+        if fields.get("status") in ("retrying", "delivered", "failed"):
+            # every delivery attempt's outcome, for /metrics (webhook retries on the dashboard)
+            self.redis.hincrby(self.key("stats", "webhooks"), fields["status"], 1)
+
+    def webhook_counts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.redis.hgetall(self.key("stats", "webhooks")).items()}
 
     # --- metrics kept in Redis so every API replica reports the same figures ----------------
     def _count_finished(self, record: JobRecord) -> None:
@@ -350,6 +363,16 @@ class JobStore:
                     pipe.hincrby(hkey, f"le:{bound}", 1)
             pipe.hincrby(hkey, "count", 1)
             pipe.hincrbyfloat(hkey, "sum", duration)
+            audio_s = (record.result or {}).get("audio_duration")
+            if isinstance(audio_s, (int, float)) and audio_s > 0:
+                # what users pay for: worker seconds per hour of audio (a real-time factor)
+                per_hour = duration * 3600.0 / audio_s
+                rkey = self.key("stats", "per_audio_hour", kind)
+                for bound in PER_AUDIO_HOUR_BUCKETS:
+                    if per_hour <= bound:
+                        pipe.hincrby(rkey, f"le:{bound}", 1)
+                pipe.hincrby(rkey, "count", 1)
+                pipe.hincrbyfloat(rkey, "sum", per_hour)
         pipe.execute()
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
@@ -358,6 +381,9 @@ class JobStore:
 
     def duration_histogram(self, kind: str) -> dict[str, float]:
         return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "duration", kind)).items()}
+
+    def per_audio_hour_histogram(self, kind: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "per_audio_hour", kind)).items()}
 
     # --- worker heartbeats ------------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:

@@ -8,26 +8,34 @@ call that produces it. Everything else is derived from :data:`KINDS`:
   original contract (``api/routes/analyses.py``), their form fields and OpenAPI docs;
 * the Celery task ``audio.<name>`` that runs it on a worker (``worker/tasks.py``);
 * the Python client's upload fields and the CLI's offline and ``submit`` commands (``cli/``);
+* the formats its result is offered in (``GET /jobs/{id}/result?format=``, the CLI's
+  ``--format``): JSON for every kind, plus the kind's ``renderers`` (``shared/formats.py``);
 * the metrics' per-kind series (``api/metrics.py``).
 
-Every audio field ``<name>`` may instead be given by URL as ``<name>_url`` on the job routes
-(``FileField.url_name``; fetched by the worker, ``shared/url_input.py``).
+Every single audio field ``<name>`` may instead be given by URL as ``<name>_url`` on the job routes
+(``FileField.url_name``; fetched by the worker, ``shared/url_input.py``); a multiple-file field
+(``enroll``'s ``files``) is uploads only.
 
 Adding a kind (voice identification) is a declaration here, its engine method and a
-test. This module imports no torch: the engine reaches ``run`` only as an argument, in workers
+test. An upload field may take several files (``FileField.max_count``: ``enroll``); a
+:class:`Lookup` is a form field the API resolves into a parameter (``voiceprints``: ids in, the
+stored vectors out), so the worker never looks anything up. This module imports no torch: the engine reaches ``run`` only as an argument, in workers
 and in the offline CLI.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from shared.errors import InputError
-from shared.schemas import CompareResponse, DiarizationResponse, EmbeddingResponse
+from shared.formats import DIARIZATION_RENDERERS
+from shared.schemas import CompareResponse, DiarizationResponse, EmbeddingResponse, EnrollResponse, IdentifyResponse
 from shared.settings import Settings
 
 ProgressCallback = Callable[[str, float], None]
@@ -40,12 +48,43 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class VoiceprintRef(Params):
+    """A stored voiceprint as a job carries it: resolved from its id in the API."""
+
+    id: str
+    label: str
+    model: str = Field(description="embedding model the vector comes from (checked against the worker's)")
+    embedding: list[float] = Field(min_length=1, max_length=4096)
+
+    @field_validator("embedding")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if not all(v == v and abs(v) != float("inf") for v in value) or not any(value):
+            raise ValueError("must be finite numbers, not all zero")
+        return value
+
+
+_VOICEPRINTS = "voiceprint ids separated by commas, or 'all' for every voiceprint of this API key"
+_ID_THRESHOLD = ("cosine threshold in [-1, 1] for naming a speaker; default: calibrated for the active model "
+                 "(docs/models.md)")
+
+
 class DiarizeParams(Params):
     num_speakers: int | None = Field(None, ge=1, le=100, description="exact number of speakers (overrides min/max)")
     min_speakers: int | None = Field(None, ge=1, le=100, description="at least this many speakers")
     max_speakers: int | None = Field(None, ge=1, le=100, description="at most this many speakers")
     min_duration: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="drop segments shorter than this (seconds)"
+    )
+    exclusive: bool = Field(
+        False,
+        description="one speaker at a time (pyannote's exclusive diarization: in overlapped speech only the "
+        "most active speaker is kept), for aligning with a transcript",
+    )
+    # filled from the ``voiceprints`` form field (ids), resolved in the API
+    voiceprints: list[VoiceprintRef] | None = Field(None, description="voiceprints to name the speakers with")
+    identification_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, allow_inf_nan=False, description=_ID_THRESHOLD
     )
 
     @model_validator(mode="after")
@@ -76,6 +115,15 @@ class CompareEmbeddingParams(CompareParams):
     embedding: list[float] = Field(description="the stored embedding, from the uploaded file")
 
 
+class EnrollParams(Params):
+    label: str = Field(min_length=1, max_length=200, description="the person's name, as jobs will report it")
+
+
+class IdentifyParams(Params):
+    voiceprints: list[VoiceprintRef] = Field(min_length=1, description="voiceprints to compare with")
+    threshold: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description=_ID_THRESHOLD)
+
+
 # --- uploads ------------------------------------------------------------------------------------
 def _read_embedding(data: bytes, filename: str | None, settings: Settings) -> list[float]:
     from shared.embedding_file import load_embedding  # numpy: loaded when a file comes in
@@ -93,6 +141,9 @@ class FileField:
     parse: Callable[[bytes, str | None, Settings], Any] | None = None
     into: str | None = None
     max_bytes: int = 1024 * 1024
+    # more than 1: the field takes one or more files (audio only), stored as <name>.0, <name>.1...
+    # and given to the kind's ``run`` as a list of paths
+    max_count: int = 1
 
     @property
     def audio(self) -> bool:
@@ -103,21 +154,87 @@ class FileField:
         """The form field that gives this audio by URL instead of an upload: ``<name>_url``.
 
         One rule for every kind (``shared/url_input.py``); None for a non-audio file, which is
-        parsed in the API and so always uploaded.
+        parsed in the API and so always uploaded, and for a multiple-file field (uploads only).
         """
-        return f"{self.name}_url" if self.audio else None
+        return f"{self.name}_url" if self.audio and not self.multiple else None
+
+    @property
+    def multiple(self) -> bool:
+        return self.max_count > 1
+
+
+class Edge(Protocol):
+    """What a :class:`Lookup` may use in the API: the caller and the service's stores."""
+
+    owner: str | None
+    settings: Settings
+
+    @property
+    def voiceprints(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A form field whose value names stored things; the API resolves it into parameter ``into``
+    (``resolve``), the offline CLI from files (``resolve_offline``). The worker sees only the
+    resolved value, validated by the kind's model like any parameter."""
+
+    name: str
+    into: str
+    description: str
+    resolve: Callable[[str, Edge], Any]
+    resolve_offline: Callable[[str, Settings], Any]
+
+    @property
+    def field(self) -> FieldInfo:
+        return FieldInfo(annotation=str, default=None, description=self.description)
+
+
+def _resolve_voiceprints(value: str, edge: Edge) -> list[dict[str, Any]]:
+    from shared.voiceprints import embedding_model
+
+    return edge.voiceprints.resolve(value, edge.owner, embedding_model(edge.settings),
+                                    edge.settings.voiceprints_max_per_job)
+
+
+def _voiceprint_files(value: str, settings: Settings) -> list[dict[str, Any]]:
+    """Offline (CLI): comma-separated voiceprint JSON files (an export, or the ``enroll`` output)."""
+    from shared.voiceprints import embedding_model, parse_import
+
+    refs = []
+    for i, name in enumerate(p.strip() for p in value.split(",") if p.strip()):
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"voiceprints: {name} is not a file (offline, voiceprints are JSON files)")
+        vp = parse_import(path.read_bytes(), path.name, label=None, model=None, expected=embedding_model(settings))
+        refs.append({"id": path.stem or f"file{i}", "label": vp.label, "model": vp.model, "embedding": vp.embedding})
+    if not refs:
+        raise InputError("voiceprints: name at least one voiceprint file")
+    return refs
+
+
+VOICEPRINTS = Lookup(
+    "voiceprints", "voiceprints",
+    _VOICEPRINTS + " (the offline CLI: voiceprint JSON files, from `enroll` or an export)",
+    _resolve_voiceprints, _voiceprint_files,
+)
 
 
 class Engine(Protocol):
     """What a kind's ``run`` needs of :class:`engine.core.Engine` (named here, imported nowhere)."""
 
     def diarize(self, source: Path, **kwargs: Any) -> DiarizationResponse: ...
+    def enroll(self, sources: list[Path], **kwargs: Any) -> EnrollResponse: ...
+    def identify(self, source: Path, voiceprints: Any, **kwargs: Any) -> IdentifyResponse: ...
     def embed(self, source: Path, **kwargs: Any) -> EmbeddingResponse: ...
     def compare(self, first: Path, second: Path, **kwargs: Any) -> CompareResponse: ...
     def compare_embedding(self, source: Path, reference: Any, **kwargs: Any) -> CompareResponse: ...
 
 
-Runner = Callable[[Engine, Mapping[str, Path], Any, "ProgressCallback | None"], BaseModel]
+# a multiple-file field's value is a list of paths
+Runner = Callable[[Engine, Mapping[str, Any], Any, "ProgressCallback | None"], BaseModel]
+# (result body, uri: the audio's name) -> the result as text in one format
+Renderer = Callable[[Mapping[str, Any], str], str]
 
 
 @dataclass(frozen=True)
@@ -133,6 +250,10 @@ class JobKind:
     sync_path: str | None = None
     # offered by POST /jobs/batch (one job per file): kinds with a single audio upload
     batch: bool = False
+    # formats besides JSON its result renders to (shared/formats.py)
+    renderers: Mapping[str, Renderer] = field(default_factory=dict, hash=False)
+    # form fields the API resolves into parameters (voiceprint ids -> vectors)
+    lookups: tuple[Lookup, ...] = ()
 
     @property
     def task_name(self) -> str:
@@ -150,11 +271,28 @@ class JobKind:
     @property
     def form_fields(self) -> dict[str, Any]:
         """Parameters the client sends as form fields (those no upload fills)."""
-        filled = {f.into for f in self.files}
-        return {name: field for name, field in self.params.model_fields.items() if name not in filled}
+        filled = {f.into for f in self.files} | {lookup.into for lookup in self.lookups}
+        fields = {name: field for name, field in self.params.model_fields.items() if name not in filled}
+        return {**fields, **{lookup.name: lookup.field for lookup in self.lookups}}
 
     def parse_params(self, values: Mapping[str, Any]) -> Params:
         return validate_params(self.params, values)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return ("json", *self.renderers)
+
+    def check_format(self, name: str) -> str:
+        """``name`` if this kind's result is offered in it; a 422 naming the ones it is offered in."""
+        if name not in self.formats:
+            raise InputError(f"format {name!r} is not offered for {self.name} results; one of {', '.join(self.formats)}")
+        return name
+
+    def render(self, body: Mapping[str, Any], name: str, *, uri: str = "audio") -> str:
+        """The result body as text in format ``name`` (JSON: indented, as the CLI prints it)."""
+        if self.check_format(name) == "json":
+            return json.dumps(body, indent=2) + "\n"
+        return self.renderers[name](body, uri)
 
 
 def validate_params(model: type[Params], values: Mapping[str, Any]) -> Params:
@@ -184,6 +322,8 @@ DIARIZE = JobKind(
     run=lambda engine, files, p, progress: engine.diarize(files["file"], **p.model_dump(), progress=progress),
     sync_path="/diarize",
     batch=True,
+    renderers=DIARIZATION_RENDERERS,
+    lookups=(VOICEPRINTS,),
 )
 
 EMBEDDING = JobKind(
@@ -225,7 +365,31 @@ COMPARE_EMBEDDING = JobKind(
     sync_path="/compare_embedding",
 )
 
-KINDS: dict[str, JobKind] = {k.name: k for k in (DIARIZE, EMBEDDING, COMPARE, COMPARE_EMBEDDING)}
+ENROLL = JobKind(
+    name="enroll",
+    summary="Voiceprint of one person from one or more recordings",
+    files=(FileField("files", "one or more recordings of the person (any common format)", max_count=20),),
+    params=EnrollParams,
+    result=EnrollResponse,
+    run=lambda engine, files, p, progress: engine.enroll(files["files"], label=p.label),
+    # POST /voiceprints runs it and stores the result (api/routes/voiceprints.py)
+)
+
+IDENTIFY = JobKind(
+    name="identify",
+    summary="Whose voice is this, among stored voiceprints",
+    files=(FileField("file", "recording of one person"),),
+    params=IdentifyParams,
+    result=IdentifyResponse,
+    run=lambda engine, files, p, progress: engine.identify(files["file"], p.voiceprints, threshold=p.threshold),
+    sync_path="/identify",
+    batch=True,
+    lookups=(VOICEPRINTS,),
+)
+
+KINDS: dict[str, JobKind] = {
+    k.name: k for k in (DIARIZE, EMBEDDING, COMPARE, COMPARE_EMBEDDING, ENROLL, IDENTIFY)
+}
 KIND_NAMES: tuple[str, ...] = tuple(KINDS)
 # for response models and query parameters: the set of names, as a type
 KindName = Literal[KIND_NAMES]  # type: ignore[valid-type]

@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     # otherwise the CPU.
     device: str = "auto"
     torch_threads: int | None = None
+    # share of the card's memory this worker process may allocate (torch's
+    # set_per_process_memory_fraction), so two workers can share one GPU without one starving
+    # the other; unset: no cap. PYTORCH_CUDA_ALLOC_CONF is torch's own and passes through as is.
+    gpu_memory_fraction: float | None = Field(None, gt=0.0, le=1.0)
 
     # --- diarization (embedded profile; tuned on real speech, see docs/models.md) -------------
     segmentation_step: float = 0.5
@@ -46,6 +50,22 @@ class Settings(BaseSettings):
     # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated
     # for the active model (see engine.core.DEFAULT_THRESHOLDS and docs/models.md).
     verification_threshold: float | None = None
+
+    # --- voiceprints and identification (issue 10, docs/models.md) -----------------------------
+    # cosine threshold for naming a speaker (diarize) or a recording (identify) when a request
+    # gives none. Unset: the value calibrated for the active model (engine/profiles.py)
+    identification_threshold: float | None = None
+    # a voiceprint needs this much detected speech over its recordings (bench/identification.py)
+    voiceprint_min_speech_s: float = 3.0
+    # voiceprints per job (their vectors travel in the job record)
+    voiceprints_max_per_job: int = 200
+    # a diarized speaker is named from at most this much of its own (non-overlapped) speech, its
+    # longest turns first; with less than identification_min_speech_s it stays unnamed
+    identification_max_speech_s: float = 60.0
+    identification_min_speech_s: float = 1.0
+    # voiceprints never expire: by default they live in the service's Redis (redis_url), which
+    # then needs persistence; set this to keep them in another Redis (docs/service.md)
+    voiceprint_redis_url: str | None = None
 
     # --- input limits -------------------------------------------------------------------------
     # the longest recording a job takes (checked from the container header before decoding)
@@ -82,8 +102,20 @@ class Settings(BaseSettings):
     webhook_queue_name: str = "webhooks"
     # prefix of every Redis key the service writes (job records, heartbeats, metrics)
     redis_key_prefix: str = "aa"
-    # "local": a directory (storage_dir) shared by API and workers; see shared/storage.py
-    storage_backend: Literal["local"] = "local"
+    # "local": a directory (storage_dir) shared by API and workers; "s3": an S3-compatible bucket,
+    # for API and workers on different hosts (shared/storage.py; storage_dir then only holds the
+    # worker's temporary copies). Credentials come from boto3's usual chain (AWS_* environment,
+    # config files, instance/task role), never from these settings.
+    storage_backend: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_prefix: str = "uploads"
+    # MinIO, a local test server, another S3-compatible store; unset: AWS
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # "AES256" (SSE-S3) or "aws:kms" (with s3_kms_key_id, or the bucket's default key)
+    s3_server_side_encryption: Literal["AES256", "aws:kms"] | None = None
+    s3_kms_key_id: str | None = None
     # False for a worker that only delivers webhooks: it never needs the models
     worker_load_models: bool = True
     worker_heartbeat_interval_s: float = 5.0
@@ -103,6 +135,12 @@ class Settings(BaseSettings):
     api_port: int = 8000
     flower_port: int = 5555
     data_dir: Path = Path(".data")
+
+    # --- logs ---------------------------------------------------------------------------------
+    # "json": one object a line with job_id, kind, step, attempt and request_id (shared/logs.py),
+    # for a log collector; "text" for a terminal (``audio-analysis up`` uses it)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
 
     # --- security / limits (issue 8) ----------------------------------------------------------
     # keys that see and cancel every tenant's jobs (operators); plain api_keys see only their own

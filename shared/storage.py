@@ -1,10 +1,13 @@
 """Temporary storage for uploads, shared by the API (writes) and the workers (read, delete).
 
 Keys are ``<job_id>/<name>`` so everything a job uploaded can be deleted at once when the job
-ends. Only :class:`LocalStorage` (a directory mounted into every container) is implemented; an
-S3-compatible backend implements the same :class:`Storage` protocol (``save`` = multipart upload,
-``local_path`` = download to a temp file, ``delete_job`` = delete by prefix, ``sweep`` = a bucket
-lifecycle rule) and is selected by ``settings.storage_backend``.
+ends. Two backends behind one :class:`Storage` protocol, chosen by ``settings.storage_backend``:
+
+* :class:`LocalStorage` (the embedded default): a directory every process mounts;
+* :class:`S3Storage`: any S3-compatible object store (AWS S3, MinIO, GCS's S3 interface), so API
+  and workers on different hosts share nothing but Redis and the bucket. Uploads stream in as
+  multipart uploads, workers stream the object down to a temporary file, a job's objects are
+  deleted when it ends, and a sweep (or the bucket's own lifecycle rule) removes what was left.
 """
 
 from __future__ import annotations
@@ -106,8 +109,123 @@ class LocalStorage:
         return removed
 
 
+class _Limited:
+    """A read-only stream that refuses (413) to give more than ``max_bytes``."""
+
+    def __init__(self, stream: BinaryIO, max_bytes: int) -> None:
+        self.stream, self.max_bytes, self.read_bytes = stream, max_bytes, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.stream.read(CHUNK if size is None or size < 0 else size)
+        self.read_bytes += len(chunk)
+        if self.read_bytes > self.max_bytes:
+            raise UploadTooLargeError(f"upload is larger than the limit of {self.max_bytes} bytes")
+        return chunk
+
+
+class S3Storage:
+    """Uploads in an S3-compatible bucket, through boto3 (credentials from the usual AWS chain:
+    environment, shared config and credentials files, instance or task role)."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        if not settings.s3_bucket:
+            raise ValueError("storage_backend 's3' needs s3_bucket")
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.s3_prefix.strip("/") + "/" if settings.s3_prefix.strip("/") else ""
+        self.client = boto3.client(
+            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": settings.s3_addressing_style}),
+        )
+        # parts of 16 MiB: a 1 GiB upload is 64 parts, each held in memory once while it is sent
+        self.transfer = TransferConfig(multipart_threshold=16 * CHUNK, multipart_chunksize=16 * CHUNK, max_concurrency=4)
+        self.extra: dict[str, str] = {}
+        if settings.s3_server_side_encryption:
+            self.extra["ServerSideEncryption"] = settings.s3_server_side_encryption
+            if settings.s3_kms_key_id:
+                self.extra["SSEKMSKeyId"] = settings.s3_kms_key_id
+        self.temp_dir = Path(settings.storage_dir)
+
+    def _object(self, key: str) -> str:
+        job, _, name = key.partition("/")
+        return f"{self.prefix}{_safe_part(job)}/{_safe_part(name)}"
+
+    def save(self, job_id: str, name: str, stream: BinaryIO, *, max_bytes: int) -> str:
+        """Stream ``stream`` into the bucket (multipart past 16 MiB); 413 past ``max_bytes``, and
+        then nothing of it stays (the transfer aborts its multipart upload)."""
+        key = f"{_safe_part(job_id)}/{_safe_part(name)}"
+        self.client.upload_fileobj(_Limited(stream, max_bytes), self.bucket, self._object(key),
+                                   ExtraArgs=self.extra or None, Config=self.transfer)
+        return key
+
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        """The object streamed down to a temporary file, removed afterwards (decoders need a seekable file)."""
+        import tempfile
+
+        from botocore.exceptions import ClientError
+
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".s3-", suffix="-" + key.rpartition("/")[2], dir=self.temp_dir)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    self.client.download_fileobj(self.bucket, self._object(key), out, Config=self.transfer)
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey"):
+                        raise FileNotFoundError(key) from None
+                    raise
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._object(key))
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def _delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            self.client.delete_objects(Bucket=self.bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
+
+    def delete_job(self, job_id: str) -> None:
+        listing = self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}{_safe_part(job_id)}/")
+        keys = [o["Key"] for o in listing.get("Contents", [])]
+        if keys:
+            self._delete(keys)
+
+    def sweep(self, older_than_s: float) -> int:
+        """Delete objects older than ``older_than_s``; returns how many jobs' uploads went.
+
+        A bucket lifecycle rule expiring the prefix after a day does the same without a client
+        (docs/scaling.md); the sweep keeps a bucket without one clean.
+        """
+        import datetime
+
+        cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=older_than_s)
+        old: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
+            old += [o["Key"] for o in page.get("Contents", []) if o["LastModified"] < cutoff]
+        if old:
+            self._delete(old)
+        return len({k[len(self.prefix):].partition("/")[0] for k in old})
+
+
 def get_storage(settings: Settings | None = None) -> Storage:
     settings = settings or get_settings()
     if settings.storage_backend == "local":
         return LocalStorage(settings.storage_dir)
+    if settings.storage_backend == "s3":
+        return S3Storage(settings)
     raise ValueError(f"unknown storage backend {settings.storage_backend!r}")

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 TIMESTAMP_HEADER = "X-AudioAnalysis-Timestamp"
 SIGNATURE_HEADER = "X-AudioAnalysis-Signature"
 JOB_ID_HEADER = "X-AudioAnalysis-Job-Id"
+# 1 on the first delivery, 2 on the first retry, ...: a receiver sees a retried delivery as such
+ATTEMPT_HEADER = "X-AudioAnalysis-Attempt"
 
 
 class WebhookDeliveryError(Exception):
@@ -90,8 +92,9 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 
 def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s: float,
-         allow_private: bool = False) -> int:
-    """One signed POST. Raises WebhookDeliveryError unless the receiver answers 2xx."""
+         allow_private: bool = False, attempt: int = 1) -> int:
+    """One signed POST, the ``attempt``-th for this job. Raises WebhookDeliveryError unless the
+    receiver answers 2xx."""
     body = encode(payload)
     timestamp = str(int(time.time()))
     headers = {
@@ -99,6 +102,7 @@ def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s:
         TIMESTAMP_HEADER: timestamp,
         SIGNATURE_HEADER: sign(secret, timestamp, body),
         JOB_ID_HEADER: job_id,
+        ATTEMPT_HEADER: str(attempt),
     }
     try:
         # redirects are not followed: they would sidestep the address policy and allowed hosts;

@@ -133,6 +133,7 @@ def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
         except Exception:
             log = stack.log_dir / "test-worker.log"
             raise RuntimeError(log.read_text()[-4000:] if log.exists() else "no worker log")
+        proc.log_path = stack.log_dir / "test-worker.log"  # type: ignore[attr-defined]
         yield proc
     finally:
         stack.stop()

@@ -199,6 +199,37 @@ def test_metrics_expose_jobs_durations_and_queue_depth(client, utterances):
     assert "audio_analysis_http_request_duration_seconds_bucket" in text
 
 
+def test_metrics_show_each_worker_process_and_its_device(client, utterances):
+    """Worker readings travel with the heartbeat (worker/telemetry.py) and every API replica
+    exposes them, labelled by worker and device; a CPU worker has no GPU series."""
+    import re
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import wait_for_job
+
+    job = client.post("/jobs/embedding", files=_f("file", utterances["spk2"][1])).json()
+    wait_for_job(client, job["job_id"])
+    deadline = time.monotonic() + 15
+    while True:  # the heartbeat after the job (every second in the tests) carries its count
+        samples = {(s.name, s.labels.get("worker")): s for f in text_string_to_metric_families(client.get("/metrics").text)
+                   for s in f.samples if s.name.startswith("audio_analysis_worker_")}
+        done = [s for (name, _), s in samples.items() if name == "audio_analysis_worker_jobs_done"]
+        if done and max(s.value for s in done) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    names = {name for name, _ in samples}
+    assert {"audio_analysis_worker_rss_bytes", "audio_analysis_worker_cpu_percent",
+            "audio_analysis_worker_model_load_seconds", "audio_analysis_worker_jobs_running",
+            "audio_analysis_worker_jobs_done"} <= names
+    rss = [s for (name, _), s in samples.items() if name == "audio_analysis_worker_rss_bytes"]
+    assert all(s.labels["device"] == "cpu" and re.match(r"test-worker@", s.labels["worker"]) for s in rss)
+    assert max(s.value for s in rss) > 300 * 2**20  # a process with the models loaded
+    assert max(s.value for s in done) >= 1
+    assert not any(name.startswith("audio_analysis_worker_gpu_") for name in names)
+
+
 def test_openapi_documents_sync_and_job_interface(client):
     spec = client.get("/openapi.json").json()
     paths = set(spec["paths"])

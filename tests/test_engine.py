@@ -56,9 +56,49 @@ def test_stray_speakers_are_dropped_but_never_below_the_floor():
     assert sorted(drop_stray_speakers(annotation, 0.0).labels()) == ["A", "B", "C"]
 
 
+def _overlap(turns) -> float:
+    total, reach = 0.0, 0.0
+    for t in sorted(turns, key=lambda t: t.start):
+        total += max(0.0, min(t.end, reach) - t.start)
+        reach = max(reach, t.end)
+    return total
+
+
+def test_exclusive_diarization_is_pyannotes_own_one_speaker_at_a_time(engine, sample_result):
+    """``exclusive``: pyannote.audio 4's exclusive_speaker_diarization (the same clusters with the
+    per-frame speaker count capped at one), under the regular output's labels."""
+    from engine.pipelines.diarization import to_turns
+
+    wav, rttm = pyannote_sample()
+    audio = engine.load(wav)
+    output = engine.diarizer.pipeline(audio.as_pyannote())
+    regular = to_turns(output, min_speaker_s=0.0)
+    exclusive = to_turns(output, min_speaker_s=0.0, exclusive=True)
+    # exactly the pipeline's own exclusive annotation, relabelled as the regular output is
+    names = {}
+    for seg, _, label in sorted(output.speaker_diarization.itertracks(yield_label=True), key=lambda t: t[0].start):
+        names.setdefault(label, f"SPEAKER_{len(names):02d}")
+    own = sorted((round(s.start, 3), round(s.end, 3), names[label])
+                 for s, _, label in output.exclusive_speaker_diarization.itertracks(yield_label=True))
+    assert [(t.start, t.end, t.speaker) for t in exclusive] == own
+    assert _overlap(regular) > 0.5 and _overlap(exclusive) == 0.0
+    # min_duration applies to exclusive turns as to the regular ones
+    longer = to_turns(output, min_speaker_s=0.0, exclusive=True, min_duration=1.0)
+    assert longer and all(t.end - t.start >= 1.0 for t in longer) and set(longer) < set(exclusive)
+
+    # through the engine: the same speakers under the same labels, and still close to the reference
+    result = engine.diarize(wav, exclusive=True)
+    assert _overlap(result.diarization_results) == 0.0
+    assert {t.speaker for t in result.diarization_results} == {t.speaker for t in sample_result.diarization_results}
+    der = diarization_error_rate(load_reference(rttm), result.diarization_results)
+    assert der <= 0.2, f"DER {der:.3f} of the exclusive diarization (overlap scored: it misses the overlap)"
+
+
 def test_diarization_result_shape_and_label_order(sample_result):
     body = sample_result.model_dump()
-    assert set(body) == {"diarization_results", "processing_time", "audio_duration", "segments_count", "model_device"}
+    assert set(body) == {"diarization_results", "processing_time", "audio_duration", "segments_count", "model_device",
+                         "peak_memory_mb"}
+    assert body["peak_memory_mb"] is None  # measured by the service's workers, not the engine
     assert body["segments_count"] == len(body["diarization_results"]) > 0
     assert body["model_device"] == "cpu"
     assert abs(body["audio_duration"] - 30.0) < 0.01
@@ -147,17 +187,23 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_diarize_writes_rttm_that_scores_like_the_api(tmp_path):
-    wav, rttm = pyannote_sample()
-    out = tmp_path / "hyp.rttm"
-    proc = _cli("diarize", str(wav), "--rttm", str(out))
-    assert proc.returncode == 0, proc.stderr
-    body = json.loads(proc.stdout)
-    hypothesis = load_reference(out)
-    assert len(list(hypothesis.itertracks())) == body["segments_count"]
+def test_cli_diarize_writes_rttm_that_scores_like_the_api_and_prints_srt(tmp_path):
     from pyannote.metrics.diarization import DiarizationErrorRate
 
+    from tests.test_formats import read_rttm, read_srt
+
+    wav, rttm = pyannote_sample()
+    out = tmp_path / "hyp.rttm"
+    proc = _cli("diarize", str(wav), "--rttm", str(out), "--format", "srt")
+    assert proc.returncode == 0, proc.stderr
+    # --format srt on stdout, and --rttm FILE still written: the same turns
+    cues = read_srt(proc.stdout)
+    assert len(cues) >= 4 and read_rttm(out.read_text()) == sorted(cues)
+    hypothesis = load_reference(out)
     assert DiarizationErrorRate(collar=0.0, skip_overlap=False)(load_reference(rttm), hypothesis) <= 0.15
+    # both on stdout cannot be: refused before any model loads
+    proc = _cli("diarize", str(wav), "--rttm", "-", "--format", "vtt")
+    assert proc.returncode == 2 and "stdout" in proc.stderr
 
 
 def test_cli_embed_and_compare(tmp_path):

@@ -42,13 +42,14 @@ def _form_fields(spec: dict, path: str) -> set[str]:
 def test_every_kind_has_its_routes_with_exactly_its_fields(openapi, name) -> None:
     kind = KINDS[name]
     expected = {f.name for f in kind.files} | set(kind.form_fields)
-    # each audio upload may be given by URL instead, as <name>_url (and is then optional)
-    urls = {f"{f.name}_url" for f in kind.audio_files}
+    # each single audio upload may be given by URL instead, as <name>_url (and is then optional);
+    # a multiple-file field (enroll's files) is uploads only
+    urls = {f"{f.name}_url" for f in kind.audio_files if not f.multiple}
     assert set(kind.url_fields) == urls
-    assert _form_fields(openapi, f"/jobs/{name}") == expected | urls | {"webhook_url"}
+    assert _form_fields(openapi, f"/jobs/{name}") == expected | urls | {"webhook_url", "webhook_payload"}
     body = openapi["paths"][f"/jobs/{name}"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     required = set(openapi["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]].get("required", []))
-    assert required == {f.name for f in kind.files if not f.audio}
+    assert required == {f.name for f in kind.files if not f.audio or f.multiple}
     assert "202" in openapi["paths"][f"/jobs/{name}"]["post"]["responses"]
     if kind.sync_path:
         # the synchronous contract is unchanged: uploads only, all required
@@ -64,7 +65,16 @@ def test_every_kind_has_its_routes_with_exactly_its_fields(openapi, name) -> Non
 def test_batch_offers_the_batch_kinds(openapi) -> None:
     fields = _form_fields(openapi, "/jobs/batch")
     batch = [k for k in KINDS.values() if k.batch]
-    assert {"kind", "files", "webhook_url"} | {n for k in batch for n in k.form_fields} == fields
+    assert {"kind", "files", "webhook_url", "webhook_payload"} | {n for k in batch for n in k.form_fields} == fields
+
+
+def test_result_formats_follow_the_registry(openapi) -> None:
+    get = openapi["paths"]["/jobs/{job_id}/result"]["get"]
+    (fmt,) = [p for p in get["parameters"] if p["name"] == "format"]
+    offered = {f for k in KINDS.values() for f in k.formats}
+    assert set(fmt["schema"]["enum"]) == offered == {"json", "rttm", "srt", "vtt"}
+    assert {"application/json", "text/vtt", "application/x-subrip", "text/plain"} <= set(get["responses"]["200"]["content"])
+    assert {"404", "409", "422"} <= set(get["responses"])
 
 
 def test_the_worker_registers_one_task_per_kind() -> None:
@@ -86,7 +96,8 @@ def test_client_and_cli_follow_the_registry() -> None:
     from cli.client import FILE_FIELDS, URL_FIELDS
 
     assert FILE_FIELDS == {n: tuple(f.name for f in k.files) for n, k in KINDS.items()}
-    assert URL_FIELDS == {n: {f.name: f"{f.name}_url" for f in k.audio_files} for n, k in KINDS.items()}
+    assert URL_FIELDS == {n: {f.name: f"{f.name}_url" for f in k.audio_files if not f.multiple}
+                          for n, k in KINDS.items()}
     from typer.testing import CliRunner
 
     from cli.main import COMMAND_NAMES, app

@@ -240,6 +240,9 @@ def test_diarization_pipeline_is_the_31_recipe_from_model_dir(engine, model_dir)
 
     pipeline = engine.diarizer.pipeline
     assert type(pipeline) is SpeakerDiarization
+    # pyannote 4's full output, so exclusive=true gets the pipeline's exclusive diarization (the
+    # embedded profile's subclass is run on it in tests/test_engine.py)
+    assert pipeline.legacy is False
     assert isinstance(pipeline.clustering, AgglomerativeClustering)
     assert pipeline.clustering.method == "centroid"
     assert pipeline.clustering.threshold == pytest.approx(0.7045654963945799)

@@ -217,6 +217,8 @@ def test_api_keys_are_tenants(live, utterances):
         # key B: A's job does not exist for it, whatever it asks
         assert b.get(f"/jobs/{job_id}").status_code == 404
         assert b.post(f"/jobs/{job_id}/cancel").status_code == 404
+        assert b.get(f"/jobs/{job_id}/result").status_code == 404
+        assert a.get(f"/jobs/{job_id}/result").status_code == 409  # A's own, still queued
         assert b.get(f"/batches/{batch['batch_id']}").status_code == 404
         listed_b = {j["job_id"] for j in b.get("/jobs", params={"limit": 100}).json()["jobs"]}
         assert listed_b == {mine_b}, "B lists jobs that are not its own"

@@ -86,6 +86,10 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         assert login not in names
         up_log = (tmp_path / "up.log").read_text()
         assert str(secret_file.resolve()) in up_log and str(login_file.resolve()) in up_log
+        # it says where everything is: the page, the docs, Flower's login, which Redis database
+        assert f"web page  {base}/" in up_log and f"API docs  {base}/docs" in up_log
+        assert f"password {login.split(':', 1)[1]}" in up_log and "(database 0;" in up_log
+        assert str((tmp_path / "uploads").resolve()) in up_log
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", timeout=5).status_code == 401
         user, password = login.split(":", 1)
         assert httpx.get(f"http://127.0.0.1:{flower_port}/", auth=(user, password), timeout=5).status_code == 200
@@ -130,3 +134,117 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
           f"{record.attempts}), {queued.count(job['job_id'])} message for it in the queue")
     assert record.status == "queued" and record.attempts == 1, record
     assert queued == [job["job_id"]]
+
+
+# --- the job commands against a running API (api.serve) and the session's real worker ------------
+
+@pytest.fixture(scope="module")
+def api_base(service_env, worker, tmp_path_factory):
+    from cli.launcher import Stack
+
+    log_dir = tmp_path_factory.mktemp("cli-api")
+    stack = Stack(env={**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")}},
+                  log_dir=log_dir)
+    port = free_port()
+    try:
+        stack.start_api("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stack.stop()
+
+
+def _cli(base: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + list(args) + ["--url", base], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _turns(result: dict) -> list[tuple[float, float, str]]:
+    return [(s["start"], s["end"], s["speaker"]) for s in result["diarization_results"]]
+
+
+def test_cli_submit_wait_format_and_result_in_every_format(api_base, short_sample, tmp_path):
+    from tests.test_formats import read_rttm, read_srt, read_vtt
+
+    out = _cli(api_base, "submit", str(short_sample), "--num-speakers", "2", "--wait", "--format", "vtt")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("WEBVTT\n\n")
+    vtt_turns = read_vtt(out.stdout)
+    assert {who for *_, who in vtt_turns} == {"SPEAKER_00", "SPEAKER_01"}
+
+    # submit, then status and result by job id
+    out = _cli(api_base, "submit", str(short_sample), "--num-speakers", "2")
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)["job_id"]
+    deadline = time.monotonic() + 120
+    while True:
+        status = _cli(api_base, "status", job_id)
+        assert status.returncode == 0, status.stderr
+        if json.loads(status.stdout)["status"] == "succeeded":
+            break
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(0.5)
+    record = json.loads(status.stdout)
+    turns = _turns(record["result"])
+    # the same audio and parameters, the same turns, whichever way they were fetched
+    assert vtt_turns == turns
+
+    result = _cli(api_base, "result", job_id)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == record["result"]
+    srt_out = _cli(api_base, "result", job_id, "--format", "srt")
+    assert srt_out.returncode == 0 and read_srt(srt_out.stdout) == turns, srt_out.stderr
+    rttm_file = tmp_path / "out.rttm"
+    rttm_out = _cli(api_base, "result", job_id, "-f", "rttm", "-o", str(rttm_file))
+    assert rttm_out.returncode == 0 and rttm_out.stdout == "", rttm_out.stderr
+    assert read_rttm(rttm_file.read_text()) == sorted(turns)
+    assert rttm_file.read_text().startswith("SPEAKER sample_12s 1 ")
+
+
+def test_cli_refuses_formats_the_kind_cannot_give(api_base, utterances):
+    clip = str(utterances["spk1"][0])
+    # checked before anything is uploaded, and --format needs --wait
+    out = _cli(api_base, "submit", clip, "--kind", "embedding", "--wait", "--format", "srt")
+    assert out.returncode == 2 and "not offered for embedding" in out.stderr, (out.stdout, out.stderr)
+    out = _cli(api_base, "submit", clip, "--kind", "embedding", "--format", "json")
+    assert out.returncode == 2 and "--wait" in out.stderr
+    out = _cli(api_base, "submit", clip, "--kind", "embedding", "--wait")
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["embedding"]) == 192
+    listed = httpx.get(f"{api_base}/jobs", params={"kind": "embedding", "limit": 1}, timeout=10).json()["jobs"]
+    out = _cli(api_base, "result", listed[0]["job_id"], "--format", "vtt")
+    assert out.returncode == 2 and "(422)" in out.stderr and "not offered" in out.stderr
+    out = _cli(api_base, "result", listed[0]["job_id"], "--format", "xml")
+    assert out.returncode == 2 and "xml" in out.stderr
+
+
+def test_cli_cancel_status_and_result_of_jobs_without_one(api_base, long_sample):
+    out = _cli(api_base, "submit", str(long_sample))
+    job_id = json.loads(out.stdout)["job_id"]
+    early = _cli(api_base, "result", job_id, "--format", "srt")
+    assert early.returncode == 2 and "(409)" in early.stderr, early.stderr
+    cancelled = _cli(api_base, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    again = _cli(api_base, "cancel", job_id)
+    assert again.returncode == 2 and "(409)" in again.stderr and "already cancelled" in again.stderr
+    assert json.loads(_cli(api_base, "status", job_id).stdout)["status"] == "cancelled"
+    late = _cli(api_base, "result", job_id)
+    assert late.returncode == 2 and "cancelled" in late.stderr
+
+    for command in ("status", "result", "cancel"):
+        missing = _cli(api_base, command, "no-such-job")
+        assert missing.returncode == 2 and "(404)" in missing.stderr, (command, missing.stderr)
+
+
+def test_cli_result_of_a_failed_job_is_its_error(api_base, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF" + b"\0" * 64)
+    job_id = httpx.post(f"{api_base}/jobs/diarize", files={"file": ("bad.wav", bad.read_bytes(), "audio/wav")},
+                        timeout=30).json()["job_id"]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{api_base}/jobs/{job_id}", timeout=10).json()["status"] != "failed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    out = _cli(api_base, "result", job_id, "--format", "srt")
+    # the job's own error (415: not audio), not the API's 409
+    assert out.returncode == 2 and "(415)" in out.stderr, out.stderr

@@ -8,9 +8,11 @@ import pytest
 
 from tests.conftest import json_embedding_file, wait_for_job
 
-DIARIZE_KEYS = {"diarization_results", "processing_time", "audio_duration", "segments_count", "model_device"}
-EMBED_KEYS = {"embedding", "normalized", "processing_time", "audio_duration", "model_device"}
-COMPARE_KEYS = {"similarity_score", "same_speaker", "threshold", "processing_time", "audio_duration", "model_device"}
+# the contract's fields, and each job's peak device memory beside its timing (issue 13)
+TIMING_KEYS = {"processing_time", "audio_duration", "model_device", "peak_memory_mb"}
+DIARIZE_KEYS = {"diarization_results", "segments_count"} | TIMING_KEYS
+EMBED_KEYS = {"embedding", "normalized"} | TIMING_KEYS
+COMPARE_KEYS = {"similarity_score", "same_speaker", "threshold"} | TIMING_KEYS
 
 
 def _files(name: str, path) -> dict:
@@ -30,6 +32,8 @@ def test_diarize_job_reports_progress_and_result(client, long_sample, settings):
     assert done["status"] == "succeeded", done
     result = done["result"]
     assert set(result) == DIARIZE_KEYS
+    # a CPU worker's peak resident memory during the job: at least the loaded models
+    assert 300 < result["peak_memory_mb"] < 8000, result["peak_memory_mb"]
     assert {s["speaker"] for s in result["diarization_results"]} == {"SPEAKER_00", "SPEAKER_01"}
     assert result["segments_count"] == len(result["diarization_results"]) > 2
     assert abs(result["audio_duration"] - 120.0) < 0.1

@@ -1,4 +1,5 @@
-"""Webhook delivery from the real worker to a receiver on 127.0.0.1: signature, retry, exactly once."""
+"""Webhook delivery from the real worker to a receiver on 127.0.0.1: signature, retry (with its
+attempt header), exactly once, and the status-only payload."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def _wait_for(predicate, timeout_s: float = 30):
     raise AssertionError("condition not met in time")
 
 
-def _submit(client, utterance, url):
+def _submit(client, utterance, url, **data):
     r = client.post("/jobs/embedding", files={"file": (utterance.name, utterance.read_bytes(), "audio/wav")},
-                    data={"webhook_url": url})
+                    data={"webhook_url": url, **data})
     assert r.status_code == 202, r.text
     assert r.json()["webhook"] == {"status": "pending", "attempts": 0, "last_error": None, "delivered_at": None}
+    assert r.json()["webhook_payload"] == data.get("webhook_payload", "full")
     return r.json()["job_id"]
 
 
@@ -35,6 +37,7 @@ def test_webhook_is_signed_and_carries_the_result(client, utterances, webhook_re
     [hit] = _wait_for(lambda: webhook_receiver.for_path("/signed"))
     headers = hit["headers"]
     assert headers["X-AudioAnalysis-Job-Id"] == job_id
+    assert headers["X-AudioAnalysis-Attempt"] == "1"
     timestamp = headers["X-AudioAnalysis-Timestamp"]
     assert abs(time.time() - int(timestamp)) < 60
     # recompute the HMAC independently of shared.webhooks
@@ -44,7 +47,8 @@ def test_webhook_is_signed_and_carries_the_result(client, utterances, webhook_re
     assert not webhooks.verify("wrong-secret", timestamp, hit["body"], headers["X-AudioAnalysis-Signature"])
     payload = json.loads(hit["body"])
     assert payload["job_id"] == job_id and payload["status"] == "succeeded"
-    assert len(payload["result"]["embedding"]) == 192
+    assert len(payload["result"]["embedding"]) == 192 and payload["webhook_payload"] == "full"
+    assert "webhook" not in payload
     assert _wait_for(lambda: client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered")
 
 
@@ -55,6 +59,8 @@ def test_failed_delivery_is_retried_and_arrives_once(client, utterances, webhook
     _wait_for(lambda: any(h["answered"] == 200 for h in webhook_receiver.for_path("/flaky")), 30)
     hits = webhook_receiver.for_path("/flaky")
     assert [h["answered"] for h in hits] == [500, 200]
+    # every delivery says which attempt it is: the receiver can tell a retry from a first try
+    assert [h["headers"]["X-AudioAnalysis-Attempt"] for h in hits] == ["1", "2"]
     # backoff: the retry came after the configured first delay (1 s), not immediately
     assert hits[1]["at"] - hits[0]["at"] >= 0.9
     assert hits[0]["body"] == hits[1]["body"]
@@ -81,3 +87,44 @@ def test_cancelled_job_notifies_its_webhook(client, long_sample, webhook_receive
     # the worker's own pass over the cancelled job does not send a second one
     time.sleep(1.5)
     assert len(webhook_receiver.for_path("/cancelled")) == 1
+
+
+def test_status_only_webhook_leaves_the_result_to_be_fetched(client, utterances, webhook_receiver):
+    webhook_receiver.statuses[:] = [503]
+    job_id = _submit(client, utterances["spk1"][1], webhook_receiver.url("/status-only"), webhook_payload="status")
+    done = wait_for_job(client, job_id)
+    _wait_for(lambda: any(h["answered"] == 200 for h in webhook_receiver.for_path("/status-only")), 30)
+    hits = webhook_receiver.for_path("/status-only")
+    assert [(h["answered"], h["headers"]["X-AudioAnalysis-Attempt"]) for h in hits] == [(503, "1"), (200, "2")]
+    for hit in hits:
+        headers = hit["headers"]
+        assert webhooks.verify(WEBHOOK_SECRET, headers["X-AudioAnalysis-Timestamp"], hit["body"],
+                               headers["X-AudioAnalysis-Signature"])
+        payload = json.loads(hit["body"])
+        # the record without its result (nor its webhook state): the receiver fetches the result
+        assert "result" not in payload and "webhook" not in payload
+        assert payload["job_id"] == job_id and payload["status"] == "succeeded" and payload["kind"] == "embedding"
+        assert payload["webhook_payload"] == "status" and payload["error"] is None
+    fetched = client.get(f"/jobs/{job_id}/result")
+    assert fetched.status_code == 200 and fetched.json() == done["result"]
+    assert len(fetched.json()["embedding"]) == 192
+
+
+def test_webhook_payload_is_checked_and_needs_a_webhook(client, utterances, webhook_receiver):
+    clip = utterances["spk1"][2]
+    files = {"file": (clip.name, clip.read_bytes(), "audio/wav")}
+    r = client.post("/jobs/embedding", files=files, data={"webhook_url": webhook_receiver.url("/x"),
+                                                          "webhook_payload": "summary"})
+    assert r.status_code == 422 and "webhook_payload" in r.json()["detail"]
+    # without a webhook there is nothing to carry: the record says so
+    r = client.post("/jobs/embedding", files=files, data={"webhook_payload": "status"})
+    assert r.status_code == 202 and r.json()["webhook_payload"] is None and r.json()["webhook"] is None
+    wait_for_job(client, r.json()["job_id"])
+    # a batch passes it to each of its jobs
+    r = client.post("/jobs/batch", data={"kind": "embedding", "webhook_url": webhook_receiver.url("/batch-status"),
+                                         "webhook_payload": "status"}, files=[("files", files["file"])] * 2)
+    assert r.status_code == 202, r.text
+    assert [j["webhook_payload"] for j in r.json()["jobs"]] == ["status", "status"]
+    hits = _wait_for(lambda: len(webhook_receiver.for_path("/batch-status")) == 2
+                     and webhook_receiver.for_path("/batch-status"), 60)
+    assert all("result" not in json.loads(h["body"]) for h in hits)

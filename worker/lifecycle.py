@@ -16,9 +16,11 @@ from typing import Any
 
 from celery import signals
 
+from shared import logs
 from shared.jobs import JobStore, utc_now
 from shared.settings import get_settings
 from shared.storage import get_storage
+from worker import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ def heartbeat_info() -> dict[str, Any]:
         "worker": worker_name(),
         "pid": os.getpid(),
         **models,
+        # process and device readings, exposed by the API's /metrics per worker
+        "telemetry": telemetry.sample(models["model_device"]),
         "loads_models": settings.worker_load_models,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "load_error": _state["load_error"],
@@ -119,6 +123,15 @@ def _heartbeat_loop(stop: threading.Event) -> None:
         except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
             log.exception("heartbeat failed")
         stop.wait(interval)
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def format_logs(logger: logging.Logger | None = None, **_: Any) -> None:
+    """Celery's handlers, in our format: JSON lines (or text) with the job's fields."""
+    if logger is not None:
+        settings = get_settings()
+        logs.configure(settings.log_format, handlers=list(logger.handlers))
 
 
 @signals.worker_init.connect
@@ -156,6 +169,7 @@ def boot(sender: str | None = None, **_: Any) -> None:
         started = time.perf_counter()
         try:
             get_engine().load_models()
+            telemetry.set_model_load_time(time.perf_counter() - started)
             log.info("models loaded on %s in %.1fs", get_engine().model_device, time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - keep serving; jobs report ModelError, /health shows it
             _state["load_error"] = f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,7 @@ import redis
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
-from shared import webhooks
+from shared import logs, webhooks
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
@@ -32,7 +32,7 @@ from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage
 from shared.url_input import DOWNLOAD_STEP, fetch_audio
-from worker import lifecycle
+from worker import lifecycle, telemetry
 from worker.celery_app import app
 from worker.lease import JobLease
 
@@ -83,6 +83,9 @@ def _progress_reporter(task: Task, job_id: str, attempt: int, lease: JobLease) -
         # Redis writes at most ~4/s, but always on a step change and at the end
         if step == last["step"] and fraction < 1.0 and now - last["t"] < 0.25:
             return
+        if step != last["step"]:
+            logs.bind(step=step)
+            log.info("step %s", step)
         last.update(t=now, step=step)
         record = store().set_progress(job_id, fraction, step)
         if record is not None and record.status == CANCELLED:
@@ -129,7 +132,7 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         # job has ended (skip) or its holder died (run it)
         log.info("job %s is running on %s: checking again in %.0f s", job_id, holder, settings.job_lease_s)
         raise task.retry(countdown=settings.job_lease_s)
-    with lease:
+    with lease, logs.bound(request_id=record.request_id):
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
@@ -152,6 +155,8 @@ def _run_leased(
         storage.delete_job(job_id)
         return _settle(task, running, job_id)
     attempt = running.attempts
+    logs.bind(attempt=attempt)
+    log.info("job started (attempt %d)", attempt)
     if running.lost >= settings.job_max_attempts:
         # a job whose worker died job_max_attempts times (a file that gets it OOM-killed, say)
         detail = f"the job's worker was lost {running.lost} times; giving up"
@@ -189,8 +194,10 @@ def _run_leased(
                 return key
 
             params, files = _inputs(kind, running, legacy_params, path_of, fetch)
-            result = kind.run(_engine(), files, params, report)
-        outcome = (SUCCEEDED, result.model_dump(mode="json"), None)
+            engine = _engine()
+            with telemetry.job(engine.model_device) as peak:
+                result = kind.run(engine, files, params, report)
+        outcome = (SUCCEEDED, {**result.model_dump(mode="json"), **peak}, None)
     except JobCancelled:
         pass  # recorded by whoever cancelled it
     except HandBack:
@@ -221,6 +228,7 @@ def _run_leased(
             record = jobs.get(job_id)
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
+    log.info("job %s", record.status if record is not None else "gone")
     # nothing of the audio is kept once the job ended, whatever the outcome
     storage.delete_job(job_id)
     if record is not None:
@@ -230,9 +238,9 @@ def _run_leased(
 
 def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
             path_of: Callable[..., Path],
-            fetch: Callable[[FileField, str], str] | None = None) -> tuple[Params, dict[str, Path]]:
+            fetch: Callable[[FileField, str], str] | None = None) -> tuple[Params, dict[str, Any]]:
     """The job's typed parameters and local audio paths, as the API stored them; audio given by
-    URL is fetched into storage first (``fetch(field, url) -> storage key``).
+    URL is fetched into storage first (``fetch(field, url) -> storage key``; single-file fields only).
 
     Records queued by a version that stored the embedding file itself (not its numbers) have it
     parsed here, with the same parser the API uses now.
@@ -247,15 +255,30 @@ def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | No
             with open(path_of(stored[spec.name], audio=False), "rb") as fh:
                 raw[spec.into or spec.name] = spec.parse(fh.read(), raw.get(f"{spec.name}_filename"), settings)
     fetchable = record.urls if fetch is not None else {}
-    missing = [f.name for f in kind.audio_files if f.name not in stored and f.name not in fetchable]
+    missing = [f.name for f in kind.audio_files if not _upload_keys(f, stored) and f.name not in fetchable]
     if missing:
         raise ProcessingError(f"job record names no upload for {', '.join(missing)}")
     params = kind.params.model_validate({k: v for k, v in raw.items() if k in kind.params.model_fields})
     for spec in kind.audio_files:
-        if spec.name not in stored and fetch is not None:
+        if not _upload_keys(spec, stored) and fetch is not None:
             stored[spec.name] = fetch(spec, record.urls[spec.name])
-    files = {spec.name: path_of(stored[spec.name]) for spec in kind.audio_files}
+    files: dict[str, Any] = {}
+    for spec in kind.audio_files:
+        paths = [path_of(key) for key in _upload_keys(spec, stored)]
+        files[spec.name] = paths if spec.multiple else paths[0]
     return params, files
+
+
+def _upload_keys(spec: Any, stored: dict[str, str]) -> list[str]:
+    """Storage keys of one upload field; a multiple-file field's are ``<name>.0``, ``<name>.1``..."""
+    if not spec.multiple:
+        return [stored[spec.name]] if spec.name in stored else []
+    numbered = []
+    for name, key in stored.items():
+        head, _, index = name.rpartition(".")
+        if head == spec.name and index.isdigit():
+            numbered.append((int(index), key))
+    return [key for _, key in sorted(numbered)]
 
 
 def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
@@ -290,7 +313,8 @@ _ANALYSIS = {"bind": True, "max_retries": None, "throws": (JobFailed, JobInterru
 def _register(kind: JobKind) -> Task:
     # params: only in messages queued before the job record held them
     def run(self: Task, job_id: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        return _run(self, job_id, kind, params)
+        with logs.bound(job_id=job_id, kind=kind.name):
+            return _run(self, job_id, kind, params)
 
     run.__name__ = run.__qualname__ = kind.name
     run.__doc__ = f"{kind.summary} (job kind {kind.name!r}, shared/kinds.py)."
@@ -299,6 +323,13 @@ def _register(kind: JobKind) -> Task:
 
 for _kind in KINDS.values():
     _register(_kind)
+
+
+def webhook_payload(record: JobRecord) -> dict[str, Any]:
+    """The record as the webhook carries it: without its webhook state, and without ``result``
+    when the job asked for the status only (``webhook_payload=status``)."""
+    leave_out = {"webhook"} | ({"result"} if record.webhook_payload == "status" else set())
+    return {k: v for k, v in record.public().items() if k not in leave_out}
 
 
 @app.task(
@@ -325,12 +356,13 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
     if not jobs.redis.set(claim, self.request.id, nx=True, ex=jobs.ttl) and jobs.redis.get(claim) != self.request.id:
         return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
 
-    attempt = self.request.retries + 1
-    payload = {k: v for k, v in record.public().items() if k != "webhook"}
+    # counted from the record too: a delivery task redelivered after its worker died starts its
+    # own retry count again, the receiver's count goes on
+    attempt = max(self.request.retries, record.webhook.attempts if record.webhook else 0) + 1
     try:
         code = webhooks.post(
-            record.webhook_url, job_id, payload, settings.webhook_secret.get_secret_value(), settings.webhook_timeout_s,
-            allow_private=settings.webhook_allow_private_addresses,
+            record.webhook_url, job_id, webhook_payload(record), settings.webhook_secret.get_secret_value(),
+            settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
         )
     except webhooks.WebhookDeliveryError as exc:
         final = self.request.retries >= self.max_retries

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, require_api_key
 from api.dispatch import view
-from api.forms import WEBHOOK, file_parameters, form_parameters, split, with_signature
+from api.forms import WEBHOOK_FIELDS, file_parameters, form_parameters, split, with_signature
 from api.models import ERRORS, Job
 from shared.kinds import KINDS, JobKind
 
@@ -38,21 +38,22 @@ def _submit_endpoint(kind: JobKind):
     async def submit(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                      **values: Any) -> JSONResponse:
         uploads, urls, form = split(kind, values)
-        submission = await dispatcher.read(kind, uploads, form, urls)
+        submission = await dispatcher.read(kind, uploads, form, principal, urls)
         webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
-        record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal)
+        record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
+                                         webhook_payload=values.get("webhook_payload"))
         body = view(record, base)
         return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
     submit.__name__ = f"submit_{kind.name}"
-    return with_signature(submit, _DEPS, _fields(kind, urls=True) + [WEBHOOK])
+    return with_signature(submit, _DEPS, _fields(kind, urls=True) + WEBHOOK_FIELDS)
 
 
 def _sync_endpoint(kind: JobKind):
     async def run(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                   **values: Any) -> dict[str, Any]:
         uploads, _, form = split(kind, values)
-        submission = await dispatcher.read(kind, uploads, form)
+        submission = await dispatcher.read(kind, uploads, form, principal)
         return await dispatcher.run_sync(submission, principal, request)
 
     run.__name__ = kind.name

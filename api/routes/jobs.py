@@ -1,4 +1,4 @@
-"""The job interface beyond submitting one file: batches, status, list, cancel."""
+"""The job interface beyond submitting one file: batches, status, result, list, cancel."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import inspect
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.dispatch import view
-from api.errors import JobNotFound
-from api.forms import WEBHOOK, form_parameters, with_signature
+from api.errors import JobConflict, JobNotFound
+from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
 from api.models import ERRORS, Batch, Job, JobList
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
-from shared.jobs import STATES, JobRecord, Status, new_job_id
-from shared.kinds import KINDS, JobKind, KindName
+from shared.formats import FORMATS, FormatName, file_stem
+from shared.jobs import STATES, SUCCEEDED, JobRecord, Status, new_job_id
+from shared.kinds import KINDS, JobKind, KindName, get_kind
 
 batches = APIRouter(prefix="/batches", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS)
 
@@ -36,7 +37,7 @@ def _batch_form_fields() -> list[inspect.Parameter]:
 
 async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                        kind: str, files: list[UploadFile], webhook_url: str | None = None,
-                       **values: Any) -> JSONResponse:
+                       webhook_payload: str | None = None, **values: Any) -> JSONResponse:
     """One job per file (each with its own webhook delivery); the batch groups them for polling."""
     if not files:
         raise InputError("files: at least one file is required")
@@ -47,9 +48,9 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     batch_id = new_job_id()
     records = []
     for upload in files:
-        submission = await dispatcher.read(job_kind, {upload_field.name: upload}, form)
-        records.append(await dispatcher.submit(submission, webhook_url=webhook_url, batch_id=batch_id,
-                                               principal=principal))
+        submission = await dispatcher.read(job_kind, {upload_field.name: upload}, form, principal)
+        records.append(await dispatcher.submit(submission, webhook_url=webhook_url, webhook_payload=webhook_payload,
+                                               batch_id=batch_id, principal=principal))
     body = _batch_body(base, batch_id, kind, records)
     return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
@@ -68,7 +69,7 @@ with_signature(
         inspect.Parameter("files", inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile],
                           default=File(..., description="one job per file")),
         *_batch_form_fields(),
-        WEBHOOK,
+        *WEBHOOK_FIELDS,
     ],
 )
 router.add_api_route("/batch", submit_batch, methods=["POST"], status_code=202, response_model=Batch,
@@ -103,6 +104,44 @@ async def list_jobs(
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
 async def get_job(job_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
     return view(dispatcher.get(job_id, principal), base)
+
+
+_RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the result in the format asked for: JSON (every kind, the synchronous endpoint's body), "
+                       "RTTM, SRT or WebVTT (diarization)",
+        "content": {f.media_type.split(";")[0]: {"schema": {"type": "string"}} for f in FORMATS.values()
+                    if f.name != "json"} | {"application/json": {"schema": {"type": "object"}}},
+    },
+    409: {"description": "the job has not succeeded (queued, running, failed or cancelled): no result"},
+    422: {"description": "a format the job's kind is not offered in (rttm, srt and vtt: diarization only)"},
+}
+
+
+@router.get("/{job_id}/result", summary="The result of a succeeded job, as JSON, RTTM, SRT or WebVTT",
+            responses=_RESULT_RESPONSES, response_class=Response)
+async def get_result(
+    job_id: str,
+    dispatcher: DispatcherDep,
+    principal: PrincipalDep,
+    format: FormatName = Query("json", description="json (every kind); rttm, srt, vtt (diarization)"),  # noqa: A002
+) -> Response:
+    """The result alone, in the format asked for. SRT and WebVTT cues carry each turn's speaker
+    (its identity when one was found); another key's job is 404, like an unknown one."""
+    record = dispatcher.get(job_id, principal)
+    kind = get_kind(record.kind)
+    kind.check_format(format)
+    if record.status != SUCCEEDED or record.result is None:
+        why = "no result yet" if not record.ended else f"it has no result (GET /jobs/{job_id} shows why)"
+        raise JobConflict(f"job {job_id} is {record.status}: {why}")
+    if format == "json":
+        return JSONResponse(record.result)
+    spec = FORMATS[format]
+    stem = file_stem(record.filename, job_id)
+    return Response(
+        kind.render(record.result, format, uri=stem), media_type=spec.media_type,
+        headers={"Content-Disposition": f'inline; filename="{stem}{spec.suffix}"'},
+    )
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")

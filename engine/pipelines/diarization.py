@@ -11,6 +11,7 @@ import torch
 
 from engine.audio import Audio
 from engine.models import pyannote_env  # noqa: F401
+from shared.errors import ProcessingError
 from shared.settings import Settings
 
 # (step name, fraction of that step done)
@@ -70,7 +71,10 @@ class Diarizer:
         self.device = device
         self.min_speaker_s = min_speaker_s
 
-    def __call__(
+    def __call__(self, audio: Audio, **kwargs) -> list[Turn]:
+        return self.run(audio, **kwargs).turns
+
+    def run(
         self,
         audio: Audio,
         *,
@@ -78,8 +82,10 @@ class Diarizer:
         min_speakers: int | None = None,
         max_speakers: int | None = None,
         min_duration: float = 0.0,
+        exclusive: bool = False,
         progress: ProgressCallback | None = None,
-    ) -> list[Turn]:
+    ) -> "Diarization":
+        """The turns, and each reported speaker's non-overlapped speech (for naming it)."""
         kwargs = {}
         if num_speakers is not None:
             kwargs["num_speakers"] = num_speakers
@@ -92,10 +98,27 @@ class Diarizer:
         # stdout belongs to the CLI's JSON/RTTM: anything a library prints goes to stderr
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
-        return to_turns(
+        names: dict[str, str] = {}
+        turns = to_turns(
             output, min_speaker_s=self.min_speaker_s, num_speakers=num_speakers, min_speakers=min_speakers,
-            min_duration=min_duration,
+            min_duration=min_duration, exclusive=exclusive, names=names,
         )
+        alone = getattr(output, "exclusive_speaker_diarization", None)
+        speech: dict[str, list[tuple[float, float]]] = {name: [] for name in dict.fromkeys(t.speaker for t in turns)}
+        if alone is not None:
+            for seg, _, label in alone.itertracks(yield_label=True):
+                name = names.get(str(label))
+                if name in speech:
+                    speech[name].append((float(seg.start), float(seg.end)))
+        return Diarization(turns, speech)
+
+
+@dataclass(frozen=True)
+class Diarization:
+    turns: list[Turn]
+    # reported speaker -> its non-overlapped speech regions (seconds), from pyannote's exclusive
+    # diarization; empty for a pipeline that gives none
+    speech: dict[str, list[tuple[float, float]]]
 
 
 def to_turns(
@@ -105,19 +128,43 @@ def to_turns(
     num_speakers: int | None = None,
     min_speakers: int | None = None,
     min_duration: float = 0.0,
+    exclusive: bool = False,
+    names: dict[str, str] | None = None,
 ) -> list[Turn]:
     """The pipeline's output as the product reports it: stray speakers dropped (unless the caller
-    fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance."""
-    annotation = getattr(output, "speaker_diarization", output)
+    fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance.
+
+    ``exclusive``: the pipeline's own exclusive diarization instead (pyannote.audio 4's
+    ``DiarizeOutput.exclusive_speaker_diarization``: the same clusters reconstructed with the
+    per-frame speaker count capped at one, so in overlapped speech only the most active speaker
+    is kept). Its speakers and labels are the regular diarization's: a speaker keeps the label
+    it has without ``exclusive``, and one heard only in overlap has no exclusive turn.
+    ``names`` receives pipeline label -> reported label (voiceprint identification uses it).
+    """
+    regular = getattr(output, "speaker_diarization", output)
     if num_speakers is None:
-        annotation = drop_stray_speakers(annotation, min_speaker_s, keep_at_least=min_speakers or 1)
-    return relabel_by_first_appearance(
-        [
-            (float(seg.start), float(seg.end), str(label))
-            for seg, _, label in annotation.itertracks(yield_label=True)
-            if seg.duration >= min_duration
-        ]
-    )
+        regular = drop_stray_speakers(regular, min_speaker_s, keep_at_least=min_speakers or 1)
+    kept = _tracks(regular, min_duration)
+    labels = first_appearance_names(kept)
+    if names is not None:
+        names.update(labels)
+    if not exclusive:
+        return relabel_by_first_appearance(kept, labels)
+    annotation = getattr(output, "exclusive_speaker_diarization", None)
+    if annotation is None:
+        # a pipeline run with legacy=True (or an older pyannote) returns the annotation alone
+        raise ProcessingError("this diarization pipeline gives no exclusive diarization")
+    speakers = set(regular.labels())
+    turns = [t for t in _tracks(annotation, min_duration) if t[2] in speakers]
+    return relabel_by_first_appearance(turns, labels)
+
+
+def _tracks(annotation, min_duration: float) -> list[tuple[float, float, str]]:
+    return [
+        (float(seg.start), float(seg.end), str(label))
+        for seg, _, label in annotation.itertracks(yield_label=True)
+        if seg.duration >= min_duration
+    ]
 
 
 def drop_stray_speakers(annotation, min_total_s: float, keep_at_least: int = 1):
@@ -135,10 +182,21 @@ def drop_stray_speakers(annotation, min_total_s: float, keep_at_least: int = 1):
     return annotation.subset(stray, invert=True)
 
 
-def relabel_by_first_appearance(turns: list[tuple[float, float, str]]) -> list[Turn]:
-    """SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn."""
-    turns = sorted(turns, key=lambda t: (t[0], t[1]))
+def first_appearance_names(turns: list[tuple[float, float, str]]) -> dict[str, str]:
+    """label -> SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn."""
     names: dict[str, str] = {}
+    for _, _, label in sorted(turns, key=lambda t: (t[0], t[1])):
+        names.setdefault(label, f"SPEAKER_{len(names):02d}")
+    return names
+
+
+def relabel_by_first_appearance(
+    turns: list[tuple[float, float, str]], names: dict[str, str] | None = None
+) -> list[Turn]:
+    """SPEAKER_00, SPEAKER_01, ... in order of each speaker's first turn (or as ``names`` says,
+    new labels numbered on from there)."""
+    turns = sorted(turns, key=lambda t: (t[0], t[1]))
+    names = dict(names or {})
     out = []
     for start, end, label in turns:
         name = names.setdefault(label, f"SPEAKER_{len(names):02d}")

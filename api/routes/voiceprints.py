@@ -1,0 +1,139 @@
+"""Voiceprints: enroll a person (``POST /voiceprints`` runs the ``enroll`` job kind on a worker,
+as the synchronous routes do, and stores the result), list, read, delete, export and import.
+
+A voiceprint belongs to the API key that created it; any other key is answered 404, exactly as
+for an unknown id (an admin key reads and deletes any by id). Diarization and ``identify`` jobs
+name voiceprints by id (``voiceprints=vp_...,vp_...`` or ``all``), resolved in
+``Dispatcher.read``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import DispatcherDep, PrincipalDep, SettingsDep, require_api_key
+from api.errors import JobNotFound
+from api.models import ERRORS
+from shared.errors import ModelError
+from shared.kinds import ENROLL
+from shared.voiceprints import FORMAT, Voiceprint, embedding_model, parse_import, to_npy
+
+router = APIRouter(prefix="/voiceprints", tags=["voiceprints"], dependencies=[Depends(require_api_key)],
+                   responses=ERRORS)
+
+
+class VoiceprintInfo(BaseModel):
+    id: str
+    label: str
+    model: str = Field(description="embedding model of the vector")
+    dimension: int
+    speech_seconds: float | None = Field(description="speech it was computed from (null: imported as a bare vector)")
+    files: int | None = Field(description="recordings averaged (null: imported as a bare vector)")
+    created_at: str
+
+
+class VoiceprintList(BaseModel):
+    voiceprints: list[VoiceprintInfo]
+    count: int
+
+
+class VoiceprintExport(VoiceprintInfo):
+    format: Literal["audio-analysis/voiceprint-v1"] = FORMAT
+    embedding: list[float] = Field(description="L2-normalised vector")
+
+
+def _get(dispatcher: Any, voiceprint_id: str, principal: Any) -> Voiceprint:
+    vp = dispatcher.voiceprints.get(voiceprint_id, principal.owner, admin=principal.admin)
+    if vp is None:
+        raise JobNotFound(f"no voiceprint {voiceprint_id}")
+    return vp
+
+
+@router.post("", status_code=201, response_model=VoiceprintInfo, summary="Enroll a person: store a voiceprint")
+async def create_voiceprint(
+    request: Request,
+    dispatcher: DispatcherDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    files: list[UploadFile] = File(..., description=f"one or more recordings of the person (1 to {ENROLL.files[0].max_count})"),
+    label: str = Form(..., description="the person's name, as diarization and identify will report it"),
+) -> JSONResponse:
+    """Embeds the speech of every file on a worker (the ``enroll`` job kind, waited for like the
+    synchronous routes), averages the vectors weighted by speech and stores the L2-normalised
+    result. 422 when the files hold less speech than ``voiceprint_min_speech_s`` together."""
+    submission = await dispatcher.read(ENROLL, {"files": files}, {"label": label}, principal)
+    result = await dispatcher.run_sync(submission, principal, request)
+    expected = embedding_model(settings)
+    if result.get("model") != expected.name or result.get("dimension") != expected.dimension:
+        raise ModelError(f"the worker embeds with {result.get('model')!r}, this API expects {expected.name!r}: "
+                         "API and workers must run the same AUDIO_ANALYSIS_MODEL_PROFILE")
+    vp = await run_in_threadpool(
+        dispatcher.voiceprints.create, owner=principal.owner, label=result["label"], model=expected,
+        embedding=result["embedding"], speech_seconds=result["speech_seconds"], files=len(result["file_speech_seconds"]),
+    )
+    return JSONResponse(vp.public(), status_code=201, headers={"Location": f"/voiceprints/{vp.id}"})
+
+
+@router.get("", response_model=VoiceprintList, summary="This API key's voiceprints, oldest first")
+async def list_voiceprints(dispatcher: DispatcherDep, principal: PrincipalDep) -> dict[str, Any]:
+    found = await run_in_threadpool(dispatcher.voiceprints.list, principal.owner)
+    return {"voiceprints": [vp.public() for vp in found], "count": len(found)}
+
+
+@router.post("/import", status_code=201, response_model=VoiceprintInfo, summary="Store a voiceprint from a file")
+async def import_voiceprint(
+    dispatcher: DispatcherDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    file: UploadFile = File(..., description="a voiceprint exported as JSON, or a bare vector (.npy or JSON array)"),
+    label: str | None = Form(None, description="the person's name (required for a bare vector; overrides the file's)"),
+    model: str | None = Form(None, description="embedding model of a bare vector (required for one)"),
+) -> JSONResponse:
+    """JSON or ``.npy`` only, never a pickle; the vector must come from this service's embedding
+    model (422 otherwise: vectors of two models are not comparable)."""
+    data = await file.read(1024 * 1024 + 1)
+    await file.close()
+    parsed = await run_in_threadpool(parse_import, data, file.filename, label=label, model=model,
+                                     expected=embedding_model(settings))
+    vp = await run_in_threadpool(
+        dispatcher.voiceprints.create, owner=principal.owner, label=parsed.label, model=embedding_model(settings),
+        embedding=parsed.embedding, speech_seconds=parsed.speech_seconds, files=parsed.files,
+    )
+    return JSONResponse(vp.public(), status_code=201, headers={"Location": f"/voiceprints/{vp.id}"})
+
+
+@router.get("/{voiceprint_id}", response_model=VoiceprintInfo, summary="One voiceprint (without its vector)")
+async def get_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, principal: PrincipalDep) -> dict[str, Any]:
+    return (await run_in_threadpool(_get, dispatcher, voiceprint_id, principal)).public()
+
+
+@router.get(
+    "/{voiceprint_id}/export", summary="The voiceprint as JSON (with label and model) or .npy (the vector)",
+    response_model=VoiceprintExport,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "JSON, or .npy with format=npy"}},
+)
+async def export_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, principal: PrincipalDep,
+                            format: Literal["json", "npy"] = Query("json")) -> Response:  # noqa: A002
+    vp = await run_in_threadpool(_get, dispatcher, voiceprint_id, principal)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", vp.label).strip("._") or vp.id
+    if format == "npy":
+        headers = {"Content-Disposition": f'attachment; filename="{stem}.npy"',
+                   "X-Voiceprint-Model": vp.model, "X-Voiceprint-Dimension": str(vp.dimension)}
+        return Response(to_npy(vp), media_type="application/octet-stream", headers=headers)
+    return JSONResponse(vp.export(), headers={"Content-Disposition": f'attachment; filename="{stem}.json"'})
+
+
+@router.delete("/{voiceprint_id}", status_code=204, summary="Delete a voiceprint")
+async def delete_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, principal: PrincipalDep) -> Response:
+    deleted = await run_in_threadpool(dispatcher.voiceprints.delete, voiceprint_id, principal.owner,
+                                      admin=principal.admin)
+    if not deleted:
+        raise JobNotFound(f"no voiceprint {voiceprint_id}")
+    return Response(status_code=204)
+

@@ -1,0 +1,63 @@
+"""The web page (``/``) and its assets (``/ui/``): plain files from api/web, nothing from outside.
+
+``/docs`` and ``/redoc`` are served the same way, offline. The page is a client of the public job
+API like any other. Its Content-Security-Policy allows
+this origin only (and the user's own file as a blob for the audio player), so a page served
+here cannot load, or send the user's audio to, another host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi_offline
+from fastapi import APIRouter, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+# Swagger UI and ReDoc as files inside the fastapi-offline wheel (maintained with FastAPI's own
+# asset versions), rather than 2.8 MB of vendored JavaScript in this repository
+DOCS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+CSP = ("default-src 'self'; media-src 'self' blob:; img-src 'self' data:; style-src 'self'; "
+       "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+# FastAPI's docs pages start Swagger UI / ReDoc from an inline script, and ReDoc links its logo
+# from its CDN: the policy lets the inline start-up run and refuses every other host
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; base-uri 'none'")
+
+router = APIRouter(include_in_schema=False)
+assets = StaticFiles(directory=WEB_DIR)
+docs_assets = StaticFiles(directory=DOCS_DIR)
+
+
+@router.get("/")
+async def page() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", media_type="text/html",
+                        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+
+def _with_policy(response: HTMLResponse) -> HTMLResponse:
+    response.headers["Content-Security-Policy"] = DOCS_CSP
+    return response
+
+
+@router.get("/docs")
+async def swagger(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return _with_policy(get_swagger_ui_html(
+        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - Swagger UI",
+        swagger_js_url=f"{root}/docs-assets/swagger-ui-bundle.js", swagger_css_url=f"{root}/docs-assets/swagger-ui.css",
+        swagger_favicon_url=f"{root}/docs-assets/favicon.png",
+    ))
+
+
+@router.get("/redoc")
+async def redoc(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "")
+    return _with_policy(get_redoc_html(
+        openapi_url=f"{root}{request.app.openapi_url}", title=f"{request.app.title} - ReDoc",
+        redoc_js_url=f"{root}/docs-assets/redoc.standalone.js", redoc_favicon_url=f"{root}/docs-assets/favicon.png",
+        with_google_fonts=False,
+    ))

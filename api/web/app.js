@@ -1,0 +1,325 @@
+// The web page of audio-analysis: submit recordings, follow their jobs, see who spoke when.
+// Plain JavaScript against the public job API (the same routes any client uses); no framework,
+// no build step and nothing loaded from outside this service. The audio is played from the
+// file the user picked, in the browser: the service keeps no audio once a job ended.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const COLOURS = ["#2563eb", "#d97706", "#15803d", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777",
+                 "#4b5563", "#65a30d"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const LANE_LABEL_PX = 144; // .lane-label width (9rem)
+
+const state = { picked: [], jobs: new Map(), shown: null, pxPerSecond: 1 };
+
+// --- the API ----------------------------------------------------------------------------------
+const keyInput = $("#api-key");
+keyInput.value = localStorage.getItem("audio-analysis.api-key") || "";
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("audio-analysis.api-key", keyInput.value.trim());
+  refreshRecent();
+});
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  const key = keyInput.value.trim();
+  if (key) headers["X-API-Key"] = key;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
+    throw new Error(`${response.status}: ${detail}`);
+  }
+  return response;
+}
+
+// --- choosing files ---------------------------------------------------------------------------
+const drop = $("#drop");
+function pick(files) {
+  state.picked = Array.from(files);
+  $("#picked").textContent = state.picked.map((f) => f.name).join(", ");
+  $("#submit").disabled = state.picked.length === 0;
+}
+$("#files").addEventListener("change", (e) => pick(e.target.files));
+["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
+["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
+drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
+
+// --- submitting and following jobs -------------------------------------------------------------
+$("#submit").addEventListener("click", async () => {
+  $("#submit-error").textContent = "";
+  const options = { num_speakers: $("#num-speakers").value, min_speakers: $("#min-speakers").value,
+                    max_speakers: $("#max-speakers").value };
+  for (const file of state.picked) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    for (const [name, value] of Object.entries(options)) if (value !== "") form.append(name, value);
+    if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
+    try {
+      const job = await (await api("/jobs/diarize", { method: "POST", body: form })).json();
+      track(job, file);
+    } catch (err) {
+      $("#submit-error").textContent = `${file.name}: ${err.message}`;
+    }
+  }
+  pick([]);
+  $("#files").value = "";
+  refreshRecent();
+});
+
+function track(job, file) {
+  const row = document.createElement("div");
+  row.className = "job";
+  row.dataset.jobId = job.job_id;
+  row.innerHTML = `<span class="name"></span><span class="step"></span><div class="bar"><div></div></div>
+    <span><button type="button" class="cancel">cancel</button> <button type="button" class="show" hidden>show</button></span>`;
+  row.querySelector(".name").textContent = job.filename || job.job_id;
+  row.querySelector(".cancel").addEventListener("click", () => cancel(job.job_id));
+  row.querySelector(".show").addEventListener("click", () => show(state.jobs.get(job.job_id)));
+  $("#jobs").prepend(row);
+  state.jobs.set(job.job_id, { job, file, row });
+  poll(job.job_id);
+}
+
+async function poll(jobId) {
+  const entry = state.jobs.get(jobId);
+  try {
+    entry.job = await (await api(`/jobs/${jobId}`)).json();
+  } catch (err) {
+    entry.row.querySelector(".step").textContent = err.message;
+    setTimeout(() => poll(jobId), 2000);
+    return;
+  }
+  render(entry);
+  if (!TERMINAL.has(entry.job.status)) {
+    setTimeout(() => poll(jobId), 500);
+  } else if (entry.job.status === "succeeded" && (!state.shown || state.shown.job.job_id === jobId)) {
+    show(entry);
+  }
+}
+
+function render({ job, row }) {
+  row.dataset.status = job.status;
+  const step = job.status === "running" ? `${job.step || "running"} ${Math.round(job.progress * 100)} %`
+             : job.status === "failed" ? `failed: ${(job.error || {}).detail || ""}` : job.status;
+  row.querySelector(".step").textContent = step;
+  row.querySelector(".bar > div").style.width = `${TERMINAL.has(job.status) ? 100 : job.progress * 100}%`;
+  row.querySelector(".cancel").hidden = TERMINAL.has(job.status);
+  row.querySelector(".show").hidden = job.status !== "succeeded";
+}
+
+async function cancel(jobId) {
+  try { await api(`/jobs/${jobId}/cancel`, { method: "POST" }); } catch (err) { $("#submit-error").textContent = err.message; }
+}
+
+// --- the speaker timeline ----------------------------------------------------------------------
+const audio = $("#audio");
+
+function show(entry) {
+  state.shown = entry;
+  const result = entry.job.result;
+  const turns = result.diarization_results;
+  const speakers = [...new Set(turns.map((t) => t.speaker))];
+  const duration = Math.max(result.audio_duration || 0, ...turns.map((t) => t.end), 1);
+  $("#result-panel").hidden = false;
+  $("#result-title").textContent = `Who spoke when: ${entry.job.filename || entry.job.job_id}`;
+  if (entry.file) {
+    if (audio.dataset.jobId !== entry.job.job_id) {
+      if (audio.src) URL.revokeObjectURL(audio.src);
+      audio.src = URL.createObjectURL(entry.file);
+      audio.dataset.jobId = entry.job.job_id;
+    }
+  } else {
+    audio.removeAttribute("src");
+  }
+  $("#no-audio").hidden = Boolean(entry.file);
+  state.duration = duration;
+  const timeline = $("#timeline");
+  timeline.innerHTML = "";
+  const lanes = document.createElement("div");
+  lanes.className = "lanes";
+  speakers.forEach((speaker, i) => {
+    const lane = document.createElement("div");
+    lane.className = "lane";
+    lane.dataset.speaker = speaker;
+    const name = turns.find((t) => t.speaker === speaker && t.identity)?.identity || speaker;
+    lane.innerHTML = `<div class="lane-label"></div><div class="track"></div>`;
+    lane.querySelector(".lane-label").textContent = name;
+    lane.querySelector(".lane-label").title = name;
+    const track = lane.querySelector(".track");
+    for (const t of turns.filter((x) => x.speaker === speaker)) {
+      const el = document.createElement("div");
+      el.className = "turn";
+      el.dataset.start = t.start;
+      el.dataset.end = t.end;
+      el.style.background = COLOURS[i % COLOURS.length];
+      el.title = `${name}: ${t.start.toFixed(2)}-${t.end.toFixed(2)} s`;
+      el.addEventListener("click", () => playTurn(t));
+      track.appendChild(el);
+    }
+    lanes.appendChild(lane);
+  });
+  const cursor = document.createElement("div");
+  cursor.className = "cursor";
+  lanes.appendChild(cursor);
+  timeline.appendChild(lanes);
+  const seconds = speakers.map((s) => turns.filter((t) => t.speaker === s).reduce((a, t) => a + t.end - t.start, 0));
+  $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
+    speakers.map((s, i) => `${s} ${seconds[i].toFixed(1)} s`).join(", ");
+  layout();
+}
+
+function layout() {
+  // at zoom 1 the whole recording fits the panel; each step of the slider adds detail
+  const timeline = $("#timeline");
+  if (!state.shown) return;
+  const fit = Math.max(timeline.clientWidth - LANE_LABEL_PX - 2, 100) / state.duration;
+  state.pxPerSecond = fit * Number($("#zoom").value);
+  const width = state.duration * state.pxPerSecond;
+  timeline.querySelectorAll(".track").forEach((track) => { track.style.width = `${width}px`; });
+  timeline.querySelectorAll(".turn").forEach((el) => {
+    el.style.left = `${el.dataset.start * state.pxPerSecond}px`;
+    el.style.width = `${Math.max((el.dataset.end - el.dataset.start) * state.pxPerSecond, 1)}px`;
+  });
+  moveCursor();
+}
+
+function moveCursor() {
+  const cursor = document.querySelector("#timeline .cursor");
+  if (cursor) cursor.style.left = `${LANE_LABEL_PX + audio.currentTime * state.pxPerSecond}px`;
+}
+
+let stopAt = null;
+function playTurn(turn) {
+  if (!audio.src) return;
+  audio.currentTime = turn.start;
+  stopAt = turn.end;
+  audio.play();
+}
+
+audio.addEventListener("timeupdate", () => {
+  if (stopAt !== null && audio.currentTime >= stopAt) { audio.pause(); stopAt = null; }
+  moveCursor();
+});
+audio.addEventListener("seeked", moveCursor);
+audio.addEventListener("play", function frame() {
+  moveCursor();
+  if (!audio.paused) requestAnimationFrame(frame);
+});
+$("#zoom").addEventListener("input", layout);
+window.addEventListener("resize", layout);
+
+// --- downloads ---------------------------------------------------------------------------------
+document.querySelectorAll(".downloads button").forEach((button) => button.addEventListener("click", async () => {
+  const job = state.shown?.job;
+  if (!job) return;
+  const format = button.dataset.format;
+  let blob;
+  try {
+    blob = format === "json"
+      ? new Blob([JSON.stringify(job.result, null, 2)], { type: "application/json" })
+      : await (await api(`/jobs/${job.job_id}/result?format=${format}`)).blob();
+  } catch (err) {
+    $("#submit-error").textContent = err.message;
+    return;
+  }
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = `${(job.filename || job.job_id).replace(/\.[^.]+$/, "")}.${format}`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}));
+
+// --- recent jobs (this key's, from the service) -------------------------------------------------
+async function refreshRecent() {
+  const body = $("#recent tbody");
+  try {
+    const { jobs } = await (await api("/jobs?limit=20")).json();
+    body.innerHTML = "";
+    for (const job of jobs) {
+      const tr = document.createElement("tr");
+      tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+      const cells = tr.querySelectorAll("td");
+      cells[0].textContent = job.created_at.replace("T", " ").slice(0, 19);
+      cells[1].textContent = job.kind;
+      cells[2].textContent = job.filename || "";
+      cells[3].textContent = job.status;
+      if (job.status === "succeeded" && job.kind === "diarize") {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "small";
+        button.textContent = "show";
+        button.addEventListener("click", () => show(state.jobs.get(job.job_id) || { job, file: null }));
+        cells[4].appendChild(button);
+      }
+      body.appendChild(tr);
+    }
+  } catch (err) {
+    body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
+    body.querySelector("td").textContent = err.message;
+  }
+}
+$("#refresh").addEventListener("click", refreshRecent);
+
+// --- voiceprints: enroll a person, list and delete them ------------------------------------------
+async function refreshVoiceprints() {
+  const body = $("#voiceprints tbody");
+  try {
+    const { voiceprints } = await (await api("/voiceprints")).json();
+    body.innerHTML = "";
+    for (const vp of voiceprints) {
+      const tr = document.createElement("tr");
+      tr.dataset.voiceprintId = vp.id;
+      tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+      const cells = tr.querySelectorAll("td");
+      cells[0].textContent = vp.label;
+      cells[1].textContent = vp.speech_seconds == null ? "" : `${vp.speech_seconds.toFixed(1)} s`;
+      cells[2].textContent = vp.files == null ? "imported" : String(vp.files);
+      cells[3].textContent = vp.model;
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "small";
+      button.textContent = "delete";
+      button.addEventListener("click", async () => {
+        try { await api(`/voiceprints/${vp.id}`, { method: "DELETE" }); } catch (err) { $("#vp-error").textContent = err.message; }
+        refreshVoiceprints();
+      });
+      cells[4].appendChild(button);
+      body.appendChild(tr);
+    }
+  } catch (err) {
+    body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
+    body.querySelector("td").textContent = err.message;
+  }
+}
+
+$("#vp-enroll").addEventListener("click", async () => {
+  $("#vp-error").textContent = "";
+  const files = Array.from($("#vp-files").files);
+  const label = $("#vp-label").value.trim();
+  if (!label || files.length === 0) {
+    $("#vp-error").textContent = "a name and at least one recording are needed";
+    return;
+  }
+  const form = new FormData();
+  form.append("label", label);
+  for (const file of files) form.append("files", file, file.name);
+  const button = $("#vp-enroll");
+  button.disabled = true;
+  button.textContent = "enrolling…";
+  try {
+    await api("/voiceprints", { method: "POST", body: form });
+    $("#vp-label").value = "";
+    $("#vp-files").value = "";
+  } catch (err) {
+    $("#vp-error").textContent = err.message;
+  } finally {
+    button.disabled = false;
+    button.textContent = "Enroll";
+  }
+  refreshVoiceprints();
+});
+
+keyInput.addEventListener("change", refreshVoiceprints);
+refreshRecent();
+refreshVoiceprints();

@@ -1,0 +1,135 @@
+"""Naming speakers after voiceprints: speech detection, per-speaker embeddings, optimal matching.
+
+- **Speech.** Enrollment and ``identify`` embed only detected speech: pyannote's
+  ``VoiceActivityDetection`` over the diarization pipeline's own segmentation model (the same
+  segmentation-3.0 in both profiles), so "too little speech" means what diarization would hear.
+- **Speaker vectors.** A diarized speaker is embedded again by the profile's embedder (the
+  voiceprints' model) from its own non-overlapped speech (pyannote's exclusive diarization),
+  longest turns first, up to ``identification_max_speech_s``. The clustering centroids are not
+  used: in the production profile they come from another network (WeSpeaker ResNet34, 256-dim)
+  than the voiceprints (ECAPA), and one code path for both profiles is worth the few tenths of a
+  second per speaker this costs (bench/identification.py prints it).
+- **Matching.** Cosine scores speakers x voiceprints; :func:`assign` gives each voiceprint to at
+  most one speaker with the assignment that maximises the summed margin over the threshold
+  (scipy's ``linear_sum_assignment``), so one strong match is never traded for two weak ones,
+  and a greedy pass's order cannot steal a voiceprint from the speaker it fits best.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from engine.audio import SAMPLE_RATE, Audio
+
+Regions = list[tuple[float, float]]
+
+
+class SpeechDetector:
+    """Speech regions of a recording, from a pyannote segmentation model."""
+
+    def __init__(self, segmentation_model: Any, device: Any = None) -> None:
+        from pyannote.audio.pipelines import VoiceActivityDetection
+
+        self.pipeline = VoiceActivityDetection(segmentation=segmentation_model)
+        self.pipeline.instantiate({"min_duration_on": 0.0, "min_duration_off": 0.0})
+        if device is not None:
+            self.pipeline.to(device)
+
+    def __call__(self, audio: Audio) -> Regions:
+        import contextlib
+        import sys
+
+        import torch
+
+        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
+            annotation = self.pipeline(audio.as_pyannote())
+        return [(float(s.start), float(s.end)) for s in annotation.get_timeline().support()]
+
+
+def seconds(regions: Regions) -> float:
+    return float(sum(max(0.0, e - s) for s, e in regions))
+
+
+def cut(audio: Audio, regions: Regions, max_s: float | None = None) -> np.ndarray:
+    """The samples of ``regions`` joined, longest regions first when ``max_s`` caps them (then
+    put back in time order)."""
+    chosen = sorted(regions, key=lambda r: r[0] - r[1])
+    if max_s is not None:
+        kept, total = [], 0.0
+        for s, e in chosen:
+            if total >= max_s:
+                break
+            e = min(e, s + (max_s - total))
+            kept.append((s, e))
+            total += e - s
+        chosen = kept
+    pieces = [audio.samples[int(s * SAMPLE_RATE): int(e * SAMPLE_RATE)] for s, e in sorted(chosen)]
+    pieces = [p for p in pieces if len(p)]
+    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
+
+
+def exclusive_regions(turns: Sequence[Any]) -> dict[str, Regions]:
+    """Each speaker's turns less the time anyone else speaks too (for pipelines that give no
+    exclusive diarization)."""
+    from pyannote.core import Segment, Timeline
+
+    by_speaker: dict[str, list] = {}
+    for t in turns:
+        if t.end > t.start:
+            by_speaker.setdefault(t.speaker, []).append(Segment(t.start, t.end))
+    out: dict[str, Regions] = {}
+    for name, segments in by_speaker.items():
+        own = Timeline(segments).support()
+        others = Timeline([s for n, segs in by_speaker.items() if n != name for s in segs]).support()
+        alone = own.extrude(others) if len(others) else own
+        out[name] = [(float(s.start), float(s.end)) for s in alone]
+    return out
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm).astype(np.float32) if norm > 0 else vector.astype(np.float32)
+
+
+def score_matrix(vectors: np.ndarray, voiceprints: np.ndarray) -> np.ndarray:
+    """Cosine similarities, (speakers, voiceprints)."""
+    a = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    b = voiceprints / np.maximum(np.linalg.norm(voiceprints, axis=1, keepdims=True), 1e-12)
+    return np.clip(a @ b.T, -1.0, 1.0)
+
+
+def assign(scores: np.ndarray, threshold: float) -> list[int | None]:
+    """Per speaker (row), the voiceprint (column) it is named after, or None.
+
+    Maximises the sum of ``score - threshold`` over the accepted pairs: a pair under the
+    threshold is worth nothing (it is never accepted), each voiceprint goes to at most one
+    speaker and each speaker gets at most one voiceprint.
+    """
+    if scores.size == 0:
+        return [None] * scores.shape[0]
+    gain = np.where(scores >= threshold, scores - threshold + 1e-9, 0.0)
+    rows, cols = linear_sum_assignment(gain, maximize=True)
+    out: list[int | None] = [None] * scores.shape[0]
+    for r, c in zip(rows, cols):
+        if scores[r, c] >= threshold:
+            out[r] = int(c)
+    return out
+
+
+def describe(scores: np.ndarray, assigned: int | None, refs: Sequence[Any]) -> dict[str, Any]:
+    """identity, voiceprint_id, confidence and runner-up of one speaker (or one recording)."""
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    main = assigned if assigned is not None else (order[0] if order else None)
+    others = [i for i in order if i != main]
+    runner = others[0] if others else None
+    return {
+        "identity": refs[assigned].label if assigned is not None else None,
+        "voiceprint_id": refs[assigned].id if assigned is not None else None,
+        "confidence": round(float(scores[main]), 6) if main is not None else None,
+        "runner_up": None if runner is None else {
+            "voiceprint_id": refs[runner].id, "label": refs[runner].label, "score": round(float(scores[runner]), 6)
+        },
+    }

@@ -1,0 +1,147 @@
+"""A job's result in the formats people use: pure functions over the result body, torch-free.
+
+Every kind's result is JSON (the body of its synchronous endpoint). A diarization result can
+also be given as
+
+* **RTTM** (the NIST format pyannote.metrics and dscore read): one ``SPEAKER`` line per turn;
+* **SRT** (SubRip): numbered cues, ``HH:MM:SS,mmm --> HH:MM:SS,mmm``, the speaker as the text;
+* **WebVTT**: a ``WEBVTT`` header, cues ``HH:MM:SS.mmm --> HH:MM:SS.mmm`` whose text is the
+  speaker in a voice span, ``<v SPEAKER_00>SPEAKER_00</v>``, so players show who speaks and
+  tools that read voices (``<v>``) get the speaker.
+
+A turn's speaker is its ``identity`` when the result names one (voiceprint identification),
+else its diarization label ``speaker``. Which kind offers which format is declared with the
+kind (``shared/kinds.py``: ``JobKind.renderers``); the API (``GET /jobs/{id}/result?format=``)
+and the CLI both render through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Mapping
+
+FormatName = Literal["json", "rttm", "srt", "vtt"]
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    name: str
+    media_type: str
+    suffix: str
+    description: str
+
+
+FORMATS: dict[str, OutputFormat] = {
+    f.name: f
+    for f in (
+        OutputFormat("json", "application/json", ".json", "the result body"),
+        OutputFormat("rttm", "text/plain; charset=utf-8", ".rttm", "NIST RTTM, one SPEAKER line per turn"),
+        OutputFormat("srt", "application/x-subrip; charset=utf-8", ".srt", "SubRip subtitles, one cue per turn"),
+        OutputFormat("vtt", "text/vtt; charset=utf-8", ".vtt", "WebVTT, one cue per turn in a <v speaker> span"),
+    )
+}
+FORMAT_NAMES: tuple[str, ...] = tuple(FORMATS)
+
+
+# --- turns --------------------------------------------------------------------------------------
+def _field(segment: Any, name: str) -> Any:
+    if isinstance(segment, Mapping):
+        return segment.get(name)
+    return getattr(segment, name, None)
+
+
+def speaker_label(segment: Any) -> str:
+    """Who speaks in a turn: its ``identity`` when identification named one, else ``speaker``.
+
+    ``identity`` is read as a name, or as an object with a ``name``; an empty or absent one
+    falls back to the diarization label.
+    """
+    identity = _field(segment, "identity")
+    if isinstance(identity, Mapping) or (identity is not None and not isinstance(identity, str)):
+        identity = _field(identity, "name")
+    if isinstance(identity, str) and identity.strip():
+        return identity
+    return str(_field(segment, "speaker"))
+
+
+def _one_line(text: str) -> str:
+    # a label is one line of a cue: no line breaks (a blank line ends an SRT/WebVTT cue)
+    return " ".join(text.split())
+
+
+def turns(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, str]]:
+    """(start, end, speaker) of a diarization result body (or of its list of segments)."""
+    segments = body.get("diarization_results", []) if isinstance(body, Mapping) else body
+    return [(float(_field(s, "start")), float(_field(s, "end")), speaker_label(s)) for s in segments]
+
+
+# --- timestamps ---------------------------------------------------------------------------------
+def _clock(seconds: float, separator: str) -> str:
+    ms = max(0, int(round(seconds * 1000)))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
+
+
+def srt_timestamp(seconds: float) -> str:
+    """``HH:MM:SS,mmm`` (SubRip: a comma before the milliseconds)."""
+    return _clock(seconds, ",")
+
+
+def vtt_timestamp(seconds: float) -> str:
+    """``HH:MM:SS.mmm`` (WebVTT: a full stop before the milliseconds; hours always written)."""
+    return _clock(seconds, ".")
+
+
+def _cues(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, str]]:
+    # a cue must end after it starts: a turn that rounds to no time at all is no cue
+    return [(s, e, label) for s, e, label in turns(body) if round(e * 1000) > round(s * 1000)]
+
+
+# --- the formats --------------------------------------------------------------------------------
+def to_rttm(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
+    """RTTM lines: ``SPEAKER <uri> 1 <start> <duration> <NA> <NA> <speaker> <NA> <NA>``.
+
+    Fields are separated by spaces, so spaces in the file name or a speaker's name become ``_``.
+    """
+    uri = "_".join(uri.split()) or "audio"
+    return "".join(
+        f"SPEAKER {uri} 1 {start:.3f} {end - start:.3f} <NA> <NA> {'_'.join(label.split())} <NA> <NA>\n"
+        for start, end, label in turns(body)
+    )
+
+
+def to_srt(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
+    """SubRip: ``N``, ``start --> end``, the speaker; cues separated by a blank line."""
+    blocks = [
+        f"{n}\n{srt_timestamp(start)} --> {srt_timestamp(end)}\n{_one_line(label).replace('-->', '->')}\n"
+        for n, (start, end, label) in enumerate(_cues(body), start=1)
+    ]
+    return "\n".join(blocks)
+
+
+def _vtt_escape(text: str) -> str:
+    # WebVTT cue text and a voice span's annotation: &, < and > as character references
+    return _one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def to_webvtt(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
+    """WebVTT: the ``WEBVTT`` header, then ``start --> end`` and ``<v speaker>speaker</v>`` per cue."""
+    blocks = []
+    for start, end, label in _cues(body):
+        name = _vtt_escape(label)
+        blocks.append(f"{vtt_timestamp(start)} --> {vtt_timestamp(end)}\n<v {name}>{name}</v>\n")
+    return "WEBVTT\n\n" + "\n".join(blocks) if blocks else "WEBVTT\n"
+
+
+# what a diarization result renders to besides JSON (JobKind.renderers)
+DIARIZATION_RENDERERS = {"rttm": to_rttm, "srt": to_srt, "vtt": to_webvtt}
+
+
+def file_stem(filename: str | None, fallback: str) -> str:
+    """A safe stem for a file name or an RTTM uri made from an uploaded file's name."""
+    stem = (filename or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in stem).strip("._")
+    return safe[:100] or fallback

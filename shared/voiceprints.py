@@ -1,0 +1,285 @@
+"""Voiceprints: a named person's averaged speaker embedding, stored in Redis per owner.
+
+A voiceprint is made by the ``enroll`` job kind (a worker embeds the speech of one or more
+recordings and averages them), stored here by ``POST /voiceprints`` and handed to ``diarize`` and
+``identify`` jobs by id. Ids are resolved in the API (:meth:`VoiceprintStore.resolve`): the
+worker gets labels and vectors as plain numbers in the job's parameters, never an id to look up.
+
+Unlike job records, voiceprints do not expire: they are the service's own data, kept in the
+same Redis (``voiceprint_redis_url`` to put them elsewhere), which therefore runs with
+persistence (append-only file) and ``noeviction``; docs/service.md says why and how to back it up.
+
+Tenancy is that of jobs: a voiceprint belongs to the API key that created it (its ``owner``
+digest); another key is answered 404, as for an unknown id. Without API keys there is one tenant.
+
+Exports are JSON (the vector with its label, model and dimension) or ``.npy`` (the float32
+vector alone); imports take the same two formats and never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import redis
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import InputError
+from shared.settings import Settings
+
+FORMAT = "audio-analysis/voiceprint-v1"
+
+
+@dataclass(frozen=True)
+class EmbeddingModel:
+    """The model whose vectors a voiceprint holds: vectors of two models are not comparable."""
+
+    name: str
+    dimension: int
+
+
+# Per model profile (shared/settings.py ``model_profile``): the embedder of /embedding, /compare and
+# of voiceprints. engine/profiles.py reads its names from here, so API (no torch) and worker agree.
+# A change of weights or of how the engine computes the vector must change the name.
+EMBEDDING_MODELS: dict[str, EmbeddingModel] = {
+    "embedded": EmbeddingModel("3d-speaker/campplus-cn-en-common", 192),
+    "production": EmbeddingModel("speechbrain/spkrec-ecapa-voxceleb", 192),
+}
+
+
+def embedding_model(settings: Settings) -> EmbeddingModel:
+    return EMBEDDING_MODELS[settings.model_profile]
+
+
+_ID = re.compile(r"^vp_[0-9a-f]{32}$")
+MAX_LABEL = 200
+
+
+def new_voiceprint_id() -> str:
+    return "vp_" + uuid.uuid4().hex
+
+
+def clean_label(label: Any) -> str:
+    if not isinstance(label, str) or not label.strip():
+        raise InputError("label: a voiceprint needs a non-empty label (the person's name)")
+    label = label.strip()
+    if len(label) > MAX_LABEL or any(ord(c) < 32 for c in label):
+        raise InputError(f"label: at most {MAX_LABEL} printable characters")
+    return label
+
+
+def unit_vector(values: Iterable[float], dimension: int) -> list[float]:
+    """A stored vector: ``dimension`` finite numbers, not all zero, L2-normalised."""
+    import numpy as np  # not at import: the API starts without numpy
+
+    vector = np.asarray(list(values), dtype=np.float64).reshape(-1)
+    if vector.shape != (dimension,):
+        raise InputError(f"voiceprint has {vector.size} values; the model's dimension is {dimension}")
+    norm = float(np.linalg.norm(vector)) if np.all(np.isfinite(vector)) else float("nan")
+    if not np.isfinite(norm) or norm == 0:
+        raise InputError("voiceprint must be finite numbers, not all zero")
+    return [float(x) for x in (vector / norm).astype(np.float32)]
+
+
+class Voiceprint(BaseModel):
+    """A stored voiceprint. ``owner`` (a digest of the API key) is never shown."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    label: str
+    model: str = Field(description="embedding model the vector comes from")
+    dimension: int
+    embedding: list[float] = Field(description="L2-normalised average embedding")
+    speech_seconds: float | None = Field(None, description="speech the vector was computed from (None: imported)")
+    files: int | None = Field(None, description="recordings it was averaged over (None: imported)")
+    created_at: str
+    owner: str | None = None
+
+    def public(self) -> dict[str, Any]:
+        """What GET /voiceprints shows: no vector, no owner."""
+        return self.model_dump(mode="json", exclude={"embedding", "owner"})
+
+    def export(self) -> dict[str, Any]:
+        return {"format": FORMAT, **self.model_dump(mode="json", exclude={"owner"})}
+
+    def reference(self) -> dict[str, Any]:
+        """What a job's parameters carry (shared.kinds.VoiceprintRef)."""
+        return {"id": self.id, "label": self.label, "model": self.model, "embedding": self.embedding}
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class VoiceprintStore:
+    """Voiceprints in Redis: ``<prefix>:voiceprint:<id>`` (JSON) and one set of ids per owner."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "aa") -> None:
+        self.redis = client
+        self.prefix = prefix
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "VoiceprintStore":
+        url = settings.voiceprint_redis_url or settings.redis_url
+        return cls(redis.Redis.from_url(url, decode_responses=True), settings.redis_key_prefix)
+
+    def _key(self, voiceprint_id: str) -> str:
+        return f"{self.prefix}:voiceprint:{voiceprint_id}"
+
+    def _index(self, owner: str | None) -> str:
+        return f"{self.prefix}:voiceprints:{owner or '_'}"
+
+    def create(self, *, owner: str | None, label: str, model: EmbeddingModel, embedding: Iterable[float],
+               speech_seconds: float | None = None, files: int | None = None) -> Voiceprint:
+        vp = Voiceprint(
+            id=new_voiceprint_id(), label=clean_label(label), model=model.name, dimension=model.dimension,
+            embedding=unit_vector(embedding, model.dimension),
+            speech_seconds=None if speech_seconds is None else round(float(speech_seconds), 3),
+            files=files, created_at=_utc_now(), owner=owner,
+        )
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(vp.id), vp.model_dump_json())
+            pipe.zadd(self._index(owner), {vp.id: time.time()})
+            pipe.execute()
+        return vp
+
+    def get(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> Voiceprint | None:
+        """The voiceprint if this owner may see it; None for an unknown id and another's alike."""
+        if not _ID.match(voiceprint_id or ""):
+            return None
+        raw = self.redis.get(self._key(voiceprint_id))
+        if raw is None:
+            return None
+        vp = Voiceprint.model_validate_json(raw)
+        if owner is not None and not admin and vp.owner != owner:
+            return None
+        return vp
+
+    def list(self, owner: str | None) -> list[Voiceprint]:
+        """The owner's voiceprints, oldest first (without API keys: everyone's, one tenant)."""
+        ids = self.redis.zrange(self._index(owner), 0, -1)
+        raws = self.redis.mget([self._key(i) for i in ids]) if ids else []
+        return [Voiceprint.model_validate_json(r) for r in raws if r is not None]
+
+    def delete(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> bool:
+        vp = self.get(voiceprint_id, owner, admin=admin)
+        if vp is None:
+            return False
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self._key(vp.id))
+            pipe.zrem(self._index(vp.owner), vp.id)
+            pipe.execute()
+        return True
+
+    def resolve(self, spec: str, owner: str | None, model: EmbeddingModel, limit: int) -> list[dict[str, Any]]:
+        """A job's ``voiceprints`` field (comma-separated ids, or ``all`` for the caller's own) as
+        the references the worker gets; unknown, another tenant's or another model's are refused."""
+        spec = (spec or "").strip()
+        if spec.lower() == "all":
+            found = self.list(owner)
+            if not found:
+                raise InputError("voiceprints: 'all' given, but this API key has no voiceprints")
+        else:
+            ids = list(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
+            if not ids:
+                raise InputError("voiceprints: give voiceprint ids separated by commas, or 'all'")
+            if len(ids) > limit:
+                raise InputError(f"voiceprints: at most {limit} per job, {len(ids)} given")
+            found = []
+            for i in ids:
+                vp = self.get(i, owner)
+                if vp is None:
+                    raise InputError(f"voiceprints: no voiceprint {i!r}", status_code=404)
+                found.append(vp)
+        if len(found) > limit:
+            raise InputError(f"voiceprints: at most {limit} per job; this key has {len(found)}")
+        for vp in found:
+            check_model(vp.model, vp.dimension, model, what=f"voiceprint {vp.id} ({vp.label!r})")
+        return [vp.reference() for vp in found]
+
+
+def check_model(name: str, dimension: int, expected: EmbeddingModel, *, what: str = "voiceprint") -> None:
+    if name != expected.name or dimension != expected.dimension:
+        raise InputError(
+            f"{what} was made with {name!r} ({dimension}-dim); this service's embedding model is "
+            f"{expected.name!r} ({expected.dimension}-dim): enroll the person again with this service"
+        )
+
+
+# --- export and import --------------------------------------------------------------------------
+def to_npy(vp: Voiceprint) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(vp.embedding, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Imported:
+    label: str
+    model: str
+    dimension: int
+    embedding: list[float]
+    speech_seconds: float | None = None
+    files: int | None = None
+
+
+def parse_import(data: bytes, filename: str | None, *, label: str | None, model: str | None,
+                 expected: EmbeddingModel) -> Imported:
+    """An uploaded voiceprint: our JSON export (label, model and dimension inside) or a bare
+    vector (``.npy`` or a JSON array), for which ``label`` and ``model`` must be given.
+
+    Never a pickle: a voiceprint is data, and pickles are code.
+    """
+    from shared.embedding_file import MAX_EMBEDDING_BYTES, load_embedding
+
+    if len(data) > MAX_EMBEDDING_BYTES:
+        raise InputError(f"file is {len(data)} bytes; the limit is {MAX_EMBEDDING_BYTES}")
+    document: dict[str, Any] = {}
+    stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if stripped[:1] == b"{":
+        try:
+            document = json.loads(stripped.decode("utf-8"), parse_int=_small_int)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise InputError(f"file is not valid JSON ({exc.__class__.__name__})") from exc
+        if not isinstance(document, dict):
+            raise InputError("voiceprint JSON must be an object")
+    dimension = document.get("dimension", expected.dimension)
+    if not isinstance(dimension, int) or isinstance(dimension, bool) or not 1 <= dimension <= 4096:
+        raise InputError("dimension: must be a whole number of values")
+    # load_embedding detects the format from the content; allow_pickle=False refuses pickles
+    vector = load_embedding(data, filename, dimension=dimension, allow_pickle=False)
+    doc_model, doc_label = document.get("model"), document.get("label")
+    if model and doc_model and model != doc_model:
+        raise InputError(f"model: the file says {doc_model!r}, the form {model!r}")
+    name = model or doc_model
+    if not name or not isinstance(name, str):
+        raise InputError("model: a bare vector (.npy or a JSON array) needs the name of the model that made it "
+                         f"(this service's: {expected.name!r})")
+    check_model(name, dimension, expected)
+    return Imported(
+        label=clean_label(label or doc_label), model=name, dimension=dimension, embedding=[float(x) for x in vector],
+        speech_seconds=_number_or_none(document.get("speech_seconds")),
+        files=document.get("files") if isinstance(document.get("files"), int) else None,
+    )
+
+
+def _small_int(text: str) -> int:
+    if len(text.lstrip("-")) > 18:
+        raise InputError("JSON holds an integer too large")
+    return int(text)
+
+
+def _number_or_none(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0:
+        return float(value)
+    return None

@@ -1,0 +1,112 @@
+"""The Kubernetes manifests (deploy/k8s) agree with the settings, the compose file and each other.
+
+No cluster runs here: the manifests are read as data and held to what the code and compose say
+(setting names, images, commands, queues, ports, GPU limits, the KEDA trigger).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "deploy" / "k8s"
+OTHER_ENV = {"REDIS_URL", "FLOWER_BASIC_AUTH", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def _container(doc: dict) -> dict:
+    [container] = doc["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _config(docs) -> dict[str, str]:
+    return {**docs[("ConfigMap", "audio-analysis")]["data"], **docs[("Secret", "audio-analysis")]["stringData"]}
+
+
+def test_every_variable_is_a_setting_and_the_config_loads(docs, monkeypatch) -> None:
+    config = _config(docs)
+    fields = {f"AUDIO_ANALYSIS_{name.upper()}" for name in Settings.model_fields}
+    assert set(config) - fields - OTHER_ENV == set()
+    for key, value in config.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.storage_backend == "s3" and settings.s3_bucket  # several hosts: no shared disk
+    assert settings.redis_url == "redis://redis:6379/0"
+    for doc in docs.values():
+        if doc["kind"] == "Deployment":
+            for env in _container(doc).get("env", []):
+                assert env["name"] in fields | OTHER_ENV, env
+
+
+def test_images_and_commands_match_compose(docs, compose) -> None:
+    pairs = {"api": "api", "worker-gpu": "worker-gpu0", "webhooks": "webhooks", "flower": "flower"}
+    for deployment, service in pairs.items():
+        container = _container(docs[("Deployment", deployment)])
+        assert container["image"] == compose[service]["image"], deployment
+        k8s, dc = container["command"], compose[service]["command"]
+        # the same program and queue; host names and flags a proxy needs may differ
+        assert k8s[:3] == dc[:3], deployment
+        if "-Q" in dc:
+            assert k8s[k8s.index("-Q") + 1] == dc[dc.index("-Q") + 1], deployment
+        assert {"envFrom"} <= set(container), deployment
+
+
+def test_gpu_workers_take_one_card_one_job_and_drain(docs) -> None:
+    worker = docs[("Deployment", "worker-gpu")]
+    container = _container(worker)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    command = container["command"]
+    assert command[command.index("--concurrency") + 1] == "1" and "prefork" in command
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+
+
+def test_keda_scales_the_workers_on_their_queue(docs) -> None:
+    scaled = docs[("ScaledObject", "worker-gpu")]
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "worker-gpu"
+    [trigger] = scaled["spec"]["triggers"]
+    config = _config(docs)
+    redis_url = urlsplit(config["REDIS_URL"])
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["address"] == f"{redis_url.hostname}:{redis_url.port}"
+    assert trigger["metadata"]["databaseIndex"] == redis_url.path.lstrip("/")
+    queue = config["AUDIO_ANALYSIS_QUEUE_NAME"]
+    assert trigger["metadata"]["listName"] == queue
+    command = _container(docs[("Deployment", "worker-gpu")])["command"]
+    assert command[command.index("-Q") + 1] == queue
+    assert scaled["spec"]["minReplicaCount"] >= 1 <= scaled["spec"]["maxReplicaCount"]
+
+
+def test_services_reach_named_ports_and_redis_persists(docs) -> None:
+    for (kind, name), doc in docs.items():
+        if kind != "Service":
+            continue
+        selector = doc["spec"]["selector"]["app.kubernetes.io/name"]
+        target = next(d for (k, _), d in docs.items() if k in ("Deployment", "StatefulSet")
+                      and d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == selector)
+        ports = {p["name"] for p in _container(target).get("ports", [])}
+        assert {p["targetPort"] for p in doc["spec"]["ports"]} <= ports, name
+    redis = docs[("StatefulSet", "redis")]
+    assert "--appendonly" in _container(redis)["args"]
+    assert redis["spec"]["volumeClaimTemplates"]
+    api = docs[("Service", "api")]
+    assert api["spec"]["ports"][0]["port"] == Settings.model_fields["api_port"].default

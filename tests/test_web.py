@@ -1,0 +1,199 @@
+"""The web page and the API docs in a real browser: Debian's chromium, headless, driven by
+playwright, against a real uvicorn, the session's real worker and pyannote's sample.
+
+Every request the browser makes is recorded: none may leave 127.0.0.1 (no CDN, no fonts, no
+telemetry), for the page and for /docs and /redoc alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "web-page-key-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (scripts/dev.sh test installs it as root: apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def web(service_env, worker, tmp_path_factory) -> Iterator[str]:
+    """The API under uvicorn with API keys on, sending to the session worker's queue."""
+    from cli.launcher import Stack, free_port, wait_until
+
+    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
+    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps([KEY])
+    log_dir = tmp_path_factory.mktemp("web")
+    stack = Stack(env={**os.environ, **env}, log_dir=log_dir)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "api", proc)
+        yield base
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # the flags keep chromium from calling Google's hosts, which this network refuses
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update",
+            "--autoplay-policy=no-user-gesture-required",
+        ])
+        yield b
+        b.close()
+
+
+class Requests:
+    """What a page asked for, and what the page's Content-Security-Policy stopped in the browser
+    (ReDoc links its logo from its CDN: refused by the policy before any connection)."""
+
+    def __init__(self, page) -> None:
+        self.urls: list[str] = []
+        self.blocked: set[str] = set()
+        page.on("request", lambda request: self.urls.append(request.url))
+        page.on("requestfailed", lambda request: request.failure == "csp" and self.blocked.add(request.url))
+
+    def outside(self, base: str) -> list[str]:
+        own = urlsplit(base).netloc
+        return [u for u in self.urls
+                if urlsplit(u).scheme not in ("blob", "data") and urlsplit(u).netloc != own and u not in self.blocked]
+
+
+def _recorded(page) -> Requests:
+    return Requests(page)
+
+
+def _outside(requests: Requests, base: str) -> list[str]:
+    return requests.outside(base)
+
+
+def test_upload_shows_the_timeline_the_api_computed(web, browser, sample_wav, tmp_path) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    urls = _recorded(page)
+    started = time.perf_counter()
+    page.goto(web + "/")
+    page.wait_for_load_state("load")
+    load_s = time.perf_counter() - started
+    # without the key the service says so, in the page
+    page.wait_for_selector("#recent .error")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.set_input_files("#files", str(sample_wav))
+    page.click("#submit")
+    page.wait_for_selector(".job[data-status='succeeded']", timeout=300_000)
+    page.wait_for_selector("#timeline .lane")
+    job_id = page.get_attribute(".job", "data-job-id")
+
+    result = httpx.get(f"{web}/jobs/{job_id}", headers={"X-API-Key": KEY}, timeout=10).json()["result"]
+    speakers = sorted({t["speaker"] for t in result["diarization_results"]})
+    lanes = page.eval_on_selector_all("#timeline .lane", "els => els.map(e => e.dataset.speaker)")
+    assert sorted(lanes) == speakers and len(lanes) == 2
+    assert page.locator("#timeline .turn").count() == result["segments_count"]
+    # the turns sit where the API put them, on the timeline's own scale
+    first = result["diarization_results"][0]
+    duration = max(result["audio_duration"], max(t["end"] for t in result["diarization_results"]))
+    placed = page.eval_on_selector_all(
+        "#timeline .turn", "els => els.map(e => [parseFloat(e.style.left) / e.parentElement.clientWidth, "
+        "parseFloat(e.dataset.start)])")
+    assert len(placed) == result["segments_count"]
+    for fraction, start in placed:
+        assert abs(fraction - start / duration) < 0.01, (fraction, start)
+
+    # clicking a turn plays the user's own file from that turn's start
+    turn = page.locator(f"#timeline .lane[data-speaker='{first['speaker']}'] .turn").first
+    turn.click()
+    page.wait_for_function(f"() => document.querySelector('#audio').currentTime >= {first['start'] - 0.05}")
+    assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
+    # zoom widens the tracks
+    before = page.eval_on_selector("#timeline .track", "e => e.getBoundingClientRect().width")
+    page.fill("#zoom", "4")
+    page.dispatch_event("#zoom", "input")
+    after = page.eval_on_selector("#timeline .track", "e => e.getBoundingClientRect().width")
+    assert after > 3 * before
+    page.fill("#zoom", "1")
+    page.dispatch_event("#zoom", "input")
+    # the recent-jobs table is the key's own list
+    page.click("#refresh")
+    page.wait_for_selector(f"#recent tbody tr >> text=succeeded")
+
+    shot = tmp_path / "timeline.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if os.environ.get("AUDIO_ANALYSIS_SCREENSHOTS"):
+        # refreshes the README's picture: AUDIO_ANALYSIS_SCREENSHOTS=1 scripts/dev.sh test tests/test_web.py
+        shutil.copyfile(shot, ROOT / "docs" / "web-timeline.png")
+    print(f"\nweb page: loaded in {load_s * 1000:.0f} ms; {len(lanes)} lanes, "
+          f"{result['segments_count']} turns; screenshot {shot}")
+    assert _outside(urls, web) == []
+    page.close()
+
+
+@pytest.mark.parametrize("path, ready", [("/docs", ".swagger-ui .info"), ("/redoc", "redoc-wrap, .redoc-wrap")])
+def test_api_docs_render_offline(web, browser, path, ready) -> None:
+    page = browser.new_page()
+    urls = _recorded(page)
+    page.goto(web + path)
+    page.wait_for_selector(ready, timeout=30_000)
+    assert "audio-analysis" in page.content()
+    assert _outside(urls, web) == []
+    page.close()
+
+
+def test_no_page_references_another_host(web) -> None:
+    own = urlsplit(web).netloc
+    for path in ("/", "/docs", "/redoc"):
+        html = httpx.get(web + path, timeout=10).text
+        refs = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+        assert refs, path
+        foreign = [r for r in refs if urlsplit(r).netloc not in ("", own) and not r.startswith(("data:", "blob:"))]
+        assert foreign == [], (path, foreign)
+    csp = httpx.get(web + "/", timeout=10).headers["content-security-policy"]
+    assert "default-src 'self'" in csp
+
+
+def test_enroll_list_and_delete_a_voiceprint_from_the_page(web, browser, utterances) -> None:
+    page = browser.new_page()
+    requests = _recorded(page)
+    page.goto(web + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.fill("#vp-label", "Alice")
+    page.set_input_files("#vp-files", [str(p) for p in utterances["spk1"][:2]])
+    page.click("#vp-enroll")
+    row = page.wait_for_selector("#voiceprints tbody tr[data-voiceprint-id]", timeout=240_000)
+    cells = row.query_selector_all("td")
+    assert cells[0].inner_text() == "Alice" and cells[2].inner_text() == "2"
+    listed = httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"]
+    assert [v["label"] for v in listed] == ["Alice"]
+    row.query_selector("button").click()
+    # function form: a bare expression would go through eval, which the page's policy refuses
+    page.wait_for_function("() => document.querySelectorAll('#voiceprints tbody tr[data-voiceprint-id]').length === 0")
+    assert httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"] == []
+    assert _outside(requests, web) == []
+    page.close()
