@@ -2,8 +2,10 @@
 
 Every kind goes through the same path (:meth:`Dispatcher.submit`): its non-audio uploads are
 parsed into parameters, the parameters validated by the kind's model, the audio streamed into
-storage and its header checked, the record created, the job id sent by task name. The API never
-imports the engine or the task code, so its process stays free of torch and model weights.
+storage and its header checked (audio given by URL: the URL checked against the address policy
+and kept in the record for the worker to fetch), the record created, the job id sent by task
+name. The API never imports the engine or the task code, so its process stays free of torch and
+model weights.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
 from shared.storage import Storage
+from shared.url_input import check_media_url, filename_of
 from shared.voiceprints import VoiceprintStore
 from shared.webhooks import validate_webhook_url
 
@@ -44,6 +47,8 @@ class Submission:
     params: Params
     # upload name -> file; a multiple-file field's files as <name>.0, <name>.1, ...
     audio: Mapping[str, UploadFile]
+    # audio fields given by URL instead (checked against the address policy): the worker fetches them
+    urls: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,24 @@ class Dispatcher:
 
     # --- the edge: what a client sent, parsed and validated once ----------------------------
     async def read(self, kind: JobKind, uploads: Mapping[str, Any], form: Mapping[str, Any],
-                   principal: Principal | None = None) -> Submission:
+                   principal: Principal | None = None, urls: Mapping[str, str] | None = None) -> Submission:
         """Non-audio uploads (a stored embedding) and lookups (voiceprint ids) become
-        parameters; all are validated."""
+        parameters; all are validated.
+
+        Each single audio field comes as an upload or, on the job routes, as a URL (``urls``, by
+        field): exactly one of the two. A URL is checked here (422) and fetched by the worker.
+        A multiple-file field (``enroll``'s ``files``) is uploads only.
+        """
+        urls = dict(urls or {})
+        for spec in kind.audio_files:
+            if spec.name in urls and spec.url_name is None:
+                raise InputError(f"{spec.name}: this field takes uploads only")
+            if uploads.get(spec.name) is not None and spec.name in urls:
+                raise InputError(f"{spec.name}: give either an upload or {spec.url_name}, not both")
+            if uploads.get(spec.name) is None and spec.name not in urls:
+                if spec.multiple:
+                    raise InputError(f"{spec.name}: at least one file is required")
+                raise InputError(f"{spec.name}: an upload (or {spec.url_name}) is required")
         values = dict(form)
         edge = EdgeContext(principal.owner if principal is not None else None, self.settings, self.voiceprints)
         for lookup in kind.lookups:
@@ -90,8 +110,14 @@ class Dispatcher:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
         params = kind.parse_params(values)
+        for spec in kind.audio_files:
+            if spec.name in urls:
+                # resolves the host name: off the event loop
+                await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings)
         audio: dict[str, UploadFile] = {}
         for spec in kind.audio_files:
+            if spec.name not in uploads:
+                continue  # given by URL
             upload = uploads[spec.name]
             if not spec.multiple:
                 audio[spec.name] = upload
@@ -102,7 +128,7 @@ class Dispatcher:
             if len(files) > spec.max_count:
                 raise InputError(f"{spec.name}: at most {spec.max_count} files, {len(files)} given")
             audio.update({f"{spec.name}.{i}": u for i, u in enumerate(files)})
-        return Submission(kind, params, audio)
+        return Submission(kind, params, audio, urls)
 
     async def check_webhook(self, url: str | None) -> str | None:
         if not url:
@@ -147,15 +173,13 @@ class Dispatcher:
         except BaseException:
             self.storage.delete_job(job_id)
             raise
-        first = next(iter(submission.audio.values()), None)
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
             # what the webhook carries; only a job with a webhook has one
             webhook_payload=(webhook_payload or "full") if webhook_url else None,
-            filename=first.filename if first is not None else None,
-            owner=principal.owner if principal is not None else None,
-            params=submission.params.model_dump(mode="json"), files=keys, queue=self.settings.queue_name,
-            request_id=logs.current("request_id"),
+            filename=_first_filename(submission), owner=principal.owner if principal is not None else None,
+            params=submission.params.model_dump(mode="json"), files=keys, urls=dict(submission.urls),
+            queue=self.settings.queue_name, request_id=logs.current("request_id"),
         )
         try:
             record = await run_in_threadpool(self.store.create, record)
@@ -263,6 +287,18 @@ class Dispatcher:
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
+
+
+def _first_filename(submission: Submission) -> str | None:
+    """The name of the kind's first audio: the upload's file name, or the URL path's last part."""
+    for spec in submission.kind.audio_files:
+        # a multiple-file field's first file is <name>.0
+        for name in (spec.name, f"{spec.name}.0"):
+            if name in submission.audio:
+                return submission.audio[name].filename
+        if spec.name in submission.urls:
+            return filename_of(submission.urls[spec.name])
+    return None
 
 
 def view(record: JobRecord, base_url: str = "") -> dict[str, Any]:

@@ -30,12 +30,30 @@ WEBHOOK_PAYLOAD = inspect.Parameter(
 WEBHOOK_FIELDS = [WEBHOOK, WEBHOOK_PAYLOAD]
 
 
-def file_parameters(kind: JobKind) -> list[inspect.Parameter]:
-    return [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile] if f.multiple else UploadFile,
-                          default=File(..., description=f.description + (f" (1 to {f.max_count})" if f.multiple else "")))
-        for f in kind.files
-    ]
+def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parameter]:
+    """The kind's uploads (a multiple-file field's a list); with ``urls``, each single audio
+    upload optional and ``<name>_url`` beside it (exactly one of the two is required, checked by
+    ``Dispatcher.read``). A multiple-file field has no URL alternative."""
+    params = []
+    for f in kind.files:
+        if urls and f.url_name:
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=UploadFile | None,
+                default=File(None, description=f"{f.description}; or give {f.url_name} instead"),
+            ))
+            params.append(inspect.Parameter(
+                f.url_name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
+                default=Form(None, description=(
+                    f"instead of uploading {f.name}: an http(s) URL the worker fetches it from (a presigned "
+                    "S3/GCS URL, say); public addresses only, same size and duration limits as an upload"
+                )),
+            ))
+        else:
+            params.append(inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile] if f.multiple else UploadFile,
+                default=File(..., description=f.description + (f" (1 to {f.max_count})" if f.multiple else "")),
+            ))
+    return params
 
 
 def form_parameters(fields: Iterable[tuple[str, FieldInfo]]) -> list[inspect.Parameter]:
@@ -56,9 +74,11 @@ def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.
     return endpoint
 
 
-def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(uploads, form fields of the kind's parameters) out of an endpoint's keyword values; a
-    multiple-file field's upload is a list."""
-    uploads = {f.name: values[f.name] for f in kind.files}
+def split(kind: JobKind, values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
+    """(uploads, URLs by audio field, form fields of the kind's parameters) out of an endpoint's
+    keyword values; a field left out (or sent empty) is not among them; a multiple-file field's
+    upload is a list."""
+    uploads = {f.name: values[f.name] for f in kind.files if values.get(f.name) is not None}
+    urls = {spec.name: values[name] for name, spec in kind.url_fields.items() if values.get(name)}
     form = {name: values.get(name) for name in kind.form_fields}
-    return uploads, form
+    return uploads, urls, form

@@ -6,6 +6,11 @@
         done = c.wait(job["job_id"], progress=lambda f, step: print(f"{f:.0%} {step}"))
         print(c.result(job["job_id"]))                 # the JSON body, as a dict
         print(c.result(job["job_id"], format="srt"))   # or rttm, vtt: the text
+
+Audio may be given by URL instead of a file: a ``str`` that starts with ``http://`` or
+``https://`` is sent as the field's ``<name>_url`` (the service's worker fetches it), e.g.
+``c.submit("diarize", "https://bucket.s3.amazonaws.com/meeting.wav?X-Amz-Signature=...")``.
+A multiple-file field (``enroll``'s ``files``) takes local files only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from shared.kinds import KINDS
 
 # the form fields that carry files, per kind (as the API's routes take them)
 FILE_FIELDS = {name: tuple(f.name for f in kind.files) for name, kind in KINDS.items()}
+# upload field -> the field that gives it by URL instead, per kind (audio fields only)
+URL_FIELDS = {name: {f.name: f.url_name for f in kind.audio_files if f.url_name} for name, kind in KINDS.items()}
+
+
+def is_url(source: str | Path) -> bool:
+    """A source given as an http(s) URL (a ``str``); a ``Path`` is always a local file."""
+    return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
 def _assign(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | Path]]:
@@ -63,8 +75,9 @@ class Client:
 
     def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None,
                webhook_payload: str | None = None, **params: Any) -> dict[str, Any]:
-        """Upload and enqueue; returns the job record (status 'queued'). ``webhook_payload``:
-        'full' (default) or 'status' (the webhook carries the record without its result)."""
+        """Upload (or, for an http(s) URL, name) each of the kind's inputs and enqueue; returns the
+        job record (status 'queued'). ``webhook_payload``: 'full' (default) or 'status' (the
+        webhook carries the record without its result)."""
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
@@ -73,7 +86,16 @@ class Client:
             data["webhook_url"] = webhook_url
         if webhook_payload:
             data["webhook_payload"] = webhook_payload
-        response = self._post_files(f"/jobs/{kind}", _assign(kind, files), data)
+        local: list[tuple[str, str | Path]] = []
+        for field, source in _assign(kind, files):
+            if is_url(source):
+                url_field = URL_FIELDS[kind].get(field)
+                if url_field is None:
+                    raise ValueError(f"{kind}: {field} must be a local file (only single audio fields may be given by URL)")
+                data[url_field] = str(source)
+            else:
+                local.append((field, source))
+        response = self._post_files(f"/jobs/{kind}", local, data)
         _raise_for_error(response)
         return response.json()
 
@@ -82,7 +104,8 @@ class Client:
         try:
             # httpx streams file objects from disk rather than loading them
             upload = [(field, (Path(f).name, h)) for (field, f), h in zip(pairs, handles)]
-            return self.http.post(path, files=upload, data=data)
+            # only URLs: an urlencoded form, which the API's routes read as well
+            return self.http.post(path, files=upload or None, data=data)
         finally:
             for h in handles:
                 h.close()

@@ -74,7 +74,10 @@ def up(
 
 
 def submit(
-    files: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="the kind's upload(s), in order"),
+    files: List[str] = typer.Argument(
+        ..., metavar="FILE_OR_URL...",
+        help="the kind's input(s), in order: a local file, or for audio an http(s) URL the service fetches",
+    ),
     kind: str = typer.Option("diarize", "--kind", "-k", help=" | ".join(KINDS)),
     url: str = _url_option(),
     api_key: Optional[str] = _api_key_option(),
@@ -85,12 +88,16 @@ def submit(
         None, "--webhook-payload", help="full (default): the webhook carries the result; status: the record without it"),
     **values: Any,
 ) -> None:
-    """Submit a job to a running service; prints the job, or with --wait its result (--format)."""
+    """Submit a job to a running service; prints the job, or with --wait its result (--format).
+
+    Audio may be an http(s) URL instead of a file (a presigned S3/GCS URL, say): the service's
+    worker fetches it.
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     import httpx
 
-    from cli.client import Client
+    from cli.client import Client, is_url
     from shared.errors import AnalysisError
 
     job_kind = get_kind(kind)
@@ -105,9 +112,14 @@ def submit(
         raise _exit_for(exc)
     # only the chosen kind's options go out; the API validates them with the kind's model
     params = {name: values.get(name) for name in job_kind.form_fields}
+    for source in files:
+        if not is_url(source) and not Path(source).is_file():
+            err.print(f"[red]{source}[/red]: no such file (give a local file or an http(s) URL)")
+            raise typer.Exit(2)
     try:
         with Client(url, api_key=api_key) as client:
-            job = client.submit(kind, *files, webhook_url=webhook_url, webhook_payload=webhook_payload, **params)
+            job = client.submit(kind, *(f if is_url(f) else Path(f) for f in files), webhook_url=webhook_url,
+                                webhook_payload=webhook_payload, **params)
             if not wait:
                 typer.echo(json.dumps(job, indent=2))
                 return

@@ -89,6 +89,9 @@ class JobRecord(BaseModel):
     params: dict[str, Any] = _internal("kind parameters", alias="_params", default_factory=dict)
     # upload field -> storage key of the audio the worker decodes
     files: dict[str, str] = _internal("uploads", alias="_files", default_factory=dict)
+    # audio field -> the URL the worker fetches it from (shared/url_input.py); internal because
+    # a presigned URL carries its credentials
+    urls: dict[str, str] = _internal("audio by URL", alias="_urls", default_factory=dict)
     # the queue it was sent to: a job recovered by another worker goes back there, not to the
     # recovering worker's own queue (another pool, another kind of device)
     queue: str | None = _internal("queue", alias="_queue")
@@ -114,7 +117,7 @@ class JobRecord(BaseModel):
     @classmethod
     def from_json(cls, raw: str | bytes) -> "JobRecord":
         record = cls.model_validate_json(raw)
-        if not record.files:
+        if not record.files and not record.urls:
             record = _upgrade(record)
         return record
 

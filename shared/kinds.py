@@ -12,7 +12,11 @@ call that produces it. Everything else is derived from :data:`KINDS`:
   ``--format``): JSON for every kind, plus the kind's ``renderers`` (``shared/formats.py``);
 * the metrics' per-kind series (``api/metrics.py``).
 
-Adding a kind (voice identification, URL input) is a declaration here, its engine method and a
+Every single audio field ``<name>`` may instead be given by URL as ``<name>_url`` on the job routes
+(``FileField.url_name``; fetched by the worker, ``shared/url_input.py``); a multiple-file field
+(``enroll``'s ``files``) is uploads only.
+
+Adding a kind (voice identification) is a declaration here, its engine method and a
 test. An upload field may take several files (``FileField.max_count``: ``enroll``); a
 :class:`Lookup` is a form field the API resolves into a parameter (``voiceprints``: ids in, the
 stored vectors out), so the worker never looks anything up. This module imports no torch: the engine reaches ``run`` only as an argument, in workers
@@ -146,6 +150,15 @@ class FileField:
         return self.parse is None
 
     @property
+    def url_name(self) -> str | None:
+        """The form field that gives this audio by URL instead of an upload: ``<name>_url``.
+
+        One rule for every kind (``shared/url_input.py``); None for a non-audio file, which is
+        parsed in the API and so always uploaded, and for a multiple-file field (uploads only).
+        """
+        return f"{self.name}_url" if self.audio and not self.multiple else None
+
+    @property
     def multiple(self) -> bool:
         return self.max_count > 1
 
@@ -249,6 +262,11 @@ class JobKind:
     @property
     def audio_files(self) -> tuple[FileField, ...]:
         return tuple(f for f in self.files if f.audio)
+
+    @property
+    def url_fields(self) -> dict[str, FileField]:
+        """``<name>_url`` -> the audio field it stands for."""
+        return {f.url_name: f for f in self.audio_files if f.url_name}
 
     @property
     def form_fields(self) -> dict[str, Any]:

@@ -167,6 +167,20 @@ class Settings(BaseSettings):
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 30.0
 
+    # --- audio given by URL (issue 10; shared/url_input.py) -----------------------------------
+    # a job's audio field <name> may be given as <name>_url instead of an upload; the worker
+    # streams it into storage under max_upload_bytes and the audio limits above. Like webhooks,
+    # the URL may reach only public addresses (checked at submit, on every redirect and at
+    # connect time) unless this is set (local development and the tests)
+    url_allow_private_addresses: bool = False
+    # when set (JSON list), only these hosts, and redirects to them
+    url_allowed_hosts: list[str] = Field(default_factory=list)
+    # connect timeout, and the longest wait for each next piece of the answer
+    url_fetch_timeout_s: float = 30.0
+    # the whole download, redirects included: a source trickling bytes cannot hold a worker longer
+    url_fetch_deadline_s: float = 1800.0
+    url_fetch_max_redirects: int = 5
+
 
 @lru_cache
 def get_settings() -> Settings:

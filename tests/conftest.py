@@ -1,5 +1,6 @@
 """Session fixtures for the service tests: real Redis, one real Celery worker process, the API
-in-process (TestClient), real audio, and a webhook receiver on 127.0.0.1."""
+in-process (TestClient), real audio, a webhook receiver and a media server (audio by URL) on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -73,6 +74,8 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         "AUDIO_ANALYSIS_WEBHOOK_SECRET": WEBHOOK_SECRET,
         # the receiver below listens on 127.0.0.1, which the default address policy refuses
         "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
+        # and so does the media server that serves audio by URL (tests/test_url_input.py)
+        "AUDIO_ANALYSIS_URL_ALLOW_PRIVATE_ADDRESSES": "true",
         "AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S": "1",
         "AUDIO_ANALYSIS_WEBHOOK_MAX_RETRIES": "3",
         "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "1",
@@ -217,6 +220,97 @@ def webhook_receiver() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     yield receiver
     receiver.close()
+
+
+class MediaServer:
+    """Serves what a test puts at a path (audio, redirects, slow or endless answers) on 127.0.0.1,
+    and records every request: the path with its query, and how many body bytes it sent."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Callable[[BaseHTTPRequestHandler], None]] = {}
+        self.hits: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        media = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?", 1)[0]
+                hit = {"path": path, "target": self.path, "headers": dict(self.headers), "sent": 0, "closed": False}
+                with media.lock:
+                    media.hits.append(hit)
+                    route = media.routes.get(path)
+                self.hit = hit
+                try:
+                    if route is None:
+                        self.answer(404, b"no such file", "text/plain")
+                    else:
+                        route(self)
+                except (BrokenPipeError, ConnectionResetError):
+                    hit["closed"] = True  # the client hung up
+
+            def answer(self, status: int, body: bytes = b"", content_type: str | None = "audio/wav",
+                       headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.write(body)
+
+            def write(self, data: bytes) -> None:
+                self.wfile.write(data)
+                self.wfile.flush()
+                self.hit["sent"] += len(data)
+
+            def write_chunk(self, data: bytes) -> None:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+                self.hit["sent"] += len(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return self.server.server_address[1]
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def route(self, path: str, handler: Callable[[BaseHTTPRequestHandler], None]) -> str:
+        with self.lock:
+            self.routes[path] = handler
+        return self.url(path)
+
+    def file(self, path: str, body: bytes, content_type: str | None = "audio/wav", status: int = 200) -> str:
+        return self.route(path, lambda h: h.answer(status, body, content_type))
+
+    def redirect(self, path: str, location: str, status: int = 302) -> str:
+        return self.route(path, lambda h: h.answer(status, b"", None, {"Location": location}))
+
+    def for_path(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [h for h in self.hits if h["path"] == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    server = MediaServer()
+    yield server
+    server.close()
 
 
 def json_embedding_file(vector) -> bytes:

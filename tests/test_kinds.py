@@ -42,10 +42,21 @@ def _form_fields(spec: dict, path: str) -> set[str]:
 def test_every_kind_has_its_routes_with_exactly_its_fields(openapi, name) -> None:
     kind = KINDS[name]
     expected = {f.name for f in kind.files} | set(kind.form_fields)
-    assert _form_fields(openapi, f"/jobs/{name}") == expected | {"webhook_url", "webhook_payload"}
+    # each single audio upload may be given by URL instead, as <name>_url (and is then optional);
+    # a multiple-file field (enroll's files) is uploads only
+    urls = {f"{f.name}_url" for f in kind.audio_files if not f.multiple}
+    assert set(kind.url_fields) == urls
+    assert _form_fields(openapi, f"/jobs/{name}") == expected | urls | {"webhook_url", "webhook_payload"}
+    body = openapi["paths"][f"/jobs/{name}"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    required = set(openapi["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]].get("required", []))
+    assert required == {f.name for f in kind.files if not f.audio or f.multiple}
     assert "202" in openapi["paths"][f"/jobs/{name}"]["post"]["responses"]
     if kind.sync_path:
+        # the synchronous contract is unchanged: uploads only, all required
         assert _form_fields(openapi, kind.sync_path) == expected
+        body = openapi["paths"][kind.sync_path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        required = set(openapi["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]].get("required", []))
+        assert required == {f.name for f in kind.files}
         # the synchronous route documents the kind's own result model
         ok = openapi["paths"][kind.sync_path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert ok["$ref"].endswith(f"/{kind.result.__name__}")
@@ -82,9 +93,11 @@ def test_the_worker_registers_one_task_per_kind() -> None:
 
 
 def test_client_and_cli_follow_the_registry() -> None:
-    from cli.client import FILE_FIELDS
+    from cli.client import FILE_FIELDS, URL_FIELDS
 
     assert FILE_FIELDS == {n: tuple(f.name for f in k.files) for n, k in KINDS.items()}
+    assert URL_FIELDS == {n: {f.name: f"{f.name}_url" for f in k.audio_files if not f.multiple}
+                          for n, k in KINDS.items()}
     from typer.testing import CliRunner
 
     from cli.main import COMMAND_NAMES, app
@@ -98,6 +111,7 @@ def test_client_and_cli_follow_the_registry() -> None:
             assert "--" + field.replace("_", "-") in result.output, (command, field)
     submit = runner.invoke(app, ["submit", "--help"], env={"COLUMNS": "200"})
     assert all(name in submit.output for name in KINDS)
+    assert "FILE_OR_URL" in submit.output
 
 
 def test_parameters_are_validated_by_the_kind_model() -> None:

@@ -309,7 +309,7 @@ def test_connection_goes_to_the_checked_address_with_the_host_name(monkeypatch, 
     """Pinning: one lookup per connection, the socket to that address, Host (and SNI) the name."""
     import socket as socket_mod
 
-    from shared import webhooks
+    from shared import outbound, webhooks
 
     real = socket_mod.getaddrinfo
     lookups: list[str] = []
@@ -323,7 +323,7 @@ def test_connection_goes_to_the_checked_address_with_the_host_name(monkeypatch, 
 
     monkeypatch.setattr(socket_mod, "getaddrinfo", resolver)
     # stand-in for a public receiver: treat the loopback test receiver as public
-    monkeypatch.setattr(webhooks, "address_allowed", lambda address: address == "127.0.0.1")
+    monkeypatch.setattr(outbound, "address_allowed", lambda address: address == "127.0.0.1")
     assert webhooks.post(f"http://hooks.example:{port}/pinned", "job", {"x": 1}, "s" * 32, 5.0) == 200
     [hit] = webhook_receiver.for_path("/pinned")
     assert hit["headers"]["Host"] == f"hooks.example:{port}"

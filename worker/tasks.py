@@ -5,8 +5,10 @@ job record, so the broker, the result backend and Flower never hold file names, 
 results. The task's own Celery state follows the job's: SUCCESS for a succeeded job, FAILURE
 (:class:`JobFailed`, with only the error type) for a failed one, REVOKED for a cancelled one.
 
-A caller's mistake (bad audio, bad embedding file) is an :class:`AnalysisError`: the job is
-marked failed with the documented error body and never retried; the worker keeps going.
+A caller's mistake (bad audio, bad embedding file, a URL that cannot be fetched) is an
+:class:`AnalysisError`: the job is marked failed with the documented error body and never
+retried; the worker keeps going. Audio given by URL is fetched here, at the start of the job
+(``shared/url_input.py``), not by the API.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from shared import logs, webhooks
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
-from shared.kinds import KINDS, JobKind, Params
+from shared.kinds import KINDS, FileField, JobKind, Params
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage
+from shared.url_input import DOWNLOAD_STEP, fetch_audio
 from worker import lifecycle, telemetry
 from worker.celery_app import app
 from worker.lease import JobLease
@@ -162,6 +165,7 @@ def _run_leased(
     duration_limit = min(settings.max_audio_seconds, settings.sync_max_audio_seconds) if running.sync \
         else settings.max_audio_seconds
     task.update_state(state="PROGRESS", meta={"progress": 0.0, "step": "starting"})
+    report = _progress_reporter(task, job_id, attempt, lease)
     outcome: tuple[str, dict[str, Any] | None, AnalysisError | None] | None = None
     try:
         with ExitStack() as stack:
@@ -175,10 +179,24 @@ def _run_leased(
                     check_audio_limits(path, max_duration=duration_limit, min_sample_rate=settings.min_sample_rate)
                 return path
 
-            params, files = _inputs(kind, running, legacy_params, path_of)
+            # all of a job's URLs together stay under the limit of one upload request
+            budget = [settings.max_upload_bytes]
+
+            def fetch(spec: FileField, url: str) -> str:
+                # every chunk received reports progress: a cancel, a shutdown or a lost lease
+                # stops the download too
+                key, size = fetch_audio(
+                    url, field=spec.url_name or spec.name, storage=storage, job_id=job_id, name=spec.name,
+                    settings=settings, max_bytes=budget[0], max_duration=duration_limit,
+                    progress=lambda: report(DOWNLOAD_STEP, 0.0),
+                )
+                budget[0] -= size
+                return key
+
+            params, files = _inputs(kind, running, legacy_params, path_of, fetch)
             engine = _engine()
             with telemetry.job(engine.model_device) as peak:
-                result = kind.run(engine, files, params, _progress_reporter(task, job_id, attempt, lease))
+                result = kind.run(engine, files, params, report)
         outcome = (SUCCEEDED, {**result.model_dump(mode="json"), **peak}, None)
     except JobCancelled:
         pass  # recorded by whoever cancelled it
@@ -219,25 +237,31 @@ def _run_leased(
 
 
 def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
-            path_of: Callable[..., Path]) -> tuple[Params, dict[str, Any]]:
-    """The job's typed parameters and local audio paths, as the API stored them.
+            path_of: Callable[..., Path],
+            fetch: Callable[[FileField, str], str] | None = None) -> tuple[Params, dict[str, Any]]:
+    """The job's typed parameters and local audio paths, as the API stored them; audio given by
+    URL is fetched into storage first (``fetch(field, url) -> storage key``; single-file fields only).
 
     Records queued by a version that stored the embedding file itself (not its numbers) have it
     parsed here, with the same parser the API uses now.
     """
     raw = dict(record.params or legacy_params or {})
     stored = dict(record.files)
-    if not stored:
+    if not stored and not record.urls:
         # messages from before the record held parameters carried upload keys among them
         stored = {f.name: raw.pop(f.name) for f in kind.files if isinstance(raw.get(f.name), str)}
     for spec in kind.files:
         if spec.parse is not None and spec.name in stored:
             with open(path_of(stored[spec.name], audio=False), "rb") as fh:
                 raw[spec.into or spec.name] = spec.parse(fh.read(), raw.get(f"{spec.name}_filename"), settings)
-    missing = [f.name for f in kind.audio_files if not _upload_keys(f, stored)]
+    fetchable = record.urls if fetch is not None else {}
+    missing = [f.name for f in kind.audio_files if not _upload_keys(f, stored) and f.name not in fetchable]
     if missing:
         raise ProcessingError(f"job record names no upload for {', '.join(missing)}")
     params = kind.params.model_validate({k: v for k, v in raw.items() if k in kind.params.model_fields})
+    for spec in kind.audio_files:
+        if not _upload_keys(spec, stored) and fetch is not None:
+            stored[spec.name] = fetch(spec, record.urls[spec.name])
     files: dict[str, Any] = {}
     for spec in kind.audio_files:
         paths = [path_of(key) for key in _upload_keys(spec, stored)]

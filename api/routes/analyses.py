@@ -1,6 +1,7 @@
 """The routes of every job kind, derived from shared/kinds.py: ``POST /jobs/<kind>`` (202, a job
-to poll or a webhook to wait for) and the original synchronous route (``/diarize`` and friends),
-which enqueues the same job and waits for it."""
+to poll or a webhook to wait for; each audio upload ``<name>`` may be given as ``<name>_url``
+instead) and the original synchronous route (``/diarize`` and friends, uploads only, as the
+contract has them), which enqueues the same job and waits for it."""
 
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ _DEPS = [
 ]
 
 
-def _fields(kind: JobKind) -> list[inspect.Parameter]:
-    return file_parameters(kind) + form_parameters(kind.form_fields.items())
+def _fields(kind: JobKind, *, urls: bool) -> list[inspect.Parameter]:
+    return file_parameters(kind, urls=urls) + form_parameters(kind.form_fields.items())
 
 
 def _submit_endpoint(kind: JobKind):
     async def submit(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                      **values: Any) -> JSONResponse:
-        uploads, form = split(kind, values)
-        submission = await dispatcher.read(kind, uploads, form, principal)
+        uploads, urls, form = split(kind, values)
+        submission = await dispatcher.read(kind, uploads, form, principal, urls)
         webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
         record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
                                          webhook_payload=values.get("webhook_payload"))
@@ -45,18 +46,19 @@ def _submit_endpoint(kind: JobKind):
         return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
     submit.__name__ = f"submit_{kind.name}"
-    return with_signature(submit, _DEPS, _fields(kind) + WEBHOOK_FIELDS)
+    return with_signature(submit, _DEPS, _fields(kind, urls=True) + WEBHOOK_FIELDS)
 
 
 def _sync_endpoint(kind: JobKind):
     async def run(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
                   **values: Any) -> dict[str, Any]:
-        uploads, form = split(kind, values)
+        uploads, _, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal)
         return await dispatcher.run_sync(submission, principal, request)
 
     run.__name__ = kind.name
-    return with_signature(run, _DEPS, _fields(kind))
+    # the original contract: uploads only (audio by URL is for jobs, whose worker fetches it)
+    return with_signature(run, _DEPS, _fields(kind, urls=False))
 
 
 for _kind in KINDS.values():

@@ -1,0 +1,184 @@
+"""Connections the service opens to addresses its callers chose: the one address policy (SSRF).
+
+Two things reach out to a caller's URL: webhook deliveries (``shared/webhooks.py``) and audio
+given by URL (``shared/url_input.py``). Both go through this module, so both refuse the same
+addresses in the same way:
+
+* at the edge, :func:`check_url` refuses (422) anything but an absolute http(s) URL of reasonable
+  length, without whitespace or control characters, to an allowed host that resolves only to
+  public unicast addresses;
+* when connecting, :func:`transport` resolves the host again, checks every address, and connects
+  to the very address that was checked (:class:`PinnedBackend`, a network backend of httpcore,
+  the library under httpx), so a DNS answer that changes between check and use (rebinding)
+  reaches nothing. TLS still verifies, and sends SNI for, the URL's host name.
+
+Loopback, private (RFC 1918, ULA), carrier-grade NAT, link-local (cloud metadata at
+169.254.169.254), multicast, reserved and unspecified addresses are refused, as are
+``localhost``, ``*.internal`` and the metadata host names; IPv4-mapped and NAT64 IPv6 addresses
+are judged by their IPv4 address. Odd IP spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``)
+are resolved by the system resolver like any name, so they are checked as the address they stand
+for. Each use has its own setting that lifts the policy (local development, the tests, a server
+inside your network).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from shared.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MAX_URL_LENGTH = 2048
+# a presigned URL with a session token (X-Amz-Security-Token) runs past 2 KB
+MAX_MEDIA_URL_LENGTH = 8192
+
+
+class AddressNotAllowed(Exception):
+    """The host is an internal name or resolves to an address the policy refuses."""
+
+
+# cloud metadata services are reached by name as well as by their link-local address
+_METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
+                             "instance-data.ec2.internal", "metadata.azure.com"})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def address_allowed(address: str) -> bool:
+    """True only for a public unicast address (IPv4-mapped and NAT64 IPv6 judged by their IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
+
+
+def resolve_allowed(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to, if all are allowed; AddressNotAllowed otherwise.
+
+    All must pass, not just one: a name answering both a public and an internal address would
+    otherwise reach the internal one on some attempt.
+    """
+    name = host.strip("[]").rstrip(".").lower()
+    if name in _METADATA_HOSTS or name.endswith(".internal") or name == "localhost" or name.endswith(".localhost"):
+        raise AddressNotAllowed(f"{host} is an internal name")
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise AddressNotAllowed(f"{host} does not resolve ({exc})") from exc
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    # address_allowed is looked up here, at call time, so a test can stand a loopback server in
+    # for a public one by replacing it
+    refused = [a for a in addresses if not address_allowed(a)]
+    if refused or not addresses:
+        raise AddressNotAllowed(f"{host} resolves to non-public {refused}")
+    return addresses
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """Resolves, checks, and connects to the checked address itself (no second lookup)."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        try:
+            addresses = resolve_allowed(host, port)
+        except AddressNotAllowed as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                # TLS still verifies, and sends SNI for, the URL's host name: httpcore takes it
+                # from the request's origin, not from this address
+                return self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                                               socket_options=socket_options)
+            except httpcore.ConnectError as exc:
+                last = exc
+        raise last or httpcore.ConnectError(f"no address for {host}")
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not outbound targets")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def transport(allow_private: bool) -> httpx.HTTPTransport:
+    """An httpx transport that connects only to checked addresses (unless ``allow_private``).
+
+    ``trust_env`` is off: a proxy from the environment would connect for us, unchecked.
+    """
+    result = httpx.HTTPTransport(trust_env=False)
+    if not allow_private:
+        # httpx builds its httpcore pool without a way to pass a network backend: rebuild it
+        # with ours (same TLS context and limits as httpx's own defaults)
+        pool = result._pool
+        result._pool = httpcore.ConnectionPool(
+            ssl_context=pool._ssl_context, max_connections=pool._max_connections,
+            max_keepalive_connections=pool._max_keepalive_connections, keepalive_expiry=pool._keepalive_expiry,
+            network_backend=PinnedBackend(),
+        )
+    return result
+
+
+def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: bool = False,
+              what: str | None = None, max_length: int = MAX_URL_LENGTH) -> str:
+    """Refuse (422, naming ``field``) anything but an absolute http(s) URL to an allowed, public host.
+
+    Resolves the host (blocking: call it from a thread in async code).
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InputError(f"{field} must be an absolute http(s) URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > max_length:
+        raise InputError(f"{field} must be an absolute http(s) URL")
+    # whitespace and control characters (CR LF: header injection) have no place in a URL; httpx
+    # would refuse them only when connecting, long after the caller could be told
+    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+        raise InputError(f"{field} must not contain whitespace or control characters")
+    if allowed_hosts and parts.hostname.lower() not in {h.lower() for h in allowed_hosts}:
+        raise InputError(f"{what or field + ' host'} {parts.hostname!r} is not in the allowed hosts")
+    if not allow_private:
+        try:
+            resolve_allowed(parts.hostname, port)
+        except AddressNotAllowed as exc:
+            log.info("%s refused: %s", field, exc)
+            raise InputError(
+                f"{field} must reach a public address (loopback, private, link-local, multicast and "
+                "reserved addresses are refused)"
+            ) from None
+    return url
+
+
+def redact(url: str) -> str:
+    """The URL without user info, query or fragment: what may go into a log or an error.
+
+    A presigned S3 or GCS URL carries its credentials in the query string.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
