@@ -41,6 +41,7 @@ function pick(files) {
   $("#submit").disabled = state.picked.length === 0;
 }
 $("#files").addEventListener("change", (e) => pick(e.target.files));
+$("#audio-url").addEventListener("input", () => { $("#submit").disabled = state.picked.length === 0 && !$("#audio-url").value.trim(); });
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
 drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
@@ -60,6 +61,20 @@ $("#submit").addEventListener("click", async () => {
       track(job, file);
     } catch (err) {
       $("#submit-error").textContent = `${file.name}: ${err.message}`;
+    }
+  }
+  const url = $("#audio-url").value.trim();
+  if (url) {
+    // the worker fetches it (same limits and address policy as any job by URL); no audio to play
+    const form = new FormData();
+    form.append("file_url", url);
+    for (const [name, value] of Object.entries(options)) if (value !== "") form.append(name, value);
+    if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
+    try {
+      track(await (await api("/jobs/diarize", { method: "POST", body: form })).json(), null);
+      $("#audio-url").value = "";
+    } catch (err) {
+      $("#submit-error").textContent = `${url}: ${err.message}`;
     }
   }
   pick([]);
