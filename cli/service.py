@@ -143,16 +143,7 @@ def status(
     api_key: Optional[str] = _api_key_option(),
 ) -> None:
     """Print a job's record: status, progress, result or error, webhook state."""
-    import httpx
-
-    from cli.client import Client
-    from shared.errors import AnalysisError
-
-    try:
-        with Client(url, api_key=api_key) as client:
-            typer.echo(json.dumps(client.status(job_id), indent=2))
-    except (AnalysisError, httpx.TransportError) as exc:
-        raise _exit_for(exc)
+    typer.echo(json.dumps(_with_client(url, api_key, lambda client: client.status(job_id)), indent=2))
 
 
 def result(
@@ -166,17 +157,8 @@ def result(
 
     Exit 2 while it has none (queued, running, cancelled), or with the job's error if it failed.
     """
-    import httpx
-
-    from cli.client import Client
-    from shared.errors import AnalysisError
-
     format = plain(format)
-    try:
-        with Client(url, api_key=api_key) as client:
-            body = client.result(job_id, format)
-    except (AnalysisError, httpx.TransportError) as exc:
-        raise _exit_for(exc)
+    body = _with_client(url, api_key, lambda client: client.result(job_id, format))
     if output is not None:
         output.write_text(json.dumps(body, indent=2) + "\n" if format == "json" else body)
         return
@@ -189,6 +171,11 @@ def cancel(
     api_key: Optional[str] = _api_key_option(),
 ) -> None:
     """Cancel a queued or running job; prints its record (exit 2 if it already ended)."""
+    typer.echo(json.dumps(_with_client(url, api_key, lambda client: client.cancel(job_id)), indent=2))
+
+
+def _with_client(url: str, api_key: str | None, call: Any) -> Any:
+    """``call(client)`` against the API; a refusal or an unreachable API is the CLI's exit code."""
     import httpx
 
     from cli.client import Client
@@ -196,7 +183,7 @@ def cancel(
 
     try:
         with Client(url, api_key=api_key) as client:
-            typer.echo(json.dumps(client.cancel(job_id), indent=2))
+            return call(client)
     except (AnalysisError, httpx.TransportError) as exc:
         raise _exit_for(exc)
 

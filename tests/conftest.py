@@ -315,3 +315,23 @@ def media_server() -> Iterator[MediaServer]:
 
 def json_embedding_file(vector) -> bytes:
     return json.dumps([float(x) for x in vector]).encode()
+
+
+@pytest.fixture(scope="module")
+def variant_app(client, settings):
+    """Build a second in-process API with some settings changed (same Redis, same worker)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    opened = []
+
+    def make(**changes) -> TestClient:
+        c = TestClient(create_app(settings.model_copy(update=changes)), raise_server_exceptions=False)
+        c.__enter__()
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.__exit__(None, None, None)

@@ -8,7 +8,6 @@ import pickle
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from tests.test_service_jobs import COMPARE_KEYS, DIARIZE_KEYS, EMBED_KEYS
@@ -27,24 +26,6 @@ def _assert_error(r, status: int, error_type: str = "ValidationError") -> dict:
     assert body["error_type"] == error_type
     assert body["timestamp"].endswith("Z") and body["detail"]
     return body
-
-
-@pytest.fixture(scope="module")
-def variant_app(client, settings):
-    """Build a second in-process API with some settings changed (same Redis, same worker)."""
-    from api.main import create_app
-
-    opened = []
-
-    def make(**changes) -> TestClient:
-        c = TestClient(create_app(settings.model_copy(update=changes)), raise_server_exceptions=False)
-        c.__enter__()
-        opened.append(c)
-        return c
-
-    yield make
-    for c in opened:
-        c.__exit__(None, None, None)
 
 
 def test_health_reports_worker_models_and_broker(client):

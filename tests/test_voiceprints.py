@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from tests.conftest import wait_for_job
@@ -65,24 +64,6 @@ def conversation(readers, tmp_path_factory) -> tuple[Path, object]:
     path = tmp_path_factory.mktemp("conversation") / "conversation.wav"
     sf.write(path, samples, 16000, subtype="PCM_16")
     return path, reference
-
-
-@pytest.fixture(scope="module")
-def app_with(client, settings):
-    """A second in-process API with some settings changed (same Redis, same worker)."""
-    from api.main import create_app
-
-    opened = []
-
-    def make(**changes) -> TestClient:
-        c = TestClient(create_app(settings.model_copy(update=changes)), raise_server_exceptions=False)
-        c.__enter__()
-        opened.append(c)
-        return c
-
-    yield make
-    for c in opened:
-        c.__exit__(None, None, None)
 
 
 def _wav(path: Path) -> tuple[str, bytes, str]:
@@ -201,7 +182,7 @@ def test_too_little_speech_is_refused_with_how_much_is_needed(client, readers, t
     assert "too little speech" in done["error"]["detail"]
 
 
-def test_voiceprints_of_another_model_are_refused(client, app_with, readers, settings):
+def test_voiceprints_of_another_model_are_refused(client, variant_app, readers, settings):
     from shared.voiceprints import EmbeddingModel, VoiceprintStore
 
     vector = np.random.default_rng(1).normal(size=192).astype(np.float32)
@@ -221,7 +202,7 @@ def test_voiceprints_of_another_model_are_refused(client, app_with, readers, set
     store.delete(old.id, None)
     # an API configured for the production model accepts ECAPA vectors; the (embedded) worker then
     # refuses them itself: the worker checks the model of every voiceprint it is given
-    production = app_with(model_profile="production")
+    production = variant_app(model_profile="production")
     r = production.post("/voiceprints/import", files={"file": ("c.json", json.dumps(doc).encode(), "application/json")})
     assert r.status_code == 201, r.text
     job = production.post("/jobs/identify", files={"file": _wav(readers["103"]["test"])},
@@ -233,8 +214,8 @@ def test_voiceprints_of_another_model_are_refused(client, app_with, readers, set
     production.delete(f"/voiceprints/{r.json()['id']}")
 
 
-def test_voiceprints_belong_to_their_api_key(app_with, readers):
-    secured = app_with(api_keys=[SecretStr("key-a"), SecretStr("key-b")], admin_api_keys=[SecretStr("key-admin")])
+def test_voiceprints_belong_to_their_api_key(variant_app, readers):
+    secured = variant_app(api_keys=[SecretStr("key-a"), SecretStr("key-b")], admin_api_keys=[SecretStr("key-admin")])
     a, b, admin = ({"X-API-Key": k} for k in ("key-a", "key-b", "key-admin"))
     _error(secured.get("/voiceprints"), 401)
     mine = _enroll(secured, "Dana", readers["1069"]["enroll"], headers=a)
