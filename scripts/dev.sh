@@ -27,7 +27,9 @@ setup() {
 # skipped with the command to run.
 browser() {
     if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        # a failed install skips the browser tests rather than failing the run
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+            || echo "chromium could not be installed: the browser tests will be skipped" >&2
     fi
 }
 
