@@ -357,33 +357,34 @@ class JobStore:
         started = record.started_ts
         if started is not None and record.finished_ts is not None and status == SUCCEEDED:
             duration = max(0.0, record.finished_ts - started)
-            hkey = self.key("stats", "duration", kind)
-            for bound in DURATION_BUCKETS:
-                if duration <= bound:
-                    pipe.hincrby(hkey, f"le:{bound}", 1)
-            pipe.hincrby(hkey, "count", 1)
-            pipe.hincrbyfloat(hkey, "sum", duration)
+            self._observe(pipe, "duration", kind, DURATION_BUCKETS, duration)
             audio_s = (record.result or {}).get("audio_duration")
             if isinstance(audio_s, (int, float)) and audio_s > 0:
                 # what users pay for: worker seconds per hour of audio (a real-time factor)
-                per_hour = duration * 3600.0 / audio_s
-                rkey = self.key("stats", "per_audio_hour", kind)
-                for bound in PER_AUDIO_HOUR_BUCKETS:
-                    if per_hour <= bound:
-                        pipe.hincrby(rkey, f"le:{bound}", 1)
-                pipe.hincrby(rkey, "count", 1)
-                pipe.hincrbyfloat(rkey, "sum", per_hour)
+                self._observe(pipe, "per_audio_hour", kind, PER_AUDIO_HOUR_BUCKETS, duration * 3600.0 / audio_s)
         pipe.execute()
+
+    def _observe(self, pipe: Any, name: str, kind: str, bounds: tuple[float, ...], value: float) -> None:
+        """One observation of a per-kind histogram kept as le:<bound>/count/sum in a Redis hash."""
+        key = self.key("stats", name, kind)
+        for bound in bounds:
+            if value <= bound:
+                pipe.hincrby(key, f"le:{bound}", 1)
+        pipe.hincrby(key, "count", 1)
+        pipe.hincrbyfloat(key, "sum", value)
+
+    def _histogram(self, name: str, kind: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", name, kind)).items()}
 
     def finished_counts(self) -> dict[tuple[str, str], int]:
         raw = self.redis.hgetall(self.key("stats", "finished"))
         return {tuple(k.split(":", 1)): int(v) for k, v in raw.items()}  # type: ignore[misc]
 
     def duration_histogram(self, kind: str) -> dict[str, float]:
-        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "duration", kind)).items()}
+        return self._histogram("duration", kind)
 
     def per_audio_hour_histogram(self, kind: str) -> dict[str, float]:
-        return {k: float(v) for k, v in self.redis.hgetall(self.key("stats", "per_audio_hour", kind)).items()}
+        return self._histogram("per_audio_hour", kind)
 
     # --- worker heartbeats ------------------------------------------------------------------
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:

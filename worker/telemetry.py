@@ -9,6 +9,7 @@ needed); on a machine without a GPU they are simply absent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import resource
@@ -43,17 +44,26 @@ def sample(device: str | None) -> dict[str, Any]:
     return info
 
 
+@functools.lru_cache(maxsize=None)
+def _nvml_handle(index: int) -> Any:
+    """NVML's handle of the card torch calls ``cuda:<index>``, looked up once per process."""
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    # NVML numbers the physical cards; CUDA_VISIBLE_DEVICES renumbers them for torch: the card's
+    # UUID is the same in both
+    uuid = str(torch.cuda.get_device_properties(index).uuid)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+
+
 def _gpu(device: str) -> dict[str, Any]:
     try:
         import pynvml
         import torch
 
         index = int(device.split(":", 1)[1]) if ":" in device else 0
-        pynvml.nvmlInit()
-        # NVML numbers the physical cards; CUDA_VISIBLE_DEVICES renumbers them for torch: the
-        # card's UUID is the same in both
-        uuid = str(torch.cuda.get_device_properties(index).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(("GPU-" + uuid) if not uuid.startswith("GPU-") else uuid)
+        handle = _nvml_handle(index)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         return {
             "gpu_utilization_percent": pynvml.nvmlDeviceGetUtilizationRates(handle).gpu,
