@@ -22,7 +22,8 @@ synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_
 
 ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook"}}
 
-_DEPS = [
+# what every generated endpoint asks for before its form fields (routes/jobs.py's batch too)
+DEPENDENCIES = [
     inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
     inspect.Parameter("dispatcher", inspect.Parameter.KEYWORD_ONLY, annotation=DispatcherDep),
     inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=PrincipalDep),
@@ -46,7 +47,7 @@ def _submit_endpoint(kind: JobKind):
         return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
     submit.__name__ = f"submit_{kind.name}"
-    return with_signature(submit, _DEPS, _fields(kind, urls=True) + WEBHOOK_FIELDS)
+    return with_signature(submit, DEPENDENCIES, _fields(kind, urls=True) + WEBHOOK_FIELDS)
 
 
 def _sync_endpoint(kind: JobKind):
@@ -58,7 +59,7 @@ def _sync_endpoint(kind: JobKind):
 
     run.__name__ = kind.name
     # the original contract: uploads only (audio by URL is for jobs, whose worker fetches it)
-    return with_signature(run, _DEPS, _fields(kind, urls=False))
+    return with_signature(run, DEPENDENCIES, _fields(kind, urls=False))
 
 
 for _kind in KINDS.values():

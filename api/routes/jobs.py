@@ -13,6 +13,7 @@ from api.dispatch import view
 from api.errors import JobConflict, JobNotFound
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
 from api.models import ERRORS, Batch, Job, JobList
+from api.routes.analyses import DEPENDENCIES
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
 from shared.formats import FORMATS, FormatName, file_stem
@@ -57,12 +58,7 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
 
 with_signature(
     submit_batch,
-    [
-        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
-        inspect.Parameter("dispatcher", inspect.Parameter.KEYWORD_ONLY, annotation=DispatcherDep),
-        inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=PrincipalDep),
-        inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, annotation=BaseUrlDep),
-    ],
+    DEPENDENCIES,
     [
         inspect.Parameter("kind", inspect.Parameter.KEYWORD_ONLY, annotation=BatchKind,
                           default=Form(..., description="the analysis run on every file")),
