@@ -7,7 +7,9 @@ The recording is `evaluation.longform.long_conversation` (real speech of four ta
 reference). Each engine runs in a fresh child process, one after the other, so its peak RSS and
 peak GPU memory are its own and neither inherits the other's warm caches; models are loaded and
 warmed before the clock starts (a worker holds them loaded). DER: pyannote.metrics, collar 0,
-overlap scored. The ratio is senko's time over ours (above 1: we are faster).
+overlap scored. The ratio is senko's time over ours (above 1: we are faster). Each runs with its
+own threading defaults: ours single-threaded lanes with passive waiting (``engine.lanes``), senko
+torch's threads with the wait policy of the shell (libgomp's spinning default when unset).
 
 senko ships its CPU fbank as a C++ library built for AVX-512; on a CPU without it that library
 dies with SIGILL, so there the bench replaces that one step with torchaudio's Kaldi fbank (same
@@ -29,6 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# the wait policy this shell gave, before our engine sets its own default: senko runs with it
+# (libgomp's spinning default when unset), not with ours
+SHELL_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 
 from engine import runtime  # noqa: E402,F401  (before torch)
 
@@ -66,12 +72,13 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    samples = np.load(audio_path, mmap_mode="r")
+    # read, not memory-mapped: a mapping's pages would count in our RSS (senko's run reads too)
+    samples = np.ascontiguousarray(np.load(audio_path))
     engine = Engine(Settings(device=device, torch_threads=threads)).load_models()
     engine.diarize(Audio(np.ascontiguousarray(samples[: 60 * 16000])))  # warm-up, as a worker is
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    audio = Audio(np.ascontiguousarray(samples))
+    audio = Audio(samples)
     _sync(device)
     started = time.perf_counter()
     result = engine.diarize(audio)
@@ -136,11 +143,19 @@ def run_senko(audio_path: str, device: str, threads: int | None, queue) -> None:
                **_peaks(device)})
 
 
-def in_child(target, *args) -> dict:
+def in_child(target, *args, env: dict[str, str | None] | None = None) -> dict:
+    """``target(*args, queue)`` in a fresh process, with ``env`` changed for it (None: unset)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
-    proc.start()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    for k, v in (env or {}).items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    try:
+        proc.start()  # a spawned child copies os.environ now
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     try:
         return queue.get(timeout=3 * 3600)
     finally:
@@ -169,8 +184,7 @@ def main() -> None:
     engines = {"ours": run_ours, "senko": run_senko}
     if args.only != "both":
         engines = {args.only: engines[args.only]}
-    print(f"audio {duration / 60:.1f} min, {len(reference.labels())} speakers, cpu cores {os.cpu_count()}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"audio {duration / 60:.1f} min, {len(reference.labels())} speakers, cpu cores {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "audio.npy")
         np.save(path, samples)
@@ -178,7 +192,9 @@ def main() -> None:
         for device in devices:
             figures = {}
             for name, target in engines.items():
-                r = in_child(target, path, device, args.threads if device == "cpu" else None)
+                env = {"OMP_WAIT_POLICY": SHELL_OMP_WAIT_POLICY} if name == "senko" else None
+                r = in_child(target, path, device, args.threads if device == "cpu" else None, env=env)
+                r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") if env is None else SHELL_OMP_WAIT_POLICY
                 turns = [Turn(a, b, s) for a, b, s in r.pop("turns")]
                 r["der"] = diarization_error_rate(reference, turns)
                 r["speakers"] = len({t.speaker for t in turns})
@@ -187,7 +203,8 @@ def main() -> None:
                 extra = f" steps={json.dumps(r['steps'])} fbank={r['fbank']}" if "steps" in r else ""
                 print(f"[{device}] {name:<5} {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
                       f"DER {r['der']:.3f}  speakers {r['speakers']}/{len(reference.labels())}  "
-                      f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']}{extra}")
+                      f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']} "
+                      f"OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}{extra}")
             if len(figures) == 2:
                 ratio = figures["senko"]["elapsed_s"] / figures["ours"]["elapsed_s"]
                 print(f"[{device}] ratio senko/ours = {ratio:.2f}x  (1 h would take us "

@@ -64,7 +64,7 @@ def _embedded_embedder(settings: Settings, device: torch.device) -> SpeakerEmbed
     from engine.models.campplus import CAMPPlusEmbedding
     from engine.pipelines.embedding import CAMPPlusEmbedder
 
-    return CAMPPlusEmbedder(CAMPPlusEmbedding.from_checkpoint(), device)
+    return CAMPPlusEmbedder(CAMPPlusEmbedding.shared(device), device)  # the diarization pipeline's own
 
 
 def _production_diarization(settings: Settings, device: torch.device) -> Any:

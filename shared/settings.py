@@ -37,7 +37,9 @@ class Settings(BaseSettings):
 
     # --- diarization (embedded profile; tuned on real speech, see docs/models.md) -------------
     segmentation_step: float = 0.5
-    segmentation_batch_size: int = 32
+    # chunks per segmentation call; unset: 256 on a GPU, 4 per CPU lane (engine/lanes.py: one
+    # thread runs 4 chunks as fast per chunk as 16, and holds a quarter of SincNet's activations)
+    segmentation_batch_size: int | None = Field(None, ge=1)
     embedding_batch_size: int = 32
     embedding_exclude_overlap: bool = True
     clustering_threshold: float = 0.8

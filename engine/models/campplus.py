@@ -14,6 +14,7 @@ package is left as it is; the ReLU is replaced here, after the network is built.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -30,6 +31,9 @@ FRAME_LENGTH = 400
 MIN_FRAMES = 25
 # frames per fbank call: bounds the (frames x 512) FFT buffers kaldi.fbank allocates
 _FBANK_BLOCK_FRAMES = 3000
+# CAMPPlusEmbedding.shared: one loaded network per device and process
+_SHARED: dict[str, "CAMPPlusEmbedding"] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def _campplus_class():
@@ -68,6 +72,21 @@ class CAMPPlusEmbedding(Model):
         model.campplus.load_state_dict(state)
         model.eval()
         return model
+
+    @classmethod
+    def shared(cls, device: torch.device) -> "CAMPPlusEmbedding":
+        """The bundled weights on ``device``, loaded, moved and traced once per process.
+
+        The diarization pipeline and the embedder of /embedding, /compare and voiceprints use
+        the same network in inference mode only; each loading its own copy cost a worker about
+        110 MB and a second trace at start-up.
+        """
+        key = str(device)
+        with _SHARED_LOCK:
+            model = _SHARED.get(key)
+            if model is None:
+                model = _SHARED[key] = cls.from_checkpoint().to(device).prepare(device)
+            return model
 
     @property
     def dimension(self) -> int:

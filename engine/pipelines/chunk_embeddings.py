@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.lanes import Lanes
 from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
 
 # a speaker's embedding in a chunk uses at most this many of its frames (10 ms each) there: those
@@ -46,7 +47,7 @@ class EmbeddingBudget:
 
     # fbank frames per CAM++ call: CAM++'s first 2-D layers hold 32 x 80 floats per frame, so
     # 32k frames took 1 GB+ of activations on the CPU; 8k frames are as fast there
-    batch_frames: int = 8_000
+    batch_frames: int = 4_000
     group_chunks: int = 128  # chunks whose fbank is held at once
 
 
@@ -109,12 +110,15 @@ def chunk_embeddings(
     exclude_overlap: bool = True,
     budget: EmbeddingBudget = EmbeddingBudget(),
     progress: Callable[[int, int], None] | None = None,
+    lanes: Lanes | None = None,
 ) -> np.ndarray:
     """(chunks, speakers, dimension) float32 embeddings, NaN where a speaker has too little speech.
 
     ``waveform`` is the (samples,) recording at 16 kHz on the model's device; ``binary`` the
     binarized segmentation of chunks starting every ``chunk_step_s`` from ``chunk_start_s``.
+    With ``lanes`` open (CPU), the batches of a group run side by side, one thread each.
     """
+    lanes = lanes or Lanes(1)
     rate = int(model.hparams.sample_rate)
     device = next(model.parameters()).device
     num_chunks, _, num_speakers = binary.shape
@@ -135,23 +139,24 @@ def chunk_embeddings(
             b = min(waveform.numel(), (end_frame - 1) * FRAME_SHIFT + FRAME_LENGTH)
             feats = model.fbank_frames(waveform[a:b].to(device))
             offset = a // FRAME_SHIFT - start_frame  # 0 unless the span started before sample 0
-            _embed_rows(model, feats, group, first, step_frames, offset, out, budget.batch_frames)
+            _embed_rows(model, feats, group, first, step_frames, offset, out, budget.batch_frames, lanes)
         if progress is not None:
             progress(done, len(groups))
     return out
 
 
-def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_frames) -> None:
+def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_frames, lanes: Lanes) -> None:
     # frame indices of each row in ``feats``; rows reaching past the recording's end are cut
     indices = []
     for c, _, frames in group:
         idx = (c - first) * step_frames + frames - offset
         indices.append(idx[(idx >= 0) & (idx < feats.shape[0])])
     lengths = np.array([len(i) for i in indices])
-    for batch in length_batches(lengths, batch_frames):
+
+    def embed(batch: np.ndarray) -> None:
         keep = [b for b in batch if lengths[b] >= MIN_FRAMES]
         if not keep:
-            continue
+            return
         shortest = int(min(lengths[b] for b in keep))
         picks = []
         for b in keep:
@@ -161,4 +166,6 @@ def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_fram
         vectors = model.embed_batch(feats[gather]).float().cpu().numpy()
         for b, vector in zip(keep, vectors):
             c, s, _ = group[b]
-            out[c, s] = vector
+            out[c, s] = vector  # each (chunk, speaker) belongs to one batch: lanes never collide
+
+    lanes.map(embed, length_batches(lengths, batch_frames))

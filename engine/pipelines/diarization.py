@@ -7,9 +7,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from engine import runtime  # noqa: I001  (before torch)
+
+import torch  # noqa: E402
 
 from engine.audio import Audio
+from engine.lanes import Lanes
 from engine.models import pyannote_env  # noqa: F401
 from shared.errors import ProcessingError
 from shared.settings import Settings
@@ -40,14 +43,17 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
     from engine.pipelines.embedded import EmbeddedSpeakerDiarization, budget_for
 
     on_gpu = device is not None and device.type == "cuda"
+    # CPU: one lane per intra-op thread the operator gave (all cores by default)
+    lanes = None if on_gpu else Lanes(settings.torch_threads or torch.get_num_threads())
     pipeline = EmbeddedSpeakerDiarization(
         segmentation=Model.from_pretrained(bundled_segmentation_path()),
         segmentation_step=settings.segmentation_step,
-        embedding=CAMPPlusEmbedding.from_checkpoint(),
+        embedding=CAMPPlusEmbedding.shared(device or torch.device("cpu")),
         embedding_exclude_overlap=settings.embedding_exclude_overlap,
         # a GPU takes far larger segmentation batches than the CPU gains from
-        segmentation_batch_size=settings.segmentation_batch_size * (8 if on_gpu else 1),
+        segmentation_batch_size=settings.segmentation_batch_size or (256 if lanes is None else 4 * lanes.count),
         budget=budget_for(device),
+        lanes=lanes,
     )
     pipeline.instantiate(
         {
@@ -61,7 +67,6 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
     )
     if device is not None:
         pipeline = pipeline.to(device)
-    pipeline._embedding.model_.prepare(device or torch.device("cpu"))
     return pipeline
 
 
@@ -96,8 +101,14 @@ class Diarizer:
                 kwargs["max_speakers"] = max_speakers
         hook = _ProgressHook(progress) if progress else None
         # stdout belongs to the CLI's JSON/RTTM: anything a library prints goes to stderr
-        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
-            output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
+        lanes = getattr(self.pipeline, "lanes", None)
+        try:
+            with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr), (
+                lanes.session() if lanes is not None else contextlib.nullcontext()
+            ):
+                output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
+        finally:
+            runtime.release_memory()  # the job's scratch, not kept until the next one
         names: dict[str, str] = {}
         turns = to_turns(
             output, min_speaker_s=self.min_speaker_s, num_speakers=num_speakers, min_speakers=min_speakers,

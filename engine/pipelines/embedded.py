@@ -10,7 +10,8 @@
   for "the closest it found" and prints about it on stdout. Speakers too short to embed inherit
   the cluster of the local speaker they continue in the neighbouring chunk instead of cluster 0.
 
-Segmentation, speaker counting and reconstruction are pyannote's own.
+Segmentation, speaker counting and reconstruction are pyannote's own. On the CPU, segmentation's
+batches and CAM++'s run in single-threaded lanes side by side (``engine.lanes``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pyannote.audio.pipelines.clustering import AgglomerativeClustering
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import cdist
 
+from engine.lanes import Lanes
 from engine.models.loading import unused_plda
 from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
@@ -35,10 +37,13 @@ def budget_for(device: torch.device | None) -> EmbeddingBudget:
 
 
 class EmbeddedSpeakerDiarization(SpeakerDiarization):
-    def __init__(self, *, budget: EmbeddingBudget, **kwargs):
+    def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None, **kwargs):
         super().__init__(plda=unused_plda(), clustering="AgglomerativeClustering", **kwargs)
         self.budget = budget
         self.clustering = ExactCountClustering(metric=self._embedding.metric)
+        # CPU: segmentation batches and CAM++ batches shared out over single-threaded lanes
+        self.lanes = lanes or Lanes(1)
+        self.lanes.split_batches(self._segmentation.model)
 
     def get_embeddings(self, file, binary_segmentations, exclude_overlap: bool = False, hook=None):
         # the tuning bench reuses one file's embeddings across clustering trials (pyannote's cache)
@@ -62,6 +67,7 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
             exclude_overlap=exclude_overlap,
             budget=self.budget,
             progress=progress,
+            lanes=self.lanes,
         )
         if self.training:
             file["training_cache/embeddings"] = {"embeddings": embeddings}
