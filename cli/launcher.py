@@ -212,12 +212,15 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def local_torch_threads() -> int:
-    """Intra-op threads for a worker that shares the machine with the API and Flower.
+    """Torch threads for a worker that shares the machine with the API and Flower: all cores.
 
-    Half the cores: with every core given to torch, its OpenMP threads spin against the other
-    processes and a CPU job gets many times slower (measured 2.6 s -> 20-70 s on 2 cores).
+    This was half the cores while torch's OpenMP threads spun against the other processes (a
+    30 s diarization 2.6 s -> 20-70 s on 2 cores). Threads now wait passively and diarization
+    runs one single-threaded lane per thread (engine/lanes.py), which other processes slow only
+    in proportion: the CLI's diarization of pyannote's 30 s sample, models loaded included,
+    took 11.6 s with 2 lanes and 12.8 s with one thread, 14.7 s and 15.4 s beside a busy process.
     """
-    return max(1, (os.cpu_count() or 2) // 2)
+    return max(1, os.cpu_count() or 1)
 
 
 def local_secret(path: Path, make) -> tuple[str, bool]:
