@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from celery import Celery
 from fastapi import Request, UploadFile
@@ -167,12 +167,10 @@ class Dispatcher:
         principal: Principal | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
+        # the header is read from the upload as received, before it is stored: nothing refused
+        # is written, and an S3 backend is not read back
+        await self.check_audio_limits(submission.audio.values(), sync=sync)
         keys = await self.save_uploads(job_id, submission.audio)
-        try:
-            await self.check_audio_limits(keys, sync=sync)
-        except BaseException:
-            self.storage.delete_job(job_id)
-            raise
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
             # what the webhook carries; only a job with a webhook has one
@@ -197,7 +195,7 @@ class Dispatcher:
             log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
         return record
 
-    async def check_audio_limits(self, keys: Mapping[str, str], *, sync: bool) -> None:
+    async def check_audio_limits(self, uploads: Collection[UploadFile], *, sync: bool) -> None:
         """Duration and sample rate from the container header, before any worker decodes.
 
         A file whose header cannot be read is left to the worker, which answers 415.
@@ -205,11 +203,16 @@ class Dispatcher:
         limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
             else self.settings.max_audio_seconds
         hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
-        for key in keys.values():
-            with self.storage.local_path(key) as path:
+        try:
+            for upload in uploads:
                 await run_in_threadpool(
-                    check_audio_limits, path, max_duration=limit, min_sample_rate=self.settings.min_sample_rate, hint=hint
+                    check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
+                    hint=hint,
                 )
+        except BaseException:
+            for upload in uploads:
+                await upload.close()
+            raise
 
     # --- the synchronous contract -----------------------------------------------------------
     async def run_sync(self, submission: Submission, principal: Principal | None = None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import BinaryIO, Union
 
 from shared.errors import AudioDecodeError, AudioTooLongError
 
@@ -24,12 +25,33 @@ class AudioInfo:
     sample_rate: int | None
 
 
-def probe(path: str | os.PathLike) -> AudioInfo | None:
-    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable."""
+Source = Union[str, os.PathLike, BinaryIO]
+
+
+def probe(source: Source) -> AudioInfo | None:
+    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable.
+
+    ``source`` is a path or a seekable binary file (an upload as the API received it, read from
+    its start and left there).
+    """
+    if hasattr(source, "read"):
+        try:
+            return _probe(source)
+        finally:
+            source.seek(0)
+    return _probe(source)
+
+
+def _probe(source: Source) -> AudioInfo | None:
     import soundfile as sf
 
+    def rewind() -> None:
+        if hasattr(source, "seek"):
+            source.seek(0)
+
     try:
-        with sf.SoundFile(path) as snd:
+        rewind()
+        with sf.SoundFile(source) as snd:
             rate = int(snd.samplerate)
             return AudioInfo(snd.frames / rate if rate > 0 else None, rate)
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
@@ -37,7 +59,8 @@ def probe(path: str | os.PathLike) -> AudioInfo | None:
     import av
 
     try:
-        with av.open(str(path), mode="r", metadata_errors="ignore") as container:
+        rewind()
+        with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore") as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
@@ -54,11 +77,11 @@ def probe(path: str | os.PathLike) -> AudioInfo | None:
 
 
 def check_audio_limits(
-    path: str | os.PathLike, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
+    source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
 ) -> AudioInfo | None:
     """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
     so low that resampling multiplies it (413 / 415)."""
-    info = probe(path)
+    info = probe(source)
     if info is None:
         return None
     if info.sample_rate is not None and info.sample_rate < min_sample_rate:

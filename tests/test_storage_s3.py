@@ -97,6 +97,42 @@ def test_keys_cannot_leave_the_prefix(s3_server, tmp_path) -> None:
     storage.delete_job(key.partition("/")[0])
 
 
+def test_the_api_reads_the_header_from_the_upload_not_back_from_the_bucket(s3_server, settings, utterances,
+                                                                          tmp_path, monkeypatch) -> None:
+    """With S3 storage the API checks duration and rate on the upload it received: a refused file
+    is never written to the bucket, and an accepted one is not downloaded again to be checked."""
+    import numpy as np
+    import soundfile as sf
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    def no_download(self, key):  # the API must not read an object back
+        raise AssertionError(f"the API downloaded {key} from the bucket")
+
+    monkeypatch.setattr(S3Storage, "local_path", no_download)
+    local = settings.model_copy(update={
+        "storage_backend": "s3", "s3_bucket": BUCKET, "s3_endpoint_url": s3_server, "s3_region": "us-east-1",
+        "s3_addressing_style": "path", "storage_dir": tmp_path / "tmp", "queue_name": "audio-s3-header"})
+    storage = S3Storage(_settings(s3_server, tmp_path))
+    before = {o["Key"] for o in storage.client.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    # 31 min of silence as FLAC (a few KB): over the synchronous endpoints' 30 min
+    long = io.BytesIO()
+    sf.write(long, np.zeros(31 * 60 * 8000, dtype=np.int16), 8000, format="FLAC")
+    with TestClient(create_app(local), raise_server_exceptions=False) as client:
+        refused = client.post("/diarize", files={"file": ("long.flac", long.getvalue(), "audio/flac")})
+        assert refused.status_code == 413 and "/jobs/" in refused.json()["detail"], refused.text
+        accepted = client.post("/jobs/embedding", files={"file": ("a.wav", utterances["spk1"][0].read_bytes(), "audio/wav")})
+        assert accepted.status_code == 202, accepted.text
+    after = {o["Key"] for o in storage.client.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+    # the accepted upload is in the bucket, whole; nothing of the refused one is
+    assert [k for k in after - before if accepted.json()["job_id"] in k] != []
+    assert len(after - before) == 1, after - before
+    key = next(iter(after - before))
+    body = storage.client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert body == utterances["spk1"][0].read_bytes()
+
+
 def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, service_env, settings, long_sample,
                                                                  tmp_path) -> None:
     """API and two workers as if on three hosts: each its own working directory, nothing shared
