@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     embedding_exclude_overlap: bool = True
     clustering_threshold: float = 0.8
     clustering_min_cluster_size: int = 2
+    # a cluster too small to be a speaker is still kept as one when its centroid's cosine
+    # distance to every speaker exceeds this (a minor talker, not a stray of someone else):
+    # 1 - 0.45, CAM++'s equal-error verification threshold (docs/models.md); None: always fold
+    clustering_distinct_distance: float | None = Field(0.55, gt=0.0, le=2.0)
     # a speaker with less total speech than this is a clustering artefact and is dropped, unless
     # the caller fixed num_speakers (any profile)
     diarization_min_speaker_s: float = 0.5

@@ -118,6 +118,36 @@ def test_exact_count_clustering_returns_the_count_asked_for():
     assert len(np.unique(clustering.cluster(points.copy(), max_clusters=2))) == 2
 
 
+def test_a_small_cluster_unlike_every_speaker_is_a_speaker_of_its_own():
+    """Three talkers with many embeddings, a minor one with two (orthogonal to them: nobody else
+    could have said it) and two strays near a major talker: the minor talker is kept, the strays
+    are folded; a count the caller gives still wins."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(1)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0][:4]  # four orthogonal voices
+    major = np.vstack([c + 0.05 * rng.standard_normal((20, 32)) for c in basis[:3]])
+    minor = basis[3] + 0.05 * rng.standard_normal((2, 32))
+    strays = basis[0] + 0.15 * rng.standard_normal((2, 32))  # noisy, but plainly talker 0
+    points = np.vstack([major, minor, strays])
+
+    def speakers(distinct, **count):
+        clustering = ExactCountClustering(metric="cosine")
+        clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 6})
+        clustering.distinct_distance = distinct
+        labels = clustering.cluster(points.copy(), **count)
+        return labels
+
+    folded = speakers(None)
+    assert len(np.unique(folded)) == 3  # pyannote's rule: the minor talker goes into someone
+    kept = speakers(0.55)
+    assert len(np.unique(kept)) == 4
+    assert kept[60] == kept[61] and kept[60] not in kept[:60]  # the minor talker, alone
+    assert set(kept[62:]) == {kept[0]}  # the strays, folded into talker 0
+    assert len(np.unique(speakers(0.55, num_clusters=3))) == 3
+    assert len(np.unique(speakers(0.55, max_clusters=3))) == 3
+
+
 @pytest.mark.parametrize("talkers,minor,seed", [(5, 1, 7), (7, 3, 11)])
 def test_num_speakers_is_honoured_with_many_and_minor_talkers(engine, clips, talkers, minor, seed):
     samples, reference = many_talker_conversation(talkers, minor=minor, seed=seed, clips=clips)

@@ -54,6 +54,7 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
         segmentation_batch_size=settings.segmentation_batch_size or (256 if lanes is None else 4 * lanes.count),
         budget=budget_for(device),
         lanes=lanes,
+        distinct_distance=settings.clustering_distinct_distance,
     )
     pipeline.instantiate(
         {

@@ -7,7 +7,9 @@
   distance threshold, small clusters folded into the nearest large one) with the speaker-count
   constraints made exact: asked for N speakers, it cuts the dendrogram where it holds N large
   clusters, and if no cut does, where it holds N clusters of any size. pyannote's version settles
-  for "the closest it found" and prints about it on stdout. Speakers too short to embed inherit
+  for "the closest it found" and prints about it on stdout. Unconstrained, a small cluster unlike
+  every speaker (cosine distance above ``distinct_distance``) stays a speaker of its own instead
+  of being folded in (a minor talker). Speakers too short to embed inherit
   the cluster of the local speaker they continue in the neighbouring chunk instead of cluster 0.
 
 Segmentation, speaker counting and reconstruction are pyannote's own. On the CPU, segmentation's
@@ -37,10 +39,12 @@ def budget_for(device: torch.device | None) -> EmbeddingBudget:
 
 
 class EmbeddedSpeakerDiarization(SpeakerDiarization):
-    def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None, **kwargs):
+    def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None,
+                 distinct_distance: float | None = None, **kwargs):
         super().__init__(plda=unused_plda(), clustering="AgglomerativeClustering", **kwargs)
         self.budget = budget
         self.clustering = ExactCountClustering(metric=self._embedding.metric)
+        self.clustering.distinct_distance = distinct_distance
         # CPU: segmentation batches and CAM++ batches shared out over single-threaded lanes
         self.lanes = lanes or Lanes(1)
         self.lanes.split_batches(self._segmentation.model)
@@ -75,6 +79,9 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
 
 
 class ExactCountClustering(AgglomerativeClustering):
+    # see _keep_distinct; None folds every small cluster, as pyannote does
+    distinct_distance: float | None = None
+
     def cluster(self, embeddings, min_clusters=None, max_clusters=None, num_clusters=None):
         n = embeddings.shape[0]
         if n == 1:
@@ -94,6 +101,8 @@ class ExactCountClustering(AgglomerativeClustering):
         else:
             counts = np.bincount(clusters)
             keep = np.flatnonzero(counts >= min_size)
+            if num_clusters is None and self.distinct_distance is not None:
+                keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance, max_clusters)
         return _fold_into(unit, clusters, keep, self.metric)
 
     def __call__(self, embeddings, segmentations=None, **kwargs):
@@ -128,6 +137,30 @@ def _cut_with(dendrogram: np.ndarray, n: int, target: int, min_size: int) -> tup
             return clusters, np.argsort(-np.bincount(clusters), kind="stable")[:target]
     clusters = cut(target)
     return clusters, np.unique(clusters)
+
+
+def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str, distance: float,
+                   max_clusters: int | None) -> np.ndarray:
+    """``keep`` plus the small clusters unlike every kept one (centroid distance above ``distance``),
+    farthest first and never past ``max_clusters``.
+
+    A talker with a few seconds in a meeting gives one or two chunk embeddings: a cluster below
+    ``min_cluster_size``, which pyannote folds into the nearest speaker whatever the distance. If
+    no speaker is close enough to have said it (by the verification threshold), it is a speaker
+    of its own. Measured on 5-8-talker conversations with minor talkers: speaker-count error
+    1.50 -> 0.38 and DER 0.338 -> 0.305, with the four-talker sets and the hour unchanged.
+    """
+    small = np.setdiff1d(np.unique(clusters), keep)
+    if len(keep) == 0 or len(small) == 0:
+        return keep
+    kept_c = np.vstack([unit[clusters == k].mean(axis=0) for k in keep])
+    small_c = np.vstack([unit[clusters == k].mean(axis=0) for k in small])
+    nearest = cdist(kept_c, small_c, metric=metric).min(axis=0)
+    order = np.argsort(-nearest, kind="stable")
+    distinct = [small[i] for i in order if nearest[i] > distance]
+    if max_clusters is not None:
+        distinct = distinct[: max(0, max_clusters - len(keep))]
+    return np.concatenate([keep, np.asarray(distinct, dtype=keep.dtype)]) if distinct else keep
 
 
 def _fold_into(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str) -> np.ndarray:
