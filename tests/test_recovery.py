@@ -81,8 +81,13 @@ def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, lon
     _running_on(p, job_id)
     time.sleep(1.5)  # appendfsync everysec: the running record is on disk
     p.crash_redis()
-    time.sleep(3)
-    # the worker noticed (its next progress report failed) and kept the upload for the next try
+    # down until the job has met the outage (its next progress report or its result could not be
+    # written): a fixed few seconds let a fast job report before and after, never during it
+    deadline = time.monotonic() + 120
+    while not any(f"job {job_id} interrupted, job store unreachable" in p.log(n) for n in ("a", "b")):
+        assert time.monotonic() < deadline, "no worker met the outage"
+        time.sleep(0.2)
+    # the worker noticed and kept the upload for the next try
     assert _upload_exists(p, job_id), "the upload was deleted while Redis was down"
     p.start_redis()
     restarted = time.monotonic()
