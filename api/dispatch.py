@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from celery import Celery
 from fastapi import Request, UploadFile
@@ -139,11 +139,14 @@ class Dispatcher:
         )
 
     # --- submit -----------------------------------------------------------------------------
-    async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile]) -> dict[str, str]:
-        """Stream each upload into storage; the request as a whole stays under max_upload_bytes."""
+    async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool) -> dict[str, str]:
+        """Check each upload's header, then stream it into storage; the request as a whole stays
+        under max_upload_bytes. The header is read from the upload as received, before anything
+        is stored: nothing refused is written, and an S3 backend is never read back."""
         keys: dict[str, str] = {}
         budget = self.settings.max_upload_bytes
         try:
+            await self.check_audio_limits(uploads.values(), sync=sync)
             for name, upload in uploads.items():
                 key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
                 keys[name] = key
@@ -167,10 +170,7 @@ class Dispatcher:
         principal: Principal | None = None,
     ) -> JobRecord:
         job_id = new_job_id()
-        # the header is read from the upload as received, before it is stored: nothing refused
-        # is written, and an S3 backend is not read back
-        await self.check_audio_limits(submission.audio.values(), sync=sync)
-        keys = await self.save_uploads(job_id, submission.audio)
+        keys = await self.save_uploads(job_id, submission.audio, sync=sync)
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
             # what the webhook carries; only a job with a webhook has one
@@ -195,7 +195,7 @@ class Dispatcher:
             log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
         return record
 
-    async def check_audio_limits(self, uploads: Collection[UploadFile], *, sync: bool) -> None:
+    async def check_audio_limits(self, uploads: Iterable[UploadFile], *, sync: bool) -> None:
         """Duration and sample rate from the container header, before any worker decodes.
 
         A file whose header cannot be read is left to the worker, which answers 415.
@@ -203,16 +203,11 @@ class Dispatcher:
         limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
             else self.settings.max_audio_seconds
         hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
-        try:
-            for upload in uploads:
-                await run_in_threadpool(
-                    check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
-                    hint=hint,
-                )
-        except BaseException:
-            for upload in uploads:
-                await upload.close()
-            raise
+        for upload in uploads:
+            await run_in_threadpool(
+                check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
+                hint=hint,
+            )
 
     # --- the synchronous contract -----------------------------------------------------------
     async def run_sync(self, submission: Submission, principal: Principal | None = None,

@@ -59,18 +59,18 @@ def own_database(url: str, instance: str, key_prefix: str) -> OwnDatabase:
     parts = urlsplit(url)
     asked = int(parts.path.lstrip("/") or "0")
     marker = f"{key_prefix}:up-instance"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, decode_responses=True)
-    try:
-        count = int(client.config_get("databases").get("databases", 16))
-    except redis.ResponseError:  # CONFIG refused (managed Redis): assume the default
-        count = 16
-    order = [asked] + [db for db in range(count) if db != asked]
 
     def at(db: int) -> str:
         return urlunsplit(parts._replace(path=f"/{db}"))
 
     def connect(db: int) -> redis.Redis:
         return redis.Redis.from_url(at(db), socket_connect_timeout=2, socket_timeout=5, decode_responses=True)
+
+    try:
+        count = int(connect(asked).config_get("databases").get("databases", 16))
+    except redis.ResponseError:  # CONFIG refused (managed Redis): assume the default
+        count = 16
+    order = [asked] + [db for db in range(count) if db != asked]
 
     for db in order:
         if connect(db).get(marker) == instance:

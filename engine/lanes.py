@@ -43,10 +43,6 @@ class Lanes:
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    @property
-    def active(self) -> bool:
-        return self._pool is not None
-
     @contextlib.contextmanager
     def session(self) -> Iterator["Lanes"]:
         """Lanes open for one job. The calling thread drops to one intra-op thread too: torch keeps

@@ -139,6 +139,11 @@ def _cut_with(dendrogram: np.ndarray, n: int, target: int, min_size: int) -> tup
     return clusters, np.unique(clusters)
 
 
+def _centroids(unit: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The mean unit vector of each cluster in ``labels``, one row each."""
+    return np.vstack([unit[clusters == k].mean(axis=0) for k in labels])
+
+
 def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str, distance: float,
                    max_clusters: int | None) -> np.ndarray:
     """``keep`` plus the small clusters unlike every kept one (centroid distance above ``distance``),
@@ -153,9 +158,7 @@ def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, met
     small = np.setdiff1d(np.unique(clusters), keep)
     if len(keep) == 0 or len(small) == 0:
         return keep
-    kept_c = np.vstack([unit[clusters == k].mean(axis=0) for k in keep])
-    small_c = np.vstack([unit[clusters == k].mean(axis=0) for k in small])
-    nearest = cdist(kept_c, small_c, metric=metric).min(axis=0)
+    nearest = cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric).min(axis=0)
     order = np.argsort(-nearest, kind="stable")
     distinct = [small[i] for i in order if nearest[i] > distance]
     if max_clusters is not None:
@@ -170,9 +173,8 @@ def _fold_into(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric:
         return np.zeros_like(clusters)
     small = np.setdiff1d(labels, keep)
     if len(small):
-        kept_c = np.vstack([unit[clusters == k].mean(axis=0) for k in keep])
-        small_c = np.vstack([unit[clusters == k].mean(axis=0) for k in small])
-        nearest = np.argmin(cdist(kept_c, small_c, metric=metric), axis=0)
+        nearest = np.argmin(cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric),
+                            axis=0)
         for k, j in zip(small, nearest):
             clusters[clusters == k] = keep[j]
     return np.unique(clusters, return_inverse=True)[1]
