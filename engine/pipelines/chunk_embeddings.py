@@ -47,8 +47,10 @@ class EmbeddingBudget:
 
     # fbank frames per CAM++ call: CAM++'s first 2-D layers hold 32 x 80 floats per frame, so
     # 32k frames took 1 GB+ of activations on the CPU. On one thread (a lane, engine/lanes.py)
-    # 4k frames run at 202 us per frame against 193 us with 8k, and hold ~400 MB less
-    batch_frames: int = 4_000
+    # the heap a call leaves behind grows with the batch (about 100 MB per lane at 2k frames,
+    # 200 MB at 4k, on top of the live activations), while the time per frame hardly moves
+    # (2k: the hour 5 % slower than 4k, 125 MB lower at its peak; docs/models.md)
+    batch_frames: int = 2_000
     group_chunks: int = 128  # chunks whose fbank is held at once
 
 
