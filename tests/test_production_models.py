@@ -27,10 +27,10 @@ from engine.models.loading import (
     LOCAL_NAMES,
     PIPELINE_CONFIG,
     PYANNOTE_CHECKPOINT,
-    bundled_segmentation_path,
     load_production_diarization,
     load_production_ecapa,
 )
+from engine.models.bundled import segmentation_path as bundled_segmentation_path
 from shared.settings import Settings
 
 SEGMENTATION_ID = "pyannote/segmentation-3.0"

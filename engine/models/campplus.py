@@ -36,10 +36,6 @@ _SHARED: dict[str, "CAMPPlusEmbedding"] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def bundled_campplus_path() -> Path:
-    return bundled.campplus_path()
-
-
 class CAMPPlusEmbedding(Model):
     """192-dim CAM++ embeddings from 16 kHz waveforms."""
 
@@ -53,7 +49,7 @@ class CAMPPlusEmbedding(Model):
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None) -> "CAMPPlusEmbedding":
         """Load 3D-Speaker weights (a plain ``state_dict``; read with ``weights_only``)."""
-        state = torch.load(path or bundled_campplus_path(), map_location="cpu", weights_only=True)
+        state = torch.load(path or bundled.campplus_path(), map_location="cpu", weights_only=True)
         dim = state["xvector.dense.linear.weight"].shape[0]
         model = cls(embedding_size=dim)
         model.campplus.load_state_dict(state)

