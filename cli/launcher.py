@@ -129,7 +129,7 @@ class Child:
 
 @dataclass
 class Stack:
-    """Children started by this process, stopped newest first."""
+    """Children started by this process; Redis, which the others use, is stopped last."""
 
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     children: list[Child] = field(default_factory=list)
@@ -185,17 +185,28 @@ class Stack:
         ], env={"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        for child in reversed(self.children):
-            if child.proc.poll() is None:
-                # SIGTERM: Celery's warm shutdown finishes nothing new, requeues unacked jobs
-                child.proc.send_signal(signal.SIGTERM)
-            try:
-                child.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(5)
-            if child.log:
-                child.log.close()
+        """SIGTERM to everything that uses Redis at once, then Redis once they have exited.
+
+        At once, not one after another: the worker hands its running job back as soon as it
+        is told (a Ctrl-C during a job waited for the API and Flower to exit first, seconds in
+        which the job went on), and Redis outlives them all, since they write to it on the way out.
+        """
+        first = [c for c in reversed(self.children) if c.name != "redis"]
+        last = [c for c in reversed(self.children) if c.name == "redis"]
+        for group in (first, last):
+            for child in group:
+                if child.proc.poll() is None:
+                    # SIGTERM: Celery's warm shutdown starts nothing new and hands its job back
+                    child.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            for child in group:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait(5)
+                if child.log:
+                    child.log.close()
         self.children.clear()
 
     def __enter__(self) -> "Stack":

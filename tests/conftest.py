@@ -216,6 +216,20 @@ def long_sample(sample_wav, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slow_sample(sample_wav, tmp_path_factory) -> Path:
+    """The sample forty times over (20 min, 38 MB): a diarization that is still running tens of
+    seconds after it started, for a test that does other things before it interrupts the job
+    (long_sample's 2 min could end first on a fast machine: the job then rightly succeeded)."""
+    import numpy as np
+    import soundfile as sf
+
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    path = tmp_path_factory.mktemp("audio") / "sample_x40.wav"
+    sf.write(path, np.concatenate([audio] * 40), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
 def webhook_receiver() -> Iterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     yield receiver

