@@ -265,10 +265,18 @@ def test_diarization_pipeline_is_the_31_recipe_from_model_dir(engine, model_dir)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
-def test_diarize_sample(engine, sample_wav) -> None:
-    result = engine.diarize(sample_wav)
+def test_diarize_sample(engine, sample_wav, tmp_path) -> None:
+    import soundfile as sf
+
+    # the first 15 s: pyannote 3.1 embeds every (1 s step, speaker) with the ResNet, which on
+    # this project's 2-core machines took 100 s for the whole 30 s sample; this test is about
+    # the profile running end to end, not its speed on the CPU (it is the GPU profile)
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    clip = tmp_path / "sample_15s.wav"
+    sf.write(clip, audio[: 15 * rate], rate, subtype="PCM_16")
+    result = engine.diarize(clip)
     assert result.model_device == "cpu"
-    assert result.audio_duration == pytest.approx(30.0, abs=0.1)
+    assert result.audio_duration == pytest.approx(15.0, abs=0.1)
     turns = result.diarization_results
     assert turns and result.segments_count == len(turns)
     assert all(0.0 <= t.start < t.end <= result.audio_duration + 0.1 for t in turns)
