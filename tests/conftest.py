@@ -202,17 +202,21 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-@pytest.fixture(scope="session")
-def long_sample(sample_wav, tmp_path_factory) -> Path:
-    """The two-speaker sample four times over (2 min): a diarization job that runs for seconds,
-    long enough to be watched, cancelled or killed mid-run."""
+def _sample_repeated(sample_wav: Path, tmp_path_factory, times: int) -> Path:
     import numpy as np
     import soundfile as sf
 
     audio, rate = sf.read(sample_wav, dtype="int16")
-    path = tmp_path_factory.mktemp("audio") / "sample_x4.wav"
-    sf.write(path, np.concatenate([audio] * 4), rate, subtype="PCM_16")
+    path = tmp_path_factory.mktemp("audio") / f"sample_x{times}.wav"
+    sf.write(path, np.concatenate([audio] * times), rate, subtype="PCM_16")
     return path
+
+
+@pytest.fixture(scope="session")
+def long_sample(sample_wav, tmp_path_factory) -> Path:
+    """The two-speaker sample four times over (2 min): a diarization job that runs for seconds,
+    long enough to be watched, cancelled or killed mid-run."""
+    return _sample_repeated(sample_wav, tmp_path_factory, 4)
 
 
 @pytest.fixture(scope="session")
@@ -220,13 +224,7 @@ def slow_sample(sample_wav, tmp_path_factory) -> Path:
     """The sample forty times over (20 min, 38 MB): a diarization that is still running tens of
     seconds after it started, for a test that does other things before it interrupts the job
     (long_sample's 2 min could end first on a fast machine: the job then rightly succeeded)."""
-    import numpy as np
-    import soundfile as sf
-
-    audio, rate = sf.read(sample_wav, dtype="int16")
-    path = tmp_path_factory.mktemp("audio") / "sample_x40.wav"
-    sf.write(path, np.concatenate([audio] * 40), rate, subtype="PCM_16")
-    return path
+    return _sample_repeated(sample_wav, tmp_path_factory, 40)
 
 
 @pytest.fixture(scope="session")

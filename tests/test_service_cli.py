@@ -353,8 +353,9 @@ def test_cli_refuses_formats_the_kind_cannot_give(api_base, utterances):
     assert out.returncode == 2 and "xml" in out.stderr
 
 
-def test_cli_cancel_status_and_result_of_jobs_without_one(api_base, long_sample):
-    out = _cli(api_base, "submit", str(long_sample))
+def test_cli_cancel_status_and_result_of_jobs_without_one(api_base, slow_sample):
+    # three CLI processes start before the cancel: a job that must still be running then
+    out = _cli(api_base, "submit", str(slow_sample))
     job_id = json.loads(out.stdout)["job_id"]
     early = _cli(api_base, "result", job_id, "--format", "srt")
     assert early.returncode == 2 and "(409)" in early.stderr, early.stderr

@@ -137,10 +137,10 @@ def test_list_recent_jobs(client, utterances):
     assert client.get("/jobs/does-not-exist").status_code == 404
 
 
-def test_cancel_queued_and_running_jobs(client, long_sample, utterances, settings):
-    # 2 min of speech: a running job is interrupted at its next progress report, so its length
+def test_cancel_queued_and_running_jobs(client, slow_sample, utterances, settings):
+    # 20 min of speech: a running job is interrupted at its next progress report, so its length
     # only adds margin against finishing before the cancel arrives
-    running = client.post("/jobs/diarize", files=_files("file", long_sample)).json()
+    running = client.post("/jobs/diarize", files=_files("file", slow_sample)).json()
     queued = client.post("/jobs/embedding", files=_files("file", utterances["spk1"][5])).json()
     assert (settings.storage_dir / queued["job_id"]).is_dir()
 
