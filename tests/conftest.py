@@ -149,6 +149,18 @@ def client(worker, settings):
         yield c
 
 
+def gone(path: Path, timeout_s: float = 10.0) -> bool:
+    """True once ``path`` does not exist. A worker records a job's end first and deletes its
+    upload next (a crash in between leaves a stray folder, never a job without its audio), so
+    a test that has just seen the end may still find the upload for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def wait_for_job(client, job_id: str, timeout_s: float = 120, on_poll=None) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for_job
+from tests.conftest import gone, wait_for_job
 from tests.test_reliability import PrivateStack, post_clip
 
 
@@ -73,6 +73,10 @@ def _upload_exists(p: PrivateStack, job_id: str) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
+def _upload_gone(p: PrivateStack, job_id: str) -> bool:
+    return gone(Path(p.settings.storage_dir) / job_id)
+
+
 def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, long_sample):
     p = recovery
     p.worker("a")
@@ -95,7 +99,7 @@ def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, lon
     print(f"\nRedis crash: job finished on attempt {done['attempts']} {time.monotonic() - restarted:.1f} s after Redis came back")
     assert done["status"] == "succeeded", done
     assert done["attempts"] >= 2
-    assert not _upload_exists(p, job_id)
+    assert _upload_gone(p, job_id)
     assert all(w.poll() is None for w in p.workers.values()), "a worker died with Redis"
 
 
@@ -123,7 +127,7 @@ def test_sigkilled_worker_job_finishes_on_another_attempt(recovery, long_sample)
     assert record["status"] == "succeeded", record
     assert record["attempts"] == 2 and record["result"]["segments_count"] > 0
     assert requeued is not None and requeued < 15
-    assert not _upload_exists(p, job_id)
+    assert _upload_gone(p, job_id)
     del p.workers[victim]
 
 
@@ -174,7 +178,7 @@ def test_job_whose_worker_keeps_dying_fails_with_upload_deleted_and_webhook_sent
     recover_stalled_jobs(store, storage, settings)  # the session worker's own pass may get there first
     record = store.get(job_id)
     assert record.status == "failed" and "lost 3 times" in record.error.detail, record
-    assert not (Path(settings.storage_dir) / job_id).exists()
+    assert gone(Path(settings.storage_dir) / job_id)
     assert job_id not in store.running_ids()
     [hit] = _wait_for(lambda: webhook_receiver.for_path("/gave-up"), 30)
     assert b'"status":"failed"' in hit["body"]

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import soundfile as sf
 
-from tests.conftest import wait_for_job
+from tests.conftest import gone, wait_for_job
 from tests.test_bad_input_engine import forged_wav, mp3_bytes, noise, wav_bytes
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -128,7 +128,7 @@ def test_queued_jobs_survive_a_redis_crash(private, utterances):
         done = wait_for_job(client, job_id, timeout_s=180)
         assert done["status"] == "succeeded", done
         assert len(done["result"]["embedding"]) == 192 and done["attempts"] == 1
-        assert not (Path(private.settings.storage_dir) / job_id).exists()
+        assert gone(Path(private.settings.storage_dir) / job_id)
 
 
 def test_job_outliving_the_visibility_timeout_runs_once(private, long_sample):
@@ -308,4 +308,4 @@ def test_bounded_load_loses_nothing_and_memory_stays_flat(worker, settings, utte
         # flat: keeping each job's decoded clip (2.5 s at 16 kHz float32, 160 kB) would add 25 MB
         assert rss_end[name] - rss_start[name] < 25, (name, rss_start, rss_end)
     root = Path(settings.storage_dir)
-    assert not [i for i in ids if (root / i).exists()], "uploads left behind by ended jobs"
+    assert not [i for i in ids if not gone(root / i)], "uploads left behind by ended jobs"

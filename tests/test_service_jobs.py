@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import json_embedding_file, wait_for_job
+from tests.conftest import gone, json_embedding_file, wait_for_job
 
 # the contract's fields, and each job's peak device memory beside its timing (issue 13)
 TIMING_KEYS = {"processing_time", "audio_duration", "model_device", "peak_memory_mb"}
@@ -46,7 +46,7 @@ def test_diarize_job_reports_progress_and_result(client, long_sample, settings):
     progress = [s["progress"] for s in running]
     assert progress == sorted(progress)
     # nothing of the audio is kept
-    assert not (settings.storage_dir / job["job_id"]).exists()
+    assert gone(settings.storage_dir / job["job_id"])
 
 
 def test_embedding_job(client, utterances, settings):
@@ -58,7 +58,7 @@ def test_embedding_job(client, utterances, settings):
     assert len(done["result"]["embedding"]) == 192
     assert done["result"]["normalized"] is False
     assert sum(x * x for x in done["result"]["embedding"]) ** 0.5 != pytest.approx(1.0, abs=1e-3)
-    assert not (settings.storage_dir / done["job_id"]).exists()
+    assert gone(settings.storage_dir / done["job_id"])
 
 
 def test_compare_job_same_and_different_speaker(client, utterances):
@@ -163,7 +163,7 @@ def test_cancel_queued_and_running_jobs(client, slow_sample, utterances, setting
     for job in (running, queued):
         final = client.get(f"/jobs/{job['job_id']}").json()
         assert final["status"] == "cancelled" and final["result"] is None
-        assert not (settings.storage_dir / job["job_id"]).exists()
+        assert gone(settings.storage_dir / job["job_id"])
 
 
 def test_redelivered_finished_job_is_not_run_again(client, utterances, settings):

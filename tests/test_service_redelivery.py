@@ -10,7 +10,7 @@ import signal
 import time
 from datetime import datetime, timezone
 
-from tests.conftest import wait_for_job
+from tests.conftest import gone, wait_for_job
 
 
 def _ts(value: str) -> float:
@@ -57,6 +57,6 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, long_sam
             log = (tmp_path / "redeliver.log").read_text(errors="replace")
             assert "is gone, taking over" in log and "is running on" not in log
             assert proc.poll() is None, "the worker's main process must survive its child"
-            assert not (settings.storage_dir / job["job_id"]).exists()
+            assert gone(settings.storage_dir / job["job_id"])
     finally:
         stack.stop()

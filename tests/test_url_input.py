@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import wait_for_job
+from tests.conftest import gone, wait_for_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITED_QUEUE = "audio-url-limited"
@@ -86,7 +86,7 @@ def test_diarization_by_presigned_url_matches_the_upload(client, media_server, s
     progress = [s["progress"] for s in seen if s["status"] == "running"]
     assert progress == sorted(progress)
     assert "X-Amz" not in json.dumps(by_url)
-    assert not (settings.storage_dir / job["job_id"]).exists()
+    assert gone(settings.storage_dir / job["job_id"])
 
 
 def test_redirect_chain_is_followed_to_a_chunked_answer(client, media_server, utterances):
@@ -256,7 +256,7 @@ def test_too_large_stops_at_the_limit(limited, media_server, settings, declare, 
     print(f"\n50 MB offered ({'declared' if declare else 'chunked'}) to a 1 MB limit: the server got "
           f"{hit['sent']} bytes out before the worker hung up")
     assert hit["closed"] and hit["sent"] < 25_000_000, hit["sent"]  # what socket buffers took, no more
-    assert not (settings.storage_dir / job["job_id"]).exists()
+    assert gone(settings.storage_dir / job["job_id"])
 
 
 def test_a_source_that_does_not_answer_hits_the_timeout(limited, media_server, utterances):
