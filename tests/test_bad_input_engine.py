@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from engine.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, Audio, load_audio, resample
+from engine.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, STORAGE_DTYPE, Audio, load_audio, resample
 from shared.embedding_file import load_embedding
 from engine.core import Engine
 from shared.kinds import CompareParams, DiarizeParams, validate_params
@@ -322,7 +322,7 @@ def test_8k_stereo_becomes_16k_mono(speech: np.ndarray) -> None:
     at_8k = resample(speech, SAMPLE_RATE, 8_000)
     stereo = np.stack([at_8k, 0.5 * at_8k], axis=1)
     audio = load_audio(wav_bytes(stereo, 8_000))
-    assert audio.sample_rate == SAMPLE_RATE and audio.samples.ndim == 1 and audio.samples.dtype == np.float32
+    assert audio.sample_rate == SAMPLE_RATE and audio.samples.ndim == 1 and audio.samples.dtype == STORAGE_DTYPE == np.float16
     assert abs(audio.duration - len(speech) / SAMPLE_RATE) < 0.01
     n = min(len(audio.samples), len(speech))
     # the mono mix is 0.75 x the speech, band-limited to 4 kHz: strongly correlated with it
@@ -341,6 +341,15 @@ def test_float_wav_with_non_finite_samples(speech: np.ndarray, bad: float) -> No
 def test_float_wav_beyond_full_scale_is_clipped(speech: np.ndarray) -> None:
     audio = load_audio(wav_bytes(speech * 40.0, subtype="FLOAT"))
     assert float(np.max(np.abs(audio.samples))) <= 1.0
+
+
+def test_finite_samples_beyond_float16_are_clipped_not_made_infinite(speech: np.ndarray) -> None:
+    # samples are held as float16 (max 65504): 1e30 is finite and is clipped, as any overshoot
+    samples = speech.copy()
+    samples[1234], samples[4321] = 1e30, -1e30
+    audio = load_audio(wav_bytes(samples, subtype="FLOAT"))
+    assert np.isfinite(audio.samples).all()
+    assert audio.samples[1234] == 1.0 and audio.samples[4321] == -1.0
 
 
 # --- duration limit ------------------------------------------------------------------------------

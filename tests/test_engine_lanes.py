@@ -31,7 +31,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def sample_file():
-    samples = load_audio(pyannote_sample()[0]).samples
+    samples = load_audio(pyannote_sample()[0]).float32()
     return {"waveform": torch.from_numpy(samples)[None], "sample_rate": 16000}
 
 

@@ -41,7 +41,7 @@ def readers(tmp_path_factory) -> dict[str, dict[str, Path]]:
     out = {}
     for reader in ENROLLED + (OUTSIDER,):
         (path,) = LIBRISPEECH.glob(f"{reader}-*.ogg")
-        samples = trim_silence(load_audio(path).samples)
+        samples = trim_silence(load_audio(path).float32())
         half = len(samples) // 2
         out[reader] = {}
         for part, piece in (("enroll", samples[:half]), ("test", samples[half:])):
@@ -59,7 +59,7 @@ def conversation(readers, tmp_path_factory) -> tuple[Path, object]:
     from engine.audio import load_audio
     from evaluation.speech import Clip, many_talker_conversation
 
-    clips = [Clip(r, load_audio(readers[r]["test"]).samples) for r in ENROLLED + (OUTSIDER,)]
+    clips = [Clip(r, load_audio(readers[r]["test"]).float32()) for r in ENROLLED + (OUTSIDER,)]
     samples, reference = many_talker_conversation(len(clips), clips=clips, seed=1)
     path = tmp_path_factory.mktemp("conversation") / "conversation.wav"
     sf.write(path, samples, 16000, subtype="PCM_16")

@@ -92,10 +92,11 @@ class CAMPPlusEmbedding(Model):
         for first in range(0, total, _FBANK_BLOCK_FRAMES):
             count = min(_FBANK_BLOCK_FRAMES, total - first)
             piece = samples[first * FRAME_SHIFT : (first + count - 1) * FRAME_SHIFT + FRAME_LENGTH]
-            # Kaldi features are defined on 16-bit integer scale
+            # Kaldi features are defined on 16-bit integer scale; float32 per block, whatever the
+            # recording is held as (float16: engine.audio.STORAGE_DTYPE)
             blocks.append(
                 kaldi.fbank(
-                    piece[None] * (1 << 15),
+                    piece[None].float() * (1 << 15),
                     num_mel_bins=int(self.hparams.num_mel_bins),
                     frame_length=25.0,
                     frame_shift=10.0,
@@ -105,7 +106,7 @@ class CAMPPlusEmbedding(Model):
                 )
             )
         if not blocks:
-            return samples.new_zeros((0, int(self.hparams.num_mel_bins)))
+            return samples.new_zeros((0, int(self.hparams.num_mel_bins)), dtype=torch.float32)
         return torch.cat(blocks)
 
     def embed_batch(self, feats: torch.Tensor) -> torch.Tensor:

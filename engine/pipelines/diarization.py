@@ -107,7 +107,8 @@ class Diarizer:
             with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr), (
                 lanes.session() if lanes is not None else contextlib.nullcontext()
             ):
-                output = self.pipeline(audio.as_pyannote(), hook=hook, **kwargs)
+                compact = getattr(self.pipeline, "casts_its_input", False)
+                output = self.pipeline(audio.as_pyannote(compact=compact), hook=hook, **kwargs)
         finally:
             runtime.release_memory()  # the job's scratch, not kept until the next one
         names: dict[str, str] = {}

@@ -49,6 +49,11 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         # CPU: segmentation batches and CAM++ batches shared out over single-threaded lanes
         self.lanes = lanes or Lanes(1)
         self.lanes.split_batches(self._segmentation.model)
+        _float32_input(self._segmentation.model)
+
+    # it takes the recording as stored (float16, engine.audio.STORAGE_DTYPE): segmentation's
+    # batches and the embeddings' fbank blocks are made float32 one at a time
+    casts_its_input = True
 
     def get_embeddings(self, file, binary_segmentations, exclude_overlap: bool = False, hook=None):
         # the tuning bench reuses one file's embeddings across clustering trials (pyannote's cache)
@@ -80,6 +85,17 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         if self.training:
             file["training_cache/embeddings"] = {"embeddings": embeddings}
         return embeddings
+
+
+def _float32_input(model: torch.nn.Module) -> None:
+    """``model(x)`` casts each batch to float32: pyannote's inference slides the model over the
+    recording as it was given, and a float32 copy of a whole hour is 230 MB."""
+    forward = model.forward
+
+    def cast(x: torch.Tensor, *args, **kwargs):
+        return forward(x.float(), *args, **kwargs)
+
+    model.forward = cast  # an instance attribute, as Lanes.split_batches sets
 
 
 class ExactCountClustering(AgglomerativeClustering):

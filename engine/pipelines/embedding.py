@@ -44,7 +44,7 @@ class CAMPPlusEmbedder:
         pieces = _windows(audio.samples, int(WINDOW_S * SAMPLE_RATE))
         vectors, weights = [], []
         for piece in pieces:
-            wav = torch.from_numpy(np.ascontiguousarray(piece)).to(self.device)[None, None]
+            wav = torch.from_numpy(np.ascontiguousarray(piece, dtype=np.float32)).to(self.device)[None, None]
             vectors.append(self.model(wav)[0].float().cpu().numpy())
             weights.append(len(piece))
         return _combine(vectors, weights)
