@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
+    parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
+                        help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
     args = parser.parse_args()
 
     data = list(recordings(args.conversations, args.many, args.long_minutes))
@@ -74,7 +76,7 @@ def main() -> None:
         pipeline = build_embedded_pipeline(Settings(segmentation_step=step))
         pipeline.training = True  # keep segmentation + embeddings per file across trials
         files = [
-            {"uri": name, "waveform": torch.from_numpy(s)[None], "sample_rate": SAMPLE_RATE}
+            {"uri": name, "waveform": torch.from_numpy(s.astype(args.stored_as))[None], "sample_rate": SAMPLE_RATE}
             for name, s, _ in data
         ]
         first_pass_s = None
