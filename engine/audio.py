@@ -130,8 +130,9 @@ class _Collector:
         n = len(chunk)
         self._reserve(n)
         if chunk.any():
-            # checked before the cast: float16 would turn a finite 1e30 into infinity, and
-            # clipped (as validate_samples clips) so that nothing finite overflows it
+            # checked before the cast: float16 would turn a finite 1e30 into infinity; clipped
+            # rather than rejected, as some encoders overshoot full scale slightly (nothing
+            # finite then overflows float16)
             if not np.all(np.isfinite(chunk)):
                 raise InputError("audio holds non-finite samples (NaN or infinity)")
             np.clip(chunk, -1.0, 1.0, out=self.buffer[self.size : self.size + n], casting="same_kind")
@@ -364,29 +365,22 @@ def load_audio(
 def validate_samples(
     samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True
 ) -> Audio:
+    """Checks of the decoded result as a whole: its length and its level. Each sample was
+    checked finite and clipped to full scale as it was collected (``_Collector.add``)."""
     if samples.size == 0:
         raise AudioDecodeError("audio holds no samples")
-    # in slices: np.isfinite and a float64 square of a 3.9 h array took 1.1 and 1.8 GB more
-    squares = 0.0
-    step = 1 << 20
-    for start in range(0, samples.size, step):
-        part = samples[start : start + step]
-        if not np.all(np.isfinite(part)):
-            raise InputError("audio holds non-finite samples (NaN or infinity)")
-        squares += float(np.dot(part.astype(np.float64), part.astype(np.float64)))
     duration = samples.size / SAMPLE_RATE
     if duration < min_duration:
         raise InputError(f"audio is {duration:.2f} s long; at least {min_duration:.2f} s is needed")
     if duration > max_duration:
         raise AudioTooLongError(f"audio is {duration:.0f} s long; the limit is {max_duration:.0f} s")
-    if reject_silence and math.sqrt(squares / samples.size) < SILENCE_RMS:
-        raise InputError("audio is silent: no signal to analyse")
-    # clip rather than reject: some encoders overshoot full scale slightly; in place when the
-    # array is ours (no second copy of an hours-long result)
-    if samples.dtype not in (np.float16, np.float32):
-        samples = samples.astype(np.float32)
-    if samples.flags.writeable:
-        np.clip(samples, -1.0, 1.0, out=samples)
-    else:
-        samples = np.clip(samples, -1.0, 1.0)
+    if reject_silence:
+        # in slices: a float64 square of a 3.9 h array took 1.8 GB more
+        squares = 0.0
+        step = 1 << 20
+        for start in range(0, samples.size, step):
+            part = samples[start : start + step].astype(np.float64)
+            squares += float(np.dot(part, part))
+        if math.sqrt(squares / samples.size) < SILENCE_RMS:
+            raise InputError("audio is silent: no signal to analyse")
     return Audio(samples)
