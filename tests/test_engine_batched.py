@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine.audio import Audio, load_audio
-from evaluation.speech import librispeech_clips, many_talker_conversation, pyannote_sample
+from evaluation.speech import librispeech_clips, load_reference, many_talker_conversation, pyannote_sample
 from engine.models.campplus import CAMPPlusEmbedding
 from engine.pipelines import chunk_embeddings as ce
 
@@ -80,6 +80,56 @@ def test_length_batches_keep_rows_of_similar_length_and_the_frame_budget():
     for batch in batches:
         assert lengths[batch].max() <= ce.BUCKET_RATIO * lengths[batch].min()
         assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 1000
+
+
+def test_rows_are_the_frames_nearest_the_middle_up_to_the_row_length():
+    """One speaker active over a whole chunk, another over its first 3 s, a third for 0.2 s."""
+    binary = np.zeros((1, 589, 3))
+    binary[0, :, 0] = 1
+    binary[0, :177, 1] = 1
+    binary[0, :12, 2] = 1
+    rows = ce.select_frames(binary, chunk_frames=998, exclude_overlap=False, min_clean_frames=25, row_frames=250)
+    by_speaker = {s: frames for _, s, frames in rows}
+    assert set(by_speaker) == {0, 1}  # 0.2 s is too little to embed
+    whole, early = by_speaker[0], by_speaker[1]
+    assert len(whole) == 250 and abs(whole.mean() - 998 / 2) < 2  # the chunk's middle 2.5 s
+    assert len(early) == 250 and early.max() < 302  # the 2.5 s of its 3 s nearest the middle
+
+
+def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus):
+    """At the default step (2.5 s) a row holds at most 2.5 s: the chunks' centres tile the
+    recording, so the frames embedded stay about those of the speech, however many chunks overlap."""
+    from engine.core import Engine
+
+    pipeline = Engine().diarizer.pipeline
+    wav, rttm = pyannote_sample()
+    reference = load_reference(rttm)
+    samples = load_audio(wav).float32()
+    file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": 16000}
+    seen = []
+    select = ce.select_frames
+
+    def spy(*args, **kwargs):
+        rows = select(*args, **kwargs)
+        seen.extend(len(frames) for _, _, frames in rows)
+        return rows
+
+    with torch.inference_mode():
+        segmentation = pipeline.get_segmentations(file)
+        window = segmentation.sliding_window
+        assert window.step == pytest.approx(2.5)
+        ce.select_frames = spy
+        try:
+            ce.chunk_embeddings(campplus, file["waveform"][0], segmentation.data, window.start, window.step,
+                                window.duration)
+        finally:
+            ce.select_frames = select
+    assert max(seen) == 250
+    # 24.4 s of speaker speech in the sample (its reference), each second of it in four chunks:
+    # whole chunks would embed about 4 x 24.4 s, rows of one step 41.3 s (short turns near a
+    # chunk's edge are a neighbour's nearest frames too)
+    speech = sum(reference.label_duration(label) for label in reference.labels())
+    assert speech * 100 < sum(seen) < 2 * speech * 100, (sum(seen), speech)
 
 
 def test_batched_rows_say_what_each_row_says_alone(campplus):
@@ -168,6 +218,48 @@ def test_a_small_cluster_unlike_every_speaker_is_a_speaker_of_its_own():
     assert set(kept[62:]) == {kept[0]}  # the strays, folded into talker 0
     assert len(np.unique(speakers(0.55, num_clusters=3))) == 3
     assert len(np.unique(speakers(0.55, max_clusters=3))) == 3
+
+
+def test_long_recordings_cluster_a_bounded_subset_and_assign_every_embedding():
+    """Past ``max_train`` embeddings the dendrogram is built on an evenly spaced subset (centroid
+    linkage holds every pairwise distance); every embedding still gets the cluster of its talker."""
+    from engine.pipelines.embedded import ExactCountClustering
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    rng = np.random.default_rng(2)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0][:3]
+    talker = rng.integers(0, 3, size=(600, 1))  # 600 chunks, one local speaker each
+    embeddings = basis[talker[:, 0]][:, None, :] + 0.05 * rng.standard_normal((600, 1, 32))
+    segmentation = SlidingWindowFeature(np.ones((600, 10, 1)), SlidingWindow(start=0, duration=10, step=2.5))
+
+    clustering = ExactCountClustering(metric="cosine")
+    clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+    clustering.max_train = 100
+    train, chunks, _ = clustering.filter_embeddings(embeddings, segmentations=segmentation)
+    assert len(train) == 100 and chunks[0] == 0 and chunks[-1] == 599  # spread over the whole file
+    hard, _, _ = clustering(embeddings, segmentations=segmentation)
+    assert len(np.unique(hard)) == 3
+    for k in range(3):  # one cluster per talker, every chunk assigned
+        assert len(np.unique(hard[talker[:, 0] == k, 0])) == 1
+
+
+def test_a_speaker_too_short_to_embed_takes_the_cluster_it_continues_in_the_nearest_embedded_chunk():
+    """Chunk 1's speaker has no embedding, and neither has any speaker of chunk 2: it takes the
+    cluster of the speaker of chunk 3 (still overlapping at step 2.5 s) it overlaps in time."""
+    from engine.pipelines.embedded import _inherit_from_neighbours
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    data = np.zeros((4, 40, 2))
+    data[1, 30:, 0] = 1  # chunk 1's last 2.5 s (7.5-10 s into it, 10-12.5 s of the file)
+    data[2, 20:, 0] = 1  # the same speech, seen from chunk 2
+    data[3, 10:20, 1] = 1  # ... and from chunk 3, as its second local speaker
+    data[3, :10, 0] = 1
+    embeddings = np.ones((4, 2, 8))
+    embeddings[1] = np.nan
+    embeddings[2] = np.nan
+    hard = np.array([[0, 1], [0, 0], [0, 0], [4, 7]])
+    _inherit_from_neighbours(hard, embeddings, SlidingWindowFeature(data, SlidingWindow(start=0, duration=10, step=2.5)))
+    assert hard[1, 0] == 7
 
 
 @pytest.mark.parametrize("talkers,minor,seed", [(5, 1, 7), (7, 3, 11)])

@@ -7,13 +7,15 @@ each recomputing the fbank of its whole chunk. Here instead:
 1. **fbank once.** Kaldi frames are local (``CAMPPlusEmbedding.fbank_frames``), so the fbank of a
    chunk is a slice of the fbank of the recording. It is computed once per group of chunks, on
    the model's device, which bounds memory whatever the recording's length.
-2. **At most 5 s per (chunk, speaker)**, the speaker's frames nearest the chunk's middle.
-   Chunks overlap (a 10 s window every 5 s at step 0.5), so embedding each local speaker over
-   its whole chunk embeds every second of speech twice; 5 s nearest the middle cover the
-   speaker's share of the chunk's own centre (centres tile the recording), where the
-   segmentation model has context on both sides. Measured: DER as good as whole chunks on short
-   recordings and better on long ones (0.184 against 0.233 over 10 min), where a 3 s cap or
-   centres alone lost up to 0.37 on pyannote's sample (tuning notes in docs/models.md).
+2. **At most one step per (chunk, speaker)**, the speaker's frames nearest the chunk's middle
+   (2.5 s at the default step of 2.5 s, never under ``MIN_ROW_FRAMES``). Chunks overlap (a 10 s
+   window every 2.5 s at step 0.25), so embedding each local speaker over its whole chunk would
+   embed every second of speech four times; the frames nearest the middle cover the speaker's
+   share of the chunk's own centre (centres tile the recording), where the segmentation model
+   has context on both sides. Measured (docs/models.md): at step 0.5, 5 s rows gave DER 0.184
+   on a 10 min meeting against 0.233 for whole chunks; at step 0.25, 2.5 s rows embed about as
+   many frames as step 0.5 did and took the four-talker conversations from 0.259 to 0.18,
+   where 5 s rows at step 0.25 (twice the frames) reached only 0.21.
 3. **Overlap left out**, as pyannote's ``embedding_exclude_overlap``: frames where another local
    speaker is active are dropped when enough clean frames remain.
 4. **Batched by length.** CAM++ pools over its whole input in every CAM layer, so rows cannot be
@@ -34,9 +36,9 @@ import torch
 from engine.lanes import Lanes
 from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
 
-# a speaker's embedding in a chunk uses at most this many of its frames (10 ms each) there: those
-# nearest the chunk's middle
-ROW_FRAMES = 500
+# a speaker's embedding in a chunk uses at most one step's worth of its frames (10 ms each) there,
+# those nearest the chunk's middle, and never fewer than this (shorter rows embed worse)
+MIN_ROW_FRAMES = 250
 # the longest row in a batch is at most this much longer than the shortest (which all are cut to)
 BUCKET_RATIO = 1.1
 
@@ -59,11 +61,12 @@ def select_frames(
     chunk_frames: int,
     exclude_overlap: bool,
     min_clean_frames: int,
+    row_frames: int,
 ) -> list[tuple[int, int, np.ndarray]]:
     """Which fbank frames (relative to its chunk) embed each (chunk, speaker).
 
     ``binary`` is the (chunks, segmentation frames, speakers) binarized segmentation. Returns
-    ``(chunk, speaker, frame indices)`` for the rows to embed.
+    ``(chunk, speaker, frame indices)`` for the rows to embed, each at most ``row_frames`` long.
     """
     num_chunks, seg_frames, num_speakers = binary.shape
     # segmentation frame of each fbank frame: nearest, as torch's interpolate(mode="nearest")
@@ -80,8 +83,8 @@ def select_frames(
             frames = np.flatnonzero(masks[c, :, s])
             if frames.size < MIN_FRAMES:
                 continue
-            if frames.size > ROW_FRAMES:
-                nearest = np.argsort(np.abs(frames - middle), kind="stable")[:ROW_FRAMES]
+            if frames.size > row_frames:
+                nearest = np.argsort(np.abs(frames - middle), kind="stable")[:row_frames]
                 frames = np.sort(frames[nearest])
             rows.append((c, s, frames))
     return rows
@@ -128,7 +131,8 @@ def chunk_embeddings(
     chunk_frames = model.num_frames(int(round(chunk_duration_s * rate)))
     step_frames = int(round(chunk_step_s * rate / FRAME_SHIFT))
     # 20 % of the chunk clean: below that pyannote embeds the speaker's overlapped frames too
-    rows = select_frames(binary, chunk_frames, exclude_overlap, min_clean_frames=MIN_FRAMES)
+    rows = select_frames(binary, chunk_frames, exclude_overlap, min_clean_frames=MIN_FRAMES,
+                         row_frames=max(MIN_ROW_FRAMES, step_frames))
     out = np.full((num_chunks, num_speakers, model.dimension), np.nan, dtype=np.float32)
     groups = range(0, num_chunks, budget.group_chunks)
     for done, first in enumerate(groups, 1):

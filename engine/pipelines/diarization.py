@@ -21,9 +21,9 @@ from shared.settings import Settings
 ProgressCallback = Callable[[str, float], None]
 
 # the pipeline's own steps, in order, with their share of the wall time on CPU (measured on
-# 5 min of speech at step 0.5 with the batched CAM++: segmentation about 45 %, embeddings about
-# 53 %, the rest under 2 %); used to turn per-step progress into one overall fraction
-_STEP_WEIGHTS = {"segmentation": 0.45, "speaker_counting": 0.01, "embeddings": 0.53, "discrete_diarization": 0.01}
+# 10 min of speech at step 0.25 in lanes: segmentation 8.9 s, embeddings 15.1 s, the rest under
+# 1 s); used to turn per-step progress into one overall fraction
+_STEP_WEIGHTS = {"segmentation": 0.37, "speaker_counting": 0.01, "embeddings": 0.61, "discrete_diarization": 0.01}
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
         budget=budget_for(device),
         lanes=lanes,
         distinct_distance=settings.clustering_distinct_distance,
+        min_cluster_share=settings.clustering_min_cluster_share,
     )
     pipeline.instantiate(
         {
