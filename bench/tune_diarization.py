@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--steps", type=float, nargs="+", default=[defaults.segmentation_step])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.55, 0.6, 0.65, 0.7])
     parser.add_argument("--min-cluster-sizes", type=int, nargs="+", default=[defaults.clustering_min_cluster_size])
+    parser.add_argument("--min-cluster-shares", type=float, nargs="+", default=[defaults.clustering_min_cluster_share],
+                        help="a cluster holding less than this share of the embeddings is small too")
+    parser.add_argument("--distinct-distances", type=float, nargs="+", default=[defaults.clustering_distinct_distance],
+                        help="a small cluster farther than this from every speaker stays a speaker (engine.pipelines.embedded)")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
@@ -70,8 +74,8 @@ def main() -> None:
     data = list(recordings(args.conversations, args.many, args.long_minutes))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
-    print("step  mcs  thr    DER sample  conv mean  conv max  many mean  many max  long    count err  "
-          "speakers found (conv | many)  s per audio min")
+    print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "
+          "speakers found (conv | many | long)  s per audio min")
     for step in args.steps:
         pipeline = build_embedded_pipeline(Settings(segmentation_step=step))
         pipeline.training = True  # keep segmentation + embeddings per file across trials
@@ -80,10 +84,14 @@ def main() -> None:
             for name, s, _ in data
         ]
         first_pass_s = None
-        for mcs, threshold in ((m, t) for m in args.min_cluster_sizes for t in args.thresholds):
+        trials = ((m, t, d, sh) for m in args.min_cluster_sizes for t in args.thresholds
+                  for d in args.distinct_distances for sh in args.min_cluster_shares)
+        for mcs, threshold, distinct, share in trials:
             params = pipeline.parameters(instantiated=True)
             params["clustering"].update(threshold=threshold, min_cluster_size=mcs)
             pipeline.instantiate(params)
+            pipeline.clustering.distinct_distance = distinct
+            pipeline.clustering.min_cluster_share = share
             started = time.perf_counter()
             ders, found, count_err = {}, {}, []
             with torch.inference_mode():
@@ -102,9 +110,9 @@ def main() -> None:
 
             conv, many = pick("conv"), pick("many")
             counts = " ".join(v for k, v in found.items() if k.startswith("conv")) + " | " + " ".join(
-                v for k, v in found.items() if k.startswith("many"))
+                v for k, v in found.items() if k.startswith("many")) + " | " + found.get("long", "-")
             print(
-                f"{step:<5} {mcs:<4} {threshold:<6} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
+                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
                 f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}",
                 flush=True,
