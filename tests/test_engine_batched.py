@@ -96,7 +96,7 @@ def test_rows_are_the_frames_nearest_the_middle_up_to_the_row_length():
     assert len(early) == 250 and early.max() < 302  # the 2.5 s of its 3 s nearest the middle
 
 
-def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus):
+def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus, monkeypatch):
     """At the default step (2.5 s) a row holds at most 2.5 s: the chunks' centres tile the
     recording, so the frames embedded stay about those of the speech, however many chunks overlap."""
     from engine.core import Engine
@@ -114,16 +114,13 @@ def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus):
         seen.extend(len(frames) for _, _, frames in rows)
         return rows
 
+    monkeypatch.setattr(ce, "select_frames", spy)
     with torch.inference_mode():
         segmentation = pipeline.get_segmentations(file)
         window = segmentation.sliding_window
         assert window.step == pytest.approx(2.5)
-        ce.select_frames = spy
-        try:
-            ce.chunk_embeddings(campplus, file["waveform"][0], segmentation.data, window.start, window.step,
-                                window.duration)
-        finally:
-            ce.select_frames = select
+        ce.chunk_embeddings(campplus, file["waveform"][0], segmentation.data, window.start, window.step,
+                            window.duration)
     assert max(seen) == 250
     # 24.4 s of speaker speech in the sample (its reference), each second of it in four chunks:
     # whole chunks would embed about 4 x 24.4 s, rows of one step 41.3 s (short turns near a
@@ -188,6 +185,23 @@ def test_exact_count_clustering_returns_the_count_asked_for():
     assert len(np.unique(clustering.cluster(points.copy(), num_clusters=5))) == 5
     assert len(np.unique(clustering.cluster(points.copy(), min_clusters=4, max_clusters=6))) == 4
     assert len(np.unique(clustering.cluster(points.copy(), max_clusters=2))) == 2
+
+
+def test_a_forced_count_does_not_outlive_its_job():
+    """Reconstruction reads the count the clustering was held to; a later job that pyannote
+    clusters without ``cluster`` (one speaker allowed) must not see the previous job's count."""
+    from engine.pipelines.embedded import ExactCountClustering
+    from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+    rng = np.random.default_rng(3)
+    embeddings = rng.standard_normal((30, 1, 16))
+    segmentation = SlidingWindowFeature(np.ones((30, 10, 1)), SlidingWindow(start=0, duration=10, step=2.5))
+    clustering = ExactCountClustering(metric="cosine")
+    clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+    clustering(embeddings, segmentations=segmentation, num_clusters=5, min_clusters=5, max_clusters=5)
+    assert clustering.forced_count == 5
+    clustering(embeddings, segmentations=segmentation, num_clusters=1, min_clusters=1, max_clusters=1)
+    assert clustering.forced_count is None
 
 
 def test_a_small_cluster_unlike_every_speaker_is_a_speaker_of_its_own():

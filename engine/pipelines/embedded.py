@@ -130,7 +130,6 @@ class ExactCountClustering(AgglomerativeClustering):
 
     def cluster(self, embeddings, min_clusters=None, max_clusters=None, num_clusters=None):
         n = embeddings.shape[0]
-        self.forced_count = None
         if n == 1:
             return np.zeros((1,), dtype=np.int64)
         min_size = min(max(self.min_cluster_size, int(np.ceil(self.min_cluster_share * n))), max(1, round(0.1 * n)))
@@ -154,6 +153,9 @@ class ExactCountClustering(AgglomerativeClustering):
         return _fold_into(unit, clusters, keep, self.metric)
 
     def __call__(self, embeddings, segmentations=None, **kwargs):
+        # here, not in ``cluster``: pyannote skips ``cluster`` when at most one speaker is allowed,
+        # and the previous job's forced count must not reach this job's reconstruction
+        self.forced_count = None
         hard, soft, centroids = super().__call__(embeddings, segmentations=segmentations, **kwargs)
         if segmentations is not None:
             _inherit_from_neighbours(hard, embeddings, segmentations)
