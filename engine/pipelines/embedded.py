@@ -12,8 +12,9 @@
   of being folded in (a minor talker). Speakers too short to embed inherit
   the cluster of the local speaker they continue in the neighbouring chunk instead of cluster 0.
 
-Segmentation, speaker counting and reconstruction are pyannote's own. On the CPU, segmentation's
-batches and CAM++'s run in single-threaded lanes side by side (``engine.lanes``).
+Segmentation, speaker counting and reconstruction are pyannote's own, except that consecutive chunks
+of a segmentation batch share SincNet's first convolution (``engine.models.sincnet``). On the CPU,
+segmentation's batches and CAM++'s run in single-threaded lanes side by side (``engine.lanes``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from scipy.spatial.distance import cdist
 from engine import runtime
 from engine.lanes import Lanes
 from engine.models.loading import unused_plda
+from engine.models.sincnet import share_first_convolution
 from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
 
@@ -51,6 +53,12 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         self.lanes = lanes or Lanes(1)
         self.lanes.split_batches(self._segmentation.model)
         _float32_input(self._segmentation.model)
+        # consecutive chunks of a batch share SincNet's first convolution (engine/models/sincnet.py);
+        # pyannote slides the model every ``step`` seconds
+        sincnet = getattr(self._segmentation.model, "sincnet", None)
+        if sincnet is not None:
+            rate = int(self._segmentation.model.hparams.sample_rate)
+            share_first_convolution(sincnet, int(round(self._segmentation.step * rate)))
 
     # it takes the recording as stored (float16, engine.audio.STORAGE_DTYPE): segmentation's
     # batches and the embeddings' fbank blocks are made float32 one at a time
