@@ -301,3 +301,47 @@ def test_cli_stdout_is_only_json_when_the_count_is_forced(tmp_path):
     assert proc.returncode == 0, proc.stderr
     body = json.loads(proc.stdout)  # nothing but the JSON
     assert body["segments_count"] == len(body["diarization_results"]) > 0
+
+
+def test_a_turn_that_every_overlapping_chunk_selects_is_embedded_once():
+    """Rows (chunk, speaker, frames in the chunk) at a step of 250 frames in 998-frame chunks."""
+    turn = np.arange(2600, 2800)  # 2 s of one talker, in the recording's frames
+    rows = [(c, 0, turn - 250 * c) for c in range(8, 12)]  # the four chunks that hold it whole
+    rows.append((9, 1, np.arange(100, 400)))  # another talker in one of them
+    rows.append((12, 0, np.concatenate([turn[40:], np.arange(2800, 2830)]) - 3000))  # 30 % new
+    rows.sort(key=lambda r: r[0])
+    same = ce.same_rows(rows, step_frames=250, chunk_frames=998, min_jaccard=0.9)
+    chunks_of = {i: (rows[i][0], rows[i][1]) for i in range(len(rows))}
+    assert {chunks_of[i]: chunks_of[j] for i, j in same.items()} == {(9, 0): (8, 0), (10, 0): (8, 0),
+                                                                      (11, 0): (8, 0)}
+    # chunks a whole window apart never share, whatever their frames
+    far = [(0, 0, np.arange(500, 700)), (4, 0, np.arange(500, 700) - 1000)]
+    assert ce.same_rows(far, step_frames=250, chunk_frames=998, min_jaccard=0.9) == {}
+
+
+def test_rows_embedded_once_say_what_they_say_when_each_is_embedded(campplus, monkeypatch):
+    """pyannote's sample with and without sharing: a row that takes another's embedding is close to
+    its own (the sample's turns are long, so one row of 17 is shared; a meeting's short turns share
+    more)."""
+    from engine.core import Engine
+
+    pipeline = Engine().diarizer.pipeline
+    samples = load_audio(pyannote_sample()[0]).float32()
+    file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": 16000}
+    embedded = []
+    embed_rows = ce._embed_rows
+    monkeypatch.setattr(ce, "_embed_rows", lambda *a: embedded.append(len(a[2])) or embed_rows(*a))
+    with torch.inference_mode():
+        segmentation = pipeline.get_segmentations(file)
+        window = segmentation.sliding_window
+        args = (campplus, file["waveform"][0], segmentation.data, window.start, window.step, window.duration)
+        monkeypatch.setattr(ce, "SAME_ROW_JACCARD", None)
+        each = ce.chunk_embeddings(*args)
+        monkeypatch.setattr(ce, "SAME_ROW_JACCARD", 0.9)
+        once = ce.chunk_embeddings(*args)
+    assert embedded[1] < embedded[0]  # fewer rows went through CAM++
+    rows = ~np.isnan(each).any(axis=2)
+    assert np.array_equal(rows, ~np.isnan(once).any(axis=2))
+    a, b = each[rows], once[rows]
+    cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.95, cosine  # measured 0.978: a row's frames are 90 %+ those embedded

@@ -21,6 +21,11 @@ each recomputing the fbank of its whole chunk. Here instead:
 4. **Batched by length.** CAM++ pools over its whole input in every CAM layer, so rows cannot be
    zero-padded. Rows are sorted by length and batched with others at most 10 % longer, each
    cropped (around its middle) to the shortest in its batch.
+5. **Same speech embedded once.** A short turn lies wholly in the middle of every chunk that holds
+   it, so those chunks select the same frames for it; a row whose frames are 90 % those of a row
+   of an overlapping chunk (Jaccard index) takes that row's embedding. 11 % fewer frames through
+   CAM++ on a 10 min meeting (embeddings 12.9 -> 11.5 s); tuning sets' DER unchanged
+   (conversations 0.183 -> 0.181, many-talker 0.274 -> 0.275, 10 min meeting 0.157).
 
 Rows with fewer than ``MIN_FRAMES`` frames get NaN, which pyannote's clustering leaves out.
 """
@@ -42,6 +47,9 @@ from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPl
 MIN_ROW_FRAMES = 250
 # the longest row in a batch is at most this much longer than the shortest (which all are cut to)
 BUCKET_RATIO = 1.1
+# a row whose frames (in the recording) are nearly those of a row already embedded in an
+# overlapping chunk takes that row's embedding (Jaccard index of the two frame sets); None: never
+SAME_ROW_JACCARD: float | None = 0.9
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,41 @@ def select_frames(
     return rows
 
 
+def same_rows(rows: list[tuple[int, int, np.ndarray]], step_frames: int, chunk_frames: int,
+              min_jaccard: float) -> dict[int, int]:
+    """``{row: earlier row}`` for rows that would embed nearly the same speech as an earlier row.
+
+    A short turn lies in every chunk that overlaps it (four at step 0.25) and is wholly in each
+    one's middle step, so each of those chunks selects the same frames of the recording for it:
+    embedding them once is the same answer for a quarter of the work. Frames are compared in the
+    recording's frame index; rows ``(chunk, speaker, frames)`` are in chunk order.
+    """
+    spans = [(c * step_frames + f[0], c * step_frames + f[-1]) for c, _, f in rows]
+    same: dict[int, int] = {}
+    kept: list[int] = []  # rows embedded, in order; candidates are those of overlapping chunks
+    for i, (c, _, frames) in enumerate(rows):
+        start, end = spans[i]
+        found = None
+        for j in reversed(kept):
+            cj, _, other = rows[j]
+            if (c - cj) * step_frames >= chunk_frames:
+                break
+            if cj == c or spans[j][1] < start or spans[j][0] > end:
+                continue
+            small, large = sorted((len(frames), len(other)))
+            if small < min_jaccard * large:
+                continue
+            common = np.intersect1d(c * step_frames + frames, cj * step_frames + other, assume_unique=True).size
+            if common >= min_jaccard * (len(frames) + len(other) - common):
+                found = j
+                break
+        if found is None:
+            kept.append(i)
+        else:
+            same[i] = found
+    return same
+
+
 def length_batches(lengths: np.ndarray, batch_frames: int) -> list[np.ndarray]:
     """Row indices grouped so that within a group the longest is at most BUCKET_RATIO x shortest."""
     order = np.argsort(-lengths, kind="stable")
@@ -134,11 +177,12 @@ def chunk_embeddings(
     # 20 % of the chunk clean: below that pyannote embeds the speaker's overlapped frames too
     rows = select_frames(binary, chunk_frames, exclude_overlap, min_clean_frames=MIN_FRAMES,
                          row_frames=max(MIN_ROW_FRAMES, step_frames))
+    same = {} if SAME_ROW_JACCARD is None else same_rows(rows, step_frames, chunk_frames, SAME_ROW_JACCARD)
     out = np.full((num_chunks, num_speakers, model.dimension), np.nan, dtype=np.float32)
     groups = range(0, num_chunks, budget.group_chunks)
     for done, first in enumerate(groups, 1):
         last = min(num_chunks, first + budget.group_chunks)
-        group = [r for r in rows if first <= r[0] < last]
+        group = [r for i, r in enumerate(rows) if first <= r[0] < last and i not in same]
         if group:
             # fbank of the span these chunks cover, in frames from the span's first frame
             start_frame = int(round(chunk_start_s * rate / FRAME_SHIFT)) + first * step_frames
@@ -154,6 +198,8 @@ def chunk_embeddings(
             runtime.release_memory()
         if progress is not None:
             progress(done, len(groups))
+    for i, j in sorted(same.items()):  # in order: a row's original comes before it
+        out[rows[i][0], rows[i][1]] = out[rows[j][0], rows[j][1]]
     return out
 
 
