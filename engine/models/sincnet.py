@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 
+_GPU_PART = 32
+
+
 def share_first_convolution(sincnet: torch.nn.Module, hop_samples: int) -> None:
     """Make ``sincnet(x)`` compute its first convolution once per batch of consecutive chunks.
 
@@ -64,8 +67,9 @@ def share_first_convolution(sincnet: torch.nn.Module, hop_samples: int) -> None:
         gain = filters.sum(dim=-1)[:, 0]  # (80,) response of each filter to a constant
         views = raw.unfold(1, frames, hop_frames).transpose(0, 1)  # (batch, 80, frames), a view
         # the CPU takes the layers after it one chunk at a time, while its activations (80 x 16k
-        # floats) are in cache; a GPU wants the whole batch
-        per_chunk = 1 if waveforms.device.type == "cpu" else batch
+        # floats, 5 MB) are in cache; a GPU takes parts of 32 chunks (160 MB per intermediate,
+        # where pyannote's forward held 1.3 GB for the first layer's output of a 256-chunk batch)
+        per_chunk = 1 if waveforms.device.type == "cpu" else _GPU_PART
         outputs = []
         for first in range(0, batch, per_chunk):
             part = slice(first, first + per_chunk)
