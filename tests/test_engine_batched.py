@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from engine.audio import Audio, load_audio
-from evaluation.speech import librispeech_clips, load_reference, many_talker_conversation, pyannote_sample
+from evaluation.speech import (
+    librispeech_clips,
+    load_reference,
+    many_talker_conversation,
+    multi_speaker_conversation,
+    pyannote_sample,
+)
 from engine.models.campplus import CAMPPlusEmbedding
 from engine.pipelines import chunk_embeddings as ce
 
@@ -105,7 +111,7 @@ def test_rows_are_the_frames_nearest_the_middle_up_to_the_row_length():
 
 
 def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus, monkeypatch):
-    """At the default step (2.5 s) a row holds at most 2.5 s: the chunks' centres tile the
+    """At the default step (2.5 s) a row holds at most 2 s: the chunks' centres tile the
     recording, so the frames embedded stay about those of the speech, however many chunks overlap."""
     from engine.core import Engine
 
@@ -129,10 +135,10 @@ def test_rows_follow_the_step_so_each_second_is_embedded_about_once(campplus, mo
         assert window.step == pytest.approx(2.5)
         ce.chunk_embeddings(campplus, file["waveform"][0], segmentation.data, window.start, window.step,
                             window.duration)
-    assert max(seen) == 250
+    assert max(seen) == 200
     # 24.4 s of speaker speech in the sample (its reference), each second of it in four chunks:
-    # whole chunks would embed about 4 x 24.4 s, rows of one step 41.3 s (short turns near a
-    # chunk's edge are a neighbour's nearest frames too)
+    # whole chunks would embed about 4 x 24.4 s, rows of 2 s 33.7 s (short turns near a chunk's
+    # edge are a neighbour's nearest frames too)
     speech = sum(reference.label_duration(label) for label in reference.labels())
     assert speech * 100 < sum(seen) < 2 * speech * 100, (sum(seen), speech)
 
@@ -328,13 +334,12 @@ def test_a_turn_that_every_overlapping_chunk_selects_is_embedded_once():
 
 
 def test_rows_embedded_once_say_what_they_say_when_each_is_embedded(campplus, monkeypatch):
-    """pyannote's sample with and without sharing: a row that takes another's embedding is close to
-    its own (the sample's turns are long, so one row of 17 is shared; a meeting's short turns share
-    more)."""
+    """A four-talker conversation with and without sharing: a row that takes another's embedding is
+    close to its own."""
     from engine.core import Engine
 
     pipeline = Engine().diarizer.pipeline
-    samples = load_audio(pyannote_sample()[0]).float32()
+    samples, _ = multi_speaker_conversation(seed=0)
     file = {"waveform": torch.from_numpy(samples)[None], "sample_rate": 16000}
     embedded = []
     embed_rows = ce._embed_rows
@@ -343,13 +348,16 @@ def test_rows_embedded_once_say_what_they_say_when_each_is_embedded(campplus, mo
         segmentation = pipeline.get_segmentations(file)
         window = segmentation.sliding_window
         args = (campplus, file["waveform"][0], segmentation.data, window.start, window.step, window.duration)
+        alone = ce.EmbeddingBudget(batch_frames=1)  # no batch crops rows: only sharing differs
         monkeypatch.setattr(ce, "SAME_ROW_JACCARD", None)
-        each = ce.chunk_embeddings(*args)
+        each = ce.chunk_embeddings(*args, budget=alone)
         monkeypatch.setattr(ce, "SAME_ROW_JACCARD", 0.9)
-        once = ce.chunk_embeddings(*args)
+        once = ce.chunk_embeddings(*args, budget=alone)
     assert embedded[1] < embedded[0]  # fewer rows went through CAM++
     rows = ~np.isnan(each).any(axis=2)
     assert np.array_equal(rows, ~np.isnan(once).any(axis=2))
     a, b = each[rows], once[rows]
     cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() > 0.95, cosine  # measured 0.978: a row's frames are 90 %+ those embedded
+    # a shared row's frames are 90 %+ those embedded (0.94 measured at the lowest); another
+    # speaker's row would be near 0.1-0.5
+    assert cosine.min() > 0.9, cosine

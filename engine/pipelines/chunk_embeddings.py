@@ -7,15 +7,17 @@ each recomputing the fbank of its whole chunk. Here instead:
 1. **fbank once.** Kaldi frames are local (``CAMPPlusEmbedding.fbank_frames``), so the fbank of a
    chunk is a slice of the fbank of the recording. It is computed once per group of chunks, on
    the model's device, which bounds memory whatever the recording's length.
-2. **At most one step per (chunk, speaker)**, the speaker's frames nearest the chunk's middle
-   (2.5 s at the default step of 2.5 s, never under ``MIN_ROW_FRAMES``). Chunks overlap (a 10 s
+2. **At most 0.8 of a step per (chunk, speaker)**, the speaker's frames nearest the chunk's middle
+   (2 s at the default step of 2.5 s, never under ``MIN_ROW_FRAMES``). Chunks overlap (a 10 s
    window every 2.5 s at step 0.25), so embedding each local speaker over its whole chunk would
    embed every second of speech four times; the frames nearest the middle cover the speaker's
    share of the chunk's own centre (centres tile the recording), where the segmentation model
    has context on both sides. Measured (docs/models.md): at step 0.5, 5 s rows gave DER 0.184
    on a 10 min meeting against 0.233 for whole chunks; at step 0.25, 2.5 s rows embed about as
    many frames as step 0.5 did and took the four-talker conversations from 0.259 to 0.18,
-   where 5 s rows at step 0.25 (twice the frames) reached only 0.21.
+   where 5 s rows at step 0.25 (twice the frames) reached only 0.21; 2 s rows then took them
+   to 0.167, the many-talker ones from 0.275 to 0.262 and the 10 min meeting from 0.157 to
+   0.128 (1.6 s rows lost it all again).
 3. **Overlap left out**, as pyannote's ``embedding_exclude_overlap``: frames where another local
    speaker is active are dropped when enough clean frames remain.
 4. **Batched by length.** CAM++ pools over its whole input in every CAM layer, so rows cannot be
@@ -42,9 +44,13 @@ from engine import runtime
 from engine.lanes import Lanes
 from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
 
-# a speaker's embedding in a chunk uses at most one step's worth of its frames (10 ms each) there,
-# those nearest the chunk's middle, and never fewer than this (shorter rows embed worse)
-MIN_ROW_FRAMES = 250
+# a speaker's embedding in a chunk uses at most this share of a step's worth of its frames (10 ms
+# each) there, those nearest the chunk's middle, and never fewer than MIN_ROW_FRAMES (shorter
+# rows embed worse). Swept at step 0.25 (docs/models.md): 1.6 s rows, 1.8, 2.0, 2.25 and 2.5 s
+# gave the four-talker conversations 0.190, 0.159, 0.167, 0.167, 0.181 and the many-talker ones
+# 0.301, 0.270, 0.262, 0.269, 0.275
+ROW_STEP_SHARE = 0.8
+MIN_ROW_FRAMES = 200
 # the longest row in a batch is at most this much longer than the shortest (which all are cut to)
 BUCKET_RATIO = 1.1
 # a row whose frames (in the recording) are nearly those of a row already embedded in an
@@ -176,7 +182,7 @@ def chunk_embeddings(
     step_frames = int(round(chunk_step_s * rate / FRAME_SHIFT))
     # 20 % of the chunk clean: below that pyannote embeds the speaker's overlapped frames too
     rows = select_frames(binary, chunk_frames, exclude_overlap, min_clean_frames=MIN_FRAMES,
-                         row_frames=max(MIN_ROW_FRAMES, step_frames))
+                         row_frames=max(MIN_ROW_FRAMES, round(ROW_STEP_SHARE * step_frames)))
     same = {} if SAME_ROW_JACCARD is None else same_rows(rows, step_frames, chunk_frames, SAME_ROW_JACCARD)
     out = np.full((num_chunks, num_speakers, model.dimension), np.nan, dtype=np.float32)
     groups = range(0, num_chunks, budget.group_chunks)
