@@ -248,6 +248,27 @@ def test_a_small_cluster_unlike_every_speaker_is_a_speaker_of_its_own():
     assert len(np.unique(speakers(0.55, max_clusters=3))) == 3
 
 
+def test_a_lone_odd_embedding_is_a_speaker_in_a_short_recording_but_not_in_a_long_one():
+    """One embedding unlike every talker: in a minute of speech it may be a minor talker; among
+    the 2,000+ embeddings of an hour it is one chunk's odd moment (the hour had four of them, each
+    an extra speaker of 2-6 s)."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(2)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0][:4]
+
+    def speakers(per_talker: int) -> int:
+        talkers = np.vstack([c + 0.05 * rng.standard_normal((per_talker, 32)) for c in basis[:3]])
+        points = np.vstack([talkers, basis[3][None]])
+        clustering = ExactCountClustering(metric="cosine")
+        clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+        clustering.distinct_distance = 0.55
+        return len(np.unique(clustering.cluster(points)))
+
+    assert speakers(20) == 4  # 61 embeddings: about a minute at step 0.25
+    assert speakers(700) == 3  # 2,101 embeddings: about an hour
+
+
 def test_long_recordings_cluster_a_bounded_subset_and_assign_every_embedding():
     """Past ``max_train`` embeddings the dendrogram is built on an evenly spaced subset (centroid
     linkage holds every pairwise distance); every embedding still gets the cluster of its talker."""

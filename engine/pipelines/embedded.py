@@ -202,6 +202,10 @@ def _centroids(unit: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np
     return np.vstack([unit[clusters == k].mean(axis=0) for k in labels])
 
 
+# share of the embeddings a small cluster needs to stay a speaker of its own (see _keep_distinct)
+DISTINCT_MIN_SHARE = 0.001
+
+
 def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str, distance: float,
                    max_clusters: int | None) -> np.ndarray:
     """``keep`` plus the small clusters unlike every kept one (centroid distance above ``distance``),
@@ -214,6 +218,12 @@ def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, met
     1.50 -> 0.38 and DER 0.338 -> 0.305, with the four-talker sets and the hour unchanged.
     """
     small = np.setdiff1d(np.unique(clusters), keep)
+    # odd moments (one chunk's embedding unlike everyone) come at a rate per embedding, so a long
+    # recording needs more support for a speaker of its own: the hour (2,200 embeddings) had 4
+    # singletons kept as 4 extra speakers of 2-6 s, while in 1-2 min conversations a singleton
+    # is as often a minor talker (requiring two everywhere: many-talker count error 0.38 -> 0.50)
+    support = max(1, int(np.ceil(DISTINCT_MIN_SHARE * len(clusters))))
+    small = small[np.bincount(clusters)[small] >= support]
     if len(keep) == 0 or len(small) == 0:
         return keep
     nearest = cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric).min(axis=0)
