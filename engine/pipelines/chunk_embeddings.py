@@ -114,22 +114,22 @@ def same_rows(rows: list[tuple[int, int, np.ndarray]], step_frames: int, chunk_f
     embedding them once is the same answer for a quarter of the work. Frames are compared in the
     recording's frame index; rows ``(chunk, speaker, frames)`` are in chunk order.
     """
-    spans = [(c * step_frames + f[0], c * step_frames + f[-1]) for c, _, f in rows]
+    placed = [c * step_frames + frames for c, _, frames in rows]  # sorted, as the rows' frames
     same: dict[int, int] = {}
     kept: list[int] = []  # rows embedded, in order; candidates are those of overlapping chunks
-    for i, (c, _, frames) in enumerate(rows):
-        start, end = spans[i]
+    for i, (c, _, _) in enumerate(rows):
+        frames = placed[i]
         found = None
         for j in reversed(kept):
-            cj, _, other = rows[j]
+            cj, other = rows[j][0], placed[j]
             if (c - cj) * step_frames >= chunk_frames:
                 break
-            if cj == c or spans[j][1] < start or spans[j][0] > end:
+            if cj == c or other[-1] < frames[0] or other[0] > frames[-1]:
                 continue
             small, large = sorted((len(frames), len(other)))
             if small < min_jaccard * large:
                 continue
-            common = np.intersect1d(c * step_frames + frames, cj * step_frames + other, assume_unique=True).size
+            common = np.intersect1d(frames, other, assume_unique=True).size
             if common >= min_jaccard * (len(frames) + len(other) - common):
                 found = j
                 break
@@ -204,7 +204,7 @@ def chunk_embeddings(
             runtime.release_memory()
         if progress is not None:
             progress(done, len(groups))
-    for i, j in sorted(same.items()):  # in order: a row's original comes before it
+    for i, j in same.items():  # every original was embedded itself (same_rows never maps to a copy)
         out[rows[i][0], rows[i][1]] = out[rows[j][0], rows[j][1]]
     return out
 
