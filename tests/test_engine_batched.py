@@ -87,6 +87,32 @@ def test_fbank_of_a_stretch_is_a_slice_of_the_recordings(campplus):
     assert torch.allclose(stretch, whole[first : first + 500], atol=1e-3)
 
 
+def test_the_fbank_shared_out_over_lanes_is_the_whole_ones(campplus):
+    from engine.lanes import Lanes
+
+    # float16 as a worker stores it, and a length that is no whole number of frames
+    wav = torch.from_numpy(load_audio(pyannote_sample()[0]).float32()[: 16000 * 12 + 123]).half()
+    whole = campplus.fbank_frames(wav)
+    lanes = Lanes(3)
+    calls = []
+    fbank = campplus.fbank_frames
+
+    def counted(samples):
+        calls.append(samples.numel())
+        return fbank(samples)
+
+    with torch.inference_mode(), lanes.session():
+        campplus.fbank_frames = counted
+        try:
+            parts = ce._fbank(campplus, wav, lanes)
+        finally:
+            del campplus.fbank_frames
+    assert len(calls) == 3  # one part per lane, each about a third
+    assert max(calls) < 0.4 * wav.numel()
+    assert parts.shape == whole.shape
+    assert torch.equal(parts, whole)
+
+
 def test_length_batches_keep_rows_of_similar_length_and_the_frame_budget():
     lengths = np.array([30, 500, 480, 470, 100, 95, 26, 499, 250])
     batches = ce.length_batches(lengths, batch_frames=1000)

@@ -195,7 +195,7 @@ def chunk_embeddings(
             end_frame = start_frame + (last - 1 - first) * step_frames + chunk_frames
             a = max(0, start_frame * FRAME_SHIFT)
             b = min(waveform.numel(), (end_frame - 1) * FRAME_SHIFT + FRAME_LENGTH)
-            feats = model.fbank_frames(waveform[a:b].to(device))
+            feats = _fbank(model, waveform[a:b].to(device), lanes)
             offset = a // FRAME_SHIFT - start_frame  # 0 unless the span started before sample 0
             _embed_rows(model, feats, group, first, step_frames, offset, out, budget.batch_frames, lanes)
             del feats
@@ -207,6 +207,19 @@ def chunk_embeddings(
     for i, j in same.items():  # every original was embedded itself (same_rows never maps to a copy)
         out[rows[i][0], rows[i][1]] = out[rows[j][0], rows[j][1]]
     return out
+
+
+def _fbank(model: CAMPPlusEmbedding, samples: torch.Tensor, lanes: Lanes) -> torch.Tensor:
+    """``model.fbank_frames(samples)``, its frames shared out over the lanes (each frame is its
+    own 25 ms of samples, so the parts are exact slices); one lane computes it whole. Serial,
+    it left a core idle for 2.2 s of the hour on the 2-core host."""
+    total = model.num_frames(samples.numel())
+    if lanes.count == 1 or total < 2 * lanes.count:
+        return model.fbank_frames(samples)
+    bounds = np.linspace(0, total, lanes.count + 1).round().astype(int)
+    parts = [samples[first * FRAME_SHIFT : (last - 1) * FRAME_SHIFT + FRAME_LENGTH]
+             for first, last in zip(bounds[:-1], bounds[1:]) if last > first]
+    return torch.cat(lanes.map(model.fbank_frames, parts))
 
 
 def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_frames, lanes: Lanes) -> None:
