@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,38 +22,54 @@ from engine import runtime
 import torch
 
 
-def resident_kb():
+def private_clean_kb():
+    # pages only this process maps: the kernel reclaims those; a page another process maps
+    # too (a second worker on the host, the rest of a test suite) is left, and counted once
     total, gpu = 0, False
     for line in open("/proc/self/smaps"):
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
             gpu = len(fields) > 5 and runtime._is_gpu_library(fields[5])
-        elif fields[0] == "Rss:" and gpu:
+        elif fields[0] == "Private_Clean:" and gpu:
             total += int(fields[1])
     return total
 
 
-before = resident_kb()
 from engine.core import Engine
 from shared.settings import Settings
 
+advised = []
+drop = runtime.drop_gpu_libraries
+runtime.drop_gpu_libraries = lambda: advised.append(drop()) or advised[-1]
+before = private_clean_kb()
 Engine(Settings(device="cpu"))
-after = resident_kb()
+after = private_clean_kb()
 # the CPU path still works once those pages are gone
 x = torch.randn(64, 64)
 ok = bool(torch.allclose(torch.linalg.inv(x) @ x, torch.eye(64), atol=1e-3))
-print(json.dumps({"before_kb": before, "after_kb": after, "cpu_ok": ok}))
+print(json.dumps({"before_kb": before, "after_kb": after, "cpu_ok": ok, "advised": advised}))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT and /proc are Linux's")
+def _kernel_has_pageout() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
+    return (major, minor) >= (5, 4)
+
+
+@pytest.mark.skipif(not _kernel_has_pageout(), reason="MADV_PAGEOUT is Linux 5.4's; /proc is Linux's")
 def test_a_cpu_engine_hands_back_the_pages_of_cudas_libraries():
     out = subprocess.run([sys.executable, "-c", _PROBE, str(ROOT)], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    if figures["before_kb"] < 20 * 1024:
-        pytest.skip(f"this torch wheel left only {figures['before_kb']} kB of CUDA libraries resident")
-    # measured: 224 MB -> 14 MB on the 2-core AVX-512 host
-    assert figures["after_kb"] < 0.25 * figures["before_kb"], figures
+    # the engine asked once, and the kernel took the advice for each of the libraries' mappings
+    # (cuBLASLt, NVRTC, nvJitLink, Triton, ... have several each)
+    assert len(figures["advised"]) == 1 and figures["advised"][0] >= 10, figures
     assert figures["cpu_ok"]
+    # run alone, 224 MB of those libraries were resident -> 14 MB (2-core AVX-512 host). Inside
+    # the suite the test runner maps them too, and the kernel keeps a page another process maps:
+    # then only the probe's own pages, if any, must have gone
+    if figures["before_kb"] >= 256:
+        assert figures["after_kb"] < 0.25 * figures["before_kb"], figures
