@@ -104,3 +104,11 @@ def drop_gpu_libraries() -> int:
         if madvise(start, end - start, advice) == 0:
             advised += 1
     return advised
+
+
+def cpu_only(device_setting: str) -> bool:
+    """Whether a process configured with ``device_setting`` (``Settings.device``) will run on the
+    CPU, decided without touching CUDA (a prefork parent must not, its children fork from it):
+    "cpu", or "auto" on a host without NVIDIA's device node."""
+    setting = device_setting.strip().lower()
+    return setting == "cpu" or (setting == "auto" and not os.path.exists("/dev/nvidiactl"))

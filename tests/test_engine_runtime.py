@@ -73,3 +73,15 @@ def test_a_cpu_engine_hands_back_the_pages_of_cudas_libraries():
     # then only the probe's own pages, if any, must have gone
     if figures["before_kb"] >= 256:
         assert figures["after_kb"] < 0.25 * figures["before_kb"], figures
+
+
+def test_a_process_knows_it_runs_on_the_cpu_without_asking_cuda(monkeypatch):
+    from engine import runtime
+
+    monkeypatch.setattr(runtime.os.path, "exists", lambda path: path == "/dev/nvidiactl")
+    assert runtime.cpu_only("cpu") and runtime.cpu_only(" CPU ")
+    assert not runtime.cpu_only("auto")  # a GPU host: the pool process may well use it
+    assert not runtime.cpu_only("cuda:1")
+    monkeypatch.setattr(runtime.os.path, "exists", lambda path: False)
+    assert runtime.cpu_only("auto")  # no NVIDIA device node: nothing but the CPU is possible
+    assert not runtime.cpu_only("cuda")  # asked for: the engine's own check will say it is missing

@@ -149,6 +149,13 @@ def preimport(**_: Any) -> None:
     # starts with them; no model is built and CUDA is not touched here, so forking stays safe
     if settings.worker_load_models:
         import engine.core  # noqa: F401
+        from engine import runtime
+
+        # the pool process forks from here and would share these pages, which the kernel then
+        # keeps resident for both (engine.runtime: CUDA's libraries, about 220 MB a CPU worker
+        # never runs); handed back before the fork, neither holds them
+        if runtime.cpu_only(settings.device):
+            runtime.drop_gpu_libraries()
 
 
 @signals.worker_ready.connect
