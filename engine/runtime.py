@@ -20,11 +20,14 @@ a job, so a worker's RSS between jobs is what it holds (about 180 MB less after 
 
 **CUDA's libraries on a CPU worker.** torch's wheel links CUDA's libraries (cuBLASLt, NVRTC,
 nvJitLink, cuSPARSELt, Triton, ...), so ``import torch`` maps them even where there is no GPU, and
-the loader's relocation pass and the kernel's read-ahead leave much of them resident: 330 MB of
-a CPU worker's RSS on a 2-core AVX-512 host, in code a CPU process never runs.
+the loader's relocation pass and the kernel's read-ahead leave much of them resident: 224 MB of
+those libraries' pages on a 2-core AVX-512 host (RSS after the imports 960 -> 632 MB once handed
+back), in code a CPU process never runs.
 ``drop_gpu_libraries`` asks the kernel to reclaim those pages (``MADV_PAGEOUT``); they are clean
 file pages, so nothing is written anywhere, and a page that is ever touched again is simply read
-back. A CPU-only torch wheel would not map them at all; the project installs one wheel for both.
+back. The kernel keeps a page another process maps too, so a prefork parent hands them back
+before it forks (``worker/lifecycle.py``). A CPU-only torch wheel would not map them at all; the
+project installs one wheel for both.
 """
 
 from __future__ import annotations
