@@ -46,7 +46,7 @@ class Engine:
         self.profile = profile or PROFILES[self.settings.model_profile]
         if self.device.type == "cpu":
             # a CPU worker never runs CUDA's libraries, which torch's import left resident
-            # (engine.runtime: about 330 MB of RSS)
+            # (engine.runtime: 224 MB of their pages on the AVX-512 host)
             runtime.drop_gpu_libraries()
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)

@@ -42,14 +42,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 
 
-def _malloc_trim():
+def _libc_function(name: str, argtypes: list | None = None, restype=None):
+    """The C library's ``name`` (errno kept for ctypes.get_errno), or None where it has none."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): no such function
         return None
+    if argtypes is not None:
+        function.argtypes = argtypes
+    if restype is not None:
+        function.restype = restype
+    return function
 
 
-_TRIM = _malloc_trim()
+_TRIM = _libc_function("malloc_trim")
 
 
 def release_memory() -> None:
@@ -69,17 +75,6 @@ def _is_gpu_library(path: str) -> bool:
     return any(part in path for part in _GPU_LIBRARY_PARTS) or name.startswith(_GPU_LIBRARY_NAMES)
 
 
-def _madvise():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
 def drop_gpu_libraries() -> int:
     """Ask the kernel to reclaim the resident pages of CUDA's libraries; for CPU-only processes.
 
@@ -90,7 +85,7 @@ def drop_gpu_libraries() -> int:
         return 0
     # Linux's value (5.4+); Python's mmap module names it only when built against such headers
     advice = getattr(mmap, "MADV_PAGEOUT", 21)
-    madvise = _madvise()
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int)
     if madvise is None:
         return 0
     try:
