@@ -23,7 +23,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -53,27 +52,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS: VmHWM, the high-water mark of its memory map.
-
-    Not ``ru_maxrss``: Linux carries the largest RSS of the image a process replaced at exec into
-    it, and a spawned child is forked from this bench's parent before it execs, so ru_maxrss
-    reported the parent's RSS at the spawn (1466 MB for ours, whatever the engine did; the
-    child itself peaked at 1153 MB) whenever that was the larger."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: no exec carry-over known
-
-
 def _peaks(device: str) -> dict:
     import torch
 
-    out = {"peak_rss_mb": _peak_rss_mb()}
+    from worker.telemetry import peak_rss_bytes
+
+    # the child's own peak, as a worker reports each job's: its ru_maxrss would carry the RSS of
+    # the bench's parent it was forked from before exec (ours read 1466 MB in four runs whatever
+    # the engine did, while its own memory map peaked at 1130-1153 MB)
+    out = {"peak_rss_mb": peak_rss_bytes() / 2**20}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

@@ -87,7 +87,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM, the high-water mark of its own memory map (reset by
+    ``_reset_peak_rss``). Not ``ru_maxrss`` where there is a choice: Linux carries the RSS of the
+    image a process replaced at exec into it, so a spawned child's ru_maxrss can be its parent's."""
     try:
         with open(f"/proc/{os.getpid()}/status") as fh:
             for line in fh:
@@ -123,4 +126,4 @@ def job(device: str | None) -> Iterator[dict[str, float | None]]:
 
             peak["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         else:
-            peak["peak_memory_mb"] = round(_peak_rss_bytes() / 2**20, 1)
+            peak["peak_memory_mb"] = round(peak_rss_bytes() / 2**20, 1)
