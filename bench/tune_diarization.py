@@ -13,6 +13,10 @@ Recordings, all real speech with exact references:
 - a ``--long-minutes`` meeting of the four talkers (clustering behaves differently with many
   embeddings per speaker).
 
+``--condition room|phone|narrowband|noisy`` lays the conversations, the many-talker set and the
+meeting out in a reverberant room, through a telephone line, at 8 kHz or under noise
+(``evaluation.conditions``).
+
 DER: pyannote.metrics, collar 0, overlap included. "count err" is the mean absolute difference
 between found and true speaker counts over the many-talker set.
 
@@ -36,22 +40,24 @@ from evaluation.speech import (
     multi_speaker_conversation,
     pyannote_sample,
 )
+from evaluation.conditions import CONDITIONS, Condition
 from evaluation.longform import long_conversation
 from engine.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
-def recordings(conversations: int, many: int, long_minutes: float):
+def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None):
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).float32(), load_reference(rttm)
     for seed in range(conversations):
-        yield f"conv{seed}", *multi_speaker_conversation(seed=seed)
+        yield f"conv{seed}", *multi_speaker_conversation(seed=seed, condition=condition)
     clips = librispeech_clips() if many else []
     for seed in range(many):
         talkers = 5 + seed % 4
-        yield f"many{seed}", *many_talker_conversation(talkers, minor=1 + seed % 3, seed=100 + seed, clips=clips)
+        yield f"many{seed}", *many_talker_conversation(
+            talkers, minor=1 + seed % 3, seed=100 + seed, clips=clips, condition=condition)
     if long_minutes:
-        yield "long", *long_conversation(long_minutes)
+        yield "long", *long_conversation(long_minutes, condition=condition)
 
 
 def main() -> None:
@@ -69,9 +75,13 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
                         help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
+    parser.add_argument("--condition", choices=CONDITIONS, default="clean",
+                        help="the conversations as taken in a room, through a telephone line or under noise "
+                             "(evaluation.conditions); pyannote's sample stays as recorded")
     args = parser.parse_args()
 
-    data = list(recordings(args.conversations, args.many, args.long_minutes))
+    condition = None if args.condition == "clean" else Condition(args.condition)
+    data = list(recordings(args.conversations, args.many, args.long_minutes, condition))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "

@@ -10,11 +10,14 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
 from engine.audio import SAMPLE_RATE, load_audio
+
+if TYPE_CHECKING:
+    from evaluation.conditions import Condition
 
 
 @dataclass(frozen=True)
@@ -72,15 +75,21 @@ def build_conversation(
     overlap_probability: float = 0.15,
     overlap: tuple[float, float] = (0.2, 0.6),
     lead_in: float = 1.0,
+    condition: "Condition | None" = None,
 ):
     """Lay ``turns`` one after the other with pauses and occasional overlaps.
 
     Returns ``(samples, reference)``: float32 16 kHz mono audio and the pyannote ``Annotation``
-    of exactly what was laid down.
+    of exactly what was laid down. A ``condition`` (``evaluation.conditions``) puts each talker
+    in a room or the whole conversation through a line or under noise; turns stay where they
+    were laid, so the reference is the same.
     """
     from pyannote.core import Annotation, Segment
 
     rng = np.random.default_rng(seed)
+    if condition is not None:
+        talkers = condition.talkers([clip.speaker for clip in turns], seed)
+        turns = [Clip(clip.speaker, talkers[clip.speaker](clip.samples)) for clip in turns]
     placed: list[tuple[int, Clip]] = []
     cursor = int(lead_in * SAMPLE_RATE)
     previous: Clip | None = None
@@ -99,6 +108,8 @@ def build_conversation(
     for i, (start, clip) in enumerate(placed):
         audio[start : start + len(clip.samples)] += clip.samples
         reference[Segment(start / SAMPLE_RATE, (start + len(clip.samples)) / SAMPLE_RATE), i] = clip.speaker
+    if condition is not None:
+        audio = condition.mix(audio, seed)
     peak = float(np.abs(audio).max()) or 1.0
     return (audio / peak * 0.9).astype(np.float32), reference
 
@@ -150,7 +161,9 @@ def reference_clips(wav: str | os.PathLike, rttm: str | os.PathLike, min_duratio
     return clips
 
 
-def multi_speaker_conversation(data_dir: str | os.PathLike = "../shared/data/speech", seed: int = 0):
+def multi_speaker_conversation(
+    data_dir: str | os.PathLike = "../shared/data/speech", seed: int = 0, condition: "Condition | None" = None
+):
     """Four real talkers (the two of pyannote's sample + the two of the utterances), alternating."""
     wav, rttm = pyannote_sample()
     pools: dict[str, list[Clip]] = {}
@@ -167,7 +180,7 @@ def multi_speaker_conversation(data_dir: str | os.PathLike = "../shared/data/spe
         order.append(pools[s][used[s]])
         used[s] += 1
         last = s
-    return build_conversation(order, seed=seed)
+    return build_conversation(order, seed=seed, condition=condition)
 
 
 LIBRISPEECH = "librispeech-train-clean"
@@ -200,6 +213,7 @@ def many_talker_conversation(
     seed: int = 0,
     clips: Sequence[Clip] | None = None,
     data_dir: str | os.PathLike = "../shared/data/speech",
+    condition: "Condition | None" = None,
 ):
     """A conversation of ``talkers`` LibriSpeech readers, ``minor`` of whom say only 3-6 s.
 
@@ -229,4 +243,4 @@ def many_talker_conversation(
         pick = next((k for k in remaining if turns[k].speaker != last), remaining[0])
         remaining.remove(pick)
         order.append(turns[pick])
-    return build_conversation(order, seed=seed)
+    return build_conversation(order, seed=seed, condition=condition)
