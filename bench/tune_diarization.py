@@ -11,7 +11,8 @@ Recordings, all real speech with exact references:
 - ``--many`` conversations of 5-8 LibriSpeech readers (249 voices, none used elsewhere in tuning),
   one to three of them minor (3-6 s of speech);
 - a ``--long-minutes`` meeting of the four talkers (clustering behaves differently with many
-  embeddings per speaker).
+  embeddings per speaker);
+- ``--short`` one-reader and two-reader recordings of 15-35 s (a handful of embeddings each).
 
 ``--condition room|phone|narrowband|noisy`` lays the conversations, the many-talker set and the
 meeting out in a reverberant room, through a telephone line, at 8 kHz or under noise
@@ -46,16 +47,20 @@ from engine.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
-def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None):
+def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None,
+               short: int = 0):
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).float32(), load_reference(rttm)
     for seed in range(conversations):
         yield f"conv{seed}", *multi_speaker_conversation(seed=seed, condition=condition)
-    clips = librispeech_clips() if many else []
+    clips = librispeech_clips() if many or short else []
     for seed in range(many):
         talkers = 5 + seed % 4
         yield f"many{seed}", *many_talker_conversation(
             talkers, minor=1 + seed % 3, seed=100 + seed, clips=clips, condition=condition)
+    for seed in range(short):
+        yield f"solo{seed}", *many_talker_conversation(1, seed=300 + seed, clips=clips, condition=condition)
+        yield f"duo{seed}", *many_talker_conversation(2, seed=400 + seed, clips=clips, condition=condition)
     if long_minutes:
         yield "long", *long_conversation(long_minutes, condition=condition)
 
@@ -73,6 +78,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
+    parser.add_argument("--short", type=int, default=0,
+                        help="this many one-reader and two-reader recordings of 15-35 s (few embeddings each)")
     parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
                         help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
     parser.add_argument("--condition", choices=CONDITIONS, default="clean",
@@ -81,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     condition = None if args.condition == "clean" else Condition(args.condition)
-    data = list(recordings(args.conversations, args.many, args.long_minutes, condition))
+    data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "
@@ -103,7 +110,7 @@ def main() -> None:
             pipeline.clustering.distinct_distance = distinct
             pipeline.clustering.min_cluster_share = share
             started = time.perf_counter()
-            ders, found, count_err = {}, {}, []
+            ders, found, count_err, short_err = {}, {}, [], []
             with torch.inference_mode():
                 for file, (name, _, reference) in zip(files, data):
                     turns = to_turns(pipeline(file), min_speaker_s=defaults.diarization_min_speaker_s)
@@ -112,6 +119,8 @@ def main() -> None:
                     found[name] = f"{n}/{true}"
                     if name.startswith("many"):
                         count_err.append(abs(n - true))
+                    if name.startswith(("solo", "duo")):
+                        short_err.append(abs(n - true))
             if first_pass_s is None:
                 first_pass_s = time.perf_counter() - started
 
@@ -124,7 +133,9 @@ def main() -> None:
             print(
                 f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
-                f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}",
+                f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}"
+                + (f"  short DER {np.mean(pick('solo') + pick('duo')):.3f}, count err {np.mean(short_err):.2f}"
+                   if short_err else ""),
                 flush=True,
             )
 

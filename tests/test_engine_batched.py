@@ -295,6 +295,28 @@ def test_a_lone_odd_embedding_is_a_speaker_in_a_short_recording_but_not_in_a_lon
     assert speakers(700) == 3  # 2,101 embeddings: about an hour
 
 
+def test_in_a_short_recording_lone_embeddings_are_folded_unless_distinct():
+    """Five embeddings of one voice, too noisy to fall under the threshold together (one reader in
+    a reverberant room): one speaker, not five. pyannote's rule would keep every singleton as a
+    speaker below 15 embeddings. A second voice with one embedding, unlike the first, is kept."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(4)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0][:2]
+    one_voice = basis[0] + 0.12 * rng.standard_normal((5, 32))  # pairwise cosine ~0.7: apart at 0.5
+
+    def speakers(points, distinct=0.55, **count):
+        clustering = ExactCountClustering(metric="cosine")
+        clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+        clustering.distinct_distance = distinct
+        return len(np.unique(clustering.cluster(points.copy(), **count)))
+
+    assert speakers(one_voice) == 1
+    assert speakers(one_voice, distinct=None) == 5  # pyannote's own rule, kept when asked for
+    assert speakers(np.vstack([one_voice, basis[1][None]])) == 2
+    assert speakers(one_voice, num_clusters=3) == 3  # a count the caller gives still wins
+
+
 def test_long_recordings_cluster_a_bounded_subset_and_assign_every_embedding():
     """Past ``max_train`` embeddings the dendrogram is built on an evenly spaced subset (centroid
     linkage holds every pairwise distance); every embedding still gets the cluster of its talker."""

@@ -140,11 +140,19 @@ class ExactCountClustering(AgglomerativeClustering):
         n = embeddings.shape[0]
         if n == 1:
             return np.zeros((1,), dtype=np.int64)
-        min_size = min(max(self.min_cluster_size, int(np.ceil(self.min_cluster_share * n))), max(1, round(0.1 * n)))
+        large = max(self.min_cluster_size, int(np.ceil(self.min_cluster_share * n)))
+        # pyannote lowers the minimum to a tenth of the embeddings (to one below 15) so that a
+        # short recording's second talker, one or two embeddings, is not folded away; a cut held
+        # to a count keeps that
+        min_size = min(large, max(1, round(0.1 * n)))
+        # left free, a lone embedding is a speaker only if it is unlike every speaker
+        # (_keep_distinct), in a 15 s clip as in an hour: with every singleton a speaker, one
+        # reader in a reverberant room came out as 3-4 speakers (see docs/models.md)
+        free_size = large if self.distinct_distance is not None and n >= 2 * self.min_cluster_size else min_size
         unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         dendrogram = linkage(unit, method=self.method, metric="euclidean")
         clusters = fcluster(dendrogram, self.threshold, criterion="distance") - 1
-        found = _num_large(clusters, min_size)
+        found = _num_large(clusters, free_size)
         target = num_clusters
         if target is None and min_clusters is not None and found < min_clusters:
             target = min_clusters
@@ -155,7 +163,13 @@ class ExactCountClustering(AgglomerativeClustering):
             clusters, keep = _cut_with(dendrogram, n, min(target, n), min_size)
         else:
             counts = np.bincount(clusters)
-            keep = np.flatnonzero(counts >= min_size)
+            keep = np.flatnonzero(counts >= free_size)
+            if len(keep) == 0:
+                # every cluster is small: the largest (of those, the one nearest the mean voice)
+                # is the first speaker, and the others stay speakers only if distinct from it
+                largest = np.flatnonzero(counts == counts.max())
+                middle = unit.mean(axis=0, keepdims=True)
+                keep = largest[[int(np.argmin(cdist(_centroids(unit, clusters, largest), middle, metric=self.metric)))]]
             if num_clusters is None and self.distinct_distance is not None:
                 keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance, max_clusters)
         return _fold_into(unit, clusters, keep, self.metric)
