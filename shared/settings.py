@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     clustering_min_cluster_share: float = Field(0.005, ge=0.0, lt=1.0)
     # a cluster too small to be a speaker is still kept as one when its centroid's cosine
     # distance to every speaker exceeds this (a minor talker, not a stray of someone else):
-    # 1 - 0.45, CAM++'s equal-error verification threshold (docs/models.md); None: always fold
-    clustering_distinct_distance: float | None = Field(0.55, gt=0.0, le=2.0)
+    # similarity under 0.35 to each, a margin below CAM++'s equal-error verification threshold
+    # (0.45) because in a room or under noise one talker's odd moments fall under 0.45
+    # (docs/models.md, "Recording conditions"); None: always fold
+    clustering_distinct_distance: float | None = Field(0.65, gt=0.0, le=2.0)
     # a speaker with less total speech than this is a clustering artefact and is dropped, unless
     # the caller fixed num_speakers (any profile)
     diarization_min_speaker_s: float = 0.5
