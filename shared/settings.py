@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     # hour (about 2,800 at step 0.25) a dozen embeddings of one talker's odd moments (laughter,
     # a cough, a far microphone) would otherwise be a speaker; a small cluster unlike everyone
     # still stays one (clustering_distinct_distance)
-    clustering_min_cluster_share: float = Field(0.005, ge=0.0, lt=1.0)
+    # 3 %: about 84 embeddings (1.8 min of speech) in an hour, 12 in 10 min, none below 3 min
+    # (docs/models.md, "Recording conditions")
+    clustering_min_cluster_share: float = Field(0.03, ge=0.0, lt=1.0)
     # a cluster too small to be a speaker is still kept as one when its centroid's cosine
     # distance to every speaker exceeds this (a minor talker, not a stray of someone else):
     # similarity under 0.35 to each, a margin below CAM++'s equal-error verification threshold
