@@ -317,6 +317,25 @@ def test_in_a_short_recording_lone_embeddings_are_folded_unless_distinct():
     assert speakers(one_voice, num_clusters=3) == 3  # a count the caller gives still wins
 
 
+def test_a_forced_count_keeps_a_minor_talker_of_a_long_recording():
+    """Three talkers with 600 embeddings each (an hour's worth) and a fourth with 40 (2 %, under
+    the free count's 3 % share): held to four speakers, the fourth is a speaker of its own, not
+    folded while lone outliers take its place."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0][:4]
+    sizes = (600, 600, 600, 40)
+    points = np.vstack([basis[k] + 0.2 * rng.standard_normal((size, 32)) for k, size in enumerate(sizes)])
+    clustering = ExactCountClustering(metric="cosine")
+    clustering.instantiate({"method": "centroid", "threshold": 0.8, "min_cluster_size": 2})
+    clustering.distinct_distance, clustering.min_cluster_share = 0.65, 0.03
+    for count in ({"num_clusters": 4}, {"min_clusters": 4, "max_clusters": 4}):
+        labels = clustering.cluster(points.copy(), **count)
+        assert len(np.unique(labels)) == 4, count
+        assert len(set(labels[1800:])) == 1 and labels[1800] not in set(labels[:1800]), count
+
+
 def test_long_recordings_cluster_a_bounded_subset_and_assign_every_embedding():
     """Past ``max_train`` embeddings the dendrogram is built on an evenly spaced subset (centroid
     linkage holds every pairwise distance); every embedding still gets the cluster of its talker."""
