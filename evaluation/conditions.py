@@ -40,6 +40,10 @@ class Condition:
     # one room for every part of a long recording (a meeting's talkers keep their seats)
     room_seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.name not in CONDITIONS:  # a misspelt condition would pass the audio through clean
+            raise ValueError(f"unknown condition {self.name!r}; one of {', '.join(CONDITIONS)}")
+
     def talkers(self, speakers: Sequence[str], seed: int) -> dict[str, "Talker"]:
         """Each talker's own room position and level (deterministic in the seed)."""
         rng = np.random.default_rng(10_000 + (seed if self.room_seed is None else self.room_seed))
