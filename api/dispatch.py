@@ -24,7 +24,7 @@ from api.errors import JobConflict, JobNotFound, SyncTimeout
 from shared import logs
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, InputError, ModelError
-from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, new_job_id
+from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
@@ -260,7 +260,9 @@ class Dispatcher:
 
     # --- read and cancel --------------------------------------------------------------------
     def get(self, job_id: str, principal: Principal | None = None) -> JobRecord:
-        record = self.store.get(job_id)
+        # anything but an id we made is unknown: never read as a key (``<id>:lease`` is a running
+        # job's lease, whose value is no record: that was a 500)
+        record = self.store.get(job_id) if is_job_id(job_id) else None
         # another tenant's job is answered exactly like a missing one: its existence is not told
         if record is None or (principal is not None and not principal.can_see(record)):
             raise JobNotFound(f"no job {job_id} (unknown or expired)")
@@ -280,6 +282,13 @@ class Dispatcher:
         if cancelled.webhook_url:
             await run_in_threadpool(send_webhook, self.celery, job_id, self.settings)
         return cancelled
+
+    async def withdraw(self, job_id: str) -> None:
+        """Cancel a job the client was never told of (a refused batch's): no webhook, no error."""
+        _, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED)
+        if changed:
+            await run_in_threadpool(self.celery.control.revoke, job_id)
+        self.storage.delete_job(job_id)
 
     async def close(self) -> None:
         if self._aredis is not None:

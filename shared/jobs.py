@@ -12,6 +12,7 @@ the worker finishes it, and a redelivered job that already finished is not run a
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -40,6 +41,16 @@ def utc_now() -> str:
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+# what new_job_id makes (batch ids too): 32 lowercase hex digits
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def is_job_id(value: str) -> bool:
+    """True for an id this service could have made. A job id from a client names a Redis key
+    (``<prefix>:job:<id>``): ``<id>:lease`` would name a running job's lease instead."""
+    return bool(_JOB_ID.match(value or ""))
 
 
 class WebhookState(BaseModel):

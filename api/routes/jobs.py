@@ -17,7 +17,7 @@ from api.routes.analyses import DEPENDENCIES
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
 from shared.formats import FORMATS, FormatName, file_stem
-from shared.jobs import STATES, SUCCEEDED, JobRecord, Status, new_job_id
+from shared.jobs import STATES, SUCCEEDED, JobRecord, Status, is_job_id, new_job_id
 from shared.kinds import KINDS, JobKind, KindName, get_kind
 
 batches = APIRouter(prefix="/batches", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS)
@@ -47,11 +47,21 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     form = {name: values.get(name) for name in job_kind.form_fields}
     webhook_url = await dispatcher.check_webhook(webhook_url)
     batch_id = new_job_id()
-    records = []
-    for upload in files:
-        submission = await dispatcher.read(job_kind, {upload_field.name: upload}, form, principal)
-        records.append(await dispatcher.submit(submission, webhook_url=webhook_url, webhook_payload=webhook_payload,
-                                               batch_id=batch_id, principal=principal))
+    # All or nothing: every file is read and its header checked before any job exists. A batch
+    # refused at its third file had queued (and run) the first two, whose ids the client, told
+    # only of the refusal, never learnt: a retry ran them twice.
+    submissions = [await dispatcher.read(job_kind, {upload_field.name: upload}, form, principal) for upload in files]
+    await dispatcher.check_audio_limits([a for s in submissions for a in s.audio.values()], sync=False)
+    records: list[JobRecord] = []
+    try:
+        for submission in submissions:
+            records.append(await dispatcher.submit(submission, webhook_url=webhook_url, webhook_payload=webhook_payload,
+                                                   batch_id=batch_id, principal=principal))
+    except BaseException:
+        # refused midway all the same (storage full, job store or broker gone): what was queued is withdrawn
+        for record in records:
+            await dispatcher.withdraw(record.job_id)
+        raise
     body = _batch_body(base, batch_id, kind, records)
     return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
@@ -148,7 +158,7 @@ async def cancel_job(job_id: str, dispatcher: DispatcherDep, principal: Principa
 
 @batches.get("/{batch_id}", response_model=Batch, summary="Status of every job of a batch")
 async def get_batch(batch_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
-    records = [r for r in dispatcher.store.batch(batch_id) if principal.can_see(r)]
+    records = [r for r in dispatcher.store.batch(batch_id) if principal.can_see(r)] if is_job_id(batch_id) else []
     if not records:
         raise JobNotFound(f"no batch {batch_id} (unknown or expired)")
     return _batch_body(base, batch_id, records[0].kind, records)

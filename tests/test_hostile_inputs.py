@@ -1,0 +1,211 @@
+"""What a hostile client or a hostile server tried next, against real processes (the session's
+Redis and Celery worker, the API in-process, a media server and raw sockets on 127.0.0.1).
+
+Each test fails on the code before its fix:
+
+* a job id naming another Redis key (``<id>:lease``, a running job's lease) was read as a job
+  record: 500, and the connection dropped;
+* a batch refused at one file (415, 413) had already queued the files before it: jobs ran that
+  the client, told only of the refusal, never learnt of, and ran again when it retried;
+* audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
+  it: 1 KB made the worker allocate what it decoded to (2 GiB from 3.5 KB);
+* a URL or webhook receiver that trickled its response head a byte at a time, each within the
+  read timeout, held the worker past every deadline (for hours with a long enough head).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import wait_for_job
+from tests.test_url_input import _failure, _submit, limited  # noqa: F401  (limited: a fixture)
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+
+
+def _assert_error(r, status: int) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert set(r.json()) == ERROR_KEYS, r.text
+
+
+# --- ids: only ids this service made name anything ---------------------------------------------
+
+
+def test_ids_naming_other_keys_are_unknown_not_a_500(client, slow_sample):
+    r = client.post("/jobs/diarize", files={"file": (slow_sample.name, slow_sample.read_bytes(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    try:
+        deadline = time.monotonic() + 120
+        while client.get(f"/jobs/{job_id}").json()["status"] != "running":
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.1)
+        # the running job holds <prefix>:job:<id>:lease, a string that is no job record
+        lease = f"{job_id}:lease"
+        for method, path in [("GET", f"/jobs/{lease}"), ("GET", f"/jobs/{lease}/result"),
+                             ("POST", f"/jobs/{lease}/cancel"), ("GET", f"/batches/{lease}"),
+                             ("GET", f"/jobs/{job_id.upper()}"), ("GET", "/jobs/*"), ("GET", f"/jobs/{job_id}:*")]:
+            _assert_error(client.request(method, path), 404)
+        # the job itself is untouched by all that
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "running"
+    finally:
+        client.post(f"/jobs/{job_id}/cancel")
+    assert wait_for_job(client, job_id)["status"] == "cancelled"
+
+
+# --- a batch is accepted whole or not at all -------------------------------------------------------
+
+
+def _with_rate(wav: bytes, rate: int) -> bytes:
+    """The same PCM WAV with another sample rate in its header (a plain 44-byte header)."""
+    assert wav[:4] == b"RIFF" and wav[12:16] == b"fmt ", "a canonical WAV header"
+    channels, bits = struct.unpack("<H", wav[22:24])[0], struct.unpack("<H", wav[34:36])[0]
+    return wav[:24] + struct.pack("<II", rate, rate * channels * bits // 8) + wav[32:]
+
+
+def test_a_batch_with_one_refused_file_queues_no_job(client, utterances, settings):
+    good = utterances["spk1"][0].read_bytes()
+    one_hz = _with_rate(good, 1)  # 3 KB that declare hours: 415 from the header
+    before = {j["job_id"] for j in client.get("/jobs", params={"limit": 100}).json()["jobs"]}
+    uploads_before = set(settings.storage_dir.iterdir()) if settings.storage_dir.is_dir() else set()
+    files = [("files", ("first.wav", good, "audio/wav")), ("files", ("second.wav", good, "audio/wav")),
+             ("files", ("third.wav", one_hz, "audio/wav"))]
+    r = client.post("/jobs/batch", data={"kind": "embedding"}, files=files)
+    _assert_error(r, 415)
+    assert "sample rate" in r.json()["detail"]
+    time.sleep(0.5)
+    after = client.get("/jobs", params={"limit": 100}).json()["jobs"]
+    created = [(j["filename"], j["status"]) for j in after if j["job_id"] not in before]
+    assert created == [], f"a refused batch queued jobs the client never heard of: {created}"
+    assert set(settings.storage_dir.iterdir()) - uploads_before == set()
+    # the same batch without the bad file goes through whole
+    r = client.post("/jobs/batch", data={"kind": "embedding"}, files=files[:2])
+    assert r.status_code == 202, r.text
+    assert [wait_for_job(client, j["job_id"])["status"] for j in r.json()["jobs"]] == ["succeeded", "succeeded"]
+
+
+# --- audio by URL: what the server sends is never inflated -----------------------------------------
+
+
+def _gzip(data: bytes | Iterator[bytes]) -> bytes:
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    blocks = [data] if isinstance(data, bytes) else data
+    return b"".join([c.compress(b) for b in blocks] + [c.flush()])
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _limited_worker_pid(settings) -> int:
+    from shared.jobs import JobStore
+
+    # the live one: another module's limited worker may have left its heartbeat behind
+    [pid] = {int(w["pid"]) for w in JobStore.from_settings(settings).workers()
+             if str(w.get("worker", "")).startswith("url-limited@") and Path(f"/proc/{w['pid']}").exists()}
+    return pid
+
+
+def test_an_encoded_download_is_refused_not_inflated(limited, media_server, utterances, settings):  # noqa: F811
+    # 512 MiB of zeros, gzip twice over: 980 bytes on the wire, one piece of 512 MiB once decoded
+    bomb = _gzip(_gzip(bytes(1 << 24) for _ in range(32)))
+    assert len(bomb) < 4096
+
+    def encoded(body: bytes, encoding: str):
+        return lambda h: h.answer(200, body, "audio/wav", {"Content-Encoding": encoding})
+
+    pid = _limited_worker_pid(settings)
+    peak_before = _peak_rss_mb(pid)
+    media_server.route("/bomb.wav", encoded(bomb, "gzip, gzip"))
+    error = _failure(limited, _submit(limited, file_url=media_server.url("/bomb.wav")))
+    assert error["status_code"] == 422, error
+    assert "Content-Encoding gzip, gzip" in error["detail"], error
+    grown = _peak_rss_mb(pid) - peak_before
+    print(f"\n980 bytes that inflate to 512 MiB: the worker's peak RSS grew {grown:.0f} MB")
+    assert grown < 64, f"the worker inflated the body: peak RSS +{grown:.0f} MB"
+    # an honest file, gzipped all the same although the worker asked for identity: a clear 422
+    media_server.route("/gzipped.wav", encoded(_gzip(utterances["spk1"][0].read_bytes()), "gzip"))
+    error = _failure(limited, _submit(limited, file_url=media_server.url("/gzipped.wav")))
+    assert error["status_code"] == 422 and "Content-Encoding gzip;" in error["detail"], error
+
+
+# --- a server that trickles its response head ------------------------------------------------------
+
+
+def _trickle_head(every_s: float, count: int):
+    """A status line, then a header a byte at a time (each within the timeout), never finished."""
+    def handler(h) -> None:
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: audio/wav\r\nX-Pad: " + b"a" * count:
+            h.wfile.write(bytes([byte]))
+            h.wfile.flush()
+            h.hit["sent"] += 1
+            time.sleep(every_s)
+
+    return handler
+
+
+def test_a_url_trickling_its_response_head_hits_the_deadline(limited, media_server):  # noqa: F811
+    media_server.route("/trickle-head.wav", _trickle_head(0.3, 200))  # 70 s of head, timeout 1 s
+    error = _failure(limited, _submit(limited, file_url=media_server.url("/trickle-head.wav")), timeout_s=120)
+    assert error["status_code"] == 422
+    assert error["detail"] == (f"file_url: {media_server.url('/trickle-head.wav')} did not send the file within "
+                               "the deadline of 4 s"), error
+    assert error["elapsed"] < 6.5, error
+
+
+@pytest.fixture()
+def trickling_receiver() -> Iterator[str]:
+    """A webhook receiver that reads the request, then answers a byte every 0.3 s for a minute."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 200:
+                    if stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.3)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+    stop.set()
+    server.close()
+
+
+def test_a_webhook_receiver_trickling_its_answer_is_cut_at_the_deadline(trickling_receiver):
+    from shared import webhooks
+    from shared.settings import Settings
+
+    assert Settings().webhook_deadline_s == 30.0
+    started = time.monotonic()
+    with pytest.raises(webhooks.WebhookDeliveryError):
+        webhooks.post(trickling_receiver, "job", {"x": 1}, "s" * 32, 1.0, allow_private=True, deadline_s=2.0)
+    took = time.monotonic() - started
+    print(f"\na receiver answering a byte every 0.3 s (timeout 1 s, deadline 2 s): given up after {took:.1f} s")
+    assert took < 3.5, took
