@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -119,20 +120,87 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def transport(allow_private: bool) -> httpx.HTTPTransport:
-    """An httpx transport that connects only to checked addresses (unless ``allow_private``).
+class DeadlineExceeded(Exception):
+    """The connection's overall deadline passed (the cause of the timeout httpx raises then)."""
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A stream whose every read, write and TLS handshake waits at most until ``deadline``.
+
+    httpx's timeouts are per operation: a peer that sends its status line and headers a byte at
+    a time, each within the read timeout, kept a connection (and the worker process holding it)
+    for as long as it liked. Bounding each socket operation by what is left of one deadline
+    bounds the whole exchange, the response head included.
+    """
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
+        self._inner, self._deadline = inner, deadline
+
+    def _left(self, timeout: float | None, error: type[Exception]) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise error("deadline passed") from DeadlineExceeded()
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(inner, self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    """``inner``'s connections, each bounded as a whole by ``deadline`` (time.monotonic())."""
+
+    def __init__(self, inner: httpcore.NetworkBackend, deadline: float) -> None:
+        self._inner, self._deadline = inner, deadline
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> httpcore.NetworkStream:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ConnectTimeout("deadline passed") from DeadlineExceeded()
+        stream = self._inner.connect_tcp(host, port, timeout=left if timeout is None else min(timeout, left),
+                                         local_address=local_address, socket_options=socket_options)
+        return _DeadlineStream(stream, self._deadline)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not outbound targets")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def transport(allow_private: bool, deadline: float | None = None) -> httpx.HTTPTransport:
+    """An httpx transport that connects only to checked addresses (unless ``allow_private``);
+    with ``deadline`` (a time.monotonic() value), every connection it makes ends by then, however
+    slowly its peer trickles (:class:`DeadlineBackend`).
 
     ``trust_env`` is off: a proxy from the environment would connect for us, unchecked.
     """
     result = httpx.HTTPTransport(trust_env=False)
-    if not allow_private:
+    backend: httpcore.NetworkBackend | None = None if allow_private else PinnedBackend()
+    if deadline is not None:
+        backend = DeadlineBackend(backend or httpcore.SyncBackend(), deadline)
+    if backend is not None:
         # httpx builds its httpcore pool without a way to pass a network backend: rebuild it
         # with ours (same TLS context and limits as httpx's own defaults)
         pool = result._pool
         result._pool = httpcore.ConnectionPool(
             ssl_context=pool._ssl_context, max_connections=pool._max_connections,
             max_keepalive_connections=pool._max_keepalive_connections, keepalive_expiry=pool._keepalive_expiry,
-            network_backend=PinnedBackend(),
+            network_backend=backend,
         )
     return result
 

@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     webhook_backoff_s: int = 2
     webhook_backoff_max_s: int = 600
     webhook_timeout_s: float = 10.0
+    # one delivery attempt, connect to status line, ends by then however slowly the receiver
+    # answers (webhook_timeout_s bounds each read only)
+    webhook_deadline_s: float = Field(30.0, gt=0.0)
     # how often a synchronous request polls its job record while waiting
     sync_poll_interval_s: float = 0.05
     jobs_list_limit: int = 100

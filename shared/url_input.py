@@ -23,6 +23,8 @@ The download:
 * refuses a declared ``Content-Length`` over the limit before reading the body, and otherwise
   stops reading the moment the bytes received pass it (chunked answers), the limit being
   ``max_upload_bytes`` for all of a job's URLs together, as for an upload;
+* refuses a body sent with a ``Content-Encoding`` (it asks for identity; a gzip of zeros inflates
+  a thousandfold, twice over when stacked), and reads the bytes as they came;
 * refuses answers that declare a non-audio type (``text/html``, JSON, XML, images...), and checks
   what it stored with the same header checks as an upload (duration, sample rate; 413/415);
 * is streamed into storage in 1 MiB chunks under a temporary name, so a half-fetched file is
@@ -150,7 +152,9 @@ def fetch_audio(
     where = redact(url)
     current = url
     try:
-        with httpx.Client(transport=transport(allow_private), follow_redirects=False, trust_env=False,
+        # the deadline bounds every socket operation, the response head too: a server trickling
+        # its headers a byte at a time, each within the timeout, held the worker for hours
+        with httpx.Client(transport=transport(allow_private, deadline), follow_redirects=False, trust_env=False,
                           headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}) as client:
             for hop in range(settings.url_fetch_max_redirects + 1):
                 remaining = deadline - time.monotonic()
@@ -169,14 +173,24 @@ def fetch_audio(
                     content_type = response.headers.get("content-type", "")
                     if content_type and _declares_not_audio(content_type):
                         raise AudioDecodeError(f"{field}: {where} sent {content_type.split(';')[0]}, not audio")
+                    # asked for identity; a body sent encoded all the same is refused, never
+                    # decoded: "gzip, gzip" of zeros made 3.5 KB into 2 GiB in one piece (4 GB
+                    # of worker memory before any limit could count it)
+                    encoding = response.headers.get("content-encoding", "").strip().lower()
+                    if encoding not in ("", "identity"):
+                        raise UrlFetchError(
+                            f"{field}: {where} sent the file with Content-Encoding {encoding[:40]}; "
+                            "only an unencoded file is accepted"
+                        )
                     declared = response.headers.get("content-length")
                     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                         raise UploadTooLargeError(
                             f"{field}: the file is {int(declared)} bytes, larger than the limit of {max_bytes} bytes"
                         )
                     # no chunk_size: httpx would gather that much before handing anything on,
-                    # and the deadline and progress are checked for each piece that arrives
-                    body = _Body(response.iter_bytes(), limit=max_bytes, deadline=deadline, field=field,
+                    # and the deadline and progress are checked for each piece that arrives;
+                    # raw: the bytes as they came, so the limit counts what arrives, nothing inflated
+                    body = _Body(response.iter_raw(), limit=max_bytes, deadline=deadline, field=field,
                                  progress=progress)
                     key = storage.save(job_id, name, body, max_bytes=max_bytes)
                     break
@@ -187,6 +201,10 @@ def fetch_audio(
             f"{field}: {where} did not send the file within the deadline of {settings.url_fetch_deadline_s:g} s"
         ) from None
     except httpx.TimeoutException:
+        if time.monotonic() >= deadline:
+            raise UrlFetchError(
+                f"{field}: {where} did not send the file within the deadline of {settings.url_fetch_deadline_s:g} s"
+            ) from None
         raise UrlFetchError(
             f"{field}: {where} did not answer within {settings.url_fetch_timeout_s:g} s (timeout)"
         ) from None

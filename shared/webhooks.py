@@ -92,9 +92,11 @@ def encode(payload: dict[str, Any]) -> bytes:
 
 
 def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s: float,
-         allow_private: bool = False, attempt: int = 1) -> int:
+         allow_private: bool = False, attempt: int = 1, deadline_s: float = 30.0) -> int:
     """One signed POST, the ``attempt``-th for this job. Raises WebhookDeliveryError unless the
-    receiver answers 2xx."""
+    receiver answers 2xx. ``timeout_s`` bounds each connect, write and read; ``deadline_s`` the
+    whole attempt: a receiver trickling its status line a byte at a time, each within the
+    timeout, held the delivering worker (which may be the one running the jobs) for hours."""
     body = encode(payload)
     timestamp = str(int(time.time()))
     headers = {
@@ -107,7 +109,8 @@ def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s:
     try:
         # redirects are not followed: they would sidestep the address policy and allowed hosts;
         # trust_env off: a proxy from the environment would connect for us, unchecked
-        with httpx.Client(transport=transport(allow_private), timeout=timeout_s, follow_redirects=False,
+        with httpx.Client(transport=transport(allow_private, time.monotonic() + deadline_s), timeout=timeout_s,
+                          follow_redirects=False,
                           trust_env=False) as client:
             # the status line is all we need: the body is never read (a receiver could stream
             # gigabytes), nor shown to anyone

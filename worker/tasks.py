@@ -363,6 +363,7 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
         code = webhooks.post(
             record.webhook_url, job_id, webhook_payload(record), settings.webhook_secret.get_secret_value(),
             settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
+            deadline_s=settings.webhook_deadline_s,
         )
     except webhooks.WebhookDeliveryError as exc:
         final = self.request.retries >= self.max_retries
