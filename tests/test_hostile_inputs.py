@@ -7,6 +7,8 @@ Each test fails on the code before its fix:
   record: 500, and the connection dropped;
 * a batch refused at one file (415, 413) had already queued the files before it: jobs ran that
   the client, told only of the refusal, never learnt of, and ran again when it retried;
+* a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
+  two ``file`` uploads the first was dropped without a word);
 * audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
   it: 1 KB made the worker allocate what it decoded to (2 GiB from 3.5 KB);
 * a URL or webhook receiver that trickled its response head a byte at a time, each within the
@@ -90,6 +92,38 @@ def test_a_batch_with_one_refused_file_queues_no_job(client, utterances, setting
     r = client.post("/jobs/batch", data={"kind": "embedding"}, files=files[:2])
     assert r.status_code == 202, r.text
     assert [wait_for_job(client, j["job_id"])["status"] for j in r.json()["jobs"]] == ["succeeded", "succeeded"]
+
+
+# --- a field sent twice is refused, not guessed at --------------------------------------------------
+
+
+def test_a_single_valued_field_sent_twice_is_refused(client, utterances):
+    wav = utterances["spk2"][0].read_bytes()
+    before = {j["job_id"] for j in client.get("/jobs", params={"limit": 100}).json()["jobs"]}
+    cases = [
+        ("/jobs/diarize", "num_speakers", [("file", ("a.wav", wav)), ("num_speakers", (None, "2")),
+                                           ("num_speakers", (None, "7"))]),
+        ("/jobs/diarize", "file", [("file", ("first.wav", wav)), ("file", ("second.wav", b"not audio"))]),
+        ("/jobs/embedding", "file_url", [("file_url", (None, "https://example.com/a.wav")),
+                                         ("file_url", (None, "https://example.com/b.wav"))]),
+        ("/diarize", "min_duration", [("file", ("a.wav", wav)), ("min_duration", (None, "0")),
+                                      ("min_duration", (None, "5"))]),
+        ("/jobs/batch", "kind", [("kind", (None, "embedding")), ("kind", (None, "diarize")), ("files", ("a.wav", wav))]),
+        ("/voiceprints", "label", [("label", (None, "Alice")), ("label", (None, "Bob")), ("files", ("a.wav", wav))]),
+        ("/voiceprints/import", "label", [("label", (None, "Alice")), ("label", (None, "Bob")),
+                                          ("file", ("v.json", b"[" + b",".join([b"0.1"] * 192) + b"]"))]),
+    ]
+    for path, field, files in cases:
+        r = client.post(path, files=files)
+        _assert_error(r, 422)
+        assert r.json()["detail"] == f"{field}: given 2 times; send each field once", (path, r.text)
+    after = client.get("/jobs", params={"limit": 100}).json()["jobs"]
+    assert [j["filename"] for j in after if j["job_id"] not in before] == []
+    # a field that takes several files still does
+    r = client.post("/jobs/batch", data={"kind": "embedding"}, files=[("files", ("a.wav", wav)), ("files", ("b.wav", wav))])
+    assert r.status_code == 202 and len(r.json()["jobs"]) == 2, r.text
+    for job in r.json()["jobs"]:
+        wait_for_job(client, job["job_id"])
 
 
 # --- audio by URL: what the server sends is never inflated -----------------------------------------

@@ -66,7 +66,7 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
 
-with_signature(
+submit_batch = with_signature(
     submit_batch,
     DEPENDENCIES,
     [

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.errors import JobNotFound
+from api.forms import refuse_repeated
 from api.models import ERRORS
 from shared.errors import ModelError
 from shared.kinds import ENROLL
@@ -67,6 +68,7 @@ async def create_voiceprint(
     """Embeds the speech of every file on a worker (the ``enroll`` job kind, waited for like the
     synchronous routes), averages the vectors weighted by speech and stores the L2-normalised
     result. 422 when the files hold less speech than ``voiceprint_min_speech_s`` together."""
+    await refuse_repeated(request, ["label"])
     submission = await dispatcher.read(ENROLL, {"files": files}, {"label": label}, principal)
     result = await dispatcher.run_sync(submission, principal, request)
     expected = embedding_model(settings)
@@ -88,6 +90,7 @@ async def list_voiceprints(dispatcher: DispatcherDep, principal: PrincipalDep) -
 
 @router.post("/import", status_code=201, response_model=VoiceprintInfo, summary="Store a voiceprint from a file")
 async def import_voiceprint(
+    request: Request,
     dispatcher: DispatcherDep,
     principal: PrincipalDep,
     settings: SettingsDep,
@@ -97,6 +100,7 @@ async def import_voiceprint(
 ) -> JSONResponse:
     """JSON or ``.npy`` only, never a pickle; the vector must come from this service's embedding
     model (422 otherwise: vectors of two models are not comparable)."""
+    await refuse_repeated(request, ["file", "label", "model"])
     data = await file.read(1024 * 1024 + 1)
     await file.close()
     parsed = await run_in_threadpool(parse_import, data, file.filename, label=label, model=model,
