@@ -15,6 +15,9 @@ from shared.errors import AudioDecodeError, AudioTooLongError
 
 # below this no speech is left (telephony is 8 kHz); a 1 Hz WAV of 28 KB is 3.9 h once resampled
 MIN_SAMPLE_RATE = 4_000
+# the highest rate real recorders use: anything above is a forged header, which the worker's
+# decoder refuses too (engine/audio.py); refused here, the client hears it at submit
+MAX_SAMPLE_RATE = 768_000
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,14 @@ def check_audio_limits(
     source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
 ) -> AudioInfo | None:
     """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
-    so low that resampling multiplies it (413 / 415)."""
+    so low that resampling multiplies it (413 / 415); and a rate no recorder makes (415)."""
     info = probe(source)
     if info is None:
         return None
     if info.sample_rate is not None and info.sample_rate < min_sample_rate:
         raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is below the minimum of {min_sample_rate} Hz")
+    if info.sample_rate is not None and info.sample_rate > MAX_SAMPLE_RATE:
+        raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is above the maximum of {MAX_SAMPLE_RATE} Hz")
     if info.duration is not None and info.duration > max_duration:
         raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
     return info

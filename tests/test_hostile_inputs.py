@@ -7,6 +7,8 @@ Each test fails on the code before its fix:
   record: 500, and the connection dropped;
 * a batch refused at one file (415, 413) had already queued the files before it: jobs ran that
   the client, told only of the refusal, never learnt of, and ran again when it retried;
+* a WAV header claiming 10 MHz was accepted at submit (202) and failed on the worker, where the
+  1 Hz one was refused at once (415);
 * a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
   two ``file`` uploads the first was dropped without a word);
 * audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
@@ -92,6 +94,18 @@ def test_a_batch_with_one_refused_file_queues_no_job(client, utterances, setting
     r = client.post("/jobs/batch", data={"kind": "embedding"}, files=files[:2])
     assert r.status_code == 202, r.text
     assert [wait_for_job(client, j["job_id"])["status"] for j in r.json()["jobs"]] == ["succeeded", "succeeded"]
+
+
+def test_a_forged_sample_rate_above_any_recorders_is_refused_at_submit(client, utterances):
+    wav = utterances["spk1"][1].read_bytes()
+    for rate in (1_000_000, 10_000_000):
+        r = client.post("/jobs/embedding", files={"file": ("forged.wav", _with_rate(wav, rate), "audio/wav")})
+        _assert_error(r, 415)
+        assert r.json()["detail"] == f"sample rate {rate} Hz is above the maximum of 768000 Hz", r.text
+    # the highest rate real recorders use still passes the header check
+    r = client.post("/jobs/embedding", files={"file": ("768k.wav", _with_rate(wav, 768_000), "audio/wav")})
+    assert r.status_code == 202, r.text
+    wait_for_job(client, r.json()["job_id"])
 
 
 # --- a field sent twice is refused, not guessed at --------------------------------------------------
