@@ -368,3 +368,9 @@ def get_engine() -> Engine:
         if _engine is None:
             _engine = Engine()
         return _engine
+
+
+def built_engine() -> Engine | None:
+    """The process-wide engine if it was built, without building it (a worker whose engine failed
+    to build reports that in its heartbeat instead of failing the heartbeat too)."""
+    return _engine

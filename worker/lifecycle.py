@@ -78,14 +78,18 @@ def heartbeat_info() -> dict[str, Any]:
     models: dict[str, Any] = {"diarization_model_loaded": False, "verification_model_loaded": False, "model_device": None}
     if settings.worker_load_models:
         # a webhook-delivery worker (or Flower's) runs from the API image, which has no torch
-        from engine.core import get_engine
+        from engine.core import built_engine
 
-        engine = get_engine()
-        models = {
-            "diarization_model_loaded": engine.diarization_loaded,
-            "verification_model_loaded": engine.verification_loaded,
-            "model_device": engine.model_device,
-        }
+        # never built here: an engine that failed to build (a CUDA device asked for where none
+        # is) would fail every heartbeat again, and /health would not show the worker or its
+        # load_error at all
+        engine = built_engine()
+        if engine is not None:
+            models = {
+                "diarization_model_loaded": engine.diarization_loaded,
+                "verification_model_loaded": engine.verification_loaded,
+                "model_device": engine.model_device,
+            }
     return {
         "worker": worker_name(),
         "pid": os.getpid(),

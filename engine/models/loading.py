@@ -52,8 +52,15 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {spec} requested but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {spec} requested but CUDA is not available")
+        # "cuda" is cuda:0 here (a worker is pinned through CUDA_VISIBLE_DEVICES), written out:
+        # set_per_process_memory_fraction refuses a device without an index, and the models'
+        # caches keyed by device must not hold "cuda" and "cuda:0" as two
+        device = torch.device("cuda", device.index or 0)
+        if device.index >= torch.cuda.device_count():
+            raise ModelError(f"device {spec} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
     return device
 
 
