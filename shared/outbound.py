@@ -14,8 +14,9 @@ addresses in the same way:
 
 Loopback, private (RFC 1918, ULA), carrier-grade NAT, link-local (cloud metadata at
 169.254.169.254), multicast, reserved and unspecified addresses are refused, as are
-``localhost``, ``*.internal`` and the metadata host names; IPv4-mapped and NAT64 IPv6 addresses
-are judged by their IPv4 address. Odd IP spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``)
+``localhost``, ``*.internal`` and the metadata host names; IPv4-mapped, NAT64 and 6to4 IPv6
+addresses are judged by their IPv4 address (``2002:a00:1::`` is 10.0.0.1). Odd IP spellings
+(``2130706433``, ``0x7f.1``, ``0177.0.0.1``)
 are resolved by the system resolver like any name, so they are checked as the address they stand
 for. Each use has its own setting that lifts the policy (local development, the tests, a server
 inside your network).
@@ -53,7 +54,7 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def address_allowed(address: str) -> bool:
-    """True only for a public unicast address (IPv4-mapped and NAT64 IPv6 judged by their IPv4)."""
+    """True only for a public unicast address (IPv4-mapped, NAT64 and 6to4 IPv6 judged by their IPv4)."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
@@ -63,6 +64,10 @@ def address_allowed(address: str) -> bool:
             ip = ip.ipv4_mapped
         elif ip in _NAT64:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.sixtofour is not None:
+            # 6to4 (2002::/16): a host with a 6to4 tunnel sends it to the IPv4 address inside,
+            # so 2002:a00:1:: is 10.0.0.1 and 2002:7f00:1:: loopback; it passed as public
+            ip = ip.sixtofour
     return ip.is_global and not (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
     )

@@ -7,6 +7,8 @@ Each test fails on the code before its fix:
   record: 500, and the connection dropped;
 * a batch refused at one file (415, 413) had already queued the files before it: jobs ran that
   the client, told only of the refusal, never learnt of, and ran again when it retried;
+* a webhook or audio URL at a 6to4 address (``2002:a00:1::``, 10.0.0.1 inside) passed the address
+  policy as public;
 * a WAV header claiming 10 MHz was accepted at submit (202) and failed on the worker, where the
   1 Hz one was refused at once (415);
 * a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
@@ -186,6 +188,30 @@ def test_an_encoded_download_is_refused_not_inflated(limited, media_server, utte
     media_server.route("/gzipped.wav", encoded(_gzip(utterances["spk1"][0].read_bytes()), "gzip"))
     error = _failure(limited, _submit(limited, file_url=media_server.url("/gzipped.wav")))
     assert error["status_code"] == 422 and "Content-Encoding gzip;" in error["detail"], error
+
+
+# --- addresses: an IPv6 spelling of an internal IPv4 address is that address -----------------------
+
+
+@pytest.mark.parametrize("host", ["2002:7f00:1::", "2002:a00:1::1", "2002:c0a8:101::", "2002:a9fe:a9fe::"],
+                         ids=["6to4-loopback", "6to4-10/8", "6to4-192.168/16", "6to4-metadata"])
+def test_6to4_addresses_of_internal_ipv4_are_refused(variant_app, utterances, host):
+    strict = variant_app(webhook_allow_private_addresses=False, url_allow_private_addresses=False)
+    wav = utterances["spk1"][0].read_bytes()
+    r = strict.post("/jobs/embedding", files={"file": ("a.wav", wav, "audio/wav")},
+                    data={"webhook_url": f"http://[{host}]/hook"})
+    _assert_error(r, 422)
+    assert "public address" in r.json()["detail"], r.text
+    r = strict.post("/jobs/embedding", data={"file_url": f"http://[{host}]:8080/a.wav"})
+    _assert_error(r, 422)
+    assert "public address" in r.json()["detail"], r.text
+
+
+def test_6to4_of_a_public_address_is_still_public():
+    from shared.outbound import address_allowed
+
+    assert address_allowed("2002:808:808::")  # 8.8.8.8 inside
+    assert not address_allowed("2002:7f00:1::")
 
 
 # --- a server that trickles its response head ------------------------------------------------------
