@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     model_dir: Path | None = None
     hf_token: SecretStr | None = None
     # "auto" picks cuda:0 when CUDA is visible (a worker is pinned with CUDA_VISIBLE_DEVICES),
-    # otherwise the CPU.
-    device: str = "auto"
+    # otherwise the CPU; "cuda" is cuda:0. A GPU worker names its device: without it, it reports
+    # a load_error in /health instead of running on the CPU.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = None
     # share of the card's memory this worker process may allocate (torch's
     # set_per_process_memory_fraction), so two workers can share one GPU without one starving

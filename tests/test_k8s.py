@@ -80,6 +80,7 @@ def test_gpu_workers_take_one_card_one_job_and_drain(docs) -> None:
     worker = docs[("Deployment", "worker-gpu")]
     container = _container(worker)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"name": "AUDIO_ANALYSIS_DEVICE", "value": "cuda:0"} in container["env"]
     command = container["command"]
     assert command[command.index("--concurrency") + 1] == "1" and "prefork" in command
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60

@@ -96,6 +96,9 @@ def test_gpu_workers_are_pinned_one_job_at_a_time(compose):
         seen_devices.add(device["device_ids"][0])
         # the container sees only its reserved GPU, as device 0
         assert service["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
+        # asked for, not "auto": without its GPU the worker reports a load_error instead of
+        # running on the CPU unnoticed (tests/test_worker_device.py)
+        assert Settings(device=service["environment"]["AUDIO_ANALYSIS_DEVICE"]).device == "cuda:0"
         cmd = service["command"]
         assert cmd[cmd.index("--concurrency") + 1] == "1"
         # the queue the API sends to inside the stack: compose's env, else the setting's default
