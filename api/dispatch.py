@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import JobConflict, JobNotFound, SyncTimeout
 from shared import logs
 from shared.audio_limits import check_audio_limits
-from shared.errors import AnalysisError, InputError, ModelError
+from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
@@ -204,6 +204,9 @@ class Dispatcher:
             else self.settings.max_audio_seconds
         hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
         for upload in uploads:
+            if await _is_empty(upload):
+                # nothing a worker could decode: refused here, as the synchronous route's worker did
+                raise AudioDecodeError(f"uploaded file {(upload.filename or '')[:100]!r} is empty")
             await run_in_threadpool(
                 check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
                 hint=hint,
@@ -294,6 +297,14 @@ class Dispatcher:
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
+
+
+async def _is_empty(upload: UploadFile) -> bool:
+    if upload.size is not None:
+        return upload.size == 0
+    head = await upload.read(1)
+    await upload.seek(0)
+    return not head
 
 
 def _first_filename(submission: Submission) -> str | None:

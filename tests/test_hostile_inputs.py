@@ -9,6 +9,7 @@ Each test fails on the code before its fix:
   the client, told only of the refusal, never learnt of, and ran again when it retried;
 * a webhook or audio URL at a 6to4 address (``2002:a00:1::``, 10.0.0.1 inside) passed the address
   policy as public;
+* an empty upload was queued (202) for a worker to refuse;
 * a WAV header claiming 10 MHz was accepted at submit (202) and failed on the worker, where the
   1 Hz one was refused at once (415);
 * a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
@@ -108,6 +109,18 @@ def test_a_forged_sample_rate_above_any_recorders_is_refused_at_submit(client, u
     r = client.post("/jobs/embedding", files={"file": ("768k.wav", _with_rate(wav, 768_000), "audio/wav")})
     assert r.status_code == 202, r.text
     wait_for_job(client, r.json()["job_id"])
+
+
+def test_an_empty_upload_is_refused_at_submit(client, utterances):
+    wav = utterances["spk1"][1].read_bytes()
+    for path, files in [("/jobs/embedding", {"file": ("empty.wav", b"", "audio/wav")}),
+                        ("/jobs/compare", {"file1": ("a.wav", wav, "audio/wav"), "file2": ("empty.wav", b"", "audio/wav")}),
+                        ("/jobs/batch", [("files", ("a.wav", wav, "audio/wav")), ("files", ("empty.wav", b"", "audio/wav"))]),
+                        ("/embedding", {"file": ("empty.wav", b"", "audio/wav")})]:
+        data = {"kind": "embedding"} if path == "/jobs/batch" else {}
+        r = client.post(path, files=files, data=data)
+        _assert_error(r, 415)
+        assert r.json()["detail"] == "uploaded file 'empty.wav' is empty", (path, r.text)
 
 
 # --- a field sent twice is refused, not guessed at --------------------------------------------------
