@@ -28,7 +28,7 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpcore
@@ -125,6 +125,10 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+# how often a stream calls its on_read hook at most (a job's checks write to Redis)
+_ON_READ_EVERY_S = 0.25
+
+
 class DeadlineExceeded(Exception):
     """The connection's overall deadline passed (the cause of the timeout httpx raises then)."""
 
@@ -138,8 +142,9 @@ class _DeadlineStream(httpcore.NetworkStream):
     bounds the whole exchange, the response head included.
     """
 
-    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
-        self._inner, self._deadline = inner, deadline
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float, on_read: Callable[[], None] | None = None) -> None:
+        self._inner, self._deadline, self._on_read = inner, deadline, on_read
+        self._checked = 0.0
 
     def _left(self, timeout: float | None, error: type[Exception]) -> float:
         left = self._deadline - time.monotonic()
@@ -148,6 +153,11 @@ class _DeadlineStream(httpcore.NetworkStream):
         return left if timeout is None else min(timeout, left)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._on_read is not None and time.monotonic() - self._checked >= _ON_READ_EVERY_S:
+            # the caller's own checks (a job's cancel, a warm shutdown) between reads: they may
+            # raise, and end the exchange there, response head or not
+            self._checked = time.monotonic()
+            self._on_read()
         return self._inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -159,17 +169,18 @@ class _DeadlineStream(httpcore.NetworkStream):
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
         inner = self._inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
-        return _DeadlineStream(inner, self._deadline)
+        return _DeadlineStream(inner, self._deadline, self._on_read)
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
 
 
 class DeadlineBackend(httpcore.NetworkBackend):
-    """``inner``'s connections, each bounded as a whole by ``deadline`` (time.monotonic())."""
+    """``inner``'s connections, each bounded as a whole by ``deadline`` (time.monotonic());
+    ``on_read`` is called before a read (at most every quarter second)."""
 
-    def __init__(self, inner: httpcore.NetworkBackend, deadline: float) -> None:
-        self._inner, self._deadline = inner, deadline
+    def __init__(self, inner: httpcore.NetworkBackend, deadline: float, on_read: Callable[[], None] | None = None) -> None:
+        self._inner, self._deadline, self._on_read = inner, deadline, on_read
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
@@ -178,7 +189,7 @@ class DeadlineBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectTimeout("deadline passed") from DeadlineExceeded()
         stream = self._inner.connect_tcp(host, port, timeout=left if timeout is None else min(timeout, left),
                                          local_address=local_address, socket_options=socket_options)
-        return _DeadlineStream(stream, self._deadline)
+        return _DeadlineStream(stream, self._deadline, self._on_read)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
         raise httpcore.ConnectError("unix sockets are not outbound targets")
@@ -187,17 +198,18 @@ class DeadlineBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
-def transport(allow_private: bool, deadline: float | None = None) -> httpx.HTTPTransport:
+def transport(allow_private: bool, deadline: float | None = None,
+              on_read: Callable[[], None] | None = None) -> httpx.HTTPTransport:
     """An httpx transport that connects only to checked addresses (unless ``allow_private``);
     with ``deadline`` (a time.monotonic() value), every connection it makes ends by then, however
-    slowly its peer trickles (:class:`DeadlineBackend`).
+    slowly its peer trickles, and ``on_read`` runs between its reads (:class:`DeadlineBackend`).
 
     ``trust_env`` is off: a proxy from the environment would connect for us, unchecked.
     """
     result = httpx.HTTPTransport(trust_env=False)
     backend: httpcore.NetworkBackend | None = None if allow_private else PinnedBackend()
     if deadline is not None:
-        backend = DeadlineBackend(backend or httpcore.SyncBackend(), deadline)
+        backend = DeadlineBackend(backend or httpcore.SyncBackend(), deadline, on_read)
     if backend is not None:
         # httpx builds its httpcore pool without a way to pass a network backend: rebuild it
         # with ours (same TLS context and limits as httpx's own defaults)

@@ -153,8 +153,10 @@ def fetch_audio(
     current = url
     try:
         # the deadline bounds every socket operation, the response head too: a server trickling
-        # its headers a byte at a time, each within the timeout, held the worker for hours
-        with httpx.Client(transport=transport(allow_private, deadline), follow_redirects=False, trust_env=False,
+        # its headers a byte at a time, each within the timeout, held the worker for hours; and
+        # progress (a cancel, a warm shutdown) is checked between reads, head or body
+        with httpx.Client(transport=transport(allow_private, deadline, progress), follow_redirects=False,
+                          trust_env=False,
                           headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}) as client:
             for hop in range(settings.url_fetch_max_redirects + 1):
                 remaining = deadline - time.monotonic()

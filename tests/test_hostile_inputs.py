@@ -19,7 +19,8 @@ Each test fails on the code before its fix:
 * audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
   it: 1 KB made the worker allocate what it decoded to (2 GiB from 3.5 KB);
 * a URL or webhook receiver that trickled its response head a byte at a time, each within the
-  read timeout, held the worker past every deadline (for hours with a long enough head).
+  read timeout, held the worker past every deadline (for hours with a long enough head), and a
+  cancel did not stop such a download until then.
 """
 
 from __future__ import annotations
@@ -290,6 +291,27 @@ def test_a_url_trickling_its_response_head_hits_the_deadline(limited, media_serv
     assert error["detail"] == (f"file_url: {media_server.url('/trickle-head.wav')} did not send the file within "
                                "the deadline of 4 s"), error
     assert error["elapsed"] < 6.5, error
+
+
+def test_cancelling_while_the_response_head_trickles_frees_the_worker(limited, media_server):  # noqa: F811
+    path = "/head-then-cancel.wav"
+    media_server.route(path, _trickle_head(0.3, 200))
+    job = _submit(limited, file_url=media_server.url(path))
+    started = time.monotonic()
+    while not media_server.for_path(path):
+        assert time.monotonic() - started < 30, "the worker never connected"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    r = limited.post(f"/jobs/{job['job_id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    cancelled = time.monotonic()
+    [hit] = media_server.for_path(path)
+    while not hit["closed"] and time.monotonic() - cancelled < 10:
+        time.sleep(0.05)
+    took = time.monotonic() - cancelled
+    print(f"\ncancelled while the head trickled in: the worker hung up {took:.1f} s later (deadline 4 s)")
+    # the server notices on its next write or the one after (0.3 s apart)
+    assert hit["closed"] and took < 2.0, took
 
 
 @pytest.fixture()
