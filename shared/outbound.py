@@ -142,7 +142,8 @@ class _DeadlineStream(httpcore.NetworkStream):
     bounds the whole exchange, the response head included.
     """
 
-    def __init__(self, inner: httpcore.NetworkStream, deadline: float, on_read: Callable[[], None] | None = None) -> None:
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float,
+                 on_read: Callable[[], None] | None = None) -> None:
         self._inner, self._deadline, self._on_read = inner, deadline, on_read
         self._checked = 0.0
 
@@ -179,7 +180,8 @@ class DeadlineBackend(httpcore.NetworkBackend):
     """``inner``'s connections, each bounded as a whole by ``deadline`` (time.monotonic());
     ``on_read`` is called before a read (at most every quarter second)."""
 
-    def __init__(self, inner: httpcore.NetworkBackend, deadline: float, on_read: Callable[[], None] | None = None) -> None:
+    def __init__(self, inner: httpcore.NetworkBackend, deadline: float,
+                 on_read: Callable[[], None] | None = None) -> None:
         self._inner, self._deadline, self._on_read = inner, deadline, on_read
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
