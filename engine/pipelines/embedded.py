@@ -5,8 +5,9 @@
   model call.
 - **Clustering** is pyannote's agglomerative clustering (centroid linkage on unit vectors, a
   distance threshold, small clusters folded into the nearest large one) with the speaker-count
-  constraints made exact: asked for N speakers, it cuts the dendrogram where it holds N large
-  clusters, and if no cut does, where it holds N clusters of any size. pyannote's version settles
+  constraints made exact: asked for N speakers, it keeps the free count's speakers if they are N,
+  else cuts the dendrogram where it holds N large clusters, and if no cut does, where it holds N
+  clusters of any size. pyannote's version settles
   for "the closest it found" and prints about it on stdout. Unconstrained, a small cluster unlike
   every speaker (cosine distance above ``distinct_distance``) stays a speaker of its own instead
   of being folded in (a minor talker). Speakers too short to embed inherit
@@ -155,27 +156,40 @@ class ExactCountClustering(AgglomerativeClustering):
         unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         dendrogram = linkage(unit, method=self.method, metric="euclidean")
         clusters = fcluster(dendrogram, self.threshold, criterion="distance") - 1
-        found = _num_large(clusters, free_size)
+        # the free count's speakers, the large clusters first: when the caller asks for as many
+        # as it has large clusters, or as many as it has speakers in all (with the minor talkers
+        # it kept), that is the answer (a cut held to the count would fold a minor talker the
+        # free count kept and split someone else instead); otherwise a cut makes the count
+        keep, large_count = self._free_speakers(unit, clusters, free_size)
+        found = len(keep)
         target = num_clusters
         if target is None and min_clusters is not None and found < min_clusters:
             target = min_clusters
-        if target is None and max_clusters is not None and found > max_clusters:
+        if target is None and max_clusters is not None and large_count > max_clusters:
             target = max_clusters
         self.forced_count = target
-        if target is not None and found != target:
+        if target is not None and target not in (found, large_count):
             clusters, keep = _cut_with(dendrogram, n, min(target, n), min_size)
         else:
-            counts = np.bincount(clusters)
-            keep = np.flatnonzero(counts >= free_size)
-            if len(keep) == 0:
-                # every cluster is small: the largest (of those, the one nearest the mean voice)
-                # is the first speaker, and the others stay speakers only if distinct from it
-                largest = np.flatnonzero(counts == counts.max())
-                middle = unit.mean(axis=0, keepdims=True)
-                keep = largest[[int(np.argmin(cdist(_centroids(unit, clusters, largest), middle, metric=self.metric)))]]
-            if num_clusters is None and self.distinct_distance is not None:
-                keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance, max_clusters)
+            # a bound alone folds the minor talkers past it, the farthest kept first
+            keep = keep[: target or max_clusters]
         return _fold_into(unit, clusters, keep, self.metric)
+
+    def _free_speakers(self, unit: np.ndarray, clusters: np.ndarray, free_size: int) -> tuple[np.ndarray, int]:
+        """The clusters the free count keeps, and how many of them are large: the large ones
+        first, then the small ones distinct from them, farthest first."""
+        counts = np.bincount(clusters)
+        keep = np.flatnonzero(counts >= free_size)
+        if len(keep) == 0:
+            # every cluster is small: the largest (of those, the one nearest the mean voice)
+            # is the first speaker, and the others stay speakers only if distinct from it
+            largest = np.flatnonzero(counts == counts.max())
+            middle = unit.mean(axis=0, keepdims=True)
+            keep = largest[[int(np.argmin(cdist(_centroids(unit, clusters, largest), middle, metric=self.metric)))]]
+        large_count = len(keep)
+        if self.distinct_distance is not None:
+            keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance)
+        return keep, large_count
 
     def __call__(self, embeddings, segmentations=None, **kwargs):
         # here, not in ``cluster``: pyannote skips ``cluster`` when at most one speaker is allowed,
@@ -230,10 +244,10 @@ def _centroids(unit: np.ndarray, clusters: np.ndarray, labels: np.ndarray) -> np
 DISTINCT_MIN_SHARE = 0.001
 
 
-def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str, distance: float,
-                   max_clusters: int | None) -> np.ndarray:
+def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str,
+                   distance: float) -> np.ndarray:
     """``keep`` plus the small clusters unlike every kept one (centroid distance above ``distance``),
-    farthest first and never past ``max_clusters``.
+    farthest first.
 
     A talker with a few seconds in a meeting gives one or two chunk embeddings: a cluster below
     ``min_cluster_size``, which pyannote folds into the nearest speaker whatever the distance. If
@@ -253,8 +267,6 @@ def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, met
     nearest = cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric).min(axis=0)
     order = np.argsort(-nearest, kind="stable")
     distinct = [small[i] for i in order if nearest[i] > distance]
-    if max_clusters is not None:
-        distinct = distinct[: max(0, max_clusters - len(keep))]
     return np.concatenate([keep, np.asarray(distinct, dtype=keep.dtype)]) if distinct else keep
 
 
