@@ -244,6 +244,11 @@ def _mono_blocks(snd, seconds: int = 60):
             return
 
 
+# libsndfile reports SF_COUNT_MAX (2**63 - 1) frames when a header leaves the length unknown; no
+# real file comes near 2**62 frames (3 million years at 48 kHz)
+_UNKNOWN_FRAMES = 2**62
+
+
 def _read_soundfile(fh: BinaryIO, max_duration: float) -> _Collector | None:
     """Decode with libsndfile; ``None`` when libsndfile does not know the format."""
     import soundfile as sf
@@ -254,14 +259,17 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> _Collector | None:
             if snd.samplerate <= 0 or snd.channels <= 0:
                 raise AudioDecodeError("audio header declares no samples or channels")
             _check_sample_rate(snd.samplerate)
+            # libsndfile's "length unknown" (a FLAC whose encoder wrote to a pipe and could not
+            # go back to fill in STREAMINFO): streamed, the collector holding it to the limit
+            unknown = snd.frames >= _UNKNOWN_FRAMES
             # a header can claim anything: check what it claims before allocating for it
-            if snd.frames > max_duration * snd.samplerate:
+            if not unknown and snd.frames > max_duration * snd.samplerate:
                 raise AudioTooLongError(
                     f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
                 )
             rate = snd.samplerate
-            out = _Collector(max_duration, snd.frames / rate)
-            if snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
+            out = _Collector(max_duration, None if unknown else snd.frames / rate)
+            if unknown or snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
                 # Long or wide input: down-mix and resample block by block so that only the 16
                 # kHz mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise
                 # take 1.4 GB as float32 before down-mixing, a 1 GB 64-channel one 5.5 GB).

@@ -467,3 +467,45 @@ def test_stored_pickle_round_trip_through_compare_embedding(engine: Engine, spee
     reference = load_embedding(stored, "enrolled.pkl", dimension=engine.settings.embedding_dimension)
     result = engine.compare_embedding(Audio(speech), reference)
     assert result.similarity_score > 0.99 and result.same_speaker
+
+
+def _length_unknown(flac: bytes) -> bytes:
+    """A FLAC as an encoder writing to a pipe leaves it (``ffmpeg ... -f flac -``): STREAMINFO's
+    total samples (36 bits) and MD5 are 0, "unknown", and libsndfile reports SF_COUNT_MAX frames."""
+    data = bytearray(flac)
+    assert data[:4] == b"fLaC" and data[4] & 0x7F == 0, "STREAMINFO first"
+    data[21] &= 0xF0
+    data[22:42] = bytes(20)
+    return bytes(data)
+
+
+def _flac_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44_100])
+def test_a_flac_of_unknown_length_is_decoded_whole(rate: int) -> None:
+    """It was refused as 576460752303424 s long."""
+    t = np.arange(int(7.0 * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * 1234 * t)).astype(np.float32)
+    piped = _length_unknown(_flac_bytes(samples, rate))
+    with sf.SoundFile(io.BytesIO(piped)) as snd:
+        assert snd.frames > 2**62  # what libsndfile makes of "unknown"
+    audio = load_audio(piped)
+    # streamed (and at 44.1 kHz resampled block by block) where the known length is decoded whole
+    expected = load_audio(_flac_bytes(samples, rate))
+    assert audio.duration == pytest.approx(7.0, abs=0.01)
+    assert np.allclose(audio.float32()[100:-100], expected.float32()[100:-100], atol=0.01)
+
+
+def test_a_flac_of_unknown_length_is_still_held_to_the_limit() -> None:
+    piped = _length_unknown(_flac_bytes(noise(9.0)))
+    tracemalloc.start()
+    try:
+        expect_client_error(lambda: load_audio(piped, max_duration=5.0), AudioTooLongError)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # no buffer sized from the unknown length
