@@ -1,4 +1,4 @@
-"""Refuse oversized or too slow request bodies while they stream in.
+"""Refuse oversized or too slow request bodies while they stream in; bound what a form holds in memory.
 
 A declared Content-Length over the limit is answered 413 at once. A body without one (chunked)
 is counted as it arrives: the moment it passes the limit, reading stops and the request is
@@ -13,11 +13,49 @@ protocol (api/serve.py), since no ASGI app sees a request before its head is com
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Callable, Coroutine
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartParser
+from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+
+# What a form may hold in memory. Every form field of every route is a number, a flag, a name or
+# a URL (8 KB at most), so 64 fields of 64 KB each is far more than any request needs. Starlette's
+# defaults (1000 fields of 1 MB) let one request of 900 one-megabyte fields take 900 MB of the
+# API's memory, and the form is parsed before the API key is checked.
+MAX_FORM_FIELDS = 64
+MAX_FIELD_BYTES = 64 * 1024
+# an uploaded file is held in memory up to this, then spooled to a temporary file; at Starlette's
+# 1 MB, 900 uploads of just under 1 MB (a batch) also stayed in memory, 900 MB a request
+SPOOL_BYTES = 64 * 1024
+MultiPartParser.spool_max_size = SPOOL_BYTES
+
+
+class BoundedFormRequest(Request):
+    """A request whose form parsing keeps to MAX_FORM_FIELDS fields of MAX_FIELD_BYTES (400 past them)."""
+
+    def form(self, *, max_files: int | float = 1000, max_fields: int | float = MAX_FORM_FIELDS,
+             max_part_size: int = MAX_FIELD_BYTES) -> AwaitableOrContextManager[FormData]:
+        return super().form(max_files=max_files, max_fields=min(max_fields, MAX_FORM_FIELDS),
+                            max_part_size=min(max_part_size, MAX_FIELD_BYTES))
+
+
+class BoundedFormRoute(APIRoute):
+    """A route that parses its form as a :class:`BoundedFormRequest` (``route_class`` of the routers)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def bounded(request: Request) -> Response:
+            return await handler(BoundedFormRequest(request.scope, request.receive))
+
+        return bounded
 
 
 class BodyLimitMiddleware:

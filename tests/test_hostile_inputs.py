@@ -14,6 +14,8 @@ Each test fails on the code before its fix:
 * an empty upload was queued (202) for a worker to refuse;
 * a WAV header claiming 10 MHz was accepted at submit (202) and failed on the worker, where the
   1 Hz one was refused at once (415);
+* a form of 900 one-megabyte fields (no API key needed: the form is parsed first), or a batch of
+  900 uploads just under 1 MB, was held in the API's memory (1.8 GB for two such requests);
 * a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
   two ``file`` uploads the first was dropped without a word);
 * audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
@@ -193,6 +195,61 @@ def test_a_single_valued_field_sent_twice_is_refused(client, utterances):
     assert r.status_code == 202 and len(r.json()["jobs"]) == 2, r.text
     for job in r.json()["jobs"]:
         wait_for_job(client, job["job_id"])
+
+
+# --- what a form may make the API hold in memory ----------------------------------------------------
+
+
+@pytest.fixture()
+def roomy_api(service_env, tmp_path_factory) -> Iterator[tuple[str, int]]:
+    """A fresh real uvicorn API (api.serve; fresh, so its peak RSS is its own) taking bodies up to
+    400 MB, with API keys, on a queue nobody consumes: (base URL, its process id)."""
+    import os
+
+    from cli.launcher import Stack, free_port
+
+    env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
+           "AUDIO_ANALYSIS_MAX_UPLOAD_BYTES": str(400 * 1024 * 1024), "AUDIO_ANALYSIS_QUEUE_NAME": "audio-roomy",
+           "AUDIO_ANALYSIS_API_KEYS": '["roomy-key-0123456789"]'}
+    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("roomy-api"))
+    port = free_port()
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        stack.stop()
+
+
+def _multipart(parts: Iterator[tuple[str, str | None, bytes]]) -> Iterator[bytes]:
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        yield f"--BB\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    yield b"--BB--\r\n"
+
+
+@pytest.mark.parametrize("what", ["fields", "files"])
+def test_a_form_cannot_fill_the_apis_memory(roomy_api, what):
+    import httpx
+
+    base, pid = roomy_api
+    megabyte = b"a" * 1_000_000
+    if what == "fields":
+        # 250 fields of 1 MB, no API key: the form is parsed before the key is checked
+        parts = ((f"f{i}", None, megabyte) for i in range(250))
+        path, headers = "/jobs/embedding", {}
+    else:
+        # a batch of 250 uploads of just under 1 MB: each held in memory, below Starlette's spool size
+        parts = (("files", f"{i}.wav", megabyte) for i in range(250))
+        path, headers = "/jobs/batch", {"X-API-Key": "roomy-key-0123456789"}
+    body = b"".join(_multipart(parts))
+    before = _peak_rss_mb(pid)
+    r = httpx.post(base + path, content=body, timeout=120,
+                   headers={**headers, "Content-Type": "multipart/form-data; boundary=BB"})
+    grown = _peak_rss_mb(pid) - before
+    print(f"\n250 MB of {what}: answered {r.status_code}, the API's peak RSS grew {grown:.0f} MB")
+    assert 400 <= r.status_code < 500 and set(r.json()) == ERROR_KEYS, r.text
+    assert grown < 100, f"the API held the form in memory: +{grown:.0f} MB"
+    assert httpx.get(base + "/health", timeout=10).status_code in (200, 503)
 
 
 # --- audio by URL: what the server sends is never inflated -----------------------------------------

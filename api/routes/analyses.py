@@ -14,11 +14,14 @@ from fastapi.responses import JSONResponse
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, require_api_key
 from api.dispatch import view
 from api.forms import WEBHOOK_FIELDS, file_parameters, form_parameters, split, with_signature
+from api.limits import BoundedFormRoute
 from api.models import ERRORS, Job
 from shared.kinds import KINDS, JobKind
 
-jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS)
-synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS,
+                 route_class=BoundedFormRoute)
+synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_key)], responses=ERRORS,
+                        route_class=BoundedFormRoute)
 
 ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook"}}
 

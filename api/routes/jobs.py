@@ -12,6 +12,7 @@ from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, requi
 from api.dispatch import view
 from api.errors import JobConflict, JobNotFound
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
+from api.limits import BoundedFormRoute
 from api.models import ERRORS, Batch, Job, JobList
 from api.routes.analyses import DEPENDENCIES
 from api.routes.analyses import jobs as router
@@ -20,7 +21,8 @@ from shared.formats import FORMATS, FormatName, file_stem
 from shared.jobs import STATES, SUCCEEDED, JobRecord, Status, is_job_id, new_job_id
 from shared.kinds import KINDS, JobKind, KindName, get_kind
 
-batches = APIRouter(prefix="/batches", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+batches = APIRouter(prefix="/batches", tags=["jobs"], dependencies=[Depends(require_api_key)], responses=ERRORS,
+                    route_class=BoundedFormRoute)
 
 # kinds with one audio upload, whose parameters apply to every file of a batch
 BATCH_KINDS: dict[str, JobKind] = {k.name: k for k in KINDS.values() if k.batch}

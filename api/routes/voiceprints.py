@@ -20,13 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.errors import JobNotFound
 from api.forms import refuse_repeated
+from api.limits import BoundedFormRoute
 from api.models import ERRORS
 from shared.errors import ModelError
 from shared.kinds import ENROLL
 from shared.voiceprints import FORMAT, Voiceprint, embedding_model, parse_import, to_npy
 
 router = APIRouter(prefix="/voiceprints", tags=["voiceprints"], dependencies=[Depends(require_api_key)],
-                   responses=ERRORS)
+                   responses=ERRORS, route_class=BoundedFormRoute)
 
 
 class VoiceprintInfo(BaseModel):
