@@ -12,9 +12,10 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.dispatch import Dispatcher
-from api.errors import AuthError
+from api.errors import AuthError, error_response
 from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
 
@@ -88,6 +89,33 @@ def require_api_key(request: Request, key: str | None = Security(api_key_header)
     if _matches(key, keys):
         return Principal(owner=owner_of(key))
     raise AuthError("invalid API key")
+
+
+class ApiKeyGate:
+    """With API keys on, a request that carries a body (POST, PUT, PATCH) without a valid key is
+    answered 401 before a byte of its body is read.
+
+    FastAPI parses a route's form before it resolves the route's dependencies, so the key check
+    of :func:`require_api_key` came after the whole upload had been received, parsed and spooled
+    to disk: anyone could make the API take in a gigabyte a request. Every route with a body
+    needs a key (only /health, /metrics, the docs and the web page are open, all GET); the
+    dependency still decides who the caller is.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.keys, self.admins = settings.api_keys, settings.admin_api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and (self.keys or self.admins):
+            raw = dict(scope["headers"]).get(b"x-api-key")
+            key = raw.decode("latin-1") if raw is not None else None
+            if key is None or not (_matches(key, self.admins) or _matches(key, self.keys)):
+                detail = "missing X-API-Key header" if key is None else "invalid API key"
+                response = error_response(401, detail, "ValidationError", {"WWW-Authenticate": "X-API-Key"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -11,6 +11,7 @@ from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
+from api.deps import ApiKeyGate
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
@@ -118,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     errors.install(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
+    # outside the body limit: a request without a valid key is refused before its body is read
+    app.add_middleware(ApiKeyGate, settings=settings)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
     # outermost: even a refused body's 413 carries the request id

@@ -16,6 +16,8 @@ Each test fails on the code before its fix:
   1 Hz one was refused at once (415);
 * a form of 900 one-megabyte fields (no API key needed: the form is parsed first), or a batch of
   900 uploads just under 1 MB, was held in the API's memory (1.8 GB for two such requests);
+* with API keys on, a request without a valid key had its whole body received, parsed and spooled
+  to disk before the 401 (FastAPI parses a form before it checks dependencies);
 * a field sent twice was read as its last value (``num_speakers=2&num_speakers=7`` ran with 7; of
   two ``file`` uploads the first was dropped without a word);
 * audio by URL sent with ``Content-Encoding: gzip, gzip`` was inflated before any limit counted
@@ -38,6 +40,7 @@ from typing import Iterator
 import pytest
 
 from tests.conftest import wait_for_job
+from tests.test_security import KEY_A, _read_status, live  # noqa: F401  (live: a fixture)
 from tests.test_url_input import _failure, _submit, limited  # noqa: F401  (limited: a fixture)
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -250,6 +253,29 @@ def test_a_form_cannot_fill_the_apis_memory(roomy_api, what):
     assert 400 <= r.status_code < 500 and set(r.json()) == ERROR_KEYS, r.text
     assert grown < 100, f"the API held the form in memory: +{grown:.0f} MB"
     assert httpx.get(base + "/health", timeout=10).status_code in (200, 503)
+
+
+@pytest.mark.parametrize("key", [None, "not-a-key"], ids=["no-key", "wrong-key"])
+def test_a_body_without_a_valid_key_is_refused_before_it_is_read(live, key):  # noqa: F811
+    """The head of a 5 MB upload, and not a byte of its body: a request without a valid key is
+    answered at once (before, the API waited for the body, to parse it before checking the key:
+    408 once the body stalled, or the whole upload received and spooled to disk)."""
+    def head(key: str | None) -> bytes:
+        return ("POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nContent-Length: 5000000\r\n"
+                "Content-Type: multipart/form-data; boundary=BB\r\n" + (f"X-API-Key: {key}\r\n" if key else "")
+                + "\r\n").encode()
+
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(head(key))
+        status = _read_status(sock, timeout_s=1.5)
+    assert status == 401, status
+    assert time.monotonic() - started < 1.5
+    # a valid key's request is let through to wait for its body (408 once it stalls: 2 s here)
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        sock.sendall(head(KEY_A))
+        assert _read_status(sock, timeout_s=8) == 408
+    assert live.alive()
 
 
 # --- audio by URL: what the server sends is never inflated -----------------------------------------
