@@ -108,7 +108,8 @@ class ApiKeyGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and (self.keys or self.admins):
-            raw = dict(scope["headers"]).get(b"x-api-key")
+            # the first one, as the dependency reads it (Starlette's headers.get)
+            raw = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             key = raw.decode("latin-1") if raw is not None else None
             if key is None or not (_matches(key, self.admins) or _matches(key, self.keys)):
                 detail = "missing X-API-Key header" if key is None else "invalid API key"
