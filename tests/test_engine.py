@@ -42,6 +42,17 @@ def test_diarization_on_pyannote_sample_meets_der_target(sample_result):
     assert {t.speaker for t in sample_result.diarization_results} == {"SPEAKER_00", "SPEAKER_01"}
 
 
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_no_turn_runs_past_the_end_of_the_recording(engine, exclusive):
+    """pyannote's last output frames can reach past the samples: a turn of this 2.87 s
+    utterance ended at 2.917 s, which an RTTM or subtitle consumer trusts."""
+    path = Path("../shared/data/speech/utterances/spk1_snt1.wav")
+    result = engine.diarize(path, exclusive=exclusive)
+    assert result.diarization_results
+    assert max(t.end for t in result.diarization_results) <= result.audio_duration
+    assert all(t.end > t.start for t in result.diarization_results)
+
+
 def test_stray_speakers_are_dropped_but_never_below_the_floor():
     from pyannote.core import Annotation, Segment
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -115,7 +116,7 @@ class Diarizer:
         names: dict[str, str] = {}
         turns = to_turns(
             output, min_speaker_s=self.min_speaker_s, num_speakers=num_speakers, min_speakers=min_speakers,
-            min_duration=min_duration, exclusive=exclusive, names=names,
+            min_duration=min_duration, exclusive=exclusive, names=names, duration=audio.duration,
         )
         alone = getattr(output, "exclusive_speaker_diarization", None)
         speech: dict[str, list[tuple[float, float]]] = {name: [] for name in dict.fromkeys(t.speaker for t in turns)}
@@ -144,6 +145,7 @@ def to_turns(
     min_duration: float = 0.0,
     exclusive: bool = False,
     names: dict[str, str] | None = None,
+    duration: float | None = None,
 ) -> list[Turn]:
     """The pipeline's output as the product reports it: stray speakers dropped (unless the caller
     fixed the count), turns shorter than ``min_duration`` left out, labels by first appearance.
@@ -154,11 +156,13 @@ def to_turns(
     is kept). Its speakers and labels are the regular diarization's: a speaker keeps the label
     it has without ``exclusive``, and one heard only in overlap has no exclusive turn.
     ``names`` receives pipeline label -> reported label (voiceprint identification uses it).
+    ``duration``: the recording's length; turns end there (pyannote's last frames can reach a
+    few tens of ms past it: 2.917 s for a 2.87 s file).
     """
     regular = getattr(output, "speaker_diarization", output)
     if num_speakers is None:
         regular = drop_stray_speakers(regular, min_speaker_s, keep_at_least=min_speakers or 1)
-    kept = _tracks(regular, min_duration)
+    kept = _tracks(regular, min_duration, duration)
     labels = first_appearance_names(kept)
     if names is not None:
         names.update(labels)
@@ -169,16 +173,16 @@ def to_turns(
         # a pipeline run with legacy=True (or an older pyannote) returns the annotation alone
         raise ProcessingError("this diarization pipeline gives no exclusive diarization")
     speakers = set(regular.labels())
-    turns = [t for t in _tracks(annotation, min_duration) if t[2] in speakers]
+    turns = [t for t in _tracks(annotation, min_duration, duration) if t[2] in speakers]
     return relabel_by_first_appearance(turns, labels)
 
 
-def _tracks(annotation, min_duration: float) -> list[tuple[float, float, str]]:
-    return [
-        (float(seg.start), float(seg.end), str(label))
-        for seg, _, label in annotation.itertracks(yield_label=True)
-        if seg.duration >= min_duration
-    ]
+def _tracks(annotation, min_duration: float, duration: float | None = None) -> list[tuple[float, float, str]]:
+    # to the millisecond below: turns are reported rounded to 1 ms, never past the recording
+    end = float("inf") if duration is None else math.floor(duration * 1000) / 1000
+    clipped = ((float(seg.start), min(float(seg.end), end), str(label))
+               for seg, _, label in annotation.itertracks(yield_label=True))
+    return [(a, b, label) for a, b, label in clipped if b > a and b - a >= min_duration]
 
 
 def drop_stray_speakers(annotation, min_total_s: float, keep_at_least: int = 1):
