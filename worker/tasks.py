@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
@@ -216,9 +217,8 @@ def _run_leased(
         outcome = (FAILED, None, ProcessingError("job exceeded its time limit"))
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
-    except Exception as exc:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
-        log.exception("job %s failed", job_id)
-        outcome = (FAILED, None, ProcessingError(f"{type(exc).__name__}: {exc}"))
+    except Exception:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
+        outcome = (FAILED, None, _internal_error(job_id))
     try:
         if outcome is not None:
             status, result, error = outcome
@@ -234,6 +234,22 @@ def _run_leased(
     if record is not None:
         _notify(record)
     return _settle(task, record, job_id)
+
+
+def _internal_error(job_id: str) -> ProcessingError:
+    """The error a client sees for an exception nobody expected (call it in the ``except``).
+
+    The exception's own text (a file path of the server, a library's internals, a query) goes
+    only to the worker's log, with a short reference that the client's message quotes, so an
+    operator finds the traceback from what a client reports. AnalysisErrors are meant for
+    clients and keep their messages; this is for everything else.
+    """
+    reference = uuid.uuid4().hex[:12]
+    log.exception("job %s failed (error %s)", job_id, reference)
+    return ProcessingError(
+        f"internal error while processing the job (error {reference}, job {job_id}); "
+        "the service's operators can look it up in the worker's log"
+    )
 
 
 def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
