@@ -10,7 +10,8 @@ once (``Dispatcher.read``).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, Iterable, Literal, get_origin
+from types import UnionType
+from typing import Any, Awaitable, Callable, Iterable, Literal, Union, get_args, get_origin
 
 from fastapi import File, Form, Request, UploadFile
 from pydantic.fields import FieldInfo
@@ -78,6 +79,38 @@ async def refuse_repeated(request: Request, names: Iterable[str]) -> None:
         count = len(form.getlist(name))
         if count > 1:
             raise InputError(f"{name}: given {count} times; send each field once")
+
+
+def _takes_several(annotation: Any) -> bool:
+    """True for a list (set, tuple) annotation, also inside ``X | None``."""
+    if get_origin(annotation) in (list, set, tuple, frozenset):
+        return True
+    return any(_takes_several(arg) for arg in get_args(annotation) if arg is not type(None)) \
+        if get_origin(annotation) in (Union, UnionType) else False
+
+
+async def refuse_repeated_query(request: Request) -> None:
+    """422 for a query parameter of the route that takes one value but came more than once.
+
+    As for form fields (:func:`refuse_repeated`): ``GET /jobs?status=failed&status=succeeded``
+    was read as its last value and answered as if only ``status=succeeded`` had been asked.
+    Installed on the whole app; parameters the route does not declare are left alone.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    pending, fields = [dependant], []
+    while pending:  # the route's own query parameters and its dependencies'
+        current = pending.pop()
+        fields += current.query_params
+        pending += current.dependencies
+    for field in fields:
+        if _takes_several(field.field_info.annotation):
+            continue
+        count = len(request.query_params.getlist(field.alias))
+        if count > 1:
+            raise InputError(f"{field.alias}: given {count} times; send each query parameter once")
 
 
 def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],

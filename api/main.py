@@ -6,12 +6,13 @@ import re
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import ApiKeyGate
+from api.forms import refuse_repeated_query
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
@@ -106,8 +107,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # /docs and /redoc come from api/routes/web.py: FastAPI's own pages load Swagger UI and
     # ReDoc from a CDN and show a blank page without internet
+    # every route: a query parameter that takes one value, sent twice, is refused (422)
     app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, dependencies=[Depends(refuse_repeated_query)])
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     registry, latency = build_registry(store, settings)

@@ -5,6 +5,8 @@ its fix:
 * an exception nobody expected in the worker had its text shown to the client as the failed
   job's ``detail`` (``ValidationError: 1 validation error for DiarizeParams ...``: a library's
   internals, and for other exceptions the server's file paths);
+* a query parameter sent twice was read as its last value (``GET /jobs?status=failed&status=succeeded``
+  listed succeeded jobs only), where a form field sent twice is refused (422);
 """
 
 from __future__ import annotations
@@ -59,3 +61,29 @@ def test_an_unexpected_worker_exception_is_not_shown_to_the_client(client, worke
             break
         assert time.monotonic() < deadline, log[-3000:]
         time.sleep(0.2)
+
+
+# --- a query parameter sent twice is refused, as a form field is ------------------------------
+
+
+def test_a_single_valued_query_parameter_sent_twice_is_refused(client, utterances):
+    r = client.post("/jobs/embedding", files={"file": ("a.wav", utterances["spk1"][1].read_bytes(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert wait_for_job(client, job_id)["status"] == "succeeded"
+    cases = [
+        # read as its last value: listed the succeeded jobs as if the failed ones had not been asked for
+        ("/jobs?status=failed&status=succeeded", "status"),
+        ("/jobs?kind=diarize&kind=embedding", "kind"),
+        ("/jobs?limit=1&limit=1000", "limit"),
+        # answered the JSON where srt had been asked for first
+        (f"/jobs/{job_id}/result?format=srt&format=json", "format"),
+        ("/voiceprints/vp_unknown/export?format=json&format=npy", "format"),
+    ]
+    for path, name in cases:
+        r = client.get(path)
+        assert r.status_code == 422 and set(r.json()) == ERROR_KEYS, (path, r.status_code, r.text)
+        assert r.json()["detail"] == f"{name}: given 2 times; send each query parameter once", (path, r.text)
+    # once each still works, and a parameter no route reads is nobody's business
+    assert client.get("/jobs?status=succeeded&limit=5&_=1&_=2").status_code == 200
+    assert client.get(f"/jobs/{job_id}/result?format=json").status_code == 200
