@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -73,20 +74,71 @@ def address_allowed(address: str) -> bool:
     )
 
 
-def resolve_allowed(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, if all are allowed; AddressNotAllowed otherwise.
+class ResolveTimeout(Exception):
+    """The host name did not resolve in the time left (a resolver that stalls)."""
+
+
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def getaddrinfo_within(name: str, port: int, timeout: float | None) -> list[Any]:
+    """``socket.getaddrinfo(name, port)`` for TCP, given up after ``timeout`` seconds (None: the
+    system resolver's own limits, which a stalling DNS server stretches to tens of seconds per
+    name and try, beyond any deadline of the connection: getaddrinfo takes no timeout).
+
+    The lookup runs in a daemon thread; on timeout that thread is left to end on its own (a
+    blocking getaddrinfo cannot be interrupted) and ResolveTimeout is raised. IP literals need no
+    lookup and are answered here.
+    """
+    if timeout is None or _is_ip_literal(name):
+        return socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    if timeout <= 0:
+        raise ResolveTimeout(f"{name} did not resolve in time (no time left)")
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            outcome["infos"] = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"resolve {name[:60]}", daemon=True).start()
+    if not done.wait(timeout):
+        raise ResolveTimeout(f"{name} did not resolve within {timeout:.3g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["infos"]
+
+
+def resolve_allowed(host: str, port: int, timeout: float | None = None, *, check: bool = True) -> list[str]:
+    """Every address ``host`` resolves to, if all are allowed; AddressNotAllowed otherwise
+    (``check=False``: every address, unchecked). ResolveTimeout when the lookup takes longer
+    than ``timeout`` seconds.
 
     All must pass, not just one: a name answering both a public and an internal address would
     otherwise reach the internal one on some attempt.
     """
     name = host.strip("[]").rstrip(".").lower()
-    if name in _METADATA_HOSTS or name.endswith(".internal") or name == "localhost" or name.endswith(".localhost"):
+    if check and (name in _METADATA_HOSTS or name.endswith(".internal") or name == "localhost"
+                  or name.endswith(".localhost")):
         raise AddressNotAllowed(f"{host} is an internal name")
     try:
-        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        infos = getaddrinfo_within(name, port, timeout)
     except (socket.gaierror, UnicodeError, ValueError) as exc:
         raise AddressNotAllowed(f"{host} does not resolve ({exc})") from exc
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not check:
+        if not addresses:
+            raise AddressNotAllowed(f"{host} does not resolve")
+        return addresses
     # address_allowed is looked up here, at call time, so a test can stand a loopback server in
     # for a public one by replacing it
     refused = [a for a in addresses if not address_allowed(a)]
@@ -96,23 +148,33 @@ def resolve_allowed(host: str, port: int) -> list[str]:
 
 
 class PinnedBackend(httpcore.NetworkBackend):
-    """Resolves, checks, and connects to the checked address itself (no second lookup)."""
+    """Resolves, checks (unless ``check`` is off), and connects to the checked address itself (no
+    second lookup). The connect ``timeout`` bounds the lookup and the connection together: a
+    resolver that stalls cannot hold the caller past it (nor past a :class:`DeadlineBackend`'s
+    deadline, which passes what is left of it as the timeout)."""
 
-    def __init__(self) -> None:
+    def __init__(self, check: bool = True) -> None:
         self._inner = httpcore.SyncBackend()
+        self._check = check
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
+        end = None if timeout is None else time.monotonic() + timeout
         try:
-            addresses = resolve_allowed(host, port)
+            addresses = resolve_allowed(host, port, timeout, check=self._check)
         except AddressNotAllowed as exc:
             raise httpcore.ConnectError(str(exc)) from exc
+        except ResolveTimeout as exc:
+            raise httpcore.ConnectTimeout(str(exc)) from exc
         last: Exception | None = None
         for address in addresses:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                raise httpcore.ConnectTimeout(f"could not connect to {host} in time")
             try:
                 # TLS still verifies, and sends SNI for, the URL's host name: httpcore takes it
                 # from the request's origin, not from this address
-                return self._inner.connect_tcp(address, port, timeout=timeout, local_address=local_address,
+                return self._inner.connect_tcp(address, port, timeout=left, local_address=local_address,
                                                socket_options=socket_options)
             except httpcore.ConnectError as exc:
                 last = exc
@@ -206,29 +268,31 @@ def transport(allow_private: bool, deadline: float | None = None,
     with ``deadline`` (a time.monotonic() value), every connection it makes ends by then, however
     slowly its peer trickles, and ``on_read`` runs between its reads (:class:`DeadlineBackend`).
 
-    ``trust_env`` is off: a proxy from the environment would connect for us, unchecked.
+    Host names are resolved by :class:`PinnedBackend` either way (checked or not), so the lookup
+    too is bounded by the connect timeout and the deadline. ``trust_env`` is off: a proxy from
+    the environment would connect for us, unchecked.
     """
     result = httpx.HTTPTransport(trust_env=False)
-    backend: httpcore.NetworkBackend | None = None if allow_private else PinnedBackend()
+    backend: httpcore.NetworkBackend = PinnedBackend(check=not allow_private)
     if deadline is not None:
-        backend = DeadlineBackend(backend or httpcore.SyncBackend(), deadline, on_read)
-    if backend is not None:
-        # httpx builds its httpcore pool without a way to pass a network backend: rebuild it
-        # with ours (same TLS context and limits as httpx's own defaults)
-        pool = result._pool
-        result._pool = httpcore.ConnectionPool(
-            ssl_context=pool._ssl_context, max_connections=pool._max_connections,
-            max_keepalive_connections=pool._max_keepalive_connections, keepalive_expiry=pool._keepalive_expiry,
-            network_backend=backend,
-        )
+        backend = DeadlineBackend(backend, deadline, on_read)
+    # httpx builds its httpcore pool without a way to pass a network backend: rebuild it with
+    # ours (same TLS context and limits as httpx's own defaults)
+    pool = result._pool
+    result._pool = httpcore.ConnectionPool(
+        ssl_context=pool._ssl_context, max_connections=pool._max_connections,
+        max_keepalive_connections=pool._max_keepalive_connections, keepalive_expiry=pool._keepalive_expiry,
+        network_backend=backend,
+    )
     return result
 
 
 def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: bool = False,
-              what: str | None = None, max_length: int = MAX_URL_LENGTH) -> str:
+              what: str | None = None, max_length: int = MAX_URL_LENGTH, timeout: float | None = None) -> str:
     """Refuse (422, naming ``field``) anything but an absolute http(s) URL to an allowed, public host.
 
-    Resolves the host (blocking: call it from a thread in async code).
+    Resolves the host (blocking: call it from a thread in async code), for at most ``timeout``
+    seconds when given (422 past it).
     """
     try:
         parts = urlsplit(url)
@@ -245,7 +309,10 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
         raise InputError(f"{what or field + ' host'} {parts.hostname!r} is not in the allowed hosts")
     if not allow_private:
         try:
-            resolve_allowed(parts.hostname, port)
+            resolve_allowed(parts.hostname, port, timeout)
+        except ResolveTimeout as exc:
+            log.info("%s refused: %s", field, exc)
+            raise InputError(f"{what or field + ' host'} {parts.hostname!r} did not resolve in time") from None
         except AddressNotAllowed as exc:
             log.info("%s refused: %s", field, exc)
             raise InputError(

@@ -165,7 +165,7 @@ def fetch_audio(
                 timeout = httpx.Timeout(min(settings.url_fetch_timeout_s, remaining))
                 with client.stream("GET", current, timeout=timeout) as response:
                     if response.is_redirect:
-                        current = _next_hop(response, field, settings)
+                        current = _next_hop(response, field, settings, deadline)
                         where = redact(current)
                         continue
                     if not 200 <= response.status_code < 300:
@@ -225,20 +225,24 @@ def fetch_audio(
     return key, body.received
 
 
-def check_media_url(url: str, field: str, settings: Settings) -> str:
-    """The submit-time check of a ``<field>_url`` (and of every redirect): 422 naming ``field``."""
+def check_media_url(url: str, field: str, settings: Settings, timeout: float | None = None) -> str:
+    """The submit-time check of a ``<field>_url`` (and of every redirect, its host resolved
+    within ``timeout`` seconds): 422 naming ``field``."""
     return check_url(url, field=field, allowed_hosts=settings.url_allowed_hosts,
-                     allow_private=settings.url_allow_private_addresses, max_length=MAX_MEDIA_URL_LENGTH)
+                     allow_private=settings.url_allow_private_addresses, max_length=MAX_MEDIA_URL_LENGTH,
+                     timeout=timeout)
 
 
-def _next_hop(response: httpx.Response, field: str, settings: Settings) -> str:
-    """Where a redirect points, checked like the URL the caller gave."""
+def _next_hop(response: httpx.Response, field: str, settings: Settings, deadline: float | None = None) -> str:
+    """Where a redirect points, checked like the URL the caller gave (its host resolved before
+    the download's deadline)."""
     target = response.url.join(response.headers["location"])
     nxt = str(target)
     if response.url.scheme == "https" and target.scheme != "https":
         raise UrlFetchError(f"{field}: redirect from https to {redact(nxt)} refused (no downgrade to http)")
     try:
-        check_media_url(nxt, field, settings)
+        left = settings.url_fetch_timeout_s if deadline is None else deadline - time.monotonic()
+        check_media_url(nxt, field, settings, timeout=min(settings.url_fetch_timeout_s, left))
     except InputError as exc:
         raise UrlFetchError(f"{field}: redirect to {redact(nxt)} refused: {exc.detail}") from None
     return nxt

@@ -7,12 +7,20 @@ its fix:
   internals, and for other exceptions the server's file paths);
 * a query parameter sent twice was read as its last value (``GET /jobs?status=failed&status=succeeded``
   listed succeeded jobs only), where a form field sent twice is refused (422);
+* the host name of a webhook or of audio by URL (and of each redirect) was resolved outside the
+  connection's deadline: a DNS server that stalls held the worker for as long as the system
+  resolver let it, whatever ``url_fetch_deadline_s`` or ``webhook_deadline_s`` said;
 """
 
 from __future__ import annotations
 
 import io
+import socket
+import threading
 import time
+from typing import Iterator
+
+import pytest
 
 from tests.conftest import wait_for_job
 
@@ -87,3 +95,94 @@ def test_a_single_valued_query_parameter_sent_twice_is_refused(client, utterance
     # once each still works, and a parameter no route reads is nobody's business
     assert client.get("/jobs?status=succeeded&limit=5&_=1&_=2").status_code == 200
     assert client.get(f"/jobs/{job_id}/result?format=json").status_code == 200
+
+
+# --- a resolver that stalls is cut off at the outbound deadline --------------------------------
+
+STALLED = "stalled.example"
+
+
+@pytest.fixture()
+def stalling_resolver(monkeypatch) -> Iterator[list[str]]:
+    """``socket.getaddrinfo`` stalls (20 s) for names under ``stalled.example``, in this process
+    only; every other name resolves as usual. A real DNS server that never answers cannot run
+    here (no network, and the system resolver's address is not ours to change), so the one call
+    every path makes to resolve a name is replaced: the fix must bound it from outside, as it
+    would a real resolver's. Yields the names asked for."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+    release = threading.Event()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if isinstance(host, str) and host.rstrip(".").endswith(STALLED):
+            asked.append(host)
+            release.wait(20)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    yield asked
+    release.set()  # the lookups left behind end now
+
+
+@pytest.mark.parametrize("allow_private", [False, True], ids=["policy", "private-allowed"])
+def test_a_webhook_whose_host_never_resolves_is_cut_at_the_deadline(stalling_resolver, allow_private):
+    from shared import webhooks
+
+    started = time.monotonic()
+    with pytest.raises(webhooks.WebhookDeliveryError) as caught:
+        webhooks.post(f"http://{STALLED}/hook", "job", {"x": 1}, "s" * 32, 10.0, allow_private=allow_private,
+                      deadline_s=1.5)
+    took = time.monotonic() - started
+    print(f"\nwebhook to a host whose resolver stalls (timeout 10 s, deadline 1.5 s): given up after {took:.1f} s")
+    assert stalling_resolver, "the resolver was never asked"
+    assert str(caught.value) == "delivery failed: could not connect"
+    assert took < 3.0, took
+
+
+def _fetch(url: str, tmp_path, **limits):
+    from shared.settings import Settings
+    from shared.storage import LocalStorage
+    from shared.url_input import fetch_audio
+
+    settings = Settings(**limits)
+    return fetch_audio(url, field="file_url", storage=LocalStorage(tmp_path), job_id="j" * 32, name="file",
+                       settings=settings, max_bytes=10**8, max_duration=3600)
+
+
+@pytest.mark.parametrize("allow_private", [False, True], ids=["policy", "private-allowed"])
+def test_audio_by_url_whose_host_never_resolves_is_cut_at_the_deadline(stalling_resolver, tmp_path, allow_private):
+    from shared.url_input import UrlFetchError
+
+    started = time.monotonic()
+    with pytest.raises(UrlFetchError) as caught:
+        _fetch(f"http://{STALLED}/a.wav?X-Amz-Signature=secret", tmp_path, url_fetch_timeout_s=10.0,
+               url_fetch_deadline_s=1.5, url_allow_private_addresses=allow_private)
+    took = time.monotonic() - started
+    print(f"\naudio from a host whose resolver stalls (timeout 10 s, deadline 1.5 s): given up after {took:.1f} s")
+    assert stalling_resolver, "the resolver was never asked"
+    assert caught.value.status_code == 422
+    assert caught.value.detail == f"file_url: http://{STALLED}/a.wav did not send the file within the deadline of 1.5 s"
+    assert took < 3.0, took
+
+
+def test_a_redirect_to_a_host_that_never_resolves_is_cut_at_the_deadline(stalling_resolver, tmp_path,
+                                                                         media_server, monkeypatch):
+    """With the address policy on (the default), a redirect's host is resolved to check it before
+    it is followed; the media server on 127.0.0.1 stands in for a public one."""
+    from shared import outbound
+    from shared.url_input import UrlFetchError
+
+    real = outbound.address_allowed
+    monkeypatch.setattr(outbound, "address_allowed", lambda a: a == "127.0.0.1" or real(a))
+    first = media_server.redirect("/to-stalled.wav", f"http://{STALLED}/a.wav")
+    started = time.monotonic()
+    with pytest.raises(UrlFetchError) as caught:
+        _fetch(first, tmp_path, url_fetch_timeout_s=10.0, url_fetch_deadline_s=1.5, url_allow_private_addresses=False)
+    took = time.monotonic() - started
+    print(f"\na redirect to a host whose resolver stalls (deadline 1.5 s): given up after {took:.1f} s")
+    assert stalling_resolver, "the resolver was never asked"
+    assert caught.value.status_code == 422
+    assert caught.value.detail.startswith(f"file_url: redirect to http://{STALLED}/a.wav refused: "), caught.value.detail
+    assert "did not resolve in time" in caught.value.detail, caught.value.detail
+    assert took < 3.0, took
