@@ -11,6 +11,7 @@ if/else on profile names.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from engine.pipelines.embedding import SpeakerEmbedder
 from shared.errors import ModelError
 from shared.settings import Settings
 from shared.voiceprints import EMBEDDING_MODELS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,13 @@ def _loading(profile: str, what: str, load: Callable[[Settings, torch.device], A
     try:
         return load(settings, device)
     except ModelError:
+        # its cause (a path, a checkpoint's error) is for the operator, not in the message
+        log.exception("loading the %s %s models failed", profile, what)
         raise
     except Exception as exc:  # noqa: BLE001 - a worker reports it on /health and keeps serving
-        raise ModelError(f"could not load the {profile} {what} models: {exc}") from exc
+        log.exception("loading the %s %s models failed", profile, what)
+        raise ModelError(f"could not load the {profile} {what} models ({type(exc).__name__}; the worker's log has "
+                         "the rest)") from exc
 
 
 def _embedded_diarization(settings: Settings, device: torch.device) -> Any:

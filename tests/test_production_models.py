@@ -388,3 +388,21 @@ def test_missing_checkpoint_is_named(tmp_path, no_network) -> None:
     shutil.copyfile(bundled_segmentation_path(), tmp_path / LOCAL_NAMES[SEGMENTATION_ID] / PYANNOTE_CHECKPOINT)
     with pytest.raises(ModelError, match=WESPEAKER_ID):
         load_production_diarization(Settings(model_profile="production", model_dir=tmp_path))
+
+
+def test_a_loader_failure_names_its_kind_not_its_paths(caplog) -> None:
+    """A failed job's detail goes to the client: what the loader said (a server path, a
+    checkpoint's internals) stays in the worker's log, the message names the failure's kind."""
+    import logging
+
+    from engine.profiles import _loading
+
+    def load(settings, device):
+        raise PermissionError("[Errno 13] Permission denied: '/srv/secret-models/pytorch_model.bin'")
+
+    with caplog.at_level(logging.ERROR, logger="engine.profiles"):
+        with pytest.raises(ModelError) as raised:
+            _loading("production", "diarization", load, Settings(), torch.device("cpu"))
+    assert "secret-models" not in str(raised.value)
+    assert "production diarization" in str(raised.value) and "PermissionError" in str(raised.value)
+    assert "secret-models" in caplog.text  # the operator still has it

@@ -159,7 +159,7 @@ def load_production_diarization(settings: Settings, device: torch.device | None 
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001 - any loader failure is a model error for callers
-        raise ModelError(f"could not load {DIARIZATION_ID}: {exc}") from exc
+        raise ModelError(f"could not load {DIARIZATION_ID} ({type(exc).__name__}; the worker's log has the rest)") from exc
 
 
 def load_production_ecapa(settings: Settings, device: torch.device):
@@ -189,4 +189,4 @@ def load_production_ecapa(settings: Settings, device: torch.device):
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"could not load {ECAPA_ID}: {exc}") from exc
+        raise ModelError(f"could not load {ECAPA_ID} ({type(exc).__name__}; the worker's log has the rest)") from exc
