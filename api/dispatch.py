@@ -24,7 +24,7 @@ from api.errors import JobConflict, JobNotFound, SyncTimeout
 from shared import logs
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
-from shared.jobs import CANCELLED, FAILED, JobRecord, JobStore, is_job_id, new_job_id
+from shared.jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
@@ -322,3 +322,10 @@ def _first_filename(submission: Submission) -> str | None:
 def view(record: JobRecord, base_url: str = "") -> dict[str, Any]:
     """The record as a client sees it, with where to poll it."""
     return {**record.public(), "status_url": f"{base_url}/jobs/{record.job_id}"}
+
+
+def summary_view(record: JobRecord, base_url: str = "") -> dict[str, Any]:
+    """A job as a listing shows it (GET /jobs, the batch routes): the record without its result,
+    with where to poll it and, once it succeeded, where its result is."""
+    url = f"{base_url}/jobs/{record.job_id}"
+    return {**record.summary(), "status_url": url, "result_url": f"{url}/result" if record.status == SUCCEEDED else None}

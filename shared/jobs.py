@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Literal
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -122,6 +122,11 @@ class JobRecord(BaseModel):
         """What a client sees (API, webhook): no internal field."""
         return self.model_dump(mode="json", exclude=_INTERNAL)
 
+    def summary(self) -> dict[str, Any]:
+        """What a listing shows (GET /jobs, GET /batches/{id}): the public fields but the result,
+        whose body can be megabytes per job; GET /jobs/{id} and its /result carry it."""
+        return self.model_dump(mode="json", exclude=_INTERNAL | {"result"})
+
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
 
@@ -136,6 +141,19 @@ class JobRecord(BaseModel):
 _INTERNAL = frozenset(
     name for name, f in JobRecord.model_fields.items() if (f.json_schema_extra or {}).get("internal")
 )
+
+
+# A record read for a listing: every field but the result, which is skipped while parsing (a
+# diarization's result is most of its record: 1 MB for 20,000 turns, parsed 6 times faster without)
+_JobSummaryRecord = create_model(  # type: ignore[call-overload]
+    "_JobSummaryRecord", __config__=ConfigDict(populate_by_name=True, extra="ignore"),
+    **{name: (f.annotation, f) for name, f in JobRecord.model_fields.items() if name != "result"},
+)
+
+
+def _summary_from_json(raw: str | bytes) -> JobRecord:
+    """The record without its result (None): for listings, never for anything that writes it back."""
+    return JobRecord.model_construct(**dict(_JobSummaryRecord.model_validate_json(raw)))
 
 
 def _upgrade(record: JobRecord) -> JobRecord:
@@ -196,36 +214,46 @@ class JobStore:
         raw = self.redis.get(self._job_key(job_id))
         return JobRecord.from_json(raw) if raw else None
 
-    def get_many(self, job_ids: Iterable[str]) -> list[JobRecord]:
+    def get_many(self, job_ids: Iterable[str], *, summaries: bool = False) -> list[JobRecord]:
+        """The records of these ids that still exist, in order; ``summaries``: without their result
+        (read-only copies for listings)."""
         ids = list(job_ids)
         if not ids:
             return []
         raws = self.redis.mget([self._job_key(i) for i in ids])
-        return [JobRecord.from_json(r) for r in raws if r]
+        parse = _summary_from_json if summaries else JobRecord.from_json
+        return [parse(r) for r in raws if r]
 
     def _owner_index(self, owner: str) -> str:
         return self.key("jobs", "owner", owner)
 
     def recent(
-        self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None
+        self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None,
+        summaries: bool = False,
     ) -> list[JobRecord]:
         """Newest first, of one owner's jobs or (owner None) all. Filters apply after the fetch,
-        so scan a bounded window of the index."""
+        so scan a bounded window of the index, a page at a time: it stops once ``limit`` matched.
+        ``summaries``: the records without their result (see ``get_many``)."""
         window = limit if status is None and kind is None else max(limit * 10, 1000)
         index = self._owner_index(owner) if owner else self.key("jobs")
-        ids = self.redis.zrevrange(index, 0, window - 1)
-        records = [
-            r for r in self.get_many(ids)
-            if (status is None or r.status == status) and (kind is None or r.kind == kind)
-        ]
+        page = limit if status is None and kind is None else max(limit, 100)
+        records: list[JobRecord] = []
+        for start in range(0, window, page):
+            ids = self.redis.zrevrange(index, start, min(start + page, window) - 1)
+            records += [
+                r for r in self.get_many(ids, summaries=summaries)
+                if (status is None or r.status == status) and (kind is None or r.kind == kind)
+            ]
+            if len(records) >= limit or len(ids) < page:
+                break
         return records[:limit]
 
-    def batch(self, batch_id: str) -> list[JobRecord]:
-        return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1))
+    def batch(self, batch_id: str, *, summaries: bool = False) -> list[JobRecord]:
+        return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1), summaries=summaries)
 
     def count_by_status(self, window: int = 10000) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        for record in self.get_many(self.redis.zrevrange(self.key("jobs"), 0, window - 1)):
+        for record in self.get_many(self.redis.zrevrange(self.key("jobs"), 0, window - 1), summaries=True):
             counts[record.status] = counts.get(record.status, 0) + 1
         return counts
 

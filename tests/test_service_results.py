@@ -141,3 +141,69 @@ def test_another_keys_job_has_no_result(worker, settings, utterances):
         assert other.status_code == unknown.status_code == 404 and set(other.json()) == ERROR_KEYS
         assert job_id in other.json()["detail"] and "nope" in unknown.json()["detail"]
         assert http.get(f"/jobs/{job_id}/result", headers={"X-API-Key": ""}).status_code == 401
+
+
+# --- listings are summaries: no result bodies -----------------------------------------------------
+
+
+def test_listings_carry_no_results_and_stay_small_with_many_finished_jobs(worker, settings, diarized):
+    """GET /jobs (with and without status=) and GET /batches/{id} show each job without its result,
+    pointing at GET /jobs/{id}/result: 100 finished diarizations of ~100 KB each listed as 10 MB."""
+    from fastapi.testclient import TestClient
+
+    from api.deps import owner_of
+    from api.main import create_app
+    from shared.jobs import SUCCEEDED, JobRecord, JobStore, new_job_id, utc_now
+
+    key = "listing-key-0123456789"
+    real = diarized["regular"]["result"]
+    turns = (real["diarization_results"] * (2000 // len(real["diarization_results"]) + 1))[:2000]
+    big = {**real, "diarization_results": turns, "segments_count": len(turns)}
+    store = JobStore.from_settings(settings)
+    batch_id, ids = new_job_id(), []
+    for i in range(100):
+        record = store.create(JobRecord(job_id=new_job_id(), kind="diarize", owner=owner_of(key),
+                                        filename=f"meeting-{i}.wav", batch_id=batch_id if i < 50 else None))
+        store.update(record.job_id, lambda r: r.model_copy(update={
+            "status": SUCCEEDED, "result": big, "progress": 1.0, "started_at": utc_now(), "finished_at": utc_now()}))
+        ids.append(record.job_id)
+    keyed = settings.model_copy(update={"api_keys": [SecretStr(key)]})
+    try:
+        with TestClient(create_app(keyed), raise_server_exceptions=False, headers={"X-API-Key": key}) as http:
+            full = [http.get(f"/jobs/{job_id}") for job_id in ids]  # what each item of a listing used to be
+            assert all(r.status_code == 200 and r.json()["result"] == big for r in full)
+            before = sum(len(r.content) for r in full)
+            sizes = {}
+            for name, path, params in [("list", "/jobs", {"limit": 100}),
+                                       ("list status=", "/jobs", {"limit": 100, "status": "succeeded"}),
+                                       ("list kind=", "/jobs", {"limit": 100, "kind": "diarize"}),
+                                       ("batch", f"/batches/{batch_id}", {})]:
+                r = http.get(path, params=params)
+                assert r.status_code == 200, r.text
+                jobs = r.json()["jobs"]
+                assert len(jobs) == (50 if name == "batch" else 100)
+                assert set(j["job_id"] for j in jobs) <= set(ids)
+                for job in jobs:
+                    assert "result" not in job, name
+                    assert job["status"] == "succeeded" and job["kind"] == "diarize" and job["progress"] == 1.0
+                    assert job["filename"].startswith("meeting-") and job["created_at"] and job["finished_at"]
+                    assert "error" in job and job["error"] is None
+                    assert job["status_url"].endswith(f"/jobs/{job['job_id']}")
+                    assert job["result_url"] == job["status_url"] + "/result"
+                sizes[name] = len(r.content)
+                assert sizes[name] < 100_000, (name, sizes[name])  # ~550 bytes a job
+            # the result is where the listing points
+            first = http.get("/jobs", params={"limit": 1}).json()["jobs"][0]
+            assert http.get(first["result_url"]).json() == big
+            print(f"\nlisting 100 finished diarizations: {before} bytes of records before, now " +
+                  ", ".join(f"{n} {s} bytes" for n, s in sizes.items()))
+            assert before > 100 * max(sizes.values())
+            # a job not yet succeeded has no result_url
+            queued = store.create(JobRecord(job_id=new_job_id(), kind="diarize", owner=owner_of(key)))
+            ids.append(queued.job_id)
+            newest = http.get("/jobs", params={"limit": 1}).json()["jobs"][0]
+            assert newest["job_id"] == queued.job_id and newest["status"] == "queued" and newest["result_url"] is None
+    finally:
+        for job_id in ids:
+            store.redis.delete(store._job_key(job_id))
+            store.redis.zrem(store.key("jobs"), job_id)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
-from api.dispatch import view
+from api.dispatch import summary_view, view
 from api.errors import JobConflict, JobNotFound
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
 from api.limits import BoundedFormRoute
@@ -88,7 +88,7 @@ def _batch_body(base: str, batch_id: str, kind: str, records: list[JobRecord]) -
     counts = dict.fromkeys(STATES, 0)
     for record in records:
         counts[record.status] += 1
-    return {"batch_id": batch_id, "kind": kind, "jobs": [view(r, base) for r in records], "counts": counts,
+    return {"batch_id": batch_id, "kind": kind, "jobs": [summary_view(r, base) for r in records], "counts": counts,
             "status_url": f"{base}/batches/{batch_id}"}
 
 
@@ -102,10 +102,11 @@ async def list_jobs(
     status: Status | None = Query(None),
     kind: KindName | None = Query(None),
 ) -> dict[str, Any]:
-    """The caller's own jobs (an admin key: everyone's)."""
+    """The caller's own jobs (an admin key: everyone's), each without its result: GET
+    /jobs/{id} or /jobs/{id}/result gives it (a listing of finished diarizations was megabytes)."""
     limit = min(limit, settings.jobs_list_limit)
-    records = dispatcher.store.recent(limit, status=status, kind=kind, owner=principal.list_owner)
-    jobs = [view(r, base) for r in records if principal.can_see(r)]
+    records = dispatcher.store.recent(limit, status=status, kind=kind, owner=principal.list_owner, summaries=True)
+    jobs = [summary_view(r, base) for r in records if principal.can_see(r)]
     return {"jobs": jobs, "count": len(jobs)}
 
 
@@ -160,7 +161,8 @@ async def cancel_job(job_id: str, dispatcher: DispatcherDep, principal: Principa
 
 @batches.get("/{batch_id}", response_model=Batch, summary="Status of every job of a batch")
 async def get_batch(batch_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
-    records = [r for r in dispatcher.store.batch(batch_id) if principal.can_see(r)] if is_job_id(batch_id) else []
+    """Every job without its result (GET /jobs/{id}/result gives each), and counts per status."""
+    records = [r for r in dispatcher.store.batch(batch_id, summaries=True) if principal.can_see(r)] if is_job_id(batch_id) else []
     if not records:
         raise JobNotFound(f"no batch {batch_id} (unknown or expired)")
     return _batch_body(base, batch_id, records[0].kind, records)
