@@ -164,6 +164,18 @@ def test_upload_shows_the_timeline_the_api_computed(web, browser, sample_wav, tm
         shutil.copyfile(shot, ROOT / "docs" / "web-timeline.png")
     print(f"\nweb page: loaded in {load_s * 1000:.0f} ms; {len(lanes)} lanes, "
           f"{result['segments_count']} turns; screenshot {shot}")
+    # a fresh page knows the job only from that list, which carries no result (GET /jobs is a
+    # summary): its "show" fetches the record and draws the same timeline, without the audio
+    page.reload()
+    page.wait_for_selector("#recent tbody tr >> text=succeeded")
+    assert page.locator("#timeline .lane").count() == 0
+    asked = len(urls.urls)
+    page.locator("#recent tbody button", has_text="show").first.click()
+    page.wait_for_selector("#timeline .lane")
+    assert f"{web}/jobs/{job_id}" in urls.urls[asked:], urls.urls[asked:]
+    assert sorted(page.eval_on_selector_all("#timeline .lane", "els => els.map(e => e.dataset.speaker)")) == speakers
+    assert page.locator("#timeline .turn").count() == result["segments_count"]
+    assert page.is_visible("#no-audio") and page.text_content("#submit-error") == ""
     assert _outside(urls, web) == []
     page.close()
 

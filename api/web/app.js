@@ -264,7 +264,17 @@ async function refreshRecent() {
         button.type = "button";
         button.className = "small";
         button.textContent = "show";
-        button.addEventListener("click", () => show(state.jobs.get(job.job_id) || { job, file: null }));
+        // the list carries no results (GET /jobs is a summary): the record is fetched when shown
+        button.addEventListener("click", async () => {
+          const entry = state.jobs.get(job.job_id);
+          try {
+            const full = await (await api(`/jobs/${job.job_id}`)).json();
+            if (entry) entry.job = full;
+            show(entry || { job: full, file: null });
+          } catch (err) {
+            $("#submit-error").textContent = err.message;
+          }
+        });
         cells[4].appendChild(button);
       }
       body.appendChild(tr);
