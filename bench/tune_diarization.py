@@ -75,6 +75,9 @@ def main() -> None:
                         help="a cluster holding less than this share of the embeddings is small too")
     parser.add_argument("--distinct-distances", type=float, nargs="+", default=[defaults.clustering_distinct_distance],
                         help="a small cluster farther than this from every speaker stays a speaker (engine.pipelines.embedded)")
+    parser.add_argument("--telephone-threshold", type=float, default=defaults.clustering_telephone_threshold,
+                        help="the threshold for a recording that came through a telephone line (engine.channel); "
+                             "0: --thresholds for every recording, as when sweeping the phone condition")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
@@ -96,6 +99,7 @@ def main() -> None:
     for step in args.steps:
         pipeline = build_embedded_pipeline(Settings(segmentation_step=step))
         pipeline.training = True  # keep segmentation + embeddings per file across trials
+        pipeline.telephone_threshold = args.telephone_threshold or None
         files = [
             {"uri": name, "waveform": torch.from_numpy(s.astype(args.stored_as))[None], "sample_rate": SAMPLE_RATE}
             for name, s, _ in data

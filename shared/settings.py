@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # (0.45) because in a room or under noise one talker's odd moments fall under 0.45
     # (docs/models.md, "Recording conditions"); None: always fold
     clustering_distinct_distance: float | None = Field(0.65, gt=0.0, le=2.0)
+    # the threshold for a recording that came through a telephone line (engine.channel: almost
+    # nothing below 250 Hz or above 3.7 kHz), where different talkers' embeddings are alike:
+    # four-talker calls 0.558 -> 0.263 DER, 5-8 talkers 0.712 -> 0.442, one or two talkers
+    # 0.256 -> 0.263 (docs/models.md, "Recording conditions"); None: clustering_threshold always
+    clustering_telephone_threshold: float | None = Field(0.65, gt=0.0, le=2.0)
     # a speaker with less total speech than this is a clustering artefact and is dropped, unless
     # the caller fixed num_speakers (any profile)
     diarization_min_speaker_s: float = 0.5

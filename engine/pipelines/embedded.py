@@ -28,6 +28,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import cdist
 
 from engine import runtime
+from engine.channel import through_a_telephone_line
 from engine.lanes import Lanes
 from engine.models.loading import unused_plda
 from engine.models.sincnet import share_first_convolution
@@ -44,9 +45,13 @@ def budget_for(device: torch.device | None) -> EmbeddingBudget:
 
 class EmbeddedSpeakerDiarization(SpeakerDiarization):
     def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None,
-                 distinct_distance: float | None = None, min_cluster_share: float = 0.0, **kwargs):
+                 distinct_distance: float | None = None, min_cluster_share: float = 0.0,
+                 telephone_threshold: float | None = None, **kwargs):
         super().__init__(plda=unused_plda(), clustering="AgglomerativeClustering", **kwargs)
         self.budget = budget
+        # the clustering threshold for a recording that came through a telephone line
+        # (engine.channel); None: the one threshold for every recording
+        self.telephone_threshold = telephone_threshold
         self.clustering = ExactCountClustering(metric=self._embedding.metric)
         self.clustering.distinct_distance = distinct_distance
         self.clustering.min_cluster_share = min_cluster_share
@@ -64,6 +69,16 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
     # it takes the recording as stored (float16, engine.audio.STORAGE_DTYPE): segmentation's
     # batches and the embeddings' fbank blocks are made float32 one at a time
     casts_its_input = True
+
+    def apply(self, file, **kwargs):
+        # per recording, like the count a caller forces: set for this call only
+        self.clustering.channel_threshold = None
+        if self.telephone_threshold is not None and through_a_telephone_line(file["waveform"][0].numpy()):
+            self.clustering.channel_threshold = self.telephone_threshold
+        try:
+            return super().apply(file, **kwargs)
+        finally:
+            self.clustering.channel_threshold = None
 
     def reconstruct(self, segmentations, hard_clusters, count):
         discrete = super().reconstruct(segmentations, hard_clusters, count)
@@ -126,6 +141,9 @@ class ExactCountClustering(AgglomerativeClustering):
     # left out of training (short or overlapped speech).
     max_train: int = 4000
     min_cluster_share: float = 0.0
+    # the threshold for this recording's channel when it is not the tuned one (a telephone line:
+    # EmbeddedSpeakerDiarization.apply), None for the pipeline's own
+    channel_threshold: float | None = None
     # the count the last ``cluster`` call was held to (num_speakers, or a min/max the free count
     # missed), None when the free count stood
     forced_count: int | None = None
@@ -155,7 +173,8 @@ class ExactCountClustering(AgglomerativeClustering):
         free_size = large if self.distinct_distance is not None and n >= 2 * self.min_cluster_size else min_size
         unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         dendrogram = linkage(unit, method=self.method, metric="euclidean")
-        clusters = fcluster(dendrogram, self.threshold, criterion="distance") - 1
+        threshold = self.threshold if self.channel_threshold is None else self.channel_threshold
+        clusters = fcluster(dendrogram, threshold, criterion="distance") - 1
         # the free count's speakers, the large clusters first: when the caller asks for as many
         # as it has large clusters, or as many as it has speakers in all (with the minor talkers
         # it kept), that is the answer (a cut held to the count would fold a minor talker the
