@@ -11,8 +11,8 @@ from shared.kinds import KindName
 from shared.schemas import ErrorBody, HealthResponse, JobError
 
 
-class Job(BaseModel):
-    """A job as a client sees it: the public fields of shared.jobs.JobRecord, and where to poll."""
+class _JobFields(BaseModel):
+    """The public fields of shared.jobs.JobRecord that a job and its listing entry share."""
 
     job_id: str
     kind: KindName
@@ -23,7 +23,6 @@ class Job(BaseModel):
     progress: float = Field(description="0..1 while running (diarization reports per step)")
     step: str | None = Field(None, description="pipeline step currently running")
     attempts: int = Field(0, description="times a worker started the job: 2 or more after a redelivery")
-    result: dict[str, Any] | None = Field(None, description="the synchronous endpoint's body, once succeeded")
     error: JobError | None = Field(None, description="the documented error body, once failed")
     webhook_url: str | None = None
     webhook: WebhookState | None = None
@@ -33,31 +32,19 @@ class Job(BaseModel):
     batch_id: str | None = None
     filename: str | None = None
     sync: bool = Field(False, description="submitted through a synchronous endpoint")
+
+
+class Job(_JobFields):
+    """A job as a client sees it: the public fields of shared.jobs.JobRecord, and where to poll."""
+
+    result: dict[str, Any] | None = Field(None, description="the synchronous endpoint's body, once succeeded")
     status_url: str
 
 
-class JobSummary(BaseModel):
+class JobSummary(_JobFields):
     """A job as a listing shows it (GET /jobs, GET /batches/{id}): the record without its result,
     which GET /jobs/{id} (the record) and GET /jobs/{id}/result (the result alone) carry."""
 
-    job_id: str
-    kind: KindName
-    status: Status
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    progress: float = Field(description="0..1 while running (diarization reports per step)")
-    step: str | None = Field(None, description="pipeline step currently running")
-    attempts: int = Field(0, description="times a worker started the job: 2 or more after a redelivery")
-    error: JobError | None = Field(None, description="the documented error body, once failed")
-    webhook_url: str | None = None
-    webhook: WebhookState | None = None
-    webhook_payload: WebhookPayload | None = Field(
-        None, description="what the webhook carries: 'full' (the record with its result) or 'status' (without it)"
-    )
-    batch_id: str | None = None
-    filename: str | None = None
-    sync: bool = Field(False, description="submitted through a synchronous endpoint")
     status_url: str = Field(description="GET it for the whole record, result included")
     result_url: str | None = Field(None, description="GET it for the result alone (any format), once succeeded")
 
