@@ -113,7 +113,8 @@ class Dispatcher:
         for spec in kind.audio_files:
             if spec.name in urls:
                 # resolves the host name: off the event loop
-                await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings)
+                await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings,
+                                        self.settings.submit_lookup_timeout_s)
         audio: dict[str, UploadFile] = {}
         for spec in kind.audio_files:
             if spec.name not in uploads:
@@ -135,7 +136,8 @@ class Dispatcher:
             return None
         # resolves the host name: off the event loop
         return await run_in_threadpool(
-            validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses
+            validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses,
+            self.settings.submit_lookup_timeout_s,
         )
 
     # --- submit -----------------------------------------------------------------------------

@@ -207,6 +207,10 @@ class Settings(BaseSettings):
     # the whole download, redirects included: a source trickling bytes cannot hold a worker longer
     url_fetch_deadline_s: float = 1800.0
     url_fetch_max_redirects: int = 5
+    # the API's own lookup of a submitted file_url's or webhook_url's host name: a resolver that
+    # stalls answers 422 past it instead of holding the request (and an API thread) for as long
+    # as the system resolver waits
+    submit_lookup_timeout_s: float = Field(10.0, gt=0.0)
 
 
 @lru_cache

@@ -78,13 +78,15 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, toleranc
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-def validate_webhook_url(url: str, allowed_hosts: list[str], allow_private: bool = False) -> str:
+def validate_webhook_url(url: str, allowed_hosts: list[str], allow_private: bool = False,
+                         timeout: float | None = None) -> str:
     """Refuse (422) anything but an absolute http(s) URL to an allowed, public host.
 
-    Resolves the host (blocking: call it from a thread in async code).
+    Resolves the host (blocking: call it from a thread in async code), within ``timeout`` seconds
+    when given.
     """
     return check_url(url, field="webhook_url", allowed_hosts=allowed_hosts, allow_private=allow_private,
-                     what="webhook host")
+                     what="webhook host", timeout=timeout)
 
 
 def encode(payload: dict[str, Any]) -> bytes:

@@ -186,3 +186,21 @@ def test_a_redirect_to_a_host_that_never_resolves_is_cut_at_the_deadline(stallin
     assert caught.value.detail.startswith(f"file_url: redirect to http://{STALLED}/a.wav refused: "), caught.value.detail
     assert "did not resolve in time" in caught.value.detail, caught.value.detail
     assert took < 3.0, took
+
+
+@pytest.mark.parametrize("field", ["webhook_url", "file_url"])
+def test_a_submitted_url_whose_host_never_resolves_is_refused_in_time(stalling_resolver, variant_app, utterances,
+                                                                      field):
+    """The API resolves a submitted URL's host itself (the address policy): a stalling resolver
+    held the request, and one of the API's threads, for as long as the system resolver waited."""
+    api = variant_app(submit_lookup_timeout_s=1.0, webhook_allow_private_addresses=False,
+                      url_allow_private_addresses=False)
+    data = {field: f"http://{STALLED}/x.wav"}
+    files = None if field == "file_url" else {"file": ("a.wav", utterances["spk1"][0].read_bytes(), "audio/wav")}
+    started = time.monotonic()
+    r = api.post("/jobs/embedding", data=data, files=files)
+    took = time.monotonic() - started
+    assert r.status_code == 422, r.text
+    assert "did not resolve in time" in r.json()["detail"], r.text
+    assert took < 5.0, took
+    assert stalling_resolver, "the resolver was never asked"
