@@ -17,14 +17,14 @@ from typing import BinaryIO, Union
 
 import numpy as np
 
-from shared.audio_limits import MIN_SAMPLE_RATE, AudioInfo, check_audio_limits, probe  # noqa: F401  (re-exported)
+from shared.audio_limits import (  # noqa: F401  (re-exported)
+    MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, UNKNOWN_FRAMES, AudioInfo, check_audio_limits, probe,
+)
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
 SAMPLE_RATE = 16_000
 # below this RMS (about -80 dBFS) a recording carries no usable speech
 SILENCE_RMS = 1e-4
-# the highest rate real recorders use; anything above is a forged header
-MAX_SAMPLE_RATE = 768_000
 # above this many (orig/g) x (target/g) taps, resample() leaves torchaudio for libswresample
 _MAX_SINC_KERNEL = 1 << 20
 # files longer than this (seconds) are decoded and resampled block by block
@@ -244,11 +244,6 @@ def _mono_blocks(snd, seconds: int = 60):
             return
 
 
-# libsndfile reports SF_COUNT_MAX (2**63 - 1) frames when a header leaves the length unknown; no
-# real file comes near 2**62 frames (3 million years at 48 kHz)
-_UNKNOWN_FRAMES = 2**62
-
-
 def _read_soundfile(fh: BinaryIO, max_duration: float) -> _Collector | None:
     """Decode with libsndfile; ``None`` when libsndfile does not know the format."""
     import soundfile as sf
@@ -261,7 +256,7 @@ def _read_soundfile(fh: BinaryIO, max_duration: float) -> _Collector | None:
             _check_sample_rate(snd.samplerate)
             # libsndfile's "length unknown" (a FLAC whose encoder wrote to a pipe and could not
             # go back to fill in STREAMINFO): streamed, the collector holding it to the limit
-            unknown = snd.frames >= _UNKNOWN_FRAMES
+            unknown = snd.frames >= UNKNOWN_FRAMES
             # a header can claim anything: check what it claims before allocating for it
             if not unknown and snd.frames > max_duration * snd.samplerate:
                 raise AudioTooLongError(

@@ -21,8 +21,9 @@ MAX_SAMPLE_RATE = 768_000
 
 
 # libsndfile's frame count for a stream of unknown length is SF_COUNT_MAX (2**63 - 1); no real
-# header declares anywhere near 2**62 frames (FLAC's own field holds 36 bits)
-_UNKNOWN_FRAMES = 1 << 62
+# header declares anywhere near 2**62 frames (FLAC's own field holds 36 bits). The engine's
+# decoder reads such a stream block by block (engine/audio.py)
+UNKNOWN_FRAMES = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _probe(source: Source) -> AudioInfo | None:
             # a length the header does not give is libsndfile's SF_COUNT_MAX: a FLAC written to
             # a pipe (FFmpeg's "-f flac -") has 0 total samples in its STREAMINFO, and its 2.9 s
             # read as 576460752303424 s, refused as too long
-            known = 0 <= snd.frames < _UNKNOWN_FRAMES
+            known = 0 <= snd.frames < UNKNOWN_FRAMES
             return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate)
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
         pass
