@@ -76,9 +76,9 @@ def _matches(key: str, keys: list) -> bool:
     return found
 
 
-def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
-    """Off unless settings.api_keys (or admin_api_keys) is set; compared in constant time."""
-    settings = get_settings(request)
+def authenticate(key: str | None, settings: Settings) -> Principal:
+    """Who sends ``key`` (AuthError if nobody with keys on); keys off: everyone, unnamed.
+    Compared in constant time."""
     keys, admins = settings.api_keys, settings.admin_api_keys
     if not keys and not admins:
         return Principal(owner=None, admin=False)
@@ -89,6 +89,11 @@ def require_api_key(request: Request, key: str | None = Security(api_key_header)
     if _matches(key, keys):
         return Principal(owner=owner_of(key))
     raise AuthError("invalid API key")
+
+
+def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
+    """Off unless settings.api_keys (or admin_api_keys) is set."""
+    return authenticate(key, get_settings(request))
 
 
 class ApiKeyGate:
@@ -104,16 +109,16 @@ class ApiKeyGate:
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.keys, self.admins = settings.api_keys, settings.admin_api_keys
+        self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") and (self.keys or self.admins):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             # the first one, as the dependency reads it (Starlette's headers.get)
             raw = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
-            key = raw.decode("latin-1") if raw is not None else None
-            if key is None or not (_matches(key, self.admins) or _matches(key, self.keys)):
-                detail = "missing X-API-Key header" if key is None else "invalid API key"
-                response = error_response(401, detail, "ValidationError", {"WWW-Authenticate": "X-API-Key"})
+            try:
+                authenticate(raw.decode("latin-1") if raw is not None else None, self.settings)
+            except AuthError as exc:
+                response = error_response(401, exc.detail, exc.error_type, {"WWW-Authenticate": "X-API-Key"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
