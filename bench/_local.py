@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -37,8 +38,19 @@ def minute_of_speech(folder: Path) -> Path:
     return out
 
 
+def _healthy_workers(base: str) -> int:
+    import httpx
+
+    health = httpx.get(f"{base}/health").json()
+    if health["status"] != "healthy":
+        return 0
+    return len(health["workers"])
+
+
 @contextmanager
-def local_service(*, with_worker: bool, redis_db: int = 14) -> Iterator[str]:
+def local_service(*, with_worker: bool, redis_db: int = 14, workers: int = 1,
+                  worker_env: dict[str, str] | None = None) -> Iterator[str]:
+    """A throw-away API (and ``workers`` analysis workers, each with ``worker_env``); yields its URL."""
     tmp = Path(tempfile.mkdtemp(prefix="aa-bench-"))
     stack = Stack(log_dir=tmp)
     try:
@@ -50,6 +62,8 @@ def local_service(*, with_worker: bool, redis_db: int = 14) -> Iterator[str]:
         stack.env.update({
             "REDIS_URL": url, "AUDIO_ANALYSIS_REDIS_URL": url, "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp / "uploads"),
             "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "1", "HF_HUB_OFFLINE": "1",
+            # the API refuses to start on the default webhook secret, as `audio-analysis up` would
+            "AUDIO_ANALYSIS_WEBHOOK_SECRET": secrets.token_urlsafe(32),
             # same policy as `audio-analysis up`: leave cores to the API and the clients
             "AUDIO_ANALYSIS_TORCH_THREADS": os.environ.get(
                 "AUDIO_ANALYSIS_TORCH_THREADS", str(local_torch_threads())),
@@ -60,8 +74,11 @@ def local_service(*, with_worker: bool, redis_db: int = 14) -> Iterator[str]:
         if with_worker:
             import httpx
 
-            proc = stack.start_worker(queues=["audio", "webhooks"], loglevel="WARNING")
-            wait_until(lambda: httpx.get(f"{base}/health").json()["status"] == "healthy", 180, "worker", proc)
+            for n in range(workers):
+                # the first one also takes webhook deliveries
+                proc = stack.start_worker(queues=["audio", "webhooks"] if n == 0 else ["audio"], name=f"worker{n}",
+                                          loglevel="WARNING", env=worker_env)
+            wait_until(lambda: _healthy_workers(base) >= workers, 180, "worker", proc)
         yield base
     finally:
         stack.stop()

