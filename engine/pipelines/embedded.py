@@ -32,6 +32,7 @@ from engine.channel import through_a_telephone_line
 from engine.lanes import Lanes
 from engine.models.loading import unused_plda
 from engine.models.sincnet import share_first_convolution
+from engine.pipelines import discrete
 from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
 
@@ -65,6 +66,10 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         if sincnet is not None:
             rate = int(self._segmentation.model.hparams.sample_rate)
             share_first_convolution(sincnet, int(round(self._segmentation.step * rate)))
+
+    # pyannote's frame-level conversions without a Python loop per frame (engine.pipelines.discrete)
+    to_diarization = staticmethod(discrete.to_diarization)
+    to_annotation = staticmethod(discrete.to_annotation)
 
     # it takes the recording as stored (float16, engine.audio.STORAGE_DTYPE): segmentation's
     # batches and the embeddings' fbank blocks are made float32 one at a time

@@ -1,0 +1,106 @@
+"""pyannote's two frame-level conversions at the end of diarization, without a Python loop per frame.
+
+``SpeakerDiarization.to_diarization`` (the speaker count of each frame turned into 0/1 per
+speaker) and ``Binarize`` (0/1 per speaker turned into regions) walk the recording one frame at a
+time in Python, building a ``Segment`` for each: about 200k frames an hour, twice each (the
+diarization and its exclusive form). That was 2 s of an hour on the CPU, where the networks take
+45 s; on a GPU, where they take a few seconds, it is a large share of the job. These give the
+same arrays and the same annotations (tests/test_engine_discrete.py compares them with
+pyannote's on random and real input), from numpy operations over all frames at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pyannote.audio.core.inference import Inference
+from pyannote.audio.pipelines.utils import SpeakerDiarizationMixin
+from pyannote.audio.utils.signal import Binarize
+from pyannote.core import Annotation, Segment, SlidingWindowFeature
+from pyannote.core import segment as pyannote_segment
+from pyannote.core.utils.generators import string_generator
+
+
+def to_diarization(segmentations: SlidingWindowFeature, count: SlidingWindowFeature) -> SlidingWindowFeature:
+    """``SpeakerDiarizationMixin.to_diarization``: in each frame, the ``count`` speakers with the
+    highest aggregated activation are active."""
+    activations = Inference.aggregate(segmentations, count.sliding_window, hamming=False, missing=0.0,
+                                      skip_average=True)
+    _, num_speakers = activations.data.shape
+    max_speakers_per_frame = np.max(count.data)
+    if num_speakers < max_speakers_per_frame:
+        activations.data = np.pad(activations.data, ((0, 0), (0, max_speakers_per_frame - num_speakers)))
+    extent = activations.extent & count.extent
+    activations = activations.crop(extent, return_data=False)
+    count = count.crop(extent, return_data=False)
+
+    # the same sort as pyannote's (argsort's default kind), so that ties go the same way
+    sorted_speakers = np.argsort(-activations.data, axis=-1)
+    binary = np.zeros_like(activations.data)
+    # pyannote zips the count's frames with the activations' rows: the shorter one decides
+    n = min(len(count.data), len(sorted_speakers))
+    counts = count.data[:n].reshape(n, -1)[:, 0].astype(np.int64)
+    # rank i of frame t is active when i < count[t]; each row of sorted_speakers is a permutation
+    active = (np.arange(binary.shape[1])[None, :] < counts[:, None]).astype(binary.dtype)
+    np.put_along_axis(binary[:n], sorted_speakers[:n], active, axis=1)
+    return SlidingWindowFeature(binary, activations.sliding_window)
+
+
+def binarize(scores: SlidingWindowFeature, onset: float = 0.5, offset: float = 0.5, min_duration_on: float = 0.0,
+             min_duration_off: float = 0.0) -> Annotation:
+    """``Binarize(onset, offset, min_duration_on, min_duration_off)(scores)`` (no padding).
+
+    Each class is active from the frame where it rises above ``onset`` to the frame where it
+    falls below ``offset``, both times taken at the frames' middles, a region still open at the
+    end closing at the last frame's middle; a score between the two keeps the state it had.
+    """
+    num_frames, num_classes = scores.data.shape
+    if onset < offset or num_frames < 2 or pyannote_segment.AUTO_ROUND_TIME:
+        # onset below offset flips on every frame between them; one frame ends with an
+        # unbound name in pyannote's loop; rounded segment times move the middles: pyannote's own
+        return Binarize(onset=onset, offset=offset, min_duration_on=min_duration_on,
+                        min_duration_off=min_duration_off)(scores)
+    frames = scores.sliding_window
+    # Segment(start + i * step, start + i * step + duration).middle, computed as pyannote does
+    starts = frames.start + np.arange(num_frames) * frames.step
+    timestamps = 0.5 * (starts + (starts + frames.duration))
+
+    active = Annotation()
+    track_generator = string_generator()
+    for k, k_scores in enumerate(scores.data.T):
+        label = k if scores.labels is None else scores.labels[k]
+        track = next(track_generator)
+        # 1 above onset, 0 below offset, -1 between: keeps the previous frame's state
+        state = np.where(k_scores > onset, 1, np.where(k_scores < offset, 0, -1))
+        state[0] = 1 if k_scores[0] > onset else 0
+        known = np.where(state >= 0, np.arange(num_frames), 0)
+        state = state[np.maximum.accumulate(known)]
+        change = np.flatnonzero(np.diff(state)) + 1
+        rises = change[state[change] == 1]
+        falls = change[state[change] == 0]
+        if state[0] == 1:
+            rises = np.concatenate(([0], rises))
+        if state[-1] == 1:
+            falls = np.concatenate((falls, [num_frames - 1]))
+        for a, b in zip(rises.tolist(), falls.tolist()):
+            active[Segment(float(timestamps[a]), float(timestamps[b])), track] = label
+
+    # as Binarize does after its loop
+    if min_duration_off > 0.0:
+        active = active.support(collar=min_duration_off)
+    if min_duration_on > 0:
+        for segment, track in list(active.itertracks()):
+            if segment.duration < min_duration_on:
+                del active[segment, track]
+    return active
+
+
+def to_annotation(discrete_diarization: SlidingWindowFeature, min_duration_on: float = 0.0,
+                  min_duration_off: float = 0.0) -> Annotation:
+    """``SpeakerDiarizationMixin.to_annotation``."""
+    return binarize(discrete_diarization, onset=0.5, offset=0.5, min_duration_on=min_duration_on,
+                    min_duration_off=min_duration_off)
+
+
+# what they replace, for the tests that compare the two
+PYANNOTE = {"to_diarization": SpeakerDiarizationMixin.to_diarization,
+            "to_annotation": SpeakerDiarizationMixin.to_annotation}

@@ -1,0 +1,122 @@
+"""The frame-level conversions without a loop per frame (engine/pipelines/discrete.py) give what
+pyannote's own give: on random input built to hit the edge cases (ties, counts above the number
+of speakers, scores exactly at the threshold, hysteresis, short gaps and regions), and on the
+real pipeline run over real speech with real weights, where every call is checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyannote.audio.utils.signal import Binarize
+from pyannote.core import SlidingWindow, SlidingWindowFeature
+
+from engine.pipelines import discrete
+from engine.pipelines.embedded import EmbeddedSpeakerDiarization
+
+# segmentation-3.0's frames and a 10 s window every 2.5 s, as the pipeline has them
+FRAMES = SlidingWindow(start=0.0, duration=0.0619375, step=0.016875)
+
+
+def _tracks(annotation) -> list:
+    return [(s.start, s.end, t, label) for s, t, label in annotation.itertracks(yield_label=True)]
+
+
+def _segmentations(rng, chunks: int, speakers: int, binary: bool) -> SlidingWindowFeature:
+    data = rng.random((chunks, 589, speakers))
+    if binary:
+        data = (data > 0.6).astype(np.float32)
+    return SlidingWindowFeature(data, SlidingWindow(start=0.0, duration=10.0, step=2.5))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_to_diarization_is_pyannotes(seed):
+    rng = np.random.default_rng(seed)
+    speakers = int(rng.integers(1, 4))
+    segmentations = _segmentations(rng, int(rng.integers(1, 40)), speakers, binary=seed % 2 == 0)
+    frames = int((segmentations.sliding_window[len(segmentations) - 1].end) / FRAMES.step) + 1
+    # counts up to one above the local speakers: pyannote pads the activations for them
+    count = SlidingWindowFeature(rng.integers(0, speakers + 2, size=(frames, 1)).astype(np.uint8), FRAMES)
+
+    ours = discrete.to_diarization(segmentations, count)
+    theirs = discrete.PYANNOTE["to_diarization"](segmentations, count)
+    window = lambda w: (w.start, w.duration, w.step)  # noqa: E731
+    assert window(ours.sliding_window) == window(theirs.sliding_window)
+    assert ours.data.dtype == theirs.data.dtype
+    np.testing.assert_array_equal(ours.data, theirs.data)
+    assert ours.data.sum() > 0
+
+
+@pytest.mark.parametrize(("onset", "offset", "on", "off"), [
+    (0.5, 0.5, 0.0, 0.0),   # the pipeline's to_annotation
+    (0.5, 0.5, 0.0, 0.1),   # short gaps filled
+    (0.5, 0.5, 0.2, 0.0),   # short regions dropped
+    (0.7, 0.3, 0.0, 0.0),   # hysteresis: a score between the two keeps the state
+    (0.6, 0.6, 0.1, 0.05),
+])
+@pytest.mark.parametrize("seed", range(4))
+def test_binarize_is_pyannotes(seed, onset, offset, on, off):
+    rng = np.random.default_rng(seed)
+    frames = int(rng.integers(2, 3000))
+    # runs of random length, so that regions are long enough to meet the duration limits
+    runs = np.repeat(rng.random((frames // 5 + 1, 3)), 5, axis=0)[:frames]
+    # some scores exactly at a threshold, and a binary class (the discrete diarization's case)
+    runs[rng.random(runs.shape) < 0.05] = onset
+    runs[rng.random(runs.shape) < 0.05] = offset
+    runs[:, 2] = runs[:, 2] > 0.5
+    scores = SlidingWindowFeature(runs, FRAMES)
+
+    ours = discrete.binarize(scores, onset=onset, offset=offset, min_duration_on=on, min_duration_off=off)
+    theirs = Binarize(onset=onset, offset=offset, min_duration_on=on, min_duration_off=off)(scores)
+    assert _tracks(ours) == _tracks(theirs)
+    assert len(_tracks(ours)) > 0
+
+
+def test_a_class_active_throughout_and_one_never():
+    data = np.zeros((50, 2))
+    data[:, 0] = 1.0
+    scores = SlidingWindowFeature(data, FRAMES)
+    assert _tracks(discrete.to_annotation(scores)) == _tracks(discrete.PYANNOTE["to_annotation"](scores))
+    assert [label for *_, label in _tracks(discrete.to_annotation(scores))] == [0]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from engine.core import Engine
+    from shared.settings import Settings
+
+    return Engine(Settings(device="cpu")).load_models()
+
+
+def test_the_pipeline_on_real_speech_gets_pyannotes_conversions(engine, monkeypatch):
+    """Every call the pipeline makes, on three minutes of four real talkers, is answered the same."""
+    from engine.audio import Audio
+    from evaluation.longform import long_conversation
+
+    calls = {"to_diarization": 0, "to_annotation": 0}
+
+    def checked(name):
+        ours = getattr(discrete, name)
+
+        def both(*args, **kwargs):
+            calls[name] += 1
+            mine, theirs = ours(*args, **kwargs), discrete.PYANNOTE[name](*args, **kwargs)
+            if name == "to_diarization":
+                np.testing.assert_array_equal(mine.data, theirs.data)
+            else:
+                assert _tracks(mine) == _tracks(theirs)
+            return mine
+
+        return staticmethod(both)
+
+    for name in calls:
+        monkeypatch.setattr(EmbeddedSpeakerDiarization, name, checked(name))
+    samples, _ = long_conversation(3)
+    result = engine.diarize(Audio(samples))
+    # the diarization and its exclusive form
+    assert calls == {"to_diarization": 2, "to_annotation": 2}
+    assert len({t.speaker for t in result.diarization_results}) >= 2
+
+
+def test_the_pipeline_uses_them():
+    assert EmbeddedSpeakerDiarization.to_diarization is discrete.to_diarization
+    assert EmbeddedSpeakerDiarization.to_annotation is discrete.to_annotation
