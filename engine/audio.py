@@ -83,7 +83,20 @@ def _open(source: AudioSource) -> BinaryIO:
 
 
 def _downmix(data: np.ndarray) -> np.ndarray:
-    return data.mean(axis=1, dtype=np.float32) if data.ndim == 2 else data.astype(np.float32, copy=False)
+    """(frames, channels) -> (frames,) float32 mean; as ``data.mean(axis=1, dtype=float32)``.
+
+    Channel by channel: numpy's mean over a short last axis is a strided reduction, 0.3 s per
+    10 min of stereo, a third of decoding a 44.1 kHz FLAC (2 s of an hour, which on a GPU is a
+    third of the job). The same additions in the same order, so the same floats, up to 7 channels
+    (numpy pairs them from 8 on: within 2.4e-7 there)."""
+    if data.ndim != 2:
+        return data.astype(np.float32, copy=False)
+    out = data[:, 0].astype(np.float32)
+    for channel in range(1, data.shape[1]):
+        out += data[:, channel]
+    if data.shape[1] > 1:
+        out /= np.float32(data.shape[1])
+    return out
 
 
 def _check_sample_rate(rate: int) -> None:

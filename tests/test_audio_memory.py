@@ -88,3 +88,25 @@ def test_long_file_peaks_near_its_result(tmp_path):
     # the result plus a bounded overhead (blocks, slices of the checks, allocator slack): the same
     # ~60 MB for any length; list + concatenate + whole-array checks held 4-5x the result
     assert peak < result_mb + 100
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 6, 8, 12])
+def test_a_multichannel_file_is_the_mean_of_its_channels(tmp_path, channels):
+    """Decoded mono is numpy's float32 mean of the channels (the same floats up to 7 channels,
+    within float32 rounding past that), whatever way the downmix computes it."""
+    from engine.audio import load_audio
+
+    rng = np.random.default_rng(channels)
+    data = (rng.standard_normal((16000 * 3, channels)) * 0.2).astype(np.float32)
+    data[:, 0] *= 0.1  # channels of different levels
+    path = tmp_path / f"{channels}ch.wav"
+    sf.write(path, data, 16000, subtype="FLOAT")
+    expected = data.mean(axis=1, dtype=np.float32)
+    mono = load_audio(path).float32()
+    assert mono.shape == expected.shape
+    # the engine stores float16 (engine.audio.STORAGE_DTYPE): compare at its precision
+    stored = expected.astype(np.float16)
+    if channels < 8:
+        np.testing.assert_array_equal(mono, stored.astype(np.float32))
+    else:  # a float32 rounding apart can round to the neighbouring float16
+        assert np.all(np.abs(mono - stored.astype(np.float32)) <= np.abs(np.spacing(stored)).astype(np.float32))
