@@ -60,6 +60,20 @@ class Engine:
         self._lock = threading.Lock()
 
     # --- models ----------------------------------------------------------------------------
+    def device_works(self) -> bool:
+        """False once this process's CUDA context has failed; always True on the CPU.
+
+        A device-side assert, an illegal memory access or a launch failure is sticky: every later
+        CUDA call of the process fails with it, so a worker that went on would fail every job
+        after it. An out-of-memory error is not: the context still works."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return bool((torch.ones(1, device=self.device) + 1).item() == 2)
+        except Exception:  # noqa: BLE001 - whatever fails here, the context does
+            return False
+
     @property
     def model_device(self) -> str:
         return device_label(self.device)

@@ -52,3 +52,26 @@ def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conve
     speakers = {name: len({t.speaker for t in r.diarization_results}) for name, r in (("gpu", gpu), ("cpu", cpu))}
     assert speakers["gpu"] == speakers["cpu"]
     assert abs(der["gpu"] - der["cpu"]) < 0.01, der
+
+
+def test_a_device_side_assert_is_seen_as_a_failed_device():
+    """What the worker's exit on a failed context (worker.tasks._exit_for_device) relies on: after a
+    real device-side assert, ``Engine.device_works()`` says False. In a child process: the assert
+    leaves that process's CUDA context unusable."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from engine.core import Engine
+        engine = Engine(device="cuda")
+        assert engine.device_works()
+        try:
+            torch.arange(3, device="cuda")[torch.tensor([7], device="cuda")].item()
+        except Exception as exc:
+            print("raised:", type(exc).__name__)
+        print("works after:", engine.device_works())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "works after: False" in out.stdout, out.stdout + out.stderr[-2000:]

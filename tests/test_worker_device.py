@@ -2,10 +2,14 @@
 
 This machine has no GPU. The worker below is a real Celery worker process asked for CUDA, which
 is the failure a GPU host with a broken driver or a wrong CUDA_VISIBLE_DEVICES gives too. The
-index test stands in for a GPU with ``torch.cuda`` patched, and says so.
+index test stands in for a GPU with ``torch.cuda`` patched, and says so; the sticky-failure test
+simulates a failed CUDA context in tests/_cuda_fault_worker.py and says so (tests/test_engine_gpu.py
+shows, on a GPU, that a real device-side assert is seen as one).
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
@@ -65,3 +69,49 @@ def test_a_cuda_device_that_is_not_visible_is_a_model_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_a_sticky_cuda_failure_ends_the_process_and_the_job_runs_again(worker, settings, short_sample, tmp_path):
+    """A CUDA context that failed (device-side assert, illegal memory access) fails every later
+    call of its process: the job must not be failed and the worker must not go on failing jobs.
+    No GPU here: the failure is simulated in tests/_cuda_fault_worker.py, the rest is real."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack, wait_until
+    from shared.jobs import JobStore
+    from tests.conftest import wait_for_job
+    from worker.tasks import DEVICE_LOST_EXIT
+
+    queue = "audio-cuda-fault"
+    marker = tmp_path / "faulted"
+    store = JobStore.from_settings(settings)
+
+    def children() -> list[dict]:
+        return [w for w in store.workers() if w["worker"].startswith("cudafault@") and w["diarization_model_loaded"]]
+
+    stack = Stack(log_dir=tmp_path)
+    try:
+        proc = stack.spawn("cudafault", [
+            sys.executable, "-m", "tests._cuda_fault_worker", "--pool", "prefork", "--concurrency", "1",
+            "-Q", queue, "-n", "cudafault@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ], env={"CUDA_FAULT_MARKER": str(marker)})
+        wait_until(lambda: bool(children()), 180, "prefork worker", proc)
+        local = settings.model_copy(update={"queue_name": queue})
+        with TestClient(create_app(local), raise_server_exceptions=False) as client:
+            job = client.post("/jobs/diarize", files={"file": (short_sample.name, short_sample.read_bytes(),
+                                                               "audio/wav")}).json()
+            done = wait_for_job(client, job["job_id"], timeout_s=180)
+        assert marker.exists(), "the simulated failure never happened"
+        assert done["status"] == "succeeded", done
+        assert done["attempts"] == 2 and done["result"]["segments_count"] > 0
+        faulted = int(marker.read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(faulted, 0)  # the process with the failed context is gone
+        log = (tmp_path / "cudafault.log").read_text(errors="replace")
+        assert "the CUDA device failed" in log and f"exitcode {DEVICE_LOST_EXIT}" in log
+        assert proc.poll() is None, "the worker's main process must survive its child"
+    finally:
+        stack.stop()

@@ -14,6 +14,7 @@ retried; the worker keeps going. Audio given by URL is fetched here, at the star
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from contextlib import ExitStack
@@ -218,6 +219,8 @@ def _run_leased(
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
     except Exception:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
+        if not _device_works():
+            _exit_for_device(job_id)
         outcome = (FAILED, None, _internal_error(job_id))
     try:
         if outcome is not None:
@@ -234,6 +237,33 @@ def _run_leased(
     if record is not None:
         _notify(record)
     return _settle(task, record, job_id)
+
+
+# the exit status of a pool process whose CUDA context failed (EX_SOFTWARE)
+DEVICE_LOST_EXIT = 70
+
+
+def _device_works() -> bool:
+    from engine.core import built_engine
+
+    engine = built_engine()
+    return engine is None or engine.device_works()
+
+
+def _exit_for_device(job_id: str) -> None:
+    """End this process: its CUDA context failed for good (call it in the ``except``).
+
+    Failing the job and going on would fail every later job of this process too (a device-side
+    assert is sticky). Exiting is the path a process killed mid-job already takes: a prefork
+    parent starts a fresh child with a new context, the job's message is handed out again
+    (``task_reject_on_worker_lost``), the dead holder's lease is taken over at once, and a job
+    that kills its process ``job_max_attempts`` times is failed (worker/recovery.py). A solo
+    worker exits whole and is restarted by its supervisor (compose, Kubernetes)."""
+    log.critical("job %s: the CUDA device failed and stays failed in this process; exiting so that a fresh "
+                 "process runs the job again", job_id, exc_info=True)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(DEVICE_LOST_EXIT)
 
 
 def _internal_error(job_id: str) -> ProcessingError:
