@@ -1,9 +1,12 @@
-"""The frame-level conversions without a loop per frame (engine/pipelines/discrete.py) give what
+"""The frame-level steps without a loop per frame (engine/pipelines/discrete.py) give what
 pyannote's own give: on random input built to hit the edge cases (ties, counts above the number
-of speakers, scores exactly at the threshold, hysteresis, short gaps and regions), and on the
-real pipeline run over real speech with real weights, where every call is checked."""
+of speakers, local speakers left out or sharing a cluster, scores exactly at the threshold,
+hysteresis, short gaps and regions), and on the real pipeline run over real speech with real
+weights, where every call is checked."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -39,6 +42,34 @@ def test_to_diarization_is_pyannotes(seed):
 
     ours = discrete.to_diarization(segmentations, count)
     theirs = discrete.PYANNOTE["to_diarization"](segmentations, count)
+    window = lambda w: (w.start, w.duration, w.step)  # noqa: E731
+    assert window(ours.sliding_window) == window(theirs.sliding_window)
+    assert ours.data.dtype == theirs.data.dtype
+    np.testing.assert_array_equal(ours.data, theirs.data)
+    assert ours.data.sum() > 0
+
+
+def _pyannote_reconstruct(segmentations, hard_clusters, count):
+    # SpeakerDiarization.reconstruct, with pyannote's own to_diarization behind it
+    owner = SimpleNamespace(to_diarization=discrete.PYANNOTE["to_diarization"])
+    return discrete.PYANNOTE["reconstruct"](owner, segmentations, hard_clusters, count)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reconstruct_is_pyannotes(seed):
+    rng = np.random.default_rng(10 + seed)
+    chunks, speakers = int(rng.integers(1, 60)), 3
+    segmentations = _segmentations(rng, chunks, speakers, binary=seed != 5)  # and one not 0/1
+    clusters = int(rng.integers(1, 6))
+    # -2: a local speaker inactive in its chunk, left out; several local speakers may share a cluster
+    hard_clusters = rng.integers(-2, clusters, size=(chunks, speakers))
+    hard_clusters[hard_clusters == -1] = 0
+    hard_clusters[0, 0] = clusters - 1
+    frames = int((segmentations.sliding_window[chunks - 1].end) / FRAMES.step) + 1
+    count = SlidingWindowFeature(rng.integers(0, 3, size=(frames, 1)).astype(np.uint8), FRAMES)
+
+    ours = discrete.reconstruct(segmentations, hard_clusters, count)
+    theirs = _pyannote_reconstruct(segmentations, hard_clusters, count)
     window = lambda w: (w.start, w.duration, w.step)  # noqa: E731
     assert window(ours.sliding_window) == window(theirs.sliding_window)
     assert ours.data.dtype == theirs.data.dtype
@@ -92,28 +123,27 @@ def test_the_pipeline_on_real_speech_gets_pyannotes_conversions(engine, monkeypa
     from engine.audio import Audio
     from evaluation.longform import long_conversation
 
-    calls = {"to_diarization": 0, "to_annotation": 0}
+    calls = {"reconstruct": 0, "to_annotation": 0}
+    ours = {name: getattr(discrete, name) for name in calls}
 
-    def checked(name):
-        ours = getattr(discrete, name)
+    def reconstruct(*args):
+        calls["reconstruct"] += 1
+        mine, theirs = ours["reconstruct"](*args), _pyannote_reconstruct(*args)
+        np.testing.assert_array_equal(mine.data, theirs.data)
+        return mine
 
-        def both(*args, **kwargs):
-            calls[name] += 1
-            mine, theirs = ours(*args, **kwargs), discrete.PYANNOTE[name](*args, **kwargs)
-            if name == "to_diarization":
-                np.testing.assert_array_equal(mine.data, theirs.data)
-            else:
-                assert _tracks(mine) == _tracks(theirs)
-            return mine
+    def to_annotation(*args, **kwargs):
+        calls["to_annotation"] += 1
+        mine, theirs = ours["to_annotation"](*args, **kwargs), discrete.PYANNOTE["to_annotation"](*args, **kwargs)
+        assert _tracks(mine) == _tracks(theirs)
+        return mine
 
-        return staticmethod(both)
-
-    for name in calls:
-        monkeypatch.setattr(EmbeddedSpeakerDiarization, name, checked(name))
+    monkeypatch.setattr(discrete, "reconstruct", reconstruct)
+    monkeypatch.setattr(EmbeddedSpeakerDiarization, "to_annotation", staticmethod(to_annotation))
     samples, _ = long_conversation(3)
     result = engine.diarize(Audio(samples))
     # the diarization and its exclusive form
-    assert calls == {"to_diarization": 2, "to_annotation": 2}
+    assert calls == {"reconstruct": 2, "to_annotation": 2}
     assert len({t.speaker for t in result.diarization_results}) >= 2
 
 
