@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import JobConflict, JobNotFound, SyncTimeout
 from shared import logs
-from shared.audio_limits import check_audio_limits
+from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
@@ -205,14 +205,15 @@ class Dispatcher:
         limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
             else self.settings.max_audio_seconds
         hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
+        budget = DurationBudget(limit, hint)
         for upload in uploads:
             if await _is_empty(upload):
                 # nothing a worker could decode: refused here, as the synchronous route's worker did
                 raise AudioDecodeError(f"uploaded file {(upload.filename or '')[:100]!r} is empty")
-            await run_in_threadpool(
+            budget.add(await run_in_threadpool(
                 check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
                 hint=hint,
-            )
+            ))
 
     # --- the synchronous contract -----------------------------------------------------------
     async def run_sync(self, submission: Submission, principal: Principal | None = None,

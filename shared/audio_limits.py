@@ -104,3 +104,21 @@ def check_audio_limits(
     if info.duration is not None and info.duration > max_duration:
         raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
     return info
+
+
+class DurationBudget:
+    """The duration limit for a job's audio files together, as their headers declare them.
+
+    An enrollment takes up to 20 files and a comparison two: each at the limit would tie a
+    worker up for that many times the longest job one file may make."""
+
+    def __init__(self, limit: float, hint: str = "") -> None:
+        self.limit, self.hint, self.total = limit, hint, 0.0
+
+    def add(self, info: AudioInfo | None) -> None:
+        if info is None or info.duration is None:
+            return  # a header without a length: the decoder holds the file to the limit itself
+        self.total += info.duration
+        if self.total > self.limit:
+            raise AudioTooLongError(f"the job's audio files are {self.total:.0f} s long together; "
+                                    f"the limit is {self.limit:.0f} s{self.hint}")

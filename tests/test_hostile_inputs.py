@@ -441,3 +441,48 @@ def test_a_webhook_receiver_trickling_its_answer_is_cut_at_the_deadline(tricklin
     took = time.monotonic() - started
     print(f"\na receiver answering a byte every 0.3 s (timeout 1 s, deadline 2 s): given up after {took:.1f} s")
     assert took < 3.5, took
+
+
+@pytest.fixture()
+def short_limit_client(settings):
+    """The API with a 20 s limit on a job's audio (its jobs go to a queue nobody consumes)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    local = settings.model_copy(update={"max_audio_seconds": 20.0, "queue_name": "audio-short-limit"})
+    with TestClient(create_app(local), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_a_jobs_files_together_are_held_to_the_duration_limit(short_limit_client, short_sample):
+    """Each file was held to max_audio_seconds alone: an enrollment of 20 files at the limit
+    each tied a worker up twenty times as long as any one file may."""
+    wav = ("a.wav", short_sample.read_bytes(), "audio/wav")  # 12 s
+    detail = "the job's audio files are 24 s long together; the limit is 20 s"
+    for path, files in [("/jobs/enroll", [("files", wav), ("files", wav)]),
+                        ("/jobs/compare", {"file1": wav, "file2": wav})]:
+        r = short_limit_client.post(path, files=files, data={"label": "x"} if "enroll" in path else {})
+        _assert_error(r, 413)
+        assert r.json()["detail"] == detail, (path, r.text)
+    # one of them alone is within it
+    r = short_limit_client.post("/jobs/enroll", files=[("files", wav)], data={"label": "x"})
+    assert r.status_code == 202, r.text
+
+
+def test_the_worker_holds_a_jobs_files_together_to_the_limit(limited, media_server, utterances):  # noqa: F811
+    """Files given by URL reach the worker unchecked: it holds them to the same limit together
+    (the limited worker's is 8 s; each file here is 6 s)."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    parts = [sf.read(f, dtype="int16")[0] for f in utterances["spk1"][:2]]
+    out = io.BytesIO()
+    sf.write(out, np.concatenate(parts), 16000, format="WAV", subtype="PCM_16")
+    media_server.file("/six-seconds.wav", out.getvalue())
+    url = media_server.url("/six-seconds.wav")
+    error = _failure(limited, _submit(limited, "compare", file1_url=url, file2_url=url))
+    assert error["status_code"] == 413, error
+    assert error["detail"] == "the job's audio files are 12 s long together; the limit is 8 s", error

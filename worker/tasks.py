@@ -26,7 +26,7 @@ from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 
 from shared import logs, webhooks
-from shared.audio_limits import check_audio_limits
+from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
 from shared.kinds import KINDS, FileField, JobKind, Params
@@ -171,6 +171,9 @@ def _run_leased(
     outcome: tuple[str, dict[str, Any] | None, AnalysisError | None] | None = None
     try:
         with ExitStack() as stack:
+            # the job's files together, fetched ones included, as the API holds its uploads
+            seconds = DurationBudget(duration_limit)
+
             def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
                     raise ProcessingError("uploaded file is no longer in storage (expired)")
@@ -178,7 +181,8 @@ def _run_leased(
                 if audio:
                     # the API checked the header already; checked again here for jobs queued
                     # before, and because the worker is what an hour-long file would tie up
-                    check_audio_limits(path, max_duration=duration_limit, min_sample_rate=settings.min_sample_rate)
+                    seconds.add(check_audio_limits(path, max_duration=duration_limit,
+                                                   min_sample_rate=settings.min_sample_rate))
                 return path
 
             # all of a job's URLs together stay under the limit of one upload request
