@@ -75,3 +75,28 @@ def test_a_device_side_assert_is_seen_as_a_failed_device():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "works after: False" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_a_recording_over_the_cap_stays_on_the_host(conversation, monkeypatch):
+    """GPU memory stays bounded whatever the length: past DEVICE_AUDIO_MAX_BYTES (here lowered to
+    1 MB) the samples go batch by batch, and the answer is the same."""
+    from pyannote.audio.core.inference import Inference
+
+    from engine.audio import Audio
+    from engine.pipelines import embedded
+
+    samples, _ = conversation
+    engine = _engine("cuda")
+    whole = engine.diarize(Audio(samples))
+    seen: list[torch.device] = []
+    infer = Inference.infer
+
+    def recording(self, chunks):
+        seen.append(chunks.device)
+        return infer(self, chunks)
+
+    monkeypatch.setattr(Inference, "infer", recording)
+    monkeypatch.setattr(embedded, "DEVICE_AUDIO_MAX_BYTES", 2**20)
+    batched = engine.diarize(Audio(samples))
+    assert seen and all(d.type == "cpu" for d in seen)
+    assert batched.diarization_results == whole.diarization_results

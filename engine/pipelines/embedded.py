@@ -36,6 +36,12 @@ from engine.pipelines import discrete
 from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
 
+# the longest recording whose samples are moved to the GPU whole (512 MB: 4.6 h of float16);
+# a longer one stays on the host and goes batch by batch, so that a job's GPU memory stays bounded
+# whatever the length (several workers share a card)
+DEVICE_AUDIO_MAX_BYTES = 512 * 2**20
+
+
 def budget_for(device: torch.device | None) -> EmbeddingBudget:
     """Batch sizes for the device: a GPU wants big batches, a CPU gains little past ~32k frames."""
     if device is not None and device.type == "cuda":
@@ -80,13 +86,14 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         self.clustering.channel_threshold = None
         if self.telephone_threshold is not None and through_a_telephone_line(file["waveform"][0].numpy()):
             self.clustering.channel_threshold = self.telephone_threshold
-        device = self._segmentation.device
-        if file["waveform"].device != device and not self.training:
+        device, waveform = self._segmentation.device, file["waveform"]
+        if (waveform.device != device and not self.training
+                and waveform.numel() * waveform.element_size() <= DEVICE_AUDIO_MAX_BYTES):
             # the recording goes to the GPU once (an hour of float16: 115 MB). Left on the host,
             # each segmentation batch is a strided view of it (chunks every 2.5 s of 10 s) that
             # torch copies into a contiguous host buffer before sending: every sample four
             # times, 4.6 GB an hour through host memory and the bus while the GPU waits
-            file = {**file, "waveform": file["waveform"].to(device)}
+            file = {**file, "waveform": waveform.to(device)}
         try:
             return super().apply(file, **kwargs)
         finally:
