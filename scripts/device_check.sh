@@ -68,6 +68,9 @@ timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py
 step "1. ${MINUTES} min: this engine and senko's Diarizer on $DEVICE (engine time, steps, DER, peak memory)"
 timeout 300 $PY -W ignore bench/diarization_vs_senko.py --minutes "$MINUTES" --device "$DEVICE"
 
+step "1b. ${MINUTES} min, this engine with TF32 for CAM++ (AUDIO_ANALYSIS_EMBEDDING_TF32): time and DER against step 1"
+AUDIO_ANALYSIS_EMBEDDING_TF32=true timeout 200 $PY -W ignore bench/diarization_vs_senko.py --minutes "$MINUTES" --only ours --device "$DEVICE"
+
 step "2. ${MINUTES} min through the service on $DEVICE: three queued jobs, one worker, then two sharing the card"
 timeout 300 $PY -W ignore bench/service_hours.py --minutes "$MINUTES" --jobs 3 --workers 1 2 --device "$DEVICE" --timeout 200
 

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # thread runs 4 chunks as fast per chunk as 16, and holds a quarter of SincNet's activations)
     segmentation_batch_size: int | None = Field(None, ge=1)
     embedding_batch_size: int = 32
+    # TF32 for CAM++'s convolutions in diarization on a GPU (tensor cores: several times the
+    # FP32 rate on an H100/H200). Off, as pyannote keeps it for its own models, until the device
+    # check (scripts/device_check.sh) has shown the DER holds with it; nothing on the CPU
+    embedding_tf32: bool = False
     embedding_exclude_overlap: bool = True
     clustering_threshold: float = 0.8
     clustering_min_cluster_size: int = 2

@@ -477,3 +477,29 @@ def test_rows_embedded_once_say_what_they_say_when_each_is_embedded(campplus, mo
     # a shared row's frames are 90 %+ those embedded (0.94 measured at the lowest); another
     # speaker's row would be near 0.1-0.5
     assert cosine.min() > 0.9, cosine
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_tf32_for_the_embeddings_only_when_asked(enabled, monkeypatch):
+    """``embedding_tf32`` turns TF32 on around CAM++'s batches and leaves the process's flags as
+    they were after them (pyannote turns it off on a GPU at every call). The flags are plain
+    settings of torch, readable without a GPU; what TF32 does to the DER needs one (the device
+    check measures it)."""
+    from engine.core import Engine
+    from engine.pipelines import embedded
+    from shared.settings import Settings
+
+    seen: list[tuple[bool, bool]] = []
+    real = embedded.chunk_embeddings
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "chunk_embeddings", recording)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    engine = Engine(Settings(device="cpu", embedding_tf32=enabled)).load_models()
+    path, _ = pyannote_sample()
+    engine.diarize(Audio(load_audio(path).float32()[: 16000 * 20]))
+    assert seen == [(True, True) if enabled else before]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

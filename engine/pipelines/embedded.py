@@ -20,6 +20,9 @@ segmentation's batches and CAM++'s run in single-threaded lanes side by side (``
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import numpy as np
 import torch
 from pyannote.audio.pipelines import SpeakerDiarization
@@ -42,6 +45,21 @@ from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 DEVICE_AUDIO_MAX_BYTES = 512 * 2**20
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA's matrix products and cuDNN's convolutions inside the block (``enabled``),
+    the process's flags as they were after it; nothing changes when not enabled."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def budget_for(device: torch.device | None) -> EmbeddingBudget:
     """Batch sizes for the device: a GPU wants big batches, a CPU gains little past ~32k frames."""
     if device is not None and device.type == "cuda":
@@ -53,12 +71,13 @@ def budget_for(device: torch.device | None) -> EmbeddingBudget:
 class EmbeddedSpeakerDiarization(SpeakerDiarization):
     def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None,
                  distinct_distance: float | None = None, min_cluster_share: float = 0.0,
-                 telephone_threshold: float | None = None, **kwargs):
+                 telephone_threshold: float | None = None, embedding_tf32: bool = False, **kwargs):
         super().__init__(plda=unused_plda(), clustering="AgglomerativeClustering", **kwargs)
         self.budget = budget
         # the clustering threshold for a recording that came through a telephone line
         # (engine.channel); None: the one threshold for every recording
         self.telephone_threshold = telephone_threshold
+        self.embedding_tf32 = embedding_tf32
         self.clustering = ExactCountClustering(metric=self._embedding.metric)
         self.clustering.distinct_distance = distinct_distance
         self.clustering.min_cluster_share = min_cluster_share
@@ -122,18 +141,21 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
             def progress(done: int, total: int) -> None:
                 hook("embeddings", None, total=total, completed=done)
 
-        embeddings = chunk_embeddings(
-            self._embedding.model_,
-            file["waveform"][0],
-            binary_segmentations.data,
-            window.start,
-            window.step,
-            window.duration,
-            exclude_overlap=exclude_overlap,
-            budget=self.budget,
-            progress=progress,
-            lanes=self.lanes,
-        )
+        # pyannote turns TF32 off for the whole process at every call (its issue 1370: its
+        # embedding model lost accuracy); CAM++'s convolutions may take it where the DER holds
+        with tf32(self.embedding_tf32):
+            embeddings = chunk_embeddings(
+                self._embedding.model_,
+                file["waveform"][0],
+                binary_segmentations.data,
+                window.start,
+                window.step,
+                window.duration,
+                exclude_overlap=exclude_overlap,
+                budget=self.budget,
+                progress=progress,
+                lanes=self.lanes,
+            )
         if self.training:
             file["training_cache/embeddings"] = {"embeddings": embeddings}
         return embeddings
