@@ -20,20 +20,10 @@ def conversation():
     return long_conversation(3)
 
 
-def _engine(device: str):
-    from engine.core import Engine
-    from shared.settings import Settings
-
-    return Engine(Settings(device=device)).load_models()
-
-
-def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conversation, monkeypatch):
+def _batch_devices(monkeypatch) -> list[torch.device]:
+    """The device of every segmentation batch pyannote's inference receives from here on."""
     from pyannote.audio.core.inference import Inference
 
-    from engine.audio import Audio
-    from evaluation.speech import diarization_error_rate
-
-    samples, reference = conversation
     seen: list[torch.device] = []
     infer = Inference.infer
 
@@ -42,11 +32,26 @@ def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conve
         return infer(self, chunks)
 
     monkeypatch.setattr(Inference, "infer", recording)
+    return seen
+
+
+def _engine(device: str):
+    from engine.core import Engine
+    from shared.settings import Settings
+
+    return Engine(Settings(device=device)).load_models()
+
+
+def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conversation, monkeypatch):
+    from engine.audio import Audio
+    from evaluation.speech import diarization_error_rate
+
+    samples, reference = conversation
+    seen = _batch_devices(monkeypatch)
     gpu = _engine("cuda").diarize(Audio(samples))
     assert gpu.model_device.startswith("cuda")
     assert seen and all(d.type == "cuda" for d in seen)
 
-    monkeypatch.setattr(Inference, "infer", infer)
     cpu = _engine("cpu").diarize(Audio(samples))
     der = {name: diarization_error_rate(reference, r.diarization_results) for name, r in (("gpu", gpu), ("cpu", cpu))}
     speakers = {name: len({t.speaker for t in r.diarization_results}) for name, r in (("gpu", gpu), ("cpu", cpu))}
@@ -80,22 +85,13 @@ def test_a_device_side_assert_is_seen_as_a_failed_device():
 def test_a_recording_over_the_cap_stays_on_the_host(conversation, monkeypatch):
     """GPU memory stays bounded whatever the length: past DEVICE_AUDIO_MAX_BYTES (here lowered to
     1 MB) the samples go batch by batch, and the answer is the same."""
-    from pyannote.audio.core.inference import Inference
-
     from engine.audio import Audio
     from engine.pipelines import embedded
 
     samples, _ = conversation
     engine = _engine("cuda")
     whole = engine.diarize(Audio(samples))
-    seen: list[torch.device] = []
-    infer = Inference.infer
-
-    def recording(self, chunks):
-        seen.append(chunks.device)
-        return infer(self, chunks)
-
-    monkeypatch.setattr(Inference, "infer", recording)
+    seen = _batch_devices(monkeypatch)
     monkeypatch.setattr(embedded, "DEVICE_AUDIO_MAX_BYTES", 2**20)
     batched = engine.diarize(Audio(samples))
     assert seen and all(d.type == "cpu" for d in seen)
