@@ -229,6 +229,15 @@ def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_fram
         idx = (c - first) * step_frames + frames - offset
         indices.append(idx[(idx >= 0) & (idx < feats.shape[0])])
     lengths = np.array([len(i) for i in indices])
+    on_gpu = feats.device.type == "cuda"
+    # a GPU's batches stay on it until the group is done: no wait for each batch's result, so
+    # the host prepares and launches the next batches while the GPU works on this one
+    pending: list[tuple[list[int], torch.Tensor]] = []
+
+    def store(keep: list[int], vectors: np.ndarray) -> None:
+        for b, vector in zip(keep, vectors):
+            c, s, _ = group[b]
+            out[c, s] = vector  # each (chunk, speaker) belongs to one batch: lanes never collide
 
     def embed(batch: np.ndarray) -> None:
         keep = [b for b in batch if lengths[b] >= MIN_FRAMES]
@@ -239,10 +248,22 @@ def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_fram
         for b in keep:
             cut = (lengths[b] - shortest) // 2  # keep the middle of the row
             picks.append(indices[b][cut : cut + shortest])
-        gather = torch.from_numpy(np.stack(picks)).to(feats.device)
-        vectors = model.embed_batch(feats[gather]).float().cpu().numpy()
-        for b, vector in zip(keep, vectors):
-            c, s, _ = group[b]
-            out[c, s] = vector  # each (chunk, speaker) belongs to one batch: lanes never collide
+        gather = torch.from_numpy(np.stack(picks))
+        if on_gpu:
+            pending.append((keep, model.embed_batch(feats[_to_device(gather, feats.device)])))
+        else:
+            store(keep, model.embed_batch(feats[gather.to(feats.device)]).float().cpu().numpy())
 
     lanes.map(embed, length_batches(lengths, batch_frames))
+    for keep, vectors in pending:
+        store(keep, vectors.float().cpu().numpy())
+
+
+def _to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``indices`` on ``device`` without waiting for the GPU: a copy from pageable memory
+    synchronises with it, one from pinned memory does not. Pageable where pinning is refused (a
+    sandbox without page locking): correct, only slower."""
+    try:
+        return indices.pin_memory().to(device, non_blocking=True)
+    except RuntimeError:
+        return indices.to(device)
