@@ -105,4 +105,28 @@ print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_w
 print("job peak:", json.dumps(peak))
 print("heartbeat reading:", json.dumps(telemetry.sample(engine.model_device)))
 EOF
+step "5. CAM++ on $DEVICE, eager (the engine's choice on a GPU) against traced and frozen, first calls included"
+DEVICE=$DEVICE timeout 120 $PY -W ignore - <<'EOF'
+import os, random, time
+import torch
+from engine.models.campplus import CAMPPlusEmbedding
+
+device = torch.device(os.environ["DEVICE"])
+model = CAMPPlusEmbedding.from_checkpoint().to(device)
+random.seed(0)
+# the diarization's batches on a GPU: about 50k frames of rows cut to one length, a new length
+# nearly each call (a rehearsal on the CPU: 2k frames, a few calls)
+budget, calls = (50_000, 60) if device.type == "cuda" else (2_000, 6)
+shapes = [(max(1, budget // n), n) for n in (random.randint(25, 250) for _ in range(calls))]
+for name, network in (("eager", model.campplus), ("frozen", model.traced(device))):
+    for rep in ("first pass", "second pass"):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for rows, frames in shapes:
+                network(torch.randn(rows, frames, 80, device=device))
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        print(f"{name:7s} {rep}: {time.perf_counter() - started:.2f} s for {sum(r * f for r, f in shapes) / 360_000:.2f} h of frames")
+EOF
+
 step "done"
