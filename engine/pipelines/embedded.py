@@ -14,8 +14,11 @@
   the cluster of the local speaker they continue in the neighbouring chunk instead of cluster 0.
 
 Segmentation, speaker counting and reconstruction are pyannote's own, except that consecutive chunks
-of a segmentation batch share SincNet's first convolution (``engine.models.sincnet``). On the CPU,
-segmentation's batches and CAM++'s run in single-threaded lanes side by side (``engine.lanes``).
+of a segmentation batch share SincNet's first convolution (``engine.models.sincnet``) and that the
+frame-level steps at the end give pyannote's numbers without its per-frame loops and its
+reconstruction array (``engine.pipelines.discrete``). On the CPU, segmentation's batches and
+CAM++'s run in single-threaded lanes side by side (``engine.lanes``); on a GPU the recording is
+uploaded once (``DEVICE_AUDIO_MAX_BYTES``).
 """
 
 from __future__ import annotations
