@@ -195,6 +195,14 @@ class DeadlineExceeded(Exception):
     """The connection's overall deadline passed (the cause of the timeout httpx raises then)."""
 
 
+def _time_left(deadline: float, timeout: float | None, error: type[Exception]) -> float:
+    """What is left of ``deadline`` (time.monotonic()), at most ``timeout``; ``error`` once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("deadline passed") from DeadlineExceeded()
+    return left if timeout is None else min(timeout, left)
+
+
 class _DeadlineStream(httpcore.NetworkStream):
     """A stream whose every read, write and TLS handshake waits at most until ``deadline``.
 
@@ -210,10 +218,7 @@ class _DeadlineStream(httpcore.NetworkStream):
         self._checked = 0.0
 
     def _left(self, timeout: float | None, error: type[Exception]) -> float:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise error("deadline passed") from DeadlineExceeded()
-        return left if timeout is None else min(timeout, left)
+        return _time_left(self._deadline, timeout, error)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         if self._on_read is not None and time.monotonic() - self._checked >= _ON_READ_EVERY_S:
@@ -248,11 +253,9 @@ class DeadlineBackend(httpcore.NetworkBackend):
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
-        left = self._deadline - time.monotonic()
-        if left <= 0:
-            raise httpcore.ConnectTimeout("deadline passed") from DeadlineExceeded()
-        stream = self._inner.connect_tcp(host, port, timeout=left if timeout is None else min(timeout, left),
-                                         local_address=local_address, socket_options=socket_options)
+        left = _time_left(self._deadline, timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, timeout=left, local_address=local_address,
+                                         socket_options=socket_options)
         return _DeadlineStream(stream, self._deadline, self._on_read)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> httpcore.NetworkStream:
