@@ -322,13 +322,17 @@ def _first_filename(submission: Submission) -> str | None:
     return None
 
 
+def _status_url(record: JobRecord, base_url: str) -> str:
+    return f"{base_url}/jobs/{record.job_id}"
+
+
 def view(record: JobRecord, base_url: str = "") -> dict[str, Any]:
     """The record as a client sees it, with where to poll it."""
-    return {**record.public(), "status_url": f"{base_url}/jobs/{record.job_id}"}
+    return {**record.public(), "status_url": _status_url(record, base_url)}
 
 
 def summary_view(record: JobRecord, base_url: str = "") -> dict[str, Any]:
     """A job as a listing shows it (GET /jobs, the batch routes): the record without its result,
     with where to poll it and, once it succeeded, where its result is."""
-    url = f"{base_url}/jobs/{record.job_id}"
+    url = _status_url(record, base_url)
     return {**record.summary(), "status_url": url, "result_url": f"{url}/result" if record.status == SUCCEEDED else None}
