@@ -51,12 +51,11 @@ def _loading(profile: str, what: str, load: Callable[[Settings, torch.device], A
              device: torch.device) -> Any:
     try:
         return load(settings, device)
-    except ModelError:
-        # its cause (a path, a checkpoint's error) is for the operator, not in the message
-        log.exception("loading the %s %s models failed", profile, what)
-        raise
     except Exception as exc:  # noqa: BLE001 - a worker reports it on /health and keeps serving
+        # its cause (a path, a checkpoint's error) is for the operator's log, not the message
         log.exception("loading the %s %s models failed", profile, what)
+        if isinstance(exc, ModelError):
+            raise
         raise ModelError(f"could not load the {profile} {what} models ({type(exc).__name__}; the worker's log has "
                          "the rest)") from exc
 
