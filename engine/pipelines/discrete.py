@@ -1,33 +1,24 @@
 """pyannote's frame-level steps at the end of diarization, without a Python loop per frame and
 without the (chunks, frames, clusters) array of its reconstruction.
 
-``SpeakerDiarization.to_diarization`` (the speaker count of each frame turned into 0/1 per
-speaker) and ``Binarize`` (0/1 per speaker turned into regions) walk the recording one frame at a
-time in Python, building a ``Segment`` for each: about 200k frames an hour, twice each (the
-diarization and its exclusive form). That was 2 s of an hour on the CPU, where the networks take
-45 s; on a GPU, where they take a few seconds, it is a large share of the job. These give the
-same arrays and the same annotations (tests/test_engine_discrete.py compares them with
-pyannote's on random and real input), from numpy operations over all frames at once.
+``SpeakerDiarization.reconstruct`` (each chunk's speakers merged per cluster, overlap-added, and
+the speaker count of each frame turned into 0/1 per cluster) and ``Binarize`` (0/1 per speaker
+turned into regions) walk the recording one frame at a time in Python, building a ``Segment`` for
+each: about 200k frames an hour, twice each (the diarization and its exclusive form). That was
+2 s of an hour on the CPU, where the networks take 45 s; on a GPU, where they take a few seconds,
+it is a large share of the job. These give the same arrays and the same annotations
+(tests/test_engine_discrete.py compares them with pyannote's on random and real input).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from pyannote.audio.core.inference import Inference
+from pyannote.audio.pipelines import SpeakerDiarization
 from pyannote.audio.pipelines.utils import SpeakerDiarizationMixin
 from pyannote.audio.utils.signal import Binarize
-from pyannote.audio.pipelines import SpeakerDiarization
 from pyannote.core import Annotation, Segment, SlidingWindow, SlidingWindowFeature
 from pyannote.core import segment as pyannote_segment
 from pyannote.core.utils.generators import string_generator
-
-
-def to_diarization(segmentations: SlidingWindowFeature, count: SlidingWindowFeature) -> SlidingWindowFeature:
-    """``SpeakerDiarizationMixin.to_diarization``: in each frame, the ``count`` speakers with the
-    highest aggregated activation are active."""
-    activations = Inference.aggregate(segmentations, count.sliding_window, hamming=False, missing=0.0,
-                                      skip_average=True)
-    return _top_count(activations, count)
 
 
 def reconstruct(segmentations: SlidingWindowFeature, hard_clusters: np.ndarray,
@@ -62,7 +53,8 @@ def reconstruct(segmentations: SlidingWindowFeature, hard_clusters: np.ndarray,
 
 
 def _top_count(activations: SlidingWindowFeature, count: SlidingWindowFeature) -> SlidingWindowFeature:
-    """The rest of ``to_diarization``: the ``count`` highest activations of each frame are 1."""
+    """What ``SpeakerDiarizationMixin.to_diarization`` does with the aggregated activations: the
+    ``count`` highest of each frame are 1."""
     _, num_speakers = activations.data.shape
     max_speakers_per_frame = np.max(count.data)
     if num_speakers < max_speakers_per_frame:

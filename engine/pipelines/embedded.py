@@ -95,8 +95,7 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
             rate = int(self._segmentation.model.hparams.sample_rate)
             share_first_convolution(sincnet, int(round(self._segmentation.step * rate)))
 
-    # pyannote's frame-level conversions without a Python loop per frame (engine.pipelines.discrete)
-    to_diarization = staticmethod(discrete.to_diarization)
+    # Binarize without a Python loop per frame (engine.pipelines.discrete; reconstruct below too)
     to_annotation = staticmethod(discrete.to_annotation)
 
     # it takes the recording as stored (float16, engine.audio.STORAGE_DTYPE): segmentation's
