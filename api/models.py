@@ -63,8 +63,10 @@ class Batch(BaseModel):
 
 
 class Health(HealthResponse):
-    broker: str = Field(description="'ok' or the reason the broker is unreachable")
-    workers: list[dict[str, Any]] = Field(description="live workers from their heartbeats")
+    broker: str = Field(description="'ok' or the reason the broker is unreachable ('unreachable' "
+                        "alone to a caller without a key when the service has API keys)")
+    workers: list[dict[str, Any]] | None = Field(
+        description="live workers from their heartbeats; null to a caller without a key when the service has API keys")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {

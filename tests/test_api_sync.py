@@ -157,6 +157,27 @@ def test_api_key_auth(variant_app, utterances):
     assert secured.get("/health").status_code == 200  # stays open
 
 
+def test_health_detail_needs_a_key_when_keys_are_on(variant_app):
+    """A probe without a key learns the status, not the workers' hosts, pids, devices and load
+    errors, nor the broker's address (which an unreachable Redis's error names)."""
+    secured = variant_app(api_keys=[SecretStr("s3cret")])
+    anonymous = secured.get("/health").json()
+    assert set(anonymous) >= {"status", "diarization_model_loaded", "verification_model_loaded"}
+    assert anonymous["status"] == "healthy" and anonymous["diarization_model_loaded"] is True
+    assert anonymous["workers"] is None and anonymous["broker"] == "ok"
+    for key in ("wrong", None):
+        headers = {"X-API-Key": key} if key else {}
+        assert secured.get("/health", headers=headers).json()["workers"] is None
+    detailed = secured.get("/health", headers={"X-API-Key": "s3cret"}).json()
+    assert detailed["workers"] and all("pid" in w for w in detailed["workers"])
+
+    unreachable = variant_app(api_keys=[SecretStr("s3cret")], redis_url="redis://127.0.0.1:1/0")
+    r = unreachable.get("/health")
+    assert r.status_code == 503 and r.json()["broker"] == "unreachable"
+    reason = unreachable.get("/health", headers={"X-API-Key": "s3cret"}).json()["broker"]
+    assert reason.startswith("unreachable: ") and "127.0.0.1" in reason
+
+
 def test_webhook_host_policy(variant_app, utterances):
     strict = variant_app(webhook_allowed_hosts=["hooks.internal"])
     body = _assert_error(strict.post("/jobs/embedding", files=_f("file", utterances["spk1"][0]),

@@ -1,17 +1,24 @@
-"""Operational endpoints, open without an API key: health and Prometheus metrics."""
+"""Operational endpoints, open without an API key: health and Prometheus metrics.
+
+/health answers everyone (load balancers and probes carry no key), but with API keys on, only a
+caller with a key sees the detail: the workers' host names, pids, devices and load errors, and
+why the broker is unreachable (a Redis error names its host and port). A probe needs the status
+alone."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Security
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import RegistryDep, StoreDep
+from api.deps import RegistryDep, SettingsDep, StoreDep, api_key_header, authenticate
+from api.errors import AuthError
 from api.models import Health
 from shared.jobs import JobStore
+from shared.settings import Settings
 
 router = APIRouter(tags=["operations"])
 
@@ -43,9 +50,20 @@ def _health(store: JobStore) -> tuple[int, dict[str, Any]]:
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}},
             summary="Model state of the workers and broker reachability")
-async def health(store: StoreDep) -> JSONResponse:
+async def health(store: StoreDep, settings: SettingsDep,
+                 key: str | None = Security(api_key_header)) -> JSONResponse:
     code, body = await run_in_threadpool(_health, store)
+    if not _may_see_detail(key, settings):
+        body = {**body, "broker": "ok" if body["broker"] == "ok" else "unreachable", "workers": None}
     return JSONResponse(body, status_code=code)
+
+
+def _may_see_detail(key: str | None, settings: Settings) -> bool:
+    try:
+        authenticate(key, settings)
+    except AuthError:
+        return False
+    return True
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
