@@ -118,6 +118,18 @@ class CompareEmbeddingParams(CompareParams):
 class EnrollParams(Params):
     label: str = Field(min_length=1, max_length=200, description="the person's name, as jobs will report it")
 
+    @field_validator("label")
+    @classmethod
+    def _clean(cls, value: str) -> str:
+        # the voiceprint's own rule, here at the edge: POST /voiceprints refused a label with a
+        # line break only after a worker had embedded every file
+        from shared.voiceprints import clean_label
+
+        try:
+            return clean_label(value)
+        except InputError as exc:
+            raise ValueError(exc.detail.removeprefix("label: ")) from None
+
 
 class IdentifyParams(Params):
     voiceprints: list[VoiceprintRef] = Field(min_length=1, description="voiceprints to compare with")

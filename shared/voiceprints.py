@@ -22,6 +22,7 @@ import json
 import math
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -64,12 +65,30 @@ def new_voiceprint_id() -> str:
     return "vp_" + uuid.uuid4().hex
 
 
+# Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): a label
+# ends up in subtitle cues, RTTM lines and the web page next to other text, and an unclosed
+# right-to-left override there shows "SPEAKER_00" as "00_REKAEPS" and reorders whatever follows.
+# Joiners (U+200C, U+200D, part of Persian and emoji names) and the plain direction marks stay.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _printable(c: str) -> bool:
+    # Cc: C0 and C1 controls and DEL (not only below 32); Zl/Zp: U+2028/U+2029, line breaks to
+    # every Unicode-aware reader; Cs: lone surrogates, which no UTF-8 encoder writes
+    return unicodedata.category(c) not in ("Cc", "Zl", "Zp", "Cs") and c not in _BIDI_CONTROLS
+
+
 def clean_label(label: Any) -> str:
+    """A person's name as stored and shown: one line of printable text, at most MAX_LABEL long.
+
+    Checked wherever a label comes in (enrollment at the edge, before a worker is spent on it;
+    imports), so a label never needs escaping beyond each format's own syntax."""
     if not isinstance(label, str) or not label.strip():
         raise InputError("label: a voiceprint needs a non-empty label (the person's name)")
     label = label.strip()
-    if len(label) > MAX_LABEL or any(ord(c) < 32 for c in label):
-        raise InputError(f"label: at most {MAX_LABEL} printable characters")
+    if len(label) > MAX_LABEL or not all(_printable(c) for c in label):
+        raise InputError(f"label: at most {MAX_LABEL} printable characters (no control, line-break or "
+                         "bidirectional-override characters)")
     return label
 
 
