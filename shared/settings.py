@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     voiceprint_min_speech_s: float = 3.0
     # voiceprints per job (their vectors travel in the job record)
     voiceprints_max_per_job: int = 200
+    # voiceprints one API key may keep (about 5 KB each, never expiring): without a bound one key's
+    # imports, a cheap request each, filled Redis, which runs noeviction, and then no job of
+    # anyone's could be stored
+    voiceprints_max_per_owner: int = Field(10_000, ge=1)
     # a diarized speaker is named from at most this much of its own (non-overlapped) speech, its
     # longest turns first; with less than identification_min_speech_s it stays unnamed
     identification_max_speech_s: float = 60.0

@@ -139,14 +139,26 @@ def _utc_now() -> str:
 class VoiceprintStore:
     """Voiceprints in Redis: ``<prefix>:voiceprint:<id>`` (JSON) and one set of ids per owner."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "aa") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "aa", max_per_owner: int | None = None) -> None:
         self.redis = client
         self.prefix = prefix
+        self.max_per_owner = max_per_owner
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "VoiceprintStore":
         url = settings.voiceprint_redis_url or settings.redis_url
-        return cls(redis.Redis.from_url(url, decode_responses=True), settings.redis_key_prefix)
+        return cls(redis.Redis.from_url(url, decode_responses=True), settings.redis_key_prefix,
+                   settings.voiceprints_max_per_owner)
+
+    def check_room(self, owner: str | None) -> None:
+        """409 when ``owner`` already keeps ``max_per_owner`` voiceprints: asked before an
+        enrollment spends a worker, and again, atomically, when one is stored."""
+        if self.max_per_owner is not None and self.redis.zcard(self._index(owner)) >= self.max_per_owner:
+            raise self._full()
+
+    def _full(self) -> InputError:
+        return InputError(f"this API key already keeps {self.max_per_owner} voiceprints, the most one key may; "
+                          "delete some (DELETE /voiceprints/{id}) first", status_code=409)
 
     def _key(self, voiceprint_id: str) -> str:
         return f"{self.prefix}:voiceprint:{voiceprint_id}"
@@ -162,11 +174,23 @@ class VoiceprintStore:
             speech_seconds=None if speech_seconds is None else round(float(speech_seconds), 3),
             files=files, created_at=_utc_now(), owner=owner,
         )
+        index = self._index(owner)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(vp.id), vp.model_dump_json())
-            pipe.zadd(self._index(owner), {vp.id: time.time()})
-            pipe.execute()
-        return vp
+            while True:
+                try:
+                    # the count and the write in one transaction: concurrent imports cannot
+                    # all pass a count taken before any of them was stored
+                    pipe.watch(index)
+                    if self.max_per_owner is not None and pipe.zcard(index) >= self.max_per_owner:
+                        pipe.unwatch()
+                        raise self._full()
+                    pipe.multi()
+                    pipe.set(self._key(vp.id), vp.model_dump_json())
+                    pipe.zadd(index, {vp.id: time.time()})
+                    pipe.execute()
+                    return vp
+                except redis.WatchError:
+                    continue
 
     def get(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> Voiceprint | None:
         """The voiceprint if this owner may see it; None for an unknown id and another's alike."""

@@ -71,6 +71,8 @@ async def create_voiceprint(
     result. 422 when the files hold less speech than ``voiceprint_min_speech_s`` together."""
     await refuse_repeated(request, ["label"])
     submission = await dispatcher.read(ENROLL, {"files": files}, {"label": label}, principal)
+    # a key with no room left hears it before a worker embeds its files
+    await run_in_threadpool(dispatcher.voiceprints.check_room, principal.owner)
     result = await dispatcher.run_sync(submission, principal, request)
     expected = embedding_model(settings)
     if result.get("model") != expected.name or result.get("dimension") != expected.dimension:
