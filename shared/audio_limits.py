@@ -26,6 +26,23 @@ MAX_SAMPLE_RATE = 768_000
 UNKNOWN_FRAMES = 1 << 62
 
 
+# The FFmpeg demuxers asked to read a header: containers that hold their own audio. FFmpeg's
+# autodetection also picks demuxers that open other things named inside the file: an SDP
+# description (``v=0 ... m=audio 5004 RTP/AVP``) made the API bind UDP ports and wait 10 s for
+# RTP packets per upload, a concat list (``ffconcat version 1.0 / file sub/x.wav``) read a file
+# relative to the process's working directory, and HLS or DASH playlists name URLs. None of
+# them is a recording. A format missing here is not refused at submit: its header goes unread
+# and the worker's decoder judges it. ``format_whitelist`` takes the demuxers' short names.
+DEMUXERS = (
+    "aac", "ac3", "aiff", "amr", "amrnb", "amrwb", "ape", "asf", "au", "avi", "caf", "dsf", "dts", "dtshd", "eac3",
+    "flac", "flv", "gsm", "ircam", "loas", "matroska", "mlp", "mov", "mp3", "mpc", "mpc8", "mpeg", "mpegts",
+    "nistsphere", "nut", "ogg", "oma", "qcp", "rm", "shn", "sox", "spdif", "tak", "truehd", "tta", "voc", "w64",
+    "wav", "wv", "xwma",
+)
+# what av.open takes to keep to them (engine/audio.py's decoder may pass the same)
+PYAV_OPTIONS = {"container_options": {"format_whitelist": ",".join(DEMUXERS)}}
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     """What a container header declares, read without decoding a sample."""
@@ -73,7 +90,8 @@ def _probe(source: Source) -> AudioInfo | None:
 
     try:
         rewind()
-        with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore") as container:
+        with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore",
+                     **PYAV_OPTIONS) as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]

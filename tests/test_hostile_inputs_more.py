@@ -9,12 +9,20 @@ Each test fails on the code before its fix:
   checked the label once the job was done;
 * one API key could store voiceprints without end (an import is a cheap request, each keeps about
   5 KB in a Redis that never evicts them): a loop of imports filled Redis, and then no job of any
-  tenant could be stored.
+  tenant could be stored;
+* the header check let FFmpeg pick any demuxer: an uploaded SDP description made the API bind a
+  UDP port and wait 10 s for RTP packets before it answered (a thread of its pool held per
+  upload), and a concat list (``ffconcat version 1.0 / file sub/x.wav``) made it read a file
+  relative to its working directory and refuse the upload with that file's duration.
 """
 
 from __future__ import annotations
 
+import io
+import shutil
+import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +114,71 @@ def test_one_key_cannot_store_voiceprints_without_end(variant_app, utterances):
     for key in (a, b):
         for vp in capped.get("/voiceprints", headers=key).json()["voiceprints"]:
             capped.delete(f"/voiceprints/{vp['id']}", headers=key)
+
+
+# --- the header check reads the upload's own bytes, nothing it names ------------------------------
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sdp(port: int) -> bytes:
+    return (f"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
+
+
+def test_an_sdp_upload_opens_no_socket_and_is_answered_at_once(client):
+    started = time.monotonic()
+    r = client.post("/jobs/embedding", files={"file": ("stream.sdp", _sdp(_free_udp_port()), "application/sdp")})
+    took = time.monotonic() - started
+    if r.status_code == 202:  # not a recording: the worker's decoder says so; not waited for here
+        client.post(f"/jobs/{r.json()['job_id']}/cancel")
+    else:
+        _assert_error(r, 415)
+    assert took < 3, f"the API waited {took:.1f} s on an RTP session an upload described"
+
+
+def test_a_list_naming_other_files_is_not_followed(short_sample, tmp_path, monkeypatch):
+    from shared.audio_limits import check_audio_limits, probe
+
+    # a recording beside the process, as a checkout or an image holds files under its working directory
+    (tmp_path / "sub").mkdir()
+    shutil.copy(short_sample, tmp_path / "sub" / "real.wav")
+    monkeypatch.chdir(tmp_path)
+    lists = {
+        "concat": b"ffconcat version 1.0\nfile sub/real.wav\n",
+        "hls": b"#EXTM3U\n#EXT-X-TARGETDURATION:12\n#EXTINF:12,\nsub/real.wav\n#EXT-X-ENDLIST\n",
+    }
+    for name, text in lists.items():
+        (tmp_path / f"{name}.bin").write_bytes(text)
+        for source in (tmp_path / f"{name}.bin", (tmp_path / f"{name}.bin").open("rb")):
+            assert probe(source) is None, (name, source)
+            # nothing to tell about the file it names: not its length, not that it exists
+            assert check_audio_limits(source, max_duration=1) is None
+
+
+def test_common_containers_still_have_their_header_read(short_sample):
+    import av
+    import numpy as np
+
+    from shared.audio_limits import probe
+
+    x = (np.sin(np.arange(16000 * 2) / 10) * 0.3).astype("float32").reshape(1, -1)
+    for container, codec in [("mp4", "aac"), ("matroska", "pcm_s16le"), ("adts", "aac"), ("mp3", "libmp3lame"),
+                             ("ogg", "libopus"), ("flv", "aac"), ("mpegts", "mp2"), ("caf", "alac"), ("avi", "pcm_s16le")]:
+        buf = io.BytesIO()
+        with av.open(buf, "w", format=container) as out:
+            stream = out.add_stream(codec, rate=48000 if codec == "libopus" else 16000)
+            stream.layout = "mono"
+            frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+            frame.sample_rate = 16000
+            resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono",
+                                          rate=stream.codec_context.sample_rate)
+            for f in [*resampler.resample(frame), None]:
+                for packet in stream.encode(f):
+                    out.mux(packet)
+        info = probe(io.BytesIO(buf.getvalue()))
+        assert info is not None and info.sample_rate in (16000, 48000), (container, codec, info)
