@@ -18,7 +18,7 @@ from typing import BinaryIO, Union
 import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
-    MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, UNKNOWN_FRAMES, AudioInfo, check_audio_limits, probe,
+    MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo, check_audio_limits, probe,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -305,7 +305,10 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
     try:
-        container = av.open(fh, mode="r", metadata_errors="ignore")
+        # container demuxers only (shared.audio_limits.DEMUXERS): left to autodetect, FFmpeg
+        # followed a concat list in an upload to a file under the worker's working directory
+        # and decoded that instead, and an SDP description held the worker 20 s on a UDP port
+        container = av.open(fh, mode="r", metadata_errors="ignore", **PYAV_OPTIONS)
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise AudioDecodeError(f"not a decodable audio file ({exc.__class__.__name__})") from exc
     with container:

@@ -31,8 +31,9 @@ UNKNOWN_FRAMES = 1 << 62
 # description (``v=0 ... m=audio 5004 RTP/AVP``) made the API bind UDP ports and wait 10 s for
 # RTP packets per upload, a concat list (``ffconcat version 1.0 / file sub/x.wav``) read a file
 # relative to the process's working directory, and HLS or DASH playlists name URLs. None of
-# them is a recording. A format missing here is not refused at submit: its header goes unread
-# and the worker's decoder judges it. ``format_whitelist`` takes the demuxers' short names.
+# them is a recording. A format missing here is not refused at submit (its header goes unread),
+# and the worker's decoder, which keeps to the same list, refuses it (415) unless libsndfile
+# reads it. ``format_whitelist`` takes the demuxers' short names.
 DEMUXERS = (
     "aac", "ac3", "aiff", "amr", "amrnb", "amrwb", "ape", "asf", "au", "avi", "caf", "dsf", "dts", "dtshd", "eac3",
     "flac", "flv", "gsm", "ircam", "loas", "matroska", "mlp", "mov", "mp3", "mpc", "mpc8", "mpeg", "mpegts",

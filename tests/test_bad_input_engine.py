@@ -509,3 +509,30 @@ def test_a_flac_of_unknown_length_is_still_held_to_the_limit() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 20 * 2**20  # no buffer sized from the unknown length
+
+
+def test_a_list_naming_another_file_is_not_decoded_in_its_place(tmp_path: Path, monkeypatch, speech: np.ndarray) -> None:
+    """FFmpeg's concat demuxer, picked by autodetection, followed a list in an upload to a
+    recording under the worker's working directory and returned that recording's analysis."""
+    (tmp_path / "sub").mkdir()
+    sf.write(tmp_path / "sub" / "real.wav", speech[: 5 * SAMPLE_RATE], SAMPLE_RATE)
+    monkeypatch.chdir(tmp_path)
+    for text in (b"ffconcat version 1.0\nfile sub/real.wav\n",
+                 b"#EXTM3U\n#EXT-X-TARGETDURATION:12\n#EXTINF:5,\nsub/real.wav\n#EXT-X-ENDLIST\n"):
+        (tmp_path / "list.txt").write_bytes(text)
+        for source in (text, str(tmp_path / "list.txt")):
+            expect_client_error(lambda: load_audio(source), AudioDecodeError)
+
+
+def test_an_sdp_description_is_refused_without_waiting_on_a_port() -> None:
+    """The SDP demuxer bound the UDP port an upload named and waited about 20 s for RTP."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sdp = (f"v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+           f"m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n").encode()
+    started = time.perf_counter()
+    expect_client_error(lambda: load_audio(sdp), AudioDecodeError)
+    assert time.perf_counter() - started < FAST_S
