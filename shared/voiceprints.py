@@ -225,6 +225,11 @@ class VoiceprintStore:
         the references the worker gets; unknown, another tenant's or another model's are refused."""
         spec = (spec or "").strip()
         if spec.lower() == "all":
+            # counted before any is read: a key may keep 10,000 (about 50 MB to read and parse)
+            # and a job takes at most ``limit``
+            count = self.redis.zcard(self._index(owner))
+            if count > limit:
+                raise InputError(f"voiceprints: at most {limit} per job; this key has {count}")
             found = self.list(owner)
             if not found:
                 raise InputError("voiceprints: 'all' given, but this API key has no voiceprints")

@@ -379,3 +379,39 @@ def test_client_sends_several_files_to_one_field():
         _assign("enroll", ())
     with pytest.raises(ValueError):
         _assign("diarize", ("a.wav", "b.wav"))
+
+
+# --- 3. how many voiceprints a job reads ---------------------------------------------------------
+
+
+def _import_random(http, count: int, seed: int, headers: dict | None = None) -> list[str]:
+    """``count`` voiceprints of nobody (random unit vectors: cosine about 0 with any voice),
+    imported as a client would, without a worker."""
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(count):
+        vector = rng.normal(size=192)
+        r = http.post("/voiceprints/import", data={"label": f"stranger {seed}.{i}", "model": MODEL}, headers=headers,
+                      files={"file": ("v.json", json.dumps((vector / np.linalg.norm(vector)).tolist()).encode(),
+                                      "application/json")})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    return ids
+
+
+def test_all_is_counted_before_any_voiceprint_is_read(variant_app, readers, monkeypatch):
+    from shared.voiceprints import VoiceprintStore
+
+    capped = variant_app(api_keys=[SecretStr("count-a")], voiceprints_max_per_job=2)
+    a = {"X-API-Key": "count-a"}
+    ids = _import_random(capped, 3, seed=4, headers=a)
+
+    def read_all(*_, **__):
+        raise AssertionError("all of the key's voiceprints were read before the per-job limit was checked")
+
+    monkeypatch.setattr(VoiceprintStore, "list", read_all)
+    _error(capped.post("/jobs/identify", files={"file": _wav(readers["1040"]["test"])}, data={"voiceprints": "all"},
+                       headers=a), 422, "at most 2 per job; this key has 3")
+    monkeypatch.undo()
+    for vp_id in ids:
+        assert capped.delete(f"/voiceprints/{vp_id}", headers=a).status_code == 204
