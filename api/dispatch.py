@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from celery import Celery
@@ -49,6 +49,9 @@ class Submission:
     audio: Mapping[str, UploadFile]
     # audio fields given by URL instead (checked against the address policy): the worker fetches them
     urls: Mapping[str, str] = field(default_factory=dict)
+    # parameter -> digest of its value, stored already (JobStore.keep_apart): the record carries
+    # the digest, not the value (the kind's kept-apart lookups: voiceprints)
+    kept_apart: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,22 @@ class Dispatcher:
             if len(files) > spec.max_count:
                 raise InputError(f"{spec.name}: at most {spec.max_count} files, {len(files)} given")
             audio.update({f"{spec.name}.{i}": u for i, u in enumerate(files)})
-        return Submission(kind, params, audio, urls)
+        return Submission(kind, params, audio, urls, await self._keep_apart(kind, params))
+
+    async def read_batch(self, kind: JobKind, uploads: list[UploadFile], form: Mapping[str, Any],
+                         principal: Principal | None = None) -> list[Submission]:
+        """One submission per file of a batch, sharing one set of parameters: read, resolved,
+        validated and kept apart once (``voiceprints=all`` with 1000 files was resolved, and
+        its vectors copied into a record, 1000 times)."""
+        (spec,) = kind.audio_files  # batch kinds: one audio upload, every other field a form field
+        first = await self.read(kind, {spec.name: uploads[0]}, form, principal)
+        return [first, *(replace(first, audio={spec.name: upload}) for upload in uploads[1:])]
+
+    async def _keep_apart(self, kind: JobKind, params: Params) -> dict[str, str]:
+        """Store the kind's kept-apart parameters once, by content; their digests by name."""
+        values = params.model_dump(mode="json", include=set(kind.kept_apart))
+        return {name: await run_in_threadpool(self.store.keep_apart, value)
+                for name, value in values.items() if value is not None}
 
     async def check_webhook(self, url: str | None) -> str | None:
         if not url:
@@ -178,7 +196,8 @@ class Dispatcher:
             # what the webhook carries; only a job with a webhook has one
             webhook_payload=(webhook_payload or "full") if webhook_url else None,
             filename=_first_filename(submission), owner=principal.owner if principal is not None else None,
-            params=submission.params.model_dump(mode="json"), files=keys, urls=dict(submission.urls),
+            params=submission.params.model_dump(mode="json", exclude=set(submission.kept_apart)),
+            kept_apart=dict(submission.kept_apart), files=keys, urls=dict(submission.urls),
             queue=self.settings.queue_name, request_id=logs.current("request_id"),
         )
         try:

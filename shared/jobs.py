@@ -11,6 +11,7 @@ the worker finishes it, and a redelivered job that already finished is not run a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -103,6 +104,10 @@ class JobRecord(BaseModel):
     # audio field -> the URL the worker fetches it from (shared/url_input.py); internal because
     # a presigned URL carries its credentials
     urls: dict[str, str] = _internal("audio by URL", alias="_urls", default_factory=dict)
+    # parameter -> digest of its value, kept apart from the record (JobStore.keep_apart): a
+    # lookup's resolved value (200 voiceprints, 0.86 MB) stored once for every job naming it,
+    # instead of in each record, re-parsed on every poll and listing
+    kept_apart: dict[str, str] = _internal("parameters kept apart", alias="_kept_apart", default_factory=dict)
     # the queue it was sent to: a job recovered by another worker goes back there, not to the
     # recovering worker's own queue (another pool, another kind of device)
     queue: str | None = _internal("queue", alias="_queue")
@@ -171,6 +176,24 @@ def _upgrade(record: JobRecord) -> JobRecord:
     return record.model_copy(update={"files": files, "params": params})
 
 
+# Values kept apart outlive every record that names them by this much: a record is written after
+# its value (a batch's last record after all of its files were stored, which for 1 GB on slow
+# storage takes minutes) and expires result_expires_s after that, whatever happens to the job in
+# between (queue wait, redelivery, recovery: records keep their TTL, JobStore.update).
+KEPT_APART_MARGIN_S = 3600
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
         self.redis = client
@@ -209,6 +232,47 @@ class JobStore:
             pipe.expire(self.key("batch", record.batch_id), self.ttl)
         pipe.execute()
         return record
+
+    # --- values kept apart from records -----------------------------------------------------
+    def keep_apart(self, items: list[Any]) -> str:
+        """Store a list of JSON values once, by content, for the records that will name it; its
+        digest is what a record carries (``kept_apart``).
+
+        Each item is stored under its own digest and the list as the list of those: a value
+        named by a thousand jobs (a batch with ``voiceprints=all``) is stored once, and one that
+        differs by an item (another subset of ids) costs its list, 66 bytes an item, not the items again.
+        Every call renews the TTL of the list and its items, to outlive any record created after
+        it (``KEPT_APART_MARGIN_S``)."""
+        texts = [_canonical(item) for item in items]
+        entries = {_digest(text): text for text in texts}
+        listing = _canonical([_digest(text) for text in texts])
+        digest = _digest(listing)
+        entries[digest] = listing
+        ttl = self.ttl + KEPT_APART_MARGIN_S
+        with self.redis.pipeline(transaction=False) as pipe:
+            # what exists is renewed, not sent again: a key name an item instead of 4 KB
+            for d in entries:
+                pipe.expire(self.key("value", d), ttl)
+            renewed = pipe.execute()
+            for d, found in zip(entries, renewed):
+                if not found:
+                    pipe.set(self.key("value", d), entries[d], ex=ttl)
+            pipe.execute()
+        return digest
+
+    def kept(self, digest: str) -> list[Any] | None:
+        """The list stored by :meth:`keep_apart` under ``digest``; None when it (or any of its
+        items) is gone, or is not what the digest says."""
+        if not _DIGEST.match(digest or ""):
+            return None
+        listing = self.redis.get(self.key("value", digest))
+        if listing is None or _digest(listing) != digest:
+            return None
+        digests = json.loads(listing)
+        texts = self.redis.mget([self.key("value", d) for d in digests]) if digests else []
+        if any(t is None or _digest(t) != d for t, d in zip(texts, digests)):
+            return None
+        return [json.loads(t) for t in texts]
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self._job_key(job_id))

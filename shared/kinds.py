@@ -19,8 +19,12 @@ Every single audio field ``<name>`` may instead be given by URL as ``<name>_url`
 Adding a kind (voice identification) is a declaration here, its engine method and a
 test. An upload field may take several files (``FileField.max_count``: ``enroll``); a
 :class:`Lookup` is a form field the API resolves into a parameter (``voiceprints``: ids in, the
-stored vectors out), so the worker never looks anything up. This module imports no torch: the engine reaches ``run`` only as an argument, in workers
-and in the offline CLI.
+stored vectors out), so the worker never resolves ids, checks tenancy or sees a voiceprint
+deleted after submit. A lookup ``kept_apart`` (voiceprints: 4.3 KB each, 200 a job) has its
+resolved value stored once by content, shared by every job naming it, and the job record
+carries only its digest; the worker loads it by digest (``shared/jobs.py``
+``JobStore.keep_apart``). This module imports no torch: the engine reaches ``run`` only as an
+argument, in workers and in the offline CLI.
 """
 
 from __future__ import annotations
@@ -81,7 +85,8 @@ class DiarizeParams(Params):
         description="one speaker at a time (pyannote's exclusive diarization: in overlapped speech only the "
         "most active speaker is kept), for aligning with a transcript",
     )
-    # filled from the ``voiceprints`` form field (ids), resolved in the API
+    # filled from the ``voiceprints`` form field (ids), resolved in the API, kept apart from the
+    # job record (Lookup.kept_apart) and loaded back by the worker
     voiceprints: list[VoiceprintRef] | None = Field(None, description="voiceprints to name the speakers with")
     identification_threshold: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False, description=_ID_THRESHOLD
@@ -196,6 +201,10 @@ class Lookup:
     description: str
     resolve: Callable[[str, Edge], Any]
     resolve_offline: Callable[[str, Settings], Any]
+    # the resolved value (a list) is stored once by content instead of in each job record, which
+    # carries its digest (shared/jobs.py JobStore.keep_apart; the worker loads it back): 200
+    # voiceprints are 0.86 MB, and a batch of 1000 files copied them into 1000 records
+    kept_apart: bool = False
 
     @property
     def field(self) -> FieldInfo:
@@ -228,7 +237,7 @@ def _voiceprint_files(value: str, settings: Settings) -> list[dict[str, Any]]:
 VOICEPRINTS = Lookup(
     "voiceprints", "voiceprints",
     _VOICEPRINTS + " (the offline CLI: voiceprint JSON files, from `enroll` or an export)",
-    _resolve_voiceprints, _voiceprint_files,
+    _resolve_voiceprints, _voiceprint_files, kept_apart=True,
 )
 
 
@@ -286,6 +295,11 @@ class JobKind:
         filled = {f.into for f in self.files} | {lookup.into for lookup in self.lookups}
         fields = {name: field for name, field in self.params.model_fields.items() if name not in filled}
         return {**fields, **{lookup.name: lookup.field for lookup in self.lookups}}
+
+    @property
+    def kept_apart(self) -> tuple[str, ...]:
+        """Parameters whose value the job record carries as a digest (``Lookup.kept_apart``)."""
+        return tuple(lookup.into for lookup in self.lookups if lookup.kept_apart)
 
     def parse_params(self, values: Mapping[str, Any]) -> Params:
         return validate_params(self.params, values)

@@ -3,7 +3,8 @@
 A voiceprint is made by the ``enroll`` job kind (a worker embeds the speech of one or more
 recordings and averages them), stored here by ``POST /voiceprints`` and handed to ``diarize`` and
 ``identify`` jobs by id. Ids are resolved in the API (:meth:`VoiceprintStore.resolve`): the
-worker gets labels and vectors as plain numbers in the job's parameters, never an id to look up.
+worker gets labels and vectors as plain numbers in the job's parameters, never an id to look up
+(stored once beside the job records, by content: ``shared/jobs.py`` ``JobStore.keep_apart``).
 
 Unlike job records, voiceprints do not expire: they are the service's own data, kept in the
 same Redis (``voiceprint_redis_url`` to put them elsewhere), which therefore runs with

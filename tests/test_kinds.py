@@ -114,6 +114,17 @@ def test_client_and_cli_follow_the_registry() -> None:
     assert "FILE_OR_URL" in submit.output
 
 
+def test_kept_apart_parameters_are_lists_of_their_kind() -> None:
+    # JobStore.keep_apart stores a list item by item, and the record carries its digest instead
+    from typing import get_args, get_origin
+
+    for kind in KINDS.values():
+        for name in kind.kept_apart:
+            annotation = kind.params.model_fields[name].annotation
+            assert list in {get_origin(a) for a in (annotation, *get_args(annotation))}, (kind.name, name)
+    assert {k.name for k in KINDS.values() if k.kept_apart} == {"diarize", "identify"}
+
+
 def test_parameters_are_validated_by_the_kind_model() -> None:
     kind = get_kind("diarize")
     assert kind.parse_params({"num_speakers": 3, "min_speakers": None}) == DiarizeParams(num_speakers=3)

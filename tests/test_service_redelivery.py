@@ -5,6 +5,7 @@ Runs its own prefork worker on a separate queue so the session worker is not dis
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -39,7 +40,13 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, long_sam
         wait_until(lambda: bool(children()), 180, "prefork worker", proc)
         [child] = children()
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
-            job = client.post("/jobs/diarize", files={"file": (audio.name, audio.read_bytes(), "audio/wav")}).json()
+            # a voiceprint too: kept apart from the record (shared/jobs.py keep_apart), the
+            # redelivered job must find it again
+            vector = json.dumps([1.0] + [0.0] * 191).encode()
+            vp = client.post("/voiceprints/import", files={"file": ("v.json", vector, "application/json")},
+                             data={"label": "Nobody", "model": "3d-speaker/campplus-cn-en-common"}).json()
+            job = client.post("/jobs/diarize", files={"file": (audio.name, audio.read_bytes(), "audio/wav")},
+                              data={"voiceprints": vp["id"]}).json()
             deadline = time.monotonic() + 60
             while client.get(f"/jobs/{job['job_id']}").json()["progress"] <= 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -50,6 +57,8 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, long_sam
             done = wait_for_job(client, job["job_id"], timeout_s=180)
             assert done["status"] == "succeeded", done
             assert done["result"]["segments_count"] > 0
+            assert done["result"]["identification"]["voiceprints"] == 1
+            assert client.delete(f"/voiceprints/{vp['id']}").status_code == 204
             # run again from the start by the replacement process, not resumed or duplicated
             assert done["started_at"] != first_start and _ts(done["started_at"]) > killed_at
             assert done["attempts"] == 2

@@ -381,7 +381,12 @@ def test_client_sends_several_files_to_one_field():
         _assign("diarize", ("a.wav", "b.wav"))
 
 
-# --- 3. how many voiceprints a job reads ---------------------------------------------------------
+# --- 3. voiceprints in job records ---------------------------------------------------------------
+# A job naming voiceprints used to carry every resolved vector in its record (4.3 KB each as JSON,
+# 0.86 MB at the per-job limit of 200), kept 24 h and re-parsed on every poll and listing: a batch
+# of 1000 one-byte files with kind=identify and voiceprints=all (a 200 KB request) wrote 860 MB
+# into Redis, and resolved the 200 voiceprints once per file. They are now stored once, by
+# content, and a record carries their digest (shared/jobs.py JobStore.keep_apart).
 
 
 def _import_random(http, count: int, seed: int, headers: dict | None = None) -> list[str]:
@@ -397,6 +402,77 @@ def _import_random(http, count: int, seed: int, headers: dict | None = None) -> 
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     return ids
+
+
+def _redis(settings):
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url)
+
+
+def _bytes(r, keys) -> int:
+    return sum(r.strlen(k) for k in keys)
+
+
+def _memory(r, keys) -> int:
+    return sum(r.memory_usage(k) or 0 for k in keys)
+
+
+def test_a_batch_stores_its_voiceprints_once(client, readers, settings, monkeypatch):
+    from shared.voiceprints import VoiceprintStore
+
+    _clear(client)
+    r = _redis(settings)
+    prefix = settings.redis_key_prefix
+    values_before = set(r.scan_iter(f"{prefix}:value:*", count=1000))
+    enrolled = _enroll(client, "reader 1040", readers["1040"]["enroll"])["id"]
+    strangers = _import_random(client, settings.voiceprints_max_per_job - 1, seed=3)
+    one_copy = sum(len(json.dumps(client.get(f"/voiceprints/{i}/export").json()["embedding"])) for i in strangers)
+
+    resolved = []
+    resolve = VoiceprintStore.resolve
+    monkeypatch.setattr(VoiceprintStore, "resolve",
+                        lambda self, *a, **kw: resolved.append(a) or resolve(self, *a, **kw))
+    # one-byte files pass the API (their header is unreadable: left to the worker, which refuses them)
+    tiny = [("files", (f"tiny{i}.wav", b"\0", "audio/wav")) for i in range(40)]
+    batch = client.post("/jobs/batch", data={"kind": "identify", "voiceprints": "all"},
+                        files=[*tiny, ("files", _wav(readers["1040"]["test"]))])
+    assert batch.status_code == 202, batch.text
+    jobs = [j["job_id"] for j in batch.json()["jobs"]]
+    records = [f"{prefix}:job:{j}" for j in jobs]
+    values = set(r.scan_iter(f"{prefix}:value:*", count=1000)) - values_before
+    record_bytes, value_bytes = _bytes(r, records), _bytes(r, values)
+    figures = (f"{len(jobs)} records: {record_bytes} bytes ({_memory(r, records)} in Redis's memory); voiceprints "
+               f"kept apart: {value_bytes} bytes in {len(values)} keys ({_memory(r, values)})")
+    # before: every record held the 200 vectors (824 KB each, 33.8 MB for these 41 jobs)
+    assert max(r.strlen(k) for k in records) < 2000, figures
+    assert record_bytes < one_copy / 10, figures
+    assert len(resolved) == 1, "the batch's voiceprints were resolved once per file"
+    # stored once: the 200 voiceprints and the list of their digests
+    assert len(values) == settings.voiceprints_max_per_job + 1 and value_bytes < 1.3 * one_copy, figures
+    # they outlive every record naming them, so a job waiting in the queue or redelivered after its
+    # worker died finds them for as long as it exists
+    assert min(r.ttl(k) for k in values) >= max(r.ttl(k) for k in records) > 0
+
+    # through the real worker: the one real recording is named, the one-byte files refused there
+    done = wait_for_job(client, jobs[-1], timeout_s=240)
+    assert done["status"] == "succeeded", done
+    assert done["result"]["identity"] == "reader 1040" and done["result"]["voiceprint_id"] == enrolled
+    assert done["result"]["voiceprints"] == settings.voiceprints_max_per_job
+    tiny_done = wait_for_job(client, jobs[0])
+    assert tiny_done["status"] == "failed" and tiny_done["error"]["status_code"] == 415, tiny_done
+
+    # a second batch of the same voiceprints stores nothing new; a subset of them, only its list
+    again = client.post("/jobs/batch", data={"kind": "identify", "voiceprints": "all"}, files=tiny[:5])
+    assert again.status_code == 202, again.text
+    assert set(r.scan_iter(f"{prefix}:value:*", count=1000)) - values_before == values
+    subset = client.post("/jobs/identify", data={"voiceprints": ",".join(strangers[:150])}, files={"file": tiny[0][1]})
+    assert subset.status_code == 202, subset.text
+    new = set(r.scan_iter(f"{prefix}:value:*", count=1000)) - values_before - values
+    assert len(new) == 1 and _bytes(r, new) < 150 * 70, _bytes(r, new)
+    for job in [*again.json()["jobs"], subset.json()]:
+        assert wait_for_job(client, job["job_id"])["status"] == "failed"
+    _clear(client)
 
 
 def test_all_is_counted_before_any_voiceprint_is_read(variant_app, readers, monkeypatch):
@@ -415,3 +491,45 @@ def test_all_is_counted_before_any_voiceprint_is_read(variant_app, readers, monk
     monkeypatch.undo()
     for vp_id in ids:
         assert capped.delete(f"/voiceprints/{vp_id}", headers=a).status_code == 204
+
+
+def test_a_job_runs_from_an_old_record_and_fails_clearly_once_its_voiceprints_are_gone(
+        client, variant_app, readers, settings):
+    """Parked on a queue no worker reads, then sent to the worker: a record written before the
+    voiceprints were kept apart (vectors inline) still runs; one whose voiceprints were lost
+    (a flushed or evicting Redis) fails saying so, instead of running without them."""
+    from shared.jobs import JobStore
+    from shared.kinds import IDENTIFY
+    from shared.queue import make_celery, send_job
+
+    _clear(client)
+    ids = {r: _enroll(client, f"reader {r}", readers[r]["enroll"])["id"] for r in ("1040", "1069")}
+    parked = variant_app(queue_name="audio-parked")
+    clip = {"file": _wav(readers["1040"]["test"])}
+    old, lost = (parked.post("/jobs/identify", files=clip, data={"voiceprints": "all"}).json()["job_id"]
+                 for _ in range(2))
+    store = JobStore.from_settings(settings)
+    r = _redis(settings)
+    try:
+        record = store.get(old)
+        (digest,) = record.kept_apart.values()
+        assert "voiceprints" not in record.params and record.kept_apart == store.get(lost).kept_apart
+        # the record as the previous version wrote it: the vectors inline, no digest
+        inline = json.loads(record.to_json())
+        inline["_params"]["voiceprints"] = store.kept(digest)
+        del inline["_kept_apart"]
+        r.set(store.key("job", old), json.dumps(inline), keepttl=True)
+        celery = make_celery(settings)
+        send_job(celery, IDENTIFY, old, settings.queue_name)
+        done = wait_for_job(client, old)
+        assert done["status"] == "succeeded", done
+        assert done["result"]["identity"] == "reader 1040" and done["result"]["voiceprint_id"] == ids["1040"]
+
+        r.delete(store.key("value", digest))
+        send_job(celery, IDENTIFY, lost, settings.queue_name)
+        failed = wait_for_job(client, lost)
+        assert failed["status"] == "failed" and "voiceprints: " in failed["error"]["detail"], failed
+        assert "no longer stored" in failed["error"]["detail"]
+    finally:
+        r.delete("audio-parked")
+    _clear(client)

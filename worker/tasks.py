@@ -199,7 +199,7 @@ def _run_leased(
                 budget[0] -= size
                 return key
 
-            params, files = _inputs(kind, running, legacy_params, path_of, fetch)
+            params, files = _inputs(kind, running, legacy_params, path_of, fetch, kept=jobs.kept)
             engine = _engine()
             with telemetry.job(engine.model_device) as peak:
                 result = kind.run(engine, files, params, report)
@@ -288,9 +288,13 @@ def _internal_error(job_id: str) -> ProcessingError:
 
 def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | None,
             path_of: Callable[..., Path],
-            fetch: Callable[[FileField, str], str] | None = None) -> tuple[Params, dict[str, Any]]:
+            fetch: Callable[[FileField, str], str] | None = None, *,
+            kept: Callable[[str], list[Any] | None] | None = None) -> tuple[Params, dict[str, Any]]:
     """The job's typed parameters and local audio paths, as the API stored them; audio given by
     URL is fetched into storage first (``fetch(field, url) -> storage key``; single-file fields only).
+    Parameters kept apart from the record (voiceprints) are loaded by digest (``kept``:
+    ``JobStore.kept``); records written before they were kept apart carry them inline and run as
+    they are.
 
     Records queued by a version that stored the embedding file itself (not its numbers) have it
     parsed here, with the same parser the API uses now.
@@ -304,6 +308,14 @@ def _inputs(kind: JobKind, record: JobRecord, legacy_params: dict[str, Any] | No
         if spec.parse is not None and spec.name in stored:
             with open(path_of(stored[spec.name], audio=False), "rb") as fh:
                 raw[spec.into or spec.name] = spec.parse(fh.read(), raw.get(f"{spec.name}_filename"), settings)
+    for name, digest in record.kept_apart.items():
+        value = (kept or store().kept)(digest)
+        if value is None:
+            # kept as long as the record itself (shared/jobs.py KEPT_APART_MARGIN_S): only a
+            # Redis that lost keys (a flush, an evicting policy) gets here
+            raise ProcessingError(f"{name}: the values this job was submitted with are no longer stored; "
+                                  "submit the job again")
+        raw[name] = value
     fetchable = record.urls if fetch is not None else {}
     missing = [f.name for f in kind.audio_files if not _upload_keys(f, stored) and f.name not in fetchable]
     if missing:

@@ -45,14 +45,13 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     if not files:
         raise InputError("files: at least one file is required")
     job_kind = BATCH_KINDS[kind]
-    (upload_field,) = job_kind.audio_files
     form = {name: values.get(name) for name in job_kind.form_fields}
     webhook_url = await dispatcher.check_webhook(webhook_url)
     batch_id = new_job_id()
     # All or nothing: every file is read and its header checked before any job exists. A batch
     # refused at its third file had queued (and run) the first two, whose ids the client, told
     # only of the refusal, never learnt: a retry ran them twice.
-    submissions = [await dispatcher.read(job_kind, {upload_field.name: upload}, form, principal) for upload in files]
+    submissions = await dispatcher.read_batch(job_kind, files, form, principal)
     await dispatcher.check_audio_limits([a for s in submissions for a in s.audio.values()], sync=False)
     records: list[JobRecord] = []
     try:
