@@ -17,6 +17,8 @@ and the CLI both render through here.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
@@ -55,17 +57,30 @@ def speaker_label(segment: Any) -> str:
 
     ``identity`` is read as a name, or as an object with a ``name``; an empty or absent one
     falls back to the diarization label.
+
+    The label is one line of printable text (:func:`one_line`), whatever the result holds: a
+    name stored before labels were checked, or imported, is rendered into files people open in
+    players, editors and terminals. A name with nothing left falls back as an empty one does.
     """
     identity = _field(segment, "identity")
     if isinstance(identity, Mapping) or (identity is not None and not isinstance(identity, str)):
         identity = _field(identity, "name")
-    if isinstance(identity, str) and identity.strip():
-        return identity
-    return str(_field(segment, "speaker"))
+    if isinstance(identity, str) and one_line(identity):
+        return one_line(identity)
+    return one_line(str(_field(segment, "speaker"))) or "unknown"
 
 
-def _one_line(text: str) -> str:
-    # a label is one line of a cue: no line breaks (a blank line ends an SRT/WebVTT cue)
+# bidi embeddings, overrides, isolates and marks: they reorder what follows them on screen, so
+# "\u202eBob.wav" reads as another name than the file holds (the voiceprint label check refuses
+# the same characters at the edge)
+_BIDI_CONTROLS = dict.fromkeys(map(ord, "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"))
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of printable text: control characters (C0 and C1: NUL, a terminal's
+    ESC sequences) become spaces, bidi controls go, and every run of whitespace, line breaks
+    included (a blank line ends an SRT/WebVTT cue), becomes one space."""
+    text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text.translate(_BIDI_CONTROLS))
     return " ".join(text.split())
 
 
@@ -105,17 +120,23 @@ def to_rttm(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
 
     Fields are separated by spaces, so spaces in the file name or a speaker's name become ``_``.
     """
-    uri = "_".join(uri.split()) or "audio"
+    uri = "_".join(one_line(uri).split()) or "audio"
     return "".join(
         f"SPEAKER {uri} 1 {start:.3f} {end - start:.3f} <NA> <NA> {'_'.join(label.split())} <NA> <NA>\n"
         for start, end, label in turns(body)
     )
 
 
+# the arrow of a timing line as SubRip readers take it: "-->", and for lenient ones (the srt
+# package, editors) "- >", "-- >", "--->"... Replacing "-->" once left "--->" as "-->"
+_SRT_ARROW = re.compile(r"-[ -]+>")
+
+
 def to_srt(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
-    """SubRip: ``N``, ``start --> end``, the speaker; cues separated by a blank line."""
+    """SubRip: ``N``, ``start --> end``, the speaker; cues separated by a blank line. A name's
+    arrow (``-->``, ``--->``, ``- >``...) is written ``->``: a line with one is a timing line."""
     blocks = [
-        f"{n}\n{srt_timestamp(start)} --> {srt_timestamp(end)}\n{_one_line(label).replace('-->', '->')}\n"
+        f"{n}\n{srt_timestamp(start)} --> {srt_timestamp(end)}\n{_SRT_ARROW.sub('->', label)}\n"
         for n, (start, end, label) in enumerate(_cues(body), start=1)
     ]
     return "\n".join(blocks)
@@ -123,7 +144,7 @@ def to_srt(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
 
 def _vtt_escape(text: str) -> str:
     # WebVTT cue text and a voice span's annotation: &, < and > as character references
-    return _one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def to_webvtt(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:

@@ -1,0 +1,64 @@
+"""What leaves the service, attacked: result files with hostile names in them, the web page's
+headers and key, webhook signatures checked by a receiver, and the CLI printing what a hostile
+server said.
+
+Real parts throughout: the readers of the formats are the independent ones of
+tests/test_formats.py (the srt package, webvtt-py, pyannote.database), the servers are real
+sockets on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+
+import pytest
+
+from shared.formats import to_rttm, to_srt, to_webvtt
+from tests.test_formats import read_rttm, read_srt, read_vtt
+
+# --- result formats -------------------------------------------------------------------------------
+
+# names as a result may hold them: imported or stored before labels were checked at the edge
+HOSTILE_NAMES = [
+    "00:00:00,000 ---> 99:59:59,999",     # "-->" replaced once left an arrow behind
+    "00:00:00,000 - > 99:59:59,999",      # an arrow to the srt package and lenient players
+    "Eve\x1b]52;c;ZWNobyBwd25lZA==\x07",  # OSC 52: a terminal writes it to the clipboard
+    "Eve\x1b[2J\x1b[H",                   # clears the screen of whoever cats the file
+    "\u202eevE",                          # right-to-left override: shows "Eve"
+    "Ann\u2066\u2069\u200fLee",             # isolates and marks
+    "Bob\x00\x85\x9bLee",                 # NUL, NEL, the C1 CSI
+]
+
+
+def _printable(text: str) -> bool:
+    return not any(unicodedata.category(c) == "Cc" and c != "\n" or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+                   for c in text)
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_hostile_name_is_one_cue_of_printable_text_in_every_format(name):
+    body = {"diarization_results": [
+        {"start": 1.0, "end": 2.0, "speaker": "SPEAKER_00", "identity": name},
+        {"start": 3.0, "end": 4.0, "speaker": name},
+    ]}
+    srt_text, vtt_text, rttm_text = to_srt(body), to_webvtt(body), to_rttm(body, uri=name)
+    for text in (srt_text, vtt_text, rttm_text):
+        assert _printable(text), repr(text)
+    # one timing line per turn, and the readers read back two cues with the same (clean) name
+    assert len(re.findall(r"-[ -]+>", srt_text)) == 2, srt_text
+    srt_cues = read_srt(srt_text)
+    assert [(s, e) for s, e, _ in srt_cues] == [(1.0, 2.0), (3.0, 4.0)], srt_text
+    assert srt_cues[0][2] == srt_cues[1][2] and srt_cues[0][2].strip(), srt_cues
+    vtt_cues = read_vtt(vtt_text)
+    assert [(s, e) for s, e, _ in vtt_cues] == [(1.0, 2.0), (3.0, 4.0)] and vtt_cues[0][2] == vtt_cues[1][2]
+    assert [len(line.split()) for line in rttm_text.splitlines()] == [10, 10]
+    assert [t[:2] for t in read_rttm(rttm_text)] == [(1.0, 2.0), (3.0, 4.0)]
+
+
+def test_a_name_of_only_invisible_characters_falls_back_and_keeps_rttm_fields():
+    body = {"diarization_results": [{"start": 1.0, "end": 2.0, "speaker": "SPEAKER_00", "identity": "\u202e\x1b"},
+                                    {"start": 2.0, "end": 3.0, "speaker": "\x00"}]}
+    assert [line.split()[7] for line in to_rttm(body).splitlines()] == ["SPEAKER_00", "unknown"]
+    assert [c[2] for c in read_srt(to_srt(body))] == ["SPEAKER_00", "unknown"]
