@@ -68,14 +68,19 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
 
 
 def verify(secret: str, timestamp: str, body: bytes, signature: str, *, tolerance_s: float | None = 300) -> bool:
-    """Receiver side: constant-time check, and reject stale timestamps (replays)."""
+    """Receiver side: constant-time check, and reject stale timestamps (replays).
+
+    False, never an exception, for whatever the headers hold: anyone who reaches the receiver
+    chooses them. The signature is compared as bytes: ``hmac.compare_digest`` raises TypeError
+    on a ``str`` with a non-ASCII character (a 500 in the receiver, for one header value).
+    """
     if tolerance_s is not None:
         try:
             if abs(time.time() - int(timestamp)) > tolerance_s:
                 return False
         except ValueError:
             return False
-    return hmac.compare_digest(sign(secret, timestamp, body), signature)
+    return hmac.compare_digest(sign(secret, timestamp, body).encode(), signature.encode("utf-8", "surrogateescape"))
 
 
 def validate_webhook_url(url: str, allowed_hosts: list[str], allow_private: bool = False,

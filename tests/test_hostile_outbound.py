@@ -62,3 +62,27 @@ def test_a_name_of_only_invisible_characters_falls_back_and_keeps_rttm_fields():
                                     {"start": 2.0, "end": 3.0, "speaker": "\x00"}]}
     assert [line.split()[7] for line in to_rttm(body).splitlines()] == ["SPEAKER_00", "unknown"]
     assert [c[2] for c in read_srt(to_srt(body))] == ["SPEAKER_00", "unknown"]
+
+
+# --- webhook signatures, checked by a receiver ------------------------------------------------------
+
+
+def _signed(secret: str) -> tuple[str, bytes, str]:
+    from shared.webhooks import encode, sign
+
+    body = encode({"job_id": "j1", "status": "succeeded"})
+    timestamp = str(int(time.time()))
+    return timestamp, body, sign(secret, timestamp, body)
+
+
+# header values as a receiver's framework hands them over (latin-1 or UTF-8 decoded, surrogates
+# from undecodable bytes): whoever reaches the receiver chooses them
+@pytest.mark.parametrize("signature", ["sha256=é", "sha256=\u2603" * 3, "\udcff", "", "sha256=" + "0" * 64 + "\x00"])
+def test_verify_says_false_to_any_signature_header(signature):
+    from shared.webhooks import verify
+
+    secret = "s" * 32
+    timestamp, body, good = _signed(secret)
+    assert verify(secret, timestamp, body, good)
+    assert verify(secret, timestamp, body, signature) is False
+
