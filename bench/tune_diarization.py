@@ -47,22 +47,30 @@ from engine.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
+# first seeds of each set: the tuning draw, and a held-out draw no default was chosen on
+DRAWS = {
+    "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0},
+    "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100},
+}
+
+
 def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None,
-               short: int = 0):
+               short: int = 0, draw: str = "tuning"):
+    first = DRAWS[draw]
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).float32(), load_reference(rttm)
-    for seed in range(conversations):
-        yield f"conv{seed}", *multi_speaker_conversation(seed=seed, condition=condition)
+    for i in range(conversations):
+        yield f"conv{i}", *multi_speaker_conversation(seed=first["conv"] + i, condition=condition)
     clips = librispeech_clips() if many or short else []
-    for seed in range(many):
-        talkers = 5 + seed % 4
-        yield f"many{seed}", *many_talker_conversation(
-            talkers, minor=1 + seed % 3, seed=100 + seed, clips=clips, condition=condition)
-    for seed in range(short):
-        yield f"solo{seed}", *many_talker_conversation(1, seed=300 + seed, clips=clips, condition=condition)
-        yield f"duo{seed}", *many_talker_conversation(2, seed=400 + seed, clips=clips, condition=condition)
+    for i in range(many):
+        talkers = 5 + i % 4
+        yield f"many{i}", *many_talker_conversation(
+            talkers, minor=1 + i % 3, seed=first["many"] + i, clips=clips, condition=condition)
+    for i in range(short):
+        yield f"solo{i}", *many_talker_conversation(1, seed=first["solo"] + i, clips=clips, condition=condition)
+        yield f"duo{i}", *many_talker_conversation(2, seed=first["duo"] + i, clips=clips, condition=condition)
     if long_minutes:
-        yield "long", *long_conversation(long_minutes, condition=condition)
+        yield "long", *long_conversation(long_minutes, condition=condition, first_seed=first["long"])
 
 
 def main() -> None:
@@ -85,13 +93,15 @@ def main() -> None:
                         help="this many one-reader and two-reader recordings of 15-35 s (few embeddings each)")
     parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
                         help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
+    parser.add_argument("--draw", choices=sorted(DRAWS), default="tuning",
+                        help="which recordings: those the defaults were tuned on, or a held-out draw of each set")
     parser.add_argument("--condition", choices=CONDITIONS, default="clean",
                         help="the conversations as taken in a room, through a telephone line or under noise "
                              "(evaluation.conditions); pyannote's sample stays as recorded")
     args = parser.parse_args()
 
     condition = None if args.condition == "clean" else Condition(args.condition)
-    data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short))
+    data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short, args.draw))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "

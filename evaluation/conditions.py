@@ -10,6 +10,8 @@ is a standard, documented degradation, applied per talker where it is per talker
   with background noise 15 dB below the speech;
 - ``phone``: the conversation through a G.711 line (8 kHz, 300-3400 Hz, 8-bit mu-law) with line
   noise 25 dB below the speech, brought back to 16 kHz as a worker would;
+- ``mobile``: the same line keeping its low end (100-3400 Hz), as mobile and VoIP calls often do,
+  which the telephone detector (``engine.channel``) does not take for a line;
 - ``narrowband``: the conversation recorded at 8 kHz and brought back to 16 kHz, nothing else
   (what separates a telephone line's band from the rest of it);
 - ``noisy``: close-talk speech under background noise 5 dB below it.
@@ -30,7 +32,7 @@ from scipy import signal
 
 from engine.audio import SAMPLE_RATE, load_audio
 
-CONDITIONS = ("clean", "room", "phone", "narrowband", "noisy")
+CONDITIONS = ("clean", "room", "phone", "mobile", "narrowband", "noisy")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class Condition:
             audio = add_noise(audio, background_noise(len(audio), rng, self.data_dir), 15.0)
         elif self.name == "phone":
             audio = telephone(add_noise(audio, rng.standard_normal(len(audio)).astype(np.float32), 25.0))
+        elif self.name == "mobile":
+            audio = telephone(add_noise(audio, rng.standard_normal(len(audio)).astype(np.float32), 25.0), low_hz=100)
         elif self.name == "narrowband":
             audio = signal.resample_poly(signal.resample_poly(audio, 1, 2), 2, 1).astype(np.float32)
         elif self.name == "noisy":
@@ -119,10 +123,10 @@ def add_noise(speech: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarra
     return (speech + noise * (level / max(rms(noise), 1e-9) * 10 ** (-snr_db / 20))).astype(np.float32)
 
 
-def telephone(audio: np.ndarray) -> np.ndarray:
-    """G.711: 8 kHz, 300-3400 Hz, 8-bit mu-law; then back to 16 kHz."""
+def telephone(audio: np.ndarray, low_hz: float = 300) -> np.ndarray:
+    """G.711: 8 kHz, 300-3400 Hz (``low_hz``-3400), 8-bit mu-law; then back to 16 kHz."""
     narrow = signal.resample_poly(audio, 1, 2)
-    sos = signal.butter(6, [300, 3400], btype="bandpass", fs=8000, output="sos")
+    sos = signal.butter(6, [low_hz, 3400], btype="bandpass", fs=8000, output="sos")
     narrow = signal.sosfilt(sos, narrow)
     peak = float(np.abs(narrow).max()) or 1.0
     x = np.clip(narrow / peak, -1, 1)

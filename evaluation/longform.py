@@ -9,7 +9,7 @@ import numpy as np
 from engine.audio import SAMPLE_RATE
 
 
-def long_conversation(minutes: float, data_dir: str = "../shared/data/speech", condition=None):
+def long_conversation(minutes: float, data_dir: str = "../shared/data/speech", condition=None, first_seed: int = 0):
     """About ``minutes`` of real four-talker conversation with its exact reference.
 
     Successive 55 s conversations (different seeds, so different turn orders, pauses and
@@ -23,7 +23,7 @@ def long_conversation(minutes: float, data_dir: str = "../shared/data/speech", c
         condition = dataclasses.replace(condition, room_seed=0)
 
     target = int(minutes * 60 * SAMPLE_RATE)
-    pieces, reference, offset, seed = [], Annotation(uri="long"), 0, 0
+    pieces, reference, offset, seed = [], Annotation(uri="long"), 0, first_seed
     while offset < target:
         samples, ref = multi_speaker_conversation(data_dir, seed=seed, condition=condition)
         gain = float(np.random.default_rng(seed).uniform(0.5, 1.0))
