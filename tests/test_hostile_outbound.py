@@ -86,3 +86,89 @@ def test_verify_says_false_to_any_signature_header(signature):
     assert verify(secret, timestamp, body, good)
     assert verify(secret, timestamp, body, signature) is False
 
+
+
+# --- the web page: headers, framing, the key -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def page_api(service_env, tmp_path_factory):
+    """The API under a real uvicorn with API keys on; no worker (nothing here runs a job)."""
+    import json
+    import os
+
+    import httpx
+
+    from cli.launcher import Stack, free_port, wait_until
+    from tests.test_web import KEY
+
+    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
+    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps([KEY])
+    stack = Stack(env={**os.environ, **env}, log_dir=tmp_path_factory.mktemp("page-api"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+        yield base
+    finally:
+        stack.stop()
+
+
+PAGES = ("/", "/docs", "/redoc")
+
+
+def test_page_docs_and_assets_carry_the_security_headers(page_api):
+    import httpx
+
+    html = {path: httpx.get(page_api + path, timeout=10) for path in PAGES}
+    assets = [ref for r in html.values() for ref in re.findall(r"""(?:src|href)\s*=\s*["'](/(?:ui|docs-assets)/[^"']+)""", r.text)]
+    assert len(assets) >= 4, assets
+    for path, r in [*html.items(), *((a, httpx.get(page_api + a, timeout=10)) for a in assets)]:
+        assert r.status_code == 200, path
+        assert r.headers.get("x-content-type-options") == "nosniff", path
+        assert r.headers.get("x-frame-options") == "DENY", path
+        assert r.headers.get("referrer-policy") == "no-referrer", path
+    for path, r in html.items():
+        policy = {d.split()[0]: d.split()[1:] for d in r.headers["content-security-policy"].split(";") if d.strip()}
+        assert policy["frame-ancestors"] == ["'none'"] and "form-action" in policy, (path, policy)
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from tests.test_web import CHROMIUM
+
+    if not __import__("os").path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        yield b
+        b.close()
+
+
+@pytest.mark.parametrize("path, marker", [("/", "#api-key"), ("/docs", ".swagger-ui"), ("/redoc", ".redoc-wrap, redoc-wrap")])
+def test_no_page_can_be_framed_by_another_site(page_api, chromium, path, marker):
+    """Clickjacking: a page of another origin (here ``localhost`` framing ``127.0.0.1``) frames
+    the page or the docs; the browser refuses to render them."""
+    import httpx
+
+    page = chromium.new_page()
+    # the framing site: another origin served by the same process (localhost is not 127.0.0.1)
+    other = page_api.replace("127.0.0.1", "localhost")
+    assert httpx.get(other + "/health", timeout=5).status_code == 200
+    page.goto(other + "/health")
+    page.evaluate("""url => new Promise(done => { const f = document.createElement('iframe');
+        f.src = url; f.onload = () => done(); document.body.appendChild(f); })""", page_api + path)
+    page.wait_for_timeout(1500)
+    (frame,) = [f for f in page.frames if f != page.main_frame]
+    try:
+        rendered = frame.evaluate(f"() => Boolean(document.querySelector({marker!r}))")
+    except Exception:  # noqa: BLE001 - the browser's error page for a refused frame
+        rendered = False
+    assert rendered is False, f"{path} rendered inside another site's frame"
+    page.close()
+
