@@ -172,3 +172,34 @@ def test_no_page_can_be_framed_by_another_site(page_api, chromium, path, marker)
     assert rendered is False, f"{path} rendered inside another site's frame"
     page.close()
 
+
+def test_the_key_stays_in_the_tab_and_out_of_urls(page_api, chromium):
+    from tests.test_web import KEY
+
+    context = chromium.new_context()
+    page = context.new_page()
+    urls: list[str] = []
+    keyed: list[str] = []
+    page.on("request", lambda r: (urls.append(r.url), r.headers.get("x-api-key") == KEY and keyed.append(r.url)))
+    page.goto(page_api + "/")
+    # a key an older page left in localStorage is removed on the next load
+    page.evaluate(f"() => localStorage.setItem('audio-analysis.api-key', {KEY!r})")
+    page.reload()
+    page.wait_for_selector("#recent .error")
+    assert page.evaluate("() => localStorage.length") == 0
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    # the lists load with the key: their "401" rows go
+    page.wait_for_function("() => !document.querySelector('#recent .error, #voiceprints .error')")
+    assert page.evaluate("() => localStorage.length") == 0
+    # a reload keeps it (the tab's sessionStorage) and the page still works with it
+    page.reload()
+    assert page.input_value("#api-key") == KEY
+    assert any(u.endswith("/jobs?limit=20") for u in keyed) and any(u.endswith("/voiceprints") for u in keyed)
+    assert not [u for u in urls if KEY in u]
+    # another tab of the same browser profile (what a later user of the machine opens) has none
+    other = context.new_page()
+    other.goto(page_api + "/")
+    other.wait_for_selector("#recent .error")
+    assert other.input_value("#api-key") == "" and other.evaluate("() => localStorage.length") == 0
+    context.close()

@@ -13,10 +13,16 @@ const LANE_LABEL_PX = 144; // .lane-label width (9rem)
 const state = { picked: [], jobs: new Map(), shown: null, pxPerSecond: 1 };
 
 // --- the API ----------------------------------------------------------------------------------
+// The key lives in this tab's sessionStorage: it survives a reload, not the tab. localStorage
+// kept it on disk for good, for every later user of the browser profile and every page of this
+// origin (the API docs run inline scripts); a key an older page stored there is removed.
+const KEY_ITEM = "audio-analysis.api-key";
 const keyInput = $("#api-key");
-keyInput.value = localStorage.getItem("audio-analysis.api-key") || "";
+localStorage.removeItem(KEY_ITEM);
+keyInput.value = sessionStorage.getItem(KEY_ITEM) || "";
 keyInput.addEventListener("change", () => {
-  localStorage.setItem("audio-analysis.api-key", keyInput.value.trim());
+  const key = keyInput.value.trim();
+  if (key) sessionStorage.setItem(KEY_ITEM, key); else sessionStorage.removeItem(KEY_ITEM);
   refreshRecent();
 });
 
