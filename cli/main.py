@@ -32,7 +32,10 @@ COMMAND_NAMES = {"embedding": "embed"}
 
 def _fail(exc: Exception) -> None:
     if isinstance(exc, AnalysisError):
-        err.print(f"[red]{exc.error_type}[/red]: {exc.detail}")
+        from cli.service import shown
+
+        # the detail names files ("x[/]y.wav"): printed literally, not as markup
+        err.print(f"[red]{shown(exc.error_type)}[/red]: {shown(exc.detail)}")
         raise typer.Exit(2 if exc.status_code < 500 else 1)
     raise exc
 

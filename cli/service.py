@@ -11,9 +11,10 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cli.options import choices, option_parameters, plain, set_signature
-from shared.formats import FORMAT_NAMES
+from shared.formats import FORMAT_NAMES, one_line
 from shared.kinds import KINDS, get_kind
 
 err = Console(stderr=True)
@@ -37,6 +38,13 @@ def _format_option(default: str | None) -> Any:
     return typer.Option(default, "--format", "-f", help=_FORMATS)
 
 
+def shown(text: object) -> str:
+    """Text the API (or whatever answers at --url) sent, as rich prints it literally: its
+    brackets are not markup (a detail with "[/]" crashed the CLI with a MarkupError, "[link=...]"
+    made a link) and its control characters (a terminal's ESC sequences) are spaces."""
+    return escape(one_line(str(text)))
+
+
 def _exit_for(exc: Exception) -> typer.Exit:
     """An API or job error, printed; exit 2 for the caller's mistakes (4xx), 1 for the service's."""
     import httpx
@@ -44,11 +52,11 @@ def _exit_for(exc: Exception) -> typer.Exit:
     from shared.errors import AnalysisError
 
     if isinstance(exc, httpx.TransportError):
-        err.print(f"[red]cannot reach the API[/red] ({type(exc).__name__}): {exc}")
+        err.print(f"[red]cannot reach the API[/red] ({type(exc).__name__}): {shown(exc)}")
         return typer.Exit(1)
     if not isinstance(exc, AnalysisError):
         raise exc
-    err.print(f"[red]{exc.error_type}[/red] ({exc.status_code}): {exc.detail}")
+    err.print(f"[red]{shown(exc.error_type)}[/red] ({exc.status_code}): {shown(exc.detail)}")
     return typer.Exit(2 if exc.status_code < 500 else 1)
 
 
@@ -114,7 +122,7 @@ def submit(
     params = {name: values.get(name) for name in job_kind.form_fields}
     for source in files:
         if not is_url(source) and not Path(source).is_file():
-            err.print(f"[red]{source}[/red]: no such file (give a local file or an http(s) URL)")
+            err.print(f"[red]{shown(source)}[/red]: no such file (give a local file or an http(s) URL)")
             raise typer.Exit(2)
     try:
         with Client(url, api_key=api_key) as client:
@@ -127,10 +135,11 @@ def submit(
                           TimeElapsedColumn(), console=err, transient=True) as bar:
                 task = bar.add_task("queued", total=1.0)
                 record = client.wait(
-                    job["job_id"], progress=lambda frac, step: bar.update(task, completed=frac, description=step or "")
+                    job["job_id"], progress=lambda frac, step: bar.update(task, completed=frac, description=shown(step or ""))
                 )
             if record["status"] != "succeeded":
-                err.print(f"[red]job {record['job_id']} {record['status']}[/red]: {json.dumps(record.get('error'))}")
+                err.print(f"[red]job {shown(record['job_id'])} {shown(record['status'])}[/red]: "
+                          f"{shown(json.dumps(record.get('error')))}")
                 raise typer.Exit(2 if (record.get("error") or {}).get("status_code", 500) < 500 else 1)
             _echo_result(record["result"] if format == "json" else client.result(job["job_id"], format), format)
     except (AnalysisError, httpx.TransportError) as exc:

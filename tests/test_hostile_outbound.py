@@ -203,3 +203,81 @@ def test_the_key_stays_in_the_tab_and_out_of_urls(page_api, chromium):
     other.wait_for_selector("#recent .error")
     assert other.input_value("#api-key") == "" and other.evaluate("() => localStorage.length") == 0
     context.close()
+
+
+# --- the CLI, printing what a hostile server said ---------------------------------------------------
+
+HOSTILE_TEXT = "[/] [link=https://evil.example]click[/link] \x1b]52;c;ZWNobyBwd25lZA==\x07\x1b[2J"
+
+
+@pytest.fixture()
+def hostile_api():
+    """A server at --url that answers like the API, with markup and ESC sequences in every text:
+    a job that runs (its step), then fails (its error), and a 404 for any other job."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    polls = {"n": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _json(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._json(202, {"job_id": "j1", "status": "queued", "progress": 0.0})
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path != "/jobs/j1":
+                self._json(404, {"detail": HOSTILE_TEXT, "error_type": "ValidationError"})
+                return
+            polls["n"] += 1
+            if polls["n"] < 4:
+                self._json(200, {"job_id": "j1", "status": "running", "progress": 0.5, "step": HOSTILE_TEXT})
+            else:
+                self._json(200, {"job_id": "j1", "status": "failed", "progress": 1.0, "error": {
+                    "detail": HOSTILE_TEXT, "error_type": "ValidationError", "status_code": 422}})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _cli(*args: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    # a terminal as rich sees one (FORCE_COLOR), so the progress bar and colours are drawn
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+
+def _printed_literally(done: "subprocess.CompletedProcess[str]") -> None:
+    assert "Traceback" not in done.stderr and "MarkupError" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", done.stderr)  # rich's own colours
+    assert "[/] [link=https://evil.example]click[/link]" in plain, plain
+    assert "\x1b]" not in plain and "\x1b[2J" not in plain and "\x07" not in plain, repr(plain)
+
+
+def test_cli_prints_a_hostile_servers_error_literally(hostile_api):
+    _printed_literally(_cli("status", "gone", "--url", hostile_api))
+
+
+def test_cli_prints_a_hostile_servers_step_and_job_error_literally(hostile_api, tmp_path):
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(b"RIFF")
+    _printed_literally(_cli("submit", str(audio), "--wait", "--url", hostile_api))
