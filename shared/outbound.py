@@ -13,8 +13,8 @@ addresses in the same way:
   reaches nothing. TLS still verifies, and sends SNI for, the URL's host name.
 
 Loopback, private (RFC 1918, ULA), carrier-grade NAT, link-local (cloud metadata at
-169.254.169.254), multicast, reserved and unspecified addresses are refused, as are
-``localhost``, ``*.internal`` and the metadata host names; IPv4-mapped, NAT64 and 6to4 IPv6
+169.254.169.254), IPv6 site-local, multicast, reserved, documentation and unspecified addresses
+are refused, as are ``localhost``, ``*.internal`` and the metadata host names; IPv4-mapped, NAT64 and 6to4 IPv6
 addresses are judged by their IPv4 address (``2002:a00:1::`` is 10.0.0.1). Odd IP spellings
 (``2130706433``, ``0x7f.1``, ``0177.0.0.1``)
 are resolved by the system resolver like any name, so they are checked as the address they stand
@@ -52,6 +52,10 @@ class AddressNotAllowed(Exception):
 _METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
                              "instance-data.ec2.internal", "metadata.azure.com"})
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# IPv6 ranges that are not global and that this Python's ipaddress does not know as such:
+# site-local (fec0::/10, deprecated but still routed inside some networks, and is_global says
+# True) and the documentation prefix 3fff::/20 (RFC 9637, 2024)
+_NOT_GLOBAL_V6 = (ipaddress.ip_network("fec0::/10"), ipaddress.ip_network("3fff::/20"))
 
 
 def address_allowed(address: str) -> bool:
@@ -69,6 +73,8 @@ def address_allowed(address: str) -> bool:
             # 6to4 (2002::/16): a host with a 6to4 tunnel sends it to the IPv4 address inside,
             # so 2002:a00:1:: is 10.0.0.1 and 2002:7f00:1:: loopback; it passed as public
             ip = ip.sixtofour
+        elif any(ip in net for net in _NOT_GLOBAL_V6):
+            return False
     return ip.is_global and not (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
     )

@@ -281,3 +281,36 @@ def test_cli_prints_a_hostile_servers_step_and_job_error_literally(hostile_api, 
     audio = tmp_path / "a.wav"
     audio.write_bytes(b"RIFF")
     _printed_literally(_cli("submit", str(audio), "--wait", "--url", hostile_api))
+
+
+# --- the address policy: IPv6 ranges Python's ipaddress calls global -------------------------------
+
+
+@pytest.mark.parametrize("host", ["[fec0::1]", "[fec0:0:0:1::a]", "[feff:ffff::1]", "[3fff::1]", "[3fff:fff:ffff::1]"])
+def test_site_local_and_documentation_ipv6_are_refused_at_submit_and_at_connect(host):
+    """fec0::/10 (site-local: routed inside some networks still) and 3fff::/20 passed as public."""
+    import httpcore
+    import httpx
+
+    from shared.errors import InputError
+    from shared.outbound import transport
+    from shared.settings import Settings
+    from shared.url_input import check_media_url
+    from shared.webhooks import validate_webhook_url
+
+    url = f"http://{host}/a.wav"
+    with pytest.raises(InputError, match="public address"):
+        check_media_url(url, "file_url", Settings(url_allow_private_addresses=False))
+    with pytest.raises(InputError, match="public address"):
+        validate_webhook_url(url, [])
+    # at connect time too (a redirect, a record stored before): refused before any packet
+    with httpx.Client(transport=transport(False)) as client, pytest.raises(httpx.ConnectError) as info:
+        client.get(url, timeout=5)
+    assert "non-public" in str(info.value)
+
+
+def test_public_ipv6_stays_public():
+    from shared.outbound import address_allowed
+
+    assert address_allowed("2606:4700:4700::1111") and address_allowed("2a00:1450:4001::1")
+    assert not address_allowed("2001:db8::1") and not address_allowed("fd00::1")
