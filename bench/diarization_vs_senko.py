@@ -58,13 +58,27 @@ def _peaks(device: str) -> dict:
 
     from worker.telemetry import peak_rss_bytes
 
-    # the child's own peak, as a worker reports each job's: its ru_maxrss would carry the RSS of
-    # the bench's parent it was forked from before exec (ours read 1466 MB in four runs whatever
-    # the engine did, while its own memory map peaked at 1130-1153 MB)
+    # the child's own peak since the clock started (_start_peak), as a worker reports each
+    # job's: its ru_maxrss would carry the RSS of the bench's parent it was forked from before
+    # exec (ours read 1466 MB in four runs whatever the engine did, while its own memory map
+    # peaked at 1130-1153 MB). File pages count too: where other processes map torch's CUDA
+    # libraries at the same time (a test suite), the kernel keeps those pages resident in every
+    # one of them, and ours read 1481-1808 MB for an hour it diarized in 1217-1236 MB alone
     out = {"peak_rss_mb": peak_rss_bytes() / 2**20}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def _start_peak(device: str) -> None:
+    """The peak from here on (models loaded, warm-up done), as a worker measures each job's."""
+    import torch
+
+    from worker.telemetry import reset_peak_rss
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
 
 
 def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
@@ -82,8 +96,7 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     engine = Engine(Settings(device=device, torch_threads=threads)).load_models()
     samples = _read_as(audio_path, STORAGE_DTYPE)
     engine.diarize(Audio(np.ascontiguousarray(samples[: 60 * 16000])))  # warm-up, as a worker is
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    _start_peak(device)
     audio = Audio(samples)
     # when each of the pipeline's steps last reported progress: segmentation's ends with its
     # scores on the host, clustering and reconstruction sit between embeddings and the last one
@@ -158,8 +171,7 @@ def run_senko(audio_path: str, device: str, threads: int | None, queue) -> None:
     if threads:
         torch.set_num_threads(threads)
     diarizer.diarize_samples(samples[: 60 * 16000], 16000)  # warm-up
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    _start_peak(device)
     _sync(device)
     started = time.perf_counter()
     result = diarizer.diarize_samples(samples, 16000)

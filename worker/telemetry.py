@@ -76,7 +76,7 @@ def _gpu(device: str) -> dict[str, Any]:
         return {}
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS,
     # so each job's peak is its own and not the model loading's
     try:
@@ -89,7 +89,7 @@ def _reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """This process's peak RSS: VmHWM, the high-water mark of its own memory map (reset by
-    ``_reset_peak_rss``). Not ``ru_maxrss`` where there is a choice: Linux carries the RSS of the
+    ``reset_peak_rss``). Not ``ru_maxrss`` where there is a choice: Linux carries the RSS of the
     image a process replaced at exec into it, so a spawned child's ru_maxrss can be its parent's."""
     try:
         with open(f"/proc/{os.getpid()}/status") as fh:
@@ -112,7 +112,7 @@ def job(device: str | None) -> Iterator[dict[str, float | None]]:
 
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_peak_rss()
+        reset_peak_rss()
     with _lock:
         _counters["jobs_running"] += 1
     try:
