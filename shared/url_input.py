@@ -37,7 +37,9 @@ credentials there.
 from __future__ import annotations
 
 import logging
+import re
 import time
+from http import HTTPStatus
 from typing import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
@@ -79,6 +81,25 @@ def _declares_not_audio(content_type: str) -> bool:
     return main in ("text", "image", "font", "model", "multipart", "message") or sub in (
         "json", "xml", "html", "xhtml+xml", "javascript", "pdf", "x-www-form-urlencoded",
     ) or sub.endswith(("+json", "+xml"))
+
+
+def _status(code: int) -> str:
+    """``404 Not Found``: the code and its standard phrase, never the server's own reason phrase
+    (up to 100 KB of whatever text it likes, into the job's error as if the service said it)."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
+
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}")
+
+
+def _media_type(content_type: str) -> str:
+    """The answer's media type as the job's error names it: a type/subtype token, else a
+    stand-in (the header is the server's text, as long as it likes)."""
+    mime = content_type.split(";", 1)[0].strip()
+    return mime if _MEDIA_TYPE.fullmatch(mime) else "a non-audio Content-Type"
 
 
 class _Body:
@@ -169,12 +190,10 @@ def fetch_audio(
                         where = redact(current)
                         continue
                     if not 200 <= response.status_code < 300:
-                        raise UrlFetchError(
-                            f"{field}: {where} answered {response.status_code} {response.reason_phrase}".rstrip()
-                        )
+                        raise UrlFetchError(f"{field}: {where} answered {_status(response.status_code)}")
                     content_type = response.headers.get("content-type", "")
                     if content_type and _declares_not_audio(content_type):
-                        raise AudioDecodeError(f"{field}: {where} sent {content_type.split(';')[0]}, not audio")
+                        raise AudioDecodeError(f"{field}: {where} sent {_media_type(content_type)}, not audio")
                     # asked for identity; a body sent encoded all the same is refused, never
                     # decoded: "gzip, gzip" of zeros made 3.5 KB into 2 GiB in one piece (4 GB
                     # of worker memory before any limit could count it)

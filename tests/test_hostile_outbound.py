@@ -314,3 +314,29 @@ def test_public_ipv6_stays_public():
 
     assert address_allowed("2606:4700:4700::1111") and address_allowed("2a00:1450:4001::1")
     assert not address_allowed("2001:db8::1") and not address_allowed("fd00::1")
+
+
+# --- audio by URL: what a hostile media server's answer puts into the job's error -------------------
+
+from tests.test_url_input import _failure, _submit, limited  # noqa: E402,F401 - the real worker's fixture
+
+SPOOF = "Forbidden. Your account is suspended: sign in again at https://evil.example/login "
+
+
+def test_a_media_servers_own_texts_do_not_reach_the_jobs_error(limited, media_server):  # noqa: F811
+    """The reason phrase and the Content-Type are the server's text, up to 100 KB of it: the
+    job's error says the status and the type in the service's own words."""
+
+    def spoofing_status(h) -> None:
+        h.wfile.write(b"HTTP/1.1 403 " + SPOOF.encode() + b"A" * 50_000 + b"\r\nContent-Length: 0\r\n"
+                      b"Connection: close\r\n\r\n")
+
+    url = media_server.route("/spoof-status.wav", spoofing_status)
+    error = _failure(limited, _submit(limited, file_url=url))
+    assert error["status_code"] == 422 and error["detail"] == f"file_url: {url} answered 403 Forbidden", \
+        error["detail"][:300]
+    url = media_server.file("/spoof-type.wav", b"<html></html>", "text/" + "Your-account-is-suspended.see.evil.example." * 400)
+    error = _failure(limited, _submit(limited, file_url=url))
+    assert error["status_code"] == 415, error["detail"][:300]
+    assert error["detail"] == f"file_url: {url} sent a non-audio Content-Type, not audio", error["detail"][:300]
+
