@@ -47,6 +47,7 @@ import httpx
 
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError
+from shared.formats import one_line
 from shared.outbound import MAX_MEDIA_URL_LENGTH, AddressNotAllowed, check_url, redact, transport
 from shared.settings import Settings
 from shared.storage import Storage, UploadTooLargeError
@@ -64,9 +65,11 @@ class UrlFetchError(InputError):
 
 
 def filename_of(url: str) -> str | None:
-    """The last segment of the URL's path (what a job record shows as its ``filename``)."""
+    """The last segment of the URL's path (what a job record shows as its ``filename``), as one
+    line of printable text: percent-decoding made ``%0a``, ``%1b`` and ``%e2%80%ae`` (a
+    right-to-left override: "evil\u202evaw.exe" reads "evilexe.wav") into the name."""
     try:
-        name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        name = one_line(unquote(urlsplit(url).path.rsplit("/", 1)[-1]))
     except ValueError:
         return None
     return name[:255] or None

@@ -340,3 +340,10 @@ def test_a_media_servers_own_texts_do_not_reach_the_jobs_error(limited, media_se
     assert error["status_code"] == 415, error["detail"][:300]
     assert error["detail"] == f"file_url: {url} sent a non-audio Content-Type, not audio", error["detail"][:300]
 
+
+def test_a_urls_file_name_is_one_line_of_printable_text(limited, media_server):  # noqa: F811
+    """The record's ``filename`` is the URL's last path segment, percent-decoded: %0a, %1b and
+    a right-to-left override (%e2%80%ae) went into it as they were."""
+    job = _submit(limited, file_url=media_server.url("/evil%e2%80%aevaw.exe%0d%0aX%1b%5b2J"))
+    assert job["filename"] == "evilvaw.exe X [2J", job
+    limited.post(f"/jobs/{job['job_id']}/cancel")
