@@ -18,7 +18,8 @@ are refused, as are ``localhost``, ``*.internal`` and the metadata host names; I
 addresses are judged by their IPv4 address (``2002:a00:1::`` is 10.0.0.1). Odd IP spellings
 (``2130706433``, ``0x7f.1``, ``0177.0.0.1``)
 are resolved by the system resolver like any name, so they are checked as the address they stand
-for. Each use has its own setting that lifts the policy (local development, the tests, a server
+for. Ports that are not web ports (``BAD_PORTS``: SMTP, SSH and the rest of the Fetch standard's
+list) are refused whatever the address. Each use has its own setting that lifts the address policy (local development, the tests, a server
 inside your network).
 """
 
@@ -46,6 +47,19 @@ MAX_MEDIA_URL_LENGTH = 8192
 
 class AddressNotAllowed(Exception):
     """The host is an internal name or resolves to an address the policy refuses."""
+
+
+# Ports no web request may go to: the WHATWG Fetch standard's "bad ports", which every browser
+# refuses, plus 0. Each is a service that speaks something other than HTTP (SMTP, SSH, IRC, NFS,
+# SIP, X11...) and would take the request's bytes as its own protocol: a webhook or a media URL
+# aimed at a mail server on a public address is a relay, not a receiver. Refused at submit and
+# again at connect (a redirect names a port of its own), whatever the address policy.
+BAD_PORTS = frozenset({
+    0, 1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87, 95, 101, 102, 103,
+    104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143, 161, 179, 389, 427, 465, 512, 513, 514,
+    515, 526, 530, 531, 532, 540, 548, 554, 556, 563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723,
+    2049, 3659, 4045, 4190, 5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080,
+})
 
 
 # cloud metadata services are reached by name as well as by their link-local address
@@ -166,6 +180,8 @@ class PinnedBackend(httpcore.NetworkBackend):
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Any = None) -> httpcore.NetworkStream:
         end = None if timeout is None else time.monotonic() + timeout
+        if port in BAD_PORTS:
+            raise httpcore.ConnectError(f"port {port} is not a web port")
         try:
             addresses = resolve_allowed(host, port, timeout, check=self._check)
         except AddressNotAllowed as exc:
@@ -305,7 +321,7 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
     """
     try:
         parts = urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise InputError(f"{field} must be an absolute http(s) URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > max_length:
@@ -314,6 +330,8 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
     # would refuse them only when connecting, long after the caller could be told
     if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
         raise InputError(f"{field} must not contain whitespace or control characters")
+    if port in BAD_PORTS:
+        raise InputError(f"{field} must not name port {port}: it is not a web port (the Fetch standard's bad ports)")
     if allowed_hosts and parts.hostname.lower() not in {h.lower() for h in allowed_hosts}:
         raise InputError(f"{what or field + ' host'} {parts.hostname!r} is not in the allowed hosts")
     if not allow_private:

@@ -181,7 +181,7 @@ def test_health_detail_needs_a_key_when_keys_are_on(variant_app):
 def test_webhook_host_policy(variant_app, utterances):
     strict = variant_app(webhook_allowed_hosts=["hooks.internal"])
     body = _assert_error(strict.post("/jobs/embedding", files=_f("file", utterances["spk1"][0]),
-                                     data={"webhook_url": "http://127.0.0.1:9/hook"}), 422)
+                                     data={"webhook_url": "http://127.0.0.1:9999/hook"}), 422)
     assert "allowed" in body["detail"]
     _assert_error(strict.post("/jobs/embedding", files=_f("file", utterances["spk1"][0]),
                               data={"webhook_url": "file:///etc/passwd"}), 422)

@@ -309,6 +309,36 @@ def test_site_local_and_documentation_ipv6_are_refused_at_submit_and_at_connect(
     assert "non-public" in str(info.value)
 
 
+@pytest.mark.parametrize("port", [25, 22, 0, 6667, 10080])
+def test_ports_that_are_not_web_ports_are_refused_at_submit_and_at_connect(port, client):
+    """A webhook or a media URL on a public host's SMTP, SSH or IRC port was accepted (202): the
+    worker would have written an HTTP request into a mail server. Refused whatever the address
+    policy (the tests' settings allow private addresses), at submit and when connecting."""
+    import httpx
+
+    from shared.errors import InputError
+    from shared.outbound import transport
+    from shared.settings import Settings
+    from shared.url_input import check_media_url
+    from shared.webhooks import validate_webhook_url
+
+    url = f"http://127.0.0.1:{port}/a.wav"
+    for allow_private in (False, True):
+        with pytest.raises(InputError, match="not a web port"):
+            check_media_url(url, "file_url", Settings(url_allow_private_addresses=allow_private))
+        with pytest.raises(InputError, match="not a web port"):
+            validate_webhook_url(url, [], allow_private=allow_private)
+    # a redirect names its own port: refused when connecting, before any packet (httpx itself
+    # takes port 0 for the scheme's default)
+    if port:
+        with httpx.Client(transport=transport(True)) as http, pytest.raises(httpx.ConnectError, match="not a web port"):
+            http.get(url, timeout=5)
+    r = client.post("/jobs/diarize", data={"file_url": url})
+    assert r.status_code == 422 and "not a web port" in r.json()["detail"]
+    r = client.post("/jobs/diarize", data={"file_url": "http://127.0.0.1:8/a.wav", "webhook_url": url})
+    assert r.status_code == 422 and "not a web port" in r.json()["detail"]
+
+
 def test_public_ipv6_stays_public():
     from shared.outbound import address_allowed
 
