@@ -24,6 +24,7 @@ from api.errors import JobConflict, JobNotFound, SyncTimeout
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
+from shared.formats import one_line
 from shared.jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
@@ -335,7 +336,9 @@ def _first_filename(submission: Submission) -> str | None:
         # a multiple-file field's first file is <name>.0
         for name in (spec.name, f"{spec.name}.0"):
             if name in submission.audio:
-                return submission.audio[name].filename
+                # as a URL's name (filename_of): one line of printable text, at most 255 long; a
+                # client's "evil\u202evaw.exe" read as another name on the page and in listings
+                return one_line(submission.audio[name].filename or "")[:255] or None
         if spec.name in submission.urls:
             return filename_of(submission.urls[spec.name])
     return None

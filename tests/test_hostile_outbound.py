@@ -377,3 +377,16 @@ def test_a_urls_file_name_is_one_line_of_printable_text(limited, media_server): 
     job = _submit(limited, file_url=media_server.url("/evil%e2%80%aevaw.exe%0d%0aX%1b%5b2J"))
     assert job["filename"] == "evilvaw.exe X [2J", job
     limited.post(f"/jobs/{job['job_id']}/cancel")
+
+
+def test_an_uploads_file_name_is_one_line_of_printable_text(client, utterances):
+    """An upload's file name went into the record (the page, listings) as the client sent it: a
+    right-to-left override made "evil\u202evaw.exe" read "evilexe.wav"."""
+    with open(utterances["spk1"][0], "rb") as fh:
+        audio = fh.read()
+    r = client.post("/jobs/embedding", files={"file": ("evil\u202evaw.exe\x1b[2J.wav", audio, "audio/wav")})
+    assert r.status_code == 202, r.text
+    job = client.get(f"/jobs/{r.json()['job_id']}").json()
+    assert job["filename"] == "evilvaw.exe [2J.wav", job
+    long = client.post("/jobs/embedding", files={"file": ("a" * 1000 + ".wav", audio, "audio/wav")})
+    assert len(client.get(f"/jobs/{long.json()['job_id']}").json()["filename"]) == 255
