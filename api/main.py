@@ -41,7 +41,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 class RequestIdMiddleware:
     """Every request gets an id (the client's ``X-Request-ID`` when it is a sane token): in the
-    response header, on every log line of the request, and in the job it creates."""
+    response header, on every log line of the request, and in the job it creates.
+
+    Every response also says ``X-Content-Type-Options: nosniff`` (the page's routes set it with
+    the rest of their headers): a result export or an error echoes text a client chose, and a
+    browser that sniffed it as HTML would run it on the API's origin."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -55,7 +59,10 @@ class RequestIdMiddleware:
 
         async def with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if not any(k.lower() == b"x-content-type-options" for k, _ in headers):
+                    headers.append((b"x-content-type-options", b"nosniff"))
+                message["headers"] = headers
             await send(message)
 
         with logs.bound(request_id=request_id):

@@ -390,3 +390,14 @@ def test_an_uploads_file_name_is_one_line_of_printable_text(client, utterances):
     assert job["filename"] == "evilvaw.exe [2J.wav", job
     long = client.post("/jobs/embedding", files={"file": ("a" * 1000 + ".wav", audio, "audio/wav")})
     assert len(client.get(f"/jobs/{long.json()['job_id']}").json()["filename"]) == 255
+
+
+def test_every_api_answer_forbids_sniffing(client, utterances):
+    """A result export or an error echoes what a client chose (a name, a file name): a browser
+    sniffing it as HTML would run it on the API's origin. Once on the page's answers only."""
+    with open(utterances["spk1"][0], "rb") as fh:
+        r = client.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
+    answers = [r, client.get("/health"), client.get("/jobs/nope"), client.get(f"/jobs/{r.json()['job_id']}"),
+               client.get("/openapi.json"), client.get("/")]
+    for answer in answers:
+        assert answer.headers.get_list("x-content-type-options") == ["nosniff"], answer.request.url
