@@ -69,6 +69,9 @@ class RequestIdMiddleware:
             await self.app(scope, receive, with_header)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class LatencyMiddleware:
     """Request latency per route and status, as plain ASGI.
 
@@ -97,7 +100,10 @@ class LatencyMiddleware:
             await self.app(scope, receive, observed_send)
         finally:
             route = scope.get("route")
-            self.latency.labels(scope["method"], getattr(route, "path", "unmatched"), str(status["code"])).observe(
+            # labels only from bounded sets: any token is a method to HTTP, and one series per
+            # made-up method grew the registry (and every scrape) without end
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.latency.labels(method, getattr(route, "path", "unmatched"), str(status["code"])).observe(
                 time.perf_counter() - started
             )
 

@@ -401,3 +401,20 @@ def test_every_api_answer_forbids_sniffing(client, utterances):
                client.get("/openapi.json"), client.get("/")]
     for answer in answers:
         assert answer.headers.get_list("x-content-type-options") == ["nosniff"], answer.request.url
+
+
+def test_made_up_methods_and_paths_add_no_metric_series(client):
+    """The latency histogram was labelled with the request's method as sent: every made-up
+    method ("A1", "A2", ...: any token is a method to HTTP) added 17 series to the API's memory
+    and to every scrape, without end. Paths were already the route's template."""
+    def series() -> int:
+        return sum(1 for line in client.get("/metrics").text.splitlines()
+                   if line.startswith("audio_analysis_http_request_duration_seconds_bucket"))
+
+    client.get("/health")
+    before = series()
+    for i in range(40):
+        client.request(f"M{i}", f"/no/such/path/{i}")
+        client.request("GET", f"/jobs/{i:032x}")
+    grown = series() - before
+    assert grown <= 3 * 17, f"{grown} new latency series from 80 requests"  # a few (method, route, status) sets
