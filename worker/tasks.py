@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import redis
 from celery import Task
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from shared import logs, webhooks
 from shared.audio_limits import DurationBudget, check_audio_limits
@@ -112,10 +112,32 @@ def _settle(task: Task, record: JobRecord | None, job_id: str) -> dict[str, Any]
     raise JobFailed(record.error.error_type if record.error else "ProcessingError")
 
 
+# how long a task waits before it hands back a message it could not start (the job store did not
+# answer): a Redis that stays away is not asked again many times a second
+NOT_STARTED_PAUSE_S = 1.0
+
+
+def _not_started(task: Task, job_id: str, exc: Exception) -> Reject:
+    """The job store failed before this job was marked running: give the message back.
+
+    With ``acks_late`` a task that raises is acked all the same (it counts as done), and a job
+    still "queued" in its record has no lease and is in no running set for the recovery pass to
+    find: a Redis blip at this moment lost the job for good (its record said queued until it
+    expired). Rejected with requeue, the message goes back to the head of its queue, or, with
+    Redis still away, stays unacked until the broker restores it."""
+    log.warning("%s %s: job store unreachable before it started (%s); message handed back",
+                task.name, job_id, exc)
+    time.sleep(NOT_STARTED_PAUSE_S)
+    return Reject(f"job store unreachable: {type(exc).__name__}", requeue=True)
+
+
 def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] | None) -> dict[str, Any]:
     """Shared life cycle: skip if already ended, mark running, run, record the outcome, clean up."""
     jobs, storage = store(), get_storage(settings)
-    record = jobs.get(job_id)
+    try:
+        record = jobs.get(job_id)
+    except redis.RedisError as exc:
+        raise _not_started(task, job_id, exc) from None
     if record is None:
         # the record expired before a worker got to the job: nothing to report to
         storage.delete_job(job_id)
@@ -127,7 +149,10 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         _notify(record)
         return _settle(task, record, job_id)
     lease = JobLease(jobs.redis, jobs.key("job", job_id, "lease"), settings.job_lease_s)
-    holder = lease.acquire()
+    try:
+        holder = lease.acquire()
+    except redis.RedisError as exc:
+        raise _not_started(task, job_id, exc) from None
     if holder is not None:
         # a second copy of a job that is still running elsewhere (the broker's visibility
         # timeout ran out, or a worker restored its unacked messages): look again later, when the
@@ -151,7 +176,13 @@ def _run_leased(
     task: Task, job_id: str, kind: JobKind, jobs: JobStore, storage: Storage, lease: JobLease,
     legacy_params: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    running = jobs.mark_running(job_id)
+    try:
+        running = jobs.mark_running(job_id)
+    except redis.RedisError as exc:
+        # the lease is released on the way out (the ``with`` in _run); had the record been
+        # changed after all (the answer was lost), the job is "running" with a lapsed lease and
+        # the recovery pass queues it too: a second message finds it running or ended (harmless)
+        raise _not_started(task, job_id, exc) from None
     if running is None or running.ended:
         # cancelled, or finished by the lease's previous holder, since the check above
         storage.delete_job(job_id)
@@ -406,17 +437,22 @@ def webhook_payload(record: JobRecord) -> dict[str, Any]:
 def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
     """POST the finished job to its webhook once, retrying with exponential backoff."""
     jobs = store()
-    record = jobs.get(job_id)
-    if record is None or not record.webhook_url:
-        return {"job_id": job_id, "delivered": False, "reason": "no job or no webhook"}
     delivered = jobs.key("webhook", job_id, "delivered")
-    if jobs.redis.exists(delivered):
-        return {"job_id": job_id, "delivered": False, "reason": "already delivered"}
-    # one delivery task owns each job: a redelivered job enqueues a second delivery task, which
-    # stops here, while the owner's own retries (same task id) pass
     claim = jobs.key("webhook", job_id, "claim")
-    if not jobs.redis.set(claim, self.request.id, nx=True, ex=jobs.ttl) and jobs.redis.get(claim) != self.request.id:
-        return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
+    try:
+        record = jobs.get(job_id)
+        if record is None or not record.webhook_url:
+            return {"job_id": job_id, "delivered": False, "reason": "no job or no webhook"}
+        if jobs.redis.exists(delivered):
+            return {"job_id": job_id, "delivered": False, "reason": "already delivered"}
+        # one delivery task owns each job: a redelivered job enqueues a second delivery task, which
+        # stops here, while the owner's own retries (same task id) pass
+        if not jobs.redis.set(claim, self.request.id, nx=True, ex=jobs.ttl) and jobs.redis.get(claim) != self.request.id:
+            return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
+    except redis.RedisError as exc:
+        # raised, this acked the delivery's only message: the webhook was never sent. Handed
+        # back, the same message (same task id, so its claim still passes) runs again
+        raise _not_started(self, job_id, exc) from None
 
     # counted from the record too: a delivery task redelivered after its worker died starts its
     # own retry count again, the receiver's count goes on
