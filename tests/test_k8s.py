@@ -39,8 +39,21 @@ def _container(doc: dict) -> dict:
     return container
 
 
+# what the operator's own Secret "audio-analysis" holds (deploy/k8s/config.yaml says how to make
+# it), with values of the right shape for the settings to load
+SECRET_KEYS = {
+    "AUDIO_ANALYSIS_WEBHOOK_SECRET": "0123456789abcdef0123456789abcdef",
+    "AUDIO_ANALYSIS_API_KEYS": '["a-key"]',
+    "FLOWER_BASIC_AUTH": "admin:password",
+}
+
+
 def _config(docs) -> dict[str, str]:
-    return {**docs[("ConfigMap", "audio-analysis")]["data"], **docs[("Secret", "audio-analysis")]["stringData"]}
+    return {**docs[("ConfigMap", "audio-analysis")]["data"], **SECRET_KEYS}
+
+
+def _pods(docs) -> dict[str, dict]:
+    return {name: doc for (kind, name), doc in docs.items() if kind in ("Deployment", "StatefulSet")}
 
 
 def test_every_variable_is_a_setting_and_the_config_loads(docs, monkeypatch) -> None:
@@ -116,3 +129,81 @@ def test_services_reach_named_ports_and_redis_persists(docs) -> None:
     assert redis["spec"]["volumeClaimTemplates"]
     api = docs[("Service", "api")]
     assert api["spec"]["ports"][0]["port"] == Settings.model_fields["api_port"].default
+
+
+def test_no_credentials_ship_in_the_manifests(docs) -> None:
+    """`kubectl apply -f deploy/k8s/` once created a Secret of placeholders: the API key
+    "replace-me", Flower's admin:replace-me and a 40-character webhook secret that start-up let
+    pass, the same in every cluster that applied the folder as it is."""
+    assert not [name for (kind, name) in docs if kind == "Secret"]
+    for doc in docs.values():
+        assert not {"data", "stringData"} & set(doc) or doc["kind"] == "ConfigMap", doc["metadata"]["name"]
+    secret_like = ("SECRET", "PASSWORD", "API_KEYS", "BASIC_AUTH", "TOKEN", "ACCESS_KEY")
+    config = docs[("ConfigMap", "audio-analysis")]["data"]
+    assert not [k for k in config if any(word in k for word in secret_like)]
+    for name, doc in _pods(docs).items():
+        for env in _container(doc).get("env", []):
+            assert not any(word in env["name"] for word in secret_like), (name, env)
+        # the project's pods still read the operator's Secret; the comment says how to create it
+        if _container(doc)["image"].startswith("audio-analysis-"):
+            assert {"secretRef": {"name": "audio-analysis"}} in _container(doc)["envFrom"], name
+    text = (K8S / "config.yaml").read_text()
+    assert "kubectl create secret generic audio-analysis" in text
+    assert all(key in text for key in SECRET_KEYS)
+
+
+def test_pods_run_unprivileged_on_a_read_only_root(docs) -> None:
+    for name, doc in _pods(docs).items():
+        pod = doc["spec"]["template"]["spec"]
+        assert pod.get("automountServiceAccountToken") is False, name
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        container = _container(doc)
+        own = container["securityContext"]
+        assert own["allowPrivilegeEscalation"] is False, name
+        assert own["readOnlyRootFilesystem"] is True, name
+        assert own["capabilities"]["drop"] == ["ALL"] and not own["capabilities"].get("add"), name
+        assert not own.get("privileged"), name
+        # what is written goes to a volume of bounded size: /tmp (spooled uploads, temporary
+        # files) for every project image, the Redis data on its claim
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        claims = {c["metadata"]["name"] for c in doc["spec"].get("volumeClaimTemplates", [])}
+        if container["image"].startswith("audio-analysis-"):
+            assert "/tmp" in mounts, name
+        for path, volume in mounts.items():
+            if volume in claims:
+                continue
+            assert volumes[volume]["emptyDir"]["sizeLimit"], (name, path)
+
+
+def test_every_container_has_a_memory_limit(docs) -> None:
+    for name, doc in _pods(docs).items():
+        limits = _container(doc)["resources"]["limits"]
+        assert limits.get("memory"), name
+        # the project's images write to emptyDirs: the pod's disk is capped too
+        if _container(doc)["image"].startswith("audio-analysis-"):
+            assert limits.get("ephemeral-storage"), name
+
+
+def test_only_the_application_reaches_redis(docs) -> None:
+    """Redis takes no password: a NetworkPolicy keeps other pods of the cluster away from it."""
+    policies = [d for (kind, _), d in docs.items() if kind == "NetworkPolicy"
+                and d["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "redis"}]
+    assert len(policies) == 1
+    [policy] = policies
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    sources = rule["from"]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "audio-analysis"}}} in sources
+    for source in sources:
+        # no ipBlock, no empty selector (which would admit every pod or namespace)
+        assert set(source) <= {"podSelector", "namespaceSelector"} and all(source.values()), source
+    # every pod that talks to Redis carries the label the policy admits
+    for name, doc in _pods(docs).items():
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/part-of") == "audio-analysis", name
+    # and KEDA, which reads the queue's length, from its namespace
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in sources
