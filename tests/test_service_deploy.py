@@ -268,3 +268,42 @@ def test_s3_profile_wires_storage_to_minio(compose):
         assert env["AUDIO_ANALYSIS_S3_ENDPOINT_URL"].endswith("http://minio:9000}")
     bucket = services["api"]["environment"]["AUDIO_ANALYSIS_S3_BUCKET"].split(":-")[1].rstrip("}")
     assert f"local/{bucket}" in " ".join(services["minio-init"]["command"])
+
+
+def _host_ip(port: str | int) -> str | None:
+    """The host address a short-syntax port mapping binds; None: every interface."""
+    parts = str(port).split(":")
+    return parts[0] if len(parts) == 3 else None
+
+
+def test_only_the_api_is_published_beyond_this_host(compose):
+    """Flower, Prometheus, Grafana and MinIO's console have no login of their own or one an
+    operator sets up; Prometheus and Grafana (with its built-in admin:admin) listened on every
+    interface. Redis, without a password, is published nowhere."""
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            if name == "api":
+                continue
+            assert _host_ip(port) == "127.0.0.1", f"{name} publishes {port} on every interface"
+    assert "ports" not in compose["services"]["redis"]
+
+
+def test_grafana_never_keeps_its_default_login(compose):
+    env = compose["services"]["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    # required from the environment (compose refuses to start without it), never a fixed value
+    assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env["GF_SECURITY_ADMIN_PASSWORD"])
+
+
+def test_containers_get_no_privileges_and_a_memory_limit(compose):
+    for name, service in compose["services"].items():
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert not service.get("privileged") and not service.get("cap_add"), name
+        assert service.get("mem_limit") or service.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory"), name
+        if name not in THIRD_PARTY:
+            # the project's images run as their own user (USER app) and need no capability
+            assert service.get("cap_drop") == ["ALL"], name
+    # the services that read no audio write nothing but temporary files
+    for name in ("webhooks", "flower"):
+        service = compose["services"][name]
+        assert service.get("read_only") is True and any(t.startswith("/tmp") for t in service["tmpfs"]), name
