@@ -25,6 +25,8 @@ from shared.errors import InputError
 from shared.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
+# the S3 backend's local copies of objects (S3Storage.local_path), swept once stale
+TEMP_PREFIX = ".s3-"
 
 
 class UploadTooLargeError(InputError):
@@ -169,7 +171,7 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".s3-", suffix="-" + key.rpartition("/")[2], dir=self.temp_dir)
+        fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix="-" + key.rpartition("/")[2], dir=self.temp_dir)
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -182,6 +184,15 @@ class S3Storage:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+    def _sweep_copies(self, older_than_s: float) -> int:
+        """Remove the worker's local copies that outlived their job: ``local_path`` deletes its copy
+        when the job ends, but a process killed mid-job (SIGKILL, the OOM killer, a CUDA fault's
+        exit) never gets there. Its copy, up to a whole upload, stayed in ``temp_dir`` for good,
+        and a Kubernetes ``emptyDir`` outlives the container, so each kill of a pod's worker left
+        another one until the pod was evicted for its disk. No job runs longer than
+        ``older_than_s`` (the uploads' own expiry), so an older copy belongs to no running job."""
+        return _sweep_copies_in(self.temp_dir, older_than_s)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -213,6 +224,7 @@ class S3Storage:
         """
         import datetime
 
+        self._sweep_copies(older_than_s)
         cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=older_than_s)
         old: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
@@ -220,6 +232,19 @@ class S3Storage:
         if old:
             self._delete(old)
         return len({k[len(self.prefix):].partition("/")[0] for k in old})
+
+
+def _sweep_copies_in(folder: Path, older_than_s: float) -> int:
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in folder.glob(TEMP_PREFIX + "*") if folder.is_dir() else ():
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def get_storage(settings: Settings | None = None) -> Storage:

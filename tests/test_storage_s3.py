@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -207,3 +208,46 @@ def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, serv
         for name in ("api-host", survivor):
             leftovers = [p for p in hosts[name].rglob("*") if p.is_file()] if hosts[name].exists() else []
             assert leftovers == [], (name, leftovers)
+
+
+_HOLD_A_COPY = """
+import io, os, sys, time
+from pathlib import Path
+from shared.settings import Settings
+from shared.storage import S3Storage
+storage = S3Storage(Settings(storage_backend="s3", s3_bucket=sys.argv[1], s3_endpoint_url=sys.argv[2],
+                             s3_region="us-east-1", s3_addressing_style="path", storage_dir=Path(sys.argv[3])))
+with storage.local_path("killed/file") as path:
+    print(path, flush=True)
+    time.sleep(600)  # a job running on its copy, until the kill
+"""
+
+
+def test_a_killed_workers_copy_is_swept(s3_server, tmp_path) -> None:
+    """A worker process killed mid-job (SIGKILL, the OOM killer) never reaches the end of
+    ``local_path``: its copy of the upload stayed in the scratch folder for good, one more for
+    every kill (a Kubernetes emptyDir outlives the container). The sweep removes copies older
+    than a job may run, and leaves a running job's copy alone."""
+    import signal
+    import subprocess
+    import sys
+
+    settings = _settings(s3_server, tmp_path)
+    storage = S3Storage(settings)
+    storage.save("killed", "file", io.BytesIO(b"k" * 4096), max_bytes=10_000)
+    storage.save("running", "file", io.BytesIO(b"r" * 4096), max_bytes=10_000)
+    # a real process with its copy open, killed the way the OOM killer kills
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_A_COPY, BUCKET, s3_server, str(settings.storage_dir)],
+                            stdout=subprocess.PIPE, text=True, env=os.environ)
+    left = Path(proc.stdout.readline().strip())
+    assert left.is_file() and left.read_bytes() == b"k" * 4096
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert left.is_file()  # nothing of the process cleaned it up
+    day = 24 * 3600
+    os.utime(left, (time.time() - day - 60, time.time() - day - 60))  # a day later
+    with storage.local_path("running/file") as running:
+        storage.sweep(day)
+        assert not left.exists(), "the killed worker's copy stayed"
+        assert running.is_file() and running.read_bytes() == b"r" * 4096
+    assert not running.exists()
