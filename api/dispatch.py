@@ -11,6 +11,7 @@ model weights.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ from celery import Celery
 from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import JobConflict, JobNotFound, SyncTimeout
+from api.errors import JobConflict, JobNotFound, StorageFull, SyncTimeout
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -169,7 +170,14 @@ class Dispatcher:
         try:
             await self.check_audio_limits(uploads.values(), sync=sync)
             for name, upload in uploads.items():
-                key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
+                try:
+                    key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    # a full disk answered 500 "internal server error": nothing the client did
+                    log.error("upload storage full (%s): job %s refused", exc, job_id)
+                    raise StorageFull("upload storage is full; retry later") from None
                 keys[name] = key
                 budget -= upload.size if upload.size is not None else 0
         except BaseException:

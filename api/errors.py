@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import AnalysisError, InputError
+from shared.errors import AnalysisError, InputError, ModelError
 from shared.schemas import ErrorBody, ErrorType
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,13 @@ class SyncTimeout(AnalysisError):
     status_code = 504
 
 
+class StorageFull(ModelError):
+    """The upload storage has no room left (ENOSPC, a quota): the service's state, not the
+    client's mistake, and it passes; said as such instead of as an internal error."""
+
+    status_code = 507
+
+
 def error_response(status_code: int, detail: str, error_type: ErrorType, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorBody(detail=detail, error_type=error_type)
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
@@ -49,6 +56,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(AnalysisError)
     async def analysis_error(_: Request, exc: AnalysisError) -> JSONResponse:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
+        if isinstance(exc, StorageFull):
+            headers = {"Retry-After": "60"}
         return error_response(exc.status_code, exc.detail, exc.error_type, headers)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
