@@ -58,6 +58,8 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
         distinct_distance=settings.clustering_distinct_distance,
         min_cluster_share=settings.clustering_min_cluster_share,
         telephone_threshold=settings.clustering_telephone_threshold,
+        spread_lambda=settings.clustering_spread_lambda,
+        spread_reference=settings.clustering_spread_reference,
         embedding_tf32=settings.embedding_tf32,
     )
     pipeline.instantiate(
