@@ -182,3 +182,34 @@ def test_job_whose_worker_keeps_dying_fails_with_upload_deleted_and_webhook_sent
     assert job_id not in store.running_ids()
     [hit] = _wait_for(lambda: webhook_receiver.for_path("/gave-up"), 30)
     assert b'"status":"failed"' in hit["body"]
+
+
+def test_a_worker_dying_as_it_hands_a_job_back_loses_no_job(recovery, slow_sample):
+    """A warm shutdown set the record back to queued and then sent the new message: a worker that
+    died between the two (simulated in tests/_handback_crash_worker.py: it exits where it would
+    send) left a queued record that no message named, which recovery (it looks at running jobs)
+    never saw. The message now goes first, so the record stays running under a lease that lapses."""
+    import sys
+
+    p = recovery
+    for name in list(p.workers):
+        if p.workers[name].poll() is None:
+            p.workers[name].send_signal(signal.SIGTERM)
+            p.workers[name].wait(30)
+        del p.workers[name]
+    victim = p.stack.spawn("handback-crash", [
+        sys.executable, "-m", "tests._handback_crash_worker", "--pool", "solo", "-Q", p.settings.queue_name,
+        "-n", "handback-crash@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ], env=p.env)
+    p.workers["handback-crash"] = victim
+    job_id = post_clip(p.client, slow_sample, "/jobs/diarize").json()["job_id"]
+    assert _running_on(p, job_id, timeout_s=180) == "handback-crash"
+    victim.send_signal(signal.SIGTERM)
+    victim.wait(30)
+    assert victim.returncode == 1, "the simulated death did not happen"
+    # the next worker to come up finds the job: its recovery pass looks at running jobs
+    p.worker("rescuer")
+    done = wait_for_job(p.client, job_id, timeout_s=240)
+    assert done["status"] == "succeeded", done
+    assert done["attempts"] == 2 and done["result"]["segments_count"] > 0
+    del p.workers["handback-crash"]

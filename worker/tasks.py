@@ -239,9 +239,12 @@ def _run_leased(
         pass  # recorded by whoever cancelled it
     except HandBack:
         # warm shutdown (Ctrl-C of `up`, a deploy): the job goes back to the queue now, its
-        # upload stays, and another (or the restarted) worker runs it from the start
+        # upload stays, and another (or the restarted) worker runs it from the start. The message
+        # goes first, as in worker/recovery.py: a death between the two leaves the record running
+        # under a lease that lapses (recovery queues it again) or a duplicate message (its copy
+        # skips or waits), never a queued record that no message names
+        _enqueue(job_id, running.kind, running.queue)
         if jobs.requeue(job_id, attempt, lost=False) is not None:
-            _enqueue(job_id, running.kind, running.queue)
             log.warning("job %s handed back to the queue: worker shutting down", job_id)
         return {"job_id": job_id, "status": QUEUED}
     except LeaseLost:
