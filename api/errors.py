@@ -76,6 +76,18 @@ def install(app: FastAPI) -> None:
         log.warning("job store unavailable: %s", exc)
         return error_response(503, "job store unavailable, retry later", "ModelError", {"Retry-After": "5"})
 
+    @app.exception_handler(redis.ResponseError)
+    async def store_refused(request: Request, exc: redis.ResponseError) -> JSONResponse:
+        # a Redis at its maxmemory (OOM), a replica after a failover (READONLY) or one that cannot
+        # persist (MISCONF) refuses writes until an operator or the failover acts: nothing was
+        # accepted, and the client may retry later. Any other refusal is this service's bug
+        if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)) or \
+                str(exc).startswith("MISCONF") or "OOM command not allowed" in str(exc):
+            log.error("job store refused a write: %s", exc)
+            return error_response(503, "job store cannot take new work now, retry later", "ModelError",
+                                  {"Retry-After": "60"})
+        return await unexpected(request, exc)
+
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)

@@ -418,3 +418,42 @@ def test_made_up_methods_and_paths_add_no_metric_series(client):
         client.request("GET", f"/jobs/{i:032x}")
     grown = series() - before
     assert grown <= 3 * 17, f"{grown} new latency series from 80 requests"  # a few (method, route, status) sets
+
+
+def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
+    """A Redis at its maxmemory refuses writes ("OOM command not allowed"): every submit was a 500
+    "internal server error". It is the store's state, not the client's mistake nor a bug: 503 with
+    Retry-After, as for a store that cannot be reached."""
+    import subprocess
+
+    import redis
+
+    from cli.launcher import free_port, wait_until
+
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--maxmemory", "4mb", "--maxmemory-policy", "noeviction",
+                               "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port)
+        wait_until(lambda: _pings(client), 10, "redis-server", server)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(10_000):
+                client.set(f"filler:{i}", b"x" * 100_000)
+        full = variant_app(redis_url=f"redis://127.0.0.1:{port}/0")
+        with open(utterances["spk1"][0], "rb") as fh:
+            r = full.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
+        assert r.status_code == 503 and r.headers["retry-after"] == "60", r.text
+        assert set(r.json()) == {"detail", "error_type", "timestamp"}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
