@@ -207,3 +207,13 @@ def test_only_the_application_reaches_redis(docs) -> None:
         assert labels.get("app.kubernetes.io/part-of") == "audio-analysis", name
     # and KEDA, which reads the queue's length, from its namespace
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in sources
+
+
+def test_redis_refuses_writes_before_its_pod_is_killed(docs) -> None:
+    """As in compose: maxmemory at most half the memory limit (an AOF rewrite forks), noeviction."""
+    [redis] = [d for (kind, _), d in docs.items() if kind == "StatefulSet" and _container(d)["name"] == "redis"]
+    args, limit = _container(redis)["args"], _container(redis)["resources"]["limits"]["memory"]
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    gib = {"Gi": 1024, "Mi": 1}
+    limit_mb = int(limit[:-2]) * gib[limit[-2:]]
+    assert int(args[args.index("--maxmemory") + 1].removesuffix("gb")) * 1024 <= limit_mb // 2

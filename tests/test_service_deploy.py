@@ -329,3 +329,17 @@ def test_containers_get_no_privileges_and_a_memory_limit(compose):
     for name in ("webhooks", "flower"):
         service = compose["services"][name]
         assert service.get("read_only") is True and any(t.startswith("/tmp") for t in service["tmpfs"]), name
+
+
+def _bytes(size: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([kmg]?)i?b?", size.strip().lower()).groups()
+    return int(number) * 1024 ** " kmg".index(unit or " ")
+
+
+def test_redis_refuses_writes_before_its_container_is_killed(compose):
+    """With a memory limit and no maxmemory, a Redis that fills up is OOM-killed (and every
+    client with it); with maxmemory under the limit it refuses writes, which the API answers 503."""
+    service = compose["services"]["redis"]
+    command = service["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"  # never drop voiceprints
+    assert _bytes(command[command.index("--maxmemory") + 1]) <= _bytes(service["mem_limit"]) // 2
