@@ -13,6 +13,8 @@ retried; the worker keeps going. Audio given by URL is fetched here, at the star
 
 from __future__ import annotations
 
+import errno
+
 import logging
 import os
 import time
@@ -256,10 +258,18 @@ def _run_leased(
         outcome = (FAILED, None, ProcessingError("job exceeded its time limit"))
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
-    except Exception:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
-        if not _device_works():
-            _exit_for_device(job_id)
-        outcome = (FAILED, None, _internal_error(job_id))
+    except Exception as exc:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the worker's disk filled (a file_url fetched, an object copied from S3): the
+            # service's state, said as such (507, as the API says of its own) and not as an
+            # internal error; retried here it would fill the same disk again
+            log.error("job %s: the worker's storage is full: %s", job_id, exc)
+            outcome = (FAILED, None, ProcessingError("the worker's storage is full; submit the job again later",
+                                                     status_code=507))
+        else:
+            if not _device_works():
+                _exit_for_device(job_id)
+            outcome = (FAILED, None, _internal_error(job_id))
     try:
         if outcome is not None:
             status, result, error = outcome
