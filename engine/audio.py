@@ -35,6 +35,9 @@ _BLOCK_SAMPLES = 1 << 22
 # files up to this many samples (all channels) are decoded whole and resampled by torchaudio,
 # as before; larger ones stream through libswresample block by block
 _WHOLE_FILE_SAMPLES = 1 << 24
+# libsndfile decoding less than this share of what the header declares is decoded again by
+# FFmpeg, which skips damaged packets where libsndfile's MP3 decoder stops (load_audio)
+_SHORT_READ = 0.9
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -129,6 +132,7 @@ class _Collector:
         self.size = 0
         self.loud = False
         self.max_duration = max_duration
+        self.expected_s = expected_s  # what the header declared, when it declared a length
 
     def _reserve(self, n: int) -> None:
         if self.size + n > self.limit:
@@ -324,8 +328,19 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
 
         resampler = None
         setup: tuple | None = None
+
+        def frames():
+            # packet by packet: a corrupt packet (a damaged frame of an MP3, a bad AAC block) is
+            # skipped, as FFmpeg's own tools do, instead of ending the decode there
+            for packet in container.demux(stream):
+                try:
+                    decoded = packet.decode()
+                except (av.FFmpegError, ValueError):
+                    continue
+                yield from decoded
+
         try:
-            for frame in container.decode(stream):
+            for frame in frames():
                 _check_sample_rate(frame.sample_rate)
                 # PyAV's resampler is fixed to its first frame's rate/layout/format and raises
                 # ValueError on any other; a stream may change them (concatenated files, or a
@@ -371,6 +386,17 @@ def load_audio(
         if collected is None:
             fh.seek(0)
             collected = _read_pyav(fh, max_duration)
+        elif collected.expected_s is not None and collected.size < _SHORT_READ * collected.expected_s * SAMPLE_RATE:
+            # libsndfile's MP3 decoder (mpg123) gives up at the first stretch of damage it cannot
+            # resync past and reports the end of the file: 100 damaged bytes in a 10 min MP3 left
+            # 66 s of it, silently. FFmpeg skips the damaged packets; the longer decode is kept
+            fh.seek(0)
+            try:
+                other = _read_pyav(fh, max_duration)
+            except AudioDecodeError:
+                other = None
+            if other is not None and other.size > collected.size:
+                collected = other
     finally:
         if owned:
             fh.close()
