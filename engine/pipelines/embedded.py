@@ -488,20 +488,25 @@ def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extr
     sums = np.zeros((k, unit.shape[1]))
     np.add.at(sums, clusters, unit)
     counts = np.bincount(clusters, minlength=k).astype(np.float64)
-    alive = np.ones(k, dtype=bool)
-    while alive.sum() > 1:
-        idx = np.flatnonzero(alive)
-        cent = sums[idx] / counts[idx, None]
-        d2 = ((cent[:, None, :] - cent[None, :, :]) ** 2).sum(axis=2)
-        inv = 1.0 / counts[idx]
-        margin = d2 - (threshold**2 + extra * (inv[:, None] + inv[None, :]))
-        np.fill_diagonal(margin, np.inf)
+    centroids = sums / counts[:, None]
+    squares = (centroids**2).sum(axis=1)
+    # squared centroid distances, k x k, kept up to date after each merge by the Lance-Williams
+    # formula for centroid linkage: no (k, k, dim) array and no recomputation per merge (a noisy
+    # hour's cut can leave hundreds of fragments)
+    d2 = np.maximum(squares[:, None] + squares[None, :] - 2 * centroids @ centroids.T, 0.0)
+    np.fill_diagonal(d2, np.inf)
+    inv = 1.0 / counts
+    while True:
+        margin = d2 - extra * (inv[:, None] + inv[None, :])
         i, j = np.unravel_index(int(np.argmin(margin)), margin.shape)
-        if margin[i, j] >= 0:
+        if not margin[i, j] < threshold**2:
             break
-        a, b = idx[i], idx[j]
-        sums[a] += sums[b]
-        counts[a] += counts[b]
-        alive[b] = False
-        clusters[clusters == b] = a
+        n_i, n_j = counts[i], counts[j]
+        n = n_i + n_j
+        merged = (n_i * d2[i] + n_j * d2[j]) / n - n_i * n_j * d2[i, j] / n**2
+        d2[i, :] = d2[:, i] = merged
+        d2[j, :] = d2[:, j] = np.inf
+        d2[i, i] = np.inf
+        counts[i], inv[i], inv[j] = n, 1.0 / n, 0.0
+        clusters[clusters == j] = i
     return np.unique(clusters, return_inverse=True)[1]
