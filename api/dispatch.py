@@ -11,7 +11,6 @@ model weights.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +29,7 @@ from shared.jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, is_jo
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
-from shared.storage import Storage
+from shared.storage import Storage, out_of_room
 from shared.url_input import check_media_url, filename_of
 from shared.voiceprints import VoiceprintStore
 from shared.webhooks import validate_webhook_url
@@ -173,7 +172,7 @@ class Dispatcher:
                 try:
                     key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
                 except OSError as exc:
-                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    if not out_of_room(exc):
                         raise
                     # a full disk answered 500 "internal server error": nothing the client did
                     log.error("upload storage full (%s): job %s refused", exc, job_id)

@@ -12,6 +12,7 @@ ends. Two backends behind one :class:`Storage` protocol, chosen by ``settings.st
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -22,6 +23,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from shared.errors import InputError
+
+
+def out_of_room(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk had no room left (ENOSPC, or a quota's EDQUOT): the service's
+    state, answered 507 by the API (an upload) and by the worker (a fetched or copied file)."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 from shared.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024

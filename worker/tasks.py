@@ -13,7 +13,6 @@ retried; the worker keeps going. Audio given by URL is fetched here, at the star
 
 from __future__ import annotations
 
-import errno
 
 import logging
 import os
@@ -34,7 +33,7 @@ from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStor
 from shared.kinds import KINDS, FileField, JobKind, Params
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
-from shared.storage import Storage, get_storage
+from shared.storage import Storage, get_storage, out_of_room
 from shared.url_input import DOWNLOAD_STEP, fetch_audio
 from worker import lifecycle, telemetry
 from worker.celery_app import app
@@ -259,7 +258,7 @@ def _run_leased(
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
     except Exception as exc:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if out_of_room(exc):
             # the worker's disk filled (a file_url fetched, an object copied from S3): the
             # service's state, said as such (507, as the API says of its own) and not as an
             # internal error; retried here it would fill the same disk again
