@@ -193,6 +193,13 @@ def _digest(text: str) -> str:
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
+# A stored record begins with its job id, kind and status, in JobRecord's field order
+# (``{"job_id":"<32 hex>","kind":"compare_embedding","status":"succeeded",...``: at most 92
+# bytes, all ASCII, so a cut at _HEAD_BYTES never splits a character). JobStore.count_by_status
+# reads only that head.
+_HEAD_BYTES = 128
+_STATUS_HEAD = re.compile(r'^\{"job_id":"[0-9a-f]{32}","kind":"[a-z_]{1,32}","status":"([a-z]+)"')
+
 
 class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
@@ -316,8 +323,27 @@ class JobStore:
         return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1), summaries=summaries)
 
     def count_by_status(self, window: int = 10000) -> dict[str, int]:
+        """Jobs by status among the newest ``window``, for /metrics (open without a key).
+
+        Only the head of each record is read, where its status is: reading whole records sent
+        the scraper every result (2,000 finished diarizations: 215 MB out of Redis and 2-3 s per
+        scrape, 1 GB at the full window), so any unauthenticated client could make the API
+        hold gigabytes by asking for /metrics a few times at once. A record whose head does not
+        say its status (written by another version) is read whole."""
         counts = dict.fromkeys(STATES, 0)
-        for record in self.get_many(self.redis.zrevrange(self.key("jobs"), 0, window - 1), summaries=True):
+        ids = self.redis.zrevrange(self.key("jobs"), 0, window - 1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.getrange(self._job_key(job_id), 0, _HEAD_BYTES - 1)
+            heads = pipe.execute() if ids else []
+        unsure = []
+        for job_id, head in zip(ids, heads):
+            found = _STATUS_HEAD.match(head or "")
+            if found and found.group(1) in counts:
+                counts[found.group(1)] += 1
+            elif head:  # an expired record's head is empty: not counted
+                unsure.append(job_id)
+        for record in self.get_many(unsure, summaries=True):
             counts[record.status] = counts.get(record.status, 0) + 1
         return counts
 

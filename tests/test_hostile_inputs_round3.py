@@ -1,0 +1,72 @@
+"""A third round of what a hostile or unlucky client tried, against real processes (the session's
+Redis, the API in-process or under uvicorn), after tests/test_hostile_inputs.py and
+tests/test_hostile_inputs_more.py.
+
+Each test fails on the code before its fix:
+
+* ``GET /metrics``, open without a key, counted jobs by state by reading the newest 10,000 job
+  records whole, results included: with 2,000 finished diarizations every scrape took 215 MB
+  out of Redis and 2-3 s, so a few unauthenticated requests at once made the API hold gigabytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bare_api(settings) -> Iterator[Any]:
+    """The API in-process on the session's Redis under a key prefix of its own, no worker: jobs
+    stay as this module writes them."""
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    own = settings.model_copy(update={"redis_key_prefix": "aa-round3", "queue_name": "audio-round3"})
+    r = redis.Redis.from_url(own.redis_url)
+    for key in r.scan_iter(match="aa-round3:*", count=1000):
+        r.delete(key)
+    with TestClient(create_app(own), raise_server_exceptions=False) as client:
+        client.store = client.app.state.store  # type: ignore[attr-defined]
+        yield client
+    for key in r.scan_iter(match="aa-round3:*", count=1000):
+        r.delete(key)
+    r.delete("audio-round3")
+
+
+# --- /metrics: the state gauge reads no results ---------------------------------------------------
+
+
+def test_an_unauthenticated_metrics_scrape_reads_no_job_results(bare_api):
+    from shared.jobs import SUCCEEDED, JobRecord, new_job_id
+
+    store = bare_api.store
+    # 200 finished diarizations of 2,000 turns each (about 100 KB a record, as a 30-minute
+    # meeting's is), and a few queued jobs
+    turns = [{"start": i * 1.0, "end": i * 1.0 + 0.8, "speaker": f"SPEAKER_{i % 4:02d}"} for i in range(2000)]
+    result = {"diarization_results": turns, "processing_time": 1.0, "audio_duration": 2000.0, "segments_count": 2000}
+    for _ in range(200):
+        record = store.create(JobRecord(job_id=new_job_id(), kind="diarize"))
+        store.finish(record.job_id, SUCCEEDED, result=result)
+    for _ in range(3):
+        store.create(JobRecord(job_id=new_job_id(), kind="compare_embedding"))
+    # one written by another version, whose head does not start with its status: read whole
+    odd = JobRecord(job_id="legacy-1", kind="embedding")
+    store.redis.set(store.key("job", "legacy-1"), '{"kind":"embedding","job_id":"legacy-1","status":"failed"}')
+    store.redis.zadd(store.key("jobs"), {odd.job_id: 1.0})
+    stored = sum(len(store.redis.get(store.key("job", i)) or "") for i in store.redis.zrange(store.key("jobs"), 0, -1))
+    assert stored > 20_000_000
+
+    sent_before = int(store.redis.info("stats")["total_net_output_bytes"])
+    r = bare_api.get("/metrics")  # no key: the endpoint is open, as Prometheus scrapes it
+    sent = int(store.redis.info("stats")["total_net_output_bytes"]) - sent_before
+    assert r.status_code == 200, r.text
+    gauges = {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
+              if line.startswith("audio_analysis_jobs{state=")}
+    assert gauges == {"queued": 3, "running": 0, "succeeded": 200, "failed": 1, "cancelled": 0}, gauges
+    print(f"\nrecords stored: {stored / 1e6:.1f} MB; one scrape took {sent / 1e6:.2f} MB out of Redis")
+    # it took every record whole: 20.9 MB for these 204
+    assert sent < 1_000_000, f"a scrape read {sent} bytes of job records"
