@@ -11,11 +11,14 @@ model weights.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
+import anyio
+import anyio.to_thread
 from celery import Celery
 from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +41,15 @@ if TYPE_CHECKING:
     from api.deps import Principal
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Host lookups of submitted URLs (webhook_url, <field>_url) that may run at once. Each waits up to
+# submit_lookup_timeout_s for a resolver the caller chose (the DNS server of their own domain),
+# in a thread: in the shared pool, 40 submissions naming a host whose DNS server never answers
+# held all of its threads, and every other request (each runs its key check there) waited for
+# them, 10 s at a time. Past this many, lookups wait for a slot without holding a thread.
+MAX_CONCURRENT_LOOKUPS = 8
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,7 @@ class Dispatcher:
     voiceprints: VoiceprintStore | None = None
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
+    _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voiceprints is None:
@@ -116,9 +129,9 @@ class Dispatcher:
         params = kind.parse_params(values)
         for spec in kind.audio_files:
             if spec.name in urls:
-                # resolves the host name: off the event loop
-                await run_in_threadpool(check_media_url, urls[spec.name], spec.url_name, self.settings,
-                                        self.settings.submit_lookup_timeout_s)
+                # resolves the host name: off the event loop, in a thread of the lookups' own
+                await self._lookup(check_media_url, urls[spec.name], spec.url_name, self.settings,
+                                   self.settings.submit_lookup_timeout_s)
         audio: dict[str, UploadFile] = {}
         for spec in kind.audio_files:
             if spec.name not in uploads:
@@ -153,11 +166,19 @@ class Dispatcher:
     async def check_webhook(self, url: str | None) -> str | None:
         if not url:
             return None
-        # resolves the host name: off the event loop
-        return await run_in_threadpool(
+        # resolves the host name: off the event loop, in a thread of the lookups' own
+        return await self._lookup(
             validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses,
             self.settings.submit_lookup_timeout_s,
         )
+
+    async def _lookup(self, check: Callable[..., T], *args: Any) -> T:
+        """``check(*args)`` (a URL check that resolves its host) in a thread, at most
+        MAX_CONCURRENT_LOOKUPS at once, so lookups that stall never take the threads the other
+        requests need."""
+        if self._lookups is None:
+            self._lookups = anyio.CapacityLimiter(MAX_CONCURRENT_LOOKUPS)
+        return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
     # --- submit -----------------------------------------------------------------------------
     async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool) -> dict[str, str]:

@@ -6,11 +6,19 @@ Each test fails on the code before its fix:
 
 * ``GET /metrics``, open without a key, counted jobs by state by reading the newest 10,000 job
   records whole, results included: with 2,000 finished diarizations every scrape took 215 MB
-  out of Redis and 2-3 s, so a few unauthenticated requests at once made the API hold gigabytes.
+  out of Redis and 2-3 s, so a few unauthenticated requests at once made the API hold gigabytes;
+* a submission's webhook or audio URL has its host looked up at submit, for up to 10 s when the
+  host's DNS server (the caller's choice) never answers, in the thread pool every request uses
+  for its key check: 45 such submissions held all 40 threads, and every other client's requests
+  waited for them.
 """
 
 from __future__ import annotations
 
+import io
+import socket
+import threading
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -25,7 +33,8 @@ def bare_api(settings) -> Iterator[Any]:
 
     from api.main import create_app
 
-    own = settings.model_copy(update={"redis_key_prefix": "aa-round3", "queue_name": "audio-round3"})
+    own = settings.model_copy(update={"redis_key_prefix": "aa-round3", "queue_name": "audio-round3",
+                                      "webhook_queue_name": "webhooks-round3"})
     r = redis.Redis.from_url(own.redis_url)
     for key in r.scan_iter(match="aa-round3:*", count=1000):
         r.delete(key)
@@ -34,7 +43,16 @@ def bare_api(settings) -> Iterator[Any]:
         yield client
     for key in r.scan_iter(match="aa-round3:*", count=1000):
         r.delete(key)
-    r.delete("audio-round3")
+    r.delete("audio-round3", "webhooks-round3")
+
+
+def _tiny_wav() -> bytes:
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.ones(1600, dtype=np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 # --- /metrics: the state gauge reads no results ---------------------------------------------------
@@ -70,3 +88,49 @@ def test_an_unauthenticated_metrics_scrape_reads_no_job_results(bare_api):
     print(f"\nrecords stored: {stored / 1e6:.1f} MB; one scrape took {sent / 1e6:.2f} MB out of Redis")
     # it took every record whole: 20.9 MB for these 204
     assert sent < 1_000_000, f"a scrape read {sent} bytes of job records"
+
+
+# --- submit-time lookups of a caller's host name keep to threads of their own ---------------------
+
+
+def test_lookups_that_stall_do_not_hold_every_other_request(bare_api, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    # the production address policy (webhook hosts resolved at submit) and a short lookup limit
+    own = bare_api.app.state.settings.model_copy(update={"webhook_allow_private_addresses": False,
+                                                        "submit_lookup_timeout_s": 3.0})
+    real = socket.getaddrinfo
+
+    def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".stall.example"):  # a DNS server that never answers
+            time.sleep(20)
+            raise socket.gaierror("no answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    wav = _tiny_wav()
+    with TestClient(create_app(own), raise_server_exceptions=False) as api:
+        answers: list[int] = []
+
+        def submit(i: int) -> None:
+            r = api.post("/jobs/embedding", files={"file": ("a.wav", wav, "audio/wav")},
+                         data={"webhook_url": f"https://h{i}.stall.example/hook"})
+            answers.append(r.status_code)
+
+        # more than the 40 threads of the pool every request's key check runs in
+        attackers = [threading.Thread(target=submit, args=(i,)) for i in range(45)]
+        for t in attackers:
+            t.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        listing = api.get("/jobs", params={"limit": 1})
+        waited = time.monotonic() - started
+        for t in attackers:
+            t.join(120)
+    assert listing.status_code == 200, listing.text
+    print(f"\nanother client's GET /jobs during 45 stalled lookups: {waited:.2f} s")
+    # it waited for the lookups to give up (2 s of their 3)
+    assert waited < 1.0, f"GET /jobs waited {waited:.1f} s for lookups that stalled"
+    assert answers == [422] * 45, answers
