@@ -69,6 +69,39 @@ class RequestIdMiddleware:
             await self.app(scope, receive, with_header)
 
 
+class HeadAsGetMiddleware:
+    """``HEAD`` is answered as ``GET`` without its body (RFC 9110 9.3.2), on every route.
+
+    FastAPI's routes take only the methods they were declared with, so ``HEAD /health`` was a
+    405 and load balancers and uptime probes that send HEAD saw the API as down; Starlette's plain
+    routes and static files did answer it. One rule here instead of a HEAD beside every GET (which
+    would also put a HEAD operation per route into the OpenAPI document): the request runs as the
+    GET it stands for, through the same dependencies (a keyed route without a key is a 401), its
+    status and headers (Content-Length, Content-Type included) are sent as they are, its body is not.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        # in place, not a copy: the router writes the matched route into this scope, which the
+        # latency metric outside reads; HEAD again afterwards, for that metric's method label
+        scope["method"] = "GET"
+        try:
+            await self.app(scope, receive, headers_only)
+        finally:
+            scope["method"] = "HEAD"
+
+
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -133,6 +166,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.dispatcher = Dispatcher(settings, store, storage, make_celery(settings))
 
     errors.install(app)
+    # innermost: everything outside sees the request as the HEAD it is
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
     # outside the body limit: a request without a valid key is refused before its body is read
     app.add_middleware(ApiKeyGate, settings=settings)
