@@ -13,7 +13,9 @@ Each test fails on the code before its fix:
   waited for them;
 * a batch's status (``GET /batches/{id}``) and a filtered listing read every record whole,
   results included, to show them without: polling a batch of 1,000 finished diarizations took
-  104 MB out of Redis and held the API's event loop 1 s each time (every other request waited).
+  104 MB out of Redis and held the API's event loop 1 s each time (every other request waited);
+* a bad ``Range`` header on the web page or its files (``/``, ``/ui/*``, ``/docs-assets/*``) was
+  answered with Starlette's plain-text 400 or 416, not the documented error body.
 """
 
 from __future__ import annotations
@@ -190,3 +192,25 @@ def test_polling_a_big_batch_reads_no_results(bare_api):
     # read whole, they were 30 MB and 10 MB (the result of each parsed and skipped)
     assert sent < 2_000_000, f"polling the batch read {sent} bytes"
     assert sent_listing < 1_500_000, f"the listing read {sent_listing} bytes"
+
+
+# --- a bad Range on the page's files: the documented error body ----------------------------------
+
+
+def test_a_bad_range_on_the_page_and_its_files_is_answered_in_the_documented_shape(bare_api):
+    for path in ("/", "/ui/app.js", "/docs-assets/swagger-ui.css"):
+        size = len(bare_api.get(path).content)
+        for header, status in (("bytes=99999999-", 416), ("bytes=abc", 400), ("bytes=5-1", 400),
+                               ("lines=0-1", 400), ("bytes", 400)):
+            r = bare_api.get(path, headers={"Range": header})
+            # it was text/plain, "Range header: start must be less than end" or nothing at all
+            assert r.status_code == status, (path, header, r.status_code)
+            assert r.headers["content-type"] == "application/json", (path, header, r.text)
+            body = r.json()
+            assert set(body) == {"detail", "error_type", "timestamp"} and body["error_type"] == "ValidationError"
+            assert body["detail"], (path, header)
+            if status == 416:
+                assert r.headers["content-range"] == f"bytes */{size}", (path, r.headers)
+        # a range that is right is still served as one
+        r = bare_api.get(path, headers={"Range": "bytes=0-9"})
+        assert r.status_code == 206 and r.content == bare_api.get(path).content[:10], path

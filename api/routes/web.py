@@ -8,6 +8,7 @@ here cannot load, or send the user's audio to, another host.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import fastapi_offline
@@ -15,7 +16,10 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.responses import Response
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable, Response
+from starlette.staticfiles import NotModifiedResponse
 from starlette.types import Scope
 
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"
@@ -39,8 +43,35 @@ SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DEN
                     "Cross-Origin-Opener-Policy": "same-origin"}
 
 
+class _File(FileResponse):
+    """A file whose bad ``Range`` header is answered in the documented error shape.
+
+    Starlette's FileResponse answers a malformed range (400) or one past the end (416) with its
+    own plain-text body, the one error of the API that was not ``{"detail", "error_type",
+    "timestamp"}``. Raised as an HTTPException instead, before anything is sent, it reaches
+    api/errors.py like every other error."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader as exc:
+            raise HTTPException(400, exc.content) from None
+        except RangeNotSatisfiable as exc:
+            raise HTTPException(416, f"Range header: the file is {exc.max_size} bytes long",
+                                headers={"Content-Range": f"bytes */{exc.max_size}"}) from None
+
+
 class _Assets(StaticFiles):
-    """Static files with :data:`SECURITY_HEADERS`."""
+    """Static files with :data:`SECURITY_HEADERS`, served as :class:`_File`."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        # StaticFiles.file_response, with _File for FileResponse
+        response = _File(full_path, status_code=status_code, stat_result=stat_result)
+        if self.is_not_modified(response.headers, Headers(scope=scope)):
+            return NotModifiedResponse(response.headers)
+        return response
 
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
@@ -55,7 +86,7 @@ docs_assets = _Assets(directory=DOCS_DIR)
 
 @router.get("/")
 async def page() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", media_type="text/html",
+    return _File(WEB_DIR / "index.html", media_type="text/html",
                         headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache", **SECURITY_HEADERS})
 
 
