@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
@@ -117,10 +118,20 @@ class Client:
         _raise_for_error(response)
         return response.json()
 
-    def voiceprints(self) -> list[dict[str, Any]]:
-        response = self.http.get("/voiceprints")
-        _raise_for_error(response)
-        return response.json()["voiceprints"]
+    def voiceprints(self, page_size: int = 1000) -> list[dict[str, Any]]:
+        """Every voiceprint of this key, oldest first: the listing comes a page at a time, each
+        naming the next in its ``Link`` header."""
+        found: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": page_size}
+        while True:
+            response = self.http.get("/voiceprints", params=params)
+            _raise_for_error(response)
+            found += response.json()["voiceprints"]
+            following = response.links.get("next", {}).get("url")
+            if not following:
+                return found
+            # only the cursor is taken from the link: the key goes to this client's own base URL
+            params = {"limit": page_size, "cursor": parse_qs(urlsplit(following).query)["cursor"][0]}
 
     def delete_voiceprint(self, voiceprint_id: str) -> None:
         _raise_for_error(self.http.delete(f"/voiceprints/{voiceprint_id}"))

@@ -19,6 +19,7 @@ vector alone); imports take the same two formats and never a pickle.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -125,6 +126,12 @@ class Voiceprint(BaseModel):
         """What GET /voiceprints shows: no vector, no owner."""
         return self.model_dump(mode="json", exclude={"embedding", "owner"})
 
+    def to_json(self) -> str:
+        # the vector last, after ``owner``: a listing reads each stored voiceprint up to it and
+        # no further (VoiceprintStore.page); every other field keeps its order
+        head = self.model_dump_json(exclude={"embedding"})
+        return f"{head[:-1]},{self.model_dump_json(include={'embedding'})[1:]}"
+
     def export(self) -> dict[str, Any]:
         return {"format": FORMAT, **self.model_dump(mode="json", exclude={"owner"})}
 
@@ -137,6 +144,85 @@ def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class VoiceprintSummary(BaseModel):
+    """A voiceprint as a listing shows it: no vector, no owner (``Voiceprint.public``), parsed from
+    the stored JSON's head alone."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    label: str
+    model: str
+    dimension: int
+    speech_seconds: float | None = None
+    files: int | None = None
+    created_at: str
+
+
+@dataclass(frozen=True)
+class VoiceprintPage:
+    """One page of an owner's voiceprints, oldest first; ``next_cursor`` None on the last."""
+
+    voiceprints: list[VoiceprintSummary]
+    next_cursor: str | None
+
+
+# One page of an owner's index, oldest first, after the cursor's (score, id): the members with a
+# lower score, and those of the same score ordered before or at the id (a sorted set orders ties
+# by member), are skipped; counted each time, so a page starts right even when the voiceprint
+# the cursor names was deleted since, and nothing is listed twice when one before it was.
+# ARGV: score ('' for the first page), id, how many. Returns ids and scores, flat.
+_PAGE = """
+local start = 0
+if ARGV[1] ~= '' then
+  start = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. ARGV[1])
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+    if member <= ARGV[2] then start = start + 1 end
+  end
+end
+return redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
+"""
+
+# Reads the voiceprints named by KEYS up to their vector, server-side: each one's head (ARGV[1]
+# bytes) cut before ``,"embedding":`` and closed, for one stored vector last (Voiceprint.to_json:
+# ``owner``, its last other field, comes before it); nil for any other (deleted, or stored by an
+# earlier version with the vector in the middle), which the caller reads whole. The marker is a
+# key: inside a JSON string (a label) its quotes are escaped.
+_SUMMARY_HEADS = """
+local heads = {}
+for i, key in ipairs(KEYS) do
+  local head = redis.call('GETRANGE', key, 0, tonumber(ARGV[1]) - 1)
+  local at = string.find(head, ',"embedding":', 1, true)
+  local last = string.find(head, '"owner":', 1, true)
+  if at and last and last < at then
+    heads[i] = string.sub(head, 1, at - 1) .. '}'
+  else
+    heads[i] = false
+  end
+end
+return heads
+"""
+# the fields but the vector: about 300 bytes, and a label of 200 four-byte characters 800 more
+_SUMMARY_HEAD_BYTES = 2048
+_CURSOR = re.compile(r"^(-?[0-9][0-9.e+-]{0,30}):(vp_[0-9a-f]{32})$")
+
+
+def _cursor(score: float, voiceprint_id: str) -> str:
+    """Opaque to clients: where a page ended (its last voiceprint's place in the owner's index)."""
+    return base64.urlsafe_b64encode(f"{score!r}:{voiceprint_id}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        found = _CURSOR.match(text)
+        if found is None or not math.isfinite(float(found.group(1))):
+            raise ValueError(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError("cursor: not one this API gave (pass the next page's cursor as it was given)") from exc
+    return repr(float(found.group(1))), found.group(2)
+
+
 class VoiceprintStore:
     """Voiceprints in Redis: ``<prefix>:voiceprint:<id>`` (JSON) and one set of ids per owner."""
 
@@ -144,6 +230,8 @@ class VoiceprintStore:
         self.redis = client
         self.prefix = prefix
         self.max_per_owner = max_per_owner
+        self._page = client.register_script(_PAGE)
+        self._summary_heads = client.register_script(_SUMMARY_HEADS)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "VoiceprintStore":
@@ -186,7 +274,7 @@ class VoiceprintStore:
                         pipe.unwatch()
                         raise self._full()
                     pipe.multi()
-                    pipe.set(self._key(vp.id), vp.model_dump_json())
+                    pipe.set(self._key(vp.id), vp.to_json())
                     pipe.zadd(index, {vp.id: time.time()})
                     pipe.execute()
                     return vp
@@ -210,6 +298,25 @@ class VoiceprintStore:
         ids = self.redis.zrange(self._index(owner), 0, -1)
         raws = self.redis.mget([self._key(i) for i in ids]) if ids else []
         return [Voiceprint.model_validate_json(r) for r in raws if r is not None]
+
+    def page(self, owner: str | None, limit: int, cursor: str | None = None) -> VoiceprintPage:
+        """At most ``limit`` of the owner's voiceprints, oldest first, after ``cursor`` (a page's
+        ``next_cursor``), without their vectors.
+
+        Reads each one up to its vector, cut in Redis: the whole list of 10,000 voiceprints (the
+        most one key keeps) read 43 MB of vectors it then dropped, in 0.6 s of the API."""
+        score, after = _parse_cursor(cursor) if cursor else ("", "")
+        # one more than asked for: whether a next page exists
+        flat = self._page(keys=[self._index(owner)], args=[score, after, limit + 1])
+        ids, scores = flat[0::2], [float(x) for x in flat[1::2]]
+        more = len(ids) > limit
+        ids, scores = ids[:limit], scores[:limit]
+        heads = self._summary_heads(keys=[self._key(i) for i in ids], args=[_SUMMARY_HEAD_BYTES]) if ids else []
+        missing = [i for i, head in zip(ids, heads) if head is None]
+        whole = dict(zip(missing, self.redis.mget([self._key(i) for i in missing]))) if missing else {}
+        raws = [head if head is not None else whole.get(i) for i, head in zip(ids, heads)]
+        found = [VoiceprintSummary.model_validate_json(r) for r in raws if r]
+        return VoiceprintPage(found, _cursor(scores[-1], ids[-1]) if more else None)
 
     def delete(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> bool:
         vp = self.get(voiceprint_id, owner, admin=admin)

@@ -293,36 +293,57 @@ async function refreshRecent() {
 $("#refresh").addEventListener("click", refreshRecent);
 
 // --- voiceprints: enroll a person, list and delete them ------------------------------------------
-async function refreshVoiceprints() {
+// The listing comes a page at a time (a key may keep 10,000): the first page, then "more" for each
+// next one, whose cursor the answer's Link header names.
+const VP_PAGE = 100;
+let vpCursor = null;
+
+function nextCursor(response) {
+  const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
+  return link ? new URL(link[1], location.href).searchParams.get("cursor") : null;
+}
+
+function voiceprintRow(vp) {
+  const tr = document.createElement("tr");
+  tr.dataset.voiceprintId = vp.id;
+  tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+  const cells = tr.querySelectorAll("td");
+  cells[0].textContent = vp.label;
+  cells[1].textContent = vp.speech_seconds == null ? "" : `${vp.speech_seconds.toFixed(1)} s`;
+  cells[2].textContent = vp.files == null ? "imported" : String(vp.files);
+  cells[3].textContent = vp.model;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "small";
+  button.textContent = "delete";
+  button.addEventListener("click", async () => {
+    try { await api(`/voiceprints/${vp.id}`, { method: "DELETE" }); } catch (err) { $("#vp-error").textContent = err.message; }
+    refreshVoiceprints();
+  });
+  cells[4].appendChild(button);
+  return tr;
+}
+
+async function loadVoiceprints(first) {
   const body = $("#voiceprints tbody");
+  const params = new URLSearchParams({ limit: String(VP_PAGE) });
+  if (!first && vpCursor) params.set("cursor", vpCursor);
   try {
-    const { voiceprints } = await (await api("/voiceprints")).json();
-    body.innerHTML = "";
-    for (const vp of voiceprints) {
-      const tr = document.createElement("tr");
-      tr.dataset.voiceprintId = vp.id;
-      tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
-      const cells = tr.querySelectorAll("td");
-      cells[0].textContent = vp.label;
-      cells[1].textContent = vp.speech_seconds == null ? "" : `${vp.speech_seconds.toFixed(1)} s`;
-      cells[2].textContent = vp.files == null ? "imported" : String(vp.files);
-      cells[3].textContent = vp.model;
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "small";
-      button.textContent = "delete";
-      button.addEventListener("click", async () => {
-        try { await api(`/voiceprints/${vp.id}`, { method: "DELETE" }); } catch (err) { $("#vp-error").textContent = err.message; }
-        refreshVoiceprints();
-      });
-      cells[4].appendChild(button);
-      body.appendChild(tr);
-    }
+    const response = await api(`/voiceprints?${params}`);
+    const { voiceprints } = await response.json();
+    if (first) body.innerHTML = "";
+    for (const vp of voiceprints) body.appendChild(voiceprintRow(vp));
+    vpCursor = nextCursor(response);
   } catch (err) {
     body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
     body.querySelector("td").textContent = err.message;
+    vpCursor = null;
   }
+  $("#vp-more").hidden = vpCursor === null;
 }
+
+function refreshVoiceprints() { return loadVoiceprints(true); }
+$("#vp-more").addEventListener("click", () => loadVoiceprints(false));
 
 $("#vp-enroll").addEventListener("click", async () => {
   $("#vp-error").textContent = "";
