@@ -3,7 +3,9 @@ reports the same numbers whichever process ran the job."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -83,13 +85,30 @@ WORKER_GAUGES = (
 )
 
 
+_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+def worker_label(name: str) -> str:
+    """A worker's ``worker`` label: its role (the Celery node name before ``@``: ``gpu0``,
+    ``cpu``, ``webhooks``) and the first 8 hex digits of the SHA-256 of its whole name.
+
+    Not the name: that is ``<role>@<host>:<pid>``, and /metrics is open without a key (Prometheus
+    scrapes it) while /health shows host names to callers with a key only. The digest keeps one
+    series per worker process, as the name did, in a label of bounded length; an operator with a
+    key matches it to a name of /health's ``workers``."""
+    role = name.split("@", 1)[0] if "@" in name else ""
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{role if _ROLE.match(role) else 'worker'}-{digest}"
+
+
 def worker_metrics(workers: list[dict]) -> Iterator[Metric]:
     for name, help_text, key in WORKER_GAUGES:
         family = GaugeMetricFamily(name, help_text, labels=["worker", "device"])
         for worker in workers:
             value = (worker.get("telemetry") or {}).get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                family.add_metric([str(worker.get("worker")), str(worker.get("model_device") or "none")], float(value))
+                family.add_metric([worker_label(str(worker.get("worker"))), str(worker.get("model_device") or "none")],
+                                  float(value))
         if family.samples:
             yield family
 

@@ -15,7 +15,9 @@ Each test fails on the code before its fix:
   results included, to show them without: polling a batch of 1,000 finished diarizations took
   104 MB out of Redis and held the API's event loop 1 s each time (every other request waited);
 * a bad ``Range`` header on the web page or its files (``/``, ``/ui/*``, ``/docs-assets/*``) was
-  answered with Starlette's plain-text 400 or 416, not the documented error body.
+  answered with Starlette's plain-text 400 or 416, not the documented error body;
+* ``/metrics``, open without a key, labelled each worker's series with its name
+  (``gpu0@<host>:<pid>``): the host names ``/health`` shows to callers with a key only.
 """
 
 from __future__ import annotations
@@ -214,3 +216,33 @@ def test_a_bad_range_on_the_page_and_its_files_is_answered_in_the_documented_sha
         # a range that is right is still served as one
         r = bare_api.get(path, headers={"Range": "bytes=0-9"})
         assert r.status_code == 206 and r.content == bare_api.get(path).content[:10], path
+
+
+# --- /metrics names no worker's host ----------------------------------------------------------------
+
+
+def test_an_unauthenticated_metrics_scrape_names_no_workers_host(bare_api):
+    import hashlib
+
+    store = bare_api.store
+    names = ["gpu0@gpu-node-17.corp.internal:4242", "webhooks@gpu-node-17.corp.internal:4243",
+             "ip-10-0-3-7.ec2.internal:77",  # a worker started without -n: no role
+             "x" * 300 + "@" + "long-host." * 30 + ":9"]  # an odd name: the label stays short
+    for name in names:
+        store.heartbeat(name, {"worker": name, "model_device": "cuda:0",
+                               "telemetry": {"rss_bytes": 1e9, "gpu_utilization_percent": 50}}, ttl_s=60)
+    try:
+        text = bare_api.get("/metrics").text  # no key: Prometheus scrapes it so
+    finally:
+        for name in names:
+            store.redis.delete(store.key("worker", name))
+    labels = {line.split('worker="')[1].split('"')[0] for line in text.splitlines()
+              if line.startswith("audio_analysis_worker_rss_bytes{")}
+    digest = {name: hashlib.sha256(name.encode()).hexdigest()[:8] for name in names}
+    # it was the name itself, host and all
+    assert "corp.internal" not in text and "ec2.internal" not in text and "long-host" not in text
+    assert labels == {f"gpu0-{digest[names[0]]}", f"webhooks-{digest[names[1]]}", f"worker-{digest[names[2]]}",
+                      f"worker-{digest[names[3]]}"}, labels
+    # the series a dashboard draws per worker are still there, one per worker
+    gpu = [line for line in text.splitlines() if line.startswith("audio_analysis_worker_gpu_utilization_percent{")]
+    assert len(gpu) == 4 and all('device="cuda:0"' in line for line in gpu), gpu
