@@ -297,6 +297,9 @@ $("#refresh").addEventListener("click", refreshRecent);
 // next one, whose cursor the answer's Link header names.
 const VP_PAGE = 100;
 let vpCursor = null;
+// the latest listing asked for: a key change or a deletion starts a new one while another may be
+// on its way, and an answer that arrives late must not replace the new list or add to it
+let vpLoad = 0;
 
 function nextCursor(response) {
   const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
@@ -325,20 +328,30 @@ function voiceprintRow(vp) {
 }
 
 async function loadVoiceprints(first) {
+  // "more" with no page to follow: a new list is on its way (clicking "more" right after typing a
+  // key changes the key first, as the field loses focus) or this was the last page
+  if (!first && vpCursor === null) return;
   const body = $("#voiceprints tbody");
+  const load = ++vpLoad;
   const params = new URLSearchParams({ limit: String(VP_PAGE) });
-  if (!first && vpCursor) params.set("cursor", vpCursor);
+  if (!first) params.set("cursor", vpCursor);
+  // hidden while a page loads: a second click would ask for the same page again
+  vpCursor = null;
+  $("#vp-more").hidden = true;
+  let cursor = null;
   try {
     const response = await api(`/voiceprints?${params}`);
     const { voiceprints } = await response.json();
+    if (load !== vpLoad) return;
     if (first) body.innerHTML = "";
     for (const vp of voiceprints) body.appendChild(voiceprintRow(vp));
-    vpCursor = nextCursor(response);
+    cursor = nextCursor(response);
   } catch (err) {
+    if (load !== vpLoad) return;
     body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
     body.querySelector("td").textContent = err.message;
-    vpCursor = null;
   }
+  vpCursor = cursor;
   $("#vp-more").hidden = vpCursor === null;
 }
 
