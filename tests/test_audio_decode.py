@@ -1,0 +1,230 @@
+"""Long compressed files are decoded on several cores, and FFmpeg's frames in blocks: the same
+samples as one pass, frame by frame; and an MP3 is decoded whole, whatever its bitrate.
+
+libsndfile's seeks land on the exact frame in every format it reads here, so a long file's blocks
+are decoded by separate handles side by side and resampled apart
+(``engine.audio._decode_in_parallel``). These tests decode the same real speech both ways and ask
+for the same floats, bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+import engine.audio as audio
+from engine.audio import SAMPLE_RATE, load_audio, resample
+
+SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "utterances"
+RATE = 44_100
+
+
+@pytest.fixture(scope="module")
+def stereo() -> np.ndarray:
+    """75 s of real speech at 44.1 kHz, two channels at different levels, no digital silence."""
+    clips = sorted(SPEECH_DIR.glob("*.wav"))
+    if not clips:
+        pytest.skip(f"no speech clips under {SPEECH_DIR}")
+    rng = np.random.default_rng(7)
+    pieces = []
+    while sum(map(len, pieces)) < 75 * RATE:
+        data, rate = sf.read(clips[len(pieces) % len(clips)], dtype="float32")
+        pieces.append(resample(data, rate, RATE) * rng.uniform(0.3, 0.9))
+    mono = np.concatenate(pieces)[: 75 * RATE]
+    mono += 0.003 * rng.standard_normal(len(mono)).astype(np.float32)
+    return np.stack([mono, 0.6 * mono], axis=1).astype(np.float32)
+
+
+def _write(path: Path, data: np.ndarray, fmt: str, subtype: str | None) -> None:
+    with sf.SoundFile(path, "w", RATE, data.shape[1], format=fmt, subtype=subtype) as out:
+        for start in range(0, len(data), RATE):  # libsndfile's Vorbis writer fails on one long write
+            out.write(data[start : start + RATE])
+
+
+@pytest.fixture()
+def long_path(monkeypatch: pytest.MonkeyPatch):
+    """Decode 75 s as a long file is decoded (block by block, through libswresample)."""
+    monkeypatch.setattr(audio, "_WHOLE_FILE_SAMPLES", 1 << 20)
+    calls: list[int] = []
+    original = audio._decode_in_parallel
+
+    def spy(snd, reopen, threads, *args):
+        calls.append(threads)
+        return original(snd, reopen, threads, *args)
+
+    monkeypatch.setattr(audio, "_decode_in_parallel", spy)
+    return calls
+
+
+def _decode(source, monkeypatch: pytest.MonkeyPatch, threads: int) -> np.ndarray:
+    monkeypatch.setattr(audio, "_decode_threads", lambda: threads)
+    return load_audio(source).samples
+
+
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "subtype", "keep"),
+    [
+        ("a.flac", "FLAC", "PCM_16", 1.0),
+        # a file cut short: the blocks past its real end come back short (cut to 95 %, so that
+        # what libsndfile decodes is kept: under 90 % load_audio tries FFmpeg)
+        ("cut.wav", "WAV", "PCM_16", 0.95),
+        ("a.ogg", "OGG", "VORBIS", 1.0),
+        ("a.wav", "WAV", "PCM_24", 1.0),
+    ],
+)
+def test_a_long_file_decoded_on_several_cores_is_one_pass_bit_for_bit(
+    tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch, long_path: list[int],
+    name: str, fmt: str, subtype: str | None, keep: float,
+) -> None:
+    path = tmp_path / name
+    _write(path, stereo, fmt, subtype)
+    if keep < 1.0:
+        path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+    one_pass = _decode(path, monkeypatch, threads=1)
+    assert long_path == []
+    for threads in (2, 3):
+        parallel = _decode(path, monkeypatch, threads=threads)
+        assert long_path[-1] == threads, "the file was not decoded in parallel"
+        np.testing.assert_array_equal(parallel, one_pass)
+    # from bytes as from a path
+    np.testing.assert_array_equal(_decode(path.read_bytes(), monkeypatch, threads=2), one_pass)
+    assert len(long_path) == 3
+
+    expected_s = 75 * keep
+    assert abs(len(one_pass) / SAMPLE_RATE - expected_s) < (0.1 if keep == 1.0 else 1.0)
+    # and it is the speech that went in (the mean of the channels, at 16 kHz)
+    reference = resample(stereo.mean(axis=1)[: len(one_pass) * RATE // SAMPLE_RATE], RATE)
+    n = min(len(reference), len(one_pass)) - SAMPLE_RATE
+    correlation = np.corrcoef(reference[:n], one_pass[:n].astype(np.float32))[0, 1]
+    assert correlation > (0.999 if fmt in ("FLAC", "WAV") else 0.95)
+
+
+@pytest.mark.parametrize(
+    ("name", "rate", "channels", "fmt", "subtype"),
+    [
+        ("48k.flac", 48_000, 2, "FLAC", "PCM_16"),
+        ("8k-mulaw.wav", 8_000, 1, "WAV", "ULAW"),  # a telephone recording: resampled up
+        ("48k.opus", 48_000, 1, "OGG", "OPUS"),  # a browser's recording
+        ("22k.ogg", 22_050, 1, "OGG", "VORBIS"),
+    ],
+)
+def test_other_rates_decoded_on_several_cores_are_one_pass_bit_for_bit(
+    tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch, long_path: list[int],
+    name: str, rate: int, channels: int, fmt: str, subtype: str | None,
+) -> None:
+    monkeypatch.setattr(audio, "_WHOLE_FILE_SAMPLES", 1 << 18)
+    data = resample(stereo[:, :channels].T.copy(), RATE, rate).T if channels > 1 else resample(stereo[:, 0], RATE, rate)[:, None]
+    path = tmp_path / name
+    _write_at(path, np.ascontiguousarray(data, dtype=np.float32), rate, fmt, subtype)
+    one_pass = _decode(path, monkeypatch, threads=1)
+    parallel = _decode(path, monkeypatch, threads=3)
+    assert long_path == [3]
+    assert abs(len(one_pass) / SAMPLE_RATE - 75) < 0.1
+    np.testing.assert_array_equal(parallel, one_pass)
+
+
+def _write_at(path: Path, data: np.ndarray, rate: int, fmt: str, subtype: str | None) -> None:
+    with sf.SoundFile(path, "w", rate, data.shape[1], format=fmt, subtype=subtype) as out:
+        for start in range(0, len(data), rate):
+            out.write(data[start : start + rate])
+
+
+def _lame(path: Path, data: np.ndarray, rate: int, bitrate: int) -> None:
+    layout = "mono" if data.shape[1] == 1 else "stereo"
+    with av.open(str(path), "w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=rate, layout=layout)
+        stream.bit_rate = bitrate
+        for start in range(0, len(data), 4608):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[start : start + 4608].T), format="fltp",
+                                               layout=layout)
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "bitrate"),
+    [(44_100, 1, 32_000), (44_100, 2, 32_000), (8_000, 1, 8_000), (22_050, 1, 24_000), (44_100, 2, 128_000)],
+)
+def test_an_mp3_of_any_bitrate_is_decoded_whole(tmp_path: Path, stereo: np.ndarray, rate: int, channels: int,
+                                                bitrate: int) -> None:
+    """libsndfile 1.2.2 corrupts a low-bitrate MP3 at every boundary between two reads (up to 70 ms
+    of wrong samples after each; a decoder reading a minute at a time left one such stretch a
+    minute). One read of the whole file is right, and is what FFmpeg gives."""
+    data = stereo[:, :channels] if rate == RATE else np.stack(
+        [resample(stereo[:, c].copy(), RATE, rate) for c in range(channels)], axis=1)
+    path = tmp_path / f"{rate}-{channels}-{bitrate}.mp3"
+    _lame(path, data, rate, bitrate)
+    with sf.SoundFile(path) as snd:  # one read: no boundary inside the file
+        whole = snd.read(dtype="float32", always_2d=True).mean(axis=1, dtype=np.float32)
+    expected = audio._resample_swr(whole, rate, SAMPLE_RATE)
+    decoded = load_audio(path).float32()
+    assert abs(len(decoded) - len(expected)) <= 1
+    n = min(len(decoded), len(expected))
+    # mpg123 and FFmpeg's decoder round differently: within a few float16 steps everywhere
+    error = np.abs(decoded[:n] - expected[:n])
+    assert error.max() < 2e-3, f"{error.max():.4f} at {np.argmax(error) / SAMPLE_RATE:.3f} s"
+
+
+def test_a_short_file_stays_in_one_pass(tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+                                        long_path: list[int]) -> None:
+    path = tmp_path / "short.flac"
+    _write(path, stereo[: 20 * RATE], "FLAC", "PCM_16")  # one 15 s block and a bit: not worth threads
+    _decode(path, monkeypatch, threads=4)
+    assert long_path == []
+
+
+def _m4a(data: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=RATE, layout="stereo")
+        for start in range(0, len(data), 4096):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[start : start + 4096].T), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate = RATE
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_ffmpeg_decodes_to_the_mean_of_the_channels_resampled_as_one_stream(stereo: np.ndarray) -> None:
+    """An M4A (FFmpeg's path): its frames are gathered into blocks, yet the samples are those of
+    the whole decoded stream, down-mixed to the channels' mean and resampled in one go."""
+    data = _m4a(stereo[: 40 * RATE])
+    with av.open(io.BytesIO(data)) as container:
+        planar = np.concatenate([frame.to_ndarray() for frame in container.decode(audio=0)], axis=1)
+    mean = audio._downmix(planar.T)
+    expected = np.clip(audio._resample_swr(mean, RATE, SAMPLE_RATE), -1, 1).astype(audio.STORAGE_DTYPE)
+
+    decoded = load_audio(data).samples
+    assert abs(len(decoded) / SAMPLE_RATE - 40) < 0.1
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_a_loud_stereo_file_through_ffmpeg_keeps_its_level() -> None:
+    """libswresample's own down-mix adds the channels at -3 dB each: a stereo M4A came out 3 dB
+    louder than the same samples in a WAV, and clipped where both channels were loud."""
+    t = np.arange(10 * RATE) / RATE
+    tone = (0.9 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    stereo = np.stack([tone, tone], axis=1)
+    through_ffmpeg = load_audio(_m4a(stereo)).float32()
+    wav = io.BytesIO()
+    sf.write(wav, stereo, RATE, format="WAV", subtype="FLOAT")
+    through_libsndfile = load_audio(wav.getvalue()).float32()
+    middle = slice(SAMPLE_RATE, 9 * SAMPLE_RATE)
+    peak, reference = np.abs(through_ffmpeg[middle]).max(), np.abs(through_libsndfile[middle]).max()
+    # AAC overshoots a little (0.93 for 0.9); the channels' sum at -3 dB each was 1.27, clipped to 1.0
+    assert abs(peak - reference) < 0.05, (peak, reference)
+    assert peak < 0.97
