@@ -228,3 +228,29 @@ def test_a_loud_stereo_file_through_ffmpeg_keeps_its_level() -> None:
     # AAC overshoots a little (0.93 for 0.9); the channels' sum at -3 dB each was 1.27, clipped to 1.0
     assert abs(peak - reference) < 0.05, (peak, reference)
     assert peak < 0.97
+
+
+def test_damage_in_an_ogg_vorbis_stays_within_its_block(tmp_path: Path, stereo: np.ndarray,
+                                                        monkeypatch: pytest.MonkeyPatch, long_path: list[int]) -> None:
+    """libvorbis skips damaged pages and goes on, so in one pass everything after the damage comes
+    early by the length it lost (5000 zeroed bytes a third of the way in: the whole rest of the
+    file out of place). Each block starts where the file's own positions put it, so the damage
+    stays inside its block and the blocks after it are where they belong."""
+    path = tmp_path / "clean.ogg"
+    _write(path, stereo, "OGG", "VORBIS")
+    clean = _decode(path, monkeypatch, threads=1).astype(np.float32)
+    damaged = bytearray(path.read_bytes())
+    at = len(damaged) // 3
+    damaged[at : at + 5000] = bytes(5000)
+    path.write_bytes(bytes(damaged))
+
+    def wrong_after(samples: np.ndarray, start_s: float) -> float:
+        n = min(len(samples), len(clean))
+        return float(np.abs(samples[: n].astype(np.float32) - clean[:n])[int(start_s * SAMPLE_RATE):].max())
+
+    one_pass = _decode(path, monkeypatch, threads=1)
+    parallel = _decode(path, monkeypatch, threads=3)
+    assert long_path == [3]
+    assert wrong_after(one_pass, 45.0) > 0.01  # out of place to the end
+    assert wrong_after(parallel, 45.0) == 0.0  # the last blocks are as in the clean file
+    assert abs(len(parallel) - len(clean)) <= 1
