@@ -42,8 +42,12 @@ _WHOLE_FILE_SAMPLES = 1 << 24
 _SHORT_READ = 0.9
 # a long file libsndfile can seek in is decoded by up to this many threads (_decode_in_parallel)
 _MAX_DECODE_THREADS = 8
-# frames decoded and dropped on either side of each such thread's block (_parallel_plan)
-_DECODE_MARGIN_FRAMES = 2048
+# MP3 frames decoded and dropped before each such block (_parallel_plan): an MP3 frame may take
+# its bits from up to 511 bytes of earlier frames (the bit reservoir), which mpg123 has not read
+# right after a seek: a 32 kbps MP3 gave errors of 0.24 in its first frames, an 8 kbps one still
+# 0.005 after 0.1 s, none from 0.25 s on. 9216 frames: 8 MPEG-1 frames, 16 of MPEG-2 (0.21 s at
+# 44.1 kHz, 1.15 s at 8 kHz)
+_MP3_MARGIN_FRAMES = 9216
 
 AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 
@@ -321,16 +325,19 @@ class _Offset:
             self.out.skip(n - cut)
 
 
-def _parallel_plan(snd, reopen: Callable[[], str | BinaryIO] | None, threads: int) -> tuple[int, int] | None:
+def _parallel_plan(
+    snd, reopen: Callable[[], str | BinaryIO] | None, threads: int, margin_frames: int = 2048
+) -> tuple[int, int] | None:
     """(block frames, margin frames) for decoding ``snd`` in parallel, or None for one pass.
 
     Blocks start on whole 16 kHz samples (a multiple of ``rate / gcd(rate, 16000)`` frames: 441
     at 44.1 kHz), so that a resampler started afresh at a block's margin computes each of the
     block's own output samples from the same inputs with the same filter phase as one pass does.
-    The margin is decoded and thrown away on either side: 2048 frames or more (46 ms at 44.1 kHz),
-    which covers libswresample's filter (32 taps at the lower rate: 91 frames at 44.1 kHz) and
-    primes a decoder that needs what came before a seek (Opus asks for 80 ms; libsndfile's own
-    seeks in FLAC, Vorbis and Opus were exact without any).
+    The margin is decoded and thrown away on either side: ``margin_frames`` or more (2048: 46 ms
+    at 44.1 kHz), which covers libswresample's filter (32 taps at the lower rate: 91 frames at
+    44.1 kHz) and primes a decoder that needs what came before a seek (Opus asks for 80 ms;
+    libsndfile's own seeks in FLAC, Vorbis and Opus were exact without any; MP3 needs more,
+    :data:`_MP3_MARGIN_FRAMES`).
     """
     if reopen is None or threads < 2 or not snd.seekable() or snd.frames >= UNKNOWN_FRAMES:
         return None
@@ -340,14 +347,41 @@ def _parallel_plan(snd, reopen: Callable[[], str | BinaryIO] | None, threads: in
     size = max(1, min(rate * 15, _BLOCK_SAMPLES // 4 // snd.channels))
     step = rate // math.gcd(rate, SAMPLE_RATE)
     size -= size % step
-    margin = step * math.ceil(_DECODE_MARGIN_FRAMES / step)
+    margin = step * math.ceil(margin_frames / step)
     if size <= 0 or snd.frames // size < 2 or margin > size:
         return None
     return size, margin
 
 
+def _ffmpeg_finds_more(reopen: Callable[[], str | BinaryIO], declared_s: float) -> bool:
+    """Whether FFmpeg's MP3 demuxer makes the file over 1 % longer than libsndfile's header says.
+
+    libsndfile takes an MP3's length from its first frame's Xing header and decodes no further:
+    two MP3s joined end to end (a recorder's split files put together with cat) decoded as the
+    first alone. FFmpeg's demuxer checks the header against the file's size (75 s declared of
+    105 s: it says 105 s) and decodes the rest, so such a file goes to FFmpeg. Reads the header
+    and a few frames only (milliseconds).
+    """
+    import av
+
+    target = reopen()
+    try:
+        with av.open(target, mode="r", metadata_errors="ignore", **PYAV_OPTIONS) as container:
+            found = container.duration / av.time_base if container.duration else None
+    except (av.FFmpegError, ValueError, OSError):
+        return True  # let FFmpeg's own path say what it makes of it
+    finally:
+        if not isinstance(target, str):
+            target.close()
+    return found is not None and found > 1.01 * declared_s + 0.5
+
+
+class _LongerThanDeclared(Exception):
+    """An MP3 goes on past the length its header declares: decode it in one pass elsewhere."""
+
+
 def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int, size: int, margin: int,
-                        out: _Collector) -> None:
+                        out: _Collector, *, one_read_per_block: bool = False) -> None:
     """Decode, down-mix and resample ``snd`` into ``out`` with ``threads`` libsndfile handles
     side by side: the same samples as one pass (:func:`_mono_blocks` through a
     :class:`_StreamResampler`), bit for bit away from digital silence.
@@ -364,6 +398,10 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
     A short block ends the decode where it falls, as a short read does in one pass (a truncated
     file). Any error a handle meets is raised as one pass would raise it. At most one block per
     thread, and one more, is held ahead of ``out``.
+
+    ``one_read_per_block`` (MP3, whose reads must not be split: ``_read_soundfile``): what lies
+    past the declared length is read in one read too, and if that is a whole block, the file
+    goes on further than it says and :class:`_LongerThanDeclared` is raised.
     """
     import soundfile as sf
 
@@ -430,6 +468,16 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
     finally:
         for thing in reversed(opened):  # each SoundFile before the file under it
             thing.close()
+    if one_read_per_block:
+        # what is left (under a block if the header is right), as a block of its own
+        block, short = decode(snd, whole_blocks)
+        if not short:
+            raise _LongerThanDeclared()
+        if isinstance(block, int):
+            out.skip(block)
+        else:
+            out.add(block)
+        return
     # past the last whole block: one pass until a short read, as _mono_blocks, its resampler
     # started a margin early and what it gives for the margin dropped
     tail = whole_blocks * size
@@ -471,16 +519,29 @@ def _read_soundfile(
                 raise AudioTooLongError(
                     f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
                 )
+            rate = snd.samplerate
+            out = _Collector(max_duration, None if unknown else snd.frames / rate)
             if snd.format == "MP3":
                 # libsndfile 1.2.2 (soundfile's own) corrupts a low-bitrate MP3 where one read
                 # ends and the next begins: every minute of a 32 kbps file read by the minute, up
                 # to 70 ms of wrong samples (errors of 0.2 of full scale) after each boundary;
                 # read 4096 frames at a time, 90 % of the file. Its bit reservoir is not carried
-                # across the reads. FFmpeg decodes such files as one read of libsndfile's does.
-                fh.seek(start)
-                return None
-            rate = snd.samplerate
-            out = _Collector(max_duration, None if unknown else snd.frames / rate)
+                # across the reads. One read after a seek is right once the margin before it
+                # has primed the decoder, so a long MP3 is decoded in parallel blocks of one read
+                # each; anything else (a short file, one core, a file longer than its header
+                # says) goes to FFmpeg, which decodes as one whole read of libsndfile's does.
+                threads = _decode_threads()
+                long = snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES
+                plan = _parallel_plan(snd, reopen, threads, _MP3_MARGIN_FRAMES) if long and not unknown else None
+                if plan is None or _ffmpeg_finds_more(reopen, snd.frames / rate):  # type: ignore[arg-type]
+                    fh.seek(start)
+                    return None
+                try:
+                    _decode_in_parallel(snd, reopen, threads, *plan, out, one_read_per_block=True)  # type: ignore[arg-type]
+                except _LongerThanDeclared:
+                    fh.seek(start)
+                    return None
+                return out
             if unknown or snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
                 # Long or wide input: down-mix and resample block by block so that only the 16
                 # kHz mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise

@@ -53,9 +53,9 @@ def long_path(monkeypatch: pytest.MonkeyPatch):
     calls: list[int] = []
     original = audio._decode_in_parallel
 
-    def spy(snd, reopen, threads, *args):
+    def spy(snd, reopen, threads, *args, **kwargs):
         calls.append(threads)
-        return original(snd, reopen, threads, *args)
+        return original(snd, reopen, threads, *args, **kwargs)
 
     monkeypatch.setattr(audio, "_decode_in_parallel", spy)
     return calls
@@ -152,28 +152,63 @@ def _lame(path: Path, data: np.ndarray, rate: int, bitrate: int) -> None:
             out.mux(packet)
 
 
+def _whole_read(path: Path) -> np.ndarray:
+    """One read of the whole file: no boundary between reads inside it, so libsndfile is right."""
+    with sf.SoundFile(path) as snd:
+        whole = snd.read(dtype="float32", always_2d=True).mean(axis=1, dtype=np.float32)
+        return audio._resample_swr(whole, snd.samplerate, SAMPLE_RATE)
+
+
+def _assert_close(decoded: np.ndarray, expected: np.ndarray) -> None:
+    assert abs(len(decoded) - len(expected)) <= 1
+    n = min(len(decoded), len(expected))
+    # mpg123 after a seek and FFmpeg's decoder round differently (1e-7): within a float16 step or two
+    error = np.abs(decoded[:n] - expected[:n])
+    assert error.max() < 2e-3, f"{error.max():.4f} at {np.argmax(error) / SAMPLE_RATE:.3f} s"
+
+
+@pytest.mark.parametrize("threads", [1, 3], ids=["ffmpeg", "parallel"])
 @pytest.mark.parametrize(
     ("rate", "channels", "bitrate"),
     [(44_100, 1, 32_000), (44_100, 2, 32_000), (8_000, 1, 8_000), (22_050, 1, 24_000), (44_100, 2, 128_000)],
 )
-def test_an_mp3_of_any_bitrate_is_decoded_whole(tmp_path: Path, stereo: np.ndarray, rate: int, channels: int,
-                                                bitrate: int) -> None:
+def test_an_mp3_of_any_bitrate_is_decoded_whole(tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch,
+                                                long_path: list[int], rate: int, channels: int, bitrate: int,
+                                                threads: int) -> None:
     """libsndfile 1.2.2 corrupts a low-bitrate MP3 at every boundary between two reads (up to 70 ms
     of wrong samples after each; a decoder reading a minute at a time left one such stretch a
-    minute). One read of the whole file is right, and is what FFmpeg gives."""
+    minute). One read of the whole file is right. A long MP3 is decoded in parallel blocks of one
+    read each, each primed by a margin before it; otherwise FFmpeg decodes it."""
     data = stereo[:, :channels] if rate == RATE else np.stack(
         [resample(stereo[:, c].copy(), RATE, rate) for c in range(channels)], axis=1)
     path = tmp_path / f"{rate}-{channels}-{bitrate}.mp3"
     _lame(path, data, rate, bitrate)
-    with sf.SoundFile(path) as snd:  # one read: no boundary inside the file
-        whole = snd.read(dtype="float32", always_2d=True).mean(axis=1, dtype=np.float32)
-    expected = audio._resample_swr(whole, rate, SAMPLE_RATE)
-    decoded = load_audio(path).float32()
-    assert abs(len(decoded) - len(expected)) <= 1
-    n = min(len(decoded), len(expected))
-    # mpg123 and FFmpeg's decoder round differently: within a few float16 steps everywhere
-    error = np.abs(decoded[:n] - expected[:n])
-    assert error.max() < 2e-3, f"{error.max():.4f} at {np.argmax(error) / SAMPLE_RATE:.3f} s"
+    monkeypatch.setattr(audio, "_WHOLE_FILE_SAMPLES", 1 << 18)
+    decoded = _decode(path, monkeypatch, threads).astype(np.float32)
+    assert long_path == ([] if threads == 1 else [threads])
+    _assert_close(decoded, _whole_read(path))
+
+
+def test_an_mp3_longer_than_its_header_says_is_decoded_to_its_end(
+    tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch, long_path: list[int]
+) -> None:
+    """Two MP3s end to end (a recorder's split files joined with cat): the first one's header
+    gives libsndfile the length, and it decodes no further. FFmpeg's demuxer sees the rest, so
+    such a file is decoded by FFmpeg, not in parallel blocks."""
+    first, second = tmp_path / "a.mp3", tmp_path / "b.mp3"
+    _lame(first, stereo[:, :1], RATE, 64_000)
+    _lame(second, stereo[: 30 * RATE, :1], RATE, 64_000)
+    joined = tmp_path / "joined.mp3"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with sf.SoundFile(joined) as snd:
+        assert abs(snd.frames / RATE - 75) < 0.1  # the header speaks for the first file only
+    monkeypatch.setattr(audio, "_WHOLE_FILE_SAMPLES", 1 << 18)
+    decoded = _decode(joined, monkeypatch, threads=3)
+    assert long_path == []
+    assert abs(len(decoded) / SAMPLE_RATE - 105) < 0.2
+    # and one MP3 alone, whose header is right, is decoded in parallel
+    _decode(first, monkeypatch, threads=3)
+    assert long_path == [3]
 
 
 def test_a_short_file_stays_in_one_pass(tmp_path: Path, stereo: np.ndarray, monkeypatch: pytest.MonkeyPatch,
