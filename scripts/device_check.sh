@@ -7,6 +7,7 @@
 # still brings back the first ones.
 #
 #   DEVICE_CHECK_MINUTES="60"      the hour diarized by both engines (and 240: ours alone)
+#   DECODE_MINUTES="20"            the recording step 6 decodes (its encoding takes most of the step)
 #   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2 DEVICE_CHECK_LONG=3
 #       a rehearsal here: no install, the project's own venv, the CPU
 set -uo pipefail
@@ -128,5 +129,8 @@ for name, network in (("eager", model.campplus), ("frozen", model.traced(device)
         torch.cuda.synchronize() if device.type == "cuda" else None
         print(f"{name:7s} {rep}: {time.perf_counter() - started:.2f} s for {sum(r * f for r, f in shapes) / 360_000:.2f} h of frames")
 EOF
+
+step "6. decoding on this host's cores: ${DECODE_MINUTES:-20} min of 44.1 kHz stereo MP3, FLAC and M4A (threads, one thread, FFmpeg)"
+timeout 150 $PY -W ignore bench/decode_speed.py --minutes "${DECODE_MINUTES:-20}" --repeat 1
 
 step "done"
