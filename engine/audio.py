@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -293,12 +294,17 @@ def _mono_blocks(snd, seconds: int = 60):
 
 
 def _decode_threads() -> int:
-    """Threads to decode one long file with: the cores this process may run on, at most
-    :data:`_MAX_DECODE_THREADS`."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    """Threads to decode one long file with, at most :data:`_MAX_DECODE_THREADS`: as many as
+    torch's where the engine has set them (``Settings.torch_threads``, what an operator gives a
+    worker whose container has a CPU quota), else the cores this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        cores = torch.get_num_threads()
+    else:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
     return max(1, min(_MAX_DECODE_THREADS, cores))
 
 
