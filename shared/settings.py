@@ -200,6 +200,16 @@ class Settings(BaseSettings):
     # was lost this many times; workers look for such jobs every job_recovery_interval_s
     job_max_attempts: int = 3
     job_recovery_interval_s: float = 10.0
+    # a running job's own time limit (worker/deadline.py), counted from when its audio is ready:
+    # the floor plus per_audio seconds for each second of its audio (a real-time factor of 1,
+    # some 40 times what a 2-core CPU needs), never past what task_soft_time_limit_s leaves.
+    # Celery's limits are one figure for every job (3 h for 12 s of audio) and a solo pool has
+    # none; an engine that hangs on one file must not hold a worker that long
+    job_time_limit_floor_s: float = Field(600.0, gt=0.0)
+    job_time_limit_per_audio_s: float = Field(1.0, ge=0.0)
+    # past its limit, a job whose engine did not stop (stuck in native code, where no signal
+    # handler runs) is failed and its process ended this much later
+    job_time_limit_grace_s: float = Field(60.0, gt=0.0)
     # the synchronous endpoints hold a connection and a worker: longer audio answers 413 with a
     # hint to use /jobs (max_audio_seconds is the limit for jobs)
     sync_max_audio_seconds: float = 1800.0

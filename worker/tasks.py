@@ -37,6 +37,7 @@ from shared.storage import Storage, get_storage, out_of_room
 from shared.url_input import DOWNLOAD_STEP, fetch_audio
 from worker import lifecycle, telemetry
 from worker.celery_app import app
+from worker.deadline import JobDeadline, JobTimedOut
 from worker.lease import JobLease
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ def _run_leased(
     task: Task, job_id: str, kind: JobKind, jobs: JobStore, storage: Storage, lease: JobLease,
     legacy_params: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    # Celery's own time limits count from here (a download included); the job's own ends first
+    task_started = time.monotonic()
     try:
         running = jobs.mark_running(job_id)
     except redis.RedisError as exc:
@@ -201,10 +204,13 @@ def _run_leased(
     task.update_state(state="PROGRESS", meta={"progress": 0.0, "step": "starting"})
     report = _progress_reporter(task, job_id, attempt, lease)
     outcome: tuple[str, dict[str, Any] | None, AnalysisError | None] | None = None
+    timed_out = ProcessingError("job exceeded its time limit", status_code=504)
     try:
         with ExitStack() as stack:
             # the job's files together, fetched ones included, as the API holds its uploads
             seconds = DurationBudget(duration_limit)
+            # a file whose header does not say its length: the job is held to the longest audio's limit
+            unsure = [False]
 
             def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
@@ -213,8 +219,10 @@ def _run_leased(
                 if audio:
                     # the API checked the header already; checked again here for jobs queued
                     # before, and because the worker is what an hour-long file would tie up
-                    seconds.add(check_audio_limits(path, max_duration=duration_limit,
-                                                   min_sample_rate=settings.min_sample_rate))
+                    info = check_audio_limits(path, max_duration=duration_limit,
+                                              min_sample_rate=settings.min_sample_rate)
+                    unsure[0] = unsure[0] or info is None or info.duration is None
+                    seconds.add(info)
                 return path
 
             # all of a job's URLs together stay under the limit of one upload request
@@ -233,7 +241,14 @@ def _run_leased(
 
             params, files = _inputs(kind, running, legacy_params, path_of, fetch, kept=jobs.kept)
             engine = _engine()
-            with telemetry.job(engine.model_device) as peak:
+            audio_s = duration_limit if unsure[0] else seconds.total
+            limit = _time_limit(audio_s, time.monotonic() - task_started)
+            of_audio = "audio of a length its header does not say" if unsure[0] else f"{audio_s:.0f} s of audio"
+            timed_out = ProcessingError(f"the job ran past its time limit of {limit:.0f} s, for {of_audio}, "
+                                        "and was stopped", status_code=504)
+            with telemetry.job(engine.model_device) as peak, \
+                    JobDeadline(limit, settings.job_time_limit_grace_s,
+                                lambda: _stuck(jobs, storage, job_id, attempt, timed_out)):
                 result = kind.run(engine, files, params, report)
         outcome = (SUCCEEDED, {**result.model_dump(mode="json"), **peak}, None)
     except JobCancelled:
@@ -253,8 +268,10 @@ def _run_leased(
         return {"job_id": job_id, "status": "superseded"}
     except AnalysisError as exc:
         outcome = (FAILED, None, exc)
-    except SoftTimeLimitExceeded:
-        outcome = (FAILED, None, ProcessingError("job exceeded its time limit"))
+    except (JobTimedOut, SoftTimeLimitExceeded):
+        # the job's own limit (worker/deadline.py), or Celery's (a download that ran out its time)
+        log.error("job %s: %s", job_id, timed_out.detail)
+        outcome = (FAILED, None, timed_out)
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
     except Exception as exc:  # noqa: BLE001 - report, don't crash the worker or retry a poisoned job
@@ -288,6 +305,35 @@ def _run_leased(
 
 # the exit status of a pool process whose CUDA context failed (EX_SOFTWARE)
 DEVICE_LOST_EXIT = 70
+# the exit status of a pool process whose job did not stop past its time limit (EX_OSERR)
+JOB_STUCK_EXIT = 71
+
+
+def _time_limit(audio_s: float, elapsed_s: float) -> float:
+    """Seconds a job with ``audio_s`` of audio may run its engine (worker/deadline.py), ending
+    before Celery's soft limit, which counts from the task's start (``elapsed_s`` ago)."""
+    own = settings.job_time_limit_floor_s + settings.job_time_limit_per_audio_s * audio_s
+    return max(1.0, min(own, settings.task_soft_time_limit_s - elapsed_s))
+
+
+def _stuck(jobs: JobStore, storage: Storage, job_id: str, attempt: int, error: ProcessingError) -> None:
+    """The job's engine did not stop at its time limit (a hang in native code, which no signal
+    reaches): fail the job, then end this process, as _exit_for_device does. Its message is
+    handed out again (``task_reject_on_worker_lost``) and skipped, the job having ended; a
+    prefork parent starts a fresh child, a solo worker is restarted by its supervisor. Left to
+    Celery's hard limit, the job was killed after 3 h 5 min and run again, up to
+    ``job_max_attempts`` times. Runs in the deadline's timer thread."""
+    log.critical("job %s: stuck past its time limit (%s); failing it and ending this process", job_id, error.detail)
+    try:
+        record, changed = jobs.finish(job_id, FAILED, error=error.body(), attempt=attempt)
+        if changed and record is not None:
+            storage.delete_job(job_id)
+            _notify(record)
+    except Exception:  # noqa: BLE001 - Redis away: the lease lapses and recovery takes the job
+        log.exception("job %s: could not record its failure", job_id)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(JOB_STUCK_EXIT)
 
 
 def _device_works() -> bool:
