@@ -226,7 +226,9 @@ def test_metrics_show_each_worker_process_and_its_device(client, utterances):
             "audio_analysis_worker_model_load_seconds", "audio_analysis_worker_jobs_running",
             "audio_analysis_worker_jobs_done"} <= names
     rss = [s for (name, _), s in samples.items() if name == "audio_analysis_worker_rss_bytes"]
-    assert all(s.labels["device"] == "cpu" and re.match(r"test-worker@", s.labels["worker"]) for s in rss)
+    # the worker's role and a digest of its name (api.metrics.worker_label), never its host
+    assert all(s.labels["device"] == "cpu" and re.fullmatch(r"test-worker-[0-9a-f]{8}", s.labels["worker"])
+               for s in rss)
     assert max(s.value for s in rss) > 300 * 2**20  # a process with the models loaded
     assert max(s.value for s in done) >= 1
     assert not any(name.startswith("audio_analysis_worker_gpu_") for name in names)
