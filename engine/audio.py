@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
 
@@ -386,6 +386,60 @@ class _LongerThanDeclared(Exception):
     """An MP3 goes on past the length its header declares: decode it in one pass elsewhere."""
 
 
+Block = Union[np.ndarray, int]  # 16 kHz samples, or how many of digital silence
+
+
+def _keep(out: _Collector, block: Block) -> None:
+    if isinstance(block, int):
+        out.skip(block)
+    else:
+        out.add(block)
+
+
+def _blocks_in_order(handles: list, count: int, decode: Callable[[Any, int], tuple[Block, bool]],
+                     out: _Collector) -> bool:
+    """``decode(handle, i)`` for blocks 0..count-1, one thread per handle, into ``out`` in order.
+
+    Block i goes to handle i % len(handles), each handle on a thread of its own: every handle only
+    ever seeks forward, past the blocks the others decode (handles sent back and forth between
+    blocks spent a third of their time seeking). At most one block per thread, and one more, is
+    held ahead of ``out``. True when a block came back short: the file ends there.
+    """
+    threads = len(handles)
+    lanes = [ThreadPoolExecutor(1, thread_name_prefix="decode") for _ in handles]
+    pending: deque = deque()
+    submitted = 0
+    try:
+        while True:
+            while submitted < count and len(pending) < threads + 1:
+                lane = submitted % threads
+                pending.append(lanes[lane].submit(decode, handles[lane], submitted))
+                submitted += 1
+            if not pending:
+                return False
+            block, short = pending.popleft().result()
+            _keep(out, block)
+            if short:
+                return True
+    finally:
+        for future in pending:
+            future.cancel()
+        for lane in lanes:
+            lane.shutdown(wait=True)
+
+
+def _resampled_block(mono: np.ndarray, rate: int, lead: int, size: int, short: bool) -> Block:
+    """The 16 kHz samples of ``mono[lead : lead + size]`` (``lead`` and ``size`` in whole steps),
+    ``mono`` holding a margin on either side for the filter; to its end when ``short``."""
+    if rate == SAMPLE_RATE:
+        return mono[lead : lead + size]
+    lo = lead * SAMPLE_RATE // rate
+    if not mono.any():  # digital silence: nothing to resample, nothing to write
+        return max(0, round(len(mono) * SAMPLE_RATE / rate) - lo) if short else size * SAMPLE_RATE // rate
+    resampled = _resample_swr(mono, rate, SAMPLE_RATE)
+    return resampled[lo : len(resampled) if short else lo + size * SAMPLE_RATE // rate]
+
+
 def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int, size: int, margin: int,
                         out: _Collector, *, one_read_per_block: bool = False) -> None:
     """Decode, down-mix and resample ``snd`` into ``out`` with ``threads`` libsndfile handles
@@ -430,47 +484,16 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
                 raise sf.LibsndfileError(0, "file changed while it was being decoded")
             handles.append(handle)
 
-        def decode(handle, index: int) -> tuple[np.ndarray | int, bool]:
+        def decode(handle, index: int) -> tuple[Block, bool]:
             first = index * size
             begin = max(0, first - margin)
             handle.seek(begin)
             block = handle.read(first - begin + size + margin, dtype="float32", always_2d=True)
             short = len(block) < first - begin + size
-            mono = _downmix(block)
-            if rate == SAMPLE_RATE:
-                return mono[first - begin : first - begin + size], short
-            lo = outputs(first - begin)
-            if not mono.any():  # digital silence: nothing to resample, nothing to write
-                return (max(0, round(len(mono) * SAMPLE_RATE / rate) - lo) if short else outputs(size)), short
-            resampled = _resample_swr(mono, rate, SAMPLE_RATE)
-            return resampled[lo : len(resampled) if short else lo + outputs(size)], short
+            return _resampled_block(_downmix(block), rate, first - begin, size, short), short
 
-        # block i goes to handle i % threads, each handle on a thread of its own: every handle
-        # only ever seeks forward, past the blocks the others decode (handles sent back and forth
-        # between blocks spent a third of their time seeking)
-        lanes = [ThreadPoolExecutor(1, thread_name_prefix="decode") for _ in handles]
-        pending: deque = deque()
-        submitted = 0
-        try:
-            while True:
-                while submitted < whole_blocks and len(pending) < threads + 1:
-                    lane = submitted % threads
-                    pending.append(lanes[lane].submit(decode, handles[lane], submitted))
-                    submitted += 1
-                if not pending:
-                    break
-                block, short = pending.popleft().result()
-                if isinstance(block, int):
-                    out.skip(block)
-                else:
-                    out.add(block)
-                if short:
-                    return
-        finally:
-            for future in pending:
-                future.cancel()
-            for lane in lanes:
-                lane.shutdown(wait=True)
+        if _blocks_in_order(handles, whole_blocks, decode, out):
+            return
     finally:
         for thing in reversed(opened):  # each SoundFile before the file under it
             thing.close()
@@ -479,10 +502,7 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
         block, short = decode(snd, whole_blocks)
         if not short:
             raise _LongerThanDeclared()
-        if isinstance(block, int):
-            out.skip(block)
-        else:
-            out.add(block)
+        _keep(out, block)
         return
     # past the last whole block: one pass until a short read, as _mono_blocks, its resampler
     # started a margin early and what it gives for the margin dropped
@@ -692,9 +712,8 @@ def load_audio(
             collected = _read_pyav(fh, max_duration)
         elif collected.expected_s is not None and collected.size < _SHORT_READ * collected.expected_s * SAMPLE_RATE:
             # libsndfile gives up at the first stretch of damage it cannot get past and reports
-            # the end of the file (its MP3 decoder, before MP3 went to FFmpeg: 100 damaged bytes
-            # in a 10 min MP3 left 66 s of it, silently). FFmpeg skips damaged packets; the
-            # longer decode is kept
+            # the end of the file (100 damaged bytes in a 10 min MP3 left 66 s of it, silently).
+            # FFmpeg skips damaged packets; the longer decode is kept
             fh.seek(0)
             try:
                 other = _read_pyav(fh, max_duration)
