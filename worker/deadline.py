@@ -40,8 +40,11 @@ class JobDeadline:
         self._timer: threading.Timer | None = None
 
     def _alarm(self, signum: int, frame: Any) -> None:
-        if self._disarmed:
-            return  # the job ended as the alarm went off: nothing left to stop
+        # the job ended as the alarm went off: nothing left to stop. Handled on __exit__'s first
+        # line, before it disarms, an exception would skip its clean-up, and the grace timer left
+        # running would end the process in the middle of a later job
+        if self._disarmed or (frame is not None and frame.f_code is JobDeadline.__exit__.__code__):
+            return
         raise JobTimedOut(f"past its time limit of {self.seconds:.0f} s")
 
     def _stuck(self) -> None:
