@@ -14,6 +14,7 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
@@ -382,10 +383,6 @@ def _ffmpeg_finds_more(reopen: Callable[[], str | BinaryIO], declared_s: float) 
     return found is not None and found > 1.01 * declared_s + 0.5
 
 
-class _LongerThanDeclared(Exception):
-    """An MP3 goes on past the length its header declares: decode it in one pass elsewhere."""
-
-
 Block = Union[np.ndarray, int]  # 16 kHz samples, or how many of digital silence
 
 
@@ -424,8 +421,22 @@ def _blocks_in_order(handles: list, count: int, decode: Callable[[Any, int], tup
     finally:
         for future in pending:
             future.cancel()
+        # every thread must be done with its handle before the caller closes it (libsndfile on a
+        # closed handle can crash the process): a job's time limit (SIGALRM, worker/deadline.py)
+        # arriving during this wait is raised once the blocks are done, not in the middle. The
+        # futures are waited for, not the threads: a Thread.join that a signal interrupted
+        # returns at once the next time (CPython 3.11 marks the thread stopped)
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                wait_for(pending)
+                break
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                interrupted = exc
         for lane in lanes:
-            lane.shutdown(wait=True)
+            lane.shutdown(wait=False)  # idle now: each thread ends on its own
+        if interrupted is not None:
+            raise interrupted
 
 
 def _resampled_block(mono: np.ndarray, rate: int, lead: int, size: int, short: bool) -> Block:
@@ -452,16 +463,16 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
     blocks that lie wholly within the length the header declares are decoded by separate
     handles, each from its own offset less a margin, resampled on their own and cut to their own
     stretch; libsndfile and libswresample release the GIL while they work. Whatever lies past the
-    declared length (a header may under-state it) is read by ``snd`` itself, in one pass from the
-    last block's end.
+    last whole block is read by ``snd`` itself, in one pass from that block's end.
 
     A short block ends the decode where it falls, as a short read does in one pass (a truncated
     file). Any error a handle meets is raised as one pass would raise it. At most one block per
     thread, and one more, is held ahead of ``out``.
 
-    ``one_read_per_block`` (MP3, whose reads must not be split: ``_read_soundfile``): what lies
-    past the declared length is read in one read too, and if that is a whole block, the file
-    goes on further than it says and :class:`_LongerThanDeclared` is raised.
+    ``one_read_per_block`` (MP3, whose reads must not be split: ``_read_soundfile``): the rest
+    after the last whole block is read in one read too. soundfile reads no further than the
+    length the header declares, in one pass as here; an MP3 that goes on past it is sent to
+    FFmpeg before (``_ffmpeg_finds_more``).
     """
     import soundfile as sf
 
@@ -498,10 +509,8 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
         for thing in reversed(opened):  # each SoundFile before the file under it
             thing.close()
     if one_read_per_block:
-        # what is left (under a block if the header is right), as a block of its own
-        block, short = decode(snd, whole_blocks)
-        if not short:
-            raise _LongerThanDeclared()
+        # what is left, under a block, as a block of its own
+        block, _ = decode(snd, whole_blocks)
         _keep(out, block)
         return
     # past the last whole block: one pass until a short read, as _mono_blocks, its resampler
@@ -562,11 +571,7 @@ def _read_soundfile(
                 if plan is None or _ffmpeg_finds_more(reopen, snd.frames / rate):  # type: ignore[arg-type]
                     fh.seek(start)
                     return None
-                try:
-                    _decode_in_parallel(snd, reopen, threads, *plan, out, one_read_per_block=True)  # type: ignore[arg-type]
-                except _LongerThanDeclared:
-                    fh.seek(start)
-                    return None
+                _decode_in_parallel(snd, reopen, threads, *plan, out, one_read_per_block=True)  # type: ignore[arg-type]
                 return out
             if unknown or snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
                 # Long or wide input: down-mix and resample block by block so that only the 16

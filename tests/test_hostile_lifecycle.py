@@ -160,3 +160,57 @@ def test_the_deadline_stops_a_python_loop_and_calls_on_stuck_only_for_a_job_that
         signal.signal(signal.SIGUSR2, usr2)
     assert called.is_set(), "on_stuck never ran"
     assert signal.getsignal(signal.SIGALRM) is before
+
+
+def test_an_alarm_as_the_deadline_is_left_does_not_skip_its_clean_up():
+    """The alarm handled on ``__exit__``'s first line, before it disarms: raised there, it skipped
+    the clean-up, and the grace timer left running ended the process in the middle of the next
+    job. The handler is called with the frame it interrupts."""
+    import signal
+    from types import SimpleNamespace
+
+    from worker.deadline import JobDeadline, JobTimedOut
+
+    stuck: list[float] = []
+    deadline = JobDeadline(30, 0.2, lambda: stuck.append(time.monotonic()))
+    with deadline:
+        # the alarm lands on __exit__'s first line: ignored
+        deadline._alarm(signal.SIGALRM, SimpleNamespace(f_code=JobDeadline.__exit__.__code__))
+        # anywhere in the job: the job stops
+        with pytest.raises(JobTimedOut):
+            deadline._alarm(signal.SIGALRM, sys._getframe())
+    time.sleep(0.5)
+    assert not stuck
+
+
+def test_a_time_limit_while_decoding_threads_wind_down_waits_for_them():
+    """The job's alarm (a JobTimedOut raised in the main thread) arriving while the parallel
+    decoder waits for its threads after an error: raised there, the caller closed libsndfile
+    handles a thread was still reading, which can crash the process. The threads finish first."""
+    import signal
+    import threading
+
+    from engine import audio
+    from worker.deadline import JobTimedOut
+
+    finished = threading.Event()
+
+    def decode(handle: object, index: int):
+        if index == 0:
+            raise ValueError("a damaged block")
+        time.sleep(0.5)
+        finished.set()
+        return 0, False
+
+    def alarm(*_: object) -> None:
+        raise JobTimedOut("past its time limit")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.15)
+        with pytest.raises((JobTimedOut, ValueError)):
+            audio._blocks_in_order([object(), object()], 2, decode, audio._Collector(60))
+        assert finished.is_set(), "returned while a decoding thread still held its handle"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
