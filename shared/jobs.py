@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
 
@@ -159,25 +160,6 @@ _JobSummaryRecord = create_model(  # type: ignore[call-overload]
 )
 
 
-# Reads the records named by KEYS up to their result, server-side: each one's head (ARGV[1]
-# bytes) cut before ``,"result":`` and closed, for a record stored result last (JobRecord.to_json:
-# its last other field, ``_finished_ts``, comes before it); nil for any other (expired, written
-# by an earlier version with the result in the middle, or a head longer than ARGV[1]), which
-# the caller reads whole. The marker is a key: inside a JSON string its quotes are escaped.
-_SUMMARY_HEADS = """
-local heads = {}
-for i, key in ipairs(KEYS) do
-  local head = redis.call('GETRANGE', key, 0, tonumber(ARGV[1]) - 1)
-  local at = string.find(head, ',"result":', 1, true)
-  local last = string.find(head, '"_finished_ts":', 1, true)
-  if at and last and last < at then
-    heads[i] = string.sub(head, 1, at - 1) .. '}'
-  else
-    heads[i] = false
-  end
-end
-return heads
-"""
 # a record's fields but its result: about 1 KB; URLs, a stored embedding's numbers and long
 # names make it longer (at most some 25 KB, read whole past this)
 _SUMMARY_HEAD_BYTES = 32768
@@ -234,7 +216,9 @@ class JobStore:
         self.settings = settings or get_settings()
         self.prefix = self.settings.redis_key_prefix
         self.ttl = int(self.settings.result_expires_s)
-        self._summary_heads = client.register_script(_SUMMARY_HEADS)
+        # each record up to its result, cut in Redis (JobRecord.to_json stores it last)
+        self._summary_heads = RecordHeads(client, cut_before="result", last_before="_finished_ts",
+                                          head_bytes=_SUMMARY_HEAD_BYTES)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -324,7 +308,7 @@ class JobStore:
         # each record up to its result, cut in Redis: a listing or a batch's status of 1,000
         # finished diarizations read 104 MB of results it then skipped, in 1 s of the API's
         # event loop on every poll (the whole API stood still meanwhile)
-        heads = self._summary_heads(keys=[self._job_key(i) for i in ids], args=[_SUMMARY_HEAD_BYTES])
+        heads = self._summary_heads([self._job_key(i) for i in ids])
         missing = [i for i, head in zip(ids, heads) if head is None]
         whole = dict(zip(missing, self.redis.mget([self._job_key(i) for i in missing]))) if missing else {}
         raws = [head if head is not None else whole.get(i) for i, head in zip(ids, heads)]

@@ -33,6 +33,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InputError
+from shared.record_heads import RecordHeads
 from shared.settings import Settings
 
 FORMAT = "audio-analysis/voiceprint-v1"
@@ -183,25 +184,6 @@ end
 return redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
 """
 
-# Reads the voiceprints named by KEYS up to their vector, server-side: each one's head (ARGV[1]
-# bytes) cut before ``,"embedding":`` and closed, for one stored vector last (Voiceprint.to_json:
-# ``owner``, its last other field, comes before it); nil for any other (deleted, or stored by an
-# earlier version with the vector in the middle), which the caller reads whole. The marker is a
-# key: inside a JSON string (a label) its quotes are escaped.
-_SUMMARY_HEADS = """
-local heads = {}
-for i, key in ipairs(KEYS) do
-  local head = redis.call('GETRANGE', key, 0, tonumber(ARGV[1]) - 1)
-  local at = string.find(head, ',"embedding":', 1, true)
-  local last = string.find(head, '"owner":', 1, true)
-  if at and last and last < at then
-    heads[i] = string.sub(head, 1, at - 1) .. '}'
-  else
-    heads[i] = false
-  end
-end
-return heads
-"""
 # the fields but the vector: about 300 bytes, and a label of 200 four-byte characters 800 more
 _SUMMARY_HEAD_BYTES = 2048
 _CURSOR = re.compile(r"^(-?[0-9][0-9.e+-]{0,30}):(vp_[0-9a-f]{32})$")
@@ -231,7 +213,9 @@ class VoiceprintStore:
         self.prefix = prefix
         self.max_per_owner = max_per_owner
         self._page = client.register_script(_PAGE)
-        self._summary_heads = client.register_script(_SUMMARY_HEADS)
+        # each record up to its embedding, cut in Redis (Voiceprint.to_json stores it last)
+        self._summary_heads = RecordHeads(client, cut_before="embedding", last_before="owner",
+                                          head_bytes=_SUMMARY_HEAD_BYTES)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "VoiceprintStore":
@@ -311,7 +295,7 @@ class VoiceprintStore:
         ids, scores = flat[0::2], [float(x) for x in flat[1::2]]
         more = len(ids) > limit
         ids, scores = ids[:limit], scores[:limit]
-        heads = self._summary_heads(keys=[self._key(i) for i in ids], args=[_SUMMARY_HEAD_BYTES]) if ids else []
+        heads = self._summary_heads([self._key(i) for i in ids])
         missing = [i for i, head in zip(ids, heads) if head is None]
         whole = dict(zip(missing, self.redis.mget([self._key(i) for i in missing]))) if missing else {}
         raws = [head if head is not None else whole.get(i) for i, head in zip(ids, heads)]
