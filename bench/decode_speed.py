@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 import engine.audio as audio  # noqa: E402
+from evaluation.encoding import encode  # noqa: E402
 
 RATE = 44_100
 
@@ -48,17 +49,7 @@ def build(minutes: float, folder: Path) -> list[Path]:
         with sf.SoundFile(path, "w", RATE, 2, format=fmt) as out:
             for start in range(0, len(stereo), 10 * RATE):
                 out.write(stereo[start : start + 10 * RATE])
-    with av.open(str(paths[2]), "w", format="mp4") as out:
-        stream = out.add_stream("aac", rate=RATE, layout="stereo")
-        stream.bit_rate = 128_000
-        for start in range(0, len(stereo), 8192):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[start : start + 8192].T), format="fltp",
-                                               layout="stereo")
-            frame.sample_rate = RATE
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    encode(stereo, RATE, container="mp4", codec="aac", bit_rate=128_000, path=paths[2])
     return paths
 
 

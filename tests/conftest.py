@@ -4,6 +4,7 @@ in-process (TestClient), real audio, a webhook receiver and a media server (audi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -359,3 +360,24 @@ def variant_app(client, settings):
     yield make
     for c in opened:
         c.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str]) -> Iterator[str]:
+    """The API under a real uvicorn (api.serve) with ``keys`` as its API keys and no worker:
+    its base URL, for tests of what goes over the wire."""
+    import httpx
+
+    from cli.launcher import Stack, free_port, wait_until
+
+    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
+    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps(keys)
+    stack = Stack(env={**os.environ, **env}, log_dir=log_dir)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+        yield base
+    finally:
+        stack.stop()

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import api_under_uvicorn
+
 KEY = "head-and-paging-key-0123456789"
 OTHER = "head-and-paging-other-key-0123456789"
 
@@ -50,21 +52,8 @@ def keyed_api(settings) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def uvicorn_api(service_env, tmp_path_factory) -> Iterator[str]:
     """The API under a real uvicorn (api.serve) with API keys on; no worker."""
-    import httpx
-
-    from cli.launcher import Stack, free_port, wait_until
-
-    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
-    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps([KEY])
-    stack = Stack(env={**os.environ, **env}, log_dir=tmp_path_factory.mktemp("head-api"))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        proc = stack.start_api("127.0.0.1", port)
-        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("head-api"), [KEY]) as base:
         yield base
-    finally:
-        stack.stop()
 
 
 # --- HEAD answers like GET, without the body ------------------------------------------------------

@@ -19,6 +19,7 @@ import soundfile as sf
 
 import engine.audio as audio
 from engine.audio import SAMPLE_RATE, load_audio, resample
+from evaluation.encoding import encode
 
 SPEECH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "utterances"
 RATE = 44_100
@@ -138,18 +139,7 @@ def _write_at(path: Path, data: np.ndarray, rate: int, fmt: str, subtype: str | 
 
 
 def _lame(path: Path, data: np.ndarray, rate: int, bitrate: int) -> None:
-    layout = "mono" if data.shape[1] == 1 else "stereo"
-    with av.open(str(path), "w", format="mp3") as out:
-        stream = out.add_stream("libmp3lame", rate=rate, layout=layout)
-        stream.bit_rate = bitrate
-        for start in range(0, len(data), 4608):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[start : start + 4608].T), format="fltp",
-                                               layout=layout)
-            frame.sample_rate = rate
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
+    encode(data, rate, container="mp3", codec="libmp3lame", bit_rate=bitrate, path=path)
 
 
 def _whole_read(path: Path) -> np.ndarray:
@@ -220,18 +210,7 @@ def test_a_short_file_stays_in_one_pass(tmp_path: Path, stereo: np.ndarray, monk
 
 
 def _m4a(data: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("aac", rate=RATE, layout="stereo")
-        for start in range(0, len(data), 4096):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[start : start + 4096].T), format="fltp",
-                                               layout="stereo")
-            frame.sample_rate = RATE
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    return encode(data, RATE, container="mp4", codec="aac")
 
 
 def test_ffmpeg_decodes_to_the_mean_of_the_channels_resampled_as_one_stream(stereo: np.ndarray) -> None:

@@ -23,6 +23,7 @@ import soundfile as sf
 from engine.audio import MAX_SAMPLE_RATE, SAMPLE_RATE, STORAGE_DTYPE, Audio, load_audio, resample
 from shared.embedding_file import load_embedding
 from engine.core import Engine
+from evaluation.encoding import encode
 from shared.kinds import CompareParams, DiarizeParams, validate_params
 from shared.errors import AnalysisError, AudioDecodeError, AudioTooLongError, InputError
 from shared.settings import Settings
@@ -65,20 +66,7 @@ def mp3_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 
 def aac_bytes(samples: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     """AAC in ADTS: a format libsndfile does not read, so it exercises the PyAV path."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="adts") as container:
-        stream = container.add_stream("aac", rate=rate, layout="mono")
-        frame_size = 1024
-        pcm = np.asarray(samples, dtype=np.float32)
-        for start in range(0, len(pcm), frame_size):
-            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + frame_size], format="flt", layout="mono")
-            frame.sample_rate = rate
-            frame.pts = start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buf.getvalue()
+    return encode(np.asarray(samples, dtype=np.float32), rate, container="adts", codec="aac")
 
 
 def forged_wav(*, rate: int, channels: int = 1, bits: int = 16, fmt_tag: int = 1, data_size: int, payload: bytes) -> bytes:

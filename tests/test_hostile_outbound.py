@@ -16,6 +16,7 @@ import unicodedata
 import pytest
 
 from shared.formats import to_rttm, to_srt, to_webvtt
+from tests.conftest import api_under_uvicorn
 from tests.test_formats import read_rttm, read_srt, read_vtt
 
 # --- result formats -------------------------------------------------------------------------------
@@ -94,25 +95,10 @@ def test_verify_says_false_to_any_signature_header(signature):
 @pytest.fixture(scope="module")
 def page_api(service_env, tmp_path_factory):
     """The API under a real uvicorn with API keys on; no worker (nothing here runs a job)."""
-    import json
-    import os
-
-    import httpx
-
-    from cli.launcher import Stack, free_port, wait_until
     from tests.test_web import KEY
 
-    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
-    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps([KEY])
-    stack = Stack(env={**os.environ, **env}, log_dir=tmp_path_factory.mktemp("page-api"))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        proc = stack.start_api("127.0.0.1", port)
-        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("page-api"), [KEY]) as base:
         yield base
-    finally:
-        stack.stop()
 
 
 PAGES = ("/", "/docs", "/redoc")
