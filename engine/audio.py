@@ -202,14 +202,19 @@ class _StreamResampler:
     after, which only touches samples that are silent anyway).
     """
 
-    def __init__(self, orig_sr: int, out: _Collector) -> None:
+    def __init__(self, orig_sr: int, out: _Collector | _Offset) -> None:
         self.orig_sr, self.out = orig_sr, out
         self.resampler = None
-        self.consumed = 0  # input samples seen, to keep the output aligned across skipped blocks
+        # input samples seen and 16 kHz samples given to ``out``, to keep the output aligned
+        # across skipped blocks: counted here, so that ``out`` may already hold what came before
+        self.consumed = 0
+        self.emitted = 0
 
     def _emit(self, frames) -> None:
         for f in frames:
-            self.out.add(f.to_ndarray().reshape(-1))
+            chunk = f.to_ndarray().reshape(-1)
+            self.emitted += len(chunk)
+            self.out.add(chunk)
 
     def feed(self, block: np.ndarray) -> None:
         import av
@@ -220,7 +225,10 @@ class _StreamResampler:
             self.consumed += len(chunk)
             if not chunk.any():
                 self.flush()
-                self.out.skip(round(self.consumed * SAMPLE_RATE / self.orig_sr) - self.out.size)
+                silent = round(self.consumed * SAMPLE_RATE / self.orig_sr) - self.emitted
+                if silent > 0:
+                    self.out.skip(silent)
+                    self.emitted += silent
                 continue
             if self.resampler is None:
                 self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
@@ -310,15 +318,13 @@ def _decode_threads() -> int:
 
 
 class _Offset:
-    """A collector as seen by a resampler started ``drop`` output samples before the collector's
-    end: those are dropped, the rest passed on (``size`` counts what the resampler emitted, as
-    :class:`_StreamResampler` expects of a collector)."""
+    """A collector fed from ``drop`` 16 kHz samples before its end (a decode started a margin
+    early): those are dropped, the rest passed on."""
 
     def __init__(self, out: _Collector, drop: int) -> None:
-        self.out, self.drop, self.size = out, drop, 0
+        self.out, self.drop = out, drop
 
     def add(self, chunk: np.ndarray) -> None:
-        self.size += len(chunk)
         cut = min(self.drop, len(chunk))
         self.drop -= cut
         if cut < len(chunk):
@@ -326,10 +332,23 @@ class _Offset:
 
     def skip(self, n: int) -> None:
         if n > 0:
-            self.size += n
             cut = min(self.drop, n)
             self.drop -= cut
             self.out.skip(n - cut)
+
+
+def _one_pass(snd, out: _Collector, drop: int = 0) -> None:
+    """``snd`` from where it stands to its end, down-mixed and at 16 kHz, into ``out``; the first
+    ``drop`` 16 kHz samples (a margin decoded before where ``out`` stands) left out."""
+    sink = _Offset(out, drop) if drop else out
+    if snd.samplerate == SAMPLE_RATE:
+        for block in _mono_blocks(snd):
+            sink.add(block)
+        return
+    stream = _StreamResampler(snd.samplerate, sink)
+    for block in _mono_blocks(snd):
+        stream.feed(block)
+    stream.flush()
 
 
 def _parallel_plan(
@@ -346,7 +365,7 @@ def _parallel_plan(
     libsndfile's own seeks in FLAC, Vorbis and Opus were exact without any; MP3 needs more,
     :data:`_MP3_MARGIN_FRAMES`).
     """
-    if reopen is None or threads < 2 or not snd.seekable() or snd.frames >= UNKNOWN_FRAMES:
+    if reopen is None or threads < 2 or not snd.seekable() or snd.frames >= UNKNOWN_FRAMES:  # length unknown
         return None
     rate = snd.samplerate
     # blocks of 15 s, or a quarter of one pass's largest block for many channels: with one being
@@ -477,10 +496,6 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
     import soundfile as sf
 
     rate = snd.samplerate
-
-    def outputs(frames: int) -> int:  # 16 kHz samples of ``frames`` (a multiple of the step)
-        return frames * SAMPLE_RATE // rate
-
     whole_blocks = snd.frames // size
     handles: list = []
     opened: list = []
@@ -513,22 +528,12 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
         block, _ = decode(snd, whole_blocks)
         _keep(out, block)
         return
-    # past the last whole block: one pass until a short read, as _mono_blocks, its resampler
-    # started a margin early and what it gives for the margin dropped
+    # past the last whole block: one pass, started a margin early and what it gives for the
+    # margin dropped (a whole number of 16 kHz samples: the margin is in whole steps)
     tail = whole_blocks * size
     begin = max(0, tail - margin)
     snd.seek(begin)
-    if rate == SAMPLE_RATE:
-        skip = tail - begin
-        for block in _mono_blocks(snd):
-            if skip < len(block):
-                out.add(block[skip:])
-            skip = max(0, skip - len(block))
-        return
-    stream = _StreamResampler(rate, _Offset(out, outputs(tail - begin)))  # type: ignore[arg-type]
-    for block in _mono_blocks(snd):
-        stream.feed(block)
-    stream.flush()
+    _one_pass(snd, out, drop=(tail - begin) * SAMPLE_RATE // rate)
 
 
 def _read_soundfile(
@@ -556,6 +561,12 @@ def _read_soundfile(
                 )
             rate = snd.samplerate
             out = _Collector(max_duration, None if unknown else snd.frames / rate)
+            # Long or wide input: down-mixed and resampled block by block so that only the 16 kHz
+            # mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise take 1.4
+            # GB as float32 before down-mixing, a 1 GB 64-channel one 5.5 GB); on several cores
+            # where the file allows (_parallel_plan)
+            long = unknown or snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES
+            threads = _decode_threads()
             if snd.format == "MP3":
                 # libsndfile 1.2.2 (soundfile's own) corrupts a low-bitrate MP3 where one read
                 # ends and the next begins: every minute of a 32 kbps file read by the minute, up
@@ -565,30 +576,18 @@ def _read_soundfile(
                 # has primed the decoder, so a long MP3 is decoded in parallel blocks of one read
                 # each; anything else (a short file, one core, a file longer than its header
                 # says) goes to FFmpeg, which decodes as one whole read of libsndfile's does.
-                threads = _decode_threads()
-                long = snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES
-                plan = _parallel_plan(snd, reopen, threads, _MP3_MARGIN_FRAMES) if long and not unknown else None
+                plan = _parallel_plan(snd, reopen, threads, _MP3_MARGIN_FRAMES) if long else None
                 if plan is None or _ffmpeg_finds_more(reopen, snd.frames / rate):  # type: ignore[arg-type]
                     fh.seek(start)
                     return None
                 _decode_in_parallel(snd, reopen, threads, *plan, out, one_read_per_block=True)  # type: ignore[arg-type]
                 return out
-            if unknown or snd.frames > _LONG_FILE_S * rate or snd.frames * snd.channels > _WHOLE_FILE_SAMPLES:
-                # Long or wide input: down-mix and resample block by block so that only the 16
-                # kHz mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise
-                # take 1.4 GB as float32 before down-mixing, a 1 GB 64-channel one 5.5 GB).
-                threads = _decode_threads()
-                plan = None if unknown else _parallel_plan(snd, reopen, threads)
+            if long:
+                plan = _parallel_plan(snd, reopen, threads)
                 if plan is not None:
                     _decode_in_parallel(snd, reopen, threads, *plan, out)  # type: ignore[arg-type]
-                elif rate == SAMPLE_RATE:
-                    for block in _mono_blocks(snd):
-                        out.add(block)
                 else:
-                    stream = _StreamResampler(rate, out)
-                    for block in _mono_blocks(snd):
-                        stream.feed(block)
-                    stream.flush()
+                    _one_pass(snd, out)
                 return out
             mono = np.concatenate(list(_mono_blocks(snd)) or [np.zeros(0, dtype=np.float32)])
     except sf.LibsndfileError:
@@ -672,7 +671,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     rate = frame.sample_rate
                     converter = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
                     # a stream of its own from where the collector stands
-                    to_16k = None if rate == SAMPLE_RATE else _StreamResampler(rate, _Offset(collected, 0))  # type: ignore[arg-type]
+                    to_16k = None if rate == SAMPLE_RATE else _StreamResampler(rate, collected)
                     fifo = av.AudioFifo()
                     channels = max(1, len(frame.layout.channels))
                     block = max(1, min(10 * rate, _BLOCK_SAMPLES // channels))
