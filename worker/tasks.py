@@ -13,7 +13,6 @@ retried; the worker keeps going. Audio given by URL is fetched here, at the star
 
 from __future__ import annotations
 
-
 import logging
 import os
 import time
@@ -331,9 +330,14 @@ def _stuck(jobs: JobStore, storage: Storage, job_id: str, attempt: int, error: P
             _notify(record)
     except Exception:  # noqa: BLE001 - Redis away: the lease lapses and recovery takes the job
         log.exception("job %s: could not record its failure", job_id)
+    _end_process(JOB_STUCK_EXIT)
+
+
+def _end_process(status: int) -> None:
+    """Exit this pool process now, its log written out first (``os._exit`` runs no clean-up)."""
     for handler in logging.getLogger().handlers:
         handler.flush()
-    os._exit(JOB_STUCK_EXIT)
+    os._exit(status)
 
 
 def _device_works() -> bool:
@@ -354,9 +358,7 @@ def _exit_for_device(job_id: str) -> None:
     worker exits whole and is restarted by its supervisor (compose, Kubernetes)."""
     log.critical("job %s: the CUDA device failed and stays failed in this process; exiting so that a fresh "
                  "process runs the job again", job_id, exc_info=True)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    os._exit(DEVICE_LOST_EXIT)
+    _end_process(DEVICE_LOST_EXIT)
 
 
 def _internal_error(job_id: str) -> ProcessingError:
