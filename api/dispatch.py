@@ -187,9 +187,11 @@ class Dispatcher:
         is stored: nothing refused is written, and an S3 backend is never read back."""
         keys: dict[str, str] = {}
         budget = self.settings.max_upload_bytes
+        storing = False
         try:
             await self.check_audio_limits(uploads.values(), sync=sync)
             for name, upload in uploads.items():
+                storing = True
                 try:
                     key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
                 except OSError as exc:
@@ -201,7 +203,10 @@ class Dispatcher:
                 keys[name] = key
                 budget -= upload.size if upload.size is not None else 0
         except BaseException:
-            self.storage.delete_job(job_id)
+            # only once something may have been stored: a refusal by the header check (415, 413)
+            # stored nothing, and was a 500 when a failing bucket refused the clean-up as well
+            if storing:
+                await self.delete_uploads(job_id)
             raise
         finally:
             for upload in uploads.values():
@@ -233,13 +238,14 @@ class Dispatcher:
             record = await run_in_threadpool(self.store.create, record)
         except BaseException:
             # job store down (503): no job exists, so no upload may stay behind
-            self.storage.delete_job(job_id)
+            await self.delete_uploads(job_id)
             raise
         try:
             await run_in_threadpool(send_job, self.celery, submission.kind, job_id, self.settings.queue_name)
         except Exception as exc:  # noqa: BLE001 - broker down: the job never existed for a worker
-            self.storage.delete_job(job_id)
-            self.store.finish(job_id, FAILED, error=ModelError(f"could not enqueue: {exc}").body())
+            await self.delete_uploads(job_id)
+            await run_in_threadpool(functools.partial(
+                self.store.finish, job_id, FAILED, error=ModelError(f"could not enqueue: {exc}").body()))
             raise ModelError(f"job queue unavailable: {exc}") from exc
         with logs.bound(job_id=job_id, kind=submission.kind.name):
             log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
@@ -322,17 +328,21 @@ class Dispatcher:
             raise JobNotFound(f"no job {job_id} (unknown or expired)")
         return record
 
+    async def aget(self, job_id: str, principal: Principal | None = None) -> JobRecord:
+        """:meth:`get` off the event loop (the routes' way to read a record)."""
+        return await run_in_threadpool(self.get, job_id, principal)
+
     async def cancel(self, job_id: str, principal: Principal | None = None) -> JobRecord:
-        record = self.get(job_id, principal)
+        record = await self.aget(job_id, principal)
         if record.ended:
             raise JobConflict(f"job {job_id} already {record.status}")
-        cancelled, changed = self.store.finish(job_id, CANCELLED)
+        cancelled, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED)
         if not changed or cancelled is None:
             raise JobConflict(f"job {job_id} already {cancelled.status if cancelled else 'gone'}")
         # a queued job is dropped by the worker that receives it (revoke, plus the task's own
         # check of the record); a running diarization stops at its next progress report
         await run_in_threadpool(self.celery.control.revoke, job_id)
-        self.storage.delete_job(job_id)
+        await self.delete_uploads(job_id)
         if cancelled.webhook_url:
             await run_in_threadpool(send_webhook, self.celery, job_id, self.settings)
         return cancelled
@@ -342,7 +352,23 @@ class Dispatcher:
         _, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED)
         if changed:
             await run_in_threadpool(self.celery.control.revoke, job_id)
-        self.storage.delete_job(job_id)
+        await self.delete_uploads(job_id)
+
+    async def delete_uploads(self, job_id: str) -> None:
+        """Delete a job's uploads in a thread, shielded from cancellation, and never as the
+        request's error.
+
+        On the event loop, an S3 bucket's two requests (with botocore's retries) held every
+        other request of every client for as long as the bucket took: 6 s of a frozen API for
+        one cancel with a bucket 3 s slow a call. A bucket that failed them turned a cancel that
+        had happened into a 500 (its webhook never sent) and a refused upload's 415 into one.
+        What stays behind is swept by the workers after ``upload_expires_s``."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self.storage.delete_job, job_id)
+        except Exception as exc:  # noqa: BLE001 - the sweep removes what is left
+            log.warning("uploads of job %s not deleted now (%s: %s); the workers' sweep removes them",
+                        job_id, type(exc).__name__, one_line(str(exc))[:300])
 
     async def close(self) -> None:
         if self._aredis is not None:

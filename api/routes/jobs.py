@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.dispatch import summary_view, view
@@ -104,14 +106,15 @@ async def list_jobs(
     """The caller's own jobs (an admin key: everyone's), each without its result: GET
     /jobs/{id} or /jobs/{id}/result gives it (a listing of finished diarizations was megabytes)."""
     limit = min(limit, settings.jobs_list_limit)
-    records = dispatcher.store.recent(limit, status=status, kind=kind, owner=principal.list_owner, summaries=True)
+    records = await run_in_threadpool(functools.partial(
+        dispatcher.store.recent, limit, status=status, kind=kind, owner=principal.list_owner, summaries=True))
     jobs = [summary_view(r, base) for r in records if principal.can_see(r)]
     return {"jobs": jobs, "count": len(jobs)}
 
 
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
 async def get_job(job_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
-    return view(dispatcher.get(job_id, principal), base)
+    return view(await dispatcher.aget(job_id, principal), base)
 
 
 _RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -136,7 +139,7 @@ async def get_result(
 ) -> Response:
     """The result alone, in the format asked for. SRT and WebVTT cues carry each turn's speaker
     (its identity when one was found); another key's job is 404, like an unknown one."""
-    record = dispatcher.get(job_id, principal)
+    record = await dispatcher.aget(job_id, principal)
     kind = get_kind(record.kind)
     kind.check_format(format)
     if record.status != SUCCEEDED or record.result is None:
@@ -161,7 +164,9 @@ async def cancel_job(job_id: str, dispatcher: DispatcherDep, principal: Principa
 @batches.get("/{batch_id}", response_model=Batch, summary="Status of every job of a batch")
 async def get_batch(batch_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
     """Every job without its result (GET /jobs/{id}/result gives each), and counts per status."""
-    records = [r for r in dispatcher.store.batch(batch_id, summaries=True) if principal.can_see(r)] if is_job_id(batch_id) else []
+    found = await run_in_threadpool(functools.partial(dispatcher.store.batch, batch_id, summaries=True)) \
+        if is_job_id(batch_id) else []
+    records = [r for r in found if principal.can_see(r)]
     if not records:
         raise JobNotFound(f"no batch {batch_id} (unknown or expired)")
     return _batch_body(base, batch_id, records[0].kind, records)

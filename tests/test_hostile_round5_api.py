@@ -1,0 +1,248 @@
+"""A fifth round at the API's HTTP edge, against real processes: the API under a real uvicorn
+(api.serve), the session's Redis, an S3-speaking server (moto's, on 127.0.0.1) behind a proxy
+that can make the bucket slow or failing, as a real one sometimes is.
+
+Each test fails on the code before its fix:
+
+* a cancel (``POST /jobs/{id}/cancel``) deleted the job's upload from the bucket on the API's
+  event loop: while a slow bucket answered, every other request of every client (``/health``
+  included) waited, 6 s of a frozen API for a bucket 3 s slow per call;
+* a bucket that failed to delete (its retries spent) turned a cancel that had happened into a
+  500, and the cancelled job's webhook was never sent; a refused upload (415, 413) turned into a
+  500 the same way, in the clean-up of what it had not even stored.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+KEY = "round5-key-0123456789"
+BUCKET = "round5-uploads"
+PREFIX = "aa-round5"
+QUEUE, WEBHOOK_QUEUE = "audio-round5", "webhooks-round5"  # nobody consumes them: jobs stay queued
+
+
+def _assert_error(r, status: int) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert set(r.json()) == ERROR_KEYS, r.text
+
+
+def _tiny_wav(seconds: float = 1.0) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+# --- a bucket that can be slow or fail ----------------------------------------------------------
+
+
+class BucketProxy:
+    """Forwards every request to moto's S3 server; a request that deletes (the listing a job's
+    deletion starts with, DeleteObjects, DeleteObject) first waits ``delay_s``, or is answered
+    503 when ``failing`` (botocore retries it, then gives up)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.delay_s = 0.0
+        self.failing = False
+        self.deletes = 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                deleting = self.command == "DELETE" or "list-type=" in self.path or \
+                    (self.command == "POST" and "delete" in self.path.split("?", 1)[-1])
+                if deleting:
+                    proxy.deletes += 1
+                    if proxy.failing:
+                        payload = b"<Error><Code>SlowDown</Code><Message>try later</Message></Error>"
+                        self.send_response(503)
+                        self.send_header("Content-Length", str(len(payload)))
+                        self.end_headers()
+                        self.wfile.write(payload)
+                        return
+                    time.sleep(proxy.delay_s)
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for k, v in answer.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def bucket() -> Iterator[BucketProxy]:
+    from moto.server import ThreadedMotoServer
+
+    from cli.launcher import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import boto3
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                 aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket=BUCKET)
+    proxy = BucketProxy(port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_api(service_env, settings, bucket, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn, its uploads in the bucket behind the proxy, with an API key,
+    on queues nobody consumes; its own key prefix on the session's Redis."""
+    import httpx
+    import redis
+
+    from cli.launcher import Stack, free_port, wait_until
+
+    env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_STORAGE_BACKEND": "s3",
+           "AUDIO_ANALYSIS_S3_BUCKET": BUCKET, "AUDIO_ANALYSIS_S3_ENDPOINT_URL": bucket.url,
+           "AUDIO_ANALYSIS_S3_REGION": "us-east-1", "AUDIO_ANALYSIS_S3_ADDRESSING_STYLE": "path",
+           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
+           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
+           "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true"}
+    r = redis.Redis.from_url(settings.redis_url)
+    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("round5-s3-api"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
+            client.proc = proc  # type: ignore[attr-defined]
+            client.log_dir = stack.log_dir  # type: ignore[attr-defined]
+            yield client
+    finally:
+        stack.stop()
+        for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
+            r.delete(key)
+        r.delete(QUEUE, WEBHOOK_QUEUE)
+
+
+def _objects(bucket_proxy: BucketProxy, prefix: str = "") -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=bucket_proxy.url, region_name="us-east-1",
+                      aws_access_key_id="test", aws_secret_access_key="test")
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
+
+
+def test_a_slow_bucket_never_freezes_the_api_during_a_cancel(s3_api, bucket):
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert any(job_id in k for k in _objects(bucket)), "the upload is in the bucket"
+
+    bucket.delay_s = 3.0
+    answered: dict[str, Any] = {}
+    try:
+        cancelling = threading.Thread(target=lambda: answered.update(r=s3_api.post(f"/jobs/{job_id}/cancel")))
+        cancelling.start()
+        time.sleep(0.5)  # the cancel is waiting on the bucket now
+        slowest = 0.0
+        while cancelling.is_alive():
+            started = time.monotonic()
+            assert s3_api.get("/health").status_code == 200
+            slowest = max(slowest, time.monotonic() - started)
+            time.sleep(0.1)
+        cancelling.join()
+    finally:
+        bucket.delay_s = 0.0
+    print(f"\nslowest /health while a cancel waited 3 s per call on the bucket: {slowest:.2f} s")
+    assert answered["r"].status_code == 200, answered["r"].text
+    assert answered["r"].json()["status"] == "cancelled"
+    # the event loop held for the bucket's whole answer: 3 s and more, per call
+    assert slowest < 1.0, f"the API stood still {slowest:.1f} s while one cancel talked to the bucket"
+    assert not any(job_id in k for k in _objects(bucket)), "the upload was still deleted"
+
+
+def test_a_failing_bucket_neither_fails_a_cancel_nor_loses_its_webhook(s3_api, bucket, settings):
+    import redis
+
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+                    data={"webhook_url": "http://127.0.0.1:8080/hook"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    broker = redis.Redis.from_url(settings.redis_url)
+    webhooks_before = broker.llen(WEBHOOK_QUEUE)
+
+    bucket.failing = True
+    try:
+        answered = s3_api.post(f"/jobs/{job_id}/cancel")
+    finally:
+        bucket.failing = False
+    # the cancel happened (the record says so, the worker drops the job): the client is told so,
+    # not "internal server error" for a clean-up the workers' sweep does anyway
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["status"] == "cancelled"
+    assert s3_api.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    # and the webhook that says so is on its way
+    assert broker.llen(WEBHOOK_QUEUE) == webhooks_before + 1, "the cancelled job's webhook was never sent"
+    assert s3_api.post(f"/jobs/{job_id}/cancel").status_code == 409
+
+
+def _with_rate(wav: bytes, rate: int) -> bytes:
+    """The same PCM WAV with another sample rate in its (44-byte) header."""
+    import struct
+
+    return wav[:24] + struct.pack("<II", rate, rate * 2) + wav[32:]
+
+
+@pytest.mark.parametrize("what", ["empty", "1 Hz"])
+def test_a_refused_upload_is_its_4xx_while_the_bucket_fails(s3_api, bucket, what):
+    body = b"" if what == "empty" else _with_rate(_tiny_wav(), 1)
+    bucket.failing = True
+    try:
+        r = s3_api.post("/jobs/embedding", files={"file": ("x.wav", body, "audio/wav")})
+    finally:
+        bucket.failing = False
+    # refused before a byte was stored: nothing to clean up, and no bucket to blame
+    _assert_error(r, 415)
