@@ -367,11 +367,13 @@ class JobStore:
         return counts
 
     # --- transitions ------------------------------------------------------------------------
-    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+    def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None],
+               also: Callable[[Any, JobRecord], None] | None = None) -> JobRecord | None:
         """Apply ``change`` atomically; it returns the new record or None to leave it as is.
 
         ``change`` gets a copy it may modify. Returns the record as stored afterwards (None
-        when the job does not exist).
+        when the job does not exist). ``also(pipe, new_record)`` queues further commands in the
+        same transaction (written with the record or not at all).
         """
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:
@@ -389,6 +391,8 @@ class JobStore:
                         return current
                     pipe.multi()
                     pipe.set(key, changed.to_json(), keepttl=True)
+                    if also is not None:
+                        also(pipe, changed)
                     pipe.execute()
                     return changed
                 except redis.WatchError:
@@ -455,12 +459,15 @@ class JobStore:
 
     def finish(
         self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: JobError | None = None,
-        attempt: int | None = None,
+        attempt: int | None = None, notify: bool = False,
     ) -> tuple[JobRecord | None, bool]:
         """Move to a terminal status unless already terminal. Returns (record, changed).
 
         With ``attempt``, only while the job is still at that attempt: a worker whose lease was
         lost (it stalled, another worker started the job again) must not write its outcome.
+        With ``notify``, a job with a webhook gets its delivery's due time in the same
+        transaction (:meth:`webhook_due`): a process that dies between recording the end and
+        queueing the delivery leaves it to the recovery pass, not to the broker's 6 h.
         """
         assert status in TERMINAL
         changed_flag = False
@@ -478,11 +485,58 @@ class JobStore:
                 update["progress"] = 1.0
             return r.model_copy(update=update)
 
-        record = self.update(job_id, change)
+        def also(pipe: Any, record: JobRecord) -> None:
+            if notify and record.webhook_url:
+                pipe.zadd(self._webhooks_due(), {job_id: time.time() + self.webhook_grace_s()})
+
+        record = self.update(job_id, change, also)
         if changed_flag and record is not None:
             self.redis.srem(self._running_set(), job_id)
             self._count_finished(record)
         return record, changed_flag
+
+    # --- webhook deliveries that must still happen -----------------------------------------------
+    # A delivery is a Celery message acked late: a worker killed while it delivers, or while it
+    # holds the delivery's retry for its countdown, leaves the message unacked, and the broker
+    # hands it out again only after its visibility timeout (6 h). So every delivery owed has a
+    # due time here: the time by which its task must have been heard from again (started, retried,
+    # done). The recovery pass (worker/recovery.py) sends again those past due.
+    def _webhooks_due(self) -> str:
+        return self.key("webhooks", "due")
+
+    def webhook_grace_s(self) -> float:
+        """How long past its expected start a delivery may be silent before it is presumed lost:
+        an attempt's own deadline plus a lease's period (queueing, a slow start)."""
+        return float(self.settings.webhook_deadline_s) + float(self.settings.job_lease_s)
+
+    def webhook_due(self, job_id: str, in_s: float, *, keep_earlier: bool = False) -> None:
+        """The delivery of ``job_id`` is owed and must be heard from within ``in_s`` seconds
+        (``keep_earlier``: an earlier due time already set stays)."""
+        self.redis.zadd(self._webhooks_due(), {job_id: time.time() + in_s}, nx=keep_earlier)
+
+    def webhook_settled(self, job_id: str) -> None:
+        """Delivered, failed for good, or nothing to deliver: no longer owed."""
+        self.redis.zrem(self._webhooks_due(), job_id)
+
+    def webhooks_past_due(self, limit: int = 100) -> list[str]:
+        return list(self.redis.zrangebyscore(self._webhooks_due(), "-inf", time.time(), start=0, num=limit))
+
+    _TAKE_OVER = """
+    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
+    return 1
+    """
+
+    def take_over_webhook(self, job_id: str, task_id: str, next_in_s: float) -> bool:
+        """Atomically, if the delivery of ``job_id`` is past due: make ``task_id`` its owner (the
+        claim a delivery task checks, so a late copy of the lost one stops) and set its next due
+        time. False when it is not past due (delivered, or another worker took it over first)."""
+        now = time.time()
+        taken = self.redis.eval(self._TAKE_OVER, 2, self._webhooks_due(), self.key("webhook", job_id, "claim"),
+                                job_id, repr(now), repr(now + next_in_s), task_id, str(max(1, self.ttl)))
+        return bool(taken)
 
     def set_webhook(self, job_id: str, **fields: Any) -> None:
         def change(r: JobRecord) -> JobRecord | None:

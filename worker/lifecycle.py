@@ -114,9 +114,11 @@ def _heartbeat_loop(stop: threading.Event) -> None:
             store.heartbeat(worker_name(), heartbeat_info(), ttl_s=interval * 3)
             if time.monotonic() >= next_recovery:
                 # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
-                from worker.recovery import recover_stalled_jobs
+                from worker.recovery import recover_lost_deliveries, recover_stalled_jobs
 
                 recover_stalled_jobs(store, storage, settings)
+                # webhook deliveries whose worker died while it delivered or held a retry
+                recover_lost_deliveries(store, settings)
                 next_recovery = time.monotonic() + settings.job_recovery_interval_s
             if time.monotonic() >= next_sweep:
                 # uploads of jobs that never reached a worker (expired, purged queue)

@@ -69,3 +69,27 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
             log.warning("job %s: its worker is gone (lease expired); queued again after attempt %d", job_id, attempt)
             handled.append(job_id)
     return handled
+
+
+def recover_lost_deliveries(store: JobStore, settings: Settings) -> list[str]:
+    """One pass over webhook deliveries past their due time (``JobStore.webhook_due``): each is
+    sent again under a new task id, which takes over the delivery's claim, so the lost task's
+    message, handed out again by the broker hours later, stops at its claim. Returns the job ids."""
+    import uuid
+
+    from shared.queue import WEBHOOK_TASK
+    from worker.tasks import app
+
+    handled: list[str] = []
+    # a delivery not heard from again by then is sent once more (a backlog of deliveries in the
+    # queue costs a second message each, which stops at the claim)
+    again_in = store.webhook_grace_s() + float(settings.webhook_backoff_max_s)
+    for job_id in store.webhooks_past_due():
+        task_id = uuid.uuid4().hex
+        if not store.take_over_webhook(job_id, task_id, again_in):
+            continue  # settled meanwhile, or another worker's pass took it
+        app.send_task(WEBHOOK_TASK, args=(job_id,), task_id=task_id, queue=settings.webhook_queue_name)
+        log.warning("job %s: its webhook delivery was not heard from past its due time (its worker died?); "
+                    "sent again", job_id)
+        handled.append(job_id)
+    return handled

@@ -166,7 +166,7 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
 
 def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, detail: str) -> JobRecord | None:
     """Fail a job whose workers kept dying: delete its upload, send its webhook."""
-    record, changed = jobs.finish(job_id, FAILED, error=ProcessingError(detail).body(), attempt=attempt)
+    record, changed = jobs.finish(job_id, FAILED, error=ProcessingError(detail).body(), attempt=attempt, notify=True)
     if changed:
         storage.delete_job(job_id)
         _notify(record)
@@ -289,7 +289,7 @@ def _run_leased(
         if outcome is not None:
             status, result, error = outcome
             record, _ = jobs.finish(job_id, status, result=result, error=error.body() if error else None,
-                                    attempt=attempt)
+                                    attempt=attempt, notify=True)
         else:
             record = jobs.get(job_id)
     except redis.RedisError as exc:
@@ -324,7 +324,7 @@ def _stuck(jobs: JobStore, storage: Storage, job_id: str, attempt: int, error: P
     ``job_max_attempts`` times. Runs in the deadline's timer thread."""
     log.critical("job %s: stuck past its time limit (%s); failing it and ending this process", job_id, error.detail)
     try:
-        record, changed = jobs.finish(job_id, FAILED, error=error.body(), attempt=attempt)
+        record, changed = jobs.finish(job_id, FAILED, error=error.body(), attempt=attempt, notify=True)
         if changed and record is not None:
             storage.delete_job(job_id)
             _notify(record)
@@ -447,6 +447,13 @@ def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
 
 def _notify(record: JobRecord) -> None:
     if record.webhook_url and record.ended:
+        # owed from now on (a job cancelled by the API while it ran, a redelivered copy of an
+        # ended job): if this message is lost with its worker, the recovery pass sends it again.
+        # An earlier due time stays (finish set one for the job's own end)
+        try:
+            store().webhook_due(record.job_id, store().webhook_grace_s(), keep_earlier=True)
+        except redis.RedisError as exc:
+            log.warning("job %s: the webhook's due time was not recorded (%s)", record.job_id, exc)
         deliver_webhook.apply_async((record.job_id,), queue=settings.webhook_queue_name)
 
 
@@ -485,38 +492,48 @@ def webhook_payload(record: JobRecord) -> dict[str, Any]:
     return {k: v for k, v in record.public().items() if k not in leave_out}
 
 
-@app.task(
-    bind=True,
-    name=WEBHOOK_TASK,
-    autoretry_for=(webhooks.WebhookDeliveryError,),
-    retry_backoff=settings.webhook_backoff_s,
-    retry_backoff_max=settings.webhook_backoff_max_s,
-    retry_jitter=False,
-    max_retries=settings.webhook_max_retries,
-)
+def webhook_countdown(attempt: int) -> float:
+    """Seconds before the retry that follows failed attempt ``attempt``: webhook_backoff_s,
+    doubling, capped at webhook_backoff_max_s (what Celery's retry_backoff counted)."""
+    return float(min(settings.webhook_backoff_max_s, settings.webhook_backoff_s * 2 ** max(0, attempt - 1)))
+
+
+@app.task(bind=True, name=WEBHOOK_TASK, max_retries=settings.webhook_max_retries)
 def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
-    """POST the finished job to its webhook once, retrying with exponential backoff."""
+    """POST the finished job to its webhook once, retrying with exponential backoff.
+
+    Every delivery owed has a due time in Redis (``JobStore.webhook_due``), pushed on as the task
+    starts and as it schedules a retry, and cleared once delivered or failed for good: a worker
+    killed while delivering (or while holding the retry) leaves it past due, and the recovery
+    pass sends it again under a new task id (worker/recovery.py), which the claim below lets
+    through and a late copy of the lost task does not."""
     jobs = store()
     delivered = jobs.key("webhook", job_id, "delivered")
     claim = jobs.key("webhook", job_id, "claim")
     try:
         record = jobs.get(job_id)
         if record is None or not record.webhook_url:
+            jobs.webhook_settled(job_id)
             return {"job_id": job_id, "delivered": False, "reason": "no job or no webhook"}
         if jobs.redis.exists(delivered):
+            jobs.webhook_settled(job_id)
             return {"job_id": job_id, "delivered": False, "reason": "already delivered"}
         # one delivery task owns each job: a redelivered job enqueues a second delivery task, which
         # stops here, while the owner's own retries (same task id) pass
         if not jobs.redis.set(claim, self.request.id, nx=True, ex=jobs.ttl) and jobs.redis.get(claim) != self.request.id:
             return {"job_id": job_id, "delivered": False, "reason": "another delivery owns this job"}
+        # counted from the record too: a delivery task redelivered after its worker died starts its
+        # own retry count again, the receiver's count goes on
+        attempt = max(self.request.retries, record.webhook.attempts if record.webhook else 0) + 1
+        # recorded before the POST: a worker killed during it still counts the attempt (the next
+        # says it is the next, and the retries stay bounded however often that happens)
+        jobs.webhook_due(job_id, jobs.webhook_grace_s())
+        jobs.set_webhook(job_id, attempts=attempt)
     except redis.RedisError as exc:
         # raised, this acked the delivery's only message: the webhook was never sent. Handed
         # back, the same message (same task id, so its claim still passes) runs again
         raise _not_started(self, job_id, exc) from None
 
-    # counted from the record too: a delivery task redelivered after its worker died starts its
-    # own retry count again, the receiver's count goes on
-    attempt = max(self.request.retries, record.webhook.attempts if record.webhook else 0) + 1
     try:
         code = webhooks.post(
             record.webhook_url, job_id, webhook_payload(record), settings.webhook_secret.get_secret_value(),
@@ -524,11 +541,15 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
             deadline_s=settings.webhook_deadline_s,
         )
     except webhooks.WebhookDeliveryError as exc:
-        final = self.request.retries >= self.max_retries
+        final = attempt > self.max_retries
         jobs.set_webhook(job_id, status="failed" if final else "retrying", attempts=attempt, last_error=str(exc))
         if final:
+            jobs.webhook_settled(job_id)
             return {"job_id": job_id, "delivered": False}
-        raise
+        countdown = webhook_countdown(attempt)
+        jobs.webhook_due(job_id, countdown + jobs.webhook_grace_s())
+        raise self.retry(exc=exc, countdown=countdown) from None
     if jobs.redis.set(delivered, utc_now(), nx=True, ex=jobs.ttl):
         jobs.set_webhook(job_id, status="delivered", attempts=attempt, delivered_at=utc_now(), last_error=None)
+    jobs.webhook_settled(job_id)
     return {"job_id": job_id, "delivered": True, "status_code": code, "attempts": attempt}

