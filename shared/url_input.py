@@ -258,7 +258,16 @@ def check_media_url(url: str, field: str, settings: Settings, timeout: float | N
 def _next_hop(response: httpx.Response, field: str, settings: Settings, deadline: float | None = None) -> str:
     """Where a redirect points, checked like the URL the caller gave (its host resolved before
     the download's deadline)."""
-    target = response.url.join(response.headers["location"])
+    location = response.headers.get("location", "").strip()
+    if not location:
+        # a 3xx with nothing to follow: the server's answer, told as such (a KeyError here failed
+        # the job as the service's own "internal error")
+        raise UrlFetchError(f"{field}: {redact(str(response.url))} answered {_status(response.status_code)} "
+                            "without a Location to follow")
+    try:
+        target = response.url.join(location)
+    except (httpx.InvalidURL, ValueError):
+        raise UrlFetchError(f"{field}: {redact(str(response.url))} redirected to a Location that is not a URL") from None
     nxt = str(target)
     if response.url.scheme == "https" and target.scheme != "https":
         raise UrlFetchError(f"{field}: redirect from https to {redact(nxt)} refused (no downgrade to http)")

@@ -248,6 +248,30 @@ def test_a_worker_killed_while_it_holds_a_deliverys_retry_loses_no_delivery(rig,
     assert record["webhook"]["status"] == "delivered" and record["webhook"]["attempts"] == 2, record
 
 
+def _one_worker(rig: Rig, name: str) -> None:
+    """``name`` the only worker of the rig (any other killed)."""
+    for other in [n for n in rig.workers if n != name]:
+        rig.kill(other)
+    if name not in rig.workers:
+        rig.worker(name)
+
+
+def test_a_redirect_without_a_location_is_the_servers_answer_not_an_internal_error(rig, media_server):
+    """A media server answering 302 with no Location: the worker raised KeyError('location'),
+    and the job failed as the service's own fault ("internal error ... look it up in the worker's
+    log", status 500). It is the server's answer, told as such: a 422 naming the field."""
+    _one_worker(rig, "plain")
+    url = media_server.route("/r5/nowhere.wav", lambda h: h.answer(302, b"", None))
+    r = rig.client.post("/jobs/embedding", data={"file_url": url})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(rig.client, r.json()["job_id"], timeout_s=60)
+    assert done["status"] == "failed", done
+    error = done["error"]
+    assert error["status_code"] == 422 and error["error_type"] == "ValidationError", error
+    assert "file_url" in error["detail"] and "302 Found without a Location" in error["detail"], error
+    assert "internal error" not in error["detail"]
+
+
 if __name__ == "__main__":
     # a Celery worker that dies (os._exit: no clean-up, no ack, as SIGKILL) at one point of the
     # life cycle, named by R5_DIE_AT; everything else in it is the real worker
