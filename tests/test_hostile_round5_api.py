@@ -14,7 +14,9 @@ Each test fails on the code before its fix:
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import json
 import os
 import threading
@@ -132,39 +134,54 @@ def bucket() -> Iterator[BucketProxy]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def s3_api(service_env, settings, bucket, tmp_path_factory) -> Iterator[Any]:
-    """The API under a real uvicorn, its uploads in the bucket behind the proxy, with an API key,
-    on queues nobody consumes; its own key prefix on the session's Redis."""
+@contextlib.contextmanager
+def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, **extra: str) -> Iterator[Any]:
+    """The API under a real uvicorn (api.serve) with an API key, on queues nobody consumes and a
+    key prefix of its own on the session's Redis: an httpx client with the key, ``.proc`` its
+    process, ``.port`` its port."""
     import httpx
     import redis
 
     from cli.launcher import Stack, free_port, wait_until
 
     env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
-           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_STORAGE_BACKEND": "s3",
-           "AUDIO_ANALYSIS_S3_BUCKET": BUCKET, "AUDIO_ANALYSIS_S3_ENDPOINT_URL": bucket.url,
-           "AUDIO_ANALYSIS_S3_REGION": "us-east-1", "AUDIO_ANALYSIS_S3_ADDRESSING_STYLE": "path",
-           "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true"}
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX,
+           "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
+           "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true", **extra}
     r = redis.Redis.from_url(settings.redis_url)
-    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("round5-s3-api"))
+    stack = Stack(env=env, log_dir=log_dir)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
         proc = stack.start_api("127.0.0.1", port)
         wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
         with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
-            client.proc = proc  # type: ignore[attr-defined]
-            client.log_dir = stack.log_dir  # type: ignore[attr-defined]
+            client.proc, client.port = proc, port  # type: ignore[attr-defined]
             yield client
     finally:
         stack.stop()
         for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
             r.delete(key)
         r.delete(QUEUE, WEBHOOK_QUEUE)
+
+
+@pytest.fixture(scope="module")
+def s3_api(service_env, settings, bucket, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn, its uploads in the bucket behind the proxy."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory.mktemp("round5-s3-api"),
+                      AUDIO_ANALYSIS_STORAGE_BACKEND="s3", AUDIO_ANALYSIS_S3_BUCKET=BUCKET,
+                      AUDIO_ANALYSIS_S3_ENDPOINT_URL=bucket.url, AUDIO_ANALYSIS_S3_REGION="us-east-1",
+                      AUDIO_ANALYSIS_S3_ADDRESSING_STYLE="path", AWS_ACCESS_KEY_ID="test",
+                      AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn, uploads on the local disk."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory.mktemp("round5-api"),
+                      AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path_factory.mktemp("round5-uploads"))) as client:
+        yield client
 
 
 def _objects(bucket_proxy: BucketProxy, prefix: str = "") -> list[str]:
@@ -246,3 +263,62 @@ def test_a_refused_upload_is_its_4xx_while_the_bucket_fails(s3_api, bucket, what
         bucket.failing = False
     # refused before a byte was stored: nothing to clean up, and no bucket to blame
     _assert_error(r, 415)
+
+
+# --- a multipart body cut short is refused, not run without its last part -----------------------
+
+
+def _form(parts: list[tuple[str, str | None, bytes]], boundary: str = "BB") -> bytes:
+    out = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _job_ids(api) -> set[str]:
+    return {j["job_id"] for j in api.get("/jobs", params={"limit": 100}).json()["jobs"]}
+
+
+@pytest.mark.parametrize("cut", ["closing boundary", "last field's value", "last part's head", "after the file"])
+def test_a_form_cut_short_is_refused_not_run_without_its_last_part(api, cut):
+    wav = _tiny_wav()
+    whole = _form([("file", "a.wav", wav), ("num_speakers", None, b"3")])
+    body = {
+        "closing boundary": whole[:-len(b"--BB--\r\n")],  # every part whole, the end never said
+        "last field's value": whole[:whole.rindex(b"3") + 1],
+        "last part's head": whole[:whole.index(b'name="num_speakers"') + 8],
+        "after the file": whole[:whole.index(b"--BB", 10) + 6],
+    }[cut]
+    before = _job_ids(api)
+    for path in ("/jobs/diarize", "/diarize"):
+        r = api.post(path, content=body, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+        # 202 before: the job queued without num_speakers (the default ran, not the 3 asked for)
+        _assert_error(r, 400)
+        assert "cut short" in r.json()["detail"], r.text
+    assert _job_ids(api) == before, "a cut form made a job"
+    # the whole body goes through, with what it says
+    r = api.post("/jobs/diarize", content=whole, headers={"Content-Type": "multipart/form-data; boundary=BB"})
+    assert r.status_code == 202, r.text
+    api.post(f"/jobs/{r.json()['job_id']}/cancel")
+
+
+def test_a_content_length_shorter_than_the_form_is_refused(api):
+    """What a client (or a proxy) that miscounted sends: the server reads as many bytes as the
+    head says, and the form they hold ends early."""
+    body = _form([("file", "a.wav", _tiny_wav()), ("num_speakers", None, b"3")])
+    declared = len(body) - 12  # the closing boundary and the CRLF before it, left outside
+    head = (f"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Length: {declared}\r\n"
+            "Content-Type: multipart/form-data; boundary=BB\r\n\r\n").encode()
+    before = _job_ids(api)
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert set(json.loads(answer.split(b"\r\n\r\n", 1)[1].split(b"}", 1)[0] + b"}")) == ERROR_KEYS
+    assert _job_ids(api) == before
