@@ -50,6 +50,15 @@ class Engine:
             runtime.drop_gpu_libraries()
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        if self.device.type == "cuda":
+            # full float32 for every model from the first job on. torch leaves cuDNN's TF32 on by
+            # default, and pyannote turns it off (its issue 1370) only inside its own pipeline
+            # and inference calls: the embeddings of /embedding and /compare ran in TF32 until the
+            # worker's first diarization, in float32 after it, so one request's score depended on
+            # the jobs before it. Where TF32 pays and the DER holds, Settings.embedding_tf32 turns
+            # it on for that block alone (engine.pipelines.embedded.tf32).
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         if self.device.type == "cuda" and self.settings.gpu_memory_fraction is not None:
             # several workers on one card: each stays inside its share (an allocation beyond
             # it fails that job with an out-of-memory error instead of the neighbour's)

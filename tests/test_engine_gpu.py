@@ -96,3 +96,29 @@ def test_a_recording_over_the_cap_stays_on_the_host(conversation, monkeypatch):
     batched = engine.diarize(Audio(samples))
     assert seen and all(d.type == "cpu" for d in seen)
     assert batched.diarization_results == whole.diarization_results
+
+
+def test_an_embedding_does_not_depend_on_the_jobs_before_it():
+    """torch leaves cuDNN's TF32 on, and pyannote turns it off only inside its own pipeline
+    calls: a fresh worker's /compare ran in TF32 and, after its first diarization, in float32.
+    In a child process, as a fresh worker: the score before a diarization is the score after."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np, torch
+        from engine.audio import Audio
+        from engine.core import Engine
+        from evaluation.longform import long_conversation
+        samples, _ = long_conversation(3)
+        engine = Engine(device="cuda").load_models()
+        print("flags", torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        a, b = Audio(samples[: 16000 * 20]), Audio(samples[16000 * 60 : 16000 * 80])
+        before = engine.compare(a, b).similarity_score
+        engine.diarize(Audio(samples[: 16000 * 60]))
+        after = engine.compare(a, b).similarity_score
+        print("same", before == after, before, after)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "flags False False" in out.stdout and "same True" in out.stdout, out.stdout + out.stderr[-2000:]
