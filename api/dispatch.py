@@ -296,20 +296,27 @@ class Dispatcher:
             record = JobRecord.from_json(raw)
             if record.ended:
                 return record
+            # a job that ends between the read above and the cancel below is not cancelled: its
+            # outcome is read on the next turn (a result that came in as the deadline passed was
+            # answered 504, and the client, told of no job, ran it again)
             if time.monotonic() >= deadline:
-                await self._cancel_quietly(job_id)
-                raise SyncTimeout(f"no result within {timeout_s:.0f} s; submit long audio to /jobs instead")
+                if await self._cancel_quietly(job_id):
+                    raise SyncTimeout(f"no result within {timeout_s:.0f} s; submit long audio to /jobs instead")
+                continue
             if request is not None and await request.is_disconnected():
                 log.info("sync client of job %s disconnected: cancelling it", job_id)
-                await self._cancel_quietly(job_id)
-                raise JobConflict("client disconnected; job cancelled")
+                if await self._cancel_quietly(job_id):
+                    raise JobConflict("client disconnected; job cancelled")
+                continue
             await asyncio.sleep(self.settings.sync_poll_interval_s)
 
-    async def _cancel_quietly(self, job_id: str) -> None:
+    async def _cancel_quietly(self, job_id: str) -> bool:
+        """Cancel the job: True, or False when it ended meanwhile."""
         try:
             await self.cancel(job_id)
         except JobConflict:
-            pass  # it ended meanwhile
+            return False
+        return True
 
     def store_async(self):
         import redis.asyncio

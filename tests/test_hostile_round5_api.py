@@ -322,3 +322,54 @@ def test_a_content_length_shorter_than_the_form_is_refused(api):
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert set(json.loads(answer.split(b"\r\n\r\n", 1)[1].split(b"}", 1)[0] + b"}")) == ERROR_KEYS
     assert _job_ids(api) == before
+
+
+# --- a synchronous call whose job ends as its deadline passes gets the result --------------------
+
+
+def test_a_result_that_comes_in_as_the_sync_deadline_passes_is_answered_not_504(settings, tmp_path):
+    """The moment a real worker would have to hit: the API read the record (still running), the
+    worker recorded its result, and only then did the API, past its deadline, try to cancel. The
+    interleaving is forced (a worker's write right after the API's read, on the real Redis), as no
+    timing of a real worker hits a window of a few milliseconds on purpose."""
+    import asyncio
+
+    from api.dispatch import Dispatcher
+    from api.errors import SyncTimeout
+    from shared.jobs import SUCCEEDED, JobRecord, JobStore, new_job_id
+    from shared.queue import make_celery
+    from shared.storage import get_storage
+
+    own = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": QUEUE,
+                                      "webhook_queue_name": WEBHOOK_QUEUE, "storage_dir": tmp_path})
+    store = JobStore.from_settings(own)
+    dispatcher = Dispatcher(own, store, get_storage(own), make_celery(own))
+    result = {"embedding": [0.1] * 4, "normalized": True, "processing_time": 0.1, "audio_duration": 1.0}
+
+    class WorkerFinishesRightAfterTheRead:
+        def __init__(self, inner: Any, job_id: str) -> None:
+            self.inner, self.job_id, self.done = inner, job_id, False
+
+        async def get(self, key: str) -> Any:
+            raw = await self.inner.get(key)
+            if not self.done:
+                self.done = True
+                store.finish(self.job_id, SUCCEEDED, result=result)
+            return raw
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    async def sync_call() -> Any:
+        record = store.create(JobRecord(job_id=new_job_id(), kind="embedding", sync=True))
+        dispatcher._aredis = WorkerFinishesRightAfterTheRead(dispatcher.store_async(), record.job_id)
+        try:
+            return await dispatcher.wait(record.job_id, timeout_s=0.0)
+        finally:
+            await dispatcher.close()
+
+    try:
+        record = asyncio.run(sync_call())
+    except SyncTimeout as exc:
+        pytest.fail(f"a job that succeeded was answered {exc.status_code}: {exc.detail}")
+    assert record.status == SUCCEEDED and record.result == result
