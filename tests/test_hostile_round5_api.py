@@ -373,3 +373,34 @@ def test_a_result_that_comes_in_as_the_sync_deadline_passes_is_answered_not_504(
     except SyncTimeout as exc:
         pytest.fail(f"a job that succeeded was answered {exc.status_code}: {exc.detail}")
     assert record.status == SUCCEEDED and record.result == result
+
+
+# --- a batch holds each of its files to the duration limit, not their sum -----------------------
+
+
+@pytest.fixture(scope="module")
+def short_api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn whose jobs take at most 3 s of audio."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory.mktemp("round5-short-api"),
+                      AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path_factory.mktemp("round5-short-uploads")),
+                      AUDIO_ANALYSIS_MAX_AUDIO_SECONDS="3") as client:
+        yield client
+
+
+def test_a_batch_holds_each_file_to_the_duration_limit_not_their_sum(short_api):
+    two_s = _tiny_wav(2.0)
+    files = [("files", (f"{i}.wav", two_s, "audio/wav")) for i in range(3)]
+    r = short_api.post("/jobs/batch", data={"kind": "embedding"}, files=files)
+    # 413 before: "the job's audio files are 6 s long together; the limit is 3 s", for three
+    # jobs of 2 s each
+    assert r.status_code == 202, r.text
+    jobs = r.json()["jobs"]
+    assert [j["filename"] for j in jobs] == ["0.wav", "1.wav", "2.wav"]
+    for job in jobs:
+        assert short_api.post(f"/jobs/{job['job_id']}/cancel").status_code == 200
+    # a file past the limit on its own still refuses the whole batch, before any job exists
+    before = _job_ids(short_api)
+    r = short_api.post("/jobs/batch", data={"kind": "embedding"},
+                       files=[("files", ("ok.wav", two_s, "audio/wav")), ("files", ("long.wav", _tiny_wav(4.0), "audio/wav"))])
+    _assert_error(r, 413)
+    assert _job_ids(short_api) == before

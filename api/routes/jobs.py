@@ -54,7 +54,10 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # refused at its third file had queued (and run) the first two, whose ids the client, told
     # only of the refusal, never learnt: a retry ran them twice.
     submissions = await dispatcher.read_batch(job_kind, files, form, principal)
-    await dispatcher.check_audio_limits([a for s in submissions for a in s.audio.values()], sync=False)
+    # each file is a job of its own, held to the limit on its own: with one budget for the whole
+    # batch, two 13 h recordings (each within a 24 h limit) were refused as 26 h "together"
+    for submission in submissions:
+        await dispatcher.check_audio_limits(submission.audio.values(), sync=False)
     records: list[JobRecord] = []
     try:
         for submission in submissions:
