@@ -7,6 +7,7 @@ No torch: soundfile and PyAV read headers only.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import BinaryIO, Union
@@ -40,8 +41,88 @@ DEMUXERS = (
     "nistsphere", "nut", "ogg", "oma", "qcp", "rm", "shn", "sox", "spdif", "tak", "truehd", "tta", "voc", "w64",
     "wav", "wv", "xwma",
 )
-# what av.open takes to keep to them (engine/audio.py's decoder may pass the same)
-PYAV_OPTIONS = {"container_options": {"format_whitelist": ",".join(DEMUXERS)}}
+# At most this many streams in a container. An MP4's tracks may all point at the same samples,
+# and FFmpeg's MP4 demuxer looks through every track for each packet it returns, whichever
+# stream is asked for: 999 tracks over one 10 min, 8 kHz AAC (a 20 MB upload) took 95 s to
+# decode instead of 0.3 s, and 2.7 s of the API's header check (1000 is FFmpeg's own limit).
+# Recorders write a few audio tracks, broadcast MOVs up to 16 with a video and a timecode track.
+MAX_STREAMS = 64
+# what av.open takes to keep to them (engine/audio.py's decoder may pass the same); a file with
+# more streams fails to open (ENOMEM), in a millisecond
+PYAV_OPTIONS = {"container_options": {"format_whitelist": ",".join(DEMUXERS), "max_streams": str(MAX_STREAMS)}}
+
+
+# At most this many edit-list entries (elst) in an MP4/MOV, all tracks together. FFmpeg's MP4
+# demuxer builds each track's index of packets once per edit that covers them, when the file is
+# opened (header check and decoder alike): 100000 edits each playing the same 60 s of 8 kHz AAC,
+# a 1.3 MB upload, took 1.1 GB to open and decoded to 69 days. Recorders write one or two edits
+# a track (an empty one for a start offset, one for the media less its encoder delay).
+MAX_EDITS = 128
+# boxes an MP4's header may take to reach its edit lists (_mp4_edits); recorders write a handful
+# at each level, a fragmented MP4 its moov before its fragments
+_MAX_BOXES = 10_000
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp"}
+
+
+def check_mp4_edits(fh: BinaryIO) -> None:
+    """Refuse (415) an MP4/MOV whose edit lists FFmpeg would expand past :data:`MAX_EDITS`;
+    anything else passes. Reads box headers only (a few hundred bytes of a recorder's file), from
+    ``fh``'s start, and leaves ``fh`` there."""
+    try:
+        edits = _mp4_edits(fh)
+    finally:
+        fh.seek(0)
+    if edits > MAX_EDITS:
+        raise AudioDecodeError(f"MP4 file holds {edits} edit-list entries; at most {MAX_EDITS} are supported")
+
+
+def _mp4_edits(fh: BinaryIO) -> int:
+    import struct
+
+    fh.seek(0)
+    head = fh.read(8)
+    if len(head) < 8 or head[4:8] not in _MP4_BOXES:
+        return 0
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    visited = [0]
+
+    def boxes(start: int, end: int):
+        """(type, body start, body end) of the boxes in [start, end)."""
+        at = start
+        while at + 8 <= end:
+            visited[0] += 1
+            if visited[0] > _MAX_BOXES:
+                raise AudioDecodeError(f"MP4 file's header takes more than {_MAX_BOXES} boxes")
+            fh.seek(at)
+            length, kind = struct.unpack(">I4s", fh.read(8))
+            body = at + 8
+            if length == 1:
+                (length,) = struct.unpack(">Q", fh.read(8))
+                body += 8
+            elif length == 0:
+                length = end - at
+            if length < body - at:
+                return  # damaged: FFmpeg says what it makes of it
+            yield kind, body, min(at + length, end)
+            at += length
+
+    total = 0
+    for kind, body, end in boxes(0, size):
+        if kind != b"moov":
+            continue
+        for trak, tbody, tend in boxes(body, end):
+            if trak != b"trak":
+                continue
+            for edts, ebody, eend in boxes(tbody, tend):
+                if edts != b"edts":
+                    continue
+                for elst, lbody, lend in boxes(ebody, eend):
+                    if elst == b"elst" and lend - lbody >= 8:
+                        fh.seek(lbody + 4)
+                        (count,) = struct.unpack(">I", fh.read(4))
+                        total += count
+    return total
 
 
 @dataclass(frozen=True)
@@ -57,15 +138,19 @@ Source = Union[str, os.PathLike, BinaryIO]
 
 def probe(source: Source) -> AudioInfo | None:
     """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable.
+    An MP4 that FFmpeg could not open in bounded memory is refused (:func:`check_mp4_edits`).
 
     ``source`` is a path or a seekable binary file (an upload as the API received it, read from
     its start and left there).
     """
     if hasattr(source, "read"):
         try:
+            check_mp4_edits(source)
             return _probe(source)
         finally:
             source.seek(0)
+    with open(source, "rb") as fh:
+        check_mp4_edits(fh)
     return _probe(source)
 
 
@@ -97,15 +182,30 @@ def _probe(source: Source) -> AudioInfo | None:
                 return None
             stream = container.streams.audio[0]
             rate = stream.sample_rate or stream.codec_context.sample_rate or None
-            if stream.duration is not None and stream.time_base is not None:
-                duration: float | None = float(stream.duration * stream.time_base)
-            elif container.duration is not None:
-                duration = container.duration / av.time_base
-            else:
-                duration = None
-            return AudioInfo(duration, rate)
+            return AudioInfo(declared_duration(container, stream), rate)
     except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
         return None
+
+
+def declared_duration(container, stream) -> float | None:
+    """Seconds an FFmpeg ``container``'s header declares for its audio ``stream`` (the stream's
+    own length, else the container's), or None where it declares none it could hold.
+
+    A header's length is a field anyone can write: an MP4's mdhd took a 64-bit duration of
+    -2**62 and a Matroska Duration -1e12 s, both read as negative lengths that passed the
+    duration limit and took a billion seconds off a job's total (DurationBudget), letting its
+    other files through, and gave the worker a time limit of 1 s. Such a length is unknown, as
+    one the header leaves out is: the worker then holds the file to the whole limit.
+    """
+    import av
+
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def check_audio_limits(

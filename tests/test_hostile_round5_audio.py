@@ -1,0 +1,245 @@
+"""A fifth round of hostile audio: containers whose header says one thing and whose data another.
+
+The API checks a file's header (shared/audio_limits.py) and the worker decodes it (engine/audio.py):
+both must read the same length, or refuse the file, in bounded time and memory. Files are crafted
+here from a few seconds of tone encoded by FFmpeg (evaluation/encoding.py), their boxes and
+elements rewritten. Against the session's Redis (AUDIO_ANALYSIS_TEST_REDIS_URL) and, for the
+end-to-end case, its real Celery worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import struct
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from engine.audio import load_audio
+from evaluation.encoding import encode
+from shared.audio_limits import MAX_EDITS, MAX_STREAMS, DurationBudget, check_audio_limits, probe
+from shared.errors import AudioDecodeError, AudioTooLongError
+
+from tests.conftest import wait_for_job
+
+# the documented error body (an HTTP error's; a failed job's adds its status code)
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+
+
+def _tone(seconds: float, rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+# --- MP4 boxes, rewritten ------------------------------------------------------------------------
+
+_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
+
+
+def _parse(b: bytes, off: int = 0, end: int | None = None) -> list:
+    end = len(b) if end is None else end
+    out = []
+    while off + 8 <= end:
+        size, kind = struct.unpack(">I4s", b[off : off + 8])
+        out.append([kind, _parse(b, off + 8, off + size) if kind in _CONTAINERS else b[off + 8 : off + size]])
+        off += size
+    return out
+
+
+def _build(boxes: list) -> bytes:
+    out = b""
+    for kind, body in boxes:
+        data = _build(body) if isinstance(body, list) else body
+        out += struct.pack(">I4s", len(data) + 8, kind) + data
+    return out
+
+
+def _child(box: list, kind: bytes) -> list:
+    return next(c for c in box[1] if c[0] == kind)
+
+
+def _m4a(seconds: float, rate: int = 8000) -> list:
+    """An AAC M4A's boxes; FFmpeg writes its moov after the mdat, so it may change size freely."""
+    boxes = _parse(encode(_tone(seconds, rate), rate, container="mp4", codec="aac", bit_rate=16000))
+    assert [b[0] for b in boxes][-1] == b"moov"
+    return boxes
+
+
+def _with_edits(boxes: list, count: int) -> bytes:
+    """Every track played ``count`` times over by its edit list (each edit: all of its media)."""
+    boxes = copy.deepcopy(boxes)
+    moov = boxes[-1]
+    movie_length = struct.unpack(">I", _child(moov, b"mvhd")[1][16:20])[0]
+    for trak in (c for c in moov[1] if c[0] == b"trak"):
+        elst = struct.pack(">II", 0, count) + struct.pack(">IiI", movie_length, 0, 0x00010000) * count
+        trak[1] = [c for c in trak[1] if c[0] != b"edts"]
+        trak[1].insert(1, [b"edts", [[b"elst", elst]]])
+    return _build(boxes)
+
+
+def _with_tracks(boxes: list, count: int) -> bytes:
+    """The audio track ``count`` times, every copy over the same samples."""
+    boxes = copy.deepcopy(boxes)
+    moov = boxes[-1]
+    trak = _child(moov, b"trak")
+    moov[1] = [c for c in moov[1] if c[0] != b"trak"] + [copy.deepcopy(trak) for _ in range(count)]
+    return _build(boxes)
+
+
+def _with_media_length(boxes: list, version1_length: int) -> bytes:
+    """The track's mdhd rewritten as version 1, its 64-bit duration ``version1_length``."""
+    boxes = copy.deepcopy(boxes)
+    mdhd = _child(_child(_child(boxes[-1], b"trak"), b"mdia"), b"mdhd")
+    body = mdhd[1]
+    mdhd[1] = b"\x01\x00\x00\x00" + b"\0" * 16 + body[12:16] + struct.pack(">q", version1_length) + body[20:]
+    return _build(boxes)
+
+
+def _mka_with_duration(seconds: float, duration_s: float | None) -> bytes:
+    """Opus in Matroska, its Segment's Duration element (float64, in ms) rewritten, or made a
+    Void element of the same size (None: what a live recorder writes, no length at all)."""
+    b = encode(_tone(seconds, 48000), 48000, container="matroska", codec="libopus")
+    at = b.find(b"\x44\x89\x88")
+    assert at > 0, "no 8-byte Duration element"
+    element = b"\xec\x89" + bytes(9) if duration_s is None else b"\x44\x89\x88" + struct.pack(">d", duration_s * 1000.0)
+    return b[:at] + element + b[at + 11 :]
+
+
+def _wav(seconds: float) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, _tone(seconds, 16000), 16000, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def m4a() -> list:
+    return _m4a(1.0)
+
+
+@pytest.fixture()
+def short_limit_api(settings):
+    """The API in-process with a 20 s limit on a job's audio; its jobs go to a queue nobody
+    consumes (nothing refused here reaches one)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    local = settings.model_copy(update={"max_audio_seconds": 20.0, "queue_name": "audio-round5-audio"})
+    with TestClient(create_app(local), raise_server_exceptions=False) as c:
+        yield c
+
+
+def _assert_error(r, status: int) -> dict:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert set(r.json()) == ERROR_KEYS, r.text
+    return r.json()
+
+
+# --- a negative length is no length --------------------------------------------------------------
+
+
+def test_a_negative_declared_length_is_unknown_not_subtracted_from_the_job(m4a, short_limit_api):
+    """An MP4's mdhd (version 1: 64 bits) and a Matroska Duration (a float) hold any number: both
+    read as -1e12 s or so, passed the duration limit and took it off the job's total, so that an
+    enrollment's other files passed over the limit together; the worker's time limit came out at
+    1 s. A length no file can have is unknown: the file passes, and the others are counted."""
+    forged = {"neg.m4a": _with_media_length(m4a, -(1 << 62)), "neg.mka": _mka_with_duration(3.0, -1e12)}
+    for name, data in forged.items():
+        info = probe(io.BytesIO(data))
+        assert info is not None and info.duration is None, (name, info)
+        # and the worker decodes what the file holds
+        assert 0.9 < load_audio(data).duration < 3.5, name
+    wav = ("twelve.wav", _wav(12.0), "audio/wav")
+    for name, data in forged.items():
+        files = [("files", (name, data, "application/octet-stream")), ("files", wav), ("files", wav)]
+        r = short_limit_api.post("/jobs/enroll", files=files, data={"label": "x"})
+        error = _assert_error(r, 413)
+        assert error["detail"] == "the job's audio files are 24 s long together; the limit is 20 s", error
+    budget = DurationBudget(20.0)
+    budget.add(probe(io.BytesIO(forged["neg.mka"])))
+    budget.add(probe(io.BytesIO(_wav(12.0))))
+    with pytest.raises(AudioTooLongError):
+        budget.add(probe(io.BytesIO(_wav(12.0))))
+
+
+# --- MP4 edit lists: FFmpeg expands them into its index when it opens the file -------------------
+
+
+def test_an_mp4_whose_edit_list_replays_its_media_is_refused_before_ffmpeg_opens_it(m4a, short_limit_api):
+    """1000 edits, each playing the track's 1 s of media again: the header says 1 s, FFmpeg
+    opened it into 1000 copies of its packet index and decoded 1000 s (100000 edits over 60 s
+    of media, a 1.3 MB upload, took 1.1 GB to open). Refused by the API's header check and by
+    the decoder, from the box headers, before FFmpeg sees the file."""
+    bomb = _with_edits(m4a, 1000)
+    assert len(bomb) < 60_000
+    detail = f"MP4 file holds 1000 edit-list entries; at most {MAX_EDITS} are supported"
+    started = time.monotonic()
+    with pytest.raises(AudioDecodeError, match=detail):
+        check_audio_limits(io.BytesIO(bomb), max_duration=20.0)
+    with pytest.raises(AudioDecodeError, match=detail):
+        load_audio(bomb)
+    assert time.monotonic() - started < 1.0
+    r = short_limit_api.post("/jobs/embedding", files={"file": ("edits.m4a", bomb, "audio/mp4")})
+    assert _assert_error(r, 415)["detail"] == detail
+    # a recorder's own edit list (one edit: the media less its encoder delay) is read as before
+    assert 0.9 < load_audio(_with_edits(m4a, 1)).duration < 1.2
+    assert 0.9 < load_audio(_build(m4a)).duration < 1.2
+
+
+def test_audio_decoding_far_past_its_mp4_or_matroska_header_is_refused(m4a):
+    """Within the edit limit, 100 edits still made the 1 s the header declares (what the API
+    held the file to, and the worker's time limit) decode to 100 s, and a Matroska whose Duration
+    says 1 s holds what it likes: decoding past twice the declared length and a minute more is
+    refused, as soon as it gets there."""
+    replayed = _with_edits(m4a, 100)
+    info = probe(io.BytesIO(replayed))
+    assert info is not None and info.duration is not None and info.duration < 1.2, info
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(replayed)
+    long_mka = _mka_with_duration(70.0, 1.0)
+    assert probe(io.BytesIO(long_mka)).duration == pytest.approx(1.0)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(long_mka)
+    # a length within the slack, and a Matroska that declares none (a live recording's), decode
+    assert 68 < load_audio(_mka_with_duration(70.0, 10.0)).duration < 71
+    no_duration = _mka_with_duration(70.0, None)
+    assert probe(io.BytesIO(no_duration)).duration is None
+    assert 68 < load_audio(no_duration).duration < 71
+
+
+# --- MP4 tracks over the same samples: FFmpeg's demuxer looks through all of them per packet -----
+
+
+def test_an_mp4_of_more_streams_than_any_recording_is_refused_at_once(m4a):
+    """300 tracks over one 10 min track's samples (a 6.6 MB upload) took 5.7 s to decode instead
+    of 0.3 s, 999 tracks 95 s: FFmpeg's MP4 demuxer searches every track for each packet. More
+    than MAX_STREAMS streams and FFmpeg refuses the file as it opens it."""
+    many = _with_tracks(m4a, MAX_STREAMS + 1)
+    started = time.monotonic()
+    assert probe(io.BytesIO(many)) is None  # unreadable here: the worker answers 415
+    with pytest.raises(AudioDecodeError, match=f"more than {MAX_STREAMS} streams"):
+        load_audio(many)
+    assert time.monotonic() - started < 1.0
+    # up to the limit they are read, the first audio track decoded
+    assert probe(io.BytesIO(_with_tracks(m4a, MAX_STREAMS))).duration == pytest.approx(1.0, abs=0.1)
+    assert 0.9 < load_audio(_with_tracks(m4a, MAX_STREAMS)).duration < 1.2
+
+
+# --- end to end: the worker answers in the documented shape --------------------------------------
+
+
+def test_a_file_decoding_past_its_header_fails_its_job_with_a_415(client, m4a):
+    """The API takes the replayed MP4 for the 1 s its header says; the real worker refuses it
+    while decoding, in the documented error shape, instead of analysing 100 s of audio."""
+    replayed = _with_edits(m4a, 100)
+    r = client.post("/jobs/embedding", files={"file": ("replayed.m4a", replayed, "audio/mp4")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 60)
+    assert done["status"] == "failed", done
+    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
+    assert done["error"]["status_code"] == 415 and done["error"]["error_type"] == "ValidationError", done
+    assert "decodes to more than its header declares" in done["error"]["detail"], done
