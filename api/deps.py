@@ -1,6 +1,10 @@
 """What a route may ask for, as typed ``Annotated`` aliases: settings, the job store, the
 dispatcher and the caller (API-key auth). Routes declare ``settings: SettingsDep`` instead of
-reaching into ``request.app.state``."""
+reaching into ``request.app.state``.
+
+Every one is ``async def``: none waits for anything, and FastAPI runs a plain ``def`` dependency
+in the thread pool that storage and Redis calls use, so while uploads held its threads (a slow
+bucket), a status poll waited seconds for a thread only to compare its key."""
 
 from __future__ import annotations
 
@@ -22,23 +26,23 @@ from shared.settings import Settings
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="required when the service has API keys")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
-def get_registry(request: Request) -> CollectorRegistry:
+async def get_registry(request: Request) -> CollectorRegistry:
     return request.app.state.registry
 
 
-def base_url(request: Request) -> str:
+async def base_url(request: Request) -> str:
     """Where this API is reached from the client's side (status_url, Location)."""
     return str(request.base_url).rstrip("/")
 
@@ -91,9 +95,9 @@ def authenticate(key: str | None, settings: Settings) -> Principal:
     raise AuthError("invalid API key")
 
 
-def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
+async def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
     """Off unless settings.api_keys (or admin_api_keys) is set."""
-    return authenticate(key, get_settings(request))
+    return authenticate(key, request.app.state.settings)
 
 
 class ApiKeyGate:

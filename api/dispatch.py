@@ -50,6 +50,11 @@ T = TypeVar("T")
 # held all of its threads, and every other request (each runs its key check there) waited for
 # them, 10 s at a time. Past this many, lookups wait for a slot without holding a thread.
 MAX_CONCURRENT_LOOKUPS = 8
+# Uploads being copied into storage at once, each in a thread of their own. An S3 upload holds
+# its thread for as long as the bucket takes (a 1 GB file, a slow or far bucket): in the shared
+# pool, 40 of them held every thread, and every other request (a status poll's Redis read)
+# waited seconds for one. Past this many, copies wait for a slot without holding a thread.
+MAX_CONCURRENT_SAVES = 16
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Dispatcher:
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voiceprints is None:
@@ -181,6 +187,13 @@ class Dispatcher:
         return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
     # --- submit -----------------------------------------------------------------------------
+    async def _save(self, job_id: str, name: str, upload: UploadFile, max_bytes: int) -> str:
+        """``storage.save`` in a thread, at most MAX_CONCURRENT_SAVES at once, off the shared pool."""
+        if self._saves is None:
+            self._saves = anyio.CapacityLimiter(MAX_CONCURRENT_SAVES)
+        save = functools.partial(self.storage.save, job_id, name, upload.file, max_bytes=max_bytes)
+        return await anyio.to_thread.run_sync(save, limiter=self._saves)
+
     async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool) -> dict[str, str]:
         """Check each upload's header, then stream it into storage; the request as a whole stays
         under max_upload_bytes. The header is read from the upload as received, before anything
@@ -193,7 +206,7 @@ class Dispatcher:
             for name, upload in uploads.items():
                 storing = True
                 try:
-                    key = await run_in_threadpool(self.storage.save, job_id, name, upload.file, max_bytes=budget)
+                    key = await self._save(job_id, name, upload, budget)
                 except OSError as exc:
                     if not out_of_room(exc):
                         raise

@@ -60,6 +60,7 @@ class BucketProxy:
 
     def __init__(self, upstream_port: int) -> None:
         self.delay_s = 0.0
+        self.put_delay_s = 0.0  # each object stored (a slow or far bucket, a big upload)
         self.failing = False
         self.deletes = 0
         proxy = self
@@ -81,6 +82,8 @@ class BucketProxy:
                         self.wfile.write(payload)
                         return
                     time.sleep(proxy.delay_s)
+                elif self.command == "PUT":
+                    time.sleep(proxy.put_delay_s)
                 conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -404,3 +407,38 @@ def test_a_batch_holds_each_file_to_the_duration_limit_not_their_sum(short_api):
                        files=[("files", ("ok.wav", two_s, "audio/wav")), ("files", ("long.wav", _tiny_wav(4.0), "audio/wav"))])
     _assert_error(r, 413)
     assert _job_ids(short_api) == before
+
+
+# --- uploads on their way into a slow bucket leave the other requests their threads --------------
+
+
+def test_uploads_into_a_slow_bucket_do_not_hold_every_other_request(s3_api, bucket):
+    import concurrent.futures
+
+    import httpx
+
+    wav = _tiny_wav()
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", wav, "audio/wav")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    base = str(s3_api.base_url)
+    bucket.put_delay_s = 4.0
+    try:
+        def upload(i: int) -> int:
+            with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as c:
+                return c.post("/jobs/embedding", files={"file": (f"{i}.wav", wav, "audio/wav")}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(48) as pool:
+            uploads = [pool.submit(upload, i) for i in range(48)]
+            time.sleep(1.5)  # every upload is in the bucket's hands now
+            timings = {}
+            for path in (f"/jobs/{job_id}", "/health", "/jobs?limit=5"):
+                started = time.monotonic()
+                assert s3_api.get(path).status_code == 200
+                timings[path] = time.monotonic() - started
+            codes = [u.result() for u in uploads]
+    finally:
+        bucket.put_delay_s = 0.0
+    print(f"\nwhile 48 uploads waited 4 s each on the bucket: {({k: round(v, 2) for k, v in timings.items()})}")
+    assert codes == [202] * 48
+    assert max(timings.values()) < 1.0, f"requests waited for a thread the uploads held: {timings}"
