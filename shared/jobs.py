@@ -514,6 +514,26 @@ class JobStore:
         (``keep_earlier``: an earlier due time already set stays)."""
         self.redis.zadd(self._webhooks_due(), {job_id: time.time() + in_s}, nx=keep_earlier)
 
+    _QUEUED = """
+    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    if (not due and ARGV[2] == '') or (due and ARGV[2] ~= '' and tonumber(due) == tonumber(ARGV[2])) then
+        redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+        return 1
+    end
+    return 0
+    """
+
+    def webhook_due_at(self, job_id: str) -> float | None:
+        return self.redis.zscore(self._webhooks_due(), job_id)
+
+    def webhook_queued(self, job_id: str, expected: float | None, in_s: float) -> bool:
+        """The delivery's message is now in its queue, where it waits durably however long the
+        queue is: its due time moves ``in_s`` ahead, unless it changed since it read ``expected``
+        (a worker took the message and set its own, or the delivery settled). Without this a
+        queue backed up past the due time had each of its deliveries sent again, and again."""
+        return bool(self.redis.eval(self._QUEUED, 1, self._webhooks_due(), job_id,
+                                    "" if expected is None else repr(float(expected)), repr(time.time() + in_s)))
+
     def webhook_settled(self, job_id: str) -> None:
         """Delivered, failed for good, or nothing to deliver: no longer owed."""
         self.redis.zrem(self._webhooks_due(), job_id)
@@ -529,14 +549,16 @@ class JobStore:
     return 1
     """
 
-    def take_over_webhook(self, job_id: str, task_id: str, next_in_s: float) -> bool:
+    def take_over_webhook(self, job_id: str, task_id: str, next_in_s: float) -> float | None:
         """Atomically, if the delivery of ``job_id`` is past due: make ``task_id`` its owner (the
         claim a delivery task checks, so a late copy of the lost one stops) and set its next due
-        time. False when it is not past due (delivered, or another worker took it over first)."""
+        time, which it returns. None when it is not past due (delivered, or another worker took
+        it over first)."""
         now = time.time()
+        due = now + next_in_s
         taken = self.redis.eval(self._TAKE_OVER, 2, self._webhooks_due(), self.key("webhook", job_id, "claim"),
-                                job_id, repr(now), repr(now + next_in_s), task_id, str(max(1, self.ttl)))
-        return bool(taken)
+                                job_id, repr(now), repr(due), task_id, str(max(1, self.ttl)))
+        return self.webhook_due_at(job_id) if taken else None
 
     def set_webhook(self, job_id: str, **fields: Any) -> None:
         def change(r: JobRecord) -> JobRecord | None:

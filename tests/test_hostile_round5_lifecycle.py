@@ -113,13 +113,14 @@ class Rig:
 
         return JobStore.from_settings(self.settings)
 
-    def worker(self, name: str, die_at: str | None = None, **env: str) -> Any:
+    def worker(self, name: str, die_at: str | None = None, queues: tuple[str, ...] = (QUEUE, HOOKS),
+               **env: str) -> Any:
         """A solo worker on both queues; ``die_at``: one that exits (as if SIGKILLed) at that
         point of the life cycle (see the end of this file)."""
         from cli.launcher import wait_until
 
         if die_at is None:
-            proc = self.stack.start_worker(queues=[QUEUE, HOOKS], name=name, env={**self.env, **env})
+            proc = self.stack.start_worker(queues=list(queues), name=name, env={**self.env, **env})
         else:
             proc = self.stack.spawn(name, [
                 sys.executable, "-m", "tests.test_hostile_round5_lifecycle", "--pool", "solo", "-Q", f"{QUEUE},{HOOKS}",
@@ -312,6 +313,30 @@ def test_a_redis_restart_while_a_worker_holds_a_retry_neither_ends_the_worker_no
     _wait(lambda: receiver.for_path("/after-blip"), 20, "no delivery after the restart")
     assert rig.workers["blip"].poll() is None
     assert "Unrecoverable error" not in rig.log("blip")
+
+
+
+def test_deliveries_waiting_in_a_backed_up_queue_are_not_sent_again_and_again(rig, media_server, receiver):
+    """No worker takes webhooks for a while (a backlog, the webhook workers down): the delivery
+    waits in its queue, where it is safe. Sent again at each due time, it would have filled the
+    queue with copies; it stays one message, and is delivered once when a worker comes."""
+    import redis
+
+    for name in list(rig.workers):
+        rig.kill(name)
+    rig.worker("jobs-only", queues=(QUEUE,))
+    broker = redis.Redis.from_url(rig.url)
+    broker.delete(HOOKS)
+    job_id = _failing_job(rig, media_server, receiver.url("/backlog"), "backlog")
+    assert wait_for_job(rig.client, job_id, timeout_s=30)["status"] == "failed"
+    # past the delivery's grace (7 s here) and a few recovery passes
+    time.sleep(rig.store().webhook_grace_s() + 3)
+    assert broker.llen(HOOKS) == 1, broker.lrange(HOOKS, 0, -1)
+    rig.worker("hooks-late", queues=(HOOKS,))
+    _wait(lambda: receiver.for_path("/backlog"), 30, "the queued delivery never came")
+    time.sleep(2)
+    assert len(receiver.for_path("/backlog")) == 1
+    assert broker.llen(HOOKS) == 0
 
 
 if __name__ == "__main__":

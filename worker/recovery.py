@@ -81,14 +81,15 @@ def recover_lost_deliveries(store: JobStore, settings: Settings) -> list[str]:
     from worker.tasks import app
 
     handled: list[str] = []
-    # a delivery not heard from again by then is sent once more (a backlog of deliveries in the
-    # queue costs a second message each, which stops at the claim)
-    again_in = store.webhook_grace_s() + float(settings.webhook_backoff_max_s)
     for job_id in store.webhooks_past_due():
         task_id = uuid.uuid4().hex
-        if not store.take_over_webhook(job_id, task_id, again_in):
+        # due again soon, in case this process dies before the message is sent
+        due = store.take_over_webhook(job_id, task_id, store.webhook_grace_s())
+        if due is None:
             continue  # settled meanwhile, or another worker's pass took it
         app.send_task(WEBHOOK_TASK, args=(job_id,), task_id=task_id, queue=settings.webhook_queue_name)
+        # queued: the task sets its own due time once a worker takes it
+        store.webhook_queued(job_id, due, float(settings.visibility_timeout_s))
         log.warning("job %s: its webhook delivery was not heard from past its due time (its worker died?); "
                     "sent again", job_id)
         handled.append(job_id)

@@ -448,13 +448,22 @@ def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
 def _notify(record: JobRecord) -> None:
     if record.webhook_url and record.ended:
         # owed from now on (a job cancelled by the API while it ran, a redelivered copy of an
-        # ended job): if this message is lost with its worker, the recovery pass sends it again.
-        # An earlier due time stays (finish set one for the job's own end)
+        # ended job): due soon, should this process die before the message is sent (an earlier
+        # due time stays: finish set one for the job's own end) ...
+        jobs, due = store(), None
         try:
-            store().webhook_due(record.job_id, store().webhook_grace_s(), keep_earlier=True)
+            jobs.webhook_due(record.job_id, jobs.webhook_grace_s(), keep_earlier=True)
+            due = jobs.webhook_due_at(record.job_id)
         except redis.RedisError as exc:
             log.warning("job %s: the webhook's due time was not recorded (%s)", record.job_id, exc)
         deliver_webhook.apply_async((record.job_id,), queue=settings.webhook_queue_name)
+        # ... and once the message waits in its queue, however long that queue, only after the
+        # broker's own visibility timeout: a worker that takes it sets a due time of its own
+        if due is not None:
+            try:
+                jobs.webhook_queued(record.job_id, due, float(settings.visibility_timeout_s))
+            except redis.RedisError as exc:
+                log.warning("job %s: the webhook's due time was not moved on (%s)", record.job_id, exc)
 
 
 def _engine():
@@ -525,6 +534,11 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
         # counted from the record too: a delivery task redelivered after its worker died starts its
         # own retry count again, the receiver's count goes on
         attempt = max(self.request.retries, record.webhook.attempts if record.webhook else 0) + 1
+        if attempt > self.max_retries + 1:
+            # every attempt was made (the last one's worker died during it, or it raised): done
+            jobs.set_webhook(job_id, status="failed")
+            jobs.webhook_settled(job_id)
+            return {"job_id": job_id, "delivered": False, "reason": "no attempts left"}
         # recorded before the POST: a worker killed during it still counts the attempt (the next
         # says it is the next, and the retries stay bounded however often that happens)
         jobs.webhook_due(job_id, jobs.webhook_grace_s())
