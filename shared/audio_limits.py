@@ -58,16 +58,27 @@ PYAV_OPTIONS = {"container_options": {"format_whitelist": ",".join(DEMUXERS), "m
 # a 1.3 MB upload, took 1.1 GB to open and decoded to 69 days. Recorders write one or two edits
 # a track (an empty one for a start offset, one for the media less its encoder delay).
 MAX_EDITS = 128
-# boxes an MP4's header may take to reach its edit lists (_mp4_edits); recorders write a handful
-# at each level, a fragmented MP4 its moov before its fragments
-_MAX_BOXES = 10_000
-_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot", b"uuid", b"styp"}
+# boxes an MP4's header may hold (_mp4_edits): recorders write a few dozen, a fragmented MP4 its
+# moov before its fragments (where the walk stops)
+_MAX_BOXES = 100_000
+# boxes FFmpeg's MP4 demuxer reads the boxes within, as it does the top level's: it takes a box
+# for what its type says wherever it lies (a trak or an elst in a udta is still read). cmov, a
+# compressed moov (QuickTime 3), is refused: its edits are out of sight (1 KB of zlib held 20000)
+_MP4_PARENTS = {
+    b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"dinf", b"udta", b"meta", b"ilst", b"wave", b"mvex",
+    b"traf", b"tref", b"sinf", b"schi", b"clip", b"matt", b"imap", b"gmhd", b"tapt", b"cmov", b"mdra", b"rmra",
+}
+# FFmpeg reads boxes nested up to 10 deep; a sample description (stsd) is a few hundred bytes
+_MAX_DEPTH = 12
+_MAX_STSD = 16 << 20
+# top-level boxes that hold media or fragments, not the header
+_MP4_PAYLOADS = {b"mdat", b"free", b"skip", b"wide", b"junk", b"sidx", b"emsg", b"prft", b"mfra", b"pdin"}
 
 
 def check_mp4_edits(fh: BinaryIO) -> None:
     """Refuse (415) an MP4/MOV whose edit lists FFmpeg would expand past :data:`MAX_EDITS`;
-    anything else passes. Reads box headers only (a few hundred bytes of a recorder's file), from
-    ``fh``'s start, and leaves ``fh`` there."""
+    anything else passes. Reads the header's boxes only (a recorder's are a few KB to a few MB:
+    its sample tables), from ``fh``'s start, and leaves ``fh`` there."""
     try:
         edits = _mp4_edits(fh)
     finally:
@@ -77,25 +88,26 @@ def check_mp4_edits(fh: BinaryIO) -> None:
 
 
 def _mp4_edits(fh: BinaryIO) -> int:
+    """Edit-list entries FFmpeg would read from ``fh`` taken as an MP4 (0 for anything that is
+    not one: the walk stops at the first bytes that cannot be a box)."""
     import struct
 
-    fh.seek(0)
-    head = fh.read(8)
-    if len(head) < 8 or head[4:8] not in _MP4_BOXES:
-        return 0
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
-    visited = [0]
+    visited = 0
 
     def boxes(start: int, end: int):
-        """(type, body start, body end) of the boxes in [start, end)."""
+        """(type, body start, body end) of the boxes in [start, end), while they look like boxes."""
+        nonlocal visited
         at = start
         while at + 8 <= end:
-            visited[0] += 1
-            if visited[0] > _MAX_BOXES:
-                raise AudioDecodeError(f"MP4 file's header takes more than {_MAX_BOXES} boxes")
             fh.seek(at)
             length, kind = struct.unpack(">I4s", fh.read(8))
+            if not all(32 <= c < 127 for c in kind):
+                return  # not a box: not an MP4, or damage FFmpeg stops at too
+            visited += 1
+            if visited > _MAX_BOXES:
+                raise AudioDecodeError(f"MP4 file's header holds more than {_MAX_BOXES} boxes")
             body = at + 8
             if length == 1:
                 (length,) = struct.unpack(">Q", fh.read(8))
@@ -103,26 +115,56 @@ def _mp4_edits(fh: BinaryIO) -> int:
             elif length == 0:
                 length = end - at
             if length < body - at:
-                return  # damaged: FFmpeg says what it makes of it
+                return
             yield kind, body, min(at + length, end)
             at += length
 
-    total = 0
-    for kind, body, end in boxes(0, size):
-        if kind != b"moov":
-            continue
-        for trak, tbody, tend in boxes(body, end):
-            if trak != b"trak":
+    def full_box(body: int, stop: int) -> bool:
+        fh.seek(body)
+        return stop - body >= 4 and fh.read(4) == b"\0\0\0\0"
+
+    def scan(body: int, stop: int) -> int:
+        """Edit entries anywhere in a sample description (stsd): FFmpeg reads the boxes after
+        each entry's fixed fields, whose length depends on the codec, so its bytes are searched."""
+        if stop - body > _MAX_STSD:
+            raise AudioDecodeError(f"MP4 file's sample description is over {_MAX_STSD >> 20} MB")
+        fh.seek(body)
+        data = fh.read(stop - body)
+        if data.find(b"cmov") >= 4:
+            raise AudioDecodeError("MP4 file's header is compressed (cmov), which is not supported")
+        total, at = 0, data.find(b"elst")
+        while at >= 4:
+            length = struct.unpack(">I", data[at - 4 : at])[0]
+            version, count = struct.unpack(">B3xI", data[at + 4 : at + 12].ljust(8, b"\0"))
+            room = min(length, len(data) - (at - 4)) - 16
+            total += min(count, max(0, room) // (20 if version == 1 else 12))
+            at = data.find(b"elst", at + 4)
+        return total
+
+    def edits(start: int, end: int, top: bool = False, depth: int = 0) -> int:
+        total = 0
+        if depth > _MAX_DEPTH:
+            return 0  # FFmpeg refuses boxes nested deeper than 10
+        for kind, body, stop in boxes(start, end):
+            if top and kind == b"moof":
+                break  # fragments follow: read as the file plays, after the moov
+            if top and kind in _MP4_PAYLOADS:
                 continue
-            for edts, ebody, eend in boxes(tbody, tend):
-                if edts != b"edts":
-                    continue
-                for elst, lbody, lend in boxes(ebody, eend):
-                    if elst == b"elst" and lend - lbody >= 8:
-                        fh.seek(lbody + 4)
-                        (count,) = struct.unpack(">I", fh.read(4))
-                        total += count
-    return total
+            if kind == b"cmov":
+                raise AudioDecodeError("MP4 file's header is compressed (cmov), which is not supported")
+            if kind == b"elst" and stop - body >= 8:
+                fh.seek(body)
+                version, count = struct.unpack(">B3xI", fh.read(8))
+                # FFmpeg reads entries while the box has bytes for them
+                total += min(count, (stop - body - 8) // (20 if version == 1 else 12))
+            elif kind == b"stsd":
+                total += scan(body, stop)
+            elif kind in _MP4_PARENTS:
+                # a meta box may start with a version and flags (ISO) or not (QuickTime)
+                total += edits(body + 4 if kind == b"meta" and full_box(body, stop) else body, stop, depth=depth + 1)
+        return total
+
+    return edits(0, size, top=True)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,34 @@ def _with_edits(boxes: list, count: int) -> bytes:
     return _build(boxes)
 
 
+def _with_hidden_edits(boxes: list, count: int, where: str) -> bytes:
+    """``count`` edits where FFmpeg still reads them but a walk of moov/trak/edts does not see
+    them: an elst right in the trak, an edts in the sample description's entry (FFmpeg reads
+    the boxes after its fixed fields), or the whole moov compressed (cmov)."""
+    boxes = copy.deepcopy(boxes)
+    moov = boxes[-1]
+    movie_length = struct.unpack(">I", _child(moov, b"mvhd")[1][16:20])[0]
+    elst = [b"elst", struct.pack(">II", 0, count) + struct.pack(">IiI", movie_length, 0, 0x00010000) * count]
+    trak = _child(moov, b"trak")
+    trak[1] = [c for c in trak[1] if c[0] != b"edts"]
+    if where == "trak":
+        trak[1].insert(1, elst)
+    elif where == "stsd":
+        stsd = _child(_child(_child(_child(trak, b"mdia"), b"minf"), b"stbl"), b"stsd")
+        body = stsd[1]  # version and flags, entry count, then the entries
+        length = struct.unpack(">I", body[8:12])[0]
+        extra = _build([[b"edts", [elst]]])
+        stsd[1] = body[:8] + struct.pack(">I", length + len(extra)) + body[12 : 8 + length] + extra + body[8 + length :]
+    else:  # cmov: dcom names the compression, cmvd holds the moov's length and the zlib stream
+        import zlib
+
+        trak[1].insert(1, [b"edts", [elst]])
+        raw = _build([moov])
+        boxes[-1] = [b"moov", [[b"cmov", [[b"dcom", b"zlib"], [b"cmvd", struct.pack(">I", len(raw)) + zlib.compress(raw)]]]]]
+        _CONTAINERS.add(b"cmov")
+    return _build(boxes)
+
+
 def _with_tracks(boxes: list, count: int) -> bytes:
     """The audio track ``count`` times, every copy over the same samples."""
     boxes = copy.deepcopy(boxes)
@@ -188,6 +216,19 @@ def test_an_mp4_whose_edit_list_replays_its_media_is_refused_before_ffmpeg_opens
     # a recorder's own edit list (one edit: the media less its encoder delay) is read as before
     assert 0.9 < load_audio(_with_edits(m4a, 1)).duration < 1.2
     assert 0.9 < load_audio(_build(m4a)).duration < 1.2
+
+
+@pytest.mark.parametrize("where", ["trak", "stsd", "cmov"])
+def test_edits_where_ffmpeg_still_finds_them_are_counted(m4a, where):
+    """FFmpeg takes a box for what its type says wherever it lies, and inflates a compressed
+    moov: 20000 edits in 1 KB of zlib took 233 MB to open. Each placement is refused as the
+    plain one is, at the header check and in the decoder."""
+    bomb = _with_hidden_edits(m4a, 500 if where != "cmov" else 20000, where)
+    detail = "compressed \\(cmov\\)" if where == "cmov" else "MP4 file holds 500 edit-list entries"
+    with pytest.raises(AudioDecodeError, match=detail):
+        check_audio_limits(io.BytesIO(bomb), max_duration=20.0)
+    with pytest.raises(AudioDecodeError, match=detail):
+        load_audio(bomb)
 
 
 def test_audio_decoding_far_past_its_mp4_or_matroska_header_is_refused(m4a):
