@@ -9,7 +9,14 @@ Each test fails on the code before its fix:
   delivery's message unacked in Redis, where the broker hands it out again only after its
   visibility timeout (6 h); nothing else looked for it, so the webhook came 6 h late and the record
   said "pending" all that time. Deliveries now have a due time in Redis, and each worker's recovery
-  pass sends again those whose due time passed (worker/recovery.py), once.
+  pass sends again those whose due time passed (worker/recovery.py), once; a delivery waiting in
+  a backed-up queue is not sent again (it is safe there), and one whose last attempt died is not
+  posted a further time;
+* a Redis restarted for 2 s while a worker held an unacked message (a webhook's retry) ended the
+  worker: Celery 5.7 closed the lost connection twice and the second close raised AttributeError
+  ("Unrecoverable error", exit status 1; under `up` the whole service stopped). worker/celery_app.py;
+* a media server answering 302 without a Location failed the job as the service's own internal
+  error (500, KeyError in the worker) instead of a 422 naming the field. shared/url_input.py.
 """
 
 from __future__ import annotations
@@ -337,6 +344,31 @@ def test_deliveries_waiting_in_a_backed_up_queue_are_not_sent_again_and_again(ri
     time.sleep(2)
     assert len(receiver.for_path("/backlog")) == 1
     assert broker.llen(HOOKS) == 0
+
+
+
+def test_a_delivery_whose_last_attempt_died_is_not_posted_again(rig, media_server, receiver):
+    """The last attempt (4th: 3 retries here) is recorded before its POST; its worker dies during
+    it (left past due, as a kill leaves it). The recovery pass sends the delivery again, which
+    finds every attempt made: it marks the webhook failed and posts nothing (a fifth POST, and
+    a sixth at the next due time, before)."""
+    _one_worker(rig, "bounded")
+    receiver.statuses[:] = [500] * 10
+    job_id = _failing_job(rig, media_server, receiver.url("/bounded"), "bounded")
+    _wait(lambda: rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "failed", 40,
+          "the delivery did not fail after its retries")
+    assert len(receiver.for_path("/bounded")) == 4
+    store = rig.store()
+    # as the 4th attempt leaves it when its worker is killed during the POST
+    store.set_webhook(job_id, status="retrying")
+    store.webhook_due(job_id, -1)
+    _wait(lambda: store.webhook_due_at(job_id) is None, 20, "the delivery was never sent again")
+    time.sleep(1)
+    assert len(receiver.for_path("/bounded")) == 4, [h["headers"]["X-AudioAnalysis-Attempt"]
+                                                     for h in receiver.for_path("/bounded")]
+    webhook = rig.client.get(f"/jobs/{job_id}").json()["webhook"]
+    assert webhook["status"] == "failed" and webhook["attempts"] == 4, webhook
+    receiver.statuses.clear()
 
 
 if __name__ == "__main__":
