@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 import anyio
 import anyio.to_thread
+import redis
 from celery import Celery
 from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -55,6 +56,18 @@ MAX_CONCURRENT_LOOKUPS = 8
 # pool, 40 of them held every thread, and every other request (a status poll's Redis read)
 # waited seconds for one. Past this many, copies wait for a slot without holding a thread.
 MAX_CONCURRENT_SAVES = 16
+# A synchronous call polls its job's record from sync_poll_interval_s (50 ms: a short job is
+# answered at once), each poll half again as long, up to this. At a fixed 50 ms, every waiting
+# call read and parsed its record 20 times a second for up to sync_timeout_s (an hour): a few
+# hundred calls waiting on busy or absent workers took the API's core with them.
+SYNC_POLL_MAX_S = 1.0
+# Connections of the API's asyncio Redis client (the synchronous calls' polls). redis-py's plain
+# pool refuses a request past its 100 connections ("Too many connections"): when more polls than
+# that were on their way at once (200 calls waiting, a Redis slow to answer), the calls were
+# answered 503 while their jobs, queued, ran for nobody. This pool makes a poll wait for a free
+# connection instead, up to REDIS_POOL_WAIT_S.
+REDIS_POOL_CONNECTIONS = 100
+REDIS_POOL_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -286,7 +299,16 @@ class Dispatcher:
     async def run_sync(self, submission: Submission, principal: Principal | None = None,
                        request: Request | None = None) -> dict[str, Any]:
         record = await self.submit(submission, sync=True, principal=principal)
-        record = await self.wait(record.job_id, self.settings.sync_timeout_s, request)
+        try:
+            record = await self.wait(record.job_id, self.settings.sync_timeout_s, request)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # the client is told to retry (503): the job it never heard of must not run as well
+            # (a retry ran it twice); best effort, as the store may be gone for this cancel too
+            try:
+                await self._cancel_quietly(record.job_id)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("sync job %s not cancelled after its wait failed: %s", record.job_id, exc)
+            raise
         if record.status == FAILED:
             raise AnalysisError.from_body(record.error or {})
         if record.status == CANCELLED:
@@ -300,6 +322,7 @@ class Dispatcher:
         the worker should not spend an hour on it.
         """
         deadline = time.monotonic() + timeout_s
+        interval = self.settings.sync_poll_interval_s
         aredis = self.store_async()
         key = self.store.key("job", job_id)
         while True:
@@ -321,7 +344,8 @@ class Dispatcher:
                 if await self._cancel_quietly(job_id):
                     raise JobConflict("client disconnected; job cancelled")
                 continue
-            await asyncio.sleep(self.settings.sync_poll_interval_s)
+            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0.0)))
+            interval = min(interval * 1.5, max(SYNC_POLL_MAX_S, self.settings.sync_poll_interval_s))
 
     async def _cancel_quietly(self, job_id: str) -> bool:
         """Cancel the job: True, or False when it ended meanwhile."""
@@ -335,7 +359,10 @@ class Dispatcher:
         import redis.asyncio
 
         if self._aredis is None:
-            self._aredis = redis.asyncio.Redis.from_url(self.settings.redis_url, decode_responses=True)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                self.settings.redis_url, decode_responses=True, max_connections=REDIS_POOL_CONNECTIONS,
+                timeout=REDIS_POOL_WAIT_S)
+            self._aredis = redis.asyncio.Redis(connection_pool=pool)
         return self._aredis
 
     # --- read and cancel --------------------------------------------------------------------

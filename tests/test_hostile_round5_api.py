@@ -442,3 +442,213 @@ def test_uploads_into_a_slow_bucket_do_not_hold_every_other_request(s3_api, buck
     print(f"\nwhile 48 uploads waited 4 s each on the bucket: {({k: round(v, 2) for k, v in timings.items()})}")
     assert codes == [202] * 48
     assert max(timings.values()) < 1.0, f"requests waited for a thread the uploads held: {timings}"
+
+
+# --- synchronous calls waiting on busy or absent workers cost the API next to nothing ------------
+
+
+def _cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_synchronous_calls_waiting_for_a_worker_leave_the_api_its_core(api):
+    import asyncio
+
+    import httpx
+
+    waiting = 200
+    wav = _tiny_wav(0.5)
+    pid = api.proc.pid
+
+    async def run() -> tuple[float, int]:
+        limits = httpx.Limits(max_connections=waiting + 10)
+        async with httpx.AsyncClient(base_url=str(api.base_url), headers={"X-API-Key": KEY}, timeout=120,
+                                     limits=limits) as c:
+            # nobody consumes this queue: every call waits for its worker (up to sync_timeout_s)
+            calls = [asyncio.create_task(c.post("/embedding", files={"file": (f"{i}.wav", wav, "audio/wav")}))
+                     for i in range(waiting)]
+            deadline = time.monotonic() + 60
+            while True:
+                listed = (await c.get("/jobs", params={"limit": 100, "status": "queued", "kind": "embedding"})).json()
+                if listed["count"] >= 100 and sum(not t.done() for t in calls) == waiting:
+                    break
+                assert time.monotonic() < deadline, "the synchronous calls never got queued"
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(3)  # all of them in their wait now
+            before, started = _cpu_s(pid), time.monotonic()
+            await asyncio.sleep(5)
+            share = (_cpu_s(pid) - before) / (time.monotonic() - started)
+            still = sum(not t.done() for t in calls)
+            for t in calls:
+                t.cancel()  # the clients hang up: their jobs are cancelled
+            await asyncio.gather(*calls, return_exceptions=True)
+            return share, still
+
+    share, still = asyncio.run(run())
+    print(f"\nthe API's CPU while {still} synchronous calls waited: {share:.0%} of a core")
+    assert still == waiting
+    # a poll every 50 ms each, for up to an hour: 38 % of a core for 200 calls (4 % now)
+    assert share < 0.25, f"{waiting} waiting calls took {share:.0%} of the API's core"
+
+
+# --- a burst of polls waits for a Redis connection instead of failing the calls ------------------
+
+
+class SlowRedis:
+    """A TCP proxy to the session's Redis whose answers can be held back ``delay_s`` (a Redis busy
+    with a large command, a far one): each connection's replies arrive that much later."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import select
+
+        self.delay_s = 0.0
+        # connections opened after this moment get no answer at all until it is None again
+        self.hold_since: float | None = None
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.closed = False
+
+        def pipe(client: socket.socket) -> None:
+            opened = time.monotonic()
+            server = socket.create_connection(upstream)
+            try:
+                while not self.closed:
+                    ready, _, _ = select.select([client, server], [], [], 0.2)
+                    for s in ready:
+                        data = s.recv(65536)
+                        if not data:
+                            return
+                        if s is server and self.delay_s:
+                            time.sleep(self.delay_s)
+                        while s is server and self.hold_since is not None and opened >= self.hold_since \
+                                and not self.closed:
+                            time.sleep(0.05)
+                        (server if s is client else client).sendall(data)
+            except OSError:
+                pass
+            finally:
+                client.close()
+                server.close()
+
+        def accept() -> None:
+            while not self.closed:
+                try:
+                    client, _ = self.sock.accept()
+                except OSError:
+                    return
+                threading.Thread(target=pipe, args=(client,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def _api_behind_slow_redis(service_env: dict, settings: Any, tmp_path_factory: Any) -> Iterator[tuple[Any, SlowRedis]]:
+    from urllib.parse import urlsplit
+
+    real = urlsplit(settings.redis_url)
+    proxy = SlowRedis((real.hostname or "127.0.0.1", real.port or 6379))
+    url = f"redis://127.0.0.1:{proxy.port}{real.path}"
+    try:
+        with _uvicorn_api(service_env, settings, tmp_path_factory.mktemp("round5-slow-redis-api"),
+                          AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path_factory.mktemp("round5-slow-redis-uploads")),
+                          REDIS_URL=url, AUDIO_ANALYSIS_REDIS_URL=url) as client:
+            yield client, proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture(scope="module")
+def slow_redis_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[Any, SlowRedis]]:
+    with _api_behind_slow_redis(service_env, settings, tmp_path_factory) as api_and_proxy:
+        yield api_and_proxy
+
+
+@pytest.fixture()
+def fresh_slow_redis_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[Any, SlowRedis]]:
+    """As slow_redis_api, started for one test: no synchronous call has opened a poll's
+    connection yet."""
+    with _api_behind_slow_redis(service_env, settings, tmp_path_factory) as api_and_proxy:
+        yield api_and_proxy
+
+
+def test_more_polls_at_once_than_redis_connections_wait_instead_of_failing_the_calls(slow_redis_api, settings):
+    import asyncio
+
+    import httpx
+    import redis
+
+    api, proxy = slow_redis_api
+    waiting = 150  # more than the asyncio client's 100 connections
+    wav = _tiny_wav(0.5)
+    store = redis.Redis.from_url(settings.redis_url, decode_responses=True)  # straight, not through the proxy
+
+    def sync_jobs() -> list[dict[str, Any]]:
+        keys = [k for k in store.scan_iter(match=f"{PREFIX}:job:*", count=1000) if k.count(":") == 2]
+        records = [json.loads(r) for r in store.mget(keys) if r] if keys else []
+        return [r for r in records if r.get("sync") and (r.get("filename") or "").startswith("burst-")]
+
+    async def run() -> list[Any]:
+        limits = httpx.Limits(max_connections=waiting + 10)
+        async with httpx.AsyncClient(base_url=str(api.base_url), headers={"X-API-Key": KEY}, timeout=120,
+                                     limits=limits) as c:
+            calls = [asyncio.create_task(c.post("/embedding", files={"file": (f"burst-{i}.wav", wav, "audio/wav")}))
+                     for i in range(waiting)]
+            deadline = time.monotonic() + 60
+            while len(sync_jobs()) < waiting:
+                assert time.monotonic() < deadline, "the synchronous calls never got queued"
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(2)
+            proxy.delay_s = 2.0  # every poll now holds its connection 2 s: 150 of them at once
+            try:
+                await asyncio.sleep(6)
+            finally:
+                proxy.delay_s = 0.0
+            await asyncio.sleep(2)
+            answered = [t.result() for t in calls if t.done() and not t.exception()]
+            for t in calls:
+                t.cancel()  # the clients hang up: their jobs are cancelled
+            await asyncio.gather(*calls, return_exceptions=True)
+            return answered
+
+    answered = asyncio.run(run())
+    # before: "job store unavailable, retry later" (503) for the polls past the 100th, while
+    # their jobs stayed queued for a worker to run for nobody
+    assert [(r.status_code, r.text[:120]) for r in answered] == [], "waiting calls were answered"
+    deadline = time.monotonic() + 30
+    while any(j["status"] == "queued" for j in sync_jobs()):
+        assert time.monotonic() < deadline, "calls that hung up left their jobs queued"
+        time.sleep(0.5)
+
+
+def test_a_synchronous_call_answered_503_leaves_no_job_to_run_for_nobody(fresh_slow_redis_api, settings):
+    """The poll's connection stops answering (a Redis stalled, a connection lost): the call is
+    answered 503, "retry later", and the job it never heard of is cancelled, not left queued for
+    a worker to run while the client's retry runs it again."""
+    import redis
+
+    api, proxy = fresh_slow_redis_api
+    wav = _tiny_wav(0.5)
+    store = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    # every connection the API needs for a submission and a cancel, opened now (the poll's own
+    # asyncio connections come with the first synchronous call's wait)
+    warm = api.post("/jobs/embedding", files={"file": ("warm.wav", wav, "audio/wav")})
+    assert warm.status_code == 202, warm.text
+    assert api.post(f"/jobs/{warm.json()['job_id']}/cancel").status_code == 200
+    time.sleep(0.5)
+    proxy.hold_since = time.monotonic()  # the connections opened from now on get no answer
+    try:
+        r = api.post("/embedding", files={"file": ("stalled.wav", wav, "audio/wav")}, timeout=30)
+    finally:
+        proxy.hold_since = None
+    _assert_error(r, 503)
+    keys = [k for k in store.scan_iter(match=f"{PREFIX}:job:*", count=1000) if k.count(":") == 2]
+    [job] = [j for j in (json.loads(x) for x in store.mget(keys) if x) if j.get("filename") == "stalled.wav"]
+    # before: "queued", for a worker to run for nobody
+    assert job["status"] == "cancelled", job["status"]
