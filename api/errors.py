@@ -66,7 +66,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = "ValidationError" if exc.status_code < 500 else "ProcessingError"
+        # 503 and 507 say the service cannot take the request now (as StorageFull does)
+        error_type = "ValidationError" if exc.status_code < 500 else \
+            "ModelError" if exc.status_code in (503, 507) else "ProcessingError"
         return error_response(exc.status_code, str(exc.detail), error_type, getattr(exc, "headers", None))
 
     @app.exception_handler(redis.ConnectionError)

@@ -13,6 +13,7 @@ protocol (api/serve.py), since no ASGI app sees a request before its head is com
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any, Callable, Coroutine
 
 import starlette.requests
@@ -65,6 +66,14 @@ class WholeMultiPartParser(MultiPartParser):
 starlette.requests.MultiPartParser = WholeMultiPartParser  # type: ignore[misc]
 
 
+# what the API itself lacks while it spools a form (not the client's doing): the disk of the
+# temporary files full, or no file handle left (each upload past SPOOL_BYTES holds one)
+_OUT_OF_ROOM = {errno.ENOSPC: (507, "no room left for uploads; retry later"),
+                errno.EDQUOT: (507, "no room left for uploads; retry later"),
+                errno.EMFILE: (503, "too many uploads at once; retry later"),
+                errno.ENFILE: (503, "too many uploads at once; retry later")}
+
+
 class BoundedFormRequest(Request):
     """A request whose form parsing keeps to MAX_FORM_FIELDS fields of MAX_FIELD_BYTES (400 past them)."""
 
@@ -72,6 +81,18 @@ class BoundedFormRequest(Request):
              max_part_size: int = MAX_FIELD_BYTES) -> AwaitableOrContextManager[FormData]:
         return super().form(max_files=max_files, max_fields=min(max_fields, MAX_FORM_FIELDS),
                             max_part_size=min(max_part_size, MAX_FIELD_BYTES))
+
+    async def _get_form(self, **limits: Any) -> FormData:
+        """Starlette's form parsing, a full spool disk (507) or no file handle left (503) said as
+        the service's own state: FastAPI turned either into 400 "There was an error parsing the
+        body", a client's mistake, for a valid upload the client should simply send again."""
+        try:
+            return await super()._get_form(**limits)
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_ROOM:
+                raise
+            status, detail = _OUT_OF_ROOM[exc.errno]
+            raise HTTPException(status, detail, headers={"Retry-After": "30"}) from exc
 
 
 class BoundedFormRoute(APIRoute):

@@ -71,8 +71,27 @@ def protocol_path() -> str:
     return "api.serve:TimeoutH11Protocol"
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """The soft limit of open files raised to the hard one; returns (soft, hard) as they are now.
+
+    Every upload past the spool size is a temporary file, and a batch takes up to 1000 of them
+    at once: under the 1024 soft limit many hosts start services with (the hard one often far
+    higher), a second batch arriving during a first one ran out of file handles, and every
+    other connection with it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # an infinite hard limit the kernel caps lower: keep what we have
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
+    raise_open_files_limit()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=settings.api_host)
     parser.add_argument("--port", type=int, default=settings.api_port)

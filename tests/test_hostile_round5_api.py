@@ -138,7 +138,7 @@ def bucket() -> Iterator[BucketProxy]:
 
 
 @contextlib.contextmanager
-def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, **extra: str) -> Iterator[Any]:
+def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, prefix: tuple[str, ...] = (), **extra: str) -> Iterator[Any]:
     """The API under a real uvicorn (api.serve) with an API key, on queues nobody consumes and a
     key prefix of its own on the session's Redis: an httpx client with the key, ``.proc`` its
     process, ``.port`` its port."""
@@ -156,8 +156,20 @@ def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, **extra: str) -
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        proc = stack.start_api("127.0.0.1", port)
-        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+        if prefix:  # the server started through another command (prlimit)
+            import sys
+
+            proc = stack.spawn("api", [*prefix, sys.executable, "-m", "api.serve", "--host", "127.0.0.1", "--port", str(port)])
+        else:
+            proc = stack.start_api("127.0.0.1", port)
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "api", proc)
         with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
             client.proc, client.port = proc, port  # type: ignore[attr-defined]
             yield client
@@ -652,3 +664,69 @@ def test_a_synchronous_call_answered_503_leaves_no_job_to_run_for_nobody(fresh_s
     [job] = [j for j in (json.loads(x) for x in store.mget(keys) if x) if j.get("filename") == "stalled.wav"]
     # before: "queued", for a worker to run for nobody
     assert job["status"] == "cancelled", job["status"]
+
+
+# --- the API's own lack of room or file handles is said as such, not as the client's mistake -----
+
+
+def _logs(tmp_path: Any) -> Any:
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    return tmp_path / "logs"
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in open(f"/proc/{pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open files limit")
+
+
+def test_the_api_takes_all_the_open_files_its_host_allows(service_env, settings, tmp_path):
+    """A host's services often start with a soft limit of 1024 open files and a far higher hard
+    one; each upload past 64 KB is a temporary file while its form is read, a batch up to 1000."""
+    with _uvicorn_api(service_env, settings, _logs(tmp_path), ("prlimit", "--nofile=1024:8192"),
+                      AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path / "uploads")) as api:
+        # 1024 before: two batches of 600 files at once ran out of file handles
+        assert _open_files_limit(api.proc.pid) == (8192, 8192)
+
+
+def test_no_file_handle_left_is_a_503_to_retry_not_a_400(service_env, settings, tmp_path):
+    """A hard limit the API cannot raise (200 here, as a host may set): a batch needing more
+    temporary files than that is the service's own limit for now, said with Retry-After."""
+    blob = b"\0" * 70_000  # past the 64 KB spool: a temporary file each
+    with _uvicorn_api(service_env, settings, _logs(tmp_path), ("prlimit", "--nofile=200:200"),
+                      AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path / "uploads")) as api:
+        r = api.post("/jobs/batch", data={"kind": "embedding"},
+                     files=[("files", (f"{i}.wav", blob, "audio/wav")) for i in range(300)])
+        # 400 "There was an error parsing the body" before: the client's mistake, it read
+        _assert_error(r, 503)
+        assert r.headers["Retry-After"] == "30"
+        assert r.json()["error_type"] == "ModelError"
+        assert api.get("/health").status_code == 200
+        # and the handles came back: a batch within them goes through
+        r = api.post("/jobs/batch", data={"kind": "embedding"},
+                     files=[("files", (f"{i}.wav", _tiny_wav(), "audio/wav")) for i in range(3)])
+        assert r.status_code == 202, r.text
+
+
+def test_a_full_disk_for_the_forms_temporary_files_is_a_507_not_a_400(service_env, settings, tmp_path):
+    import subprocess
+
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(spool)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode()[:200]}")
+    try:
+        with _uvicorn_api(service_env, settings, _logs(tmp_path), TMPDIR=str(spool),
+                          AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path / "uploads")) as api:
+            r = api.post("/jobs/embedding", files={"file": ("big.wav", _tiny_wav(40.0), "audio/wav")})
+            # 400 "There was an error parsing the body" before
+            _assert_error(r, 507)
+            assert r.headers["Retry-After"] == "30"
+            # an upload the spool holds in memory still goes through
+            r = api.post("/jobs/embedding", files={"file": ("small.wav", _tiny_wav(1.0), "audio/wav")})
+            assert r.status_code == 202, r.text
+    finally:
+        subprocess.run(["umount", str(spool)], check=False)
