@@ -53,6 +53,8 @@ _MAX_DECODE_THREADS = 8
 # (a 96 KB upload) passed the API as 60 s and decoded to 16.7 h (22 s, 1.9 GB), and 20000 times
 # ran to the 24 h limit (4 GB).
 _DECLARED_FORMATS = ("mov", "matroska")
+# FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
+_PACKED_FROM = 8
 # (factor, seconds): decoding may run to factor x the declared length + seconds
 _DECLARED_SLACK = (2.0, 60.0)
 # MP3 frames decoded and dropped before each such block (_parallel_plan): an MP3 frame may take
@@ -670,10 +672,12 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         converter = None
         to_16k: _StreamResampler | None = None
         block = 0
+        packed = 0  # channels of an interleaved conversion, 0 for planar
 
         def emit(converted: list) -> None:
             for out in converted:
-                mono = _downmix(out.to_ndarray().T)
+                data = out.to_ndarray()
+                mono = _downmix(data.reshape(-1, packed) if packed else data.T)
                 if to_16k is None:
                     collected.add(mono)
                 else:
@@ -701,11 +705,16 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                 if params != setup:
                     finish()
                     rate = frame.sample_rate
-                    converter = av.AudioResampler(format="fltp", layout=frame.layout, rate=rate)
+                    channels = max(1, len(frame.layout.channels))
+                    # PyAV (18.1) counts a planar frame of 8 or more channels one plane too many,
+                    # past AVFrame's 8 data pointers, and to_ndarray read through it: a 7.1 PCM
+                    # Matroska killed the process (SIGSEGV). Those are converted interleaved (one
+                    # plane; the same floats, down-mixed in the same order), fewer planar as before
+                    packed = channels if channels >= _PACKED_FROM else 0
+                    converter = av.AudioResampler(format="flt" if packed else "fltp", layout=frame.layout, rate=rate)
                     # a stream of its own from where the collector stands
                     to_16k = None if rate == SAMPLE_RATE else _StreamResampler(rate, collected)
                     fifo = av.AudioFifo()
-                    channels = max(1, len(frame.layout.channels))
                     block = max(1, min(10 * rate, _BLOCK_SAMPLES // channels))
                     setup = params
                 # the FIFO checks that timestamps run on without a gap; a damaged stream's need

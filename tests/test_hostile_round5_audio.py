@@ -270,6 +270,62 @@ def test_an_mp4_of_more_streams_than_any_recording_is_refused_at_once(m4a):
     assert 0.9 < load_audio(_with_tracks(m4a, MAX_STREAMS)).duration < 1.2
 
 
+# --- FFmpeg's frames of 8 or more channels: PyAV read past the frame's plane pointers -----------
+
+
+def _pcm_mka(channels: np.ndarray, rate: int = 16000) -> bytes:
+    """(frames, channels) float samples as 16-bit PCM in Matroska (a layout of its channel count
+    only, as a recorder's multitrack file has): read by FFmpeg, not libsndfile."""
+    import av
+
+    pcm = np.round(np.clip(channels, -1, 1) * 32767).astype(np.int16)
+    layout = f"{pcm.shape[1]} channels"
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as mka:
+        stream = mka.add_stream("pcm_s16le", rate=rate, layout=layout)
+        for start in range(0, len(pcm), 4096):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[start : start + 4096]).reshape(1, -1),
+                                               format="s16", layout=layout)
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                mka.mux(packet)
+        for packet in stream.encode(None):
+            mka.mux(packet)
+    return out.getvalue()
+
+
+def _decode_elsewhere(path: Path) -> tuple[int, str]:
+    """load_audio(path) in a fresh process (a crash there is a failure here, not pytest's end):
+    (exit status, what it printed)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy, engine.audio as a; x = a.load_audio(%r).samples; "
+            "numpy.save(%r, x)" % (str(path), str(path) + ".npy"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    return proc.returncode, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("count", [8, 12, 24])
+def test_a_file_of_many_channels_read_by_ffmpeg_is_the_mean_of_its_channels(tmp_path, count):
+    """A 7.1 or 22.2 file read through FFmpeg (PCM in Matroska here; 7.1 AAC or E-AC-3 of a film
+    alike) killed the process decoding it with SIGSEGV: PyAV 18.1 counted the converted planar
+    frame's planes one too many and to_ndarray read through a pointer past AVFrame.data. It is
+    now the mean of its channels, the same samples as the same channels in a WAV (libsndfile)."""
+    rng = np.random.default_rng(count)
+    levels = rng.uniform(0.05, 0.4, count).astype(np.float32)
+    channels = _tone(2.0, 16000)[:, None] * levels[None, :] + rng.normal(0, 0.01, (32000, count)).astype(np.float32)
+    path = tmp_path / f"{count}.mka"
+    path.write_bytes(_pcm_mka(channels))
+    status, err = _decode_elsewhere(path)
+    assert status == 0, f"exit status {status}: {err}"
+    decoded = np.load(str(path) + ".npy")
+    wav = tmp_path / f"{count}.wav"
+    sf.write(wav, np.round(np.clip(channels, -1, 1) * 32767).astype(np.int16), 16000, subtype="PCM_16")
+    assert np.array_equal(decoded, load_audio(wav).samples)
+
+
 # --- end to end: the worker answers in the documented shape --------------------------------------
 
 
@@ -284,3 +340,14 @@ def test_a_file_decoding_past_its_header_fails_its_job_with_a_415(client, m4a):
     assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
     assert done["error"]["status_code"] == 415 and done["error"]["error_type"] == "ValidationError", done
     assert "decodes to more than its header declares" in done["error"]["detail"], done
+
+
+def test_the_worker_analyses_an_8_channel_file_read_by_ffmpeg(client, utterances):
+    """Real speech on 8 channels in Matroska: the worker's decoder crashed on it (SIGSEGV); the
+    job now succeeds, the voice the same as the mono file's."""
+    speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
+    mka = _pcm_mka(np.repeat(speech[:, None], 8, axis=1) * 0.9, rate)
+    r = client.post("/jobs/embedding", files={"file": ("eight.mka", mka, "audio/x-matroska")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 90)
+    assert done["status"] == "succeeded", done
