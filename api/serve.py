@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         "host": args.host, "port": args.port, "proxy_headers": args.proxy_headers,
         "forwarded_allow_ips": args.forwarded_allow_ips, "workers": args.workers,
         "http": protocol_path(),
+        # no route takes a WebSocket: an upgrade request is served as the plain HTTP request it
+        # also is (documented error shape and all), where uvicorn's WebSocket protocol answered
+        # every one 403 with an empty body, after a handshake through a protocol class the
+        # header timeout above does not cover
+        "ws": "none",
         # idle keep-alive connections: closed after this (uvicorn's default is 5 s)
         "timeout_keep_alive": 5,
         # request heads larger than this are refused by h11 (its default is 16 KiB)

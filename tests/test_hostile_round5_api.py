@@ -730,3 +730,39 @@ def test_a_full_disk_for_the_forms_temporary_files_is_a_507_not_a_400(service_en
             assert r.status_code == 202, r.text
     finally:
         subprocess.run(["umount", str(spool)], check=False)
+
+
+# --- an upgrade to a WebSocket is answered as the HTTP request it also is ------------------------
+
+
+def _raw_answer(port: int, request: bytes) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    return head, body
+
+
+def test_a_websocket_upgrade_is_answered_in_the_documented_shape(api):
+    upgrade = (b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    head, body = _raw_answer(api.port, b"GET /jobs/0123456789abcdef0123456789abcdef HTTP/1.1\r\nHost: t\r\n"
+                             + f"X-API-Key: {KEY}\r\n".encode() + upgrade + b"\r\n")
+    # "HTTP/1.1 403 Forbidden" with an empty body before, whatever the path
+    assert head.startswith(b"HTTP/1.1 404 "), head
+    assert set(json.loads(body)) == ERROR_KEYS, body
+    head, body = _raw_answer(api.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert json.loads(body)["status"] in ("healthy", "degraded")
