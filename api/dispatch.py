@@ -328,7 +328,10 @@ class Dispatcher:
         while True:
             raw = await aredis.get(key)
             if raw is None:
-                raise JobNotFound(f"job {job_id} disappeared")
+                # the store lost it (evicted under maxmemory, flushed, a failover to a replica
+                # behind): the service's own state, to retry, where 404 "disappeared" with
+                # error_type ValidationError put it on the client
+                raise ModelError(f"job {job_id}'s record was lost by the job store; retry", status_code=503)
             record = JobRecord.from_json(raw)
             if record.ended:
                 return record

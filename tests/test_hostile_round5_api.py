@@ -766,3 +766,33 @@ def test_a_websocket_upgrade_is_answered_in_the_documented_shape(api):
     head, body = _raw_answer(api.port, b"GET /health HTTP/1.1\r\nHost: t\r\n" + upgrade + b"\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert json.loads(body)["status"] in ("healthy", "degraded")
+
+
+# --- a job record the store lost during a synchronous call is the service's failure --------------
+
+
+def test_a_record_lost_by_the_store_during_a_synchronous_call_is_a_503(api, settings):
+    import concurrent.futures
+
+    import redis
+
+    store = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+
+    def record_key() -> str | None:
+        for key in store.scan_iter(match=f"{PREFIX}:job:*", count=1000):
+            raw = store.get(key) if key.count(":") == 2 else None
+            if raw and json.loads(raw).get("filename") == "evicted.wav":
+                return key
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(api.post, "/embedding", files={"file": ("evicted.wav", _tiny_wav(), "audio/wav")})
+        deadline = time.monotonic() + 30
+        while (key := record_key()) is None:
+            assert time.monotonic() < deadline, "the synchronous call never made its job"
+            time.sleep(0.2)
+        store.delete(key)  # what maxmemory's eviction (allkeys-lru) or a flush does to it
+        r = call.result(timeout=30)
+    # 404 "job ... disappeared", error_type ValidationError, before: the client's mistake, it said
+    _assert_error(r, 503)
+    assert r.json()["error_type"] == "ModelError"
