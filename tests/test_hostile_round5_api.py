@@ -796,3 +796,14 @@ def test_a_record_lost_by_the_store_during_a_synchronous_call_is_a_503(api, sett
     # 404 "job ... disappeared", error_type ValidationError, before: the client's mistake, it said
     _assert_error(r, 503)
     assert r.json()["error_type"] == "ModelError"
+
+
+def test_the_openapi_document_names_every_error_an_upload_may_get(api):
+    spec = api.get("/openapi.json").json()
+    for path in ("/jobs/diarize", "/jobs/batch", "/diarize", "/voiceprints"):
+        responses = spec["paths"][path]["post"]["responses"]
+        # 400 (a cut or malformed form), 408 (a stalled body) and 507 (no room) were missing
+        for code in ("400", "408", "413", "415", "422", "503", "507"):
+            assert code in responses, (path, code, sorted(responses))
+            schema = responses[code]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, code, schema)
