@@ -1,15 +1,33 @@
 """A fifth round at the API's HTTP edge, against real processes: the API under a real uvicorn
-(api.serve), the session's Redis, an S3-speaking server (moto's, on 127.0.0.1) behind a proxy
-that can make the bucket slow or failing, as a real one sometimes is.
+(api.serve, some under prlimit or with a tmpfs for its temporary files), the session's Redis
+(straight or through a proxy that slows or stalls it), an S3-speaking server (moto's, on
+127.0.0.1) behind a proxy that makes the bucket slow or failing, as a real one sometimes is.
 
 Each test fails on the code before its fix:
 
-* a cancel (``POST /jobs/{id}/cancel``) deleted the job's upload from the bucket on the API's
-  event loop: while a slow bucket answered, every other request of every client (``/health``
-  included) waited, 6 s of a frozen API for a bucket 3 s slow per call;
-* a bucket that failed to delete (its retries spent) turned a cancel that had happened into a
-  500, and the cancelled job's webhook was never sent; a refused upload (415, 413) turned into a
-  500 the same way, in the clean-up of what it had not even stored.
+* a cancel deleted the job's upload from the bucket on the API's event loop: while a slow bucket
+  answered, every other request of every client (``/health`` included) waited, 5.6 s of a frozen
+  API for a bucket 3 s slow per call;
+* a bucket that failed to delete turned a cancel that had happened into a 500, its webhook never
+  sent, and a refused upload (415) into a 500, in the clean-up of what it had not stored;
+* a multipart body cut short (no closing boundary: a Content-Length smaller than the body, a
+  client or proxy that stopped) lost its unfinished last part silently: ``file`` then
+  ``num_speakers=3`` ran with the default speaker count (202);
+* a synchronous call whose job succeeded between the API's last read and its cancel at the
+  deadline was answered 504, and the client, told of no job, ran it again;
+* a batch held all its files to one duration budget: three 2 s jobs under a 3 s limit were
+  refused 413 as "6 s together";
+* 48 uploads on their way into a slow bucket held all 40 threads of the shared pool: a status
+  poll waited 2.3 s for a thread;
+* each waiting synchronous call polled its record every 50 ms for up to an hour (200 of them: 38 %
+  of the API's core); past 100 polls at once redis-py's pool refused the rest, 503 for calls
+  whose queued jobs then ran for nobody, and nothing cancelled a job whose call got a 503;
+* a full disk under the form's temporary files, or no file handle left, was 400 "There was an
+  error parsing the body" (the client's mistake); the API kept a soft open-files limit of 1024
+  under a hard one of 8192;
+* an ``Upgrade: websocket`` request was answered 403 with an empty body, whatever the path;
+* a job record the store lost during a synchronous call was 404 ValidationError;
+* the OpenAPI document named neither 400, 408 nor 507.
 """
 
 from __future__ import annotations
