@@ -89,7 +89,7 @@ def check_mp4_edits(fh: BinaryIO) -> None:
 
 def _mp4_edits(fh: BinaryIO) -> int:
     """Edit-list entries FFmpeg would read from ``fh`` taken as an MP4 (0 for anything that is
-    not one: the walk stops at the first bytes that cannot be a box)."""
+    not one)."""
     import struct
 
     fh.seek(0, os.SEEK_END)
@@ -97,14 +97,14 @@ def _mp4_edits(fh: BinaryIO) -> int:
     visited = 0
 
     def boxes(start: int, end: int):
-        """(type, body start, body end) of the boxes in [start, end), while they look like boxes."""
+        """(type, body start, body end) of the boxes in [start, end), as FFmpeg walks them: any
+        type, until a length that cannot be one. Anything but an MP4 ends at its first bytes,
+        read as a length beyond the file ("RIFF", "fLaC", "OggS", "ID3" are over 1 GB)."""
         nonlocal visited
         at = start
         while at + 8 <= end:
             fh.seek(at)
             length, kind = struct.unpack(">I4s", fh.read(8))
-            if not all(32 <= c < 127 for c in kind):
-                return  # not a box: not an MP4, or damage FFmpeg stops at too
             visited += 1
             if visited > _MAX_BOXES:
                 raise AudioDecodeError(f"MP4 file's header holds more than {_MAX_BOXES} boxes")
@@ -143,13 +143,15 @@ def _mp4_edits(fh: BinaryIO) -> int:
 
     def edits(start: int, end: int, top: bool = False, depth: int = 0) -> int:
         total = 0
+        seen_moov = False
         if depth > _MAX_DEPTH:
             return 0  # FFmpeg refuses boxes nested deeper than 10
         for kind, body, stop in boxes(start, end):
-            if top and kind == b"moof":
+            if top and kind == b"moof" and seen_moov:
                 break  # fragments follow: read as the file plays, after the moov
             if top and kind in _MP4_PAYLOADS:
                 continue
+            seen_moov = seen_moov or kind == b"moov"
             if kind == b"cmov":
                 raise AudioDecodeError("MP4 file's header is compressed (cmov), which is not supported")
             if kind == b"elst" and stop - body >= 8:

@@ -83,8 +83,9 @@ def _with_edits(boxes: list, count: int) -> bytes:
 
 def _with_hidden_edits(boxes: list, count: int, where: str) -> bytes:
     """``count`` edits where FFmpeg still reads them but a walk of moov/trak/edts does not see
-    them: an elst right in the trak, an edts in the sample description's entry (FFmpeg reads
-    the boxes after its fixed fields), or the whole moov compressed (cmov)."""
+    them: an elst right in the trak, an edts after a box whose type is not text, an edts in the
+    sample description's entry (FFmpeg reads the boxes after its fixed fields), or the whole moov
+    compressed (cmov)."""
     boxes = copy.deepcopy(boxes)
     moov = boxes[-1]
     movie_length = struct.unpack(">I", _child(moov, b"mvhd")[1][16:20])[0]
@@ -93,6 +94,8 @@ def _with_hidden_edits(boxes: list, count: int, where: str) -> bytes:
     trak[1] = [c for c in trak[1] if c[0] != b"edts"]
     if where == "trak":
         trak[1].insert(1, elst)
+    elif where == "after-junk":  # a box of no printable type first, which FFmpeg walks past
+        trak[1][1:1] = [[b"\x01\x02\x03\x04", b"junk"], [b"edts", [elst]]]
     elif where == "stsd":
         stsd = _child(_child(_child(_child(trak, b"mdia"), b"minf"), b"stbl"), b"stsd")
         body = stsd[1]  # version and flags, entry count, then the entries
@@ -218,7 +221,7 @@ def test_an_mp4_whose_edit_list_replays_its_media_is_refused_before_ffmpeg_opens
     assert 0.9 < load_audio(_build(m4a)).duration < 1.2
 
 
-@pytest.mark.parametrize("where", ["trak", "stsd", "cmov"])
+@pytest.mark.parametrize("where", ["trak", "after-junk", "stsd", "cmov"])
 def test_edits_where_ffmpeg_still_finds_them_are_counted(m4a, where):
     """FFmpeg takes a box for what its type says wherever it lies, and inflates a compressed
     moov: 20000 edits in 1 KB of zlib took 233 MB to open. Each placement is refused as the
