@@ -24,7 +24,7 @@ from celery import Celery
 from fastapi import Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import JobConflict, JobNotFound, StorageFull, SyncTimeout
+from api.errors import JobConflict, JobNotFound, StorageFull, StorageUnavailable, SyncTimeout
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -220,12 +220,17 @@ class Dispatcher:
                 storing = True
                 try:
                     key = await self._save(job_id, name, upload, budget)
-                except OSError as exc:
-                    if not out_of_room(exc):
-                        raise
-                    # a full disk answered 500 "internal server error": nothing the client did
-                    log.error("upload storage full (%s): job %s refused", exc, job_id)
-                    raise StorageFull("upload storage is full; retry later") from None
+                except AnalysisError:
+                    raise  # the client's (413 past the limit)
+                except Exception as exc:
+                    if out_of_room(exc):
+                        # a full disk answered 500 "internal server error": nothing the client did
+                        log.error("upload storage full (%s): job %s refused", exc, job_id)
+                        raise StorageFull("upload storage is full; retry later") from None
+                    # a bucket answering 503 or out of reach was a 500 "internal server error"
+                    log.error("upload storage failed (%s: %s): job %s refused", type(exc).__name__,
+                              one_line(str(exc))[:300], job_id)
+                    raise StorageUnavailable("upload storage unavailable; retry later") from None
                 keys[name] = key
                 budget -= upload.size if upload.size is not None else 0
         except BaseException:

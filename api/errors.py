@@ -39,6 +39,13 @@ class StorageFull(ModelError):
     status_code = 507
 
 
+class StorageUnavailable(ModelError):
+    """The upload storage refused or could not be reached (an S3 bucket answering 503, down, a
+    network in between): the service's state, to retry later."""
+
+    status_code = 503
+
+
 def error_response(status_code: int, detail: str, error_type: ErrorType, headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorBody(detail=detail, error_type=error_type)
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
@@ -58,6 +65,8 @@ def install(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
         if isinstance(exc, StorageFull):
             headers = {"Retry-After": "60"}
+        elif isinstance(exc, StorageUnavailable):
+            headers = {"Retry-After": "30"}
         return error_response(exc.status_code, exc.detail, exc.error_type, headers)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)

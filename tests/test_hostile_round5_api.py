@@ -27,7 +27,8 @@ Each test fails on the code before its fix:
   under a hard one of 8192;
 * an ``Upgrade: websocket`` request was answered 403 with an empty body, whatever the path;
 * a job record the store lost during a synchronous call was 404 ValidationError;
-* the OpenAPI document named neither 400, 408 nor 507.
+* the OpenAPI document named neither 400, 408 nor 507;
+* a bucket refusing to store an upload (503 past botocore's retries) was a 500.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class BucketProxy:
         self.delay_s = 0.0
         self.put_delay_s = 0.0  # each object stored (a slow or far bucket, a big upload)
         self.failing = False
+        self.failing_puts = False  # storing an upload answered 503 (after botocore's retries)
         self.deletes = 0
         proxy = self
 
@@ -90,6 +92,11 @@ class BucketProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 deleting = self.command == "DELETE" or "list-type=" in self.path or \
                     (self.command == "POST" and "delete" in self.path.split("?", 1)[-1])
+                if self.command == "PUT" and proxy.failing_puts and "/uploads/" in self.path:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if deleting:
                     proxy.deletes += 1
                     if proxy.failing:
@@ -825,3 +832,23 @@ def test_the_openapi_document_names_every_error_an_upload_may_get(api):
             assert code in responses, (path, code, sorted(responses))
             schema = responses[code]["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, code, schema)
+
+
+
+# --- a bucket that cannot store an upload is the service's state, said as such --------------------
+
+
+def test_a_bucket_refusing_uploads_is_a_503_to_retry_not_a_500(s3_api, bucket):
+    before = _job_ids(s3_api)
+    bucket.failing_puts = True
+    try:
+        r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    finally:
+        bucket.failing_puts = False
+    # 500 "internal server error" before
+    _assert_error(r, 503)
+    assert r.json()["error_type"] == "ModelError" and r.headers["Retry-After"] == "30"
+    assert _job_ids(s3_api) == before, "a job without its upload"
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    s3_api.post(f"/jobs/{r.json()['job_id']}/cancel")
