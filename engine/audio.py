@@ -47,11 +47,12 @@ _SHORT_READ = 0.9
 _MAX_DECODE_THREADS = 8
 # FFmpeg containers whose header states the length of what they hold (MP4/MOV: mvhd, mdhd and
 # the sample tables; Matroska: its Duration, left out by recorders that cannot go back to write
-# it), not estimated from a bitrate as for MP3, ADTS AAC or MPEG streams: decoding one further
-# than _DECLARED_SLACK allows is refused (_Collector). The API and the worker's time limit take
-# the length from the same header: an MP4 whose edit list played its 60 s of media 1000 times
-# (a 96 KB upload) passed the API as 60 s and decoded to 16.7 h (22 s, 1.9 GB), and 20000 times
-# ran to the 24 h limit (4 GB).
+# it; and an MP3's Xing header, _xing_seconds), not estimated from a bitrate as for other MP3s,
+# ADTS AAC or MPEG streams: decoding one further than _DECLARED_SLACK allows is refused
+# (_Collector). The API and the worker's time limit take the length from the same header: an MP4
+# whose edit list played its 60 s of media 1000 times (a 96 KB upload) passed the API as 60 s
+# and decoded to 16.7 h (22 s, 1.9 GB), 20000 times ran to the 24 h limit (4 GB), and an MP3
+# whose Xing header counted 100 of its 3336 frames passed as 3.5 s and decoded to 120 s.
 _DECLARED_FORMATS = ("mov", "matroska")
 # FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
 _PACKED_FROM = 8
@@ -620,6 +621,38 @@ def _read_soundfile(
     return out
 
 
+def _xing_seconds(fh: BinaryIO) -> float | None:
+    """The length an MP3's Xing/Info header counts (frames x samples per frame / rate), when its
+    first frame holds one that counts both frames and bytes; None otherwise. Reads the first
+    frame only, from ``fh``'s start, and leaves ``fh`` where it was. libsndfile (mpg123) takes
+    the same count for the file's length: what the API's header check held the file to."""
+    where = fh.tell()
+    try:
+        fh.seek(0)
+        head = fh.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a syncsafe size, and a footer flag
+            start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
+            start += 10 if head[5] & 0x10 else 0
+        fh.seek(start)
+        frame = fh.read(4 + 32 + 16)
+    finally:
+        fh.seek(where)
+    if len(frame) < 52 or frame[0] != 0xFF or frame[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (frame[1] >> 3) & 3, (frame[1] >> 1) & 3  # version 3: MPEG-1, 2: MPEG-2, 0: 2.5
+    rate = (44100, 48000, 32000, 0)[(frame[2] >> 2) & 3]
+    if layer != 1 or version == 1 or not rate:  # Layer III only (the Xing header's own)
+        return None
+    rate >>= {3: 0, 2: 1, 0: 2}[version]
+    mono = frame[3] >> 6 == 3
+    side = (17 if mono else 32) if version == 3 else (9 if mono else 17)
+    tag = frame[4 + side : 4 + side + 12]
+    if tag[:4] not in (b"Xing", b"Info") or int.from_bytes(tag[4:8], "big") & 3 != 3:
+        return None
+    return int.from_bytes(tag[8:12], "big") * (1152 if version == 3 else 576) / rate
+
+
 def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
@@ -647,6 +680,12 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     break
         declared = declared_duration(container, stream)
         binding = container.format.name.split(",")[0] in _DECLARED_FORMATS
+        if container.format.name == "mp3" and declared:
+            # an MP3's length is FFmpeg's estimate from its bitrate, unless its first frame
+            # holds a Xing/Info header that FFmpeg believed (its byte count is the file's: not
+            # two files joined): that one is a count the encoder wrote
+            counted = _xing_seconds(fh)
+            binding = counted is not None and abs(counted - declared) <= 0.01 * counted + 0.1
         collected = _Collector(max_duration, declared or None, binding=binding)
         if binding and declared == 0:  # declares nothing to decode: held to the slack alone
             collected.ceiling, collected.expected_s = int(_DECLARED_SLACK[1] * SAMPLE_RATE), 0.0

@@ -255,6 +255,23 @@ def test_audio_decoding_far_past_its_mp4_or_matroska_header_is_refused(m4a):
     assert 68 < load_audio(no_duration).duration < 71
 
 
+def test_an_mp3_whose_xing_header_undercounts_its_frames_is_refused_as_it_decodes():
+    """The Xing header's frame count is what libsndfile (the API's header check) and FFmpeg take
+    for an MP3's length: 100 of 2503 frames, its byte count left true, passed as 3.5 s and
+    decoded to 90 s (1 GB of such an MP3 to the 24 h limit, past the synchronous route's 30 min
+    and the job's time limit). Refused past twice its count and a minute; an MP3 whose byte count
+    is not the file's (two joined, tests/test_audio_decode.py) is still decoded to its end."""
+    honest = bytearray(encode(_tone(90.0, 16000), 16000, container="mp3", codec="libmp3lame", bit_rate=32000))
+    tag = max(honest.find(b"Xing"), honest.find(b"Info"))
+    assert tag > 0 and int.from_bytes(honest[tag + 4 : tag + 8], "big") & 3 == 3, "no Xing frames and bytes"
+    forged = bytearray(honest)
+    forged[tag + 8 : tag + 12] = (100).to_bytes(4, "big")
+    assert check_audio_limits(io.BytesIO(bytes(forged)), max_duration=20.0).duration == pytest.approx(3.5, abs=0.1)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(bytes(forged))
+    assert 89.5 < load_audio(bytes(honest)).duration < 90.5
+
+
 # --- MP4 tracks over the same samples: FFmpeg's demuxer looks through all of them per packet -----
 
 
