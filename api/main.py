@@ -11,7 +11,7 @@ from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.deps import ApiKeyGate
+from api.deps import ApiKeyGate, CrossSiteGate
 from api.forms import refuse_repeated_query
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
@@ -171,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
     # outside the body limit: a request without a valid key is refused before its body is read
     app.add_middleware(ApiKeyGate, settings=settings)
+    # and so is a browser's request that another site's page sent (CSRF)
+    app.add_middleware(CrossSiteGate)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
     # outermost: even a refused body's 413 carries the request id

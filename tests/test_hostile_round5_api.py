@@ -28,7 +28,10 @@ Each test fails on the code before its fix:
 * an ``Upgrade: websocket`` request was answered 403 with an empty body, whatever the path;
 * a job record the store lost during a synchronous call was 404 ValidationError;
 * the OpenAPI document named neither 400, 408 nor 507;
-* a bucket refusing to store an upload (503 past botocore's retries) was a 500.
+* a bucket refusing to store an upload (503 past botocore's retries) was a 500;
+* without API keys (the default), a page of another site made the user's browser import a
+  voiceprint labelled as it pleased (201), queue jobs and cancel them: a multipart POST needs
+  no preflight.
 """
 
 from __future__ import annotations
@@ -852,3 +855,57 @@ def test_a_bucket_refusing_uploads_is_a_503_to_retry_not_a_500(s3_api, bucket):
     r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
     assert r.status_code == 202, r.text
     s3_api.post(f"/jobs/{r.json()['job_id']}/cancel")
+
+
+# --- another site's page cannot make a user's browser change anything (CSRF) ---------------------
+
+
+@pytest.fixture(scope="module")
+def open_api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn without API keys: the default, on a workstation or a LAN."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory.mktemp("round5-open-api"),
+                      AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path_factory.mktemp("round5-open-uploads")),
+                      AUDIO_ANALYSIS_API_KEYS="[]", AUDIO_ANALYSIS_ADMIN_API_KEYS="[]") as client:
+        client.headers.pop("X-API-Key")
+        yield client
+
+
+# what Chromium and Firefox send with a multipart fetch() or form a page of another site makes
+# (no preflight: multipart/form-data is a "simple" request), and with one the page at / makes
+FROM_ANOTHER_SITE = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"}
+FROM_A_SIBLING_SITE = {"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"}
+FROM_THE_PAGE = {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}
+
+
+def test_a_page_of_another_site_cannot_plant_a_voiceprint_or_queue_jobs(open_api, settings):
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(settings)
+    vector = json.dumps([1.0] + [0.0] * (model.dimension - 1)).encode()
+
+    def plant(label: str, headers: dict[str, str]):
+        return open_api.post("/voiceprints/import", headers=headers, data={"label": label, "model": model.name},
+                             files={"file": ("v.json", vector, "application/json")})
+
+    def labels() -> set[str]:
+        return {vp["label"] for vp in open_api.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]}
+
+    before = _job_ids(open_api)
+    for headers in (FROM_ANOTHER_SITE, FROM_A_SIBLING_SITE):
+        # 201 before: the voiceprint stored, and every later voiceprints=all diarization would
+        # name a speaker "Mallory"
+        r = plant("Mallory", headers)
+        _assert_error(r, 403)
+        r = open_api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+        _assert_error(r, 403)
+    assert "Mallory" not in labels()
+    assert _job_ids(open_api) == before
+    # the service's own page, and clients that are not browsers, go on as before
+    for label, headers in (("Alice", FROM_THE_PAGE), ("Bob", {})):
+        r = plant(label, headers)
+        assert r.status_code == 201, r.text
+        assert open_api.delete(f"/voiceprints/{r.json()['id']}", headers=headers).status_code == 204
+    r = open_api.post("/jobs/embedding", headers=FROM_THE_PAGE, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    assert open_api.post(f"/jobs/{r.json()['job_id']}/cancel", headers=FROM_ANOTHER_SITE).status_code == 403
+    assert open_api.post(f"/jobs/{r.json()['job_id']}/cancel", headers=FROM_THE_PAGE).status_code == 200
