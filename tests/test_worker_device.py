@@ -71,6 +71,21 @@ def test_a_cuda_device_that_is_not_visible_is_a_model_error(monkeypatch):
         resolve_device("cuda")
 
 
+def test_a_cuda_workers_job_is_measured_before_cuda_is_up():
+    """A CUDA worker whose models failed to load before any tensor reached the card (production
+    weights missing) has no CUDA context yet. torch's own peak-memory reset raises there
+    ("Invalid device argument", as on this machine without a GPU, which is the same state):
+    the job failed as an internal error instead of with its ModelError."""
+    import torch
+
+    from worker import telemetry
+
+    assert not torch.cuda.is_initialized()
+    with telemetry.job("cuda:0") as peak:
+        pass
+    assert peak["peak_memory_mb"] == 0.0
+
+
 def test_a_sticky_cuda_failure_ends_the_process_and_the_job_runs_again(worker, settings, short_sample, tmp_path):
     """A CUDA context that failed (device-side assert, illegal memory access) fails every later
     call of its process: the job must not be failed and the worker must not go on failing jobs.

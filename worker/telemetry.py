@@ -110,7 +110,11 @@ def job(device: str | None) -> Iterator[dict[str, float | None]]:
     if cuda:
         import torch
 
-        torch.cuda.reset_peak_memory_stats(device)
+        # only once CUDA is up: before (a worker whose models failed to load before any tensor
+        # reached the card) torch raises "Invalid device argument" here, and the job failed as
+        # an internal error instead of with its ModelError; the peak then reads 0
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats(device)
     else:
         reset_peak_rss()
     with _lock:
