@@ -193,7 +193,11 @@ def probe(source: Source) -> AudioInfo | None:
             return _probe(source)
         finally:
             source.seek(0)
-    with open(source, "rb") as fh:
+    try:
+        fh = open(source, "rb")
+    except OSError:
+        return None  # nothing to read: as _probe answers
+    with fh:
         check_mp4_edits(fh)
     return _probe(source)
 

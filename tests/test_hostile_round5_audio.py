@@ -192,6 +192,7 @@ def test_a_negative_declared_length_is_unknown_not_subtracted_from_the_job(m4a, 
         assert error["detail"] == "the job's audio files are 24 s long together; the limit is 20 s", error
     budget = DurationBudget(20.0)
     budget.add(probe(io.BytesIO(forged["neg.mka"])))
+    budget.add(probe("/nonexistent/upload.m4a"))  # unreadable: no length, as before
     budget.add(probe(io.BytesIO(_wav(12.0))))
     with pytest.raises(AudioTooLongError):
         budget.add(probe(io.BytesIO(_wav(12.0))))
