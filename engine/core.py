@@ -6,9 +6,10 @@ Celery. Models are loaded lazily, once, and kept for the life of the process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -67,6 +68,7 @@ class Engine:
         self._embedder: SpeakerEmbedder | None = None
         self._speech: ident.SpeechDetector | None = None
         self._lock = threading.Lock()
+        self._decode_limit_s: float | None = None  # decoding_at_most
 
     # --- models ----------------------------------------------------------------------------
     def device_works(self) -> bool:
@@ -152,9 +154,27 @@ class Engine:
     def load(self, source: AudioSource | Audio) -> Audio:
         if isinstance(source, Audio):
             return source
-        return load_audio(
-            source, max_duration=self.settings.max_audio_seconds, min_duration=self.settings.min_audio_seconds
-        )
+        limit = self.settings.max_audio_seconds
+        if self._decode_limit_s is not None:
+            limit = min(limit, self._decode_limit_s)
+        return load_audio(source, max_duration=limit, min_duration=self.settings.min_audio_seconds)
+
+    @contextlib.contextmanager
+    def decoding_at_most(self, seconds: float) -> Iterator[None]:
+        """Inside the block, no file is decoded past ``seconds`` (the job's own limit: a
+        synchronous request's 30 min, not the 24 h of a queued job).
+
+        A header's length is an estimate where the container has none (ADTS AAC, MP3 without a
+        Xing frame, AMR: FFmpeg guesses it from the first frames' bitrate). 100 loud frames and
+        then quiet ones made 606 s of audio that the API and the worker's header check took for
+        18 s, and a synchronous request then decoded it to the 24 h limit. Held to its limit as it
+        decodes, it is refused as too long (413) instead."""
+        saved = self._decode_limit_s
+        self._decode_limit_s = seconds if saved is None else min(saved, seconds)
+        try:
+            yield
+        finally:
+            self._decode_limit_s = saved
 
     # --- tasks -----------------------------------------------------------------------------
     def diarize(

@@ -245,7 +245,7 @@ def _run_leased(
             of_audio = "audio of a length its header does not say" if unsure[0] else f"{audio_s:.0f} s of audio"
             timed_out = ProcessingError(f"the job ran past its time limit of {limit:.0f} s, for {of_audio}, "
                                         "and was stopped", status_code=504)
-            with telemetry.job(engine.model_device) as peak, \
+            with telemetry.job(engine.model_device) as peak, engine.decoding_at_most(duration_limit), \
                     JobDeadline(limit, settings.job_time_limit_grace_s,
                                 lambda: _stuck(jobs, storage, job_id, attempt, timed_out)):
                 result = kind.run(engine, files, params, report)
