@@ -391,7 +391,9 @@ class Dispatcher:
         record = await self.aget(job_id, principal)
         if record.ended:
             raise JobConflict(f"job {job_id} already {record.status}")
-        cancelled, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED)
+        # notify: the delivery is owed (its due time in Redis) in the cancel's own transaction,
+        # so an API that dies before send_webhook below leaves it to the workers' recovery pass
+        cancelled, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED, notify=True)
         if not changed or cancelled is None:
             raise JobConflict(f"job {job_id} already {cancelled.status if cancelled else 'gone'}")
         # a queued job is dropped by the worker that receives it (revoke, plus the task's own

@@ -289,6 +289,24 @@ def test_a_failing_bucket_neither_fails_a_cancel_nor_loses_its_webhook(s3_api, b
     assert s3_api.post(f"/jobs/{job_id}/cancel").status_code == 409
 
 
+def test_a_cancels_webhook_is_owed_from_the_moment_of_the_cancel(api, settings):
+    """The cancel records the job's end and then queues its webhook: an API process that died in
+    between left the delivery unsent for good (a worker's end of a job has owed its delivery in
+    the same transaction since round 5's life-cycle fixes). The cancel's delivery is now owed
+    with the cancel: its due time is in Redis while the delivery waits in a queue nobody takes,
+    and the workers' recovery pass sends what passes its due time (test_hostile_round5_lifecycle)."""
+    from shared.jobs import JobStore
+
+    r = api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+                 data={"webhook_url": "http://127.0.0.1:8080/hook"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    store = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
+    assert store.webhook_due_at(job_id) is None
+    assert api.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert store.webhook_due_at(job_id) is not None, "the cancel's webhook is not owed"
+
+
 def _with_rate(wav: bytes, rate: int) -> bytes:
     """The same PCM WAV with another sample rate in its (44-byte) header."""
     import struct
