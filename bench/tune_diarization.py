@@ -90,6 +90,9 @@ def main() -> None:
                         help="size-aware merging by the recording's within-talker spread (engine.pipelines.embedded; 0: off)")
     parser.add_argument("--spread-references", type=float, nargs="+", default=[defaults.clustering_spread_reference],
                         help="the within-talker spread below which the merging does nothing")
+    parser.add_argument("--centre-sigmas", type=float, nargs="+", default=[defaults.diarization_centre_sigma or 0.0],
+                        help="reconstruction weighted to each chunk's middle (engine.pipelines.discrete; 0: "
+                             "every frame of a chunk counts the same, as pyannote's)")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
@@ -119,10 +122,10 @@ def main() -> None:
             for name, s, _ in data
         ]
         first_pass_s = None
-        trials = ((m, t, d, sh, lam, ref) for m in args.min_cluster_sizes for t in args.thresholds
+        trials = ((m, t, d, sh, lam, ref, sig) for m in args.min_cluster_sizes for t in args.thresholds
                   for d in args.distinct_distances for sh in args.min_cluster_shares for lam in args.spread_lambdas
-                  for ref in args.spread_references)
-        for mcs, threshold, distinct, share, lam, ref in trials:
+                  for ref in args.spread_references for sig in args.centre_sigmas)
+        for mcs, threshold, distinct, share, lam, ref, sigma in trials:
             params = pipeline.parameters(instantiated=True)
             params["clustering"].update(threshold=threshold, min_cluster_size=mcs)
             pipeline.instantiate(params)
@@ -130,6 +133,7 @@ def main() -> None:
             pipeline.clustering.min_cluster_share = share
             pipeline.clustering.spread_lambda = lam
             pipeline.clustering.spread_reference = ref
+            pipeline.centre_sigma = sigma or None
             started = time.perf_counter()
             ders, found, count_err, short_err = {}, {}, [], []
             with torch.inference_mode():
@@ -152,7 +156,7 @@ def main() -> None:
             counts = " ".join(v for k, v in found.items() if k.startswith("conv")) + " | " + " ".join(
                 v for k, v in found.items() if k.startswith("many")) + " | " + found.get("long", "-")
             print(
-                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
+                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} c{sigma:<5} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
                 f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}"
                 + (f"  short DER {np.mean(pick('solo') + pick('duo')):.3f}, count err {np.mean(short_err):.2f}"

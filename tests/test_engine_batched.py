@@ -581,3 +581,22 @@ def test_a_conversation_in_a_room_is_not_split_into_more_talkers():
         assert before >= 6 and abs(after - 4) <= 1, (seed, before, after)
     clean, _ = multi_speaker_conversation(seed=0)
     assert speakers(merged, clean) == speakers(plain, clean) == 4
+
+
+def test_turns_near_a_chunks_edge_go_by_the_chunk_centred_on_them():
+    """Four real talkers taking short turns: within one 10 s chunk the segmentation can give two
+    of them one local speaker, whose embedding (taken from the chunk's middle) names the talker
+    there. With pyannote's equal weights the other talker's turns near that chunk's edges went
+    to the same cluster (these two conversations: DER 0.234 and 0.216, every talker found).
+    Weighted to the chunks' middles, each frame goes by the chunk centred on it."""
+    from engine.core import Engine
+    from evaluation.speech import diarization_error_rate, multi_speaker_conversation
+    from shared.settings import Settings
+
+    weighted, plain = Engine(Settings()), Engine(Settings(diarization_centre_sigma=None))
+    assert weighted.settings.diarization_centre_sigma is not None
+    for seed in (8, 10):
+        samples, reference = multi_speaker_conversation(seed=seed)
+        der = {name: diarization_error_rate(reference, engine.diarize(Audio(samples)).diarization_results)
+               for name, engine in (("weighted", weighted), ("plain", plain))}
+        assert der["plain"] > 0.18 and der["weighted"] < der["plain"] - 0.08, (seed, der)

@@ -93,12 +93,38 @@ def test_a_class_active_throughout_and_one_never():
     assert [label for *_, label in _tracks(discrete.to_annotation(scores))] == [0]
 
 
+def test_centre_weights_give_a_frame_to_the_chunk_centred_on_it():
+    """Three chunks over one frame: the two that see it near their edges put their local speaker
+    in cluster 0, the one centred on it in cluster 1. pyannote's equal weights give the frame to
+    cluster 0 (two votes to one); weighted to the chunks' middles, to cluster 1."""
+    window = SlidingWindow(start=0.0, duration=10.0, step=2.5)
+    segmentations = SlidingWindowFeature(np.ones((3, 589, 1), dtype=np.float32), window)
+    hard_clusters = np.array([[0], [1], [0]])
+    frames = int(window[2].end / FRAMES.step) + 1
+    count = SlidingWindowFeature(np.ones((frames, 1), dtype=np.uint8), FRAMES)
+    # the middle of chunk 1 (7.5 s): 2.5 s from chunk 0's end and from chunk 2's start
+    frame = FRAMES.closest_frame(7.5)
+
+    equal = discrete.reconstruct(segmentations, hard_clusters, count)
+    assert equal.data[frame].tolist() == [1.0, 0.0]
+    weights = discrete.centre_weights(589, 0.25)
+    weighted = discrete.reconstruct(segmentations, hard_clusters, count, weights=weights)
+    assert weighted.data[frame].tolist() == [0.0, 1.0]
+    # the first frames, which only chunk 0 sees (at its weakest), are still its cluster's
+    assert weighted.data[0].tolist() == [1.0, 0.0]
+    assert weights.min() > 0 and weights.argmax() in (294, 295) and weights.max() == pytest.approx(1.0, abs=1e-4)
+    # the count is the caller's: as many speakers a frame as before, only which ones changed
+    np.testing.assert_array_equal(weighted.data.sum(axis=1), equal.data.sum(axis=1))
+
+
 @pytest.fixture(scope="module")
 def engine():
     from engine.core import Engine
     from shared.settings import Settings
 
-    return Engine(Settings(device="cpu")).load_models()
+    # pyannote's equal weights, which these tests compare with (the default weights the chunks'
+    # middles: the test above, and tests/test_engine_batched.py on real speech)
+    return Engine(Settings(device="cpu", diarization_centre_sigma=None)).load_models()
 
 
 def test_the_pipeline_on_real_speech_gets_pyannotes_conversions(engine, monkeypatch):
@@ -109,8 +135,9 @@ def test_the_pipeline_on_real_speech_gets_pyannotes_conversions(engine, monkeypa
     calls = {"reconstruct": 0, "to_annotation": 0}
     ours = {name: getattr(discrete, name) for name in calls}
 
-    def reconstruct(*args):
+    def reconstruct(*args, weights=None):
         calls["reconstruct"] += 1
+        assert weights is None
         mine, theirs = ours["reconstruct"](*args), _pyannote_reconstruct(*args)
         np.testing.assert_array_equal(mine.data, theirs.data)
         return mine

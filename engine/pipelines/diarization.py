@@ -61,6 +61,8 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
         spread_lambda=settings.clustering_spread_lambda,
         spread_reference=settings.clustering_spread_reference,
         embedding_tf32=settings.embedding_tf32,
+        centre_sigma=settings.diarization_centre_sigma,
+        stray_speaker_s=settings.diarization_min_speaker_s,
     )
     pipeline.instantiate(
         {
