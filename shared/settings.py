@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # chunk's half-length) around its middle (engine.pipelines.discrete.centre_weights). Where the
     # segmentation gave two alternating talkers one local speaker, pyannote's equal weights gave
     # the turns near the chunk's edges to the talker of its middle: four-talker conversations
-    # 0.190 -> 0.136 DER, 5-8 talkers 0.272 -> 0.219 (held out; docs/models.md). None: pyannote's
+    # 0.190 -> 0.129 DER, 5-8 talkers 0.272 -> 0.224, 10 min meeting 0.139 -> 0.079 (held out;
+    # docs/models.md, "Reconstruction weighted to each chunk's middle"). None: pyannote's
     diarization_centre_sigma: float | None = Field(0.25, gt=0.0)
     # a speaker with less total speech than this is a clustering artefact and is dropped, unless
     # the caller fixed num_speakers (any profile)
