@@ -175,23 +175,31 @@ def wait_for_job(client, job_id: str, timeout_s: float = 120, on_poll=None) -> d
 
 
 class WebhookReceiver:
-    """Records POSTs; answers with the queued status codes first, then 200."""
+    """A webhook receiver on 127.0.0.1: records every POST and answers with the queued status
+    codes first, then 200; while ``hold`` is set it keeps the request open without answering (a
+    receiver that hangs) until ``release`` is set or a minute has passed."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.statuses: list[int] = []
+        self.hold = threading.Event()
+        self.release = threading.Event()
         self.lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                held = receiver.hold.is_set()
                 with receiver.lock:
-                    status = receiver.statuses.pop(0) if receiver.statuses else 200
+                    status = receiver.statuses.pop(0) if receiver.statuses and not held else 200
                     receiver.requests.append(
-                        {"path": self.path, "headers": dict(self.headers), "body": body, "answered": status,
-                         "at": time.monotonic()}
+                        {"path": self.path, "headers": dict(self.headers), "body": body, "held": held,
+                         "answered": None if held else status, "at": time.monotonic()}
                     )
+                if held:
+                    receiver.release.wait(60)
+                    return  # hang up without an answer
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -200,6 +208,7 @@ class WebhookReceiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -211,6 +220,7 @@ class WebhookReceiver:
             return [r for r in self.requests if r["path"] == path]
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -24,67 +24,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import wait_for_job
+from tests.conftest import WebhookReceiver, wait_for_job
 
 QUEUE, HOOKS = "audio-r5", "webhooks-r5"
 # the environment variable that tells a worker started from this file where to die
 DIE_AT = "R5_DIE_AT"
-
-
-class HoldingReceiver:
-    """A webhook receiver on 127.0.0.1: records every POST; while ``hold`` is set it keeps the
-    request open without answering (a receiver that hangs), else it answers ``status``."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.hold = threading.Event()
-        self.release = threading.Event()
-        self.statuses: list[int] = []  # answered first, one each, then 200
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                held = receiver.hold.is_set()
-                with receiver.lock:
-                    status = receiver.statuses.pop(0) if receiver.statuses and not held else 200
-                    receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body,
-                                              "held": held, "answered": None if held else status,
-                                              "at": time.monotonic()})
-                if held:
-                    receiver.release.wait(60)
-                    return  # hang up without an answer
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
-
-    def for_path(self, path: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r for r in self.requests if r["path"] == path]
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Rig:
@@ -174,8 +124,8 @@ def rig(settings, tmp_path_factory) -> Iterator[Rig]:
 
 
 @pytest.fixture()
-def receiver() -> Iterator[HoldingReceiver]:
-    rec = HoldingReceiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    rec = WebhookReceiver()
     yield rec
     rec.close()
 
