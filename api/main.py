@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.deps import ApiKeyGate, CrossSiteGate
 from api.forms import refuse_repeated_query
+from api.hosts import HostGate
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware
 from api.metrics import build_registry
@@ -173,6 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(ApiKeyGate, settings=settings)
     # and so is a browser's request that another site's page sent (CSRF)
     app.add_middleware(CrossSiteGate)
+    # and every request under a host name this API is not reached by (DNS rebinding)
+    app.add_middleware(HostGate, settings=settings)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
     # outermost: even a refused body's 413 carries the request id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from typing import Any
 
 import uvicorn
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forwarded-allow-ips", default=None)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    # the app (built at import, here or in each spawned worker process) reads where it listens from
+    # api_host: its Host check is on by default only on a loopback address (api/hosts.py)
+    os.environ["AUDIO_ANALYSIS_API_HOST"] = args.host
+    get_settings.cache_clear()
     options: dict[str, Any] = {
         "host": args.host, "port": args.port, "proxy_headers": args.proxy_headers,
         "forwarded_allow_ips": args.forwarded_allow_ips, "workers": args.workers,

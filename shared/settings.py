@@ -198,6 +198,14 @@ class Settings(BaseSettings):
     # --- security / limits (issue 8) ----------------------------------------------------------
     # keys that see and cancel every tenant's jobs (operators); plain api_keys see only their own
     admin_api_keys: list[SecretStr] = Field(default_factory=list)
+    # host names the API answers to (the Host header; api/hosts.py), against DNS rebinding: a page
+    # of another site whose name is re-pointed at 127.0.0.1 reads an API without keys from the
+    # user's browser as its own origin. localhost and IP addresses always pass. Empty (the default):
+    # other names are refused only by an API that listens on a loopback address (api_host, which
+    # `python -m api.serve --host` sets; `up`, local runs) and has no API keys; one on 0.0.0.0
+    # (compose, Kubernetes, a load balancer) or with keys answers any host, as before. Listed (JSON
+    # list, "*.example.com" for subdomains): only those, wherever it listens; ["*"]: any host
+    allowed_hosts: list[str] = Field(default_factory=list)
     # webhooks may reach loopback, private, link-local, multicast and reserved addresses only with
     # this (local development and the tests); checked after DNS resolution and at connect time
     webhook_allow_private_addresses: bool = False
