@@ -372,13 +372,26 @@ def variant_app(client, settings):
         c.__exit__(None, None, None)
 
 
-@contextlib.contextmanager
-def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str]) -> Iterator[str]:
-    """The API under a real uvicorn (api.serve) with ``keys`` as its API keys and no worker:
-    its base URL, for tests of what goes over the wire."""
+def wait_for_api(base: str, proc) -> None:
+    """Until the API at ``base`` answers ``/health`` with 200 (at most 60 s), or its process ends."""
     import httpx
 
-    from cli.launcher import Stack, free_port, wait_until
+    from cli.launcher import wait_until
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, 60, "api", proc)
+
+
+@contextlib.contextmanager
+def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str]) -> Iterator[str]:
+    """The API under a real uvicorn (api.serve) with ``keys`` as its API keys, sending to the
+    session's queues: its base URL, for tests of what goes over the wire."""
+    from cli.launcher import Stack, free_port
 
     env = {k: v for k, v in service_env.items() if not k.startswith("_")}
     env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps(keys)
@@ -386,8 +399,7 @@ def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str]) -> Iter
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        proc = stack.start_api("127.0.0.1", port)
-        wait_until(lambda: httpx.get(f"{base}/health", timeout=2).status_code == 200, 60, "api", proc)
+        wait_for_api(base, stack.start_api("127.0.0.1", port))
         yield base
     finally:
         stack.stop()

@@ -32,7 +32,8 @@ def _served(service_env: dict, log_dir: Any, bind: str = "127.0.0.1", **extra: s
     given, on queues nobody consumes: an httpx client for it, reached at 127.0.0.1."""
     import httpx
 
-    from cli.launcher import Stack, free_port, wait_until
+    from cli.launcher import Stack, free_port
+    from tests.conftest import wait_for_api
 
     env = {**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")},
            "AUDIO_ANALYSIS_API_KEYS": "[]", "AUDIO_ANALYSIS_ALLOWED_HOSTS": "[]",
@@ -43,15 +44,7 @@ def _served(service_env: dict, log_dir: Any, bind: str = "127.0.0.1", **extra: s
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        proc = stack.spawn("api", [sys.executable, "-m", "api.serve", "--host", bind, "--port", str(port)])
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "api", proc)
+        wait_for_api(base, stack.spawn("api", [sys.executable, "-m", "api.serve", "--host", bind, "--port", str(port)]))
         with httpx.Client(base_url=base, timeout=30) as client:
             client.port = port  # type: ignore[attr-defined]
             yield client

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.conftest import api_under_uvicorn
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "web-page-key-0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,27 +34,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def web(service_env, worker, tmp_path_factory) -> Iterator[str]:
     """The API under uvicorn with API keys on, sending to the session worker's queue."""
-    from cli.launcher import Stack, free_port, wait_until
-
-    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
-    env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps([KEY])
-    log_dir = tmp_path_factory.mktemp("web")
-    stack = Stack(env={**os.environ, **env}, log_dir=log_dir)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        proc = stack.start_api("127.0.0.1", port)
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "api", proc)
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("web"), [KEY]) as base:
         yield base
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
