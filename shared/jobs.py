@@ -11,17 +11,21 @@ the worker finishes it, and a redelivered job that already finished is not run a
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from shared.errors import InputError
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -210,6 +214,55 @@ _HEAD_BYTES = 128
 _STATUS_HEAD = re.compile(r'^\{"job_id":"[0-9a-f]{32}","kind":"[a-z_]{1,32}","status":"([a-z]+)"')
 
 
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a listing, newest first; ``next_cursor`` None on the last. A page filtered by
+    status or kind may hold fewer than its limit (even none) and still have a next page: each
+    looks through a bounded stretch of the index (``JobStore.recent_page``)."""
+
+    jobs: list[JobRecord]
+    next_cursor: str | None
+
+
+# The next stretch of an index, newest first, after the cursor's (score, id). ZREVRANGE orders by
+# score, ties by member, both descending: the members with a higher score, and those of the same
+# score ordered before or at the id, are skipped. Counted each time, so a page starts right when
+# jobs were created since (their scores are higher) or the job the cursor names expired (the
+# index is trimmed at its old end). ARGV: score ('' for the first page), id, how many. Returns
+# ids and scores, flat.
+_AFTER = """
+local start = 0
+if ARGV[1] ~= '' then
+  start = redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[1])) do
+    if member >= ARGV[2] then start = start + 1 end
+  end
+end
+return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
+"""
+_CURSOR = re.compile(r"^([0-9][0-9.e+-]{0,30}):([0-9a-f]{32})$")
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+
+
+def _cursor(score: float, job_id: str) -> str:
+    """Opaque to clients: where a page stopped (the last job it looked at, by its place in the index)."""
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        if not _BASE64URL.match(cursor):  # b64decode would skip what is not base64 rather than refuse it
+            raise ValueError(cursor)
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        found = _CURSOR.match(text)
+        if found is None or not math.isfinite(float(found.group(1))):
+            raise ValueError(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError("cursor: not one this API gave (pass a page's next_cursor, or follow its Link "
+                         "rel=\"next\", as it was given)") from exc
+    return repr(float(found.group(1))), found.group(2)
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
         self.redis = client
@@ -219,6 +272,7 @@ class JobStore:
         # each record up to its result, cut in Redis (JobRecord.to_json stores it last)
         self._summary_heads = RecordHeads(client, cut_before="result", last_before="_finished_ts",
                                           head_bytes=_SUMMARY_HEAD_BYTES)
+        self._after = client.register_script(_AFTER)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -321,22 +375,49 @@ class JobStore:
         self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None,
         summaries: bool = False,
     ) -> list[JobRecord]:
-        """Newest first, of one owner's jobs or (owner None) all. Filters apply after the fetch,
-        so scan a bounded window of the index, a page at a time: it stops once ``limit`` matched.
-        ``summaries``: the records without their result (see ``get_many``)."""
-        window = limit if status is None and kind is None else max(limit * 10, 1000)
+        """The first page of :meth:`recent_page`, its jobs alone."""
+        return self.recent_page(limit, status, kind, owner=owner, summaries=summaries).jobs
+
+    def recent_page(
+        self, limit: int, status: str | None = None, kind: str | None = None, *, owner: str | None = None,
+        cursor: str | None = None, summaries: bool = False,
+    ) -> JobPage:
+        """At most ``limit`` jobs, newest first, of one owner (owner None: everyone's), after
+        ``cursor`` (a page's ``next_cursor``; 422 for anything else). ``summaries``: the records
+        without their result (see ``get_many``).
+
+        The cursor is a place in the index (score and id), not an offset: jobs created between two
+        pages are newer than it and shift nothing, and none is listed twice or skipped. Filters
+        apply after the fetch, so a page looks through a bounded stretch of the index, read
+        max(limit, 100) at a time: ``limit`` entries unfiltered, max(10 x limit, 1000) with a
+        filter; it stops once ``limit`` matched. A filter that matches nothing there gives a page
+        with fewer jobs, even none, and a ``next_cursor`` where the stretch ended, so no request
+        reads the whole index."""
+        filtered = status is not None or kind is not None
+        window = max(limit * 10, 1000) if filtered else limit
+        chunk = max(limit, 100) if filtered else limit
         index = self._owner_index(owner) if owner else self.key("jobs")
-        page = limit if status is None and kind is None else max(limit, 100)
+        score, after = _parse_cursor(cursor) if cursor else ("", "")
         records: list[JobRecord] = []
-        for start in range(0, window, page):
-            ids = self.redis.zrevrange(index, start, min(start + page, window) - 1)
-            records += [
-                r for r in self.get_many(ids, summaries=summaries)
-                if (status is None or r.status == status) and (kind is None or r.kind == kind)
-            ]
-            if len(records) >= limit or len(ids) < page:
-                break
-        return records[:limit]
+        scanned, more = 0, True
+        while more and scanned < window and len(records) < limit:
+            n = min(chunk, window - scanned)
+            # one more than asked for: whether anything follows
+            flat = self._after(keys=[index], args=[score, after, n + 1])
+            ids, scores = flat[0::2][:n], flat[1::2][:n]
+            more = len(flat) > 2 * n
+            found = {r.job_id: r for r in self.get_many(ids, summaries=summaries)}
+            for i, (job_id, at) in enumerate(zip(ids, scores)):
+                score, after = str(at), job_id
+                scanned += 1
+                record = found.get(job_id)  # None: expired since it was indexed
+                if record is not None and (status is None or record.status == status) \
+                        and (kind is None or record.kind == kind):
+                    records.append(record)
+                    if len(records) == limit:
+                        more = more or i + 1 < len(ids)
+                        break
+        return JobPage(records, _cursor(float(score), after) if more and scanned else None)
 
     def batch(self, batch_id: str, *, summaries: bool = False) -> list[JobRecord]:
         return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1), summaries=summaries)
