@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 from typing import Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
@@ -96,23 +98,54 @@ def _batch_body(base: str, batch_id: str, kind: str, records: list[JobRecord]) -
             "status_url": f"{base}/batches/{batch_id}"}
 
 
-@router.get("", response_model=JobList, summary="Recent jobs, newest first")
+class JobPage(JobList):
+    """GET /jobs: a page of the listing (JobList's fields, and where the next page starts)."""
+
+    count: int = Field(description="jobs on this page")
+    limit: int = Field(description="the most jobs a page holds: the limit asked for, cut to "
+                       "AUDIO_ANALYSIS_JOBS_LIST_LIMIT (100); the next pages give the rest")
+    next_cursor: str | None = Field(
+        None, description="pass it as `cursor` (with the same limit and filters) for the next page, or follow "
+        "the Link header's rel=\"next\", which names it; null on the last page. A page filtered by status or "
+        "kind may hold fewer jobs than limit, even none, and still have one: keep following it until it is null")
+
+
+_NEXT_PAGE: dict[int | str, dict[str, Any]] = {200: {"headers": {"Link": {
+    "description": 'the next page, `<…/jobs?limit=…&cursor=…>; rel="next"` (with the filters asked for); '
+                   "absent on the last page", "schema": {"type": "string"}}}}}
+
+
+@router.get("", response_model=JobPage, summary="Recent jobs, newest first, a page at a time", responses=_NEXT_PAGE)
 async def list_jobs(
     dispatcher: DispatcherDep,
     principal: PrincipalDep,
     settings: SettingsDep,
     base: BaseUrlDep,
-    limit: int = Query(20, ge=1, le=1000),
+    limit: int = Query(20, ge=1, le=1000, description="jobs on this page, cut to AUDIO_ANALYSIS_JOBS_LIST_LIMIT "
+                       "(100: the body's limit says what applied; the next pages give the rest); 422 past 1,000"),
     status: Status | None = Query(None),
     kind: KindName | None = Query(None),
-) -> dict[str, Any]:
+    cursor: str | None = Query(None, max_length=200, description="where the previous page ended: its "
+                               "next_cursor (or its Link rel=next)"),
+) -> JSONResponse:
     """The caller's own jobs (an admin key: everyone's), each without its result: GET
-    /jobs/{id} or /jobs/{id}/result gives it (a listing of finished diarizations was megabytes)."""
+    /jobs/{id} or /jobs/{id}/result gives it (a listing of finished diarizations was megabytes).
+    The next page is ``next_cursor`` in the body and the ``Link`` header's ``rel="next"``; the
+    cursor is a place in the listing, so jobs submitted meanwhile neither repeat nor shift it."""
+    # cut, as before (clients send limit=1000 and were answered), but no longer silently: the body
+    # says the limit that applied, and next_cursor and the Link header name the rest, which a
+    # client with 500 jobs could not reach at all
     limit = min(limit, settings.jobs_list_limit)
-    records = await run_in_threadpool(functools.partial(
-        dispatcher.store.recent, limit, status=status, kind=kind, owner=principal.list_owner, summaries=True))
-    jobs = [summary_view(r, base) for r in records if principal.can_see(r)]
-    return {"jobs": jobs, "count": len(jobs)}
+    page = await run_in_threadpool(functools.partial(
+        dispatcher.store.recent_page, limit, status=status, kind=kind, owner=principal.list_owner, cursor=cursor,
+        summaries=True))
+    jobs = [summary_view(r, base) for r in page.jobs if principal.can_see(r)]
+    headers: dict[str, str] = {}
+    if page.next_cursor is not None:
+        query = {"limit": limit, "status": status, "kind": kind, "cursor": page.next_cursor}
+        headers["Link"] = f'<{base}/jobs?{urlencode({k: v for k, v in query.items() if v is not None})}>; rel="next"'
+    return JSONResponse({"jobs": jobs, "count": len(jobs), "limit": limit, "next_cursor": page.next_cursor},
+                        headers=headers)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
