@@ -24,7 +24,9 @@ from worker import telemetry
 
 log = logging.getLogger(__name__)
 
-_state: dict[str, Any] = {"name": None, "stop": threading.Event(), "thread": None, "load_error": None}
+_state: dict[str, Any] = {"name": None, "stop": threading.Event(), "thread": None, "load_error": None,
+                         # set once this process's models loaded or failed to (boot)
+                         "booted": threading.Event()}
 # set by a warm shutdown (SIGTERM, Ctrl-C of `up`): a running job is handed back to the queue
 _shutting_down = threading.Event()
 _stop_checked: dict[str, float] = {"at": 0.0}
@@ -97,10 +99,41 @@ def heartbeat_info() -> dict[str, Any]:
         # process and device readings, exposed by the API's /metrics per worker
         "telemetry": telemetry.sample(models["model_device"]),
         "loads_models": settings.worker_load_models,
+        # what it takes jobs from (its -Q): /health shows it, and announce_queues says it per queue
+        "queues": consumed_queues(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "load_error": _state["load_error"],
         "last_seen": utc_now(),
     }
+
+
+def consumed_queues() -> list[str]:
+    """The queues this worker takes jobs from: its -Q, selected by the main process before the
+    pool forked (a prefork child inherits it; the solo pool is that process)."""
+    from celery import current_app
+
+    return sorted(current_app.amqp.queues.consume_from or ())
+
+
+def consumers_key(store: JobStore, queue: str) -> str:
+    # read by the API (api/dispatch.py, Dispatcher.has_worker) before it takes a synchronous
+    # call, as one EXISTS: the per-worker heartbeats could only be found by a SCAN of every key.
+    # Not under "worker:", which /health reads as heartbeats
+    return store.key("consumers", queue)
+
+
+def announce_queues(store: JobStore, info: dict[str, Any], ttl_s: float) -> None:
+    """Keep alive one key per queue this worker consumes, with its heartbeat's lifetime: the key
+    lives while any worker of the queue that can run its jobs heartbeats. A worker still loading
+    its models counts (the job runs once they are loaded); one whose models failed to load does
+    not (it would fail every job). A worker that stops leaves the key to lapse: other workers of
+    the queue may still hold it up."""
+    if info.get("load_error"):
+        return
+    pipe = store.redis.pipeline(transaction=False)
+    for queue in info.get("queues") or ():
+        pipe.set(consumers_key(store, queue), str(info.get("worker", "")), ex=max(1, int(ttl_s)))
+    pipe.execute()
 
 
 def _heartbeat_loop(stop: threading.Event) -> None:
@@ -109,10 +142,16 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     storage = get_storage(settings)
     interval = settings.worker_heartbeat_interval_s
     next_sweep = next_recovery = 0.0
+    booted = _state["booted"]
     while not stop.is_set():
         try:
-            store.heartbeat(worker_name(), heartbeat_info(), ttl_s=interval * 3)
-            if time.monotonic() >= next_recovery:
+            info = heartbeat_info()
+            # the queues from the start, while the models load (a job taken then runs once they
+            # are loaded); the heartbeat /health shows, and the passes below, once the load ended
+            announce_queues(store, info, ttl_s=interval * 3)
+            if booted.is_set():
+                store.heartbeat(worker_name(), info, ttl_s=interval * 3)
+            if booted.is_set() and time.monotonic() >= next_recovery:
                 # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
                 from worker.recovery import recover_lost_deliveries, recover_stalled_jobs
 
@@ -120,7 +159,7 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                 # webhook deliveries whose worker died while it delivered or held a retry
                 recover_lost_deliveries(store, settings)
                 next_recovery = time.monotonic() + settings.job_recovery_interval_s
-            if time.monotonic() >= next_sweep:
+            if booted.is_set() and time.monotonic() >= next_sweep:
                 # uploads of jobs that never reached a worker (expired, purged queue)
                 removed = storage.sweep(settings.upload_expires_s)
                 if removed:
@@ -128,7 +167,8 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                 next_sweep = time.monotonic() + settings.storage_sweep_interval_s
         except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
             log.exception("heartbeat failed")
-        stop.wait(interval)
+        # while loading, a short wait: the first heartbeat follows the load's end within it
+        stop.wait(interval if booted.is_set() else min(interval, 0.5))
 
 
 @signals.after_setup_logger.connect
@@ -176,6 +216,13 @@ def clear_stopping(sender: Any = None, **_: Any) -> None:
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, **_: Any) -> None:
     _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
+    # the heartbeat thread starts before the models load: while they do, it announces the queues
+    # (a worker still loading can take a synchronous call: its job runs once they are loaded),
+    # and once the load ended, it heartbeats as before, with the load_error if it failed
+    stop = _state["stop"]
+    thread = threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True)
+    thread.start()
+    _state["thread"] = thread
     if get_settings().worker_load_models:
         from engine.core import get_engine
 
@@ -187,10 +234,7 @@ def boot(sender: str | None = None, **_: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - keep serving; jobs report ModelError, /health shows it
             _state["load_error"] = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
-    stop = _state["stop"]
-    thread = threading.Thread(target=_heartbeat_loop, args=(stop,), name="heartbeat", daemon=True)
-    thread.start()
-    _state["thread"] = thread
+    _state["booted"].set()
 
 
 @signals.worker_process_shutdown.connect
