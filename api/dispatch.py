@@ -21,7 +21,7 @@ import anyio
 import anyio.to_thread
 import redis
 from celery import Celery
-from fastapi import Request, UploadFile
+from fastapi import HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import JobConflict, JobNotFound, StorageFull, StorageUnavailable, SyncTimeout
@@ -29,7 +29,7 @@ from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.formats import one_line
-from shared.jobs import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
+from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
@@ -68,6 +68,10 @@ SYNC_POLL_MAX_S = 1.0
 # connection instead, up to REDIS_POOL_WAIT_S.
 REDIS_POOL_CONNECTIONS = 100
 REDIS_POOL_WAIT_S = 30.0
+# Retry-After (seconds) of a synchronous call refused for want of a worker: about what a worker
+# takes to come up with its models. The call was queued and waited sync_timeout_s (an hour) for
+# a 504 before, while the client's load balancer (60 s) had long given up on it.
+NO_WORKER_RETRY_AFTER_S = 30
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,9 @@ class Dispatcher:
         storing = False
         try:
             await self.check_audio_limits(uploads.values(), sync=sync)
+            if sync:
+                # nothing stored yet: a refused call leaves neither upload nor job behind
+                await self.require_worker()
             for name, upload in uploads.items():
                 storing = True
                 try:
@@ -301,6 +308,19 @@ class Dispatcher:
             ))
 
     # --- the synchronous contract -----------------------------------------------------------
+    async def has_worker(self) -> bool:
+        """True while a worker that can run jobs heartbeats for this API's queue: one EXISTS of
+        the key the workers keep alive (worker/lifecycle.py, announce_queues), which lapses with
+        the heartbeats (3 heartbeat intervals, as /health's). A worker still loading its models
+        counts, one whose models failed to load does not."""
+        key = self.store.key("consumers", self.settings.queue_name)
+        return bool(await self.store_async().exists(key))
+
+    async def require_worker(self) -> None:
+        """503 with Retry-After when no worker could take a synchronous call's job now."""
+        if self.settings.sync_requires_live_worker and not await self.has_worker():
+            raise _no_worker()
+
     async def run_sync(self, submission: Submission, principal: Principal | None = None,
                        request: Request | None = None) -> dict[str, Any]:
         record = await self.submit(submission, sync=True, principal=principal)
@@ -328,6 +348,10 @@ class Dispatcher:
         """
         deadline = time.monotonic() + timeout_s
         interval = self.settings.sync_poll_interval_s
+        # the call was taken with a worker live (require_worker); once a heartbeat interval
+        # passed with the job still queued, whether one still is, at most once an interval
+        recheck_s = self.settings.worker_heartbeat_interval_s
+        next_check = time.monotonic() + recheck_s
         aredis = self.store_async()
         key = self.store.key("job", job_id)
         while True:
@@ -352,6 +376,16 @@ class Dispatcher:
                 if await self._cancel_quietly(job_id):
                     raise JobConflict("client disconnected; job cancelled")
                 continue
+            if record.status == QUEUED and self.settings.sync_requires_live_worker and time.monotonic() >= next_check:
+                next_check = time.monotonic() + recheck_s
+                # every worker of the queue gone (their heartbeats lapsed) with the job not yet
+                # taken: nobody will run it within the hour the call would wait for its 504
+                if not await self.has_worker():
+                    log.warning("sync job %s: no live worker for queue %s; cancelling it", job_id,
+                                self.settings.queue_name)
+                    if await self._cancel_quietly(job_id):
+                        raise _no_worker()
+                    continue
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0.0)))
             interval = min(interval * 1.5, max(SYNC_POLL_MAX_S, self.settings.sync_poll_interval_s))
 
@@ -431,6 +465,14 @@ class Dispatcher:
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None
+
+
+def _no_worker() -> HTTPException:
+    # 503 in the documented shape (api/errors.py: error_type ModelError, the service's state)
+    return HTTPException(
+        503, "no worker is running to take this job; retry later, or submit it as a job (POST /jobs/...), "
+        "which waits in the queue until a worker is up",
+        headers={"Retry-After": str(NO_WORKER_RETRY_AFTER_S)})
 
 
 async def _is_empty(upload: UploadFile) -> bool:

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     webhook_deadline_s: float = Field(30.0, gt=0.0)
     # how often a synchronous request polls its job record while waiting
     sync_poll_interval_s: float = 0.05
+    # a synchronous call (/diarize, ..., POST /voiceprints) made while no worker that can run it
+    # heartbeats for queue_name is answered 503 at once (Retry-After), with no job left behind,
+    # instead of a 504 after sync_timeout_s; one whose job is still queued when the queue's last
+    # worker goes gives up the same way. False where workers scale from zero on the queue's
+    # length (KEDA minReplicaCount: 0): there the call's job is what brings a worker up
+    sync_requires_live_worker: bool = True
     jobs_list_limit: int = 100
     # local stack (``audio-analysis up``)
     api_host: str = "127.0.0.1"

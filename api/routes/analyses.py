@@ -1,7 +1,9 @@
 """The routes of every job kind, derived from shared/kinds.py: ``POST /jobs/<kind>`` (202, a job
 to poll or a webhook to wait for; each audio upload ``<name>`` may be given as ``<name>_url``
 instead) and the original synchronous route (``/diarize`` and friends, uploads only, as the
-contract has them), which enqueues the same job and waits for it."""
+contract has them), which enqueues the same job and waits for it. A synchronous call made while no
+worker could take its job is answered 503 at once, with Retry-After and no job left behind
+(Dispatcher.require_worker); a job is queued whatever the workers, to run once one is up."""
 
 from __future__ import annotations
 
