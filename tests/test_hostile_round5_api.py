@@ -178,7 +178,9 @@ def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, prefix: tuple[s
     env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
            "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX,
            "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true", **extra}
+           "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
+           # synchronous calls wait for a worker to come (as with workers that scale from zero)
+           "AUDIO_ANALYSIS_SYNC_REQUIRES_LIVE_WORKER": "false", **extra}
     r = redis.Redis.from_url(settings.redis_url)
     stack = Stack(env=env, log_dir=log_dir)
     port = free_port()

@@ -1,0 +1,265 @@
+"""A synchronous call made while no worker can take its job is answered 503 at once.
+
+Before, ``POST /diarize`` (and every other synchronous route) with no worker running queued its
+job and waited ``sync_timeout_s`` (an hour) for a 504: the client, or the load balancer in front
+of it (60 s), saw a hang, and the job stayed queued to run later for nobody. Now a worker's
+heartbeat keeps one key per queue it consumes alive (worker/lifecycle.py, announce_queues), and
+the API reads it once per call (api/dispatch.py, Dispatcher.has_worker).
+
+Each test runs an in-process API on a queue and key prefix of its own, which no session worker
+consumes and no heartbeat names; none needs the session's worker with models.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import redis
+import soundfile as sf
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+PREFIX = "aa-nowork"
+QUEUE = "audio-nowork"
+RESULT = {"embedding": [0.1] * 192, "normalized": True, "processing_time": 0.1, "audio_duration": 1.0,
+          "model_device": "cpu"}
+
+
+def _wav(seconds: float = 1.0) -> bytes:
+    buf = io.BytesIO()
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+WAV = _wav()
+EMBEDDING = json.dumps([0.1] * 192).encode()
+# every synchronous route, with a valid request
+SYNC_CALLS: dict[str, dict[str, Any]] = {
+    "/diarize": {"files": {"file": ("a.wav", WAV, "audio/wav")}},
+    "/embedding": {"files": {"file": ("a.wav", WAV, "audio/wav")}},
+    "/compare": {"files": {"file1": ("a.wav", WAV, "audio/wav"), "file2": ("b.wav", WAV, "audio/wav")}},
+    "/compare_embedding": {"files": {"audio": ("a.wav", WAV, "audio/wav"),
+                                     "embedding": ("e.json", EMBEDDING, "application/json")}},
+    "/voiceprints": {"files": [("files", ("a.wav", WAV, "audio/wav"))], "data": {"label": "Alice"}},
+}
+
+
+@pytest.fixture()
+def own(settings, tmp_path) -> Iterator[Any]:
+    """Settings on a queue and key prefix of this file's own, uploads under tmp_path; a sync
+    call that is not refused gives up after 5 s (the old code's hang, kept short)."""
+    changes = {"redis_key_prefix": PREFIX, "queue_name": QUEUE, "webhook_queue_name": QUEUE + "-hooks",
+               "storage_dir": tmp_path / "uploads", "sync_timeout_s": 5.0}
+    r = redis.Redis.from_url(settings.redis_url)
+
+    def clean() -> None:
+        for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
+            r.delete(key)
+        r.delete(QUEUE, QUEUE + "-hooks", f"_kombu.binding.{QUEUE}", f"_kombu.binding.{QUEUE}-hooks")
+
+    clean()
+    yield settings.model_copy(update=changes)
+    clean()
+
+
+def _client(settings) -> Any:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    return TestClient(create_app(settings), raise_server_exceptions=False)
+
+
+def _announce(settings, ttl_s: float, queues: list[str] | None = None, load_error: str | None = None) -> None:
+    """What a worker's heartbeat loop writes for its queues (the same function)."""
+    from shared.jobs import JobStore
+    from worker.lifecycle import announce_queues
+
+    info = {"worker": "fake@host:1", "queues": [QUEUE] if queues is None else queues, "load_error": load_error}
+    announce_queues(JobStore.from_settings(settings), info, ttl_s=ttl_s)
+
+
+def _jobs(c) -> list[dict[str, Any]]:
+    return c.get("/jobs", params={"limit": 100}).json()["jobs"]
+
+
+def _assert_no_worker(r, waited: float) -> None:
+    assert r.status_code == 503, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == ERROR_KEYS, body
+    assert body["error_type"] == "ModelError" and "no worker" in body["detail"], body
+    assert int(r.headers["Retry-After"]) > 0, r.headers
+    assert waited < 2.0, f"answered after {waited:.1f} s"
+
+
+def test_every_synchronous_call_without_a_worker_is_answered_503_at_once_and_leaves_nothing(own):
+    r = redis.Redis.from_url(own.redis_url)
+    with _client(own) as c:
+        for path, request in SYNC_CALLS.items():
+            started = time.monotonic()
+            answer = c.post(path, **request)
+            _assert_no_worker(answer, time.monotonic() - started)
+        # no job was made: none listed, none queued for Celery, no upload stored
+        assert _jobs(c) == []
+        assert r.llen(QUEUE) == 0
+        uploads = own.storage_dir
+        assert not uploads.exists() or not any(uploads.iterdir()), list(uploads.iterdir())
+        # a bad request is still told what is wrong with it first
+        bad = c.post("/diarize", files={"file": ("a.wav", WAV, "audio/wav")}, data={"num_speakers": "two"})
+        assert bad.status_code == 422, bad.text
+        # a job (POST /jobs/...) is queued as ever: it waits for a worker
+        job = c.post("/jobs/embedding", files={"file": ("a.wav", WAV, "audio/wav")})
+        assert job.status_code == 202, job.text
+        assert c.get(f"/jobs/{job.json()['job_id']}").json()["status"] == "queued"
+        assert r.llen(QUEUE) == 1
+
+
+def test_only_a_live_worker_of_the_queue_that_can_run_jobs_lets_the_call_through(own):
+    with _client(own) as c:
+        # a worker of another queue (webhook deliveries), and one whose models failed to load
+        _announce(own, 30, queues=[own.webhook_queue_name])
+        _announce(own, 30, load_error="RuntimeError: CUDA error: no CUDA GPUs are available")
+        started = time.monotonic()
+        _assert_no_worker(c.post("/embedding", **SYNC_CALLS["/embedding"]), time.monotonic() - started)
+        assert _jobs(c) == []
+
+        # a live worker of the queue (loading its models, or with them): the call is taken and waits
+        _announce(own, 30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(c.post, "/embedding", **SYNC_CALLS["/embedding"])
+            deadline = time.monotonic() + 5
+            while not (jobs := _jobs(c)):
+                assert not call.done(), call.result().text
+                assert time.monotonic() < deadline, "the synchronous call made no job"
+                time.sleep(0.05)
+            [job] = jobs
+            assert job["status"] == "queued" and job["sync"] is True, job
+            # the worker runs it
+            from shared.jobs import SUCCEEDED, JobStore
+
+            JobStore.from_settings(own).finish(job["job_id"], SUCCEEDED, result=RESULT)
+            answer = call.result(timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["embedding"] == RESULT["embedding"]
+
+
+def test_a_waiting_call_whose_queue_loses_its_last_worker_gives_up_with_the_same_503(own):
+    """Taken while a worker was live; the worker goes (its heartbeat lapses) before it took the
+    job: the call is answered 503 within a heartbeat interval or two, not after sync_timeout_s,
+    and its job is cancelled, not left queued for a worker that comes up later."""
+    from shared.jobs import JobStore
+
+    quick = own.model_copy(update={"worker_heartbeat_interval_s": 0.3})
+    with _client(quick) as c:
+        _announce(quick, 1)  # as a worker with a 0.33 s interval writes it, once: then it is gone
+        started = time.monotonic()
+        answer = c.post("/embedding", **SYNC_CALLS["/embedding"])
+        waited = time.monotonic() - started
+        assert answer.status_code == 503, answer.text
+        assert set(answer.json()) == ERROR_KEYS and "Retry-After" in answer.headers
+        assert waited < 3.0, waited
+        [job] = _jobs(c)
+        assert job["status"] == "cancelled", job
+        assert JobStore.from_settings(quick).get(job["job_id"]).status == "cancelled"
+
+
+def test_without_the_requirement_a_call_waits_for_a_worker_to_come(own):
+    """sync_requires_live_worker=false (workers that scale from zero on the queue's length): the
+    call is queued and waits, as before, here for its 1 s sync_timeout_s."""
+    relaxed = own.model_copy(update={"sync_requires_live_worker": False, "sync_timeout_s": 1.0})
+    with _client(relaxed) as c:
+        answer = c.post("/embedding", **SYNC_CALLS["/embedding"])
+        assert answer.status_code == 504, answer.text
+        assert [j["status"] for j in _jobs(c)] == ["cancelled"]
+
+
+# the simulated model load of the worker below (python -m tests.test_sync_no_worker)
+LOAD_S = 3.0
+LOAD_ERROR = "RuntimeError: no CUDA GPUs are available (simulated)"
+
+
+def test_a_real_worker_is_live_while_its_models_load_and_not_once_their_load_failed(own, service_env, tmp_path):
+    """A Celery worker (this module's own, whose model load takes 3 s and then fails) announces
+    the queues it consumes (its -Q) from its start: a synchronous call is taken while it loads,
+    since its job runs once the models are loaded. Once the load failed, its heartbeat says why
+    and the queue's key lapses with it: the API refuses again."""
+    import asyncio
+
+    from api.dispatch import Dispatcher
+    from shared.jobs import JobStore
+    from shared.queue import make_celery
+    from shared.storage import get_storage
+
+    env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
+           "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "0.5", "AUDIO_ANALYSIS_DEVICE": "cpu",
+           "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_STORAGE_DIR": str(own.storage_dir)}
+    store = JobStore.from_settings(own)
+
+    def live(settings) -> bool:
+        async def check() -> bool:
+            dispatcher = Dispatcher(settings, store, get_storage(settings), make_celery(settings))
+            try:
+                return await dispatcher.has_worker()
+            finally:
+                await dispatcher.close()
+
+        return asyncio.run(check())
+
+    def beats() -> list[dict[str, Any]]:
+        return [w for w in store.workers() if w["worker"].startswith("nowork@")]
+
+    assert not live(own)
+    log_path = tmp_path / "worker.log"
+    log = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.test_sync_no_worker", "--pool", "prefork", "--concurrency", "1",
+                             "-Q", QUEUE, "-n", "nowork@%h", "--without-gossip", "--without-mingle"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while not live(own):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.1)
+        # loading: live for its queue, and for no other; no heartbeat for /health yet, as before
+        assert beats() == []
+        assert not live(own.model_copy(update={"queue_name": QUEUE + "-other"}))
+        deadline = time.monotonic() + LOAD_S + 10
+        while not beats():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            time.sleep(0.1)
+        [beat] = beats()
+        assert beat["load_error"] == LOAD_ERROR and beat["queues"] == [QUEUE], beat
+        deadline = time.monotonic() + 3
+        while live(own):
+            assert time.monotonic() < deadline, "a worker whose models failed to load still counts"
+            time.sleep(0.1)
+        with _client(own) as c:
+            started = time.monotonic()
+            _assert_no_worker(c.post("/embedding", **SYNC_CALLS["/embedding"]), time.monotonic() - started)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        log.close()
+
+
+if __name__ == "__main__":
+    # the worker of the test above: the real one, with a model load that takes LOAD_S and fails
+    from engine.core import Engine
+    from worker.celery_app import app
+
+    def _load_models(self: Engine) -> Engine:
+        time.sleep(LOAD_S)
+        raise RuntimeError(LOAD_ERROR.split(": ", 1)[1])
+
+    Engine.load_models = _load_models  # type: ignore[method-assign]
+    app.worker_main(["worker", *sys.argv[1:]])
