@@ -156,6 +156,7 @@ def live(service_env, settings, tmp_path_factory) -> Iterator[LiveAPI]:
         "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY_A, KEY_B]),
         "AUDIO_ANALYSIS_ADMIN_API_KEYS": json.dumps([KEY_ADMIN]),
         "AUDIO_ANALYSIS_QUEUE_NAME": "audio-security",  # nobody consumes it: jobs stay queued
+        "AUDIO_ANALYSIS_SYNC_REQUIRES_LIVE_WORKER": "false",  # and synchronous calls wait on them
         "AUDIO_ANALYSIS_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "false",  # the production default
         "AUDIO_ANALYSIS_MAX_UPLOAD_BYTES": str(LIVE_MAX_UPLOAD),
         "AUDIO_ANALYSIS_HTTP_HEADER_TIMEOUT_S": str(LIVE_HEADER_TIMEOUT_S),
