@@ -263,3 +263,55 @@ if __name__ == "__main__":
 
     Engine.load_models = _load_models  # type: ignore[method-assign]
     app.worker_main(["worker", *sys.argv[1:]])
+
+
+def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
+    """The heartbeat thread also runs the recovery pass and the storage sweep, and a sweep of a
+    large or slow bucket can outlast the queue key's lifetime (3 heartbeats): synchronous calls
+    would have been refused 503 while a healthy worker swept. The key is held up for the passes.
+    The loop is the worker's own, run here in-process with a sweep that takes 2 s against a key
+    lifetime of 0.6 s; what it announces stands in for a worker's identity."""
+    import threading
+
+    from shared.jobs import JobStore
+    from worker import lifecycle, recovery
+
+    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": False})
+    store = JobStore.from_settings(local)
+    key = lifecycle.consumers_key(store, QUEUE)
+    store.redis.delete(key)
+    sweeping = threading.Event()
+
+    class SlowStorage:
+        def sweep(self, older_than_s: float) -> int:
+            sweeping.set()
+            time.sleep(2.0)
+            sweeping.clear()
+            return 0
+
+    monkeypatch.setattr(lifecycle, "get_settings", lambda: local)
+    monkeypatch.setattr(lifecycle, "get_storage", lambda settings=None: SlowStorage())
+    monkeypatch.setattr(lifecycle, "heartbeat_info", lambda: {"worker": "sweeper@host:1", "queues": [QUEUE],
+                                                              "load_error": None})
+    monkeypatch.setattr(recovery, "recover_stalled_jobs", lambda *a, **k: None)
+    monkeypatch.setattr(recovery, "recover_lost_deliveries", lambda *a, **k: None)
+    booted, stop = lifecycle._state["booted"], threading.Event()
+    was_booted = booted.is_set()
+    booted.set()
+    thread = threading.Thread(target=lifecycle._heartbeat_loop, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert sweeping.wait(5), "the sweep never ran"
+        lapsed = 0
+        while sweeping.is_set():
+            lapsed += not store.redis.exists(key)
+            time.sleep(0.05)
+        assert lapsed == 0, f"the queue's key lapsed {lapsed} times during the sweep"
+        time.sleep(0.1)
+        assert 0 < store.redis.pttl(key) <= 1000  # back to its lifetime (whole seconds) after the pass
+    finally:
+        stop.set()
+        thread.join(5)
+        if not was_booted:
+            booted.clear()
+        store.redis.delete(key)

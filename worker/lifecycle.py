@@ -136,6 +136,10 @@ def announce_queues(store: JobStore, info: dict[str, Any], ttl_s: float) -> None
     pipe.execute()
 
 
+# the queues' keys' lifetime while this thread runs a recovery pass or a storage sweep
+PASS_TTL_S = 300.0
+
+
 def _heartbeat_loop(stop: threading.Event) -> None:
     settings = get_settings()
     store = JobStore.from_settings(settings)
@@ -151,20 +155,29 @@ def _heartbeat_loop(stop: threading.Event) -> None:
             announce_queues(store, info, ttl_s=interval * 3)
             if booted.is_set():
                 store.heartbeat(worker_name(), info, ttl_s=interval * 3)
-            if booted.is_set() and time.monotonic() >= next_recovery:
-                # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
-                from worker.recovery import recover_lost_deliveries, recover_stalled_jobs
+            now = time.monotonic()
+            if booted.is_set() and (now >= next_recovery or now >= next_sweep):
+                # the passes run in this thread: a sweep of a large or slow bucket can outlast the
+                # queues' keys, and the API would answer synchronous calls 503 meanwhile; held up
+                # for the passes, the keys go back to their lifetime after them
+                announce_queues(store, info, ttl_s=max(interval * 3, PASS_TTL_S))
+                try:
+                    if now >= next_recovery:
+                        # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
+                        from worker.recovery import recover_lost_deliveries, recover_stalled_jobs
 
-                recover_stalled_jobs(store, storage, settings)
-                # webhook deliveries whose worker died while it delivered or held a retry
-                recover_lost_deliveries(store, settings)
-                next_recovery = time.monotonic() + settings.job_recovery_interval_s
-            if booted.is_set() and time.monotonic() >= next_sweep:
-                # uploads of jobs that never reached a worker (expired, purged queue)
-                removed = storage.sweep(settings.upload_expires_s)
-                if removed:
-                    log.info("swept %d expired upload folders", removed)
-                next_sweep = time.monotonic() + settings.storage_sweep_interval_s
+                        recover_stalled_jobs(store, storage, settings)
+                        # webhook deliveries whose worker died while it delivered or held a retry
+                        recover_lost_deliveries(store, settings)
+                        next_recovery = time.monotonic() + settings.job_recovery_interval_s
+                    if time.monotonic() >= next_sweep:
+                        # uploads of jobs that never reached a worker (expired, purged queue)
+                        removed = storage.sweep(settings.upload_expires_s)
+                        if removed:
+                            log.info("swept %d expired upload folders", removed)
+                        next_sweep = time.monotonic() + settings.storage_sweep_interval_s
+                finally:
+                    announce_queues(store, info, ttl_s=interval * 3)
         except Exception:  # noqa: BLE001 - a Redis blip must not kill the heartbeat
             log.exception("heartbeat failed")
         # while loading, a short wait: the first heartbeat follows the load's end within it
