@@ -173,7 +173,8 @@ def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, prefix: tuple[s
     import httpx
     import redis
 
-    from cli.launcher import Stack, free_port, wait_until
+    from cli.launcher import Stack, free_port
+    from tests.conftest import wait_for_api
 
     env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
            "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX,
@@ -192,14 +193,7 @@ def _uvicorn_api(service_env: dict, settings: Any, log_dir: Any, prefix: tuple[s
             proc = stack.spawn("api", [*prefix, sys.executable, "-m", "api.serve", "--host", "127.0.0.1", "--port", str(port)])
         else:
             proc = stack.start_api("127.0.0.1", port)
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(up, 60, "api", proc)
+        wait_for_api(base, proc)
         with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
             client.proc, client.port = proc, port  # type: ignore[attr-defined]
             yield client
