@@ -109,6 +109,8 @@ class Dispatcher:
     _aredis: Any = field(default=None, init=False, repr=False)
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
+    _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voiceprints is None:
@@ -314,7 +316,23 @@ class Dispatcher:
         the heartbeats (3 heartbeat intervals, as /health's). A worker still loading its models
         counts, one whose models failed to load does not."""
         key = self.store.key("consumers", self.settings.queue_name)
-        return bool(await self.store_async().exists(key))
+        if await self.store_async().exists(key):
+            return True
+        return await self._legacy_worker()
+
+    async def _legacy_worker(self) -> bool:
+        """A worker of a version before the queues' keys heartbeats (a rolling upgrade that
+        brought this API up before its workers): its heartbeat names no queues, and it is taken
+        for this queue's, as every synchronous call waited for it before. Without this, such an
+        upgrade answered every synchronous call 503 until the workers caught up. The heartbeats
+        are found by a SCAN, so only where the key is missing, and the answer is kept 5 s."""
+        answer, until = self._legacy
+        if time.monotonic() < until:
+            return answer
+        workers = await run_in_threadpool(self.store.workers)
+        answer = any("queues" not in w and w.get("loads_models", True) and not w.get("load_error") for w in workers)
+        self._legacy = (answer, time.monotonic() + 5.0)
+        return answer
 
     async def require_worker(self) -> None:
         """503 with Retry-After when no worker could take a synchronous call's job now."""

@@ -154,6 +154,39 @@ def test_only_a_live_worker_of_the_queue_that_can_run_jobs_lets_the_call_through
     assert answer.json()["embedding"] == RESULT["embedding"]
 
 
+def test_a_worker_older_than_the_queue_keys_still_takes_synchronous_calls(own):
+    """A rolling upgrade that brings the API up before its workers: their heartbeats (as a
+    worker before the queue keys wrote them: no ``queues``) are taken for this queue's, as every
+    call waited for them before; without it every synchronous call was a 503 until the workers
+    caught up. A webhook-only worker of that version, or one whose models failed, still is not."""
+    from shared.jobs import JobStore
+
+    store = JobStore.from_settings(own)
+    old = {"worker": "old@host:1", "pid": 1, "diarization_model_loaded": True, "verification_model_loaded": True,
+           "model_device": "cpu", "loads_models": True, "load_error": None}
+    with _client(own) as c:
+        store.heartbeat("webhooks@host:2", {**old, "worker": "webhooks@host:2", "loads_models": False}, ttl_s=30)
+        store.heartbeat("broken@host:3", {**old, "worker": "broken@host:3", "load_error": "ModelError: no weights"},
+                        ttl_s=30)
+        started = time.monotonic()
+        _assert_no_worker(c.post("/embedding", **SYNC_CALLS["/embedding"]), time.monotonic() - started)
+    with _client(own) as c:  # a new API process: nothing remembered of the look above
+        store.heartbeat("old@host:1", old, ttl_s=30)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(c.post, "/embedding", **SYNC_CALLS["/embedding"])
+            deadline = time.monotonic() + 5
+            while not (jobs := _jobs(c)):
+                assert not call.done(), call.result().text
+                assert time.monotonic() < deadline, "the synchronous call made no job"
+                time.sleep(0.05)
+            [job] = jobs
+            from shared.jobs import SUCCEEDED
+
+            store.finish(job["job_id"], SUCCEEDED, result=RESULT)
+            answer = call.result(timeout=10)
+    assert answer.status_code == 200, answer.text
+
+
 def test_a_waiting_call_whose_queue_loses_its_last_worker_gives_up_with_the_same_503(own):
     """Taken while a worker was live; the worker goes (its heartbeat lapses) before it took the
     job: the call is answered 503 within a heartbeat interval or two, not after sync_timeout_s,
