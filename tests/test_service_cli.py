@@ -117,6 +117,7 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
     env = _up_env(tmp_path, api_port, flower_port, dead_redis)
     base = f"http://127.0.0.1:{api_port}"
     up = _start_up(env, base, tmp_path / "up.log")
+    browser = None
     try:
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
@@ -169,17 +170,32 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         import redis as redis_lib
 
         broker = redis_lib.Redis.from_url(_redis_of(tmp_path / "up.log"))
-        lengths = httpx.get(f"http://127.0.0.1:{flower_port}/api/queues/length", auth=(user, password), timeout=20).json()
-        depth = {q["name"]: q["messages"] for q in lengths["active_queues"]}
+
+        def flower_depth() -> dict[str, int]:
+            lengths = httpx.get(f"http://127.0.0.1:{flower_port}/api/queues/length", auth=(user, password),
+                                timeout=20).json()
+            return {q["name"]: q["messages"] for q in lengths["active_queues"]}
+
+        # Flower learns each worker's queues by inspecting it now and then; the busy job worker's
+        # reply can miss a round while the idle webhook worker's is in (then only "webhooks")
+        deadline = time.monotonic() + 30
+        while "audio" not in (depth := flower_depth()) and time.monotonic() < deadline:
+            time.sleep(1)
         assert depth.get("audio") == broker.llen("audio") == 2, depth
         assert all(n == broker.llen(name) for name, n in depth.items()), depth
         page = httpx.get(f"http://127.0.0.1:{flower_port}/broker", auth=(user, password), timeout=20).text
         assert re.search(r'<tr id="audio">\s*<td>audio</td>\s*<td[^>]*>2</td>', page), page[-3000:]
         if browser is not None:
             shot = _flower_screenshot(browser, flower_port, user, password, tmp_path / "flower-workers.png")
+            browser = None  # closed, its driver stopped
             assert "Online" in shot, shot[:500]
         assert httpx.get(f"{base}/jobs/{job['job_id']}", timeout=5).json()["status"] == "running"
     finally:
+        if browser is not None:
+            # a failure before the screenshot: playwright's driver runs an event loop in this
+            # thread, and left running it failed every later test that starts one
+            browser.close()
+            browser._driver.stop()
         stopped_in = _ctrl_c(up)
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
     time.sleep(0.5)
