@@ -325,11 +325,7 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         # prefork with one child, as in production: the job runs in the child and the parent keeps
         # sending heartbeats, so Flower shows the worker online while it is busy (with the solo
         # pool a 10-minute job made it "Offline")
-        stack.start_worker(queues=[settings.queue_name], pool="prefork")
-        # deliveries apart, as compose has them: on the job worker's one process, a receiver that
-        # hangs held it 30 s an attempt (3 min over six) between jobs; I/O only, no models
-        stack.start_worker(queues=[settings.webhook_queue_name], name="webhooks", pool="threads", concurrency=4,
-                           env={"AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false"})
+        stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], pool="prefork")
         if with_flower:
             stack.start_flower(settings.flower_port, flower_login)
         stack.start_api(settings.api_host, settings.api_port)

@@ -122,10 +122,6 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names and "celery" in names and "flower" in names and "api.serve" in names
-        # webhook deliveries have a worker of their own, so a receiver that hangs never holds a job
-        workers = {" ".join(c.cmdline()) for c in children if "-Q" in c.cmdline()}
-        queues = sorted(re.search(r"-Q (\S+) -n (\w+)@", w).groups() for w in workers)
-        assert queues == [("audio", "worker"), ("webhooks", "webhooks")], workers
         assert (tmp_path / "data" / "redis").is_dir()
         # generated once, kept with the local data, owner-only, and the login not in any argv
         secret_file, login_file = tmp_path / "data" / "webhook-secret", tmp_path / "data" / "flower-auth"
