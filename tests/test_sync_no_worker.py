@@ -103,6 +103,24 @@ def _assert_no_worker(r, waited: float) -> None:
     assert waited < 2.0, f"answered after {waited:.1f} s"
 
 
+def _taken_and_run(c, settings) -> Any:
+    """A synchronous /embedding the API takes: its job is queued (sync) while the call waits, a
+    stand-in for the worker finishes it, and the call's answer is returned."""
+    from shared.jobs import SUCCEEDED, JobStore
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(c.post, "/embedding", **SYNC_CALLS["/embedding"])
+        deadline = time.monotonic() + 5
+        while not (jobs := _jobs(c)):
+            assert not call.done(), call.result().text
+            assert time.monotonic() < deadline, "the synchronous call made no job"
+            time.sleep(0.05)
+        [job] = jobs
+        assert job["status"] == "queued" and job["sync"] is True, job
+        JobStore.from_settings(settings).finish(job["job_id"], SUCCEEDED, result=RESULT)
+        return call.result(timeout=10)
+
+
 def test_every_synchronous_call_without_a_worker_is_answered_503_at_once_and_leaves_nothing(own):
     r = redis.Redis.from_url(own.redis_url)
     with _client(own) as c:
@@ -136,20 +154,7 @@ def test_only_a_live_worker_of_the_queue_that_can_run_jobs_lets_the_call_through
 
         # a live worker of the queue (loading its models, or with them): the call is taken and waits
         _announce(own, 30)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            call = pool.submit(c.post, "/embedding", **SYNC_CALLS["/embedding"])
-            deadline = time.monotonic() + 5
-            while not (jobs := _jobs(c)):
-                assert not call.done(), call.result().text
-                assert time.monotonic() < deadline, "the synchronous call made no job"
-                time.sleep(0.05)
-            [job] = jobs
-            assert job["status"] == "queued" and job["sync"] is True, job
-            # the worker runs it
-            from shared.jobs import SUCCEEDED, JobStore
-
-            JobStore.from_settings(own).finish(job["job_id"], SUCCEEDED, result=RESULT)
-            answer = call.result(timeout=10)
+        answer = _taken_and_run(c, own)
     assert answer.status_code == 200, answer.text
     assert answer.json()["embedding"] == RESULT["embedding"]
 
@@ -172,18 +177,7 @@ def test_a_worker_older_than_the_queue_keys_still_takes_synchronous_calls(own):
         _assert_no_worker(c.post("/embedding", **SYNC_CALLS["/embedding"]), time.monotonic() - started)
     with _client(own) as c:  # a new API process: nothing remembered of the look above
         store.heartbeat("old@host:1", old, ttl_s=30)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            call = pool.submit(c.post, "/embedding", **SYNC_CALLS["/embedding"])
-            deadline = time.monotonic() + 5
-            while not (jobs := _jobs(c)):
-                assert not call.done(), call.result().text
-                assert time.monotonic() < deadline, "the synchronous call made no job"
-                time.sleep(0.05)
-            [job] = jobs
-            from shared.jobs import SUCCEEDED
-
-            store.finish(job["job_id"], SUCCEEDED, result=RESULT)
-            answer = call.result(timeout=10)
+        answer = _taken_and_run(c, own)
     assert answer.status_code == 200, answer.text
 
 
