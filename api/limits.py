@@ -149,3 +149,44 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class RequestFramingGate:
+    """Requests whose body is framed ambiguously, or encoded in a way the API does not decode,
+    are refused before anything reads them.
+
+    * ``Transfer-Encoding`` and ``Content-Length`` together (400, and the connection closed):
+      h11 reads such a body as chunked and kept the connection open for the next request, while
+      a proxy in front that goes by Content-Length sees another body, and a request of the
+      attacker's hidden in it (request smuggling). RFC 9112 6.1: the server MUST close the
+      connection after such a request.
+    * a ``Content-Encoding`` other than identity (415, ``Accept-Encoding: identity``): no body is
+      decompressed here, so a gzip-compressed form was parsed as the compressed bytes and refused
+      as "Invalid multipart data", a misleading 400 (RFC 7694 says 415). Refused, nothing of it
+      is inflated, a decompression bomb included.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = [k.lower() for k, _ in scope["headers"]]
+            if b"transfer-encoding" in names and b"content-length" in names:
+                response = error_response(
+                    400, "Transfer-Encoding and Content-Length in one request: send one of them", "ValidationError",
+                    headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+            has_body = b"transfer-encoding" in names or any(
+                k.lower() == b"content-length" and v.strip() not in (b"", b"0") for k, v in scope["headers"])
+            codings = [c.strip().lower() for k, v in scope["headers"] if k.lower() == b"content-encoding"
+                       for c in v.split(b",") if c.strip()]
+            if has_body and any(c != b"identity" for c in codings):
+                shown = b", ".join(codings).decode("latin-1")[:100]
+                response = error_response(
+                    415, f"Content-Encoding {shown!r}: request bodies are taken uncompressed only", "ValidationError",
+                    headers={"Accept-Encoding": "identity"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from api.deps import ApiKeyGate, CrossSiteGate
 from api.forms import refuse_repeated_query
 from api.hosts import HostGate
 from api.dispatch import Dispatcher
-from api.limits import BodyLimitMiddleware
+from api.limits import BodyLimitMiddleware, RequestFramingGate
 from api.metrics import build_registry
 from api.routes import analyses, jobs, ops, voiceprints, web
 from shared import logs
@@ -176,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(CrossSiteGate)
     # and every request under a host name this API is not reached by (DNS rebinding)
     app.add_middleware(HostGate, settings=settings)
+    # and, before all of these, a body framed two ways (request smuggling) or compressed
+    app.add_middleware(RequestFramingGate)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
     # outermost: even a refused body's 413 carries the request id
