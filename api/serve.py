@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http
 import os
 from typing import Any
 
+import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from shared import logs
+from shared.schemas import ErrorBody
 from shared.settings import get_settings
 
 
@@ -60,7 +63,60 @@ class _HeaderTimeout:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class TimeoutH11Protocol(_HeaderTimeout, H11Protocol):
+class _RecordingConnection(h11.Connection):
+    """h11's connection, keeping the protocol error it raised (uvicorn catches it and keeps only
+    "Invalid HTTP request received."): what the refusal says, and its status (431 for a head over
+    the size limit)."""
+
+    last_error: h11.RemoteProtocolError | None = None
+
+    def next_event(self):  # type: ignore[no-untyped-def]
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.last_error = exc
+            raise
+
+
+class _DocumentedRefusal:
+    """A request h11 cannot parse (a malformed request line or header, two different
+    Content-Lengths, a transfer coding other than chunked, a head over the size limit, a broken
+    chunk) answered in the documented error shape.
+
+    uvicorn answered these before any ASGI app saw them, with ``400 text/plain`` "Invalid HTTP
+    request received.": the one error of the API a client could not read as ``{"detail",
+    "error_type", "timestamp"}``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        conn = self.conn  # type: ignore[has-type]
+        self.conn = _RecordingConnection(h11.SERVER, conn._max_incomplete_event_size)
+
+    def send_400_response(self, msg: str) -> None:
+        exc = self.conn.last_error
+        status = exc.error_status_hint if exc is not None and 400 <= exc.error_status_hint < 500 else 400
+        if status == 431:
+            detail = "request head (request line and headers) is larger than the server takes"
+        else:
+            reason = str(exc)[:200] if exc is not None else ""
+            detail = f"invalid HTTP request: {reason}" if reason else "invalid HTTP request"
+        body = ErrorBody(detail=detail, error_type="ValidationError").model_dump_json().encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"x-content-type-options", b"nosniff"), (b"connection", b"close")]
+        try:
+            output = self.conn.send(h11.Response(status_code=status, headers=headers,
+                                                  reason=http.HTTPStatus(status).phrase.encode()))  # type: ignore[attr-defined]
+            output += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError:
+            # a response already on its way (an error in the middle of a body being answered):
+            # nothing more can be said on this connection
+            output = b""
+        if output:
+            self.transport.write(output)  # type: ignore[attr-defined]
+        self.transport.close()  # type: ignore[attr-defined]
+
+
+class TimeoutH11Protocol(_DocumentedRefusal, _HeaderTimeout, H11Protocol):
     pass
 
 

@@ -1,0 +1,195 @@
+"""A sixth round at the API's HTTP edge, against a real uvicorn (``python -m api.serve``, its own
+h11 protocol class) on the session's Redis, with queues nobody consumes: what a client sends
+below the routes, where the framework's defaults answered.
+
+Each test fails on the code before its fix:
+
+* a request h11 cannot parse (a malformed request line or header, two different Content-Lengths,
+  a transfer coding other than chunked, no Host, a broken chunk in the middle of a body, a head
+  of 2 MB) was answered by uvicorn itself, ``400 text/plain`` "Invalid HTTP request received.":
+  the one error a client could not read in the documented shape, and a 2 MB head was a 400
+  rather than 431;
+* a request with both ``Transfer-Encoding: chunked`` and ``Content-Length`` was read as chunked
+  and its connection kept open: the request a proxy going by Content-Length would have taken for
+  the next body was served as a request of its own (request smuggling);
+* a gzip-compressed body (``Content-Encoding: gzip``) was parsed as its compressed bytes and
+  answered "Invalid multipart data" (400), not 415 with the encoding the API takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import socket
+import time
+from typing import Any, Iterator
+
+import pytest
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+KEY = "round6-key-0123456789"
+PREFIX = "aa-round6"
+QUEUE, WEBHOOK_QUEUE = "audio-round6", "webhooks-round6"  # nobody consumes them: jobs stay queued
+
+
+def _tiny_wav(seconds: float = 1.0) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn (api.serve) with an API key: an httpx client with the key,
+    ``.port`` its port, ``.proc`` its process."""
+    import httpx
+    import redis
+
+    from cli.launcher import Stack, free_port
+    from tests.conftest import wait_for_api
+
+    env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX,
+           "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("round6-uploads"))}
+    r = redis.Redis.from_url(settings.redis_url)
+    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("round6-api"))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        proc = stack.start_api("127.0.0.1", port)
+        wait_for_api(base, proc)
+        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as client:
+            client.proc, client.port = proc, port  # type: ignore[attr-defined]
+            yield client
+    finally:
+        stack.stop()
+        for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
+            r.delete(key)
+        r.delete(QUEUE, WEBHOOK_QUEUE)
+
+
+def _exchange(port: int, request: bytes, timeout_s: float = 5.0) -> tuple[list[tuple[int, dict[str, str], bytes]], bool]:
+    """Send ``request`` as it is; every response that comes back (status, headers, body) and
+    whether the server closed the connection (rather than leaving it open past ``timeout_s``)."""
+    data, closed = b"", False
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        try:
+            sock.sendall(request)
+        except OSError:
+            pass  # the server may refuse before the whole request is in
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                sock.settimeout(max(0.05, deadline - time.monotonic()))
+                chunk = sock.recv(65536)
+                if not chunk:
+                    closed = True
+                    break
+                data += chunk
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            closed = True
+    responses = []
+    while data.startswith(b"HTTP/1.1 "):
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        responses.append((int(lines[0].split(" ")[1]), headers, rest[:length]))
+        data = rest[length:]
+    return responses, closed
+
+
+def _assert_documented(response: tuple[int, dict[str, str], bytes], status: int) -> dict[str, Any]:
+    code, headers, body = response
+    assert code == status, (code, headers, body[:300])
+    assert headers.get("content-type", "").startswith("application/json"), (headers, body[:300])
+    parsed = json.loads(body)
+    assert set(parsed) == ERROR_KEYS and parsed["error_type"] == "ValidationError", parsed
+    return parsed
+
+
+HOST = b"Host: 127.0.0.1\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+FORM = b'--x\r\nContent-Disposition: form-data; name="num_speakers"\r\n\r\n2\r\n--x--\r\n'
+MULTIPART = b"Content-Type: multipart/form-data; boundary=x\r\n"
+
+UNPARSABLE = {
+    "two different Content-Lengths": b"POST /jobs/diarize HTTP/1.1\r\n" + HOST + MULTIPART
+    + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(FORM) + FORM,
+    "a signed Content-Length": b"POST /jobs/diarize HTTP/1.1\r\n" + HOST + MULTIPART
+    + b"Content-Length: +%d\r\n\r\n" % len(FORM) + FORM,
+    "a transfer coding besides chunked": b"POST /jobs/diarize HTTP/1.1\r\n" + HOST + MULTIPART
+    + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "a NUL in a header": b"GET /jobs HTTP/1.1\r\n" + HOST + b"X-Note: a\x00b\r\n\r\n",
+    "a space before a header's colon": b"GET /jobs HTTP/1.1\r\n" + HOST + b"X-Note : a\r\n\r\n",
+    "no Host": b"GET /jobs HTTP/1.1\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n",
+    "two Hosts": b"GET /jobs HTTP/1.1\r\n" + HOST + b"Host: elsewhere\r\n\r\n",
+    "a request line of HTTP/0.9": b"GET /jobs\r\n\r\n",
+    "a byte outside ASCII in the target": b"GET /jobs/\xff\xfe HTTP/1.1\r\n" + HOST + b"\r\n",
+    "a broken chunk in the middle of a form": b"POST /jobs/diarize HTTP/1.1\r\n" + HOST + MULTIPART
+    + b"Transfer-Encoding: chunked\r\n\r\n5\r\n--x\r\n\r\nZZZZ\r\n",
+}
+
+
+@pytest.mark.parametrize("what", list(UNPARSABLE))
+def test_a_request_the_server_cannot_parse_is_refused_in_the_documented_shape(api, what):
+    responses, closed = _exchange(api.port, UNPARSABLE[what])
+    assert len(responses) == 1, responses
+    body = _assert_documented(responses[0], 400)
+    assert body["detail"].startswith("invalid HTTP request"), body
+    assert responses[0][1].get("x-content-type-options") == "nosniff"
+    assert closed  # nothing more can be read on such a connection
+
+
+def test_a_request_head_over_the_limit_is_a_431_in_the_documented_shape(api):
+    responses, _ = _exchange(api.port, b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 2_000_000 + b"\r\n\r\n")
+    assert len(responses) == 1, responses
+    _assert_documented(responses[0], 431)
+    assert api.get("/health").status_code in (200, 503)  # and the API serves on
+
+
+def test_a_body_framed_two_ways_is_refused_and_nothing_after_it_is_served(api):
+    """Content-Length says the body is empty and what follows is the next request; chunked
+    framing says the body ends at its last chunk. The API refuses the request and closes the
+    connection: the request hidden after it is never served."""
+    hidden = b"GET /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n"
+    request = (b"POST /jobs/nope/cancel HTTP/1.1\r\n" + HOST + b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"0\r\n\r\n" + hidden)
+    responses, closed = _exchange(api.port, request)
+    assert len(responses) == 1, [(code, body[:100]) for code, _, body in responses]
+    _assert_documented(responses[0], 400)
+    assert responses[0][1].get("connection") == "close"
+    assert closed
+    # the same with Content-Length covering the chunked body, on an upload route
+    request = (b"POST /jobs/diarize HTTP/1.1\r\n" + HOST + MULTIPART + b"Content-Length: 3\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % len(FORM) + FORM + b"\r\n0\r\n\r\n" + hidden)
+    responses, closed = _exchange(api.port, request)
+    assert len(responses) == 1 and closed, [(code, body[:100]) for code, _, body in responses]
+    _assert_documented(responses[0], 400)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate", "identity, gzip"])
+def test_a_compressed_body_is_refused_as_such_and_never_inflated(api, encoding):
+    bomb = gzip.compress(b"\0" * 20_000_000)  # 20 KB that would inflate to 20 MB
+    r = api.post("/jobs/diarize", content=bomb, headers={"Content-Type": "multipart/form-data; boundary=x",
+                                                         "Content-Encoding": encoding})
+    assert r.status_code == 415, (r.status_code, r.text)
+    assert set(r.json()) == ERROR_KEYS and "Content-Encoding" in r.json()["detail"]
+    assert r.headers["accept-encoding"] == "identity"
+
+
+def test_an_identity_encoded_upload_and_a_body_less_request_still_pass(api):
+    r = api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+                 headers={"Content-Encoding": "identity"})
+    assert r.status_code == 202, r.text
+    assert api.get("/jobs", headers={"Content-Encoding": "gzip"}).status_code == 200
