@@ -92,7 +92,17 @@ def clean_label(label: Any) -> str:
     if len(label) > MAX_LABEL or not all(_printable(c) for c in label):
         raise InputError(f"label: at most {MAX_LABEL} printable characters (no control, line-break or "
                          "bidirectional-override characters)")
+    if not any(_visible(c) for c in label):
+        # "\u200b\u200b" or a lone combining mark: stored, listed as an empty cell on the page,
+        # and written as a blank cue into subtitles, a speaker nobody can read
+        raise InputError("label: needs at least one visible character (a letter, digit, punctuation or symbol)")
     return label
+
+
+def _visible(c: str) -> bool:
+    # letters, numbers, punctuation, symbols: not a format character (zero-width space, BOM,
+    # joiners), a combining mark without its base, or a space
+    return unicodedata.category(c)[0] in "LNPS"
 
 
 def unit_vector(values: Iterable[float], dimension: int) -> list[float]:
@@ -409,7 +419,7 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
     return Imported(
         label=clean_label(label or doc_label), model=name, dimension=dimension, embedding=[float(x) for x in vector],
         speech_seconds=_number_or_none(document.get("speech_seconds")),
-        files=document.get("files") if isinstance(document.get("files"), int) else None,
+        files=_count_or_none(document.get("files")),
     )
 
 
@@ -417,6 +427,14 @@ def _small_int(text: str) -> int:
     if len(text.lstrip("-")) > 18:
         raise InputError("JSON holds an integer too large")
     return int(text)
+
+
+def _count_or_none(value: Any) -> int | None:
+    # how many recordings the vector averages, as the file says: a whole number of at least one
+    # (``true`` was stored as 1 file, ``-5`` as -5 files, and shown so)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1_000_000:
+        return value
+    return None
 
 
 def _number_or_none(value: Any) -> float | None:

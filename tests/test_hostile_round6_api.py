@@ -193,3 +193,38 @@ def test_an_identity_encoded_upload_and_a_body_less_request_still_pass(api):
                  headers={"Content-Encoding": "identity"})
     assert r.status_code == 202, r.text
     assert api.get("/jobs", headers={"Content-Encoding": "gzip"}).status_code == 200
+
+
+# --- voiceprints: what a label and an imported file may claim -------------------------------------
+
+MODEL = "3d-speaker/campplus-cn-en-common"
+VECTOR = ("v.json", b"[" + b"0.1," * 191 + b"0.1]", "application/json")
+
+
+@pytest.mark.parametrize("label", ["\u200b\u200b", "\ufeff", "\u0301", "\u200d \u2060"],
+                         ids=["zero-width-spaces", "bom", "lone-combining-mark", "joiner-and-word-joiner"])
+def test_a_label_with_nothing_visible_is_refused_at_enrolment_and_import(api, label):
+    """Such a voiceprint was stored (201), listed as an empty cell on the page and written as a
+    blank cue into subtitles: a speaker named, and nobody able to read the name."""
+    r = api.post("/voiceprints/import", files={"file": VECTOR}, data={"label": label, "model": MODEL})
+    assert r.status_code == 422 and set(r.json()) == ERROR_KEYS, (r.status_code, r.text)
+    assert "visible" in r.json()["detail"]
+    document = json.dumps({"label": label, "model": MODEL, "dimension": 192, "embedding": [0.1] * 192})
+    r = api.post("/voiceprints/import", files={"file": ("v.json", document, "application/json")})
+    assert r.status_code == 422, r.text
+    # enrolment says so before any worker is asked (none consumes this API's queue)
+    r = api.post("/voiceprints", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))], data={"label": label})
+    assert r.status_code == 422 and "label" in r.json()["detail"], r.text
+    assert api.get("/voiceprints").json()["count"] == 0
+
+
+@pytest.mark.parametrize(("claimed", "stored"), [(True, None), (-5, None), (0, None), (3, 3)])
+def test_an_imported_files_count_is_a_count_or_nothing(api, claimed, stored):
+    document = json.dumps({"label": "Ann", "model": MODEL, "dimension": 192, "embedding": [0.1] * 192,
+                           "files": claimed})
+    r = api.post("/voiceprints/import", files={"file": ("v.json", document, "application/json")})
+    assert r.status_code == 201, r.text
+    try:
+        assert r.json()["files"] == stored and api.get(f"/voiceprints/{r.json()['id']}").json()["files"] == stored
+    finally:
+        assert api.delete(f"/voiceprints/{r.json()['id']}").status_code == 204
