@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +68,11 @@ def _peaks(device: str) -> dict:
     out = {"peak_rss_mb": peak_rss_bytes() / 2**20}
     if device.startswith("cuda"):
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        # what the process took from the card: the caching allocator keeps freed blocks (and the
+        # gaps between CAM++'s batches of a new shape each call) reserved, so a neighbour sharing
+        # the card cannot have them; a memory share (gpu_memory_fraction) caps this figure, not
+        # the one above
+        out["peak_gpu_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
     return out
 
 
@@ -183,8 +189,16 @@ def run_senko(audio_path: str, device: str, threads: int | None, queue) -> None:
                **_peaks(device)})
 
 
-def in_child(target, *args, env: dict[str, str | None] | None = None) -> dict:
-    """``target(*args, queue)`` in a fresh process, with ``env`` changed for it (None: unset)."""
+class ChildFailed(RuntimeError):
+    """The child ended without a result (an exception, a CUDA error, killed for memory)."""
+
+
+def in_child(target, *args, env: dict[str, str | None] | None = None, timeout_s: float = 3 * 3600) -> dict:
+    """``target(*args, queue)`` in a fresh process, with ``env`` changed for it (None: unset).
+
+    Raises ChildFailed as soon as the child is gone without a result: waiting on the queue alone,
+    a child that died (senko's GPU run without its rebuilt models, an out-of-memory error) held
+    the bench until the device check's step limit, minutes of a lent GPU spent on nothing."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
@@ -196,8 +210,22 @@ def in_child(target, *args, env: dict[str, str | None] | None = None) -> dict:
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    deadline = time.monotonic() + timeout_s
     try:
-        return queue.get(timeout=3 * 3600)
+        while True:
+            try:
+                return queue.get(timeout=1.0)
+            except Empty:
+                pass
+            if not proc.is_alive():
+                try:  # its result may have landed between the wait and the check
+                    return queue.get(timeout=1.0)
+                except Empty:
+                    raise ChildFailed(f"{getattr(target, '__name__', target)} ended with exit code "
+                                      f"{proc.exitcode} and no result (its traceback is above)") from None
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise ChildFailed(f"{getattr(target, '__name__', target)} gave no result in {timeout_s:.0f} s")
     finally:
         proc.join()
 
@@ -238,19 +266,25 @@ def main() -> None:
             figures = {}
             for name, target in engines.items():
                 env = {"OMP_WAIT_POLICY": SHELL_OMP_WAIT_POLICY} if name == "senko" else None
-                r = in_child(target, path, device, args.threads if device == "cpu" else None, env=env)
+                try:
+                    r = in_child(target, path, device, args.threads if device == "cpu" else None, env=env)
+                except ChildFailed as exc:  # the other engine's figures still count
+                    print(f"[{device}] {name:<5} failed: {exc}")
+                    continue
                 r["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY") if env is None else SHELL_OMP_WAIT_POLICY
                 turns = [Turn(a, b, s) for a, b, s in r.pop("turns")]
                 r["der"] = diarization_error_rate(reference, turns)
                 r["speakers"] = len({t.speaker for t in turns})
                 figures[name] = r
-                gpu = f" peak_gpu={r['peak_gpu_mb']:.0f}MB" if "peak_gpu_mb" in r else ""
+                gpu = (f" peak_gpu={r['peak_gpu_mb']:.0f}MB reserved={r['peak_gpu_reserved_mb']:.0f}MB"
+                       if "peak_gpu_mb" in r else "")
                 extra = f" steps={json.dumps(r['steps'])}" if r.get("steps") else ""
                 extra += f" fbank={r['fbank']}" if "fbank" in r else ""
                 print(f"[{device}] {name:<5} {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
                       f"DER {r['der']:.3f}  speakers {r['speakers']}/{len(reference.labels())}  "
                       f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']} "
                       f"OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}{extra}")
+                print(f"[{device}] {name:<5} 1 h would take {r['elapsed_s'] * 3600 / duration:.1f} s")
             if len(figures) == 2:
                 ratio = figures["senko"]["elapsed_s"] / figures["ours"]["elapsed_s"]
                 print(f"[{device}] ratio senko/ours = {ratio:.2f}x  (1 h would take us "

@@ -3,14 +3,24 @@ scripts/device_check.sh on a lent GPU machine.
 
 What only a GPU can show: the recording reaches segmentation as a device tensor (one upload, no
 host copy of every batch), the embeddings are computed there, and the answer is the CPU's.
+
+The last tests run everywhere: they check the device check itself (its budget, its bench's
+handling of a child that died), which has one run on a lent card and no second try.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +52,7 @@ def _engine(device: str):
     return Engine(Settings(device=device)).load_models()
 
 
+@needs_cuda
 def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conversation, monkeypatch):
     from engine.audio import Audio
     from evaluation.speech import diarization_error_rate
@@ -59,12 +70,11 @@ def test_segmentation_batches_are_on_the_device_and_the_answer_is_the_cpus(conve
     assert abs(der["gpu"] - der["cpu"]) < 0.01, der
 
 
+@needs_cuda
 def test_a_device_side_assert_is_seen_as_a_failed_device():
     """What the worker's exit on a failed context (worker.tasks._exit_for_device) relies on: after a
     real device-side assert, ``Engine.device_works()`` says False. In a child process: the assert
     leaves that process's CUDA context unusable."""
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -82,6 +92,7 @@ def test_a_device_side_assert_is_seen_as_a_failed_device():
     assert "works after: False" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
+@needs_cuda
 def test_a_recording_over_the_cap_stays_on_the_host(conversation, monkeypatch):
     """GPU memory stays bounded whatever the length: past DEVICE_AUDIO_MAX_BYTES (here lowered to
     1 MB) the samples go batch by batch, and the answer is the same."""
@@ -98,12 +109,11 @@ def test_a_recording_over_the_cap_stays_on_the_host(conversation, monkeypatch):
     assert batched.diarization_results == whole.diarization_results
 
 
+@needs_cuda
 def test_an_embedding_does_not_depend_on_the_jobs_before_it():
     """torch leaves cuDNN's TF32 on, and pyannote turns it off only inside its own pipeline
     calls: a fresh worker's /compare ran in TF32 and, after its first diarization, in float32.
     In a child process, as a fresh worker: the score before a diarization is the score after."""
-    import subprocess
-    import sys
     import textwrap
 
     code = textwrap.dedent("""
@@ -122,3 +132,38 @@ def test_an_embedding_does_not_depend_on_the_jobs_before_it():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "flags False False" in out.stdout and "same True" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_the_device_check_keeps_to_its_budget(tmp_path):
+    """A session has one run of at most 10 minutes on a lent card. The steps' own limits add up to
+    far more; past its budget the script skips what is left, saying so, and ends with its log
+    whole, instead of being cut off mid-step by the device tool with the later targets unmeasured.
+    A CPU rehearsal with a budget of 1 s: every step is skipped, at once."""
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE_CHECK_PYTHON": sys.executable,
+           "DEVICE_CHECK_DEVICE": "cpu", "DEVICE_CHECK_BUDGET_S": "1"}
+    started = time.monotonic()
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "device_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    log = (tmp_path / "device-check.log").read_text()
+    assert time.monotonic() - started < 30, log
+    steps = [line for line in log.splitlines() if line.startswith("=== ") and "machine" not in line]
+    assert len(steps) >= 9 and steps[-1].startswith("=== done"), log
+    assert log.count("skipped: ") == len(steps), log  # the eight steps and the models' load
+    # the release targets come first: the hour (1), the 4 h file's GPU memory (3), the tests (0)
+    assert [s.split()[1] for s in steps[:3]] == ["1.", "3.", "0."], steps
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_bench_says_at_once_that_a_child_died():
+    """bench/diarization_vs_senko.py runs each engine in a child and waited on its queue for up to
+    3 h: a child that died (senko's GPU run without its rebuilt models, an out-of-memory error)
+    held the device check's step until its limit. Now the death is an error within seconds."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import diarization_vs_senko as bench
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    started = time.monotonic()
+    with pytest.raises(bench.ChildFailed, match="exit code 1"):
+        bench.in_child(int, "not a number")  # int("not a number", queue) raises in the child
+    assert time.monotonic() - started < 20

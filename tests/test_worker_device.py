@@ -130,3 +130,43 @@ def test_a_sticky_cuda_failure_ends_the_process_and_the_job_runs_again(worker, s
         assert proc.poll() is None, "the worker's main process must survive its child"
     finally:
         stack.stop()
+
+
+def test_the_prefork_parent_leaves_cuda_to_its_pool_process():
+    """A GPU worker runs prefork (compose, Kubernetes, the Dockerfile): its parent imports the
+    engine before forking (worker.lifecycle.preimport) and the pool process loads the models onto
+    the card. CUDA cannot be used in a child forked after its parent asked CUDA anything, even
+    torch.cuda.is_available(): torch then refuses ("Cannot re-initialize CUDA in forked
+    subprocess") and every GPU worker would report a load error. Nothing in the engine's import
+    or the parent's start-up may touch CUDA. No GPU here, which is a stand-in for one: torch marks
+    a fork as bad the same way on a machine without a GPU (checked by the second half)."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent("""
+        import os
+        import torch
+        import worker.celery_app  # noqa: F401 - the app `celery -A worker.celery_app` imports
+        from worker import lifecycle
+        lifecycle.preimport()  # the parent's worker_init: imports the engine (torch, pyannote)
+
+        def forked_is_bad() -> bool:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(3 if torch.cuda._is_in_bad_fork() else 0)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+
+        print("parent initialised CUDA:", torch.cuda.is_initialized())
+        print("child may use CUDA:", not forked_is_bad())
+        torch.cuda.is_available()  # what a parent must not do
+        print("after asking, child may use CUDA:", not forked_is_bad())
+    """)
+    env = {**os.environ, "AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "true",
+           "AUDIO_ANALYSIS_WEBHOOK_SECRET": "a-test-secret-that-is-long-enough-0123456789", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "parent initialised CUDA: False" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "child may use CUDA: True" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "after asking, child may use CUDA: False" in out.stdout, out.stdout + out.stderr[-2000:]
