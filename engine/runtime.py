@@ -15,6 +15,17 @@ it has seen, up to 1024 of them. CAM++ sees a new shape in nearly every batch (r
 by length), so after one 20-minute diarization the cache held about 500 MB that no later job
 reused. 16 entries keep the speed (28.4 s with 1024, 28.5 s with 8 on that file) and the memory.
 
+**cuDNN's execution plans (a GPU worker).** The same on a GPU: torch's cuDNN convolutions build an
+execution plan for every (convolution, input shape) they see and keep it in an LRU cache of
+10,000 plans by default, which torch's documentation puts at about 2 GiB of host memory (200 KiB a
+plan; ``TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT``). CAM++ has 225 convolutions, and the diarization's
+CAM++ batches come in a new (rows, frames) shape nearly every call (rows bucketed by length, each
+batch cut to its shortest), a few dozen new shapes an hour, so a GPU worker's memory would grow by
+plans no later job reuses until the default limit holds some 2 GiB. 1,000 plans (about 200 MB)
+hold every plan of several shapes, more than one batch needs (within a job, a shape recurs only in
+consecutive batches of full-length rows). ``scripts/device_check.sh`` (step 5) prints the time
+new shapes cost and the memory they leave.
+
 **Freed memory.** glibc keeps freed heap memory for reuse; ``release_memory`` hands it back after
 a job, so a worker's RSS between jobs is what it holds (about 180 MB less after 20 minutes).
 
@@ -40,6 +51,8 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
+# read by torch at a process's first cuDNN convolution, so before any model runs on a GPU
+os.environ.setdefault("TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT", "1000")
 
 
 def _libc_function(name: str, argtypes: list | None = None, restype=None):

@@ -10,8 +10,10 @@
 # log whole, before the tool's 540 s cut it off). Each step runs under its own limit, cut to what
 # is left of the budget, and is skipped, saying so, when less is left than it needs. The steps run
 # in the order of the release targets: the hour's engine time and DER (1), a 4 h file's peak GPU
-# memory (3), the GPU tests, which compare the GPU's answer with the CPU's (0), the card kept
-# busy by queued hours (2); then TF32, the profiler, CAM++'s two forms and decoding.
+# memory (3), the GPU tests, which compare the GPU's answer with the CPU's (0); then CAM++ on new
+# batch shapes, first calls against second (5: cuDNN builds a plan per new shape, and CAM++'s
+# batches come in a new one nearly every call), the card kept busy by queued hours (2), TF32,
+# the profiler and decoding.
 #
 #   DEVICE_CHECK_BUDGET_S="500"    seconds for the whole script
 #   DEVICE_CHECK_MINUTES="60"      the hour diarized by both engines (and 240: ours alone)
@@ -95,6 +97,34 @@ within 240 150 $PY -W ignore bench/diarization_vs_senko.py --minutes "$LONG" --o
 step "0. the engine's GPU tests (tests/test_engine_gpu.py)"
 within 150 60 $PY -m pytest -q -p no:cacheprovider tests/test_engine_gpu.py
 
+step "5. CAM++ on $DEVICE, eager (the engine's choice on a GPU) against traced and frozen, first calls included"
+within 120 40 $PY -W ignore - <<'EOF'
+import os, random, time
+import torch
+from engine.models.campplus import CAMPPlusEmbedding
+
+device = torch.device(os.environ["DEVICE"])
+model = CAMPPlusEmbedding.from_checkpoint().to(device)
+random.seed(0)
+# the diarization's batches on a GPU: about 50k frames of rows cut to one length, a new length
+# nearly each call (a rehearsal on the CPU: 2k frames, a few calls)
+budget, calls = (50_000, 60) if device.type == "cuda" else (2_000, 6)
+shapes = [(max(1, budget // n), n) for n in (random.randint(25, 250) for _ in range(calls))]
+for name, network in (("eager", model.campplus), ("frozen", model.traced(device))):
+    for rep in ("first pass", "second pass"):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for rows, frames in shapes:
+                network(torch.randn(rows, frames, 80, device=device))
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        # the host memory the new shapes left (cuDNN keeps an execution plan per convolution and
+        # shape, up to TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT of them: engine/runtime.py)
+        rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) // 1024
+        print(f"{name:7s} {rep}: {time.perf_counter() - started:.2f} s for {sum(r * f for r, f in shapes) / 360_000:.2f} h of frames, "
+              f"{len(set(shapes))} shapes, RSS {rss} MB")
+EOF
+
 step "2. ${MINUTES} min through the service on $DEVICE: three queued jobs, one worker, then two sharing the card"
 within 300 150 $PY -W ignore bench/service_hours.py --minutes "$MINUTES" --jobs 3 --workers 1 2 --device "$DEVICE" --timeout 200
 
@@ -128,30 +158,6 @@ if engine.device.type == "cuda":
 print(table.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 print("job peak:", json.dumps(peak))
 print("heartbeat reading:", json.dumps(telemetry.sample(engine.model_device)))
-EOF
-
-step "5. CAM++ on $DEVICE, eager (the engine's choice on a GPU) against traced and frozen, first calls included"
-within 120 40 $PY -W ignore - <<'EOF'
-import os, random, time
-import torch
-from engine.models.campplus import CAMPPlusEmbedding
-
-device = torch.device(os.environ["DEVICE"])
-model = CAMPPlusEmbedding.from_checkpoint().to(device)
-random.seed(0)
-# the diarization's batches on a GPU: about 50k frames of rows cut to one length, a new length
-# nearly each call (a rehearsal on the CPU: 2k frames, a few calls)
-budget, calls = (50_000, 60) if device.type == "cuda" else (2_000, 6)
-shapes = [(max(1, budget // n), n) for n in (random.randint(25, 250) for _ in range(calls))]
-for name, network in (("eager", model.campplus), ("frozen", model.traced(device))):
-    for rep in ("first pass", "second pass"):
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        started = time.perf_counter()
-        with torch.inference_mode():
-            for rows, frames in shapes:
-                network(torch.randn(rows, frames, 80, device=device))
-        torch.cuda.synchronize() if device.type == "cuda" else None
-        print(f"{name:7s} {rep}: {time.perf_counter() - started:.2f} s for {sum(r * f for r, f in shapes) / 360_000:.2f} h of frames")
 EOF
 
 step "6. decoding on this host's cores: ${DECODE_MINUTES:-20} min of 44.1 kHz stereo MP3, FLAC and M4A (threads, one thread, FFmpeg)"
