@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.dispatch import Dispatcher
 from api.errors import AuthError, error_response
+from api.hosts import host_of
 from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
 
@@ -148,7 +149,8 @@ class CrossSiteGate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in self.UNSAFE:
-            site = next((v for k, v in scope["headers"] if k == b"sec-fetch-site"), b"").strip().lower()
+            site = next((v for k, v in scope["headers"] if k == b"sec-fetch-site"), None)
+            site = site.strip().lower() if site is not None else _site_by_origin(scope["headers"])
             if site in self.REFUSED:
                 response = error_response(
                     403, f"refused: a page of another site ({site.decode()}) may not send this request",
@@ -156,6 +158,33 @@ class CrossSiteGate:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def _site_by_origin(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Where a request without ``Sec-Fetch-Site`` comes from, by its ``Origin``: browsers that do
+    not send the former (Safari before 16.4, a privacy proxy that strips it) still send the
+    latter with every cross-origin POST, and a multipart POST from any page of another site
+    passed the gate in them. ``b"cross-site"`` when the Origin is another host or port than the
+    request's ``Host`` (or ``null``: a sandboxed frame, a ``data:`` or ``file:`` page), else
+    ``b""``: no Origin (curl, the CLI, scripts) is no browser's request."""
+    origin = next((v for k, v in headers if k == b"origin"), None)
+    if origin is None:
+        return b""
+    scheme, sep, rest = origin.decode("latin-1").strip().partition("://")
+    host = next((v for k, v in headers if k == b"host"), b"").decode("latin-1")
+    default = _DEFAULT_PORTS.get(scheme.lower())
+    if not sep or default is None or host_of(rest) is None or host_of(host) is None:
+        return b"cross-site"  # "null", or nothing a page of this API's origin sends
+
+    def port(value: str) -> str:
+        tail = value.rsplit("]", 1)[-1]
+        return tail.rsplit(":", 1)[1] if ":" in tail else default  # type: ignore[return-value]
+
+    same = host_of(rest) == host_of(host) and port(rest) == port(host)
+    return b"" if same else b"cross-site"
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -17,6 +17,8 @@ Each test fails on the code before its fix:
 * a form without files (``application/x-www-form-urlencoded``) was taken up to the upload limit
   and parsed byte by byte in Python: 20 MB of ``&`` held the API's core 7 s for a 422, and the
   1 GiB limit allowed six minutes a request;
+* a browser that sends no ``Sec-Fetch-Site`` (Safari before 16.4, a privacy proxy stripping it)
+  let a page of another site import a voiceprint and queue jobs: its ``Origin`` went unread;
 * a voiceprint label of nothing visible (zero-width spaces, a BOM) was stored and shown as an
   empty name; an imported file's ``"files": true`` or ``-5`` was stored as 1 and -5 recordings.
 """
@@ -124,6 +126,8 @@ def _assert_documented(response: tuple[int, dict[str, str], bytes], status: int)
     return parsed
 
 
+MODEL = "3d-speaker/campplus-cn-en-common"
+VECTOR = ("v.json", b"[" + b"0.1," * 191 + b"0.1]", "application/json")
 HOST = b"Host: 127.0.0.1\r\nX-API-Key: " + KEY.encode() + b"\r\n"
 FORM = b'--x\r\nContent-Disposition: form-data; name="num_speakers"\r\n\r\n2\r\n--x--\r\n'
 MULTIPART = b"Content-Type: multipart/form-data; boundary=x\r\n"
@@ -217,11 +221,22 @@ def test_a_form_without_files_is_held_to_what_such_a_form_needs(api, how):
     assert r.status_code == 202, r.text
 
 
+@pytest.mark.parametrize("origin", ["http://evil.example", "http://127.0.0.1:1", "null", "http://evil.example:{port}"])
+def test_a_page_of_another_origin_is_refused_by_its_origin_where_the_browser_sends_no_fetch_metadata(api, origin):
+    headers = {"Origin": origin.format(port=api.port)}
+    r = api.post("/voiceprints/import", headers=headers, files={"file": VECTOR}, data={"label": "Mallory", "model": MODEL})
+    assert r.status_code == 403 and set(r.json()) == ERROR_KEYS, (r.status_code, r.text)
+    r = api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    assert r.status_code == 403, r.text
+    assert "Mallory" not in {vp["label"] for vp in api.get("/voiceprints").json()["voiceprints"]}
+    # the page of this very origin, and clients that send no Origin, go on as before
+    for same in ({"Origin": f"http://127.0.0.1:{api.port}"}, {}):
+        r = api.post("/voiceprints/import", headers=same, files={"file": VECTOR}, data={"label": "Alice", "model": MODEL})
+        assert r.status_code == 201, r.text
+        assert api.delete(f"/voiceprints/{r.json()['id']}", headers=same).status_code == 204
+
+
 # --- voiceprints: what a label and an imported file may claim -------------------------------------
-
-MODEL = "3d-speaker/campplus-cn-en-common"
-VECTOR = ("v.json", b"[" + b"0.1," * 191 + b"0.1]", "application/json")
-
 
 @pytest.mark.parametrize("label", ["\u200b\u200b", "\ufeff", "\u0301", "\u200d \u2060"],
                          ids=["zero-width-spaces", "bom", "lone-combining-mark", "joiner-and-word-joiner"])
