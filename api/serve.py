@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import http
 import os
+import re
 from typing import Any
 
 import h11
@@ -78,6 +79,11 @@ class _RecordingConnection(h11.Connection):
             raise
 
 
+# where h11's message starts quoting what it read: "illegal header line: bytearray(b'...')",
+# "Illegal header value b'...'"
+_QUOTED = re.compile(r":? (?:bytearray\(|b['\"])")
+
+
 class _DocumentedRefusal:
     """A request h11 cannot parse (a malformed request line or header, two different
     Content-Lengths, a transfer coding other than chunked, a head over the size limit, a broken
@@ -98,7 +104,9 @@ class _DocumentedRefusal:
         if status == 431:
             detail = "request head (request line and headers) is larger than the server takes"
         else:
-            reason = str(exc)[:200] if exc is not None else ""
+            # h11's reason without the bytes it quotes ("illegal header line: bytearray(b'...')"):
+            # the client knows what it sent, and a header line may be its API key
+            reason = _QUOTED.split(str(exc), 1)[0][:200] if exc is not None else ""
             detail = f"invalid HTTP request: {reason}" if reason else "invalid HTTP request"
         body = ErrorBody(detail=detail, error_type="ValidationError").model_dump_json().encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
