@@ -180,3 +180,57 @@ def test_cudnn_keeps_a_bounded_number_of_plans():
 
     limit = os.environ.get("TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT")
     assert limit is not None and 0 < int(limit) <= 2000
+
+
+def test_a_cam_batch_out_of_gpu_memory_is_embedded_in_halves(caplog):
+    """CAM++'s batches on a GPU hold up to 50k frames (about 2 GB at the peak) whatever memory the
+    worker's share (gpu_memory_fraction) or a neighbour on the card leaves: out of memory, every
+    long diarization failed, on every attempt. The batch is now embedded in halves, each row cut as
+    before, so the answer is the same. No GPU here, which is a stand-in: CAM++ is replaced by a
+    per-row function that raises torch's out-of-memory error for more than 3 rows at once."""
+    import logging
+
+    import numpy as np
+
+    from engine.models.campplus import CAMPPlusEmbedding
+    from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
+
+    model = CAMPPlusEmbedding()
+    projection = torch.randn(80, model.dimension, generator=torch.Generator().manual_seed(0))
+    calls: list[int] = []
+
+    def per_row(feats: torch.Tensor) -> torch.Tensor:  # each row's answer depends on that row alone
+        return feats.mean(dim=1) @ projection + feats.shape[1]
+
+    def short_of_memory(feats: torch.Tensor) -> torch.Tensor:
+        calls.append(feats.shape[0])
+        if feats.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return per_row(feats)
+
+    rng = np.random.default_rng(1)
+    binary = np.zeros((8, 589, 3), dtype=np.float32)
+    for c in range(8):
+        for s in range(3):
+            start = int(rng.integers(0, 300))
+            binary[c, start : start + int(rng.integers(60, 289)), s] = 1.0
+    waveform = torch.from_numpy(rng.standard_normal(int((7 * 2.5 + 10) * 16000)).astype(np.float32) * 0.1)
+    budget = EmbeddingBudget(batch_frames=50_000, group_chunks=8)
+
+    def embed(fn) -> np.ndarray:
+        model.embed_batch = fn  # an instance attribute, as the pipeline's wrappers are
+        return chunk_embeddings(model, waveform, binary, 0.0, 2.5, 10.0, budget=budget)
+
+    expected = embed(per_row)
+    with caplog.at_level(logging.WARNING, logger="engine.pipelines.chunk_embeddings"):
+        halved = embed(short_of_memory)
+    assert calls[0] > 3  # the first batch did not fit, its halves did
+    assert "ran out of GPU memory" in caplog.text
+    np.testing.assert_allclose(halved, expected, rtol=1e-5, atol=1e-5)
+    assert np.isfinite(expected).any()
+
+    def never(feats: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):  # one row that does not fit is the job's error
+        embed(never)

@@ -34,6 +34,7 @@ Rows with fewer than ``MIN_FRAMES`` frames get NaN, which pyannote's clustering 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +44,8 @@ import torch
 from engine import runtime
 from engine.lanes import Lanes
 from engine.models.campplus import FRAME_LENGTH, FRAME_SHIFT, MIN_FRAMES, CAMPPlusEmbedding
+
+log = logging.getLogger(__name__)
 
 # a speaker's embedding in a chunk uses at most this share of a step's worth of its frames (10 ms
 # each) there, those nearest the chunk's middle, and never fewer than MIN_ROW_FRAMES (shorter
@@ -248,11 +251,26 @@ def _embed_rows(model, feats, group, first, step_frames, offset, out, batch_fram
         for b in keep:
             cut = (lengths[b] - shortest) // 2  # keep the middle of the row
             picks.append(indices[b][cut : cut + shortest])
-        gather = torch.from_numpy(np.stack(picks))
-        if on_gpu:
-            pending.append((keep, model.embed_batch(feats[_to_device(gather, feats.device)])))
-        else:
-            store(keep, model.embed_batch(feats[gather.to(feats.device)]).float().cpu().numpy())
+        run(keep, torch.from_numpy(np.stack(picks)))
+
+    def run(keep: list[int], gather: torch.Tensor) -> None:
+        try:
+            if on_gpu:
+                pending.append((keep, model.embed_batch(feats[_to_device(gather, feats.device)])))
+            else:
+                store(keep, model.embed_batch(feats[gather.to(feats.device)]).float().cpu().numpy())
+            return
+        except torch.OutOfMemoryError:
+            if len(keep) < 2:
+                raise
+        # the batch in halves, each row cut as before (the same embeddings): GPU memory is what a
+        # worker's share (gpu_memory_fraction) or a neighbour on the card leaves, and the batch
+        # budget is fixed (a 50k-frame batch holds about 2 GB at its peak). Retried here, out of
+        # the handler, once the failed call's tensors (held by its traceback) are freed
+        log.warning("a CAM++ batch of %d rows ran out of GPU memory; embedding it in halves", len(keep))
+        half = len(keep) // 2
+        run(keep[:half], gather[:half])
+        run(keep[half:], gather[half:])
 
     lanes.map(embed, length_batches(lengths, batch_frames))
     for keep, vectors in pending:
