@@ -16,6 +16,7 @@
 # the profiler and decoding.
 #
 #   DEVICE_CHECK_BUDGET_S="500"    seconds for the whole script
+#   DEVICE_CHECK_STEPS="2 1b"      only these steps (a later session measuring what one run left out)
 #   DEVICE_CHECK_MINUTES="60"      the hour diarized by both engines (and 240: ours alone)
 #   DECODE_MINUTES="20"            the recording step 6 decodes (its encoding takes most of the step)
 #   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2 DEVICE_CHECK_LONG=3
@@ -27,13 +28,19 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/device-check.log") 2>&1
 
 BUDGET=${DEVICE_CHECK_BUDGET_S:-500}
-step() { echo; echo "=== $* ($(date +%T), $((SECONDS))s of ${BUDGET}s used)"; }
+CURRENT=
+# the step's number ("1b" of "1b. ..."); set-up and the final line have none and always run
+step() { CURRENT=${1%%.*}; echo; echo "=== $* ($(date +%T), $((SECONDS))s of ${BUDGET}s used)"; }
 # within LIMIT LEAST COMMAND...: COMMAND under LIMIT seconds, or under what is left of the budget
 # when that is less; skipped when less than LEAST seconds are left (a step cut off at its start
 # measures nothing and leaves less for the steps after it)
 within() {
     local limit=$1 least=$2 left=$((BUDGET - SECONDS))
     shift 2
+    if [ -n "${DEVICE_CHECK_STEPS:-}" ] && [[ "$CURRENT" =~ ^[0-9] ]] && [[ " $DEVICE_CHECK_STEPS " != *" $CURRENT "* ]]; then
+        echo "skipped: not in DEVICE_CHECK_STEPS ($DEVICE_CHECK_STEPS)"
+        return 0
+    fi
     if [ "$left" -lt "$least" ]; then
         echo "skipped: ${left}s left of the ${BUDGET}s budget, the step needs ${least}s"
         return 0
