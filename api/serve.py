@@ -95,8 +95,9 @@ class _DocumentedRefusal:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        conn = self.conn  # type: ignore[has-type]
-        self.conn = _RecordingConnection(h11.SERVER, conn._max_incomplete_event_size)
+        # the connection uvicorn made, the same but for keeping its error
+        size = self.config.h11_max_incomplete_event_size  # type: ignore[attr-defined]
+        self.conn = _RecordingConnection(h11.SERVER, size) if size is not None else _RecordingConnection(h11.SERVER)
 
     def send_400_response(self, msg: str) -> None:
         exc = self.conn.last_error
