@@ -22,8 +22,8 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
-    MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo, check_audio_limits,
-    check_mp4_edits, declared_duration, probe,
+    MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
+    check_audio_limits, check_channels, check_mp4_edits, declared_duration, probe, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -577,6 +577,7 @@ def _read_soundfile(
             if snd.samplerate <= 0 or snd.channels <= 0:
                 raise AudioDecodeError("audio header declares no samples or channels")
             _check_sample_rate(snd.samplerate)
+            check_channels(snd.channels)  # each is decoded: 255 Opus channels cost a second a second
             # libsndfile's "length unknown" (a FLAC whose encoder wrote to a pipe and could not
             # go back to fill in STREAMINFO): streamed, the collector holding it to the limit
             unknown = snd.frames >= UNKNOWN_FRAMES
@@ -675,6 +676,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         if not container.streams.audio:
             raise AudioDecodeError("file has no audio stream")
         stream = container.streams.audio[0]
+        check_channels(stream_channels(stream))
         for other in container.streams:
             if other.index != stream.index:
                 # not read at all where the demuxer can skip it (an MP4's other tracks: half
@@ -755,6 +757,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     finish()
                     rate = frame.sample_rate
                     channels = max(1, len(frame.layout.channels))
+                    check_channels(channels)  # a layout the header did not declare
                     # PyAV (18.1) counts a planar frame of 8 or more channels one plane too many,
                     # past AVFrame's 8 data pointers, and to_ndarray read through it: a 7.1 PCM
                     # Matroska killed the process (SIGSEGV). Those are converted interleaved (one

@@ -19,6 +19,14 @@ MIN_SAMPLE_RATE = 4_000
 # the highest rate real recorders use: anything above is a forged header, which the worker's
 # decoder refuses too (engine/audio.py); refused here, the client hears it at submit
 MAX_SAMPLE_RATE = 768_000
+# At most this many channels in the audio stream decoded. Every channel is decoded before the
+# down-mix, so a decoder's work is channels x rate per second of audio, which the duration limit
+# and the job's time limit (a second per second of audio) do not see: 10 s of 255-channel Ogg Opus
+# (589 KB; Opus and Vorbis take 255) took 9.7 s of CPU and 16 s of a 2-core worker to decode, so an
+# hour of it (about 200 MB) ran out its job's whole time limit in the decoder. Multitrack recorders
+# write up to 64 (MADI, a 64-channel Dante recorder), as MAX_STREAMS allows 64 streams; 64-channel
+# Opus decodes at a quarter of a second per second of audio
+MAX_CHANNELS = 64
 
 
 # libsndfile's frame count for a stream of unknown length is SF_COUNT_MAX (2**63 - 1); no real
@@ -175,6 +183,7 @@ class AudioInfo:
 
     duration: float | None
     sample_rate: int | None
+    channels: int | None = None
 
 
 Source = Union[str, os.PathLike, BinaryIO]
@@ -217,7 +226,7 @@ def _probe(source: Source) -> AudioInfo | None:
             # a pipe (FFmpeg's "-f flac -") has 0 total samples in its STREAMINFO, and its 2.9 s
             # read as 576460752303424 s, refused as too long
             known = 0 <= snd.frames < UNKNOWN_FRAMES
-            return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate)
+            return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
         pass
     import av
@@ -230,7 +239,7 @@ def _probe(source: Source) -> AudioInfo | None:
                 return None
             stream = container.streams.audio[0]
             rate = stream.sample_rate or stream.codec_context.sample_rate or None
-            return AudioInfo(declared_duration(container, stream), rate)
+            return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
     except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
         return None
 
@@ -256,14 +265,30 @@ def declared_duration(container, stream) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+def stream_channels(stream) -> int | None:
+    """Channels an FFmpeg audio ``stream``'s header declares (None where it does not say)."""
+    try:
+        return int(stream.codec_context.channels) or None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def check_channels(channels: int | None) -> None:
+    """Refuse (415) a stream of more channels than any recording: decoding costs each of them."""
+    if channels is not None and channels > MAX_CHANNELS:
+        raise AudioDecodeError(f"audio has {channels} channels; at most {MAX_CHANNELS} are supported")
+
+
 def check_audio_limits(
     source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
 ) -> AudioInfo | None:
     """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
-    so low that resampling multiplies it (413 / 415); and a rate no recorder makes (415)."""
+    so low that resampling multiplies it (413 / 415); and a rate or a channel count no recorder
+    makes (415)."""
     info = probe(source)
     if info is None:
         return None
+    check_channels(info.channels)
     if info.sample_rate is not None and info.sample_rate < min_sample_rate:
         raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is below the minimum of {min_sample_rate} Hz")
     if info.sample_rate is not None and info.sample_rate > MAX_SAMPLE_RATE:
