@@ -286,7 +286,9 @@ class Dispatcher:
             await self.delete_uploads(job_id)
             await run_in_threadpool(functools.partial(
                 self.store.finish, job_id, FAILED, error=ModelError(f"could not enqueue: {exc}").body()))
-            raise ModelError(f"job queue unavailable: {exc}") from exc
+            # the broker's own words stay in the log: they name queues and commands, not the client's error
+            log.error("could not enqueue job %s: %s", job_id, exc)
+            raise ModelError("job queue unavailable, retry later") from exc
         with logs.bound(job_id=job_id, kind=submission.kind.name):
             log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in keys.items()) or "no uploads")
         return record

@@ -67,6 +67,10 @@ def install(app: FastAPI) -> None:
             headers = {"Retry-After": "60"}
         elif isinstance(exc, StorageUnavailable):
             headers = {"Retry-After": "30"}
+        elif exc.status_code == 503:
+            # the service cannot take it now (a broker restarting, a record lost): a client that
+            # backs off by Retry-After, as for every other 503, gets it through
+            headers = {"Retry-After": "5"}
         return error_response(exc.status_code, exc.detail, exc.error_type, headers)  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)

@@ -424,9 +424,13 @@ def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
     try:
         client = redis.Redis(port=port)
         wait_until(lambda: _pings(client), 10, "redis-server", server)
-        with pytest.raises(redis.exceptions.OutOfMemoryError):
-            for i in range(10_000):
-                client.set(f"filler:{i}", b"x" * 100_000)
+        # filled to the byte: a refused 100 KB write leaves the 100 KB of its own request buffer
+        # free again, room enough for a job record, so smaller writes follow until even 16 bytes
+        # are refused
+        for size in (100_000, 1_000, 16):
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for i in range(100_000):
+                    client.set(f"filler:{size}:{i}", b"x" * size)
         full = variant_app(redis_url=f"redis://127.0.0.1:{port}/0")
         with open(utterances["spk1"][0], "rb") as fh:
             r = full.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
@@ -435,6 +439,28 @@ def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_queue_that_refuses_the_job_is_a_503_to_retry_without_the_brokers_words(variant_app, utterances, settings):
+    """The job's record was written but the broker refused its message (here: the queue's key is
+    not a list, as after an operator's mistake): the answer was 503 without Retry-After, with the
+    broker's own words in it (the pipeline's commands and the queue's name). Now it says to retry
+    later, as every other 503 does, and the job it could not queue is failed, never run."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    queue = "refusing-queue-test"
+    client.set(queue, "not a list")
+    try:
+        refusing = variant_app(queue_name=queue)
+        with open(utterances["spk1"][0], "rb") as fh:
+            r = refusing.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
+        assert r.status_code == 503 and r.headers.get("retry-after") == "5", (r.status_code, r.text)
+        assert set(r.json()) == {"detail", "error_type", "timestamp"}
+        assert queue not in r.text and "WRONGTYPE" not in r.text, r.text
+        assert client.type(queue) == b"string"  # nothing was queued for a worker
+    finally:
+        client.delete(queue)
 
 
 def _pings(client) -> bool:
