@@ -52,17 +52,21 @@ DEVICE_AUDIO_MAX_BYTES = 512 * 2**20
 
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """TF32 for CUDA's matrix products and cuDNN's convolutions inside the block (``enabled``),
-    the process's flags as they were after it; nothing changes when not enabled."""
+    """TF32 for cuDNN's convolutions inside the block (``enabled``), the process's flag as it was
+    after it; nothing changes when not enabled.
+
+    Convolutions only: they are CAM++'s work. Matrix products stay float32, among them the fbank's
+    mel projection, whose TF32 rounding (10-bit mantissa) would move every feature before CAM++
+    and blur what the device check's DER comparison says about the convolutions."""
     if not enabled:
         yield
         return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def budget_for(device: torch.device | None) -> EmbeddingBudget:
