@@ -23,7 +23,7 @@ import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
-    check_audio_limits, check_channels, check_mp4_edits, declared_duration, probe, stream_channels,
+    check_audio_limits, check_channels, check_mp4_edits, declared_duration, ogg_chained, probe, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -567,15 +567,27 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
 
 
 def _read_soundfile(
-    fh: BinaryIO, max_duration: float, reopen: Callable[[], str | BinaryIO] | None = None
+    fh: BinaryIO, max_duration: float, reopen: Callable[[], str | BinaryIO] | None = None, *, chains: bool = True
 ) -> _Collector | None:
-    """Decode with libsndfile; ``None`` when libsndfile does not know the format.
+    """Decode with libsndfile; ``None`` when libsndfile does not know the format, or (unless
+    ``chains`` is false) when the file is a chained Ogg or one of unknown length, which FFmpeg
+    decodes first.
 
     ``reopen`` gives another handle on the same bytes, for decoding a long file in parallel.
+
+    libsndfile decodes a chained Ogg (links one after the other: recordings joined with cat, a
+    radio stream's dump, a new link per track) to the end of its first link and stops there,
+    reporting that link's length or none (shared.audio_limits.ogg_chained): 300 links of 0.1 s
+    of Opus, 30 s in all, decoded to 0.1 s, and recordings of 7 s and 3 s joined to the first
+    7 s, without a word. FFmpeg's Ogg demuxer reads every link of the same codec and layout;
+    where a link changes them it cannot, and libsndfile's first link is kept (load_audio).
     """
     import soundfile as sf
 
     start = fh.tell()
+    chained = False
+    if chains and start == 0:
+        chained = ogg_chained(fh)  # the first page's header and the last page only
     try:
         with sf.SoundFile(fh) as snd:
             if snd.samplerate <= 0 or snd.channels <= 0:
@@ -585,6 +597,9 @@ def _read_soundfile(
             # libsndfile's "length unknown" (a FLAC whose encoder wrote to a pipe and could not
             # go back to fill in STREAMINFO): streamed, the collector holding it to the limit
             unknown = snd.frames >= UNKNOWN_FRAMES
+            if chains and snd.format == "OGG" and (unknown or chained):
+                fh.seek(start)
+                return None
             # a header can claim anything: check what it claims before allocating for it
             if not unknown and snd.frames > max_duration * snd.samplerate:
                 raise AudioTooLongError(
@@ -810,7 +825,15 @@ def load_audio(
         collected = _read_soundfile(fh, max_duration, _reopener(source))
         if collected is None:
             fh.seek(0)
-            collected = _read_pyav(fh, max_duration)
+            try:
+                collected = _read_pyav(fh, max_duration)
+            except AudioDecodeError:
+                # an Ogg whose links change codec or layout, which FFmpeg's decoder cannot follow:
+                # libsndfile's first link, as before (anything else libsndfile refuses again)
+                fh.seek(0)
+                collected = _read_soundfile(fh, max_duration, _reopener(source), chains=False)
+                if collected is None:
+                    raise
         elif collected.expected_s is not None and collected.size < _SHORT_READ * collected.expected_s * SAMPLE_RATE:
             # libsndfile gives up at the first stretch of damage it cannot get past and reports
             # the end of the file (100 damaged bytes in a 10 min MP3 left 66 s of it, silently).

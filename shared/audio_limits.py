@@ -177,6 +177,42 @@ def _mp4_edits(fh: BinaryIO) -> int:
     return edits(0, size, top=True)
 
 
+# an Ogg page: a 27-byte header, up to 255 lacing values, up to 255 x 255 bytes of body
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255
+
+
+def ogg_chained(fh: BinaryIO) -> bool:
+    """Whether ``fh`` is an Ogg file whose last page belongs to another logical stream than its
+    first: a chained Ogg (links one after the other: files joined with cat, a radio stream's
+    dump) or one multiplexing several streams. Reads the first page's header and the last page,
+    from ``fh``'s start, and leaves ``fh`` there.
+
+    libsndfile decodes such a file to the end of its first link only and reports that link's
+    length (or none): two recordings of 7 s and 3 s joined were taken for 7 s by the API, the
+    worker's time limit and the decoder alike. Its length is unknown; FFmpeg decodes every link
+    (engine/audio.py)."""
+    try:
+        fh.seek(0)
+        head = fh.read(27)
+        if len(head) < 27 or head[:4] != b"OggS":
+            return False
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - _OGG_MAX_PAGE))
+        tail = fh.read(_OGG_MAX_PAGE)
+    finally:
+        fh.seek(0)
+    at = len(tail)
+    while (at := tail.rfind(b"OggS", 0, at)) >= 0:
+        # the last page is the one whose header and lacing add up to the end of the file
+        if tail[at + 4 : at + 5] == b"\0" and at + 27 <= len(tail):
+            segments = tail[at + 26]
+            lacing = tail[at + 27 : at + 27 + segments]
+            if len(lacing) == segments and at + 27 + segments + sum(lacing) == len(tail):
+                return tail[at + 14 : at + 18] != head[14:18]
+    return False
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     """What a container header declares, read without decoding a sample."""
@@ -226,6 +262,8 @@ def _probe(source: Source) -> AudioInfo | None:
             # a pipe (FFmpeg's "-f flac -") has 0 total samples in its STREAMINFO, and its 2.9 s
             # read as 576460752303424 s, refused as too long
             known = 0 <= snd.frames < UNKNOWN_FRAMES
+            if known and snd.format == "OGG":  # a chain's first link is not the file's length
+                known = not _chained(source)
             return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
         pass
@@ -242,6 +280,16 @@ def _probe(source: Source) -> AudioInfo | None:
             return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
     except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
         return None
+
+
+def _chained(source: Source) -> bool:
+    if hasattr(source, "read"):
+        try:
+            return ogg_chained(source)  # type: ignore[arg-type]
+        finally:
+            source.seek(0)  # type: ignore[union-attr]
+    with open(source, "rb") as fh:
+        return ogg_chained(fh)
 
 
 def declared_duration(container, stream) -> float | None:
