@@ -100,6 +100,63 @@ def test_a_wide_file_is_decoded_in_one_pass_not_in_blocks_shorter_than_its_seeks
         assert (plan is not None) == parallel, (channels, plan)
 
 
+# --- chained Ogg: every link is decoded --------------------------------------------------------
+
+
+def _links(signal: np.ndarray, pieces: int, subtype: str, rate: int = SAMPLE_RATE) -> bytes:
+    """``signal`` cut into ``pieces`` Ogg files joined end to end (``cat a.ogg b.ogg``): one
+    chained Ogg."""
+    out = b""
+    for piece in np.array_split(signal, pieces):
+        buf = io.BytesIO()
+        sf.write(buf, piece, rate, format="OGG", subtype=subtype)
+        out += buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("subtype", ["OPUS", "VORBIS"])
+def test_a_chained_ogg_is_decoded_to_the_end_of_its_last_link(subtype: str) -> None:
+    """libsndfile stopped at the end of the first link and called that the end of the file: 30
+    links of a 15 s recording decoded to 0.5 s, and were refused as too short."""
+    t = np.arange(15 * SAMPLE_RATE) / SAMPLE_RATE
+    signal = (0.3 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    for pieces in (2, 30):
+        decoded = load_audio(_links(signal, pieces, subtype))
+        # Vorbis links each add their encoder's few ms of priming
+        assert decoded.duration == pytest.approx(15.0, abs=0.05 * pieces), (pieces, decoded.duration)
+        # the last link's audio is there: the tone's level, not silence
+        tail = decoded.float32()[-2 * SAMPLE_RATE :]
+        assert np.sqrt(np.mean(tail**2)) > 0.1
+
+
+def test_a_chains_length_is_unknown_not_its_last_links() -> None:
+    """libsndfile's length of a chain is its first link's (or none): 7 s and 3 s joined passed the
+    API and set the worker's time limit as 7 s, and now decode to 10 s. Unknown now, as a piped
+    FLAC's is: the decoder holds it to the job's limit; one link keeps its length."""
+    rng = np.random.default_rng(2)
+    links = [(rng.standard_normal(seconds * SAMPLE_RATE) * 0.1).astype(np.float32) for seconds in (7, 3)]
+    chain = b"".join(_links(x, 1, "VORBIS") for x in links)
+    with sf.SoundFile(io.BytesIO(chain)) as snd:
+        assert snd.frames == 7 * SAMPLE_RATE  # the premise: libsndfile says 7 s
+    assert check_audio_limits(io.BytesIO(chain), max_duration=5).duration is None
+    assert load_audio(chain).duration == pytest.approx(10.0, abs=0.05)
+    single = check_audio_limits(io.BytesIO(_links(links[0], 1, "VORBIS")), max_duration=3600)
+    assert single.duration == pytest.approx(7.0)
+
+
+def test_a_chain_whose_links_change_layout_keeps_its_first_link() -> None:
+    """FFmpeg's decoder cannot follow a link of other channels; libsndfile's first link is
+    decoded as before, and a later link of 255 channels is never decoded at all."""
+    first = np.random.default_rng(1).standard_normal(2 * 48_000).astype(np.float32) * 0.1
+    buf = io.BytesIO()
+    sf.write(buf, first, 48_000, format="OGG", subtype="OPUS")
+    chain = buf.getvalue() + _ogg(255, 2.0)
+    started = time.perf_counter()
+    decoded = load_audio(chain)
+    assert decoded.duration == pytest.approx(2.0, abs=0.02)
+    assert time.perf_counter() - started < 0.5
+
+
 # --- verification needs a voice -----------------------------------------------------------------
 
 
