@@ -601,3 +601,34 @@ def test_turns_near_a_chunks_edge_go_by_the_chunk_centred_on_them():
         der = {name: diarization_error_rate(reference, engine.diarize(Audio(samples)).diarization_results)
                for name, engine in (("weighted", weighted), ("plain", plain))}
         assert der["plain"] > 0.18 and der["weighted"] < der["plain"] - 0.08, (seed, der)
+
+
+def test_segmentation_out_of_memory_is_retried_in_smaller_batches():
+    """pyannote turns a segmentation batch that runs out of memory into ``MemoryError`` and the job
+    failed on every attempt (on a shared card, a batch of 256 chunks may not fit while a
+    neighbour's job holds memory). The pipeline tries again in halves: the same answer, and its
+    batch size back as it was. The out-of-memory error is a stand-in here: this machine has no
+    card whose memory could run out."""
+    from engine.pipelines.diarization import build_embedded_pipeline
+    from shared.settings import Settings
+
+    pipeline = build_embedded_pipeline(Settings(segmentation_batch_size=8))
+    wav, _ = pyannote_sample()
+    file = {"waveform": torch.from_numpy(load_audio(wav).float32())[None], "sample_rate": 16000}
+    with torch.inference_mode():
+        expected = pipeline(dict(file))
+    inference = pipeline._segmentation
+    real, sizes = inference.infer, []
+
+    def small_batches_only(chunks):
+        sizes.append(len(chunks))
+        if len(chunks) > 2:
+            raise MemoryError("batch_size (8) is probably too large")  # what pyannote raises
+        return real(chunks)
+
+    inference.infer = small_batches_only
+    with torch.inference_mode():
+        got = pipeline(dict(file))
+    assert max(sizes) == 8 and sizes[-1] <= 2 and inference.batch_size == 8
+    assert len(expected.speaker_diarization.labels()) == 2
+    assert got.speaker_diarization == expected.speaker_diarization

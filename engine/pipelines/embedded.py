@@ -26,6 +26,7 @@ uploaded once (``DEVICE_AUDIO_MAX_BYTES``).
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import numpy as np
@@ -43,6 +44,8 @@ from engine.models.sincnet import share_first_convolution
 from engine.pipelines import discrete
 from engine.pipelines.chunk_embeddings import EmbeddingBudget, chunk_embeddings
 
+
+log = logging.getLogger(__name__)
 
 # the longest recording whose samples are moved to the GPU whole (512 MB: 4.6 h of float16);
 # a longer one stays on the host and goes batch by batch, so that a job's GPU memory stays bounded
@@ -134,6 +137,30 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
             return super().apply(file, **kwargs)
         finally:
             self.clustering.channel_threshold = None
+
+    def get_segmentations(self, file, hook=None):
+        """pyannote's, with a batch that does not fit in memory tried again in halves.
+
+        pyannote turns an out-of-memory error of a batch into ``MemoryError`` ("batch_size is
+        probably too large") and the job failed on every attempt: on a card that several workers
+        share, what one batch of 256 chunks needs depends on what the neighbours hold at that
+        moment. Each chunk is segmented on its own, so a smaller batch gives the same answer; the
+        pipeline's batch size is back as it was after the call."""
+        inference = self._segmentation
+        size = inference.batch_size
+        try:
+            while True:
+                try:
+                    return super().get_segmentations(file, hook=hook)
+                except MemoryError:
+                    if inference.batch_size <= 1:
+                        raise
+                    if inference.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    inference.batch_size = max(1, inference.batch_size // 2)
+                    log.warning("segmentation ran out of memory: batches of %d chunks now", inference.batch_size)
+        finally:
+            inference.batch_size = size
 
     def reconstruct(self, segmentations, hard_clusters, count):
         diarization = discrete.reconstruct(segmentations, hard_clusters, count)
