@@ -184,11 +184,13 @@ def test_job_whose_worker_keeps_dying_fails_with_upload_deleted_and_webhook_sent
     assert b'"status":"failed"' in hit["body"]
 
 
-def test_a_worker_dying_as_it_hands_a_job_back_loses_no_job(recovery, slow_sample):
+def test_a_worker_dying_as_it_hands_a_job_back_loses_no_job(recovery, short_sample):
     """A warm shutdown set the record back to queued and then sent the new message: a worker that
     died between the two (simulated in tests/_handback_crash_worker.py: it exits where it would
     send) left a queued record that no message named, which recovery (it looks at running jobs)
-    never saw. The message now goes first, so the record stays running under a lease that lapses."""
+    never saw. The message now goes first, so the record stays running under a lease that lapses.
+    The dying worker's engine holds at its first progress until the shutdown reaches it, so a
+    12 s clip is mid-job when SIGTERM lands, and the rescuer diarizes only those 12 s."""
     import sys
 
     p = recovery
@@ -202,7 +204,7 @@ def test_a_worker_dying_as_it_hands_a_job_back_loses_no_job(recovery, slow_sampl
         "-n", "handback-crash@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ], env=p.env)
     p.workers["handback-crash"] = victim
-    job_id = post_clip(p.client, slow_sample, "/jobs/diarize").json()["job_id"]
+    job_id = post_clip(p.client, short_sample, "/jobs/diarize").json()["job_id"]
     assert _running_on(p, job_id, timeout_s=180) == "handback-crash"
     victim.send_signal(signal.SIGTERM)
     victim.wait(30)
