@@ -239,6 +239,7 @@ def _float32_input(model: torch.nn.Module) -> None:
     recording as it was given, and a float32 copy of a whole hour is 230 MB."""
     forward = model.forward
     model.input_gain = 1.0
+    model.casts_its_input = True  # any pipeline over this model may hand it float16 (SpeechDetector)
 
     def cast(x: torch.Tensor, *args, **kwargs):
         x = x.float()

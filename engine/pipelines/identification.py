@@ -37,6 +37,10 @@ class SpeechDetector:
         self.pipeline.instantiate({"min_duration_on": 0.0, "min_duration_off": 0.0})
         if device is not None:
             self.pipeline.to(device)
+        # a model that makes each batch float32 itself (the embedded profile's, see
+        # engine.pipelines.embedded._float32_input) is given the recording as stored: a float32
+        # copy of a 24 h recording is 5.5 GB of the worker's memory for one identify job
+        self.compact = bool(getattr(segmentation_model, "casts_its_input", False))
 
     def __call__(self, audio: Audio) -> Regions:
         import contextlib
@@ -45,7 +49,7 @@ class SpeechDetector:
         import torch
 
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
-            annotation = self.pipeline(audio.as_pyannote())
+            annotation = self.pipeline(audio.as_pyannote(compact=self.compact))
         return [(float(s.start), float(s.end)) for s in annotation.get_timeline().support()]
 
 
