@@ -3,6 +3,9 @@
 Real processes throughout: a private redis-server (AOF on, as `up` runs it), solo-pool Celery
 workers (as `up` runs them), SIGKILL, SIGTERM (what `up` sends its worker on Ctrl-C) and a Redis
 crash. Leases of 2 s and a recovery pass every second stand for the defaults (30 s / 10 s).
+The workers run the real engine, but hold each job's first run at its first progress
+(tests/_held_engine_worker.py), so a 12 s clip is still running when it is interrupted, and its
+next run diarizes 12 s, not minutes.
 """
 
 from __future__ import annotations
@@ -34,8 +37,13 @@ def recovery(settings, tmp_path_factory):
         "REDIS_URL": url, "AUDIO_ANALYSIS_REDIS_URL": url, "AUDIO_ANALYSIS_STORAGE_DIR": str(changes["storage_dir"]),
         "AUDIO_ANALYSIS_QUEUE_NAME": "audio-recovery", "AUDIO_ANALYSIS_JOB_LEASE_S": "2",
         "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
+        # each job's first run holds at its first progress (tests/_held_engine_worker.py): still
+        # running when it is interrupted on a machine of any speed; its next run is the real engine
+        "HELD_ENGINE_MARKERS": str(base / "held"),
     }
-    p = PrivateStack(base, settings.model_copy(update=changes), env, port, Stack(log_dir=base))
+    (base / "held").mkdir()
+    p = PrivateStack(base, settings.model_copy(update=changes), env, port, Stack(log_dir=base),
+                     worker_module="tests._held_engine_worker")
     try:
         p.start_redis()
         with TestClient(create_app(p.settings), raise_server_exceptions=False) as client:
@@ -77,11 +85,11 @@ def _upload_gone(p: PrivateStack, job_id: str) -> bool:
     return gone(Path(p.settings.storage_dir) / job_id)
 
 
-def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, long_sample):
+def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, short_sample):
     p = recovery
     p.worker("a")
     p.worker("b")
-    job_id = post_clip(p.client, long_sample, "/jobs/diarize").json()["job_id"]
+    job_id = post_clip(p.client, short_sample, "/jobs/diarize").json()["job_id"]
     _running_on(p, job_id)
     time.sleep(1.5)  # appendfsync everysec: the running record is on disk
     p.crash_redis()
@@ -103,9 +111,9 @@ def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, lon
     assert all(w.poll() is None for w in p.workers.values()), "a worker died with Redis"
 
 
-def test_sigkilled_worker_job_finishes_on_another_attempt(recovery, long_sample):
+def test_sigkilled_worker_job_finishes_on_another_attempt(recovery, short_sample):
     p = recovery
-    job_id = post_clip(p.client, long_sample, "/jobs/diarize").json()["job_id"]
+    job_id = post_clip(p.client, short_sample, "/jobs/diarize").json()["job_id"]
     victim = _running_on(p, job_id)
     killed_at = time.monotonic()
     p.workers[victim].send_signal(signal.SIGKILL)  # the whole solo worker, as the OOM killer would
@@ -131,14 +139,14 @@ def test_sigkilled_worker_job_finishes_on_another_attempt(recovery, long_sample)
     del p.workers[victim]
 
 
-def test_warm_shutdown_hands_the_running_job_back_at_once(recovery, long_sample):
+def test_warm_shutdown_hands_the_running_job_back_at_once(recovery, short_sample):
     """SIGTERM is what `audio-analysis up` sends its worker on Ctrl-C (and docker on stop); that the
     handed-back job then runs to the end is shown through `up` itself in test_service_cli.py."""
     import json
 
     p = recovery
     [victim] = [n for n, w in p.workers.items() if w.poll() is None]
-    job_id = post_clip(p.client, long_sample, "/jobs/diarize").json()["job_id"]
+    job_id = post_clip(p.client, short_sample, "/jobs/diarize").json()["job_id"]
     assert _running_on(p, job_id) == victim
     stopped_at = time.monotonic()
     p.workers[victim].send_signal(signal.SIGTERM)
@@ -188,9 +196,7 @@ def test_a_worker_dying_as_it_hands_a_job_back_loses_no_job(recovery, short_samp
     """A warm shutdown set the record back to queued and then sent the new message: a worker that
     died between the two (simulated in tests/_handback_crash_worker.py: it exits where it would
     send) left a queued record that no message named, which recovery (it looks at running jobs)
-    never saw. The message now goes first, so the record stays running under a lease that lapses.
-    The dying worker's engine holds at its first progress until the shutdown reaches it, so a
-    12 s clip is mid-job when SIGTERM lands, and the rescuer diarizes only those 12 s."""
+    never saw. The message now goes first, so the record stays running under a lease that lapses."""
     import sys
 
     p = recovery

