@@ -1,5 +1,5 @@
 """A Celery worker whose engine holds a job's first diarization at its first progress past 0
-(run by tests/test_service_redelivery.py and tests/test_recovery.py: ``python -m
+(run by tests/test_service_redelivery.py, tests/test_recovery.py and tests/test_storage_s3.py: ``python -m
 tests._held_engine_worker <celery worker options>``).
 
 A test that kills or stops the process running a job, or the Redis it reports to, must find the

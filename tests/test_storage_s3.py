@@ -134,12 +134,15 @@ def test_the_api_reads_the_header_from_the_upload_not_back_from_the_bucket(s3_se
     assert body == utterances["spk1"][0].read_bytes()
 
 
-def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, service_env, settings, long_sample,
+def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, service_env, settings, short_sample,
                                                                  tmp_path) -> None:
     """API and two workers as if on three hosts: each its own working directory, nothing shared
     but Redis and the bucket. The worker running a diarization is killed (SIGKILL, as the OOM
-    killer or a lost host would); the other runs the job to the end, once."""
+    killer or a lost host would); the other runs the job to the end, once. The job is a 12 s
+    clip whose first run holds at its first progress (tests/_held_engine_worker.py): killed
+    mid-run on a machine of any speed, and run again in full by the real engine."""
     import signal
+    import sys
 
     import httpx
 
@@ -154,15 +157,17 @@ def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, serv
         "AUDIO_ANALYSIS_S3_ADDRESSING_STYLE": "path", "AUDIO_ANALYSIS_QUEUE_NAME": queue,
         "AUDIO_ANALYSIS_JOB_LEASE_S": "3", "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+        "HELD_ENGINE_MARKER": str(tmp_path / "held"),
     })
     store = JobStore.from_settings(settings)
     hosts = {name: tmp_path / name for name in ("api-host", "host-a", "host-b")}
     with Stack(env={**os.environ, **env, "AUDIO_ANALYSIS_STORAGE_DIR": str(hosts["api-host"])}, log_dir=tmp_path) as stack:
         port = free_port()
         stack.start_api("127.0.0.1", port)
-        workers = {name: stack.start_worker(queues=[queue], name=name,
-                                            env={"AUDIO_ANALYSIS_STORAGE_DIR": str(hosts[name])})
-                   for name in ("host-a", "host-b")}
+        workers = {name: stack.spawn(name, [
+            sys.executable, "-m", "tests._held_engine_worker", "--pool", "solo", "--concurrency", "1", "-Q", queue,
+            "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ], env={"AUDIO_ANALYSIS_STORAGE_DIR": str(hosts[name])}) for name in ("host-a", "host-b")}
 
         def ready() -> bool:
             loaded = {w["worker"].split("@")[0] for w in store.workers() if w.get("diarization_model_loaded")}
@@ -171,7 +176,7 @@ def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, serv
         wait_until(ready, 300, "two s3 workers", next(iter(workers.values())))
         finished_before = store.finished_counts().get(("diarize", "succeeded"), 0)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            r = http.post("/jobs/diarize", files={"file": (long_sample.name, long_sample.read_bytes(), "audio/wav")})
+            r = http.post("/jobs/diarize", files={"file": (short_sample.name, short_sample.read_bytes(), "audio/wav")})
             assert r.status_code == 202, r.text
             job_id = r.json()["job_id"]
             storage = S3Storage(_settings(s3_server, tmp_path))
@@ -186,6 +191,7 @@ def test_two_hosts_sharing_only_redis_and_the_bucket_lose_no_job(s3_server, serv
                     victim = next((n for n, pid in pids.items() if pid == int(token.split("|")[1])), None)
                 assert time.monotonic() < deadline, job
                 time.sleep(0.05)
+            assert (tmp_path / "held").read_text() == str(pids[victim]), "the job is not mid-run in its worker"
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait(10)
             survivor = next(n for n in workers if n != victim)
