@@ -55,12 +55,14 @@ class Rig:
             "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
             "AUDIO_ANALYSIS_JOB_LEASE_S": "2", "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
             "AUDIO_ANALYSIS_WEBHOOK_BACKOFF_S": "1", "AUDIO_ANALYSIS_WEBHOOK_MAX_RETRIES": "3",
-            "AUDIO_ANALYSIS_WEBHOOK_TIMEOUT_S": "5", "AUDIO_ANALYSIS_WEBHOOK_DEADLINE_S": "5",
+            # an attempt's deadline sets how long a lost delivery waits to be sent again (its
+            # grace: deadline + lease): 3 s leaves a held POST time to be killed during it
+            "AUDIO_ANALYSIS_WEBHOOK_TIMEOUT_S": "3", "AUDIO_ANALYSIS_WEBHOOK_DEADLINE_S": "3",
         }
         self.settings = settings.model_copy(update={
             "redis_url": self.url, "storage_dir": base / "uploads", "queue_name": QUEUE, "webhook_queue_name": HOOKS,
             "job_lease_s": 2.0, "job_recovery_interval_s": 1.0, "webhook_backoff_s": 1, "webhook_max_retries": 3,
-            "webhook_timeout_s": 5.0, "webhook_deadline_s": 5.0,
+            "webhook_timeout_s": 3.0, "webhook_deadline_s": 3.0,
         })
         self.workers: dict[str, Any] = {}
         self.client: Any = None
@@ -286,7 +288,7 @@ def test_deliveries_waiting_in_a_backed_up_queue_are_not_sent_again_and_again(ri
     broker.delete(HOOKS)
     job_id = _failing_job(rig, media_server, receiver.url("/backlog"), "backlog")
     assert wait_for_job(rig.client, job_id, timeout_s=30)["status"] == "failed"
-    # past the delivery's grace (7 s here) and a few recovery passes
+    # past the delivery's grace (5 s here) and a few recovery passes
     time.sleep(rig.store().webhook_grace_s() + 3)
     assert broker.llen(HOOKS) == 1, broker.lrange(HOOKS, 0, -1)
     rig.worker("hooks-late", queues=(HOOKS,))
