@@ -87,8 +87,7 @@ def _upload_gone(p: PrivateStack, job_id: str) -> bool:
 
 def test_redis_crash_mid_job_keeps_the_upload_and_the_job_finishes(recovery, short_sample):
     p = recovery
-    p.worker("a")
-    p.worker("b")
+    p.start_workers("a", "b")
     job_id = post_clip(p.client, short_sample, "/jobs/diarize").json()["job_id"]
     _running_on(p, job_id)
     time.sleep(1.5)  # appendfsync everysec: the running record is on disk

@@ -58,25 +58,34 @@ class PrivateStack:
         self.redis_proc.wait(10)
 
     def worker(self, name: str) -> Any:
+        self.start_workers(name)
+        return self.workers[name]
+
+    def start_workers(self, *names: str) -> None:
+        """The workers not running yet started together (their models load at the same time),
+        each then waited for until its models are loaded."""
         from shared.jobs import JobStore
         from cli.launcher import wait_until
 
-        if name not in self.workers:
+        started = {}
+        for name in names:
+            if name in self.workers or name in started:
+                continue
             if self.worker_module:
-                proc = self.stack.spawn(name, [
+                started[name] = self.stack.spawn(name, [
                     sys.executable, "-m", self.worker_module, "--pool", "solo", "--concurrency", "1",
                     "-Q", self.settings.queue_name, "-n", f"{name}@%h", "--loglevel", "INFO",
                     "--without-gossip", "--without-mingle",
                 ], env=self.env)
             else:
-                proc = self.stack.start_worker(queues=[self.settings.queue_name], name=name, env=self.env)
-            store = JobStore.from_settings(self.settings)
+                started[name] = self.stack.start_worker(queues=[self.settings.queue_name], name=name, env=self.env)
+        store = JobStore.from_settings(self.settings)
+        for name, proc in started.items():
             wait_until(
                 lambda: any(w["worker"].startswith(f"{name}@") and w["diarization_model_loaded"] for w in store.workers()),
                 180, f"worker {name}", proc,
             )
             self.workers[name] = proc
-        return self.workers[name]
 
     def log(self, name: str) -> str:
         return (self.base / f"{name}.log").read_text(errors="replace")
@@ -145,8 +154,7 @@ def test_job_outliving_the_visibility_timeout_runs_once(private, long_sample):
     from shared.queue import make_celery
 
     client = private.client
-    private.worker("a")
-    private.worker("b")  # idle: it takes whatever the broker hands out again
+    private.start_workers("a", "b")  # b idle: it takes whatever the broker hands out again
     job_id = post_clip(client, long_sample, "/jobs/diarize").json()["job_id"]
     deadline = time.monotonic() + 60
     while client.get(f"/jobs/{job_id}").json()["status"] != "running":
