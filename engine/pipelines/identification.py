@@ -72,7 +72,9 @@ def cut(audio: Audio, regions: Regions, max_s: float | None = None) -> np.ndarra
         chosen = kept
     pieces = [audio.samples[int(s * SAMPLE_RATE): int(e * SAMPLE_RATE)] for s, e in sorted(chosen)]
     pieces = [p for p in pieces if len(p)]
-    return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
+    # as stored (float16 when decoded here): the embedders cast each block themselves, and a
+    # float32 copy of a long recording's speech would double what the job holds
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=audio.samples.dtype)
 
 
 def exclusive_regions(turns: Sequence[Any]) -> dict[str, Regions]:
