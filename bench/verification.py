@@ -4,6 +4,11 @@ Prints, for two sets of real labelled speech: the number of speakers and trials,
 threshold at the EER point, mean same/different-speaker scores, and false accept / false reject
 rates at the engine's default threshold; then the warm time to embed a 10 s clip.
 
+Each set is scored twice in one run: as the service embeds (``Engine.embedding_vector``: the
+speech the detector hears), and ``whole`` (every sample, silence and background included);
+``--noise-pad S`` puts S seconds of one room-noise recording (at -20 dB to the speech) around
+every clip, the same for all, as two callers on one line share its noise.
+
 - utterances + sample: the ../shared/data utterances and single-talker stretches of pyannote's
   sample (4 speakers, all pairs);
 - LibriSpeech halves: 249 readers, the first half of each one's utterance against the second
@@ -31,9 +36,30 @@ def labelled_clips():
     return clips + reference_clips(wav, rttm, min_duration=1.5)
 
 
-def trials(engine: Engine):
+def embedders(engine: Engine, pad_s: float):
+    """(name, samples -> vector) for the service's embedding and the whole-recording one."""
+    noise = None
+    if pad_s > 0:
+        import glob
+
+        from engine.audio import load_audio
+
+        noise = load_audio(sorted(glob.glob("../shared/data/speech/noise/*.wav"))[0]).float32()[: int(pad_s * 16000)]
+
+    def padded(x: np.ndarray) -> np.ndarray:
+        if noise is None:
+            return x
+        level = np.sqrt(np.mean(x.astype(np.float64) ** 2)) / max(np.sqrt(np.mean(noise.astype(np.float64) ** 2)), 1e-9)
+        n = noise * level * 10 ** (-20 / 20)
+        return np.concatenate([n, x, n[: len(n) // 2]]).astype(np.float32)
+
+    return [("speech", lambda x: engine.embedding_vector(Audio(padded(x)))[0]),
+            ("whole", lambda x: engine.embedder.embed(Audio(padded(x))))]
+
+
+def trials(embed):
     clips = labelled_clips()
-    vectors = [engine.embedder.embed(Audio(c.samples)) for c in clips]
+    vectors = [embed(c.samples) for c in clips]
     scores, same = [], []
     for (i, a), (j, b) in itertools.combinations(enumerate(clips), 2):
         scores.append(cosine_similarity(vectors[i], vectors[j]))
@@ -41,14 +67,14 @@ def trials(engine: Engine):
     return clips, np.asarray(scores), np.asarray(same)
 
 
-def librispeech_trials(engine: Engine):
+def librispeech_trials(embed):
     """249 readers: the first half of each one's utterance against the second half of every one's."""
     from evaluation.speech import librispeech_clips
 
     clips = librispeech_clips()
     halves = [(c.samples[: len(c.samples) // 2], c.samples[len(c.samples) // 2 :]) for c in clips]
-    first = np.stack([engine.embedder.embed(Audio(a)) for a, _ in halves])
-    second = np.stack([engine.embedder.embed(Audio(b)) for _, b in halves])
+    first = np.stack([embed(a) for a, _ in halves])
+    second = np.stack([embed(b) for _, b in halves])
     first /= np.linalg.norm(first, axis=1, keepdims=True)
     second /= np.linalg.norm(second, axis=1, keepdims=True)
     scores = first @ second.T
@@ -67,10 +93,16 @@ def report(name: str, speakers: int, scores: np.ndarray, same: np.ndarray, thres
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--noise-pad", type=float, default=0.0, help="seconds of room noise around every clip")
+    args = parser.parse_args()
     engine = Engine()
-    clips, scores, same = trials(engine)
-    report("utterances+sample", len({c.speaker for c in clips}), scores, same, engine.default_threshold)
-    report("librispeech halves", *librispeech_trials(engine), engine.default_threshold)
+    for mode, embed in embedders(engine, args.noise_pad):
+        clips, scores, same = trials(embed)
+        report(f"utterances+sample, {mode}", len({c.speaker for c in clips}), scores, same, engine.default_threshold)
+        report(f"librispeech halves, {mode}", *librispeech_trials(embed), engine.default_threshold)
     ten = Audio(np.random.default_rng(0).standard_normal(160_000).astype(np.float32) * 0.1)
     engine.embedder.embed(ten)
     runs = []
