@@ -388,13 +388,16 @@ def wait_for_api(base: str, proc) -> None:
 
 
 @contextlib.contextmanager
-def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str]) -> Iterator[str]:
+def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str],
+                      extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """The API under a real uvicorn (api.serve) with ``keys`` as its API keys, sending to the
-    session's queues: its base URL, for tests of what goes over the wire."""
+    session's queues (or those ``extra_env`` names): its base URL, for tests of what goes over
+    the wire."""
     from cli.launcher import Stack, free_port
 
     env = {k: v for k, v in service_env.items() if not k.startswith("_")}
     env["AUDIO_ANALYSIS_API_KEYS"] = json.dumps(keys)
+    env.update(extra_env or {})
     stack = Stack(env={**os.environ, **env}, log_dir=log_dir)
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -55,30 +55,25 @@ def _tiny_wav(seconds: float = 1.0) -> bytes:
 
 @pytest.fixture(scope="module")
 def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
-    """The API under a real uvicorn (api.serve) with an API key: an httpx client with the key,
-    ``.port`` its port, ``.proc`` its process."""
+    """The API under a real uvicorn (api.serve) with an API key, in keys and queues of its own:
+    an httpx client with the key, ``.port`` its port."""
+    from urllib.parse import urlsplit
+
     import httpx
     import redis
 
-    from cli.launcher import Stack, free_port
-    from tests.conftest import wait_for_api
+    from tests.conftest import api_under_uvicorn
 
-    env = {**{k: v for k, v in service_env.items() if not k.startswith("_")}, **os.environ,
-           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX,
-           "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
+    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
+           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
            "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("round6-uploads"))}
     r = redis.Redis.from_url(settings.redis_url)
-    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("round6-api"))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     try:
-        proc = stack.start_api("127.0.0.1", port)
-        wait_for_api(base, proc)
-        with httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as client:
-            client.proc, client.port = proc, port  # type: ignore[attr-defined]
+        with api_under_uvicorn(service_env, tmp_path_factory.mktemp("round6-api"), [KEY], env) as base, \
+                httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=30) as client:
+            client.port = urlsplit(base).port  # type: ignore[attr-defined]
             yield client
     finally:
-        stack.stop()
         for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
             r.delete(key)
         r.delete(QUEUE, WEBHOOK_QUEUE)
