@@ -25,10 +25,8 @@ Each test fails on the code before its fix:
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
 import socket
 import time
 from typing import Any, Iterator
