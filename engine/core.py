@@ -134,7 +134,8 @@ class Engine:
         diarizer = self.diarizer
         with self._lock:
             if self._speech is None:
-                self._speech = ident.SpeechDetector(diarizer.pipeline._segmentation.model, self.device)
+                segmentation = diarizer.pipeline._segmentation
+                self._speech = ident.SpeechDetector(segmentation.model, self.device, step=segmentation.step)
             return self._speech
 
     def load_models(self) -> "Engine":

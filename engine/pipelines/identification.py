@@ -30,10 +30,16 @@ Regions = list[tuple[float, float]]
 class SpeechDetector:
     """Speech regions of a recording, from a pyannote segmentation model."""
 
-    def __init__(self, segmentation_model: Any, device: Any = None) -> None:
+    def __init__(self, segmentation_model: Any, device: Any = None, step: float | None = None) -> None:
         from pyannote.audio.pipelines import VoiceActivityDetection
 
-        self.pipeline = VoiceActivityDetection(segmentation=segmentation_model)
+        # ``step``: the hop (seconds) of the model's window, the diarization's own where given.
+        # pyannote's default, a tenth of the window, runs the model 2.5 times as often as the
+        # embedded diarization's 2.5 s for the same regions (5 min of four talkers: 272.4 s of
+        # speech against 271.3 s, 9.5 s against 3.8 s on two cores), and every /compare and
+        # /embedding now asks it about each whole file
+        kwargs = {} if step is None else {"step": step}
+        self.pipeline = VoiceActivityDetection(segmentation=segmentation_model, **kwargs)
         self.pipeline.instantiate({"min_duration_on": 0.0, "min_duration_off": 0.0})
         if device is not None:
             self.pipeline.to(device)
