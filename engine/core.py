@@ -349,8 +349,13 @@ class Engine:
         )
 
     def embedding_vector(self, source: AudioSource | Audio) -> tuple[np.ndarray, Audio]:
-        """The embedding of the recording's speech (what the speech detector hears, cut
-        together), or of the whole recording where it hears too little to embed (a tone, hum).
+        """The embedding of the recording's speech (``_embed_speech``), and the recording."""
+        audio = self.load(source)
+        return self._embed_speech(audio, self.speech_detector(audio)), audio
+
+    def _embed_speech(self, audio: Audio, regions: list[tuple[float, float]]) -> np.ndarray:
+        """The embedding of ``regions`` of the recording (what the speech detector heard, cut
+        together), or of the whole recording where they hold too little to embed (a tone, hum).
 
         Embedded whole, the pauses and the background were half of what CAM++ heard: 8 s of the
         same room noise around each of 120 LibriSpeech readers' utterances took the mean
@@ -358,12 +363,11 @@ class Engine:
         from 0.27 % to 5.2 % (two callers on one line, one hold music, sound alike); of their
         speech alone, 0.096 and 0.25 %, as without the noise (docs/models.md, "Verification
         threshold")."""
-        audio = self.load(source)
-        samples = ident.cut(audio, self.speech_detector(audio))
+        samples = ident.cut(audio, regions)
         # CAM++/ECAPA need a few hundred ms of frames; less carries no voice anyway
         if len(samples) < 0.5 * audio.sample_rate:
-            return self.embedder.embed(audio), audio
-        return self.embedder.embed(Audio(samples, audio.sample_rate)), audio
+            return self.embedder.embed(audio)
+        return self.embedder.embed(Audio(samples, audio.sample_rate))
 
     def embed(self, source: AudioSource | Audio, *, normalize: bool = True) -> EmbeddingResponse:
         started = time.perf_counter()
@@ -378,30 +382,22 @@ class Engine:
             model_device=self.model_device,
         )
 
-    def require_speech(self, audio: Audio, field: str) -> None:
-        """Refuse (422) a recording in which the speech detector hears no speech at all, before a
-        verification decides anything from it.
+    def require_speech(self, audio: Audio, field: str) -> list[tuple[float, float]]:
+        """The speech detector's regions of the recording, refused (422) when it hears no speech
+        at all, before a verification decides anything from it; the caller embeds those regions
+        (``_embed_speech``), so the detector runs once per file.
 
         A stationary sound has the same embedding whatever it is: mean-normalised filterbanks
         of a tone, mains hum or a DC offset are all zeros, so CAM++ gave 50 Hz hum and a 1 kHz
         tone a similarity of 1.000 and two recordings of -60 dBFS room noise 0.998, and /compare
         said same_speaker=true for two files without a voice in them. The detector (the one
         identification and enrollment use) finds none in those and all of a real utterance,
-        down to -75 dBFS. It is asked about the first 10 s, then twice as much each time up to
-        5 min a piece, and stops at the first speech: a recording that speaks early costs one
-        short pass (60 ms), only one that never speaks the whole detector (2.5 s a minute on
-        two cores)."""
-        samples, rate = audio.samples, audio.sample_rate
-        start, piece, total = 0, 10 * rate, len(samples)
-        while start < total:
-            end = min(total, start + piece)
-            if total - end < 10 * rate:  # no scrap shorter than the model's window on its own
-                end = total
-            if ident.seconds(self.speech_detector(Audio(samples[start:end], rate))) > 0:
-                return
-            start, piece = end, min(2 * piece, 300 * rate)
-        raise InputError(f"{field}: no speech detected in its {audio.duration:.1f} s: "
-                         "a voice cannot be verified from a recording without one")
+        down to -75 dBFS."""
+        regions = self.speech_detector(audio)
+        if ident.seconds(regions) <= 0:
+            raise InputError(f"{field}: no speech detected in its {audio.duration:.1f} s: "
+                             "a voice cannot be verified from a recording without one")
+        return regions
 
     def compare(
         self, first: AudioSource | Audio, second: AudioSource | Audio, *, threshold: float | None = None
@@ -410,10 +406,10 @@ class Engine:
         _check(CompareParams, threshold=threshold)
         started = time.perf_counter()
         audio_a, audio_b = self.load(first), self.load(second)
-        self.require_speech(audio_a, "file1")
-        self.require_speech(audio_b, "file2")
-        a, _ = self.embedding_vector(audio_a)
-        b, _ = self.embedding_vector(audio_b)
+        speech_a = self.require_speech(audio_a, "file1")
+        speech_b = self.require_speech(audio_b, "file2")
+        a = self._embed_speech(audio_a, speech_a)
+        b = self._embed_speech(audio_b, speech_b)
         return self._decision(cosine_similarity(a, b), threshold, started, audio_a.duration + audio_b.duration)
 
     def compare_embedding(
@@ -429,8 +425,7 @@ class Engine:
             raise InputError("stored embedding must be finite and not all zero")
         started = time.perf_counter()
         audio = self.load(source)
-        self.require_speech(audio, "audio")
-        vector, _ = self.embedding_vector(audio)
+        vector = self._embed_speech(audio, self.require_speech(audio, "audio"))
         return self._decision(cosine_similarity(vector, reference), threshold, started, audio.duration)
 
     def _decision(self, score: float, threshold: float, started: float, duration: float) -> CompareResponse:

@@ -185,8 +185,7 @@ def test_verification_of_recordings_without_a_voice_is_refused(engine) -> None:
 
 
 def test_speech_late_in_a_long_recording_is_still_found(engine) -> None:
-    """The detector is asked about growing pieces and stops at the first speech; a recording
-    that speaks only after 25 s of room noise is found speaking, not refused."""
+    """A recording that speaks only after 25 s of room noise is found speaking, not refused."""
     rng = np.random.default_rng(7)
     speech, rate = sf.read(UTTERANCES / "spk1_snt3.wav", dtype="float32")
     assert rate == SAMPLE_RATE
