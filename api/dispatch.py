@@ -317,7 +317,7 @@ class Dispatcher:
         the key the workers keep alive (worker/lifecycle.py, announce_queues), which lapses with
         the heartbeats (3 heartbeat intervals, as /health's). A worker still loading its models
         counts, one whose models failed to load does not."""
-        key = self.store.key("consumers", self.settings.queue_name)
+        key = self.store.consumers_key(self.settings.queue_name)
         if await self.store_async().exists(key):
             return True
         return await self._legacy_worker()

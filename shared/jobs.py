@@ -286,6 +286,13 @@ class JobStore:
     def _job_key(self, job_id: str) -> str:
         return self.key("job", job_id)
 
+    def consumers_key(self, queue: str) -> str:
+        """The key a queue's live workers keep up (worker/lifecycle.py, announce_queues) and the
+        API reads, as one EXISTS, before it takes a synchronous call (api/dispatch.py,
+        Dispatcher.has_worker): the per-worker heartbeats could only be found by a SCAN of every
+        key. Not under "worker:", which /health reads as heartbeats."""
+        return self.key("consumers", queue)
+
     # --- create / read ----------------------------------------------------------------------
     def create(self, record: JobRecord) -> JobRecord:
         now = time.time()

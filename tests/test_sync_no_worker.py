@@ -305,7 +305,7 @@ def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
 
     local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": False})
     store = JobStore.from_settings(local)
-    key = lifecycle.consumers_key(store, QUEUE)
+    key = store.consumers_key(QUEUE)
     store.redis.delete(key)
     sweeping = threading.Event()
 

@@ -115,13 +115,6 @@ def consumed_queues() -> list[str]:
     return sorted(current_app.amqp.queues.consume_from or ())
 
 
-def consumers_key(store: JobStore, queue: str) -> str:
-    # read by the API (api/dispatch.py, Dispatcher.has_worker) before it takes a synchronous
-    # call, as one EXISTS: the per-worker heartbeats could only be found by a SCAN of every key.
-    # Not under "worker:", which /health reads as heartbeats
-    return store.key("consumers", queue)
-
-
 def announce_queues(store: JobStore, info: dict[str, Any], ttl_s: float) -> None:
     """Keep alive one key per queue this worker consumes, with its heartbeat's lifetime: the key
     lives while any worker of the queue that can run its jobs heartbeats. A worker still loading
@@ -132,7 +125,7 @@ def announce_queues(store: JobStore, info: dict[str, Any], ttl_s: float) -> None
         return
     pipe = store.redis.pipeline(transaction=False)
     for queue in info.get("queues") or ():
-        pipe.set(consumers_key(store, queue), str(info.get("worker", "")), ex=max(1, int(ttl_s)))
+        pipe.set(store.consumers_key(queue), str(info.get("worker", "")), ex=max(1, int(ttl_s)))
     pipe.execute()
 
 
