@@ -284,10 +284,7 @@ def _probe(source: Source) -> AudioInfo | None:
 
 def _chained(source: Source) -> bool:
     if hasattr(source, "read"):
-        try:
-            return ogg_chained(source)  # type: ignore[arg-type]
-        finally:
-            source.seek(0)  # type: ignore[union-attr]
+        return ogg_chained(source)  # type: ignore[arg-type]  (it leaves the file at its start)
     with open(source, "rb") as fh:
         return ogg_chained(fh)
 
