@@ -170,3 +170,52 @@ def test_the_prefork_parent_leaves_cuda_to_its_pool_process():
     assert "parent initialised CUDA: False" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "child may use CUDA: True" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "after asking, child may use CUDA: False" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_a_gpu_worker_runs_jobs_on_its_card(worker, settings, short_sample, tmp_path):
+    """A GPU worker as deployed (prefork, one pool process, ``cuda:0``, a share of the card's
+    memory) takes a diarization and a comparison from the queue and answers them on its card.
+    No GPU here: the card is simulated on the CPU in tests/_simulated_cuda_worker.py, which
+    enforces CUDA's device rules (a host tensor next to a card's fails, as ``.numpy()`` of one
+    does); the worker, its pool, Redis, the job store, the models and the engine are real."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack, wait_until
+    from shared.jobs import JobStore
+    from tests.conftest import wait_for_job
+
+    queue = "audio-simulated-cuda"
+    store = JobStore.from_settings(settings)
+
+    def ready() -> list[dict]:
+        return [w for w in store.workers() if w["worker"].startswith("simcuda@") and w["diarization_model_loaded"]]
+
+    stack = Stack(log_dir=tmp_path)
+    try:
+        proc = stack.spawn("simcuda", [
+            sys.executable, "-m", "tests._simulated_cuda_worker", "--pool", "prefork", "--concurrency", "1",
+            "-Q", queue, "-n", "simcuda@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5"})
+        wait_until(lambda: bool(ready()), 180, "the simulated GPU worker", proc)
+        (info,) = ready()
+        assert info["model_device"] == "cuda:0" and not info.get("load_error")
+        local = settings.model_copy(update={"queue_name": queue})
+        audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
+        with TestClient(create_app(local), raise_server_exceptions=False) as client:
+            diarized = client.post("/jobs/diarize", files={"file": audio}).json()
+            compared = client.post("/jobs/compare", files={"file1": audio, "file2": audio}).json()
+            diarized = wait_for_job(client, diarized["job_id"], timeout_s=180)
+            compared = wait_for_job(client, compared["job_id"], timeout_s=180)
+        assert diarized["status"] == "succeeded", diarized
+        assert diarized["result"]["model_device"] == "cuda:0" and diarized["result"]["segments_count"] > 0
+        assert compared["status"] == "succeeded", compared
+        assert compared["result"]["model_device"] == "cuda:0"
+        assert compared["result"]["similarity_score"] > 0.99  # the same recording twice
+        log = (tmp_path / "simcuda.log").read_text(errors="replace")
+        assert "models loaded on cuda:0" in log, log[-3000:]
+        assert proc.poll() is None
+    finally:
+        stack.stop()
