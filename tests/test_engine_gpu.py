@@ -226,7 +226,8 @@ def test_a_cam_batch_out_of_gpu_memory_is_embedded_in_halves(caplog):
         halved = embed(short_of_memory)
     assert calls[0] > 3  # the first batch did not fit, its halves did
     assert "ran out of GPU memory" in caplog.text
-    np.testing.assert_allclose(halved, expected, rtol=1e-5, atol=1e-5)
+    # float32 products of another batch size (BLAS blocks them by shape): equal to 1e-4, not 1e-5
+    np.testing.assert_allclose(halved, expected, rtol=1e-4, atol=1e-4)
     assert np.isfinite(expected).any()
 
     def never(feats: torch.Tensor) -> torch.Tensor:
