@@ -149,8 +149,11 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
-async def get_job(job_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> dict[str, Any]:
-    return view(await dispatcher.aget(job_id, principal), base)
+async def get_job(job_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> Response:
+    record = await dispatcher.aget(job_id, principal)
+    # the body made and encoded off the event loop: a long diarization's result is megabytes
+    # (100,000 turns: 6 MB), and checking and encoding it there held every other request
+    return await run_in_threadpool(lambda: JSONResponse(view(record, base)))
 
 
 _RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -181,12 +184,18 @@ async def get_result(
     if record.status != SUCCEEDED or record.result is None:
         why = "no result yet" if not record.ended else f"it has no result (GET /jobs/{job_id} shows why)"
         raise JobConflict(f"job {job_id} is {record.status}: {why}")
+    # rendered and encoded off the event loop: 100,000 turns took 2.4 s as SubRip, and while a
+    # few clients fetched such a result the API answered nobody else (/health timed out)
+    return await run_in_threadpool(_render_result, kind, record, format, job_id)
+
+
+def _render_result(kind: JobKind, record: JobRecord, format: str, job_id: str) -> Response:  # noqa: A002
     if format == "json":
         return JSONResponse(record.result)
     spec = FORMATS[format]
     stem = file_stem(record.filename, job_id)
     return Response(
-        kind.render(record.result, format, uri=stem), media_type=spec.media_type,
+        kind.render(record.result or {}, format, uri=stem), media_type=spec.media_type,
         headers={"Content-Disposition": f'inline; filename="{stem}{spec.suffix}"'},
     )
 
