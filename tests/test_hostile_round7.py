@@ -8,6 +8,9 @@ Each test fails on the code before its fix:
   within its record (``GET /jobs/{id}``), was rendered and encoded on the API's event loop:
   100,000 turns took 2.4 s as SRT, and while four clients fetched it ``/health`` went unanswered
   past a 5 s timeout (every request of every client waited alike);
+* ``POST /jobs/batch`` takes every batch kind's parameters but each kind reads its own: another
+  kind's was dropped without a word, so ``kind=identify`` with diarization's
+  ``identification_threshold=0.9`` was queued (202) and run at the default threshold.
 """
 
 from __future__ import annotations
@@ -142,3 +145,31 @@ def test_a_format_of_a_long_result_renders_each_name_once():
     for render in (to_srt, to_webvtt, to_rttm):
         text = render(body)
         assert "\u202e" not in text and "AnnLee" in text
+
+
+# --- parameters a route takes but a kind does not ---------------------------------------------------
+
+@pytest.mark.parametrize("kind, field, value", [
+    ("identify", "identification_threshold", "0.9"),  # diarization's name for identify's threshold
+    ("diarize", "threshold", "0.5"),                  # identify's
+    ("embedding", "num_speakers", "2"),
+    ("embedding", "voiceprints", "all"),
+])
+def test_a_batch_refuses_a_parameter_of_another_kind(api, kind, field, value):
+    vector = b"[" + b"0.1," * 191 + b"0.1]"
+    voiceprint = api.post("/voiceprints/import", files={"file": ("v.json", vector, "application/json")},
+                          data={"label": "Ann", "model": "3d-speaker/campplus-cn-en-common"})
+    assert voiceprint.status_code == 201, voiceprint.text
+    before = api.get("/jobs").json()["count"]
+    r = api.post("/jobs/batch", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))],
+                 data={"kind": kind, field: value, **({"voiceprints": voiceprint.json()["id"]} if kind == "identify" else {})})
+    detail = _assert_documented(r, 422)["detail"]
+    assert detail.startswith(f"{field}: not a parameter of {kind} jobs"), detail
+    assert api.get("/jobs").json()["count"] == before  # nothing queued
+
+
+def test_a_batch_with_its_kinds_own_parameters_is_still_queued(api):
+    r = api.post("/jobs/batch", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))] * 2,
+                 data={"kind": "diarize", "num_speakers": "2", "exclusive": "true"})
+    assert r.status_code == 202, r.text
+    assert [j["status"] for j in r.json()["jobs"]] == ["queued", "queued"]
