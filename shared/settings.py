@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # set_per_process_memory_fraction), so two workers can share one GPU without one starving
     # the other; unset: no cap. PYTORCH_CUDA_ALLOC_CONF is torch's own and passes through as is.
     gpu_memory_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    # run pyannote's 30 s sample through diarization and a comparison once the models are loaded,
+    # so a worker's first job does not pay for what CUDA sets up on first use (cuDNN and cuBLAS
+    # handles, the kernels each model runs); None: on a GPU only (a CPU has little to set up)
+    model_warm_up: bool | None = None
 
     # --- diarization (embedded profile; tuned on real speech, see docs/models.md) -------------
     # the sliding window's hop as a share of its 10 s: 0.25 (2.5 s), each second seen by four

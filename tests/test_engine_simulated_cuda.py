@@ -91,10 +91,10 @@ def test_the_simulation_fails_where_a_card_would():
         assert device[torch.tensor([0, 2])].device.type == "cuda"  # so is indexing with host indices
 
 
-def test_a_diarization_on_the_card_is_the_cpus(conversation, cpu_engine, gpu_engine, monkeypatch):
+def _recording_devices(monkeypatch) -> tuple[list[bool], list[bool]]:
+    """Whether each segmentation batch and each CAM++ batch from here on is on the card."""
     from pyannote.audio.core.inference import Inference
 
-    from engine.audio import Audio
     from engine.models.campplus import CAMPPlusEmbedding
 
     segmented: list[bool] = []
@@ -111,6 +111,28 @@ def test_a_diarization_on_the_card_is_the_cpus(conversation, cpu_engine, gpu_eng
 
     monkeypatch.setattr(Inference, "infer", recording_infer)
     monkeypatch.setattr(CAMPPlusEmbedding, "embed_batch", recording_embed)
+    return segmented, embedded
+
+
+def test_a_gpu_engine_warms_its_models_up_when_it_loads(threads, monkeypatch):
+    """A fresh GPU worker's first job would pay for what CUDA sets up on first use; load_models
+    runs pyannote's sample through every model on the card first. A CPU engine does not."""
+    from engine.core import Engine
+    from shared.settings import Settings
+
+    segmented, embedded = _recording_devices(monkeypatch)
+    with simulated_cuda():
+        Engine(Settings(device="cuda", torch_threads=threads)).load_models()
+    assert segmented and all(segmented) and embedded and all(embedded)
+    segmented.clear(), embedded.clear()
+    Engine(Settings(device="cpu", torch_threads=threads)).load_models()
+    assert not segmented and not embedded
+
+
+def test_a_diarization_on_the_card_is_the_cpus(conversation, cpu_engine, gpu_engine, monkeypatch):
+    from engine.audio import Audio
+
+    segmented, embedded = _recording_devices(monkeypatch)
     for kwargs in ({}, {"num_speakers": 5}, {"exclusive": True}):
         with simulated_cuda():
             gpu = gpu_engine.diarize(Audio(conversation), **kwargs)

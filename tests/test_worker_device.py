@@ -215,7 +215,7 @@ def test_a_gpu_worker_runs_jobs_on_its_card(worker, settings, short_sample, tmp_
         assert compared["result"]["model_device"] == "cuda:0"
         assert compared["result"]["similarity_score"] > 0.99  # the same recording twice
         log = (tmp_path / "simcuda.log").read_text(errors="replace")
-        assert "models loaded on cuda:0" in log, log[-3000:]
+        assert "models warmed up on cuda:0" in log and "models loaded on cuda:0" in log, log[-3000:]
         assert proc.poll() is None
     finally:
         stack.stop()
