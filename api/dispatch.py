@@ -28,7 +28,7 @@ from api.errors import JobConflict, JobNotFound, StorageFull, StorageUnavailable
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
-from shared.formats import one_line
+from shared.formats import file_name, one_line
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id, new_job_id
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
@@ -511,7 +511,7 @@ def _first_filename(submission: Submission) -> str | None:
             if name in submission.audio:
                 # as a URL's name (filename_of): one line of printable text, at most 255 long; a
                 # client's "evil\u202evaw.exe" read as another name on the page and in listings
-                return one_line(submission.audio[name].filename or "")[:255] or None
+                return file_name(submission.audio[name].filename or "")
         if spec.name in submission.urls:
             return filename_of(submission.urls[spec.name])
     return None

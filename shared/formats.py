@@ -94,6 +94,15 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def file_name(text: str, limit: int = 255) -> str | None:
+    """A file name as a record shows it: one line of printable text (:func:`one_line`), at most
+    ``limit`` long, or None when nothing visible is left. A name of zero-width spaces, joiners or
+    a BOM alone (``"\u200b\ufeff"``) was kept and shown as a blank row in listings and on the
+    page, where a name-less job shows its id; voiceprint labels are refused for the same."""
+    name = one_line(text)[:limit]
+    return name if any(unicodedata.category(c)[0] in "LNPS" for c in name) else None
+
+
 def turns(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, str]]:
     """(start, end, speaker) of a diarization result body (or of its list of segments)."""
     segments = body.get("diarization_results", []) if isinstance(body, Mapping) else body

@@ -47,7 +47,7 @@ import httpx
 
 from shared.audio_limits import check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError
-from shared.formats import one_line
+from shared.formats import file_name
 from shared.outbound import MAX_MEDIA_URL_LENGTH, AddressNotAllowed, check_url, redact, transport
 from shared.settings import Settings
 from shared.storage import Storage, UploadTooLargeError
@@ -69,10 +69,9 @@ def filename_of(url: str) -> str | None:
     line of printable text: percent-decoding made ``%0a``, ``%1b`` and ``%e2%80%ae`` (a
     right-to-left override: "evil\u202evaw.exe" reads "evilexe.wav") into the name."""
     try:
-        name = one_line(unquote(urlsplit(url).path.rsplit("/", 1)[-1]))
+        return file_name(unquote(urlsplit(url).path.rsplit("/", 1)[-1]))
     except ValueError:
         return None
-    return name[:255] or None
 
 
 def _declares_not_audio(content_type: str) -> bool:

@@ -10,7 +10,10 @@ Each test fails on the code before its fix:
   past a 5 s timeout (every request of every client waited alike);
 * ``POST /jobs/batch`` takes every batch kind's parameters but each kind reads its own: another
   kind's was dropped without a word, so ``kind=identify`` with diarization's
-  ``identification_threshold=0.9`` was queued (202) and run at the default threshold.
+  ``identification_threshold=0.9`` was queued (202) and run at the default threshold;
+* an upload (or a URL's last path segment) named with nothing visible (zero-width spaces, a BOM,
+  joiners) was kept as the job's ``filename`` and shown as a blank row in listings and on the
+  page, which shows a job without a name by its id.
 """
 
 from __future__ import annotations
@@ -173,3 +176,26 @@ def test_a_batch_with_its_kinds_own_parameters_is_still_queued(api):
                  data={"kind": "diarize", "num_speakers": "2", "exclusive": "true"})
     assert r.status_code == 202, r.text
     assert [j["status"] for j in r.json()["jobs"]] == ["queued", "queued"]
+
+
+# --- names with nothing visible -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["\u200b\u200b\u200b", "\ufeff", "\u200d\u200c \u2060", "\u00a0\u3000"])
+def test_an_upload_named_with_nothing_visible_has_no_file_name(api, name):
+    """Shown as a blank row in listings and on the page (which shows a name-less job by its id),
+    as voiceprint labels of the same characters were before round 6 refused them."""
+    r = api.post("/jobs/diarize", files={"file": (name, _tiny_wav(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    assert r.json()["filename"] is None, repr(r.json()["filename"])
+    listed = api.get("/jobs", params={"limit": 1}).json()["jobs"][0]
+    assert listed["job_id"] == r.json()["job_id"] and listed["filename"] is None
+
+
+def test_names_with_something_visible_are_kept():
+    from shared.formats import file_name
+    from shared.url_input import filename_of
+
+    assert file_name("\u200bmeeting\u200b.wav") == "\u200bmeeting\u200b.wav"
+    assert file_name("会議.wav") == "会議.wav" and file_name("-") == "-"
+    assert filename_of("https://bucket.example.com/a/%E2%80%8B%EF%BB%BF?X-Amz-Signature=x") is None
+    assert filename_of("https://bucket.example.com/a/%E2%80%8Bm.wav") == "\u200bm.wav"
