@@ -23,7 +23,8 @@ import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
-    check_audio_limits, check_channels, check_mp4_edits, declared_duration, ogg_chained, probe, stream_channels,
+    check_audio_limits, check_channels, check_decode_work, check_mp4_edits, declared_duration, decode_work_factor,
+    ogg_chained, probe, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -184,6 +185,18 @@ class _Collector:
         self.loud = False
         self.max_duration = max_duration
         self.expected_s = expected_s  # what the header declared, when it declared a length
+        # what a second of the stream counts for (hold_to_work), and the stream it was set for
+        self.work_factor = 1.0
+        self.work_of: tuple[int, int] | None = None
+
+    def hold_to_work(self, rate: int, channels: int) -> None:
+        """The stream decoded is ``channels`` at ``rate``: past 8 x 48 kHz each of its seconds
+        counts for more of the limit (shared.audio_limits.decode_work_factor), so that a file whose
+        header declares no length costs no more to decode than one the header check refused.
+        A stream that changes its format is held to the costliest it took."""
+        factor = decode_work_factor(rate, channels)
+        if factor > self.work_factor:
+            self.work_factor, self.work_of = factor, (rate, channels)
 
     def _reserve(self, n: int) -> None:
         if self.ceiling is not None and self.size + n > self.ceiling < self.limit:
@@ -192,6 +205,12 @@ class _Collector:
             )
         if self.size + n > self.limit:
             raise AudioTooLongError(f"audio is longer than the limit of {self.max_duration:.0f} s")
+        if self.work_of is not None and (self.size + n) * self.work_factor > self.limit:
+            rate, channels = self.work_of
+            raise AudioTooLongError(
+                f"audio of {channels} channels at {rate} Hz is more to decode than {self.max_duration:.0f} s of "
+                "8-channel 48 kHz audio, the limit; mix it down to fewer channels or a lower sample rate first"
+            )
         if self.size + n > len(self.buffer):
             # the header under-estimated (a truncated MP3's frame count, no duration at all)
             grown = np.zeros(min(self.limit, max(2 * len(self.buffer), self.size + n)), dtype=STORAGE_DTYPE)
@@ -605,8 +624,11 @@ def _read_soundfile(
                 raise AudioTooLongError(
                     f"audio is {snd.frames / snd.samplerate:.0f} s long; the limit is {max_duration:.0f} s"
                 )
+            if not unknown:
+                check_decode_work(snd.frames / snd.samplerate, snd.samplerate, snd.channels, max_duration)
             rate = snd.samplerate
             out = _Collector(max_duration, None if unknown else snd.frames / rate)
+            out.hold_to_work(rate, snd.channels)
             # Long or wide input: down-mixed and resampled block by block so that only the 16 kHz
             # mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise take 1.4
             # GB as float32 before down-mixing, a 1 GB 64-channel one 5.5 GB); on several cores
@@ -777,6 +799,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     rate = frame.sample_rate
                     channels = max(1, len(frame.layout.channels))
                     check_channels(channels)  # a layout the header did not declare
+                    collected.hold_to_work(rate, channels)
                     # PyAV (18.1) counts a planar frame of 8 or more channels one plane too many,
                     # past AVFrame's 8 data pointers, and to_ndarray read through it: a 7.1 PCM
                     # Matroska killed the process (SIGSEGV). Those are converted interleaved (one

@@ -27,6 +27,35 @@ MAX_SAMPLE_RATE = 768_000
 # write up to 64 (MADI, a 64-channel Dante recorder), as MAX_STREAMS allows 64 streams; 64-channel
 # Opus decodes at a quarter of a second per second of audio
 MAX_CHANNELS = 64
+# The duration limit is also one of decoding work. Every channel is decoded at its own rate before
+# the down-mix to 16 kHz mono, so a second of audio costs the decoder its rate x channels in
+# samples: 8-channel 384 kHz FLAC took 49 ms of CPU per second of audio, 16 times 48 kHz stereo
+# (2.9 ms), and a day of it (a small upload where it is silent) took 70 min of a worker's CPU
+# where a day of a usual recording takes 4. A file may cost what the limit's length of the widest
+# common recording costs: 8 tracks at 48 kHz (multitrack podcast and meeting recorders), 17 min
+# of CPU for 24 h here; a file that is wider or faster is held to the same work (8-channel
+# 384 kHz: 3 h; 64 channels at 768 kHz: 11 min)
+WORK_SAMPLES_PER_S = 8 * 48_000
+
+
+def decode_work_factor(sample_rate: int | None, channels: int | None) -> float:
+    """How many seconds of the limit a second of this stream counts for (1 up to 8 x 48 kHz)."""
+    if not sample_rate or not channels:
+        return 1.0
+    return max(1.0, sample_rate * channels / WORK_SAMPLES_PER_S)
+
+
+def check_decode_work(duration: float, sample_rate: int | None, channels: int | None, max_duration: float,
+                      hint: str = "") -> None:
+    """Refuse (413) a file whose decoding is more work than ``max_duration`` of the widest common
+    recording (``WORK_SAMPLES_PER_S``), however short it is."""
+    factor = decode_work_factor(sample_rate, channels)
+    if factor > 1.0 and duration * factor > max_duration:
+        raise AudioTooLongError(
+            f"audio is {duration:.0f} s of {channels} channels at {sample_rate} Hz: decoding it is the work of "
+            f"{duration * factor:.0f} s of 8-channel 48 kHz audio, and the limit is {max_duration:.0f} s{hint}; "
+            "mix it down to fewer channels or a lower sample rate first"
+        )
 
 
 # libsndfile's frame count for a stream of unknown length is SF_COUNT_MAX (2**63 - 1); no real
@@ -327,9 +356,9 @@ def check_channels(channels: int | None) -> None:
 def check_audio_limits(
     source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
 ) -> AudioInfo | None:
-    """Refuse from the header alone what would tie a worker up for hours: too long, or a rate
-    so low that resampling multiplies it (413 / 415); and a rate or a channel count no recorder
-    makes (415)."""
+    """Refuse from the header alone what would tie a worker up for hours: too long, or too much
+    to decode for its length (so many channels at such a rate), or a rate so low that resampling
+    multiplies it (413 / 415); and a rate or a channel count no recorder makes (415)."""
     info = probe(source)
     if info is None:
         return None
@@ -340,6 +369,8 @@ def check_audio_limits(
         raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is above the maximum of {MAX_SAMPLE_RATE} Hz")
     if info.duration is not None and info.duration > max_duration:
         raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
+    if info.duration is not None:
+        check_decode_work(info.duration, info.sample_rate, info.channels, max_duration, hint)
     return info
 
 
