@@ -89,6 +89,28 @@ class Engine:
         except Exception:  # noqa: BLE001 - whatever fails here, the context does
             return False
 
+    def ran_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is this engine's GPU running out of memory (torch's allocator, or the
+        ``MemoryError`` pyannote makes of it), its cached blocks then handed back so that a next
+        attempt finds them. False on the CPU, where running out of memory is the kernel's OOM
+        killer, not an exception a job could wait out.
+
+        Segmentation and CAM++ batches are retried in halves where they run out
+        (``get_segmentations``, ``chunk_embeddings``); anything else that does (the recording's
+        upload, a speech detector's batch, the fbank) meets what the card's other tenants hold
+        at that moment, which the next attempt may not."""
+        if self.device.type != "cuda":
+            return False
+        seen: BaseException | None = exc
+        for _ in range(4):  # the error itself, or the one pyannote's MemoryError was raised from
+            if seen is None:
+                return False
+            if isinstance(seen, torch.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                return True
+            seen = seen.__cause__ or seen.__context__
+        return False
+
     @property
     def model_device(self) -> str:
         return device_label(self.device)

@@ -219,3 +219,56 @@ def test_a_gpu_worker_runs_jobs_on_its_card(worker, settings, short_sample, tmp_
         assert proc.poll() is None
     finally:
         stack.stop()
+
+
+def test_a_job_that_finds_the_gpu_out_of_memory_runs_again_when_there_is_room(worker, settings, short_sample,
+                                                                            tmp_path):
+    """Workers sharing a card (compose's shared-gpu profile) or a neighbour's peak can leave a job
+    without GPU memory where no batch can be halved; that failed as an internal error. It goes
+    back to the queue as a lost attempt now, and fails as the service's state (503) once it has
+    run out job_max_attempts times. No GPU here: the card is simulated and its running out of
+    memory is raised by tests/_cuda_oom_worker.py (torch's own OutOfMemoryError); the worker,
+    Redis, the job store and the engine are real."""
+    import sys
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack, wait_until
+    from shared.jobs import JobStore
+    from tests.conftest import wait_for_job
+
+    queue = "audio-cuda-oom"
+    count = tmp_path / "ooms"
+    count.write_text("0")
+    store = JobStore.from_settings(settings)
+
+    def ready() -> list[dict]:
+        return [w for w in store.workers() if w["worker"].startswith("cudaoom@") and w["diarization_model_loaded"]]
+
+    stack = Stack(log_dir=tmp_path)
+    try:
+        proc = stack.spawn("cudaoom", [
+            sys.executable, "-m", "tests._cuda_oom_worker", "--pool", "prefork", "--concurrency", "1",
+            "-Q", queue, "-n", "cudaoom@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "CUDA_OOM_FILE": str(count),
+                "AUDIO_ANALYSIS_MODEL_WARM_UP": "false"})
+        wait_until(lambda: bool(ready()), 180, "the simulated GPU worker", proc)
+        local = settings.model_copy(update={"queue_name": queue})
+        audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
+        with TestClient(create_app(local), raise_server_exceptions=False) as client:
+            count.write_text("1")
+            once = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                                timeout_s=180)
+            assert once["status"] == "succeeded", once
+            assert once["attempts"] == 2 and once["result"]["segments_count"] > 0
+            count.write_text("100")
+            always = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                                  timeout_s=180)
+        assert always["status"] == "failed", always
+        assert always["attempts"] == settings.job_max_attempts
+        assert always["error"]["status_code"] == 503 and "no memory left" in always["error"]["detail"], always
+        assert int(count.read_text()) == 100 - settings.job_max_attempts  # each attempt ran once
+        assert proc.poll() is None
+    finally:
+        stack.stop()

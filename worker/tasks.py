@@ -281,6 +281,21 @@ def _run_leased(
             log.error("job %s: the worker's storage is full: %s", job_id, exc)
             outcome = (FAILED, None, ProcessingError("the worker's storage is full; submit the job again later",
                                                      status_code=507))
+        elif _out_of_device_memory(exc):
+            # the card's memory was taken when the job needed it (workers sharing a card, a
+            # neighbour's peak): the job goes back to the queue as a lost attempt, to run when
+            # there is room, and fails as the service's state (503) once it has run out
+            # job_max_attempts times; never an internal error
+            if running.lost + 1 >= settings.job_max_attempts:
+                log.error("job %s: the GPU ran out of memory, attempt %d", job_id, attempt, exc_info=True)
+                outcome = (FAILED, None, ProcessingError(
+                    f"the GPU had no memory left for this job, {running.lost + 1} times; submit it again later",
+                    status_code=503))
+            else:
+                log.warning("job %s: the GPU ran out of memory; back to the queue", job_id, exc_info=True)
+                _enqueue(job_id, running.kind, running.queue)  # the message first, as for HandBack
+                jobs.requeue(job_id, attempt, lost=True)  # the upload stays for the next attempt
+                return {"job_id": job_id, "status": QUEUED}
         else:
             if not _device_works():
                 _exit_for_device(job_id)
@@ -338,6 +353,13 @@ def _end_process(status: int) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(status)
+
+
+def _out_of_device_memory(exc: BaseException) -> bool:
+    from engine.core import built_engine
+
+    engine = built_engine()
+    return engine is not None and engine.ran_out_of_memory(exc)
 
 
 def _device_works() -> bool:
