@@ -172,12 +172,14 @@ def test_the_prefork_parent_leaves_cuda_to_its_pool_process():
     assert "after asking, child may use CUDA: False" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
-def test_a_gpu_worker_runs_jobs_on_its_card(worker, settings, short_sample, tmp_path):
+@pytest.fixture(scope="module")
+def simulated_gpu_worker(worker, settings, tmp_path_factory):
     """A GPU worker as deployed (prefork, one pool process, ``cuda:0``, a share of the card's
-    memory) takes a diarization and a comparison from the queue and answers them on its card.
-    No GPU here: the card is simulated on the CPU in tests/_simulated_cuda_worker.py, which
-    enforces CUDA's device rules (a host tensor next to a card's fails, as ``.numpy()`` of one
-    does); the worker, its pool, Redis, the job store, the models and the engine are real."""
+    memory) on a card simulated on the CPU (tests/_simulated_cuda.py, which enforces CUDA's device
+    rules: a host tensor next to a card's fails, as ``.numpy()`` of one does), whose diarizations
+    run out of GPU memory as many times as the file it is given says (tests/_cuda_oom_worker.py).
+    No GPU here, which is what is simulated; the worker, its pool, Redis, the job store, the models
+    and the engine are real. Yields (a client of an API on its queue, the file, its log)."""
     import sys
 
     from fastapi.testclient import TestClient
@@ -185,90 +187,77 @@ def test_a_gpu_worker_runs_jobs_on_its_card(worker, settings, short_sample, tmp_
     from api.main import create_app
     from cli.launcher import Stack, wait_until
     from shared.jobs import JobStore
-    from tests.conftest import wait_for_job
 
     queue = "audio-simulated-cuda"
+    logs = tmp_path_factory.mktemp("simulated-gpu-worker")
+    count = logs / "ooms"
+    count.write_text("0")
     store = JobStore.from_settings(settings)
 
     def ready() -> list[dict]:
         return [w for w in store.workers() if w["worker"].startswith("simcuda@") and w["diarization_model_loaded"]]
 
-    stack = Stack(log_dir=tmp_path)
+    stack = Stack(log_dir=logs)
     try:
         proc = stack.spawn("simcuda", [
-            sys.executable, "-m", "tests._simulated_cuda_worker", "--pool", "prefork", "--concurrency", "1",
+            sys.executable, "-m", "tests._cuda_oom_worker", "--pool", "prefork", "--concurrency", "1",
             "-Q", queue, "-n", "simcuda@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5"})
+        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5",
+                "CUDA_OOM_FILE": str(count)})
         wait_until(lambda: bool(ready()), 180, "the simulated GPU worker", proc)
         (info,) = ready()
         assert info["model_device"] == "cuda:0" and not info.get("load_error")
         local = settings.model_copy(update={"queue_name": queue})
-        audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
-            diarized = client.post("/jobs/diarize", files={"file": audio}).json()
-            compared = client.post("/jobs/compare", files={"file1": audio, "file2": audio}).json()
-            diarized = wait_for_job(client, diarized["job_id"], timeout_s=180)
-            compared = wait_for_job(client, compared["job_id"], timeout_s=180)
-        assert diarized["status"] == "succeeded", diarized
-        assert diarized["result"]["model_device"] == "cuda:0" and diarized["result"]["segments_count"] > 0
-        assert compared["status"] == "succeeded", compared
-        assert compared["result"]["model_device"] == "cuda:0"
-        assert compared["result"]["similarity_score"] > 0.99  # the same recording twice
-        log = (tmp_path / "simcuda.log").read_text(errors="replace")
-        assert "models warmed up on cuda:0" in log and "models loaded on cuda:0" in log, log[-3000:]
-        assert proc.poll() is None
+            yield client, count, logs / "simcuda.log"
+        assert proc.poll() is None, "the worker's main process must outlive every job"
     finally:
         stack.stop()
 
 
-def test_a_job_that_finds_the_gpu_out_of_memory_runs_again_when_there_is_room(worker, settings, short_sample,
-                                                                            tmp_path):
+def test_a_gpu_worker_runs_jobs_on_its_card(simulated_gpu_worker, short_sample):
+    """It warms its models up when it loads them, then takes a diarization and a comparison from
+    the queue and answers them on its card."""
+    from tests.conftest import wait_for_job
+
+    client, _, log = simulated_gpu_worker
+    audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
+    diarized = client.post("/jobs/diarize", files={"file": audio}).json()
+    compared = client.post("/jobs/compare", files={"file1": audio, "file2": audio}).json()
+    diarized = wait_for_job(client, diarized["job_id"], timeout_s=180)
+    compared = wait_for_job(client, compared["job_id"], timeout_s=180)
+    assert diarized["status"] == "succeeded", diarized
+    assert diarized["result"]["model_device"] == "cuda:0" and diarized["result"]["segments_count"] > 0
+    assert compared["status"] == "succeeded", compared
+    assert compared["result"]["model_device"] == "cuda:0"
+    assert compared["result"]["similarity_score"] > 0.99  # the same recording twice
+    text = log.read_text(errors="replace")
+    assert "models warmed up on cuda:0" in text and "models loaded on cuda:0" in text, text[-3000:]
+
+
+def test_a_job_that_finds_the_gpu_out_of_memory_runs_again_when_there_is_room(simulated_gpu_worker, settings,
+                                                                            short_sample):
     """Workers sharing a card (compose's shared-gpu profile) or a neighbour's peak can leave a job
     without GPU memory where no batch can be halved; that failed as an internal error. It goes
     back to the queue as a lost attempt now, and fails as the service's state (503) once it has
-    run out job_max_attempts times. No GPU here: the card is simulated and its running out of
-    memory is raised by tests/_cuda_oom_worker.py (torch's own OutOfMemoryError); the worker,
-    Redis, the job store and the engine are real."""
-    import sys
-
-    from fastapi.testclient import TestClient
-
-    from api.main import create_app
-    from cli.launcher import Stack, wait_until
-    from shared.jobs import JobStore
+    run out job_max_attempts times. The running out is raised by tests/_cuda_oom_worker.py
+    (torch's own OutOfMemoryError)."""
     from tests.conftest import wait_for_job
 
-    queue = "audio-cuda-oom"
-    count = tmp_path / "ooms"
-    count.write_text("0")
-    store = JobStore.from_settings(settings)
-
-    def ready() -> list[dict]:
-        return [w for w in store.workers() if w["worker"].startswith("cudaoom@") and w["diarization_model_loaded"]]
-
-    stack = Stack(log_dir=tmp_path)
+    client, count, _ = simulated_gpu_worker
+    audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
     try:
-        proc = stack.spawn("cudaoom", [
-            sys.executable, "-m", "tests._cuda_oom_worker", "--pool", "prefork", "--concurrency", "1",
-            "-Q", queue, "-n", "cudaoom@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "CUDA_OOM_FILE": str(count),
-                "AUDIO_ANALYSIS_MODEL_WARM_UP": "false"})
-        wait_until(lambda: bool(ready()), 180, "the simulated GPU worker", proc)
-        local = settings.model_copy(update={"queue_name": queue})
-        audio = (short_sample.name, short_sample.read_bytes(), "audio/wav")
-        with TestClient(create_app(local), raise_server_exceptions=False) as client:
-            count.write_text("1")
-            once = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
-                                timeout_s=180)
-            assert once["status"] == "succeeded", once
-            assert once["attempts"] == 2 and once["result"]["segments_count"] > 0
-            count.write_text("100")
-            always = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
-                                  timeout_s=180)
+        count.write_text("1")
+        once = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                            timeout_s=180)
+        assert once["status"] == "succeeded", once
+        assert once["attempts"] == 2 and once["result"]["segments_count"] > 0
+        count.write_text("100")
+        always = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                              timeout_s=180)
         assert always["status"] == "failed", always
         assert always["attempts"] == settings.job_max_attempts
         assert always["error"]["status_code"] == 503 and "no memory left" in always["error"]["detail"], always
         assert int(count.read_text()) == 100 - settings.job_max_attempts  # each attempt ran once
-        assert proc.poll() is None
     finally:
-        stack.stop()
+        count.write_text("0")
