@@ -29,7 +29,7 @@ def conversation():
     from evaluation.longform import long_conversation
 
     samples, _ = long_conversation(2)
-    return samples[: 16000 * 45]
+    return samples[: 16000 * 30]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,33 @@ def threads():
     torch.set_num_threads(saved)
 
 
+def _recording_devices(patch: pytest.MonkeyPatch) -> tuple[list[bool], list[bool]]:
+    """Whether each segmentation batch and each CAM++ batch from here on is on the card."""
+    from pyannote.audio.core.inference import Inference
+
+    from engine.models.campplus import CAMPPlusEmbedding
+
+    segmented: list[bool] = []
+    embedded: list[bool] = []
+    infer, embed_batch = Inference.infer, CAMPPlusEmbedding.embed_batch
+
+    def recording_infer(self, chunks):
+        segmented.append(on_device(chunks))
+        return infer(self, chunks)
+
+    def recording_embed(self, feats):
+        embedded.append(on_device(feats))
+        return embed_batch(self, feats)
+
+    patch.setattr(Inference, "infer", recording_infer)
+    patch.setattr(CAMPPlusEmbedding, "embed_batch", recording_embed)
+    return segmented, embedded
+
+
 @pytest.fixture(scope="module")
 def cpu_engine(threads):
-    """The CPU engine with a GPU's batch sizes (engine.pipelines.embedded.budget_for)."""
+    """The CPU engine with a GPU's batch sizes (engine.pipelines.embedded.budget_for), and what
+    its models ran while they loaded."""
     from engine.core import Engine
     from engine.pipelines import embedded
     from shared.settings import Settings
@@ -50,20 +74,23 @@ def cpu_engine(threads):
     budget = embedded.budget_for(torch.device("cuda", 0))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(embedded, "budget_for", lambda device: budget)
-        return Engine(Settings(device="cpu", torch_threads=threads, segmentation_batch_size=256)).load_models()
+        loading = _recording_devices(patch)
+        engine = Engine(Settings(device="cpu", torch_threads=threads, segmentation_batch_size=256)).load_models()
+    return engine, loading
 
 
 @pytest.fixture(scope="module")
 def gpu_engine(threads):
+    """The engine on the simulated card, and what its models ran while they loaded."""
     from engine.core import Engine
+    from engine.models import campplus
     from shared.settings import Settings
 
-    from engine.models import campplus
-
-    with simulated_cuda():
+    with simulated_cuda(), pytest.MonkeyPatch.context() as patch:
+        loading = _recording_devices(patch)
         engine = Engine(Settings(device="cuda", torch_threads=threads)).load_models()
         assert engine.model_device == "cuda:0"
-    yield engine
+    yield engine, loading
     campplus._SHARED.pop("cuda:0", None)  # the simulated card's network is no other test's
 
 
@@ -91,49 +118,20 @@ def test_the_simulation_fails_where_a_card_would():
         assert device[torch.tensor([0, 2])].device.type == "cuda"  # so is indexing with host indices
 
 
-def _recording_devices(monkeypatch) -> tuple[list[bool], list[bool]]:
-    """Whether each segmentation batch and each CAM++ batch from here on is on the card."""
-    from pyannote.audio.core.inference import Inference
-
-    from engine.models.campplus import CAMPPlusEmbedding
-
-    segmented: list[bool] = []
-    embedded: list[bool] = []
-    infer, embed_batch = Inference.infer, CAMPPlusEmbedding.embed_batch
-
-    def recording_infer(self, chunks):
-        segmented.append(on_device(chunks))
-        return infer(self, chunks)
-
-    def recording_embed(self, feats):
-        embedded.append(on_device(feats))
-        return embed_batch(self, feats)
-
-    monkeypatch.setattr(Inference, "infer", recording_infer)
-    monkeypatch.setattr(CAMPPlusEmbedding, "embed_batch", recording_embed)
-    return segmented, embedded
-
-
-def test_a_gpu_engine_warms_its_models_up_when_it_loads(threads, monkeypatch):
+def test_a_gpu_engine_warms_its_models_up_when_it_loads(cpu_engine, gpu_engine):
     """A fresh GPU worker's first job would pay for what CUDA sets up on first use; load_models
     runs pyannote's sample through every model on the card first. A CPU engine does not."""
-    from engine.core import Engine
-    from shared.settings import Settings
-
-    segmented, embedded = _recording_devices(monkeypatch)
-    with simulated_cuda():
-        Engine(Settings(device="cuda", torch_threads=threads)).load_models()
+    segmented, embedded = gpu_engine[1]
     assert segmented and all(segmented) and embedded and all(embedded)
-    segmented.clear(), embedded.clear()
-    Engine(Settings(device="cpu", torch_threads=threads)).load_models()
-    assert not segmented and not embedded
+    assert cpu_engine[1] == ([], [])
 
 
 def test_a_diarization_on_the_card_is_the_cpus(conversation, cpu_engine, gpu_engine, monkeypatch):
     from engine.audio import Audio
 
+    (cpu_engine, _), (gpu_engine, _) = cpu_engine, gpu_engine
     segmented, embedded = _recording_devices(monkeypatch)
-    for kwargs in ({}, {"num_speakers": 5}, {"exclusive": True}):
+    for kwargs in ({}, {"num_speakers": 5}):
         with simulated_cuda():
             gpu = gpu_engine.diarize(Audio(conversation), **kwargs)
         assert gpu.model_device == "cuda:0"
@@ -153,6 +151,7 @@ def test_a_quiet_recording_and_one_over_the_upload_cap_on_the_card(conversation,
     from engine.audio import Audio
     from engine.pipelines import embedded
 
+    (cpu_engine, _), (gpu_engine, _) = cpu_engine, gpu_engine
     quiet = (conversation * 0.003).astype(np.float32)
     expected = _turns(cpu_engine.diarize(Audio(quiet)))
     with simulated_cuda():
@@ -164,7 +163,8 @@ def test_a_quiet_recording_and_one_over_the_upload_cap_on_the_card(conversation,
 def test_verification_and_voiceprints_on_the_card_are_the_cpus(conversation, cpu_engine, gpu_engine):
     from engine.audio import Audio
 
-    a, b = Audio(conversation[: 16000 * 15]), Audio(conversation[16000 * 25 :])
+    (cpu_engine, _), (gpu_engine, _) = cpu_engine, gpu_engine
+    a, b = Audio(conversation[: 16000 * 12]), Audio(conversation[16000 * 16 :])
     cpu_score = cpu_engine.compare(a, b).similarity_score
     cpu_vector = np.asarray(cpu_engine.embed(a).embedding)
     voiceprint = cpu_engine.enroll([a], label="first")
