@@ -19,6 +19,7 @@
 #   DEVICE_CHECK_STEPS="2 1b"      only these steps (a later session measuring what one run left out)
 #   DEVICE_CHECK_MINUTES="60"      the hour diarized by both engines (and 240: ours alone)
 #   DECODE_MINUTES="20"            the recording step 6 decodes (its encoding takes most of the step)
+#   PROFILE_MINUTES="10"           the speech step 4 profiles (1 in a rehearsal on a simulated card)
 #   DEVICE_CHECK_PYTHON=.venv/bin/python DEVICE_CHECK_DEVICE=cpu DEVICE_CHECK_MINUTES=2 DEVICE_CHECK_LONG=3
 #       a rehearsal here: no install, the project's own venv, the CPU
 #   DEVICE_CHECK_SIMULATED_CUDA=1 DEVICE_CHECK_DEVICE=cuda (with DEVICE_CHECK_PYTHON)
@@ -155,7 +156,8 @@ within 300 150 $PY -W ignore bench/service_hours.py --minutes "$MINUTES" --jobs 
 step "1b. ${MINUTES} min, this engine with TF32 for CAM++ (AUDIO_ANALYSIS_EMBEDDING_TF32): time and DER against step 1"
 AUDIO_ANALYSIS_EMBEDDING_TF32=true within 120 60 $PY -W ignore bench/diarization_vs_senko.py --minutes "$MINUTES" --only ours --device "$DEVICE"
 
-step "4. where the time goes: torch's profiler over 10 min of speech on $DEVICE, the worker's telemetry"
+export PROFILE_MINUTES=${PROFILE_MINUTES:-10}
+step "4. where the time goes: torch's profiler over ${PROFILE_MINUTES} min of speech on $DEVICE, the worker's telemetry"
 within 150 60 $PY -W ignore - <<'EOF'
 import json
 import os
@@ -170,7 +172,7 @@ from evaluation.longform import long_conversation
 from worker import telemetry
 
 engine = Engine(device=os.environ["DEVICE"]).load_models()
-samples, _ = long_conversation(10)
+samples, _ = long_conversation(float(os.environ["PROFILE_MINUTES"]))
 audio = Audio(samples.astype(np.float16))
 engine.diarize(audio)  # warm
 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
