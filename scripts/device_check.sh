@@ -68,6 +68,7 @@ if [ -n "${DEVICE_CHECK_PYTHON:-}" ]; then
     if [ "${DEVICE_CHECK_SIMULATED_CUDA:-}" = 1 ]; then
         # sitecustomize there starts the simulation in every interpreter, children included
         export PYTHONPATH="$PWD/tests/simulated_cuda_site:$PWD" AUDIO_ANALYSIS_SIMULATED_CUDA=1
+        export PROFILE_MINUTES=${PROFILE_MINUTES:-1}  # 10 min ran past step 4's limit here
         echo "a rehearsal on a simulated CUDA device (tests/_simulated_cuda.py): no figure below is a card's"
     fi
 else
