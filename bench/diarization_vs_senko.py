@@ -115,6 +115,8 @@ def run_ours(audio_path: str, device: str, threads: int | None, queue) -> None:
     turns = [(t.start, t.end, t.speaker) for t in result.diarization_results]
     queue.put({"elapsed_s": elapsed, "turns": turns, "device": engine.model_device,
                "threads": torch.get_num_threads(), "steps": {k: round(v - started, 2) for k, v in last.items()},
+               # what step 1b turns on through the environment: said, so a run it missed shows
+               "embedding_tf32": engine.settings.embedding_tf32,
                **_peaks(device)})
 
 
@@ -280,7 +282,9 @@ def main() -> None:
                        if "peak_gpu_mb" in r else "")
                 extra = f" steps={json.dumps(r['steps'])}" if r.get("steps") else ""
                 extra += f" fbank={r['fbank']}" if "fbank" in r else ""
-                print(f"[{device}] {name:<5} {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
+                extra += " embedding_tf32=on" if r.get("embedding_tf32") else ""
+                # the device the engine's models ran on, as it said (a card it could not use: the CPU)
+                print(f"[{device}] {name:<5} on {r['device']}: {r['elapsed_s']:7.1f} s  {duration / r['elapsed_s']:6.0f}x real time  "
                       f"DER {r['der']:.3f}  speakers {r['speakers']}/{len(reference.labels())}  "
                       f"peak_rss={r['peak_rss_mb']:.0f}MB{gpu} threads={r['threads']} "
                       f"OMP_WAIT_POLICY={r['omp_wait_policy'] or 'unset'}{extra}")
