@@ -17,7 +17,7 @@ from api.hosts import HostGate
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware, RequestFramingGate
 from api.metrics import build_registry
-from api.routes import analyses, jobs, ops, voiceprints, web
+from api.routes import analyses, jobs, ops, voiceprints, web, webhooks
 from shared import logs
 from shared.jobs import JobStore
 from shared.queue import make_celery
@@ -191,6 +191,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(jobs.batches)
     app.include_router(voiceprints.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -62,6 +62,20 @@ def check_secret(secret: str, *, allow_insecure: bool = False) -> None:
         )
 
 
+def signing_secret(secret: str, owner: str | None) -> str:
+    """The secret a job's deliveries are signed with: its API key's own where the service has
+    keys, the operator's ``secret`` where it has none (``owner`` None).
+
+    With one secret for every tenant, key A could submit a job whose webhook is key B's receiver
+    and have the service send it a correctly signed body of A's choosing (job id, file name,
+    result): a receiver that checks the signature, as it should, took it for one of B's own jobs.
+    Each key's secret is derived from the operator's and the key's owner digest (HMAC-SHA256), so
+    nothing per key is stored, and a key's holder reads it from ``GET /webhooks/secret``."""
+    if owner is None:
+        return secret
+    return hmac.new(secret.encode(), b"webhook-signing-secret:" + owner.encode(), hashlib.sha256).hexdigest()
+
+
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
     return f"sha256={mac.hexdigest()}"

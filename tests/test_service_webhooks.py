@@ -128,3 +128,40 @@ def test_webhook_payload_is_checked_and_needs_a_webhook(client, utterances, webh
     hits = _wait_for(lambda: len(webhook_receiver.for_path("/batch-status")) == 2
                      and webhook_receiver.for_path("/batch-status"), 60)
     assert all("result" not in json.loads(h["body"]) for h in hits)
+
+
+def test_each_api_key_has_its_deliveries_signed_with_a_secret_of_its_own(variant_app, utterances, webhook_receiver):
+    """With one secret for every tenant, key A could submit a job whose webhook is key B's receiver
+    and have the service send it a correctly signed body of A's choosing (job id, file name,
+    result). Each key's deliveries are now signed with its own secret (``GET /webhooks/secret``):
+    B's receiver, checking with B's secret, refuses A's delivery. Without keys, the operator's
+    secret signs, as the first test shows, and the API does not hand it out."""
+    key_a, key_b = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"
+    from pydantic import SecretStr
+
+    api = variant_app(api_keys=[SecretStr(key_a), SecretStr(key_b)])
+    secrets = {}
+    for name, key in (("a", key_a), ("b", key_b)):
+        r = api.get("/webhooks/secret", headers={"X-API-Key": key})
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-store", r.text
+        secrets[name] = r.json()["secret"]
+    assert len(set(secrets.values()) | {WEBHOOK_SECRET}) == 3
+    assert api.get("/webhooks/secret").status_code == 401
+
+    utterance = utterances["spk2"][0]
+    r = api.post("/jobs/embedding", headers={"X-API-Key": key_a},
+                 files={"file": (utterance.name, utterance.read_bytes(), "audio/wav")},
+                 data={"webhook_url": webhook_receiver.url("/tenant-b-receiver")})
+    assert r.status_code == 202, r.text
+    [hit] = _wait_for(lambda: webhook_receiver.for_path("/tenant-b-receiver"), 90)
+    timestamp, signature = hit["headers"]["X-AudioAnalysis-Timestamp"], hit["headers"]["X-AudioAnalysis-Signature"]
+    assert json.loads(hit["body"])["job_id"] == r.json()["job_id"]
+    assert webhooks.verify(secrets["a"], timestamp, hit["body"], signature)
+    assert not webhooks.verify(secrets["b"], timestamp, hit["body"], signature)
+    assert not webhooks.verify(WEBHOOK_SECRET, timestamp, hit["body"], signature)
+
+
+def test_without_api_keys_the_operators_secret_is_not_handed_out(client):
+    r = client.get("/webhooks/secret")
+    assert r.status_code == 404 and set(r.json()) == {"detail", "error_type", "timestamp"}, r.text
+    assert WEBHOOK_SECRET not in r.text

@@ -572,7 +572,8 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
 
     try:
         code = webhooks.post(
-            record.webhook_url, job_id, webhook_payload(record), settings.webhook_secret.get_secret_value(),
+            record.webhook_url, job_id, webhook_payload(record),
+            webhooks.signing_secret(settings.webhook_secret.get_secret_value(), record.owner),
             settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
             deadline_s=settings.webhook_deadline_s,
         )
