@@ -132,9 +132,17 @@ def test_a_diarization_on_the_card_is_the_cpus(conversation, cpu_engine, gpu_eng
     (cpu_engine, _), (gpu_engine, _) = cpu_engine, gpu_engine
     segmented, embedded = _recording_devices(monkeypatch)
     for kwargs in ({}, {"num_speakers": 5}):
+        reported: list[tuple[str, float]] = []
         with simulated_cuda():
-            gpu = gpu_engine.diarize(Audio(conversation), **kwargs)
+            gpu = gpu_engine.diarize(Audio(conversation), progress=lambda step, done: reported.append((step, done)),
+                                     **kwargs)
         assert gpu.model_device == "cuda:0"
+        # a batch of 256 chunks holds the whole recording: pyannote counted it as 256 chunks done
+        # of 9, and the job said 100 % before its embeddings, which then went unreported
+        fractions = [done for _, done in reported]
+        assert fractions == sorted(fractions) and fractions[-1] == 1.0, reported
+        assert max(done for step, done in reported if step == "segmentation") < 0.5, reported
+        assert any(step == "embeddings" and done < 1.0 for step, done in reported), reported
         assert segmented and all(segmented) and embedded and all(embedded), kwargs
         segmented.clear(), embedded.clear()
         cpu = cpu_engine.diarize(Audio(conversation), **kwargs)

@@ -239,7 +239,11 @@ class _ProgressHook:
         done_before = 0.0
         for name, weight in _STEP_WEIGHTS.items():
             if name == step_name:
-                frac = (completed / total) if total and completed is not None else 1.0
+                # pyannote's inference reports ``completed`` as the batches' starts plus a batch
+                # size, uncapped: with a GPU's batch of 256 chunks, a recording of fewer chunks
+                # said 100 % once segmentation was done, and the embeddings' progress, below
+                # that, was never reported
+                frac = min(1.0, completed / total) if total and completed is not None else 1.0
                 overall = min(1.0, done_before + weight * frac)
                 # report in 1 % steps: a callback may write to Redis
                 if overall - self.last >= 0.01 or overall >= 1.0:
