@@ -142,14 +142,18 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     booted = _state["booted"]
     while not stop.is_set():
         try:
+            # read before the info: a load that ends between the two would otherwise have its
+            # first heartbeat say loading, without its load_error (boot sets that before booted),
+            # and hold the queues' keys up for a worker that cannot run a job
+            loaded = booted.is_set()
             info = heartbeat_info()
             # the queues from the start, while the models load (a job taken then runs once they
             # are loaded); the heartbeat /health shows, and the passes below, once the load ended
             announce_queues(store, info, ttl_s=interval * 3)
-            if booted.is_set():
+            if loaded:
                 store.heartbeat(worker_name(), info, ttl_s=interval * 3)
             now = time.monotonic()
-            if booted.is_set() and (now >= next_recovery or now >= next_sweep):
+            if loaded and (now >= next_recovery or now >= next_sweep):
                 # the passes run in this thread: a sweep of a large or slow bucket can outlast the
                 # queues' keys, and the API would answer synchronous calls 503 meanwhile; held up
                 # for the passes, the keys go back to their lifetime after them
