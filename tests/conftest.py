@@ -352,6 +352,19 @@ def json_embedding_file(vector) -> bytes:
     return json.dumps([float(x) for x in vector]).encode()
 
 
+def tone_wav(seconds: float = 1.0) -> bytes:
+    """A 220 Hz tone as 16 kHz 16-bit WAV: audio that decodes, for requests refused before any model."""
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    t = np.arange(int(16000 * seconds)) / 16000
+    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def variant_app(client, settings):
     """Build a second in-process API with some settings changed (same Redis, same worker)."""

@@ -48,6 +48,8 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import tone_wav
+
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round5-key-0123456789"
 BUCKET = "round5-uploads"
@@ -58,18 +60,6 @@ QUEUE, WEBHOOK_QUEUE = "audio-round5", "webhooks-round5"  # nobody consumes them
 def _assert_error(r, status: int) -> None:
     assert r.status_code == status, (r.status_code, r.text)
     assert set(r.json()) == ERROR_KEYS, r.text
-
-
-def _tiny_wav(seconds: float = 1.0) -> bytes:
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    t = np.arange(int(16000 * seconds)) / 16000
-    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 # --- a bucket that can be slow or fail ----------------------------------------------------------
@@ -232,7 +222,7 @@ def _objects(bucket_proxy: BucketProxy, prefix: str = "") -> list[str]:
 
 
 def test_a_slow_bucket_never_freezes_the_api_during_a_cancel(s3_api, bucket):
-    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
     assert any(job_id in k for k in _objects(bucket)), "the upload is in the bucket"
@@ -263,7 +253,7 @@ def test_a_slow_bucket_never_freezes_the_api_during_a_cancel(s3_api, bucket):
 def test_a_failing_bucket_neither_fails_a_cancel_nor_loses_its_webhook(s3_api, bucket, settings):
     import redis
 
-    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")},
                     data={"webhook_url": "http://127.0.0.1:8080/hook"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
@@ -293,7 +283,7 @@ def test_a_cancels_webhook_is_owed_from_the_moment_of_the_cancel(api, settings):
     and the workers' recovery pass sends what passes its due time (test_hostile_round5_lifecycle)."""
     from shared.jobs import JobStore
 
-    r = api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+    r = api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")},
                  data={"webhook_url": "http://127.0.0.1:8080/hook"})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
@@ -312,7 +302,7 @@ def _with_rate(wav: bytes, rate: int) -> bytes:
 
 @pytest.mark.parametrize("what", ["empty", "1 Hz"])
 def test_a_refused_upload_is_its_4xx_while_the_bucket_fails(s3_api, bucket, what):
-    body = b"" if what == "empty" else _with_rate(_tiny_wav(), 1)
+    body = b"" if what == "empty" else _with_rate(tone_wav(), 1)
     bucket.failing = True
     try:
         r = s3_api.post("/jobs/embedding", files={"file": ("x.wav", body, "audio/wav")})
@@ -339,7 +329,7 @@ def _job_ids(api) -> set[str]:
 
 @pytest.mark.parametrize("cut", ["closing boundary", "last field's value", "last part's head", "after the file"])
 def test_a_form_cut_short_is_refused_not_run_without_its_last_part(api, cut):
-    wav = _tiny_wav()
+    wav = tone_wav()
     whole = _form([("file", "a.wav", wav), ("num_speakers", None, b"3")])
     body = {
         "closing boundary": whole[:-len(b"--BB--\r\n")],  # every part whole, the end never said
@@ -363,7 +353,7 @@ def test_a_form_cut_short_is_refused_not_run_without_its_last_part(api, cut):
 def test_a_content_length_shorter_than_the_form_is_refused(api):
     """What a client (or a proxy) that miscounted sends: the server reads as many bytes as the
     head says, and the form they hold ends early."""
-    body = _form([("file", "a.wav", _tiny_wav()), ("num_speakers", None, b"3")])
+    body = _form([("file", "a.wav", tone_wav()), ("num_speakers", None, b"3")])
     declared = len(body) - 12  # the closing boundary and the CRLF before it, left outside
     head = (f"POST /jobs/diarize HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Length: {declared}\r\n"
             "Content-Type: multipart/form-data; boundary=BB\r\n\r\n").encode()
@@ -445,7 +435,7 @@ def short_api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
 
 
 def test_a_batch_holds_each_file_to_the_duration_limit_not_their_sum(short_api):
-    two_s = _tiny_wav(2.0)
+    two_s = tone_wav(2.0)
     files = [("files", (f"{i}.wav", two_s, "audio/wav")) for i in range(3)]
     r = short_api.post("/jobs/batch", data={"kind": "embedding"}, files=files)
     # 413 before: "the job's audio files are 6 s long together; the limit is 3 s", for three
@@ -458,7 +448,7 @@ def test_a_batch_holds_each_file_to_the_duration_limit_not_their_sum(short_api):
     # a file past the limit on its own still refuses the whole batch, before any job exists
     before = _job_ids(short_api)
     r = short_api.post("/jobs/batch", data={"kind": "embedding"},
-                       files=[("files", ("ok.wav", two_s, "audio/wav")), ("files", ("long.wav", _tiny_wav(4.0), "audio/wav"))])
+                       files=[("files", ("ok.wav", two_s, "audio/wav")), ("files", ("long.wav", tone_wav(4.0), "audio/wav"))])
     _assert_error(r, 413)
     assert _job_ids(short_api) == before
 
@@ -471,7 +461,7 @@ def test_uploads_into_a_slow_bucket_do_not_hold_every_other_request(s3_api, buck
 
     import httpx
 
-    wav = _tiny_wav()
+    wav = tone_wav()
     r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", wav, "audio/wav")})
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
@@ -512,7 +502,7 @@ def test_synchronous_calls_waiting_for_a_worker_leave_the_api_its_core(api):
     import httpx
 
     waiting = 200
-    wav = _tiny_wav(0.5)
+    wav = tone_wav(0.5)
     pid = api.proc.pid
 
     async def run() -> tuple[float, int]:
@@ -640,7 +630,7 @@ def test_more_polls_at_once_than_redis_connections_wait_instead_of_failing_the_c
 
     api, proxy = slow_redis_api
     waiting = 150  # more than the asyncio client's 100 connections
-    wav = _tiny_wav(0.5)
+    wav = tone_wav(0.5)
     store = redis.Redis.from_url(settings.redis_url, decode_responses=True)  # straight, not through the proxy
 
     def sync_jobs() -> list[dict[str, Any]]:
@@ -688,7 +678,7 @@ def test_a_synchronous_call_answered_503_leaves_no_job_to_run_for_nobody(fresh_s
     import redis
 
     api, proxy = fresh_slow_redis_api
-    wav = _tiny_wav(0.5)
+    wav = tone_wav(0.5)
     store = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     # every connection the API needs for a submission and a cancel, opened now (the poll's own
     # asyncio connections come with the first synchronous call's wait)
@@ -748,7 +738,7 @@ def test_no_file_handle_left_is_a_503_to_retry_not_a_400(service_env, settings, 
         assert api.get("/health").status_code == 200
         # and the handles came back: a batch within them goes through
         r = api.post("/jobs/batch", data={"kind": "embedding"},
-                     files=[("files", (f"{i}.wav", _tiny_wav(), "audio/wav")) for i in range(3)])
+                     files=[("files", (f"{i}.wav", tone_wav(), "audio/wav")) for i in range(3)])
         assert r.status_code == 202, r.text
 
 
@@ -763,12 +753,12 @@ def test_a_full_disk_for_the_forms_temporary_files_is_a_507_not_a_400(service_en
     try:
         with _uvicorn_api(service_env, settings, _logs(tmp_path), TMPDIR=str(spool),
                           AUDIO_ANALYSIS_STORAGE_DIR=str(tmp_path / "uploads")) as api:
-            r = api.post("/jobs/embedding", files={"file": ("big.wav", _tiny_wav(40.0), "audio/wav")})
+            r = api.post("/jobs/embedding", files={"file": ("big.wav", tone_wav(40.0), "audio/wav")})
             # 400 "There was an error parsing the body" before
             _assert_error(r, 507)
             assert r.headers["Retry-After"] == "30"
             # an upload the spool holds in memory still goes through
-            r = api.post("/jobs/embedding", files={"file": ("small.wav", _tiny_wav(1.0), "audio/wav")})
+            r = api.post("/jobs/embedding", files={"file": ("small.wav", tone_wav(1.0), "audio/wav")})
             assert r.status_code == 202, r.text
     finally:
         subprocess.run(["umount", str(spool)], check=False)
@@ -828,7 +818,7 @@ def test_a_record_lost_by_the_store_during_a_synchronous_call_is_a_503(api, sett
         return None
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        call = pool.submit(api.post, "/embedding", files={"file": ("evicted.wav", _tiny_wav(), "audio/wav")})
+        call = pool.submit(api.post, "/embedding", files={"file": ("evicted.wav", tone_wav(), "audio/wav")})
         deadline = time.monotonic() + 30
         while (key := record_key()) is None:
             assert time.monotonic() < deadline, "the synchronous call never made its job"
@@ -859,14 +849,14 @@ def test_a_bucket_refusing_uploads_is_a_503_to_retry_not_a_500(s3_api, bucket):
     before = _job_ids(s3_api)
     bucket.failing_puts = True
     try:
-        r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+        r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")})
     finally:
         bucket.failing_puts = False
     # 500 "internal server error" before
     _assert_error(r, 503)
     assert r.json()["error_type"] == "ModelError" and r.headers["Retry-After"] == "30"
     assert _job_ids(s3_api) == before, "a job without its upload"
-    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    r = s3_api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")})
     assert r.status_code == 202, r.text
     s3_api.post(f"/jobs/{r.json()['job_id']}/cancel")
 
@@ -910,7 +900,7 @@ def test_a_page_of_another_site_cannot_plant_a_voiceprint_or_queue_jobs(open_api
         # name a speaker "Mallory"
         r = plant("Mallory", headers)
         _assert_error(r, 403)
-        r = open_api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+        r = open_api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", tone_wav(), "audio/wav")})
         _assert_error(r, 403)
     assert "Mallory" not in labels()
     assert _job_ids(open_api) == before
@@ -919,7 +909,7 @@ def test_a_page_of_another_site_cannot_plant_a_voiceprint_or_queue_jobs(open_api
         r = plant(label, headers)
         assert r.status_code == 201, r.text
         assert open_api.delete(f"/voiceprints/{r.json()['id']}", headers=headers).status_code == 204
-    r = open_api.post("/jobs/embedding", headers=FROM_THE_PAGE, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    r = open_api.post("/jobs/embedding", headers=FROM_THE_PAGE, files={"file": ("a.wav", tone_wav(), "audio/wav")})
     assert r.status_code == 202, r.text
     assert open_api.post(f"/jobs/{r.json()['job_id']}/cancel", headers=FROM_ANOTHER_SITE).status_code == 403
     assert open_api.post(f"/jobs/{r.json()['job_id']}/cancel", headers=FROM_THE_PAGE).status_code == 200

@@ -33,22 +33,12 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import tone_wav
+
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round6-key-0123456789"
 PREFIX = "aa-round6"
 QUEUE, WEBHOOK_QUEUE = "audio-round6", "webhooks-round6"  # nobody consumes them: jobs stay queued
-
-
-def _tiny_wav(seconds: float = 1.0) -> bytes:
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    t = np.arange(int(16000 * seconds)) / 16000
-    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +182,7 @@ def test_a_compressed_body_is_refused_as_such_and_never_inflated(api, encoding):
 
 
 def test_an_identity_encoded_upload_and_a_body_less_request_still_pass(api):
-    r = api.post("/jobs/embedding", files={"file": ("a.wav", _tiny_wav(), "audio/wav")},
+    r = api.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")},
                  headers={"Content-Encoding": "identity"})
     assert r.status_code == 202, r.text
     assert api.get("/jobs", headers={"Content-Encoding": "gzip"}).status_code == 200
@@ -220,7 +210,7 @@ def test_a_page_of_another_origin_is_refused_by_its_origin_where_the_browser_sen
     headers = {"Origin": origin.format(port=api.port)}
     r = api.post("/voiceprints/import", headers=headers, files={"file": VECTOR}, data={"label": "Mallory", "model": MODEL})
     assert r.status_code == 403 and set(r.json()) == ERROR_KEYS, (r.status_code, r.text)
-    r = api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", _tiny_wav(), "audio/wav")})
+    r = api.post("/jobs/embedding", headers=headers, files={"file": ("a.wav", tone_wav(), "audio/wav")})
     assert r.status_code == 403, r.text
     assert "Mallory" not in {vp["label"] for vp in api.get("/voiceprints").json()["voiceprints"]}
     # the page of this very origin, and clients that send no Origin, go on as before
@@ -244,7 +234,7 @@ def test_a_label_with_nothing_visible_is_refused_at_enrolment_and_import(api, la
     r = api.post("/voiceprints/import", files={"file": ("v.json", document, "application/json")})
     assert r.status_code == 422, r.text
     # enrolment says so before any worker is asked (none consumes this API's queue)
-    r = api.post("/voiceprints", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))], data={"label": label})
+    r = api.post("/voiceprints", files=[("files", ("a.wav", tone_wav(), "audio/wav"))], data={"label": label})
     assert r.status_code == 422 and "label" in r.json()["detail"], r.text
     assert api.get("/voiceprints").json()["count"] == 0
 

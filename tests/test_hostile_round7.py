@@ -25,22 +25,12 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.conftest import tone_wav
+
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round7-key-0123456789"
 PREFIX = "aa-round7"
 QUEUE, WEBHOOK_QUEUE = "audio-round7", "webhooks-round7"  # nobody consumes them: jobs stay queued
-
-
-def _tiny_wav(seconds: float = 1.0) -> bytes:
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    t = np.arange(int(16000 * seconds)) / 16000
-    sf.write(buf, (np.sin(2 * np.pi * 220 * t) * 8000).astype(np.int16), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +154,7 @@ def test_a_batch_refuses_a_parameter_of_another_kind(api, kind, field, value):
                           data={"label": "Ann", "model": "3d-speaker/campplus-cn-en-common"})
     assert voiceprint.status_code == 201, voiceprint.text
     before = api.get("/jobs").json()["count"]
-    r = api.post("/jobs/batch", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))],
+    r = api.post("/jobs/batch", files=[("files", ("a.wav", tone_wav(), "audio/wav"))],
                  data={"kind": kind, field: value, **({"voiceprints": voiceprint.json()["id"]} if kind == "identify" else {})})
     detail = _assert_documented(r, 422)["detail"]
     assert detail.startswith(f"{field}: not a parameter of {kind} jobs"), detail
@@ -172,7 +162,7 @@ def test_a_batch_refuses_a_parameter_of_another_kind(api, kind, field, value):
 
 
 def test_a_batch_with_its_kinds_own_parameters_is_still_queued(api):
-    r = api.post("/jobs/batch", files=[("files", ("a.wav", _tiny_wav(), "audio/wav"))] * 2,
+    r = api.post("/jobs/batch", files=[("files", ("a.wav", tone_wav(), "audio/wav"))] * 2,
                  data={"kind": "diarize", "num_speakers": "2", "exclusive": "true"})
     assert r.status_code == 202, r.text
     assert [j["status"] for j in r.json()["jobs"]] == ["queued", "queued"]
@@ -184,7 +174,7 @@ def test_a_batch_with_its_kinds_own_parameters_is_still_queued(api):
 def test_an_upload_named_with_nothing_visible_has_no_file_name(api, name):
     """Shown as a blank row in listings and on the page (which shows a name-less job by its id),
     as voiceprint labels of the same characters were before round 6 refused them."""
-    r = api.post("/jobs/diarize", files={"file": (name, _tiny_wav(), "audio/wav")})
+    r = api.post("/jobs/diarize", files={"file": (name, tone_wav(), "audio/wav")})
     assert r.status_code == 202, r.text
     assert r.json()["filename"] is None, repr(r.json()["filename"])
     listed = api.get("/jobs", params={"limit": 1}).json()["jobs"][0]

@@ -86,16 +86,32 @@ def test_a_cuda_workers_job_is_measured_before_cuda_is_up():
     assert peak["peak_memory_mb"] == 0.0
 
 
+def _prefork_worker(stack, store, module: str, name: str, queue: str, env: dict[str, str]) -> tuple[object, dict]:
+    """``python -m <module>`` as a GPU worker is run (prefork, one pool process) on ``queue``,
+    once its pool process has loaded the models; (its process, its heartbeat)."""
+    import sys
+
+    from cli.launcher import wait_until
+
+    def ready() -> list[dict]:
+        return [w for w in store.workers() if w["worker"].startswith(f"{name}@") and w["diarization_model_loaded"]]
+
+    proc = stack.spawn(name, [
+        sys.executable, "-m", module, "--pool", "prefork", "--concurrency", "1",
+        "-Q", queue, "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+    ], env=env)
+    wait_until(lambda: bool(ready()), 180, f"the {name} worker", proc)
+    return proc, ready()[0]
+
+
 def test_a_sticky_cuda_failure_ends_the_process_and_the_job_runs_again(worker, settings, short_sample, tmp_path):
     """A CUDA context that failed (device-side assert, illegal memory access) fails every later
     call of its process: the job must not be failed and the worker must not go on failing jobs.
     No GPU here: the failure is simulated in tests/_cuda_fault_worker.py, the rest is real."""
-    import sys
-
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from cli.launcher import Stack, wait_until
+    from cli.launcher import Stack
     from shared.jobs import JobStore
     from tests.conftest import wait_for_job
     from worker.tasks import DEVICE_LOST_EXIT
@@ -103,17 +119,10 @@ def test_a_sticky_cuda_failure_ends_the_process_and_the_job_runs_again(worker, s
     queue = "audio-cuda-fault"
     marker = tmp_path / "faulted"
     store = JobStore.from_settings(settings)
-
-    def children() -> list[dict]:
-        return [w for w in store.workers() if w["worker"].startswith("cudafault@") and w["diarization_model_loaded"]]
-
     stack = Stack(log_dir=tmp_path)
     try:
-        proc = stack.spawn("cudafault", [
-            sys.executable, "-m", "tests._cuda_fault_worker", "--pool", "prefork", "--concurrency", "1",
-            "-Q", queue, "-n", "cudafault@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ], env={"CUDA_FAULT_MARKER": str(marker)})
-        wait_until(lambda: bool(children()), 180, "prefork worker", proc)
+        proc, _ = _prefork_worker(stack, store, "tests._cuda_fault_worker", "cudafault", queue,
+                                  {"CUDA_FAULT_MARKER": str(marker)})
         local = settings.model_copy(update={"queue_name": queue})
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
             job = client.post("/jobs/diarize", files={"file": (short_sample.name, short_sample.read_bytes(),
@@ -180,12 +189,10 @@ def simulated_gpu_worker(worker, settings, tmp_path_factory):
     run out of GPU memory as many times as the file it is given says (tests/_cuda_oom_worker.py).
     No GPU here, which is what is simulated; the worker, its pool, Redis, the job store, the models
     and the engine are real. Yields (a client of an API on its queue, the file, its log)."""
-    import sys
-
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from cli.launcher import Stack, wait_until
+    from cli.launcher import Stack
     from shared.jobs import JobStore
 
     queue = "audio-simulated-cuda"
@@ -193,19 +200,10 @@ def simulated_gpu_worker(worker, settings, tmp_path_factory):
     count = logs / "ooms"
     count.write_text("0")
     store = JobStore.from_settings(settings)
-
-    def ready() -> list[dict]:
-        return [w for w in store.workers() if w["worker"].startswith("simcuda@") and w["diarization_model_loaded"]]
-
     stack = Stack(log_dir=logs)
     try:
-        proc = stack.spawn("simcuda", [
-            sys.executable, "-m", "tests._cuda_oom_worker", "--pool", "prefork", "--concurrency", "1",
-            "-Q", queue, "-n", "simcuda@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ], env={"AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5",
-                "CUDA_OOM_FILE": str(count)})
-        wait_until(lambda: bool(ready()), 180, "the simulated GPU worker", proc)
-        (info,) = ready()
+        proc, info = _prefork_worker(stack, store, "tests._cuda_oom_worker", "simcuda", queue, {
+            "AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5", "CUDA_OOM_FILE": str(count)})
         assert info["model_device"] == "cuda:0" and not info.get("load_error")
         local = settings.model_copy(update={"queue_name": queue})
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
