@@ -40,6 +40,8 @@ _CROSS_DEVICE = {_T.to, _T.cuda, _T.cpu, _T.copy_, _T.__getitem__, _T.__setitem_
 # in-place calls that change a tensor's shape: the wrapper's shape would no longer be its data's
 _RESHAPING = {_T.resize_, _T.resize_as_, _T.set_, _T.unsqueeze_, _T.squeeze_, _T.t_, _T.transpose_,
               _T.as_strided_, _T.swapdims_, _T.swapaxes_}
+# ... of which these only re-view the same data, and are answered with a new wrapper
+_SELF_RESHAPING = {_T.unsqueeze_, _T.squeeze_, _T.t_, _T.transpose_, _T.swapdims_, _T.swapaxes_}
 
 
 class SimulatedCudaTensor(torch.Tensor):
@@ -117,6 +119,11 @@ def _call(func, args, kwargs):
                 f"{tuple(host[0].shape)})"
             )
     if on_device and func in _RESHAPING:
+        if func in _SELF_RESHAPING and _is_device(args[0]):
+            # the data takes its new shape; a new wrapper carries it (``x = x.unsqueeze_(1)``, as
+            # code writes it: code that kept using the old object would see its old shape)
+            func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+            return SimulatedCudaTensor(args[0].elem)
         raise NotImplementedError(f"simulated CUDA: {func.__name__} on a device tensor")
     if func in (_T.numpy, _T.__array__) and on_device:
         # torch's own message on a card
@@ -151,6 +158,23 @@ def _call(func, args, kwargs):
         return value
 
     return tree_map(wrap, out)
+
+
+_REAL_VMAP = torch.vmap
+
+
+def _vmap(func, *args, **kwargs):
+    mapped = _REAL_VMAP(func, *args, **kwargs)
+
+    def run(*inputs, **named):
+        on_card = any(_is_device(t) for t in tree_leaves((inputs, named)))
+        out = mapped(*tree_map(_unwrap, inputs), **tree_map(_unwrap, named))
+        if not on_card:
+            return out
+        return tree_map(lambda v: SimulatedCudaTensor(v) if isinstance(v, torch.Tensor) and not _is_device(v) else v,
+                        out)
+
+    return run
 
 
 def _unwrap(value: Any) -> Any:
@@ -198,6 +222,9 @@ def simulated_cuda() -> Iterator[None]:
         # LSTM.flatten_parameters packs a card's weights for cuDNN (a CUDA-only operator) when
         # cuDNN accepts them; unpacked, the LSTM runs the same
         mock.patch("torch.backends.cudnn.is_acceptable", lambda tensor: False),
+        # torch.vmap batches its function's operations in C++ (functorch), past the Python level
+        # where a wrapper is seen: mapped over the data, the result back on the card
+        mock.patch("torch.vmap", _vmap),
     ]
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     # Module.to assigns a moved parameter's data to the old Parameter object (``param.data =``),

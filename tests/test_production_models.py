@@ -367,6 +367,34 @@ def test_loaders_put_models_on_cuda(model_dir, no_network) -> None:
     assert next(pipeline._embedding.model_.parameters()).device == device
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real CUDA device is present")
+def test_the_production_profile_runs_on_a_simulated_card(engine, model_dir, no_network, sample_wav, utterances,
+                                                         tmp_path) -> None:
+    """pyannote 3.1's pipeline (segmentation-3.0, WeSpeaker's ResNet and its vmapped fbank) and
+    SpeechBrain's ECAPA on a GPU give the CPU's answers. No GPU here: the card is simulated on
+    the CPU (tests/_simulated_cuda.py), which enforces CUDA's device rules; a card's speed and
+    numerics are tests/test_engine_gpu.py's."""
+    import soundfile as sf
+
+    from engine.core import Engine
+    from tests._simulated_cuda import simulated_cuda
+
+    audio, rate = sf.read(sample_wav, dtype="int16")
+    clip = tmp_path / "sample_6s.wav"
+    sf.write(clip, audio[: 6 * rate], rate, subtype="PCM_16")
+    same, other = utterances["spk1"][0], utterances["spk2"][0]
+    cpu_turns = [(t.start, t.end, t.speaker) for t in engine.diarize(clip).diarization_results]
+    cpu_score = engine.compare(same, other).similarity_score
+    with simulated_cuda():
+        card = Engine(Settings(model_profile="production", model_dir=model_dir[0], device="cuda",
+                               model_warm_up=False))
+        diarized = card.diarize(clip)
+        compared = card.compare(same, other)
+    assert diarized.model_device == compared.model_device == "cuda:0"
+    assert [(t.start, t.end, t.speaker) for t in diarized.diarization_results] == cpu_turns
+    assert compared.similarity_score == pytest.approx(cpu_score, abs=1e-4)
+
+
 @pytest.mark.parametrize("loader", ["diarization", "ecapa"])
 def test_empty_model_dir_offline_is_a_model_error(tmp_path, no_network, loader) -> None:
     settings = Settings(model_profile="production", model_dir=tmp_path)
