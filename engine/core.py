@@ -37,6 +37,10 @@ from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+# the least speech a voice is embedded from: CAM++/ECAPA need a few hundred ms of frames, and
+# less carries no voice anyway
+MIN_EMBEDDED_S = 0.5
+
 
 def _check(params: type[Params], **values: object) -> Params:
     # the engine is an edge too (CLI, benches, tests): the same models the API validates with
@@ -310,8 +314,7 @@ class Engine:
             regions = self.speech_detector(audio)
         samples = ident.cut(audio, regions, max_s)
         speech_s = len(samples) / audio.sample_rate
-        # CAM++/ECAPA need a few hundred ms of frames; less carries no voice anyway
-        if speech_s < 0.5:
+        if speech_s < MIN_EMBEDDED_S:
             return None, round(speech_s, 3)
         return ident.unit(self.embedder.embed(Audio(samples))), round(speech_s, 3)
 
@@ -420,8 +423,7 @@ class Engine:
         speech alone, 0.096 and 0.25 %, as without the noise (docs/models.md, "Verification
         threshold")."""
         samples = ident.cut(audio, regions)
-        # CAM++/ECAPA need a few hundred ms of frames; less carries no voice anyway
-        if len(samples) < 0.5 * audio.sample_rate:
+        if len(samples) < MIN_EMBEDDED_S * audio.sample_rate:
             return self.embedder.embed(audio)
         return self.embedder.embed(Audio(samples, audio.sample_rate))
 

@@ -54,6 +54,21 @@ log = logging.getLogger(__name__)
 DEVICE_AUDIO_MAX_BYTES = 512 * 2**20
 
 
+def uploaded_once(file: dict, device: torch.device) -> dict:
+    """``file`` with its waveform moved to ``device`` whole, where that is a GPU and the recording
+    is at most ``DEVICE_AUDIO_MAX_BYTES`` (an hour of float16: 115 MB); as it was otherwise.
+
+    Left on the host, each segmentation batch is a strided view of the recording (chunks every
+    2.5 s of 10 s) that torch copies into a contiguous host buffer before sending: every sample
+    four times, 4.6 GB an hour through host memory and the bus while the GPU waits. The
+    diarization and the speech detector (engine.pipelines.identification) both segment it."""
+    waveform = file["waveform"]
+    if (device.type != "cuda" or waveform.device == device
+            or waveform.numel() * waveform.element_size() > DEVICE_AUDIO_MAX_BYTES):
+        return file
+    return {**file, "waveform": waveform.to(device)}
+
+
 @contextlib.contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
     """TF32 for cuDNN's convolutions inside the block (``enabled``), the process's flag as it was
@@ -126,14 +141,8 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         self.clustering.channel_threshold = None
         if self.telephone_threshold is not None and through_a_telephone_line(file["waveform"][0].numpy()):
             self.clustering.channel_threshold = self.telephone_threshold
-        device, waveform = self._segmentation.device, file["waveform"]
-        if (waveform.device != device and not self.training
-                and waveform.numel() * waveform.element_size() <= DEVICE_AUDIO_MAX_BYTES):
-            # the recording goes to the GPU once (an hour of float16: 115 MB). Left on the host,
-            # each segmentation batch is a strided view of it (chunks every 2.5 s of 10 s) that
-            # torch copies into a contiguous host buffer before sending: every sample four
-            # times, 4.6 GB an hour through host memory and the bus while the GPU waits
-            file = {**file, "waveform": waveform.to(device)}
+        if not self.training:
+            file = uploaded_once(file, self._segmentation.device)
         model = self._segmentation.model
         model.input_gain = speech_level_gain(file["waveform"], int(file.get("sample_rate", 16000)))
         try:

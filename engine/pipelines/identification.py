@@ -56,12 +56,9 @@ class SpeechDetector:
 
         from engine.pipelines import embedded
 
-        file = audio.as_pyannote(compact=self.compact)
-        device, waveform = self.pipeline._segmentation.device, file["waveform"]
-        if device.type == "cuda" and waveform.numel() * waveform.element_size() <= embedded.DEVICE_AUDIO_MAX_BYTES:
-            # to the card once, as the diarization's (engine.pipelines.embedded): left on the host,
-            # every chunk of every batch (10 s every 2.5 s) is copied there, each sample four times
-            file["waveform"] = waveform.to(device)
+        # to the card once, as the diarization's: left on the host, each sample of every batch is
+        # copied there four times
+        file = embedded.uploaded_once(audio.as_pyannote(compact=self.compact), self.pipeline._segmentation.device)
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             annotation = self.pipeline(file)
         return [(float(s.start), float(s.end)) for s in annotation.get_timeline().support()]
