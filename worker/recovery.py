@@ -42,7 +42,7 @@ def _lease_alive(store: JobStore, job_id: str) -> bool:
 
 def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
     """One pass; returns the ids of the jobs it requeued or failed."""
-    from worker.tasks import _enqueue, give_up
+    from worker.tasks import back_to_queue, give_up
 
     handled: list[str] = []
     for job_id in store.running_ids():
@@ -60,12 +60,7 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
                 log.error("job %s: %s", job_id, detail)
                 handled.append(job_id)
             continue
-        # the message goes first: a crash between the two leaves a duplicate message (harmless,
-        # see the module docstring), never a queued job without one
-        _enqueue(job_id, record.kind, record.queue)
-        # conditional on the attempt: if a worker took the new message and started the job in
-        # between, the record changed and this does nothing
-        if store.requeue(job_id, attempt, lost=True) is not None:
+        if back_to_queue(store, record, attempt, lost=True):
             log.warning("job %s: its worker is gone (lease expired); queued again after attempt %d", job_id, attempt)
             handled.append(job_id)
     return handled

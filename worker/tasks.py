@@ -254,12 +254,8 @@ def _run_leased(
         pass  # recorded by whoever cancelled it
     except HandBack:
         # warm shutdown (Ctrl-C of `up`, a deploy): the job goes back to the queue now, its
-        # upload stays, and another (or the restarted) worker runs it from the start. The message
-        # goes first, as in worker/recovery.py: a death between the two leaves the record running
-        # under a lease that lapses (recovery queues it again) or a duplicate message (its copy
-        # skips or waits), never a queued record that no message names
-        _enqueue(job_id, running.kind, running.queue)
-        if jobs.requeue(job_id, attempt, lost=False) is not None:
+        # upload stays, and another (or the restarted) worker runs it from the start
+        if back_to_queue(jobs, running, attempt, lost=False):
             log.warning("job %s handed back to the queue: worker shutting down", job_id)
         return {"job_id": job_id, "status": QUEUED}
     except LeaseLost:
@@ -293,8 +289,7 @@ def _run_leased(
                     status_code=503))
             else:
                 log.warning("job %s: the GPU ran out of memory; back to the queue", job_id, exc_info=True)
-                _enqueue(job_id, running.kind, running.queue)  # the message first, as for HandBack
-                jobs.requeue(job_id, attempt, lost=True)  # the upload stays for the next attempt
+                back_to_queue(jobs, running, attempt, lost=True)  # the upload stays for the next attempt
                 return {"job_id": job_id, "status": QUEUED}
         else:
             if not _device_works():
@@ -465,6 +460,18 @@ def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
 
 def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
     send_job(app, KINDS[kind], job_id, queue or settings.queue_name)
+
+
+def back_to_queue(jobs: JobStore, record: JobRecord, attempt: int, *, lost: bool) -> bool:
+    """Running attempt ``attempt`` of ``record``'s job to its queue again; False when the job had
+    moved on meanwhile (another worker started it, it ended). The message goes first: a process
+    that dies between the two leaves a duplicate message (its copy finds the job running or
+    ended, see _run) or a running record under a lease that lapses (recovery queues it), never
+    a queued record that no message names."""
+    _enqueue(record.job_id, record.kind, record.queue)
+    # conditional on the attempt: if a worker took the new message and started the job in
+    # between, the record changed and this does nothing
+    return jobs.requeue(record.job_id, attempt, lost=lost) is not None
 
 
 def _notify(record: JobRecord) -> None:
