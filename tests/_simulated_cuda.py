@@ -151,13 +151,18 @@ def _call(func, args, kwargs):
         return wrappers[id(out)]  # .to(dtype) with nothing to change returns the tensor itself
 
     def wrap(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and not _is_device(value):
-            # an in-place call returns its own (wrapped) self; anything else computed is on the device
-            same = wrappers.get(id(value))
-            return same if same is not None else SimulatedCudaTensor(value)
-        return value
+        # an in-place call returns its own (wrapped) self; anything else computed is on the device
+        same = wrappers.get(id(value))  # not ``or``: a tensor of several values has no truth value
+        return same if same is not None else _to_card(value)
 
     return tree_map(wrap, out)
+
+
+def _to_card(value: Any) -> Any:
+    """A host tensor's data on the card (anything else as it is)."""
+    if isinstance(value, torch.Tensor) and not _is_device(value):
+        return SimulatedCudaTensor(value)
+    return value
 
 
 _REAL_VMAP = torch.vmap
@@ -169,10 +174,7 @@ def _vmap(func, *args, **kwargs):
     def run(*inputs, **named):
         on_card = any(_is_device(t) for t in tree_leaves((inputs, named)))
         out = mapped(*tree_map(_unwrap, inputs), **tree_map(_unwrap, named))
-        if not on_card:
-            return out
-        return tree_map(lambda v: SimulatedCudaTensor(v) if isinstance(v, torch.Tensor) and not _is_device(v) else v,
-                        out)
+        return tree_map(_to_card, out) if on_card else out
 
     return run
 
@@ -200,7 +202,6 @@ class _Props:
 def simulated_cuda() -> Iterator[None]:
     """One simulated card, ``cuda:0``, for the block, in this thread (torch's function modes are
     per thread: a tensor already on the card works in any thread, a new one is made here)."""
-    allocated = {"peak": 0}
     patches = [
         mock.patch("torch.cuda.is_available", lambda: True),
         mock.patch("torch.cuda.device_count", lambda: 1),
@@ -212,7 +213,7 @@ def simulated_cuda() -> Iterator[None]:
         mock.patch("torch.cuda.set_device", lambda device: None),
         mock.patch("torch.cuda.memory_allocated", lambda device=None: 0),
         mock.patch("torch.cuda.memory_reserved", lambda device=None: 0),
-        mock.patch("torch.cuda.max_memory_allocated", lambda device=None: allocated["peak"]),
+        mock.patch("torch.cuda.max_memory_allocated", lambda device=None: 0),
         mock.patch("torch.cuda.max_memory_reserved", lambda device=None: 0),
         mock.patch("torch.cuda.reset_peak_memory_stats", lambda device=None: None),
         mock.patch("torch.cuda.set_per_process_memory_fraction", lambda fraction, device=None: None),
