@@ -10,6 +10,8 @@ Each test fails on the code before its fix:
   API, and returned 1.9 MB. It now comes a page at a time (``limit``, 100 by default, at most 1,000;
   the next page in the ``Link`` header), each voiceprint read up to its vector; the web page and
   the Python client follow the pages.
+* the web page's "Recent jobs" showed a key's first 20 jobs and no way to the rest; and an answer
+  for the previous key that arrived after the new key's replaced the new key's list.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def keyed_api(settings) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def uvicorn_api(service_env, tmp_path_factory) -> Iterator[str]:
     """The API under a real uvicorn (api.serve) with API keys on; no worker."""
-    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("head-api"), [KEY]) as base:
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("head-api"), [KEY, OTHER]) as base:
         yield base
 
 
@@ -296,5 +298,109 @@ def test_the_web_page_lists_a_page_and_shows_more_on_demand(uvicorn_api, listed_
             shown = page.eval_on_selector_all("#voiceprints tbody tr[data-voiceprint-id]",
                                               "trs => trs.map(tr => tr.dataset.voiceprintId)")
             assert shown == ids
+        finally:
+            browser.close()
+
+
+# --- the web page's recent jobs -------------------------------------------------------------------
+
+def _chromium():
+    from tests.test_web import CHROMIUM
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (scripts/dev.sh test installs it as root)")
+    from playwright.sync_api import sync_playwright
+
+    return CHROMIUM, sync_playwright
+
+
+@pytest.fixture(scope="module")
+def listed_jobs(uvicorn_api, settings) -> Iterator[dict[str, list[str]]]:
+    """45 job records of KEY and 3 of OTHER in the uvicorn API's store, as submits write them
+    (nothing runs them: no worker sends to this API's queue), newest first; deleted after."""
+    import time
+
+    from api.deps import owner_of
+    from shared.jobs import JobRecord, JobStore, new_job_id
+
+    store = JobStore.from_settings(settings)
+    made: dict[str, list[str]] = {KEY: [], OTHER: []}
+    for key, count in ((KEY, 45), (OTHER, 3)):
+        for i in range(count):
+            record = store.create(JobRecord(job_id=new_job_id(), kind="diarize", owner=owner_of(key),
+                                            filename=f"{'other' if key == OTHER else 'mine'}-{i}.wav"))
+            made[key].insert(0, record.job_id)
+            time.sleep(0.002)  # the listing is by creation time: one per tick keeps the order exact
+    yield made
+    for job_ids in made.values():
+        store.redis.delete(*(store._job_key(j) for j in job_ids))
+        for owner in (owner_of(KEY), owner_of(OTHER)):
+            store.redis.zrem(store._owner_index(owner), *job_ids)
+        store.redis.zrem(store.key("jobs"), *job_ids)
+
+
+RECENT = "() => Array.from(document.querySelectorAll('#recent tbody tr[data-job-id]')).map(tr => tr.dataset.jobId)"
+
+
+def test_the_web_pages_recent_jobs_show_a_page_and_more_on_demand(uvicorn_api, listed_jobs):
+    chromium, sync_playwright = _chromium()
+    mine = listed_jobs[KEY]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(uvicorn_api + "/")
+            page.fill("#api-key", KEY)
+            page.locator("#api-key").blur()
+            # function form: a bare expression would go through eval, which the page's policy refuses
+            page.wait_for_function(f"() => ({RECENT})().length === 20")
+            assert page.evaluate(RECENT) == mine[:20]
+            assert page.is_visible("#recent-more")
+            page.click("#recent-more")
+            page.wait_for_function(f"() => ({RECENT})().length === 40")
+            page.click("#recent-more")
+            page.wait_for_function(f"() => ({RECENT})().length === 45")
+            assert page.evaluate(RECENT) == mine
+            assert not page.is_visible("#recent-more")
+            # refresh starts over at the first page
+            page.click("#refresh")
+            page.wait_for_function(f"() => ({RECENT})().length === 20")
+        finally:
+            browser.close()
+
+
+def test_a_late_answer_for_the_previous_key_does_not_replace_the_new_keys_jobs(uvicorn_api, listed_jobs):
+    chromium, sync_playwright = _chromium()
+    held = []
+
+    def route(r) -> None:
+        # the first key's listing is held back until the second key's has been shown
+        if r.request.headers.get("x-api-key") == KEY:
+            held.append(r)
+        else:
+            r.continue_()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.route("**/jobs?*", route)
+            page.goto(uvicorn_api + "/")
+            page.fill("#api-key", KEY)
+            page.locator("#api-key").blur()
+            page.wait_for_function("() => true")
+            page.fill("#api-key", OTHER)
+            page.locator("#api-key").blur()
+            page.wait_for_function(f"() => ({RECENT})().length === 3")
+            assert len(held) == 1
+            with page.expect_response(lambda response: response.request.headers.get("x-api-key") == KEY):
+                held[0].continue_()
+            page.wait_for_timeout(1000)  # the late answer's JSON read and handled
+            assert page.evaluate(RECENT) == listed_jobs[OTHER]
+            assert not page.is_visible("#recent-more")
         finally:
             browser.close()

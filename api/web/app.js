@@ -251,61 +251,87 @@ document.querySelectorAll(".downloads button").forEach((button) => button.addEve
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }));
 
-// --- recent jobs (this key's, from the service) -------------------------------------------------
-async function refreshRecent() {
-  const body = $("#recent tbody");
-  try {
-    const { jobs } = await (await api("/jobs?limit=20")).json();
-    body.innerHTML = "";
-    for (const job of jobs) {
-      const tr = document.createElement("tr");
-      tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
-      const cells = tr.querySelectorAll("td");
-      cells[0].textContent = job.created_at.replace("T", " ").slice(0, 19);
-      cells[1].textContent = job.kind;
-      cells[2].textContent = job.filename || "";
-      cells[3].textContent = job.status;
-      if (job.status === "succeeded" && job.kind === "diarize") {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.className = "small";
-        button.textContent = "show";
-        // the list carries no results (GET /jobs is a summary): the record is fetched when shown
-        button.addEventListener("click", async () => {
-          const entry = state.jobs.get(job.job_id);
-          try {
-            const full = await (await api(`/jobs/${job.job_id}`)).json();
-            if (entry) entry.job = full;
-            show(entry || { job: full, file: null });
-          } catch (err) {
-            $("#submit-error").textContent = err.message;
-          }
-        });
-        cells[4].appendChild(button);
-      }
-      body.appendChild(tr);
-    }
-  } catch (err) {
-    body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
-    body.querySelector("td").textContent = err.message;
-  }
-}
-$("#refresh").addEventListener("click", refreshRecent);
-
-// --- voiceprints: enroll a person, list and delete them ------------------------------------------
-// The listing comes a page at a time (a key may keep 10,000): the first page, then "more" for each
-// next one, whose cursor the answer's Link header names.
-const VP_PAGE = 100;
-let vpCursor = null;
-// the latest listing asked for: a key change or a deletion starts a new one while another may be
-// on its way, and an answer that arrives late must not replace the new list or add to it
-let vpLoad = 0;
-
+// --- listings a page at a time ----------------------------------------------------------------
+// A key may keep thousands of jobs and 10,000 voiceprints: a listing shows its first page, then
+// "more" for each next one, whose cursor the answer's Link header names. Only the latest listing
+// asked for is shown: a key change, a submit or a deletion starts a new one while another may be
+// on its way, and an answer that arrives late must not replace the new list or add to it (it
+// would show the previous key's jobs under the new key).
 function nextCursor(response) {
   const link = /<([^>]*)>\s*;\s*rel="next"/.exec(response.headers.get("Link") || "");
   return link ? new URL(link[1], location.href).searchParams.get("cursor") : null;
 }
 
+function pagedTable({ path, field, pageSize, table, more, row }) {
+  let cursor = null;
+  let latest = 0;
+  async function load(first) {
+    // "more" with no page to follow: a new list is on its way (clicking "more" right after typing a
+    // key changes the key first, as the field loses focus) or this was the last page
+    if (!first && cursor === null) return;
+    const body = $(`${table} tbody`);
+    const mine = ++latest;
+    const params = new URLSearchParams({ limit: String(pageSize) });
+    if (!first) params.set("cursor", cursor);
+    // hidden while a page loads: a second click would ask for the same page again
+    cursor = null;
+    $(more).hidden = true;
+    let next = null;
+    try {
+      const response = await api(`${path}?${params}`);
+      const items = (await response.json())[field];
+      if (mine !== latest) return;
+      if (first) body.innerHTML = "";
+      for (const item of items) body.appendChild(row(item));
+      next = nextCursor(response);
+    } catch (err) {
+      if (mine !== latest) return;
+      body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
+      body.querySelector("td").textContent = err.message;
+    }
+    cursor = next;
+    $(more).hidden = cursor === null;
+  }
+  $(more).addEventListener("click", () => load(false));
+  return () => load(true);
+}
+
+// --- recent jobs (this key's, from the service) -------------------------------------------------
+function jobRow(job) {
+  const tr = document.createElement("tr");
+  tr.dataset.jobId = job.job_id;
+  tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+  const cells = tr.querySelectorAll("td");
+  cells[0].textContent = job.created_at.replace("T", " ").slice(0, 19);
+  cells[1].textContent = job.kind;
+  cells[2].textContent = job.filename || "";
+  cells[3].textContent = job.status;
+  if (job.status === "succeeded" && job.kind === "diarize") {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "small";
+    button.textContent = "show";
+    // the list carries no results (GET /jobs is a summary): the record is fetched when shown
+    button.addEventListener("click", async () => {
+      const entry = state.jobs.get(job.job_id);
+      try {
+        const full = await (await api(`/jobs/${job.job_id}`)).json();
+        if (entry) entry.job = full;
+        show(entry || { job: full, file: null });
+      } catch (err) {
+        $("#submit-error").textContent = err.message;
+      }
+    });
+    cells[4].appendChild(button);
+  }
+  return tr;
+}
+
+const refreshRecent = pagedTable({ path: "/jobs", field: "jobs", pageSize: 20, table: "#recent",
+                                   more: "#recent-more", row: jobRow });
+$("#refresh").addEventListener("click", refreshRecent);
+
+// --- voiceprints: enroll a person, list and delete them ------------------------------------------
 function voiceprintRow(vp) {
   const tr = document.createElement("tr");
   tr.dataset.voiceprintId = vp.id;
@@ -327,36 +353,8 @@ function voiceprintRow(vp) {
   return tr;
 }
 
-async function loadVoiceprints(first) {
-  // "more" with no page to follow: a new list is on its way (clicking "more" right after typing a
-  // key changes the key first, as the field loses focus) or this was the last page
-  if (!first && vpCursor === null) return;
-  const body = $("#voiceprints tbody");
-  const load = ++vpLoad;
-  const params = new URLSearchParams({ limit: String(VP_PAGE) });
-  if (!first) params.set("cursor", vpCursor);
-  // hidden while a page loads: a second click would ask for the same page again
-  vpCursor = null;
-  $("#vp-more").hidden = true;
-  let cursor = null;
-  try {
-    const response = await api(`/voiceprints?${params}`);
-    const { voiceprints } = await response.json();
-    if (load !== vpLoad) return;
-    if (first) body.innerHTML = "";
-    for (const vp of voiceprints) body.appendChild(voiceprintRow(vp));
-    cursor = nextCursor(response);
-  } catch (err) {
-    if (load !== vpLoad) return;
-    body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
-    body.querySelector("td").textContent = err.message;
-  }
-  vpCursor = cursor;
-  $("#vp-more").hidden = vpCursor === null;
-}
-
-function refreshVoiceprints() { return loadVoiceprints(true); }
-$("#vp-more").addEventListener("click", () => loadVoiceprints(false));
+const refreshVoiceprints = pagedTable({ path: "/voiceprints", field: "voiceprints", pageSize: 100,
+                                        table: "#voiceprints", more: "#vp-more", row: voiceprintRow });
 
 $("#vp-enroll").addEventListener("click", async () => {
   $("#vp-error").textContent = "";
