@@ -489,6 +489,12 @@ def _inherit_from_neighbours(hard: np.ndarray, embeddings: np.ndarray, segmentat
     unembedded = np.isnan(embeddings).any(axis=2)
     missing = unembedded & (data.sum(axis=1) > 0)
     usable = ~unembedded & (hard >= 0)
+    if not usable.any():
+        # nobody of the recording could be embedded (a few seconds whose speech is all too short
+        # or overlapped): no cluster to inherit, so pyannote's one cluster for every active
+        # speaker stands. Each taking -2 left no cluster at all, and the reconstruction failed
+        # on a negative count of clusters (a 3 s clip was a 500 "internal error")
+        return
     has_usable = usable.any(axis=1)
     for c, s in zip(*np.nonzero(missing)):
         best, label = 0.0, -2
