@@ -206,6 +206,76 @@ def _mp4_edits(fh: BinaryIO) -> int:
     return edits(0, size, top=True)
 
 
+# At most this many chunks in a WAV (RIFF, RIFX, RF64, BW64) that FFmpeg opens. Its WAV demuxer
+# walks every chunk of the file when it opens it, before the audio and after it, a seek each: a
+# WAV of 8-byte empty chunks around one second of audio, which libsndfile gives up on ("no data
+# chunk"), took 31 s of the API's CPU at submit for 64 MB (0.3 s a MB through the upload's Python
+# file object; 0.1 s a MB for the worker's decoder), so a 1 GB upload was minutes of the API's
+# core where a WAV's header is read in a millisecond. Recorders write a dozen chunks (fmt, fact,
+# bext, iXML, LIST, cue, JUNK padding...); libsndfile, which reads them first, is not concerned.
+MAX_RIFF_CHUNKS = 1024
+
+
+def check_riff_chunks(fh: BinaryIO) -> None:
+    """Refuse (415) a WAV whose chunks FFmpeg would walk past :data:`MAX_RIFF_CHUNKS`; anything
+    else passes. Reads chunk headers only, from ``fh``'s start, and leaves ``fh`` there."""
+    try:
+        chunks = _riff_chunks(fh)
+    finally:
+        fh.seek(0)
+    if chunks > MAX_RIFF_CHUNKS:
+        raise AudioDecodeError(f"WAV file holds more than {MAX_RIFF_CHUNKS} chunks; "
+                               "a recording holds a few (fmt, data and some metadata)")
+
+
+def _riff_chunks(fh: BinaryIO) -> int:
+    """Chunks FFmpeg's WAV demuxer (libavformat/wavdec.c) would walk in ``fh``, counted up to
+    one past :data:`MAX_RIFF_CHUNKS` (0 for anything that is not a WAV): the same walk, from
+    the first chunk after the RIFF header (RF64's ds64 read first) to the end of the file,
+    stopping where it stops (a data chunk of unknown length)."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    start = 0
+    # FFmpeg takes a file for a WAV when its RIFF header comes first or right after one ID3v2 tag
+    fh.seek(0)
+    head = fh.read(10)
+    if len(head) == 10 and head[:3] == b"ID3" and all(b < 0x80 for b in head[6:10]):
+        body = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
+        start = 10 + body + (10 if head[5] & 0x10 else 0)
+    fh.seek(start)
+    head = fh.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64") or head[8:12] != b"WAVE":
+        return 0
+    order = "big" if head[:4] == b"RIFX" else "little"
+    wide = head[:4] in (b"RF64", b"BW64")
+    at, data_size = start + 12, None
+    if wide:  # ds64 first: the 64-bit sizes, the data chunk's among them
+        ds64 = fh.read(28)
+        if len(ds64) < 28 or ds64[:4] != b"ds64":
+            return 0
+        data_size = int.from_bytes(ds64[16:24], "little")
+        at += 8 + int.from_bytes(ds64[4:8], "little")
+    chunks = 0
+    while chunks <= MAX_RIFF_CHUNKS:
+        fh.seek(at)
+        header = fh.read(8)
+        if len(header) < 8:
+            break
+        chunks += 1
+        tag, length = header[:4], int.from_bytes(header[4:8], order)
+        following = at + 8 + length
+        if tag == b"data":
+            if wide:
+                following = at + 8 + (data_size or 0)
+            if (head[:4] != b"RF64" and length == 0) or (not wide and length == 0xFFFFFFFF):
+                break  # the data runs to the end of the file: FFmpeg looks no further
+        if following >= size:
+            break
+        # chunks start at even offsets from the RIFF header's
+        at = following + ((following - start) & 1)
+    return chunks
+
+
 # an Ogg page: a 27-byte header, up to 255 lacing values, up to 255 x 255 bytes of body
 _OGG_MAX_PAGE = 27 + 255 + 255 * 255
 
@@ -296,6 +366,15 @@ def _probe(source: Source) -> AudioInfo | None:
             return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
         pass
+    # a WAV libsndfile gave up on: FFmpeg would walk its every chunk (MAX_RIFF_CHUNKS)
+    if hasattr(source, "read"):
+        try:
+            check_riff_chunks(source)  # type: ignore[arg-type]
+        finally:
+            rewind()
+    else:
+        with open(source, "rb") as fh:
+            check_riff_chunks(fh)
     import av
 
     try:

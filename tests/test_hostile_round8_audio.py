@@ -32,3 +32,73 @@ def test_a_recording_where_nobody_could_be_embedded_is_diarized_not_an_internal_
     assert body["audio_duration"] == pytest.approx(3.0, abs=0.01)
     assert body["segments_count"] == len(body["diarization_results"])
     assert {t["speaker"] for t in body["diarization_results"]} <= {"SPEAKER_00"}
+
+
+def _wav_with_chunks(before: int, after: int = 0, *, prefix: bytes = b"", fmt_tag: int = 1) -> bytes:
+    """One second of 16 kHz PCM in a WAV with ``before`` empty chunks ahead of its data chunk and
+    ``after`` behind it (8 bytes each: the cheapest a chunk can be)."""
+    import struct
+
+    from tests.conftest import tone_wav
+
+    pcm = tone_wav(1.0)[44:]
+    empty = b"junk" + struct.pack("<I", 0)
+    body = (b"WAVE" + b"fmt " + struct.pack("<IHHIIHH", 16, fmt_tag, 1, 16000, 32000, 2, 16) + empty * before
+            + b"data" + struct.pack("<I", len(pcm)) + pcm + empty * after)
+    return prefix + b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_a_wav_of_countless_empty_chunks_is_refused_at_submit_not_walked(client, settings):
+    """libsndfile gives up on a WAV of 200,000 empty chunks before its data ("no data chunk"), and
+    FFmpeg's WAV demuxer then walked every one of them, a seek each, through the upload's Python
+    file object: 1.6 MB took 1.7 s of the API's CPU at submit, 64 MB 31 s, and the job was queued
+    (202) for the worker to walk them again. Now the chunks are counted first (415, no job)."""
+    import time
+
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    started = time.monotonic()
+    r = client.post("/jobs/diarize", files={"file": ("chunks.wav", _wav_with_chunks(200_000), "audio/wav")})
+    assert r.status_code == 415, r.text
+    assert "chunks" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
+    assert time.monotonic() - started < 1.0
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
+
+
+def test_the_worker_refuses_countless_chunks_before_ffmpeg_walks_them(tmp_path):
+    """The worker's decoder keeps to the same count (a file given by URL is checked there
+    first), for chunks ahead of the data that libsndfile gives up on, chunks behind the data of a
+    codec libsndfile does not read, and a WAV behind an ID3 tag, which FFmpeg skips."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioDecodeError
+
+    id3 = b"ID3\x04\x00\x00\x00\x00\x00\x0b" + b"\x00" * 11  # an odd length: chunks at odd offsets
+    for name, data in {"before.wav": _wav_with_chunks(20_000),
+                       "after.wav": _wav_with_chunks(0, 5000, fmt_tag=0x1234),
+                       "tagged.wav": _wav_with_chunks(20_000, prefix=id3)}.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(AudioDecodeError, match="chunks"):
+            check_audio_limits(path, max_duration=3600)
+        with pytest.raises(AudioDecodeError, match="chunks"):
+            load_audio(path)
+
+
+def test_wavs_as_recorders_write_them_still_open(tmp_path):
+    """A WAV of a few metadata chunks, one libsndfile reads past many empty chunks behind its
+    audio (FFmpeg never opens it), and an RF64 (whose data chunk's length is in ds64) are not
+    refused."""
+    from shared.audio_limits import check_audio_limits, check_riff_chunks
+
+    few = tmp_path / "few.wav"
+    few.write_bytes(_wav_with_chunks(12))
+    behind = tmp_path / "behind.wav"
+    behind.write_bytes(_wav_with_chunks(0, 5000))
+    rf64 = tmp_path / "rf64.wav"
+    sf.write(rf64, np.zeros(16000, dtype=np.int16) + 100, 16000, format="RF64", subtype="PCM_16")
+    for path in (few, behind, rf64):
+        info = check_audio_limits(path, max_duration=3600)
+        assert info is not None and info.duration == pytest.approx(1.0)
+    for path in (few, rf64):
+        with open(path, "rb") as fh:
+            check_riff_chunks(fh)
