@@ -519,6 +519,7 @@ class JobStore:
 
         def change(r: JobRecord) -> JobRecord | None:
             nonlocal done
+            done = False  # decided again on each try of the transaction, as in finish
             if r.status != RUNNING or r.attempts != attempt:
                 return None
             done = True
@@ -562,6 +563,10 @@ class JobStore:
 
         def change(r: JobRecord) -> JobRecord | None:
             nonlocal changed_flag
+            # decided again on each try of the transaction (update retries on a record that
+            # changed under it): a first try that lost the race to another end (two cancels, a
+            # cancel and the worker's result) left it True, and both took the end for their own
+            changed_flag = False
             if r.ended or (attempt is not None and r.attempts != attempt):
                 return None
             changed_flag = True
