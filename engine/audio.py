@@ -24,7 +24,7 @@ import numpy as np
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     check_audio_limits, check_channels, check_decode_work, check_mp4_edits, check_riff_chunks, declared_duration,
-    decode_work_factor, ogg_chained, probe, stream_channels,
+    decode_work_factor, ogg_chained, probe, pyav_options, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -441,7 +441,7 @@ def _ffmpeg_finds_more(reopen: Callable[[], str | BinaryIO], declared_s: float) 
 
     target = reopen()
     try:
-        with av.open(target, mode="r", metadata_errors="ignore", **PYAV_OPTIONS) as container:
+        with av.open(target, mode="r", metadata_errors="ignore", **pyav_options()) as container:
             found = container.duration / av.time_base if container.duration else None
     except (av.FFmpegError, ValueError, OSError):
         return True  # let FFmpeg's own path say what it makes of it
@@ -709,7 +709,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         # container demuxers only (shared.audio_limits.DEMUXERS): left to autodetect, FFmpeg
         # followed a concat list in an upload to a file under the worker's working directory
         # and decoded that instead, and an SDP description held the worker 20 s on a UDP port
-        container = av.open(fh, mode="r", metadata_errors="ignore", **PYAV_OPTIONS)
+        container = av.open(fh, mode="r", metadata_errors="ignore", **pyav_options())
     except (av.FFmpegError, ValueError, OSError) as exc:
         # FFmpeg answers ENOMEM for a container of more than MAX_STREAMS streams
         why = f": more than {MAX_STREAMS} streams?" if isinstance(exc, MemoryError) else ""

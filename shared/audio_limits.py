@@ -7,10 +7,11 @@ No torch: soundfile and PyAV read headers only.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 from shared.errors import AudioDecodeError, AudioTooLongError
 
@@ -87,6 +88,32 @@ MAX_STREAMS = 64
 # what av.open takes to keep to them (engine/audio.py's decoder may pass the same); a file with
 # more streams fails to open (ENOMEM), in a millisecond
 PYAV_OPTIONS = {"container_options": {"format_whitelist": ",".join(DEMUXERS), "max_streams": str(MAX_STREAMS)}}
+
+
+@functools.cache
+def pyav_options() -> dict[str, Any]:
+    """What every ``av.open`` of an upload takes: :data:`PYAV_OPTIONS`, and FFmpeg's audio
+    decoders as the only decoders it may open while it reads the header.
+
+    Opening a file, FFmpeg decodes the first frames of every stream whose parameters the header
+    leaves out (``avformat_find_stream_info``): a video stream's picture too. A MOV of one second
+    of audio and a 16000 x 16000 PNG picture (817 KB) took 735 MB and 3 s of the API's header
+    check, and each of 64 such streams (MAX_STREAMS) adds as much: one upload of 50 MB could take
+    tens of GB from the API, and then from the worker's decoder. No picture is ever decoded now;
+    a video's audio track is read as before. (FFmpeg opens each stream's decoder with the
+    container's ``codec_whitelist``, streams found while reading packets (MPEG-TS) included.)"""
+    import av
+
+    decoders = set()
+    for name in av.codecs_available:
+        try:
+            codec = av.Codec(name, "r")
+        except Exception:  # noqa: BLE001 - an encoder only
+            continue
+        if codec.type == "audio":
+            decoders.add(codec.name)
+    options = PYAV_OPTIONS["container_options"]
+    return {"container_options": {**options, "codec_whitelist": ",".join(sorted(decoders))}}
 
 
 # At most this many edit-list entries (elst) in an MP4/MOV, all tracks together. FFmpeg's MP4
@@ -380,7 +407,7 @@ def _probe(source: Source) -> AudioInfo | None:
     try:
         rewind()
         with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore",
-                     **PYAV_OPTIONS) as container:
+                     **pyav_options()) as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]

@@ -102,3 +102,72 @@ def test_wavs_as_recorders_write_them_still_open(tmp_path):
     for path in (few, rf64):
         with open(path, "rb") as fh:
             check_riff_chunks(fh)
+
+
+def _mov_with_pictures(path, side: int = 8192, pictures: int = 2, seconds: float = 2.0) -> None:
+    """A MOV of ``seconds`` of a tone (AAC) and ``pictures`` video streams of one black PNG
+    picture each, ``side`` pixels square: a few hundred KB that FFmpeg's decoders make into
+    ``side`` squared x 3 bytes a picture."""
+    import av
+
+    with av.open(str(path), "w", format="mov") as out:
+        audio = out.add_stream("aac", rate=16000, layout="mono")
+        videos = []
+        for _ in range(pictures):
+            video = out.add_stream("png", rate=1)
+            video.width = video.height = side
+            video.pix_fmt = "rgb24"
+            videos.append(video)
+        picture = av.VideoFrame.from_ndarray(np.zeros((side, side, 3), np.uint8), format="rgb24")
+        for video in videos:
+            for packet in [*video.encode(picture), *video.encode(None)]:
+                out.mux(packet)
+        tone = (np.sin(2 * np.pi * 220 * np.arange(int(16000 * seconds)) / 16000) * 0.3).astype(np.float32)
+        for at in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, at : at + 1024], format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode(None):
+            out.mux(packet)
+
+
+# the peak of this process's own memory (VmHWM: ru_maxrss would carry the forking pytest's over exec)
+_PEAK_MEMORY = """
+import re, sys
+from {module} import {function}
+{function}(sys.argv[1]{args})
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) // 1024)
+"""
+
+
+@pytest.mark.parametrize("module,function,args", [
+    ("shared.audio_limits", "check_audio_limits", ", max_duration=3600"),  # the API's header check
+    ("engine.audio", "load_audio", ""),  # the worker's decoder
+])
+def test_a_video_streams_pictures_are_never_decoded(tmp_path, module, function, args):
+    """Opening a file, FFmpeg decodes the first frames of every stream whose parameters the header
+    leaves out: two 8192 x 8192 PNG pictures beside 2 s of audio (a 0.5 MB MOV) took the API's
+    header check and the worker's decoder about 400 MB above their 80 (a 16000-pixel picture
+    735 MB, and each of up to 64 streams as much again). Only audio decoders may open now."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pictures.mov"
+    _mov_with_pictures(path)
+    assert path.stat().st_size < 1 << 20
+    code = _PEAK_MEMORY.format(module=module, function=function, args=args)
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = int(done.stdout.strip().splitlines()[-1])
+    assert peak_mb < 250, f"{function} peaked at {peak_mb} MB"
+
+
+def test_a_videos_audio_track_is_still_analysed(client, tmp_path):
+    """The pictures are not decoded; the audio beside them is, as before."""
+    path = tmp_path / "pictures.mov"
+    _mov_with_pictures(path, side=1024, pictures=1, seconds=3.0)
+    r = client.post("/diarize", files={"file": ("clip.mov", path.read_bytes(), "video/quicktime")})
+    assert r.status_code == 200, r.text
+    assert r.json()["audio_duration"] == pytest.approx(3.0, abs=0.1)
