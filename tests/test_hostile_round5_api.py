@@ -68,12 +68,15 @@ def _assert_error(r, status: int) -> None:
 class BucketProxy:
     """Forwards every request to moto's S3 server; a request that deletes (the listing a job's
     deletion starts with, DeleteObjects, DeleteObject) first waits ``delay_s``, or is answered
-    503 when ``failing`` (botocore retries it, then gives up)."""
+    ``failure`` when ``failing``: 503 SlowDown by default (botocore retries it, then gives up),
+    or an error botocore gives up on at once (403: a bucket whose policy refuses the deletion),
+    which reaches the caller as the same ClientError without 10-30 s of retries' backoff."""
 
     def __init__(self, upstream_port: int) -> None:
         self.delay_s = 0.0
         self.put_delay_s = 0.0  # each object stored (a slow or far bucket, a big upload)
         self.failing = False
+        self.failure = (503, "SlowDown")
         self.failing_puts = False  # storing an upload answered 503 (after botocore's retries)
         self.deletes = 0
         proxy = self
@@ -93,8 +96,9 @@ class BucketProxy:
                 if deleting:
                     proxy.deletes += 1
                     if proxy.failing:
-                        payload = b"<Error><Code>SlowDown</Code><Message>try later</Message></Error>"
-                        self.send_response(503)
+                        status, code = proxy.failure
+                        payload = f"<Error><Code>{code}</Code><Message>try later</Message></Error>".encode()
+                        self.send_response(status)
                         self.send_header("Content-Length", str(len(payload)))
                         self.end_headers()
                         self.wfile.write(payload)
@@ -260,11 +264,13 @@ def test_a_failing_bucket_neither_fails_a_cancel_nor_loses_its_webhook(s3_api, b
     broker = redis.Redis.from_url(settings.redis_url)
     webhooks_before = broker.llen(WEBHOOK_QUEUE)
 
-    bucket.failing = True
+    # refused outright: a 503 past botocore's retries is the same ClientError to the API, only
+    # after 10-30 s of backoff (standard mode, 5 attempts)
+    bucket.failing, bucket.failure = True, (403, "AccessDenied")
     try:
         answered = s3_api.post(f"/jobs/{job_id}/cancel")
     finally:
-        bucket.failing = False
+        bucket.failing, bucket.failure = False, (503, "SlowDown")
     # the cancel happened (the record says so, the worker drops the job): the client is told so,
     # not "internal server error" for a clean-up the workers' sweep does anyway
     assert answered.status_code == 200, answered.text
