@@ -123,6 +123,10 @@ class JobRecord(BaseModel):
     created_ts: float = _internal("epoch seconds", 0.0, alias="_created_ts")
     started_ts: float | None = _internal("epoch seconds", alias="_started_ts")
     finished_ts: float | None = _internal("epoch seconds", alias="_finished_ts")
+    # epoch seconds the record never outlives (JobStore.horizon_s after its creation): what it
+    # names (index entries, its batch's list, values kept apart) was stored to outlive it. None:
+    # written before records' lifetimes followed their status (they keep the TTL they were given)
+    expires_by: float | None = _internal("epoch seconds", alias="_expires_by")
 
     @property
     def ended(self) -> bool:
@@ -191,8 +195,8 @@ def _upgrade(record: JobRecord) -> JobRecord:
 
 # Values kept apart outlive every record that names them by this much: a record is written after
 # its value (a batch's last record after all of its files were stored, which for 1 GB on slow
-# storage takes minutes) and expires result_expires_s after that, whatever happens to the job in
-# between (queue wait, redelivery, recovery: records keep their TTL, JobStore.update).
+# storage takes minutes) and never outlives JobStore.horizon_s after that (its expires_by),
+# whatever happens to the job in between (queue wait, redelivery, recovery).
 KEPT_APART_MARGIN_S = 3600
 
 
@@ -264,11 +268,40 @@ def _parse_cursor(cursor: str) -> tuple[str, str]:
 
 
 class JobStore:
+    """Job records and what goes with them in Redis.
+
+    How long a record lives follows its job (set by each status change, :meth:`update`), so a
+    result is there ``result_expires_s`` after the job ENDS, however long it waited and ran:
+
+    - queued (created, or back in the queue): at least ``queued_life_s`` from then, as long as
+      the job could still run (its upload is swept ``upload_expires_s`` after it was stored);
+    - running (each attempt's start): at least ``running_life_s`` from then, as long as one
+      attempt may last before it ends or the recovery pass puts it back;
+    - ended (succeeded, failed, cancelled): exactly ``result_expires_s`` from the end.
+
+    Counted from creation (as before), a job that waited its day in the queue lost its record
+    while it ran or right after, and its client never saw the result. Whatever happens, a record
+    never outlives its ``expires_by``, ``horizon_s`` after its creation (the sum of the three:
+    a job that waits, runs and is then kept): the index entries (trimmed by creation time), its
+    batch's list and its values kept apart are stored to live that long from the moment they are
+    written, so none of them is gone while a record names it, and no status change has to read
+    or extend them.
+    """
+
     def __init__(self, client: redis.Redis, settings: Settings | None = None) -> None:
         self.redis = client
         self.settings = settings or get_settings()
         self.prefix = self.settings.redis_key_prefix
-        self.ttl = int(self.settings.result_expires_s)
+        s = self.settings
+        # how long a result is kept after its job ended (and a webhook's keys after delivery)
+        self.ttl = int(s.result_expires_s)
+        self.queued_life_s = float(max(s.result_expires_s, s.upload_expires_s))
+        # Celery's hard limit ends a prefork attempt, the job's own deadline a solo one (its
+        # soft limit and the grace past it); the recovery pass takes a dead one within a lease
+        # and an interval
+        self.running_life_s = float(max(s.task_time_limit_s, s.task_soft_time_limit_s + s.job_time_limit_grace_s)
+                                    + s.job_lease_s + s.job_recovery_interval_s)
+        self.horizon_s = self.queued_life_s + self.running_life_s + self.ttl
         # each record up to its result, cut in Redis (JobRecord.to_json stores it last)
         self._summary_heads = RecordHeads(client, cut_before="result", last_before="_finished_ts",
                                           head_bytes=_SUMMARY_HEAD_BYTES)
@@ -296,20 +329,23 @@ class JobStore:
     # --- create / read ----------------------------------------------------------------------
     def create(self, record: JobRecord) -> JobRecord:
         now = time.time()
-        record = record.model_copy(update={"status": QUEUED, "created_ts": now})
+        horizon = math.ceil(self.horizon_s)
+        record = record.model_copy(update={"status": QUEUED, "created_ts": now, "expires_by": now + horizon})
         if record.webhook_url and record.webhook is None:
             record = record.model_copy(update={"webhook": WebhookState()})
         pipe = self.redis.pipeline()
-        pipe.set(self._job_key(record.job_id), record.to_json(), ex=self.ttl)
+        pipe.set(self._job_key(record.job_id), record.to_json(), ex=math.ceil(self.queued_life_s))
         indexes = [self.key("jobs")] + ([self._owner_index(record.owner)] if record.owner else [])
         for index in indexes:
             pipe.zadd(index, {record.job_id: now})
-            # the index is trimmed here rather than by a cron: records expire on their own
-            pipe.zremrangebyscore(index, "-inf", now - self.ttl)
-            pipe.expire(index, self.ttl)
+            # the index is trimmed here rather than by a cron: records expire on their own, at
+            # the latest their expires_by, which is horizon after the creation time they are
+            # scored by; an entry whose record expired earlier is skipped by the listing
+            pipe.zremrangebyscore(index, "-inf", now - horizon)
+            pipe.expire(index, horizon)
         if record.batch_id:
             pipe.rpush(self.key("batch", record.batch_id), record.job_id)
-            pipe.expire(self.key("batch", record.batch_id), self.ttl)
+            pipe.expire(self.key("batch", record.batch_id), horizon)
         pipe.execute()
         return record
 
@@ -322,13 +358,14 @@ class JobStore:
         named by a thousand jobs (a batch with ``voiceprints=all``) is stored once, and one that
         differs by an item (another subset of ids) costs its list, 66 bytes an item, not the items again.
         Every call renews the TTL of the list and its items, to outlive any record created after
-        it (``KEPT_APART_MARGIN_S``)."""
+        it (``horizon_s`` and ``KEPT_APART_MARGIN_S``)."""
         texts = [_canonical(item) for item in items]
         entries = {_digest(text): text for text in texts}
         listing = _canonical([_digest(text) for text in texts])
         digest = _digest(listing)
         entries[digest] = listing
-        ttl = self.ttl + KEPT_APART_MARGIN_S
+        # a record written after this one lives at most horizon_s (JobRecord.expires_by)
+        ttl = math.ceil(self.horizon_s) + KEPT_APART_MARGIN_S
         with self.redis.pipeline(transaction=False) as pipe:
             # what exists is renewed, not sent again: a key name an item instead of 4 KB
             for d in entries:
@@ -462,6 +499,9 @@ class JobStore:
         ``change`` gets a copy it may modify. Returns the record as stored afterwards (None
         when the job does not exist). ``also(pipe, new_record)`` queues further commands in the
         same transaction (written with the record or not at all).
+
+        A change of status (or a new attempt) sets how long the record lives from now on (see the
+        class); any other change (progress, a webhook's state) keeps its TTL.
         """
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:
@@ -477,14 +517,39 @@ class JobStore:
                     if changed is None:
                         pipe.unwatch()
                         return current
+                    until_ms = self._lives_until_ms(current, changed, lambda: int(pipe.pttl(key)))
                     pipe.multi()
-                    pipe.set(key, changed.to_json(), keepttl=True)
+                    if until_ms is None:
+                        pipe.set(key, changed.to_json(), keepttl=True)
+                    else:
+                        pipe.set(key, changed.to_json(), pxat=until_ms)
                     if also is not None:
                         also(pipe, changed)
                     pipe.execute()
                     return changed
                 except redis.WatchError:
                     continue
+
+    def _lives_until_ms(self, before: JobRecord, after: JobRecord, pttl_ms: Callable[[], int]) -> int | None:
+        """When the record expires after the change from ``before`` to ``after`` (epoch ms), or
+        None to keep its TTL. ``pttl_ms`` reads its TTL now (only for a job going on: a record
+        going back to the queue or starting keeps a longer life it already has)."""
+        if after.expires_by is None:
+            return None  # written before lifetimes followed the status: what it names expires with it as before
+        now = time.time()
+        if after.ended:
+            if before.ended:
+                return None  # a webhook's state on an ended job: its result's time runs on
+            until = now + self.ttl
+        elif after.status != before.status or after.attempts != before.attempts:
+            life = self.running_life_s if after.status == RUNNING else self.queued_life_s
+            left_ms = pttl_ms()
+            until = max(now + life, now + left_ms / 1000.0 if left_ms > 0 else 0.0)
+        else:
+            return None
+        # never past expires_by (what the record names is kept that long and no longer), and never
+        # in the past: a clock a little ahead of the API's that wrote expires_by must not delete it
+        return int(max(min(until, after.expires_by), now + 1.0) * 1000)
 
     def _running_set(self) -> str:
         return self.key("running")
