@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Literal
 import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from shared.errors import InputError
+from shared.errors import InputError, ModelError
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -199,6 +199,11 @@ def _upgrade(record: JobRecord) -> JobRecord:
 # whatever happens to the job in between (queue wait, redelivery, recovery).
 KEPT_APART_MARGIN_S = 3600
 
+# What a job whose submission was interrupted between its record and its queue message says
+# (failed by the workers' recovery pass, or by the API when the broker refused the message): the
+# client was never answered 202, and submits it again.
+INTERRUPTED_SUBMISSION = "the submission was interrupted before the job was queued; submit it again"
+
 
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -328,6 +333,9 @@ class JobStore:
 
     # --- create / read ----------------------------------------------------------------------
     def create(self, record: JobRecord) -> JobRecord:
+        """Write a new job's record, queued and unconfirmed: until :meth:`confirm_queued`, a
+        submission that stops (its process dies, the broker refuses the message) leaves a job
+        the recovery pass fails (:meth:`fail_interrupted`) instead of one queued for nobody."""
         now = time.time()
         horizon = math.ceil(self.horizon_s)
         record = record.model_copy(update={"status": QUEUED, "created_ts": now, "expires_by": now + horizon})
@@ -346,7 +354,71 @@ class JobStore:
         if record.batch_id:
             pipe.rpush(self.key("batch", record.batch_id), record.job_id)
             pipe.expire(self.key("batch", record.batch_id), horizon)
+        # in the same transaction as the record: no record without its mark
+        pipe.zadd(self._unconfirmed(), {record.job_id: now})
         pipe.execute()
+        return record
+
+    # --- submissions: the record written, the queue message not yet known to be sent ----------
+    # A submission writes the record, sends the message, then confirms (the API answers 202
+    # after that). A record left unconfirmed past job_submit_grace_s was cut off in between: no
+    # client was told of it, so its client submits it again, and it must not run later. A sorted
+    # set of the unconfirmed (by creation time) costs one ZADD in create's transaction and one
+    # ZREM per submission, and the recovery pass reads only its old end: a flag in the record
+    # would need its own index for the pass to find it, and looking for the message in the
+    # broker's queue reads the whole queue (and misses one a worker holds unacked).
+    def _unconfirmed(self) -> str:
+        return self.key("submitting")
+
+    def confirm_queued(self, job_ids: list[str]) -> list[str]:
+        """These jobs' messages were sent and their client is answered now: no longer at risk.
+        Returns those that were not unconfirmed any more (the recovery pass got there first:
+        the submission took past job_submit_grace_s)."""
+        if not job_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zrem(self._unconfirmed(), job_id)
+            removed = pipe.execute()
+        return [job_id for job_id, found in zip(job_ids, removed) if not found]
+
+    def unconfirmed(self, older_than_s: float, limit: int = 100) -> list[str]:
+        """Jobs whose submission has not been confirmed for ``older_than_s`` seconds, oldest first."""
+        return list(self.redis.zrangebyscore(self._unconfirmed(), "-inf", time.time() - older_than_s,
+                                             start=0, num=limit))
+
+    def is_unconfirmed(self, job_id: str) -> bool:
+        return self.redis.zscore(self._unconfirmed(), job_id) is not None
+
+    def look_again_later(self, job_id: str) -> None:
+        """An unconfirmed job that started all the same (its message went out before the API
+        stopped): left unconfirmed until it ends, behind the others."""
+        self.redis.zadd(self._unconfirmed(), {job_id: time.time()}, xx=True)
+
+    def forget_unconfirmed(self, job_id: str) -> None:
+        self.redis.zrem(self._unconfirmed(), job_id)
+
+    def fail_interrupted(self, job_id: str) -> JobRecord | None:
+        """Fail a job whose submission never completed, while it is still queued and never
+        started, and drop it from the unconfirmed in the same transaction (so the API's
+        :meth:`confirm_queued` sees the one or the other, never a failed job it then answers 202
+        for). Returns the failed record; None when the job started, ended or is gone (it then
+        stays unconfirmed: the caller decides). No webhook: nobody was told of the job."""
+        error = ModelError(INTERRUPTED_SUBMISSION).body()
+        failed = False
+
+        def change(r: JobRecord) -> JobRecord | None:
+            nonlocal failed
+            if r.status != QUEUED or r.attempts != 0:
+                return None
+            failed = True
+            return r.model_copy(update={"status": FAILED, "finished_at": utc_now(), "finished_ts": time.time(),
+                                        "error": error})
+
+        record = self.update(job_id, change, lambda pipe, _: pipe.zrem(self._unconfirmed(), job_id))
+        if not failed or record is None:
+            return None
+        self._count_finished(record)
         return record
 
     # --- values kept apart from records -----------------------------------------------------

@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     # was lost this many times; workers look for such jobs every job_recovery_interval_s
     job_max_attempts: int = 3
     job_recovery_interval_s: float = 10.0
+    # A job's record is written before its queue message is sent, and the API confirms the pair
+    # (JobStore.confirm_queued) just before it answers 202. A record still unconfirmed this long
+    # after it was written lost its submission midway (the API died, the broker refused the
+    # message): the workers' recovery pass fails it, rather than leave it "queued" for a day or
+    # run it after the client, told nothing, submitted it again. Minutes above what a submission
+    # takes between the two (milliseconds; a batch's records and messages, a second or two)
+    job_submit_grace_s: float = Field(60.0, gt=0.0)
     # a running job's own time limit (worker/deadline.py), counted from when its audio is ready:
     # the floor plus per_audio seconds for each second of its audio (a real-time factor of 1,
     # some 40 times what a 2-core CPU needs), never past what task_soft_time_limit_s leaves.

@@ -402,10 +402,13 @@ def wait_for_api(base: str, proc) -> None:
 
 @contextlib.contextmanager
 def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str],
-                      extra_env: dict[str, str] | None = None) -> Iterator[str]:
+                      extra_env: dict[str, str] | None = None, module: str = "api.serve") -> Iterator[str]:
     """The API under a real uvicorn (api.serve) with ``keys`` as its API keys, sending to the
     session's queues (or those ``extra_env`` names): its base URL, for tests of what goes over
-    the wire."""
+    the wire. ``module``: one run as ``python -m`` in place of api.serve, taking its options
+    (tests/_interrupted_submit_api.py)."""
+    import sys
+
     from cli.launcher import Stack, free_port
 
     env = {k: v for k, v in service_env.items() if not k.startswith("_")}
@@ -415,7 +418,11 @@ def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str],
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_for_api(base, stack.start_api("127.0.0.1", port))
+        if module == "api.serve":
+            proc = stack.start_api("127.0.0.1", port)
+        else:
+            proc = stack.spawn("api", [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port)])
+        wait_for_api(base, proc)
         yield base
     finally:
         stack.stop()

@@ -12,6 +12,9 @@ any failure does.
 
 A requeued job that is also redelivered later by the broker is safe: the copy finds the job
 running under a live lease (and waits) or ended (and skips it), see worker.tasks._run.
+
+The same pass fails jobs whose submission was cut off between their record and their queue
+message (:func:`fail_interrupted_submissions`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
-from shared.jobs import RUNNING, JobStore
+from shared.jobs import QUEUED, RUNNING, JobStore
 from shared.settings import Settings
 from shared.storage import Storage
 from worker.lease import holder_alive
@@ -64,6 +67,33 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
             log.warning("job %s: its worker is gone (lease expired); queued again after attempt %d", job_id, attempt)
             handled.append(job_id)
     return handled
+
+
+def fail_interrupted_submissions(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
+    """One pass over jobs whose submission was not confirmed within ``job_submit_grace_s``
+    (``JobStore.confirm_queued``): the API died, or Redis or the broker failed, between writing
+    the record and answering 202. Each still queued and never started is failed, saying to submit
+    it again, and its upload deleted: its client got no answer and submits it again, so it must
+    not run later (a message sent before the API died finds it ended and is skipped), and it must
+    not stay "queued" in its tenant's listing for a day. A job genuinely waiting in a long queue
+    was confirmed when it was accepted and is never looked at here. Returns the ids it failed."""
+    failed: list[str] = []
+    for job_id in store.unconfirmed(settings.job_submit_grace_s):
+        record = store.get(job_id)
+        if record is None or record.ended:
+            store.forget_unconfirmed(job_id)  # expired, or ended by itself (withdrawn, cancelled, run)
+            continue
+        if record.status != QUEUED or record.attempts:
+            # its message went out before the submission stopped and a worker took it: it runs
+            # to its end (stopping it midway would only waste the work); looked at again later
+            store.look_again_later(job_id)
+            continue
+        if store.fail_interrupted(job_id) is not None:
+            storage.delete_job(job_id)
+            log.error("job %s: its submission was interrupted before the job was queued (not confirmed within "
+                      "%.0f s); failed, its upload deleted", job_id, settings.job_submit_grace_s)
+            failed.append(job_id)
+    return failed
 
 
 def recover_lost_deliveries(store: JobStore, settings: Settings) -> list[str]:

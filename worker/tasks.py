@@ -132,11 +132,46 @@ def _not_started(task: Task, job_id: str, exc: Exception) -> Reject:
     return Reject(f"job store unreachable: {type(exc).__name__}", requeue=True)
 
 
+# How long a task waits, at most, for the API to confirm a job's submission before it looks again
+# later (a retry): the API confirms milliseconds after it sent the message.
+UNCONFIRMED_WAIT_S = 0.5
+
+
+def _confirmation_awaited(task: Task, jobs: JobStore, storage: Storage, record: JobRecord) -> bool:
+    """Whether this never-started job's submission was unconfirmed (``JobStore.confirm_queued``):
+    it was waited for until confirmed, or failed here as the recovery pass fails it once
+    ``job_submit_grace_s`` passed; the caller reads the record again. Raises a retry while it
+    may still be confirmed.
+
+    An idle worker takes a message the moment it is sent, before the API confirms it: one whose
+    API died right then (its client got no 202 and submits the job again) was run at once, and
+    the job ran twice. A record of an earlier version was never unconfirmed: False at once."""
+    if not jobs.is_unconfirmed(record.job_id):
+        return False
+    deadline = time.monotonic() + UNCONFIRMED_WAIT_S
+    while jobs.is_unconfirmed(record.job_id):
+        waited_s = time.time() - record.created_ts
+        if waited_s >= settings.job_submit_grace_s:
+            if jobs.fail_interrupted(record.job_id) is not None:
+                storage.delete_job(record.job_id)
+                log.error("job %s: its submission was not confirmed within %.0f s (interrupted before the job was "
+                          "queued); failed, not run", record.job_id, settings.job_submit_grace_s)
+            return True
+        if time.monotonic() >= deadline:
+            log.info("job %s: its submission is not confirmed yet; checking again later", record.job_id)
+            raise task.retry(countdown=min(5.0, settings.job_submit_grace_s - waited_s))
+        time.sleep(0.02)
+    return True
+
+
 def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] | None) -> dict[str, Any]:
     """Shared life cycle: skip if already ended, mark running, run, record the outcome, clean up."""
     jobs, storage = store(), get_storage(settings)
     try:
         record = jobs.get(job_id)
+        if record is not None and record.status == QUEUED and not record.attempts \
+                and _confirmation_awaited(task, jobs, storage, record):
+            record = jobs.get(job_id)
     except redis.RedisError as exc:
         raise _not_started(task, job_id, exc) from None
     if record is None:

@@ -68,16 +68,11 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # batch, two 13 h recordings (each within a 24 h limit) were refused as 26 h "together"
     for submission in submissions:
         await dispatcher.check_audio_limits(submission.audio.values(), sync=False)
-    records: list[JobRecord] = []
-    try:
-        for submission in submissions:
-            records.append(await dispatcher.submit(submission, webhook_url=webhook_url, webhook_payload=webhook_payload,
-                                                   batch_id=batch_id, principal=principal))
-    except BaseException:
-        # refused midway all the same (storage full, job store or broker gone): what was queued is withdrawn
-        for record in records:
-            await dispatcher.withdraw(record.job_id)
-        raise
+    # stored, queued and confirmed together: refused midway all the same (storage full, job store
+    # or broker gone), what was queued is withdrawn; cut off midway (the process died), what was
+    # queued is failed by the workers' recovery pass (Dispatcher.submit_all)
+    records = await dispatcher.submit_all(submissions, webhook_url=webhook_url, webhook_payload=webhook_payload,
+                                          batch_id=batch_id, principal=principal)
     body = _batch_body(base, batch_id, kind, records)
     return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
 
