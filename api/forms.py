@@ -17,7 +17,7 @@ from fastapi import File, Form, Request, UploadFile
 from pydantic.fields import FieldInfo
 
 from shared.errors import InputError
-from shared.kinds import JobKind
+from shared.kinds import KINDS, JobKind
 
 WEBHOOK = inspect.Parameter(
     "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
@@ -113,16 +113,48 @@ async def refuse_repeated_query(request: Request) -> None:
             raise InputError(f"{field.alias}: given {count} times; send each query parameter once")
 
 
+def _known_fields() -> frozenset[str]:
+    """Every form field some job route reads: each kind's uploads, their ``<name>_url``, its
+    parameters and lookups, the webhook's fields, and the batch's ``kind``."""
+    names = {"kind", *(p.name for p in WEBHOOK_FIELDS)}
+    for kind in KINDS.values():
+        names |= {f.name for f in kind.files} | set(kind.url_fields) | set(kind.form_fields)
+    return frozenset(names)
+
+
+KNOWN_FIELDS = _known_fields()
+
+
+async def refuse_foreign(request: Request, accepted: Iterable[str]) -> None:
+    """422 for a field this route does not read that another route does.
+
+    Such a field was dropped without a word: ``POST /identify`` with diarization's
+    ``identification_threshold=0.9`` named speakers at the default threshold (the batch route
+    refused it already; the kinds' own routes did not), ``/jobs/embedding`` ran with
+    diarization's ``num_speakers`` ignored, and ``POST /diarize`` (synchronous) with a
+    ``webhook_url`` never sent it. Names no route reads are left alone, as query parameters are.
+    """
+    form = await request.form()  # parsed once already, for the endpoint's parameters: cached
+    accepted = set(accepted)
+    foreign = sorted({name for name in form.keys() if name in KNOWN_FIELDS and name not in accepted})
+    if foreign:
+        raise InputError(f"{', '.join(foreign)}: not a field of {request.method} {request.url.path}, which takes "
+                         f"{', '.join(sorted(accepted))}")
+
+
 def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],
                    extra: list[inspect.Parameter]) -> Callable[..., Awaitable[Any]]:
     """``endpoint(**values)`` as FastAPI sees it: ``fixed`` (dependencies, ``request`` among
     them) then ``extra``; a field of ``extra`` that takes one value (anything but a list of
-    files) sent more than once is refused first (:func:`refuse_repeated`)."""
+    files) sent more than once is refused first (:func:`refuse_repeated`), and so is a field
+    another route reads but not this one (:func:`refuse_foreign`)."""
     params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in fixed] + extra
     single = tuple(p.name for p in extra if get_origin(p.annotation) is not list)
+    accepted = tuple(p.name for p in extra)
 
     async def checked(**values: Any) -> Any:
         await refuse_repeated(values["request"], single)
+        await refuse_foreign(values["request"], accepted)
         return await endpoint(**values)
 
     checked.__name__, checked.__qualname__, checked.__doc__ = endpoint.__name__, endpoint.__qualname__, endpoint.__doc__

@@ -71,3 +71,33 @@ def test_a_requeue_that_lost_its_race_to_an_end_says_so(racing_store):
     racer["job"] = lambda job_id: other.finish(job_id, CANCELLED)
     assert store.requeue(job.job_id, 1, lost=False) is None
     assert store.get(job.job_id).status == CANCELLED
+
+
+@pytest.mark.parametrize("path,files,form,foreign", [
+    # identify's threshold is `threshold`; diarization's is `identification_threshold`
+    ("/jobs/identify", "file", {"voiceprints": "all", "identification_threshold": "0.9"}, "identification_threshold"),
+    ("/jobs/embedding", "file", {"num_speakers": "2"}, "num_speakers"),
+    ("/jobs/compare", ("file1", "file2"), {"exclusive": "true"}, "exclusive"),
+    # the synchronous route answers the result itself: a webhook it takes would never be sent
+    ("/diarize", "file", {"webhook_url": "http://127.0.0.1:9/hook"}, "webhook_url"),
+    ("/jobs/diarize", "file", {"label": "Alice"}, "label"),
+])
+def test_a_field_of_another_route_is_refused_not_dropped(client, path, files, form, foreign):
+    """A field the route does not read, sent to it, was dropped without a word and the job ran
+    without it (POST /identify with identification_threshold=0.9 named speakers at the default
+    threshold, as the batch route had before it refused such fields); now 422 naming it, before
+    any job is queued. Names no route reads are left alone."""
+    from tests.conftest import tone_wav
+
+    uploads = [(name, (f"{name}.wav", tone_wav(), "audio/wav")) for name in ((files,) if isinstance(files, str) else files)]
+    def newest() -> list[str]:
+        return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+
+    before = newest()
+    r = client.post(path, files=uploads, data=form)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"{foreign}: not a field of POST {path}")
+    assert newest() == before
+    # what the route reads is still taken, and an unknown name is still ignored
+    ok = client.post(path, files=uploads, data={**{k: v for k, v in form.items() if k != foreign}, "x_custom": "1"})
+    assert ok.status_code != 422 or "voiceprints" in ok.text, ok.text
