@@ -409,6 +409,7 @@ class JobStore:
 
         def change(r: JobRecord) -> JobRecord | None:
             nonlocal failed
+            failed = False  # decided again on each try of the transaction, as in finish
             if r.status != QUEUED or r.attempts != 0:
                 return None
             failed = True

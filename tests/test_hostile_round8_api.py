@@ -101,3 +101,15 @@ def test_a_field_of_another_route_is_refused_not_dropped(client, path, files, fo
     # what the route reads is still taken, and an unknown name is still ignored
     ok = client.post(path, files=uploads, data={**{k: v for k, v in form.items() if k != foreign}, "x_custom": "1"})
     assert ok.status_code != 422 or "voiceprints" in ok.text, ok.text
+
+
+def test_an_interrupted_submission_that_a_worker_started_meanwhile_is_not_failed(racing_store):
+    """The recovery pass fails a job whose submission was never confirmed (queued, never
+    started); a worker that started it between the pass's read and its write made the pass's
+    retry leave the job alone but still answer it as failed, and the pass deleted the running
+    job's upload."""
+    store, other, racer = racing_store
+    job = _queued(store)
+    racer["job"] = other.mark_running
+    assert store.fail_interrupted(job.job_id) is None
+    assert store.get(job.job_id).status == "running"
