@@ -339,12 +339,26 @@ def _run_leased(
             record = jobs.get(job_id)
     except redis.RedisError as exc:
         return _interrupted(job_id, exc)
+    if record is not None and not record.ended:
+        return _superseded(job_id, attempt, record)
     log.info("job %s", record.status if record is not None else "gone")
     # nothing of the audio is kept once the job ended, whatever the outcome
     storage.delete_job(job_id)
     if record is not None:
         _notify(record)
     return _settle(task, record, job_id)
+
+
+def _superseded(job_id: str, attempt: int, record: JobRecord) -> dict[str, Any]:
+    """This attempt ended (an outcome that was not written, or a cancel that was not one) while
+    the job went on without it: its lease lapsed under it (the process stalled: a paused VM, a
+    swapping host, a Redis away for a lease), the recovery pass queued the job again and another
+    attempt started. The upload is that attempt's now, and stays. Deleted here as any ended
+    job's, the stalled worker took the audio from under the job's next run, which failed with
+    "uploaded file is no longer in storage" (or an internal error midway through a compare)."""
+    log.error("job %s: attempt %d ended after the job moved on to attempt %d (%s); its outcome is not "
+              "recorded and the upload stays for that attempt", job_id, attempt, record.attempts, record.status)
+    return {"job_id": job_id, "status": "superseded"}
 
 
 # the exit status of a pool process whose CUDA context failed (EX_SOFTWARE)
