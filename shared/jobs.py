@@ -317,6 +317,18 @@ class JobStore:
         settings = settings or get_settings()
         return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings)
 
+    # --- the one clock every process reads --------------------------------------------------
+    def clock(self) -> float:
+        """Epoch seconds by the Redis server's clock, for the times one process writes and
+        another compares with its own "now": when a submission was left unconfirmed, when a
+        webhook delivery is due. Each process's own clock made those comparisons by two clocks:
+        a worker 60 s ahead of the API (a host without NTP, a VM resumed with a stale clock)
+        failed every job it took before the API confirmed it, milliseconds after its message was
+        sent, as a submission interrupted a minute ago, and one ahead by a delivery's grace took
+        every delivery in progress for lost and sent it again while the first was posting."""
+        seconds, micros = self.redis.time()
+        return seconds + micros / 1e6
+
     # --- keys -------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -337,6 +349,7 @@ class JobStore:
         submission that stops (its process dies, the broker refuses the message) leaves a job
         the recovery pass fails (:meth:`fail_interrupted`) instead of one queued for nobody."""
         now = time.time()
+        marked = self.clock()  # the unconfirmed mark's time, which the workers compare (see clock)
         horizon = math.ceil(self.horizon_s)
         record = record.model_copy(update={"status": QUEUED, "created_ts": now, "expires_by": now + horizon})
         if record.webhook_url and record.webhook is None:
@@ -355,7 +368,7 @@ class JobStore:
             pipe.rpush(self.key("batch", record.batch_id), record.job_id)
             pipe.expire(self.key("batch", record.batch_id), horizon)
         # in the same transaction as the record: no record without its mark
-        pipe.zadd(self._unconfirmed(), {record.job_id: now})
+        pipe.zadd(self._unconfirmed(), {record.job_id: marked})
         pipe.execute()
         return record
 
@@ -384,16 +397,25 @@ class JobStore:
 
     def unconfirmed(self, older_than_s: float, limit: int = 100) -> list[str]:
         """Jobs whose submission has not been confirmed for ``older_than_s`` seconds, oldest first."""
-        return list(self.redis.zrangebyscore(self._unconfirmed(), "-inf", time.time() - older_than_s,
+        return list(self.redis.zrangebyscore(self._unconfirmed(), "-inf", self.clock() - older_than_s,
                                              start=0, num=limit))
 
     def is_unconfirmed(self, job_id: str) -> bool:
         return self.redis.zscore(self._unconfirmed(), job_id) is not None
 
+    def unconfirmed_for_s(self, job_id: str) -> float | None:
+        """How long this job's submission has been unconfirmed (by the Redis clock); None once
+        it is not (confirmed, failed, or never marked: a record of an earlier version)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(self._unconfirmed(), job_id)
+            pipe.time()
+            marked, (seconds, micros) = pipe.execute()
+        return None if marked is None else max(0.0, seconds + micros / 1e6 - float(marked))
+
     def look_again_later(self, job_id: str) -> None:
         """An unconfirmed job that started all the same (its message went out before the API
         stopped): left unconfirmed until it ends, behind the others."""
-        self.redis.zadd(self._unconfirmed(), {job_id: time.time()}, xx=True)
+        self.redis.zadd(self._unconfirmed(), {job_id: self.clock()}, xx=True)
 
     def forget_unconfirmed(self, job_id: str) -> None:
         self.redis.zrem(self._unconfirmed(), job_id)
@@ -716,9 +738,12 @@ class JobStore:
                 update["progress"] = 1.0
             return r.model_copy(update=update)
 
+        # read before the transaction (no read inside it): the clock the recovery pass compares with
+        due = self.clock() + self.webhook_grace_s() if notify else 0.0
+
         def also(pipe: Any, record: JobRecord) -> None:
             if notify and record.webhook_url:
-                pipe.zadd(self._webhooks_due(), {job_id: time.time() + self.webhook_grace_s()})
+                pipe.zadd(self._webhooks_due(), {job_id: due})
 
         record = self.update(job_id, change, also)
         if changed_flag and record is not None:
@@ -743,7 +768,7 @@ class JobStore:
     def webhook_due(self, job_id: str, in_s: float, *, keep_earlier: bool = False) -> None:
         """The delivery of ``job_id`` is owed and must be heard from within ``in_s`` seconds
         (``keep_earlier``: an earlier due time already set stays)."""
-        self.redis.zadd(self._webhooks_due(), {job_id: time.time() + in_s}, nx=keep_earlier)
+        self.redis.zadd(self._webhooks_due(), {job_id: self.clock() + in_s}, nx=keep_earlier)
 
     _QUEUED = """
     local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -763,14 +788,14 @@ class JobStore:
         (a worker took the message and set its own, or the delivery settled). Without this a
         queue backed up past the due time had each of its deliveries sent again, and again."""
         return bool(self.redis.eval(self._QUEUED, 1, self._webhooks_due(), job_id,
-                                    "" if expected is None else repr(float(expected)), repr(time.time() + in_s)))
+                                    "" if expected is None else repr(float(expected)), repr(self.clock() + in_s)))
 
     def webhook_settled(self, job_id: str) -> None:
         """Delivered, failed for good, or nothing to deliver: no longer owed."""
         self.redis.zrem(self._webhooks_due(), job_id)
 
     def webhooks_past_due(self, limit: int = 100) -> list[str]:
-        return list(self.redis.zrangebyscore(self._webhooks_due(), "-inf", time.time(), start=0, num=limit))
+        return list(self.redis.zrangebyscore(self._webhooks_due(), "-inf", self.clock(), start=0, num=limit))
 
     _TAKE_OVER = """
     local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -785,7 +810,7 @@ class JobStore:
         claim a delivery task checks, so a late copy of the lost one stops) and set its next due
         time, which it returns. None when it is not past due (delivered, or another worker took
         it over first)."""
-        now = time.time()
+        now = self.clock()
         due = now + next_in_s
         taken = self.redis.eval(self._TAKE_OVER, 2, self._webhooks_due(), self.key("webhook", job_id, "claim"),
                                 job_id, repr(now), repr(due), task_id, str(max(1, self.ttl)))

@@ -87,3 +87,90 @@ def test_a_worker_that_stalled_past_its_lease_leaves_the_upload_to_the_jobs_next
     assert done["attempts"] == 3 and done["result"]["embedding"], done
     assert gone(Path(settings.storage_dir) / job_id), "the upload outlived the job"
     assert f"job {job_id}: attempt 1 ended after the job moved on to attempt 2" in stalling.log.read_text(errors="replace")
+
+
+# --- a worker whose clock is ahead of the API's ----------------------------------------------------
+
+SKEW_QUEUE = "audio-round8-skew"
+SKEW_HOOKS = "webhooks-round8-skew"
+SKEW_S = 120.0  # ahead by twice the submission grace (60 s) and the webhooks' (60 s), the defaults
+
+
+@pytest.fixture(scope="module")
+def skewed(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """A worker 2 minutes ahead of everyone else, its recovery pass every second, consuming a
+    queue of its own (deliveries it sends go to a queue nobody consumes), and an API sending to it."""
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": SKEW_QUEUE, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": SKEW_HOOKS,
+           "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1", "SKEWED_CLOCK_S": str(SKEW_S)}
+    store = _store(settings)
+    try:
+        for worker in _start_worker(tmp_path_factory.mktemp("skew"), "skew", SKEW_QUEUE, env,
+                                    module="tests._skewed_clock_worker"):
+            for client in _api(settings, SKEW_QUEUE):
+                worker.client = client
+                yield worker
+    finally:
+        store.redis.delete(SKEW_HOOKS)
+
+
+def _passes(worker: Any, n: int = 2) -> None:
+    """Until the worker's recovery pass (every second) has run ``n`` more times, give or take one."""
+    time.sleep(n + 0.5)
+    assert worker.proc.poll() is None
+
+
+def test_a_worker_ahead_of_the_api_runs_the_job_it_took_before_its_confirmation(skewed, settings, utterances,
+                                                                                 monkeypatch):
+    """An idle worker takes a message the moment it is sent, before the API confirms the job. It
+    measured how long the job had gone unconfirmed by its own clock against the API's creation
+    time: 2 minutes ahead, it took every such job for a submission interrupted past the grace
+    (60 s) and failed it at once, and the API, confirming a moment later, answered 503 "the
+    submission was interrupted". Here the API sends the message and confirms 1 s later."""
+    import api.dispatch
+
+    send = api.dispatch.send_job
+
+    def send_then_stall(*args: Any, **kwargs: Any) -> None:
+        send(*args, **kwargs)
+        time.sleep(1.0)  # the confirmation's milliseconds, drawn out: the idle worker has the message
+
+    monkeypatch.setattr(api.dispatch, "send_job", send_then_stall)
+    clip = utterances["spk1"][0]
+    r = skewed.client.post("/jobs/embedding", files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(skewed.client, r.json()["job_id"], timeout_s=60)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+def test_a_worker_ahead_of_the_api_leaves_a_submission_being_confirmed_alone(skewed, settings):
+    """The recovery pass of a worker 2 minutes ahead failed any job whose submission was still
+    being confirmed (a batch's first records wait for its last file's message), as interrupted a
+    minute ago. Here a record stays unconfirmed for two of the skewed worker's passes."""
+    from shared.jobs import JobRecord, new_job_id
+
+    store = _store(settings)
+    record = store.create(JobRecord(job_id=new_job_id(), kind="embedding", queue=SKEW_QUEUE))
+    _passes(skewed)
+    assert store.get(record.job_id).status == "queued", store.get(record.job_id)
+    assert store.confirm_queued([record.job_id]) == [], "the pass took the submission for interrupted"
+    store.finish(record.job_id, "cancelled")
+
+
+def test_a_worker_ahead_of_the_others_takes_no_delivery_in_progress_for_lost(skewed, settings):
+    """Every delivery owed is due by a time its worker pushes on as it goes (now plus the
+    webhooks' grace, 60 s). A worker 2 minutes ahead read every such time as past, took each
+    delivery in progress over and sent it again, its receiver posted to twice when the first
+    POST was still on its way. Here a delivery is due the grace from now, by an on-time worker."""
+    from shared.jobs import new_job_id
+
+    store = _store(settings)
+    job_id = new_job_id()
+    store.webhook_due(job_id, store.webhook_grace_s())
+    due = store.webhook_due_at(job_id)
+    try:
+        _passes(skewed)
+        assert store.webhook_due_at(job_id) == due, "the delivery was taken over"
+        assert not store.redis.exists(store.key("webhook", job_id, "claim"))
+        assert store.redis.llen(SKEW_HOOKS) == 0
+    finally:
+        store.webhook_settled(job_id)

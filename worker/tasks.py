@@ -146,11 +146,13 @@ def _confirmation_awaited(task: Task, jobs: JobStore, storage: Storage, record: 
     An idle worker takes a message the moment it is sent, before the API confirms it: one whose
     API died right then (its client got no 202 and submits the job again) was run at once, and
     the job ran twice. A record of an earlier version was never unconfirmed: False at once."""
-    if not jobs.is_unconfirmed(record.job_id):
+    # how long by the Redis clock (JobStore.clock): by this process's own clock against the API's
+    # creation time, a worker ahead by the grace failed every job it took before its confirmation
+    waited_s = jobs.unconfirmed_for_s(record.job_id)
+    if waited_s is None:
         return False
     deadline = time.monotonic() + UNCONFIRMED_WAIT_S
-    while jobs.is_unconfirmed(record.job_id):
-        waited_s = time.time() - record.created_ts
+    while waited_s is not None:
         if waited_s >= settings.job_submit_grace_s:
             if jobs.fail_interrupted(record.job_id) is not None:
                 storage.delete_job(record.job_id)
@@ -161,6 +163,7 @@ def _confirmation_awaited(task: Task, jobs: JobStore, storage: Storage, record: 
             log.info("job %s: its submission is not confirmed yet; checking again later", record.job_id)
             raise task.retry(countdown=min(5.0, settings.job_submit_grace_s - waited_s))
         time.sleep(0.02)
+        waited_s = jobs.unconfirmed_for_s(record.job_id)
     return True
 
 
