@@ -70,7 +70,8 @@ def _embedded_embedder(settings: Settings, device: torch.device) -> SpeakerEmbed
     from engine.models.campplus import CAMPPlusEmbedding
     from engine.pipelines.embedding import CAMPPlusEmbedder
 
-    return CAMPPlusEmbedder(CAMPPlusEmbedding.shared(device), device)  # the diarization pipeline's own
+    # the diarization pipeline's own
+    return CAMPPlusEmbedder(CAMPPlusEmbedding.shared(device, settings.embedding_frozen), device)
 
 
 def _production_diarization(settings: Settings, device: torch.device) -> Any:

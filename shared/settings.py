@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     # FP32 rate on an H100/H200). Off, as pyannote keeps it for its own models, until the device
     # check (scripts/device_check.sh) has shown the DER holds with it; nothing on the CPU
     embedding_tf32: bool = False
+    # trace and freeze CAM++ on the CPU when the models load (BatchNorm folded into the
+    # convolutions, oneDNN fusion): 17 against 21 ms of CPU per second of speech embedded, for
+    # 1.5-2.7 s of CPU at load. A worker pays that once; the offline CLI turns it off for
+    # recordings under 5 minutes, where the load costs more than it saves (cli/main.py)
+    embedding_frozen: bool = True
     embedding_exclude_overlap: bool = True
     clustering_threshold: float = 0.8
     clustering_min_cluster_size: int = 2

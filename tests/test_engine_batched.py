@@ -77,6 +77,34 @@ def test_a_gpu_runs_the_network_eagerly():
     assert isinstance(model._network(torch.device("cpu")), torch.jit.ScriptModule)
 
 
+def test_an_engine_made_unfrozen_runs_the_network_eagerly_on_the_cpu(tmp_path):
+    """The offline CLI's engine for a short recording (Settings.embedding_frozen off): no trace at
+    load (1.5-2.7 s, more than it saves under 5 minutes), the same embeddings to 1e-5."""
+    import soundfile as sf
+
+    from cli.main import FROZEN_FROM_S, engine_settings
+    from engine.core import Engine
+    from shared.settings import get_settings
+
+    unfrozen = Engine(get_settings().model_copy(update={"embedding_frozen": False}))
+    frozen = Engine(get_settings())
+    assert unfrozen.embedder.model._network(torch.device("cpu")) is unfrozen.embedder.model.campplus
+    assert isinstance(frozen.embedder.model._network(torch.device("cpu")), torch.jit.ScriptModule)
+    utterance = UTTERANCES / "spk1_snt1.wav"
+    a, b = unfrozen.embed(utterance).embedding, frozen.embed(utterance).embedding
+    assert np.allclose(a, b, atol=1e-5)
+
+    # the CLI decides by the recordings' header durations, all files of a command together
+    short = utterance
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(int(FROZEN_FROM_S * 16000), dtype=np.int16), 16000)
+    assert engine_settings({"file": short}).embedding_frozen is False
+    assert engine_settings({"file1": short, "file2": short}).embedding_frozen is False
+    assert engine_settings({"file": long}).embedding_frozen is True
+    assert engine_settings({"files": [short, long]}).embedding_frozen is True
+    assert engine_settings({"file": tmp_path / "not-audio"}).embedding_frozen is True  # no header: long
+
+
 def test_fbank_of_a_stretch_is_a_slice_of_the_recordings(campplus):
     wav = torch.from_numpy(load_audio(pyannote_sample()[0]).float32()[: 16000 * 12])
     whole = campplus.fbank_frames(wav)  # 12 s: spans several internal blocks

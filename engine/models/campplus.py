@@ -31,8 +31,8 @@ FRAME_LENGTH = 400
 MIN_FRAMES = 25
 # frames per fbank call: bounds the (frames x 512) FFT buffers kaldi.fbank allocates
 _FBANK_BLOCK_FRAMES = 3000
-# CAMPPlusEmbedding.shared: one loaded network per device and process
-_SHARED: dict[str, "CAMPPlusEmbedding"] = {}
+# CAMPPlusEmbedding.shared: one loaded network per device (and form) and process
+_SHARED: dict[tuple[str, bool], "CAMPPlusEmbedding"] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -57,18 +57,21 @@ class CAMPPlusEmbedding(Model):
         return model
 
     @classmethod
-    def shared(cls, device: torch.device) -> "CAMPPlusEmbedding":
-        """The bundled weights on ``device``, loaded, moved and traced once per process.
+    def shared(cls, device: torch.device, frozen: bool = True) -> "CAMPPlusEmbedding":
+        """The bundled weights on ``device``, loaded, moved and (on the CPU, ``frozen``) traced
+        once per process.
 
         The diarization pipeline and the embedder of /embedding, /compare and voiceprints use
         the same network in inference mode only; each loading its own copy cost a worker about
         110 MB and a second trace at start-up.
         """
-        key = str(device)
+        key = (str(device), frozen)
         with _SHARED_LOCK:
             model = _SHARED.get(key)
             if model is None:
-                model = _SHARED[key] = cls.from_checkpoint().to(device).prepare(device)
+                model = cls.from_checkpoint().to(device)
+                model.__dict__["_freeze"] = frozen
+                model = _SHARED[key] = model.prepare(device)
             return model
 
     @property
@@ -125,7 +128,8 @@ class CAMPPlusEmbedding(Model):
         return self
 
     def _network(self, device: torch.device):
-        """CAM++ for inference on ``device``: traced and frozen on the CPU, built on first use there.
+        """CAM++ for inference on ``device``: traced and frozen on the CPU (unless the model was
+        made with ``frozen=False``: a one-off run of a short recording), built on first use there.
 
         Freezing folds every BatchNorm that follows a convolution into it and lets oneDNN fuse
         what remains: about 20 % less CPU time per frame, same outputs to 1e-5. The frozen copy
@@ -142,7 +146,8 @@ class CAMPPlusEmbedding(Model):
         frozen = self.__dict__.get("_frozen")
         if frozen is not None and frozen[0] == device:
             return frozen[1]
-        network = self.campplus if device.type != "cpu" else self.traced(device)
+        freeze = device.type == "cpu" and self.__dict__.get("_freeze", True)
+        network = self.traced(device) if freeze else self.campplus
         self.__dict__["_frozen"] = (device, network)
         return network
 

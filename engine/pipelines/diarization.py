@@ -49,7 +49,7 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
     pipeline = EmbeddedSpeakerDiarization(
         segmentation=Model.from_pretrained(bundled.segmentation_path()),
         segmentation_step=settings.segmentation_step,
-        embedding=CAMPPlusEmbedding.shared(device or torch.device("cpu")),
+        embedding=CAMPPlusEmbedding.shared(device or torch.device("cpu"), settings.embedding_frozen),
         embedding_exclude_overlap=settings.embedding_exclude_overlap,
         # a GPU takes far larger segmentation batches than the CPU gains from
         segmentation_batch_size=settings.segmentation_batch_size or (256 if lanes is None else 4 * lanes.count),
