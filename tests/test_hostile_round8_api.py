@@ -113,3 +113,20 @@ def test_an_interrupted_submission_that_a_worker_started_meanwhile_is_not_failed
     racer["job"] = other.mark_running
     assert store.fail_interrupted(job.job_id) is None
     assert store.get(job.job_id).status == "running"
+
+
+@pytest.mark.parametrize("path,files", [("/jobs/diarize", "file"), ("/jobs/batch", "files")])
+def test_a_webhook_payload_without_a_webhook_url_is_refused(client, path, files):
+    """webhook_payload=status without webhook_url was taken (202) and no delivery was ever made:
+    the client waits for a webhook that nothing will send. Now 422 naming the field, no job."""
+    from tests.conftest import tone_wav
+
+    def newest() -> list[str]:
+        return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+
+    before = newest()
+    form = {"webhook_payload": "status", **({"kind": "diarize"} if path.endswith("batch") else {})}
+    r = client.post(path, files=[(files, ("a.wav", tone_wav(), "audio/wav"))], data=form)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("webhook_payload:") and set(r.json()) == {"detail", "error_type", "timestamp"}
+    assert newest() == before
