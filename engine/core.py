@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -374,9 +375,10 @@ class Engine:
         total = round(sum(per_file), 3)
         needed = self.settings.voiceprint_min_speech_s
         if total < needed or not vectors:
+            detected, least = shortfall(total, needed)
             raise InputError(
-                f"too little speech for a voiceprint: {total:.1f} s detected in {len(sources)} file(s), "
-                f"at least {needed:.1f} s of the person speaking are needed (more gives a steadier voiceprint)"
+                f"too little speech for a voiceprint: {detected} s detected in {len(sources)} file(s), "
+                f"at least {least} s of the person speaking are needed (more gives a steadier voiceprint)"
             )
         mean = ident.unit(np.average(np.stack(vectors), axis=0, weights=np.asarray(weights)))
         return EnrollResponse(
@@ -397,7 +399,8 @@ class Engine:
         vector, speech_s = self.speech_vector(audio)
         needed = self.settings.identification_min_speech_s
         if vector is None or speech_s < needed:
-            raise InputError(f"too little speech to identify: {speech_s:.1f} s detected, at least {needed:.1f} s needed")
+            detected, least = shortfall(speech_s, needed)
+            raise InputError(f"too little speech to identify: {detected} s detected, at least {least} s needed")
         scores = ident.score_matrix(vector[None], np.asarray([r.embedding for r in refs], dtype=np.float32))[0]
         best = int(np.argmax(scores))
         match = ident.describe(scores, best if scores[best] >= threshold else None, refs)
@@ -495,6 +498,12 @@ class Engine:
             audio_duration=round(duration, 4),
             model_device=self.model_device,
         )
+
+
+def shortfall(detected: float, needed: float) -> tuple[str, str]:
+    """Speech found and speech needed, to a tenth of a second, rounded apart (found down, needed
+    up): rounded to nearest, 2.96 s of a 3 s minimum read "3.0 s detected, at least 3.0 s needed"."""
+    return f"{math.floor(detected * 10) / 10:.1f}", f"{math.ceil(round(needed * 10, 6)) / 10:.1f}"
 
 
 _engine: Engine | None = None

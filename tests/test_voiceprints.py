@@ -182,6 +182,17 @@ def test_too_little_speech_is_refused_with_how_much_is_needed(client, readers, t
     assert "too little speech" in done["error"]["detail"]
 
 
+@pytest.mark.parametrize("detected,needed,shown", [
+    (2.96, 3.0, ("2.9", "3.0")), (2.999, 3.0, ("2.9", "3.0")), (0.0, 3.0, ("0.0", "3.0")),
+    (1.54, 1.55, ("1.5", "1.6")), (2.9, 3.0, ("2.9", "3.0")),
+])
+def test_too_little_speech_never_reads_as_enough(detected, needed, shown):
+    """2.96 s of a 3.0 s minimum said "3.0 s detected ... at least 3.0 s needed"."""
+    from engine.core import shortfall
+
+    assert shortfall(detected, needed) == shown
+
+
 def test_voiceprints_of_another_model_are_refused(client, variant_app, readers, settings):
     from shared.voiceprints import EmbeddingModel, VoiceprintStore
 
