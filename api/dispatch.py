@@ -24,7 +24,7 @@ from celery import Celery
 from fastapi import HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import JobConflict, JobNotFound, StorageFull, StorageUnavailable, SyncTimeout
+from api.errors import JobConflict, StorageFull, StorageUnavailable, SyncTimeout, not_found
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -522,7 +522,7 @@ class Dispatcher:
         record = self.store.get(job_id) if is_job_id(job_id) else None
         # another tenant's job is answered exactly like a missing one: its existence is not told
         if record is None or (principal is not None and not principal.can_see(record)):
-            raise JobNotFound(f"no job {job_id} (unknown or expired)")
+            raise not_found("job", job_id, "unknown or expired")
         return record
 
     async def aget(self, job_id: str, principal: Principal | None = None) -> JobRecord:

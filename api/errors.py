@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from fastapi import FastAPI, Request
@@ -22,6 +23,19 @@ class AuthError(InputError):
 
 class JobNotFound(InputError):
     status_code = 404
+
+
+# what a 404 may echo of the id it was asked for: ids this service makes are 32 hex digits
+# (``vp_`` + 32 for voiceprints); a path's id of up to the 16 KB a request line holds, or with
+# markup in it, was sent back whole in every 404
+_ECHOED_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def not_found(what: str, value: str, why: str = "") -> JobNotFound:
+    """404 for the ``what`` (job, batch, voiceprint) named ``value``, echoing the value only where
+    it looks like an id; ``why`` is added after it ("unknown or expired")."""
+    named = f"{what} {value}" if _ECHOED_ID.match(value or "") else f"{what} with that id (not an id this service makes)"
+    return JobNotFound(f"no {named}" + (f" ({why})" if why else ""))
 
 
 class JobConflict(InputError):

@@ -130,3 +130,17 @@ def test_a_webhook_payload_without_a_webhook_url_is_refused(client, path, files)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith("webhook_payload:") and set(r.json()) == {"detail", "error_type", "timestamp"}
     assert newest() == before
+
+
+@pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/result", "/batches/{id}", "/voiceprints/{id}"])
+def test_a_404_does_not_echo_what_is_not_an_id(client, path):
+    """A path's id of 8,000 characters (or with markup) was sent back whole in the 404's detail;
+    it is echoed only where it looks like an id, and a well-formed unknown id still is."""
+    long = "<b>" + "x" * 8000
+    r = client.get(path.format(id=long))
+    assert r.status_code == 404, r.text
+    assert "xxxx" not in r.text and "<b>" not in r.text and len(r.content) < 400
+    assert set(r.json()) == {"detail", "error_type", "timestamp"}
+    unknown = "0" * 32 if not path.startswith("/voiceprints") else "vp_" + "0" * 32
+    r = client.get(path.format(id=unknown))
+    assert r.status_code == 404 and unknown in r.json()["detail"], r.text

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.dispatch import summary_view, view
-from api.errors import JobConflict, JobNotFound
+from api.errors import JobConflict, not_found
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Batch, Job, JobList
@@ -216,5 +216,5 @@ async def get_batch(batch_id: str, dispatcher: DispatcherDep, principal: Princip
         if is_job_id(batch_id) else []
     records = [r for r in found if principal.can_see(r)]
     if not records:
-        raise JobNotFound(f"no batch {batch_id} (unknown or expired)")
+        raise not_found("batch", batch_id, "unknown or expired")
     return _batch_body(base, batch_id, records[0].kind, records)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
-from api.errors import JobNotFound
+from api.errors import not_found
 from api.forms import refuse_repeated
 from api.limits import BoundedFormRoute
 from api.models import ERRORS
@@ -54,7 +54,7 @@ class VoiceprintExport(VoiceprintInfo):
 def _get(dispatcher: Any, voiceprint_id: str, principal: Any) -> Voiceprint:
     vp = dispatcher.voiceprints.get(voiceprint_id, principal.owner, admin=principal.admin)
     if vp is None:
-        raise JobNotFound(f"no voiceprint {voiceprint_id}")
+        raise not_found("voiceprint", voiceprint_id)
     return vp
 
 
@@ -161,6 +161,6 @@ async def delete_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, princ
     deleted = await run_in_threadpool(dispatcher.voiceprints.delete, voiceprint_id, principal.owner,
                                       admin=principal.admin)
     if not deleted:
-        raise JobNotFound(f"no voiceprint {voiceprint_id}")
+        raise not_found("voiceprint", voiceprint_id)
     return Response(status_code=204)
 
