@@ -122,7 +122,7 @@ def pyav_options() -> dict[str, Any]:
 # a 1.3 MB upload, took 1.1 GB to open and decoded to 69 days. Recorders write one or two edits
 # a track (an empty one for a start offset, one for the media less its encoder delay).
 MAX_EDITS = 128
-# boxes an MP4's header may hold (_mp4_edits): recorders write a few dozen, a fragmented MP4 its
+# boxes an MP4's header may hold (_mp4_header): recorders write a few dozen, a fragmented MP4 its
 # moov before its fragments (where the walk stops)
 _MAX_BOXES = 100_000
 # boxes FFmpeg's MP4 demuxer reads the boxes within, as it does the top level's: it takes a box
@@ -137,28 +137,87 @@ _MAX_DEPTH = 12
 _MAX_STSD = 16 << 20
 # top-level boxes that hold media or fragments, not the header
 _MP4_PAYLOADS = {b"mdat", b"free", b"skip", b"wide", b"junk", b"sidx", b"emsg", b"prft", b"mfra", b"pdin"}
+# At most this many packets in the index FFmpeg's MP4 demuxer builds of a file, all tracks
+# together (more than the file's size in bytes is refused as well: every packet has data in the
+# file). Opening the file (header check and decoder alike), FFmpeg sizes a track's index by the
+# count its stsz declares, not by the samples the file holds (mov_build_index, libavformat 62):
+# an AVIndexEntry of 24 bytes and a time-to-sample entry of 12 (mov_merge_tts_data) a sample,
+# filled as far as stts and stsc declare samples, 36 bytes in all; and each trun of a fragment
+# adds its declared count the same way when it is read (mov_read_trun, which reads no bytes
+# for a sample when the trun gives none of its fields). A 7.5 KB MP4 declaring 20 million
+# samples of 8 bytes took 753 MB to open (60 million 2.2 GB; FFmpeg stops near 178 million, 4.3 GB
+# a track, of up to 64 tracks), and one trun of 20 million samples 755 MB. 10 million is 360 MB:
+# 24 h of 96 kHz AAC (8.1 million packets; 48 kHz 4.1 million), or of a 60 fps video's track
+# beside 48 kHz audio (9.2 million). Uncompressed sound (one stts entry of duration 1) is indexed
+# a chunk's 1024 samples or more a packet instead (_pcm_entries), whatever stsz declares.
+MAX_INDEX_ENTRIES = 10_000_000
+# FFmpeg's own ceiling on a track's index: UINT_MAX / sizeof(AVIndexEntry)
+_FFMPEG_MAX_ENTRIES = 0xFFFFFFFF // 24
+# the fewest samples a packet of uncompressed sound covers in mov_build_index: 1024 samples
+# (or whole frames of a codec's samples_per_frame below 160, at least 865 of them), else one
+# frame of 160 or more (GSM's 160)
+_PCM_PACKET_SAMPLES = 160
+# boxes of a fragmented MP4's fragments (moof, traf, trun... and the mdat between them), walked
+# for their trun counts: 1,000,000 are some 150,000 fragments, a day of 0.5 s fragments or an
+# hour of one a packet; the walk reads a moof's boxes from one read (about 1 s per million)
+_MAX_FRAGMENT_BOXES = 1_000_000
+# a moof read whole: a fragment's trun holds up to 16 bytes a sample
+_MAX_MOOF = 64 << 20
+# hdlr types FFmpeg reads a track's kind from (mov_read_hdlr); the last read is the kind
+_AUDIO_HANDLERS = {b"soun", b"m1a "}
+_OTHER_HANDLERS = {b"vide", b"subp", b"clcp"}
+
+
+class _Mp4Track:
+    """What FFmpeg's index of one track (trak) is built from, as declared: the largest of each
+    count (FFmpeg keeps the first or the last of a repeated box; the largest bounds either)."""
+
+    def __init__(self) -> None:
+        self.samples = 0  # stsz / stz2 sample_count: the index's size, but for chunked sound
+        self.chunks = 0  # stco / co64 entries the box holds
+        self.stsc: list[tuple[int, int]] = []  # (body, end) of each stsc
+        self.audio = False  # a sound hdlr was read for it
+        self.other = False  # another kind's hdlr was read for it, or one in its stsd
+        self.unit_stts: bool | None = None  # every stts is one entry of duration 1
+        self.nested = False
+
+
 
 
 def check_mp4_edits(fh: BinaryIO) -> None:
-    """Refuse (415) an MP4/MOV whose edit lists FFmpeg would expand past :data:`MAX_EDITS`;
-    anything else passes. Reads the header's boxes only (a recorder's are a few KB to a few MB:
-    its sample tables), from ``fh``'s start, and leaves ``fh`` there."""
+    """Refuse (415) an MP4/MOV whose edit lists FFmpeg would expand past :data:`MAX_EDITS`, or
+    whose sample tables and fragments declare more packets than :func:`_index_limit` lets its
+    index hold; anything else passes. Reads the boxes' headers and sample-table counts only (a
+    recorder's header is a few KB to a few MB), from ``fh``'s start, and leaves ``fh`` there."""
     try:
-        edits = _mp4_edits(fh)
+        edits, entries, size = _mp4_header(fh)
     finally:
         fh.seek(0)
     if edits > MAX_EDITS:
         raise AudioDecodeError(f"MP4 file holds {edits} edit-list entries; at most {MAX_EDITS} are supported")
+    if entries > _index_limit(size):
+        raise AudioDecodeError(
+            f"MP4 file declares {entries} samples in {size} bytes; at most one a byte and "
+            f"{MAX_INDEX_ENTRIES} in all are supported (its sample tables or fragments are forged)")
 
 
-def _mp4_edits(fh: BinaryIO) -> int:
-    """Edit-list entries FFmpeg would read from ``fh`` taken as an MP4 (0 for anything that is
-    not one)."""
+def _index_limit(size: int) -> int:
+    """Packets FFmpeg may index for an MP4 of ``size`` bytes: one a byte (a packet's data is in
+    the file), and :data:`MAX_INDEX_ENTRIES` at most."""
+    return min(size, MAX_INDEX_ENTRIES)
+
+
+def _mp4_header(fh: BinaryIO) -> tuple[int, int, int]:
+    """What FFmpeg would build from ``fh`` taken as an MP4: its edit-list entries, the packets
+    its index would hold (every track's, and every fragment's), and the file's size (0, 0 for
+    anything that is not one)."""
     import struct
 
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
     visited = 0
+    tracks: list[_Mp4Track] = []
+    open_traks = 0
 
     def boxes(start: int, end: int):
         """(type, body start, body end) of the boxes in [start, end), as FFmpeg walks them: any
@@ -180,12 +239,19 @@ def _mp4_edits(fh: BinaryIO) -> int:
                 length = end - at
             if length < body - at:
                 return
-            yield kind, body, min(at + length, end)
+            yield kind, at, body, min(at + length, end)
             at += length
 
     def full_box(body: int, stop: int) -> bool:
         fh.seek(body)
         return stop - body >= 4 and fh.read(4) == b"\0\0\0\0"
+
+    def fields(body: int, stop: int, count: int) -> tuple[int, ...] | None:
+        """The first ``count`` 32-bit fields of a box's body, or None where it is shorter."""
+        if stop - body < 4 * count:
+            return None
+        fh.seek(body)
+        return struct.unpack(f">{count}I", fh.read(4 * count))
 
     def scan(body: int, stop: int) -> int:
         """Edit entries anywhere in a sample description (stsd): FFmpeg reads the boxes after
@@ -196,6 +262,8 @@ def _mp4_edits(fh: BinaryIO) -> int:
         data = fh.read(stop - body)
         if data.find(b"cmov") >= 4:
             raise AudioDecodeError("MP4 file's header is compressed (cmov), which is not supported")
+        if tracks and data.find(b"hdlr") >= 4:
+            tracks[-1].other = True  # a track kind FFmpeg may read from it: not surely sound
         total, at = 0, data.find(b"elst")
         while at >= 4:
             length = struct.unpack(">I", data[at - 4 : at])[0]
@@ -205,14 +273,38 @@ def _mp4_edits(fh: BinaryIO) -> int:
             at = data.find(b"elst", at + 4)
         return total
 
+    def table(kind: bytes, body: int, stop: int) -> None:
+        """A sample table's counts, for the track FFmpeg reads it for (the last one opened)."""
+        track = tracks[-1]
+        if kind == b"stsz" and (head := fields(body, stop, 3)):
+            track.samples = max(track.samples, head[2])
+        elif kind == b"stz2" and (head := fields(body, stop, 3)):
+            track.samples = max(track.samples, head[2])
+        elif kind in (b"stco", b"co64") and (head := fields(body, stop, 2)):
+            # FFmpeg reads as many offsets as declared, past the box up to the file's end
+            held = (size - body - 8) // (4 if kind == b"stco" else 8)
+            track.chunks = max(track.chunks, min(head[1], held))
+        elif kind == b"stsc":
+            track.stsc.append((body, stop))
+        elif kind == b"stts":
+            head = fields(body, stop, 4)
+            unit = head is not None and head[1] == 1 and head[2] > 0 and head[3] == 1
+            track.unit_stts = unit if track.unit_stts is None else track.unit_stts and unit
+        elif kind == b"hdlr" and open_traks and (head := fields(body, stop, 3)):
+            handler = head[2].to_bytes(4, "big")
+            track.audio = track.audio or handler in _AUDIO_HANDLERS
+            track.other = track.other or handler in _OTHER_HANDLERS
+
     def edits(start: int, end: int, top: bool = False, depth: int = 0) -> int:
+        nonlocal open_traks
         total = 0
         seen_moov = False
         if depth > _MAX_DEPTH:
             return 0  # FFmpeg refuses boxes nested deeper than 10
-        for kind, body, stop in boxes(start, end):
+        for kind, at, body, stop in boxes(start, end):
             if top and kind == b"moof" and seen_moov:
-                break  # fragments follow: read as the file plays, after the moov
+                fragments(at, end)  # read as the file plays, after the moov
+                break
             if top and kind in _MP4_PAYLOADS:
                 continue
             seen_moov = seen_moov or kind == b"moov"
@@ -225,12 +317,121 @@ def _mp4_edits(fh: BinaryIO) -> int:
                 total += min(count, (stop - body - 8) // (20 if version == 1 else 12))
             elif kind == b"stsd":
                 total += scan(body, stop)
+            elif kind == b"trak":
+                # a new stream: FFmpeg builds its index where its trak ends
+                if open_traks:  # a trak in a trak: FFmpeg reads the rest for the inner one
+                    tracks[-1].nested = True
+                tracks.append(_Mp4Track())
+                tracks[-1].nested = open_traks > 0
+                open_traks += 1
+                try:
+                    total += edits(body, stop, depth=depth + 1)
+                finally:
+                    open_traks -= 1
             elif kind in _MP4_PARENTS:
                 # a meta box may start with a version and flags (ISO) or not (QuickTime)
                 total += edits(body + 4 if kind == b"meta" and full_box(body, stop) else body, stop, depth=depth + 1)
+            elif tracks and kind in (b"stsz", b"stz2", b"stco", b"co64", b"stsc", b"stts", b"hdlr"):
+                table(kind, body, stop)
         return total
 
-    return edits(0, size, top=True)
+    declared = 0  # the fragments' trun counts
+
+    def fragments(start: int, end: int) -> None:
+        """Every trun's sample count in the fragments from ``start`` on: FFmpeg adds each to its
+        index as it reads the fragment, its samples' fields read past the box, to the file's end
+        where they run out (mov_read_trun). A moof is read whole and its boxes walked there."""
+        nonlocal declared
+        walked = 0
+        at = start
+        while at + 8 <= end:
+            fh.seek(at)
+            head = fh.read(16)
+            if len(head) < 8:
+                return
+            length, kind = struct.unpack(">I4s", head[:8])
+            header = 8
+            if length == 1 and len(head) == 16:
+                (length,) = struct.unpack(">Q", head[8:16])
+                header = 16
+            elif length == 0:
+                length = end - at
+            if length < header:
+                return
+            walked += 1
+            if kind == b"moof":
+                if length > _MAX_MOOF:
+                    raise AudioDecodeError(f"MP4 file's fragment header is over {_MAX_MOOF >> 20} MB")
+                fh.seek(at + header)
+                data = fh.read(length - header)
+                walked += _moof_samples(data, counts := [])
+                declared += sum(counts)
+            if walked > _MAX_FRAGMENT_BOXES:
+                raise AudioDecodeError(f"MP4 file's fragments hold more than {_MAX_FRAGMENT_BOXES} boxes")
+            at += length
+
+    edit_count = edits(0, size, top=True)
+    return edit_count, declared + sum(_track_entries(fh, track) for track in tracks), size
+
+
+def _moof_samples(data: bytes, counts: list[int], depth: int = 0) -> int:
+    """Boxes walked in a moof's (or a traf's) body ``data``; each trun's declared sample count
+    is appended to ``counts``. FFmpeg reads a trun wherever a moof holds it (it takes a box for
+    what its type says), so every box with children that FFmpeg reads is looked into."""
+    import struct
+
+    walked, at = 0, 0
+    while at + 8 <= len(data) and depth <= _MAX_DEPTH:
+        length, kind = struct.unpack_from(">I4s", data, at)
+        header = 8
+        if length == 1 and at + 16 <= len(data):
+            (length,) = struct.unpack_from(">Q", data, at + 8)
+            header = 16
+        elif length == 0:
+            length = len(data) - at
+        if length < header:
+            break
+        walked += 1
+        body = data[at + header : at + length]
+        if kind == b"trun" and len(body) >= 8:
+            counts.append(struct.unpack_from(">I", body, 4)[0])
+        elif kind in _MP4_PARENTS or kind == b"moof":
+            walked += _moof_samples(body, counts, depth + 1)
+        at += length
+    return walked
+
+
+def _track_entries(fh: BinaryIO, track: _Mp4Track) -> int:
+    """Packets FFmpeg's index of ``track`` holds (mov_build_index). Uncompressed sound (a sound
+    track whose one stts entry has a duration of 1) is indexed by chunks, a packet of at least
+    _PCM_PACKET_SAMPLES samples or a chunk's rest: its stsz counts samples (an hour of 48 kHz
+    PCM declares 172.8 million, 10 min of it took 54 MB to open, as 10 s did), and that count
+    sizes nothing. Any other track is indexed a sample a packet, as many as stsz declares."""
+    import struct
+
+    if not (track.unit_stts and track.audio and not track.other and not track.nested):
+        return track.samples
+    runs: list[tuple[int, int]] = []
+    for body, stop in track.stsc:
+        if stop - body > _MAX_STSD:
+            return _FFMPEG_MAX_ENTRIES  # far more runs than any writer's
+        fh.seek(body)
+        data = fh.read(stop - body)
+        if len(data) < 8:
+            continue
+        declared = struct.unpack_from(">I", data, 4)[0]
+        if 12 * declared > len(data) - 8:
+            return _FFMPEG_MAX_ENTRIES  # FFmpeg reads the runs past the box: bytes of anything
+        runs.extend((first, count) for first, count, _ in struct.iter_unpack(">III", data[8 : 8 + 12 * declared]))
+    if not runs or not track.chunks:
+        return 0  # FFmpeg indexes none of it
+    # FFmpeg counts the packets with the runs' first chunks, wrapping where one lies past the
+    # chunks there are; every writer's run starts at a chunk of the track, in order
+    firsts = [first for first, _ in runs]
+    if firsts[0] != 1 or any(b <= a for a, b in zip(firsts, firsts[1:])) or firsts[-1] > track.chunks:
+        return _FFMPEG_MAX_ENTRIES
+    most = max(count for _, count in runs)
+    return track.chunks * max(1, -(-most // _PCM_PACKET_SAMPLES))
 
 
 # At most this many chunks in a WAV (RIFF, RIFX, RF64, BW64) that FFmpeg opens. Its WAV demuxer

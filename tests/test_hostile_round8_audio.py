@@ -171,3 +171,184 @@ def test_a_videos_audio_track_is_still_analysed(client, tmp_path):
     r = client.post("/diarize", files={"file": ("clip.mov", path.read_bytes(), "video/quicktime")})
     assert r.status_code == 200, r.text
     assert r.json()["audio_duration"] == pytest.approx(3.0, abs=0.1)
+
+
+# --- MP4 sample tables and fragments: FFmpeg sizes its index by the counts they declare -----------
+
+
+def _mp4_boxes(data: bytes, start: int = 0, end: int | None = None) -> list:
+    """An MP4's boxes as [type, body]: a list of boxes for those that hold boxes."""
+    import struct
+
+    parents = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"moof", b"traf"}
+    end, out = len(data) if end is None else end, []
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        body = data[start + 8 : start + size]
+        out.append([kind, _mp4_boxes(data, start + 8, start + size) if kind in parents else body])
+        start += size
+    return out
+
+
+def _mp4_bytes(boxes: list) -> bytes:
+    import struct
+
+    out = b""
+    for kind, body in boxes:
+        data = _mp4_bytes(body) if isinstance(body, list) else body
+        out += struct.pack(">I4s", len(data) + 8, kind) + data
+    return out
+
+
+def _each(boxes: list, kind: bytes):
+    for box in boxes:
+        if box[0] == kind:
+            yield box
+        if isinstance(box[1], list):
+            yield from _each(box[1], kind)
+
+
+def _aac_mp4(seconds: float = 1.0, rate: int = 16000, movflags: str | None = None) -> bytes:
+    """A tone as AAC in an MP4 (fragmented with ``movflags``), written by FFmpeg."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4", options={"movflags": movflags} if movflags else {}) as out:
+        audio = out.add_stream("aac", rate=rate, layout="mono")
+        tone = (np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate) * 0.3).astype(np.float32)
+        for at in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, at : at + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def _forged_sample_tables(samples: int) -> bytes:
+    """1 s of AAC whose tables declare ``samples`` samples of 8 bytes in one chunk (stsz, stts,
+    stsc, stco), its mdhd still 1 s: 7.5 KB."""
+    import struct
+
+    boxes = _mp4_boxes(_aac_mp4())
+    for box in _each(boxes, b"stts"):
+        box[1] = struct.pack(">IIII", 0, 1, samples, 1024)
+    for box in _each(boxes, b"stsz"):
+        box[1] = struct.pack(">III", 0, 8, samples)
+    for box in _each(boxes, b"stsc"):
+        box[1] = struct.pack(">IIIII", 0, 1, 1, samples, 1)
+    for box in _each(boxes, b"stco"):
+        box[1] = struct.pack(">III", 0, 1, struct.unpack(">I", box[1][8:12])[0])
+    return _mp4_bytes(boxes)
+
+
+def _forged_fragment(samples: int) -> bytes:
+    """1 s of AAC in a fragmented MP4 whose one trun declares ``samples`` samples and none of
+    their fields (the tfhd gives them all a duration and a size of 1): 7.5 KB."""
+    import struct
+
+    boxes = _mp4_boxes(_aac_mp4(movflags="frag_keyframe+empty_moov"))
+    for box in _each(boxes, b"trun"):
+        flags = struct.unpack(">I", box[1][:4])[0]
+        offset = struct.unpack(">i", box[1][8:12])[0] if flags & 1 else 0
+        box[1] = struct.pack(">IIi", 1, samples, offset)  # a data offset, no sample's fields
+    for box in _each(boxes, b"tfhd"):
+        flags = struct.unpack(">I", box[1][:4])[0] & 0xFFFFFF
+        at, present = 8, {}
+        for bit, width in ((0x1, 8), (0x2, 4), (0x8, 4), (0x10, 4), (0x20, 4)):
+            if flags & bit:
+                present[bit], at = box[1][at : at + width], at + width
+        present[0x8], present[0x10] = struct.pack(">I", 1024), struct.pack(">I", 1)
+        box[1] = (struct.pack(">I", flags | 0x18) + box[1][4:8]
+                  + b"".join(present[bit] for bit in (0x1, 0x2, 0x8, 0x10, 0x20) if bit in present))
+    return _mp4_bytes(boxes)
+
+
+_FORGED = {"sample-tables": _forged_sample_tables, "fragment": _forged_fragment}
+
+
+@pytest.mark.parametrize("forged", sorted(_FORGED))
+def test_an_mp4_declaring_millions_of_samples_is_refused_at_submit(client, forged):
+    """A 7.5 KB MP4 whose stsz declares 20 million samples (or one trun of a fragment as many)
+    made FFmpeg size its index by that count when the API's header check opened it: the API's
+    memory went from 79 to 817 MB, and the job was queued (202) for the worker's decoder to do
+    the same (a trun: 781 MB before the duration limit's 413). Now the boxes are counted first:
+    415, no job."""
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    data = _FORGED[forged](20_000_000)
+    assert len(data) < 10_000
+    r = client.post("/jobs/diarize", files={"file": ("forged.m4a", data, "audio/mp4")})
+    assert r.status_code == 415, r.text
+    body = r.json()
+    assert set(body) == {"detail", "error_type", "timestamp"} and body["error_type"] == "ValidationError"
+    assert "declares 20000000 samples" in body["detail"]
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
+
+
+@pytest.mark.parametrize("forged", sorted(_FORGED))
+@pytest.mark.parametrize("module,function,args", [
+    ("shared.audio_limits", "check_audio_limits", ", max_duration=3600"),  # the API's header check
+    ("engine.audio", "load_audio", ""),  # the worker's decoder
+])
+def test_millions_of_declared_samples_are_refused_before_ffmpeg_indexes_them(tmp_path, forged, module, function,
+                                                                             args):
+    """Both the header check and the decoder refuse the file in a few MB: it took them 750 MB
+    (20 million samples) and 2.2 GB (60 million) to open."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "forged.m4a"
+    path.write_bytes(_FORGED[forged](60_000_000))
+    code = _PEAK_MEMORY.format(module=module, function=function, args=args).replace(
+        "{function}(sys.argv[1]{args})".format(function=function, args=args),
+        "try:\n    {function}(sys.argv[1]{args})\nexcept Exception as exc:\n    print(exc)".format(
+            function=function, args=args))
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    *said, peak = done.stdout.strip().splitlines()
+    assert "declares 60000000 samples" in "\n".join(said), done.stdout
+    assert int(peak) < 250, f"{function} peaked at {peak} MB"
+
+
+def _pcm_mov(path, seconds: float, rate: int = 48000) -> None:
+    """A tone as 16-bit PCM in a MOV, written by FFmpeg: its stsz declares a sample a frame
+    (28.8 million for 10 min), its stts one entry of duration 1."""
+    import av
+
+    with av.open(str(path), "w", format="mov") as out:
+        audio = out.add_stream("pcm_s16le", rate=rate, layout="mono")
+        total = int(rate * seconds)
+        for at in range(0, total, rate):
+            tone = (np.sin(2 * np.pi * 220 * np.arange(at, min(total, at + rate)) / rate) * 8000).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(tone[None, :], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode(None):
+            out.mux(packet)
+
+
+def test_mp4s_and_movs_as_recorders_write_them_still_open(tmp_path):
+    """An AAC M4A, a fragmented MP4 (one fragment: every packet in one trun) and 3 min of PCM in
+    a MOV pass, and decode to their length. The PCM's stsz declares 8.6 million samples in 17 MB,
+    more than one a byte of 8-bit PCM would be, but FFmpeg indexes uncompressed sound by chunks,
+    1024 samples a packet (10 min took 54 MB to open, as 10 s did): counted as at most a packet
+    per 160 samples of each chunk, an hour of 48 kHz is 1.1 million packets in its 345 MB, a
+    1 GB upload of 8-bit mono 6.7 million, under both limits."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits, check_mp4_edits
+
+    m4a = tmp_path / "tone.m4a"
+    m4a.write_bytes(_aac_mp4(20.0))
+    fragmented = tmp_path / "fragmented.mp4"
+    fragmented.write_bytes(_aac_mp4(60.0, rate=48000, movflags="frag_keyframe+empty_moov"))
+    pcm = tmp_path / "pcm.mov"
+    _pcm_mov(pcm, 180.0)
+    for path, seconds in ((m4a, 20.0), (fragmented, 60.0), (pcm, 180.0)):
+        with open(path, "rb") as fh:
+            check_mp4_edits(fh)
+        info = check_audio_limits(path, max_duration=3600)
+        assert info is not None and info.duration == pytest.approx(seconds, abs=0.1), path.name
+        assert load_audio(path).duration == pytest.approx(seconds, abs=0.1), path.name
