@@ -348,8 +348,9 @@ class JobStore:
         """Write a new job's record, queued and unconfirmed: until :meth:`confirm_queued`, a
         submission that stops (its process dies, the broker refuses the message) leaves a job
         the recovery pass fails (:meth:`fail_interrupted`) instead of one queued for nobody."""
-        now = time.time()
-        marked = self.clock()  # the unconfirmed mark's time, which the workers compare (see clock)
+        # by the Redis clock (see clock): the unconfirmed mark's time, which the workers compare,
+        # and expires_by, which each status change compares with its "now" (_lives_until_ms)
+        now = self.clock()
         horizon = math.ceil(self.horizon_s)
         record = record.model_copy(update={"status": QUEUED, "created_ts": now, "expires_by": now + horizon})
         if record.webhook_url and record.webhook is None:
@@ -368,7 +369,7 @@ class JobStore:
             pipe.rpush(self.key("batch", record.batch_id), record.job_id)
             pipe.expire(self.key("batch", record.batch_id), horizon)
         # in the same transaction as the record: no record without its mark
-        pipe.zadd(self._unconfirmed(), {record.job_id: marked})
+        pipe.zadd(self._unconfirmed(), {record.job_id: now})
         pipe.execute()
         return record
 
@@ -631,7 +632,9 @@ class JobStore:
         going back to the queue or starting keeps a longer life it already has)."""
         if after.expires_by is None:
             return None  # written before lifetimes followed the status: what it names expires with it as before
-        now = time.time()
+        # the Redis clock, which PXAT is read by: by its own, a worker a day behind (result_expires_s)
+        # set an ended job's record to expire in the past, and Redis deleted it with its result at once
+        now = self.clock()
         if after.ended:
             if before.ended:
                 return None  # a webhook's state on an ended job: its result's time runs on

@@ -174,3 +174,33 @@ def test_a_worker_ahead_of_the_others_takes_no_delivery_in_progress_for_lost(ske
         assert store.redis.llen(SKEW_HOOKS) == 0
     finally:
         store.webhook_settled(job_id)
+
+
+def test_a_worker_behind_the_api_keeps_an_ended_jobs_record_as_long_as_results_are_kept(
+        service_env, settings, tmp_path_factory):
+    """A record's expiry is an absolute time (PXAT), which Redis reads by its own clock. A worker
+    that set it by its own clock, minutes behind, had the results it wrote kept that much less,
+    and once behind by more than results are kept (a day by default; 60 s here, with the worker
+    2 minutes behind) the record expired as it was written: the client polling a job that had
+    just ended got 404. Here the worker fails a job (its upload is gone; no models needed)."""
+    from shared.jobs import JobRecord, new_job_id
+    from shared.kinds import KINDS
+    from shared.queue import make_celery, send_job
+
+    queue = "audio-round8-behind"
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": queue, "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
+           "AUDIO_ANALYSIS_RESULT_EXPIRES_S": "60", "SKEWED_CLOCK_S": "-120"}
+    store = _store(settings)
+    for _ in _start_worker(tmp_path_factory.mktemp("behind"), "behind", queue, env,
+                           module="tests._skewed_clock_worker"):
+        job_id = new_job_id()
+        store.create(JobRecord(job_id=job_id, kind="embedding", queue=queue, files={"file": f"{job_id}/gone.wav"}))
+        store.confirm_queued([job_id])
+        send_job(make_celery(settings), KINDS["embedding"], job_id, queue)
+        deadline = time.monotonic() + 30
+        while (record := store.get(job_id)) is not None and not record.ended:
+            assert time.monotonic() < deadline, record
+            time.sleep(0.05)
+        assert record is not None, "the ended job's record expired as it was written"
+        assert record.status == "failed" and "no longer in storage" in record.error.detail, record
+        assert 50 <= store.redis.ttl(store.key("job", job_id)) <= 60
