@@ -352,6 +352,35 @@ def json_embedding_file(vector) -> bytes:
     return json.dumps([float(x) for x in vector]).encode()
 
 
+# MP4 boxes that hold boxes (the rest are kept as bytes): enough to rewrite a track's tables,
+# edit lists or fragments the way an attacker would (tests/test_hostile_round5_audio.py, _round8_)
+MP4_PARENTS = frozenset({b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"moof", b"traf"})
+
+
+def mp4_boxes(data: bytes, start: int = 0, end: int | None = None) -> list:
+    """An MP4's boxes as [type, body]: a list of boxes for MP4_PARENTS, bytes for the others."""
+    import struct
+
+    end, out = len(data) if end is None else end, []
+    while start + 8 <= end:
+        size, kind = struct.unpack(">I4s", data[start : start + 8])
+        body = mp4_boxes(data, start + 8, start + size) if kind in MP4_PARENTS else data[start + 8 : start + size]
+        out.append([kind, body])
+        start += size
+    return out
+
+
+def mp4_bytes(boxes: list) -> bytes:
+    """``mp4_boxes``'s inverse, every size written anew."""
+    import struct
+
+    out = b""
+    for kind, body in boxes:
+        data = mp4_bytes(body) if isinstance(body, list) else body
+        out += struct.pack(">I4s", len(data) + 8, kind) + data
+    return out
+
+
 def tone_wav(seconds: float = 1.0) -> bytes:
     """A 220 Hz tone as 16 kHz 16-bit WAV: audio that decodes, for requests refused before any model."""
     import io

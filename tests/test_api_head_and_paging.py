@@ -16,6 +16,7 @@ Each test fails on the code before its fix:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Iterator
@@ -268,50 +269,47 @@ def test_the_python_client_follows_the_pages(uvicorn_api, listed_voiceprints):
 
 
 def test_the_web_page_lists_a_page_and_shows_more_on_demand(uvicorn_api, listed_voiceprints):
+    base, ids = uvicorn_api, listed_voiceprints
+
+    rows = "() => document.querySelectorAll('#voiceprints tbody tr[data-voiceprint-id]').length"
+    with _chromium() as browser:
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.fill("#api-key", KEY)
+        # the field loses focus: the page's one "change" of the key, which lists the first page
+        page.locator("#api-key").blur()
+        # function form: a bare expression would go through eval, which the page's policy refuses
+        page.wait_for_function(f"() => ({rows})() === 100")
+        assert page.is_visible("#vp-more")
+        page.click("#vp-more")
+        page.wait_for_function(f"() => ({rows})() === 200")
+        page.click("#vp-more")
+        page.wait_for_function(f"() => ({rows})() === 230")
+        assert not page.is_visible("#vp-more")
+        shown = page.eval_on_selector_all("#voiceprints tbody tr[data-voiceprint-id]",
+                                          "trs => trs.map(tr => tr.dataset.voiceprintId)")
+        assert shown == ids
+
+
+# --- the web page's recent jobs -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _chromium() -> Iterator[Any]:
+    """Debian's chromium, headless, under playwright (skipped where it is not installed)."""
     from tests.test_web import CHROMIUM
 
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian's chromium is not installed (scripts/dev.sh test installs it as root)")
     from playwright.sync_api import sync_playwright
 
-    base, ids = uvicorn_api, listed_voiceprints
-
-    rows = "() => document.querySelectorAll('#voiceprints tbody tr[data-voiceprint-id]').length"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
             "--disable-background-networking", "--disable-component-update"])
         try:
-            page = browser.new_page()
-            page.goto(base + "/")
-            page.fill("#api-key", KEY)
-            # the field loses focus: the page's one "change" of the key, which lists the first page
-            page.locator("#api-key").blur()
-            # function form: a bare expression would go through eval, which the page's policy refuses
-            page.wait_for_function(f"() => ({rows})() === 100")
-            assert page.is_visible("#vp-more")
-            page.click("#vp-more")
-            page.wait_for_function(f"() => ({rows})() === 200")
-            page.click("#vp-more")
-            page.wait_for_function(f"() => ({rows})() === 230")
-            assert not page.is_visible("#vp-more")
-            shown = page.eval_on_selector_all("#voiceprints tbody tr[data-voiceprint-id]",
-                                              "trs => trs.map(tr => tr.dataset.voiceprintId)")
-            assert shown == ids
+            yield browser
         finally:
             browser.close()
-
-
-# --- the web page's recent jobs -------------------------------------------------------------------
-
-def _chromium():
-    from tests.test_web import CHROMIUM
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's chromium is not installed (scripts/dev.sh test installs it as root)")
-    from playwright.sync_api import sync_playwright
-
-    return CHROMIUM, sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -343,36 +341,28 @@ RECENT = "() => Array.from(document.querySelectorAll('#recent tbody tr[data-job-
 
 
 def test_the_web_pages_recent_jobs_show_a_page_and_more_on_demand(uvicorn_api, listed_jobs):
-    chromium, sync_playwright = _chromium()
     mine = listed_jobs[KEY]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
-        try:
-            page = browser.new_page()
-            page.goto(uvicorn_api + "/")
-            page.fill("#api-key", KEY)
-            page.locator("#api-key").blur()
-            # function form: a bare expression would go through eval, which the page's policy refuses
-            page.wait_for_function(f"() => ({RECENT})().length === 20")
-            assert page.evaluate(RECENT) == mine[:20]
-            assert page.is_visible("#recent-more")
-            page.click("#recent-more")
-            page.wait_for_function(f"() => ({RECENT})().length === 40")
-            page.click("#recent-more")
-            page.wait_for_function(f"() => ({RECENT})().length === 45")
-            assert page.evaluate(RECENT) == mine
-            assert not page.is_visible("#recent-more")
-            # refresh starts over at the first page
-            page.click("#refresh")
-            page.wait_for_function(f"() => ({RECENT})().length === 20")
-        finally:
-            browser.close()
+    with _chromium() as browser:
+        page = browser.new_page()
+        page.goto(uvicorn_api + "/")
+        page.fill("#api-key", KEY)
+        page.locator("#api-key").blur()
+        # function form: a bare expression would go through eval, which the page's policy refuses
+        page.wait_for_function(f"() => ({RECENT})().length === 20")
+        assert page.evaluate(RECENT) == mine[:20]
+        assert page.is_visible("#recent-more")
+        page.click("#recent-more")
+        page.wait_for_function(f"() => ({RECENT})().length === 40")
+        page.click("#recent-more")
+        page.wait_for_function(f"() => ({RECENT})().length === 45")
+        assert page.evaluate(RECENT) == mine
+        assert not page.is_visible("#recent-more")
+        # refresh starts over at the first page
+        page.click("#refresh")
+        page.wait_for_function(f"() => ({RECENT})().length === 20")
 
 
 def test_a_late_answer_for_the_previous_key_does_not_replace_the_new_keys_jobs(uvicorn_api, listed_jobs):
-    chromium, sync_playwright = _chromium()
     held = []
 
     def route(r) -> None:
@@ -382,25 +372,19 @@ def test_a_late_answer_for_the_previous_key_does_not_replace_the_new_keys_jobs(u
         else:
             r.continue_()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
-        try:
-            page = browser.new_page()
-            page.route("**/jobs?*", route)
-            page.goto(uvicorn_api + "/")
-            page.fill("#api-key", KEY)
-            page.locator("#api-key").blur()
-            page.wait_for_function("() => true")
-            page.fill("#api-key", OTHER)
-            page.locator("#api-key").blur()
-            page.wait_for_function(f"() => ({RECENT})().length === 3")
-            assert len(held) == 1
-            with page.expect_response(lambda response: response.request.headers.get("x-api-key") == KEY):
-                held[0].continue_()
-            page.wait_for_timeout(1000)  # the late answer's JSON read and handled
-            assert page.evaluate(RECENT) == listed_jobs[OTHER]
-            assert not page.is_visible("#recent-more")
-        finally:
-            browser.close()
+    with _chromium() as browser:
+        page = browser.new_page()
+        page.route("**/jobs?*", route)
+        page.goto(uvicorn_api + "/")
+        page.fill("#api-key", KEY)
+        page.locator("#api-key").blur()
+        page.wait_for_function("() => true")
+        page.fill("#api-key", OTHER)
+        page.locator("#api-key").blur()
+        page.wait_for_function(f"() => ({RECENT})().length === 3")
+        assert len(held) == 1
+        with page.expect_response(lambda response: response.request.headers.get("x-api-key") == KEY):
+            held[0].continue_()
+        page.wait_for_timeout(1000)  # the late answer's JSON read and handled
+        assert page.evaluate(RECENT) == listed_jobs[OTHER]
+        assert not page.is_visible("#recent-more")

@@ -24,7 +24,7 @@ from evaluation.encoding import encode
 from shared.audio_limits import MAX_EDITS, MAX_STREAMS, DurationBudget, check_audio_limits, probe
 from shared.errors import AudioDecodeError, AudioTooLongError
 
-from tests.conftest import wait_for_job
+from tests.conftest import mp4_boxes, mp4_bytes, wait_for_job
 
 # the documented error body (an HTTP error's; a failed job's adds its status code)
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -37,34 +37,13 @@ def _tone(seconds: float, rate: int) -> np.ndarray:
 
 # --- MP4 boxes, rewritten ------------------------------------------------------------------------
 
-_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts"}
-
-
-def _parse(b: bytes, off: int = 0, end: int | None = None) -> list:
-    end = len(b) if end is None else end
-    out = []
-    while off + 8 <= end:
-        size, kind = struct.unpack(">I4s", b[off : off + 8])
-        out.append([kind, _parse(b, off + 8, off + size) if kind in _CONTAINERS else b[off + 8 : off + size]])
-        off += size
-    return out
-
-
-def _build(boxes: list) -> bytes:
-    out = b""
-    for kind, body in boxes:
-        data = _build(body) if isinstance(body, list) else body
-        out += struct.pack(">I4s", len(data) + 8, kind) + data
-    return out
-
-
 def _child(box: list, kind: bytes) -> list:
     return next(c for c in box[1] if c[0] == kind)
 
 
 def _m4a(seconds: float, rate: int = 8000) -> list:
     """An AAC M4A's boxes; FFmpeg writes its moov after the mdat, so it may change size freely."""
-    boxes = _parse(encode(_tone(seconds, rate), rate, container="mp4", codec="aac", bit_rate=16000))
+    boxes = mp4_boxes(encode(_tone(seconds, rate), rate, container="mp4", codec="aac", bit_rate=16000))
     assert [b[0] for b in boxes][-1] == b"moov"
     return boxes
 
@@ -78,7 +57,7 @@ def _with_edits(boxes: list, count: int) -> bytes:
         elst = struct.pack(">II", 0, count) + struct.pack(">IiI", movie_length, 0, 0x00010000) * count
         trak[1] = [c for c in trak[1] if c[0] != b"edts"]
         trak[1].insert(1, [b"edts", [[b"elst", elst]]])
-    return _build(boxes)
+    return mp4_bytes(boxes)
 
 
 def _with_hidden_edits(boxes: list, count: int, where: str) -> bytes:
@@ -100,16 +79,15 @@ def _with_hidden_edits(boxes: list, count: int, where: str) -> bytes:
         stsd = _child(_child(_child(_child(trak, b"mdia"), b"minf"), b"stbl"), b"stsd")
         body = stsd[1]  # version and flags, entry count, then the entries
         length = struct.unpack(">I", body[8:12])[0]
-        extra = _build([[b"edts", [elst]]])
+        extra = mp4_bytes([[b"edts", [elst]]])
         stsd[1] = body[:8] + struct.pack(">I", length + len(extra)) + body[12 : 8 + length] + extra + body[8 + length :]
     else:  # cmov: dcom names the compression, cmvd holds the moov's length and the zlib stream
         import zlib
 
         trak[1].insert(1, [b"edts", [elst]])
-        raw = _build([moov])
+        raw = mp4_bytes([moov])
         boxes[-1] = [b"moov", [[b"cmov", [[b"dcom", b"zlib"], [b"cmvd", struct.pack(">I", len(raw)) + zlib.compress(raw)]]]]]
-        _CONTAINERS.add(b"cmov")
-    return _build(boxes)
+    return mp4_bytes(boxes)
 
 
 def _with_tracks(boxes: list, count: int) -> bytes:
@@ -118,7 +96,7 @@ def _with_tracks(boxes: list, count: int) -> bytes:
     moov = boxes[-1]
     trak = _child(moov, b"trak")
     moov[1] = [c for c in moov[1] if c[0] != b"trak"] + [copy.deepcopy(trak) for _ in range(count)]
-    return _build(boxes)
+    return mp4_bytes(boxes)
 
 
 def _with_media_length(boxes: list, version1_length: int) -> bytes:
@@ -127,7 +105,7 @@ def _with_media_length(boxes: list, version1_length: int) -> bytes:
     mdhd = _child(_child(_child(boxes[-1], b"trak"), b"mdia"), b"mdhd")
     body = mdhd[1]
     mdhd[1] = b"\x01\x00\x00\x00" + b"\0" * 16 + body[12:16] + struct.pack(">q", version1_length) + body[20:]
-    return _build(boxes)
+    return mp4_bytes(boxes)
 
 
 def _mka_with_duration(seconds: float, duration_s: float | None) -> bytes:
@@ -219,7 +197,7 @@ def test_an_mp4_whose_edit_list_replays_its_media_is_refused_before_ffmpeg_opens
     assert _assert_error(r, 415)["detail"] == detail
     # a recorder's own edit list (one edit: the media less its encoder delay) is read as before
     assert 0.9 < load_audio(_with_edits(m4a, 1)).duration < 1.2
-    assert 0.9 < load_audio(_build(m4a)).duration < 1.2
+    assert 0.9 < load_audio(mp4_bytes(m4a)).duration < 1.2
 
 
 @pytest.mark.parametrize("where", ["trak", "after-junk", "stsd", "cmov"])

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.conftest import mp4_boxes, mp4_bytes
+
 
 def _hum_wav(seconds: float = 3.0, hz: float = 110.0) -> bytes:
     """A low steady hum: the segmentation hears a "speaker" in it, whose every stretch is too
@@ -176,30 +178,6 @@ def test_a_videos_audio_track_is_still_analysed(client, tmp_path):
 # --- MP4 sample tables and fragments: FFmpeg sizes its index by the counts they declare -----------
 
 
-def _mp4_boxes(data: bytes, start: int = 0, end: int | None = None) -> list:
-    """An MP4's boxes as [type, body]: a list of boxes for those that hold boxes."""
-    import struct
-
-    parents = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"edts", b"moof", b"traf"}
-    end, out = len(data) if end is None else end, []
-    while start + 8 <= end:
-        size, kind = struct.unpack(">I4s", data[start : start + 8])
-        body = data[start + 8 : start + size]
-        out.append([kind, _mp4_boxes(data, start + 8, start + size) if kind in parents else body])
-        start += size
-    return out
-
-
-def _mp4_bytes(boxes: list) -> bytes:
-    import struct
-
-    out = b""
-    for kind, body in boxes:
-        data = _mp4_bytes(body) if isinstance(body, list) else body
-        out += struct.pack(">I4s", len(data) + 8, kind) + data
-    return out
-
-
 def _each(boxes: list, kind: bytes):
     for box in boxes:
         if box[0] == kind:
@@ -231,7 +209,7 @@ def _forged_sample_tables(samples: int) -> bytes:
     stsc, stco), its mdhd still 1 s: 7.5 KB."""
     import struct
 
-    boxes = _mp4_boxes(_aac_mp4())
+    boxes = mp4_boxes(_aac_mp4())
     for box in _each(boxes, b"stts"):
         box[1] = struct.pack(">IIII", 0, 1, samples, 1024)
     for box in _each(boxes, b"stsz"):
@@ -240,7 +218,7 @@ def _forged_sample_tables(samples: int) -> bytes:
         box[1] = struct.pack(">IIIII", 0, 1, 1, samples, 1)
     for box in _each(boxes, b"stco"):
         box[1] = struct.pack(">III", 0, 1, struct.unpack(">I", box[1][8:12])[0])
-    return _mp4_bytes(boxes)
+    return mp4_bytes(boxes)
 
 
 def _forged_fragment(samples: int) -> bytes:
@@ -248,7 +226,7 @@ def _forged_fragment(samples: int) -> bytes:
     their fields (the tfhd gives them all a duration and a size of 1): 7.5 KB."""
     import struct
 
-    boxes = _mp4_boxes(_aac_mp4(movflags="frag_keyframe+empty_moov"))
+    boxes = mp4_boxes(_aac_mp4(movflags="frag_keyframe+empty_moov"))
     for box in _each(boxes, b"trun"):
         flags = struct.unpack(">I", box[1][:4])[0]
         offset = struct.unpack(">i", box[1][8:12])[0] if flags & 1 else 0
@@ -262,7 +240,7 @@ def _forged_fragment(samples: int) -> bytes:
         present[0x8], present[0x10] = struct.pack(">I", 1024), struct.pack(">I", 1)
         box[1] = (struct.pack(">I", flags | 0x18) + box[1][4:8]
                   + b"".join(present[bit] for bit in (0x1, 0x2, 0x8, 0x10, 0x20) if bit in present))
-    return _mp4_bytes(boxes)
+    return mp4_bytes(boxes)
 
 
 _FORGED = {"sample-tables": _forged_sample_tables, "fragment": _forged_fragment}
