@@ -275,11 +275,7 @@ def test_the_web_page_lists_a_page_and_shows_more_on_demand(uvicorn_api, listed_
     with _chromium() as browser:
         page = browser.new_page()
         page.goto(base + "/")
-        page.fill("#api-key", KEY)
-        # the field loses focus: the page's one "change" of the key, which lists the first page
-        page.locator("#api-key").blur()
-        # function form: a bare expression would go through eval, which the page's policy refuses
-        page.wait_for_function(f"() => ({rows})() === 100")
+        _type_key(page, KEY, f"() => ({rows})() === 100")
         assert page.is_visible("#vp-more")
         page.click("#vp-more")
         page.wait_for_function(f"() => ({rows})() === 200")
@@ -310,6 +306,15 @@ def _chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+def _type_key(page: Any, key: str, wait_for: str) -> None:
+    """The key typed and the field left (the page's one "change" of it, which lists the first
+    pages), then ``wait_for`` (a function's source: a bare expression would go through eval,
+    which the page's policy refuses)."""
+    page.fill("#api-key", key)
+    page.locator("#api-key").blur()
+    page.wait_for_function(wait_for)
 
 
 @pytest.fixture(scope="module")
@@ -345,10 +350,7 @@ def test_the_web_pages_recent_jobs_show_a_page_and_more_on_demand(uvicorn_api, l
     with _chromium() as browser:
         page = browser.new_page()
         page.goto(uvicorn_api + "/")
-        page.fill("#api-key", KEY)
-        page.locator("#api-key").blur()
-        # function form: a bare expression would go through eval, which the page's policy refuses
-        page.wait_for_function(f"() => ({RECENT})().length === 20")
+        _type_key(page, KEY, f"() => ({RECENT})().length === 20")
         assert page.evaluate(RECENT) == mine[:20]
         assert page.is_visible("#recent-more")
         page.click("#recent-more")
@@ -376,12 +378,8 @@ def test_a_late_answer_for_the_previous_key_does_not_replace_the_new_keys_jobs(u
         page = browser.new_page()
         page.route("**/jobs?*", route)
         page.goto(uvicorn_api + "/")
-        page.fill("#api-key", KEY)
-        page.locator("#api-key").blur()
-        page.wait_for_function("() => true")
-        page.fill("#api-key", OTHER)
-        page.locator("#api-key").blur()
-        page.wait_for_function(f"() => ({RECENT})().length === 3")
+        _type_key(page, KEY, "() => true")
+        _type_key(page, OTHER, f"() => ({RECENT})().length === 3")
         assert len(held) == 1
         with page.expect_response(lambda response: response.request.headers.get("x-api-key") == KEY):
             held[0].continue_()
