@@ -316,14 +316,20 @@ class Dispatcher:
                 records.append(record)
             await self._confirmed_late(late)
         except BaseException:
-            # refused midway (storage, job store or broker gone): what was queued is withdrawn,
-            # what was not is deleted
+            # refused midway (storage, job store or broker gone): what was not queued is deleted,
+            # what was is withdrawn. The job store or broker that refused is likely still down, so
+            # a withdrawal that fails too is logged and the rest go on (the recovery pass fails
+            # what stays unconfirmed), and the client gets the first error, not the cleanup's
             made = {record.job_id for record in records}
-            for record in records:
-                await self.withdraw(record.job_id)
             for job_id, _ in stored:
                 if job_id not in made:
                     await self.delete_uploads(job_id)
+            for record in records:
+                try:
+                    await self.withdraw(record.job_id)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("job %s of a refused submission not withdrawn now (%s: %s); the recovery "
+                                "pass fails it", record.job_id, type(exc).__name__, exc)
             raise
         for submission, record in zip(submissions, records):
             with logs.bound(job_id=record.job_id, kind=submission.kind.name):
@@ -355,8 +361,11 @@ class Dispatcher:
         except Exception as exc:  # noqa: BLE001 - broker down: the job never existed for a worker
             # failed as the recovery pass fails an interrupted submission (with the same words, and
             # out of the unconfirmed); should the job store fail this too, the pass does it later
-            await run_in_threadpool(self.store.fail_interrupted, job_id)
             await self.delete_uploads(job_id)
+            try:
+                await run_in_threadpool(self.store.fail_interrupted, job_id)
+            except Exception as store_exc:  # noqa: BLE001 - the client gets the broker's 503 all the same
+                log.warning("job %s not failed now (%s); the recovery pass fails it", job_id, store_exc)
             # the broker's own words stay in the log: they name queues and commands, not the client's error
             log.error("could not enqueue or confirm job %s: %s", job_id, exc)
             raise ModelError("job queue unavailable, retry later") from exc
@@ -548,10 +557,15 @@ class Dispatcher:
 
     async def withdraw(self, job_id: str) -> None:
         """Cancel a job the client was never told of (a refused batch's): no webhook, no error."""
-        _, changed = await run_in_threadpool(self.store.finish, job_id, CANCELLED)
-        if changed:
-            await run_in_threadpool(self.celery.control.revoke, job_id)
+        _, changed = await run_in_threadpool(functools.partial(self.store.finish, job_id, CANCELLED, unannounced=True))
         await self.delete_uploads(job_id)
+        if changed:
+            # a courtesy to the worker that would take it (which skips an ended job anyway): the
+            # broker that refused the batch may refuse this too
+            try:
+                await run_in_threadpool(self.celery.control.revoke, job_id)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("job %s withdrawn but not revoked (%s)", job_id, exc)
 
     async def delete_uploads(self, job_id: str) -> None:
         """Delete a job's uploads in a thread, shielded from cancellation, and never as the

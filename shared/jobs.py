@@ -193,6 +193,12 @@ def _upgrade(record: JobRecord) -> JobRecord:
     return record.model_copy(update={"files": files, "params": params})
 
 
+# What a job whose client was never told of it keeps of its webhook: nothing. A submission
+# interrupted before its 202, a batch's job withdrawn when the batch was refused: a worker that
+# later took its message found it ended and sent its webhook, about a job id nobody was given.
+_UNANNOUNCED: dict[str, Any] = {"webhook_url": None, "webhook": None, "webhook_payload": None}
+
+
 # Values kept apart outlive every record that names them by this much: a record is written after
 # its value (a batch's last record after all of its files were stored, which for 1 GB on slow
 # storage takes minutes) and never outlives JobStore.horizon_s after that (its expires_by),
@@ -401,9 +407,6 @@ class JobStore:
         return list(self.redis.zrangebyscore(self._unconfirmed(), "-inf", self.clock() - older_than_s,
                                              start=0, num=limit))
 
-    def is_unconfirmed(self, job_id: str) -> bool:
-        return self.redis.zscore(self._unconfirmed(), job_id) is not None
-
     def unconfirmed_for_s(self, job_id: str) -> float | None:
         """How long this job's submission has been unconfirmed (by the Redis clock); None once
         it is not (confirmed, failed, or never marked: a record of an earlier version)."""
@@ -425,8 +428,9 @@ class JobStore:
         """Fail a job whose submission never completed, while it is still queued and never
         started, and drop it from the unconfirmed in the same transaction (so the API's
         :meth:`confirm_queued` sees the one or the other, never a failed job it then answers 202
-        for). Returns the failed record; None when the job started, ended or is gone (it then
-        stays unconfirmed: the caller decides). No webhook: nobody was told of the job."""
+        for). Returns the failed record; None when its submission was confirmed meanwhile, or the
+        job started, ended or is gone (it then stays unconfirmed: the caller decides). No webhook:
+        nobody was told of the job."""
         error = ModelError(INTERRUPTED_SUBMISSION).body()
         failed = False
 
@@ -437,9 +441,20 @@ class JobStore:
                 return None
             failed = True
             return r.model_copy(update={"status": FAILED, "finished_at": utc_now(), "finished_ts": time.time(),
-                                        "error": error})
+                                        "error": error, **_UNANNOUNCED})
 
-        record = self.update(job_id, change, lambda pipe, _: pipe.zrem(self._unconfirmed(), job_id))
+        # only while the mark is there, read in the transaction: the API confirms (ZREM) without
+        # touching the record, so watching the record alone let a confirmation that came after the
+        # pass listed the job (and before this) answer 202 for a job failed the next moment
+        unconfirmed = self._unconfirmed()
+
+        def still_unconfirmed(pipe: Any) -> bool:
+            nonlocal failed
+            failed = False  # a try that lost to the confirmation decided nothing
+            return pipe.zscore(unconfirmed, job_id) is not None
+
+        record = self.update(job_id, change, lambda pipe, _: pipe.zrem(unconfirmed, job_id), watch=(unconfirmed,),
+                             holds=still_unconfirmed)
         if not failed or record is None:
             return None
         self._count_finished(record)
@@ -589,12 +604,15 @@ class JobStore:
 
     # --- transitions ------------------------------------------------------------------------
     def update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None],
-               also: Callable[[Any, JobRecord], None] | None = None) -> JobRecord | None:
+               also: Callable[[Any, JobRecord], None] | None = None, *, watch: tuple[str, ...] = (),
+               holds: Callable[[Any], bool] | None = None) -> JobRecord | None:
         """Apply ``change`` atomically; it returns the new record or None to leave it as is.
 
         ``change`` gets a copy it may modify. Returns the record as stored afterwards (None
         when the job does not exist). ``also(pipe, new_record)`` queues further commands in the
-        same transaction (written with the record or not at all).
+        same transaction (written with the record or not at all). ``holds(pipe)`` is a condition
+        on other keys, read on the watched pipe (``watch`` names them): the change is made only
+        while it holds, and not if those keys change before it is written.
 
         A change of status (or a new attempt) sets how long the record lives from now on (see the
         class); any other change (progress, a webhook's state) keeps its TTL.
@@ -603,12 +621,15 @@ class JobStore:
         with self.redis.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, *watch)
                     raw = pipe.get(key)
                     if raw is None:
                         pipe.unwatch()
                         return None
                     current = JobRecord.from_json(raw)
+                    if holds is not None and not holds(pipe):
+                        pipe.unwatch()
+                        return current
                     changed = change(current.model_copy(deep=True))
                     if changed is None:
                         pipe.unwatch()
@@ -632,19 +653,19 @@ class JobStore:
         going back to the queue or starting keeps a longer life it already has)."""
         if after.expires_by is None:
             return None  # written before lifetimes followed the status: what it names expires with it as before
+        if after.ended and before.ended:
+            return None  # a webhook's state on an ended job: its result's time runs on
+        if not after.ended and after.status == before.status and after.attempts == before.attempts:
+            return None  # progress: no clock read (a Redis round trip) on the hottest write
         # the Redis clock, which PXAT is read by: by its own, a worker a day behind (result_expires_s)
         # set an ended job's record to expire in the past, and Redis deleted it with its result at once
         now = self.clock()
         if after.ended:
-            if before.ended:
-                return None  # a webhook's state on an ended job: its result's time runs on
             until = now + self.ttl
-        elif after.status != before.status or after.attempts != before.attempts:
+        else:
             life = self.running_life_s if after.status == RUNNING else self.queued_life_s
             left_ms = pttl_ms()
             until = max(now + life, now + left_ms / 1000.0 if left_ms > 0 else 0.0)
-        else:
-            return None
         # never past expires_by (what the record names is kept that long and no longer), and never
         # in the past: a clock a little ahead of the API's that wrote expires_by must not delete it
         return int(max(min(until, after.expires_by), now + 1.0) * 1000)
@@ -711,7 +732,7 @@ class JobStore:
 
     def finish(
         self, job_id: str, status: str, *, result: dict[str, Any] | None = None, error: JobError | None = None,
-        attempt: int | None = None, notify: bool = False,
+        attempt: int | None = None, notify: bool = False, unannounced: bool = False,
     ) -> tuple[JobRecord | None, bool]:
         """Move to a terminal status unless already terminal. Returns (record, changed).
 
@@ -719,7 +740,8 @@ class JobStore:
         lost (it stalled, another worker started the job again) must not write its outcome.
         With ``notify``, a job with a webhook gets its delivery's due time in the same
         transaction (:meth:`webhook_due`): a process that dies between recording the end and
-        queueing the delivery leaves it to the recovery pass, not to the broker's 6 h.
+        queueing the delivery leaves it to the recovery pass, not to the broker's 6 h. With
+        ``unannounced`` (a job its client was never told of), the record keeps no webhook.
         """
         assert status in TERMINAL
         changed_flag = False
@@ -739,13 +761,16 @@ class JobStore:
             }
             if status == SUCCEEDED:
                 update["progress"] = 1.0
+            if unannounced:
+                update.update(_UNANNOUNCED)
             return r.model_copy(update=update)
 
-        # read before the transaction (no read inside it): the clock the recovery pass compares with
-        due = self.clock() + self.webhook_grace_s() if notify else 0.0
+        # read before the transaction (no read inside it): the clock the recovery pass compares with;
+        # only where a due time may be written (a Redis round trip)
+        due = self.clock() + self.webhook_grace_s() if notify and not unannounced else 0.0
 
         def also(pipe: Any, record: JobRecord) -> None:
-            if notify and record.webhook_url:
+            if due and record.webhook_url:
                 pipe.zadd(self._webhooks_due(), {job_id: due})
 
         record = self.update(job_id, change, also)

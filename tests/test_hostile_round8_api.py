@@ -17,7 +17,7 @@ def racing_store(settings):
     racer: dict = {}
     real = store.update
 
-    def update(job_id, change, also=None):
+    def update(job_id, change, also=None, **watching):
         def racing(record):
             decided = change(record)
             job = racer.pop("job", None)
@@ -25,7 +25,7 @@ def racing_store(settings):
                 job(job_id)  # once, after the record was read: its write is refused, and retried
             return decided
 
-        return real(job_id, racing, also)
+        return real(job_id, racing, also, **watching)
 
     store.update = update  # type: ignore[method-assign]
     return store, other, racer
@@ -115,6 +115,24 @@ def test_an_interrupted_submission_that_a_worker_started_meanwhile_is_not_failed
     assert store.get(job.job_id).status == "running"
 
 
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_submission_confirmed_after_the_pass_listed_it_is_not_failed(racing_store, when):
+    """The pass lists unconfirmed jobs, then fails them one by one. The API's confirmation (a
+    ZREM of the mark, the record untouched) that came after the listing, before or during the
+    pass's transaction on the record, did not stop it: the client was answered 202 for a job
+    failed as interrupted the next moment, and its upload deleted."""
+    store, other, racer = racing_store
+    job = _queued(store)
+    assert job.job_id in store.unconfirmed(older_than_s=-60)
+    if when == "before":
+        assert other.confirm_queued([job.job_id]) == []
+    else:
+        racer["job"] = lambda job_id: other.confirm_queued([job_id])
+    assert store.fail_interrupted(job.job_id) is None
+    assert store.get(job.job_id).status == "queued"
+    assert job.job_id not in store.unconfirmed(older_than_s=-60)
+
+
 @pytest.mark.parametrize("path,files", [("/jobs/diarize", "file"), ("/jobs/batch", "files")])
 def test_a_webhook_payload_without_a_webhook_url_is_refused(client, path, files):
     """webhook_payload=status without webhook_url was taken (202) and no delivery was ever made:
@@ -144,3 +162,41 @@ def test_a_404_does_not_echo_what_is_not_an_id(client, path):
     unknown = "0" * 32 if not path.startswith("/voiceprints") else "vp_" + "0" * 32
     r = client.get(path.format(id=unknown))
     assert r.status_code == 404 and unknown in r.json()["detail"], r.text
+
+
+def test_jobs_their_client_was_never_told_of_keep_no_webhook(settings):
+    """A submission failed as interrupted (no 202 was given) and a refused batch's withdrawn job
+    kept their webhook_url: a worker that later took the message found the job ended and sent
+    its webhook, about a job id nobody was given."""
+    from shared.jobs import CANCELLED, JobRecord, JobStore, new_job_id
+
+    store = JobStore.from_settings(settings)
+    hooked = {"webhook_url": "http://127.0.0.1:9/hook", "webhook_payload": "status"}
+    interrupted = store.create(JobRecord(job_id=new_job_id(), kind="diarize", **hooked))
+    failed = store.fail_interrupted(interrupted.job_id)
+    assert failed is not None and failed.status == "failed"
+    withdrawn = store.create(JobRecord(job_id=new_job_id(), kind="diarize", **hooked))
+    record, changed = store.finish(withdrawn.job_id, CANCELLED, unannounced=True)
+    assert changed and record.status == "cancelled"
+    for job in (interrupted, withdrawn):
+        stored = store.get(job.job_id)
+        assert (stored.webhook_url, stored.webhook, stored.webhook_payload) == (None, None, None), stored
+        assert store.webhook_due_at(job.job_id) is None
+
+
+def test_progress_reads_no_clock(settings, monkeypatch):
+    """Each progress report (several a second per running job) read the Redis clock, a round
+    trip whose answer was thrown away; a change of status still reads it (the record's life)."""
+    from shared.jobs import JobRecord, JobStore, new_job_id
+
+    store = JobStore.from_settings(settings)
+    job = store.create(JobRecord(job_id=new_job_id(), kind="diarize"))
+    store.mark_running(job.job_id)
+    reads = []
+    real = store.clock
+    monkeypatch.setattr(store, "clock", lambda: reads.append(1) or real())
+    for n in range(10):
+        store.set_progress(job.job_id, n / 10, "embeddings")
+    assert reads == []
+    store.finish(job.job_id, "succeeded", result={})
+    assert reads
