@@ -189,12 +189,7 @@ class Dispatcher:
         return {name: await run_in_threadpool(self.store.keep_apart, value)
                 for name, value in values.items() if value is not None}
 
-    async def check_webhook(self, url: str | None, payload: str | None = None) -> str | None:
-        """The webhook URL, checked against the address policy; ``payload`` (what it carries)
-        without a URL is refused: the client asked for a delivery that would never be made."""
-        if payload and not url:
-            raise InputError("webhook_payload: says what the webhook carries, but no webhook_url was given "
-                             "(give both, or neither)")
+    async def check_webhook(self, url: str | None) -> str | None:
         if not url:
             return None
         # resolves the host name: off the event loop, in a thread of the lookups' own

@@ -133,23 +133,6 @@ def test_a_submission_confirmed_after_the_pass_listed_it_is_not_failed(racing_st
     assert job.job_id not in store.unconfirmed(older_than_s=-60)
 
 
-@pytest.mark.parametrize("path,files", [("/jobs/diarize", "file"), ("/jobs/batch", "files")])
-def test_a_webhook_payload_without_a_webhook_url_is_refused(client, path, files):
-    """webhook_payload=status without webhook_url was taken (202) and no delivery was ever made:
-    the client waits for a webhook that nothing will send. Now 422 naming the field, no job."""
-    from tests.conftest import tone_wav
-
-    def newest() -> list[str]:
-        return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
-
-    before = newest()
-    form = {"webhook_payload": "status", **({"kind": "diarize"} if path.endswith("batch") else {})}
-    r = client.post(path, files=[(files, ("a.wav", tone_wav(), "audio/wav"))], data=form)
-    assert r.status_code == 422, r.text
-    assert r.json()["detail"].startswith("webhook_payload:") and set(r.json()) == {"detail", "error_type", "timestamp"}
-    assert newest() == before
-
-
 @pytest.mark.parametrize("path", ["/jobs/{id}", "/jobs/{id}/result", "/batches/{id}", "/voiceprints/{id}"])
 def test_a_404_does_not_echo_what_is_not_an_id(client, path):
     """A path's id of 8,000 characters (or with markup) was sent back whole in the 404's detail;

@@ -45,7 +45,7 @@ def _submit_endpoint(kind: JobKind):
                      **values: Any) -> JSONResponse:
         uploads, urls, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal, urls)
-        webhook_url = await dispatcher.check_webhook(values.get("webhook_url"), values.get("webhook_payload"))
+        webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
         record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
                                          webhook_payload=values.get("webhook_payload"))
         body = view(record, base)
