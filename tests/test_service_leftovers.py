@@ -45,6 +45,7 @@ def test_an_unexpected_worker_exception_is_not_shown_to_the_client(client, worke
     store.create(JobRecord(job_id=job_id, kind="diarize", filename="a.wav", files={"file": key},
                            params={"num_speakers": "many"}, queue=settings.queue_name))
     send_job(make_celery(settings), KINDS["diarize"], job_id, settings.queue_name)
+    store.confirm_queued([job_id])  # as the API does once the message is sent (its 202)
 
     job = wait_for_job(client, job_id, timeout_s=60)
     assert job["status"] == "failed", job
