@@ -182,8 +182,6 @@ class _Mp4Track:
         self.nested = False
 
 
-
-
 def check_mp4_edits(fh: BinaryIO) -> None:
     """Refuse (415) an MP4/MOV whose edit lists FFmpeg would expand past :data:`MAX_EDITS`, or
     whose sample tables and fragments declare more packets than :func:`_index_limit` lets its
@@ -276,9 +274,7 @@ def _mp4_header(fh: BinaryIO) -> tuple[int, int, int]:
     def table(kind: bytes, body: int, stop: int) -> None:
         """A sample table's counts, for the track FFmpeg reads it for (the last one opened)."""
         track = tracks[-1]
-        if kind == b"stsz" and (head := fields(body, stop, 3)):
-            track.samples = max(track.samples, head[2])
-        elif kind == b"stz2" and (head := fields(body, stop, 3)):
+        if kind in (b"stsz", b"stz2") and (head := fields(body, stop, 3)):
             track.samples = max(track.samples, head[2])
         elif kind in (b"stco", b"co64") and (head := fields(body, stop, 2)):
             # FFmpeg reads as many offsets as declared, past the box up to the file's end

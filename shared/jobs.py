@@ -211,6 +211,12 @@ KEPT_APART_MARGIN_S = 3600
 INTERRUPTED_SUBMISSION = "the submission was interrupted before the job was queued; submit it again"
 
 
+def _epoch(time_reply: tuple[int, int]) -> float:
+    """Redis's TIME reply (seconds, microseconds) as epoch seconds."""
+    seconds, micros = time_reply
+    return seconds + micros / 1e6
+
+
 def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -332,8 +338,7 @@ class JobStore:
         failed every job it took before the API confirmed it, milliseconds after its message was
         sent, as a submission interrupted a minute ago, and one ahead by a delivery's grace took
         every delivery in progress for lost and sent it again while the first was posting."""
-        seconds, micros = self.redis.time()
-        return seconds + micros / 1e6
+        return _epoch(self.redis.time())
 
     # --- keys -------------------------------------------------------------------------------
     def key(self, *parts: str) -> str:
@@ -413,8 +418,8 @@ class JobStore:
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.zscore(self._unconfirmed(), job_id)
             pipe.time()
-            marked, (seconds, micros) = pipe.execute()
-        return None if marked is None else max(0.0, seconds + micros / 1e6 - float(marked))
+            marked, now = pipe.execute()
+        return None if marked is None else max(0.0, _epoch(now) - float(marked))
 
     def look_again_later(self, job_id: str) -> None:
         """An unconfirmed job that started all the same (its message went out before the API
@@ -436,7 +441,6 @@ class JobStore:
 
         def change(r: JobRecord) -> JobRecord | None:
             nonlocal failed
-            failed = False  # decided again on each try of the transaction, as in finish
             if r.status != QUEUED or r.attempts != 0:
                 return None
             failed = True
@@ -450,7 +454,9 @@ class JobStore:
 
         def still_unconfirmed(pipe: Any) -> bool:
             nonlocal failed
-            failed = False  # a try that lost to the confirmation decided nothing
+            # read first on each try of the transaction: whether it failed the job is decided
+            # again there (as in finish), also by a try that lost to the confirmation
+            failed = False
             return pipe.zscore(unconfirmed, job_id) is not None
 
         record = self.update(job_id, change, lambda pipe, _: pipe.zrem(unconfirmed, job_id), watch=(unconfirmed,),

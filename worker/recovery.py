@@ -88,12 +88,21 @@ def fail_interrupted_submissions(store: JobStore, storage: Storage, settings: Se
             # to its end (stopping it midway would only waste the work); looked at again later
             store.look_again_later(job_id)
             continue
-        if store.fail_interrupted(job_id) is not None:
-            storage.delete_job(job_id)
-            log.error("job %s: its submission was interrupted before the job was queued (not confirmed within "
-                      "%.0f s); failed, its upload deleted", job_id, settings.job_submit_grace_s)
+        if fail_interrupted(store, storage, job_id, settings):
             failed.append(job_id)
     return failed
+
+
+def fail_interrupted(store: JobStore, storage: Storage, job_id: str, settings: Settings) -> bool:
+    """Fail a job whose submission was not confirmed within ``job_submit_grace_s`` and delete
+    its upload (the pass above, or the worker that took its message, worker.tasks); False when
+    it was confirmed, started or ended meanwhile (``JobStore.fail_interrupted``)."""
+    if store.fail_interrupted(job_id) is None:
+        return False
+    storage.delete_job(job_id)
+    log.error("job %s: its submission was interrupted before the job was queued (not confirmed within %.0f s); "
+              "failed, not run, its upload deleted", job_id, settings.job_submit_grace_s)
+    return True
 
 
 def recover_lost_deliveries(store: JobStore, settings: Settings) -> list[str]:

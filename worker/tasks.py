@@ -38,6 +38,7 @@ from worker import lifecycle, telemetry
 from worker.celery_app import app
 from worker.deadline import JobDeadline, JobTimedOut
 from worker.lease import JobLease
+from worker.recovery import fail_interrupted
 
 log = logging.getLogger(__name__)
 settings = get_settings()
@@ -154,10 +155,7 @@ def _confirmation_awaited(task: Task, jobs: JobStore, storage: Storage, record: 
     deadline = time.monotonic() + UNCONFIRMED_WAIT_S
     while waited_s is not None:
         if waited_s >= settings.job_submit_grace_s:
-            if jobs.fail_interrupted(record.job_id) is not None:
-                storage.delete_job(record.job_id)
-                log.error("job %s: its submission was not confirmed within %.0f s (interrupted before the job was "
-                          "queued); failed, not run", record.job_id, settings.job_submit_grace_s)
+            fail_interrupted(jobs, storage, record.job_id, settings)
             return True
         if time.monotonic() >= deadline:
             log.info("job %s: its submission is not confirmed yet; checking again later", record.job_id)
