@@ -24,7 +24,8 @@ from celery import Celery
 from fastapi import HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import JobConflict, StorageFull, StorageUnavailable, SyncTimeout, not_found
+from api.errors import (STORE_REFUSED, JobConflict, StorageFull, StorageUnavailable, StoreRefused, SyncTimeout,
+                        not_found, refuses_writes)
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -363,6 +364,10 @@ class Dispatcher:
                 log.warning("job %s not failed now (%s); the recovery pass fails it", job_id, store_exc)
             # the broker's own words stay in the log: they name queues and commands, not the client's error
             log.error("could not enqueue or confirm job %s: %s", job_id, exc)
+            if refuses_writes(exc):
+                # the broker is the job store's Redis: full (or read-only) for the message as it
+                # may be for the record, which of the two writes hits it first is chance; one answer
+                raise StoreRefused(STORE_REFUSED) from exc
             raise ModelError("job queue unavailable, retry later") from exc
         return record, late
 

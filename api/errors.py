@@ -53,6 +53,33 @@ class StorageFull(ModelError):
     status_code = 507
 
 
+STORE_REFUSED = "job store cannot take new work now, retry later"
+
+
+class StoreRefused(ModelError):
+    """The job store refuses writes (a Redis at its maxmemory, a replica after a failover, one
+    that cannot persist) until an operator or the failover acts: the service's state, for
+    longer than a blip, so retried later (60 s) than an unreachable store (5 s)."""
+
+    status_code = 503
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from: Celery and kombu wrap the broker's error) is
+    Redis refusing writes: OOM, READONLY or MISCONF."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+            return True
+        if isinstance(cause, redis.ResponseError) and \
+                (str(cause).startswith("MISCONF") or "OOM command not allowed" in str(cause)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 class StorageUnavailable(ModelError):
     """The upload storage refused or could not be reached (an S3 bucket answering 503, down, a
     network in between): the service's state, to retry later."""
@@ -77,7 +104,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(AnalysisError)
     async def analysis_error(_: Request, exc: AnalysisError) -> JSONResponse:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
-        if isinstance(exc, StorageFull):
+        if isinstance(exc, (StorageFull, StoreRefused)):
             headers = {"Retry-After": "60"}
         elif isinstance(exc, StorageUnavailable):
             headers = {"Retry-After": "30"}
@@ -110,11 +137,9 @@ def install(app: FastAPI) -> None:
         # a Redis at its maxmemory (OOM), a replica after a failover (READONLY) or one that cannot
         # persist (MISCONF) refuses writes until an operator or the failover acts: nothing was
         # accepted, and the client may retry later. Any other refusal is this service's bug
-        if isinstance(exc, (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)) or \
-                str(exc).startswith("MISCONF") or "OOM command not allowed" in str(exc):
+        if refuses_writes(exc):
             log.error("job store refused a write: %s", exc)
-            return error_response(503, "job store cannot take new work now, retry later", "ModelError",
-                                  {"Retry-After": "60"})
+            return await analysis_error(request, StoreRefused(STORE_REFUSED))
         return await unexpected(request, exc)
 
     @app.exception_handler(Exception)

@@ -406,10 +406,10 @@ def test_made_up_methods_and_paths_add_no_metric_series(client):
     assert grown <= 3 * 17, f"{grown} new latency series from 80 requests"  # a few (method, route, status) sets
 
 
-def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
-    """A Redis at its maxmemory refuses writes ("OOM command not allowed"): every submit was a 500
-    "internal server error". It is the store's state, not the client's mistake nor a bug: 503 with
-    Retry-After, as for a store that cannot be reached."""
+@pytest.fixture
+def full_redis(tmp_path):
+    """The URL of a Redis at its maxmemory: every write that may grow its memory is refused
+    ("OOM command not allowed")."""
     import subprocess
 
     import redis
@@ -431,14 +431,47 @@ def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, tmp_path):
             with pytest.raises(redis.exceptions.OutOfMemoryError):
                 for i in range(100_000):
                     client.set(f"filler:{size}:{i}", b"x" * size)
-        full = variant_app(redis_url=f"redis://127.0.0.1:{port}/0")
-        with open(utterances["spk1"][0], "rb") as fh:
-            r = full.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
-        assert r.status_code == 503 and r.headers["retry-after"] == "60", r.text
-        assert set(r.json()) == {"detail", "error_type", "timestamp"}
+        yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_a_full_job_store_is_a_503_not_a_500(variant_app, utterances, full_redis):
+    """A Redis at its maxmemory refuses writes ("OOM command not allowed"): every submit was a 500
+    "internal server error". It is the store's state, not the client's mistake nor a bug: 503 with
+    Retry-After, as for a store that cannot be reached."""
+    full = variant_app(redis_url=full_redis)
+    with open(utterances["spk1"][0], "rb") as fh:
+        r = full.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "60", r.text
+    assert set(r.json()) == {"detail", "error_type", "timestamp"}
+
+
+def test_a_full_broker_is_the_same_503_as_a_full_job_store(variant_app, utterances, full_redis, settings):
+    """The record fitted and the queue's message did not: a Redis filled to within a record's
+    bytes (CI met it once). The answer was "job queue unavailable" with Retry-After 5, where the
+    same full Redis refusing the record said 60: which write hits the limit first is chance, so
+    the client gets one answer. Here the broker alone is full (its own Redis), so the record is
+    written and the message refused every time; the job it could not queue is failed."""
+    import redis
+
+    from shared.jobs import JobStore
+    from shared.queue import make_celery
+
+    app = variant_app()
+    dispatcher = app.app.state.dispatcher
+    dispatcher.celery = make_celery(settings.model_copy(update={"redis_url": full_redis}))
+    store = JobStore(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings)
+    records = store.key("job", "*")
+    before = set(store.redis.scan_iter(records))
+    with open(utterances["spk1"][0], "rb") as fh:
+        r = app.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "60", (r.status_code, r.headers, r.text)
+    assert r.json()["detail"] == "job store cannot take new work now, retry later"
+    made = [key.rsplit(":", 1)[1] for key in set(store.redis.scan_iter(records)) - before]
+    assert len(made) == 1, made
+    assert store.get(made[0]).status == "failed"
 
 
 def test_a_queue_that_refuses_the_job_is_a_503_to_retry_without_the_brokers_words(variant_app, utterances, settings):
