@@ -76,3 +76,40 @@ def test_job_survives_its_worker_process_being_killed(worker, settings, short_sa
             assert gone(settings.storage_dir / job["job_id"])
     finally:
         stack.stop()
+
+
+def test_a_message_for_a_task_the_worker_does_not_have_fails_its_job(worker, client, variant_app, settings, utterances,
+                                                                      webhook_receiver):
+    """An API newer than its workers (a rolling upgrade that reached the API first) queues a kind
+    the worker has no task for. Celery drops such a message ("Received unregistered task"), and
+    the job stayed "queued" for its record's day, its upload kept and its webhook never sent.
+    Now the worker fails it at once (503, to submit again), deletes its upload and sends the
+    webhook. Here the record comes from the real API (its own message parked on a queue nobody
+    consumes) and the session worker gets the message an API of a later version would send."""
+    import redis
+
+    from shared.queue import make_celery
+
+    parked = "audio-parked-unknown-task"
+    hook = webhook_receiver.url("/unknown-task")
+    app = variant_app(queue_name=parked)
+    try:
+        with open(utterances["spk1"][0], "rb") as fh:
+            r = app.post("/jobs/embedding", files={"file": ("a.wav", fh.read(), "audio/wav")}, data={"webhook_url": hook})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        assert not gone(settings.storage_dir / job_id, 0.1), "the upload is stored"
+        make_celery(settings).send_task("audio.transcribe", args=(job_id,), task_id=job_id, queue=settings.queue_name)
+
+        done = wait_for_job(client, job_id, timeout_s=60)
+        assert done["status"] == "failed", done
+        assert done["error"]["status_code"] == 503 and "embedding jobs" in done["error"]["detail"], done
+        assert done["attempts"] == 0, "never run"
+        assert gone(settings.storage_dir / job_id), "its upload stays"
+        deadline = time.monotonic() + 30
+        while not webhook_receiver.for_path("/unknown-task") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (delivery,) = webhook_receiver.for_path("/unknown-task")
+        assert json.loads(delivery["body"])["status"] == "failed", delivery
+    finally:
+        redis.Redis.from_url(settings.redis_url).delete(parked)

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
-from celery import Task
+from celery import Task, signals
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from shared import logs, webhooks
 from shared.audio_limits import DurationBudget, check_audio_limits
-from shared.errors import AnalysisError, ProcessingError
-from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, utc_now
+from shared.errors import AnalysisError, ModelError, ProcessingError
+from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id, utc_now
 from shared.kinds import KINDS, FileField, JobKind, Params
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
@@ -207,6 +207,34 @@ def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, 
         storage.delete_job(job_id)
         _notify(record)
     return record
+
+
+@signals.task_unknown.connect
+def on_unknown_task(name: str | None = None, id: str | None = None, **_: Any) -> None:  # noqa: A002 - the signal's names
+    """A job's message for a task this worker does not have (a kind the API knows and this
+    worker's version does not: a rolling upgrade that reached the API first). Celery drops such
+    a message (it rejects it without requeueing and logs "unregistered task"), so the job stayed
+    "queued" until its record expired, a day, with its upload kept and its webhook never sent.
+    The job is failed now (503, to submit again), its upload deleted and its webhook sent; a
+    job a newer worker already started, or that ended, is left alone. Runs in the worker's
+    consumer, before any pool process."""
+    if not id or not is_job_id(id):
+        return
+    jobs = store()
+    try:
+        record = jobs.get(id)
+        if record is None or record.status != QUEUED:
+            return
+        detail = (f"no worker runs {record.kind} jobs now (the workers are older than the API); "
+                  "submit it again later")
+        ended, changed = jobs.finish(id, FAILED, error=ModelError(detail).body(), attempt=record.attempts, notify=True)
+        if changed and ended is not None:
+            log.error("job %s: this worker has no task %s (an older version than the API?); failed, not run",
+                      id, name)
+            get_storage().delete_job(id)
+            _notify(ended)
+    except Exception:  # noqa: BLE001 - a signal handler's error is only logged; the record expires as before
+        log.exception("job %s: could not fail the job of an unknown task %s", id, name)
 
 
 def _run_leased(
