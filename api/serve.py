@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from shared import logs
+from shared.lifeline import follow_parent
 from shared.schemas import ErrorBody
 from shared.settings import get_settings
 
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     # lines come out as JSON (or text) with the request id, like the app's own
     logs.configure(settings.log_format, settings.log_level)
     options["log_config"] = None
+    # an API started by `audio-analysis up` ends with it
+    follow_parent()
     uvicorn.run("api.main:app", **options)
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from shared.lifeline import PARENT_ENV
 from shared.settings import Settings
 
 # children run from the project root so `-A worker.celery_app` and `api.main:app` import
@@ -138,7 +139,8 @@ class Stack:
     def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None
         proc = subprocess.Popen(
-            list(argv), env={**self.env, **(env or {})}, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
+            # the child ends itself should this process die without stopping it (shared/lifeline.py)
+            list(argv), env={**self.env, PARENT_ENV: str(os.getpid()), **(env or {})}, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
             # own process group: Ctrl-C in the terminal reaches us only, and we stop children in order
             start_new_session=True,
         )

@@ -3,6 +3,7 @@ shared/queue.py with the task code included and the worker's signal handlers reg
 
 from __future__ import annotations
 
+from shared.lifeline import follow_parent
 from shared.queue import make_celery
 
 
@@ -40,6 +41,8 @@ def _survive_broker_loss_with_unacked_messages() -> None:
 
 
 _survive_broker_loss_with_unacked_messages()
+# a worker or Flower started by `audio-analysis up` ends with it (before any pool process forks)
+follow_parent()
 
 app = make_celery(include=["worker.tasks"])
 
