@@ -18,7 +18,7 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Literal
 
@@ -236,6 +236,71 @@ _STATUS_HEAD = re.compile(r'^\{"job_id":"[0-9a-f]{32}","kind":"[a-z_]{1,32}","st
 
 
 @dataclass(frozen=True)
+class KeyClaim:
+    """One submission's hold on an Idempotency-Key (``JobStore.claim_key``): its entry in Redis
+    (``JobStore.key_entry``) and the token that tells this submission from another with the key."""
+
+    entry: str
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class KeyHolder:
+    """What holds a key another submission claimed: its request's fingerprint (None while not
+    yet known) and, once its jobs were confirmed, their ids (None: still being submitted)."""
+
+    fingerprint: str | None
+    jobs: list[str] | None
+    batch_id: str | None
+
+
+class KeyLost(Exception):
+    """A submission's hold on its Idempotency-Key lapsed before its jobs were confirmed."""
+
+
+# ARGV: token, fingerprint ('' unknown), hold in ms. Free (or held by this token already): held
+# by it, nil returned; else what holds it: token, fingerprint, jobs, batch.
+_CLAIM_KEY = """
+local held = redis.call('HMGET', KEYS[1], 'token', 'fingerprint', 'jobs', 'batch')
+if (held[1] == false or held[1] == ARGV[1]) and held[3] == false then
+  redis.call('HSET', KEYS[1], 'token', ARGV[1], 'fingerprint', ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  return nil
+end
+return held
+"""
+# KEYS: the unconfirmed, the key's entry; ARGV: token, jobs (JSON), batch, window in ms, job ids.
+# -1 when the token does not hold the key; else ZREM's answer per job, and the key names the jobs
+# for the window once all of them were confirmed
+_CONFIRM_CLAIMED = """
+if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then return -1 end
+local removed, all = {}, true
+for i = 5, #ARGV do
+  removed[#removed + 1] = redis.call('ZREM', KEYS[1], ARGV[i])
+  if removed[#removed] == 0 then all = false end
+end
+if all then
+  redis.call('HSET', KEYS[2], 'jobs', ARGV[2], 'batch', ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+return removed
+"""
+# ARGV: token, jobs (JSON), batch, window in ms
+_KEEP_ANSWER = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'jobs', ARGV[2], 'batch', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+# ARGV: token. Deleted only while this token holds it (named jobs too: a submission refused after
+# its confirmation, cancelled in its last step, withdrew them)
+_RELEASE_KEY = """
+if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True)
 class JobPage:
     """One page of a listing, newest first; ``next_cursor`` None on the last. A page filtered by
     status or kind may hold fewer than its limit (even none) and still have a next page: each
@@ -319,10 +384,18 @@ class JobStore:
         self.running_life_s = float(max(s.task_time_limit_s, s.task_soft_time_limit_s + s.job_time_limit_grace_s)
                                     + s.job_lease_s + s.job_recovery_interval_s)
         self.horizon_s = self.queued_life_s + self.running_life_s + self.ttl
+        # an Idempotency-Key's answer is rebuilt from its jobs' records, which are kept at least
+        # result_expires_s after the key was stored (a job ends after its confirmation, and is
+        # kept that long from its end): never longer, or a retry would find the key and no job
+        self.idempotency_window_s = float(min(s.idempotency_window_s, s.result_expires_s))
         # each record up to its result, cut in Redis (JobRecord.to_json stores it last)
         self._summary_heads = RecordHeads(client, cut_before="result", last_before="_finished_ts",
                                           head_bytes=_SUMMARY_HEAD_BYTES)
         self._after = client.register_script(_AFTER)
+        self._claim = client.register_script(_CLAIM_KEY)
+        self._confirm_claimed = client.register_script(_CONFIRM_CLAIMED)
+        self._keep = client.register_script(_KEEP_ANSWER)
+        self._release = client.register_script(_RELEASE_KEY)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -395,10 +468,24 @@ class JobStore:
     def _unconfirmed(self) -> str:
         return self.key("submitting")
 
-    def confirm_queued(self, job_ids: list[str]) -> list[str]:
+    def confirm_queued(self, job_ids: list[str], claim: KeyClaim | None = None,
+                       batch_id: str | None = None) -> list[str]:
         """These jobs' messages were sent and their client is answered now: no longer at risk.
         Returns those that were not unconfirmed any more (the recovery pass got there first:
-        the submission took past job_submit_grace_s)."""
+        the submission took past job_submit_grace_s).
+
+        With ``claim`` (the submission holds an Idempotency-Key), only while it still holds the
+        key, and the key then names these jobs (and ``batch_id``) for ``idempotency_window_s``,
+        in the same script: a submission whose hold lapsed (it stalled, another request with the
+        key took it) confirms nothing and gets :class:`KeyLost`, so two submissions with one key
+        never both run. Should some be late, the key stays held: the caller decides
+        (:meth:`keep_answer` or :meth:`release_key`)."""
+        if claim is not None:
+            removed = self._confirm_claimed(keys=[self._unconfirmed(), claim.entry], args=[
+                claim.token, json.dumps(job_ids), batch_id or "", int(self.idempotency_window_s * 1000), *job_ids])
+            if removed == -1:
+                raise KeyLost(claim.entry)
+            return [job_id for job_id, found in zip(job_ids, removed) if not found]
         if not job_ids:
             return []
         with self.redis.pipeline(transaction=False) as pipe:
@@ -428,6 +515,43 @@ class JobStore:
 
     def forget_unconfirmed(self, job_id: str) -> None:
         self.redis.zrem(self._unconfirmed(), job_id)
+
+    # --- Idempotency-Key: one submission per key and tenant -------------------------------------
+    # A client whose 202 was lost (a timeout, a proxy's reset) submits again with the key it sent
+    # the first time, and must get the first submission's jobs, not new ones. Each key and tenant
+    # is a hash, ``<prefix>:idempotency:<owner>:<sha256 of the key>``: ``token`` (the submission
+    # that holds it), ``fingerprint`` (the request's digest, api/idempotency.py; empty until
+    # known), and once its jobs were confirmed ``jobs`` (their ids, JSON) and ``batch``. Held (no
+    # ``jobs``), it lives idempotency_reservation_s, so a submission whose process died frees it
+    # by itself; answered (``jobs``), idempotency_window_s. Hashes, written by scripts, because
+    # whether the key is free, held or answered is read and changed in one step.
+    def key_entry(self, owner: str | None, key: str) -> str:
+        # the key's digest: a key of 255 printable characters names no odd Redis key, and the
+        # tenant's part keeps two tenants' keys apart whatever they chose
+        return self.key("idempotency", owner or "-", hashlib.sha256(key.encode()).hexdigest())
+
+    def claim_key(self, claim: KeyClaim, fingerprint: str | None) -> KeyHolder | None:
+        """Hold the key for ``claim``'s submission (again: its earlier hold renewed, or taken
+        anew once lapsed), for idempotency_reservation_s; None once held. Another submission's
+        hold, or the jobs the key names once answered, come back as its :class:`KeyHolder`."""
+        held = self._claim(keys=[claim.entry], args=[
+            claim.token, fingerprint or "", int(self.settings.idempotency_reservation_s * 1000)])
+        if held is None:
+            return None
+        _, found, jobs, batch = held
+        return KeyHolder(fingerprint=found or None, jobs=json.loads(jobs) if jobs else None, batch_id=batch or None)
+
+    def keep_answer(self, claim: KeyClaim, job_ids: list[str], batch_id: str | None = None) -> bool:
+        """The key names these jobs for idempotency_window_s, if ``claim`` still holds it (a
+        submission answered 202 after some of its jobs were confirmed late)."""
+        return bool(self._keep(keys=[claim.entry], args=[
+            claim.token, json.dumps(job_ids), batch_id or "", int(self.idempotency_window_s * 1000)]))
+
+    def release_key(self, claim: KeyClaim) -> None:
+        """A submission refused (4xx, 503, ...) gives its key back, if it still holds it: the
+        client retries with the same key, and must not be answered jobs that were withdrawn or
+        never existed."""
+        self._release(keys=[claim.entry], args=[claim.token])
 
     def fail_interrupted(self, job_id: str) -> JobRecord | None:
         """Fail a job whose submission never completed, while it is still queued and never

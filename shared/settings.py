@@ -238,6 +238,17 @@ class Settings(BaseSettings):
     # run it after the client, told nothing, submitted it again. Minutes above what a submission
     # takes between the two (milliseconds; a batch's records and messages, a second or two)
     job_submit_grace_s: float = Field(60.0, gt=0.0)
+    # Idempotency-Key (POST /jobs/<kind>, /jobs/batch; api/idempotency.py): a client whose 202 was
+    # lost on the wire submits again with the same key and is answered the first submission's
+    # job instead of running (and paying for) the hour twice. A key is answered so for this long
+    # after its jobs were accepted, and never past result_expires_s (JobStore.idempotency_window_s):
+    # the jobs' records, which the answer is rebuilt from, are kept at least that long
+    idempotency_window_s: int = Field(24 * 3600, gt=0)
+    # how long a key is held for a submission still being stored and queued: a second request
+    # with it meanwhile is answered 409 (retry later). Short, so that a submission whose process
+    # died frees its key by itself; a submission that outlasts it (storing a large upload on a
+    # slow bucket) takes it again before it writes a job, and answers 409 if another got it
+    idempotency_reservation_s: float = Field(60.0, gt=0.0)
     # a running job's own time limit (worker/deadline.py), counted from when its audio is ready:
     # the floor plus per_audio seconds for each second of its audio (a real-time factor of 1,
     # some 40 times what a 2-core CPU needs), never past what task_soft_time_limit_s leaves.
