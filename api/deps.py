@@ -13,7 +13,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Header, Request, Security
 from fastapi.security import APIKeyHeader
 from prometheus_client import CollectorRegistry
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.dispatch import Dispatcher
 from api.errors import AuthError, error_response
 from api.hosts import host_of
+from api.idempotency import HEADER, IdempotencyKey, parse_key
 from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
 
@@ -187,9 +188,24 @@ def _site_by_origin(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"" if same else b"cross-site"
 
 
+async def idempotency_key(
+    request: Request,
+    _documented: str | None = Header(
+        None, alias=HEADER, description="makes a retry safe: the same key (1 to 255 printable ASCII characters, "
+        "a UUID say) from the same API key within AUDIO_ANALYSIS_IDEMPOTENCY_WINDOW_S (24 h) is answered the first "
+        "submission's 202 (same job or batch, `Idempotent-Replayed: true`) and runs nothing again; reused for "
+        "another request: 422; while the first is still being submitted: 409 with Retry-After"),
+) -> IdempotencyKey | None:
+    """The ``Idempotency-Key`` header of an asynchronous submit, validated once (422), or None.
+    Read from every value the request carries: FastAPI's parameter (which documents it) would
+    take one of two keys sent and drop the other without a word."""
+    return parse_key(request.headers.getlist(HEADER))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 PrincipalDep = Annotated[Principal, Depends(require_api_key)]
 BaseUrlDep = Annotated[str, Depends(base_url)]
 RegistryDep = Annotated[CollectorRegistry, Depends(get_registry)]
+IdempotencyKeyDep = Annotated[IdempotencyKey | None, Depends(idempotency_key)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -26,12 +27,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import (STORE_REFUSED, JobConflict, StorageFull, StorageUnavailable, StoreRefused, SyncTimeout,
                         not_found, refuses_writes)
+from api.idempotency import RETRY_AFTER_S, Digesting, Idempotent, digest_upload
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.formats import file_name, one_line
-from shared.jobs import (CANCELLED, FAILED, INTERRUPTED_SUBMISSION, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id,
-                         new_job_id)
+from shared.jobs import (CANCELLED, FAILED, INTERRUPTED_SUBMISSION, QUEUED, SUCCEEDED, JobRecord, JobStore, KeyClaim,
+                         KeyHolder, KeyLost, is_job_id, new_job_id)
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
@@ -89,6 +91,23 @@ class Submission:
     # parameter -> digest of its value, stored already (JobStore.keep_apart): the record carries
     # the digest, not the value (the kind's kept-apart lookups: voiceprints)
     kept_apart: Mapping[str, str] = field(default_factory=dict)
+    # upload name -> SHA-256 of a non-audio upload, parsed here and never stored (an embedding
+    # file): part of an Idempotency-Key's request fingerprint, as the audio's digests are
+    digests: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The jobs a submission is answered 202 for: new ones, or (``replayed``) those its
+    Idempotency-Key's first submission made."""
+
+    records: list[JobRecord]
+    replayed: bool = False
+
+    @property
+    def record(self) -> JobRecord:
+        (record,) = self.records
+        return record
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class Dispatcher:
             given = values.pop(lookup.name, None)
             if given is not None and str(given).strip():
                 values[lookup.into] = await run_in_threadpool(lookup.resolve, str(given), edge)
+        digests: dict[str, str] = {}
         for spec in kind.files:
             if spec.parse is None:
                 continue
@@ -152,6 +172,7 @@ class Dispatcher:
             await upload.close()
             if len(data) > spec.max_bytes:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
+            digests[spec.name] = hashlib.sha256(data).hexdigest()  # at most max_bytes (1 MB), in memory already
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
         params = kind.parse_params(values)
         for spec in kind.audio_files:
@@ -173,7 +194,7 @@ class Dispatcher:
             if len(files) > spec.max_count:
                 raise InputError(f"{spec.name}: at most {spec.max_count} files, {len(files)} given")
             audio.update({f"{spec.name}.{i}": u for i, u in enumerate(files)})
-        return Submission(kind, params, audio, urls, await self._keep_apart(kind, params))
+        return Submission(kind, params, audio, urls, await self._keep_apart(kind, params), digests)
 
     async def read_batch(self, kind: JobKind, uploads: list[UploadFile], form: Mapping[str, Any],
                          principal: Principal | None = None) -> list[Submission]:
@@ -208,17 +229,29 @@ class Dispatcher:
         return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
     # --- submit -----------------------------------------------------------------------------
-    async def _save(self, job_id: str, name: str, upload: UploadFile, max_bytes: int) -> str:
-        """``storage.save`` in a thread, at most MAX_CONCURRENT_SAVES at once, off the shared pool."""
+    def _saves_limiter(self) -> anyio.CapacityLimiter:
         if self._saves is None:
             self._saves = anyio.CapacityLimiter(MAX_CONCURRENT_SAVES)
-        save = functools.partial(self.storage.save, job_id, name, upload.file, max_bytes=max_bytes)
-        return await anyio.to_thread.run_sync(save, limiter=self._saves)
+        return self._saves
 
-    async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool) -> dict[str, str]:
+    async def _save(self, job_id: str, name: str, upload: UploadFile, max_bytes: int,
+                    digests: dict[str, str] | None = None) -> str:
+        """``storage.save`` in a thread, at most MAX_CONCURRENT_SAVES at once, off the shared pool;
+        with ``digests``, the upload's SHA-256 taken as it streams is put there under ``name``."""
+        stream = upload.file if digests is None else Digesting(upload.file)  # type: ignore[arg-type]
+        save = functools.partial(self.storage.save, job_id, name, stream, max_bytes=max_bytes)
+        key = await anyio.to_thread.run_sync(save, limiter=self._saves_limiter())
+        if isinstance(stream, Digesting) and digests is not None:
+            digests[name] = stream.hexdigest()
+        return key
+
+    async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool,
+                           digests: dict[str, str] | None = None) -> dict[str, str]:
         """Check each upload's header, then stream it into storage; the request as a whole stays
         under max_upload_bytes. The header is read from the upload as received, before anything
-        is stored: nothing refused is written, and an S3 backend is never read back."""
+        is stored: nothing refused is written, and an S3 backend is never read back. With
+        ``digests`` (a submission with an Idempotency-Key), each upload's SHA-256, taken as it
+        is stored, is put there by name."""
         keys: dict[str, str] = {}
         budget = self.settings.max_upload_bytes
         storing = False
@@ -230,7 +263,7 @@ class Dispatcher:
             for name, upload in uploads.items():
                 storing = True
                 try:
-                    key = await self._save(job_id, name, upload, budget)
+                    key = await self._save(job_id, name, upload, budget, digests)
                 except AnalysisError:
                     raise  # the client's (413 past the limit)
                 except Exception as exc:
@@ -264,10 +297,10 @@ class Dispatcher:
         batch_id: str | None = None,
         sync: bool = False,
         principal: Principal | None = None,
-    ) -> JobRecord:
-        (record,) = await self.submit_all([submission], webhook_url=webhook_url, webhook_payload=webhook_payload,
-                                          batch_id=batch_id, sync=sync, principal=principal)
-        return record
+        idempotent: Idempotent | None = None,
+    ) -> Accepted:
+        return await self.submit_all([submission], webhook_url=webhook_url, webhook_payload=webhook_payload,
+                                     batch_id=batch_id, sync=sync, principal=principal, idempotent=idempotent)
 
     async def submit_all(
         self,
@@ -278,7 +311,8 @@ class Dispatcher:
         batch_id: str | None = None,
         sync: bool = False,
         principal: Principal | None = None,
-    ) -> list[JobRecord]:
+        idempotent: Idempotent | None = None,
+    ) -> Accepted:
         """Jobs the client is answered for at once (one, or a batch's): every upload stored first,
         then each record written and its message sent, then all of them confirmed
         (``JobStore.confirm_queued``) just before the caller answers 202.
@@ -289,48 +323,152 @@ class Dispatcher:
         The uploads go first so that a batch's records and messages are written within
         milliseconds of each other, not one file's storing apart (a 1 GB file on a slow bucket
         takes minutes). Refused midway, nothing stays: uploads deleted, jobs made so far withdrawn.
+
+        With an Idempotency-Key (``idempotent``), the key is held for this submission first: a
+        key held by another is answered at once from it, with nothing stored (the first's jobs
+        again, 409 while it is still being submitted, 422 for another request). Held, it is
+        taken again once the uploads are stored, now with the request's fingerprint (their
+        digests taken as they streamed), and the jobs are confirmed only while it still holds
+        the key, which then names them. A submission refused gives the key back.
         """
+        claim = KeyClaim(self.store.key_entry(principal.owner if principal is not None else None,
+                                              idempotent.key.value)) if idempotent is not None else None
+        holder: KeyHolder | None = None
+        fingerprint = ""
+        if claim is not None and idempotent is not None:
+            holder = await run_in_threadpool(self.store.claim_key, claim, None)
+            if holder is not None:
+                fingerprint = await self._fingerprint(idempotent, submissions, None)
+                return await self._answer_from_key(holder, fingerprint)
         stored: list[tuple[str, dict[str, str]]] = []
+        digests: list[dict[str, str]] = []
         try:
             for submission in submissions:
                 job_id = new_job_id()
-                stored.append((job_id, await self.save_uploads(job_id, submission.audio, sync=sync)))
+                digests.append({})
+                stored.append((job_id, await self.save_uploads(job_id, submission.audio, sync=sync,
+                                                               digests=digests[-1] if claim else None)))
+            if claim is not None and idempotent is not None:
+                # the key again, now with what the request was: taken by another meanwhile (this
+                # one's hold lapsed while its uploads were stored), that one answers for it
+                fingerprint = await self._fingerprint(idempotent, submissions, digests)
+                holder = await run_in_threadpool(self.store.claim_key, claim, fingerprint)
+                if holder is not None:
+                    await self._delete_all(stored)
+                    stored = []
         except BaseException:
             # the one refused cleaned up after itself (save_uploads)
-            for job_id, _ in stored:
-                await self.delete_uploads(job_id)
+            await self._delete_all(stored)
+            await self._release_key(claim)
             raise
+        if claim is not None and holder is not None:
+            return await self._answer_from_key(holder, fingerprint)
         records: list[JobRecord] = []
         try:
             late: list[str] = []
             for n, (submission, (job_id, keys)) in enumerate(zip(submissions, stored), 1):
-                # the last one's message sent, all of them are confirmed
-                confirm = [*(record.job_id for record in records), job_id] if n == len(stored) else []
+                # the last one's message sent, all of them are confirmed (with a key, by the key's
+                # own step below, one more thread hop)
+                confirm = [*(record.job_id for record in records), job_id] if n == len(stored) and not claim else []
                 record, late = await self._enqueue(submission, job_id, keys, confirm, webhook_url=webhook_url,
                                                    webhook_payload=webhook_payload, batch_id=batch_id, sync=sync,
                                                    principal=principal)
                 records.append(record)
+            if claim is not None:
+                late = await self._confirm_claimed(claim, [r.job_id for r in records], batch_id)
             await self._confirmed_late(late)
+            if claim is not None and late:
+                # confirmed late but not failed (they ended by themselves meanwhile): answered 202,
+                # so the key names them
+                await run_in_threadpool(self.store.keep_answer, claim, [r.job_id for r in records], batch_id)
         except BaseException:
             # refused midway (storage, job store or broker gone): what was not queued is deleted,
             # what was is withdrawn. The job store or broker that refused is likely still down, so
             # a withdrawal that fails too is logged and the rest go on (the recovery pass fails
             # what stays unconfirmed), and the client gets the first error, not the cleanup's
             made = {record.job_id for record in records}
-            for job_id, _ in stored:
-                if job_id not in made:
-                    await self.delete_uploads(job_id)
+            await self._delete_all([(job_id, keys) for job_id, keys in stored if job_id not in made])
             for record in records:
                 try:
                     await self.withdraw(record.job_id)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("job %s of a refused submission not withdrawn now (%s: %s); the recovery "
                                 "pass fails it", record.job_id, type(exc).__name__, exc)
+            await self._release_key(claim)
             raise
         for submission, record in zip(submissions, records):
             with logs.bound(job_id=record.job_id, kind=submission.kind.name):
                 log.info("job queued (%s)", ", ".join(f"{k}={v}" for k, v in record.files.items()) or "no uploads")
-        return records
+        return Accepted(records)
+
+    async def _delete_all(self, stored: Iterable[tuple[str, dict[str, str]]]) -> None:
+        for job_id, _ in stored:
+            await self.delete_uploads(job_id)
+
+    # --- Idempotency-Key (api/idempotency.py) -----------------------------------------------
+    async def _fingerprint(self, idempotent: Idempotent, submissions: Sequence[Submission],
+                           digests: Sequence[Mapping[str, str]] | None) -> str:
+        """The request's fingerprint: its audio's digests as taken while it was stored, or
+        (``digests`` None: a request answered from its key, whose audio is never stored) read
+        from the uploads as received, in a thread of the saves' own."""
+        uploads = []
+        for n, submission in enumerate(submissions):
+            found = dict(submission.digests)
+            for name, upload in submission.audio.items():
+                found[name] = digests[n][name] if digests is not None else \
+                    await anyio.to_thread.run_sync(digest_upload, upload, limiter=self._saves_limiter())
+            # (field, file name, digest); a parsed upload (closed by now) by its field and digest
+            audio = submission.audio
+            uploads.append(sorted((name, audio[name].filename if name in audio else None, digest)
+                                  for name, digest in found.items()))
+        return idempotent.fingerprint(uploads)
+
+    async def _answer_from_key(self, holder: KeyHolder, fingerprint: str) -> Accepted:
+        """The answer to a request whose key another submission holds: 422 when it was another
+        request, 409 while that one is being submitted, else the jobs it made (as they are now).
+        Nothing of this request was kept: its uploads were never stored, or were deleted."""
+        if holder.fingerprint is not None and holder.fingerprint != fingerprint:
+            raise InputError("Idempotency-Key: already used for another request (another route, file or form "
+                             "fields); send a new key for a new request")
+        if holder.jobs is None:
+            raise HTTPException(409, "Idempotency-Key: a request with this key is still being submitted; retry "
+                                "later, when it is answered with that request's jobs",
+                                headers={"Retry-After": str(RETRY_AFTER_S)})
+        # a batch is answered with summaries (as POST /jobs/batch is), a job with its whole record
+        records = await run_in_threadpool(functools.partial(self.store.get_many, holder.jobs,
+                                                            summaries=holder.batch_id is not None))
+        if len(records) != len(holder.jobs):
+            # the key is kept no longer than the records (JobStore.idempotency_window_s): only a
+            # job store that lost them (flushed, restored from an older copy) gets here
+            raise not_found("job", holder.jobs[0], "unknown or expired")
+        return Accepted(records, replayed=True)
+
+    async def _confirm_claimed(self, claim: KeyClaim, job_ids: list[str], batch_id: str | None) -> list[str]:
+        """Confirm the jobs while the claim still holds the key, which then names them; 409 (the
+        jobs withdrawn by the caller) when another request took it meanwhile."""
+        try:
+            # shielded: confirmed, the jobs stay (a cancellation then comes at the route's next
+            # step, and the key answers the client's retry with them), never withdrawn behind a
+            # key that names them
+            with anyio.CancelScope(shield=True):
+                return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id)
+        except KeyLost:
+            log.warning("jobs %s: their Idempotency-Key was taken by another request before they were confirmed; "
+                        "withdrawn", ", ".join(job_ids))
+            raise HTTPException(409, "Idempotency-Key: a request with this key is being submitted; retry later",
+                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+    async def _release_key(self, claim: KeyClaim | None) -> None:
+        """Give the key back (a refused submission), shielded from cancellation and never as the
+        request's error: a key not given back is free again after idempotency_reservation_s."""
+        if claim is None:
+            return
+        try:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(self.store.release_key, claim)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Idempotency-Key not given back now (%s: %s); it is free again within %.0f s",
+                        type(exc).__name__, one_line(str(exc))[:300], self.settings.idempotency_reservation_s)
 
     async def _enqueue(self, submission: Submission, job_id: str, keys: dict[str, str], confirm: list[str], *,
                        webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,
@@ -440,7 +578,7 @@ class Dispatcher:
 
     async def run_sync(self, submission: Submission, principal: Principal | None = None,
                        request: Request | None = None) -> dict[str, Any]:
-        record = await self.submit(submission, sync=True, principal=principal)
+        record = (await self.submit(submission, sync=True, principal=principal)).record
         try:
             record = await self.wait(record.job_id, self.settings.sync_timeout_s, request)
         except (redis.ConnectionError, redis.TimeoutError):

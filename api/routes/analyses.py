@@ -13,9 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, require_api_key
-from api.dispatch import view
+from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, require_api_key
+from api.dispatch import Accepted, view
 from api.forms import WEBHOOK_FIELDS, file_parameters, form_parameters, split, with_signature
+from api.idempotency import Idempotent, form_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Job
 from shared.kinds import KINDS, JobKind
@@ -25,7 +26,8 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_ap
 synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_key)], responses=ERRORS,
                         route_class=BoundedFormRoute)
 
-ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook"}}
+ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook. With an "
+                   "Idempotency-Key already answered: that job again, as it is now (`Idempotent-Replayed: true`)"}}
 
 # what every generated endpoint asks for before its form fields (routes/jobs.py's batch too)
 DEPENDENCIES = [
@@ -34,6 +36,16 @@ DEPENDENCIES = [
     inspect.Parameter("principal", inspect.Parameter.KEYWORD_ONLY, annotation=PrincipalDep),
     inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, annotation=BaseUrlDep),
 ]
+# ... and the asynchronous submits' (routes/jobs.py's batch too): an Idempotency-Key makes a retry safe
+SUBMIT_DEPENDENCIES = [
+    *DEPENDENCIES,
+    inspect.Parameter("idempotency_key", inspect.Parameter.KEYWORD_ONLY, annotation=IdempotencyKeyDep),
+]
+
+
+def accepted_headers(location: str, accepted: Accepted) -> dict[str, str]:
+    """A 202's headers: where to poll, and (Stripe's header) whether it answers an earlier request."""
+    return {"Location": location, **({"Idempotent-Replayed": "true"} if accepted.replayed else {})}
 
 
 def _fields(kind: JobKind, *, urls: bool) -> list[inspect.Parameter]:
@@ -42,17 +54,18 @@ def _fields(kind: JobKind, *, urls: bool) -> list[inspect.Parameter]:
 
 def _submit_endpoint(kind: JobKind):
     async def submit(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
-                     **values: Any) -> JSONResponse:
+                     idempotency_key: IdempotencyKeyDep, **values: Any) -> JSONResponse:
         uploads, urls, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal, urls)
         webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
-        record = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
-                                         webhook_payload=values.get("webhook_payload"))
-        body = view(record, base)
-        return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+        idempotent = Idempotent(idempotency_key, f"jobs/{kind.name}", form_fields(values)) if idempotency_key else None
+        accepted = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
+                                           webhook_payload=values.get("webhook_payload"), idempotent=idempotent)
+        body = view(accepted.record, base)
+        return JSONResponse(body, status_code=202, headers=accepted_headers(body["status_url"], accepted))
 
     submit.__name__ = f"submit_{kind.name}"
-    return with_signature(submit, DEPENDENCIES, _fields(kind, urls=True) + WEBHOOK_FIELDS)
+    return with_signature(submit, SUBMIT_DEPENDENCIES, _fields(kind, urls=True) + WEBHOOK_FIELDS)
 
 
 def _sync_endpoint(kind: JobKind):

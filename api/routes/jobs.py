@@ -12,13 +12,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
+from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, SettingsDep, require_api_key
 from api.dispatch import summary_view, view
 from api.errors import JobConflict, not_found
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
+from api.idempotency import Idempotent, form_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Batch, Job, JobList
-from api.routes.analyses import DEPENDENCIES
+from api.routes.analyses import SUBMIT_DEPENDENCIES, accepted_headers
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
 from shared.formats import FORMATS, FormatName, file_stem
@@ -43,8 +44,9 @@ def _batch_form_fields() -> list[inspect.Parameter]:
 
 
 async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
-                       kind: str, files: list[UploadFile], webhook_url: str | None = None,
-                       webhook_payload: str | None = None, **values: Any) -> JSONResponse:
+                       idempotency_key: IdempotencyKeyDep, kind: str, files: list[UploadFile],
+                       webhook_url: str | None = None, webhook_payload: str | None = None,
+                       **values: Any) -> JSONResponse:
     """One job per file (each with its own webhook delivery); the batch groups them for polling."""
     if not files:
         raise InputError("files: at least one file is required")
@@ -71,15 +73,19 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # stored, queued and confirmed together: refused midway all the same (storage full, job store
     # or broker gone), what was queued is withdrawn; cut off midway (the process died), what was
     # queued is failed by the workers' recovery pass (Dispatcher.submit_all)
-    records = await dispatcher.submit_all(submissions, webhook_url=webhook_url, webhook_payload=webhook_payload,
-                                          batch_id=batch_id, principal=principal)
-    body = _batch_body(base, batch_id, kind, records)
-    return JSONResponse(body, status_code=202, headers={"Location": body["status_url"]})
+    idempotent = Idempotent(idempotency_key, "jobs/batch", form_fields(
+        {"kind": kind, "webhook_url": webhook_url, "webhook_payload": webhook_payload, **form})) \
+        if idempotency_key else None
+    accepted = await dispatcher.submit_all(submissions, webhook_url=webhook_url, webhook_payload=webhook_payload,
+                                           batch_id=batch_id, principal=principal, idempotent=idempotent)
+    # a batch answered from its key is that batch, under its own id
+    body = _batch_body(base, accepted.records[0].batch_id or batch_id, kind, accepted.records)
+    return JSONResponse(body, status_code=202, headers=accepted_headers(body["status_url"], accepted))
 
 
 submit_batch = with_signature(
     submit_batch,
-    DEPENDENCIES,
+    SUBMIT_DEPENDENCIES,
     [
         inspect.Parameter("kind", inspect.Parameter.KEYWORD_ONLY, annotation=BatchKind,
                           default=Form(..., description="the analysis run on every file")),
