@@ -1,0 +1,376 @@
+"""Idempotency-Key on the asynchronous submits: a client whose 202 was lost submits again with
+the key it sent, and gets the first submission's job instead of a second run of its audio.
+
+Against the real API (in-process, the session's Redis) on a queue no worker consumes, so each
+job stays queued and what a submission left behind can be counted: its Celery message (the
+queue's length), its stored upload (the storage folder), its record (the tenant's listing).
+The last test goes through a real uvicorn and the session's worker, with the first answer
+really lost (the client hangs up before reading it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from tests.conftest import api_under_uvicorn, json_embedding_file, tone_wav, wait_for_job
+
+PARKED = "audio-parked-idempotency"
+KEY_A, KEY_B = "idem-tenant-a", "idem-tenant-b"
+
+
+@pytest.fixture(scope="module")
+def parked(variant_app, settings) -> Iterator[Any]:
+    """The API with two tenants, sending its jobs to a queue nobody consumes."""
+    import redis
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A), SecretStr(KEY_B)])
+    yield app
+    # the queued jobs cancelled (their uploads deleted), their messages dropped
+    for key in (KEY_A, KEY_B):
+        queued = app.get("/jobs", params={"status": "queued", "limit": 100}, headers={"X-API-Key": key}).json()
+        for job in queued["jobs"]:
+            app.post(f"/jobs/{job['job_id']}/cancel", headers={"X-API-Key": key})
+    redis.Redis.from_url(settings.redis_url).delete(PARKED)
+
+
+def _key() -> str:
+    return f"retry-{uuid.uuid4()}"
+
+
+def _headers(idempotency_key: str | None, api_key: str = KEY_A) -> dict[str, str]:
+    return {"X-API-Key": api_key, **({"Idempotency-Key": idempotency_key} if idempotency_key is not None else {})}
+
+
+class Left:
+    """What submissions left behind: Celery messages on the parked queue, upload folders, the
+    tenant's jobs."""
+
+    def __init__(self, app: Any, settings: Any, api_key: str = KEY_A) -> None:
+        import redis
+
+        self.app, self.api_key, self.storage = app, api_key, Path(settings.storage_dir)
+        self.broker = redis.Redis.from_url(settings.redis_url)
+        self.messages, self.uploads, self.jobs = self.now()
+
+    def now(self) -> tuple[int, set[str], set[str]]:
+        listing = self.app.get("/jobs", params={"limit": 100}, headers={"X-API-Key": self.api_key}).json()["jobs"]
+        folders = {p.name for p in self.storage.iterdir()} if self.storage.is_dir() else set()
+        return self.broker.llen(PARKED), folders, {job["job_id"] for job in listing}
+
+    def new(self) -> tuple[int, set[str], set[str]]:
+        """(messages sent, upload folders made, jobs made) since this was made."""
+        messages, uploads, jobs = self.now()
+        return messages - self.messages, uploads - self.uploads, jobs - self.jobs
+
+
+def _submit(app: Any, key: str | None, seconds: float = 1.0, *, route: str = "/jobs/embedding",
+            data: dict[str, Any] | None = None, api_key: str = KEY_A, name: str = "take.wav") -> httpx.Response:
+    return app.post(route, files={"file": (name, tone_wav(seconds), "audio/wav")}, data=data or {},
+                    headers=_headers(key, api_key))
+
+
+def test_a_retry_with_the_same_key_is_answered_the_first_job(parked, settings):
+    left = Left(parked, settings)
+    key = _key()
+    first = _submit(parked, key, data={"normalize": "false"})
+    assert first.status_code == 202, first.text
+    again = _submit(parked, key, data={"normalize": "false"})
+    assert again.status_code == 202, again.text
+    assert again.json()["job_id"] == first.json()["job_id"], "the retry made a second job"
+    assert again.headers["location"] == first.headers["location"]
+    assert again.headers.get("idempotent-replayed") == "true" and "idempotent-replayed" not in first.headers
+    assert again.json().keys() == first.json().keys(), "the same body, as the job is now"
+    messages, uploads, jobs = left.new()
+    assert (messages, jobs) == (1, {first.json()["job_id"]}), "one job, one Celery message"
+    assert uploads == {first.json()["job_id"]}, "the retry's upload is not kept"
+
+    # without a key, nothing changed: two submissions, two jobs
+    plain = [_submit(parked, None).json()["job_id"] for _ in range(2)]
+    assert len(set(plain)) == 2
+    assert left.new()[0] == 3
+
+
+def test_a_key_reused_for_another_request_is_refused(parked, settings):
+    key = _key()
+    first = _submit(parked, key, 1.0, route="/jobs/diarize", data={"num_speakers": "2"})
+    assert first.status_code == 202, first.text
+    left = Left(parked, settings)
+    for other in (
+        dict(seconds=1.5, route="/jobs/diarize", data={"num_speakers": "2"}),  # another file
+        dict(seconds=1.0, route="/jobs/diarize", data={"num_speakers": "3"}),  # another parameter
+        dict(seconds=1.0, route="/jobs/diarize", data={"num_speakers": "2"}, name="other.wav"),  # another name
+        dict(seconds=1.0, route="/jobs/embedding"),  # another route
+    ):
+        r = _submit(parked, key, **other)
+        assert r.status_code == 422, (other, r.text)
+        body = r.json()
+        assert set(body) == {"detail", "error_type", "timestamp"} and body["error_type"] == "ValidationError", body
+        assert "Idempotency-Key" in body["detail"] and "another request" in body["detail"], body
+    assert left.new() == (0, set(), set()), "a refused reuse leaves nothing"
+    again = _submit(parked, key, 1.0, route="/jobs/diarize", data={"num_speakers": "2"})
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+
+
+def test_a_parsed_upload_is_part_of_the_request(parked, settings):
+    """compare_embedding's stored embedding is read, never stored: its bytes count all the same."""
+    key = _key()
+
+    def compare(vector: list[float]) -> httpx.Response:
+        return parked.post("/jobs/compare_embedding", headers=_headers(key), files={
+            "audio": ("take.wav", tone_wav(), "audio/wav"),
+            "embedding": ("ref.json", json_embedding_file(vector), "application/json")})
+
+    first = compare([1.0] * settings.embedding_dimension)
+    assert first.status_code == 202, first.text
+    assert compare([0.5] * settings.embedding_dimension).status_code == 422
+    again = compare([1.0] * settings.embedding_dimension)
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+
+
+def test_keys_are_the_tenants_own(parked, settings):
+    key = _key()
+    a = _submit(parked, key, api_key=KEY_A)
+    b = _submit(parked, key, api_key=KEY_B)
+    assert a.status_code == b.status_code == 202, (a.text, b.text)
+    assert a.json()["job_id"] != b.json()["job_id"], "another tenant's key answered with its job"
+    # another file under the same key is no reuse for the other tenant either way
+    assert _submit(parked, key, 2.0, api_key=KEY_B).status_code == 422
+    assert _submit(parked, key, api_key=KEY_A).json()["job_id"] == a.json()["job_id"]
+    assert _submit(parked, key, api_key=KEY_B).json()["job_id"] == b.json()["job_id"]
+
+
+def test_a_batch_retried_with_its_key_is_the_same_batch(parked, settings):
+    left = Left(parked, settings)
+    key = _key()
+    files = [("files", (f"part{i}.wav", tone_wav(1.0 + i / 10), "audio/wav")) for i in range(3)]
+    first = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+    assert first.status_code == 202, first.text
+    again = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+    assert again.status_code == 202, again.text
+    assert again.json()["batch_id"] == first.json()["batch_id"]
+    assert [j["job_id"] for j in again.json()["jobs"]] == [j["job_id"] for j in first.json()["jobs"]]
+    assert again.headers["location"].endswith(f"/batches/{first.json()['batch_id']}")
+    assert left.new()[0] == 3 and len(left.new()[1]) == 3, "three jobs, stored and queued once"
+    # the batch without one of its files is another request
+    fewer = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files[:2], headers=_headers(key))
+    assert fewer.status_code == 422, fewer.text
+    # ... and so is a single job under the batch's key
+    assert _submit(parked, key, 1.0).status_code == 422
+
+
+def test_a_key_held_by_a_submission_in_progress_is_409_until_it_is_answered(parked, settings):
+    """Another replica is storing the first request (its hold is taken as the API takes it):
+    the retry is told to come back, and once that submission is answered, gets its job."""
+    from api.deps import owner_of
+    from shared.jobs import JobStore, KeyClaim
+
+    store = JobStore.from_settings(settings)
+    key = _key()
+    first = KeyClaim(store.key_entry(owner_of(KEY_A), key))
+    assert store.claim_key(first, None) is None
+    left = Left(parked, settings)
+    r = _submit(parked, key)
+    assert r.status_code == 409, r.text
+    assert int(r.headers["retry-after"]) >= 1 and r.json()["error_type"] == "ValidationError", r.headers
+    assert "still being submitted" in r.json()["detail"]
+    assert left.new() == (0, set(), set()), "the retry stored and queued nothing"
+    # the first one refused (its upload too large, say): the key is free for the retry
+    store.release_key(first)
+    r = _submit(parked, key)
+    assert r.status_code == 202, r.text
+    assert _submit(parked, key).json()["job_id"] == r.json()["job_id"]
+
+
+def test_a_submission_that_died_holding_a_key_frees_it_by_itself(variant_app, settings):
+    from api.deps import owner_of
+    from shared.jobs import JobStore, KeyClaim
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    store = JobStore.from_settings(settings.model_copy(update={"idempotency_reservation_s": 1.0}))
+    key = _key()
+    # a process that took the key and was killed: its hold is never given back
+    assert store.claim_key(KeyClaim(store.key_entry(owner_of(KEY_A), key)), None) is None
+    assert _submit(app, key).status_code == 409
+    time.sleep(1.2)
+    r = _submit(app, key)
+    assert r.status_code == 202, r.text
+    assert _submit(app, key).json()["job_id"] == r.json()["job_id"]
+
+
+@pytest.mark.parametrize("lapsed", ["storing", "queueing"])
+def test_a_submission_whose_hold_lapsed_makes_no_job(parked, settings, monkeypatch, lapsed):
+    """A submission that outlasted its hold on the key (a large upload on a slow bucket, a
+    stalled process) while another request took the key: it leaves no job to run beside that
+    one's, and its client is told to retry (409), which the key then answers."""
+    from api.deps import owner_of
+    from api.dispatch import Dispatcher
+    from shared.jobs import JobStore, KeyClaim
+
+    store = JobStore.from_settings(settings)
+    key = _key()
+    other = KeyClaim(store.key_entry(owner_of(KEY_A), key))
+
+    def taken_meanwhile() -> None:
+        # its hold lapsed (expired), and another request with the key took it
+        store.redis.delete(other.entry)
+        assert store.claim_key(other, None) is None
+
+    step = {"storing": "_save", "queueing": "_enqueue"}[lapsed]
+    real = getattr(Dispatcher, step)
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await real(self, *args, **kwargs)
+        taken_meanwhile()
+        return answer
+
+    monkeypatch.setattr(Dispatcher, step, slow)
+    left = Left(parked, settings)
+    r = _submit(parked, key)
+    monkeypatch.setattr(Dispatcher, step, real)
+    assert r.status_code == 409, r.text
+    messages, uploads, jobs = left.new()
+    assert not uploads, "its upload is deleted"
+    for job_id in jobs:  # queueing: its job was made, and withdrawn before it was confirmed
+        record = store.get(job_id)
+        assert record is not None and record.status == "cancelled" and record.webhook_url is None, record
+    store.release_key(other)  # the other request refused in turn: the retry is a submission of its own
+    again = _submit(parked, key)
+    assert again.status_code == 202 and again.json()["job_id"] not in jobs, again.text
+
+
+def test_concurrent_retries_make_one_job(parked, settings):
+    """Eight copies of one request at once: one job, each copy answered with it or told to retry."""
+    left = Left(parked, settings)
+    key = _key()
+    data = tone_wav(2.0)
+    start = threading.Barrier(8)
+
+    def send(_: int) -> httpx.Response:
+        start.wait()
+        return parked.post("/jobs/embedding", files={"file": ("same.wav", data, "audio/wav")}, headers=_headers(key))
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))
+    assert {r.status_code for r in answers} <= {202, 409}, [r.text for r in answers]
+    ids = {r.json()["job_id"] for r in answers if r.status_code == 202}
+    assert len(ids) == 1, ids
+    messages, uploads, jobs = left.new()
+    assert (messages, uploads, jobs) == (1, ids, ids), "one job, one message, one upload kept"
+
+
+def test_a_refused_submission_does_not_keep_its_key(parked, settings, monkeypatch):
+    """A submission answered 415 or 503 made no job: its key is free for the retry, which is a
+    new request (another file), not a reuse, and is answered its own job from then on."""
+    import api.dispatch
+
+    key = _key()
+    empty = parked.post("/jobs/embedding", files={"file": ("take.wav", b"", "audio/wav")}, headers=_headers(key))
+    assert empty.status_code == 415, empty.text
+
+    real = api.dispatch.send_job
+
+    def broker_down(*_args: Any, **_kwargs: Any) -> None:
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(api.dispatch, "send_job", broker_down)
+    refused = _submit(parked, key)
+    assert refused.status_code == 503, refused.text
+    monkeypatch.setattr(api.dispatch, "send_job", real)
+    r = _submit(parked, key, 1.5)
+    assert r.status_code == 202, r.text
+    again = _submit(parked, key, 1.5)
+    assert again.status_code == 202 and again.json()["job_id"] == r.json()["job_id"], again.text
+
+
+def test_the_key_is_kept_for_its_window(variant_app, settings):
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_window_s=1)
+    key = _key()
+    first = _submit(app, key).json()["job_id"]
+    assert _submit(app, key).json()["job_id"] == first
+    time.sleep(1.2)
+    later = _submit(app, key)
+    assert later.status_code == 202 and later.json()["job_id"] != first, "past its window a key makes a new job"
+
+
+@pytest.mark.parametrize("value", [b"x" * 256, b"", "caf\u00e9".encode(), b"tab\there"])
+def test_a_malformed_key_is_refused(parked, settings, value):
+    left = Left(parked, settings)
+    r = parked.post("/jobs/embedding", files={"file": ("take.wav", tone_wav(), "audio/wav")},
+                    headers=[(b"X-API-Key", KEY_A.encode()), (b"Idempotency-Key", value)])
+    assert r.status_code == 422, r.text
+    assert r.json()["error_type"] == "ValidationError" and "Idempotency-Key" in r.json()["detail"], r.json()
+    assert left.new() == (0, set(), set())
+
+
+def test_two_keys_in_one_request_are_refused_and_the_header_is_documented(parked, settings):
+    r = parked.post("/jobs/embedding", files={"file": ("take.wav", tone_wav(), "audio/wav")},
+                    headers=[("X-API-Key", KEY_A), ("Idempotency-Key", "one"), ("Idempotency-Key", "two")])
+    assert r.status_code == 422 and "given 2 times" in r.json()["detail"], r.text
+    assert _submit(parked, "x" * 255).status_code == 202, "255 characters is a key"
+    spec = parked.get("/openapi.json").json()
+    for path in ("/jobs/diarize", "/jobs/embedding", "/jobs/batch"):
+        names = [p["name"] for p in spec["paths"][path]["post"].get("parameters", []) if p["in"] == "header"]
+        assert "Idempotency-Key" in names, (path, names)
+    assert not any(p.get("name") == "Idempotency-Key" for p in spec["paths"]["/diarize"]["post"].get("parameters", []))
+
+
+@contextlib.contextmanager
+def _answer_lost(base: str, api_key: str, key: str, audio: bytes) -> Iterator[None]:
+    """The whole request sent, and the connection closed on leaving without its answer read:
+    the 202 lost on the wire, as a client's timeout or a proxy's reset loses it."""
+    request = httpx.Request("POST", f"{base}/jobs/embedding", files={"file": ("lost.wav", audio, "audio/wav")},
+                            headers={"X-API-Key": api_key, "Idempotency-Key": key})
+    body = request.read()
+    url = urlsplit(base)
+    head = ["POST /jobs/embedding HTTP/1.1", f"Host: {url.netloc}"]
+    head += [f"{name}: {value}" for name, value in request.headers.items() if name.lower() != "host"]
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        yield
+
+
+def test_a_lost_202_retried_with_its_key_runs_once(worker, service_env, tmp_path, utterances):
+    """Through uvicorn and the session's worker: the client's first answer is lost, it submits
+    again with the same key, and gets the job the first made; the tenant's listing holds that
+    one job, run once."""
+    api_key = f"idem-uvicorn-{uuid.uuid4().hex[:8]}"
+    key = _key()
+    audio = Path(utterances["spk1"][0]).read_bytes()
+    with api_under_uvicorn(service_env, tmp_path, [api_key]) as base:
+        with httpx.Client(base_url=base, headers={"X-API-Key": api_key}, timeout=30) as http:
+            with _answer_lost(base, api_key, key, audio):
+                deadline = time.monotonic() + 30
+                while not http.get("/jobs").json()["jobs"]:
+                    assert time.monotonic() < deadline, "the lost submission made no job"
+                    time.sleep(0.05)
+            for _ in range(50):
+                retry = http.post("/jobs/embedding", files={"file": ("lost.wav", audio, "audio/wav")},
+                                  headers={"Idempotency-Key": key})
+                if retry.status_code != 409:
+                    break
+                time.sleep(float(retry.headers["retry-after"]) / 10)
+            assert retry.status_code == 202, retry.text
+            assert retry.headers.get("idempotent-replayed") == "true"
+            job_id = retry.json()["job_id"]
+            done = wait_for_job(http, job_id, timeout_s=120)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, done
+            # and once more, after it ran: still that job, with its result
+            again = http.post("/jobs/embedding", files={"file": ("lost.wav", audio, "audio/wav")},
+                              headers={"Idempotency-Key": key})
+            assert again.status_code == 202 and again.json()["job_id"] == job_id, again.text
+            assert again.json()["status"] == "succeeded" and again.json()["result"] is not None
+            listing = http.get("/jobs").json()
+            assert [j["job_id"] for j in listing["jobs"]] == [job_id], json.dumps(listing)[:2000]
