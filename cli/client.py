@@ -16,6 +16,7 @@ A multiple-file field (``enroll``'s ``files``) takes local files only.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
@@ -50,6 +51,20 @@ def _assign(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | P
     return [(f.name, path) for f, path in zip(specs, files)]
 
 
+# answers after which the same request is sent again: a proxy or a service restarting (502, 503,
+# 504), and a submission with the same Idempotency-Key still in progress (409, submits only)
+TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
+def _retry_wait(response: httpx.Response | None, attempt: int, most_s: float) -> float:
+    """The service's Retry-After where it gave one, else 1, 2, 4 ... s; at most ``most_s``."""
+    try:
+        asked = float(response.headers["retry-after"]) if response is not None else None
+    except (KeyError, ValueError):
+        asked = None
+    return min(most_s, asked if asked is not None and asked >= 0 else 2.0 ** attempt)
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -61,9 +76,34 @@ def _raise_for_error(response: httpx.Response) -> None:
 
 
 class Client:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout_s: float = 60.0):
+    """``retries``: how many times a submit, or a poll of ``wait``, is sent again after the
+    connection failed or the service answered 502/503/504, waiting its Retry-After (at most
+    ``retry_wait_max_s``). A submit carries an ``Idempotency-Key``, so that a retry after an
+    answer lost on the way (a reset, a timeout) gets the job the first attempt made instead of
+    running the recording twice."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout_s: float = 60.0,
+                 retries: int = 4, retry_wait_max_s: float = 30.0):
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.retries = retries
+        self.retry_wait_max_s = retry_wait_max_s
+
+    def _retrying(self, send: Callable[[], httpx.Response], retried: frozenset[int] = TRANSIENT_STATUS) -> httpx.Response:
+        """``send()``, again after a transport error or an answer in ``retried``, ``retries`` times
+        at most; the last answer (or error) is the caller's."""
+        for attempt in range(self.retries + 1):
+            response: httpx.Response | None = None
+            try:
+                response = send()
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if response.status_code not in retried or attempt == self.retries:
+                    return response
+            time.sleep(_retry_wait(response, attempt, self.retry_wait_max_s))
+        raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
     def __enter__(self) -> "Client":
         return self
@@ -75,10 +115,11 @@ class Client:
         self.http.close()
 
     def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None,
-               webhook_payload: str | None = None, **params: Any) -> dict[str, Any]:
+               webhook_payload: str | None = None, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         """Upload (or, for an http(s) URL, name) each of the kind's inputs and enqueue; returns the
         job record (status 'queued'). ``webhook_payload``: 'full' (default) or 'status' (the
-        webhook carries the record without its result)."""
+        webhook carries the record without its result). ``idempotency_key``: the submission's
+        key (a fresh one by default); the same key again within a day gets the same job."""
         fields = FILE_FIELDS.get(kind)
         if fields is None:
             raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
@@ -96,17 +137,22 @@ class Client:
                 data[url_field] = str(source)
             else:
                 local.append((field, source))
-        response = self._post_files(f"/jobs/{kind}", local, data)
+        key = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        # 409: the first attempt, whose answer was lost, is still being submitted
+        response = self._retrying(lambda: self._post_files(f"/jobs/{kind}", local, data, key),
+                                  TRANSIENT_STATUS | {409})
         _raise_for_error(response)
         return response.json()
 
-    def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str]) -> httpx.Response:
+    def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str],
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        # opened for each attempt: a retry sends the files from their start
         handles = [open(f, "rb") for _, f in pairs]
         try:
             # httpx streams file objects from disk rather than loading them
             upload = [(field, (Path(f).name, h)) for (field, f), h in zip(pairs, handles)]
             # only URLs: an urlencoded form, which the API's routes read as well
-            return self.http.post(path, files=upload or None, data=data)
+            return self.http.post(path, files=upload or None, data=data, headers=headers)
         finally:
             for h in handles:
                 h.close()
@@ -137,7 +183,8 @@ class Client:
         _raise_for_error(self.http.delete(f"/voiceprints/{voiceprint_id}"))
 
     def status(self, job_id: str) -> dict[str, Any]:
-        response = self.http.get(f"/jobs/{job_id}")
+        # a read: an API restarting under an hour-long wait is waited out, not the end of it
+        response = self._retrying(lambda: self.http.get(f"/jobs/{job_id}"))
         _raise_for_error(response)
         return response.json()
 
