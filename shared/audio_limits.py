@@ -500,6 +500,177 @@ def _riff_chunks(fh: BinaryIO) -> int:
     return chunks
 
 
+# What a Matroska/WebM file's metadata may hold. Opening one, FFmpeg's Matroska demuxer reads
+# every level-1 element before the first Cluster, and those its SeekHead points at wherever they
+# lie, into lists of structures, then turns the tags into the container's metadata: after each Tag
+# it converts the whole metadata dictionary again (ff_metadata_conv, libavformat 62), and each
+# insertion searches it from the start, so n tags of distinct names cost about n**3 steps. 2,000
+# tags of one short name each (a 67 KB upload) held the API's header check 13 s, 10,000 (211 KB)
+# over half an hour, a core each, and the job was queued for the worker to open it again. Empty
+# elements cost as much memory as full ones: 60 MB of empty Tag elements took 1.25 GB to open,
+# Chapters' and Cues' about 22 and 8 times their size. Writers put a Tag per track and one for the
+# file (mkvmerge: 8 statistics tags a track, 520 for 64 tracks), a few chapters and a cue a
+# cluster (24 h: about 17,000, 0.4 MB).
+MAX_MKV_TAGS = 128  # Tag elements, each a conversion of the whole dictionary
+MAX_MKV_SIMPLE_TAGS = 1024  # SimpleTag elements, nested ones included: the dictionary's entries
+MAX_MKV_TAGS_BYTES = 256 << 10  # Tags elements together, walked element by element here
+MAX_MKV_METADATA_BYTES = 4 << 20  # SeekHead, Info, Tracks, Chapters, Tags and Attachments' lists
+MAX_MKV_CUES_BYTES = 8 << 20  # Cues: 8 bytes of index a byte (and 1 s to open 13 MB of them)
+MAX_MKV_SEEKHEAD_BYTES = 64 << 10  # a SeekHead, read whole here: a writer's names a few elements
+_EBML, _SEGMENT, _CLUSTER = 0x1A45DFA3, 0x18538067, 0x1F43B675
+_SEEKHEAD, _SEEK, _SEEK_ID, _SEEK_POSITION = 0x114D9B74, 0x4DBB, 0x53AB, 0x53AC
+_TAGS, _TAG, _SIMPLE_TAG, _CUES, _ATTACHMENTS = 0x1254C367, 0x7373, 0x67C8, 0x1C53BB6B, 0x1941A469
+_MKV_METADATA = {_SEEKHEAD, 0x1549A966, 0x1654AE6B, 0x1043A770, _TAGS, _CUES}  # + Info, Tracks, Chapters
+# level-1 elements FFmpeg's demuxer reads through a SeekHead (matroska_execute_seekhead), at most
+_MKV_MAX_LEVEL1 = 255
+
+
+def _ebml_vint(data: bytes, at: int, *, keep_marker: bool) -> tuple[int, int] | None:
+    """(value, length) of the EBML variable-length integer at ``data[at:]``; None where there is
+    none (a first byte of 0, or the data ends). An element size of all ones (unknown) is -1."""
+    if at >= len(data) or data[at] == 0:
+        return None
+    length = 9 - data[at].bit_length()
+    if at + length > len(data):
+        return None
+    value = int.from_bytes(data[at : at + length], "big")
+    if keep_marker:
+        return value, length
+    value &= (1 << (7 * length)) - 1
+    return (-1 if value == (1 << (7 * length)) - 1 else value), length
+
+
+def check_matroska(fh: BinaryIO) -> None:
+    """Refuse (415) a Matroska/WebM file whose metadata FFmpeg would take more than a moment or
+    more than a few hundred MB to read (:data:`MAX_MKV_TAGS` and the rest); anything else passes.
+    Reads the element headers of the first Segment's level-1 elements, and of its Tags, from
+    ``fh``'s start, and leaves ``fh`` there."""
+    try:
+        found = _matroska_metadata(fh)
+    finally:
+        fh.seek(0)
+    if found is None:
+        return
+    tags, simple, tag_bytes, metadata, cues = found
+    if tags > MAX_MKV_TAGS or simple > MAX_MKV_SIMPLE_TAGS or tag_bytes > MAX_MKV_TAGS_BYTES:
+        raise AudioDecodeError(
+            f"Matroska file's tags are over {MAX_MKV_TAGS} tags, {MAX_MKV_SIMPLE_TAGS} names or "
+            f"{MAX_MKV_TAGS_BYTES >> 10} KB, which is all that is supported")
+    if metadata > MAX_MKV_METADATA_BYTES or cues > MAX_MKV_CUES_BYTES:
+        raise AudioDecodeError(
+            f"Matroska file's metadata is {metadata} bytes and its cues {cues}; at most "
+            f"{MAX_MKV_METADATA_BYTES >> 20} MB and {MAX_MKV_CUES_BYTES >> 20} MB are supported")
+
+
+def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
+    """(Tag elements, SimpleTag elements, bytes of Tags, bytes of the other metadata elements,
+    bytes of Cues) FFmpeg would read opening ``fh``: the first Segment's level-1 elements up to
+    its first Cluster of unknown length (what follows one is read as the file plays), and those
+    its SeekHeads point at. None for anything that is not a Matroska file."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+
+    def header(at: int) -> tuple[int, int, int] | None:
+        """(id, body start, body end) of the element at ``at``; end -1 for an unknown size."""
+        fh.seek(at)
+        head = fh.read(12)
+        ident = _ebml_vint(head, 0, keep_marker=True)
+        if ident is None or ident[1] > 4:
+            return None
+        length = _ebml_vint(head, ident[1], keep_marker=False)
+        if length is None:
+            return None
+        body = at + ident[1] + length[1]
+        return ident[0], body, (-1 if length[0] < 0 else body + length[0])
+
+    first = header(0)
+    if first is None or first[0] != _EBML or first[2] < 0:
+        return None
+    segment = header(first[2])
+    if segment is None or segment[0] != _SEGMENT:
+        return None
+    start, end = segment[1], size if segment[2] < 0 else min(segment[2], size)
+    counts = {"tags": 0, "simple": 0, "tag_bytes": 0, "metadata": 0, "cues": 0}
+
+    def walk_tags(at: int, stop: int, depth: int) -> None:
+        # every element of a Tags element, to the depth FFmpeg reads (EBML_MAX_DEPTH, 16)
+        while at < stop and depth <= 16 and counts["tags"] <= MAX_MKV_TAGS \
+                and counts["simple"] <= MAX_MKV_SIMPLE_TAGS:
+            found = header(at)
+            if found is None or found[2] < 0:
+                return
+            ident, body, close = found
+            if ident in (_TAG, _SIMPLE_TAG):
+                counts["tags" if ident == _TAG else "simple"] += 1
+                walk_tags(body, min(close, stop), depth + 1)
+            at = close
+
+    def seek_entries(body: int, close: int) -> list[tuple[int, int]]:
+        # (SeekID, SeekPosition) of a SeekHead (at most MAX_MKV_SEEKHEAD_BYTES, read whole)
+        fh.seek(body)
+        data, at, out = fh.read(close - body), 0, []
+        while at < len(data):
+            ident = _ebml_vint(data, at, keep_marker=True)
+            length = _ebml_vint(data, at + ident[1], keep_marker=False) if ident else None
+            if ident is None or length is None or length[0] < 0:
+                break
+            inner, stop = at + ident[1] + length[1], at + ident[1] + length[1] + length[0]
+            if ident[0] == _SEEK:
+                fields: dict[int, int] = {}
+                while inner < min(stop, len(data)):
+                    kid = _ebml_vint(data, inner, keep_marker=True)
+                    klen = _ebml_vint(data, inner + kid[1], keep_marker=False) if kid else None
+                    if kid is None or klen is None or klen[0] < 0:
+                        break
+                    value = data[inner + kid[1] + klen[1] : inner + kid[1] + klen[1] + klen[0]]
+                    fields[kid[0]] = int.from_bytes(value[:8], "big")
+                    inner += kid[1] + klen[1] + klen[0]
+                if _SEEK_ID in fields and _SEEK_POSITION in fields:
+                    out.append((fields[_SEEK_ID], fields[_SEEK_POSITION]))
+            at = stop
+        return out
+
+    seen: set[int] = set()
+    pending: list[int] = []
+
+    def element(at: int) -> int | None:
+        """Count the level-1 element at ``at``; where the next one starts (None: stop walking)."""
+        found = header(at)
+        if found is None:
+            return None
+        ident, body, close = found
+        if close < 0:
+            return None  # a Cluster of unknown length, or anything FFmpeg cannot skip
+        close = min(close, end)
+        if at in seen or len(seen) >= _MKV_MAX_LEVEL1 and ident != _CLUSTER:
+            return close
+        if ident != _CLUSTER:
+            seen.add(at)
+        if ident == _TAGS:
+            counts["tag_bytes"] += close - body
+            if counts["tag_bytes"] <= MAX_MKV_TAGS_BYTES:
+                walk_tags(body, close, 0)
+        elif ident == _CUES:
+            counts["cues"] += close - body
+        elif ident in _MKV_METADATA or ident == _ATTACHMENTS:
+            # an attachment's data is one buffer; its list of files is counted in the same way
+            counts["metadata"] += close - body if ident != _ATTACHMENTS else min(close - body, 64 << 10)
+            if ident == _SEEKHEAD and close - body > MAX_MKV_SEEKHEAD_BYTES:
+                raise AudioDecodeError(f"Matroska file's SeekHead is {close - body} bytes; at most "
+                                       f"{MAX_MKV_SEEKHEAD_BYTES >> 10} KB is supported")
+            if ident == _SEEKHEAD:
+                pending.extend(start + position for kind, position in seek_entries(body, close)
+                               if kind != _CLUSTER and start + position < end)
+        return close
+
+    at: int | None = start
+    while at is not None and at < end:
+        at = element(at)
+    while pending:
+        element(pending.pop())
+    return counts["tags"], counts["simple"], counts["tag_bytes"], counts["metadata"], counts["cues"]
+
+
 # an Ogg page: a 27-byte header, up to 255 lacing values, up to 255 x 255 bytes of body
 _OGG_MAX_PAGE = 27 + 255 + 255 * 255
 
@@ -558,6 +729,7 @@ def probe(source: Source) -> AudioInfo | None:
     if hasattr(source, "read"):
         try:
             check_mp4_edits(source)
+            check_matroska(source)
             return _probe(source)
         finally:
             source.seek(0)
@@ -567,6 +739,7 @@ def probe(source: Source) -> AudioInfo | None:
         return None  # nothing to read: as _probe answers
     with fh:
         check_mp4_edits(fh)
+        check_matroska(fh)
     return _probe(source)
 
 

@@ -1,0 +1,154 @@
+"""Hostile audio, round 9: containers whose metadata costs FFmpeg far more than their size."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+
+
+# --- a Matroska file, element by element --------------------------------------------------------
+def _size(n: int) -> bytes:
+    """An EBML element size: the shortest variable-length integer that holds ``n``."""
+    for length in range(1, 9):
+        if n < (1 << (7 * length)) - 1:
+            return ((1 << (7 * length)) | n).to_bytes(length, "big")
+    raise ValueError(n)
+
+
+def _el(ident: str, payload: bytes) -> bytes:
+    return bytes.fromhex(ident) + _size(len(payload)) + payload
+
+
+def _mkv(level1: bytes = b"", seconds: float = 1.0, rate: int = 16000, *, first: bytes = b"",
+         last: bytes = b"") -> bytes:
+    """``seconds`` of a 16-bit PCM tone in a Matroska file, with ``level1`` (elements of the
+    Segment) between its Tracks and its one Cluster; ``first`` and ``last`` begin and end the
+    Segment."""
+    ebml = _el("1A45DFA3", _el("4286", b"\x01") + _el("42F7", b"\x01") + _el("42F2", b"\x04") + _el("42F3", b"\x08")
+               + _el("4282", b"matroska") + _el("4287", b"\x04") + _el("4285", b"\x02"))
+    info = _el("1549A966", _el("2AD7B1", (1_000_000).to_bytes(3, "big")))
+    audio = _el("E1", _el("B5", struct.pack(">d", float(rate))) + _el("9F", b"\x01") + _el("6264", b"\x10"))
+    track = _el("AE", _el("D7", b"\x01") + _el("73C5", b"\x01") + _el("83", b"\x02") + _el("86", b"A_PCM/INT/LIT")
+                + audio)
+    pcm = (np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate) * 8000).astype("<i2").tobytes()
+    cluster = _el("1F43B675", _el("E7", b"\x00") + _el("A3", b"\x81\x00\x00\x80" + pcm))
+    return ebml + _el("18538067", first + info + _el("1654AE6B", track) + level1 + cluster + last)
+
+
+def _named_tags(count: int) -> bytes:
+    """A Tags element of ``count`` Tags, each one SimpleTag of a name of its own (about 17 bytes)."""
+    tag = lambda i: _el("7373", _el("67C8", _el("45A3", b"K%d" % i) + _el("4487", b"v")))  # noqa: E731
+    return _el("1254C367", b"".join(tag(i) for i in range(count)))
+
+
+def test_a_matroska_of_thousands_of_tags_is_refused_at_submit_not_converted(client):
+    """FFmpeg's Matroska demuxer converts the whole metadata dictionary again after each Tag, and
+    each insertion searches it from its start: n tags of distinct names cost about n**3 steps. A
+    second of audio with 2,000 such tags (67 KB) held the API's header check 13 s of a core (500:
+    0.3 s, 1,000: 1.7 s, 10,000 (211 KB) over half an hour), FFmpeg's own loop, out of reach of
+    any timeout, and the job was queued (202) for the worker to open it again. Now the tags are
+    counted first (415 in milliseconds, no job)."""
+    import time
+
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    started = time.monotonic()
+    r = client.post("/jobs/diarize", files={"file": ("tags.mkv", _mkv(_named_tags(2000)), "audio/x-matroska")})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 415, r.text
+    assert "tags" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
+    assert elapsed < 1.0
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
+
+
+def _seekhead(entries: list[tuple[str, int]]) -> bytes:
+    return _el("114D9B74", b"".join(_el("4DBB", _el("53AB", bytes.fromhex(ident)) + _el("53AC", pos.to_bytes(4, "big")))
+                                    for ident, pos in entries))
+
+
+@pytest.mark.parametrize("shape", ["named tags", "empty tags", "cues", "seekhead", "tags behind the audio"])
+def test_metadata_that_costs_ffmpeg_far_more_than_its_size_is_refused_before_it_opens(tmp_path, shape):
+    """What FFmpeg reads into lists of structures when it opens a Matroska file costs it many
+    times the bytes: 60 MB of empty Tag elements took 1.25 GB (a 1 GB upload would be 20 GB of the
+    API), 13 MB of Cues 180 MB and 1 s, 3 MB of SeekHead entries 95 MB. Tags that only a SeekHead
+    points at, behind the audio, are read at open all the same. Each is refused (415) by the
+    header check and by the worker's decoder, before FFmpeg reads it."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioDecodeError
+
+    if shape == "named tags":
+        data = _mkv(_named_tags(300))
+    elif shape == "empty tags":
+        data = _mkv(_el("1254C367", b"\x73\x73\x80" * 200_000))
+    elif shape == "cues":
+        point = _el("BB", _el("B3", b"\x00") + _el("B7", _el("F7", b"\x01") + _el("F1", b"\x00")))
+        data = _mkv(_el("1C53BB6B", point * 700_000))
+    elif shape == "seekhead":
+        data = _mkv(_seekhead([("1254C367", 0)] * 10_000))
+    else:
+        # a SeekHead first in the Segment, the Tags behind the Cluster, where only it leads: its
+        # position is the Tags' offset from the Segment's data (its 4 bytes whatever the value)
+        plain = _mkv(first=_seekhead([("1254C367", 0)]))
+        segment = plain.index(bytes.fromhex("18538067"))
+        data_start = segment + 4 + 9 - plain[segment + 4].bit_length()  # after the Segment's size
+        data = _mkv(first=_seekhead([("1254C367", len(plain) - data_start)]), last=_named_tags(300))
+    path = tmp_path / "meta.mkv"
+    path.write_bytes(data)
+    with pytest.raises(AudioDecodeError, match="Matroska"):
+        check_audio_limits(path, max_duration=3600)
+    with pytest.raises(AudioDecodeError, match="Matroska"):
+        load_audio(path)
+
+
+def _written(fmt: str, codec: str, *, seconds: int = 30, tracks: int = 1, metadata: dict | None = None,
+             options: dict | None = None) -> bytes:
+    """A Matroska/WebM file as FFmpeg's muxer writes one (a Tag per track and one for the file)."""
+    import av
+
+    buf = io.BytesIO()
+    rate = 48000 if codec == "libopus" else 16000
+    with av.open(buf, "w", format=fmt, options=options or {}) as out:
+        out.metadata.update(metadata or {})
+        streams = [out.add_stream(codec, rate=rate, layout="mono") for _ in range(tracks)]
+        for stream in streams:
+            stream.metadata.update(metadata or {})
+        for second in range(seconds):
+            tone = np.sin(2 * np.pi * 220 * np.arange(second * rate, (second + 1) * rate) / rate)
+            for stream in streams:
+                pcm = codec == "pcm_s16le"
+                samples = (tone * 8000).astype(np.int16) if pcm else (tone * 0.3).astype(np.float32)
+                frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16" if pcm else "fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, second * rate
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for stream in streams:
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+def test_matroska_and_webm_as_writers_make_them_still_open(tmp_path):
+    """PCM in Matroska, Opus in WebM (with cues, and as a live stream: clusters of unknown length
+    and no cues, as a browser's MediaRecorder writes), and 16 tracks with 20 tags each (357 tags
+    in 17 Tag elements) pass, and decode to their length."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+
+    files = {
+        "pcm.mkv": (_written("matroska", "pcm_s16le"), 30.0),
+        "opus.webm": (_written("webm", "libopus", seconds=120), 120.0),
+        "live.webm": (_written("webm", "libopus", options={"live": "1"}), None),
+        "tagged.mka": (_written("matroska", "pcm_s16le", tracks=16, metadata={f"TAG{i}": "v" for i in range(20)}),
+                       30.0),
+    }
+    for name, (data, seconds) in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        info = check_audio_limits(path, max_duration=3600)
+        assert info is not None and info.sample_rate is not None, name
+        if seconds is not None:
+            assert info.duration == pytest.approx(seconds, abs=0.1), name
+        assert load_audio(path).duration == pytest.approx(seconds or 30.0, abs=0.1), name
