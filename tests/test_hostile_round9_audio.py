@@ -152,3 +152,106 @@ def test_matroska_and_webm_as_writers_make_them_still_open(tmp_path):
         if seconds is not None:
             assert info.duration == pytest.approx(seconds, abs=0.1), name
         assert load_audio(path).duration == pytest.approx(seconds or 30.0, abs=0.1), name
+
+
+# --- ID3 tags ahead of any container ------------------------------------------------------------
+def _aac(seconds: float = 2.0, rate: int = 16000) -> bytes:
+    """A tone as raw AAC (ADTS), which libsndfile does not read: FFmpeg opens it."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="adts") as out:
+        stream = out.add_stream("aac", rate=rate, layout="mono")
+        tone = (np.sin(2 * np.pi * 220 * np.arange(int(rate * seconds)) / rate) * 0.3).astype(np.float32)
+        for at in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, at : at + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def _id3(frames: int, version: int = 3) -> bytes:
+    """An ID3v2 tag of ``frames`` user text frames (TXXX, or TXX in 2.2), each of a name of its own."""
+    def safe(n: int) -> bytes:
+        return bytes([(n >> 21) & 0x7F, (n >> 14) & 0x7F, (n >> 7) & 0x7F, n & 0x7F])
+
+    body = b""
+    for i in range(frames):
+        payload = b"\x03K%d\x00v" % i
+        if version == 2:
+            body += b"TXX" + len(payload).to_bytes(3, "big") + payload
+        else:
+            size = safe(len(payload)) if version == 4 else struct.pack(">I", len(payload))
+            body += b"TXXX" + size + b"\0\0" + payload
+    return b"ID3" + bytes([version, 0, 0]) + safe(len(body)) + body
+
+
+def test_id3_tags_of_thousands_of_frames_are_refused_at_submit_not_read(client):
+    """FFmpeg reads the ID3v2 tags at the start of any file it opens and puts each text frame into
+    a dictionary that every insertion searches from its start: n frames of their own names cost
+    n**2 steps. 20,000 TXXX frames (370 KB) ahead of two seconds of AAC held the API's header check
+    3.7 s of a core, 40,000 (730 KB) 17.8 s (a tag may be 256 MB), and the job was queued (202).
+    Now the frames are counted first (415 in milliseconds, no job)."""
+    import time
+
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    started = time.monotonic()
+    r = client.post("/jobs/diarize", files={"file": ("tagged.aac", _id3(20_000) + _aac(), "audio/aac")})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 415, r.text
+    assert "ID3" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
+    assert elapsed < 1.0
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
+
+
+@pytest.mark.parametrize("tags", ["2.2", "2.3", "2.4", "two tags"])
+def test_the_worker_refuses_countless_id3_frames_before_ffmpeg_reads_them(tmp_path, tags):
+    """The decoder keeps to the same count, in every version of the tag and across tags one after
+    another (FFmpeg reads them all)."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioDecodeError
+
+    head = _id3(600) + _id3(600) if tags == "two tags" else _id3(2000, version=int(tags[-1]))
+    path = tmp_path / "tagged.aac"
+    path.write_bytes(head + _aac())
+    with pytest.raises(AudioDecodeError, match="ID3"):
+        check_audio_limits(path, max_duration=3600)
+    with pytest.raises(AudioDecodeError, match="ID3"):
+        load_audio(path)
+
+
+def test_files_tagged_as_taggers_tag_them_still_open(tmp_path):
+    """AAC and WAV behind an ID3 tag of 40 frames (with an extended header and a footer in 2.4),
+    and an MP3 tagged by FFmpeg, pass and decode to their length."""
+    import av
+
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from tests.conftest import tone_wav
+
+    mp3 = tmp_path / "tagged.mp3"
+    with av.open(str(mp3), "w", format="mp3") as out:
+        out.metadata.update({"title": "a meeting", "artist": "someone", "comment": "tagged"})
+        stream = out.add_stream("libmp3lame", rate=16000, layout="mono")
+        tone = (np.sin(2 * np.pi * 220 * np.arange(16000 * 5) / 16000) * 0.3).astype(np.float32)
+        for at in range(0, len(tone), 1152):
+            frame = av.AudioFrame.from_ndarray(tone[None, at : at + 1152], format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    v24 = bytearray(_id3(40, version=4))
+    v24[5] = 0x10  # a footer after the tag
+    files = {"v23.aac": (_id3(40) + _aac(), 2.0), "v24.aac": (bytes(v24) + b"3DI" + bytes(v24[3:10]) + _aac(), 2.0),
+             "v22.wav": (_id3(40, version=2) + tone_wav(2.0), 2.0), "tagged.mp3": (mp3.read_bytes(), 5.0)}
+    for name, (data, seconds) in files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        info = check_audio_limits(path, max_duration=3600)
+        assert info is not None, name
+        assert load_audio(path).duration == pytest.approx(seconds, abs=0.2), name  # AAC's priming
