@@ -23,7 +23,7 @@ import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
-    check_audio_limits, check_channels, check_decode_work, check_id3, check_matroska, check_mp4_edits,
+    check_ape, check_audio_limits, check_channels, check_decode_work, check_id3, check_matroska, check_mp4_edits,
     check_riff_chunks, declared_duration, decode_work_factor, ogg_chained, probe, pyav_options, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
@@ -707,6 +707,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     check_riff_chunks(fh)  # before FFmpeg walks them one seek at a time
     check_matroska(fh)  # before FFmpeg converts its tags, a pass over all of them each
     check_id3(fh)  # before FFmpeg puts every frame into a dictionary searched for each
+    check_ape(fh)  # before FFmpeg tables every frame its header declares
     try:
         # container demuxers only (shared.audio_limits.DEMUXERS): left to autodetect, FFmpeg
         # followed a concat list in an upload to a file under the worker's working directory

@@ -732,6 +732,47 @@ def _id3_frames(fh: BinaryIO) -> int:
     return frames
 
 
+# At most this many frames in a Monkey's Audio (APE) file. Opening one, FFmpeg's APE demuxer makes
+# a table of every frame its header declares, and an index entry of each, about 60 bytes a frame
+# from a seek table of 4: an 80 MB upload declaring 20 million frames of one sample took 1.2 GB of
+# the API's header check and passed it as 21 min of audio (queued, 202, for the worker to open
+# again); FFmpeg's ceiling is near 67 million frames, 4 GB. Encoders write frames of 73,728 samples
+# (9,216 before version 3.95): a day of 48 kHz is 56,000 frames (450,000 of the old ones).
+MAX_APE_FRAMES = 2_000_000
+
+
+def check_ape(fh: BinaryIO) -> None:
+    """Refuse (415) an APE file that declares more than :data:`MAX_APE_FRAMES` frames; anything
+    else passes. Reads its header (behind any ID3v2 tags), from ``fh``'s start, and leaves ``fh``
+    there."""
+    import struct
+
+    try:
+        fh.seek(0)
+        at = 0
+        while True:  # FFmpeg skips the ID3v2 tags ahead of it
+            head = fh.read(10)
+            if len(head) < 10 or head[:3] != b"ID3" or any(b & 0x80 for b in head[6:10]):
+                break
+            at += 10 + _syncsafe(head[6:10]) + (10 if head[3] == 4 and head[5] & 0x10 else 0)
+            fh.seek(at)
+        fh.seek(at)
+        head = fh.read(16)
+        if len(head) < 16 or head[:4] != b"MAC ":
+            return
+        version = struct.unpack_from("<H", head, 4)[0]
+        if version >= 3980:  # a descriptor, then the header: totalframes at its 12th byte
+            fh.seek(at + struct.unpack_from("<I", head, 8)[0] + 12)
+        else:
+            fh.seek(at + 24)
+        field = fh.read(4)
+    finally:
+        fh.seek(0)
+    frames = struct.unpack("<I", field)[0] if len(field) == 4 else 0
+    if frames > MAX_APE_FRAMES:
+        raise AudioDecodeError(f"APE file declares {frames} frames; at most {MAX_APE_FRAMES} are supported")
+
+
 # an Ogg page: a 27-byte header, up to 255 lacing values, up to 255 x 255 bytes of body
 _OGG_MAX_PAGE = 27 + 255 + 255 * 255
 
@@ -792,6 +833,7 @@ def probe(source: Source) -> AudioInfo | None:
             check_mp4_edits(source)
             check_matroska(source)
             check_id3(source)
+            check_ape(source)
             return _probe(source)
         finally:
             source.seek(0)
@@ -803,6 +845,7 @@ def probe(source: Source) -> AudioInfo | None:
         check_mp4_edits(fh)
         check_matroska(fh)
         check_id3(fh)
+        check_ape(fh)
     return _probe(source)
 
 

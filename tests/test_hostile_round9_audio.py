@@ -255,3 +255,40 @@ def test_files_tagged_as_taggers_tag_them_still_open(tmp_path):
         info = check_audio_limits(path, max_duration=3600)
         assert info is not None, name
         assert load_audio(path).duration == pytest.approx(seconds, abs=0.2), name  # AAC's priming
+
+
+# --- Monkey's Audio -----------------------------------------------------------------------------
+def _ape(frames: int, samples_per_frame: int = 1, rate: int = 16000) -> bytes:
+    """An APE file (version 3.99) declaring ``frames`` frames of ``samples_per_frame`` samples, with
+    the seek table FFmpeg requires (4 bytes a frame) and no audio worth decoding."""
+    descriptor = b"MAC " + struct.pack("<HHIIIIIII", 3990, 0, 52, 24, 4 * frames, 0, 64, 0, 0) + b"\0" * 16
+    header = struct.pack("<HHIIIHHI", 2000, 0, samples_per_frame, samples_per_frame, frames, 16, 1, rate)
+    return descriptor + header + b"\0" * (4 * frames + 64)
+
+
+def test_an_ape_declaring_millions_of_frames_is_refused_before_ffmpeg_tables_them(client, tmp_path):
+    """FFmpeg's APE demuxer tables every frame the header declares, and indexes each, about 60
+    bytes a frame from 4 of seek table: 3 million frames of one sample (12 MB) took 195 MB of the
+    API's header check and passed it as 3 min of audio (202), 20 million (80 MB) 1.2 GB, FFmpeg's
+    ceiling near 67 million 4 GB. Now refused at submit and by the decoder (415); a day of 48 kHz
+    in an encoder's frames is 56,000 of them."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioDecodeError
+
+    before = client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    r = client.post("/jobs/diarize", files={"file": ("many.ape", _ape(3_000_000), "audio/ape")})
+    assert r.status_code == 415, r.text
+    assert "APE" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
+    assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
+    path = tmp_path / "many.ape"
+    path.write_bytes(_id3(3) + _ape(3_000_000))  # behind an ID3 tag, as FFmpeg finds it too
+    with pytest.raises(AudioDecodeError, match="APE"):
+        check_audio_limits(path, max_duration=86400)
+    with pytest.raises(AudioDecodeError, match="APE"):
+        load_audio(path)
+    # a day of 48 kHz in frames of 73,728 samples has its header read
+    day = tmp_path / "day.ape"
+    day.write_bytes(_ape(57_000, samples_per_frame=73_728, rate=48_000))
+    info = check_audio_limits(day, max_duration=86400 * 2)
+    assert info is not None and info.duration == pytest.approx(57_000 * 73_728 / 48_000, rel=0.01)
