@@ -124,8 +124,10 @@ def test_a_long_results_formats_are_rendered_off_the_event_loop(api, redis_clien
     assert len(fetched[paths[2]][1].decode().splitlines()) == 150_000
     # while the four renders ran, every other request was still answered: the event loop was
     # never held for the length of one render (before: /health waited for all of them in turn,
-    # about as long as the fetches took together)
-    assert waits and max(waits) < max(1.0, took / 4), (max(waits), took, len(waits))
+    # about as long as the fetches took together). Half of that, not a quarter: the renders run
+    # in threads that hold the GIL by turns, and on a loaded 2-core machine one /health waited
+    # 1.10 s of 3.65 s (a run beside two other test processes)
+    assert waits and max(waits) < max(1.0, took / 2), (max(waits), took, len(waits))
 
 
 def test_a_format_of_a_long_result_renders_each_name_once():
