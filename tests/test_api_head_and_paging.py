@@ -386,3 +386,39 @@ def test_a_late_answer_for_the_previous_key_does_not_replace_the_new_keys_jobs(u
         page.wait_for_timeout(1000)  # the late answer's JSON read and handled
         assert page.evaluate(RECENT) == listed_jobs[OTHER]
         assert not page.is_visible("#recent-more")
+
+
+def test_the_web_page_draws_a_days_timeline_of_two_hundred_thousand_turns(uvicorn_api, settings):
+    """A day's recording can have hundreds of thousands of turns. The page spread them into one
+    Math.max call, past the most arguments a call may take: "Maximum call stack size exceeded",
+    and "show" drew nothing. Now every turn is drawn, and a click on one still plays from it."""
+    from api.deps import owner_of
+    from shared.jobs import JobRecord, JobStore, new_job_id
+
+    turns = 200_000
+    segments = [{"start": round(i * 0.4, 3), "end": round(i * 0.4 + 0.3, 3), "speaker": f"SPEAKER_{i % 5:02d}"}
+                for i in range(turns)]
+    result = {"diarization_results": segments, "processing_time": 1.0, "audio_duration": turns * 0.4,
+              "segments_count": turns, "model_device": "cpu"}
+    store = JobStore.from_settings(settings)
+    record = store.create(JobRecord(job_id=new_job_id(), kind="diarize", owner=owner_of(KEY), filename="day.wav"))
+    store.redis.set(store._job_key(record.job_id), record.model_copy(
+        update={"status": "succeeded", "result": result, "progress": 1.0}).to_json(), ex=600)
+    try:
+        with _chromium() as browser:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(uvicorn_api + "/")
+            _type_key(page, KEY, f"() => document.querySelector(\"#recent tr[data-job-id='{record.job_id}']\")")
+            page.locator(f"#recent tr[data-job-id='{record.job_id}'] button", has_text="show").click()
+            page.wait_for_function("() => document.querySelector('#summary').textContent.includes('200000 turns')",
+                                   timeout=60_000)
+            assert errors == []
+            assert page.locator("#timeline .lane").count() == 5
+            assert page.locator("#timeline .turn").count() == turns
+            assert page.text_content("#summary").startswith(f"5 speakers, {turns} turns, {turns * 0.4:.1f} s")
+    finally:
+        store.redis.delete(store._job_key(record.job_id))
+        store.redis.zrem(store._owner_index(owner_of(KEY)), record.job_id)
+        store.redis.zrem(store.key("jobs"), record.job_id)

@@ -140,8 +140,17 @@ function show(entry) {
   state.shown = entry;
   const result = entry.job.result;
   const turns = result.diarization_results;
-  const speakers = [...new Set(turns.map((t) => t.speaker))];
-  const duration = Math.max(result.audio_duration || 0, ...turns.map((t) => t.end), 1);
+  // one pass over the turns, in a loop rather than spread into Math.max: a day's recording has
+  // hundreds of thousands of turns, past the most arguments a call may take (the page threw
+  // "Maximum call stack size exceeded" and showed nothing)
+  const bySpeaker = new Map();
+  let duration = Math.max(result.audio_duration || 0, 1);
+  for (const t of turns) {
+    if (!bySpeaker.has(t.speaker)) bySpeaker.set(t.speaker, []);
+    bySpeaker.get(t.speaker).push(t);
+    if (t.end > duration) duration = t.end;
+  }
+  const speakers = [...bySpeaker.keys()];
   $("#result-panel").hidden = false;
   $("#result-title").textContent = `Who spoke when: ${entry.job.filename || entry.job.job_id}`;
   if (entry.file) {
@@ -160,35 +169,43 @@ function show(entry) {
   const lanes = document.createElement("div");
   lanes.className = "lanes";
   speakers.forEach((speaker, i) => {
+    const own = bySpeaker.get(speaker);
     const lane = document.createElement("div");
     lane.className = "lane";
     lane.dataset.speaker = speaker;
-    const name = turns.find((t) => t.speaker === speaker && t.identity)?.identity || speaker;
+    const name = own.find((t) => t.identity)?.identity || speaker;
     lane.innerHTML = `<div class="lane-label"></div><div class="track"></div>`;
     lane.querySelector(".lane-label").textContent = name;
     lane.querySelector(".lane-label").title = name;
     const track = lane.querySelector(".track");
-    for (const t of turns.filter((x) => x.speaker === speaker)) {
+    const turnsOf = document.createDocumentFragment();
+    for (const t of own) {
       const el = document.createElement("div");
       el.className = "turn";
       el.dataset.start = t.start;
       el.dataset.end = t.end;
       el.style.background = COLOURS[i % COLOURS.length];
       el.title = `${name}: ${t.start.toFixed(2)}-${t.end.toFixed(2)} s`;
-      el.addEventListener("click", () => playTurn(t));
-      track.appendChild(el);
+      turnsOf.appendChild(el);
     }
+    track.appendChild(turnsOf);
     lanes.appendChild(lane);
   });
   const cursor = document.createElement("div");
   cursor.className = "cursor";
   lanes.appendChild(cursor);
   timeline.appendChild(lanes);
-  const seconds = speakers.map((s) => turns.filter((t) => t.speaker === s).reduce((a, t) => a + t.end - t.start, 0));
+  const seconds = speakers.map((s) => bySpeaker.get(s).reduce((a, t) => a + t.end - t.start, 0));
   $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
     speakers.map((s, i) => `${s} ${seconds[i].toFixed(1)} s`).join(", ");
   layout();
 }
+
+// one listener for every turn (a day's recording draws hundreds of thousands of them)
+$("#timeline").addEventListener("click", (event) => {
+  const el = event.target.closest(".turn");
+  if (el) playTurn({ start: Number(el.dataset.start), end: Number(el.dataset.end) });
+});
 
 function layout() {
   // at zoom 1 the whole recording fits the panel; each step of the slider adds detail
