@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.dispatch import Dispatcher
 from api.errors import AuthError, error_response
 from api.hosts import host_of
-from api.idempotency import HEADER, IdempotencyKey, parse_key
+from api.idempotency import HEADER, KEY_MAX_LENGTH, KEY_PATTERN, IdempotencyKey, parse_key
 from shared.jobs import JobRecord, JobStore
 from shared.settings import Settings
 
@@ -192,9 +192,11 @@ async def idempotency_key(
     request: Request,
     _documented: str | None = Header(
         None, alias=HEADER, description="makes a retry safe: the same key (1 to 255 printable ASCII characters, "
-        "a UUID say) from the same API key within AUDIO_ANALYSIS_IDEMPOTENCY_WINDOW_S (24 h) is answered the first "
-        "submission's 202 (same job or batch, `Idempotent-Replayed: true`) and runs nothing again; reused for "
-        "another request: 422; while the first is still being submitted: 409 with Retry-After"),
+        "a UUID say) from the same API key within AUDIO_ANALYSIS_IDEMPOTENCY_WINDOW_S of the first's 202 is answered "
+        "that submission's 202 (same job or batch, `Idempotent-Replayed: true`) and runs nothing again; reused for "
+        "another request: 422; while the first is still being submitted: 409 with Retry-After",
+        # documented only: parse_key checks the key (FastAPI's check would take one of two keys)
+        json_schema_extra={"minLength": 1, "maxLength": KEY_MAX_LENGTH, "pattern": KEY_PATTERN}),
 ) -> IdempotencyKey | None:
     """The ``Idempotency-Key`` header of an asynchronous submit, validated once (422), or None.
     Read from every value the request carries: FastAPI's parameter (which documents it) would

@@ -11,12 +11,13 @@ model weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -25,9 +26,9 @@ from celery import Celery
 from fastapi import HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import (STORE_REFUSED, JobConflict, StorageFull, StorageUnavailable, StoreRefused, SyncTimeout,
-                        not_found, refuses_writes)
-from api.idempotency import RETRY_AFTER_S, Digesting, Idempotent, digest_upload
+from api.errors import (STORE_REFUSED, JobConflict, KeyInUse, StorageFull, StorageUnavailable, StoreRefused,
+                        SyncTimeout, not_found, refuses_writes)
+from api.idempotency import Digesting, Idempotent, UploadPart, digest_upload
 from shared import logs
 from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -108,6 +109,35 @@ class Accepted:
     def record(self) -> JobRecord:
         (record,) = self.records
         return record
+
+
+# the 409s of a key held by another submission (KeyInUse, with Retry-After)
+STILL_SUBMITTING = ("Idempotency-Key: a request with this key is still being submitted; retry later, when it is "
+                    "answered with that request's jobs")
+TAKEN = "Idempotency-Key: a request with this key is being submitted; retry later, when it is answered with its jobs"
+
+
+@dataclass(frozen=True)
+class _Keyed:
+    """A submission made with an Idempotency-Key: the request as sent, and its hold on the key."""
+
+    request: Idempotent
+    claim: KeyClaim
+
+
+@dataclass
+class _Renewal:
+    """A held key's renewals (Dispatcher._renewing): ``lost`` once one found the hold gone."""
+
+    lost: bool = False
+
+
+class _ConfirmationUnknown(Exception):
+    """The store failed around a keyed confirmation and again when asked whether it ran."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -326,75 +356,89 @@ class Dispatcher:
 
         With an Idempotency-Key (``idempotent``), the key is held for this submission first: a
         key held by another is answered at once from it, with nothing stored (the first's jobs
-        again, 409 while it is still being submitted, 422 for another request). Held, it is
-        taken again once the uploads are stored, now with the request's fingerprint (their
-        digests taken as they streamed), and the jobs are confirmed only while it still holds
-        the key, which then names them. A submission refused gives the key back.
+        again, 409 while it is still being submitted, 422 for another request). Held, the hold
+        is renewed while this submission is alive (:meth:`_renewing`), taken again once the
+        uploads are stored, now with the request's fingerprint (their digests taken as they
+        streamed), and the jobs are confirmed only while it still holds the key, which then
+        names them. A submission refused gives the key back.
         """
-        claim = KeyClaim(self.store.key_entry(principal.owner if principal is not None else None,
-                                              idempotent.key.value)) if idempotent is not None else None
-        holder: KeyHolder | None = None
-        fingerprint = ""
-        if claim is not None and idempotent is not None:
-            holder = await run_in_threadpool(self.store.claim_key, claim, None)
-            if holder is not None:
-                fingerprint = await self._fingerprint(idempotent, submissions, None)
-                return await self._answer_from_key(holder, fingerprint)
+        keyed = _Keyed(idempotent, KeyClaim(self.store.key_entry(principal.owner if principal is not None else None,
+                                                                 idempotent.key.value))) \
+            if idempotent is not None else None
+        if keyed is not None:
+            answer = await self._take_key(keyed, None, submissions, None)
+            if answer is not None:
+                return answer
+        async with self._renewing(keyed) as renewal:
+            return await self._submit_held(submissions, keyed, renewal, webhook_url=webhook_url,
+                                           webhook_payload=webhook_payload, batch_id=batch_id, sync=sync,
+                                           principal=principal)
+
+    async def _submit_held(self, submissions: Sequence[Submission], keyed: _Keyed | None, renewal: _Renewal, *,
+                           webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,
+                           principal: Principal | None) -> Accepted:
+        """:meth:`submit_all` once its key (if any) is held by it."""
         stored: list[tuple[str, dict[str, str]]] = []
         digests: list[dict[str, str]] = []
+        fingerprint = ""
         try:
             for submission in submissions:
+                if keyed is not None and renewal.lost:
+                    # stop storing a request whose key another took (its own retry, after this
+                    # one's hold lapsed); a hold that merely lapsed is taken again
+                    await self._hold_again(keyed, renewal, None)
                 job_id = new_job_id()
                 digests.append({})
                 stored.append((job_id, await self.save_uploads(job_id, submission.audio, sync=sync,
-                                                               digests=digests[-1] if claim else None)))
-            if claim is not None and idempotent is not None:
+                                                               digests=digests[-1] if keyed else None)))
+            if keyed is not None:
                 # the key again, now with what the request was: taken by another meanwhile (this
                 # one's hold lapsed while its uploads were stored), that one answers for it
-                fingerprint = await self._fingerprint(idempotent, submissions, digests)
-                holder = await run_in_threadpool(self.store.claim_key, claim, fingerprint)
-                if holder is not None:
+                fingerprint = await self._fingerprint(keyed.request, submissions, digests)
+                answer = await self._take_key(keyed, fingerprint, submissions, digests)
+                renewal.lost = False
+                if answer is not None:
                     await self._delete_all(stored)
-                    stored = []
+                    return answer
         except BaseException:
             # the one refused cleaned up after itself (save_uploads)
             await self._delete_all(stored)
-            await self._release_key(claim)
+            await self._release_key(keyed)
             raise
-        if claim is not None and holder is not None:
-            return await self._answer_from_key(holder, fingerprint)
         records: list[JobRecord] = []
+        # before the first record is written: the key names the jobs no longer than it lives
+        created = time.monotonic()
         try:
             late: list[str] = []
             for n, (submission, (job_id, keys)) in enumerate(zip(submissions, stored), 1):
+                if keyed is not None and renewal.lost:
+                    await self._hold_again(keyed, renewal, fingerprint)
                 # the last one's message sent, all of them are confirmed (with a key, by the key's
                 # own step below, one more thread hop)
-                confirm = [*(record.job_id for record in records), job_id] if n == len(stored) and not claim else []
+                confirm = [*(record.job_id for record in records), job_id] if n == len(stored) and not keyed else []
                 record, late = await self._enqueue(submission, job_id, keys, confirm, webhook_url=webhook_url,
                                                    webhook_payload=webhook_payload, batch_id=batch_id, sync=sync,
                                                    principal=principal)
                 records.append(record)
-            if claim is not None:
-                late = await self._confirm_claimed(claim, [r.job_id for r in records], batch_id)
+            if keyed is not None:
+                late = await self._confirm_claimed(keyed.claim, [r.job_id for r in records], batch_id, created,
+                                                   fingerprint)
+            # a late job failed as interrupted fails the request (503): with a key, it names the
+            # jobs by now, and is given back below with them withdrawn
             await self._confirmed_late(late)
-            if claim is not None and late:
-                # confirmed late but not failed (they ended by themselves meanwhile): answered 202,
-                # so the key names them
-                await run_in_threadpool(self.store.keep_answer, claim, [r.job_id for r in records], batch_id)
+        except _ConfirmationUnknown as unknown:
+            # the store failed twice around the confirmation: whether the key names the jobs is
+            # not known, so it is not given back (a retry is answered from it, or submits anew
+            # once the hold lapses), and the jobs are withdrawn as for any refusal
+            await self._withdraw_all(stored, records)
+            raise unknown.error from None
         except BaseException:
             # refused midway (storage, job store or broker gone): what was not queued is deleted,
             # what was is withdrawn. The job store or broker that refused is likely still down, so
             # a withdrawal that fails too is logged and the rest go on (the recovery pass fails
             # what stays unconfirmed), and the client gets the first error, not the cleanup's
-            made = {record.job_id for record in records}
-            await self._delete_all([(job_id, keys) for job_id, keys in stored if job_id not in made])
-            for record in records:
-                try:
-                    await self.withdraw(record.job_id)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("job %s of a refused submission not withdrawn now (%s: %s); the recovery "
-                                "pass fails it", record.job_id, type(exc).__name__, exc)
-            await self._release_key(claim)
+            await self._withdraw_all(stored, records)
+            await self._release_key(keyed)
             raise
         for submission, record in zip(submissions, records):
             with logs.bound(job_id=record.job_id, kind=submission.kind.name):
@@ -405,13 +449,24 @@ class Dispatcher:
         for job_id, _ in stored:
             await self.delete_uploads(job_id)
 
+    async def _withdraw_all(self, stored: Sequence[tuple[str, dict[str, str]]], records: Sequence[JobRecord]) -> None:
+        """A refused submission's cleanup: uploads of jobs not made deleted, jobs made withdrawn."""
+        made = {record.job_id for record in records}
+        await self._delete_all([(job_id, keys) for job_id, keys in stored if job_id not in made])
+        for record in records:
+            try:
+                await self.withdraw(record.job_id)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("job %s of a refused submission not withdrawn now (%s: %s); the recovery "
+                            "pass fails it", record.job_id, type(exc).__name__, exc)
+
     # --- Idempotency-Key (api/idempotency.py) -----------------------------------------------
     async def _fingerprint(self, idempotent: Idempotent, submissions: Sequence[Submission],
                            digests: Sequence[Mapping[str, str]] | None) -> str:
         """The request's fingerprint: its audio's digests as taken while it was stored, or
         (``digests`` None: a request answered from its key, whose audio is never stored) read
         from the uploads as received, in a thread of the saves' own."""
-        uploads = []
+        uploads: list[list[UploadPart]] = []
         for n, submission in enumerate(submissions):
             found = dict(submission.digests)
             for name, upload in submission.audio.items():
@@ -423,52 +478,136 @@ class Dispatcher:
                                   for name, digest in found.items()))
         return idempotent.fingerprint(uploads)
 
-    async def _answer_from_key(self, holder: KeyHolder, fingerprint: str) -> Accepted:
+    async def _take_key(self, keyed: _Keyed, fingerprint: str | None, submissions: Sequence[Submission],
+                        digests: Sequence[Mapping[str, str]] | None) -> Accepted | None:
+        """Hold the key for this submission (with its fingerprint once known): None once held,
+        else the answer from the key (:meth:`_answer_from_key`). The request is fingerprinted
+        here only when the holder's fingerprint is known: while the first is still storing, the
+        answer is 409 whatever this request is, and its upload is not read for nothing."""
+        for _ in range(2):
+            holder = await run_in_threadpool(self.store.claim_key, keyed.claim, fingerprint)
+            if holder is None:
+                return None
+            if holder.fingerprint is None:
+                raise KeyInUse(STILL_SUBMITTING)
+            if fingerprint is None:
+                fingerprint = await self._fingerprint(keyed.request, submissions, digests)
+            answer = await self._answer_from_key(keyed.claim, holder, fingerprint)
+            if answer is not None:
+                return answer
+            # the jobs it named are gone, and so is the key's entry: taken anew for this one
+        raise KeyInUse(STILL_SUBMITTING)
+
+    async def _hold_again(self, keyed: _Keyed, renewal: _Renewal, fingerprint: str | None) -> None:
+        """A renewal found this submission's hold gone: taken again if the key is free (it only
+        lapsed: a stalled process, the store out of reach for a while), else 409 (another
+        request with the key, this one's retry, holds it and answers for it)."""
+        if await run_in_threadpool(self.store.claim_key, keyed.claim, fingerprint) is not None:
+            log.warning("Idempotency-Key taken by another request while this one was being submitted; stopped")
+            raise KeyInUse(TAKEN)
+        renewal.lost = False
+
+    async def _answer_from_key(self, claim: KeyClaim, holder: KeyHolder, fingerprint: str) -> Accepted | None:
         """The answer to a request whose key another submission holds: 422 when it was another
         request, 409 while that one is being submitted, else the jobs it made (as they are now).
-        Nothing of this request was kept: its uploads were never stored, or were deleted."""
+        Nothing of this request was kept: its uploads were never stored, or are deleted.
+
+        None when a job the key names is gone (a queued record past its life, evicted, a store
+        restored from an older copy): its entry is deleted, and the request is a new submission,
+        instead of a 404 to every retry for the rest of the key's window."""
         if holder.fingerprint is not None and holder.fingerprint != fingerprint:
             raise InputError("Idempotency-Key: already used for another request (another route, file or form "
                              "fields); send a new key for a new request")
         if holder.jobs is None:
-            raise HTTPException(409, "Idempotency-Key: a request with this key is still being submitted; retry "
-                                "later, when it is answered with that request's jobs",
-                                headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise KeyInUse(STILL_SUBMITTING)
         # a batch is answered with summaries (as POST /jobs/batch is), a job with its whole record
         records = await run_in_threadpool(functools.partial(self.store.get_many, holder.jobs,
                                                             summaries=holder.batch_id is not None))
-        if len(records) != len(holder.jobs):
-            # the key is kept no longer than the records (JobStore.idempotency_window_s): only a
-            # job store that lost them (flushed, restored from an older copy) gets here
-            raise not_found("job", holder.jobs[0], "unknown or expired")
-        return Accepted(records, replayed=True)
+        if len(records) == len(holder.jobs):
+            return Accepted(records, replayed=True)
+        found = {record.job_id for record in records}
+        log.warning("Idempotency-Key names jobs %s, whose records are gone; the key is free for a new submission",
+                    ", ".join(job_id for job_id in holder.jobs if job_id not in found))
+        await run_in_threadpool(self.store.forget_answer, claim.entry, holder.jobs)
+        return None
 
-    async def _confirm_claimed(self, claim: KeyClaim, job_ids: list[str], batch_id: str | None) -> list[str]:
-        """Confirm the jobs while the claim still holds the key, which then names them; 409 (the
-        jobs withdrawn by the caller) when another request took it meanwhile."""
+    async def _confirm_claimed(self, claim: KeyClaim, job_ids: list[str], batch_id: str | None,
+                               created: float, fingerprint: str) -> list[str]:
+        """Confirm the jobs unless another request holds the key, which then names them; 409
+        (the jobs withdrawn by the caller) when another took it meanwhile. Returns the late
+        ones."""
         try:
             # shielded: confirmed, the jobs stay (a cancellation then comes at the route's next
             # step, and the key answers the client's retry with them), never withdrawn behind a
             # key that names them
             with anyio.CancelScope(shield=True):
-                return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id)
+                return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id, created,
+                                               fingerprint)
         except KeyLost:
             log.warning("jobs %s: their Idempotency-Key was taken by another request before they were confirmed; "
                         "withdrawn", ", ".join(job_ids))
-            raise HTTPException(409, "Idempotency-Key: a request with this key is being submitted; retry later",
-                                headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            raise KeyInUse(TAKEN) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # the script may have run with its answer lost: the key then names the jobs, which
+            # must run (a retry is answered them), so they are not withdrawn nor the key given back
+            try:
+                with anyio.CancelScope(shield=True):
+                    named = await run_in_threadpool(self.store.answered_for, claim)
+            except (redis.ConnectionError, redis.TimeoutError):
+                log.error("jobs %s: whether their confirmation ran is unknown (%s); withdrawn, their "
+                          "Idempotency-Key kept", ", ".join(job_ids), exc)
+                raise _ConfirmationUnknown(exc) from None
+            if named != tuple(job_ids):
+                raise  # it did not run: refused as any other failure of the store
+            log.warning("jobs %s: confirmed, its answer lost (%s)", ", ".join(job_ids), exc)
+            # which were late is not known: each is looked at (_confirmed_late)
+            return list(job_ids)
 
-    async def _release_key(self, claim: KeyClaim | None) -> None:
+    async def _release_key(self, keyed: _Keyed | None) -> None:
         """Give the key back (a refused submission), shielded from cancellation and never as the
         request's error: a key not given back is free again after idempotency_reservation_s."""
-        if claim is None:
+        if keyed is None:
             return
         try:
             with anyio.CancelScope(shield=True):
-                await run_in_threadpool(self.store.release_key, claim)
+                await run_in_threadpool(self.store.release_key, keyed.claim)
         except Exception as exc:  # noqa: BLE001
             log.warning("Idempotency-Key not given back now (%s: %s); it is free again within %.0f s",
                         type(exc).__name__, one_line(str(exc))[:300], self.settings.idempotency_reservation_s)
+
+    @contextlib.asynccontextmanager
+    async def _renewing(self, keyed: _Keyed | None) -> AsyncIterator[_Renewal]:
+        """While the body runs, the key's hold is renewed every third of
+        idempotency_reservation_s (``JobStore.renew_key``), so that it lapses only once this
+        process is gone: held for the reservation alone, a submission storing a large upload for
+        longer lost its key to its client's retry, which lost it to the next (none accepted,
+        each upload stored and deleted). A renewal that finds the hold gone sets ``lost``, which
+        the submission looks at between its steps."""
+        renewal = _Renewal()
+        if keyed is None:
+            yield renewal
+            return
+        task = asyncio.get_running_loop().create_task(self._renew(keyed.claim, renewal))
+        try:
+            yield renewal
+        finally:
+            # not awaited: a renewal in its thread ends by itself, and one after the confirmation
+            # changes nothing (the key names jobs by then)
+            task.cancel()
+
+    async def _renew(self, claim: KeyClaim, renewal: _Renewal) -> None:
+        every = self.settings.idempotency_reservation_s / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await run_in_threadpool(self.store.renew_key, claim)
+            except Exception as exc:  # noqa: BLE001 - the next renewal, or the confirmation, tells
+                log.warning("Idempotency-Key hold not renewed now (%s: %s)", type(exc).__name__,
+                            one_line(str(exc))[:300])
+                continue
+            if not held:
+                renewal.lost = True
+                return
 
     async def _enqueue(self, submission: Submission, job_id: str, keys: dict[str, str], confirm: list[str], *,
                        webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,

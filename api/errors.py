@@ -42,6 +42,18 @@ class JobConflict(InputError):
     status_code = 409
 
 
+# Retry-After of a request whose Idempotency-Key another submission holds: that one is being
+# stored and queued, which takes milliseconds to a few seconds (a large upload to a slow bucket),
+# after which the retry gets its answer
+KEY_IN_USE_RETRY_AFTER_S = 2
+
+
+class KeyInUse(JobConflict):
+    """409: the request's Idempotency-Key is held by a submission still being stored and queued
+    (or this one's hold lapsed before its jobs were accepted, and none were kept): retry later,
+    with the same key (api/idempotency.py). Retry-After is set by :func:`install`."""
+
+
 class SyncTimeout(AnalysisError):
     status_code = 504
 
@@ -104,7 +116,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(AnalysisError)
     async def analysis_error(_: Request, exc: AnalysisError) -> JSONResponse:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
-        if isinstance(exc, (StorageFull, StoreRefused)):
+        if isinstance(exc, KeyInUse):
+            headers = {"Retry-After": str(KEY_IN_USE_RETRY_AFTER_S)}
+        elif isinstance(exc, (StorageFull, StoreRefused)):
             headers = {"Retry-After": "60"}
         elif isinstance(exc, StorageUnavailable):
             headers = {"Retry-After": "30"}

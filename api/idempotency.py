@@ -11,8 +11,8 @@ and answered in Redis (``JobStore.claim_key``, ``confirm_queued``); the dispatch
 (``Dispatcher.submit_all``).
 
 This module holds what the edge makes of the request: the validated key, and the request's
-fingerprint (a digest of the route, its form fields and every uploaded byte, the audio's taken
-as it is streamed into storage, so nothing is read twice).
+fingerprint (a digest of the route, the form fields the client sent and every uploaded byte, the
+audio's taken as it is streamed into storage, so nothing is read twice).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import BinaryIO, Sequence
 
 from fastapi import UploadFile
+from starlette.datastructures import FormData
 
 from shared.errors import InputError
 
@@ -32,10 +33,9 @@ HEADER = "Idempotency-Key"
 # length to the server). Taken as sent, quotes included: the draft's sf-string form ("…") and
 # Stripe's bare one both work, so long as a client sends its key the same way each time
 _KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
-# answered to a request whose key's first submission is still being stored and queued: that
-# takes milliseconds to a few seconds (a large upload to a slow bucket), after which the retry
-# gets the first submission's answer
-RETRY_AFTER_S = 2
+# what a key may be, for the OpenAPI schema (the header's own check is _KEY's)
+KEY_PATTERN = _KEY.pattern
+KEY_MAX_LENGTH = 255
 
 
 @dataclass(frozen=True)
@@ -61,32 +61,37 @@ def parse_key(values: Sequence[str]) -> IdempotencyKey | None:
     return IdempotencyKey(value)
 
 
+# an upload's part in the fingerprint: (field, file name, SHA-256 of its bytes)
+UploadPart = tuple[str, str | None, str]
+
+
 @dataclass(frozen=True)
 class Idempotent:
-    """A submission made with a key: the key, and the request as the route read it, whose
+    """A submission made with a key: the key, and the request as the client sent it, whose
     digest tells a retry of it from another request made with the same key."""
 
     key: IdempotencyKey
     # the route ("jobs/diarize", "jobs/batch")
     route: str
-    # its form fields as the route read them (typed values; uploads apart)
-    fields: Mapping[str, Any]
+    # the form fields the client sent (sent_fields): not as the route typed them, nor with its
+    # defaults, so that a retry answered by another version of the API (a rolling deploy that
+    # adds a field or changes a default) is the same request
+    fields: tuple[tuple[str, str], ...]
 
-    def fingerprint(self, uploads: Sequence[Sequence[tuple[str, str | None, str]]]) -> str:
+    def fingerprint(self, uploads: Sequence[Sequence[UploadPart]]) -> str:
         """SHA-256 of the route, the form fields and, per job, each upload's (field, file
-        name, SHA-256 of its bytes), in the order sent."""
-        text = json.dumps({"route": self.route, "fields": {k: v for k, v in self.fields.items() if v is not None},
-                           "uploads": uploads}, sort_keys=True, separators=(",", ":"), default=str)
+        name, SHA-256 of its bytes). Plain JSON types only: anything else fails here, never
+        written as its ``str()`` (an upload's was its part headers: the same file sent as
+        ``audio/x-wav`` instead of ``audio/wav`` was "another request")."""
+        text = json.dumps({"route": self.route, "fields": self.fields, "uploads": uploads},
+                          sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def form_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    """An endpoint's keyword values without its uploads (which the fingerprint takes by digest)."""
-    def upload(value: Any) -> bool:
-        return isinstance(value, UploadFile) or \
-            (isinstance(value, list) and any(isinstance(v, UploadFile) for v in value))
-
-    return {name: value for name, value in values.items() if not upload(value)}
+def sent_fields(form: FormData) -> tuple[tuple[str, str], ...]:
+    """The request's text form fields as sent, sorted: every uploaded file apart (the
+    fingerprint takes each by its name and digest, never its part's headers)."""
+    return tuple(sorted((name, value) for name, value in form.multi_items() if isinstance(value, str)))
 
 
 class Digesting:

@@ -250,12 +250,13 @@ class KeyHolder:
     yet known) and, once its jobs were confirmed, their ids (None: still being submitted)."""
 
     fingerprint: str | None
-    jobs: list[str] | None
+    jobs: tuple[str, ...] | None
     batch_id: str | None
 
 
 class KeyLost(Exception):
-    """A submission's hold on its Idempotency-Key lapsed before its jobs were confirmed."""
+    """A submission's hold on its Idempotency-Key was taken by another before its jobs were
+    confirmed."""
 
 
 # ARGV: token, fingerprint ('' unknown), hold in ms. Free (or held by this token already): held
@@ -269,33 +270,42 @@ if (held[1] == false or held[1] == ARGV[1]) and held[3] == false then
 end
 return held
 """
-# KEYS: the unconfirmed, the key's entry; ARGV: token, jobs (JSON), batch, window in ms, job ids.
-# -1 when the token does not hold the key; else ZREM's answer per job, and the key names the jobs
-# for the window once all of them were confirmed
-_CONFIRM_CLAIMED = """
-if redis.call('HGET', KEYS[2], 'token') ~= ARGV[1] then return -1 end
-local removed, all = {}, true
-for i = 5, #ARGV do
-  removed[#removed + 1] = redis.call('ZREM', KEYS[1], ARGV[i])
-  if removed[#removed] == 0 then all = false end
+# ARGV: token, hold in ms. The hold extended while this token has it and it names no jobs yet: 1;
+# else 0 (lapsed, taken by another, or answered already)
+_RENEW_KEY = """
+if redis.call('HGET', KEYS[1], 'token') == ARGV[1] and redis.call('HEXISTS', KEYS[1], 'jobs') == 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
 end
-if all then
-  redis.call('HSET', KEYS[2], 'jobs', ARGV[2], 'batch', ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-end
-return removed
+return 0
 """
-# ARGV: token, jobs (JSON), batch, window in ms
-_KEEP_ANSWER = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'jobs', ARGV[2], 'batch', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
+# KEYS: the unconfirmed, the key's entry; ARGV: token, jobs (JSON), batch, answer's life in ms,
+# fingerprint, job ids. -1 when another token holds the key; else ZREM's answer per job, and the key
+# names the jobs, late ones too: the caller fails the request if a late one was failed as
+# interrupted, and then withdraws them and gives the key back (naming them only when none was
+# late left a 202 whose key named nothing, should the hold lapse before a second step). A key
+# found free (this hold lapsed, and no other request took it) is taken: nothing else holds it
+_CONFIRM_CLAIMED = """
+local token = redis.call('HGET', KEYS[2], 'token')
+if token ~= false and token ~= ARGV[1] then return -1 end
+local removed = {}
+for i = 6, #ARGV do
+  removed[#removed + 1] = redis.call('ZREM', KEYS[1], ARGV[i])
+end
+redis.call('HSET', KEYS[2], 'token', ARGV[1], 'fingerprint', ARGV[5], 'jobs', ARGV[2], 'batch', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return removed
 """
 # ARGV: token. Deleted only while this token holds it (named jobs too: a submission refused after
 # its confirmation, cancelled in its last step, withdrew them)
 _RELEASE_KEY = """
 if redis.call('HGET', KEYS[1], 'token') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+# ARGV: jobs (JSON). Deleted only while it still names these jobs (not another submission's key
+# taken meanwhile)
+_FORGET_ANSWER = """
+if redis.call('HGET', KEYS[1], 'jobs') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
 
@@ -394,8 +404,9 @@ class JobStore:
         self._after = client.register_script(_AFTER)
         self._claim = client.register_script(_CLAIM_KEY)
         self._confirm_claimed = client.register_script(_CONFIRM_CLAIMED)
-        self._keep = client.register_script(_KEEP_ANSWER)
+        self._renew = client.register_script(_RENEW_KEY)
         self._release = client.register_script(_RELEASE_KEY)
+        self._forget = client.register_script(_FORGET_ANSWER)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -468,21 +479,30 @@ class JobStore:
     def _unconfirmed(self) -> str:
         return self.key("submitting")
 
-    def confirm_queued(self, job_ids: list[str], claim: KeyClaim | None = None,
-                       batch_id: str | None = None) -> list[str]:
+    def confirm_queued(self, job_ids: list[str], claim: KeyClaim | None = None, batch_id: str | None = None,
+                       created: float | None = None, fingerprint: str = "") -> list[str]:
         """These jobs' messages were sent and their client is answered now: no longer at risk.
         Returns those that were not unconfirmed any more (the recovery pass got there first:
         the submission took past job_submit_grace_s).
 
-        With ``claim`` (the submission holds an Idempotency-Key), only while it still holds the
-        key, and the key then names these jobs (and ``batch_id``) for ``idempotency_window_s``,
-        in the same script: a submission whose hold lapsed (it stalled, another request with the
-        key took it) confirms nothing and gets :class:`KeyLost`, so two submissions with one key
-        never both run. Should some be late, the key stays held: the caller decides
-        (:meth:`keep_answer` or :meth:`release_key`)."""
+        With ``claim`` (the submission holds an Idempotency-Key; ``fingerprint`` its request's),
+        only while no other submission holds the key, and the key then names these jobs (and
+        ``batch_id``), in the same script: a submission whose hold was taken (it stalled,
+        another request with the key took it) confirms nothing and gets :class:`KeyLost`, so
+        two submissions with one key never both run. The key names them for
+        ``idempotency_window_s``, and never past the life a queued record has from its creation
+        (``created``: ``time.monotonic()`` before the first record was written): counted from
+        the confirmation, the key outlived a record that was never started by the submission's
+        own duration, and a retry found the key and no job."""
         if claim is not None:
+            life_s = self.idempotency_window_s
+            if created is not None:
+                # a second short of it: the record's life was counted from when Redis wrote it,
+                # after ``created``; this one is counted from when this script runs, a little
+                # after ``life_s`` is worked out here
+                life_s = min(life_s, self.queued_life_s - (time.monotonic() - created) - 1.0)
             removed = self._confirm_claimed(keys=[self._unconfirmed(), claim.entry], args=[
-                claim.token, json.dumps(job_ids), batch_id or "", int(self.idempotency_window_s * 1000), *job_ids])
+                claim.token, json.dumps(job_ids), batch_id or "", max(1, int(life_s * 1000)), fingerprint, *job_ids])
             if removed == -1:
                 raise KeyLost(claim.entry)
             return [job_id for job_id, found in zip(job_ids, removed) if not found]
@@ -522,9 +542,10 @@ class JobStore:
     # is a hash, ``<prefix>:idempotency:<owner>:<sha256 of the key>``: ``token`` (the submission
     # that holds it), ``fingerprint`` (the request's digest, api/idempotency.py; empty until
     # known), and once its jobs were confirmed ``jobs`` (their ids, JSON) and ``batch``. Held (no
-    # ``jobs``), it lives idempotency_reservation_s, so a submission whose process died frees it
-    # by itself; answered (``jobs``), idempotency_window_s. Hashes, written by scripts, because
-    # whether the key is free, held or answered is read and changed in one step.
+    # ``jobs``), it lives idempotency_reservation_s from its last renewal (the submission renews
+    # it while alive, renew_key), so only a submission whose process died frees it by itself;
+    # answered (``jobs``), idempotency_window_s. Hashes, written by scripts, because whether the
+    # key is free, held or answered is read and changed in one step.
     def key_entry(self, owner: str | None, key: str) -> str:
         # the key's digest: a key of 255 printable characters names no odd Redis key, and the
         # tenant's part keeps two tenants' keys apart whatever they chose
@@ -539,13 +560,30 @@ class JobStore:
         if held is None:
             return None
         _, found, jobs, batch = held
-        return KeyHolder(fingerprint=found or None, jobs=json.loads(jobs) if jobs else None, batch_id=batch or None)
+        return KeyHolder(fingerprint=found or None, jobs=tuple(json.loads(jobs)) if jobs else None,
+                         batch_id=batch or None)
 
-    def keep_answer(self, claim: KeyClaim, job_ids: list[str], batch_id: str | None = None) -> bool:
-        """The key names these jobs for idempotency_window_s, if ``claim`` still holds it (a
-        submission answered 202 after some of its jobs were confirmed late)."""
-        return bool(self._keep(keys=[claim.entry], args=[
-            claim.token, json.dumps(job_ids), batch_id or "", int(self.idempotency_window_s * 1000)]))
+    def renew_key(self, claim: KeyClaim) -> bool:
+        """Extend ``claim``'s hold by idempotency_reservation_s while it is still its own and
+        names no jobs: the submission holding it is alive (storing a large upload, queueing a
+        large batch) and renews it every third of that. False once it is not its own any more."""
+        return bool(self._renew(keys=[claim.entry], args=[
+            claim.token, int(self.settings.idempotency_reservation_s * 1000)]))
+
+    def answered_for(self, claim: KeyClaim) -> tuple[str, ...] | None:
+        """The jobs the key names while ``claim``'s submission holds it (None: it names none, or
+        another holds it): whether a confirmation whose answer was lost had run."""
+        token, jobs = self.redis.hmget(claim.entry, ["token", "jobs"])
+        if token != claim.token or not jobs:
+            return None
+        return tuple(json.loads(jobs))
+
+    def forget_answer(self, entry: str, jobs: tuple[str, ...]) -> bool:
+        """Delete a key's entry that names ``jobs`` (and nothing else holds it meanwhile) once
+        a record of theirs is gone (evicted, a queued record past its life, a restore): the
+        key is free for a new submission, instead of answering 404 to every retry for the
+        rest of its window."""
+        return bool(self._forget(keys=[entry], args=[json.dumps(list(jobs))]))
 
     def release_key(self, claim: KeyClaim) -> None:
         """A submission refused (4xx, 503, ...) gives its key back, if it still holds it: the

@@ -322,9 +322,306 @@ def test_two_keys_in_one_request_are_refused_and_the_header_is_documented(parked
     assert _submit(parked, "x" * 255).status_code == 202, "255 characters is a key"
     spec = parked.get("/openapi.json").json()
     for path in ("/jobs/diarize", "/jobs/embedding", "/jobs/batch"):
-        names = [p["name"] for p in spec["paths"][path]["post"].get("parameters", []) if p["in"] == "header"]
-        assert "Idempotency-Key" in names, (path, names)
+        op = spec["paths"][path]["post"]
+        (header,) = [p for p in op.get("parameters", []) if p["in"] == "header" and p["name"] == "Idempotency-Key"]
+        assert header["schema"]["maxLength"] == 255 and header["schema"]["pattern"], header
+        assert {"Location", "Idempotent-Replayed"} <= set(op["responses"]["202"].get("headers", {})), path
     assert not any(p.get("name") == "Idempotency-Key" for p in spec["paths"]["/diarize"]["post"].get("parameters", []))
+
+
+# --- review fixes: a live hold is renewed; fingerprints of what was sent; records gone; the 409s;
+# --- a confirmation answered late or lost ---------------------------------------------------------
+
+def _slowed(monkeypatch: pytest.MonkeyPatch, step: str, seconds: float) -> None:
+    """``Dispatcher.<step>`` (``_save``: storing an upload; ``_enqueue``: a job's record and
+    message) taking ``seconds`` more, as on a slow bucket or a loaded store."""
+    import anyio
+
+    from api.dispatch import Dispatcher
+
+    real = getattr(Dispatcher, step)
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = await real(self, *args, **kwargs)
+        await anyio.sleep(seconds)
+        return answer
+
+    monkeypatch.setattr(Dispatcher, step, slow)
+
+
+def test_a_submission_storing_for_longer_than_its_hold_keeps_its_key(variant_app, settings, monkeypatch):
+    """A 1 s hold, 2 s of storing, the client's retry at 1.3 s: the retry is told to wait (409,
+    nothing stored for it) and the first is accepted, its hold renewed while it stored. Held for
+    the reservation alone, the retry took the lapsed key and the first, finding it taken, was
+    answered 409 and deleted its upload; each retry lost the key to the next the same way, and
+    none was accepted while the client kept retrying."""
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    left = Left(app, settings)
+    key, audio = _key(), tone_wav()
+
+    def send() -> httpx.Response:
+        return app.post("/jobs/embedding", files={"file": ("slow.wav", audio, "audio/wav")}, headers=_headers(key))
+
+    _slowed(monkeypatch, "_save", 2.0)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send)
+        time.sleep(1.3)
+        retry = send()
+        first = pending.result()
+    monkeypatch.undo()
+    assert first.status_code == 202, first.text
+    assert retry.status_code == 409 and "still being submitted" in retry.json()["detail"], retry.text
+    again = send()
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+    job = first.json()["job_id"]
+    assert left.new() == (1, {job}, {job}), "one upload stored, one job"
+
+
+def test_a_batch_queued_for_longer_than_its_hold_is_accepted(variant_app, settings, monkeypatch):
+    """Two records and messages taking 1.6 s under a 1 s hold, no other request around: accepted.
+    Held for the reservation alone, its confirmation found the hold lapsed and the client got
+    409 ("being submitted") for a request nobody else had made."""
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    key = _key()
+    files = [("files", (f"part{i}.wav", tone_wav(1.0 + i / 10), "audio/wav")) for i in range(2)]
+    _slowed(monkeypatch, "_enqueue", 0.8)
+    first = app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+    monkeypatch.undo()
+    assert first.status_code == 202, first.text
+    again = app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+    assert again.status_code == 202 and again.json()["batch_id"] == first.json()["batch_id"], again.text
+
+
+def test_a_hold_is_not_renewed_once_its_submission_is_gone(settings):
+    """The renewal extends only this submission's hold, and only until the key names jobs."""
+    from shared.jobs import JobStore, KeyClaim
+
+    store = JobStore.from_settings(settings.model_copy(update={"idempotency_reservation_s": 5.0}))
+    mine, other = KeyClaim(store.key_entry("-", _key())), None
+    assert store.claim_key(mine, None) is None
+    store.redis.pexpire(mine.entry, 100)
+    assert store.renew_key(mine) and store.redis.pttl(mine.entry) > 4000
+    other = KeyClaim(mine.entry)
+    assert not store.renew_key(other), "another submission's hold"
+    store.confirm_queued([], mine, None, fingerprint="f")
+    assert not store.renew_key(mine), "answered: the window's life is not cut to the hold's"
+    assert store.redis.pttl(mine.entry) > 5000
+    store.redis.delete(mine.entry)
+    assert not store.renew_key(mine) and not store.redis.exists(mine.entry), "a lapsed hold is not made again"
+
+
+def test_an_upload_counts_by_its_name_and_bytes_not_its_part_headers(parked, settings):
+    """The same file and name under another part Content-Type (audio/x-wav for audio/wav, as
+    another HTTP library sends it) is the same request; it was 422 "another request", the
+    upload's str() (its part headers) being in the fingerprint's form fields."""
+    key, audio = _key(), tone_wav()
+
+    def embedding(ctype: str) -> httpx.Response:
+        return parked.post("/jobs/embedding", files={"file": ("take.wav", audio, ctype)}, headers=_headers(key))
+
+    first = embedding("audio/wav")
+    assert first.status_code == 202, first.text
+    again = embedding("audio/x-wav")
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+
+    # enroll's multiple-file field: each file by its place, name and bytes
+    key = _key()
+    other = tone_wav(1.5)
+
+    def enroll(ctype: str, second: bytes) -> httpx.Response:
+        return parked.post("/jobs/enroll", data={"label": "Ann"}, headers=_headers(key), files=[
+            ("files", ("a.wav", audio, ctype)), ("files", ("b.wav", second, ctype))])
+
+    first = enroll("audio/wav", other)
+    assert first.status_code == 202, first.text
+    again = enroll("application/octet-stream", other)
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+    assert enroll("audio/wav", audio).status_code == 422, "another second file is another request"
+
+
+def test_a_submission_by_url_with_a_key(variant_app, settings):
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], url_allow_private_addresses=True)
+    key = _key()
+
+    def by_url(url: str) -> httpx.Response:
+        return app.post("/jobs/embedding", data={"file_url": url}, headers=_headers(key))
+
+    first = by_url("http://127.0.0.1:8080/take.wav")
+    assert first.status_code == 202, first.text
+    again = by_url("http://127.0.0.1:8080/take.wav")
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert by_url("http://127.0.0.1:8080/other.wav").status_code == 422
+
+
+def test_the_fingerprint_takes_the_fields_as_sent(parked, settings, monkeypatch):
+    """The form fields the client sent, as it sent them: no upload, no server-side default or
+    typed value, so that another version of the API (a rolling deploy that adds a field with a
+    default or changes one) answers the same retry the same way."""
+    from api.idempotency import Idempotent
+
+    seen: list[Any] = []
+    real = Idempotent.fingerprint
+
+    def spy(self: Idempotent, uploads: Any) -> str:
+        seen.append(self.fields)
+        return real(self, uploads)
+
+    monkeypatch.setattr(Idempotent, "fingerprint", spy)
+    r = _submit(parked, _key(), route="/jobs/diarize", data={"num_speakers": "2", "webhook_payload": "status",
+                                                              "webhook_url": ""})
+    assert r.status_code == 202, r.text
+    assert seen[-1] == (("num_speakers", "2"), ("webhook_payload", "status"), ("webhook_url", "")), seen[-1]
+    files = [("files", ("a.wav", tone_wav(), "audio/wav"))]
+    r = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(_key()))
+    assert r.status_code == 202, r.text
+    assert seen[-1] == (("kind", "embedding"),), seen[-1]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_key_whose_jobs_are_gone_is_free_again(parked, settings, batch):
+    """A record the key names is gone (a queued record past its life, evicted, a restore): the
+    retry is a new submission, answered its own jobs from then on. It was 404 "no job <the
+    first>" (even when another of a batch's jobs was the one gone) to every retry for the rest
+    of the key's window, and the key could not be used again."""
+    from shared.jobs import JobStore
+
+    store = JobStore.from_settings(settings)
+    key = _key()
+    files = [("files", (f"part{i}.wav", tone_wav(1.0 + i / 10), "audio/wav")) for i in range(2)]
+
+    def send() -> tuple[httpx.Response, list[str]]:
+        if batch:
+            r = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+            return r, [j["job_id"] for j in r.json().get("jobs", [])]
+        r = _submit(parked, key)
+        return r, [r.json().get("job_id")]
+
+    first, jobs = send()
+    assert first.status_code == 202, first.text
+    store.redis.delete(store.key("job", jobs[-1]))
+    again, new = send()
+    assert again.status_code == 202 and "idempotent-replayed" not in again.headers, again.text
+    assert not set(new) & set(jobs), "a new submission, with jobs of its own"
+    replayed, same = send()
+    assert replayed.status_code == 202 and same == new and replayed.headers.get("idempotent-replayed") == "true"
+
+
+def test_a_key_never_outlives_its_jobs_records(parked, settings, monkeypatch):
+    """A queued record lives queued_life_s from its creation; the key named it for the window
+    from its confirmation, the submission's own duration longer (24 h each by default), and a
+    retry found the key and no job."""
+    from shared.jobs import JobStore
+
+    store = JobStore.from_settings(settings)
+    _slowed(monkeypatch, "_enqueue", 1.2)
+    key = _key()
+    r = _submit(parked, key)
+    monkeypatch.undo()
+    assert r.status_code == 202, r.text
+    from api.deps import owner_of
+
+    entry_ms = store.redis.pttl(store.key_entry(owner_of(KEY_A), key))
+    record_ms = store.redis.pttl(store.key("job", r.json()["job_id"]))
+    assert 0 < entry_ms <= record_ms, (entry_ms, record_ms)
+
+
+def test_a_retry_told_to_wait_reads_nothing_of_its_upload(parked, settings, monkeypatch):
+    """While the first is still storing (its fingerprint not known yet), the answer is 409 what
+    ever the retry is: its upload is not read and hashed for it (it was, whole)."""
+    import api.dispatch
+    from api.deps import owner_of
+    from shared.jobs import JobStore, KeyClaim
+
+    read: list[int] = []
+    real = api.dispatch.digest_upload
+
+    def counted(upload: Any, *args: Any) -> str:
+        read.append(upload.size or 0)
+        return real(upload, *args)
+
+    monkeypatch.setattr(api.dispatch, "digest_upload", counted)
+    store = JobStore.from_settings(settings)
+    key = _key()
+    first = KeyClaim(store.key_entry(owner_of(KEY_A), key))
+    assert store.claim_key(first, None) is None
+    r = _submit(parked, key, 30.0)
+    store.release_key(first)
+    assert r.status_code == 409 and r.headers["retry-after"] == "2", r.text
+    assert read == [], f"{sum(read)} bytes read for a 409"
+
+
+def test_a_job_confirmed_late_is_named_by_its_key_at_once(variant_app, settings, monkeypatch):
+    """A job the recovery pass took off the unconfirmed without failing it (it started: a
+    stalled API, a submission past job_submit_grace_s) is answered 202, and its key names it in
+    the confirmation's own step. Named in a second step, while the hold still held, a hold that
+    lapsed in between left a 202 whose key named nothing: the retry ran the audio again."""
+    from api.dispatch import Dispatcher
+    from shared.jobs import JobStore
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    store = JobStore.from_settings(settings)
+    real_enqueue, real_confirm = Dispatcher._enqueue, JobStore.confirm_queued
+
+    async def taken_off(self: Any, submission: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_enqueue(self, submission, job_id, *args, **kwargs)
+        store.forget_unconfirmed(job_id)
+        return answer
+
+    def then_stalled(self: JobStore, job_ids: list[str], claim: Any = None, *args: Any, **kwargs: Any) -> list[str]:
+        answer = real_confirm(self, job_ids, claim, *args, **kwargs)
+        if claim is not None and not self.redis.hexists(claim.entry, "jobs"):
+            time.sleep(self.redis.pttl(claim.entry) / 1000 + 0.1)  # the hold lapses meanwhile
+        return answer
+
+    monkeypatch.setattr(Dispatcher, "_enqueue", taken_off)
+    monkeypatch.setattr(JobStore, "confirm_queued", then_stalled)
+    key = _key()
+    first = _submit(app, key)
+    monkeypatch.undo()
+    assert first.status_code == 202, first.text
+    again = _submit(app, key)
+    assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
+
+
+@pytest.mark.parametrize("asked", ["answers", "fails"])
+def test_a_confirmation_whose_answer_was_lost_keeps_the_key(parked, settings, monkeypatch, asked):
+    """The confirmation ran and its answer was lost (a reset connection): the key names the job,
+    so it is not given back. The store asked again answers that it ran: 202. It fails again:
+    503, the job withdrawn, and the key kept, so the retry is answered that job rather than
+    running the audio again (given back, a retry ran it twice wherever the withdrawal failed)."""
+    import redis as redis_lib
+
+    from shared.jobs import JobStore
+
+    real = JobStore.confirm_queued
+
+    def ran_then_lost(self: JobStore, job_ids: list[str], claim: Any = None, *args: Any, **kwargs: Any) -> list[str]:
+        answer = real(self, job_ids, claim, *args, **kwargs)
+        if claim is not None:
+            raise redis_lib.ConnectionError("Connection reset by peer")
+        return answer
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        raise redis_lib.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(JobStore, "confirm_queued", ran_then_lost)
+    if asked == "fails":
+        monkeypatch.setattr(JobStore, "answered_for", unreachable, raising=False)
+    left = Left(parked, settings)
+    key = _key()
+    first = _submit(parked, key)
+    monkeypatch.undo()
+    jobs = left.new()[2]
+    assert len(jobs) == 1, jobs
+    retry = _submit(parked, key)
+    assert retry.status_code == 202 and retry.json()["job_id"] in jobs, retry.text
+    assert retry.headers.get("idempotent-replayed") == "true"
+    if asked == "answers":
+        assert first.status_code == 202 and first.json()["job_id"] in jobs, first.text
+        assert retry.json()["status"] == "queued"
+    else:
+        assert first.status_code == 503, first.text
 
 
 @contextlib.contextmanager

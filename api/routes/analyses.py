@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, require_api_key
 from api.dispatch import Accepted, view
 from api.forms import WEBHOOK_FIELDS, file_parameters, form_parameters, split, with_signature
-from api.idempotency import Idempotent, form_fields
+from api.idempotency import Idempotent, sent_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Job
 from shared.kinds import KINDS, JobKind
@@ -26,8 +26,17 @@ jobs = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_ap
 synchronous = APIRouter(tags=["synchronous"], dependencies=[Depends(require_api_key)], responses=ERRORS,
                         route_class=BoundedFormRoute)
 
-ACCEPTED = {202: {"model": Job, "description": "queued; poll status_url or wait for the webhook. With an "
-                   "Idempotency-Key already answered: that job again, as it is now (`Idempotent-Replayed: true`)"}}
+# a 202's headers (accepted_headers), for the OpenAPI document
+ACCEPTED_HEADERS = {
+    "Location": {"description": "where to poll: the job's (or batch's) status_url", "schema": {"type": "string"}},
+    "Idempotent-Replayed": {
+        "description": "`true` when this answers an earlier request made with the same Idempotency-Key (its "
+                       "jobs, as they are now); absent otherwise",
+        "schema": {"type": "string", "enum": ["true"]}},
+}
+ACCEPTED = {202: {"model": Job, "headers": ACCEPTED_HEADERS,
+                  "description": "queued; poll status_url or wait for the webhook. With an Idempotency-Key "
+                                 "already answered: that job again, as it is now (`Idempotent-Replayed: true`)"}}
 
 # what every generated endpoint asks for before its form fields (routes/jobs.py's batch too)
 DEPENDENCIES = [
@@ -58,7 +67,8 @@ def _submit_endpoint(kind: JobKind):
         uploads, urls, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal, urls)
         webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
-        idempotent = Idempotent(idempotency_key, f"jobs/{kind.name}", form_fields(values)) if idempotency_key else None
+        idempotent = Idempotent(idempotency_key, f"jobs/{kind.name}", sent_fields(await request.form())) \
+            if idempotency_key else None
         accepted = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,
                                            webhook_payload=values.get("webhook_payload"), idempotent=idempotent)
         body = view(accepted.record, base)

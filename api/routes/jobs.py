@@ -16,10 +16,10 @@ from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep,
 from api.dispatch import summary_view, view
 from api.errors import JobConflict, not_found
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
-from api.idempotency import Idempotent, form_fields
+from api.idempotency import Idempotent, sent_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Batch, Job, JobList
-from api.routes.analyses import SUBMIT_DEPENDENCIES, accepted_headers
+from api.routes.analyses import ACCEPTED_HEADERS, SUBMIT_DEPENDENCIES, accepted_headers
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
 from shared.formats import FORMATS, FormatName, file_stem
@@ -73,8 +73,7 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # stored, queued and confirmed together: refused midway all the same (storage full, job store
     # or broker gone), what was queued is withdrawn; cut off midway (the process died), what was
     # queued is failed by the workers' recovery pass (Dispatcher.submit_all)
-    idempotent = Idempotent(idempotency_key, "jobs/batch", form_fields(
-        {"kind": kind, "webhook_url": webhook_url, "webhook_payload": webhook_payload, **form})) \
+    idempotent = Idempotent(idempotency_key, "jobs/batch", sent_fields(await request.form())) \
         if idempotency_key else None
     accepted = await dispatcher.submit_all(submissions, webhook_url=webhook_url, webhook_payload=webhook_payload,
                                            batch_id=batch_id, principal=principal, idempotent=idempotent)
@@ -96,7 +95,10 @@ submit_batch = with_signature(
     ],
 )
 router.add_api_route("/batch", submit_batch, methods=["POST"], status_code=202, response_model=Batch,
-                     summary="Submit several files as one batch", responses={202: {"model": Batch}})
+                     summary="Submit several files as one batch",
+                     responses={202: {"model": Batch, "headers": ACCEPTED_HEADERS, "description": (
+                         "queued, one job per file; poll status_url. With an Idempotency-Key already answered: "
+                         "that batch again, as it is now (`Idempotent-Replayed: true`)")}})
 
 
 def _batch_body(base: str, batch_id: str, kind: str, records: list[JobRecord]) -> dict[str, Any]:
