@@ -708,6 +708,10 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     check_matroska(fh)  # before FFmpeg converts its tags, a pass over all of them each
     check_id3(fh)  # before FFmpeg puts every frame into a dictionary searched for each
     check_ape(fh)  # before FFmpeg tables every frame its header declares
+    # Not sandboxed: the worker checked this file's header first (check_audio_limits, in
+    # worker/tasks.py), and FFmpeg's reading of it ran in a child held to the header check's CPU,
+    # memory and time limits (shared/probe_sandbox.py): a file that passed was readable within
+    # them, and this open reads the same header. Decoding is bounded by the job's time limit.
     try:
         # container demuxers only (shared.audio_limits.DEMUXERS): left to autodetect, FFmpeg
         # followed a concat list in an upload to a file under the worker's working directory

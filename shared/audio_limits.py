@@ -11,9 +11,12 @@ import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from shared.errors import AudioDecodeError, AudioTooLongError
+
+if TYPE_CHECKING:
+    from shared.probe_sandbox import ProbeLimits
 
 # below this no speech is left (telephony is 8 kHz); a 1 Hz WAV of 28 KB is 3.9 h once resampled
 MIN_SAMPLE_RATE = 4_000
@@ -821,20 +824,42 @@ class AudioInfo:
 Source = Union[str, os.PathLike, BinaryIO]
 
 
-def probe(source: Source) -> AudioInfo | None:
+class _FromSettings:
+    """The sandbox's limits as the process's settings have them (``Settings.probe_limits``)."""
+
+    def __repr__(self) -> str:
+        return "FROM_SETTINGS"
+
+
+FROM_SETTINGS: Any = _FromSettings()
+
+
+def _sandbox(sandbox: ProbeLimits | None | _FromSettings) -> ProbeLimits | None:
+    if isinstance(sandbox, _FromSettings):
+        from shared.settings import get_settings
+
+        return get_settings().probe_limits()
+    return sandbox
+
+
+def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS) -> AudioInfo | None:
     """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable.
     An MP4 that FFmpeg could not open in bounded memory is refused (:func:`check_mp4_edits`).
 
     ``source`` is a path or a seekable binary file (an upload as the API received it, read from
-    its start and left there).
+    its start and left there). FFmpeg reads the header in a child process held to ``sandbox``'s
+    limits (:mod:`shared.probe_sandbox`; a file it cannot read within them is refused, 415); None
+    reads it in this process (the settings' ``probe_sandbox=false``). libsndfile's formats (WAV,
+    FLAC, Ogg) are read here and never reach FFmpeg.
     """
+    sandbox = _sandbox(sandbox)
     if hasattr(source, "read"):
         try:
             check_mp4_edits(source)
             check_matroska(source)
             check_id3(source)
             check_ape(source)
-            return _probe(source)
+            return _probe(source, sandbox)
         finally:
             source.seek(0)
     try:
@@ -846,10 +871,10 @@ def probe(source: Source) -> AudioInfo | None:
         check_matroska(fh)
         check_id3(fh)
         check_ape(fh)
-    return _probe(source)
+    return _probe(source, sandbox)
 
 
-def _probe(source: Source) -> AudioInfo | None:
+def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | None:
     import soundfile as sf
 
     def rewind() -> None:
@@ -878,19 +903,33 @@ def _probe(source: Source) -> AudioInfo | None:
     else:
         with open(source, "rb") as fh:
             check_riff_chunks(fh)
-    import av
+    rewind()
+    if sandbox is not None:
+        from shared.probe_sandbox import read_header
 
+        try:
+            return read_header(source, sandbox)
+        finally:
+            rewind()
     try:
-        rewind()
-        with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore",
-                     **pyav_options()) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            rate = stream.sample_rate or stream.codec_context.sample_rate or None
-            return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
+        return ffmpeg_header(source)
     except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
         return None
+
+
+def ffmpeg_header(source: Source) -> AudioInfo | None:
+    """What FFmpeg reads of ``source``'s header (its first audio stream), None where it has no
+    audio stream; FFmpeg's errors are raised. What this costs is not bounded by the file's size
+    (see :mod:`shared.probe_sandbox`, which runs it in a child held to limits)."""
+    import av
+
+    with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore",
+                 **pyav_options()) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        rate = stream.sample_rate or stream.codec_context.sample_rate or None
+        return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
 
 
 def _chained(source: Source) -> bool:
@@ -936,12 +975,14 @@ def check_channels(channels: int | None) -> None:
 
 
 def check_audio_limits(
-    source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = ""
+    source: Source, *, max_duration: float, min_sample_rate: int = MIN_SAMPLE_RATE, hint: str = "",
+    sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS,
 ) -> AudioInfo | None:
     """Refuse from the header alone what would tie a worker up for hours: too long, or too much
     to decode for its length (so many channels at such a rate), or a rate so low that resampling
-    multiplies it (413 / 415); and a rate or a channel count no recorder makes (415)."""
-    info = probe(source)
+    multiplies it (413 / 415); and a rate or a channel count no recorder makes (415); and a
+    header FFmpeg cannot read within ``sandbox``'s limits (415, :func:`probe`)."""
+    info = probe(source, sandbox)
     if info is None:
         return None
     check_channels(info.channels)

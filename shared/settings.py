@@ -9,10 +9,13 @@ from __future__ import annotations
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from shared.probe_sandbox import ProbeLimits
 
 
 class Settings(BaseSettings):
@@ -130,6 +133,15 @@ class Settings(BaseSettings):
     # the longest recording a job takes (checked from the container header before decoding)
     max_audio_seconds: float = 24 * 3600.0
     min_audio_seconds: float = 0.5
+    # FFmpeg's reading of a header (formats libsndfile does not read: m4a, webm, mp3, mkv, ...)
+    # runs in a child process held to these (shared/probe_sandbox.py): its CPU time (seconds,
+    # RLIMIT_CPU), its address space (RLIMIT_AS; a normal probe fails at 128 MB and opens at 160,
+    # most of it PyAV's and FFmpeg's libraries) and its wall-clock time; a header that takes more is refused (415).
+    # Off (probe_sandbox=false), FFmpeg reads it in the API's or worker's own process, unbounded
+    probe_sandbox: bool = True
+    probe_cpu_s: int = Field(3, ge=1)
+    probe_memory_mb: int = Field(512, ge=256)
+    probe_timeout_s: float = Field(10.0, gt=0.0)
     max_upload_bytes: int = 1024 * 1024 * 1024
     embedding_dimension: int = 192
 
@@ -288,6 +300,15 @@ class Settings(BaseSettings):
     # stalls answers 422 past it instead of holding the request (and an API thread) for as long
     # as the system resolver waits
     submit_lookup_timeout_s: float = Field(10.0, gt=0.0)
+
+    def probe_limits(self) -> ProbeLimits | None:
+        """The header check's sandbox limits, None with the sandbox off."""
+        from shared.probe_sandbox import ProbeLimits
+
+        if not self.probe_sandbox:
+            return None
+        return ProbeLimits(cpu_s=self.probe_cpu_s, memory_bytes=self.probe_memory_mb << 20,
+                           timeout_s=self.probe_timeout_s)
 
 
 @lru_cache

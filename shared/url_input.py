@@ -285,7 +285,8 @@ def _check_fetched(storage: Storage, key: str, field: str, where: str, size: int
         raise AudioDecodeError(f"{field}: {where} sent an empty file")
     with storage.local_path(key) as path:
         try:
-            info = check_audio_limits(path, max_duration=max_duration, min_sample_rate=settings.min_sample_rate)
+            info = check_audio_limits(path, max_duration=max_duration, min_sample_rate=settings.min_sample_rate,
+                                      sandbox=settings.probe_limits())
         except AnalysisError as exc:
             raise type(exc)(f"{field}: {exc.detail}", status_code=exc.status_code) from None
     if info is None:

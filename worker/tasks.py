@@ -283,7 +283,8 @@ def _run_leased(
                     # the API checked the header already; checked again here for jobs queued
                     # before, and because the worker is what an hour-long file would tie up
                     info = check_audio_limits(path, max_duration=duration_limit,
-                                              min_sample_rate=settings.min_sample_rate)
+                                              min_sample_rate=settings.min_sample_rate,
+                                              sandbox=settings.probe_limits())
                     unsure[0] = unsure[0] or info is None or info.duration is None
                     seconds.add(info)
                 return path

@@ -1,0 +1,224 @@
+"""FFmpeg's reading of a container header, in a child process held to CPU, memory and time.
+
+What FFmpeg does to open a file can cost far more than the file's size, one format at a time:
+MP4 sample tables (GBs), Matroska tags (cubic: 211 KB held a core over 30 min), ID3v2 frames
+(quadratic), APE frame tables; and, measured for this module (tests/test_probe_sandbox.py),
+an ``id3 `` chunk of a WAV (2.4 MB: 27 s of a core), an FLV's onMetaData and an APEv2 tag. It
+does it in C with the GIL released, where no Python timeout reaches it. The per-format checks of
+:mod:`shared.audio_limits` answer the known cases in milliseconds; this is the line behind them
+for the ones nobody has measured yet.
+
+Each header read (``av.open``: duration, sample rate, channels) runs in a short-lived child
+forked from a fork server (multiprocessing's "forkserver": a single-threaded process started
+once, with PyAV already imported, so a child costs a fork, not an interpreter and an import; the
+API and the worker have threads, where a plain fork is unsafe). The child limits itself
+(``RLIMIT_CPU``, ``RLIMIT_AS``, no core file) and the parent kills it past a wall-clock timeout.
+A child that runs out of CPU, memory or time, or dies (a crash in FFmpeg), is a 415: the file's
+header could not be read within the limits. The file is handed over as it is: a path, the
+descriptor of the upload's temporary file (passed over the fork server's socket, the child
+reopens it with its own offset), or, for an upload held in memory (at most the API's spool size,
+1 MB), its bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import multiprocessing.context
+import resource
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+from multiprocessing.context import set_spawning_popen
+from multiprocessing.reduction import DupFd
+from typing import Any
+
+from shared.errors import AudioDecodeError
+
+# an upload held in memory larger than this is not expected (the API spools past 1 MB); a file
+# object without a descriptor is read whole only up to it, else its header goes unread here
+_MAX_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    """What one header read may take (Settings: ``probe_cpu_s``, ``probe_memory_mb``,
+    ``probe_timeout_s``). A normal probe of an m4a, webm, mp3 or mkv takes about 10 ms and fails
+    to open at 128 MB of address space, opens at 160 MB (PyAV's and FFmpeg's libraries mapped,
+    most of it)."""
+
+    cpu_s: int = 3
+    memory_bytes: int = 512 << 20
+    timeout_s: float = 10.0
+
+    def describe(self) -> str:
+        return f"{self.cpu_s} s of CPU, {self.memory_bytes >> 20} MB of memory, {self.timeout_s:g} s"
+
+
+_lock = threading.Lock()
+_context: Any = None
+
+
+def _ctx() -> Any:
+    global _context
+    with _lock:
+        if _context is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["av", "shared.audio_limits", __name__])
+            _context = ctx
+        return _context
+
+
+class _Popen(popen_forkserver.Popen):
+    """multiprocessing's forkserver start, less the parent's ``__main__``: a child would import
+    the parent's main module again before it runs (its preparation data names it; 3.11's
+    ``set_forkserver_preload(["__main__"])`` never loads it into the server), which costs every
+    probe the import of uvicorn's or celery's command line, and runs a script's unguarded code.
+    The child needs only this module. (``popen_forkserver.Popen._launch`` as of 3.11-3.13.)"""
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_name", None)
+        prep_data.pop("init_main_from_path", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's sentinel of this process, as the stdlib keeps it
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _Process(multiprocessing.context.ForkServerProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> _Popen:
+        return _Popen(process_obj)
+
+
+def warm() -> None:
+    """Start the fork server now (about 0.3 s, once per process) rather than at the first upload."""
+    _ctx()
+    forkserver.ensure_running()
+
+
+def _inherit(dup: Any) -> int:
+    return dup.detach()
+
+
+class _Fd:
+    """A descriptor handed to the child: duplicated over the fork server's socket as the
+    process is started (multiprocessing's own way of passing a socket or a pipe)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _inherit, (DupFd(self.fd),)
+
+
+def _payload(source: Any) -> tuple[str, Any]:
+    if not hasattr(source, "read"):
+        return "path", os.fspath(source)
+    raw = getattr(source, "_file", source)  # a SpooledTemporaryFile's own file: in memory or on disk
+    if isinstance(raw, io.BytesIO):
+        return "bytes", raw.getvalue()
+    try:
+        raw.flush()
+        return "fd", _Fd(raw.fileno())
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        source.seek(0)
+        data = source.read(_MAX_BYTES + 1)
+        source.seek(0)
+        return "bytes", data
+
+
+def _child(conn: Any, kind: str, payload: Any, limits: ProbeLimits) -> None:
+    """The header read, in the child: limits first, then FFmpeg."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # past the soft limit the kernel sends SIGXCPU (which ends the process), past the hard one SIGKILL
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+    from shared.audio_limits import ffmpeg_header
+
+    try:
+        if kind == "fd":
+            fd = int(payload)
+            source: Any = f"/proc/self/fd/{fd}" if os.path.exists(f"/proc/self/fd/{fd}") else os.fdopen(fd, "rb")
+        elif kind == "bytes":
+            source = io.BytesIO(payload)
+        else:
+            source = payload
+        conn.send(("ok", ffmpeg_header(source)))
+    except MemoryError:
+        conn.send(("memory", None))
+    except Exception as exc:  # noqa: BLE001 - unreadable: the worker's decoder says why (415)
+        import av
+
+        conn.send(("memory", None) if isinstance(exc, av.error.MemoryError) else ("ok", None))
+    conn.close()
+
+
+def _refuse(why: str, limits: ProbeLimits) -> AudioDecodeError:
+    return AudioDecodeError(
+        f"the file's header could not be read within the limits of the header check ({limits.describe()}): "
+        f"{why}; the file is refused"
+    )
+
+
+def read_header(source: Any, limits: ProbeLimits) -> Any:
+    """:func:`shared.audio_limits.ffmpeg_header` of ``source`` (a path, or a seekable binary file
+    read from its start), read in a child held to ``limits``: its AudioInfo, or None where FFmpeg
+    cannot read the file. Raises AudioDecodeError (415) where the child ran out of CPU time,
+    memory or time, or died."""
+    ctx = _ctx()
+    kind, payload = _payload(source)
+    if kind == "bytes" and len(payload) > _MAX_BYTES:
+        return None
+    recv, send = ctx.Pipe(duplex=False)
+    proc = _Process(target=_child, args=(send, kind, payload, limits), daemon=True, name="probe-sandbox")
+    try:
+        try:
+            proc.start()
+        finally:
+            send.close()
+        outcome: tuple[str, Any] | None = None
+        if recv.poll(limits.timeout_s):
+            try:
+                outcome = recv.recv()
+            except (EOFError, OSError):
+                outcome = None  # it died before it answered
+        else:
+            outcome = ("timeout", None)
+        if outcome is None or outcome[0] == "timeout":
+            proc.kill()
+        proc.join(1.0)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+        if outcome is None:
+            code = proc.exitcode or 0
+            why = "it ran out of CPU time" if code in (-signal.SIGXCPU, -signal.SIGKILL) else f"the reader died (exit status {code})"
+            raise _refuse(why, limits)
+        if outcome[0] == "timeout":
+            raise _refuse(f"it took longer than {limits.timeout_s:g} s", limits)
+        if outcome[0] == "memory":
+            raise _refuse("FFmpeg ran out of memory (or the file has more streams than it may open)", limits)
+        return outcome[1]
+    finally:
+        recv.close()
+        if proc.exitcode is None and proc.pid is not None:
+            proc.kill()
+            proc.join()
+        if proc.pid is not None:
+            proc.close()
+
+
+__all__ = ["ProbeLimits", "read_header", "warm"]
