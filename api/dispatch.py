@@ -682,7 +682,7 @@ class Dispatcher:
                 raise AudioDecodeError(f"uploaded file {(upload.filename or '')[:100]!r} is empty")
             budget.add(await run_in_threadpool(
                 check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
-                hint=hint,
+                hint=hint, sandbox=self.settings.probe_limits(),
             ))
 
     # --- the synchronous contract -----------------------------------------------------------
