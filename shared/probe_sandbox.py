@@ -14,7 +14,11 @@ once, with PyAV already imported, so a child costs a fork, not an interpreter an
 API and the worker have threads, where a plain fork is unsafe). The child limits itself
 (``RLIMIT_CPU``, ``RLIMIT_AS``, no core file) and the parent kills it past a wall-clock timeout.
 A child that runs out of CPU, memory or time, or dies (a crash in FFmpeg), is a 415: the file's
-header could not be read within the limits. The file is handed over as it is: a path, the
+header could not be read within the limits. What is not the file's doing is a 503 (retry later,
+:class:`SandboxUnavailable`): a child that could not be started (the fork server's socket removed
+by a tmp cleaner, a fork of the process after its server started: each is met by starting a new
+server, once), a wall-clock timeout of a child that was given little CPU (a starved host), a
+child killed from outside (SIGKILL, as a cgroup's OOM killer sends, before its CPU limit). The file is handed over as it is: a path, the
 descriptor of the upload's temporary file (passed over the fork server's socket, the child
 reopens it with its own offset), or, for an upload held in memory (at most the API's spool size,
 1 MB), its bytes.
@@ -29,13 +33,14 @@ import multiprocessing.context
 import resource
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import set_spawning_popen
 from multiprocessing.reduction import DupFd
 from typing import Any
 
-from shared.errors import AudioDecodeError
+from shared.errors import AudioDecodeError, ModelError
 
 # an upload held in memory larger than this is not expected (the API spools past 1 MB); a file
 # object without a descriptor is read whole only up to it, else its header goes unread here
@@ -57,8 +62,62 @@ class ProbeLimits:
         return f"{self.cpu_s} s of CPU, {self.memory_bytes >> 20} MB of memory, {self.timeout_s:g} s"
 
 
+class SandboxUnavailable(ModelError):
+    """The header check could not run (503, the service's state; the API sends Retry-After)."""
+
+    status_code = 503
+
+
 _lock = threading.Lock()
 _context: Any = None
+
+
+def _forget_server(*, kill: bool) -> None:
+    """Drop multiprocessing's record of its fork server, so that the next start launches a new
+    one: close this process's end of the server's alive pipe (a server whose every holder closed
+    it exits) and, where ``kill`` (the server is this process's child), kill and reap it."""
+    server = forkserver._forkserver
+    if not kill:
+        server._lock = threading.Lock()  # a fork may have copied it held by another thread
+    with server._lock:
+        pid, alive, address = server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address
+        server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+    if kill and pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+    if kill and address and not util.is_abstract_socket_namespace(address):
+        try:
+            os.unlink(address)
+        except OSError:
+            pass
+    # a tmp cleaner that removed the listener's socket removed its directory, multiprocessing's
+    # temporary directory of this process: made again (its exit handler removes it)
+    tempdir = multiprocessing.process.current_process()._config.get("tempdir")
+    if kill and tempdir and not os.path.isdir(tempdir):
+        try:
+            os.mkdir(tempdir, 0o700)
+        except OSError:
+            multiprocessing.process.current_process()._config.pop("tempdir", None)
+
+
+def _after_fork_in_child() -> None:
+    # the fork server is the parent's child: ensure_running() would waitpid() a process that is
+    # not this one's (ChildProcessError on every probe); this process starts a server of its own
+    global _lock
+    _lock = threading.Lock()
+    if forkserver._forkserver._forkserver_pid is not None:
+        _forget_server(kill=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _ctx() -> Any:
@@ -173,23 +232,57 @@ def _refuse(why: str, limits: ProbeLimits) -> AudioDecodeError:
     )
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user and system) of the live process ``pid`` so far, None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# what a start of the child raises where the fork server cannot be reached or started: its socket
+# gone (FileNotFoundError, ConnectionRefusedError), it died mid-start (EOFError, a broken pipe),
+# it is another process's child (ChildProcessError), no process or descriptor left (OSError)
+_START_ERRORS = (OSError, EOFError, ChildProcessError)
+
+
+def _start(ctx: Any, kind: str, payload: Any, limits: ProbeLimits) -> tuple[Any, Any]:
+    """The child, started (and the end of the pipe it answers on); the fork server started anew
+    once where the start fails; SandboxUnavailable (503) where it fails again."""
+    for attempt in (0, 1):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = _Process(target=_child, args=(send, kind, payload, limits), daemon=True, name="probe-sandbox")
+        try:
+            proc.start()
+            return proc, recv
+        except _START_ERRORS as exc:
+            recv.close()
+            if attempt:
+                raise SandboxUnavailable(f"the header check could not start its reader ({type(exc).__name__}: "
+                                         f"{exc}); retry later") from exc
+            _forget_server(kill=True)
+        finally:
+            send.close()
+    raise AssertionError("unreachable")
+
+
 def read_header(source: Any, limits: ProbeLimits) -> Any:
     """:func:`shared.audio_limits.ffmpeg_header` of ``source`` (a path, or a seekable binary file
     read from its start), read in a child held to ``limits``: its AudioInfo, or None where FFmpeg
     cannot read the file. Raises AudioDecodeError (415) where the child ran out of CPU time,
-    memory or time, or died."""
+    memory or time, or died; SandboxUnavailable (503) where it could not be started, was starved
+    of CPU or was killed from outside."""
     ctx = _ctx()
     kind, payload = _payload(source)
     if kind == "bytes" and len(payload) > _MAX_BYTES:
         return None
-    recv, send = ctx.Pipe(duplex=False)
-    proc = _Process(target=_child, args=(send, kind, payload, limits), daemon=True, name="probe-sandbox")
+    proc, recv = _start(ctx, kind, payload, limits)
     try:
-        try:
-            proc.start()
-        finally:
-            send.close()
+        started = time.monotonic()
         outcome: tuple[str, Any] | None = None
+        cpu: float | None = None
         if recv.poll(limits.timeout_s):
             try:
                 outcome = recv.recv()
@@ -197,6 +290,7 @@ def read_header(source: Any, limits: ProbeLimits) -> Any:
                 outcome = None  # it died before it answered
         else:
             outcome = ("timeout", None)
+            cpu = _cpu_seconds(proc.pid)
         if outcome is None or outcome[0] == "timeout":
             proc.kill()
         proc.join(1.0)
@@ -205,9 +299,19 @@ def read_header(source: Any, limits: ProbeLimits) -> Any:
             proc.join()
         if outcome is None:
             code = proc.exitcode or 0
-            why = "it ran out of CPU time" if code in (-signal.SIGXCPU, -signal.SIGKILL) else f"the reader died (exit status {code})"
-            raise _refuse(why, limits)
+            if code == -signal.SIGXCPU or (code == -signal.SIGKILL and time.monotonic() - started >= limits.cpu_s + 1):
+                raise _refuse("it ran out of CPU time", limits)  # RLIMIT_CPU: its soft limit, or its hard one
+            if code == -signal.SIGKILL:
+                # before its CPU limit could have sent it: killed from outside (an OOM killer)
+                raise SandboxUnavailable("the header check's reader was killed by the system (SIGKILL) before "
+                                         "its limits were reached; retry later")
+            raise _refuse(f"the reader died (exit status {code})", limits)
         if outcome[0] == "timeout":
+            if cpu is not None and cpu < min(limits.cpu_s, limits.timeout_s) / 2:
+                # the child was given under half the CPU its limit allows in that time: the host
+                # is starved, not the file costly (one that is reaches its CPU limit first)
+                raise SandboxUnavailable(f"the header check was given {cpu:.1f} s of CPU in "
+                                         f"{limits.timeout_s:g} s (the host is overloaded); retry later")
             raise _refuse(f"it took longer than {limits.timeout_s:g} s", limits)
         if outcome[0] == "memory":
             raise _refuse("FFmpeg ran out of memory (or the file has more streams than it may open)", limits)
@@ -221,4 +325,4 @@ def read_header(source: Any, limits: ProbeLimits) -> Any:
             proc.close()
 
 
-__all__ = ["ProbeLimits", "read_header", "warm"]
+__all__ = ["ProbeLimits", "SandboxUnavailable", "read_header", "warm"]

@@ -201,3 +201,97 @@ def test_ffmpeg_only_uploads_still_pass_and_nothing_leaks(client, tmp_path):
     assert len(os.listdir("/proc/self/fd")) == fds
     assert spooled.tell() == 0  # the child read its own opening of the file
     assert not [p for p in multiprocessing.active_children() if p.name == "probe-sandbox"]
+
+
+# --- what is not the file's doing is a 503, not a 415 and not a 500 -----------------------------
+def test_a_removed_fork_server_socket_is_met_by_a_new_server(tmp_path):
+    """A tmp cleaner (systemd-tmpfiles' age rule, tmpwatch) that removes the fork server's socket
+    directory (/tmp/pymp-*/listener-*) under a long-running API left the server alive, so
+    multiprocessing never started another: every later FFmpeg-format upload raised
+    FileNotFoundError, a 500, until a restart. Now the server is started anew."""
+    import shutil
+    from multiprocessing import forkserver
+
+    from shared.probe_sandbox import ProbeLimits, read_header, warm
+
+    path = tmp_path / "phone.m4a"
+    path.write_bytes(_written()["phone.m4a"][0])
+    warm()
+    assert read_header(path, ProbeLimits()) is not None
+    old = forkserver._forkserver._forkserver_pid
+    shutil.rmtree(os.path.dirname(forkserver._forkserver._forkserver_address))
+    for _ in range(2):
+        assert read_header(path, ProbeLimits()) is not None
+    assert forkserver._forkserver._forkserver_pid != old
+    with pytest.raises(ChildProcessError):
+        os.waitpid(old, os.WNOHANG)  # the old server killed and reaped
+
+
+def test_a_process_forked_after_its_fork_server_started_reads_headers(tmp_path):
+    """A process forked after its fork server started (a prefork pool's child) had
+    ensure_running() waitpid() the parent's server: ChildProcessError on every probe."""
+    from shared.probe_sandbox import ProbeLimits, read_header, warm
+
+    path = tmp_path / "phone.m4a"
+    path.write_bytes(_written()["phone.m4a"][0])
+    warm()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            info = read_header(path, ProbeLimits())
+            os._exit(0 if info is not None and info.sample_rate == 16000 else 1)
+        except BaseException:  # noqa: BLE001
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert read_header(path, ProbeLimits()) is not None  # the parent's server untouched
+
+
+def test_a_sandbox_that_cannot_start_is_a_503_with_retry_after(client, monkeypatch):
+    import shared.probe_sandbox as sandbox
+
+    starts = []
+
+    def broken(self):
+        starts.append(1)
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(sandbox._Process, "start", broken)
+    r = client.post("/jobs/diarize", files={"file": ("a.m4a", _encode("mp4", "aac"), "audio/mp4")})
+    assert r.status_code == 503, r.text
+    assert r.json()["error_type"] == "ModelError" and "retry later" in r.json()["detail"]
+    assert r.headers.get("Retry-After")
+    assert len(starts) == 2  # tried again once, after a new server
+
+
+def _sleeps(conn, kind, payload, limits) -> None:  # the child: given no CPU, as on a starved host
+    time.sleep(30)
+
+
+def _killed(conn, kind, payload, limits) -> None:  # the child: killed from outside (an OOM killer)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _spins(conn, kind, payload, limits) -> None:  # the child: FFmpeg's loop, to its CPU limit
+    resource = __import__("resource")
+    resource.setrlimit(resource.RLIMIT_CPU, (1, 2))
+    while True:
+        pass
+
+
+@pytest.mark.parametrize("child, status, words", [
+    (_sleeps, 503, "overloaded"), (_killed, 503, "killed by the system"), (_spins, 415, "ran out of CPU time")])
+def test_a_starved_or_killed_reader_is_the_service_state_not_the_file(tmp_path, monkeypatch, child, status, words):
+    """A wall-clock timeout of a child that used little CPU is a starved host and a SIGKILL before
+    the CPU limit is an OOM killer: 503 (retry later), not 415 ("ran out of CPU time", as both
+    were reported). A child at its CPU limit is still a 415."""
+    import shared.probe_sandbox as sandbox
+    from shared.errors import ModelError
+
+    monkeypatch.setattr(sandbox, "_child", child)
+    path = tmp_path / "phone.m4a"
+    path.write_bytes(_written()["phone.m4a"][0])
+    expected = ModelError if status == 503 else AudioDecodeError
+    with pytest.raises(expected, match=words) as caught:
+        sandbox.read_header(path, sandbox.ProbeLimits(cpu_s=1, timeout_s=5.0 if child is _spins else 1.0))
+    assert caught.value.status_code == status
