@@ -132,6 +132,11 @@ class _Renewal:
     lost: bool = False
 
 
+# pauses before each question whether a confirmation whose answer was lost ran
+ANSWERED_FOR_PAUSES_S = (0.0, 0.2, 0.5)
+_UNKNOWN = object()
+
+
 class _ConfirmationUnknown(Exception):
     """The store failed around a keyed confirmation and again when asked whether it ran."""
 
@@ -395,8 +400,9 @@ class Dispatcher:
                 # the key again, now with what the request was: taken by another meanwhile (this
                 # one's hold lapsed while its uploads were stored), that one answers for it
                 fingerprint = await self._fingerprint(keyed.request, submissions, digests)
-                answer = await self._take_key(keyed, fingerprint, submissions, digests)
+                # cleared before the claim: a lapse the renewal finds after it is seen
                 renewal.lost = False
+                answer = await self._take_key(keyed, fingerprint, submissions, digests)
                 if answer is not None:
                     await self._delete_all(stored)
                     return answer
@@ -421,24 +427,33 @@ class Dispatcher:
                                                    principal=principal)
                 records.append(record)
             if keyed is not None:
+                if renewal.lost:
+                    await self._hold_again(keyed, renewal, fingerprint)
                 late = await self._confirm_claimed(keyed.claim, [r.job_id for r in records], batch_id, created,
                                                    fingerprint)
             # a late job failed as interrupted fails the request (503): with a key, it names the
             # jobs by now, and is given back below with them withdrawn
             await self._confirmed_late(late)
         except _ConfirmationUnknown as unknown:
-            # the store failed twice around the confirmation: whether the key names the jobs is
-            # not known, so it is not given back (a retry is answered from it, or submits anew
-            # once the hold lapses), and the jobs are withdrawn as for any refusal
-            await self._withdraw_all(stored, records)
+            # the store failed around the confirmation and when asked whether it ran: the jobs
+            # are left as they are and the key is kept (503). Ran, the key names them, confirmed
+            # and live, and a retry is answered them; not run, they stay unconfirmed (no worker
+            # starts one: worker/tasks.py, the recovery pass fails it after job_submit_grace_s
+            # and deletes its upload) and the hold, naming no jobs and no longer renewed, lapses
+            # within idempotency_reservation_s, after which a retry is a new submission.
+            # Withdrawn here, a confirmation that had run left the retry a cancelled job for the
+            # whole window
             raise unknown.error from None
         except BaseException:
             # refused midway (storage, job store or broker gone): what was not queued is deleted,
             # what was is withdrawn. The job store or broker that refused is likely still down, so
             # a withdrawal that fails too is logged and the rest go on (the recovery pass fails
-            # what stays unconfirmed), and the client gets the first error, not the cleanup's
-            await self._withdraw_all(stored, records)
-            await self._release_key(keyed)
+            # what stays unconfirmed), and the client gets the first error, not the cleanup's.
+            # The key is given back only once every job was withdrawn: one that was confirmed
+            # (a late job's record unreadable) and not withdrawn still runs, and the key, naming
+            # it, answers the retry; a hold naming none lapses by itself
+            if await self._withdraw_all(stored, records):
+                await self._release_key(keyed)
             raise
         for submission, record in zip(submissions, records):
             with logs.bound(job_id=record.job_id, kind=submission.kind.name):
@@ -449,16 +464,20 @@ class Dispatcher:
         for job_id, _ in stored:
             await self.delete_uploads(job_id)
 
-    async def _withdraw_all(self, stored: Sequence[tuple[str, dict[str, str]]], records: Sequence[JobRecord]) -> None:
-        """A refused submission's cleanup: uploads of jobs not made deleted, jobs made withdrawn."""
+    async def _withdraw_all(self, stored: Sequence[tuple[str, dict[str, str]]], records: Sequence[JobRecord]) -> bool:
+        """A refused submission's cleanup: uploads of jobs not made deleted, jobs made withdrawn.
+        True once every one was withdrawn."""
         made = {record.job_id for record in records}
         await self._delete_all([(job_id, keys) for job_id, keys in stored if job_id not in made])
+        withdrawn = True
         for record in records:
             try:
                 await self.withdraw(record.job_id)
             except Exception as exc:  # noqa: BLE001
+                withdrawn = False
                 log.warning("job %s of a refused submission not withdrawn now (%s: %s); the recovery "
                             "pass fails it", record.job_id, type(exc).__name__, exc)
+        return withdrawn
 
     # --- Idempotency-Key (api/idempotency.py) -----------------------------------------------
     async def _fingerprint(self, idempotent: Idempotent, submissions: Sequence[Submission],
@@ -488,7 +507,8 @@ class Dispatcher:
             holder = await run_in_threadpool(self.store.claim_key, keyed.claim, fingerprint)
             if holder is None:
                 return None
-            if holder.fingerprint is None:
+            if holder.fingerprint is None or (fingerprint is None and holder.jobs is None):
+                # the first still being submitted: 409 whatever this request is, its upload not read
                 raise KeyInUse(STILL_SUBMITTING)
             if fingerprint is None:
                 fingerprint = await self._fingerprint(keyed.request, submissions, digests)
@@ -501,11 +521,13 @@ class Dispatcher:
     async def _hold_again(self, keyed: _Keyed, renewal: _Renewal, fingerprint: str | None) -> None:
         """A renewal found this submission's hold gone: taken again if the key is free (it only
         lapsed: a stalled process, the store out of reach for a while), else 409 (another
-        request with the key, this one's retry, holds it and answers for it)."""
+        request with the key, this one's retry, holds it and answers for it). ``lost`` is
+        cleared before the claim, so that a lapse the renewal (still running) finds after it
+        is seen at the next step."""
+        renewal.lost = False
         if await run_in_threadpool(self.store.claim_key, keyed.claim, fingerprint) is not None:
             log.warning("Idempotency-Key taken by another request while this one was being submitted; stopped")
             raise KeyInUse(TAKEN)
-        renewal.lost = False
 
     async def _answer_from_key(self, claim: KeyClaim, holder: KeyHolder, fingerprint: str) -> Accepted | None:
         """The answer to a request whose key another submission holds: 422 when it was another
@@ -541,8 +563,16 @@ class Dispatcher:
             # step, and the key answers the client's retry with them), never withdrawn behind a
             # key that names them
             with anyio.CancelScope(shield=True):
-                return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id, created,
-                                               fingerprint)
+                try:
+                    return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id, created,
+                                                   fingerprint)
+                except KeyLost as lost:
+                    # lapsed since the last step, nobody holding it: taken again (the script never
+                    # takes a free key itself), then confirmed; taken by another, 409
+                    if not lost.free or await run_in_threadpool(self.store.claim_key, claim, fingerprint) is not None:
+                        raise
+                    return await run_in_threadpool(self.store.confirm_queued, job_ids, claim, batch_id, created,
+                                                   fingerprint)
         except KeyLost:
             log.warning("jobs %s: their Idempotency-Key was taken by another request before they were confirmed; "
                         "withdrawn", ", ".join(job_ids))
@@ -550,18 +580,31 @@ class Dispatcher:
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # the script may have run with its answer lost: the key then names the jobs, which
             # must run (a retry is answered them), so they are not withdrawn nor the key given back
-            try:
-                with anyio.CancelScope(shield=True):
-                    named = await run_in_threadpool(self.store.answered_for, claim)
-            except (redis.ConnectionError, redis.TimeoutError):
-                log.error("jobs %s: whether their confirmation ran is unknown (%s); withdrawn, their "
-                          "Idempotency-Key kept", ", ".join(job_ids), exc)
+            with anyio.CancelScope(shield=True):
+                named = await self._answered_for(claim)
+            if named is _UNKNOWN:
+                log.error("jobs %s: whether their confirmation ran is unknown (%s); left unconfirmed (the "
+                          "recovery pass fails them unless it ran), their Idempotency-Key kept",
+                          ", ".join(job_ids), exc)
                 raise _ConfirmationUnknown(exc) from None
             if named != tuple(job_ids):
-                raise  # it did not run: refused as any other failure of the store
+                # it did not run (and, should it still, it finds the key given back: it confirms
+                # nothing): refused as any other failure of the store
+                raise
             log.warning("jobs %s: confirmed, its answer lost (%s)", ", ".join(job_ids), exc)
             # which were late is not known: each is looked at (_confirmed_late)
             return list(job_ids)
+
+    async def _answered_for(self, claim: KeyClaim) -> tuple[str, ...] | None | object:
+        """``JobStore.answered_for``, asked up to three times (a store that reset one connection
+        often answers the next a moment later); _UNKNOWN when it never answered."""
+        for pause in ANSWERED_FOR_PAUSES_S:
+            await asyncio.sleep(pause)
+            try:
+                return await run_in_threadpool(self.store.answered_for, claim)
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+        return _UNKNOWN
 
     async def _release_key(self, keyed: _Keyed | None) -> None:
         """Give the key back (a refused submission), shielded from cancellation and never as the
@@ -591,23 +634,26 @@ class Dispatcher:
         try:
             yield renewal
         finally:
-            # not awaited: a renewal in its thread ends by itself, and one after the confirmation
-            # changes nothing (the key names jobs by then)
+            # not awaited: a renewal cancelled on the wire drops its connection, and one that ran
+            # after the confirmation changes nothing (the key names jobs by then)
             task.cancel()
 
     async def _renew(self, claim: KeyClaim, renewal: _Renewal) -> None:
+        """Renew until cancelled, through the asyncio client (no thread of the shared pool). A
+        renewal that finds the hold gone sets ``lost`` and the loop goes on: the submission takes
+        the hold again at its next step (:meth:`_hold_again`), and this keeps renewing it. Ended
+        at the first lapse, a hold taken again was never renewed, and lapsed for good."""
         every = self.settings.idempotency_reservation_s / 3
         while True:
             await asyncio.sleep(every)
             try:
-                held = await run_in_threadpool(self.store.renew_key, claim)
+                held = await self.store.arenew_key(self.store_async(), claim)
             except Exception as exc:  # noqa: BLE001 - the next renewal, or the confirmation, tells
                 log.warning("Idempotency-Key hold not renewed now (%s: %s)", type(exc).__name__,
                             one_line(str(exc))[:300])
                 continue
             if not held:
                 renewal.lost = True
-                return
 
     async def _enqueue(self, submission: Submission, job_id: str, keys: dict[str, str], confirm: list[str], *,
                        webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,

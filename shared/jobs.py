@@ -255,8 +255,12 @@ class KeyHolder:
 
 
 class KeyLost(Exception):
-    """A submission's hold on its Idempotency-Key was taken by another before its jobs were
-    confirmed."""
+    """A submission's hold on its Idempotency-Key was gone when its jobs were to be confirmed:
+    taken by another, or (``free``) lapsed with nobody holding it."""
+
+    def __init__(self, entry: str, free: bool = False) -> None:
+        super().__init__(entry)
+        self.free = free
 
 
 # ARGV: token, fingerprint ('' unknown), hold in ms. Free (or held by this token already): held
@@ -283,11 +287,16 @@ return 0
 # fingerprint, job ids. -1 when another token holds the key; else ZREM's answer per job, and the key
 # names the jobs, late ones too: the caller fails the request if a late one was failed as
 # interrupted, and then withdraws them and gives the key back (naming them only when none was
-# late left a 202 whose key named nothing, should the hold lapse before a second step). A key
-# found free (this hold lapsed, and no other request took it) is taken: nothing else holds it
+# late left a 202 whose key named nothing, should the hold lapse before a second step). -2 when
+# the key is free: confirmed only while this token holds it, never taken anew here, since a
+# script delayed on the wire (its caller saw a timeout, asked answered_for, heard "not run",
+# withdrew the jobs and gave the key back) would run after that and name the cancelled jobs for
+# the whole window. The submission renews its hold while alive and takes a lapsed one again
+# itself (claim_key) before it confirms
 _CONFIRM_CLAIMED = """
 local token = redis.call('HGET', KEYS[2], 'token')
-if token ~= false and token ~= ARGV[1] then return -1 end
+if token == false then return -2 end
+if token ~= ARGV[1] then return -1 end
 local removed = {}
 for i = 6, #ARGV do
   removed[#removed + 1] = redis.call('ZREM', KEYS[1], ARGV[i])
@@ -503,8 +512,8 @@ class JobStore:
                 life_s = min(life_s, self.queued_life_s - (time.monotonic() - created) - 1.0)
             removed = self._confirm_claimed(keys=[self._unconfirmed(), claim.entry], args=[
                 claim.token, json.dumps(job_ids), batch_id or "", max(1, int(life_s * 1000)), fingerprint, *job_ids])
-            if removed == -1:
-                raise KeyLost(claim.entry)
+            if removed in (-1, -2):
+                raise KeyLost(claim.entry, free=removed == -2)
             return [job_id for job_id, found in zip(job_ids, removed) if not found]
         if not job_ids:
             return []
@@ -569,6 +578,13 @@ class JobStore:
         large batch) and renews it every third of that. False once it is not its own any more."""
         return bool(self._renew(keys=[claim.entry], args=[
             claim.token, int(self.settings.idempotency_reservation_s * 1000)]))
+
+    async def arenew_key(self, aredis: Any, claim: KeyClaim) -> bool:
+        """:meth:`renew_key` through the API's asyncio client (``aredis``, decoding responses):
+        no thread of the shared pool taken every renewal, and none left running once the
+        submission is done."""
+        return bool(await aredis.eval(_RENEW_KEY, 1, claim.entry, claim.token,
+                                      int(self.settings.idempotency_reservation_s * 1000)))
 
     def answered_for(self, claim: KeyClaim) -> tuple[str, ...] | None:
         """The jobs the key names while ``claim``'s submission holds it (None: it names none, or

@@ -259,8 +259,9 @@ class Settings(BaseSettings):
     # how long a key is held for a submission still being stored and queued: a second request
     # with it meanwhile is answered 409 (retry later). Short, so that a submission whose process
     # died frees its key by itself; a submission that outlasts it (storing a large upload on a
-    # slow bucket) takes it again before it writes a job, and answers 409 if another got it
-    idempotency_reservation_s: float = Field(60.0, gt=0.0)
+    # slow bucket) takes it again before it writes a job, and answers 409 if another got it.
+    # At least 1 s: the hold is renewed every third of it, and milliseconds made that a hot loop
+    idempotency_reservation_s: float = Field(60.0, ge=1.0)
     # a running job's own time limit (worker/deadline.py), counted from when its audio is ready:
     # the floor plus per_audio seconds for each second of its audio (a real-time factor of 1,
     # some 40 times what a 2-core CPU needs), never past what task_soft_time_limit_s leaves.

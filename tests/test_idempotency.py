@@ -590,8 +590,9 @@ def test_a_job_confirmed_late_is_named_by_its_key_at_once(variant_app, settings,
 def test_a_confirmation_whose_answer_was_lost_keeps_the_key(parked, settings, monkeypatch, asked):
     """The confirmation ran and its answer was lost (a reset connection): the key names the job,
     so it is not given back. The store asked again answers that it ran: 202. It fails again:
-    503, the job withdrawn, and the key kept, so the retry is answered that job rather than
-    running the audio again (given back, a retry ran it twice wherever the withdrawal failed)."""
+    503, and the job left as it is (confirmed, live) with the key kept, so the retry is answered
+    that job, queued, rather than running the audio again. Withdrawn there, the retry (the
+    Python client retries a 503 with its key) got 202 with a cancelled job for the window."""
     import redis as redis_lib
 
     from shared.jobs import JobStore
@@ -624,6 +625,213 @@ def test_a_confirmation_whose_answer_was_lost_keeps_the_key(parked, settings, mo
         assert retry.json()["status"] == "queued"
     else:
         assert first.status_code == 503, first.text
+        assert retry.json()["status"] == "queued", "a confirmed job is not withdrawn behind its key"
+
+
+def test_a_confirmation_whose_outcome_is_unknown_leaves_its_jobs_unconfirmed(variant_app, settings, monkeypatch):
+    """The confirmation never ran (its connection reset before Redis read it) and the store,
+    asked three times, never answers whether it did: 503, the job neither withdrawn nor
+    confirmed (no worker starts it; the recovery pass fails it), and the key's hold, naming no
+    jobs, lapses by itself, after which the retry is a new submission."""
+    import redis as redis_lib
+
+    from api.deps import owner_of
+    from shared.jobs import JobStore
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    store = JobStore.from_settings(settings)
+    real = JobStore.confirm_queued
+    asked: list[int] = []
+
+    def lost_before_it_ran(self: JobStore, job_ids: list[str], claim: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if claim is not None:
+            raise redis_lib.ConnectionError("Connection reset by peer")
+        return real(self, job_ids, claim, *args, **kwargs)
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        asked.append(1)
+        raise redis_lib.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(JobStore, "confirm_queued", lost_before_it_ran)
+    monkeypatch.setattr(JobStore, "answered_for", unreachable)
+    left = Left(app, settings)
+    key = _key()
+    first = _submit(app, key)
+    monkeypatch.undo()
+    assert first.status_code == 503, first.text
+    jobs = left.new()[2]
+    assert len(jobs) == 1, jobs
+    (job,) = jobs
+    record = store.get(job)
+    assert record is not None and record.status == "queued", record
+    assert store.unconfirmed_for_s(job) is not None, "left unconfirmed, for the recovery pass"
+    assert len(asked) == 3, "asked again before the 503"
+    entry = store.key_entry(owner_of(KEY_A), key)
+    assert not store.redis.hexists(entry, "jobs")
+    assert _submit(app, key).status_code == 409, "held still, naming nothing"
+    time.sleep(1.2)
+    retry = _submit(app, key)
+    assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers, retry.text
+    assert retry.json()["job_id"] != job
+    app.post(f"/jobs/{job}/cancel", headers=_headers(None))
+
+
+def test_a_confirmation_that_runs_after_its_key_was_given_back_confirms_nothing(parked, settings, monkeypatch):
+    """The confirmation timed out on the wire, the store (another connection) says it has not
+    run, the request withdraws its job and gives the key back (503); then the delayed script
+    runs. It must not take the free key: taking it, it named the cancelled job for 24 h, and
+    every retry was answered that."""
+    import redis as redis_lib
+
+    from api.deps import owner_of
+    from shared.jobs import JobStore, KeyLost
+
+    store = JobStore.from_settings(settings)
+    real = JobStore.confirm_queued
+    sent: dict[str, Any] = {}
+
+    def on_the_wire(self: JobStore, job_ids: list[str], claim: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if claim is not None:
+            sent.update(args=(job_ids, claim, *args), kwargs=kwargs)
+            raise redis_lib.TimeoutError("Timeout reading from socket")
+        return real(self, job_ids, claim, *args, **kwargs)
+
+    monkeypatch.setattr(JobStore, "confirm_queued", on_the_wire)
+    left = Left(parked, settings)
+    key = _key()
+    first = _submit(parked, key)
+    monkeypatch.undo()
+    assert first.status_code == 503, first.text
+    (job,) = left.new()[2]
+    entry = store.key_entry(owner_of(KEY_A), key)
+    assert not store.redis.exists(entry), "given back"
+    with pytest.raises(KeyLost):
+        real(store, *sent["args"], **sent["kwargs"])  # the delayed script runs now
+    assert not store.redis.exists(entry), "a late confirmation takes no free key"
+    record = store.get(job)
+    assert record is not None and record.status == "cancelled", record
+    retry = _submit(parked, key)
+    assert retry.status_code == 202 and "idempotent-replayed" not in retry.headers, retry.text
+    assert retry.json()["job_id"] != job and retry.json()["status"] == "queued"
+
+
+def test_a_hold_lapsed_once_is_renewed_again(variant_app, settings, monkeypatch):
+    """A 1 s hold, a batch of four files at 0.9 s a file, the hold gone once as the first is
+    stored (a stalled loop, Redis away, an eviction): taken again at the next file and renewed
+    from then on, so the original is accepted and a retry meanwhile told to wait. The renewal
+    ended at the first lapse: the hold taken again lapsed for good, the retry took it, and the
+    original, its four files stored, was answered 409."""
+    import anyio
+
+    from api.deps import owner_of
+    from api.dispatch import Dispatcher
+    from shared.jobs import JobStore
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)], idempotency_reservation_s=1.0)
+    store = JobStore.from_settings(settings)
+    key = _key()
+    entry = store.key_entry(owner_of(KEY_A), key)
+    real = Dispatcher._save
+    saves: list[int] = []
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saves.append(1)
+        if len(saves) == 1:
+            store.redis.delete(entry)
+        await anyio.sleep(0.9)
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Dispatcher, "_save", slow)
+    files = [("files", (f"part{i}.wav", tone_wav(1.0 + i / 10), "audio/wav")) for i in range(4)]
+
+    def send() -> httpx.Response:
+        return app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send)
+        time.sleep(3.3)  # storing its fourth file; the hold taken again at 0.9 s
+        retry = send()
+        first = pending.result()
+    monkeypatch.undo()
+    assert first.status_code == 202, first.text
+    assert retry.status_code == 409 and "still being submitted" in retry.json()["detail"], retry.text
+    again = send()
+    assert again.status_code == 202 and again.json()["batch_id"] == first.json()["batch_id"], again.text
+    for job in first.json()["jobs"]:
+        app.post(f"/jobs/{job['job_id']}/cancel", headers=_headers(None))
+
+
+def test_a_retry_while_the_first_is_queueing_reads_nothing_of_its_upload(parked, settings, monkeypatch):
+    """The first's uploads are stored and fingerprinted, its jobs not yet confirmed: the retry
+    is answered 409 without its upload hashed (it was, whole, before the 409)."""
+    import api.dispatch
+    from api.deps import owner_of
+    from shared.jobs import JobStore, KeyClaim
+
+    read: list[int] = []
+    real = api.dispatch.digest_upload
+
+    def counted(upload: Any, *args: Any) -> str:
+        read.append(upload.size or 0)
+        return real(upload, *args)
+
+    monkeypatch.setattr(api.dispatch, "digest_upload", counted)
+    store = JobStore.from_settings(settings)
+    key = _key()
+    first = KeyClaim(store.key_entry(owner_of(KEY_A), key))
+    assert store.claim_key(first, "f" * 64) is None
+    r = _submit(parked, key, 30.0)
+    store.release_key(first)
+    assert r.status_code == 409 and "still being submitted" in r.json()["detail"], r.text
+    assert read == [], f"{sum(read)} bytes read for a 409"
+
+
+def test_a_failure_after_the_confirmation_keeps_the_key_of_a_job_not_withdrawn(variant_app, settings, monkeypatch):
+    """Confirmed late (the recovery pass took the job off the unconfirmed), the late job's record
+    unreadable (503) and its withdrawal refused too: the job is confirmed and runs, so the key,
+    naming it, is kept and answers the retry. Given back, the retry ran the audio a second time."""
+    import redis as redis_lib
+
+    from api.dispatch import Dispatcher
+    from shared.jobs import JobStore
+
+    app = variant_app(queue_name=PARKED, api_keys=[SecretStr(KEY_A)])
+    store = JobStore.from_settings(settings)
+    real_enqueue = Dispatcher._enqueue
+
+    async def taken_off(self: Any, submission: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_enqueue(self, submission, job_id, *args, **kwargs)
+        store.forget_unconfirmed(job_id)
+        return answer
+
+    def unreachable(*_args: Any, **_kwargs: Any) -> Any:
+        raise redis_lib.ConnectionError("Connection refused")
+
+    async def refused(*_args: Any, **_kwargs: Any) -> None:
+        raise redis_lib.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(Dispatcher, "_enqueue", taken_off)
+    monkeypatch.setattr(JobStore, "get", unreachable)
+    monkeypatch.setattr(Dispatcher, "withdraw", refused)
+    key = _key()
+    first = _submit(app, key)
+    monkeypatch.undo()
+    assert first.status_code == 503, first.text
+    retry = _submit(app, key)
+    assert retry.status_code == 202 and retry.headers.get("idempotent-replayed") == "true", retry.text
+    assert retry.json()["status"] == "queued"
+    app.post(f"/jobs/{retry.json()['job_id']}/cancel", headers=_headers(None))
+
+
+def test_the_reservation_has_a_floor():
+    """Renewed every third of it: a reservation of milliseconds made the renewal a hot loop."""
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
+    with pytest.raises(ValidationError):
+        Settings(idempotency_reservation_s=0.01)
+    assert Settings(idempotency_reservation_s=1.0).idempotency_reservation_s == 1.0
 
 
 @contextlib.contextmanager
