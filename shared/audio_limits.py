@@ -520,12 +520,24 @@ MAX_MKV_TAGS_BYTES = 256 << 10  # Tags elements together, walked element by elem
 MAX_MKV_METADATA_BYTES = 4 << 20  # SeekHead, Info, Tracks, Chapters, Tags and Attachments' lists
 MAX_MKV_CUES_BYTES = 8 << 20  # Cues: 8 bytes of index a byte (and 1 s to open 13 MB of them)
 MAX_MKV_SEEKHEAD_BYTES = 64 << 10  # a SeekHead, read whole here: a writer's names a few elements
+# Seek entries of all SeekHeads together, parsed here (about 4 us each: 4 MB of them in 64
+# SeekHeads pointing at each other took 0.8 s of the API's thread); a writer's name a dozen
+# elements (one that indexes every Cluster is held to 3,600 by the SeekHead's size)
+MAX_MKV_SEEK_ENTRIES = 8192
 _EBML, _SEGMENT, _CLUSTER = 0x1A45DFA3, 0x18538067, 0x1F43B675
 _SEEKHEAD, _SEEK, _SEEK_ID, _SEEK_POSITION = 0x114D9B74, 0x4DBB, 0x53AB, 0x53AC
 _TAGS, _TAG, _SIMPLE_TAG, _CUES, _ATTACHMENTS = 0x1254C367, 0x7373, 0x67C8, 0x1C53BB6B, 0x1941A469
 _MKV_METADATA = {_SEEKHEAD, 0x1549A966, 0x1654AE6B, 0x1043A770, _TAGS, _CUES}  # + Info, Tracks, Chapters
 # level-1 elements FFmpeg's demuxer reads through a SeekHead (matroska_execute_seekhead), at most
 _MKV_MAX_LEVEL1 = 255
+# level-1 elements ahead of the first Cluster, walked here one header read each (and by FFmpeg):
+# a writer puts a dozen there (SeekHead, Void, Info, Tracks, Tags, Cues, Chapters, Attachments);
+# 1 GB of 5-byte empty elements would be 200 million reads of the API's thread (0.24 s a MB)
+MAX_MKV_LEVEL1 = 1024
+# the children of an EBML header of unknown size, read one by one to find where it ends (7 are
+# written: EBMLVersion, EBMLReadVersion, EBMLMaxIDLength, EBMLMaxSizeLength, DocType and its versions)
+_EBML_HEADER_IDS = {0x4286, 0x42F7, 0x42F2, 0x42F3, 0x4282, 0x4287, 0x4285, 0x4281, 0xEC, 0xBF}
+_MAX_EBML_HEADER_ELEMENTS = 64
 
 
 def _ebml_vint(data: bytes, at: int, *, keep_marker: bool) -> tuple[int, int] | None:
@@ -552,9 +564,11 @@ def check_matroska(fh: BinaryIO) -> None:
         found = _matroska_metadata(fh)
     finally:
         fh.seek(0)
-    if found is None:
-        return
-    tags, simple, tag_bytes, metadata, cues = found
+    if found is not None:
+        _refuse_matroska(*found)
+
+
+def _refuse_matroska(tags: int, simple: int, tag_bytes: int, metadata: int, cues: int) -> None:
     if tags > MAX_MKV_TAGS or simple > MAX_MKV_SIMPLE_TAGS or tag_bytes > MAX_MKV_TAGS_BYTES:
         raise AudioDecodeError(
             f"Matroska file's tags are over {MAX_MKV_TAGS} tags, {MAX_MKV_SIMPLE_TAGS} names or "
@@ -568,8 +582,11 @@ def check_matroska(fh: BinaryIO) -> None:
 def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
     """(Tag elements, SimpleTag elements, bytes of Tags, bytes of the other metadata elements,
     bytes of Cues) FFmpeg would read opening ``fh``: the first Segment's level-1 elements up to
-    its first Cluster of unknown length (what follows one is read as the file plays), and those
-    its SeekHeads point at. None for anything that is not a Matroska file."""
+    its first Cluster (what follows is read as the file plays, or where a SeekHead points), and
+    those its SeekHeads point at, at most 255 of them as FFmpeg. None for anything that is not a
+    Matroska file. Raises AudioDecodeError (415) as soon as a count passes its limit (what
+    :func:`check_matroska` refuses), or past :data:`MAX_MKV_LEVEL1` elements before the first
+    Cluster: what is walked here is bounded whatever the file's size."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
 
@@ -587,13 +604,24 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
         return ident[0], body, (-1 if length[0] < 0 else body + length[0])
 
     first = header(0)
-    if first is None or first[0] != _EBML or first[2] < 0:
+    if first is None or first[0] != _EBML:
         return None
-    segment = header(first[2])
+    after = first[2]
+    if after < 0:
+        # an EBML header of unknown size, which FFmpeg opens: it ends at the first element that
+        # is not one of its own (ebml_parse's end of an unknown-size level), the Segment
+        after, read = first[1], 0
+        while (child := header(after)) is not None and child[0] in _EBML_HEADER_IDS and child[2] >= 0:
+            read += 1
+            if read > _MAX_EBML_HEADER_ELEMENTS:
+                raise AudioDecodeError(f"Matroska file's EBML header holds more than {_MAX_EBML_HEADER_ELEMENTS} "
+                                       "elements; a writer's holds 7")
+            after = child[2]
+    segment = header(after)
     if segment is None or segment[0] != _SEGMENT:
         return None
     start, end = segment[1], size if segment[2] < 0 else min(segment[2], size)
-    counts = {"tags": 0, "simple": 0, "tag_bytes": 0, "metadata": 0, "cues": 0}
+    counts = {"tags": 0, "simple": 0, "tag_bytes": 0, "metadata": 0, "cues": 0, "seeks": 0}
 
     def walk_tags(at: int, stop: int, depth: int) -> None:
         # every element of a Tags element, to the depth FFmpeg reads (EBML_MAX_DEPTH, 16)
@@ -608,10 +636,10 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
                 walk_tags(body, min(close, stop), depth + 1)
             at = close
 
-    def seek_entries(body: int, close: int) -> list[tuple[int, int]]:
+    def seek_entries(body: int, close: int):
         # (SeekID, SeekPosition) of a SeekHead (at most MAX_MKV_SEEKHEAD_BYTES, read whole)
         fh.seek(body)
-        data, at, out = fh.read(close - body), 0, []
+        data, at = fh.read(close - body), 0
         while at < len(data):
             ident = _ebml_vint(data, at, keep_marker=True)
             length = _ebml_vint(data, at + ident[1], keep_marker=False) if ident else None
@@ -619,6 +647,10 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
                 break
             inner, stop = at + ident[1] + length[1], at + ident[1] + length[1] + length[0]
             if ident[0] == _SEEK:
+                counts["seeks"] += 1
+                if counts["seeks"] > MAX_MKV_SEEK_ENTRIES:
+                    raise AudioDecodeError(f"Matroska file's SeekHeads hold more than {MAX_MKV_SEEK_ENTRIES} "
+                                           "entries; a writer's name a dozen elements")
                 fields: dict[int, int] = {}
                 while inner < min(stop, len(data)):
                     kid = _ebml_vint(data, inner, keep_marker=True)
@@ -629,12 +661,15 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
                     fields[kid[0]] = int.from_bytes(value[:8], "big")
                     inner += kid[1] + klen[1] + klen[0]
                 if _SEEK_ID in fields and _SEEK_POSITION in fields:
-                    out.append((fields[_SEEK_ID], fields[_SEEK_POSITION]))
+                    yield fields[_SEEK_ID], fields[_SEEK_POSITION]
             at = stop
-        return out
 
     seen: set[int] = set()
     pending: list[int] = []
+    queued: set[int] = set()  # seen or pending: at most _MKV_MAX_LEVEL1 positions, as FFmpeg
+
+    def refuse_past_limits() -> None:
+        _refuse_matroska(counts["tags"], counts["simple"], counts["tag_bytes"], counts["metadata"], counts["cues"])
 
     def element(at: int) -> int | None:
         """Count the level-1 element at ``at``; where the next one starts (None: stop walking)."""
@@ -647,8 +682,10 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
         close = min(close, end)
         if at in seen or len(seen) >= _MKV_MAX_LEVEL1 and ident != _CLUSTER:
             return close
-        if ident != _CLUSTER:
-            seen.add(at)
+        if ident == _CLUSTER:
+            return None  # FFmpeg stops here; what lies behind it is reached through a SeekHead
+        seen.add(at)
+        queued.add(at)
         if ident == _TAGS:
             counts["tag_bytes"] += close - body
             if counts["tag_bytes"] <= MAX_MKV_TAGS_BYTES:
@@ -662,12 +699,21 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
                 raise AudioDecodeError(f"Matroska file's SeekHead is {close - body} bytes; at most "
                                        f"{MAX_MKV_SEEKHEAD_BYTES >> 10} KB is supported")
             if ident == _SEEKHEAD:
-                pending.extend(start + position for kind, position in seek_entries(body, close)
-                               if kind != _CLUSTER and start + position < end)
+                for kind, position in seek_entries(body, close):
+                    if kind != _CLUSTER and start + position < end and start + position not in queued \
+                            and len(queued) < _MKV_MAX_LEVEL1:
+                        queued.add(start + position)
+                        pending.append(start + position)
+        refuse_past_limits()
         return close
 
     at: int | None = start
+    walked = 0
     while at is not None and at < end:
+        walked += 1
+        if walked > MAX_MKV_LEVEL1:
+            raise AudioDecodeError(f"Matroska file holds more than {MAX_MKV_LEVEL1} elements before its "
+                                   "audio; a writer puts a dozen there")
         at = element(at)
     while pending:
         element(pending.pop())
@@ -681,6 +727,28 @@ def _matroska_metadata(fh: BinaryIO) -> tuple[int, int, int, int, int] | None:
 # for 20,000 frames (370 KB), 17.8 s for 40,000 (730 KB), and a tag may be 256 MB; the job was
 # queued (202). Taggers write a few dozen frames (a podcast's chapters, CHAP, one frame each).
 MAX_ID3_FRAMES = 1024
+# At most this many ID3v2 tags one after another at a file's start, which FFmpeg reads (or skips)
+# one by one before any container: 1 GB of 10-byte empty tags is 100 million, and walking them
+# took the API's thread 0.14 s a MB (check_id3) and 0.08 s (check_ape). A file has one, a file
+# re-tagged by a careless tool a few.
+MAX_ID3_TAGS = 64
+
+
+def _id3_tags(fh: BinaryIO):
+    """(offset, 10-byte header) of each ID3v2 tag one after another at ``fh``'s start, as FFmpeg
+    finds them (ff_id3v2_match, ff_id3v2_tag_len: a footer flagged in any version); raises
+    AudioDecodeError (415) past :data:`MAX_ID3_TAGS`."""
+    at, tags = 0, 0
+    while True:
+        fh.seek(at)
+        head = fh.read(10)
+        if len(head) < 10 or head[:3] != b"ID3" or 0xFF in head[3:5] or any(b & 0x80 for b in head[6:10]):
+            return
+        tags += 1
+        if tags > MAX_ID3_TAGS:
+            raise AudioDecodeError(f"the file begins with more than {MAX_ID3_TAGS} ID3 tags; a tagger writes one")
+        yield at, head
+        at += 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
 
 
 def check_id3(fh: BinaryIO) -> None:
@@ -705,12 +773,12 @@ def _syncsafe(data: bytes) -> int:
 def _id3_frames(fh: BinaryIO) -> int:
     """Frames of the ID3v2 tags one after another at ``fh``'s start, as FFmpeg reads them (all of
     them, ff_id3v2_read_dict), counted up to one past :data:`MAX_ID3_FRAMES`."""
-    frames, at = 0, 0
-    while frames <= MAX_ID3_FRAMES:
-        fh.seek(at)
-        head = fh.read(10)
-        if len(head) < 10 or head[:3] != b"ID3" or head[3] not in (2, 3, 4) or any(b & 0x80 for b in head[6:10]):
-            return frames
+    frames = 0
+    for at, head in _id3_tags(fh):
+        if frames > MAX_ID3_FRAMES:
+            break
+        if head[3] not in (2, 3, 4):
+            continue  # FFmpeg skips a version it cannot read
         version, flags, end = head[3], head[5], at + 10 + _syncsafe(head[6:10])
         inner = at + 10
         if flags & 0x40 and version >= 3:  # an extended header: its length first
@@ -718,20 +786,21 @@ def _id3_frames(fh: BinaryIO) -> int:
             length = fh.read(4)
             if len(length) == 4:
                 inner += _syncsafe(length) if version == 4 else int.from_bytes(length, "big") + 4
-        fh.seek(inner)
-        data = fh.read(max(0, end - inner))
         width = 6 if version == 2 else 10
-        pos = 0
-        while pos + width <= len(data) and data[pos] != 0 and frames <= MAX_ID3_FRAMES:
+        pos = inner  # each frame's header read on its own: a tag may be 256 MB
+        while pos + width <= end and frames <= MAX_ID3_FRAMES:
+            fh.seek(pos)
+            data = fh.read(width)
+            if len(data) < width or data[0] == 0:
+                break
             frames += 1
             if version == 2:
-                size = int.from_bytes(data[pos + 3 : pos + 6], "big")
+                size = int.from_bytes(data[3:6], "big")
             elif version == 4:
-                size = _syncsafe(data[pos + 4 : pos + 8])
+                size = _syncsafe(data[4:8])
             else:
-                size = int.from_bytes(data[pos + 4 : pos + 8], "big")
+                size = int.from_bytes(data[4:8], "big")
             pos += width + size
-        at = end + (10 if version == 4 and flags & 0x10 else 0)  # and its footer
     return frames
 
 
@@ -751,14 +820,9 @@ def check_ape(fh: BinaryIO) -> None:
     import struct
 
     try:
-        fh.seek(0)
         at = 0
-        while True:  # FFmpeg skips the ID3v2 tags ahead of it
-            head = fh.read(10)
-            if len(head) < 10 or head[:3] != b"ID3" or any(b & 0x80 for b in head[6:10]):
-                break
-            at += 10 + _syncsafe(head[6:10]) + (10 if head[3] == 4 and head[5] & 0x10 else 0)
-            fh.seek(at)
+        for tag, head in _id3_tags(fh):  # FFmpeg skips the ID3v2 tags ahead of it
+            at = tag + 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
         fh.seek(at)
         head = fh.read(16)
         if len(head) < 16 or head[:4] != b"MAC ":

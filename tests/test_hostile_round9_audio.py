@@ -292,3 +292,81 @@ def test_an_ape_declaring_millions_of_frames_is_refused_before_ffmpeg_tables_the
     day.write_bytes(_ape(57_000, samples_per_frame=73_728, rate=48_000))
     info = check_audio_limits(day, max_duration=86400 * 2)
     assert info is not None and info.duration == pytest.approx(57_000 * 73_728 / 48_000, rel=0.01)
+
+
+# --- the walks themselves are bounded: they run in the API's thread, before the sandbox -----------
+_EBML_HEAD = bytes.fromhex("1A45DFA3") + b"\x9f" + bytes.fromhex("4286810142F7810142F2810442F381084282847765626D4287810442858102")
+_SEGMENT_UNKNOWN = bytes.fromhex("18538067") + b"\x01\xff\xff\xff\xff\xff\xff\xff"
+
+
+def _cpu(fn, data: bytes) -> tuple[float, str]:
+    import time
+
+    started = time.process_time()
+    try:
+        fn(io.BytesIO(data))
+        outcome = "passed"
+    except Exception as exc:  # noqa: BLE001
+        outcome = f"refused: {exc}"
+    return time.process_time() - started, outcome
+
+
+def _seekheads(count: int = 64) -> bytes:
+    """``count`` SeekHeads of just under 64 KB each, every entry pointing at another of them."""
+    def el4(ident: bytes, body: bytes) -> bytes:
+        return ident + (0x10000000 | len(body)).to_bytes(4, "big") + body
+
+    size = 64 * 1024 - 16
+    seek = lambda pos: el4(b"\x4d\xbb", b"\x53\xab\x84\x11\x4d\x9b\x74" + b"\x53\xac\x84" + pos.to_bytes(4, "big"))  # noqa: E731
+    per = size // len(seek(0))
+    heads = b"".join(el4(b"\x11\x4d\x9b\x74", b"".join(seek(((i + k) % count) * (size + 8)) for k in range(per)).ljust(size, b"\0"))
+                     for i in range(count))
+    return _EBML_HEAD + _SEGMENT_UNKNOWN + heads
+
+
+@pytest.mark.parametrize("shape", ["empty clusters", "elements before the audio", "seekheads", "id3 tags", "ape behind id3 tags"])
+def test_the_format_walks_cost_the_api_milliseconds_whatever_the_size(shape):
+    """The per-format walks read headers in the API's own thread, before the sandbox, and were
+    bounded by nothing but the file: 0.24 s of CPU a MB of 5-byte empty Clusters (each walked),
+    64 SeekHeads of 64 KB pointing at each other 1.3 s (255: 5.2 s, and 1.5 million positions
+    queued), 0.14 s (check_id3) and 0.08 s (check_ape) a MB of empty ID3 tags: minutes of a core
+    at the 1 GB upload limit. Now the Matroska walk stops at the first Cluster (as FFmpeg does),
+    and each count is refused as soon as it passes its limit."""
+    from shared.audio_limits import check_ape, check_id3, check_matroska
+
+    if shape == "empty clusters":  # 10 MB: FFmpeg reads no further than the first
+        fn, data, expect = check_matroska, _EBML_HEAD + _SEGMENT_UNKNOWN + bytes.fromhex("1F43B67580") * 2_000_000, "passed"
+    elif shape == "elements before the audio":  # 10 MB of empty Void elements
+        fn, data, expect = check_matroska, _EBML_HEAD + _SEGMENT_UNKNOWN + b"\xec\x80" * 5_000_000, "elements"
+    elif shape == "seekheads":
+        fn, data, expect = check_matroska, _seekheads(), "SeekHead"
+    else:  # 10 MB of 10-byte empty ID3v2.3 tags
+        fn, data, expect = (check_id3 if shape == "id3 tags" else check_ape), b"ID3\x03\0\0\0\0\0\0" * 1_000_000, "ID3 tags"
+    cpu, outcome = _cpu(fn, data)
+    assert expect in outcome, outcome
+    assert cpu < 0.25, (shape, cpu)
+
+
+def test_an_ebml_header_of_unknown_size_does_not_skip_the_matroska_check(tmp_path):
+    """An EBML header whose size is unknown (0xFF), which FFmpeg opens as any other, was taken for
+    "not Matroska" and the tags behind it were never counted. Now its children are read to the
+    first element that is not one of its own, the Segment."""
+    from shared.audio_limits import check_audio_limits, check_matroska, ffmpeg_header
+    from shared.errors import AudioDecodeError
+
+    def unknown_size(data: bytes) -> bytes:
+        assert data[:4] == bytes.fromhex("1A45DFA3") and data[4] & 0x80  # a 1-byte size
+        return data[:4] + b"\xff" + data[5:]
+
+    written = tmp_path / "written.mkv"
+    written.write_bytes(unknown_size(_written("matroska", "aac", seconds=2, metadata={"title": "t"})))
+    assert ffmpeg_header(written) is not None  # FFmpeg opens it
+    info = check_audio_limits(written, max_duration=3600)
+    assert info is not None and 1.9 < info.duration < 2.2
+    bomb = unknown_size(_mkv(_named_tags(300)))
+    with pytest.raises(AudioDecodeError, match="tags"):
+        check_matroska(io.BytesIO(bomb))
+    path = tmp_path / "bomb.mkv"
+    path.write_bytes(bomb)
+    with pytest.raises(AudioDecodeError, match="Matroska"):
+        check_audio_limits(path, max_duration=3600)
