@@ -140,7 +140,9 @@ class Settings(BaseSettings):
     # Off (probe_sandbox=false), FFmpeg reads it in the API's or worker's own process, unbounded
     probe_sandbox: bool = True
     probe_cpu_s: int = Field(3, ge=1)
-    probe_memory_mb: int = Field(512, ge=256)
+    # not below 512: an MP4 within MAX_INDEX_ENTRIES (9.99 M samples declared, a long recording's
+    # worth) peaks at 421 MB while FFmpeg indexes it, and would be refused at a lower limit
+    probe_memory_mb: int = Field(512, ge=512)
     probe_timeout_s: float = Field(10.0, gt=0.0)
     max_upload_bytes: int = 1024 * 1024 * 1024
     embedding_dimension: int = 192
