@@ -31,6 +31,22 @@ PARKED = "audio-parked-idempotency"
 KEY_A, KEY_B = "idem-tenant-a", "idem-tenant-b"
 
 
+@pytest.fixture
+def hashed_uploads(monkeypatch) -> list[int]:
+    """The sizes of the uploads the API hashes for a fingerprint, as it hashes them."""
+    import api.dispatch
+
+    read: list[int] = []
+    real = api.dispatch.digest_upload
+
+    def counted(upload: Any, *args: Any) -> str:
+        read.append(upload.size or 0)
+        return real(upload, *args)
+
+    monkeypatch.setattr(api.dispatch, "digest_upload", counted)
+    return read
+
+
 @pytest.fixture(scope="module")
 def parked(variant_app, settings) -> Iterator[Any]:
     """The API with two tenants, sending its jobs to a queue nobody consumes."""
@@ -528,21 +544,13 @@ def test_a_key_never_outlives_its_jobs_records(parked, settings, monkeypatch):
     assert 0 < entry_ms <= record_ms, (entry_ms, record_ms)
 
 
-def test_a_retry_told_to_wait_reads_nothing_of_its_upload(parked, settings, monkeypatch):
+def test_a_retry_told_to_wait_reads_nothing_of_its_upload(parked, settings, hashed_uploads):
     """While the first is still storing (its fingerprint not known yet), the answer is 409 what
     ever the retry is: its upload is not read and hashed for it (it was, whole)."""
-    import api.dispatch
     from api.deps import owner_of
     from shared.jobs import JobStore, KeyClaim
 
-    read: list[int] = []
-    real = api.dispatch.digest_upload
-
-    def counted(upload: Any, *args: Any) -> str:
-        read.append(upload.size or 0)
-        return real(upload, *args)
-
-    monkeypatch.setattr(api.dispatch, "digest_upload", counted)
+    read = hashed_uploads
     store = JobStore.from_settings(settings)
     key = _key()
     first = KeyClaim(store.key_entry(owner_of(KEY_A), key))
@@ -761,21 +769,13 @@ def test_a_hold_lapsed_once_is_renewed_again(variant_app, settings, monkeypatch)
         app.post(f"/jobs/{job['job_id']}/cancel", headers=_headers(None))
 
 
-def test_a_retry_while_the_first_is_queueing_reads_nothing_of_its_upload(parked, settings, monkeypatch):
+def test_a_retry_while_the_first_is_queueing_reads_nothing_of_its_upload(parked, settings, hashed_uploads):
     """The first's uploads are stored and fingerprinted, its jobs not yet confirmed: the retry
     is answered 409 without its upload hashed (it was, whole, before the 409)."""
-    import api.dispatch
     from api.deps import owner_of
     from shared.jobs import JobStore, KeyClaim
 
-    read: list[int] = []
-    real = api.dispatch.digest_upload
-
-    def counted(upload: Any, *args: Any) -> str:
-        read.append(upload.size or 0)
-        return real(upload, *args)
-
-    monkeypatch.setattr(api.dispatch, "digest_upload", counted)
+    read = hashed_uploads
     store = JobStore.from_settings(settings)
     key = _key()
     first = KeyClaim(store.key_entry(owner_of(KEY_A), key))
