@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from shared.jobs import DURATION_BUCKETS, PER_AUDIO_HOUR_BUCKETS, JobStore
 from shared.kinds import KIND_NAMES
+from shared.queue import queue_depth
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class JobCollector(Collector):
 
         depth = GaugeMetricFamily("audio_analysis_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue in (self.settings.queue_name, self.settings.webhook_queue_name):
-            depth.add_metric([queue], self.store.redis.llen(queue))
+            # every priority list of the queue (fair ordering puts a tenant's backlog in lists
+            # of their own): the queue's own list alone missed all but each tenant's first job
+            depth.add_metric([queue], queue_depth(self.store.redis, self.settings, queue))
         yield depth
 
         workers = self.store.workers()

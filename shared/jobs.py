@@ -26,6 +26,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.errors import InputError, ModelError
+from shared.queue import level_thresholds
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -329,6 +330,33 @@ class JobPage:
     next_cursor: str | None
 
 
+# A job joins its tenant's waiting jobs (KEYS[1], a sorted set of job ids by when they were
+# queued) and gets its queue priority (shared/queue.py, fair_priority), in create's transaction.
+# Entries older than ARGV[3] are dropped first: a removal missed (a record that expired while
+# queued) inflates the count for that long at most. The level is the count's (one per threshold
+# in ARGV[5..] it reaches), but never below the level last given (KEYS[2]) while the tenant
+# still has jobs waiting: counted alone, a tenant's new job could get a lower level than its
+# older ones still waiting once the jobs ahead of those had started, and overtake them. With
+# none waiting the level starts again from 0. ARGV: job id, now, stale before, TTL (s), the
+# thresholds. Returns {waiting before it, its level}.
+_JOIN_WAITING = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local ahead = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local level = 0
+if ahead > 0 then
+  for i = 5, #ARGV do
+    if ahead >= tonumber(ARGV[i]) then level = level + 1 end
+  end
+  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if last > level then level = last end
+end
+redis.call('SET', KEYS[2], level, 'EX', ARGV[4])
+return {ahead, level}
+"""
+
+
 # The next stretch of an index, newest first, after the cursor's (score, id). ZREVRANGE orders by
 # score, ties by member, both descending: the members with a higher score, and those of the same
 # score ordered before or at the id, are skipped. Counted each time, so a page starts right when
@@ -416,6 +444,7 @@ class JobStore:
         self._renew = client.register_script(_RENEW_KEY)
         self._release = client.register_script(_RELEASE_KEY)
         self._forget = client.register_script(_FORGET_ANSWER)
+        self._join_waiting = client.register_script(_JOIN_WAITING)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -447,11 +476,42 @@ class JobStore:
         key. Not under "worker:", which /health reads as heartbeats."""
         return self.key("consumers", queue)
 
+    # --- tenants' waiting jobs (fair ordering, shared/queue.py fair_priority) -------------------
+    # A sorted set per tenant of its queued job ids, by when they were queued: a job joins it when
+    # its record is created or goes back to the queue, and leaves it when its record leaves
+    # "queued" (update, where every status change goes through). Jobs without an owner (no API
+    # keys configured) share one set: one tenant, first in first out as before.
+    # Per queue as well: a tenant's jobs on another queue (other workers) are no one's backlog here.
+    def _waiting_key(self, record: JobRecord) -> str:
+        queue = record.queue or self.settings.queue_name
+        return self.key("waiting", queue, "owner", record.owner) if record.owner \
+            else self.key("waiting", queue, "anonymous")
+
+    def waiting_count(self, record: JobRecord) -> int:
+        """How many jobs of ``record``'s tenant are queued on its queue (entries older than a
+        queued record's life are not counted)."""
+        return int(self.redis.zcount(self._waiting_key(record), self.clock() - self.queued_life_s, "+inf"))
+
+    def _track_waiting(self, pipe: Any, before: JobRecord, after: JobRecord) -> None:
+        if before.status == QUEUED and after.status != QUEUED:
+            pipe.zrem(self._waiting_key(after), after.job_id)
+        elif after.status == QUEUED and before.status != QUEUED:
+            # back in the queue (its message goes at priority 0): waiting again, so counted again
+            # for the tenant's next submissions
+            pipe.zadd(self._waiting_key(after), {after.job_id: self.clock()})
+            pipe.expire(self._waiting_key(after), math.ceil(self.queued_life_s))
+
     # --- create / read ----------------------------------------------------------------------
     def create(self, record: JobRecord) -> JobRecord:
         """Write a new job's record, queued and unconfirmed: until :meth:`confirm_queued`, a
         submission that stops (its process dies, the broker refuses the message) leaves a job
         the recovery pass fails (:meth:`fail_interrupted`) instead of one queued for nobody."""
+        return self.create_queued(record)[0]
+
+    def create_queued(self, record: JobRecord) -> tuple[JobRecord, int]:
+        """:meth:`create`, and the queue priority its message goes at (``fair_priority`` of how
+        many jobs its tenant had waiting, never below its tenant's waiting jobs' levels: a
+        tenant's jobs keep their order), decided in the same transaction as the record."""
         # by the Redis clock (see clock): the unconfirmed mark's time, which the workers compare,
         # and expires_by, which each status change compares with its "now" (_lives_until_ms)
         now = self.clock()
@@ -474,8 +534,15 @@ class JobStore:
             pipe.expire(self.key("batch", record.batch_id), horizon)
         # in the same transaction as the record: no record without its mark
         pipe.zadd(self._unconfirmed(), {record.job_id: now})
-        pipe.execute()
-        return record
+        # the tenant's waiting jobs, with the record: a record never queued uncounted
+        self._join_waiting(
+            keys=[self._waiting_key(record), self._waiting_key(record) + ":level"],
+            args=[record.job_id, now, now - self.queued_life_s, math.ceil(self.queued_life_s),
+                  *level_thresholds(self.settings.fair_queueing_levels)],
+            client=pipe)
+        replies = pipe.execute()
+        _ahead, level = replies[-1]
+        return record, int(level) if self.settings.fair_queueing else 0
 
     # --- submissions: the record written, the queue message not yet known to be sent ----------
     # A submission writes the record, sends the message, then confirms (the API answers 202
@@ -824,6 +891,7 @@ class JobStore:
                         pipe.set(key, changed.to_json(), keepttl=True)
                     else:
                         pipe.set(key, changed.to_json(), pxat=until_ms)
+                    self._track_waiting(pipe, current, changed)
                     if also is not None:
                         also(pipe, changed)
                     pipe.execute()

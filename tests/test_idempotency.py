@@ -25,6 +25,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from shared.queue import queue_depth
 from tests.conftest import api_under_uvicorn, json_embedding_file, tone_wav, wait_for_job
 
 PARKED = "audio-parked-idempotency"
@@ -59,7 +60,9 @@ def parked(variant_app, settings) -> Iterator[Any]:
         queued = app.get("/jobs", params={"status": "queued", "limit": 100}, headers={"X-API-Key": key}).json()
         for job in queued["jobs"]:
             app.post(f"/jobs/{job['job_id']}/cancel", headers={"X-API-Key": key})
-    redis.Redis.from_url(settings.redis_url).delete(PARKED)
+    from shared.queue import queue_keys
+
+    redis.Redis.from_url(settings.redis_url).delete(*queue_keys(settings, PARKED))
 
 
 def _key() -> str:
@@ -77,14 +80,15 @@ class Left:
     def __init__(self, app: Any, settings: Any, api_key: str = KEY_A) -> None:
         import redis
 
-        self.app, self.api_key, self.storage = app, api_key, Path(settings.storage_dir)
+        self.app, self.api_key, self.storage, self.settings = app, api_key, Path(settings.storage_dir), settings
         self.broker = redis.Redis.from_url(settings.redis_url)
         self.messages, self.uploads, self.jobs = self.now()
 
     def now(self) -> tuple[int, set[str], set[str]]:
         listing = self.app.get("/jobs", params={"limit": 100}, headers={"X-API-Key": self.api_key}).json()["jobs"]
         folders = {p.name for p in self.storage.iterdir()} if self.storage.is_dir() else set()
-        return self.broker.llen(PARKED), folders, {job["job_id"] for job in listing}
+        # every priority list: a tenant's second waiting job goes to one of its own (fair ordering)
+        return queue_depth(self.broker, self.settings, PARKED), folders, {job["job_id"] for job in listing}
 
     def new(self) -> tuple[int, set[str], set[str]]:
         """(messages sent, upload folders made, jobs made) since this was made."""
