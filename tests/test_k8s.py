@@ -100,16 +100,26 @@ def test_gpu_workers_take_one_card_one_job_and_drain(docs) -> None:
 
 
 def test_keda_scales_the_workers_on_their_queue(docs) -> None:
+    from shared.queue import queue_keys
+
     scaled = docs[("ScaledObject", "worker-gpu")]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "worker-gpu"
-    [trigger] = scaled["spec"]["triggers"]
+    triggers = scaled["spec"]["triggers"]
     config = _config(docs)
     redis_url = urlsplit(config["REDIS_URL"])
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"]["address"] == f"{redis_url.hostname}:{redis_url.port}"
-    assert trigger["metadata"]["databaseIndex"] == redis_url.path.lstrip("/")
+    for trigger in triggers:
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["address"] == f"{redis_url.hostname}:{redis_url.port}"
+        assert trigger["metadata"]["databaseIndex"] == redis_url.path.lstrip("/")
+        assert trigger["metadata"]["listLength"] == "1"
     queue = config["AUDIO_ANALYSIS_QUEUE_NAME"]
-    assert trigger["metadata"]["listName"] == queue
+    # every priority list of the queue (fair ordering), and the HPA follows their sum, not the longest
+    levels = int(config.get("AUDIO_ANALYSIS_FAIR_QUEUEING_LEVELS", Settings.model_fields["fair_queueing_levels"].default))
+    assert [t["metadata"]["listName"] for t in triggers] == \
+        queue_keys(Settings(queue_name=queue, fair_queueing_levels=levels), queue)
+    modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
+    assert modifiers["formula"].replace(" ", "").split("+") == [t["name"] for t in triggers]
+    assert modifiers["target"] == "1" and modifiers["metricType"] == "AverageValue"
     command = _container(docs[("Deployment", "worker-gpu")])["command"]
     assert command[command.index("-Q") + 1] == queue
     assert scaled["spec"]["minReplicaCount"] >= 1 <= scaled["spec"]["maxReplicaCount"]
