@@ -670,15 +670,15 @@ class Dispatcher:
             queue=self.settings.queue_name, request_id=logs.current("request_id"),
         )
         try:
-            # the priority of its message, decided with the record from its tenant's waiting jobs
-            # (shared/queue.py, fair_priority): another tenant's first job overtakes a backlog
-            record, priority = await run_in_threadpool(self.store.create_queued, record)
+            # the priority level of its message, decided with the record from its tenant's waiting
+            # jobs (shared/queue.py, fair_priority): another tenant's first job overtakes a backlog
+            record, level = await run_in_threadpool(self.store.create_queued, record)
         except BaseException:
             # job store down (503): no job exists, so no upload may stay behind
             await self.delete_uploads(job_id)
             raise
         try:
-            late = await run_in_threadpool(self._send, submission.kind, job_id, confirm, priority)
+            late = await run_in_threadpool(self._send, submission.kind, job_id, confirm, level)
         except Exception as exc:  # noqa: BLE001 - broker down: the job never existed for a worker
             # failed as the recovery pass fails an interrupted submission (with the same words, and
             # out of the unconfirmed); should the job store fail this too, the pass does it later
@@ -696,10 +696,10 @@ class Dispatcher:
             raise ModelError("job queue unavailable, retry later") from exc
         return record, late
 
-    def _send(self, kind: JobKind, job_id: str, confirm: list[str], priority: int = 0) -> list[str]:
-        """Send the job's message at ``priority``, then confirm ``confirm``, in one thread hop: on a
+    def _send(self, kind: JobKind, job_id: str, confirm: list[str], level: int = 0) -> list[str]:
+        """Send the job's message at priority ``level``, then confirm ``confirm``, in one thread hop: on a
         loaded API a hop costs more than the command (a hop of its own put 2-3 ms on a 10 ms accept)."""
-        send_job(self.celery, kind, job_id, self.settings.queue_name, priority)
+        send_job(self.celery, kind, job_id, self.settings.queue_name, level)
         return self.store.confirm_queued(confirm)
 
     async def _confirmed_late(self, late: list[str]) -> None:

@@ -62,7 +62,7 @@ class JobCollector(Collector):
         for queue in (self.settings.queue_name, self.settings.webhook_queue_name):
             # every priority list of the queue (fair ordering puts a tenant's backlog in lists
             # of their own): the queue's own list alone missed all but each tenant's first job
-            depth.add_metric([queue], queue_depth(self.store.redis, self.settings, queue))
+            depth.add_metric([queue], queue_depth(self.store.redis, queue))
         yield depth
 
         workers = self.store.workers()

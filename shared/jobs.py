@@ -26,7 +26,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.errors import InputError, ModelError
-from shared.queue import level_thresholds
+from shared.queue import PRIORITY_STEPS, level_thresholds
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -538,7 +538,7 @@ class JobStore:
         self._join_waiting(
             keys=[self._waiting_key(record), self._waiting_key(record) + ":level"],
             args=[record.job_id, now, now - self.queued_life_s, math.ceil(self.queued_life_s),
-                  *level_thresholds(self.settings.fair_queueing_levels)],
+                  *level_thresholds(len(PRIORITY_STEPS))],
             client=pipe)
         replies = pipe.execute()
         _ahead, level = replies[-1]

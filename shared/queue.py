@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from celery import Celery
+from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 
 from shared.kinds import JobKind
@@ -35,15 +36,17 @@ def make_celery(settings: Settings | None = None, *, include: Sequence[str] = ()
         # fair ordering between tenants by kombu's own Redis priorities (fair_priority): a
         # message of priority p goes to its own list (queue_keys), and a worker's BRPOP names
         # every queue's lists lowest priority first, so Redis hands out priority 0 of any queue
-        # before 1. kombu's default separator is kept: it also joins the exchange bindings kombu
-        # stores in Redis, and a redelivery looks the message's queue up in them. On a Redis that
-        # holds bindings of the default one (every deployment before this), sep ":" made that
-        # lookup raise (ValueError, not enough values to unpack; tried on kombu 5.7), which kombu
-        # logs as "Could not restore message" and drops the message from its unacked hash: a
-        # job whose worker died would be lost, not redelivered. The queue
-        # order strategy stays round robin: it only orders queues of the same priority (a worker
-        # on both "audio" and "webhooks" takes them in turn, as before)
-        "priority_steps": priority_steps(settings),
+        # before the next. The steps are kombu's defaults (0, 3, 6, 9), set here only to say so:
+        # a worker of an earlier release, which set none, listens on the same four lists, so an
+        # API upgraded first sends nothing it cannot take (with steps of its own, a job at 1, 2,
+        # 4 or 5 waited in a list no such worker read). kombu's default separator is kept too: it
+        # also joins the exchange bindings kombu stores in Redis, and a redelivery looks the
+        # message's queue up in them; on a Redis holding bindings of the default one, sep ":"
+        # made that lookup raise (ValueError; kombu 5.7), and kombu dropped the message: a job
+        # whose worker died would be lost. The queue order strategy stays round robin: it only
+        # orders queues of the same priority (a worker on both "audio" and "webhooks" takes
+        # them in turn, as before)
+        "priority_steps": list(PRIORITY_STEPS),
     }
     app.conf.update(
         task_serializer="json",
@@ -77,52 +80,47 @@ def make_celery(settings: Settings | None = None, *, include: Sequence[str] = ()
     return app
 
 
-def send_job(celery: Celery, kind: JobKind, job_id: str, queue: str, priority: int = 0) -> None:
+def send_job(celery: Celery, kind: JobKind, job_id: str, queue: str, level: int = 0) -> None:
     """Enqueue a job. Only its id travels: parameters, file names and webhook URLs stay in the
     job record, out of the broker, the result backend and Flower.
 
-    ``priority`` (fair_priority; 0 is served first) picks the queue's list the message waits
-    in; a job going back to the queue (handed back, or its worker lost) is sent at 0: it
-    already waited its turn."""
-    celery.send_task(kind.task_name, args=(job_id,), task_id=job_id, queue=queue, priority=priority)
-
-
-def priority_steps(settings: Settings) -> list[int]:
-    """kombu's Redis ``priority_steps``: one list per level, every level its own step, so that a
-    priority is never rounded onto a neighbour's list."""
-    return list(range(settings.fair_queueing_levels))
+    ``level`` (fair_priority; 0 is served first) picks the queue's list the message waits in
+    (kombu's priority ``PRIORITY_STEPS[level]``); a job going back to the queue (handed back,
+    or its worker lost) is sent at 0: it already waited its turn."""
+    celery.send_task(kind.task_name, args=(job_id,), task_id=job_id, queue=queue, priority=PRIORITY_STEPS[level])
 
 
 def level_thresholds(levels: int) -> list[int]:
     """How many of its tenant's jobs must be waiting for a new job to get level 1, 2, ...
-    (1, 2, 4, 8, ...): the levels ``fair_priority`` climbs, one per doubling of a backlog. The
+    (1, 2, 4, ...): the levels ``fair_priority`` climbs, one per doubling of a backlog. The
     job store's submit script (shared/jobs.py) reads the same list, so one function decides."""
     return [1 << i for i in range(levels - 1)]
 
 
-def fair_priority(waiting: int, levels: int) -> int:
-    """The priority of a new job whose tenant has ``waiting`` jobs queued before it: 0 for none,
-    1 for one, 2 for 2-3, 3 for 4-7, ..., capped at ``levels - 1``. A log scale so that a tenant
-    with one job waiting is barely behind an idle one, while a backlog of a thousand is behind
-    both; another tenant's first job (level 0) overtakes all of the backlog but its first job."""
+def fair_priority(waiting: int, levels: int = len(PRIORITY_STEPS)) -> int:
+    """The level of a new job whose tenant has ``waiting`` jobs queued before it: 0 for none,
+    1 for one, 2 for 2-3, 3 for 4 or more (with kombu's four steps). A log scale so that a
+    tenant with one job waiting is barely behind an idle one, while a backlog of a thousand is
+    behind both; another tenant's first job (level 0) overtakes all of the backlog but its first
+    job."""
     return sum(1 for threshold in level_thresholds(levels) if waiting >= threshold)
 
 
-def queue_keys(settings: Settings, queue: str) -> list[str]:
-    """The Redis lists a queue's messages wait in, one per priority level, priority 0 (the
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists a queue's messages wait in, one per priority step, priority 0 (the
     queue's own name) first: what a queue's length must add up (/metrics, KEDA), as kombu's
     ``Channel._size`` does. Named by kombu's own rule (``Channel._q_for_pri``)."""
     sep = RedisChannel.sep
-    return [queue if level == 0 else f"{queue}{sep}{level}" for level in priority_steps(settings)]
+    return [queue if step == 0 else f"{queue}{sep}{step}" for step in PRIORITY_STEPS]
 
 
 def send_webhook(celery: Celery, job_id: str, settings: Settings) -> None:
     celery.send_task(WEBHOOK_TASK, args=(job_id,), queue=settings.webhook_queue_name)
 
 
-def queue_depth(client: Any, settings: Settings, queue: str) -> int:
+def queue_depth(client: Any, queue: str) -> int:
     """Messages waiting in ``queue``, all its priority lists together (one round trip)."""
     with client.pipeline(transaction=False) as pipe:
-        for key in queue_keys(settings, queue):
+        for key in queue_keys(queue):
             pipe.llen(key)
         return sum(int(n) for n in pipe.execute())

@@ -173,16 +173,12 @@ class Settings(BaseSettings):
     # an hour-long diarization on a GPU worker
     queue_name: str = "audio"
     webhook_queue_name: str = "webhooks"
-    # fair ordering between tenants (shared/queue.py, fair_priority): a new job's message gets a
-    # Celery priority that grows with how many jobs its tenant (API key) already has waiting (0
-    # for none, then 1, 2-3, 4-7, ... waiting: levels 1, 2, 3, ...), so another tenant's first
-    # job overtakes a backlog of a thousand; a tenant's own jobs keep their order. False: every
-    # job at priority 0, first in first out across tenants as before
+    # fair ordering between tenants (shared/queue.py, fair_priority): a new job's message goes at
+    # a Celery priority that grows with how many jobs its tenant (API key) already has waiting
+    # (none, 1, 2-3, 4 or more: kombu's four Redis priority steps 0, 3, 6, 9), so another
+    # tenant's first job overtakes a backlog of a thousand; a tenant's own jobs keep their order.
+    # False: every job at priority 0, first in first out across tenants as before
     fair_queueing: bool = True
-    # priority lists per queue (kombu's Redis priority_steps 0..levels-1, each a Redis list:
-    # "audio" for 0, "audio\x06\x16<n>" for n); at most 10, kombu's Redis priorities being 0-9.
-    # The top level takes every backlog of 2**(levels-2) waiting jobs or more, in submit order
-    fair_queueing_levels: int = Field(6, ge=2, le=10)
     # prefix of every Redis key the service writes (job records, heartbeats, metrics)
     redis_key_prefix: str = "aa"
     # "local": a directory (storage_dir) shared by API and workers; "s3": an S3-compatible bucket,

@@ -28,14 +28,27 @@ def _ts(value: str) -> float:
 def _drop(broker: Any, settings: Any, queue: str) -> None:
     from shared.queue import queue_keys
 
-    broker.delete(*queue_keys(settings, queue))
+    broker.delete(*queue_keys(queue))
 
 
 def test_priority_grows_by_doublings_of_the_backlog_and_is_capped() -> None:
     from shared.queue import fair_priority
 
-    assert [fair_priority(n, 6) for n in (0, 1, 2, 3, 4, 7, 8, 15, 16, 1000)] == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5]
-    assert fair_priority(1000, 10) == 9 and fair_priority(3, 2) == 1
+    assert [fair_priority(n) for n in (0, 1, 2, 3, 4, 7, 8, 1000)] == [0, 1, 2, 2, 3, 3, 3, 3]
+    assert fair_priority(1000, 6) == 5 and fair_priority(3, 2) == 1
+
+
+def test_the_levels_are_kombus_default_steps() -> None:
+    """A worker of an earlier release sets no priority steps and listens on kombu's default four
+    lists; each level's list is one of them, so an API upgraded first sends nothing such a worker
+    cannot take (with steps 0-5 of its own, levels 1, 2, 4 and 5 waited in lists it never read)."""
+    from kombu.transport.redis import Channel
+
+    from shared.queue import PRIORITY_STEPS, make_celery, queue_keys
+
+    assert list(PRIORITY_STEPS) == list(Channel.priority_steps) == [0, 3, 6, 9]
+    assert make_celery().conf.broker_transport_options["priority_steps"] == list(Channel.priority_steps)
+    assert queue_keys("audio") == ["audio", "audio\x06\x163", "audio\x06\x166", "audio\x06\x169"]
 
 
 def test_a_tenants_levels_never_go_down_while_it_has_jobs_waiting(settings) -> None:
@@ -87,18 +100,18 @@ def test_queue_depth_counts_every_priority_list(variant_app, settings) -> None:
     import redis
 
     from shared.kinds import KINDS
-    from shared.queue import make_celery, queue_keys, send_job
+    from shared.queue import PRIORITY_STEPS, make_celery, queue_keys, send_job
 
     queue = f"audio-fair-depth-{uuid.uuid4().hex[:8]}"
     broker = redis.Redis.from_url(settings.redis_url)
     app = variant_app(queue_name=queue)
     celery = make_celery(settings)
     try:
-        for priority in range(settings.fair_queueing_levels):
-            send_job(celery, KINDS["embedding"], uuid.uuid4().hex, queue, priority)
-        assert [broker.llen(key) for key in queue_keys(settings, queue)] == [1] * settings.fair_queueing_levels
+        for level in range(len(PRIORITY_STEPS)):
+            send_job(celery, KINDS["embedding"], uuid.uuid4().hex, queue, level)
+        assert [broker.llen(key) for key in queue_keys(queue)] == [1] * len(PRIORITY_STEPS)
         metrics = app.get("/metrics").text
-        line = f'audio_analysis_queue_depth{{queue="{queue}"}} {float(settings.fair_queueing_levels)}'
+        line = f'audio_analysis_queue_depth{{queue="{queue}"}} {float(len(PRIORITY_STEPS))}'
         assert line in metrics, [m for m in metrics.splitlines() if m.startswith("audio_analysis_queue_depth")]
     finally:
         _drop(broker, settings, queue)
@@ -129,7 +142,7 @@ def test_another_tenants_job_overtakes_a_backlog(variant_app, client, settings, 
     try:
         a_jobs = [submit(KEY_A) for _ in range(BACKLOG)]
         b_job = submit(KEY_B)
-        assert queue_depth(broker, settings, queue) == BACKLOG + 1
+        assert queue_depth(broker, queue) == BACKLOG + 1
         assert broker.llen(queue) == 2, "priority 0: A's first job and B's only one"
 
         proc = stack.start_worker(queues=[queue], name="fair")
@@ -141,7 +154,7 @@ def test_another_tenants_job_overtakes_a_backlog(variant_app, client, settings, 
         b_at = order.index(b_job)
         assert b_at == 1, f"B's job ran at position {b_at + 1} of {BACKLOG + 1}"
         assert [job_id for job_id in order if job_id != b_job] == a_jobs, "A's jobs out of their order"
-        assert queue_depth(broker, settings, queue) == 0
+        assert queue_depth(broker, queue) == 0
         assert store.waiting_count(store.get(a_jobs[0])) == 0 and store.waiting_count(store.get(b_job)) == 0
     finally:
         stack.stop()

@@ -62,7 +62,7 @@ def parked(variant_app, settings) -> Iterator[Any]:
             app.post(f"/jobs/{job['job_id']}/cancel", headers={"X-API-Key": key})
     from shared.queue import queue_keys
 
-    redis.Redis.from_url(settings.redis_url).delete(*queue_keys(settings, PARKED))
+    redis.Redis.from_url(settings.redis_url).delete(*queue_keys(PARKED))
 
 
 def _key() -> str:
@@ -88,7 +88,7 @@ class Left:
         listing = self.app.get("/jobs", params={"limit": 100}, headers={"X-API-Key": self.api_key}).json()["jobs"]
         folders = {p.name for p in self.storage.iterdir()} if self.storage.is_dir() else set()
         # every priority list: a tenant's second waiting job goes to one of its own (fair ordering)
-        return queue_depth(self.broker, self.settings, PARKED), folders, {job["job_id"] for job in listing}
+        return queue_depth(self.broker, PARKED), folders, {job["job_id"] for job in listing}
 
     def new(self) -> tuple[int, set[str], set[str]]:
         """(messages sent, upload folders made, jobs made) since this was made."""

@@ -114,9 +114,7 @@ def test_keda_scales_the_workers_on_their_queue(docs) -> None:
         assert trigger["metadata"]["listLength"] == "1"
     queue = config["AUDIO_ANALYSIS_QUEUE_NAME"]
     # every priority list of the queue (fair ordering), and the HPA follows their sum, not the longest
-    levels = int(config.get("AUDIO_ANALYSIS_FAIR_QUEUEING_LEVELS", Settings.model_fields["fair_queueing_levels"].default))
-    assert [t["metadata"]["listName"] for t in triggers] == \
-        queue_keys(Settings(queue_name=queue, fair_queueing_levels=levels), queue)
+    assert [t["metadata"]["listName"] for t in triggers] == queue_keys(queue)
     modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
     assert modifiers["formula"].replace(" ", "").split("+") == [t["name"] for t in triggers]
     assert modifiers["target"] == "1" and modifiers["metricType"] == "AverageValue"

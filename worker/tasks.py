@@ -538,9 +538,9 @@ def _interrupted(job_id: str, exc: Exception) -> dict[str, Any]:
 
 
 def _enqueue(job_id: str, kind: str, queue: str | None = None) -> None:
-    # priority 0, the first served whatever its tenant's backlog: a job handed back or taken
-    # from a lost worker (recovery) already waited its turn once
-    send_job(app, KINDS[kind], job_id, queue or settings.queue_name, priority=0)
+    # level 0, the first served whatever its tenant's backlog: a job handed back or taken from a
+    # lost worker (recovery) already waited its turn once
+    send_job(app, KINDS[kind], job_id, queue or settings.queue_name, level=0)
 
 
 def back_to_queue(jobs: JobStore, record: JobRecord, attempt: int, *, lost: bool) -> bool:
