@@ -18,7 +18,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -30,6 +30,20 @@ from tests.conftest import api_under_uvicorn, json_embedding_file, tone_wav, wai
 
 PARKED = "audio-parked-idempotency"
 KEY_A, KEY_B = "idem-tenant-a", "idem-tenant-b"
+
+
+def _first_kept_while_retried(send: Callable[[], httpx.Response], after_s: float, monkeypatch: Any) -> httpx.Response:
+    """``send()``, and the same again ``after_s`` into it: the retry is told the first is still
+    being submitted (409), the first is accepted (202, returned); the slowing undone after."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(send)
+        time.sleep(after_s)
+        retry = send()
+        first = pending.result()
+    monkeypatch.undo()
+    assert first.status_code == 202, first.text
+    assert retry.status_code == 409 and "still being submitted" in retry.json()["detail"], retry.text
+    return first
 
 
 @pytest.fixture
@@ -383,14 +397,7 @@ def test_a_submission_storing_for_longer_than_its_hold_keeps_its_key(variant_app
         return app.post("/jobs/embedding", files={"file": ("slow.wav", audio, "audio/wav")}, headers=_headers(key))
 
     _slowed(monkeypatch, "_save", 2.0)
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(send)
-        time.sleep(1.3)
-        retry = send()
-        first = pending.result()
-    monkeypatch.undo()
-    assert first.status_code == 202, first.text
-    assert retry.status_code == 409 and "still being submitted" in retry.json()["detail"], retry.text
+    first = _first_kept_while_retried(send, 1.3, monkeypatch)
     again = send()
     assert again.status_code == 202 and again.json()["job_id"] == first.json()["job_id"], again.text
     job = first.json()["job_id"]
@@ -759,14 +766,8 @@ def test_a_hold_lapsed_once_is_renewed_again(variant_app, settings, monkeypatch)
     def send() -> httpx.Response:
         return app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(key))
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(send)
-        time.sleep(3.3)  # storing its fourth file; the hold taken again at 0.9 s
-        retry = send()
-        first = pending.result()
-    monkeypatch.undo()
-    assert first.status_code == 202, first.text
-    assert retry.status_code == 409 and "still being submitted" in retry.json()["detail"], retry.text
+    # the retry comes while it stores its fourth file, the hold taken again at 0.9 s
+    first = _first_kept_while_retried(send, 3.3, monkeypatch)
     again = send()
     assert again.status_code == 202 and again.json()["batch_id"] == first.json()["batch_id"], again.text
     for job in first.json()["jobs"]:
