@@ -23,8 +23,9 @@ import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
-    check_ape, check_audio_limits, check_channels, check_decode_work, check_id3, check_matroska, check_mp4_edits,
-    check_riff_chunks, declared_duration, decode_work_factor, ogg_chained, probe, pyav_options, stream_channels,
+    check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
+    check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ogg_chained, probe, pyav_options,
+    stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -703,11 +704,8 @@ def _xing_seconds(fh: BinaryIO) -> float | None:
 def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
-    check_mp4_edits(fh)  # before FFmpeg expands them into its index
+    check_containers(fh)  # before FFmpeg indexes, converts or tables what their headers declare
     check_riff_chunks(fh)  # before FFmpeg walks them one seek at a time
-    check_matroska(fh)  # before FFmpeg converts its tags, a pass over all of them each
-    check_id3(fh)  # before FFmpeg puts every frame into a dictionary searched for each
-    check_ape(fh)  # before FFmpeg tables every frame its header declares
     # Not sandboxed: the worker checked this file's header first (check_audio_limits, in
     # worker/tasks.py), and FFmpeg's reading of it ran in a child held to the header check's CPU,
     # memory and time limits (shared/probe_sandbox.py): a file that passed was readable within

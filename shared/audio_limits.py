@@ -919,10 +919,7 @@ def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SET
     sandbox = _sandbox(sandbox)
     if hasattr(source, "read"):
         try:
-            check_mp4_edits(source)
-            check_matroska(source)
-            check_id3(source)
-            check_ape(source)
+            check_containers(source)  # type: ignore[arg-type]
             return _probe(source, sandbox)
         finally:
             source.seek(0)
@@ -931,11 +928,19 @@ def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SET
     except OSError:
         return None  # nothing to read: as _probe answers
     with fh:
-        check_mp4_edits(fh)
-        check_matroska(fh)
-        check_id3(fh)
-        check_ape(fh)
+        check_containers(fh)
     return _probe(source, sandbox)
+
+
+def check_containers(fh: BinaryIO) -> None:
+    """Refuse (415), from their headers alone, the containers FFmpeg would read into far more
+    than their size: MP4 sample tables (:func:`check_mp4_edits`), Matroska metadata, ID3v2
+    frames, APE frame tables. Each reads from ``fh``'s start and leaves ``fh`` there. The one
+    list for the header check (:func:`probe`) and the worker's decoder (engine/audio.py)."""
+    check_mp4_edits(fh)
+    check_matroska(fh)
+    check_id3(fh)
+    check_ape(fh)
 
 
 def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 
+from shared.errors import ProcessingError
 from shared.jobs import QUEUED, RUNNING, JobStore
 from shared.settings import Settings
 from shared.storage import Storage
@@ -59,7 +60,7 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
         lost = record.lost + 1
         if lost >= settings.job_max_attempts:
             detail = f"the job's worker was lost {lost} times; giving up"
-            if give_up(store, storage, job_id, attempt, detail) is not None:
+            if give_up(store, storage, job_id, attempt, ProcessingError(detail)) is not None:
                 log.error("job %s: %s", job_id, detail)
                 handled.append(job_id)
             continue

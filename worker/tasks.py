@@ -200,9 +200,10 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
-def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, detail: str) -> JobRecord | None:
-    """Fail a job whose workers kept dying: delete its upload, send its webhook."""
-    record, changed = jobs.finish(job_id, FAILED, error=ProcessingError(detail).body(), attempt=attempt, notify=True)
+def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, error: AnalysisError) -> JobRecord | None:
+    """Fail a job for good with ``error`` (its workers kept dying, it was stuck, no worker has its
+    task): delete its upload, send its webhook; only while it is at ``attempt``."""
+    record, changed = jobs.finish(job_id, FAILED, error=error.body(), attempt=attempt, notify=True)
     if changed:
         storage.delete_job(job_id)
         _notify(record)
@@ -225,14 +226,10 @@ def on_unknown_task(name: str | None = None, id: str | None = None, **_: Any) ->
         record = jobs.get(id)
         if record is None or record.status != QUEUED:
             return
-        detail = (f"no worker runs {record.kind} jobs now (the workers are older than the API); "
-                  "submit it again later")
-        ended, changed = jobs.finish(id, FAILED, error=ModelError(detail).body(), attempt=record.attempts, notify=True)
-        if changed and ended is not None:
-            log.error("job %s: this worker has no task %s (an older version than the API?); failed, not run",
-                      id, name)
-            get_storage().delete_job(id)
-            _notify(ended)
+        log.error("job %s: this worker has no task %s (an older version than the API?); failing it, not run",
+                  id, name)
+        give_up(jobs, get_storage(), id, record.attempts, ModelError(
+            f"no worker runs {record.kind} jobs now (the workers are older than the API); submit it again later"))
     except Exception:  # noqa: BLE001 - a signal handler's error is only logged; the record expires as before
         log.exception("job %s: could not fail the job of an unknown task %s", id, name)
 
@@ -261,7 +258,7 @@ def _run_leased(
         # a job whose worker died job_max_attempts times (a file that gets it OOM-killed, say)
         detail = f"the job's worker was lost {running.lost} times; giving up"
         log.error("job %s: %s", job_id, detail)
-        return _settle(task, give_up(jobs, storage, job_id, attempt, detail), job_id)
+        return _settle(task, give_up(jobs, storage, job_id, attempt, ProcessingError(detail)), job_id)
     duration_limit = min(settings.max_audio_seconds, settings.sync_max_audio_seconds) if running.sync \
         else settings.max_audio_seconds
     task.update_state(state="PROGRESS", meta={"progress": 0.0, "step": "starting"})
@@ -413,10 +410,7 @@ def _stuck(jobs: JobStore, storage: Storage, job_id: str, attempt: int, error: P
     ``job_max_attempts`` times. Runs in the deadline's timer thread."""
     log.critical("job %s: stuck past its time limit (%s); failing it and ending this process", job_id, error.detail)
     try:
-        record, changed = jobs.finish(job_id, FAILED, error=error.body(), attempt=attempt, notify=True)
-        if changed and record is not None:
-            storage.delete_job(job_id)
-            _notify(record)
+        give_up(jobs, storage, job_id, attempt, error)
     except Exception:  # noqa: BLE001 - Redis away: the lease lapses and recovery takes the job
         log.exception("job %s: could not record its failure", job_id)
     _end_process(JOB_STUCK_EXIT)
