@@ -141,6 +141,10 @@ class _Popen(popen_forkserver.Popen):
         prep_data = spawn.get_preparation_data(process_obj._name)
         prep_data.pop("init_main_from_name", None)
         prep_data.pop("init_main_from_path", None)
+        # in a Celery pool process the key is billiard's AuthenticationString, which refuses
+        # multiprocessing's pickler: both copies become multiprocessing's own, which it pickles
+        prep_data["authkey"] = bytes(prep_data["authkey"])
+        process_obj.authkey = bytes(process_obj.authkey)
         buf = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -160,6 +164,23 @@ class _Process(multiprocessing.context.ForkServerProcess):
     @staticmethod
     def _Popen(process_obj: Any) -> _Popen:
         return _Popen(process_obj)
+
+    def start(self) -> None:
+        """``BaseProcess.start`` (3.11-3.13), less its refusal to start from a daemonic process.
+
+        Celery's prefork pool runs every job in a daemonic process, which multiprocessing forbids
+        children ("daemonic processes are not allowed to have children"), so in a deployed worker
+        every upload whose header only FFmpeg reads (m4a, mp3, webm, ...) failed as an internal
+        error. The rule keeps a daemon from leaving children behind when it is ended; this one is
+        the fork server's child, not this process's, and ends by its own CPU limit."""
+        self._check_closed()
+        if self._popen is not None or self._parent_pid != os.getpid():
+            raise RuntimeError("a header check's process is started once, by the process that made it")
+        multiprocessing.process._cleanup()  # type: ignore[attr-defined]
+        self._popen = self._Popen(self)
+        self._sentinel = self._popen.sentinel
+        del self._target, self._args, self._kwargs  # type: ignore[attr-defined]
+        multiprocessing.process._children.add(self)  # type: ignore[attr-defined]
 
 
 def warm() -> None:

@@ -295,3 +295,34 @@ def test_a_starved_or_killed_reader_is_the_service_state_not_the_file(tmp_path, 
     with pytest.raises(expected, match=words) as caught:
         sandbox.read_header(path, sandbox.ProbeLimits(cpu_s=1, timeout_s=5.0 if child is _spins else 1.0))
     assert caught.value.status_code == status
+
+
+def _read_in_a_daemon(queue, data: bytes) -> None:
+    import io
+
+    from shared.probe_sandbox import ProbeLimits, read_header
+
+    try:
+        queue.put(("ok", read_header(io.BytesIO(data), ProbeLimits())))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test, whatever it is
+        queue.put(("raised", f"{type(exc).__name__}: {exc}"))
+
+
+def test_a_celery_pool_process_reads_headers(tmp_path):
+    """Celery's prefork pool runs jobs in daemonic billiard processes. multiprocessing forbids a
+    daemonic process children ("daemonic processes are not allowed to have children"), and its
+    pickler refuses billiard's authentication key: every FFmpeg-only upload failed there as an
+    internal error, and every deployed worker (and `up`'s) is a prefork one. The worker's own test
+    is tests/test_worker_device.py::test_a_job_whose_header_check_is_killed_by_the_system_runs_again."""
+    import billiard
+
+    ctx = billiard.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_read_in_a_daemon, args=(queue, _encode("mp4", "aac")), daemon=True)
+    proc.start()
+    try:
+        outcome, value = queue.get(timeout=60)
+    finally:
+        proc.join(10)
+    assert outcome == "ok", value
+    assert value is not None and abs(value.duration - 2.0) < 0.05 and value.sample_rate == 16000
