@@ -6,6 +6,9 @@ No GPU here, so neither the card nor its running out of memory is real: ``Engine
 torch's own ``OutOfMemoryError`` (what CUDA's allocator raises) while the count in
 ``CUDA_OOM_FILE`` is above zero, and counts it down. Everything else (the Celery worker, its pool,
 Redis, the job store, the models on the simulated card, the engine) is real.
+
+Its header checks' readers are killed from outside as many times as ``PROBE_KILL_FILE`` says
+(tests/_probe_faults.py): another shortage of the host, met the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from celery import signals
 
 from engine.core import Engine
-from tests import _simulated_cuda
+from tests import _probe_faults, _simulated_cuda
 
 COUNT = Path(os.environ["CUDA_OOM_FILE"])
 _real_diarize = Engine.diarize
@@ -38,6 +41,7 @@ Engine.diarize = _diarize
 @signals.worker_process_init.connect
 def _simulate(**_: object) -> None:
     _simulated_cuda.install()
+    _probe_faults.install()
 
 
 if __name__ == "__main__":

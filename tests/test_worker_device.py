@@ -199,11 +199,13 @@ def simulated_gpu_worker(worker, settings, tmp_path_factory):
     logs = tmp_path_factory.mktemp("simulated-gpu-worker")
     count = logs / "ooms"
     count.write_text("0")
+    (logs / "probe-kills").write_text("0")
     store = JobStore.from_settings(settings)
     stack = Stack(log_dir=logs)
     try:
         proc, info = _prefork_worker(stack, store, "tests._cuda_oom_worker", "simcuda", queue, {
-            "AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5", "CUDA_OOM_FILE": str(count)})
+            "AUDIO_ANALYSIS_DEVICE": "cuda:0", "AUDIO_ANALYSIS_GPU_MEMORY_FRACTION": "0.5", "CUDA_OOM_FILE": str(count),
+            "PROBE_KILL_FILE": str(logs / "probe-kills")})
         assert info["model_device"] == "cuda:0" and not info.get("load_error")
         local = settings.model_copy(update={"queue_name": queue})
         with TestClient(create_app(local), raise_server_exceptions=False) as client:
@@ -248,7 +250,7 @@ def test_a_job_that_finds_the_gpu_out_of_memory_runs_again_when_there_is_room(si
         count.write_text("1")
         once = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
                             timeout_s=180)
-        assert once["status"] == "succeeded", once
+        assert once["status"] == "succeeded", (once.get("error"), once.get("attempts"))
         assert once["attempts"] == 2 and once["result"]["segments_count"] > 0
         count.write_text("100")
         always = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
@@ -259,3 +261,36 @@ def test_a_job_that_finds_the_gpu_out_of_memory_runs_again_when_there_is_room(si
         assert int(count.read_text()) == 100 - settings.job_max_attempts  # each attempt ran once
     finally:
         count.write_text("0")
+
+
+def test_a_job_whose_header_check_is_killed_by_the_system_runs_again(simulated_gpu_worker, settings):
+    """A reader of the header check killed from outside (an OOM killer on a full host), one that
+    could not start, or one starved of CPU is the host's state at that moment, not the file's: the
+    job failed for good with a 503 ("retry later") at the first such moment. It goes back to the
+    queue as a lost attempt now, as a job short of GPU memory does, and fails 503 once that has
+    happened job_max_attempts times. The kill is sent by tests/_probe_faults.py (nothing here makes
+    the OOM killer pick a process); the sandbox, its child and the worker are real."""
+    from tests.conftest import wait_for_job
+    from tests.test_probe_sandbox import _encode
+
+    client, _, log = simulated_gpu_worker
+    kills = log.parent / "probe-kills"
+    # AAC in MP4: FFmpeg alone reads its header, so the worker's check runs in the sandbox
+    audio = ("tone.m4a", _encode("mp4", "aac", seconds=3.0), "audio/mp4")
+    try:
+        kills.write_text("1")
+        once = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                            timeout_s=180)
+        assert once["status"] == "succeeded", (once.get("error"), once.get("attempts"))
+        assert once["attempts"] == 2 and int(kills.read_text()) == 0
+        kills.write_text("100")
+        always = wait_for_job(client, client.post("/jobs/diarize", files={"file": audio}).json()["job_id"],
+                              timeout_s=180)
+        assert always["status"] == "failed", always
+        assert always["attempts"] == settings.job_max_attempts
+        assert always["error"]["status_code"] == 503, always
+        assert "header check could not run" in always["error"]["detail"], always
+        assert "killed by the system" in always["error"]["detail"], always
+        assert int(kills.read_text()) == 100 - settings.job_max_attempts  # each attempt read it once
+    finally:
+        kills.write_text("0")

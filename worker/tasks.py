@@ -30,6 +30,7 @@ from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, ModelError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id, utc_now
 from shared.kinds import KINDS, FileField, JobKind, Params
+from shared.probe_sandbox import SandboxUnavailable
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage, out_of_room
@@ -323,6 +324,12 @@ def _run_leased(
     except LeaseLost:
         log.error("job %s: lease lost mid-run; leaving the job to its new attempt", job_id)
         return {"job_id": job_id, "status": "superseded"}
+    except SandboxUnavailable as exc:
+        # the header check could not run (its fork server would not start, a starved host, a
+        # reader killed by the OOM killer): the host's state at that moment, not the file's
+        outcome = _short_of(jobs, running, attempt, f"the audio's header check could not run ({exc.detail})")
+        if outcome is None:
+            return {"job_id": job_id, "status": QUEUED}
     except AnalysisError as exc:
         outcome = (FAILED, None, exc)
     except (JobTimedOut, SoftTimeLimitExceeded):
@@ -341,17 +348,9 @@ def _run_leased(
                                                      status_code=507))
         elif _out_of_device_memory(exc):
             # the card's memory was taken when the job needed it (workers sharing a card, a
-            # neighbour's peak): the job goes back to the queue as a lost attempt, to run when
-            # there is room, and fails as the service's state (503) once it has run out
-            # job_max_attempts times; never an internal error
-            if running.lost + 1 >= settings.job_max_attempts:
-                log.error("job %s: the GPU ran out of memory, attempt %d", job_id, attempt, exc_info=True)
-                outcome = (FAILED, None, ProcessingError(
-                    f"the GPU had no memory left for this job, {running.lost + 1} times; submit it again later",
-                    status_code=503))
-            else:
-                log.warning("job %s: the GPU ran out of memory; back to the queue", job_id, exc_info=True)
-                back_to_queue(jobs, running, attempt, lost=True)  # the upload stays for the next attempt
+            # neighbour's peak)
+            outcome = _short_of(jobs, running, attempt, "the GPU had no memory left for this job")
+            if outcome is None:
                 return {"job_id": job_id, "status": QUEUED}
         else:
             if not _device_works():
@@ -374,6 +373,20 @@ def _run_leased(
     if record is not None:
         _notify(record)
     return _settle(task, record, job_id)
+
+
+def _short_of(jobs: JobStore, running: JobRecord, attempt: int, what: str) -> tuple[str, None, AnalysisError] | None:
+    """The service lacked, for now, something the job needs (``what``): the job goes back to the
+    queue as a lost attempt, its upload kept, to run when there is room (None); once it has been
+    lost ``job_max_attempts`` times, the failure to record: the service's state (503, submit it
+    again later), never an internal error and never the file's fault."""
+    if running.lost + 1 >= settings.job_max_attempts:
+        log.error("job %s: %s, attempt %d", running.job_id, what, attempt, exc_info=True)
+        return (FAILED, None, ProcessingError(f"{what}, {running.lost + 1} times; submit it again later",
+                                              status_code=503))
+    log.warning("job %s: %s; back to the queue", running.job_id, what, exc_info=True)
+    back_to_queue(jobs, running, attempt, lost=True)
+    return None
 
 
 def _superseded(job_id: str, attempt: int, record: JobRecord) -> dict[str, Any]:
