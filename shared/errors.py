@@ -72,3 +72,11 @@ class ModelError(AnalysisError):
 
     error_type = "ModelError"
     status_code = 503
+
+
+class QuotaExceeded(InputError):
+    """A tenant's submission would take its unfinished work (jobs queued or running, their
+    uploads' bytes) past its quota (``tenant_max_unfinished_*``): it submits again once some of
+    its jobs ended (429, with Retry-After)."""
+
+    status_code = 429

@@ -20,12 +20,12 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from shared.errors import InputError, ModelError
+from shared.errors import InputError, ModelError, QuotaExceeded
 from shared.queue import PRIORITY_STEPS, level_thresholds
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
@@ -237,6 +237,19 @@ _STATUS_HEAD = re.compile(r'^\{"job_id":"[0-9a-f]{32}","kind":"[a-z_]{1,32}","st
 
 
 @dataclass(frozen=True)
+class Quota:
+    """A tenant's limits on its unfinished work (``tenant_max_unfinished_*``): jobs queued or
+    running, and the bytes of uploads stored for them. 0: no limit."""
+
+    max_jobs: int = 0
+    max_bytes: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Quota":
+        return cls(settings.tenant_max_unfinished_jobs, settings.tenant_max_unfinished_bytes)
+
+
+@dataclass(frozen=True)
 class KeyClaim:
     """One submission's hold on an Idempotency-Key (``JobStore.claim_key``): its entry in Redis
     (``JobStore.key_entry``) and the token that tells this submission from another with the key."""
@@ -330,30 +343,140 @@ class JobPage:
     next_cursor: str | None
 
 
-# A job joins its tenant's waiting jobs (KEYS[1], a sorted set of job ids by when they were
-# queued) and gets its queue priority (shared/queue.py, fair_priority), in create's transaction.
-# Entries older than ARGV[3] are dropped first: a removal missed (a record that expired while
-# queued) inflates the count for that long at most. The level is the count's (one per threshold
-# in ARGV[5..] it reaches), but never below the level last given (KEYS[2]) while the tenant
-# still has jobs waiting: counted alone, a tenant's new job could get a lower level than its
-# older ones still waiting once the jobs ahead of those had started, and overtake them. With
-# none waiting the level starts again from 0. ARGV: job id, now, stale before, TTL (s), the
-# thresholds. Returns {waiting before it, its level}.
-_JOIN_WAITING = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
-local ahead = redis.call('ZCARD', KEYS[1])
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+# A tenant's unfinished jobs (queued or running; JobStore "tenants' quota"): a sorted set of job
+# ids (KEYS[1]) scored by when each record expires at the latest (its life in its status, as
+# update sets it), beside a hash (KEYS[2]) of the bytes of uploads each holds in storage and their
+# total ('-total'). A job leaves both when it ends (update, _LEAVE_UNFINISHED); an entry whose
+# record expired or was lost (evicted, a removal missed) is dropped once past its score, so a
+# slot can never stay taken for longer than a record could live. Shared by the scripts below.
+_UNFINISHED_LIB = """
+-- a count of bytes as Redis takes it: a Lua number past 10^7 goes out as 1e+12, which HINCRBY refuses
+local function int(n) return string.format('%d', n) end
+local function trim(unfinished, sizes, now)
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', unfinished, '-inf', now)) do
+    local size = redis.call('HGET', sizes, gone)
+    if size then
+      redis.call('HDEL', sizes, gone)
+      redis.call('HINCRBY', sizes, '-total', '-' .. size)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', unfinished, '-inf', now)
+end
+-- the tenant's unfinished jobs and bytes besides ``mine`` ({{id, bytes}, ...}: one submission's,
+-- some of them held already), and which limit ('jobs', 'bytes') taking all of mine would cross
+local function over(unfinished, sizes, mine, max_jobs, max_bytes)
+  local jobs = redis.call('ZCARD', unfinished)
+  local bytes = tonumber(redis.call('HGET', sizes, '-total') or '0')
+  local adding = 0
+  for _, m in ipairs(mine) do
+    adding = adding + m[2]
+    if redis.call('ZSCORE', unfinished, m[1]) then
+      jobs = jobs - 1
+      bytes = bytes - tonumber(redis.call('HGET', sizes, m[1]) or '0')
+    end
+  end
+  if max_jobs > 0 and jobs + #mine > max_jobs then return 'jobs', jobs, bytes end
+  if max_bytes > 0 and bytes + adding > max_bytes then return 'bytes', jobs, bytes end
+  return false, jobs, bytes
+end
+local function hold(unfinished, sizes, id, bytes, score, only_new)
+  if only_new then redis.call('ZADD', unfinished, 'NX', score, id) else redis.call('ZADD', unfinished, score, id) end
+  if bytes > 0 and redis.call('HSETNX', sizes, id, int(bytes)) == 1 then
+    redis.call('HINCRBY', sizes, '-total', int(bytes))
+  end
+end
+"""
+
+# Whether one submission (ARGV[1]: JSON {{id, bytes}, ...}) fits its tenant's quota (KEYS: its
+# unfinished jobs and their bytes; ARGV: now, max jobs, max bytes), before its uploads are stored:
+# a tenant at its limit is refused without a gigabyte written and deleted again. Changes nothing
+# but the trim; create_queued decides. Returns {limit crossed or false, jobs, bytes} (the
+# tenant's, those of the submission held already left out).
+_ROOM = _UNFINISHED_LIB + """
+trim(KEYS[1], KEYS[2], tonumber(ARGV[2]))
+local crossed, jobs, bytes = over(KEYS[1], KEYS[2], cjson.decode(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4]))
+return {crossed, jobs, bytes}
+"""
+
+# A job's record written, or nothing at all, in one step: refused by its tenant's quota, the record,
+# its index entries and its marks are never written, which a MULTI could not do (each of its
+# commands runs, whatever an earlier one answered).
+# KEYS: 1 the record, 2 the unconfirmed, 3 the tenant's waiting jobs on its queue, 4 its last
+# level, 5 its unfinished jobs, 6 their bytes, 7.. the job indexes, then the batch's list (with
+# p.batch). ARGV: 1 job id, 2 the record (JSON), 3 p (JSON): now, record_ttl, horizon, lives_until (when
+# the record expires at the latest), reserve_until, size (its uploads' bytes), reserve ({{id,
+# bytes}, ...}: the rest of its submission, held for it now, so a batch is refused whole or taken
+# whole whatever is submitted meanwhile), max_jobs, max_bytes (0: no limit), waiting_stale (before
+# when a waiting entry is dropped), waiting_ttl, thresholds (the levels', see below).
+#
+# The waiting part: the job joins its tenant's waiting jobs (a sorted set of job ids by when they
+# were queued) and gets its queue priority (shared/queue.py, fair_priority). Entries older than
+# waiting_stale are dropped first: a removal missed (a record that expired while queued) inflates
+# the count for that long at most. The level is the count's (one per threshold it reaches), but
+# never below the level last given (KEYS[4]) while the tenant still has jobs waiting: counted
+# alone, a tenant's new job could get a lower level than its older ones still waiting once the
+# jobs ahead of those had started, and overtake them. With none waiting the level starts again
+# from 0. Returns {1, waiting before it, its level}, or {0, limit crossed, jobs, bytes} refused.
+_CREATE_QUEUED = _UNFINISHED_LIB + """
+local id, p = ARGV[1], cjson.decode(ARGV[3])
+local unfinished, sizes = KEYS[5], KEYS[6]
+trim(unfinished, sizes, p.now)
+local mine = {{id, p.size}}
+for _, r in ipairs(p.reserve) do mine[#mine + 1] = r end
+local crossed, jobs, bytes = over(unfinished, sizes, mine, p.max_jobs, p.max_bytes)
+if crossed then return {0, crossed, jobs, bytes} end
+
+redis.call('SET', KEYS[1], ARGV[2], 'EX', p.record_ttl)
+local last = #KEYS
+if p.batch then last = last - 1 end
+for i = 7, last do
+  -- trimmed here rather than by a cron: records expire on their own, at the latest their
+  -- expires_by, horizon after the creation time they are scored by
+  redis.call('ZADD', KEYS[i], p.now, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', p.now - p.horizon)
+  redis.call('EXPIRE', KEYS[i], p.horizon)
+end
+if p.batch then
+  redis.call('RPUSH', KEYS[#KEYS], id)
+  redis.call('EXPIRE', KEYS[#KEYS], p.horizon)
+end
+-- no record without its mark
+redis.call('ZADD', KEYS[2], p.now, id)
+
+hold(unfinished, sizes, id, p.size, p.lives_until, false)
+for _, r in ipairs(p.reserve) do hold(unfinished, sizes, r[1], r[2], p.reserve_until, true) end
+-- every entry is scored at most its record's expires_by, horizon after a creation no later than now
+redis.call('EXPIRE', unfinished, p.horizon)
+redis.call('EXPIRE', sizes, p.horizon)
+
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', p.waiting_stale)
+local ahead = redis.call('ZCARD', KEYS[3])
+redis.call('ZADD', KEYS[3], p.now, id)
+redis.call('EXPIRE', KEYS[3], p.waiting_ttl)
 local level = 0
 if ahead > 0 then
-  for i = 5, #ARGV do
-    if ahead >= tonumber(ARGV[i]) then level = level + 1 end
+  for _, threshold in ipairs(p.thresholds) do
+    if ahead >= threshold then level = level + 1 end
   end
-  local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if last > level then level = last end
+  local before = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if before > level then level = before end
 end
-redis.call('SET', KEYS[2], level, 'EX', ARGV[4])
-return {ahead, level}
+redis.call('SET', KEYS[4], level, 'EX', p.waiting_ttl)
+return {1, ahead, level}
+"""
+
+# A job that ended (or a reservation given back) leaves its tenant's unfinished jobs (KEYS[1]) and
+# their bytes (KEYS[2]). ARGV: job ids.
+_LEAVE_UNFINISHED = """
+for _, id in ipairs(ARGV) do
+  redis.call('ZREM', KEYS[1], id)
+  local size = redis.call('HGET', KEYS[2], id)
+  if size then
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('HINCRBY', KEYS[2], '-total', '-' .. size)
+  end
+end
+return 0
 """
 
 
@@ -444,7 +567,9 @@ class JobStore:
         self._renew = client.register_script(_RENEW_KEY)
         self._release = client.register_script(_RELEASE_KEY)
         self._forget = client.register_script(_FORGET_ANSWER)
-        self._join_waiting = client.register_script(_JOIN_WAITING)
+        self._create_queued = client.register_script(_CREATE_QUEUED)
+        self._room = client.register_script(_ROOM)
+        self._leave_unfinished = client.register_script(_LEAVE_UNFINISHED)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
@@ -508,10 +633,18 @@ class JobStore:
         the recovery pass fails (:meth:`fail_interrupted`) instead of one queued for nobody."""
         return self.create_queued(record)[0]
 
-    def create_queued(self, record: JobRecord) -> tuple[JobRecord, int]:
+    def create_queued(self, record: JobRecord, *, quota: Quota | None = None, size: int = 0,
+                      reserve: Sequence[tuple[str, int]] = ()) -> tuple[JobRecord, int]:
         """:meth:`create`, and the queue priority its message goes at (``fair_priority`` of how
         many jobs its tenant had waiting, never below its tenant's waiting jobs' levels: a
-        tenant's jobs keep their order), decided in the same transaction as the record."""
+        tenant's jobs keep their order), decided in the same step as the record.
+
+        The job is counted among its tenant's unfinished ones (with ``size``, its uploads' bytes)
+        in that step too, and with ``quota`` it is created only while that leaves the tenant
+        within it: else nothing is written and :class:`QuotaExceeded` is raised. ``reserve``
+        (job id, bytes) are the rest of its submission (a batch's later files), counted and held
+        for it from now on, so that a batch is refused whole at its first job or not at all; a
+        reservation whose job is never created lapses after ``job_submit_grace_s``."""
         # by the Redis clock (see clock): the unconfirmed mark's time, which the workers compare,
         # and expires_by, which each status change compares with its "now" (_lives_until_ms)
         now = self.clock()
@@ -519,30 +652,91 @@ class JobStore:
         record = record.model_copy(update={"status": QUEUED, "created_ts": now, "expires_by": now + horizon})
         if record.webhook_url and record.webhook is None:
             record = record.model_copy(update={"webhook": WebhookState()})
-        pipe = self.redis.pipeline()
-        pipe.set(self._job_key(record.job_id), record.to_json(), ex=math.ceil(self.queued_life_s))
+        record_ttl = math.ceil(self.queued_life_s)
         indexes = [self.key("jobs")] + ([self._owner_index(record.owner)] if record.owner else [])
-        for index in indexes:
-            pipe.zadd(index, {record.job_id: now})
-            # the index is trimmed here rather than by a cron: records expire on their own, at
-            # the latest their expires_by, which is horizon after the creation time they are
-            # scored by; an entry whose record expired earlier is skipped by the listing
-            pipe.zremrangebyscore(index, "-inf", now - horizon)
-            pipe.expire(index, horizon)
-        if record.batch_id:
-            pipe.rpush(self.key("batch", record.batch_id), record.job_id)
-            pipe.expire(self.key("batch", record.batch_id), horizon)
-        # in the same transaction as the record: no record without its mark
-        pipe.zadd(self._unconfirmed(), {record.job_id: now})
-        # the tenant's waiting jobs, with the record: a record never queued uncounted
-        self._join_waiting(
-            keys=[self._waiting_key(record), self._waiting_key(record) + ":level"],
-            args=[record.job_id, now, now - self.queued_life_s, math.ceil(self.queued_life_s),
-                  *level_thresholds(len(PRIORITY_STEPS))],
-            client=pipe)
-        replies = pipe.execute()
-        _ahead, level = replies[-1]
+        batch = [self.key("batch", record.batch_id)] if record.batch_id else []
+        quota = quota or Quota()
+        params = {
+            "now": now, "record_ttl": record_ttl, "horizon": horizon, "lives_until": now + record_ttl,
+            "reserve_until": now + self.settings.job_submit_grace_s, "size": int(size),
+            "reserve": [[job_id, int(n)] for job_id, n in reserve],
+            "max_jobs": quota.max_jobs, "max_bytes": quota.max_bytes, "batch": bool(batch),
+            "waiting_stale": now - self.queued_life_s, "waiting_ttl": record_ttl,
+            "thresholds": list(level_thresholds(len(PRIORITY_STEPS))),
+        }
+        reply = self._create_queued(
+            keys=[self._job_key(record.job_id), self._unconfirmed(), self._waiting_key(record),
+                  self._waiting_key(record) + ":level", *self._unfinished_keys(record.owner), *indexes, *batch],
+            args=[record.job_id, record.to_json(), json.dumps(params)])
+        if not reply[0]:
+            _, limit, jobs, held = reply
+            raise self._refused(record.owner, quota, limit, int(jobs), int(held), 1 + len(reserve),
+                                int(size) + sum(n for _, n in reserve))
+        _ok, _ahead, level = reply
         return record, int(level) if self.settings.fair_queueing else 0
+
+    # --- tenants' quota: their unfinished work ---------------------------------------------------
+    # A sorted set per tenant (not per queue) of its jobs queued or running, scored by when each
+    # record expires at the latest, and a hash of their uploads' bytes (see _UNFINISHED_LIB). A
+    # job joins in create_queued's step, where the quota is checked, and leaves in update's
+    # transaction when it ends, whichever way (succeeded, failed, cancelled, withdrawn, failed as
+    # interrupted, given up by the recovery pass); each status change that keeps it unfinished
+    # moves its score to the record's new expiry. Jobs without an owner (no API keys) are one
+    # tenant, as for fair ordering.
+    def _unfinished_keys(self, owner: str | None) -> tuple[str, str]:
+        key = self.key("unfinished", "owner", owner) if owner else self.key("unfinished", "anonymous")
+        return key, key + ":bytes"
+
+    def check_room(self, owner: str | None, quota: Quota, jobs: Sequence[tuple[str, int]]) -> None:
+        """:class:`QuotaExceeded` when ``jobs`` (job id, bytes of its uploads) would take the
+        tenant past ``quota`` now: asked before a submission's uploads are stored, so that a
+        tenant at its limit is refused without its gigabyte written and deleted again.
+        create_queued's own check is the one that holds when submissions race."""
+        if not quota.max_jobs and not quota.max_bytes:
+            return
+        limit, held_jobs, held_bytes = self._room(keys=list(self._unfinished_keys(owner)), args=[
+            json.dumps([[job_id, int(n)] for job_id, n in jobs]), self.clock(), quota.max_jobs, quota.max_bytes])
+        if limit:
+            raise self._refused(owner, quota, limit, int(held_jobs), int(held_bytes), len(jobs),
+                                sum(n for _, n in jobs))
+
+    def unfinished(self, owner: str | None) -> tuple[int, int]:
+        """The tenant's unfinished jobs and the bytes of their uploads, as its quota counts them."""
+        _, jobs, held = self._room(keys=list(self._unfinished_keys(owner)), args=["[]", self.clock(), 0, 0])
+        return int(jobs), int(held)
+
+    def give_back_reserved(self, owner: str | None, job_ids: Sequence[str]) -> None:
+        """A refused submission's jobs that were never created no longer hold their reservation
+        (it would lapse by itself after job_submit_grace_s)."""
+        if job_ids:
+            self._leave_unfinished(keys=list(self._unfinished_keys(owner)), args=list(job_ids))
+
+    def _track_unfinished(self, pipe: Any, before: JobRecord, after: JobRecord, until_ms: int | None) -> None:
+        if after.ended and not before.ended:
+            self._leave_unfinished(keys=list(self._unfinished_keys(after.owner)), args=[after.job_id], client=pipe)
+        elif not after.ended and until_ms is not None:
+            # still unfinished, its record's life set anew (started, back in the queue): counted as
+            # long as the record may live, not longer; XX: a job created before quotas is not added
+            pipe.zadd(self._unfinished_keys(after.owner)[0], {after.job_id: until_ms / 1000.0}, xx=True)
+
+    def _refused(self, owner: str | None, quota: Quota, limit: str, jobs: int, held: int, adding: int,
+                 size: int) -> QuotaExceeded:
+        """The refusal of ``adding`` jobs (``size`` bytes), counted for /metrics."""
+        self.redis.hincrby(self.key("stats", "quota_refused"), limit, 1)
+        who = "this API key has" if owner else "the service has"
+        these = "this job" if adding == 1 else f"these {adding} jobs"
+        if limit == "jobs":
+            detail = (f"{who} {jobs} jobs queued or running, and {these} would take it past its limit of "
+                      f"{quota.max_jobs} (AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS)")
+        else:
+            detail = (f"{who} {held} bytes of uploads held for jobs queued or running, and {these} "
+                      f"({size} bytes) would take it past its limit of {quota.max_bytes} "
+                      "(AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_BYTES)")
+        return QuotaExceeded(f"{detail}; submit again once some of its jobs have ended")
+
+    def quota_refusals(self) -> dict[str, int]:
+        """Submissions refused by a tenant's quota, by the limit they crossed ("jobs", "bytes")."""
+        return {k: int(v) for k, v in self.redis.hgetall(self.key("stats", "quota_refused")).items()}
 
     # --- submissions: the record written, the queue message not yet known to be sent ----------
     # A submission writes the record, sends the message, then confirms (the API answers 202
@@ -892,6 +1086,7 @@ class JobStore:
                     else:
                         pipe.set(key, changed.to_json(), pxat=until_ms)
                     self._track_waiting(pipe, current, changed)
+                    self._track_unfinished(pipe, current, changed, until_ms)
                     if also is not None:
                         also(pipe, changed)
                     pipe.execute()

@@ -179,6 +179,18 @@ class Settings(BaseSettings):
     # tenant's first job overtakes a backlog of a thousand; a tenant's own jobs keep their order.
     # False: every job at priority 0, first in first out across tenants as before
     fair_queueing: bool = True
+    # per-tenant quota on unfinished work (shared/jobs.py, JobStore.create_queued): a tenant (API
+    # key; everyone together without keys) may have at most this many jobs queued or running, and
+    # at most this many bytes of uploads stored for them; past it a submission is answered 429
+    # with Retry-After and nothing of it is kept. Fair ordering only reorders: without a bound, one
+    # key's runaway loop filled Redis (maxmemory, noeviction) or the upload storage, and then every
+    # tenant's submission was refused (503, 507). 10,000 jobs is a day's calls of a 300-seat call
+    # centre queued at once (ten batches of 1,000, the most a batch holds), some 27 MB of Redis
+    # (2.7 KB a queued diarization: record, index entries, marks, message); a loop submitting 50
+    # jobs a second reaches it in under 4 minutes. Bytes: a share of the storage volume, which only the
+    # deployment knows (audio by URL is fetched by the worker and not counted). 0: no limit
+    tenant_max_unfinished_jobs: int = Field(10_000, ge=0)
+    tenant_max_unfinished_bytes: int = Field(0, ge=0)
     # prefix of every Redis key the service writes (job records, heartbeats, metrics)
     redis_key_prefix: str = "aa"
     # "local": a directory (storage_dir) shared by API and workers; "s3": an S3-compatible bucket,
