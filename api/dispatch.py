@@ -34,7 +34,7 @@ from shared.audio_limits import DurationBudget, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.formats import file_name, one_line
 from shared.jobs import (CANCELLED, FAILED, INTERRUPTED_SUBMISSION, QUEUED, SUCCEEDED, JobRecord, JobStore, KeyClaim,
-                         KeyHolder, KeyLost, is_job_id, new_job_id)
+                         KeyHolder, KeyLost, Quota, is_job_id, new_job_id)
 from shared.kinds import JobKind, Params
 from shared.queue import send_job, send_webhook
 from shared.settings import Settings
@@ -386,13 +386,21 @@ class Dispatcher:
         stored: list[tuple[str, dict[str, str]]] = []
         digests: list[dict[str, str]] = []
         fingerprint = ""
+        owner = principal.owner if principal is not None else None
+        # (job id, bytes of its uploads) of each job this submission would make
+        sized = [(new_job_id(), _upload_bytes(submission)) for submission in submissions]
+        # admin keys too: an operator's runaway script fills Redis for every tenant as well
+        quota = Quota.from_settings(self.settings)
         try:
-            for submission in submissions:
+            # a tenant at its quota is refused before a byte is stored (429); the check that holds
+            # when its submissions race is the one that writes each record (create_queued).
+            # After the key: a retry answered from its key is never refused by the jobs it holds
+            await run_in_threadpool(self.store.check_room, owner, quota, sized)
+            for submission, (job_id, _) in zip(submissions, sized):
                 if keyed is not None and renewal.lost:
                     # stop storing a request whose key another took (its own retry, after this
                     # one's hold lapsed); a hold that merely lapsed is taken again
                     await self._hold_again(keyed, renewal, None)
-                job_id = new_job_id()
                 digests.append({})
                 stored.append((job_id, await self.save_uploads(job_id, submission.audio, sync=sync,
                                                                digests=digests[-1] if keyed else None)))
@@ -422,9 +430,12 @@ class Dispatcher:
                 # the last one's message sent, all of them are confirmed (with a key, by the key's
                 # own step below, one more thread hop)
                 confirm = [*(record.job_id for record in records), job_id] if n == len(stored) and not keyed else []
+                # counted against the quota with the rest of the submission, held for it from its
+                # first record: a batch is refused whole, before any of its jobs exists
                 record, late = await self._enqueue(submission, job_id, keys, confirm, webhook_url=webhook_url,
                                                    webhook_payload=webhook_payload, batch_id=batch_id, sync=sync,
-                                                   principal=principal)
+                                                   principal=principal, quota=quota, size=sized[n - 1][1],
+                                                   reserve=sized[n:] if n == 1 else ())
                 records.append(record)
             if keyed is not None:
                 if renewal.lost:
@@ -452,7 +463,7 @@ class Dispatcher:
             # The key is given back only once every job was withdrawn: one that was confirmed
             # (a late job's record unreadable) and not withdrawn still runs, and the key, naming
             # it, answers the retry; a hold naming none lapses by itself
-            if await self._withdraw_all(stored, records):
+            if await self._withdraw_all(stored, records, owner):
                 await self._release_key(keyed)
             raise
         for submission, record in zip(submissions, records):
@@ -464,11 +475,18 @@ class Dispatcher:
         for job_id, _ in stored:
             await self.delete_uploads(job_id)
 
-    async def _withdraw_all(self, stored: Sequence[tuple[str, dict[str, str]]], records: Sequence[JobRecord]) -> bool:
-        """A refused submission's cleanup: uploads of jobs not made deleted, jobs made withdrawn.
-        True once every one was withdrawn."""
+    async def _withdraw_all(self, stored: Sequence[tuple[str, dict[str, str]]], records: Sequence[JobRecord],
+                            owner: str | None) -> bool:
+        """A refused submission's cleanup: uploads of jobs not made deleted, and the quota they
+        held given back; jobs made withdrawn. True once every one was withdrawn."""
         made = {record.job_id for record in records}
         await self._delete_all([(job_id, keys) for job_id, keys in stored if job_id not in made])
+        try:
+            await run_in_threadpool(self.store.give_back_reserved, owner,
+                                    [job_id for job_id, _ in stored if job_id not in made])
+        except Exception as exc:  # noqa: BLE001 - the store that refused: they lapse by themselves
+            log.warning("quota reservations not given back now (%s); they lapse within %.0f s", exc,
+                        self.settings.job_submit_grace_s)
         withdrawn = True
         for record in records:
             try:
@@ -657,9 +675,12 @@ class Dispatcher:
 
     async def _enqueue(self, submission: Submission, job_id: str, keys: dict[str, str], confirm: list[str], *,
                        webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,
-                       principal: Principal | None) -> tuple[JobRecord, list[str]]:
-        """The job's record (unconfirmed), then its message, then the jobs ``confirm`` names are
-        confirmed; returns the record and those confirmed late (``JobStore.confirm_queued``)."""
+                       principal: Principal | None, quota: Quota, size: int,
+                       reserve: Sequence[tuple[str, int]]) -> tuple[JobRecord, list[str]]:
+        """The job's record (unconfirmed; within the tenant's ``quota`` with its ``size`` and
+        the submission's jobs to ``reserve``, see ``JobStore.create_queued``), then its message,
+        then the jobs ``confirm`` names are confirmed; returns the record and those confirmed
+        late (``JobStore.confirm_queued``)."""
         record = JobRecord(
             job_id=job_id, kind=submission.kind.name, webhook_url=webhook_url, batch_id=batch_id, sync=sync,
             # what the webhook carries; only a job with a webhook has one
@@ -672,9 +693,10 @@ class Dispatcher:
         try:
             # the priority level of its message, decided with the record from its tenant's waiting
             # jobs (shared/queue.py, fair_priority): another tenant's first job overtakes a backlog
-            record, level = await run_in_threadpool(self.store.create_queued, record)
+            record, level = await run_in_threadpool(functools.partial(
+                self.store.create_queued, record, quota=quota, size=size, reserve=reserve))
         except BaseException:
-            # job store down (503): no job exists, so no upload may stay behind
+            # job store down (503), or the tenant's quota (429): no job exists, so no upload may stay behind
             await self.delete_uploads(job_id)
             raise
         try:
@@ -928,6 +950,11 @@ async def _is_empty(upload: UploadFile) -> bool:
     head = await upload.read(1)
     await upload.seek(0)
     return not head
+
+
+def _upload_bytes(submission: Submission) -> int:
+    """What the submission's uploads will hold in storage (audio by URL is fetched by the worker)."""
+    return sum(upload.size or 0 for upload in submission.audio.values())
 
 
 def _first_filename(submission: Submission) -> str | None:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import AnalysisError, InputError, ModelError
+from shared.errors import AnalysisError, InputError, ModelError, QuotaExceeded
 from shared.schemas import ErrorBody, ErrorType
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ class KeyInUse(JobConflict):
     """409: the request's Idempotency-Key is held by a submission still being stored and queued
     (or this one's hold lapsed before its jobs were accepted, and none were kept): retry later,
     with the same key (api/idempotency.py). Retry-After is set by :func:`install`."""
+
+
+# Retry-After of a submission refused by its tenant's quota (shared.errors.QuotaExceeded): a slot
+# frees when one of the tenant's jobs ends, which its own polls or webhooks tell it; a client that
+# only backs off learns of it within this, without hammering the API while a backlog drains
+QUOTA_RETRY_AFTER_S = 30
 
 
 class SyncTimeout(AnalysisError):
@@ -118,6 +124,8 @@ def install(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "X-API-Key"} if exc.status_code == 401 else None
         if isinstance(exc, KeyInUse):
             headers = {"Retry-After": str(KEY_IN_USE_RETRY_AFTER_S)}
+        elif isinstance(exc, QuotaExceeded):
+            headers = {"Retry-After": str(QUOTA_RETRY_AFTER_S)}
         elif isinstance(exc, (StorageFull, StoreRefused)):
             headers = {"Retry-After": "60"}
         elif isinstance(exc, StorageUnavailable):

@@ -58,6 +58,14 @@ class JobCollector(Collector):
             hooks.add_metric([outcome], count)
         yield hooks
 
+        refused = CounterMetricFamily(
+            "audio_analysis_quota_refusals", "Submissions refused 429 by their tenant's quota, by the limit crossed",
+            labels=["limit"],
+        )
+        for limit, count in sorted(self.store.quota_refusals().items()):
+            refused.add_metric([limit], count)
+        yield refused
+
         depth = GaugeMetricFamily("audio_analysis_queue_depth", "Messages waiting in a Celery queue", labels=["queue"])
         for queue in (self.settings.queue_name, self.settings.webhook_queue_name):
             # every priority list of the queue (fair ordering puts a tenant's backlog in lists

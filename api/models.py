@@ -70,8 +70,8 @@ class Health(HealthResponse):
 
 
 # every status a route may answer in the documented error shape: 400 a malformed or cut-short
-# multipart body, 403 a browser's request from another site, 408 a body that stalled, 507 no
-# room left for uploads (with Retry-After)
+# multipart body, 403 a browser's request from another site, 408 a body that stalled, 429 a
+# tenant past its quota of unfinished work and 507 no room left for uploads (both with Retry-After)
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 500, 503, 504, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503, 504, 507)
 }
