@@ -726,8 +726,8 @@ class JobStore:
         who = "this API key has" if owner else "the service has"
         these = "this job" if adding == 1 else f"these {adding} jobs"
         if limit == "jobs":
-            detail = (f"{who} {jobs} jobs queued or running, and {these} would take it past its limit of "
-                      f"{quota.max_jobs} (AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS)")
+            detail = (f"{who} {jobs} job{'' if jobs == 1 else 's'} queued or running, and {these} would take it "
+                      f"past its limit of {quota.max_jobs} (AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS)")
         else:
             detail = (f"{who} {held} bytes of uploads held for jobs queued or running, and {these} "
                       f"({size} bytes) would take it past its limit of {quota.max_bytes} "
