@@ -51,7 +51,10 @@ def _first_conv_calls(model) -> list[int]:
 
 
 def test_polyphase_convolution_is_the_strided_convolution():
-    signal, filters = torch.randn(12_345), torch.randn(80, 1, 251)
+    # seeded: the same draw every run (float32 rounding: 3.8e-5 here; 6.1e-5 at worst over
+    # 10,000 unseeded draws, against atol 1e-4 plus rtol 1e-5 of values up to 70)
+    generator = torch.Generator().manual_seed(0)
+    signal, filters = torch.randn(12_345, generator=generator), torch.randn(80, 1, 251, generator=generator)
     expected = F.conv1d(signal[None, None], filters, stride=10)[0]
     assert torch.allclose(_strided_conv(signal, filters, 10), expected, atol=1e-4)
 
