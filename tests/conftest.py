@@ -114,7 +114,9 @@ def settings(service_env):
 
 @pytest.fixture(scope="session")
 def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
-    """One real Celery worker process for the whole session (models loaded once)."""
+    """One real Celery worker for the whole session (models loaded once), run as every
+    deployment and `up` run it: prefork, one pool process. A solo worker hid that the header
+    check could not start its sandbox from a pool process (every m4a or mp3 failed there)."""
     import redis
 
     from shared.jobs import JobStore
@@ -122,7 +124,8 @@ def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
 
     redis.Redis.from_url(settings.redis_url).flushdb()
     stack = Stack(log_dir=tmp_path_factory.mktemp("logs"))
-    proc = stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], name="test-worker")
+    proc = stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], name="test-worker",
+                              pool="prefork")
     store = JobStore.from_settings(settings)
 
     def ready() -> bool:
