@@ -77,8 +77,8 @@ def _raise_for_error(response: httpx.Response) -> None:
 
 class Client:
     """``retries``: how many times a submit, or a poll of ``wait``, is sent again after the
-    connection failed or the service answered 502/503/504, waiting its Retry-After (at most
-    ``retry_wait_max_s``). A submit carries an ``Idempotency-Key``, so that a retry after an
+    connection failed or the service answered 502/503/504 (a submit also after a 429, its
+    tenant at its quota), waiting its Retry-After (at most ``retry_wait_max_s``). A submit carries an ``Idempotency-Key``, so that a retry after an
     answer lost on the way (a reset, a timeout) gets the job the first attempt made instead of
     running the recording twice."""
 
@@ -138,9 +138,10 @@ class Client:
             else:
                 local.append((field, source))
         key = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
-        # 409: the first attempt, whose answer was lost, is still being submitted
+        # 409: the first attempt, whose answer was lost, is still being submitted; 429: this
+        # key's tenant is at its quota of unfinished jobs, which free a slot as each one ends
         response = self._retrying(lambda: self._post_files(f"/jobs/{kind}", local, data, key),
-                                  TRANSIENT_STATUS | {409})
+                                  TRANSIENT_STATUS | {409, 429})
         _raise_for_error(response)
         return response.json()
 

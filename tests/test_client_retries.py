@@ -104,3 +104,31 @@ def test_a_client_gives_up_after_its_retries(service_env, tmp_path, utterances):
                 else:
                     raise AssertionError("every answer was lost, yet submit returned")
     assert len(attempts) == 3, attempts
+
+
+def test_a_submit_over_the_tenants_quota_waits_for_a_slot(worker, service_env, tmp_path, long_sample, utterances):
+    """A tenant at its quota of unfinished jobs is answered 429 with Retry-After; the client (and
+    so `audio-analysis submit` of a folder's recordings) waited for nothing and failed the
+    submission. It now sends it again after the wait, and it is taken once a job has ended."""
+    from cli.client import Client
+    from shared.errors import AnalysisError
+
+    api_key = f"client-quota-{uuid.uuid4().hex[:8]}"
+    with api_under_uvicorn(service_env, tmp_path, [api_key],
+                           extra_env={"AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS": "1"}) as base:
+        with Client(base, api_key=api_key, retries=0) as impatient:
+            first = impatient.submit("diarize", long_sample)  # two minutes of speech: seconds of work
+            try:
+                impatient.submit("embedding", utterances["spk1"][0])
+            except AnalysisError as exc:
+                assert exc.status_code == 429, exc
+            else:
+                raise AssertionError("a second job was taken past a quota of one")
+        with Client(base, api_key=api_key, retries=60, retry_wait_max_s=0.5) as client:
+            second = client.submit("embedding", utterances["spk1"][0])
+            done = client.wait(second["job_id"], timeout_s=180, interval_s=0.2)
+            assert client.wait(first["job_id"], timeout_s=10)["status"] == "succeeded"
+        assert done["status"] == "succeeded", done
+        refusals = [line for line in httpx.get(f"{base}/metrics").text.splitlines()
+                    if line.startswith("audio_analysis_quota_refusals_total") and 'limit="jobs"' in line]
+        assert refusals and float(refusals[0].split()[-1]) >= 2, refusals  # the impatient one's and the retry's
