@@ -720,11 +720,21 @@ class JobStore:
             pipe.zadd(self._unfinished_keys(after.owner)[0], {after.job_id: until_ms / 1000.0}, xx=True)
 
     def _refused(self, owner: str | None, quota: Quota, limit: str, jobs: int, held: int, adding: int,
-                 size: int) -> QuotaExceeded:
-        """The refusal of ``adding`` jobs (``size`` bytes), counted for /metrics."""
+                 size: int) -> InputError:
+        """The refusal of ``adding`` jobs (``size`` bytes), counted for /metrics: a 429 to retry
+        once some of the tenant's jobs have ended, or a 413 where the submission alone is past the
+        limit (a batch of more files than it, an upload larger than it), which no wait mends."""
         self.redis.hincrby(self.key("stats", "quota_refused"), limit, 1)
         who = "this API key has" if owner else "the service has"
         these = "this job" if adding == 1 else f"these {adding} jobs"
+        if limit == "jobs" and adding > quota.max_jobs:
+            return InputError(f"{these} are more than the {quota.max_jobs} jobs this API key may have queued or "
+                              "running at once (AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS); submit them in smaller "
+                              "batches", status_code=413)
+        if limit == "bytes" and size > quota.max_bytes:
+            return InputError(f"{these} ({size} bytes of uploads) would alone take this API key past its limit of "
+                              f"{quota.max_bytes} bytes held for unfinished jobs "
+                              "(AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_BYTES); send less at once", status_code=413)
         if limit == "jobs":
             detail = (f"{who} {jobs} job{'' if jobs == 1 else 's'} queued or running, and {these} would take it "
                       f"past its limit of {quota.max_jobs} (AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS)")

@@ -328,3 +328,31 @@ def test_two_api_processes_racing_take_no_more_than_the_limit(service_env, setti
         finally:
             for job_id in taken:
                 httpx.post(f"{one}/jobs/{job_id}/cancel", headers={"X-API-Key": KEY_A}, timeout=30)
+
+
+def test_a_submission_alone_past_the_limit_is_413_not_a_429_to_wait_out(variant_app, settings, store, parked,
+                                                                          utterances) -> None:
+    """A batch of more files than the tenant may have unfinished, or an upload larger than its
+    bytes limit, can never fit however long it waits: it was answered 429 with Retry-After and
+    "submit again once some of its jobs have ended", which a retrying client obeyed for ever. It
+    is 413 now, without Retry-After, on an empty tenant, and nothing of it is kept."""
+    from api.deps import owner_of
+
+    audio = utterances["spk1"][0].read_bytes()
+    app = variant_app(queue_name=parked, api_keys=[SecretStr(KEY_A)], tenant_max_unfinished_jobs=2,
+                      tenant_max_unfinished_bytes=len(audio) * 5)
+    stored = _stored(settings)
+    r = app.post("/jobs/batch", data={"kind": "embedding"}, headers={"X-API-Key": KEY_A},
+                 files=[("files", (f"{i}.wav", audio, "audio/wav")) for i in range(3)])
+    assert r.status_code == 413 and "Retry-After" not in r.headers, (r.status_code, r.headers, r.text)
+    assert "smaller batches" in r.json()["detail"] and r.json()["error_type"] == "ValidationError", r.text
+    big = audio * 6  # a WAV whose header says less than its bytes: read as the first part, sized whole
+    r = _submit(app, KEY_A, big)
+    assert r.status_code == 413 and "Retry-After" not in r.headers, (r.status_code, r.text)
+    assert "TENANT_MAX_UNFINISHED_BYTES" in r.json()["detail"], r.text
+    assert not _stored(settings) - stored and store.unfinished(owner_of(KEY_A)) == (0, 0)
+    # a batch within the limit is still taken
+    r = app.post("/jobs/batch", data={"kind": "embedding"}, headers={"X-API-Key": KEY_A},
+                 files=[("files", (f"{i}.wav", audio, "audio/wav")) for i in range(2)])
+    assert r.status_code == 202, r.text
+    _cancel(app, KEY_A, [job["job_id"] for job in r.json()["jobs"]])
