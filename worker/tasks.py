@@ -377,13 +377,15 @@ def _run_leased(
 
 def _short_of(jobs: JobStore, running: JobRecord, attempt: int, what: str) -> tuple[str, None, AnalysisError] | None:
     """The service lacked, for now, something the job needs (``what``): the job goes back to the
-    queue as a lost attempt, its upload kept, to run when there is room (None); once it has been
-    lost ``job_max_attempts`` times, the failure to record: the service's state (503, submit it
-    again later), never an internal error and never the file's fault."""
+    queue as a lost attempt, its upload kept, to run when there is room (None); once it has lost
+    ``job_max_attempts`` attempts (to this, another shortage or a dead worker: one budget, so a
+    job cannot cycle for ever between causes), the failure to record: the service's state (503,
+    submit it again later), never an internal error and never the file's fault."""
     if running.lost + 1 >= settings.job_max_attempts:
         log.error("job %s: %s, attempt %d", running.job_id, what, attempt, exc_info=True)
-        return (FAILED, None, ProcessingError(f"{what}, {running.lost + 1} times; submit it again later",
-                                              status_code=503))
+        return (FAILED, None, ProcessingError(
+            f"{what}; the job has lost {running.lost + 1} attempts in all, the most it is given; "
+            "submit it again later", status_code=503))
     log.warning("job %s: %s; back to the queue", running.job_id, what, exc_info=True)
     back_to_queue(jobs, running, attempt, lost=True)
     return None
