@@ -81,7 +81,10 @@ def test_images_and_commands_match_compose(docs, compose) -> None:
     for deployment, service in pairs.items():
         container = _container(docs[("Deployment", deployment)])
         assert container["image"] == compose[service]["image"], deployment
-        k8s, dc = container["command"], compose[service]["command"]
+        # args, not command: a command would replace the image's ENTRYPOINT, tini, which reaps
+        # the orphans a dead pool process leaves (its header check's fork server)
+        assert "command" not in container, deployment
+        k8s, dc = container["args"], compose[service]["command"]
         # the same program and queue; host names and flags a proxy needs may differ
         assert k8s[:3] == dc[:3], deployment
         if "-Q" in dc:
@@ -94,7 +97,7 @@ def test_gpu_workers_take_one_card_one_job_and_drain(docs) -> None:
     container = _container(worker)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {"name": "AUDIO_ANALYSIS_DEVICE", "value": "cuda:0"} in container["env"]
-    command = container["command"]
+    command = container["args"]
     assert command[command.index("--concurrency") + 1] == "1" and "prefork" in command
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
 
@@ -118,7 +121,7 @@ def test_keda_scales_the_workers_on_their_queue(docs) -> None:
     modifiers = scaled["spec"]["advanced"]["scalingModifiers"]
     assert modifiers["formula"].replace(" ", "").split("+") == [t["name"] for t in triggers]
     assert modifiers["target"] == "1" and modifiers["metricType"] == "AverageValue"
-    command = _container(docs[("Deployment", "worker-gpu")])["command"]
+    command = _container(docs[("Deployment", "worker-gpu")])["args"]
     assert command[command.index("-Q") + 1] == queue
     assert scaled["spec"]["minReplicaCount"] >= 1 <= scaled["spec"]["maxReplicaCount"]
 

@@ -141,6 +141,10 @@ def test_dockerfiles_copy_existing_paths_and_set_real_settings(name):
         if instr == "CMD":
             _check_command(__import__("json").loads(args))
     assert ("USER", "app") in instructions
+    # an init as PID 1: a prefork pool process that dies leaves its header check's fork server and
+    # resource tracker to PID 1, and celery (or python) there never reaps them: zombies pile up
+    assert ("ENTRYPOINT", '["/usr/bin/tini", "--"]') in instructions
+    assert any(instr == "RUN" and "install" in args and "tini" in args for instr, args in instructions)
 
 
 def test_worker_image_bakes_production_models():
