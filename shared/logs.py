@@ -108,8 +108,16 @@ def formatter(log_format: str) -> logging.Formatter:
     return TextFormatter()
 
 
+# HTTP clients' own per-request lines, at INFO ("HTTP Request: GET <url> ..."): each names the
+# whole URL, and a presigned file_url's query string is its credentials (a webhook_url's may be
+# a token). What we fetch and deliver is logged by our own code, without the query string.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
+
 def configure(log_format: str, level: str = "INFO", handlers: list[logging.Handler] | None = None) -> None:
     """Format the given handlers (default: the root logger's, or one on stderr)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     root = logging.getLogger()
     if handlers is None:
         if not root.handlers:

@@ -63,7 +63,7 @@ def _seconds(start: str, end: str) -> float:
 # --- jobs by URL on the session's worker ------------------------------------------------------------
 
 
-def test_diarization_by_presigned_url_matches_the_upload(client, media_server, short_sample, settings):
+def test_diarization_by_presigned_url_matches_the_upload(client, worker, media_server, short_sample, settings):
     media_server.file("/bucket/meeting.wav", short_sample.read_bytes())
     url = media_server.url("/bucket/meeting.wav") + "?" + PRESIGNED
     job = _submit(client, "diarize", file_url=url, num_speakers="2")
@@ -87,6 +87,9 @@ def test_diarization_by_presigned_url_matches_the_upload(client, media_server, s
     assert progress == sorted(progress)
     assert "X-Amz" not in json.dumps(by_url)
     assert gone(settings.storage_dir / job["job_id"])
+    # nor in the worker's log: httpx's own INFO line ("HTTP Request: GET <url> ...") wrote the
+    # signature there for every download
+    assert "X-Amz-Signature" not in worker.log_path.read_text(errors="replace")
 
 
 def test_redirect_chain_is_followed_to_a_chunked_answer(client, media_server, utterances):
