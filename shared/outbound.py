@@ -342,9 +342,13 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
             raise InputError(f"{what or field + ' host'} {parts.hostname!r} did not resolve in time") from None
         except AddressNotAllowed as exc:
             log.info("%s refused: %s", field, exc)
+            # one answer for a name that does not resolve and one that resolves to an internal
+            # address: told apart, they would let a caller map which internal names exist (the
+            # log says which). The first is the common mistake (a typo, a host that is gone),
+            # so it is named, not left to be read as "private"
             raise InputError(
-                f"{field} must reach a public address (loopback, private, link-local, multicast and "
-                "reserved addresses are refused)"
+                f"{field} must reach a public address: {parts.hostname!r} does not resolve, or resolves to an "
+                "address that is refused (loopback, private, link-local, multicast and reserved addresses)"
             ) from None
     return url
 

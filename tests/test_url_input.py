@@ -390,6 +390,13 @@ def test_internal_addresses_are_refused_at_submit(strict, media_server, utteranc
     r = strict.post("/jobs/compare", files={"file1": _wav(utterances["spk1"][0])},
                     data={"file2_url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/"})
     assert r.status_code == 422 and "file2_url must reach a public address" in r.json()["detail"], r.text
+    # a name that does not resolve is the common mistake, and is named as a possible cause (it was
+    # answered as if it were private); the answer is the same as for an internal address, so that
+    # it tells nobody which internal names exist
+    typo = strict.post("/jobs/diarize", data={"file_url": "http://no-such-host.invalid/a"}).json()["detail"]
+    internal = strict.post("/jobs/diarize", data={"file_url": "http://10.0.0.1/a.wav"}).json()["detail"]
+    assert "'no-such-host.invalid' does not resolve, or resolves to an address that is refused" in typo, typo
+    assert typo.replace("no-such-host.invalid", "10.0.0.1") == internal, (typo, internal)
     # nothing was queued, nothing reached the server
     assert len(strict.get("/jobs", params={"limit": 1000}).json()["jobs"]) == before
     assert len(media_server.hits) == hits
