@@ -180,3 +180,17 @@ def test_redelivered_finished_job_is_not_run_again(client, utterances, settings)
     assert returned == {"job_id": done["job_id"], "status": "succeeded"}
     after = client.get(f"/jobs/{done['job_id']}").json()
     assert after == done  # same timestamps, same result: not re-run, not overwritten
+
+
+def test_a_mistyped_kind_is_a_404_naming_the_kinds(client, short_sample):
+    """POST /jobs/diarization (for /jobs/diarize) matched only GET /jobs/{job_id}'s path and was
+    answered 405 "Method Not Allowed", which says nothing of the typo."""
+    from shared.kinds import KINDS
+
+    r = client.post("/jobs/diarization", files=_files("file", short_sample))
+    assert r.status_code == 404, r.text
+    body = r.json()
+    assert set(body) == {"detail", "error_type", "timestamp"} and body["error_type"] == "ValidationError", body
+    assert "no job kind diarization" in body["detail"] and all(kind in body["detail"] for kind in KINDS), body
+    assert client.post("/jobs/batch", data={"kind": "diarize"}).status_code == 422  # still the batch route
+    assert "/jobs/{kind}" not in client.get("/openapi.json").json()["paths"]

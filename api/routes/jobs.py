@@ -226,3 +226,10 @@ async def get_batch(batch_id: str, dispatcher: DispatcherDep, principal: Princip
     if not records:
         raise not_found("batch", batch_id, "unknown or expired")
     return _batch_body(base, batch_id, records[0].kind, records)
+
+
+# the router's last route: a POST to /jobs/<a mistyped kind> matched only GET /jobs/{job_id}'s
+# path and was answered 405 "Method Not Allowed". Its body is never read.
+@router.post("/{kind}", include_in_schema=False)
+async def unknown_kind(kind: str) -> None:
+    raise not_found("job kind", kind, f"POST /jobs/<kind> takes one of {', '.join(KINDS)}, or /jobs/batch")
