@@ -213,13 +213,20 @@ class Engine:
         return self.profile.load_embedder(self.settings, self.device)
 
     # --- audio -----------------------------------------------------------------------------
-    def load(self, source: AudioSource | Audio) -> Audio:
+    def load(self, source: AudioSource | Audio, field: str | None = None) -> Audio:
+        """``source`` decoded; where a kind takes several recordings, ``field`` names this one in
+        a refusal ("file2: audio is silent ..."), which otherwise leaves the caller guessing."""
         if isinstance(source, Audio):
             return source
         limit = self.settings.max_audio_seconds
         if self._decode_limit_s is not None:
             limit = min(limit, self._decode_limit_s)
-        return load_audio(source, max_duration=limit, min_duration=self.settings.min_audio_seconds)
+        try:
+            return load_audio(source, max_duration=limit, min_duration=self.settings.min_audio_seconds)
+        except InputError as exc:
+            if field is None:
+                raise
+            raise type(exc)(f"{field}: {exc.detail}", status_code=exc.status_code) from exc
 
     @contextlib.contextmanager
     def decoding_at_most(self, seconds: float) -> Iterator[None]:
@@ -364,8 +371,8 @@ class Engine:
             raise InputError("files: at least one recording is required")
         started = time.perf_counter()
         vectors, weights, per_file, duration = [], [], [], 0.0
-        for source in sources:
-            audio = self.load(source)
+        for n, source in enumerate(sources):
+            audio = self.load(source, f"file {n + 1} of {len(sources)}" if len(sources) > 1 else None)
             duration += audio.duration
             vector, speech_s = self.speech_vector(audio)
             per_file.append(speech_s)
@@ -466,7 +473,7 @@ class Engine:
         threshold = self.default_threshold if threshold is None else threshold
         _check(CompareParams, threshold=threshold)
         started = time.perf_counter()
-        audio_a, audio_b = self.load(first), self.load(second)
+        audio_a, audio_b = self.load(first, "file1"), self.load(second, "file2")
         speech_a = self.require_speech(audio_a, "file1")
         speech_b = self.require_speech(audio_b, "file2")
         a = self._embed_speech(audio_a, speech_a)

@@ -130,6 +130,19 @@ def test_missing_file_and_bad_audio(client):
     assert body["detail"]
 
 
+def test_a_comparison_names_the_recording_it_refuses(client, utterances):
+    """A silent (or too short) second recording was refused "audio is silent: no signal to
+    analyse", leaving the caller to guess which of the two it was."""
+    import soundfile as sf
+
+    silence = io.BytesIO()
+    sf.write(silence, np.zeros(16000 * 3, dtype=np.int16), 16000, format="WAV", subtype="PCM_16")
+    body = _assert_error(client.post("/compare", files={
+        "file1": _f("file1", utterances["spk1"][0])["file1"],
+        "file2": ("quiet.wav", silence.getvalue(), "audio/wav")}), 422)
+    assert body["detail"].startswith("file2: audio is silent"), body
+
+
 def test_not_found_routes_use_the_error_shape(client):
     _assert_error(client.get("/no/such/route"), 404)
     _assert_error(client.get("/jobs/unknown-job"), 404)
