@@ -22,7 +22,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from shared.outbound import check_url, transport
+from shared.outbound import DeadlineExceeded, check_url, transport
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,46 @@ ATTEMPT_HEADER = "X-AudioAnalysis-Attempt"
 class WebhookDeliveryError(Exception):
     """The receiver did not accept the delivery (network error or non-2xx): retry later.
 
-    Its message is shown to the job's owner (``webhook.last_error``), so it says no more than
-    "delivery failed, status N" or that the connection failed: never what answered there.
+    Its message is shown to the job's owner (``webhook.last_error``), so it says what happened
+    (could not connect, connected but timed out after N s, connection closed before an answer,
+    "delivery failed, status N") and no more: never what answered there, nor an address or
+    reason the connection was refused (the address policy's verdict names the addresses a host
+    resolved to, which may be the service's own network's).
     """
+
+
+def failure_message(exc: BaseException, timeout_s: float, deadline_s: float, elapsed_s: float) -> str:
+    """What ``webhook.last_error`` says of an attempt that raised ``exc`` after ``elapsed_s``.
+
+    Every failure was "could not connect", a receiver that took the connection and never
+    answered (httpx.ReadTimeout) too, which sent its owner looking for a firewall. The time said
+    is the limit that ran out: the attempt's ``deadline_s`` when it had passed (the socket's
+    last wait is cut to what is left of it, shared/outbound.py), else ``timeout_s``, which bounds
+    each connect, write and read.
+    """
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    # a little short of the deadline: a socket's wait cut to what was left of it ends on it
+    deadline = elapsed_s >= deadline_s - 0.05
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        deadline = deadline or isinstance(cause, DeadlineExceeded)
+        cause = cause.__cause__ or cause.__context__
+    took = f"{deadline_s if deadline else timeout_s:g} s"
+    if isinstance(exc, (httpx.ConnectTimeout, httpcore.ConnectTimeout)):
+        return f"delivery failed: could not connect within {took}"
+    if isinstance(exc, (httpx.ReadTimeout, httpcore.ReadTimeout)):
+        return f"delivery failed: connected, then timed out after {took} waiting for the answer"
+    if isinstance(exc, (httpx.WriteTimeout, httpcore.WriteTimeout)):
+        return f"delivery failed: connected, then timed out after {took} sending the delivery"
+    if isinstance(exc, (httpx.TimeoutException, httpcore.TimeoutException)):  # a pool timeout: no connection
+        return f"delivery failed: could not connect within {took}"
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpcore.ReadError,
+                        httpcore.WriteError, httpcore.RemoteProtocolError)):
+        # connected: the receiver closed or reset the connection, or answered something not HTTP
+        return "delivery failed: connected, but the connection ended without a valid answer"
+    # refused, unreachable, not resolved, an address the policy refuses, an invalid stored URL
+    return "delivery failed: could not connect"
 
 
 # the secret the settings fall back to: public, so deliveries signed with it prove nothing
@@ -127,6 +164,7 @@ def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s:
         JOB_ID_HEADER: job_id,
         ATTEMPT_HEADER: str(attempt),
     }
+    started = time.monotonic()
     try:
         # redirects are not followed: they would sidestep the address policy and allowed hosts;
         # trust_env off: a proxy from the environment would connect for us, unchecked
@@ -140,7 +178,7 @@ def post(url: str, job_id: str, payload: dict[str, Any], secret: str, timeout_s:
     # InvalidURL is not an HTTPError; a URL stored before the checks above could still be one
     except (httpx.HTTPError, httpx.InvalidURL, httpcore.ConnectError, OSError, ValueError) as exc:
         log.warning("webhook delivery for job %s failed: %s: %s", job_id, type(exc).__name__, exc)
-        raise WebhookDeliveryError("delivery failed: could not connect") from None
+        raise WebhookDeliveryError(failure_message(exc, timeout_s, deadline_s, time.monotonic() - started)) from None
     if not 200 <= status < 300:
         raise WebhookDeliveryError(f"delivery failed, status {status}")
     return status

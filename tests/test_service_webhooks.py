@@ -8,6 +8,8 @@ import hmac
 import json
 import time
 
+import pytest
+
 from shared import webhooks
 from tests.conftest import WEBHOOK_SECRET, wait_for_job
 
@@ -165,3 +167,72 @@ def test_without_api_keys_the_operators_secret_is_not_handed_out(client):
     r = client.get("/webhooks/secret")
     assert r.status_code == 404 and set(r.json()) == {"detail", "error_type", "timestamp"}, r.text
     assert WEBHOOK_SECRET not in r.text
+
+
+# --- what webhook.last_error says of a failed attempt ----------------------------------------------
+
+
+class _Receiver:
+    """A TCP server on 127.0.0.1 that takes each connection and either holds it without a word or
+    closes it once the request arrived."""
+
+    def __init__(self, answer: str) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.held: list[socket.socket] = []
+        self.answer = answer
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.answer == "close":
+                conn.recv(65536)
+                conn.close()
+            else:
+                self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def _last_error(url: str, timeout_s: float, deadline_s: float) -> str:
+    with pytest.raises(webhooks.WebhookDeliveryError) as caught:
+        webhooks.post(url, "job", {"x": 1}, "s" * 32, timeout_s, allow_private=True, deadline_s=deadline_s)
+    return str(caught.value)
+
+
+def test_a_receiver_that_never_answers_is_a_timeout_not_a_failed_connection():
+    """httpx.ReadTimeout (connected, no answer) said "delivery failed: could not connect", which
+    sent the receiver's owner looking for a firewall; it says what ran out now, and nothing of the
+    address (the policy's verdicts name addresses a host resolved to)."""
+    silent = _Receiver("never")
+    try:
+        per_read = _last_error(silent.url, 0.5, 5.0)
+        whole = _last_error(silent.url, 5.0, 0.7)  # the attempt's deadline ran out first
+    finally:
+        silent.close()
+    assert per_read == "delivery failed: connected, then timed out after 0.5 s waiting for the answer", per_read
+    assert whole == "delivery failed: connected, then timed out after 0.7 s waiting for the answer", whole
+
+    hangs_up = _Receiver("close")
+    try:
+        closed = _last_error(hangs_up.url, 2.0, 5.0)
+    finally:
+        hangs_up.close()
+    assert closed == "delivery failed: connected, but the connection ended without a valid answer", closed
+
+    from cli.launcher import free_port
+
+    refused = _last_error(f"http://127.0.0.1:{free_port()}/hook", 2.0, 5.0)
+    assert refused == "delivery failed: could not connect", refused
+    for message in (per_read, whole, closed, refused):
+        assert "127.0.0.1" not in message and "hook" not in message
