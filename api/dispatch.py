@@ -30,7 +30,7 @@ from api.errors import (STORE_REFUSED, JobConflict, KeyInUse, StorageFull, Stora
                         SyncTimeout, not_found, refuses_writes)
 from api.idempotency import Digesting, Idempotent, UploadPart, digest_upload
 from shared import logs
-from shared.audio_limits import DurationBudget, check_audio_limits
+from shared.audio_limits import SYNC_HINT, DurationBudget, NotAudioError, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
 from shared.formats import file_name, one_line
 from shared.jobs import (CANCELLED, FAILED, INTERRUPTED_SUBMISSION, QUEUED, SUCCEEDED, JobRecord, JobStore, KeyClaim,
@@ -740,20 +740,31 @@ class Dispatcher:
     async def check_audio_limits(self, uploads: Iterable[UploadFile], *, sync: bool) -> None:
         """Duration and sample rate from the container header, before any worker decodes.
 
-        A file whose header cannot be read is left to the worker, which answers 415.
+        A file that neither libsndfile nor FFmpeg opens as audio, or that has no audio stream, is
+        refused here (415, the file named): it was left to the worker ("cannot be read" was taken
+        for "let it through"), so a text file, a web page, a picture or a silent video was
+        answered 202, stored and queued, and failed in the worker with the same 415, a batch
+        holding one such file queued the others. A header that went unread for the check's own
+        reasons (shared.audio_limits.audio_header: None) is still left to the worker's decoder.
         """
         limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
             else self.settings.max_audio_seconds
-        hint = "; submit it to /jobs/* instead (asynchronous, longer limit)" if sync else ""
+        hint = SYNC_HINT if sync else ""
         budget = DurationBudget(limit, hint)
         for upload in uploads:
+            name = (upload.filename or "")[:100]
             if await _is_empty(upload):
                 # nothing a worker could decode: refused here, as the synchronous route's worker did
-                raise AudioDecodeError(f"uploaded file {(upload.filename or '')[:100]!r} is empty")
-            budget.add(await run_in_threadpool(
-                check_audio_limits, upload.file, max_duration=limit, min_sample_rate=self.settings.min_sample_rate,
-                hint=hint, sandbox=self.settings.probe_limits(),
-            ))
+                raise AudioDecodeError(f"uploaded file {name!r} is empty")
+            try:
+                info = await run_in_threadpool(
+                    check_audio_limits, upload.file, max_duration=limit,
+                    min_sample_rate=self.settings.min_sample_rate, hint=hint, sandbox=self.settings.probe_limits(),
+                )
+            except NotAudioError as exc:
+                # which of a batch's (or an enrollment's) files it is
+                raise NotAudioError(f"uploaded file {name!r}: {exc.detail}") from None
+            budget.add(info)
 
     # --- the synchronous contract -----------------------------------------------------------
     async def has_worker(self) -> bool:

@@ -28,6 +28,9 @@ from shared.settings import Settings
 # children run from the project root so `-A worker.celery_app` and `api.main:app` import
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
+# webhook deliveries at once under `up`, as compose's `webhooks` service runs them
+WEBHOOK_THREADS = 8
+
 
 def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
     try:
@@ -174,6 +177,13 @@ class Stack:
             "--without-gossip", "--without-mingle",
         ], env=env)
 
+    def start_webhook_worker(self, queue: str, concurrency: int = WEBHOOK_THREADS) -> subprocess.Popen:
+        """The worker that delivers webhooks, as compose's ``webhooks`` service runs it: threads
+        (each delivery waits on the network, never on the CPU) and no models (no torch imported,
+        nothing loaded: worker/lifecycle.py reads AUDIO_ANALYSIS_WORKER_LOAD_MODELS)."""
+        return self.start_worker(queues=[queue], name="webhooks", pool="threads", concurrency=concurrency,
+                                 env={"AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false"})
+
     def start_api(self, host: str, port: int) -> subprocess.Popen:
         proc = self.spawn("api", [sys.executable, "-m", "api.serve", "--host", host, "--port", str(port)])
         wait_until(lambda: _port_open(host, port), 60, "api", proc)
@@ -291,6 +301,8 @@ def summary(settings: Settings, redis_url: str, flower_login: str | None) -> str
     lines += [
         f"  Redis     {parts.scheme}://{parts.hostname}:{parts.port or 6379}/{db}  (database {db}; job keys under "
         f"'{settings.redis_key_prefix}:', queues '{settings.queue_name}' and '{settings.webhook_queue_name}')",
+        f"  workers   jobs from '{settings.queue_name}' (1 pool process); webhook deliveries from "
+        f"'{settings.webhook_queue_name}' ({WEBHOOK_THREADS} threads, no models)",
         f"  uploads   {Path(settings.storage_dir).resolve()}  (each deleted when its job ends)",
         f"  data      {Path(settings.data_dir).resolve()}  (secrets; Redis's files when started here)",
     ]
@@ -327,7 +339,12 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         # prefork with one child, as in production: the job runs in the child and the parent keeps
         # sending heartbeats, so Flower shows the worker online while it is busy (with the solo
         # pool a 10-minute job made it "Offline")
-        stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], pool="prefork")
+        stack.start_worker(queues=[settings.queue_name], pool="prefork")
+        # webhooks in a worker of their own, as compose and k8s deliver them: in the job worker's
+        # one pool child each attempt at a receiver that never answered held it for the webhook
+        # timeout (10 s, up to six attempts a delivery), retries went ahead of waiting jobs, and
+        # three such deliveries held a 1-s job 117.7 s. It costs one process of about 80 MB RSS
+        stack.start_webhook_worker(settings.webhook_queue_name)
         if with_flower:
             stack.start_flower(settings.flower_port, flower_login)
         stack.start_api(settings.api_host, settings.api_port)

@@ -71,7 +71,8 @@ def up(
     port: Optional[int] = typer.Option(None, help="API port (default: settings.api_port)"),
     flower: bool = typer.Option(True, "--flower/--no-flower", help="also start Flower"),
 ) -> None:
-    """Start Redis (if REDIS_URL is unreachable), the API, one worker and Flower; Ctrl-C stops all."""
+    """Start Redis (if REDIS_URL is unreachable), the API, a job worker, a webhook-delivery worker and
+    Flower; Ctrl-C stops all."""
     from cli.launcher import run_local
     from shared.settings import get_settings
 

@@ -62,6 +62,27 @@ def check_decode_work(duration: float, sample_rate: int | None, channels: int | 
         )
 
 
+# What the synchronous endpoints add to their 413: the same file may be submitted as a job, whose
+# limit is longer (AUDIO_ANALYSIS_MAX_AUDIO_SECONDS). Said whichever way the length was found: from
+# the header at submit (api/dispatch.py) or while the worker decoded it (worker/tasks.py)
+SYNC_HINT = "; submit it to /jobs/* instead (asynchronous, longer limit)"
+
+
+class NotAudioError(AudioDecodeError):
+    """415: neither libsndfile nor FFmpeg (its audio demuxers, :data:`DEMUXERS`) opens the file
+    as audio, or what FFmpeg opens holds no audio stream (a video without sound). The worker's
+    decoder (engine/audio.py ``_read_pyav``) makes the same two calls and refuses such a file in
+    these words; the header check says it at submit instead of queueing a job to fail."""
+
+    @classmethod
+    def unreadable(cls, why: str) -> NotAudioError:
+        return cls(f"not a decodable audio file ({why})")
+
+    @classmethod
+    def no_audio_stream(cls) -> NotAudioError:
+        return cls("file has no audio stream")
+
+
 # libsndfile's frame count for a stream of unknown length is SF_COUNT_MAX (2**63 - 1); no real
 # header declares anywhere near 2**62 frames (FLAC's own field holds 36 bits). The engine's
 # decoder reads such a stream block by block (engine/audio.py)
@@ -73,9 +94,9 @@ UNKNOWN_FRAMES = 1 << 62
 # description (``v=0 ... m=audio 5004 RTP/AVP``) made the API bind UDP ports and wait 10 s for
 # RTP packets per upload, a concat list (``ffconcat version 1.0 / file sub/x.wav``) read a file
 # relative to the process's working directory, and HLS or DASH playlists name URLs. None of
-# them is a recording. A format missing here is not refused at submit (its header goes unread),
-# and the worker's decoder, which keeps to the same list, refuses it (415) unless libsndfile
-# reads it. ``format_whitelist`` takes the demuxers' short names.
+# them is a recording. A format missing here is not audio to the header check: refused at submit
+# (415, NotAudioError) unless libsndfile reads it, as the worker's decoder, which keeps to the
+# same list, refuses it. ``format_whitelist`` takes the demuxers' short names.
 DEMUXERS = (
     "aac", "ac3", "aiff", "amr", "amrnb", "amrwb", "ape", "asf", "au", "avi", "caf", "dsf", "dts", "dtshd", "eac3",
     "flac", "flv", "gsm", "ircam", "loas", "matroska", "mlp", "mov", "mp3", "mpc", "mpc8", "mpeg", "mpegts",
@@ -907,8 +928,21 @@ def _sandbox(sandbox: ProbeLimits | None | _FromSettings) -> ProbeLimits | None:
 
 
 def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS) -> AudioInfo | None:
-    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable.
-    An MP4 that FFmpeg could not open in bounded memory is refused (:func:`check_mp4_edits`).
+    """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable
+    (not audio: :func:`audio_header` refuses it instead). An MP4 that FFmpeg could not open in
+    bounded memory is refused (:func:`check_mp4_edits`), as :func:`audio_header` refuses it."""
+    try:
+        return audio_header(source, sandbox)
+    except NotAudioError:
+        return None
+
+
+def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS) -> AudioInfo | None:
+    """Duration and sample rate from the header (libsndfile, else FFmpeg). Raises
+    :class:`NotAudioError` (415) where neither opens the file as audio or it has no audio stream;
+    None only where the header went unread (a path that cannot be opened, an in-memory upload
+    past the sandbox's ``_MAX_BYTES``, an error of PyAV's own rather than FFmpeg's refusal): the
+    worker's decoder then answers for the file.
 
     ``source`` is a path or a seekable binary file (an upload as the API received it, read from
     its start and left there). FFmpeg reads the header in a child process held to ``sandbox``'s
@@ -926,7 +960,7 @@ def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SET
     try:
         fh = open(source, "rb")
     except OSError:
-        return None  # nothing to read: as _probe answers
+        return None  # nothing to read (a path gone): unread, not refused
     with fh:
         check_containers(fh)
     return _probe(source, sandbox)
@@ -980,10 +1014,20 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
             return read_header(source, sandbox)
         finally:
             rewind()
+    import av
+
     try:
-        return ffmpeg_header(source)
-    except Exception:  # noqa: BLE001 - the worker's decoder reports what is wrong (415)
+        info = ffmpeg_header(source)
+    except av.error.MemoryError as exc:  # FFmpeg's ENOMEM for more than MAX_STREAMS streams
+        raise NotAudioError.unreadable(f"{type(exc).__name__}: more than {MAX_STREAMS} streams?") from exc
+    except (av.FFmpegError, ValueError, OSError) as exc:
+        # what the decoder's av.open refuses (415) after libsndfile refused it too
+        raise NotAudioError.unreadable(type(exc).__name__) from exc
+    except Exception:  # noqa: BLE001 - PyAV's own trouble, not the file's: the decoder answers for it
         return None
+    if info is None:
+        raise NotAudioError.no_audio_stream()
+    return info
 
 
 def ffmpeg_header(source: Source) -> AudioInfo | None:
@@ -1050,8 +1094,10 @@ def check_audio_limits(
     """Refuse from the header alone what would tie a worker up for hours: too long, or too much
     to decode for its length (so many channels at such a rate), or a rate so low that resampling
     multiplies it (413 / 415); and a rate or a channel count no recorder makes (415); and a
-    header FFmpeg cannot read within ``sandbox``'s limits (415, :func:`probe`)."""
-    info = probe(source, sandbox)
+    header FFmpeg cannot read within ``sandbox``'s limits (415, :func:`probe`); and a file that
+    neither libsndfile nor FFmpeg opens as audio, or without an audio stream (415,
+    :class:`NotAudioError`). None where the header went unread (:func:`audio_header`)."""
+    info = audio_header(source, sandbox)
     if info is None:
         return None
     check_channels(info.channels)

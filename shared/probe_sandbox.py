@@ -40,6 +40,7 @@ from multiprocessing.context import set_spawning_popen
 from multiprocessing.reduction import DupFd
 from typing import Any
 
+from shared.audio_limits import NotAudioError
 from shared.errors import AudioDecodeError, ModelError
 
 # an upload held in memory larger than this is not expected (the API spools past 1 MB); a file
@@ -236,13 +237,20 @@ def _child(conn: Any, kind: str, payload: Any, limits: ProbeLimits) -> None:
             source = io.BytesIO(payload)
         else:
             source = payload
-        conn.send(("ok", ffmpeg_header(source)))
+        conn.send(("ok", ffmpeg_header(source)))  # None: no audio stream
     except MemoryError:
         conn.send(("memory", None))
-    except Exception as exc:  # noqa: BLE001 - unreadable: the worker's decoder says why (415)
+    except Exception as exc:  # noqa: BLE001 - told apart in the parent
         import av
 
-        conn.send(("memory", None) if isinstance(exc, av.error.MemoryError) else ("ok", None))
+        if isinstance(exc, av.error.MemoryError):
+            conn.send(("memory", None))
+        elif isinstance(exc, (av.FFmpegError, ValueError, OSError)):
+            # FFmpeg could not open it (after libsndfile could not): what the worker's decoder
+            # refuses (415, "not a decodable audio file"), said at submit instead
+            conn.send(("unreadable", type(exc).__name__))
+        else:
+            conn.send(("error", type(exc).__name__))  # PyAV's own trouble: unread, not refused
     conn.close()
 
 
@@ -291,10 +299,11 @@ def _start(ctx: Any, kind: str, payload: Any, limits: ProbeLimits) -> tuple[Any,
 
 def read_header(source: Any, limits: ProbeLimits) -> Any:
     """:func:`shared.audio_limits.ffmpeg_header` of ``source`` (a path, or a seekable binary file
-    read from its start), read in a child held to ``limits``: its AudioInfo, or None where FFmpeg
-    cannot read the file. Raises AudioDecodeError (415) where the child ran out of CPU time,
-    memory or time, or died; SandboxUnavailable (503) where it could not be started, was starved
-    of CPU or was killed from outside."""
+    read from its start), read in a child held to ``limits``: its AudioInfo, or None where the
+    header went unread (bytes past ``_MAX_BYTES``, an error of PyAV's own). Raises NotAudioError
+    (415) where FFmpeg cannot open the file or finds no audio stream in it; AudioDecodeError (415)
+    where the child ran out of CPU time, memory or time, or died; SandboxUnavailable (503) where
+    it could not be started, was starved of CPU or was killed from outside."""
     ctx = _ctx()
     kind, payload = _payload(source)
     if kind == "bytes" and len(payload) > _MAX_BYTES:
@@ -336,6 +345,12 @@ def read_header(source: Any, limits: ProbeLimits) -> Any:
             raise _refuse(f"it took longer than {limits.timeout_s:g} s", limits)
         if outcome[0] == "memory":
             raise _refuse("FFmpeg ran out of memory (or the file has more streams than it may open)", limits)
+        if outcome[0] == "unreadable":
+            raise NotAudioError.unreadable(str(outcome[1]))
+        if outcome[0] == "error":
+            return None
+        if outcome[1] is None:
+            raise NotAudioError.no_audio_stream()
         return outcome[1]
     finally:
         recv.close()

@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 
 import httpx
 
-from shared.audio_limits import check_audio_limits
+from shared.audio_limits import NotAudioError, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError
 from shared.formats import file_name
 from shared.outbound import MAX_MEDIA_URL_LENGTH, AddressNotAllowed, check_url, redact, transport
@@ -287,6 +287,8 @@ def _check_fetched(storage: Storage, key: str, field: str, where: str, size: int
         try:
             info = check_audio_limits(path, max_duration=max_duration, min_sample_rate=settings.min_sample_rate,
                                       sandbox=settings.probe_limits())
+        except NotAudioError:
+            info = None  # refused below, in the words this check has always used for it
         except AnalysisError as exc:
             raise type(exc)(f"{field}: {exc.detail}", status_code=exc.status_code) from None
     if info is None:

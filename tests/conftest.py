@@ -397,6 +397,17 @@ def tone_wav(seconds: float = 1.0) -> bytes:
     return buf.getvalue()
 
 
+def wav_without_samples() -> bytes:
+    """A WAV header of 16 kHz 16-bit mono and no samples: the API's header check takes it (a
+    length of 0 s; it is audio), the worker's decoder refuses it (415, "audio holds no samples").
+    For tests of a job that fails in the worker: a file that is not audio at all is refused at
+    submit (tests/test_hostile_round10_uploads.py)."""
+    import struct
+
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    return b"RIFF" + struct.pack("<I", 36) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + b"data" + bytes(4)
+
+
 @pytest.fixture(scope="module")
 def variant_app(client, settings):
     """Build a second in-process API with some settings changed (same Redis, same worker)."""

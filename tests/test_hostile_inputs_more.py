@@ -142,7 +142,7 @@ def test_an_sdp_upload_opens_no_socket_and_is_answered_at_once(client):
 
 
 def test_a_list_naming_other_files_is_not_followed(short_sample, tmp_path, monkeypatch):
-    from shared.audio_limits import check_audio_limits, probe
+    from shared.audio_limits import NotAudioError, check_audio_limits, probe
 
     # a recording beside the process, as a checkout or an image holds files under its working directory
     (tmp_path / "sub").mkdir()
@@ -156,8 +156,12 @@ def test_a_list_naming_other_files_is_not_followed(short_sample, tmp_path, monke
         (tmp_path / f"{name}.bin").write_bytes(text)
         for source in (tmp_path / f"{name}.bin", (tmp_path / f"{name}.bin").open("rb")):
             assert probe(source) is None, (name, source)
-            # nothing to tell about the file it names: not its length, not that it exists
-            assert check_audio_limits(source, max_duration=1) is None
+            # nothing to tell about the file it names: not its length, not that it exists; the
+            # list itself is not audio (415 at submit, in the words the worker's decoder used)
+            with pytest.raises(NotAudioError) as refused:
+                check_audio_limits(source, max_duration=1)
+            assert refused.value.detail.startswith("not a decodable audio file ("), (name, refused.value)
+            assert "real.wav" not in refused.value.detail
 
 
 def test_common_containers_still_have_their_header_read(short_sample):

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import json_embedding_file, wait_for_job
+from tests.conftest import json_embedding_file, wait_for_job, wav_without_samples
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 PROJECT = Path(__file__).resolve().parents[1]
@@ -615,7 +615,7 @@ def test_flower_needs_a_login_and_shows_the_jobs_true_state(client, worker, sett
         assert httpx.get(f"{base}/", auth=auth, timeout=5).status_code == 200
 
         ok = client.post("/jobs/embedding", files={"file": ("named-by-client.wav", utterances["spk1"][4].read_bytes(), "audio/wav")}).json()
-        bad = client.post("/jobs/embedding", files={"file": ("noise.wav", b"RIFF but not audio" * 100, "audio/wav")}).json()
+        bad = client.post("/jobs/embedding", files={"file": ("noise.wav", wav_without_samples(), "audio/wav")}).json()
         long = client.post("/jobs/diarize", files={"file": _wav(long_sample)}).json()
         assert wait_for_job(client, ok["job_id"])["status"] == "succeeded"
         assert wait_for_job(client, bad["job_id"])["status"] == "failed"

@@ -38,9 +38,9 @@ def _up_env(tmp_path: Path, api_port: int, flower_port: int, dead_redis: int) ->
     }
 
 
-def _start_up(env: dict[str, str], base: str, log_path: Path) -> subprocess.Popen:
+def _start_up(env: dict[str, str], base: str, log_path: Path, *args: str) -> subprocess.Popen:
     log = open(log_path, "wb")
-    up = subprocess.Popen(CLI + ["up"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = subprocess.Popen(CLI + ["up", *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:
         try:
@@ -92,6 +92,46 @@ def _flower_screenshot(browser, port: int, user: str, password: str, path: Path)
         browser._driver.stop()
 
 
+def _worker_process(processes: list[psutil.Process], queue: str) -> psutil.Process:
+    """The Celery worker's main process that consumes ``queue`` alone (its -Q; a prefork pool
+    child has its parent's command line)."""
+    found = [p for p in processes if "worker" in p.cmdline() and "-Q" in p.cmdline()
+             and p.cmdline()[p.cmdline().index("-Q") + 1] == queue]
+    found = [p for p in found if p.ppid() not in {f.pid for f in found}]
+    assert len(found) == 1, [p.cmdline() for p in processes]
+    return found[0]
+
+
+def _tree_rss_mb(proc: psutil.Process) -> float:
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+class _SilentReceiver:
+    """A webhook receiver that takes every connection and never answers (the trial's hanging one)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(conn)  # held open, never read from or answered
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
 def _redis_of(up_log: Path) -> str:
     """The Redis URL `up` printed in its summary."""
     found = re.search(r"Redis\s+(redis://\S+)", up_log.read_text(errors="replace"))
@@ -122,6 +162,13 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         children = psutil.Process(up.pid).children(recursive=True)
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names and "celery" in names and "flower" in names and "api.serve" in names
+        # jobs and webhook deliveries in workers of their own, the deliveries' without models
+        job_worker, hook_worker = _worker_process(children, "audio"), _worker_process(children, "webhooks")
+        assert "--pool threads" in " ".join(hook_worker.cmdline()), hook_worker.cmdline()
+        assert hook_worker.environ().get("AUDIO_ANALYSIS_WORKER_LOAD_MODELS") == "false"
+        assert "AUDIO_ANALYSIS_WORKER_LOAD_MODELS" not in job_worker.environ()
+        print(f"\nup's workers, resident memory: jobs {_tree_rss_mb(job_worker):.0f} MB (models loaded), "
+              f"webhook deliveries {_tree_rss_mb(hook_worker):.0f} MB")
         assert (tmp_path / "data" / "redis").is_dir()
         # generated once, kept with the local data, owner-only, and the login not in any argv
         secret_file, login_file = tmp_path / "data" / "webhook-secret", tmp_path / "data" / "flower-auth"
@@ -222,6 +269,47 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
           f"{record.attempts}), {queued.count(job['job_id'])} message for it in the queue")
     assert record.status == "queued" and record.attempts == 1, record
     assert sorted(queued) == sorted([job["job_id"], *behind])  # nothing run twice, nothing lost
+
+
+def test_up_a_webhook_receiver_that_never_answers_holds_up_no_job(tmp_path, utterances, short_sample):
+    """Under `up`, jobs and webhook deliveries shared one worker's one pool child: each attempt at
+    a receiver that never answers held it for the webhook timeout (10 s), and the retries were
+    taken ahead of waiting jobs (three such jobs, then a 1-s job took 117.7 s). The deliveries
+    have a worker of their own now, as in compose and k8s: a diarization starts at once."""
+    api_port = free_port()
+    env = _up_env(tmp_path, api_port, free_port(), free_port())
+    base = f"http://127.0.0.1:{api_port}"
+    receiver = _SilentReceiver()
+    up = _start_up(env, base, tmp_path / "up.log", "--no-flower")
+    try:
+        hooked = [httpx.post(f"{base}/jobs/embedding", timeout=30, data={"webhook_url": receiver.url}, files={
+            "file": ("a.wav", utterances["spk1"][i].read_bytes(), "audio/wav")}).json()["job_id"] for i in (0, 1, 2)]
+        deadline = time.monotonic() + 120
+        while not (all(httpx.get(f"{base}/jobs/{j}", timeout=5).json()["status"] == "succeeded" for j in hooked)
+                   and receiver.connections):
+            assert time.monotonic() < deadline, "the jobs with webhooks did not finish"
+            time.sleep(0.2)
+        # the deliveries now hang on the receiver; a diarization comes in behind them
+        submitted = time.monotonic()
+        job_id = httpx.post(f"{base}/jobs/diarize", timeout=30, files={
+            "file": (short_sample.name, short_sample.read_bytes(), "audio/wav")}).json()["job_id"]
+        while (record := httpx.get(f"{base}/jobs/{job_id}", timeout=5).json())["status"] not in ("succeeded", "failed"):
+            assert time.monotonic() - submitted < 120, record
+            time.sleep(0.2)
+        took = time.monotonic() - submitted
+        hooks = [httpx.get(f"{base}/jobs/{j}", timeout=5).json()["webhook"] for j in hooked]
+    finally:
+        _ctrl_c(up)
+        receiver.close()
+    from datetime import datetime
+
+    waited = (datetime.fromisoformat(record["started_at"]) - datetime.fromisoformat(record["created_at"])).total_seconds()
+    print(f"\n3 deliveries hanging on a silent receiver: a 12-s diarization queued {waited:.1f} s, done in {took:.1f} s; "
+          f"webhooks {[h['status'] for h in hooks]}")
+    assert record["status"] == "succeeded", record
+    # one delivery attempt alone held the job worker's child 10 s (the webhook timeout)
+    assert waited < 5.0, (waited, hooks)
+    assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
 
 
 def test_own_database_on_a_shared_redis(tmp_path):

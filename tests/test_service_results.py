@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import wait_for_job
+from tests.conftest import wait_for_job, wav_without_samples
 from tests.test_formats import read_rttm, read_srt, read_vtt
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -103,7 +103,7 @@ def test_no_result_until_the_job_succeeded(client, long_sample, utterances):
     r = client.get(f"/jobs/{job_id}/result")
     assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
-    bad = client.post("/jobs/diarize", files={"file": ("x.wav", b"RIFF not really audio", "audio/wav")}).json()
+    bad = client.post("/jobs/diarize", files={"file": ("x.wav", wav_without_samples(), "audio/wav")}).json()
     assert wait_for_job(client, bad["job_id"])["status"] == "failed"
     r = client.get(f"/jobs/{bad['job_id']}/result", params={"format": "vtt"})
     assert r.status_code == 409 and set(r.json()) == ERROR_KEYS and "failed" in r.json()["detail"]

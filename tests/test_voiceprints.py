@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import wait_for_job
+from tests.conftest import wait_for_job, wav_without_samples
 from tests.test_service_jobs import DIARIZE_KEYS
 
 LIBRISPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "librispeech-train-clean"
@@ -444,8 +444,8 @@ def test_a_batch_stores_its_voiceprints_once(client, readers, settings, monkeypa
     resolve = VoiceprintStore.resolve
     monkeypatch.setattr(VoiceprintStore, "resolve",
                         lambda self, *a, **kw: resolved.append(a) or resolve(self, *a, **kw))
-    # one-byte files pass the API (their header is unreadable: left to the worker, which refuses them)
-    tiny = [("files", (f"tiny{i}.wav", b"\0", "audio/wav")) for i in range(40)]
+    # WAV headers without samples pass the API (audio of 0 s to its header check); the worker refuses them
+    tiny = [("files", (f"tiny{i}.wav", wav_without_samples(), "audio/wav")) for i in range(40)]
     batch = client.post("/jobs/batch", data={"kind": "identify", "voiceprints": "all"},
                         files=[*tiny, ("files", _wav(readers["1040"]["test"]))])
     assert batch.status_code == 202, batch.text
@@ -465,7 +465,7 @@ def test_a_batch_stores_its_voiceprints_once(client, readers, settings, monkeypa
     # worker died finds them for as long as it exists
     assert min(r.ttl(k) for k in values) >= max(r.ttl(k) for k in records) > 0
 
-    # through the real worker: the one real recording is named, the one-byte files refused there
+    # through the real worker: the one real recording is named, the empty WAVs refused there
     done = wait_for_job(client, jobs[-1], timeout_s=240)
     assert done["status"] == "succeeded", done
     assert done["result"]["identity"] == "reader 1040" and done["result"]["voiceprint_id"] == enrolled
