@@ -8,6 +8,10 @@ though docs/service.md promises that a batch refused for one file leaves no job 
 header check took "neither libsndfile nor FFmpeg opens it" for "its header went unread, let it
 through". Such a file is refused at submit now (415, the file named), single, batch and
 synchronous alike, and nothing of it is stored; the formats users upload still pass.
+
+The synchronous endpoints' 413 said "submit it to /jobs/* instead" only where the header states
+the file's length: 35 min of a browser's live WebM (no duration in its header), found too long by
+the worker as it decodes, was answered "audio is longer than the limit of 1800 s" alone.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import pytest
 import soundfile as sf
 
 from evaluation.encoding import encode
-from shared.audio_limits import NotAudioError, check_audio_limits, probe
+from shared.audio_limits import SYNC_HINT, NotAudioError, check_audio_limits, probe
 from shared.probe_sandbox import ProbeLimits
 from tests.conftest import wait_for_job
 
@@ -216,3 +220,56 @@ def test_the_formats_users_upload_still_pass(client, utterances):
         r = client.post("/jobs/embedding", files={"file": (name, data, mime)})
         assert r.status_code == 202, (name, r.text)
         client.post(f"/jobs/{r.json()['job_id']}/cancel")
+
+
+# --- B. the synchronous 413's hint, however the length was found -----------------------------------
+
+
+def _live_webm(seconds: int, rate: int = 16000) -> bytes:
+    """``seconds`` of Opus in WebM as a browser's MediaRecorder writes it (``live``: no duration,
+    no cues): 10 s of a tone, then silence. The silence is encoded once and its packets written
+    again, moved on, so building 30 min takes under a second."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm", options={"live": "1"}) as out:
+        stream = out.add_stream("libopus", rate=rate, layout="mono")
+        stream.bit_rate = 6000
+        tone = (np.sin(2 * np.pi * 220 * np.arange(rate * 10) / rate) * 0.3).astype(np.float32)
+        silent = []
+        for i, block in enumerate((tone, np.zeros(rate * 10, np.float32))):
+            frame = av.AudioFrame.from_ndarray(block[None], format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, i * rate * 10
+            for packet in stream.encode(frame):
+                if i == 1:
+                    silent.append(packet)
+                out.mux(packet)
+        step = silent[-1].pts + silent[-1].duration - silent[0].pts
+        for n in range(1, (seconds - 20) // 10 + 1):
+            for packet in silent:
+                again = av.Packet(bytes(packet))
+                again.stream, again.time_base = stream, packet.time_base
+                again.pts = again.dts = packet.pts + n * step
+                again.duration = packet.duration
+                out.mux(again)
+    return buf.getvalue()
+
+
+def test_a_synchronous_413_found_while_decoding_has_the_hint(client, settings):
+    data = _live_webm(35 * 60)
+    info = probe(io.BytesIO(data))
+    assert info is not None and info.duration is None, info  # the header states no length
+    assert settings.sync_max_audio_seconds < 35 * 60 < settings.max_audio_seconds
+    r = client.post("/embedding", files={"file": ("long35.webm", data, "audio/webm")}, timeout=120)
+    error = _assert_error(r, 413)
+    assert error["detail"] == (f"audio is longer than the limit of {settings.sync_max_audio_seconds:.0f} s"
+                               f"{SYNC_HINT}"), error
+
+
+def test_the_hint_is_the_one_the_header_check_gives(client, settings, utterances):
+    """Stated in the header: the API's own 413, with the same hint (the words both share)."""
+    samples, rate = _speech(utterances)
+    long = np.zeros(int((settings.sync_max_audio_seconds + 60) * rate), np.float32)
+    long[: len(samples)] = samples  # silence after the speech: a FLAC of a few hundred KB
+    buf = io.BytesIO()
+    sf.write(buf, long, rate, format="FLAC", subtype="PCM_16")
+    error = _assert_error(client.post("/embedding", files={"file": ("long.flac", buf.getvalue(), "audio/flac")}), 413)
+    assert error["detail"].endswith(SYNC_HINT), error

@@ -26,8 +26,8 @@ from celery import Task, signals
 from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
 
 from shared import logs, webhooks
-from shared.audio_limits import DurationBudget, check_audio_limits
-from shared.errors import AnalysisError, ModelError, ProcessingError
+from shared.audio_limits import SYNC_HINT, DurationBudget, check_audio_limits
+from shared.errors import AnalysisError, AudioTooLongError, ModelError, ProcessingError
 from shared.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobStore, is_job_id, utc_now
 from shared.kinds import KINDS, FileField, JobKind, Params
 from shared.probe_sandbox import SandboxUnavailable
@@ -331,7 +331,7 @@ def _run_leased(
         if outcome is None:
             return {"job_id": job_id, "status": QUEUED}
     except AnalysisError as exc:
-        outcome = (FAILED, None, exc)
+        outcome = (FAILED, None, _with_sync_hint(exc) if running.sync else exc)
     except (JobTimedOut, SoftTimeLimitExceeded):
         # the job's own limit (worker/deadline.py), or Celery's (a download that ran out its time)
         log.error("job %s: %s", job_id, timed_out.detail)
@@ -464,6 +464,17 @@ def _exit_for_device(job_id: str) -> None:
     log.critical("job %s: the CUDA device failed and stays failed in this process; exiting so that a fresh "
                  "process runs the job again", job_id, exc_info=True)
     _end_process(DEVICE_LOST_EXIT)
+
+
+def _with_sync_hint(exc: AnalysisError) -> AnalysisError:
+    """A synchronous job's 413 with the hint the API gives when the header states the length
+    (shared.audio_limits.SYNC_HINT): the same file goes through /jobs/*, whose limit is longer.
+    A file whose header states none (a browser's live WebM, an ADTS stream) is found too long only
+    here, while it is decoded or its samples counted, and its 413 ("audio is longer than the limit
+    of 1800 s") said nothing of /jobs/*, where docs/service.md promises it for this 413."""
+    if not isinstance(exc, AudioTooLongError) or SYNC_HINT in exc.detail:
+        return exc
+    return AudioTooLongError(exc.detail + SYNC_HINT, status_code=exc.status_code)
 
 
 def _internal_error(job_id: str) -> ProcessingError:
