@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -30,6 +30,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # webhook deliveries at once under `up`, as compose's `webhooks` service runs them
 WEBHOOK_THREADS = 8
+# how long `up` waits for its workers to say which queues they consume before Flower starts
+# (the job worker imports torch first: 10-30 s on a small machine)
+WORKERS_READY_S = 180.0
 
 
 def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
@@ -184,6 +187,29 @@ class Stack:
         return self.start_worker(queues=[queue], name="webhooks", pool="threads", concurrency=concurrency,
                                  env={"AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false"})
 
+    def wait_for_queues(self, settings: Settings, queues: Sequence[str], timeout_s: float,
+                        stopped: Callable[[], bool] = lambda: False) -> bool:
+        """True once workers answer that they consume every one of ``queues`` (Celery's
+        ``active_queues``, the question Flower asks); False after ``timeout_s``, once ``stopped()``
+        (Ctrl-C during the start-up), or when a child exited meanwhile (the caller's watch loop
+        reports which)."""
+        from shared.queue import make_celery
+
+        app = make_celery(settings)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if stopped() or any(child.proc.poll() is not None for child in self.children):
+                    return False
+                replies = app.control.inspect(timeout=1.0).active_queues() or {}
+                consumed = {q["name"] for answered in replies.values() for q in answered or ()}
+                if set(queues) <= consumed:
+                    return True
+                time.sleep(0.2)
+            return False
+        finally:
+            app.close()
+
     def start_api(self, host: str, port: int) -> subprocess.Popen:
         proc = self.spawn("api", [sys.executable, "-m", "api.serve", "--host", host, "--port", str(port)])
         wait_until(lambda: _port_open(host, port), 60, "api", proc)
@@ -192,9 +218,11 @@ class Stack:
     def start_flower(self, port: int, basic_auth: str | None = None) -> subprocess.Popen:
         # bound to loopback; the login goes by environment (Flower reads FLOWER_BASIC_AUTH), not
         # argv, which every local user can read with ps
-        return self.spawn("flower", [
+        proc = self.spawn("flower", [
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}", "--address=127.0.0.1",
         ], env={"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
+        wait_until(lambda: _port_open("127.0.0.1", port), 60, "flower", proc)
+        return proc
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to everything that uses Redis at once, then Redis once they have exited.
@@ -345,9 +373,20 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         # timeout (10 s, up to six attempts a delivery), retries went ahead of waiting jobs, and
         # three such deliveries held a 1-s job 117.7 s. It costs one process of about 80 MB RSS
         stack.start_webhook_worker(settings.webhook_queue_name)
-        if with_flower:
-            stack.start_flower(settings.flower_port, flower_login)
         stack.start_api(settings.api_host, settings.api_port)
+        if with_flower:
+            # Flower asks the workers which queues they consume once, as it starts (and again
+            # only when a page asks it to refresh): started before they answered, it showed the
+            # default queue alone and never the webhook queue
+            ready = stack.wait_for_queues(settings.model_copy(update={"redis_url": url}),
+                                          [settings.queue_name, settings.webhook_queue_name], WORKERS_READY_S,
+                                          stopped=lambda: stopping["flag"])
+            # a child that exited meanwhile is reported by the watch loop below
+            if not ready and not stopping["flag"] and all(c.proc.poll() is None for c in stack.children):
+                say(f"the workers did not say which queues they consume within {WORKERS_READY_S:.0f} s: "
+                    "Flower may not list every queue")
+            if not stopping["flag"]:
+                stack.start_flower(settings.flower_port, flower_login)
         say(summary(settings, url, flower_login if with_flower else None))
         say("Ctrl-C stops everything.")
         while not stopping["flag"]:

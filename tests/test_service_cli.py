@@ -229,6 +229,9 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         from shared.queue import queue_depth
 
         assert depth.get("audio") == queue_depth(broker, "audio") == 2, depth
+        # the webhook queue too: Flower started before the workers answered showed "audio" only
+        # (its fallback, the default queue), and asks workers for their queues at its start only
+        assert depth.get("webhooks") == queue_depth(broker, "webhooks") == 0, depth
         assert all(n == queue_depth(broker, name) for name, n in depth.items()), depth
         page = httpx.get(f"http://127.0.0.1:{flower_port}/broker", auth=(user, password), timeout=20).text
         assert re.search(r'<tr id="audio">\s*<td>audio</td>\s*<td[^>]*>2</td>', page), page[-3000:]
