@@ -487,8 +487,10 @@ def test_cli_cancel_status_and_result_of_jobs_without_one(api_base, slow_sample)
 
 
 def test_cli_result_of_a_failed_job_is_its_error(api_base, tmp_path):
+    from tests.conftest import wav_without_samples
+
     bad = tmp_path / "bad.wav"
-    bad.write_bytes(b"RIFF" + b"\0" * 64)
+    bad.write_bytes(wav_without_samples())  # audio to the API's header check, refused by the worker
     job_id = httpx.post(f"{api_base}/jobs/diarize", files={"file": ("bad.wav", bad.read_bytes(), "audio/wav")},
                         timeout=30).json()["job_id"]
     deadline = time.monotonic() + 60
@@ -496,5 +498,5 @@ def test_cli_result_of_a_failed_job_is_its_error(api_base, tmp_path):
         assert time.monotonic() < deadline
         time.sleep(0.2)
     out = _cli(api_base, "result", job_id, "--format", "srt")
-    # the job's own error (415: not audio), not the API's 409
+    # the job's own error (415: no samples), not the API's 409
     assert out.returncode == 2 and "(415)" in out.stderr, out.stderr
