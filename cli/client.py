@@ -47,8 +47,20 @@ def _assign(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | P
             raise ValueError(f"{kind} takes at most {specs[-1].max_count} files for {specs[-1].name}")
         return list(zip(names, files))
     if len(files) != len(specs):
-        raise ValueError(f"{kind} takes {len(specs)} file(s): {', '.join(f.name for f in specs)}")
+        raise ValueError(f"{kind} takes {len(specs)} file(s): {', '.join(f.name for f in specs)}; got {len(files)}")
     return [(f.name, path) for f, path in zip(specs, files)]
+
+
+def check_sources(kind: str, files: tuple[str | Path, ...]) -> list[tuple[str, str | Path]]:
+    """``kind``'s (field, source) pairs, or ValueError saying what the call got wrong (how many
+    files the kind takes, a URL where only uploads go): before anything is sent."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(KINDS)}")
+    pairs = _assign(kind, files)
+    for field, source in pairs:
+        if is_url(source) and URL_FIELDS[kind].get(field) is None:
+            raise ValueError(f"{kind}: {field} must be a local file (only single audio fields may be given by URL)")
+    return pairs
 
 
 # answers after which the same request is sent again: a proxy or a service restarting (502, 503,
@@ -120,21 +132,16 @@ class Client:
         job record (status 'queued'). ``webhook_payload``: 'full' (default) or 'status' (the
         webhook carries the record without its result). ``idempotency_key``: the submission's
         key (a fresh one by default); the same key again within a day gets the same job."""
-        fields = FILE_FIELDS.get(kind)
-        if fields is None:
-            raise ValueError(f"unknown job kind {kind!r}; one of {sorted(FILE_FIELDS)}")
+        pairs = check_sources(kind, files)
         data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
         if webhook_payload:
             data["webhook_payload"] = webhook_payload
         local: list[tuple[str, str | Path]] = []
-        for field, source in _assign(kind, files):
+        for field, source in pairs:
             if is_url(source):
-                url_field = URL_FIELDS[kind].get(field)
-                if url_field is None:
-                    raise ValueError(f"{kind}: {field} must be a local file (only single audio fields may be given by URL)")
-                data[url_field] = str(source)
+                data[URL_FIELDS[kind][field]] = str(source)
             else:
                 local.append((field, source))
         key = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}

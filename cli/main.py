@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional
 import typer
 from rich.console import Console
 
-from cli.options import choices, option_parameters, plain, set_signature
+from cli.options import check_output, choices, option_parameters, plain, set_signature, usage_error
 from shared.errors import AnalysisError
 from shared.kinds import KINDS, JobKind, Params
 from shared.settings import Settings, get_settings
@@ -136,6 +136,10 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
         if output_format != "json" and str(extra_value) == "-":
             err.print(f"[red]--rttm -[/red] and [red]--format {output_format}[/red] both want stdout: pick one")
             raise typer.Exit(2)
+        # before the models load and run: a path that cannot be written failed only after them
+        extra_flag = "--" + extra[0]().name if extra else ""
+        if extra:
+            check_output(extra_value, extra_flag)
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -150,13 +154,16 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
                                   lambda step, frac: bar.update(task, completed=frac, description=step))
         except Exception as exc:  # noqa: BLE001
             _fail(exc)
+        try:
+            # --rttm FILE is written with any --format
+            printed = extra[1](result, files, extra_value) if extra else False
+        except OSError as exc:  # permission denied, disk full
+            usage_error(f"{extra_flag} {extra_value}", exc.strerror or type(exc).__name__)
         if output_format != "json":
-            if extra:
-                extra[1](result, files, extra_value)  # --rttm FILE is still written
             uri = next(iter(audio.values())).stem if audio else "audio"
             typer.echo(kind.render(result.model_dump(mode="json"), output_format, uri=uri), nl=False)
             return
-        if extra and extra[1](result, files, extra_value):
+        if printed:
             return
         typer.echo(result.model_dump_json(indent=2))
 

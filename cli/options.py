@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import enum
 import inspect
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+
+from shared.formats import one_line
+
+_err = Console(stderr=True)
 
 
 def option_parameters(fields: dict[str, Any]) -> list[inspect.Parameter]:
@@ -38,3 +45,24 @@ def choices(name: str, values: tuple[str, ...] | list[str]) -> type[enum.Enum]:
 def plain(value: Any) -> Any:
     """A choice's string (typer hands over the Enum member)."""
     return value.value if isinstance(value, enum.Enum) else value
+
+
+def usage_error(what: str, why: str) -> NoReturn:
+    """A caller's mistake in one line on stderr and exit 2, as typer's own usage errors exit,
+    instead of a traceback (``submit a.wav b.m4a`` ended in "ValueError: diarize takes 1
+    file(s)" under rich's traceback, exit 1). ``what`` and ``why`` are printed literally."""
+    # one line whatever a path holds (its newlines, a terminal's escape sequences)
+    _err.print(f"[red]{escape(one_line(what))}[/red]: {escape(one_line(why))}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def check_output(path: Path | None, option: str) -> None:
+    """Refuse (usage error) an output file that cannot be written where it is named: a folder,
+    or a file in a folder that does not exist. Checked before the work, not after it: ``embed
+    -o missing/x.npy`` ran the model and then crashed with FileNotFoundError."""
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        usage_error(f"{option} {path}", "is a directory (name a file)")
+    if not path.parent.is_dir():
+        usage_error(f"{option} {path}", f"no such directory {path.parent}")

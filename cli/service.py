@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from cli.options import choices, option_parameters, plain, set_signature
+from cli.options import check_output, choices, option_parameters, plain, set_signature, usage_error
 from shared.formats import FORMAT_NAMES, one_line
 from shared.kinds import KINDS, get_kind
 
@@ -106,10 +106,13 @@ def submit(
 
     import httpx
 
-    from cli.client import Client, is_url
+    from cli.client import Client, check_sources, is_url
     from shared.errors import AnalysisError
 
-    job_kind = get_kind(kind)
+    try:
+        job_kind = get_kind(kind)
+    except AnalysisError as exc:
+        usage_error(f"--kind {kind}", exc.detail)
     format, webhook_payload = plain(format), plain(webhook_payload)
     if format is not None and not wait:
         err.print("[red]--format[/red] is the format of the result: it needs --wait (or use `result JOB_ID --format`)")
@@ -121,10 +124,18 @@ def submit(
         raise _exit_for(exc)
     # only the chosen kind's options go out; the API validates them with the kind's model
     params = {name: values.get(name) for name in job_kind.form_fields}
+    try:
+        # how many files the kind takes, and which may be URLs: before anything is uploaded
+        check_sources(kind, tuple(files))
+    except ValueError as exc:
+        usage_error("submit", str(exc))
     for source in files:
-        if not is_url(source) and not Path(source).is_file():
-            err.print(f"[red]{shown(source)}[/red]: no such file (give a local file or an http(s) URL)")
-            raise typer.Exit(2)
+        if is_url(source):
+            continue
+        if Path(source).is_dir():
+            usage_error(source, "is a directory (give a file or an http(s) URL)")
+        if not Path(source).is_file():
+            usage_error(source, "no such file (give a local file or an http(s) URL)")
     try:
         with Client(url, api_key=api_key) as client:
             job = client.submit(kind, *(f if is_url(f) else Path(f) for f in files), webhook_url=webhook_url,
@@ -168,9 +179,13 @@ def result(
     Exit 2 while it has none (queued, running, cancelled), or with the job's error if it failed.
     """
     format = plain(format)
+    check_output(output, "--output")
     body = _with_client(url, api_key, lambda client: client.result(job_id, format))
     if output is not None:
-        output.write_text(json.dumps(body, indent=2) + "\n" if format == "json" else body)
+        try:
+            output.write_text(json.dumps(body, indent=2) + "\n" if format == "json" else body)
+        except OSError as exc:  # permission denied, disk full: the result is still there to fetch
+            usage_error(f"--output {output}", exc.strerror or type(exc).__name__)
         return
     _echo_result(body, format)
 
