@@ -26,6 +26,7 @@ reopens it with its own offset), or, for an upload held in memory (at most the A
 
 from __future__ import annotations
 
+import errno
 import io
 import multiprocessing
 import os
@@ -243,7 +244,9 @@ def _child(conn: Any, kind: str, payload: Any, limits: ProbeLimits) -> None:
     except Exception as exc:  # noqa: BLE001 - told apart in the parent
         import av
 
-        if isinstance(exc, av.error.MemoryError):
+        if isinstance(exc, av.error.MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
+            # ENOMEM outside FFmpeg too: under the address-space limit even PyAV's lazy import of
+            # a module fails with it, which says nothing of whether the file is audio
             conn.send(("memory", None))
         elif isinstance(exc, (av.FFmpegError, ValueError, OSError)):
             # FFmpeg could not open it (after libsndfile could not): what the worker's decoder
