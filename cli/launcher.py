@@ -201,7 +201,11 @@ class Stack:
             while time.monotonic() < deadline:
                 if stopped() or any(child.proc.poll() is not None for child in self.children):
                     return False
-                replies = app.control.inspect(timeout=1.0).active_queues() or {}
+                try:
+                    replies = app.control.inspect(timeout=1.0).active_queues() or {}
+                except Exception:  # noqa: BLE001 - Redis gone (kombu's OperationalError): not ready;
+                    # the caller's watch loop reports the child that went
+                    return False
                 consumed = {q["name"] for answered in replies.values() for q in answered or ()}
                 if set(queues) <= consumed:
                     return True
@@ -215,14 +219,22 @@ class Stack:
         wait_until(lambda: _port_open(host, port), 60, "api", proc)
         return proc
 
-    def start_flower(self, port: int, basic_auth: str | None = None) -> subprocess.Popen:
+    def start_flower(self, port: int, basic_auth: str | None = None,
+                     stopped: Callable[[], bool] = lambda: False) -> bool:
+        """Flower started; True once it listens, False where it exited first, did not listen within
+        60 s, or ``stopped()`` (Ctrl-C): never raises, so that `up`'s watch loop reports a Flower
+        that failed ("flower exited with N") instead of a traceback."""
         # bound to loopback; the login goes by environment (Flower reads FLOWER_BASIC_AUTH), not
         # argv, which every local user can read with ps
         proc = self.spawn("flower", [
             sys.executable, "-m", "celery", "-A", "worker.celery_app", "flower", f"--port={port}", "--address=127.0.0.1",
         ], env={"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else None)
-        wait_until(lambda: _port_open("127.0.0.1", port), 60, "flower", proc)
-        return proc
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not stopped() and proc.poll() is None:
+            if _port_open("127.0.0.1", port):
+                return True
+            time.sleep(0.1)
+        return False
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM to everything that uses Redis at once, then Redis once they have exited.
@@ -375,6 +387,7 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         stack.start_webhook_worker(settings.webhook_queue_name)
         stack.start_api(settings.api_host, settings.api_port)
         if with_flower:
+            say("the API is up; Flower starts once the workers have loaded their models …")
             # Flower asks the workers which queues they consume once, as it starts (and again
             # only when a page asks it to refresh): started before they answered, it showed the
             # default queue alone and never the webhook queue
@@ -385,8 +398,10 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
             if not ready and not stopping["flag"] and all(c.proc.poll() is None for c in stack.children):
                 say(f"the workers did not say which queues they consume within {WORKERS_READY_S:.0f} s: "
                     "Flower may not list every queue")
-            if not stopping["flag"]:
-                stack.start_flower(settings.flower_port, flower_login)
+            if not stopping["flag"] and all(c.proc.poll() is None for c in stack.children):
+                if not stack.start_flower(settings.flower_port, flower_login, stopped=lambda: stopping["flag"]) \
+                        and not stopping["flag"] and stack.children[-1].proc.poll() is None:
+                    say("Flower did not listen within 60 s")
         say(summary(settings, url, flower_login if with_flower else None))
         say("Ctrl-C stops everything.")
         while not stopping["flag"]:

@@ -43,6 +43,9 @@ def _start_up(env: dict[str, str], base: str, log_path: Path, *args: str) -> sub
     up = subprocess.Popen(CLI + ["up", *args], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy() -> bool:
+        # and `up` said it is done starting: Flower starts only after the workers are healthy
+        if "Ctrl-C stops everything." not in log_path.read_text(errors="replace"):
+            return False
         try:
             return httpx.get(f"{base}/health", timeout=1).json().get("status") == "healthy"
         except (httpx.HTTPError, ValueError):
