@@ -763,7 +763,7 @@ class Dispatcher:
                 )
             except NotAudioError as exc:
                 # which of a batch's (or an enrollment's) files it is
-                raise NotAudioError(f"uploaded file {name!r}: {exc.detail}") from None
+                raise exc.about(f"uploaded file {name!r}") from None
             budget.add(info)
 
     # --- the synchronous contract -----------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
-    check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
+    NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
     check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ogg_chained, probe, pyav_options,
     stream_channels,
 )
@@ -718,10 +718,10 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     except (av.FFmpegError, ValueError, OSError) as exc:
         # FFmpeg answers ENOMEM for a container of more than MAX_STREAMS streams
         why = f": more than {MAX_STREAMS} streams?" if isinstance(exc, MemoryError) else ""
-        raise AudioDecodeError(f"not a decodable audio file ({exc.__class__.__name__}{why})") from exc
+        raise NotAudioError.unreadable(f"{exc.__class__.__name__}{why}") from exc
     with container:
         if not container.streams.audio:
-            raise AudioDecodeError("file has no audio stream")
+            raise NotAudioError.no_audio_stream()
         stream = container.streams.audio[0]
         check_channels(stream_channels(stream))
         for other in container.streams:

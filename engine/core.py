@@ -226,7 +226,7 @@ class Engine:
         except InputError as exc:
             if field is None:
                 raise
-            raise type(exc)(f"{field}: {exc.detail}", status_code=exc.status_code) from exc
+            raise exc.about(field) from exc
 
     @contextlib.contextmanager
     def decoding_at_most(self, seconds: float) -> Iterator[None]:

@@ -24,6 +24,11 @@ class AnalysisError(Exception):
         if status_code is not None:
             self.status_code = status_code
 
+    def about(self, what: str) -> "AnalysisError":
+        """The same error (its class and status) said of ``what``, one of several inputs: "file2:
+        audio is silent ...", where the bare words leave the caller guessing which."""
+        return type(self)(f"{what}: {self.detail}", status_code=self.status_code)
+
     def body(self) -> JobError:
         """The documented error body, with the HTTP status it goes out with."""
         return JobError(detail=self.detail, error_type=self.error_type, status_code=self.status_code)  # type: ignore[arg-type]

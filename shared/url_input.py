@@ -290,6 +290,6 @@ def _check_fetched(storage: Storage, key: str, field: str, where: str, size: int
         except NotAudioError:
             info = None  # refused below, in the words this check has always used for it
         except AnalysisError as exc:
-            raise type(exc)(f"{field}: {exc.detail}", status_code=exc.status_code) from None
+            raise exc.about(field) from None
     if info is None:
         raise AudioDecodeError(f"{field}: what {where} sent ({size} bytes) is not audio in a format this service reads")
