@@ -388,20 +388,24 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         stack.start_api(settings.api_host, settings.api_port)
         if with_flower:
             say("the API is up; Flower starts once the workers have loaded their models …")
+
+            def starting() -> bool:
+                # no Ctrl-C, and every child still running: a child that exited is reported by
+                # the watch loop below, and nothing more is started
+                return not stopping["flag"] and all(c.proc.poll() is None for c in stack.children)
+
             # Flower asks the workers which queues they consume once, as it starts (and again
             # only when a page asks it to refresh): started before they answered, it showed the
             # default queue alone and never the webhook queue
             ready = stack.wait_for_queues(settings.model_copy(update={"redis_url": url}),
                                           [settings.queue_name, settings.webhook_queue_name], WORKERS_READY_S,
                                           stopped=lambda: stopping["flag"])
-            # a child that exited meanwhile is reported by the watch loop below
-            if not ready and not stopping["flag"] and all(c.proc.poll() is None for c in stack.children):
+            if not ready and starting():
                 say(f"the workers did not say which queues they consume within {WORKERS_READY_S:.0f} s: "
                     "Flower may not list every queue")
-            if not stopping["flag"] and all(c.proc.poll() is None for c in stack.children):
-                if not stack.start_flower(settings.flower_port, flower_login, stopped=lambda: stopping["flag"]) \
-                        and not stopping["flag"] and stack.children[-1].proc.poll() is None:
-                    say("Flower did not listen within 60 s")
+            if starting() and not stack.start_flower(settings.flower_port, flower_login,
+                                                     stopped=lambda: stopping["flag"]) and starting():
+                say("Flower did not listen within 60 s")
         say(summary(settings, url, flower_login if with_flower else None))
         say("Ctrl-C stops everything.")
         while not stopping["flag"]:
