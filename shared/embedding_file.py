@@ -224,8 +224,10 @@ def _from_npy(data: bytes, dimension: int) -> np.ndarray:
         raise
     except Exception as exc:  # noqa: BLE001
         raise InputError(f"embedding is not a readable .npy file ({exc.__class__.__name__})") from exc
-    # numpy preallocates the whole declared shape when reading from memory: check it first
-    if int(np.prod(shape, dtype=np.int64)) != dimension:
+    # numpy preallocates the whole declared shape when reading from memory: check it first, as
+    # Python ints. An int64 product raised OverflowError (a 500) for a dimension past 2**63, and
+    # wrapped round for one past it in all: (64, 2**58 + 3) counted as the 192 values expected
+    if any(d < 0 for d in shape) or math.prod(shape) != dimension:
         raise InputError(f"stored embedding has shape {tuple(shape)}; {dimension} values are expected")
     _check_dtype(dtype)
     try:
