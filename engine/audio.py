@@ -24,8 +24,8 @@ import numpy as np
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
-    check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ogg_chained, probe, pyav_options,
-    stream_channels,
+    check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end, ogg_chained, probe,
+    pyav_options, stream_channels,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -441,14 +441,15 @@ def _ffmpeg_finds_more(reopen: Callable[[], str | BinaryIO], declared_s: float) 
     import av
 
     target = reopen()
+    fh = open(target, "rb") if isinstance(target, str) else target
     try:
-        with av.open(target, mode="r", metadata_errors="ignore", **pyav_options()) as container:
+        # from behind its ID3 tags, as the header check and the decoder open it (ffmpeg_input)
+        with av.open(ffmpeg_input(fh), mode="r", metadata_errors="ignore", **pyav_options()) as container:
             found = container.duration / av.time_base if container.duration else None
     except (av.FFmpegError, ValueError, OSError):
         return True  # let FFmpeg's own path say what it makes of it
     finally:
-        if not isinstance(target, str):
-            target.close()
+        fh.close()
     return found is not None and found > 1.01 * declared_s + 0.5
 
 
@@ -676,13 +677,7 @@ def _xing_seconds(fh: BinaryIO) -> float | None:
     the same count for the file's length: what the API's header check held the file to."""
     where = fh.tell()
     try:
-        fh.seek(0)
-        head = fh.read(10)
-        start = 0
-        if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a syncsafe size, and a footer flag
-            start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
-            start += 10 if head[5] & 0x10 else 0
-        fh.seek(start)
+        fh.seek(id3_end(fh))  # where FFmpeg is given the file (ffmpeg_input)
         frame = fh.read(4 + 32 + 16)
     finally:
         fh.seek(where)
@@ -714,7 +709,8 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         # container demuxers only (shared.audio_limits.DEMUXERS): left to autodetect, FFmpeg
         # followed a concat list in an upload to a file under the worker's working directory
         # and decoded that instead, and an SDP description held the worker 20 s on a UDP port
-        container = av.open(fh, mode="r", metadata_errors="ignore", **pyav_options())
+        # from behind its ID3 tags, as the header check opened it (ffmpeg_input)
+        container = av.open(ffmpeg_input(fh), mode="r", metadata_errors="ignore", **pyav_options())
     except (av.FFmpegError, ValueError, OSError) as exc:
         # FFmpeg answers ENOMEM for a container of more than MAX_STREAMS streams
         why = f": more than {MAX_STREAMS} streams?" if isinstance(exc, MemoryError) else ""

@@ -7,6 +7,7 @@ No torch: soundfile and PyAV read headers only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -483,13 +484,8 @@ def _riff_chunks(fh: BinaryIO) -> int:
     stopping where it stops (a data chunk of unknown length)."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
-    start = 0
-    # FFmpeg takes a file for a WAV when its RIFF header comes first or right after one ID3v2 tag
-    fh.seek(0)
-    head = fh.read(10)
-    if len(head) == 10 and head[:3] == b"ID3" and all(b < 0x80 for b in head[6:10]):
-        body = (head[6] << 21) | (head[7] << 14) | (head[8] << 7) | head[9]
-        start = 10 + body + (10 if head[5] & 0x10 else 0)
+    # FFmpeg is given the file from behind its ID3v2 tags (ffmpeg_input)
+    start = id3_end(fh)
     fh.seek(start)
     head = fh.read(12)
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX", b"RF64", b"BW64") or head[8:12] != b"WAVE":
@@ -772,6 +768,56 @@ def _id3_tags(fh: BinaryIO):
         at += 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
 
 
+def id3_end(fh: BinaryIO) -> int:
+    """Where the ID3v2 tags one after another at ``fh``'s start end (as :func:`_id3_tags` finds
+    them), 0 where there are none or where they run past the file's end (a truncated file, left
+    to FFmpeg as it is). Leaves ``fh`` at its start."""
+    end = 0
+    try:
+        for at, head in _id3_tags(fh):
+            end = at + 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+    finally:
+        fh.seek(0)
+    return end if end < size else 0
+
+
+class _After:
+    """A binary file read from ``start`` on, as a file of its own (offsets, its size): what
+    FFmpeg is given of a file behind its ID3v2 tags (:func:`ffmpeg_input`)."""
+
+    def __init__(self, fh: BinaryIO, start: int) -> None:
+        self.fh, self.start = fh, start
+        fh.seek(start)
+
+    def read(self, size: int = -1) -> bytes:
+        return self.fh.read(size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            offset = self.start + max(0, offset)
+        return self.fh.seek(offset, whence) - self.start
+
+    def tell(self) -> int:
+        return self.fh.tell() - self.start
+
+
+def ffmpeg_input(fh: BinaryIO) -> BinaryIO:
+    """What FFmpeg opens of ``fh`` (the header check's :func:`ffmpeg_header` and the worker's
+    decoder alike): the file from behind its leading ID3v2 tags, else ``fh`` itself.
+
+    FFmpeg tells a container from the first MB it reads (PROBE_BUF_MAX), and looks behind an ID3
+    tag only where the tag ends within it: an AAC (ADTS) podcast behind 1 MB of tag (its cover
+    art) was taken for an MP3 with no frames of its own, which passed the header check without a
+    sample rate and with a length of 130 s for 300 s, and failed in the worker ("audio stream
+    holds no samples", 415). The name of a file gave FFmpeg the answer where it had ``.aac``; an
+    upload, stored under a key of its own, has none. The tags are of no use here (FFmpeg skipped
+    them as it read the header, their cover art was one more stream to open)."""
+    start = id3_end(fh)
+    return _After(fh, start) if start else fh
+
+
 def check_id3(fh: BinaryIO) -> None:
     """Refuse (415) a file whose leading ID3v2 tags hold more than :data:`MAX_ID3_FRAMES` frames;
     anything else passes. Reads the frames' headers, from ``fh``'s start, and leaves ``fh`` there."""
@@ -1036,13 +1082,19 @@ def ffmpeg_header(source: Source) -> AudioInfo | None:
     (see :mod:`shared.probe_sandbox`, which runs it in a child held to limits)."""
     import av
 
-    with av.open(source if hasattr(source, "read") else str(source), mode="r", metadata_errors="ignore",
-                 **pyav_options()) as container:
-        if not container.streams.audio:
-            return None
-        stream = container.streams.audio[0]
-        rate = stream.sample_rate or stream.codec_context.sample_rate or None
-        return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
+    with contextlib.ExitStack() as stack:
+        if hasattr(source, "read"):
+            target: Any = ffmpeg_input(source)  # type: ignore[arg-type]
+        else:
+            fh = stack.enter_context(open(source, "rb"))
+            # a path FFmpeg reads itself, but from behind its ID3 tags where it has any
+            target = str(source) if (behind := ffmpeg_input(fh)) is fh else behind
+        with av.open(target, mode="r", metadata_errors="ignore", **pyav_options()) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            rate = stream.sample_rate or stream.codec_context.sample_rate or None
+            return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
 
 
 def _chained(source: Source) -> bool:
