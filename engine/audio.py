@@ -25,7 +25,7 @@ from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
     check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end, ogg_chained, probe,
-    pyav_options, stream_channels,
+    pyav_options, stream_channels, wav_data_unsized,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -613,6 +613,11 @@ def _read_soundfile(
         with sf.SoundFile(fh) as snd:
             if snd.samplerate <= 0 or snd.channels <= 0:
                 raise AudioDecodeError("audio header declares no samples or channels")
+            if snd.frames == 0 and snd.format == "WAV" and start == 0 and wav_data_unsized(fh):
+                # a data chunk of unknown size (a recorder writing to a stream): libsndfile reads
+                # none of it, FFmpeg reads it to the end of the file, as the header check did
+                fh.seek(start)
+                return None
             _check_sample_rate(snd.samplerate)
             check_channels(snd.channels)  # each is decoded: 255 Opus channels cost a second a second
             # libsndfile's "length unknown" (a FLAC whose encoder wrote to a pipe and could not

@@ -520,6 +520,37 @@ def _riff_chunks(fh: BinaryIO) -> int:
     return chunks
 
 
+def wav_data_unsized(fh: BinaryIO) -> bool:
+    """Whether ``fh`` is a WAV (RIFF or RIFX) whose data chunk declares 0 bytes and yet has bytes
+    behind its header: what a recorder writing to a stream leaves (it cannot go back to fill the
+    sizes in; FFmpeg's ``-f wav pipe:`` writes 0xFFFFFFFF, others 0). libsndfile takes such a
+    chunk for no samples (a length of 0 s, then "audio holds no samples" in the worker); FFmpeg's
+    WAV demuxer reads it to the end of the file, as the header check (``_probe``) and the
+    decoder (engine/audio.py) then do. Walks the chunk headers (at most MAX_RIFF_CHUNKS) from
+    ``fh``'s start, and leaves ``fh`` there."""
+    try:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(0)
+        head = fh.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return False
+        order = "big" if head[:4] == b"RIFX" else "little"
+        at = 12
+        for _ in range(MAX_RIFF_CHUNKS):
+            fh.seek(at)
+            header = fh.read(8)
+            if len(header) < 8:
+                return False
+            length = int.from_bytes(header[4:8], order)
+            if header[:4] == b"data":
+                return length == 0 and at + 8 < size
+            at += 8 + length + (length & 1)
+        return False
+    finally:
+        fh.seek(0)
+
+
 # What a Matroska/WebM file's metadata may hold. Opening one, FFmpeg's Matroska demuxer reads
 # every level-1 element before the first Cluster, and those its SeekHead points at wherever they
 # lie, into lists of structures, then turns the tags into the container's metadata: after each Tag
@@ -1033,6 +1064,8 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
     try:
         rewind()
         with sf.SoundFile(source) as snd:
+            if snd.frames == 0 and snd.format == "WAV" and _unsized(source):
+                raise ValueError("a WAV data chunk of unknown size: FFmpeg reads it to the file's end")
             rate = int(snd.samplerate)
             # a length the header does not give is libsndfile's SF_COUNT_MAX: a FLAC written to
             # a pipe (FFmpeg's "-f flac -") has 0 total samples in its STREAMINFO, and its 2.9 s
@@ -1095,6 +1128,13 @@ def ffmpeg_header(source: Source) -> AudioInfo | None:
             stream = container.streams.audio[0]
             rate = stream.sample_rate or stream.codec_context.sample_rate or None
             return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
+
+
+def _unsized(source: Source) -> bool:
+    if hasattr(source, "read"):
+        return wav_data_unsized(source)  # type: ignore[arg-type]  (it leaves the file at its start)
+    with open(source, "rb") as fh:
+        return wav_data_unsized(fh)
 
 
 def _chained(source: Source) -> bool:

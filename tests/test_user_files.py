@@ -1,6 +1,8 @@
 """Files as users have them, from the real speech of ../shared/data: a podcast's AAC and MP3
-behind a tagger's ID3v2 tag (cover art of megabytes, chapters). Each goes through the header
-check (as the API and the worker run it) and the decoder, and through the service as a job."""
+behind a tagger's ID3v2 tag (cover art of megabytes, chapters), a call centre's 8 kHz G.711 WAV
+written by a recorder that streams (its RIFF and data sizes left at 0 or 0xFFFFFFFF). Each goes
+through the header check (as the API and the worker run it) and the decoder, and one of each
+through the service as a job."""
 
 from __future__ import annotations
 
@@ -99,13 +101,72 @@ def test_mp3_podcast_with_cover_art_and_chapters_is_read(tmp_path, conversation)
     _check_and_decode(tmp_path, podcast_tag(3 << 20) + mp3, seconds, 48000, 2, tol=0.06)
 
 
-def test_tagged_podcast_is_diarized_as_a_job(client, conversation):
-    """Through the service, as a podcast producer submits it: the job succeeds at the episode's
-    length (it failed in the worker: "audio stream holds no samples")."""
+def _call_wav(conversation: np.ndarray, subtype: str) -> tuple[bytes, float]:
+    """A call as a call centre records it: 8 kHz stereo, one talker per channel, G.711 or PCM."""
+    from engine.audio import resample
+
+    x = np.asarray(resample(conversation, 16000, 8000), np.float32)
+    half = len(x) // 2
+    left, right = x.copy(), x.copy()
+    left[half:], right[:half] = 0, 0
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([left, right], axis=1), 8000, subtype=subtype, format="WAV")
+    return buf.getvalue(), len(x) / 8000
+
+
+def _streamed(wav: bytes, riff: int | None, data: int) -> bytes:
+    """``wav`` with its RIFF and data sizes as a recorder writing to a stream leaves them."""
+    out = bytearray(wav)
+    if riff is not None:
+        out[4:8] = struct.pack("<I", riff)
+    at = out.find(b"data")
+    out[at + 4 : at + 8] = struct.pack("<I", data)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("subtype", ["ULAW", "ALAW", "PCM_16"])
+@pytest.mark.parametrize("sizes", [(0, 0), (None, 0), (0xFFFFFFFF, 0xFFFFFFFF), (None, 0xFFFFFFFF)],
+                         ids=["riff0-data0", "data0", "ffmpeg-pipe", "data-ffff"])
+def test_streaming_recorders_wav_is_read_to_its_end(tmp_path, conversation, subtype, sizes):
+    """A WAV whose data chunk declares 0 bytes and holds a call: libsndfile read no samples, so
+    the header check said 0 s (202) and the worker refused it ("audio holds no samples", 415).
+    FFmpeg reads such a chunk to the end of the file, as 0xFFFFFFFF was read already: now both
+    the header check and the decoder give the call's length."""
+    wav, seconds = _call_wav(conversation, subtype)
+    _check_and_decode(tmp_path, _streamed(wav, *sizes), seconds, 8000, 2, tol=0.01)
+    from shared.audio_limits import check_audio_limits
+
+    path = tmp_path / "upload"
+    assert check_audio_limits(path, max_duration=3600).duration == pytest.approx(seconds, abs=0.01)
+
+
+def test_a_wav_header_without_samples_still_passes_as_0_s_and_fails_in_the_worker():
+    """A data chunk of 0 bytes with nothing behind it is what it says: no samples (the header
+    check's 0 s; the decoder's 415), as tests/conftest.py's ``wav_without_samples`` relies on."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioDecodeError
+    from tests.conftest import wav_without_samples
+
+    assert check_audio_limits(io.BytesIO(wav_without_samples()), max_duration=3600).duration == 0.0
+    with pytest.raises(AudioDecodeError, match="no samples"):
+        load_audio(wav_without_samples())
+
+
+def test_tagged_podcast_and_streamed_call_are_diarized_as_jobs(client, conversation):
+    """Through the service, as users submit them: both jobs succeed, at their own lengths (the
+    AAC failed in the worker, the WAV was taken for 0 s and failed there)."""
     seconds = len(conversation) / 16000
     aac = podcast_tag(2 << 20) + _encoded(_stereo(conversation, 44100), 44100, "adts", "aac")
-    r = client.post("/jobs/diarize", files={"file": ("episode.aac", aac, "audio/aac")})
-    assert r.status_code == 202, r.text
-    body = wait_for_job(client, r.json()["job_id"], timeout_s=300)
-    assert body["status"] == "succeeded", body.get("error")
-    assert body["result"]["audio_duration"] == pytest.approx(seconds, abs=0.1)
+    call, call_s = _call_wav(conversation, "ULAW")
+    uploads = {"episode.aac": (aac, "audio/aac", seconds), "call.wav": (_streamed(call, 0, 0), "audio/wav", call_s)}
+    jobs = {}
+    for name, (data, mime, _) in uploads.items():
+        r = client.post("/jobs/diarize", files={"file": (name, data, mime)})
+        assert r.status_code == 202, r.text
+        jobs[name] = r.json()["job_id"]
+    for name, job_id in jobs.items():
+        body = wait_for_job(client, job_id, timeout_s=300)
+        assert body["status"] == "succeeded", (name, body.get("error"))
+        assert body["result"]["audio_duration"] == pytest.approx(uploads[name][2], abs=0.1), name
+        assert {s["speaker"] for s in body["result"]["diarization_results"]}, name
