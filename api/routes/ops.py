@@ -3,24 +3,63 @@
 /health answers everyone (load balancers and probes carry no key), but with API keys on, only a
 caller with a key sees the detail: the workers' host names, pids, devices and load errors, and
 why the broker is unreachable (a Redis error names its host and port). A probe needs the status
-alone."""
+alone.
+
+Both read the job store at a cost that grows with it (the workers are found by a SCAN of the whole
+keyspace: every job record and voiceprint), in a thread of the pool every request shares, and
+neither asks for a key. Each reading is therefore taken once for all the calls that come in while
+it is being taken (:class:`SharedReading`): 80 anonymous calls at once held all 40 threads of the
+pool for seconds with 200,000 keys, and every client's poll of its job waited for them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Callable, Generic, TypeVar
 
-from fastapi import APIRouter, Security
+from fastapi import APIRouter, Request, Security
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import RegistryDep, SettingsDep, StoreDep, api_key_header, authenticate
+from api.deps import SettingsDep, api_key_header, authenticate
 from api.errors import AuthError
 from api.models import Health
 from shared.jobs import JobStore
 from shared.settings import Settings
 
 router = APIRouter(tags=["operations"])
+
+T = TypeVar("T")
+
+
+class SharedReading(Generic[T]):
+    """``read()`` (blocking: run in a thread of the pool), taken once for every call of
+    :meth:`get` that comes in while it is being taken; a call that comes in after it ended gets a
+    reading of its own. So at most one thread reads at a time however many calls arrive at once,
+    and a client that calls again after an answer never gets one read before its call."""
+
+    def __init__(self, read: Callable[[], T]) -> None:
+        self._read = read
+        self._pending: asyncio.Task[T] | None = None
+
+    async def get(self) -> T:
+        pending = self._pending
+        if pending is None or pending.done() or pending.get_loop() is not asyncio.get_running_loop():
+            pending = self._pending = asyncio.get_running_loop().create_task(run_in_threadpool(self._read))
+            # an error with every caller gone (each disconnected) is not left unretrieved
+            pending.add_done_callback(lambda task: task.cancelled() or task.exception())
+        # shielded: a caller that hangs up does not cancel the reading the others wait for
+        return await asyncio.shield(pending)
+
+
+def _readings(request: Request) -> tuple[SharedReading[tuple[int, dict[str, Any]]], SharedReading[bytes]]:
+    """This app's shared readings of /health and /metrics, made on first use."""
+    state = request.app.state
+    if getattr(state, "ops_readings", None) is None:
+        store, registry = state.store, state.registry
+        state.ops_readings = (SharedReading(lambda: _health(store)), SharedReading(lambda: generate_latest(registry)))
+    return state.ops_readings
 
 
 def _health(store: JobStore) -> tuple[int, dict[str, Any]]:
@@ -50,9 +89,9 @@ def _health(store: JobStore) -> tuple[int, dict[str, Any]]:
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}},
             summary="Model state of the workers and broker reachability")
-async def health(store: StoreDep, settings: SettingsDep,
+async def health(request: Request, settings: SettingsDep,
                  key: str | None = Security(api_key_header)) -> JSONResponse:
-    code, body = await run_in_threadpool(_health, store)
+    code, body = await _readings(request)[0].get()
     if not _may_see_detail(key, settings):
         body = {**body, "broker": "ok" if body["broker"] == "ok" else "unreachable", "workers": None}
     return JSONResponse(body, status_code=code)
@@ -67,6 +106,6 @@ def _may_see_detail(key: str | None, settings: Settings) -> bool:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(registry: RegistryDep) -> Response:
-    data = await run_in_threadpool(generate_latest, registry)
+async def metrics(request: Request) -> Response:
+    data = await _readings(request)[1].get()
     return Response(data, media_type=CONTENT_TYPE_LATEST)
