@@ -1052,6 +1052,15 @@ def check_containers(fh: BinaryIO) -> None:
     check_matroska(fh)
     check_id3(fh)
     check_ape(fh)
+    behind = ffmpeg_input(fh)
+    if behind is not fh:
+        # FFmpeg is given the file from behind its ID3 tags (ffmpeg_input), where an MP4 or a
+        # Matroska file opens as it does at a file's start: checked there too
+        try:
+            check_mp4_edits(behind)  # type: ignore[arg-type]
+            check_matroska(behind)  # type: ignore[arg-type]
+        finally:
+            fh.seek(0)
 
 
 def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | None:

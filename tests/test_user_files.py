@@ -170,3 +170,30 @@ def test_tagged_podcast_and_streamed_call_are_diarized_as_jobs(client, conversat
         assert body["status"] == "succeeded", (name, body.get("error"))
         assert body["result"]["audio_duration"] == pytest.approx(uploads[name][2], abs=0.1), name
         assert {s["speaker"] for s in body["result"]["diarization_results"]}, name
+
+
+def test_mp4_and_matroska_behind_an_id3_tag_are_held_to_their_checks(tmp_path):
+    """FFmpeg now opens what lies behind a file's ID3 tags, where an MP4 or a Matroska file opens
+    as at a file's start (it refused them behind a tag before): the checks of their headers
+    (edit lists, tags) read them there too, at submit and in the worker."""
+    from engine.audio import load_audio
+    from shared.audio_limits import MAX_EDITS, MAX_MKV_TAGS, check_audio_limits
+    from shared.errors import AudioDecodeError
+    from tests.test_hostile_round5_audio import _m4a, _with_edits
+    from tests.test_hostile_round9_audio import _mkv, _named_tags
+
+    tag = podcast_tag(4 << 10, chapters=2)
+    hostile = {"edits.m4a": (_with_edits(_m4a(2.0), MAX_EDITS + 100), "edit-list"),
+               "tags.mkv": (_mkv(_named_tags(MAX_MKV_TAGS + 100)), "tags")}
+    for name, (data, words) in hostile.items():
+        path = tmp_path / name
+        path.write_bytes(tag + data)
+        with pytest.raises(AudioDecodeError, match=words):
+            check_audio_limits(path, max_duration=3600)
+        with pytest.raises(AudioDecodeError, match=words):
+            load_audio(path)
+    # as writers make them, behind a tag: they open
+    path = tmp_path / "tagged.mkv"
+    path.write_bytes(tag + _mkv(seconds=2.0))
+    assert check_audio_limits(path, max_duration=3600).duration == pytest.approx(2.0, abs=0.1)
+    assert load_audio(path).duration == pytest.approx(2.0, abs=0.1)
