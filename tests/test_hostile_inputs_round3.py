@@ -236,7 +236,7 @@ def test_an_unauthenticated_metrics_scrape_names_no_workers_host(bare_api):
         text = bare_api.get("/metrics").text  # no key: Prometheus scrapes it so
     finally:
         for name in names:
-            store.redis.delete(store.key("worker", name))
+            store.forget_worker(name)
     labels = {line.split('worker="')[1].split('"')[0] for line in text.splitlines()
               if line.startswith("audio_analysis_worker_rss_bytes{")}
     digest = {name: hashlib.sha256(name.encode()).hexdigest()[:8] for name in names}

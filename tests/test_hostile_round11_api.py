@@ -175,3 +175,36 @@ def test_a_call_after_an_answer_gets_a_reading_of_its_own(own_settings, monkeypa
         monkeypatch.setattr(app.state.store, "workers", lambda: [])
         assert client.get("/health").json()["status"] == "degraded"
         assert "audio_analysis_workers 0.0" in client.get("/metrics").text
+
+
+def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(bare_api) -> None:
+    """The root of the /health cost: the workers were found by a SCAN of the whole keyspace, a
+    round trip per 100 keys (2,000 at 200,000 job records). Now each heartbeat also names its
+    worker in an index, and the listing is one script: one round trip, with 20,000 other keys."""
+    store = bare_api.app.state.store
+    pipe = store.redis.pipeline(transaction=False)
+    for i in range(20_000):
+        pipe.set(store.key("job", f"{i:032x}"), "{}", ex=300)
+    pipe.execute()
+    store.heartbeat("gpu0@a:1", {"worker": "gpu0@a:1"}, ttl_s=30)
+    store.heartbeat("gpu1@a:2", {"worker": "gpu1@a:2"}, ttl_s=1)
+    store.heartbeat("gone@a:3", {"worker": "gone@a:3"}, ttl_s=30)
+    store.forget_worker("gone@a:3")  # a worker that stopped
+    calls: list[Any] = []
+    real = store.redis.execute_command
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    store.redis.execute_command = counted
+    try:
+        listed = sorted(w["worker"] for w in store.workers())
+        assert listed == ["gpu0@a:1", "gpu1@a:2"]
+        assert len(calls) == 1, calls
+        time.sleep(2.1)  # gpu1's heartbeat lapses: it is listed no more, and leaves the index
+        assert [w["worker"] for w in store.workers()] == ["gpu0@a:1"]
+    finally:
+        del store.redis.execute_command
+    assert store.redis.smembers(store.key("workers")) == {"gpu0@a:1"}
+    store.forget_worker("gpu0@a:1")

@@ -256,6 +256,6 @@ def shutdown(**_: Any) -> None:
     _state["stop"].set()
     try:
         store = JobStore.from_settings()
-        store.redis.delete(store.key("worker", worker_name()))
+        store.forget_worker(worker_name())
     except Exception:  # noqa: BLE001
         log.debug("could not remove heartbeat", exc_info=True)
