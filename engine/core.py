@@ -233,8 +233,9 @@ class Engine:
         """Inside the block, no file is decoded past ``seconds`` (the job's own limit: a
         synchronous request's 30 min, not the 24 h of a queued job).
 
-        A header's length is an estimate where the container has none (ADTS AAC, MP3 without a
-        Xing frame, AMR: FFmpeg guesses it from the first frames' bitrate). 100 loud frames and
+        A header's length is an estimate where the container has none (MP3 without a Xing frame,
+        AMR: FFmpeg guesses it from the first frames' bitrate), and unknown where an ADTS AAC's
+        frames cannot all be counted (shared.audio_limits.adts_length). 100 loud frames and
         then quiet ones made 606 s of audio that the API and the worker's header check took for
         18 s, and a synchronous request then decoded it to the 24 h limit. Held to its limit as it
         decodes, it is refused as too long (413) instead."""

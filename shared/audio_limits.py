@@ -974,6 +974,104 @@ def ogg_chained(fh: BinaryIO) -> bool:
     return False
 
 
+# ADTS (raw AAC) sampling_frequency_index -> Hz (ISO/IEC 14496-3, table 1.18; 13 to 15 reserved)
+_ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
+# an ADTS stream's frames are walked a MB at a time (a frame is at most 8 KB)
+_ADTS_CHUNK = 1 << 20
+# what may follow an ADTS stream's last frame and is not a frame (FFmpeg reads ID3v1 and APE tags)
+_TRAILING_TAGS = (b"TAG", b"APETAGEX", b"LYRICSBEGIN")
+# ID3v2 tags among an ADTS stream's frames (episodes joined, each with its tag; HLS's timed
+# metadata) are skipped by FFmpeg's demuxer and by the count, up to this many
+_MAX_ADTS_TAGS = 1024
+# how far a header check without a limit of its own (probe) counts an ADTS stream: 48 h, at most
+# 16 million frames (at 96 kHz; 8 million at 48 kHz, about 2.5 s)
+ADTS_COUNT_S = 48 * 3600.0
+
+
+@dataclass(frozen=True)
+class AdtsLength:
+    """What a walk over a raw AAC (ADTS) stream's frames found: the ``seconds`` they hold; where
+    the walk stopped past its ``up_to``, ``at_least`` (the stream is longer); None where something
+    that is not a frame lies among them (damage, files joined): a length not known."""
+
+    seconds: float | None
+    at_least: bool = False
+
+
+def adts_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None:
+    """The length of a raw AAC (ADTS) stream, counted from its frames' headers: each gives its
+    length in bytes, its sample rate and its blocks of 1024 samples. None where ``fh``, behind its
+    ID3v2 tags (where FFmpeg opens it, :func:`ffmpeg_input`), does not begin with an ADTS frame.
+    Reads from ``fh``'s start and leaves ``fh`` there.
+
+    An ADTS stream has no header of its own, and FFmpeg estimates its length from the bitrate of
+    its first frames: a 300 s podcast opening on 10 s of digital silence (frames of 11 bytes, where
+    speech takes 600) was estimated at 12,295 s and refused by a synchronous call (413, limit
+    1800 s); 100 loud frames and then quiet ones made 1900 s pass as 70 s. Counted, the length is
+    exact. The walk stops once it counted past ``up_to`` (the caller's limit): a frame holds at
+    least 1024 samples at 96 kHz, so it reads at most 94 frames a second of ``up_to`` and a MB of
+    frames more, at 0.3 us a frame (24 h of 48 kHz AAC: 1.2 s). An ID3v1 or APE tag after the last
+    frame, or a last frame cut short, ends the stream; an ID3v2 tag among the frames is skipped,
+    as FFmpeg's demuxer skips it; anything else that is not a frame (FFmpeg resyncs past it)
+    leaves the length unknown, as a header that states none: the decoder then holds the file to
+    the limit as it decodes (engine/audio.py), as it held an estimate, which an uploader could
+    make as short as they liked."""
+    rates = _ADTS_RATES
+    try:
+        at = id3_end(fh)
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(at)
+        if not _adts_frame(fh.read(7)):
+            return None
+        blocks = [0] * len(rates)  # blocks of 1024 samples at each rate
+        tags = 0
+        while True:
+            fh.seek(at)
+            buf = fh.read(_ADTS_CHUNK)
+            n, i = len(buf), 0
+            while i + 7 <= n:
+                b1, b2 = buf[i + 1], buf[i + 2]
+                length = ((buf[i + 3] & 3) << 11) | (buf[i + 4] << 3) | (buf[i + 5] >> 5)
+                if buf[i] != 0xFF or b1 & 0xF6 != 0xF0 or b2 & 0x3C > 0x30 or length < (7 if b1 & 1 else 9):
+                    break  # not a frame (sync, layer, a reserved rate, a length under its header)
+                if i + length > n:
+                    break  # it ends in the next read, or past the file's end
+                blocks[(b2 >> 2) & 15] += (buf[i + 6] & 3) + 1
+                i += length
+            at += i
+            seconds = sum(count * 1024 / rate for count, rate in zip(blocks, rates))
+            if seconds > up_to:
+                return AdtsLength(seconds, at_least=True)
+            if i and n == _ADTS_CHUNK:
+                continue  # a frame across the end of this read
+            if at >= size:
+                return AdtsLength(seconds)
+            fh.seek(at)
+            rest = fh.read(16)
+            if len(rest) < 7 or rest.startswith(_TRAILING_TAGS) or _adts_frame(rest, past=size - at):
+                return AdtsLength(seconds)  # a tag, or a last frame cut short: not decoded
+            if rest[:3] == b"ID3" and tags < _MAX_ADTS_TAGS and 0xFF not in rest[3:5] \
+                    and not any(b & 0x80 for b in rest[6:10]):
+                tags += 1
+                at += 10 + _syncsafe(rest[6:10]) + (10 if rest[5] & 0x10 else 0)
+                continue  # the frames go on behind it
+            return AdtsLength(None)
+    finally:
+        fh.seek(0)
+
+
+def _adts_frame(head: bytes, past: int | None = None) -> bool:
+    """Whether ``head`` begins with an ADTS frame's header (and, given ``past``, one longer than
+    the ``past`` bytes left in the file)."""
+    if len(head) < 7 or head[0] != 0xFF or head[1] & 0xF6 != 0xF0 or head[2] & 0x3C > 0x30:
+        return False
+    length = ((head[3] & 3) << 11) | (head[4] << 3) | (head[5] >> 5)
+    if length < (7 if head[1] & 1 else 9):
+        return False
+    return past is None or length > past
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     """What a container header declares, read without decoding a sample."""
@@ -981,6 +1079,8 @@ class AudioInfo:
     duration: float | None
     sample_rate: int | None
     channels: int | None = None
+    # ``duration`` is where a count stopped, past the limit it was given: the audio is longer
+    at_least: bool = False
 
 
 Source = Union[str, os.PathLike, BinaryIO]
@@ -1004,17 +1104,19 @@ def _sandbox(sandbox: ProbeLimits | None | _FromSettings) -> ProbeLimits | None:
     return sandbox
 
 
-def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS) -> AudioInfo | None:
+def probe(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS, *,
+          up_to: float = ADTS_COUNT_S) -> AudioInfo | None:
     """Duration and sample rate from the header (libsndfile, else FFmpeg); None if unreadable
     (not audio: :func:`audio_header` refuses it instead). An MP4 that FFmpeg could not open in
     bounded memory is refused (:func:`check_mp4_edits`), as :func:`audio_header` refuses it."""
     try:
-        return audio_header(source, sandbox)
+        return audio_header(source, sandbox, up_to=up_to)
     except NotAudioError:
         return None
 
 
-def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS) -> AudioInfo | None:
+def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = FROM_SETTINGS, *,
+                 up_to: float = ADTS_COUNT_S) -> AudioInfo | None:
     """Duration and sample rate from the header (libsndfile, else FFmpeg). Raises
     :class:`NotAudioError` (415) where neither opens the file as audio or it has no audio stream;
     None only where the header went unread (a path that cannot be opened, an in-memory upload
@@ -1026,12 +1128,15 @@ def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = F
     limits (:mod:`shared.probe_sandbox`; a file it cannot read within them is refused, 415); None
     reads it in this process (the settings' ``probe_sandbox=false``). libsndfile's formats (WAV,
     FLAC, Ogg) are read here and never reach FFmpeg.
+
+    A raw AAC (ADTS) stream's length is counted from its frames, up to ``up_to`` seconds (the
+    caller's limit: :func:`adts_length`), not taken from FFmpeg's estimate.
     """
     sandbox = _sandbox(sandbox)
     if hasattr(source, "read"):
         try:
             check_containers(source)  # type: ignore[arg-type]
-            return _probe(source, sandbox)
+            return _counted(source, _probe(source, sandbox), up_to)  # type: ignore[arg-type]
         finally:
             source.seek(0)
     try:
@@ -1040,7 +1145,26 @@ def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = F
         return None  # nothing to read (a path gone): unread, not refused
     with fh:
         check_containers(fh)
-    return _probe(source, sandbox)
+    info = _probe(source, sandbox)
+    if info is None:
+        return None
+    try:
+        with open(source, "rb") as fh:
+            return _counted(fh, info, up_to)
+    except OSError:
+        return info
+
+
+def _counted(fh: BinaryIO, info: AudioInfo | None, up_to: float) -> AudioInfo | None:
+    """``info`` with the length of a raw AAC (ADTS) stream counted from its frames (None where
+    they cannot all be counted), in place of FFmpeg's estimate from its first frames' bitrate."""
+    if info is None:
+        return None
+    fh.seek(0)
+    counted = adts_length(fh, up_to)
+    if counted is None:
+        return info
+    return AudioInfo(counted.seconds, info.sample_rate, info.channels, at_least=counted.at_least)
 
 
 def check_containers(fh: BinaryIO) -> None:
@@ -1198,7 +1322,7 @@ def check_audio_limits(
     header FFmpeg cannot read within ``sandbox``'s limits (415, :func:`probe`); and a file that
     neither libsndfile nor FFmpeg opens as audio, or without an audio stream (415,
     :class:`NotAudioError`). None where the header went unread (:func:`audio_header`)."""
-    info = audio_header(source, sandbox)
+    info = audio_header(source, sandbox, up_to=max_duration)
     if info is None:
         return None
     check_channels(info.channels)
@@ -1207,7 +1331,9 @@ def check_audio_limits(
     if info.sample_rate is not None and info.sample_rate > MAX_SAMPLE_RATE:
         raise AudioDecodeError(f"sample rate {info.sample_rate} Hz is above the maximum of {MAX_SAMPLE_RATE} Hz")
     if info.duration is not None and info.duration > max_duration:
-        raise AudioTooLongError(f"audio is {info.duration:.0f} s long; the limit is {max_duration:.0f} s{hint}")
+        # a count stopped past the limit (adts_length) says no more than that
+        length = f"over {max_duration:.0f} s" if info.at_least else f"{info.duration:.0f} s"
+        raise AudioTooLongError(f"audio is {length} long; the limit is {max_duration:.0f} s{hint}")
     if info.duration is not None:
         check_decode_work(info.duration, info.sample_rate, info.channels, max_duration, hint)
     return info

@@ -1,0 +1,187 @@
+"""Files as users have them, a second round (the first: tests/test_user_files.py), from the real
+speech of ../shared/data: a raw AAC (ADTS) podcast that opens on a few seconds of silence, whose
+length FFmpeg estimated at 40 times its own (it has no header), so that the synchronous endpoint
+refused 300 s as "4711 s long" (413).
+Each goes through the header check and the decoder as the API and the worker run them, and
+through the service."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.test_user_files import podcast_tag
+
+RATE = 16_000
+AAC_FRAME_S = 1024 / RATE
+# the digital silence an episode opens on (its intro's lead-in, a recorder started early)
+LEAD_S = 10
+
+
+@pytest.fixture(scope="module")
+def speech(utterances) -> np.ndarray:
+    """About 30 s of two real talkers taking turns (16 kHz mono float32)."""
+    pieces = []
+    for path in sorted(utterances["spk1"] + utterances["spk2"], key=lambda p: p.name[-6:]):
+        pieces += [sf.read(path, dtype="float32")[0], np.zeros(6400, np.float32)]
+    return np.concatenate(pieces)
+
+
+def _adts_frames(data: bytes) -> list[bytes]:
+    frames, at = [], 0
+    while at + 7 <= len(data):
+        length = ((data[at + 3] & 3) << 11) | (data[at + 4] << 3) | (data[at + 5] >> 5)
+        frames.append(data[at : at + length])
+        at += length
+    return frames
+
+
+@pytest.fixture(scope="module")
+def aac(speech) -> tuple[list[bytes], list[bytes]]:
+    """(the frames of LEAD_S of digital silence, the frames of the speech after it) as FFmpeg's
+    AAC encoder writes them in ADTS at 64 kbps: 11 bytes a frame of silence, about 600 of speech."""
+    from evaluation.encoding import encode
+
+    lead = np.zeros(LEAD_S * RATE, np.float32)
+    frames = _adts_frames(encode(np.concatenate([lead, speech]), RATE, container="adts", codec="aac",
+                                 bit_rate=64_000))
+    split = LEAD_S * RATE // 1024
+    assert max(len(f) for f in frames[2:split]) < 20 < min(len(f) for f in frames[split + 1 : split + 20])
+    return frames[:split], frames[split:]
+
+
+def _podcast(aac, seconds: float, *, opening: str = "silence") -> tuple[bytes, float]:
+    """A raw AAC episode of about ``seconds`` (the speech's frames over and over, as long as asked)
+    opening on LEAD_S of silence, or on speech; its exact length (1024 samples a frame)."""
+    lead, talk = aac
+    count = int(seconds / AAC_FRAME_S)
+    head = lead if opening == "silence" else []
+    frames = head + (talk * (count // len(talk) + 1))[: count - len(head)]
+    return b"".join(frames), len(frames) * AAC_FRAME_S
+
+
+def _ffmpeg_estimate(data: bytes) -> float:
+    from shared.audio_limits import ffmpeg_header
+
+    return ffmpeg_header(io.BytesIO(data)).duration
+
+
+# --- a raw AAC's length: counted from its frames, not estimated from its first ones --------------
+
+
+@pytest.mark.parametrize("opening", ["silence", "silence behind a tag", "speech"])
+def test_a_raw_aac_episode_opening_on_silence_is_its_own_length(tmp_path, aac, settings, opening):
+    """300 s of ADTS AAC opening on 10 s of digital silence: FFmpeg estimates an ADTS stream's
+    length from its first frames' bitrate (it has no header), 12,295 s here, and the header check
+    of a synchronous call (limit 1800 s) refused it, 413 "audio is 12193 s long". Its frames are
+    counted now, at submit and in the worker alike: its own 300 s, what the decoder makes of it.
+    An episode opening on speech was estimated at 289 s, and is counted as well."""
+    from engine.audio import load_audio
+    from shared.audio_limits import SYNC_HINT, check_audio_limits
+    from shared.probe_sandbox import ProbeLimits
+
+    data, seconds = _podcast(aac, 300, opening=opening.split()[0])
+    if opening.endswith("tag"):
+        data = podcast_tag(300 << 10) + data
+    estimate = _ffmpeg_estimate(data)
+    if opening.startswith("silence"):
+        assert estimate > 10 * seconds, estimate  # what the header check went by
+    limit = settings.sync_max_audio_seconds
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    for source in (path, io.BytesIO(data)):
+        info = check_audio_limits(source, max_duration=limit, hint=SYNC_HINT, sandbox=ProbeLimits())
+        assert info is not None and info.duration == pytest.approx(seconds, abs=1e-6), (opening, estimate, info)
+        assert (info.sample_rate, info.channels) == (RATE, 1)
+    assert load_audio(path).duration == pytest.approx(seconds, abs=0.05)
+
+
+def test_a_raw_aac_episode_opening_on_silence_is_diarized_by_the_synchronous_endpoint(client, aac):
+    """Through POST /diarize (limit 30 min), as the user sent it: a minute opening on silence,
+    estimated at about 2100 s, was answered 413; it is diarized."""
+    data, seconds = _podcast(aac, 60)
+    assert _ffmpeg_estimate(data) > 1800
+    r = client.post("/diarize", files={"file": ("episode.aac", podcast_tag(4 << 10) + data, "audio/aac")},
+                    timeout=300)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["audio_duration"] == pytest.approx(seconds, abs=0.1)
+    assert {turn["speaker"] for turn in body["diarization_results"]}
+
+
+def test_a_raw_aac_longer_than_the_limit_is_refused_at_submit_by_its_count(client, settings):
+    """100 loud frames and then 1900 s of quiet ones: the estimate from the first frames said
+    70 s, the file passed the header check, and only the decoder held a synchronous call to its
+    30 min (tests/test_hostile_round5_audio.py). Counted, it is refused at submit (413, with the
+    hint to use /jobs/*), nothing queued; the count stops past the limit it was given ("over
+    1800 s"), and with a job's limit it gives the whole length."""
+    from shared.audio_limits import SYNC_HINT, check_audio_limits
+    from shared.errors import AudioTooLongError
+    from shared.probe_sandbox import ProbeLimits
+    from tests.test_hostile_round5_audio import _adts_estimated_short
+
+    data, _ = _adts_estimated_short(1900.0)
+    assert _ffmpeg_estimate(data) < 120
+    limit = settings.sync_max_audio_seconds
+    with pytest.raises(AudioTooLongError, match=f"audio is over {limit:.0f} s long; the limit is {limit:.0f} s"):
+        check_audio_limits(io.BytesIO(data), max_duration=limit, hint=SYNC_HINT, sandbox=ProbeLimits())
+    info = check_audio_limits(io.BytesIO(data), max_duration=settings.max_audio_seconds, sandbox=ProbeLimits())
+    assert info.duration == pytest.approx(100 * 0.064 + 1900, abs=0.2) and not info.at_least
+    r = client.post("/embedding", files={"file": ("long.aac", data, "audio/aac")}, timeout=120)
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"] == f"audio is over {limit:.0f} s long; the limit is {limit:.0f} s{SYNC_HINT}"
+
+
+def test_counting_a_raw_aac_is_bounded_by_the_limit(tmp_path):
+    """The count reads every frame's header (0.3 us each) and stops once past the limit it was
+    given: 30 MB of the smallest frames there are (digital silence at 96 kHz, 11 bytes for 10.7
+    ms) hold 8 h, and the synchronous limit's check reads 1800 s of them and a MB more."""
+    from evaluation.encoding import encode
+    from shared.audio_limits import adts_length, check_audio_limits
+    from shared.errors import AudioTooLongError
+
+    frames = _adts_frames(encode(np.zeros(96_000 * 3, np.float32), 96_000, container="adts", codec="aac"))
+    tiny = [f for f in frames if len(f) == 11]
+    assert len(tiny) > 100
+    path = tmp_path / "silence.aac"
+    count = 2_700_000
+    path.write_bytes(b"".join(tiny[:100]) * (count // 100))
+    started = time.monotonic()
+    with pytest.raises(AudioTooLongError, match="audio is over 1800 s long"):
+        check_audio_limits(path, max_duration=1800)
+    assert time.monotonic() - started < 1.0
+    with open(path, "rb") as fh:
+        whole = adts_length(fh, 48 * 3600.0)
+    assert whole.seconds == pytest.approx(count * 1024 / 96_000) and not whole.at_least
+
+
+def test_a_raw_aac_with_something_else_among_its_frames_has_no_length_its_decoder_holds_it(tmp_path, aac):
+    """Bytes that are not a frame among the frames (a damaged stretch): FFmpeg resyncs past them,
+    the count cannot, and the length is unknown, as a header that states none: the file passes,
+    and the decoder holds it to the limit as it decodes. What the count goes past: an ID3v2 tag
+    between two episodes joined (FFmpeg's demuxer skips it too), an ID3v1 tag after the last
+    frame, a last frame cut short."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import AudioTooLongError
+
+    data, seconds = _podcast(aac, 40)
+    half = len(_podcast(aac, 20)[0])
+    path = tmp_path / "upload"
+    damaged = data[:half] + np.random.default_rng(2).integers(0, 255, 3000, np.uint8).tobytes() + data[half:]
+    path.write_bytes(damaged)
+    assert check_audio_limits(path, max_duration=1800).duration is None
+    assert load_audio(path).duration == pytest.approx(seconds, abs=0.5)
+    with pytest.raises(AudioTooLongError, match="longer than the limit of 30 s"):
+        load_audio(path, max_duration=30)
+    joined = data[:half] + podcast_tag(64 << 10) + data[half:]
+    cut = aac[1][5][:200]  # the first 200 bytes of a frame of about 600
+    for whole in (joined, data + b"TAG" + bytes(125), data + cut):
+        path.write_bytes(whole)
+        assert check_audio_limits(path, max_duration=1800).duration == pytest.approx(seconds, abs=1e-6)
+    path.write_bytes(joined)
+    assert load_audio(path).duration == pytest.approx(seconds, abs=0.05)
