@@ -189,6 +189,8 @@ class _Collector:
         # what a second of the stream counts for (hold_to_work), and the stream it was set for
         self.work_factor = 1.0
         self.work_of: tuple[int, int] | None = None
+        # audio tracks (streams) in the container, of which the first alone is decoded
+        self.tracks = 1
 
     def hold_to_work(self, rate: int, channels: int) -> None:
         """The stream decoded is ``channels`` at ``rate``: past 8 x 48 kHz each of its seconds
@@ -742,6 +744,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
             counted = _xing_seconds(fh)
             binding = counted is not None and abs(counted - declared) <= 0.01 * counted + 0.1
         collected = _Collector(max_duration, declared or None, binding=binding)
+        collected.tracks = len(container.streams.audio)
         if binding and declared == 0:  # declares nothing to decode: held to the slack alone
             collected.ceiling, collected.expected_s = int(_DECLARED_SLACK[1] * SAMPLE_RATE), 0.0
 
@@ -881,15 +884,28 @@ def load_audio(
     samples = collected.samples()
     if reject_silence and not collected.loud and samples.size / SAMPLE_RATE >= min_duration:
         # nothing but exact zeros: refused before any pass over the (never written) buffer
-        raise InputError("audio is silent: no signal to analyse")
-    return validate_samples(samples, min_duration=min_duration, max_duration=max_duration, reject_silence=reject_silence)
+        raise silent_audio(collected.tracks)
+    return validate_samples(samples, min_duration=min_duration, max_duration=max_duration,
+                            reject_silence=reject_silence, tracks=collected.tracks)
+
+
+def silent_audio(tracks: int = 1) -> InputError:
+    """The refusal of a recording without sound (422). Of a container of several audio tracks
+    only the first is decoded (the header check reads the first too): a recorder's silent first
+    track (OBS's desktop audio, a muted microphone) beside the speech in the second was refused
+    as "audio is silent" without a word of the other tracks."""
+    if tracks > 1:
+        return InputError(f"audio is silent: the first of {tracks} audio tracks holds no sound; "
+                          "only the first audio track is analysed")
+    return InputError("audio is silent: no signal to analyse")
 
 
 def validate_samples(
-    samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True
+    samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True, tracks: int = 1
 ) -> Audio:
     """Checks of the decoded result as a whole: its length and its level. Each sample was
-    checked finite and clipped to full scale as it was collected (``_Collector.add``)."""
+    checked finite and clipped to full scale as it was collected (``_Collector.add``).
+    ``tracks``: the audio tracks of the file the samples are the first of (the refusal says so)."""
     if samples.size == 0:
         raise AudioDecodeError("audio holds no samples")
     duration = samples.size / SAMPLE_RATE
@@ -905,5 +921,5 @@ def validate_samples(
             part = samples[start : start + step].astype(np.float64)
             squares += float(np.dot(part, part))
         if math.sqrt(squares / samples.size) < SILENCE_RMS:
-            raise InputError("audio is silent: no signal to analyse")
+            raise silent_audio(tracks)
     return Audio(samples)

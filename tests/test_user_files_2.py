@@ -1,7 +1,9 @@
 """Files as users have them, a second round (the first: tests/test_user_files.py), from the real
 speech of ../shared/data: a raw AAC (ADTS) podcast that opens on a few seconds of silence, whose
 length FFmpeg estimated at 40 times its own (it has no header), so that the synchronous endpoint
-refused 300 s as "4711 s long" (413).
+refused 300 s as "4711 s long" (413); and a recording of two audio tracks whose first is silent
+(OBS's desktop audio beside the microphone's track), refused as silent without a word of the
+other track.
 Each goes through the header check and the decoder as the API and the worker run them, and
 through the service."""
 
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.conftest import wait_for_job
 from tests.test_user_files import podcast_tag
 
 RATE = 16_000
@@ -185,3 +188,96 @@ def test_a_raw_aac_with_something_else_among_its_frames_has_no_length_its_decode
         assert check_audio_limits(path, max_duration=1800).duration == pytest.approx(seconds, abs=1e-6)
     path.write_bytes(joined)
     assert load_audio(path).duration == pytest.approx(seconds, abs=0.05)
+
+
+# --- several audio tracks, the first silent: only the first is analysed, and the refusal says so --
+
+
+def _tracks(container: str, codec: str, tracks: list[np.ndarray], rate: int = 48_000) -> bytes:
+    """Mono ``tracks`` as the audio tracks of one file, in their order, as OBS records them
+    (its desktop audio and each microphone a track of their own)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        streams = []
+        for _ in tracks:
+            stream = out.add_stream(codec, rate=rate, layout="mono")
+            streams.append(stream)
+        step = 1024
+        for start in range(0, max(len(t) for t in tracks), step):
+            for stream, samples in zip(streams, tracks):
+                chunk = np.ascontiguousarray(samples[start : start + step], np.float32)
+                if not len(chunk):
+                    continue
+                if codec.startswith("pcm_s16"):
+                    frame = av.AudioFrame.from_ndarray(np.round(chunk * 32767).astype(np.int16).reshape(1, -1),
+                                                       format="s16", layout="mono")
+                else:
+                    frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="fltp", layout="mono")
+                frame.sample_rate, frame.pts = rate, start
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for stream in streams:
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def talk48k(speech) -> np.ndarray:
+    from engine.audio import resample
+
+    return np.asarray(resample(speech[: 12 * RATE], RATE, 48_000), np.float32)
+
+
+MULTITRACK = "audio is silent: the first of 2 audio tracks holds no sound; only the first audio track is analysed"
+
+
+@pytest.mark.parametrize(("container", "codec", "first"), [
+    ("matroska", "aac", "zeros"), ("mp4", "aac", "zeros"), ("matroska", "pcm_s16le", "hiss"),
+], ids=["obs-mkv", "obs-mp4", "pcm-mkv-hiss"])
+def test_a_recording_whose_first_of_two_tracks_is_silent_is_refused_in_words_that_say_so(
+        tmp_path, talk48k, container, codec, first):
+    """OBS records its desktop audio and the microphone as tracks 1 and 2: where nothing played
+    on the desktop, track 1 is silent (digital zeros, or a converter's hiss of a bit or two) and
+    the speech is in track 2. Only the first audio track is decoded (and read by the header
+    check), and the file was refused "audio is silent: no signal to analyse", which sent users
+    looking for a broken microphone. The refusal now says which track was silent and that the
+    first alone is read. With the speech in the first track the same file is decoded."""
+    from engine.audio import load_audio
+    from shared.audio_limits import check_audio_limits
+    from shared.errors import InputError
+
+    if first == "zeros":
+        quiet = np.zeros_like(talk48k)
+    else:  # one or two bits of noise in 16-bit PCM: about -85 dBFS, under the silence threshold
+        quiet = np.random.default_rng(1).integers(-2, 3, len(talk48k)).astype(np.float32) / 32767
+    path = tmp_path / "upload"
+    path.write_bytes(_tracks(container, codec, [quiet, talk48k]))
+    info = check_audio_limits(path, max_duration=1800)
+    assert info.duration == pytest.approx(12.0, abs=0.1) and info.channels == 1
+    with pytest.raises(InputError) as refused:
+        load_audio(path)
+    assert refused.value.detail == MULTITRACK
+    assert refused.value.status_code == 422
+    path.write_bytes(_tracks(container, codec, [talk48k, quiet]))
+    assert load_audio(path).duration == pytest.approx(12.0, abs=0.1)
+    # one silent track alone: as before
+    path.write_bytes(_tracks(container, codec, [quiet]))
+    with pytest.raises(InputError, match="^audio is silent: no signal to analyse$"):
+        load_audio(path)
+
+
+def test_an_obs_recording_with_a_silent_first_track_is_refused_by_the_service_in_those_words(client, talk48k):
+    """Through the service as a job and a synchronous call: 422 with the new words (the job's
+    error carries them, as the synchronous body does)."""
+    data = _tracks("matroska", "aac", [np.zeros_like(talk48k), talk48k])
+    r = client.post("/diarize", files={"file": ("obs.mkv", data, "video/x-matroska")}, timeout=120)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"] == MULTITRACK
+    r = client.post("/jobs/diarize", files={"file": ("obs.mkv", data, "video/x-matroska")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 120)
+    assert done["status"] == "failed", done
+    assert done["error"]["status_code"] == 422 and done["error"]["detail"] == MULTITRACK, done["error"]
