@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "utterances"
-TEST_REDIS_URL = os.environ.get("AUDIO_ANALYSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+from tests._redis_db import session_redis_url
+
+TEST_REDIS_URL = session_redis_url()
 WEBHOOK_SECRET = "test-webhook-secret"
 
 

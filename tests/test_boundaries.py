@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from tests._redis_db import session_redis_url
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_REDIS_URL = os.environ.get("AUDIO_ANALYSIS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_REDIS_URL = session_redis_url()
 HEAVY = ["torch", "torchaudio", "torchcodec", "pyannote", "speechbrain", "senko", "lightning"]
 # issue 9's target is 150 MB; the slack covers allocator and Python-version differences
 API_RSS_BOUND_MB = 200
