@@ -482,8 +482,10 @@ return 0
 
 # The heartbeats of the workers alive: each worker's record (KEYS[1] prefix .. name) for every
 # name in the index of workers (KEYS[2], a set); a name whose record expired leaves the index here,
-# in the same step, so a worker that heartbeats meanwhile is never dropped from it.
+# in the same step, so a worker that heartbeats meanwhile is never dropped from it. False where no
+# worker has ever written the index (KEYS[3], kept for good: an emptied set is removed).
 _LIVE_WORKERS = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 local out = {}
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local info = redis.call('GET', KEYS[1] .. name)
@@ -1369,11 +1371,14 @@ class JobStore:
     # /health and /metrics (open to anyone) list the workers from the index, in time that grows
     # with the workers, not with the keyspace. They found the records by a SCAN of every key
     # before, every job record and voiceprint: 0.25 s a call at 200,000 keys. A worker of an
-    # earlier release writes no index entry, so upgrade the workers first (docs/service.md).
+    # earlier release writes no index entry: until a worker of this one has written it, the
+    # workers are still found by the SCAN (an API upgraded first sees its old workers), and from
+    # then on, a worker left of the earlier release is not listed (docs/service.md).
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.set(self.key("worker", worker), json.dumps(info), ex=max(1, int(ttl_s)))
         pipe.sadd(self.key("workers"), worker)
+        pipe.set(self.key("workers", "indexed"), "1")
         pipe.execute()
 
     def forget_worker(self, worker: str) -> None:
@@ -1384,7 +1389,10 @@ class JobStore:
         pipe.execute()
 
     def workers(self) -> list[dict[str, Any]]:
-        raw = self._live_workers(keys=[self.key("worker", ""), self.key("workers")])
+        raw = self._live_workers(keys=[self.key("worker", ""), self.key("workers"), self.key("workers", "indexed")])
+        if raw is None:  # no worker of this release yet: the earlier releases' records by a SCAN
+            keys = list(self.redis.scan_iter(match=self.key("worker", "*"), count=100))
+            raw = [r for r in (self.redis.mget(keys) if keys else []) if r]
         infos = []
         for r in raw:
             try:

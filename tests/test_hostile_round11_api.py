@@ -17,6 +17,7 @@ Each test fails on the code before its fix:
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from typing import Any, Iterator
@@ -186,6 +187,10 @@ def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(
     for i in range(20_000):
         pipe.set(store.key("job", f"{i:032x}"), "{}", ex=300)
     pipe.execute()
+    # a worker of the earlier release writes its record alone: until a worker of this release
+    # has written the index, the records are still found by the SCAN (an API upgraded first)
+    store.redis.set(store.key("worker", "old@a:0"), json.dumps({"worker": "old@a:0"}), ex=30)
+    assert [w["worker"] for w in store.workers()] == ["old@a:0"]
     store.heartbeat("gpu0@a:1", {"worker": "gpu0@a:1"}, ttl_s=30)
     store.heartbeat("gpu1@a:2", {"worker": "gpu1@a:2"}, ttl_s=1)
     store.heartbeat("gone@a:3", {"worker": "gone@a:3"}, ttl_s=30)
