@@ -196,6 +196,13 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         assert len(result["embedding"]) == 192 and result["model_device"] == "cpu"
+        # both workers heartbeat: the webhook worker's threads pool sends no worker_process_init,
+        # and it was missing from /health (and its telemetry from /metrics) in every deployment
+        workers = httpx.get(f"{base}/health", timeout=10).json()["workers"]
+        hooks = [w for w in workers if w["worker"].startswith("webhooks@")]
+        assert len(hooks) == 1 and hooks[0]["loads_models"] is False, workers
+        assert hooks[0]["queues"] == [env.get("AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME", "webhooks")], hooks
+        assert any(w["diarization_model_loaded"] for w in workers), workers
 
         # a diarization running when Ctrl-C comes
         browser = _flower_browser()

@@ -224,6 +224,19 @@ def clear_stopping(sender: Any = None, **_: Any) -> None:
         JobStore.from_settings().redis.delete(_stopping_key(sender.hostname))
     except Exception:  # noqa: BLE001
         log.debug("could not clear the stopping mark", exc_info=True)
+    # The prefork and solo pools send worker_process_init from the process that runs the tasks;
+    # the threads pool (the webhook workers of compose, Kubernetes and `up`) sends none, so those
+    # never heartbeat: /health listed no webhook worker and /metrics had none of their telemetry.
+    # Their tasks run in this process, so it heartbeats from here.
+    if _state.get("thread") is None and _runs_tasks_here(sender):
+        boot(sender=getattr(sender, "hostname", None))
+
+
+def _runs_tasks_here(consumer: Any) -> bool:
+    """Whether the worker's pool runs its tasks in this (the main) process: threads, or the
+    green pools; prefork runs them in children, which boot on worker_process_init."""
+    pool = getattr(consumer, "pool", None)
+    return pool is not None and type(pool).__module__.rsplit(".", 1)[-1] in ("thread", "gevent", "eventlet")
 
 
 @signals.worker_process_init.connect
