@@ -74,7 +74,14 @@ class JobCollector(Collector):
         yield depth
 
         workers = self.store.workers()
-        yield GaugeMetricFamily("audio_analysis_workers", "Workers with a live heartbeat", value=len(workers))
+        # the webhook workers (no models) heartbeat too: counted apart, so that "no worker runs
+        # jobs" (alerts.yml's NoWorkers) is not hidden by a webhook worker alive beside none
+        runs_jobs = sum(1 for w in workers if w.get("loads_models", True) is not False)
+        yield GaugeMetricFamily("audio_analysis_workers", "Workers that run jobs, with a live heartbeat",
+                                value=runs_jobs)
+        yield GaugeMetricFamily("audio_analysis_webhook_workers",
+                                "Workers that only deliver webhooks (no models), with a live heartbeat",
+                                value=len(workers) - runs_jobs)
         yield from worker_metrics(workers)
 
 

@@ -56,7 +56,8 @@ def test_dashboard_and_alerts_query_existing_metrics(client, utterances) -> None
 
     rules = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     alerts = {r["alert"]: r for group in rules["groups"] for r in group["rules"]}
-    assert {"QueueKeepsGrowing", "WorkerHeartbeatLost", "JobFailureRateHigh"} <= set(alerts)
+    assert {"QueueKeepsGrowing", "WorkerHeartbeatLost", "WebhookWorkerHeartbeatLost", "NoWorkers",
+            "JobFailureRateHigh"} <= set(alerts)
     for rule in alerts.values():
         assert rule["for"] and rule["labels"]["severity"] in ("warning", "critical")
         queried |= set(METRIC.findall(rule["expr"]))

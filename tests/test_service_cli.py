@@ -203,6 +203,10 @@ def test_up_serves_jobs_stops_cleanly_and_hands_a_running_job_back(tmp_path, utt
         assert len(hooks) == 1 and hooks[0]["loads_models"] is False, workers
         assert hooks[0]["queues"] == [env.get("AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME", "webhooks")], hooks
         assert any(w["diarization_model_loaded"] for w in workers), workers
+        # counted apart: a webhook worker alive beside no job worker must not read as "a worker"
+        gauges = {line.split()[0]: float(line.split()[1]) for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines()
+                  if line.startswith(("audio_analysis_workers ", "audio_analysis_webhook_workers "))}
+        assert gauges == {"audio_analysis_workers": 1.0, "audio_analysis_webhook_workers": 1.0}, gauges
 
         # a diarization running when Ctrl-C comes
         browser = _flower_browser()
