@@ -11,6 +11,7 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LANE_LABEL_PX = 144; // .lane-label width (9rem)
 
 const state = { picked: [], jobs: new Map(), shown: null, pxPerSecond: 1 };
+let submitting = false; // a submit is sending its files (see the Submit button's handler)
 
 // --- the API ----------------------------------------------------------------------------------
 // The key lives in this tab's sessionStorage: it survives a reload, not the tab. localStorage
@@ -34,7 +35,9 @@ async function api(path, options = {}) {
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
-    throw new Error(`${response.status}: ${detail}`);
+    const error = new Error(`${response.status}: ${detail}`);
+    error.status = response.status;
+    throw error;
   }
   return response;
 }
@@ -44,51 +47,111 @@ const drop = $("#drop");
 function pick(files) {
   state.picked = Array.from(files);
   $("#picked").textContent = state.picked.map((f) => f.name).join(", ");
-  $("#submit").disabled = state.picked.length === 0;
+  $("#submit").disabled = submitting || (state.picked.length === 0 && !$("#audio-url").value.trim());
 }
 $("#files").addEventListener("change", (e) => pick(e.target.files));
-$("#audio-url").addEventListener("input", () => { $("#submit").disabled = state.picked.length === 0 && !$("#audio-url").value.trim(); });
+$("#audio-url").addEventListener("input", () => pick(state.picked));
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
 drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
 
 // --- submitting and following jobs -------------------------------------------------------------
+// A form sent with XMLHttpRequest, whose upload reports progress (fetch's does not): a recording of
+// hundreds of MB takes minutes to send, and the page said nothing meanwhile.
+function send(path, form, onProgress) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", path);
+    const key = keyInput.value.trim();
+    if (key) xhr.setRequestHeader("X-API-Key", key);
+    xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+    xhr.addEventListener("load", () => {
+      let body = null;
+      try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+      if (xhr.status >= 200 && xhr.status < 300 && body) resolve(body);
+      else reject(Object.assign(new Error(`${xhr.status}: ${(body && body.detail) || xhr.statusText || "no answer"}`),
+                                { status: xhr.status }));
+    });
+    xhr.addEventListener("error", () => reject(new Error("the service did not answer (network error)")));
+    xhr.send(form);
+  });
+}
+
+function diarizeForm() {
+  const form = new FormData();
+  for (const name of ["num_speakers", "min_speakers", "max_speakers"]) {
+    const value = $(`#${name.replace("_", "-")}`).value;
+    if (value !== "") form.append(name, value);
+  }
+  if ($("#exclusive").checked) form.append("exclusive", "true");
+  if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
+  return form;
+}
+
+// One submit at a time: the button stays disabled until every file has been sent. It stayed
+// enabled while a recording uploaded, and a second click (nothing seemed to happen) sent the same
+// files again, as a second job each.
 $("#submit").addEventListener("click", async () => {
+  if (submitting) return;
+  submitting = true;
+  const button = $("#submit");
+  button.disabled = true;
+  const errors = [];
   $("#submit-error").textContent = "";
-  const options = { num_speakers: $("#num-speakers").value, min_speakers: $("#min-speakers").value,
-                    max_speakers: $("#max-speakers").value };
-  for (const file of state.picked) {
-    const form = new FormData();
-    form.append("file", file, file.name);
-    for (const [name, value] of Object.entries(options)) if (value !== "") form.append(name, value);
-    if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
-    try {
-      const job = await (await api("/jobs/diarize", { method: "POST", body: form })).json();
-      track(job, file);
-    } catch (err) {
-      $("#submit-error").textContent = `${file.name}: ${err.message}`;
-    }
-  }
+  const status = $("#submit-status");
+  const files = state.picked;
   const url = $("#audio-url").value.trim();
-  if (url) {
-    // the worker fetches it (same limits and address policy as any job by URL); no audio to play
-    const form = new FormData();
-    form.append("file_url", url);
-    for (const [name, value] of Object.entries(options)) if (value !== "") form.append(name, value);
-    if ($("#use-voiceprints").checked) form.append("voiceprints", "all");
-    try {
-      track(await (await api("/jobs/diarize", { method: "POST", body: form })).json(), null);
-      $("#audio-url").value = "";
-    } catch (err) {
-      $("#submit-error").textContent = `${url}: ${err.message}`;
+  try {
+    for (const [i, file] of files.entries()) {
+      const form = diarizeForm();
+      form.append("file", file, file.name);
+      const which = files.length > 1 ? ` (${i + 1} of ${files.length})` : "";
+      status.textContent = `uploading ${file.name}${which}…`;
+      try {
+        const job = await send("/jobs/diarize", form, (done) => {
+          status.textContent = `uploading ${file.name}${which}: ${Math.floor(done * 100)} %`;
+        });
+        track(job, file);
+      } catch (err) {
+        errors.push(`${file.name}: ${err.message}`);
+      }
     }
+    if (url) {
+      // the worker fetches it (same limits and address policy as any job by URL); no audio to play
+      const form = diarizeForm();
+      form.append("file_url", url);
+      status.textContent = "sending the URL…";
+      try {
+        track(await send("/jobs/diarize", form, () => {}), null);
+        $("#audio-url").value = "";
+      } catch (err) {
+        errors.push(`${url}: ${err.message}`);
+      }
+    }
+  } finally {
+    // every file's refusal, one a line (each replaced the one before: only the last was left)
+    $("#submit-error").textContent = errors.join("\n");
+    status.textContent = "";
+    submitting = false;
+    pick([]);
+    $("#files").value = "";
   }
-  pick([]);
-  $("#files").value = "";
   refreshRecent();
 });
 
-function track(job, file) {
+// The jobs this tab follows, by id, in its sessionStorage: a reload (or a browser that restored
+// the tab) follows them again, where the page forgot them and a running job was left as a
+// static line in Recent jobs, with no progress and no way to cancel it.
+const FOLLOWED_ITEM = "audio-analysis.followed-jobs";
+const FOLLOWED_MAX = 50;
+function followed() {
+  try { return JSON.parse(sessionStorage.getItem(FOLLOWED_ITEM) || "[]").filter((id) => typeof id === "string"); }
+  catch (_) { return []; }
+}
+function setFollowed(ids) { sessionStorage.setItem(FOLLOWED_ITEM, JSON.stringify(ids.slice(-FOLLOWED_MAX))); }
+
+function track(job, file, restored = false) {
+  if (state.jobs.has(job.job_id)) return;
   const row = document.createElement("div");
   row.className = "job";
   row.dataset.jobId = job.job_id;
@@ -98,8 +161,22 @@ function track(job, file) {
   row.querySelector(".cancel").addEventListener("click", () => cancel(job.job_id));
   row.querySelector(".show").addEventListener("click", () => show(state.jobs.get(job.job_id)));
   $("#jobs").prepend(row);
-  state.jobs.set(job.job_id, { job, file, row });
+  // a job that had ended before a reload is listed, not drawn over what the user looks at
+  state.jobs.set(job.job_id, { job, file, row, autoShow: !(restored && TERMINAL.has(job.status)) });
+  if (!followed().includes(job.job_id)) setFollowed([...followed(), job.job_id]);
   poll(job.job_id);
+}
+
+async function restoreFollowed() {
+  for (const id of followed()) {
+    if (state.jobs.has(id)) continue;
+    try {
+      track(await (await api(`/jobs/${encodeURIComponent(id)}`)).json(), null, true);
+    } catch (err) {
+      // gone (expired, or another key's): no longer followed; anything else is tried next load
+      if (err.status === 404) setFollowed(followed().filter((x) => x !== id));
+    }
+  }
 }
 
 async function poll(jobId) {
@@ -108,13 +185,13 @@ async function poll(jobId) {
     entry.job = await (await api(`/jobs/${jobId}`)).json();
   } catch (err) {
     entry.row.querySelector(".step").textContent = err.message;
-    setTimeout(() => poll(jobId), 2000);
+    if (err.status !== 404) setTimeout(() => poll(jobId), 2000);
     return;
   }
   render(entry);
   if (!TERMINAL.has(entry.job.status)) {
     setTimeout(() => poll(jobId), 500);
-  } else if (entry.job.status === "succeeded" && (!state.shown || state.shown.job.job_id === jobId)) {
+  } else if (entry.job.status === "succeeded" && entry.autoShow && (!state.shown || state.shown.job.job_id === jobId)) {
     show(entry);
   }
 }
@@ -163,6 +240,7 @@ function show(entry) {
     audio.removeAttribute("src");
   }
   $("#no-audio").hidden = Boolean(entry.file);
+  $("#play-file").value = "";
   state.duration = duration;
   const timeline = $("#timeline");
   timeline.innerHTML = "";
@@ -196,10 +274,24 @@ function show(entry) {
   lanes.appendChild(cursor);
   timeline.appendChild(lanes);
   const seconds = speakers.map((s) => bySpeaker.get(s).reduce((a, t) => a + t.end - t.start, 0));
+  const named = speakers.map((s) => bySpeaker.get(s).find((t) => t.identity)?.identity || s);
   $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
-    speakers.map((s, i) => `${s} ${seconds[i].toFixed(1)} s`).join(", ");
+    speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
   layout();
 }
+
+// The recording of a job shown without it (after a reload, or from Recent jobs): opened here, it
+// plays with the timeline. The hint said to pick it "above", where a file is queued for a new job
+// instead: nothing played, and Submit ran the recording again.
+$("#play-file").addEventListener("change", (e) => {
+  const file = e.target.files[0];
+  if (!file || !state.shown) return;
+  state.shown.file = file;
+  if (audio.src) URL.revokeObjectURL(audio.src);
+  audio.src = URL.createObjectURL(file);
+  audio.dataset.jobId = state.shown.job.job_id;
+  $("#no-audio").hidden = true;
+});
 
 // one listener for every turn (a day's recording draws hundreds of thousands of them)
 $("#timeline").addEventListener("click", (event) => {
@@ -401,5 +493,7 @@ $("#vp-enroll").addEventListener("click", async () => {
 });
 
 keyInput.addEventListener("change", refreshVoiceprints);
+keyInput.addEventListener("change", restoreFollowed);
 refreshRecent();
 refreshVoiceprints();
+restoreFollowed();
