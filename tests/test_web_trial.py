@@ -167,5 +167,19 @@ def test_options_webvtt_and_a_reloaded_result_plays_its_recording(web, browser, 
     turn.click()
     page.wait_for_function(f"() => document.querySelector('#audio').currentTime >= {start - 0.05}")
     assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
+
+    # the turns, one a line, from the keyboard: the timeline's bars could not be reached without a
+    # mouse. Tab from the list's summary opens it; the last turn's button plays that turn
+    result = httpx.get(f"{web}/jobs/{job_id}", headers={"X-API-Key": KEY}, timeout=10).json()["result"]
+    turns = sorted(result["diarization_results"], key=lambda t: (t["start"], t["end"]))
+    page.focus("#turns-list summary")
+    page.keyboard.press("Enter")
+    rows = page.locator("#turns tbody tr")
+    assert rows.count() == len(turns)
+    assert rows.last.locator("td").nth(2).inner_text() == turns[-1]["speaker"]
+    page.evaluate("() => document.querySelector('#audio').pause()")
+    rows.last.locator("button").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('#audio').currentTime >= {turns[-1]['start'] - 0.05}")
     assert page.errors == []  # type: ignore[attr-defined]
     page.close()

@@ -278,7 +278,63 @@ function show(entry) {
   $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
     speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
   layout();
+  listTurns(turns, speakers, named);
 }
+
+// The turns as a table, in time order, each with a button that plays it: the timeline's bars are
+// for the mouse, and a keyboard or a screen reader reached none of them. A day's recording has
+// hundreds of thousands of turns: they are listed TURNS_PAGE at a time ("more").
+const TURNS_PAGE = 500;
+let turnsShown = { turns: [], next: 0, names: new Map() };
+
+function clock(seconds) {
+  const s = Math.max(seconds, 0);
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), rest = (s % 60).toFixed(1).padStart(4, "0");
+  return h ? `${h}:${String(m).padStart(2, "0")}:${rest}` : `${m}:${rest}`;
+}
+
+function listTurns(turns, speakers, named) {
+  const names = new Map(speakers.map((s, i) => [s, named[i]]));
+  const ordered = turns.slice().sort((a, b) => a.start - b.start || a.end - b.end);
+  turnsShown = { turns: ordered, next: 0, names };
+  $("#turns tbody").innerHTML = "";
+  $("#turns-list summary").textContent = `Turns, one a line (${ordered.length})`;
+  moreTurns();
+}
+
+function moreTurns() {
+  const { turns, names } = turnsShown;
+  const body = document.createDocumentFragment();
+  const end = Math.min(turnsShown.next + TURNS_PAGE, turns.length);
+  for (let i = turnsShown.next; i < end; i++) {
+    const t = turns[i];
+    const tr = document.createElement("tr");
+    tr.innerHTML = "<td></td><td></td><td></td><td><button type=\"button\" class=\"small play\">play</button></td>";
+    const cells = tr.querySelectorAll("td");
+    cells[0].textContent = clock(t.start);
+    cells[1].textContent = clock(t.end);
+    cells[2].textContent = names.get(t.speaker) || t.speaker;
+    const button = tr.querySelector("button");
+    button.dataset.start = t.start;
+    button.dataset.end = t.end;
+    button.setAttribute("aria-label", `play ${cells[2].textContent} from ${cells[0].textContent} to ${cells[1].textContent}`);
+    body.appendChild(tr);
+  }
+  $("#turns tbody").appendChild(body);
+  turnsShown.next = end;
+  $("#turns-more").hidden = end >= turns.length;
+}
+$("#turns-more").addEventListener("click", moreTurns);
+$("#turns").addEventListener("click", (event) => {
+  const button = event.target.closest("button.play");
+  if (!button) return;
+  if (!audio.src) {
+    $("#no-audio").hidden = false;
+    $("#play-file").focus();
+    return;
+  }
+  playTurn({ start: Number(button.dataset.start), end: Number(button.dataset.end) });
+});
 
 // The recording of a job shown without it (after a reload, or from Recent jobs): opened here, it
 // plays with the timeline. The hint said to pick it "above", where a file is queued for a new job
@@ -324,7 +380,8 @@ function playTurn(turn) {
   if (!audio.src) return;
   audio.currentTime = turn.start;
   stopAt = turn.end;
-  audio.play();
+  // a play cut short by a pause or by the next turn rejects; that is no error to report
+  audio.play().catch(() => {});
 }
 
 audio.addEventListener("timeupdate", () => {
