@@ -202,5 +202,5 @@ def test_a_worker_behind_the_api_keeps_an_ended_jobs_record_as_long_as_results_a
             assert time.monotonic() < deadline, record
             time.sleep(0.05)
         assert record is not None, "the ended job's record expired as it was written"
-        assert record.status == "failed" and "no longer in storage" in record.error.detail, record
+        assert record.status == "failed" and "not in the workers' storage" in record.error.detail, record
         assert 50 <= store.redis.ttl(store.key("job", job_id)) <= 60

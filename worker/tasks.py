@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -201,6 +202,30 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
+def _missing_upload(record: JobRecord, key: str) -> ProcessingError:
+    """Why a job's upload is not in storage, for its client and its operator. It said "no longer
+    in storage (expired)" whatever the cause, and the usual one is not expiry: an API and workers
+    that do not share one storage (two hosts each with its own AUDIO_ANALYSIS_STORAGE_DIR, a
+    volume mounted in the API's container only) fail every job that way, minutes old."""
+    try:
+        created = datetime.strptime(record.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        waited: float | None = time.time() - created.timestamp()
+    except (TypeError, ValueError):
+        waited = None
+    kept = settings.upload_expires_s
+    if waited is not None and waited >= kept:
+        # the service's backlog, not the caller's input: the same job submitted again runs
+        return ProcessingError(
+            f"the job waited {waited / 3600:.1f} h for a worker, past the {kept / 3600:g} h an upload is kept, "
+            "and its upload was removed; submit it again", status_code=503)
+    log.error("job %s: its upload %s is not in this worker's storage (%s), %s after the job was created: the "
+              "API and the workers must share one storage (AUDIO_ANALYSIS_STORAGE_BACKEND, and the same "
+              "AUDIO_ANALYSIS_STORAGE_DIR volume or S3 bucket)", record.job_id, key, settings.storage_backend,
+              "unknown time" if waited is None else f"{waited:.0f} s")
+    return ProcessingError("the job's upload is not in the workers' storage (the service's storage is "
+                           "misconfigured: its operator is told in the worker's log); the job was not run")
+
+
 def give_up(jobs: JobStore, storage: Storage, job_id: str, attempt: int | None, error: AnalysisError) -> JobRecord | None:
     """Fail a job for good with ``error`` (its workers kept dying, it was stuck, no worker has its
     task): delete its upload, send its webhook; only while it is at ``attempt``."""
@@ -275,7 +300,7 @@ def _run_leased(
 
             def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
-                    raise ProcessingError("uploaded file is no longer in storage (expired)")
+                    raise _missing_upload(running, key)
                 path = stack.enter_context(storage.local_path(key))
                 if audio:
                     # the API checked the header already; checked again here for jobs queued
