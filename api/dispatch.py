@@ -737,7 +737,7 @@ class Dispatcher:
                 log.error("job %s: failed by the recovery pass before its submission was confirmed", job_id)
                 raise ModelError(INTERRUPTED_SUBMISSION)
 
-    async def check_audio_limits(self, uploads: Iterable[UploadFile], *, sync: bool) -> None:
+    async def check_audio_limits(self, uploads: Iterable[UploadFile], *, sync: bool, of_several: bool = False) -> None:
         """Duration and sample rate from the container header, before any worker decodes.
 
         A file that neither libsndfile nor FFmpeg opens as audio, or that has no audio stream, is
@@ -746,11 +746,13 @@ class Dispatcher:
         answered 202, stored and queued, and failed in the worker with the same 415, a batch
         holding one such file queued the others. A header that went unread for the check's own
         reasons (shared.audio_limits.audio_header: None) is still left to the worker's decoder.
+        Any other refusal names the file too where there are several (``of_several``: a batch's).
         """
         limit = min(self.settings.sync_max_audio_seconds, self.settings.max_audio_seconds) if sync \
             else self.settings.max_audio_seconds
         hint = SYNC_HINT if sync else ""
         budget = DurationBudget(limit, hint)
+        uploads = list(uploads)
         for upload in uploads:
             name = (upload.filename or "")[:100]
             if await _is_empty(upload):
@@ -764,6 +766,12 @@ class Dispatcher:
             except NotAudioError as exc:
                 # which of a batch's (or an enrollment's) files it is
                 raise exc.about(f"uploaded file {name!r}") from None
+            except InputError as exc:
+                # too long, too low a rate, a header past its limits: of several files, which one
+                # (a batch of 40 answered "audio is 7300 s long" left the caller to find it)
+                if of_several or len(uploads) > 1:
+                    raise exc.about(f"uploaded file {name!r}") from None
+                raise
             budget.add(info)
 
     # --- the synchronous contract -----------------------------------------------------------

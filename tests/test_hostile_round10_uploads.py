@@ -273,3 +273,25 @@ def test_the_hint_is_the_one_the_header_check_gives(client, settings, utterances
     sf.write(buf, long, rate, format="FLAC", subtype="PCM_16")
     error = _assert_error(client.post("/embedding", files={"file": ("long.flac", buf.getvalue(), "audio/flac")}), 413)
     assert error["detail"].endswith(SYNC_HINT), error
+
+
+def test_a_batch_names_its_file_that_is_too_long_or_too_low_a_rate(variant_app, utterances):
+    """Of several files, the one over a limit is named, as a file that is not audio is: a batch
+    of 40 answered "audio is 7300 s long; the limit is ..." left the caller to find which. A
+    single upload keeps the bare words (nothing to tell apart)."""
+    conversation = utterances["spk1"][0].read_bytes()
+    seconds = sf.info(utterances["spk1"][0]).duration
+    tone = io.BytesIO()
+    sf.write(tone, np.zeros(2000, dtype=np.int16) + 100, 2000, format="WAV", subtype="PCM_16")
+    short = variant_app(max_audio_seconds=seconds + 1)
+    long_wav = io.BytesIO()
+    sf.write(long_wav, np.zeros(int(16000 * (seconds + 5)), dtype=np.int16) + 100, 16000, format="WAV", subtype="PCM_16")
+    r = short.post("/jobs/batch", data={"kind": "embedding"}, files=[
+        ("files", ("ok.wav", conversation, "audio/wav")), ("files", ("long.wav", long_wav.getvalue(), "audio/wav"))])
+    assert _assert_error(r, 413)["detail"].startswith("uploaded file 'long.wav': audio is "), r.text
+    r = short.post("/jobs/batch", data={"kind": "embedding"}, files=[
+        ("files", ("ok.wav", conversation, "audio/wav")), ("files", ("phone.wav", tone.getvalue(), "audio/wav"))])
+    error = _assert_error(r, 415)
+    assert error["detail"].startswith("uploaded file 'phone.wav': sample rate 2000 Hz is below"), error
+    r = short.post("/jobs/embedding", files={"file": ("long.wav", long_wav.getvalue(), "audio/wav")})
+    assert _assert_error(r, 413)["detail"].startswith("audio is "), r.text
