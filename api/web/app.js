@@ -1,4 +1,5 @@
-// The web page of audio-analysis: submit recordings, follow their jobs, see who spoke when.
+// The web page of audio-analysis: submit recordings, follow their jobs, see who spoke when,
+// whether two recordings are one voice and whose voice a recording is.
 // Plain JavaScript against the public job API (the same routes any client uses); no framework,
 // no build step and nothing loaded from outside this service. The audio is played from the
 // file the user picked, in the browser: the service keeps no audio once a job ended.
@@ -11,6 +12,12 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LANE_LABEL_PX = 144; // .lane-label width (9rem)
 
 const state = { picked: [], jobs: new Map(), shown: null, pxPerSecond: 1 };
+// the panels that answer one question per job (compare, identify): the job each waits for (its
+// latest submitted) and the one whose answer it shows
+const PANELS = {
+  compare: { awaiting: null, shown: null, status: $("#cmp-status"), error: $("#cmp-error"), answer: $("#cmp-answer") },
+  identify: { awaiting: null, shown: null, status: $("#id-status"), error: $("#id-error"), answer: $("#id-answer") },
+};
 let submitting = false; // a submit is sending its files (see the Submit button's handler)
 
 // --- the API ----------------------------------------------------------------------------------
@@ -148,21 +155,43 @@ function followed() {
   try { return JSON.parse(sessionStorage.getItem(FOLLOWED_ITEM) || "[]").filter((id) => typeof id === "string"); }
   catch (_) { return []; }
 }
-function setFollowed(ids) { sessionStorage.setItem(FOLLOWED_ITEM, JSON.stringify(ids.slice(-FOLLOWED_MAX))); }
+function setFollowed(ids) {
+  const kept = ids.slice(-FOLLOWED_MAX);
+  sessionStorage.setItem(FOLLOWED_ITEM, JSON.stringify(kept));
+  // the names the page gave its jobs ("a.wav and b.wav": a record names only the first file),
+  // for as long as they are followed
+  const names = jobNames();
+  setJobNames(Object.fromEntries(kept.filter((id) => id in names).map((id) => [id, names[id]])));
+}
+const NAMES_ITEM = "audio-analysis.job-names";
+function jobNames() {
+  try {
+    const names = JSON.parse(sessionStorage.getItem(NAMES_ITEM) || "{}");
+    return names && typeof names === "object" && !Array.isArray(names) ? names : {};
+  } catch (_) { return {}; }
+}
+function setJobNames(names) { sessionStorage.setItem(NAMES_ITEM, JSON.stringify(names)); }
 
-function track(job, file, restored = false) {
+// name: what the job's row (and its answer) calls it, where the record's filename (the first
+// file's) does not say it all: a comparison is of two files
+function track(job, file, restored = false, name = null) {
   if (state.jobs.has(job.job_id)) return;
+  if (name) setJobNames(Object.assign(jobNames(), { [job.job_id]: name }));
+  else name = typeof jobNames()[job.job_id] === "string" ? jobNames()[job.job_id] : null;
   const row = document.createElement("div");
   row.className = "job";
   row.dataset.jobId = job.job_id;
   row.innerHTML = `<span class="name"></span><span class="step"></span><div class="bar"><div></div></div>
     <span><button type="button" class="cancel">cancel</button> <button type="button" class="show" hidden>show</button></span>`;
-  row.querySelector(".name").textContent = job.filename || job.job_id;
+  row.querySelector(".name").textContent = name || job.filename || job.job_id;
   row.querySelector(".cancel").addEventListener("click", () => cancel(job.job_id));
-  row.querySelector(".show").addEventListener("click", () => show(state.jobs.get(job.job_id)));
+  row.querySelector(".show").addEventListener("click", () => show(state.jobs.get(job.job_id), true));
   $("#jobs").prepend(row);
   // a job that had ended before a reload is listed, not drawn over what the user looks at
-  state.jobs.set(job.job_id, { job, file, row, autoShow: !(restored && TERMINAL.has(job.status)) });
+  state.jobs.set(job.job_id, { job, file, row, name, autoShow: !(restored && TERMINAL.has(job.status)) });
+  // a comparison or identification under way is the one its panel reports on (after a reload too)
+  const panel = PANELS[job.kind];
+  if (panel && !TERMINAL.has(job.status)) panel.awaiting = job.job_id;
   if (!followed().includes(job.job_id)) setFollowed([...followed(), job.job_id]);
   poll(job.job_id);
 }
@@ -191,19 +220,34 @@ async function poll(jobId) {
   render(entry);
   if (!TERMINAL.has(entry.job.status)) {
     setTimeout(() => poll(jobId), 500);
-  } else if (entry.job.status === "succeeded" && entry.autoShow && (!state.shown || state.shown.job.job_id === jobId)) {
+  } else if (entry.job.status === "succeeded" && entry.autoShow && showsByItself(entry.job)) {
     show(entry);
   }
 }
 
-function render({ job, row }) {
+// A finished job is shown by itself where it draws over nothing the user looks at: the timeline
+// of no other job; the answer in its panel that the panel waits for (the latest submitted).
+function showsByItself(job) {
+  const panel = PANELS[job.kind];
+  if (panel) return panel.awaiting === job.job_id || panel.shown === null;
+  return job.kind === "diarize" && (!state.shown || state.shown.job.job_id === job.job_id);
+}
+
+function render({ job, row, name }) {
   row.dataset.status = job.status;
   const step = job.status === "running" ? `${job.step || "running"} ${Math.round(job.progress * 100)} %`
              : job.status === "failed" ? `failed: ${(job.error || {}).detail || ""}` : job.status;
   row.querySelector(".step").textContent = step;
   row.querySelector(".bar > div").style.width = `${TERMINAL.has(job.status) ? 100 : job.progress * 100}%`;
   row.querySelector(".cancel").hidden = TERMINAL.has(job.status);
-  row.querySelector(".show").hidden = job.status !== "succeeded";
+  row.querySelector(".show").hidden = job.status !== "succeeded" || !(job.kind in VIEWS);
+  const panel = PANELS[job.kind];
+  if (panel && panel.awaiting === job.job_id) {
+    // the panel says how its job goes, where the user submitted it (the job's row is further up)
+    panel.status.textContent = TERMINAL.has(job.status) ? "" : `${name || job.filename || ""}: ${step}`;
+    if (job.status === "failed") panel.error.textContent = `${name || job.filename || job.job_id}: ${(job.error || {}).detail || "failed"}`;
+    if (job.status === "cancelled") panel.error.textContent = `${name || job.filename || job.job_id}: cancelled`;
+  }
 }
 
 async function cancel(jobId) {
@@ -213,7 +257,14 @@ async function cancel(jobId) {
 // --- the speaker timeline ----------------------------------------------------------------------
 const audio = $("#audio");
 
-function show(entry) {
+// a finished job's result, where its kind shows it; reveal: brought into view (a "show" clicked
+// in a list below the panel)
+function show(entry, reveal = false) {
+  const view = VIEWS[entry.job.kind];
+  if (view) view(entry, reveal);
+}
+
+function showTimeline(entry) {
   state.shown = entry;
   const result = entry.job.result;
   const turns = result.diarization_results;
@@ -417,6 +468,178 @@ document.querySelectorAll(".downloads button").forEach((button) => button.addEve
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }));
 
+// --- one answer per job: two voices compared, a voice identified --------------------------------
+// Each panel submits its kind's job (POST /jobs/compare, /jobs/identify: the public routes),
+// which is followed in "This session's jobs" like any other (progress, cancel, kept across a
+// reload); the panel says how it goes and, once it ended, the answer in words.
+function threshold(form, input) {
+  const value = $(input).value.trim();
+  if (value !== "") form.append("threshold", value);
+}
+
+function fmt(score) { return score == null ? "none" : Number(score).toFixed(3); }
+
+// one sentence of the answer; text only (file names and labels are the user's own)
+function line(parent, text, className) {
+  const p = document.createElement("p");
+  if (className) p.className = className;
+  p.textContent = text;
+  parent.appendChild(p);
+  return p;
+}
+
+function answerIn(kind, entry, reveal) {
+  const panel = PANELS[kind];
+  panel.shown = entry.job.job_id;
+  if (panel.awaiting === entry.job.job_id) panel.status.textContent = "";
+  const box = panel.answer;
+  box.replaceChildren();
+  box.dataset.jobId = entry.job.job_id;
+  box.hidden = false;
+  if (reveal) box.scrollIntoView({ block: "nearest" });
+  return box;
+}
+
+function showComparison(entry, reveal) {
+  const r = entry.job.result;
+  const box = answerIn("compare", entry, reveal);
+  box.dataset.verdict = r.same_speaker ? "same" : "different";
+  line(box, r.same_speaker ? "Same speaker" : "Different speakers", "verdict");
+  line(box, entry.name || entry.job.filename || entry.job.job_id, "what");
+  const how = line(box, "", "figures");
+  how.append("similarity ");
+  const score = document.createElement("b");
+  score.className = "score";
+  score.textContent = fmt(r.similarity_score);
+  how.append(score, r.same_speaker ? " ≥ threshold " : " < threshold ");
+  const limit = document.createElement("b");
+  limit.className = "threshold";
+  limit.textContent = fmt(r.threshold);
+  how.append(limit, ` (cosine similarity of the two voices, −1 to 1; ${(r.audio_duration || 0).toFixed(1)} s of audio)`);
+}
+
+function showIdentity(entry, reveal) {
+  const r = entry.job.result;
+  const box = answerIn("identify", entry, reveal);
+  const among = `${r.voiceprints} voiceprint${r.voiceprints === 1 ? "" : "s"} compared`;
+  if (r.identity != null) {
+    box.dataset.verdict = "named";
+    line(box, r.identity, "verdict identity");
+  } else {
+    box.dataset.verdict = r.confidence == null ? "unscored" : "nobody";
+    line(box, r.confidence == null ? "Too little speech to tell" : "Nobody enrolled matched", "verdict");
+  }
+  line(box, entry.name || entry.job.filename || entry.job.job_id, "what");
+  const how = line(box, "", "figures");
+  if (r.confidence == null) {
+    how.append(`${(r.speech_seconds || 0).toFixed(1)} s of speech; threshold ${fmt(r.threshold)}; ${among}`);
+  } else {
+    how.append(r.identity != null ? "score " : "best score ");
+    const score = document.createElement("b");
+    score.className = "score";
+    score.textContent = fmt(r.confidence);
+    how.append(score, r.identity != null ? " ≥ threshold " : " < threshold ");
+    const limit = document.createElement("b");
+    limit.className = "threshold";
+    limit.textContent = fmt(r.threshold);
+    how.append(limit, `; ${among}; ${(r.speech_seconds || 0).toFixed(1)} s of speech`);
+  }
+  if (r.runner_up) line(box, `next closest: ${r.runner_up.label} (${fmt(r.runner_up.score)})`, "runner-up");
+}
+
+const VIEWS = { diarize: showTimeline, compare: showComparison, identify: showIdentity };
+
+// submit one job of a panel's kind: its button off while the files go (a second click sent them
+// again), upload progress in the panel's status, a refusal in its error line
+async function submitAnswer(kind, button, form, name) {
+  const panel = PANELS[kind];
+  panel.error.textContent = "";
+  $(button).disabled = true;
+  panel.status.textContent = `uploading ${name}…`;
+  try {
+    const job = await send(`/jobs/${kind}`, form, (done) => {
+      panel.status.textContent = `uploading ${name}: ${Math.floor(done * 100)} %`;
+    });
+    panel.answer.hidden = true;
+    panel.awaiting = job.job_id;
+    panel.status.textContent = `${name}: ${job.status}`;
+    track(job, null, false, name);
+    refreshRecent();
+    return true;
+  } catch (err) {
+    panel.status.textContent = "";
+    panel.error.textContent = `${name}: ${err.message}`;
+    return false;
+  } finally {
+    $(button).disabled = false;
+  }
+}
+
+$("#cmp-submit").addEventListener("click", async () => {
+  const first = $("#cmp-file1").files[0], second = $("#cmp-file2").files[0];
+  if (!first || !second) {
+    PANELS.compare.error.textContent = "choose two recordings, one in each field";
+    return;
+  }
+  const form = new FormData();
+  form.append("file1", first, first.name);
+  form.append("file2", second, second.name);
+  threshold(form, "#cmp-threshold");
+  if (await submitAnswer("compare", "#cmp-submit", form, `${first.name} and ${second.name}`)) {
+    $("#cmp-file1").value = "";
+    $("#cmp-file2").value = "";
+  }
+});
+
+// The voiceprints to identify among: "all" of the key's, or those ticked in this list, which
+// mirrors the Known speakers table (its pages, its refreshes). Ticks are kept across a refresh.
+const chosen = new Set();
+function listChoices(items, first) {
+  const list = $("#id-voiceprints");
+  if (first) list.replaceChildren();
+  if (items === null) return; // the listing failed (its table says why): nothing to choose from
+  for (const vp of items) {
+    const label = document.createElement("label");
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.value = vp.id;
+    box.checked = chosen.has(vp.id);
+    label.append(box, ` ${vp.label}`);
+    label.title = vp.id;
+    list.appendChild(label);
+  }
+  if (first && items.length === 0) line(list, "No voiceprints yet: enroll someone under Known speakers.", "hint");
+}
+$("#id-voiceprints").addEventListener("change", (event) => {
+  const box = event.target;
+  if (box.type !== "checkbox") return;
+  if (box.checked) chosen.add(box.value); else chosen.delete(box.value);
+  if (box.checked) document.querySelector("input[name='id-among'][value='some']").checked = true;
+});
+
+$("#id-submit").addEventListener("click", async () => {
+  const file = $("#id-file").files[0];
+  const error = PANELS.identify.error;
+  if (!file) {
+    error.textContent = "choose a recording of the person";
+    return;
+  }
+  let voiceprints = "all";
+  if (document.querySelector("input[name='id-among']:checked").value === "some") {
+    const ids = Array.from(document.querySelectorAll("#id-voiceprints input:checked"), (box) => box.value);
+    if (ids.length === 0) {
+      error.textContent = "tick at least one voiceprint, or choose all";
+      return;
+    }
+    voiceprints = ids.join(",");
+  }
+  const form = new FormData();
+  form.append("file", file, file.name);
+  form.append("voiceprints", voiceprints);
+  threshold(form, "#id-threshold");
+  if (await submitAnswer("identify", "#id-submit", form, file.name)) $("#id-file").value = "";
+});
+
 // --- listings a page at a time ----------------------------------------------------------------
 // A key may keep thousands of jobs and 10,000 voiceprints: a listing shows its first page, then
 // "more" for each next one, whose cursor the answer's Link header names. Only the latest listing
@@ -428,7 +651,8 @@ function nextCursor(response) {
   return link ? new URL(link[1], location.href).searchParams.get("cursor") : null;
 }
 
-function pagedTable({ path, field, pageSize, table, more, row }) {
+// onPage(items, first): told of each page shown (the identify panel's list of voiceprints)
+function pagedTable({ path, field, pageSize, table, more, row, onPage = () => {} }) {
   let cursor = null;
   let latest = 0;
   async function load(first) {
@@ -449,11 +673,13 @@ function pagedTable({ path, field, pageSize, table, more, row }) {
       if (mine !== latest) return;
       if (first) body.innerHTML = "";
       for (const item of items) body.appendChild(row(item));
+      onPage(items, first);
       next = nextCursor(response);
     } catch (err) {
       if (mine !== latest) return;
       body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
       body.querySelector("td").textContent = err.message;
+      if (first) onPage(null, true);
     }
     cursor = next;
     $(more).hidden = cursor === null;
@@ -472,7 +698,7 @@ function jobRow(job) {
   cells[1].textContent = job.kind;
   cells[2].textContent = job.filename || "";
   cells[3].textContent = job.status;
-  if (job.status === "succeeded" && job.kind === "diarize") {
+  if (job.status === "succeeded" && job.kind in VIEWS) {
     const button = document.createElement("button");
     button.type = "button";
     button.className = "small";
@@ -483,7 +709,7 @@ function jobRow(job) {
       try {
         const full = await (await api(`/jobs/${job.job_id}`)).json();
         if (entry) entry.job = full;
-        show(entry || { job: full, file: null });
+        show(entry || { job: full, file: null, name: null }, true);
       } catch (err) {
         $("#submit-error").textContent = err.message;
       }
@@ -520,7 +746,8 @@ function voiceprintRow(vp) {
 }
 
 const refreshVoiceprints = pagedTable({ path: "/voiceprints", field: "voiceprints", pageSize: 100,
-                                        table: "#voiceprints", more: "#vp-more", row: voiceprintRow });
+                                        table: "#voiceprints", more: "#vp-more", row: voiceprintRow,
+                                        onPage: listChoices });
 
 $("#vp-enroll").addEventListener("click", async () => {
   $("#vp-error").textContent = "";
