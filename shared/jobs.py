@@ -482,8 +482,8 @@ return 0
 
 # The heartbeats of the workers alive: each worker's record (KEYS[1] prefix .. name) for every
 # name in the index of workers (KEYS[2], a set); a name whose record expired leaves the index here,
-# in the same step, so a worker that heartbeats meanwhile is never dropped from it. False where no
-# worker has ever written the index (KEYS[3], kept for good: an emptied set is removed).
+# in the same step, so a worker that heartbeats meanwhile is never dropped from it. False while no
+# job worker of this release heartbeats (KEYS[3], its mark, lives as long as its heartbeat).
 _LIVE_WORKERS = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 local out = {}
@@ -1371,14 +1371,18 @@ class JobStore:
     # /health and /metrics (open to anyone) list the workers from the index, in time that grows
     # with the workers, not with the keyspace. They found the records by a SCAN of every key
     # before, every job record and voiceprint: 0.25 s a call at 200,000 keys. A worker of an
-    # earlier release writes no index entry: until a worker of this one has written it, the
-    # workers are still found by the SCAN (an API upgraded first sees its old workers), and from
-    # then on, a worker left of the earlier release is not listed (docs/service.md).
+    # earlier release writes no index entry, so the index is read only while a job worker of
+    # this release heartbeats (its mark lives as long as its heartbeat): an API upgraded first,
+    # with the webhook workers that share its image, still finds the old job workers by the
+    # SCAN, and a fleet rolled back goes back to it within a heartbeat's lifetime. A job worker
+    # of the earlier release beside one of this release is not listed (docs/service.md).
     def heartbeat(self, worker: str, info: dict[str, Any], ttl_s: float) -> None:
+        ttl = max(1, int(ttl_s))
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.key("worker", worker), json.dumps(info), ex=max(1, int(ttl_s)))
+        pipe.set(self.key("worker", worker), json.dumps(info), ex=ttl)
         pipe.sadd(self.key("workers"), worker)
-        pipe.set(self.key("workers", "indexed"), "1")
+        if info.get("loads_models", True) is not False:
+            pipe.set(self.key("workers", "indexed"), "1", ex=ttl)
         pipe.execute()
 
     def forget_worker(self, worker: str) -> None:

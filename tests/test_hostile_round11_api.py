@@ -187,12 +187,13 @@ def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(
     for i in range(20_000):
         pipe.set(store.key("job", f"{i:032x}"), "{}", ex=300)
     pipe.execute()
-    # a worker of the earlier release writes its record alone: until a worker of this release
-    # has written the index, the records are still found by the SCAN (an API upgraded first)
+    # a job worker of the earlier release writes its record alone, and a webhook worker of this
+    # one (the API's image, upgraded with it) does not make the index the truth: while no job
+    # worker of this release heartbeats, the records are found by the SCAN, the old one's too
     store.redis.set(store.key("worker", "old@a:0"), json.dumps({"worker": "old@a:0"}), ex=30)
-    assert [w["worker"] for w in store.workers()] == ["old@a:0"]
-    store.heartbeat("gpu0@a:1", {"worker": "gpu0@a:1"}, ttl_s=30)
-    store.heartbeat("gpu1@a:2", {"worker": "gpu1@a:2"}, ttl_s=1)
+    store.heartbeat("webhooks@a:2", {"worker": "webhooks@a:2", "loads_models": False}, ttl_s=1)
+    assert sorted(w["worker"] for w in store.workers()) == ["old@a:0", "webhooks@a:2"]
+    store.heartbeat("gpu0@a:1", {"worker": "gpu0@a:1", "loads_models": True}, ttl_s=30)
     store.heartbeat("gone@a:3", {"worker": "gone@a:3"}, ttl_s=30)
     store.forget_worker("gone@a:3")  # a worker that stopped
     calls: list[Any] = []
@@ -205,11 +206,16 @@ def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(
     store.redis.execute_command = counted
     try:
         listed = sorted(w["worker"] for w in store.workers())
-        assert listed == ["gpu0@a:1", "gpu1@a:2"]
+        assert listed == ["gpu0@a:1", "webhooks@a:2"]
         assert len(calls) == 1, calls
-        time.sleep(2.1)  # gpu1's heartbeat lapses: it is listed no more, and leaves the index
+        time.sleep(2.1)  # the webhook worker's heartbeat lapses: listed no more, out of the index
         assert [w["worker"] for w in store.workers()] == ["gpu0@a:1"]
     finally:
         del store.redis.execute_command
     assert store.redis.smembers(store.key("workers")) == {"gpu0@a:1"}
+    # the job worker gone (a fleet rolled back): the mark lapses with its heartbeat, and the old
+    # workers are found by the SCAN again
     store.forget_worker("gpu0@a:1")
+    store.redis.pexpire(store.key("workers", "indexed"), 1)
+    time.sleep(0.05)
+    assert [w["worker"] for w in store.workers()] == ["old@a:0"]

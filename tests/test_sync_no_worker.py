@@ -303,7 +303,8 @@ def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
     from shared.jobs import JobStore
     from worker import lifecycle, recovery
 
-    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": False})
+    # a job worker's settings (the passes are its alone); the loop loads nothing itself
+    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": True})
     store = JobStore.from_settings(local)
     key = store.consumers_key(QUEUE)
     store.redis.delete(key)
@@ -342,3 +343,50 @@ def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
         if not was_booted:
             booted.clear()
         store.redis.delete(key)
+
+
+def test_a_webhook_worker_heartbeats_but_runs_no_pass_or_sweep(settings, monkeypatch):
+    """A webhook worker (no models, the API's image) heartbeats since it is listed in /health,
+    but the recovery passes and the upload sweep stay the job workers': compose mounts the
+    uploads' volume in those only, so a pass of the webhook worker's that failed a job deleted
+    nothing of its upload, and its sweep swept an empty folder."""
+    import threading
+
+    from shared.jobs import JobStore
+    from worker import lifecycle, recovery
+
+    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.1, "worker_load_models": False})
+    store = JobStore.from_settings(local)
+    ran: list[str] = []
+
+    class WatchedStorage:
+        def sweep(self, older_than_s: float) -> int:
+            ran.append("sweep")
+            return 0
+
+    name = "webhooks@host:9"
+    monkeypatch.setattr(lifecycle, "get_settings", lambda: local)
+    monkeypatch.setattr(lifecycle, "get_storage", lambda settings=None: WatchedStorage())
+    monkeypatch.setattr(lifecycle, "worker_name", lambda: name)
+    monkeypatch.setattr(lifecycle, "heartbeat_info", lambda: {"worker": name, "queues": ["webhooks-none"],
+                                                              "loads_models": False, "load_error": None})
+    for pass_name in ("recover_stalled_jobs", "fail_interrupted_submissions", "recover_lost_deliveries"):
+        monkeypatch.setattr(recovery, pass_name, lambda *a, _n=pass_name, **k: ran.append(_n))
+    booted, stop = lifecycle._state["booted"], threading.Event()
+    was_booted = booted.is_set()
+    booted.set()
+    thread = threading.Thread(target=lifecycle._heartbeat_loop, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not store.redis.exists(store.key("worker", name)):
+            assert time.monotonic() < deadline, "no heartbeat"
+            time.sleep(0.05)
+        time.sleep(0.5)  # five heartbeats
+        assert ran == []
+    finally:
+        stop.set()
+        thread.join(5)
+        if not was_booted:
+            booted.clear()
+        store.forget_worker(name)

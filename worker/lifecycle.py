@@ -2,7 +2,8 @@
 
 ``worker_process_init`` fires in every pool process (prefork children and the solo pool), which
 is the process that runs jobs, so that is where the models are loaded and where the heartbeat
-that /health reads is written from.
+that /health reads is written from. The threads pool (the webhook workers) sends no such signal:
+its tasks run in the worker's main process, which starts the heartbeat at ``worker_ready``.
 """
 
 from __future__ import annotations
@@ -153,7 +154,10 @@ def _heartbeat_loop(stop: threading.Event) -> None:
             if loaded:
                 store.heartbeat(worker_name(), info, ttl_s=interval * 3)
             now = time.monotonic()
-            if loaded and (now >= next_recovery or now >= next_sweep):
+            # the passes are the job workers' alone: a webhook worker (threads, no models, the
+            # API's image) may not see the uploads' volume (compose mounts it in the job workers
+            # only), so its pass that failed a job deleted nothing, and its sweep swept nothing
+            if loaded and settings.worker_load_models and (now >= next_recovery or now >= next_sweep):
                 # the passes run in this thread: a sweep of a large or slow bucket can outlast the
                 # queues' keys, and the API would answer synchronous calls 503 meanwhile; held up
                 # for the passes, the keys go back to their lifetime after them

@@ -5,11 +5,12 @@ caller with a key sees the detail: the workers' host names, pids, devices and lo
 why the broker is unreachable (a Redis error names its host and port). A probe needs the status
 alone.
 
-Both read the job store at a cost that grows with it (the workers are found by a SCAN of the whole
-keyspace: every job record and voiceprint), in a thread of the pool every request shares, and
-neither asks for a key. Each reading is therefore taken once for all the calls that come in while
-it is being taken (:class:`SharedReading`): 80 anonymous calls at once held all 40 threads of the
-pool for seconds with 200,000 keys, and every client's poll of its job waited for them.
+Both read the job store in a thread of the pool every request shares, and neither asks for a
+key. Each reading is therefore taken once for all the calls that come in while it is being taken
+(:class:`SharedReading`): when the workers were found by a SCAN of the whole keyspace (every job
+record and voiceprint; still so while no job worker of this release heartbeats, JobStore.workers),
+80 anonymous calls at once held all 40 threads of the pool for seconds with 200,000 keys, and every
+client's poll of its job waited for them.
 """
 
 from __future__ import annotations
