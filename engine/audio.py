@@ -443,15 +443,18 @@ def _ffmpeg_finds_more(reopen: Callable[[], str | BinaryIO], declared_s: float) 
     import av
 
     target = reopen()
-    fh = open(target, "rb") if isinstance(target, str) else target
+    fh: BinaryIO | None = None
     try:
+        # a path that cannot be opened again (gone, no descriptor left) as av.open's own refusal
+        fh = open(target, "rb") if isinstance(target, str) else target
         # from behind its ID3 tags, as the header check and the decoder open it (ffmpeg_input)
         with av.open(ffmpeg_input(fh), mode="r", metadata_errors="ignore", **pyav_options()) as container:
             found = container.duration / av.time_base if container.duration else None
     except (av.FFmpegError, ValueError, OSError):
         return True  # let FFmpeg's own path say what it makes of it
     finally:
-        fh.close()
+        if fh is not None:
+            fh.close()
     return found is not None and found > 1.01 * declared_s + 0.5
 
 

@@ -190,6 +190,16 @@ def test_a_raw_aac_with_something_else_among_its_frames_has_no_length_its_decode
     assert load_audio(path).duration == pytest.approx(seconds, abs=0.05)
 
 
+def test_a_long_mp3_whose_path_cannot_be_opened_again_goes_to_ffmpeg_as_before(tmp_path):
+    """The decoder opens a long MP3 a second time to ask FFmpeg its length (engine/audio.py
+    ``_ffmpeg_finds_more``); a path that could not be opened again (gone from storage, no
+    descriptor left) raised out of the decoder (an internal error), where av.open's refusal had
+    sent the file to FFmpeg's decoder, which reads the handle already open."""
+    from engine.audio import _ffmpeg_finds_more
+
+    assert _ffmpeg_finds_more(lambda: str(tmp_path / "gone.mp3"), 600.0) is True
+
+
 # --- several audio tracks, the first silent: only the first is analysed, and the refusal says so --
 
 
