@@ -11,7 +11,7 @@ import contextlib
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 from shared.errors import AudioDecodeError, AudioTooLongError
@@ -1081,6 +1081,9 @@ class AudioInfo:
     channels: int | None = None
     # ``duration`` is where a count stopped, past the limit it was given: the audio is longer
     at_least: bool = False
+    # the FFmpeg demuxer that read the header ("aac" for a raw AAC/ADTS stream, "mp3", ...);
+    # None where libsndfile read it
+    demuxer: str | None = None
 
 
 Source = Union[str, os.PathLike, BinaryIO]
@@ -1157,14 +1160,20 @@ def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = F
 
 def _counted(fh: BinaryIO, info: AudioInfo | None, up_to: float) -> AudioInfo | None:
     """``info`` with the length of a raw AAC (ADTS) stream counted from its frames (None where
-    they cannot all be counted), in place of FFmpeg's estimate from its first frames' bitrate."""
-    if info is None:
-        return None
+    they cannot all be counted), in place of FFmpeg's estimate from its first frames' bitrate.
+
+    Only where FFmpeg read the file as ADTS (its ``aac`` demuxer), which is what the decoder will
+    read: a 2400 s MP3 behind the 7 bytes of one empty ADTS frame is still an MP3 to FFmpeg
+    (2400 s, refused by a synchronous call's 1800 s), but the count found a frame and then
+    something else, took the length for unknown, and the file passed the header check, its
+    DurationBudget and its job's time limit with no length at all."""
+    if info is None or info.demuxer != "aac":
+        return info
     fh.seek(0)
     counted = adts_length(fh, up_to)
     if counted is None:
         return info
-    return AudioInfo(counted.seconds, info.sample_rate, info.channels, at_least=counted.at_least)
+    return replace(info, duration=counted.seconds, at_least=counted.at_least)
 
 
 def check_containers(fh: BinaryIO) -> None:
@@ -1243,9 +1252,10 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
 
 
 def ffmpeg_header(source: Source) -> AudioInfo | None:
-    """What FFmpeg reads of ``source``'s header (its first audio stream), None where it has no
-    audio stream; FFmpeg's errors are raised. What this costs is not bounded by the file's size
-    (see :mod:`shared.probe_sandbox`, which runs it in a child held to limits)."""
+    """What FFmpeg reads of ``source``'s header (its first audio stream, and the demuxer that
+    read it), None where it has no audio stream; FFmpeg's errors are raised. What this costs is
+    not bounded by the file's size (see :mod:`shared.probe_sandbox`, which runs it in a child
+    held to limits)."""
     import av
 
     with contextlib.ExitStack() as stack:
@@ -1260,7 +1270,8 @@ def ffmpeg_header(source: Source) -> AudioInfo | None:
                 return None
             stream = container.streams.audio[0]
             rate = stream.sample_rate or stream.codec_context.sample_rate or None
-            return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream))
+            return AudioInfo(declared_duration(container, stream), rate, stream_channels(stream),
+                             demuxer=container.format.name)
 
 
 def _unsized(source: Source) -> bool:

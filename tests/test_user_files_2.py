@@ -190,6 +190,67 @@ def test_a_raw_aac_with_something_else_among_its_frames_has_no_length_its_decode
     assert load_audio(path).duration == pytest.approx(seconds, abs=0.05)
 
 
+def _cbr_mp3(seconds: float) -> tuple[bytes, float]:
+    """A constant-bitrate MP3 (8 kHz, 8 kbps) of about ``seconds``, without a Xing header, so that
+    FFmpeg takes its length from its size and bitrate; that length."""
+    import av
+
+    buf = io.BytesIO()
+    tone = (np.sin(np.arange(8000 * 4) / 8000 * 2 * np.pi * 440) * 0.3).astype(np.float32)
+    with av.open(buf, "w", format="mp3", options={"write_xing": "0", "id3v2_version": "0"}) as out:
+        stream = out.add_stream("libmp3lame", rate=8000, layout="mono")
+        stream.bit_rate = 8000
+        for start in range(0, len(tone), 4608):
+            frame = av.AudioFrame.from_ndarray(tone[start : start + 4608].reshape(1, -1), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    data = buf.getvalue() * int(seconds / (len(buf.getvalue()) / 1000))  # 1000 bytes a second
+    return data, len(data) / 1000
+
+
+# the 7 bytes of an ADTS frame's header that holds nothing (96 kHz, 7 bytes long)
+EMPTY_ADTS_FRAME = bytes.fromhex("FFF1408000FFFC")
+
+
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_an_mp3_behind_bytes_that_look_like_an_adts_frame_keeps_its_length(tmp_path, settings, sandboxed):
+    """A 2400 s CBR MP3 is refused by a synchronous call (413, limit 1800 s); behind the 7 bytes
+    of an empty ADTS frame FFmpeg still reads it as an MP3 of 2400 s, but the ADTS count found a
+    frame there, then something else, and replaced FFmpeg's length with "unknown": the file passed
+    the header check, its job's DurationBudget and its time limit. The count is FFmpeg's ADTS
+    demuxer's alone now: an MP3 keeps the length FFmpeg read."""
+    from shared.audio_limits import SYNC_HINT, adts_length, check_audio_limits, ffmpeg_header
+    from shared.errors import AudioTooLongError
+    from shared.probe_sandbox import ProbeLimits
+
+    mp3, seconds = _cbr_mp3(2400)
+    data = EMPTY_ADTS_FRAME + mp3
+    assert ffmpeg_header(io.BytesIO(data)).duration == pytest.approx(seconds, abs=1)  # read as an MP3
+    assert adts_length(io.BytesIO(data)).seconds is None  # what took FFmpeg's length's place
+    sandbox = ProbeLimits() if sandboxed else None
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    limit = settings.sync_max_audio_seconds
+    for source in (path, io.BytesIO(data)):
+        with pytest.raises(AudioTooLongError, match=f"^audio is {seconds:.0f} s long; the limit is {limit:.0f} s"):
+            check_audio_limits(source, max_duration=limit, hint=SYNC_HINT, sandbox=sandbox)
+        info = check_audio_limits(source, max_duration=settings.max_audio_seconds, sandbox=sandbox)
+        assert info.duration == pytest.approx(seconds, abs=1) and info.demuxer == "mp3", info
+
+
+def test_an_mp3_behind_bytes_that_look_like_an_adts_frame_is_refused_by_the_synchronous_endpoint(client, settings):
+    """Through POST /embedding: 413 at submit ("audio is 2400 s long"), as the same MP3 without
+    the 7 bytes, where it was decoded to the limit of 1800 s first."""
+    mp3, seconds = _cbr_mp3(2400)
+    r = client.post("/embedding", files={"file": ("talk.mp3", EMPTY_ADTS_FRAME + mp3, "audio/mpeg")}, timeout=120)
+    assert r.status_code == 413, r.text
+    assert r.json()["detail"].startswith(f"audio is {seconds:.0f} s long; the limit is "
+                                         f"{settings.sync_max_audio_seconds:.0f} s"), r.json()
+
+
 def test_a_long_mp3_whose_path_cannot_be_opened_again_goes_to_ffmpeg_as_before(tmp_path):
     """The decoder opens a long MP3 a second time to ask FFmpeg its length (engine/audio.py
     ``_ffmpeg_finds_more``); a path that could not be opened again (gone from storage, no
