@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
@@ -978,13 +979,17 @@ def ogg_chained(fh: BinaryIO) -> bool:
 _ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 # an ADTS stream's frames are walked a MB at a time (a frame is at most 8 KB)
 _ADTS_CHUNK = 1 << 20
-# what may follow an ADTS stream's last frame and is not a frame (FFmpeg reads ID3v1 and APE tags)
-_TRAILING_TAGS = (b"TAG", b"APETAGEX", b"LYRICSBEGIN")
+# what FFmpeg's ADTS demuxer resyncs to past bytes that are not a frame: 12 bits set
+_ADTS_SYNC = re.compile(rb"\xff[\xf0-\xff]")
+# a stream of more frames than this has no length the count gives (unknown, as a damaged one's):
+# each costs 0.25 us of Python holding the GIL, and a day at 96 kHz is 8.1 million of them (54 MB
+# of 7-byte frames: 2.0 s a count). 1M frames: 6 h at 44.1 or 48 kHz, 0.26 s
+_MAX_ADTS_FRAMES = 1 << 20
 # ID3v2 tags among an ADTS stream's frames (episodes joined, each with its tag; HLS's timed
 # metadata) are skipped by FFmpeg's demuxer and by the count, up to this many
 _MAX_ADTS_TAGS = 1024
-# how far a header check without a limit of its own (probe) counts an ADTS stream: 48 h, at most
-# 16 million frames (at 96 kHz; 8 million at 48 kHz, about 2.5 s)
+# how far a header check without a limit of its own (probe) counts an ADTS stream: 48 h (and no
+# more than _MAX_ADTS_FRAMES)
 ADTS_COUNT_S = 48 * 3600.0
 
 
@@ -1010,12 +1015,16 @@ def adts_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None:
     1800 s); 100 loud frames and then quiet ones made 1900 s pass as 70 s. Counted, the length is
     exact. The walk stops once it counted past ``up_to`` (the caller's limit): a frame holds at
     least 1024 samples at 96 kHz, so it reads at most 94 frames a second of ``up_to`` and a MB of
-    frames more, at 0.3 us a frame (24 h of 48 kHz AAC: 1.2 s). An ID3v1 or APE tag after the last
-    frame, or a last frame cut short, ends the stream; an ID3v2 tag among the frames is skipped,
-    as FFmpeg's demuxer skips it; anything else that is not a frame (FFmpeg resyncs past it)
-    leaves the length unknown, as a header that states none: the decoder then holds the file to
-    the limit as it decodes (engine/audio.py), as it held an estimate, which an uploader could
-    make as short as they liked."""
+    frames more, at 0.25 us a frame (the synchronous limit's 1800 s of the smallest frames: 0.1 s),
+    and at most :data:`_MAX_ADTS_FRAMES` (0.3 s): a longer stream's length is unknown (a day of
+    96 kHz frames took 2.0 s of the API's GIL to count). A last frame cut short ends the stream,
+    and so does what follows the last frame where FFmpeg finds no frame in it either (no sync
+    word: an ID3v1 or APE tag at the file's end); an ID3v2 tag among the frames is skipped, as
+    FFmpeg's demuxer skips it; anything else that is not a frame (a tag between episodes joined
+    with cat, damage: FFmpeg resyncs past it and decodes on, 60 s + an ID3v1 tag + 600 s decoded
+    660 s where the count said 60 s) leaves the length unknown, as a header that states none:
+    the decoder then holds the file to the limit as it decodes (engine/audio.py), as it held an
+    estimate, which an uploader could make as short as they liked."""
     rates = _ADTS_RATES
     try:
         at = id3_end(fh)
@@ -1043,22 +1052,41 @@ def adts_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None:
             seconds = sum(count * 1024 / rate for count, rate in zip(blocks, rates))
             if seconds > up_to:
                 return AdtsLength(seconds, at_least=True)
+            if sum(blocks) > _MAX_ADTS_FRAMES:  # at least one block a frame
+                return AdtsLength(None)
             if i and n == _ADTS_CHUNK:
                 continue  # a frame across the end of this read
             if at >= size:
                 return AdtsLength(seconds)
             fh.seek(at)
             rest = fh.read(16)
-            if len(rest) < 7 or rest.startswith(_TRAILING_TAGS) or _adts_frame(rest, past=size - at):
-                return AdtsLength(seconds)  # a tag, or a last frame cut short: not decoded
+            if len(rest) < 7 or _adts_frame(rest, past=size - at):
+                return AdtsLength(seconds)  # a last frame cut short: not decoded
             if rest[:3] == b"ID3" and tags < _MAX_ADTS_TAGS and 0xFF not in rest[3:5] \
                     and not any(b & 0x80 for b in rest[6:10]):
                 tags += 1
                 at += 10 + _syncsafe(rest[6:10]) + (10 if rest[5] & 0x10 else 0)
                 continue  # the frames go on behind it
+            if not _adts_sync_in(fh, at, size):
+                return AdtsLength(seconds)  # tags at the end (ID3v1, APE), where no frame follows
             return AdtsLength(None)
     finally:
         fh.seek(0)
+
+
+def _adts_sync_in(fh: BinaryIO, start: int, end: int) -> bool:
+    """Whether ``fh``'s bytes from ``start`` to ``end`` hold an ADTS sync word anywhere, as
+    FFmpeg's demuxer looks for one past what is not a frame (it resyncs there and decodes on):
+    where none, nothing after the last frame is decoded (an ID3v1 or APE tag at the file's end)."""
+    at = start
+    while True:
+        fh.seek(at)
+        buf = fh.read(min(_ADTS_CHUNK, end - at))
+        if _ADTS_SYNC.search(buf):
+            return True
+        if at + len(buf) >= end or len(buf) < 2:
+            return False
+        at += len(buf) - 1  # its last byte read again: a sync word across two reads
 
 
 def _adts_frame(head: bytes, past: int | None = None) -> bool:
