@@ -59,6 +59,27 @@ def short_sample(sample_wav, tmp_path_factory) -> Path:
     return path
 
 
+# the key a test session leaves in its database: a database holding keys without it is someone
+# else's (a developer's, `up`'s, another run's), which the session must not flush
+SUITE_MARK = "audio-analysis-test-suite"
+
+
+def _claim_database(client: Any, url: str, queue: str) -> None:
+    """Flush the session's database, unless it holds keys this suite did not write. Each test
+    process beyond the first takes the database below the configured one (tests/_redis_db.py),
+    so a suite pointed at DB 10 would otherwise have wiped DB 9 too, whatever lived there. A
+    database a session of an earlier version left (no mark) is known by the session worker's
+    queue binding, which Celery keeps in it."""
+    keys = client.dbsize()
+    if keys and not client.exists(SUITE_MARK) and not client.exists(f"_kombu.binding.{queue}"):
+        raise RuntimeError(
+            f"{url} holds {keys} keys that this test suite did not write, and the tests flush their "
+            "database: point AUDIO_ANALYSIS_TEST_REDIS_URL at an empty database (each further test process "
+            "takes the one below it), or empty this one yourself")
+    client.flushdb()
+    client.set(SUITE_MARK, "1")
+
+
 @pytest.fixture(scope="session")
 def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """Environment shared by the in-process API and the worker subprocess."""
@@ -90,6 +111,12 @@ def service_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         # OpenMP spin-waits under contention and a 2.6 s diarization takes 20-70 s
         "AUDIO_ANALYSIS_TORCH_THREADS": os.environ.get("AUDIO_ANALYSIS_TORCH_THREADS", "1"),
     }
+    # claimed (checked, flushed, marked) before any test writes to it: a module that needs no
+    # worker writes job records and quota entries there too, and a fresh database holding those
+    # alone looked like someone else's
+    import redis
+
+    _claim_database(redis.Redis.from_url(url), url, env["AUDIO_ANALYSIS_QUEUE_NAME"])
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     from shared.settings import get_settings
@@ -114,38 +141,14 @@ def settings(service_env):
     return Settings()
 
 
-# the key a test session leaves in its database: a database holding keys without it is someone
-# else's (a developer's, `up`'s, another run's), which the session must not flush
-SUITE_MARK = "audio-analysis-test-suite"
-
-
-def _claim_database(client: Any, url: str, queue: str) -> None:
-    """Flush the session's database, unless it holds keys this suite did not write. Each test
-    process beyond the first takes the database below the configured one (tests/_redis_db.py),
-    so a suite pointed at DB 10 would otherwise have wiped DB 9 too, whatever lived there. A
-    database a session of an earlier version left (no mark) is known by the session worker's
-    queue binding, which Celery keeps in it."""
-    keys = client.dbsize()
-    if keys and not client.exists(SUITE_MARK) and not client.exists(f"_kombu.binding.{queue}"):
-        raise RuntimeError(
-            f"{url} holds {keys} keys that this test suite did not write, and the tests flush their "
-            "database: point AUDIO_ANALYSIS_TEST_REDIS_URL at an empty database (each further test process "
-            "takes the one below it), or empty this one yourself")
-    client.flushdb()
-    client.set(SUITE_MARK, "1")
-
-
 @pytest.fixture(scope="session")
 def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """One real Celery worker for the whole session (models loaded once), run as every
     deployment and `up` run it: prefork, one pool process. A solo worker hid that the header
     check could not start its sandbox from a pool process (every m4a or mp3 failed there)."""
-    import redis
-
     from shared.jobs import JobStore
     from cli.launcher import Stack, wait_until
 
-    _claim_database(redis.Redis.from_url(settings.redis_url), settings.redis_url, settings.queue_name)
     stack = Stack(log_dir=tmp_path_factory.mktemp("logs"))
     proc = stack.start_worker(queues=[settings.queue_name, settings.webhook_queue_name], name="test-worker",
                               pool="prefork")
