@@ -166,7 +166,8 @@ def test_counting_a_raw_aac_is_bounded_by_the_limit(tmp_path):
         whole = adts_length(fh, 24 * 3600.0)
         spent = time.process_time() - started
     assert whole.seconds is None and not whole.at_least, whole
-    assert spent < 0.5, spent
+    # 0.26-0.30 s on the 2-core EPYC: bounded by the cap, with room for a slower CPU
+    assert spent < 2.0, spent
     assert check_audio_limits(path, max_duration=24 * 3600.0).duration is None
     under = 500_000
     path.write_bytes(b"".join(tiny[:100]) * (under // 100))
@@ -400,3 +401,24 @@ def test_an_obs_recording_with_a_silent_first_track_is_refused_by_the_service_in
     done = wait_for_job(client, r.json()["job_id"], 120)
     assert done["status"] == "failed", done
     assert done["error"]["status_code"] == 422 and done["error"]["detail"] == MULTITRACK, done["error"]
+
+
+def test_what_follows_the_last_frame_is_searched_only_up_to_a_bound(tmp_path):
+    """Past the last frame, the bytes are searched for a sync word (FFmpeg would resync to one and
+    decode on) only up to 1 MB: one frame and a gigabyte of 0xFF-rich filler would otherwise cost
+    seconds of the API's CPU. More than that is an unknown length, unsearched."""
+    from shared.audio_limits import adts_length
+
+    frame = bytes([0xFF, 0xF1, 0x50, 0x80, 0x00, 0xFF, 0xFC])  # 7 bytes, 44.1 kHz, one block
+    short = tmp_path / "short.aac"
+    short.write_bytes(frame * 10 + b"\x00" * 1000)
+    with open(short, "rb") as fh:
+        assert adts_length(fh, 3600.0).seconds is not None  # a small trailer without a sync word
+    long = tmp_path / "long.aac"
+    long.write_bytes(frame * 10 + b"\xff\x00" * (3 << 20))
+    with open(long, "rb") as fh:
+        started = time.process_time()
+        found = adts_length(fh, 3600.0)
+        spent = time.process_time() - started
+    assert found.seconds is None, found
+    assert spent < 0.005, spent  # not searched (a search of 6 MB of such filler: about 16 ms)
