@@ -202,18 +202,26 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
-def _missing_upload(record: JobRecord, key: str) -> ProcessingError:
+def _missing_upload(record: JobRecord, key: str, jobs: JobStore) -> ProcessingError:
     """Why a job's upload is not in storage, for its client and its operator. It said "no longer
     in storage (expired)" whatever the cause, and the usual one is not expiry: an API and workers
     that do not share one storage (two hosts each with its own AUDIO_ANALYSIS_STORAGE_DIR, a
     volume mounted in the API's container only) fail every job that way, minutes old."""
+    # by the job store's clock where the record has it (created_ts: Redis's TIME), as expiry is
+    # counted elsewhere; the API's created_at otherwise (a record of an earlier release)
+    waited: float | None = None
     try:
-        created = datetime.strptime(record.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-        waited: float | None = time.time() - created.timestamp()
-    except (TypeError, ValueError):
-        waited = None
+        if record.created_ts:
+            waited = jobs.clock() - record.created_ts
+        else:
+            created = datetime.strptime(record.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+            waited = time.time() - created.timestamp()
+    except (TypeError, ValueError, redis.RedisError):
+        pass
     kept = settings.upload_expires_s
-    if waited is not None and waited >= kept:
+    # the upload was written before its record (a large one minutes before), and the sweep goes
+    # by the upload's age: an hour's margin, so a swept upload is never told as misconfiguration
+    if waited is not None and waited >= kept - 3600:
         # the service's backlog, not the caller's input: the same job submitted again runs
         return ProcessingError(
             f"the job waited {waited / 3600:.1f} h for a worker, past the {kept / 3600:g} h an upload is kept, "
@@ -300,7 +308,7 @@ def _run_leased(
 
             def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
-                    raise _missing_upload(running, key)
+                    raise _missing_upload(running, key, jobs)
                 path = stack.enter_context(storage.local_path(key))
                 if audio:
                     # the API checked the header already; checked again here for jobs queued
