@@ -35,7 +35,7 @@ and the pipeline's own thread each took one, and the hour's peak depended on whi
 what: in 4 of 6 runs of the same hour (2-core AVX-512 EPYC, nothing else running) its RSS peaked at
 1837-1873 MB at the end of segmentation, against 1305-1342 MB in the others. With two arenas
 (glibc's ``M_ARENA_MAX``, set here before any thread exists; an operator's ``MALLOC_ARENA_MAX``
-wins) 1305-1335 MB in 3 of 3, in the same time (43.3-44.3 s against 43.1-45.4 s); one arena,
+wins) 1305-1335 MB in 6 of 6, in the same time (43.3-44.3 s against 43.1-45.4 s); one arena,
 1317-1334 MB but 47-48 s.
 
 **CUDA's libraries on a CPU worker.** torch's wheel links CUDA's libraries (cuBLASLt, NVRTC,

@@ -90,6 +90,8 @@ def test_a_process_knows_it_runs_on_the_cpu_without_asking_cuda(monkeypatch):
     assert not runtime.cpu_only("cuda")  # asked for: the engine's own check will say it is missing
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's mallopt: Linux with glibc only")
 def test_a_model_process_limits_glibcs_malloc_arenas_unless_its_operator_did():
     """engine.runtime (imported before torch by everything that runs models) sets glibc's arena
     limit; an operator's MALLOC_ARENA_MAX is left to glibc. The peak it removes (an hour's RSS at

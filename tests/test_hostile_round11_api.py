@@ -191,7 +191,7 @@ def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(
     # one (the API's image, upgraded with it) does not make the index the truth: while no job
     # worker of this release heartbeats, the records are found by the SCAN, the old one's too
     store.redis.set(store.key("worker", "old@a:0"), json.dumps({"worker": "old@a:0"}), ex=30)
-    store.heartbeat("webhooks@a:2", {"worker": "webhooks@a:2", "loads_models": False}, ttl_s=1)
+    store.heartbeat("webhooks@a:2", {"worker": "webhooks@a:2", "loads_models": False}, ttl_s=3)
     assert sorted(w["worker"] for w in store.workers()) == ["old@a:0", "webhooks@a:2"]
     store.heartbeat("gpu0@a:1", {"worker": "gpu0@a:1", "loads_models": True}, ttl_s=30)
     store.heartbeat("gone@a:3", {"worker": "gone@a:3"}, ttl_s=30)
@@ -208,7 +208,7 @@ def test_the_workers_are_listed_in_one_round_trip_however_many_keys_redis_holds(
         listed = sorted(w["worker"] for w in store.workers())
         assert listed == ["gpu0@a:1", "webhooks@a:2"]
         assert len(calls) == 1, calls
-        time.sleep(2.1)  # the webhook worker's heartbeat lapses: listed no more, out of the index
+        time.sleep(3.1)  # the webhook worker's heartbeat lapses: listed no more, out of the index
         assert [w["worker"] for w in store.workers()] == ["gpu0@a:1"]
     finally:
         del store.redis.execute_command
