@@ -303,8 +303,7 @@ def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
     from shared.jobs import JobStore
     from worker import lifecycle, recovery
 
-    # a job worker's settings (the passes are its alone); the loop loads nothing itself
-    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": True})
+    local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.2, "worker_load_models": False})
     store = JobStore.from_settings(local)
     key = store.consumers_key(QUEUE)
     store.redis.delete(key)
@@ -356,6 +355,8 @@ def test_a_webhook_worker_heartbeats_but_runs_no_pass_or_sweep(settings, monkeyp
     from worker import lifecycle, recovery
 
     local = settings.model_copy(update={"worker_heartbeat_interval_s": 0.1, "worker_load_models": False})
+    # as worker_ready boots a threads-pool worker (worker/lifecycle.py clear_stopping)
+    monkeypatch.setitem(lifecycle._state, "runs_passes", False)
     store = JobStore.from_settings(local)
     ran: list[str] = []
 

@@ -26,6 +26,8 @@ from worker import telemetry
 log = logging.getLogger(__name__)
 
 _state: dict[str, Any] = {"name": None, "stop": threading.Event(), "thread": None, "load_error": None,
+                         # whether the heartbeat thread runs the recovery passes and the sweep (boot)
+                         "runs_passes": True,
                          # set once this process's models loaded or failed to (boot)
                          "booted": threading.Event()}
 # set by a warm shutdown (SIGTERM, Ctrl-C of `up`): a running job is handed back to the queue
@@ -154,10 +156,11 @@ def _heartbeat_loop(stop: threading.Event) -> None:
             if loaded:
                 store.heartbeat(worker_name(), info, ttl_s=interval * 3)
             now = time.monotonic()
-            # the passes are the job workers' alone: a webhook worker (threads, no models, the
-            # API's image) may not see the uploads' volume (compose mounts it in the job workers
-            # only), so its pass that failed a job deleted nothing, and its sweep swept nothing
-            if loaded and settings.worker_load_models and (now >= next_recovery or now >= next_sweep):
+            # the passes are the pool processes' alone (prefork, solo), as before the threads
+            # pool's workers heartbeat: a webhook worker (threads, the API's image) may not see
+            # the uploads' volume (compose mounts it in the job workers only), so its pass that
+            # failed a job deleted nothing, and its sweep swept nothing
+            if loaded and _state["runs_passes"] and (now >= next_recovery or now >= next_sweep):
                 # the passes run in this thread: a sweep of a large or slow bucket can outlast the
                 # queues' keys, and the API would answer synchronous calls 503 meanwhile; held up
                 # for the passes, the keys go back to their lifetime after them
@@ -233,7 +236,7 @@ def clear_stopping(sender: Any = None, **_: Any) -> None:
     # never heartbeat: /health listed no webhook worker and /metrics had none of their telemetry.
     # Their tasks run in this process, so it heartbeats from here.
     if _state.get("thread") is None and _runs_tasks_here(sender):
-        boot(sender=getattr(sender, "hostname", None))
+        boot(sender=getattr(sender, "hostname", None), runs_passes=False)
 
 
 def _runs_tasks_here(consumer: Any) -> bool:
@@ -244,8 +247,9 @@ def _runs_tasks_here(consumer: Any) -> bool:
 
 
 @signals.worker_process_init.connect
-def boot(sender: str | None = None, **_: Any) -> None:
+def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
     _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
+    _state["runs_passes"] = runs_passes
     # the heartbeat thread starts before the models load: while they do, it announces the queues
     # (a worker still loading can take a synchronous call: its job runs once they are loaded),
     # and once the load ended, it heartbeats as before, with the load_error if it failed
