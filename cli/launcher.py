@@ -101,8 +101,33 @@ def own_database(url: str, instance: str, key_prefix: str) -> OwnDatabase:
     return OwnDatabase(url, asked, f"no free database among {count}: sharing database {asked} with what is in it")
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel gives outgoing connections (and binds to port 0) their ports from."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that nothing listens on, for a server started next, taken below the
+    ephemeral range. A port the kernel hands out for port 0 comes from the range it also gives
+    every outgoing connection, so between this check and the server's bind another process's
+    connection could take it: two test processes side by side saw uvicorn's "address already in
+    use" that way. Below the range only another server's bind can, and two random picks from
+    ten thousand ports rarely meet."""
+    low, _ = _ephemeral_ports()
+    choices = secrets.SystemRandom()
+    for _ in range(64):
+        port = choices.randint(max(1024, low - 10_000), low - 1)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a range full of servers: the kernel's choice, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
