@@ -200,6 +200,15 @@ def test_enroll_list_and_delete_a_voiceprint_from_the_page(web, browser, utteran
     assert cells[0].inner_text() == "Alice" and cells[2].inner_text() == "2"
     listed = httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"]
     assert [v["label"] for v in listed] == ["Alice"]
+    # deleting asks first (it cannot be undone), naming the person; declined, nothing is deleted
+    asked: list[str] = []
+    page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    row.query_selector("button").click()
+    page.wait_for_timeout(500)
+    assert asked and "Alice" in asked[0], asked
+    assert len(httpx.get(f"{web}/voiceprints", headers={"X-API-Key": KEY}, timeout=10).json()["voiceprints"]) == 1
+    assert page.query_selector("#voiceprints tbody tr[data-voiceprint-id]") is not None
+    page.once("dialog", lambda d: d.accept())
     row.query_selector("button").click()
     # function form: a bare expression would go through eval, which the page's policy refuses
     page.wait_for_function("() => document.querySelectorAll('#voiceprints tbody tr[data-voiceprint-id]').length === 0")

@@ -738,6 +738,9 @@ function voiceprintRow(vp) {
   button.className = "small";
   button.textContent = "delete";
   button.addEventListener("click", async () => {
+    // deleting cannot be undone (enrolling again needs the recordings): one stray click took a
+    // person out of every identification
+    if (!window.confirm(`Delete the voiceprint of ${vp.label}? Identification will no longer name them.`)) return;
     try { await api(`/voiceprints/${vp.id}`, { method: "DELETE" }); } catch (err) { $("#vp-error").textContent = err.message; }
     refreshVoiceprints();
   });
