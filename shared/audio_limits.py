@@ -791,13 +791,22 @@ def _id3_tags(fh: BinaryIO):
     while True:
         fh.seek(at)
         head = fh.read(10)
-        if len(head) < 10 or head[:3] != b"ID3" or 0xFF in head[3:5] or any(b & 0x80 for b in head[6:10]):
+        size = _id3_size(head)
+        if size is None:
             return
         tags += 1
         if tags > MAX_ID3_TAGS:
             raise AudioDecodeError(f"the file begins with more than {MAX_ID3_TAGS} ID3 tags; a tagger writes one")
         yield at, head
-        at += 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
+        at += size
+
+
+def _id3_size(head: bytes) -> int | None:
+    """The whole size of the ID3v2 tag whose header ``head`` begins with (ff_id3v2_tag_len: a
+    footer flagged in any version), None where it begins with none (ff_id3v2_match)."""
+    if len(head) < 10 or head[:3] != b"ID3" or 0xFF in head[3:5] or any(b & 0x80 for b in head[6:10]):
+        return None
+    return 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
 
 
 def id3_end(fh: BinaryIO) -> int:
@@ -807,7 +816,7 @@ def id3_end(fh: BinaryIO) -> int:
     end = 0
     try:
         for at, head in _id3_tags(fh):
-            end = at + 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
+            end = at + _id3_size(head)  # type: ignore[operator]  (a tag's header: never None)
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
     finally:
@@ -919,9 +928,7 @@ def check_ape(fh: BinaryIO) -> None:
     import struct
 
     try:
-        at = 0
-        for tag, head in _id3_tags(fh):  # FFmpeg skips the ID3v2 tags ahead of it
-            at = tag + 10 + _syncsafe(head[6:10]) + (10 if head[5] & 0x10 else 0)
+        at = id3_end(fh)  # FFmpeg skips the ID3v2 tags ahead of it
         fh.seek(at)
         head = fh.read(16)
         if len(head) < 16 or head[:4] != b"MAC ":
@@ -1067,10 +1074,10 @@ def adts_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None:
             rest = fh.read(16)
             if len(rest) < 7 or _adts_frame(rest, past=size - at):
                 return AdtsLength(seconds)  # a last frame cut short: not decoded
-            if rest[:3] == b"ID3" and tags < _MAX_ADTS_TAGS and 0xFF not in rest[3:5] \
-                    and not any(b & 0x80 for b in rest[6:10]):
+            tag = _id3_size(rest)
+            if tag is not None and tags < _MAX_ADTS_TAGS:
                 tags += 1
-                at += 10 + _syncsafe(rest[6:10]) + (10 if rest[5] & 0x10 else 0)
+                at += tag
                 continue  # the frames go on behind it
             if size - at <= _MAX_ADTS_TRAILER and not _adts_sync_in(fh, at, size):
                 return AdtsLength(seconds)  # tags at the end (ID3v1, APE), where no frame follows
@@ -1182,8 +1189,8 @@ def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = F
     with fh:
         check_containers(fh)
     info = _probe(source, sandbox)
-    if info is None:
-        return None
+    if info is None or info.demuxer != "aac":  # opened again only for an ADTS stream's count
+        return info
     try:
         with open(source, "rb") as fh:
             return _counted(fh, info, up_to)
