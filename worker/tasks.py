@@ -18,7 +18,6 @@ import os
 import time
 import uuid
 from contextlib import ExitStack
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,16 +206,13 @@ def _missing_upload(record: JobRecord, key: str, jobs: JobStore) -> ProcessingEr
     in storage (expired)" whatever the cause, and the usual one is not expiry: an API and workers
     that do not share one storage (two hosts each with its own AUDIO_ANALYSIS_STORAGE_DIR, a
     volume mounted in the API's container only) fail every job that way, minutes old."""
-    # by the job store's clock where the record has it (created_ts: Redis's TIME), as expiry is
-    # counted elsewhere; the API's created_at otherwise (a record of an earlier release)
+    # by the job store's clock (created_ts, set by JobStore.create from Redis's TIME in every
+    # release), as expiry is counted elsewhere
     waited: float | None = None
     try:
         if record.created_ts:
             waited = jobs.clock() - record.created_ts
-        else:
-            created = datetime.strptime(record.created_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-            waited = time.time() - created.timestamp()
-    except (TypeError, ValueError, redis.RedisError):
+    except redis.RedisError:
         pass
     kept = settings.upload_expires_s
     # the upload was written before its record (a large one minutes before), and the sweep goes
