@@ -101,13 +101,12 @@ def own_database(url: str, instance: str, key_prefix: str) -> OwnDatabase:
     return OwnDatabase(url, asked, f"no free database among {count}: sharing database {asked} with what is in it")
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel gives outgoing connections (and binds to port 0) their ports from."""
+def _ephemeral_low() -> int:
+    """The lowest port of the range the kernel gives outgoing connections (and binds to port 0)."""
     try:
-        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def free_port() -> int:
@@ -117,7 +116,7 @@ def free_port() -> int:
     connection could take it: two test processes side by side saw uvicorn's "address already in
     use" that way. Below the range only another server's bind can, and two random picks from
     ten thousand ports rarely meet."""
-    low, _ = _ephemeral_ports()
+    low = _ephemeral_low()
     choices = secrets.SystemRandom()
     for _ in range(64):
         port = choices.randint(max(1024, low - 10_000), low - 1)
