@@ -13,6 +13,7 @@ consumes and no heartbeat names; none needs the session's worker with models.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -322,26 +323,40 @@ def test_a_long_sweep_does_not_let_the_queue_lapse(settings, monkeypatch):
                                                               "load_error": None})
     monkeypatch.setattr(recovery, "recover_stalled_jobs", lambda *a, **k: None)
     monkeypatch.setattr(recovery, "recover_lost_deliveries", lambda *a, **k: None)
+    try:
+        with _heartbeat_loop_running():
+            assert sweeping.wait(5), "the sweep never ran"
+            lapsed = 0
+            while sweeping.is_set():
+                lapsed += not store.redis.exists(key)
+                time.sleep(0.05)
+            assert lapsed == 0, f"the queue's key lapsed {lapsed} times during the sweep"
+            time.sleep(0.1)
+            assert 0 < store.redis.pttl(key) <= 1000  # back to its lifetime (whole seconds) after the pass
+    finally:
+        store.redis.delete(key)
+
+
+@contextlib.contextmanager
+def _heartbeat_loop_running() -> Iterator[None]:
+    """The worker's own heartbeat loop (worker/lifecycle.py) in a thread of this process, as it
+    runs once the models loaded; stopped, and the process's boot state put back, on the way out."""
+    import threading
+
+    from worker import lifecycle
+
     booted, stop = lifecycle._state["booted"], threading.Event()
     was_booted = booted.is_set()
     booted.set()
     thread = threading.Thread(target=lifecycle._heartbeat_loop, args=(stop,), daemon=True)
     thread.start()
     try:
-        assert sweeping.wait(5), "the sweep never ran"
-        lapsed = 0
-        while sweeping.is_set():
-            lapsed += not store.redis.exists(key)
-            time.sleep(0.05)
-        assert lapsed == 0, f"the queue's key lapsed {lapsed} times during the sweep"
-        time.sleep(0.1)
-        assert 0 < store.redis.pttl(key) <= 1000  # back to its lifetime (whole seconds) after the pass
+        yield
     finally:
         stop.set()
         thread.join(5)
         if not was_booted:
             booted.clear()
-        store.redis.delete(key)
 
 
 def test_a_webhook_worker_heartbeats_but_runs_no_pass_or_sweep(settings, monkeypatch):
@@ -349,8 +364,6 @@ def test_a_webhook_worker_heartbeats_but_runs_no_pass_or_sweep(settings, monkeyp
     but the recovery passes and the upload sweep stay the job workers': compose mounts the
     uploads' volume in those only, so a pass of the webhook worker's that failed a job deleted
     nothing of its upload, and its sweep swept an empty folder."""
-    import threading
-
     from shared.jobs import JobStore
     from worker import lifecycle, recovery
 
@@ -373,21 +386,13 @@ def test_a_webhook_worker_heartbeats_but_runs_no_pass_or_sweep(settings, monkeyp
                                                               "loads_models": False, "load_error": None})
     for pass_name in ("recover_stalled_jobs", "fail_interrupted_submissions", "recover_lost_deliveries"):
         monkeypatch.setattr(recovery, pass_name, lambda *a, _n=pass_name, **k: ran.append(_n))
-    booted, stop = lifecycle._state["booted"], threading.Event()
-    was_booted = booted.is_set()
-    booted.set()
-    thread = threading.Thread(target=lifecycle._heartbeat_loop, args=(stop,), daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 5
-        while not store.redis.exists(store.key("worker", name)):
-            assert time.monotonic() < deadline, "no heartbeat"
-            time.sleep(0.05)
-        time.sleep(0.5)  # five heartbeats
-        assert ran == []
+        with _heartbeat_loop_running():
+            deadline = time.monotonic() + 5
+            while not store.redis.exists(store.key("worker", name)):
+                assert time.monotonic() < deadline, "no heartbeat"
+                time.sleep(0.05)
+            time.sleep(0.5)  # five heartbeats
+            assert ran == []
     finally:
-        stop.set()
-        thread.join(5)
-        if not was_booted:
-            booted.clear()
         store.forget_worker(name)

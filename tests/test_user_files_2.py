@@ -17,6 +17,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import wait_for_job
+from tests.test_hostile_round5_audio import _adts_frames
 from tests.test_user_files import podcast_tag
 
 RATE = 16_000
@@ -32,15 +33,6 @@ def speech(utterances) -> np.ndarray:
     for path in sorted(utterances["spk1"] + utterances["spk2"], key=lambda p: p.name[-6:]):
         pieces += [sf.read(path, dtype="float32")[0], np.zeros(6400, np.float32)]
     return np.concatenate(pieces)
-
-
-def _adts_frames(data: bytes) -> list[bytes]:
-    frames, at = [], 0
-    while at + 7 <= len(data):
-        length = ((data[at + 3] & 3) << 11) | (data[at + 4] << 3) | (data[at + 5] >> 5)
-        frames.append(data[at : at + length])
-        at += length
-    return frames
 
 
 @pytest.fixture(scope="module")
