@@ -42,11 +42,14 @@ async function api(path, options = {}) {
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
-    const error = new Error(`${response.status}: ${detail}`);
-    error.status = response.status;
-    throw error;
+    throw refusal(response.status, detail);
   }
   return response;
+}
+
+// an answer of the API's that is not a success, as api() and send() both report it
+function refusal(status, detail) {
+  return Object.assign(new Error(`${status}: ${detail}`), { status });
 }
 
 // --- choosing files ---------------------------------------------------------------------------
@@ -76,8 +79,7 @@ function send(path, form, onProgress) {
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
       if (xhr.status >= 200 && xhr.status < 300 && body) resolve(body);
-      else reject(Object.assign(new Error(`${xhr.status}: ${(body && body.detail) || xhr.statusText || "no answer"}`),
-                                { status: xhr.status }));
+      else reject(refusal(xhr.status, (body && body.detail) || xhr.statusText || "no answer"));
     });
     xhr.addEventListener("error", () => reject(new Error("the service did not answer (network error)")));
     xhr.send(form);
