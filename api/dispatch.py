@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -61,6 +62,11 @@ MAX_CONCURRENT_LOOKUPS = 8
 # pool, 40 of them held every thread, and every other request (a status poll's Redis read)
 # waited seconds for one. Past this many, copies wait for a slot without holding a thread.
 MAX_CONCURRENT_SAVES = 16
+# Results rendered as text (SubRip, WebVTT, RTTM) at once. A render is Python and its parse one
+# C call that holds the GIL throughout (76 ms for 150,000 turns), so two at once finish no sooner
+# than one after the other, and three clients' parses back to back held every other request of
+# the API, /health included, for their sum.
+MAX_CONCURRENT_RENDERS = 1
 # A synchronous call polls its job's record from sync_poll_interval_s (50 ms: a short job is
 # answered at once), each poll half again as long, up to this. At a fixed 50 ms, every waiting
 # call read and parsed its record 20 times a second for up to sync_timeout_s (an hour): a few
@@ -165,6 +171,7 @@ class Dispatcher:
     _aredis: Any = field(default=None, init=False, repr=False)
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    _renders: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
     _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
 
@@ -262,6 +269,12 @@ class Dispatcher:
         if self._lookups is None:
             self._lookups = anyio.CapacityLimiter(MAX_CONCURRENT_LOOKUPS)
         return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
+
+    async def render(self, render: Callable[..., T], *args: Any) -> T:
+        """``render(*args)`` (a result as text) in a thread, at most MAX_CONCURRENT_RENDERS at once."""
+        if self._renders is None:
+            self._renders = anyio.CapacityLimiter(MAX_CONCURRENT_RENDERS)
+        return await anyio.to_thread.run_sync(functools.partial(render, *args), limiter=self._renders)
 
     # --- submit -----------------------------------------------------------------------------
     def _saves_limiter(self) -> anyio.CapacityLimiter:
@@ -900,6 +913,13 @@ class Dispatcher:
             raise not_found("job", job_id, "unknown or expired")
         return record
 
+    def get_split(self, job_id: str, principal: Principal | None = None) -> tuple[JobRecord, str | None]:
+        """:meth:`get` with the result apart, as its stored JSON text (``JobStore.get_split``)."""
+        split = self.store.get_split(job_id) if is_job_id(job_id) else None
+        if split is None or (principal is not None and not principal.can_see(split[0])):
+            raise not_found("job", job_id, "unknown or expired")
+        return split
+
     async def aget(self, job_id: str, principal: Principal | None = None) -> JobRecord:
         """:meth:`get` off the event loop (the routes' way to read a record)."""
         return await run_in_threadpool(self.get, job_id, principal)
@@ -997,6 +1017,16 @@ def _status_url(record: JobRecord, base_url: str) -> str:
 def view(record: JobRecord, base_url: str = "") -> dict[str, Any]:
     """The record as a client sees it, with where to poll it."""
     return {**record.public(), "status_url": _status_url(record, base_url)}
+
+
+def view_json(record: JobRecord, result: str | None, base_url: str = "") -> bytes:
+    """:func:`view` as a response body, with the result's stored JSON text (``JobStore.get_split``)
+    set in as it is: a long diarization's result is megabytes, and turning it into objects and
+    back held the GIL, so every other request of the API, for a third of a second a poll."""
+    body = {**record.public(), "status_url": _status_url(record, base_url)}
+    body.pop("result", None)
+    head = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return f'{head[:-1]},"result":{result or "null"}}}'.encode()
 
 
 def summary_view(record: JobRecord, base_url: str = "") -> dict[str, Any]:

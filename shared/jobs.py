@@ -179,6 +179,33 @@ def _summary_from_json(raw: str | bytes) -> JobRecord:
     return JobRecord.model_construct(**dict(_JobSummaryRecord.model_validate_json(raw)))
 
 
+# Where a record's result begins, in the form JobRecord.to_json writes: its last other field, then
+# the result. A match whose head does not parse as a whole object is not at the top level (a
+# marker's quotes are escaped inside a string, and one inside a nested object leaves the head
+# unclosed), so a head that parses places the result exactly.
+_RESULT_STARTS = re.compile(r'"_expires_by":(?:null|-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?),"result":')
+
+
+def split_result(raw: str) -> tuple[JobRecord, str | None] | None:
+    """The record without its result (a read-only copy, as :func:`_summary_from_json` gives) and
+    the result's JSON text as stored, unparsed (None for no result); None for a record stored in
+    another form (an earlier release's), which the caller reads whole.
+
+    A diarization of 150,000 turns is an 8 MB record: parsing it (95 ms), dumping it back for a
+    response (75 ms) and encoding that (144 ms) each held the GIL throughout, so four clients
+    fetching such a result held every other request of the API, /health included, for a second
+    on a loaded 2-core host. Its text is what a response carries anyway."""
+    found = _RESULT_STARTS.search(raw)
+    if found is None or not raw.endswith("}"):
+        return None
+    try:
+        record = _summary_from_json(raw[:found.end() - len(',"result":')] + "}")
+    except ValueError:  # pydantic's ValidationError: the match was not at the top level
+        return None
+    text = raw[found.end():-1]
+    return record, (None if text == "null" else text)
+
+
 def _upgrade(record: JobRecord) -> JobRecord:
     """Records written before kinds were declared once kept upload keys among the parameters."""
     from shared.kinds import KINDS
@@ -975,6 +1002,19 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self._job_key(job_id))
         return JobRecord.from_json(raw) if raw else None
+
+    def get_split(self, job_id: str) -> tuple[JobRecord, str | None] | None:
+        """The record without its result, and the result's stored JSON text (:func:`split_result`):
+        for a read that sends the result on as it is (GET /jobs/{id} and its JSON result)."""
+        raw = self.redis.get(self._job_key(job_id))
+        if not raw:
+            return None
+        split = split_result(raw)
+        if split is None:  # stored in another form, or a value holding the markers: read whole
+            record = JobRecord.from_json(raw)
+            text = record.model_dump_json(include={"result"})[len('{"result":'):-1]
+            split = (record.model_copy(update={"result": None}), None if record.result is None else text)
+        return split
 
     def get_many(self, job_ids: Iterable[str], *, summaries: bool = False) -> list[JobRecord]:
         """The records of these ids that still exist, in order; ``summaries``: without their result

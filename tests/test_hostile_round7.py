@@ -7,7 +7,10 @@ Each test fails on the code before its fix:
 * a long diarization's result, fetched as SRT, WebVTT or RTTM (``GET /jobs/{id}/result``) or
   within its record (``GET /jobs/{id}``), was rendered and encoded on the API's event loop:
   100,000 turns took 2.4 s as SRT, and while four clients fetched it ``/health`` went unanswered
-  past a 5 s timeout (every request of every client waited alike);
+  past a 5 s timeout (every request of every client waited alike). Then, off the loop, each
+  fetch's parse and encode of the 8 MB record held the GIL, and with it every other request: 1.13 s
+  for one /health on a loaded host. The result is now sent on as stored and the text formats
+  rendered one at a time (a test beside it checks that a client sees the same bodies);
 * ``POST /jobs/batch`` takes every batch kind's parameters but each kind reads its own: another
   kind's was dropped without a word, so ``kind=identify`` with diarization's
   ``identification_threshold=0.9`` was queued (202) and run at the default threshold;
@@ -128,6 +131,41 @@ def test_a_long_results_formats_are_rendered_off_the_event_loop(api, redis_clien
     # in threads that hold the GIL by turns, and on a loaded 2-core machine one /health waited
     # 1.10 s of 3.65 s (a run beside two other test processes)
     assert waits and max(waits) < max(1.0, took / 2), (max(waits), took, len(waits))
+
+
+def test_a_result_is_sent_as_stored_and_an_earlier_releases_record_still_read(api, redis_client):
+    """GET /jobs/{id} and its JSON result send the stored result text on unparsed
+    (shared.jobs.split_result): the same body a parse would give, for a record whose values hold
+    the cut's markers, and for records written another way (result mid-record, as an earlier
+    release stored it), which are read whole."""
+    import json
+
+    from shared.jobs import JobRecord, new_job_id
+
+    result = {"diarization_results": [{"start": 0.0, "end": 1.5, "speaker": "SPEAKER_00", "identity": "Zo\u00eb \u201cA\u201d"},
+                                      {"start": 1.5, "end": 2.0, "speaker": "SPEAKER_01", "identity": None}],
+              "processing_time": 0.5, "audio_duration": 2.0, "segments_count": 2, "model_device": "cpu"}
+    marked = '"_expires_by":null,"result":{}}'
+    plain = JobRecord(job_id=new_job_id(), kind="diarize", status="succeeded", result=result, progress=1.0,
+                      owner=_owner(KEY), filename=f"a{marked}.wav")
+    nested = plain.model_copy(update={"job_id": new_job_id(), "params": {"x": {"_expires_by": None, "result": 1}}})
+    earlier = plain.model_copy(update={"job_id": new_job_id()})
+    queued = JobRecord(job_id=new_job_id(), kind="diarize", status="queued", owner=_owner(KEY), filename="q.wav")
+    for record, text in ((plain, plain.to_json()), (nested, nested.to_json()),
+                         (earlier, earlier.model_dump_json(by_alias=True)), (queued, queued.to_json())):
+        redis_client.set(f"{PREFIX}:job:{record.job_id}", text, ex=600)
+        job = api.get(f"/jobs/{record.job_id}")
+        assert job.status_code == 200 and job.headers["content-type"] == "application/json", job.text
+        body = job.json()
+        assert body["result"] == record.result and body["filename"] == record.filename, body
+        assert body["status"] == record.status and body["status_url"].endswith(f"/jobs/{record.job_id}")
+        assert "_params" not in body and "params" not in body and "_owner" not in body, body
+        if record.result is not None:
+            alone = api.get(f"/jobs/{record.job_id}/result")
+            assert alone.status_code == 200 and json.loads(alone.content) == result, alone.text
+            assert "Zo\u00eb" in api.get(f"/jobs/{record.job_id}/result?format=srt").text
+        else:
+            assert api.get(f"/jobs/{record.job_id}/result").status_code == 409
 
 
 def test_a_format_of_a_long_result_renders_each_name_once():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import inspect
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -13,7 +14,7 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, SettingsDep, require_api_key
-from api.dispatch import summary_view, view
+from api.dispatch import summary_view, view, view_json
 from api.errors import JobConflict, not_found
 from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
 from api.idempotency import Idempotent, sent_fields
@@ -161,10 +162,13 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
 async def get_job(job_id: str, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep) -> Response:
-    record = await dispatcher.aget(job_id, principal)
-    # the body made and encoded off the event loop: a long diarization's result is megabytes
-    # (100,000 turns: 6 MB), and checking and encoding it there held every other request
-    return await run_in_threadpool(lambda: JSONResponse(view(record, base)))
+    # the result sent on as stored, never parsed (view_json), and the rest read and encoded off
+    # the event loop: a long diarization's result is megabytes (100,000 turns: 6 MB)
+    def body() -> Response:
+        record, result = dispatcher.get_split(job_id, principal)
+        return Response(view_json(record, result, base), media_type="application/json")
+
+    return await run_in_threadpool(body)
 
 
 _RESULT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -189,24 +193,25 @@ async def get_result(
 ) -> Response:
     """The result alone, in the format asked for. SRT and WebVTT cues carry each turn's speaker
     (its identity when one was found); another key's job is 404, like an unknown one."""
-    record = await dispatcher.aget(job_id, principal)
+    record, result = await run_in_threadpool(dispatcher.get_split, job_id, principal)
     kind = get_kind(record.kind)
     kind.check_format(format)
-    if record.status != SUCCEEDED or record.result is None:
+    if record.status != SUCCEEDED or result is None:
         why = "no result yet" if not record.ended else f"it has no result (GET /jobs/{job_id} shows why)"
         raise JobConflict(f"job {job_id} is {record.status}: {why}")
-    # rendered and encoded off the event loop: 100,000 turns took 2.4 s as SubRip, and while a
-    # few clients fetched such a result the API answered nobody else (/health timed out)
-    return await run_in_threadpool(_render_result, kind, record, format, job_id)
-
-
-def _render_result(kind: JobKind, record: JobRecord, format: str, job_id: str) -> Response:  # noqa: A002
     if format == "json":
-        return JSONResponse(record.result)
+        # as stored: parsing and encoding 8 MB again held the GIL, and with it the event loop
+        return Response(result, media_type="application/json")
+    # rendered off the event loop, one at a time (Dispatcher.render): 100,000 turns took 2.4 s as
+    # SubRip, and while a few clients fetched such a result the API answered nobody else
+    return await dispatcher.render(_render_result, kind, record, result, format, job_id)
+
+
+def _render_result(kind: JobKind, record: JobRecord, result: str, format: str, job_id: str) -> Response:  # noqa: A002
     spec = FORMATS[format]
     stem = file_stem(record.filename, job_id)
     return Response(
-        kind.render(record.result or {}, format, uri=stem), media_type=spec.media_type,
+        kind.render(json.loads(result), format, uri=stem), media_type=spec.media_type,
         headers={"Content-Disposition": f'inline; filename="{stem}{spec.suffix}"'},
     )
 
