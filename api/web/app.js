@@ -10,6 +10,20 @@ const COLOURS = ["#2563eb", "#d97706", "#15803d", "#9333ea", "#dc2626", "#0891b2
                  "#4b5563", "#65a30d"];
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LANE_LABEL_PX = 144; // .lane-label width (9rem)
+// A running job's `step` as the page says it: the names are the pipeline's own
+// ("discrete_diarization"), which told a user nothing. A step not listed is shown by its name.
+const STEP_LABELS = {
+  starting: "starting", downloading: "downloading the audio", segmentation: "finding speech",
+  speaker_counting: "counting speakers", embeddings: "telling voices apart",
+  discrete_diarization: "assigning turns", identification: "matching voiceprints",
+};
+function stepText(job) {
+  if (job.status === "running") {
+    const name = job.step ? (STEP_LABELS[job.step] || job.step.replaceAll("_", " ")) : "running";
+    return `${name} ${Math.round(job.progress * 100)} %`;
+  }
+  return job.status === "failed" ? `failed: ${(job.error || {}).detail || ""}` : job.status;
+}
 
 const state = { picked: [], jobs: new Map(), shown: null, pxPerSecond: 1 };
 // the panels that answer one question per job (compare, identify): the job each waits for (its
@@ -237,9 +251,9 @@ function showsByItself(job) {
 
 function render({ job, row, name }) {
   row.dataset.status = job.status;
-  const step = job.status === "running" ? `${job.step || "running"} ${Math.round(job.progress * 100)} %`
-             : job.status === "failed" ? `failed: ${(job.error || {}).detail || ""}` : job.status;
+  const step = stepText(job);
   row.querySelector(".step").textContent = step;
+  updateRecentRow(job);
   row.querySelector(".bar > div").style.width = `${TERMINAL.has(job.status) ? 100 : job.progress * 100}%`;
   row.querySelector(".cancel").hidden = TERMINAL.has(job.status);
   row.querySelector(".show").hidden = job.status !== "succeeded" || !(job.kind in VIEWS);
@@ -691,15 +705,30 @@ function pagedTable({ path, field, pageSize, table, more, row, onPage = () => {}
 }
 
 // --- recent jobs (this key's, from the service) -------------------------------------------------
+// A row says the job as it was listed; rowState tells whether a newer reading changes it.
+const rowState = (job) => `${job.status} ${job.step || ""} ${Math.round((job.progress || 0) * 100)}`;
+
 function jobRow(job) {
   const tr = document.createElement("tr");
   tr.dataset.jobId = job.job_id;
+  tr.dataset.status = job.status;
+  tr.dataset.state = rowState(job);
   tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
   const cells = tr.querySelectorAll("td");
   cells[0].textContent = job.created_at.replace("T", " ").slice(0, 19);
   cells[1].textContent = job.kind;
   cells[2].textContent = job.filename || "";
-  cells[3].textContent = job.status;
+  cells[3].textContent = stepText(job);
+  if (!TERMINAL.has(job.status) && !state.jobs.has(job.job_id)) {
+    // a job this tab did not submit (another tab's, a script's): followed here on request, with
+    // its progress and its cancel button
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "small follow";
+    button.textContent = "follow";
+    button.addEventListener("click", () => { button.remove(); track(job, null); });
+    cells[4].appendChild(button);
+  }
   if (job.status === "succeeded" && job.kind in VIEWS) {
     const button = document.createElement("button");
     button.type = "button";
@@ -724,6 +753,32 @@ function jobRow(job) {
 const refreshRecent = pagedTable({ path: "/jobs", field: "jobs", pageSize: 20, table: "#recent",
                                    more: "#recent-more", row: jobRow });
 $("#refresh").addEventListener("click", refreshRecent);
+
+function updateRecentRow(job) {
+  const tr = $(`#recent tbody tr[data-job-id="${CSS.escape(job.job_id)}"]`);
+  if (tr && tr.dataset.state !== rowState(job)) tr.replaceWith(jobRow(job));
+}
+
+// Recent jobs keep up by themselves while one they show is unfinished: each status was read once,
+// so a batch a script submitted stayed "queued" on the page until "refresh" was clicked. One
+// listing a round (the newest 100 of the key's jobs) updates the rows in place: no page of "more"
+// is lost and nothing moves under the pointer; new jobs wait for "refresh".
+const RECENT_EVERY_MS = 5000;
+let recentBusy = false;
+async function updateRecent() {
+  const open = [...document.querySelectorAll("#recent tbody tr[data-job-id]")]
+    .some((tr) => !TERMINAL.has(tr.dataset.status));
+  if (!open || recentBusy || document.hidden) return;
+  recentBusy = true;
+  try {
+    for (const job of (await (await api("/jobs?limit=100")).json()).jobs) updateRecentRow(job);
+  } catch (_) {
+    // the next round asks again; "refresh" says what went wrong
+  } finally {
+    recentBusy = false;
+  }
+}
+setInterval(updateRecent, RECENT_EVERY_MS);
 
 // --- voiceprints: enroll a person, list and delete them ------------------------------------------
 function voiceprintRow(vp) {

@@ -1,0 +1,114 @@
+"""The web page's Recent jobs, for jobs this tab did not submit (a script's batch, another tab's
+upload), in Debian's chromium driven by playwright against a real uvicorn.
+
+The API runs in keys and queues of its own that no worker consumes, so a job stays where the test
+puts it: the test moves it through running and succeeded with the same ``JobStore`` calls a
+worker makes, and the page must follow without a click on "refresh".
+
+Before: Recent jobs showed each status as it was when the list was read ("queued" for good), a
+running job's step by the pipeline's name ("discrete_diarization"), and a job submitted elsewhere
+could not be followed from the page (no progress, no cancel).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import tone_wav
+from tests.test_web import CHROMIUM, browser  # noqa: F401  (the fixture, shared)
+
+KEY = "web-recent-key-0123456789"
+PREFIX = "aa-web-recent"
+QUEUE, WEBHOOK_QUEUE = "audio-web-recent", "webhooks-web-recent"  # nobody consumes them
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (scripts/dev.sh test installs it as root: apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def store(settings) -> Iterator[Any]:
+    """The jobs as the API under test keeps them (its own key prefix)."""
+    from shared.jobs import JobStore
+
+    jobs = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
+    yield jobs
+    for key in jobs.redis.scan_iter(match=f"{PREFIX}:*", count=1000):
+        jobs.redis.delete(key)
+    jobs.redis.delete(QUEUE, WEBHOOK_QUEUE)
+
+
+@pytest.fixture(scope="module")
+def web(service_env, store, tmp_path_factory) -> Iterator[str]:
+    from tests.conftest import api_under_uvicorn
+
+    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
+           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("web-recent-uploads"))}
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("web-recent"), [KEY], env) as base:
+        yield base
+
+
+def _submit(base: str, name: str) -> str:
+    """A job submitted by a script, not by the page."""
+    r = httpx.post(f"{base}/jobs/diarize", files={"file": (name, tone_wav(), "audio/wav")},
+                   headers={"X-API-Key": KEY}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def test_recent_jobs_keep_up_and_a_job_submitted_elsewhere_can_be_followed(web, store, browser) -> None:  # noqa: F811
+    followed_id = _submit(web, "followed.wav")
+    listed_id = _submit(web, "listed.wav")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(web + "/")
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+
+    def cell(job_id: str) -> str:
+        return page.inner_text(f"#recent tbody tr[data-job-id='{job_id}'] td:nth-child(4)")
+
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{listed_id}']")
+    assert cell(listed_id) == "queued" and cell(followed_id) == "queued"
+    assert page.query_selector(".job") is None  # the page follows none of them by itself
+
+    # a worker takes both: the rows say so in words, with no click on "refresh"
+    for job_id in (followed_id, listed_id):
+        assert store.mark_running(job_id) is not None
+        assert store.set_progress(job_id, 0.4, "discrete_diarization") is not None
+    page.wait_for_function(
+        "id => document.querySelector(`#recent tbody tr[data-job-id='${id}'] td:nth-child(4)`)"
+        ".textContent === 'assigning turns 40 %'", arg=listed_id, timeout=15_000)
+
+    # "follow": the job gets a row of its own above, with its progress and a cancel button
+    page.click(f"#recent tbody tr[data-job-id='{followed_id}'] button.follow")
+    row = page.wait_for_selector(f".job[data-job-id='{followed_id}']")
+    page.wait_for_function(
+        "id => document.querySelector(`.job[data-job-id='${id}'] .step`).textContent === 'assigning turns 40 %'",
+        arg=followed_id, timeout=10_000)
+    assert row.query_selector(".name").inner_text() == "followed.wav"
+    assert row.query_selector(".cancel").is_visible()
+    assert page.query_selector(f"#recent tbody tr[data-job-id='{followed_id}'] button.follow") is None
+
+    # the followed one is cancelled from the page; the other succeeds in the worker
+    row.query_selector(".cancel").click()
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}], "processing_time": 0.1,
+              "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    assert store.finish(listed_id, "succeeded", result=result)[1]
+    page.wait_for_function(
+        "id => document.querySelector(`#recent tbody tr[data-job-id='${id}'] td:nth-child(4)`)"
+        ".textContent === 'succeeded'", arg=listed_id, timeout=15_000)
+    assert page.is_visible(f"#recent tbody tr[data-job-id='{listed_id}'] button:has-text('show')")
+    page.wait_for_function(
+        "id => document.querySelector(`#recent tbody tr[data-job-id='${id}'] td:nth-child(4)`)"
+        ".textContent === 'cancelled'", arg=followed_id, timeout=15_000)
+    assert store.get(followed_id).status == "cancelled"
+    assert errors == []
+    page.close()
