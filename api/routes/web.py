@@ -63,7 +63,12 @@ class _File(FileResponse):
 
 
 class _Assets(StaticFiles):
-    """Static files with :data:`SECURITY_HEADERS`, served as :class:`_File`."""
+    """Static files with :data:`SECURITY_HEADERS`, served as :class:`_File`; with ``policy``, each
+    under that Content-Security-Policy too."""
+
+    def __init__(self, *, directory: Path, policy: str | None = None) -> None:
+        super().__init__(directory=directory)
+        self.policy = policy
 
     def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result, scope: Scope,
                       status_code: int = 200) -> Response:
@@ -76,11 +81,16 @@ class _Assets(StaticFiles):
     async def get_response(self, path: str, scope: Scope) -> Response:
         response = await super().get_response(path, scope)
         response.headers.update(SECURITY_HEADERS)
+        if self.policy is not None:
+            response.headers["Content-Security-Policy"] = self.policy
         return response
 
 
 router = APIRouter(include_in_schema=False)
-assets = _Assets(directory=WEB_DIR)
+# every file of the page under the page's policy: /ui/index.html is the page itself, and served
+# without it (as it was), a link to it ran the page with none of CSP's limits (any script, any
+# host to send the user's audio and key to), which a link to / would have had
+assets = _Assets(directory=WEB_DIR, policy=CSP)
 docs_assets = _Assets(directory=DOCS_DIR)
 
 
