@@ -181,7 +181,12 @@ def _allowed_globals() -> dict[tuple[str, str], Callable[..., Any]]:
     return table
 
 
-class _VectorUnpickler(pickle.Unpickler):
+# pickle's own Python implementation, not the C one: the C unpickler keeps its memo as an array
+# that a PUT opcode's index grows to twice that index, zero-filled at once, so a 9-byte pickle
+# (LONG_BINPUT 10**8) took 1.6 GB and 0.9 s of the API's CPU before anything was checked, and
+# one naming 2**30 asked for 16 GB. The Python one keeps its memo in a dict, an entry per PUT;
+# it reads an embedding's pickle (1 KB) in 0.03 ms, the largest allowed (1 MB) in 0.13-0.15 s
+class _VectorUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """An unpickler that can rebuild a list of floats or a numpy array, and nothing else."""
 
     _allowed = _allowed_globals()

@@ -7,14 +7,27 @@ Each test fails on the code before its fix:
 * the web page at ``/`` is served under a Content-Security-Policy (this origin's scripts only,
   no other host to connect to), but the same page was also served as ``/ui/index.html`` (and
   ``/ui/index.html/``) without any: a link to it ran the page with none of the policy's limits;
+* an embedding pickle (``/compare_embedding``, ``/jobs/compare_embedding``, which take the
+  clients' historical pickles through a restricted unpickler) of 9 bytes, ``LONG_BINPUT
+  100000000``, made the API's peak memory go from 113 MB to 1.68 GB and took 0.9 s of its CPU
+  before the 422: CPython's C unpickler grows its memo array to twice any index a PUT names, and
+  zero-fills it. An index of 2**30 asked for 16 GB a request; a few at once, and the host's OOM
+  killer took the API.
 """
 
 from __future__ import annotations
 
+import struct
+import tracemalloc
+from pathlib import Path
 from typing import Any, Iterator
 
 import psutil
 import pytest
+
+from shared.embedding_file import load_embedding
+from shared.errors import InputError
+from tests.conftest import tone_wav
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round12-key-0123456789"
@@ -72,3 +85,58 @@ def test_the_page_served_as_a_file_keeps_its_content_security_policy(api, path: 
     # the page's own files keep working under it, and the docs' assets keep theirs
     assert api.get("/ui/app.js").status_code == 200
     assert api.get("/docs-assets/swagger-ui.css").status_code == 200
+
+
+# --- an embedding pickle naming a far memo slot --------------------------------------------------
+def _far_put(index: int, how: str) -> bytes:
+    """A pickle of an empty list memoised at ``index``: ``LONG_BINPUT`` (protocol 1+) or the
+    text ``PUT`` of protocol 0."""
+    if how == "long_binput":
+        return b"\x80\x02]r" + struct.pack("<I", index) + b"."
+    return b"(lp" + str(index).encode() + b"\n."
+
+
+@pytest.mark.parametrize("how", ["long_binput", "put"])
+def test_a_pickle_naming_a_far_memo_slot_costs_no_memory(how: str) -> None:
+    """20,000,000: the C unpickler's memo grew to 40,000,000 slots, 320 MB zero-filled, for a
+    file of 9 bytes (and 2**32 - 1 is the most LONG_BINPUT names)."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as refused:
+            load_embedding(_far_put(20_000_000, how), "e.pkl")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status_code == 422
+    assert "192 values" in refused.value.detail
+    assert peak < 20 * 1024 * 1024, f"{peak / 2**20:.0f} MB for a pickle of {len(_far_put(20_000_000, how))} bytes"
+
+
+def _peak_rss(process: psutil.Process) -> int:
+    """The process's peak resident memory (VmHWM), in bytes."""
+    for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_the_api_refuses_such_an_embedding_without_taking_the_memory(api) -> None:
+    server: psutil.Process = api.server
+    # the peak counted from now (Linux: 5 into clear_refs resets VmHWM to the current RSS)
+    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+    before = _peak_rss(server)
+    bomb = _far_put(20_000_000, "long_binput")
+    for path in ("/jobs/compare_embedding", "/compare_embedding"):
+        r = api.post(path, files={"audio": ("a.wav", tone_wav(), "audio/wav"), "embedding": ("e.pkl", bomb)})
+        assert "192 values" in _assert_documented(r, 422)["detail"]
+    grown = _peak_rss(server) - before
+    assert grown < 100 * 1024 * 1024, f"the API's peak memory grew {grown / 2**20:.0f} MB for {len(bomb)} bytes"
+    # the pickles clients keep still read
+    import pickle
+
+    import numpy as np
+
+    vector = np.random.default_rng(0).standard_normal(192).astype(np.float32)
+    for data in (pickle.dumps(vector.tolist(), protocol=0), pickle.dumps(vector, protocol=2),
+                 pickle.dumps(vector, protocol=5)):
+        np.testing.assert_array_equal(load_embedding(data, "e.pkl"), vector)
