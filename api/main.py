@@ -70,6 +70,35 @@ class RequestIdMiddleware:
             await self.app(scope, receive, with_header)
 
 
+class PrivateAnswers:
+    """A response to a request that carries an ``X-API-Key`` is ``Cache-Control: no-store``,
+    unless its route said otherwise (``/`` says ``no-cache``).
+
+    What such a request is answered depends on its key: ``GET /jobs`` and ``GET /voiceprints``
+    list the key's own at one URL for every key, ``GET /health`` shows the workers' hosts to a key
+    only, an export is a person's voiceprint. Said nothing, a shared cache in front of the API
+    (Varnish by default keeps a GET's 200 two minutes whatever its X-API-Key; nginx with
+    ``proxy_cache_valid``) answered the next caller of that URL, another tenant or nobody, with
+    the first caller's answer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not any(k == b"x-api-key" for k, _ in scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+
+        async def not_stored(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"cache-control" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+            await send(message)
+
+        await self.app(scope, receive, not_stored)
+
+
 class HeadAsGetMiddleware:
     """``HEAD`` is answered as ``GET`` without its body (RFC 9110 9.3.2), on every route.
 
@@ -180,6 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestFramingGate)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
+    # a keyed request's answer, refusals included, is kept by no cache
+    app.add_middleware(PrivateAnswers)
     # outermost: even a refused body's 413 carries the request id
     app.add_middleware(RequestIdMiddleware)
 

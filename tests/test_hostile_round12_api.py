@@ -12,7 +12,13 @@ Each test fails on the code before its fix:
   100000000``, made the API's peak memory go from 113 MB to 1.68 GB and took 0.9 s of its CPU
   before the 422: CPython's C unpickler grows its memo array to twice any index a PUT names, and
   zero-fills it. An index of 2**30 asked for 16 GB a request; a few at once, and the host's OOM
-  killer took the API.
+  killer took the API;
+* no answer of the API said whether it could be cached: what a request with an ``X-API-Key`` is
+  answered depends on the key (``GET /jobs`` and ``GET /voiceprints`` list that key's own at one
+  URL for every key; ``GET /health`` names the workers' hosts to a key only; an export is a
+  person's voiceprint), and a shared cache in front of the API (Varnish keeps a GET's 200 two
+  minutes by default, whatever its X-API-Key) answered the next caller of the URL, another
+  tenant or nobody, with the first one's.
 """
 
 from __future__ import annotations
@@ -140,3 +146,35 @@ def test_the_api_refuses_such_an_embedding_without_taking_the_memory(api) -> Non
     for data in (pickle.dumps(vector.tolist(), protocol=0), pickle.dumps(vector, protocol=2),
                  pickle.dumps(vector, protocol=5)):
         np.testing.assert_array_equal(load_embedding(data, "e.pkl"), vector)
+
+
+# --- answers that depend on the key, and caches in front of the API -------------------------------
+def test_what_a_key_is_answered_is_kept_by_no_cache(api) -> None:
+    import numpy as np
+
+    from shared.voiceprints import EMBEDDING_MODELS
+
+    vector = np.random.default_rng(1).standard_normal(192).tolist()
+    imported = api.post("/voiceprints/import", files={"file": ("v.json", str(vector).encode())},
+                        data={"label": "Ann", "model": EMBEDDING_MODELS["embedded"].name})
+    assert imported.status_code == 201, imported.text
+    job = api.post("/jobs/diarize", files={"file": ("a.wav", tone_wav(), "audio/wav")})
+    assert job.status_code == 202, job.text
+    job_id, vp = job.json()["job_id"], imported.json()["id"]
+    for path in ("/jobs", f"/jobs/{job_id}", f"/batches/{'0' * 32}", "/voiceprints", f"/voiceprints/{vp}",
+                 f"/voiceprints/{vp}/export", f"/voiceprints/{vp}/export?format=npy", "/health"):
+        r = api.get(path)
+        assert r.status_code in (200, 404), (path, r.text)
+        assert r.headers.get("Cache-Control") == "no-store", (path, r.headers)
+    for method, path in (("HEAD", "/jobs"), ("POST", f"/jobs/{job_id}/cancel")):
+        assert api.request(method, path).headers.get("Cache-Control") == "no-store", (method, path)
+    # what a route says itself stands (the secret: no-store already; the page: no-cache), and what
+    # is the same for everyone, asked without a key, is left to the caches
+    assert api.get("/webhooks/secret").headers["Cache-Control"] == "no-store"
+    assert api.get("/").headers["Cache-Control"] == "no-cache"
+    import httpx
+
+    with httpx.Client(base_url=str(api.base_url), timeout=30) as anonymous:
+        for path in ("/ui/app.js", "/health", "/openapi.json"):
+            r = anonymous.get(path)
+            assert r.status_code == 200 and "no-store" not in r.headers.get("Cache-Control", ""), path
