@@ -56,7 +56,13 @@ _MAX_DECODE_THREADS = 8
 # whose edit list played its 60 s of media 1000 times (a 96 KB upload) passed the API as 60 s
 # and decoded to 16.7 h (22 s, 1.9 GB), 20000 times ran to the 24 h limit (4 GB), and an MP3
 # whose Xing header counted 100 of its 3336 frames passed as 3.5 s and decoded to 120 s.
-_DECLARED_FORMATS = ("mov", "matroska")
+# WavPack too: every block's header carries the file's total samples (its writers fill it in, or
+# write -1 where they cannot: no length), and FFmpeg takes the first block's for the length but
+# decodes every block there is. A 1.4 MB WavPack of 24 h of DC whose first block said 1 s passed
+# the API as 1 s, a synchronous request decoded 30 min of it before its 413, and a job, held to
+# 601 s for its "1 s", decoded all 24 h (21 s, 5.1 GB of RSS as the buffer grew) for the engine
+# to run past that limit (504).
+_DECLARED_FORMATS = ("mov", "matroska", "wv")
 # FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
 _PACKED_FROM = 8
 # at most this many changes of rate, layout or sample format in one FFmpeg stream (_read_pyav):
