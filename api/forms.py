@@ -58,11 +58,15 @@ def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parame
     return params
 
 
-def form_parameters(fields: Iterable[tuple[str, FieldInfo]]) -> list[inspect.Parameter]:
-    """Each parameter arrives as an optional form field; defaults are the model's to apply."""
+def form_parameters(fields: Iterable[tuple[str, FieldInfo]], *, required: bool = False) -> list[inspect.Parameter]:
+    """Each parameter arrives as an optional form field; defaults are the model's to apply.
+    With ``required`` (one kind's route), a field the kind cannot run without (enroll's
+    ``label``, identify's ``voiceprints``) is a required one, as the OpenAPI document then says:
+    it showed them optional, and a request made as /docs described was refused 422."""
     return [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation | None,
-                          default=Form(None, description=field.description))
+                          default=Form(... if required and field.is_required() else None,
+                                       description=field.description))
         for name, field in fields
     ]
 

@@ -172,7 +172,7 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
                           default=typer.Argument(..., exists=True, dir_okay=False, help=f.description))
         for f in kind.files
     ]
-    params = arguments + option_parameters(kind.form_fields) + ([extra[0]()] if extra else [])
+    params = arguments + option_parameters(kind.form_fields, required=True) + ([extra[0]()] if extra else [])
     params += [_format_option(kind)] if formats else []
     command.__doc__ = f"{kind.summary}. Prints JSON (the body of POST /jobs/{kind.name}'s result)" + (
         f", or with --format {' | '.join(kind.formats[1:])}." if formats else "."

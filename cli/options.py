@@ -16,14 +16,22 @@ from shared.formats import one_line
 _err = Console(stderr=True)
 
 
-def option_parameters(fields: dict[str, Any]) -> list[inspect.Parameter]:
-    """A parameter model's fields as typer options (``num_speakers`` -> ``--num-speakers``)."""
+def option_parameters(fields: dict[str, Any], *, required: bool = False) -> list[inspect.Parameter]:
+    """A parameter model's fields as typer options (``num_speakers`` -> ``--num-speakers``).
+
+    With ``required`` (one kind's command), a field the kind cannot run without is a required
+    option (``enroll --label``, ``identify --voiceprints``): the help says so, and leaving it out
+    is typer's "Missing option '--label'" before any model loads, where it was ``label: Field
+    required`` once the command had loaded them."""
     out = []
     for name, field in fields.items():
         flag = "--" + name.replace("_", "-")
         if field.annotation is bool:
             option = typer.Option(field.default, f"{flag}/--no-{flag[2:]}", help=field.description)
             annotation: Any = bool
+        elif required and field.is_required():
+            option = typer.Option(..., flag, help=field.description)
+            annotation = field.annotation
         else:
             option = typer.Option(None, flag, help=field.description)
             annotation = Optional[field.annotation]  # noqa: UP045 - typer reads Optional

@@ -210,6 +210,13 @@ class Lookup:
     def field(self) -> FieldInfo:
         return FieldInfo(annotation=str, default=None, description=self.description)
 
+    def field_filling(self, params: type[BaseModel]) -> FieldInfo:
+        """The form field, required where the parameter it fills is required (identify's
+        ``voiceprints``, not diarize's): the OpenAPI document and the CLI's help say so."""
+        if params.model_fields[self.into].is_required():
+            return FieldInfo(annotation=str, description=self.description)
+        return self.field
+
 
 def _resolve_voiceprints(value: str, edge: Edge) -> list[dict[str, Any]]:
     from shared.voiceprints import embedding_model
@@ -291,10 +298,12 @@ class JobKind:
 
     @property
     def form_fields(self) -> dict[str, Any]:
-        """Parameters the client sends as form fields (those no upload fills)."""
+        """Parameters the client sends as form fields (those no upload fills); each one
+        ``is_required()`` where the kind cannot run without it (enroll's ``label``, identify's
+        ``voiceprints``)."""
         filled = {f.into for f in self.files} | {lookup.into for lookup in self.lookups}
         fields = {name: field for name, field in self.params.model_fields.items() if name not in filled}
-        return {**fields, **{lookup.name: lookup.field for lookup in self.lookups}}
+        return {**fields, **{lookup.name: lookup.field_filling(self.params) for lookup in self.lookups}}
 
     @property
     def kept_apart(self) -> tuple[str, ...]:

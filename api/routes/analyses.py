@@ -58,7 +58,7 @@ def accepted_headers(location: str, accepted: Accepted) -> dict[str, str]:
 
 
 def _fields(kind: JobKind, *, urls: bool) -> list[inspect.Parameter]:
-    return file_parameters(kind, urls=urls) + form_parameters(kind.form_fields.items())
+    return file_parameters(kind, urls=urls) + form_parameters(kind.form_fields.items(), required=True)
 
 
 def _submit_endpoint(kind: JobKind):
