@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import pickle
+import pickletools
 from typing import Any, Callable
 
 import numpy as np
@@ -203,7 +204,36 @@ class _VectorUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         raise InputError("embedding pickle uses persistent ids, which are not accepted")
 
 
+# Opcodes that build a dict or a set. A pickled vector has neither (a list or an array of numbers,
+# whose states are tuples), and their keys are hashed as they are inserted: integers that hash
+# alike (multiples of 2**61 - 1) make each insertion compare with every key before it, so 40,000
+# such keys (519 KB) held the C unpickler, and with it the GIL and the whole API, 10.8 s.
+_HASHING = frozenset({"EMPTY_DICT", "DICT", "SETITEM", "SETITEMS", "EMPTY_SET", "ADDITEMS", "FROZENSET"})
+# Opcodes that store the stack's top in the memo at an index of the pickle's choosing. A pickler
+# numbers its memo from 0, an entry per PUT of at least 2 bytes; a larger index (a PUT's text may
+# name an integer of thousands of digits, hashing alike as above) is no pickler's.
+_MEMO_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Refuse, from its opcodes alone (nothing built), a pickle that builds a dict or a set, or
+    memoises at an index past its own length: what no pickled vector holds, and what costs far
+    more than its bytes."""
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in _HASHING:
+                raise InputError("embedding pickle builds a mapping or a set; only a list or numpy array of "
+                                 "numbers is accepted")
+            if opcode.name in _MEMO_PUTS and not 0 <= arg < len(data):
+                raise InputError("embedding pickle stores a value at a memo index no pickler writes")
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed opcode or argument: the caller's bytes
+        raise InputError(f"embedding is not a readable pickle ({exc.__class__.__name__})") from exc
+
+
 def _from_pickle(data: bytes) -> Any:
+    _check_opcodes(data)
     try:
         return _VectorUnpickler(io.BytesIO(data)).load()
     except InputError:

@@ -13,6 +13,13 @@ Each test fails on the code before its fix:
   before the 422: CPython's C unpickler grows its memo array to twice any index a PUT names, and
   zero-fills it. An index of 2**30 asked for 16 GB a request; a few at once, and the host's OOM
   killer took the API;
+* an embedding pickle of a dict (or a set) whose 40,000 keys are integers that hash alike
+  (multiples of 2**61 - 1; 519 KB) held the C unpickler, and with it the GIL and every request of
+  the API, 10.8 s (a thread beside it ran twice instead of 1,076 times); the pickle was refused
+  only once built ("not dict"). With pickle's Python unpickler (the fix above) the same took
+  7.5 s of a pool thread, and so did a protocol-0 ``PUT`` naming such integers as memo indices.
+  A pickle is now refused from its opcodes, before anything is built, when it builds a dict or a
+  set (no pickled vector does) or memoises past its own length (no pickler does);
 * no answer of the API said whether it could be cached: what a request with an ``X-API-Key`` is
   answered depends on the key (``GET /jobs`` and ``GET /voiceprints`` list that key's own at one
   URL for every key; ``GET /health`` names the workers' hosts to a key only; an export is a
@@ -114,8 +121,46 @@ def test_a_pickle_naming_a_far_memo_slot_costs_no_memory(how: str) -> None:
     finally:
         tracemalloc.stop()
     assert refused.value.status_code == 422
-    assert "192 values" in refused.value.detail
+    assert "memo index" in refused.value.detail
     assert peak < 20 * 1024 * 1024, f"{peak / 2**20:.0f} MB for a pickle of {len(_far_put(20_000_000, how))} bytes"
+
+
+def _colliding(n: int, how: str) -> bytes:
+    """A pickle of ``n`` integers that hash alike (k * (2**61 - 1)): the keys of a dict
+    (``SETITEMS``), the members of a set (``ADDITEMS``), or the memo indices of ``PUT``s."""
+    body = bytearray({"setitems": b"\x80\x02}(", "additems": b"\x80\x04\x8f(", "put": b"(l"}[how])
+    for k in range(1, n + 1):
+        value = k * (2**61 - 1)
+        if how == "put":
+            body += b"p" + str(value).encode() + b"\n"
+        else:
+            raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+            body += b"\x8a" + bytes([len(raw)]) + raw + (b"N" if how == "setitems" else b"")
+    return bytes(body + {"setitems": b"u.", "additems": b"\x90.", "put": b"."}[how])
+
+
+@pytest.mark.parametrize("how,why", [("setitems", "a mapping or a set"), ("additems", "a mapping or a set"),
+                                     ("put", "memo index")])
+def test_a_pickle_of_keys_that_hash_alike_is_refused_before_it_is_built(how: str, why: str) -> None:
+    """20,000 keys: 1.7 s of CPU each way before (quadratic: 40,000 took 7.5 s), and refused
+    only afterwards, as "not dict", "not set" or an empty vector."""
+    with pytest.raises(InputError) as refused:
+        load_embedding(_colliding(20_000, how), "e.pkl")
+    assert refused.value.status_code == 422
+    assert why in refused.value.detail
+
+
+def test_the_pickles_clients_keep_still_read() -> None:
+    import pickle
+
+    import numpy as np
+
+    vector = np.random.default_rng(2).standard_normal(192)
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        for value in (vector.tolist(), tuple(vector.tolist()), vector.astype(np.float32), vector,
+                      vector.astype(">f8"), [np.float32(x) for x in vector]):
+            np.testing.assert_allclose(load_embedding(pickle.dumps(value, protocol=protocol), "e.pkl"),
+                                       np.asarray(vector, dtype=np.float32), rtol=1e-6)
 
 
 def _peak_rss(process: psutil.Process) -> int:
@@ -134,9 +179,13 @@ def test_the_api_refuses_such_an_embedding_without_taking_the_memory(api) -> Non
     bomb = _far_put(20_000_000, "long_binput")
     for path in ("/jobs/compare_embedding", "/compare_embedding"):
         r = api.post(path, files={"audio": ("a.wav", tone_wav(), "audio/wav"), "embedding": ("e.pkl", bomb)})
-        assert "192 values" in _assert_documented(r, 422)["detail"]
+        assert "memo index" in _assert_documented(r, 422)["detail"]
     grown = _peak_rss(server) - before
     assert grown < 100 * 1024 * 1024, f"the API's peak memory grew {grown / 2**20:.0f} MB for {len(bomb)} bytes"
+    # nor the CPU: keys that hash alike are refused from the pickle's opcodes
+    r = api.post("/jobs/compare_embedding", files={"audio": ("a.wav", tone_wav(), "audio/wav"),
+                                                   "embedding": ("e.pkl", _colliding(20_000, "setitems"))})
+    assert "a mapping or a set" in _assert_documented(r, 422)["detail"]
     # the pickles clients keep still read
     import pickle
 
