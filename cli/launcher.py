@@ -292,6 +292,35 @@ class Stack:
         self.stop()
 
 
+def port_taken(host: str, port: int) -> bool:
+    """True when a server could not listen on ``host:port`` (another program holds it), judged
+    as uvicorn and Flower bind (``SO_REUSEADDR``: a port whose connections wait out TIME_WAIT is
+    free to them)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def taken_ports(settings: Settings, with_flower: bool) -> list[str]:
+    """What ``up`` would listen on that another program already holds, each with the setting that
+    moves it. Checked before anything starts: with port 8000 taken, ``up`` loaded its models,
+    took the other program's port for its API's ("the API is up", "audio-analysis is up"), then
+    stopped as the API exited, with status 0."""
+    taken = []
+    if port_taken(settings.api_host, settings.api_port):
+        taken.append(f"the API's port {settings.api_port} on {settings.api_host} is in use (another program, or "
+                     "an `up` already running): give `up --port N` or set AUDIO_ANALYSIS_API_PORT")
+    if with_flower and port_taken("127.0.0.1", settings.flower_port):
+        taken.append(f"Flower's port {settings.flower_port} on 127.0.0.1 is in use (another program, or an `up` "
+                     "already running): set AUDIO_ANALYSIS_FLOWER_PORT, or give `up --no-flower`")
+    return taken
+
+
 def _port_open(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -377,6 +406,11 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
     # soft_wrap: paths printed whole, not folded at the terminal width (people copy them)
     say = (lambda text: console.print(text, soft_wrap=True, highlight=False)) if console is not None else print
+    taken = taken_ports(settings, with_flower)
+    if taken:
+        for line in taken:
+            say(line)
+        return 1
     data_dir = settings.data_dir
     stack = Stack(log_dir=None)
     stopping = {"flag": False}
@@ -432,13 +466,16 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
                 say("Flower did not listen within 60 s")
         say(summary(settings, url, flower_login if with_flower else None))
         say("Ctrl-C stops everything.")
+        failed = False
         while not stopping["flag"]:
             for child in stack.children:
                 if child.proc.poll() is not None:
                     say(f"{child.name} exited with {child.proc.returncode}; stopping")
-                    stopping["flag"] = True
+                    stopping["flag"] = failed = True
             time.sleep(0.5)
-        return 0
+        # a child that exited by itself is a failure of `up` (a script or a supervisor sees it);
+        # Ctrl-C is not
+        return 1 if failed else 0
     finally:
         say("stopping…")
         stack.stop()

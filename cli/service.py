@@ -68,7 +68,8 @@ def _echo_result(result: Any, format: str) -> None:  # noqa: A002
 
 
 def up(
-    port: Optional[int] = typer.Option(None, help="API port (default: settings.api_port)"),
+    port: Optional[int] = typer.Option(
+        None, help="API port (default 8000, or AUDIO_ANALYSIS_API_PORT; Flower's: AUDIO_ANALYSIS_FLOWER_PORT, 5555)"),
     flower: bool = typer.Option(True, "--flower/--no-flower", help="also start Flower"),
 ) -> None:
     """Start Redis (if REDIS_URL is unreachable), the API, a job worker, a webhook-delivery worker and

@@ -14,6 +14,12 @@ Each test fails on the code (or the docs) before its fix:
   CLI's ``enroll`` and ``identify`` likewise showed ``--label`` and ``--voiceprints`` without
   ``[required]``; left out, the command imported torch and then printed "ValidationError:
   voiceprints: Field required"; now typer's "Missing option '--voiceprints'", before anything loads.
+* ``audio-analysis up`` with its API's port held by another program (port 8000 is a common one)
+  started Redis and the workers, loaded the models, took the other program's listening port for
+  its own API's ("the API is up", then "audio-analysis is up: web page http://127.0.0.1:8000/"),
+  stopped as its API exited ("address already in use") and exited 0. It now refuses at once, exit
+  1, naming the port and the option or setting that moves it, and starts nothing; a child that
+  exits by itself makes ``up`` exit 1 too (Ctrl-C still 0).
 """
 
 from __future__ import annotations
@@ -181,3 +187,55 @@ def test_submit_takes_the_options_of_its_kind_only():
         line = next(line for line in help_text.splitlines() if option + " " in line)
         assert "[required]" not in line, line
 
+
+# --- audio-analysis up ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["api", "flower"])
+def test_up_refuses_a_port_another_program_holds(tmp_path, which):
+    import os
+    import socket
+    import time
+
+    from cli.launcher import free_port
+
+    holder = socket.create_server(("127.0.0.1", 0))
+    held = holder.getsockname()[1]
+    api_port, flower_port = (held, free_port()) if which == "api" else (free_port(), held)
+    env = {**os.environ, "AUDIO_ANALYSIS_API_PORT": str(api_port), "AUDIO_ANALYSIS_FLOWER_PORT": str(flower_port),
+           # nothing listens there: had `up` gone on, it would have started a redis-server here
+           "REDIS_URL": "redis://127.0.0.1:1/0", "AUDIO_ANALYSIS_REDIS_URL": "redis://127.0.0.1:1/0",
+           "AUDIO_ANALYSIS_DATA_DIR": str(tmp_path / "data"), "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path / "up")}
+    started = time.monotonic()
+    try:
+        ran = subprocess.run([sys.executable, "-m", "cli.main", "up"], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    finally:
+        holder.close()
+    took = time.monotonic() - started
+    out = ran.stdout + ran.stderr
+    # before: exit 0 after "audio-analysis is up", its models loaded, its API gone
+    assert ran.returncode == 1, (ran.returncode, out[-2000:])
+    assert f"port {held} on 127.0.0.1 is in use" in out, out[-2000:]
+    setting = "AUDIO_ANALYSIS_API_PORT" if which == "api" else "AUDIO_ANALYSIS_FLOWER_PORT"
+    assert setting in out, out
+    # nothing was started: no Redis of its own, no worker (whose models take seconds to load)
+    assert "is up" not in out and not (tmp_path / "data" / "redis").exists(), out[-2000:]
+    assert took < 30, took
+
+
+def test_up_checks_a_port_as_its_servers_bind():
+    """A port free to bind is not taken, even with a connection of its own waiting out TIME_WAIT;
+    a listening one is."""
+    import socket
+
+    from cli.launcher import free_port, port_taken
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert port_taken("127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            conn, _ = server.accept()
+            conn.close()  # the server side closes first: its end waits out TIME_WAIT
+            c.recv(1)
+    assert not port_taken("127.0.0.1", port)
+    assert not port_taken("127.0.0.1", free_port())
