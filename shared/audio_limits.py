@@ -1243,6 +1243,7 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
         if hasattr(source, "seek"):
             source.seek(0)
 
+    mp3 = False
     try:
         rewind()
         with sf.SoundFile(source) as snd:
@@ -1255,9 +1256,23 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
             known = 0 <= snd.frames < UNKNOWN_FRAMES
             if known and snd.format == "OGG":  # a chain's first link is not the file's length
                 known = not _chained(source)
-            return AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
+            read = AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
+            mp3 = snd.format == "MP3"
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
-        pass
+        read = None
+    if read is not None:
+        if mp3 and read.duration is not None and _mp3_goes_on(source, read.duration, sandbox):
+            # MP3s joined end to end (cat): libsndfile's length is the first one's Xing count, and
+            # the decoder reads what FFmpeg reads, all of them (engine/audio.py). FFmpeg's own
+            # length is an estimate from the first frames' bitrate (joined recordings of other
+            # rates or bitrates: 800 s read as 3600 s), so neither is the file's: unknown, as an
+            # ADTS stream's that cannot be counted, and the decoder holds it to the limit. A 1 s
+            # MP3 and 2 h of 8 kbps behind it (7 MB) passed as 1 s and decoded to 7201 s: its job
+            # was held to 601 s (a day behind it needs some 18 min of a CPU engine), and an
+            # enrollment's files each counted their first second in its duration budget
+            read = replace(read, duration=None)
+        rewind()
+        return read
     # a WAV libsndfile gave up on: FFmpeg would walk its every chunk (MAX_RIFF_CHUNKS)
     if hasattr(source, "read"):
         try:
@@ -1289,6 +1304,31 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
     if info is None:
         raise NotAudioError.no_audio_stream()
     return info
+
+
+def _mp3_goes_on(source: Source, declared_s: float, sandbox: ProbeLimits | None) -> bool:
+    """Whether FFmpeg makes an MP3 over 1 % longer than ``declared_s`` (libsndfile's length), the
+    decoder's own test (engine/audio.py's ``_ffmpeg_finds_more``). FFmpeg reads the header in
+    ``sandbox`` as for any file it reads; where it cannot read it there, libsndfile's length
+    stands and the decoder answers for the file (SandboxUnavailable, the host's state, is raised)."""
+    if hasattr(source, "seek"):
+        source.seek(0)  # type: ignore[union-attr]
+    try:
+        if sandbox is not None:
+            from shared.probe_sandbox import read_header
+
+            found = read_header(source, sandbox)
+        else:
+            try:
+                found = ffmpeg_header(source)
+            except Exception:  # noqa: BLE001 - FFmpeg's refusal or PyAV's trouble, in this process
+                return False
+    except AudioDecodeError:  # NotAudioError too: FFmpeg's refusal, or the sandbox's limits
+        return False
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)  # type: ignore[union-attr]
+    return found is not None and found.duration is not None and found.duration > 1.01 * declared_s + 0.5
 
 
 def ffmpeg_header(source: Source) -> AudioInfo | None:

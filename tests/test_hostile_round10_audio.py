@@ -8,6 +8,14 @@ formats earlier rounds did not hold to it.
   5.1 GB of RSS as the buffer grew from 2 s) for the engine to run past that limit (504). It is
   now held to its declared length as MP4, Matroska and an MP3's Xing count are (round 5): refused
   (415) as soon as it decodes past twice that and a minute.
+- MP3s joined end to end (``cat``): the header check read libsndfile's length, the first MP3's
+  Xing count, where the decoder reads what FFmpeg reads, every MP3 of them. A 1 s MP3 and 2 h of
+  8 kbps behind it (7 MB) passed the API and the worker's header check as 1 s and decoded to
+  7201 s: its job was held to 601 s (a day behind it needs some 18 min of a CPU engine), and an
+  enrollment's files each counted their first second in its duration budget. FFmpeg's own length
+  is an estimate from the first frames' bitrate (400 s at 8 kHz and 400 s at 48 kHz joined: 3600
+  s), so such a file's length is now unknown at submit, as an uncountable ADTS stream's is: the
+  decoder holds it to the limit, and its job gets the limit's time.
 
 Files are crafted here with FFmpeg's encoders (PyAV), their headers rewritten. The decoder's cases
 call it directly; the end-to-end ones go through the API and the session's real Celery worker
@@ -91,3 +99,43 @@ def test_a_wavpack_decoding_past_its_length_fails_its_job_with_a_415(client) -> 
     assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
     assert done["error"]["status_code"] == 415, done
     assert "decodes to more than its header declares" in done["error"]["detail"], done
+
+
+# --- MP3s joined end to end: libsndfile's length is the first one's ---------------------------------
+
+def _mp3(seconds: float, rate: int = 8000) -> bytes:
+    """``seconds`` of tone as FFmpeg's LAME writes it: a Xing/Info header counting its frames."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp3") as out:
+        stream = out.add_stream("libmp3lame", rate=rate, layout="mono")
+        stream.bit_rate = 8000
+        samples = _tone(seconds, rate)
+        step = 10 * rate
+        for start in range(0, len(samples), step):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + step].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    data = buf.getvalue()
+    assert b"Xing" in data[:2048] or b"Info" in data[:2048]
+    return data
+
+
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["sandbox", "in-process"])
+def test_mp3s_joined_end_to_end_have_no_length_at_submit(tmp_path, settings, sandboxed: bool) -> None:
+    """1 s of MP3 and 100 s behind it: the header check (the API's on the upload, the worker's on
+    its path) said 1 s, the decoder decodes 101 s. The length is unknown now; an MP3 alone keeps
+    its length."""
+    sandbox = settings.probe_limits() if sandboxed else None
+    assert sandbox is not None or not sandboxed
+    alone = _mp3(100.0)
+    joined = _mp3(1.0) + alone
+    path = tmp_path / "joined.mp3"
+    path.write_bytes(joined)
+    for source in (io.BytesIO(joined), path):
+        info = check_audio_limits(source, max_duration=20.0, sandbox=sandbox)
+        assert info is not None and info.sample_rate == 8000 and info.duration is None, info
+    assert load_audio(joined).duration == pytest.approx(101.0, abs=0.2)
+    assert check_audio_limits(io.BytesIO(alone), max_duration=200.0, sandbox=sandbox).duration == pytest.approx(100.0, abs=0.1)
