@@ -146,6 +146,22 @@ async def refuse_foreign(request: Request, accepted: Iterable[str]) -> None:
                          f"{', '.join(sorted(accepted))}")
 
 
+def refuse_fields_in_query(request: Request, form_fields: frozenset[str]) -> None:
+    """422 for a form field of this route, or of another job route, sent in the query string of
+    a route that takes a form.
+
+    Such a field was dropped without a word, as a field of another route was
+    (:func:`refuse_foreign`): ``POST /jobs/diarize?num_speakers=3&webhook_url=...`` (``curl -F``
+    for the file, the rest in the URL) queued a job that ran with the default speaker count and
+    sent no webhook, and ``POST /voiceprints/import?label=Bob`` stored the file's label. Checked
+    before the body is read; names no route reads are left alone, as in the form.
+    """
+    sent = sorted({name for name in request.query_params.keys() if name in form_fields or name in KNOWN_FIELDS})
+    if sent:
+        raise InputError(f"{', '.join(sent)}: sent in the query string; {request.method} {request.url.path} "
+                         "takes its fields in the form (multipart/form-data), not the URL")
+
+
 def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],
                    extra: list[inspect.Parameter]) -> Callable[..., Awaitable[Any]]:
     """``endpoint(**values)`` as FastAPI sees it: ``fixed`` (dependencies, ``request`` among

@@ -26,6 +26,7 @@ from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from api.forms import refuse_fields_in_query
 
 # What a form may hold in memory. Every form field of every route is a number, a flag, a name or
 # a URL (8 KB at most), so 64 fields of 64 KB each is far more than any request needs. Starlette's
@@ -101,12 +102,18 @@ class BoundedFormRequest(Request):
 
 
 class BoundedFormRoute(APIRoute):
-    """A route that parses its form as a :class:`BoundedFormRequest` (``route_class`` of the routers)."""
+    """A route that parses its form as a :class:`BoundedFormRequest` (``route_class`` of the
+    routers); one that takes a form refuses its fields sent in the query string instead
+    (:func:`api.forms.refuse_fields_in_query`), before reading its body."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        form_fields = frozenset(f.alias for f in self.dependant.body_params) - \
+            frozenset(q.alias for q in self.dependant.query_params)
 
         async def bounded(request: Request) -> Response:
+            if form_fields and request.query_params:
+                refuse_fields_in_query(request, form_fields)
             return await handler(BoundedFormRequest(request.scope, request.receive))
 
         return bounded
