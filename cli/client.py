@@ -77,6 +77,17 @@ def _retry_wait(response: httpx.Response | None, attempt: int, most_s: float) ->
     return min(most_s, asked if asked is not None and asked >= 0 else 2.0 ** attempt)
 
 
+def _form_value(value: Any) -> str:
+    """A parameter as its form field: ``true``/``false``, and a list of ids (voiceprints) as the
+    API reads one, separated by commas; a list went out as its Python text, ``['vp_1', 'vp_2']``,
+    and was refused naming a voiceprint ``"['vp_1'"``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def _raise_for_error(response: httpx.Response) -> None:
     if response.status_code < 400:
         return
@@ -129,11 +140,13 @@ class Client:
     def submit(self, kind: str, *files: str | Path, webhook_url: str | None = None,
                webhook_payload: str | None = None, idempotency_key: str | None = None, **params: Any) -> dict[str, Any]:
         """Upload (or, for an http(s) URL, name) each of the kind's inputs and enqueue; returns the
-        job record (status 'queued'). ``webhook_payload``: 'full' (default) or 'status' (the
-        webhook carries the record without its result). ``idempotency_key``: the submission's
-        key (a fresh one by default); the same key again within a day gets the same job."""
+        job record (status 'queued'). ``params``: the kind's form fields (``num_speakers=2``,
+        ``voiceprints="vp_1,vp_2"`` or a list of ids, ``voiceprints="all"``). ``webhook_payload``:
+        'full' (default) or 'status' (the webhook carries the record without its result).
+        ``idempotency_key``: the submission's key (a fresh one by default); the same key again
+        within a day gets the same job."""
         pairs = check_sources(kind, files)
-        data = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None}
+        data = {k: _form_value(v) for k, v in params.items() if v is not None}
         if webhook_url:
             data["webhook_url"] = webhook_url
         if webhook_payload:

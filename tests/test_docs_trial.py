@@ -20,6 +20,9 @@ Each test fails on the code (or the docs) before its fix:
   stopped as its API exited ("address already in use") and exited 0. It now refuses at once, exit
   1, naming the port and the option or setting that moves it, and starts nothing; a child that
   exits by itself makes ``up`` exit 1 too (Ctrl-C still 0).
+* the Python client (``Client.submit("identify", "a.wav", voiceprints=[id1, id2])``) sent a list
+  as its Python text, ``['vp_…', 'vp_…']``, and the API refused it naming a voiceprint
+  ``"['vp_…'"``; a list of ids is now sent as the ids separated by commas, as the API reads them.
 """
 
 from __future__ import annotations
@@ -239,3 +242,37 @@ def test_up_checks_a_port_as_its_servers_bind():
             c.recv(1)
     assert not port_taken("127.0.0.1", port)
     assert not port_taken("127.0.0.1", free_port())
+
+
+# --- the Python client ----------------------------------------------------------------------------
+
+def test_the_client_sends_a_list_of_voiceprint_ids_as_the_api_reads_it(api_base, settings, redis_client, tmp_path):
+    import httpx
+
+    from cli.client import Client
+    from shared.errors import InputError
+    from shared.voiceprints import embedding_model
+    from tests.conftest import json_embedding_file, tone_wav
+
+    model = embedding_model(settings)
+    ids = []
+    for i, label in enumerate(("Alice", "Bob")):
+        vector = [0.0] * model.dimension
+        vector[i] = 1.0
+        r = httpx.post(f"{api_base}/voiceprints/import", data={"label": label, "model": model.name},
+                       files={"file": ("v.json", json_embedding_file(vector), "application/json")}, timeout=30)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(tone_wav())
+    with Client(api_base) as client:
+        # before: InputError "voiceprints: no voiceprint \"['vp_…'\""
+        job = client.submit("identify", audio, voiceprints=ids)
+        assert job["status"] == "queued" and job["kind"] == "identify", job
+        record = _record(redis_client, job["job_id"])
+        assert set(record["_kept_apart"]) == {"voiceprints"}, record
+        # the ids as a string, as before, and a tuple, alike
+        assert client.submit("identify", audio, voiceprints=",".join(ids))["status"] == "queued"
+        assert client.submit("identify", audio, voiceprints=tuple(ids))["status"] == "queued"
+        with pytest.raises(InputError, match="no voiceprint 'vp_0123'"):
+            client.submit("identify", audio, voiceprints=[ids[0], "vp_0123"])
