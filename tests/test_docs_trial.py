@@ -23,6 +23,10 @@ Each test fails on the code (or the docs) before its fix:
 * the Python client (``Client.submit("identify", "a.wav", voiceprints=[id1, id2])``) sent a list
   as its Python text, ``['vp_…', 'vp_…']``, and the API refused it naming a voiceprint
   ``"['vp_…'"``; a list of ids is now sent as the ids separated by commas, as the API reads them.
+* the production profile (README, "Models") without its weights, as a first run has it, failed
+  with "pyannote/speaker-diarization-3.1 is not in the model directory and the hub is offline":
+  no directory was set, and nothing said how to give one. It now names AUDIO_ANALYSIS_MODEL_DIR,
+  ``scripts/fetch_models.py`` and the hub's token (still no path: /health shows the load error).
 """
 
 from __future__ import annotations
@@ -276,3 +280,29 @@ def test_the_client_sends_a_list_of_voiceprint_ids_as_the_api_reads_it(api_base,
         assert client.submit("identify", audio, voiceprints=tuple(ids))["status"] == "queued"
         with pytest.raises(InputError, match="no voiceprint 'vp_0123'"):
             client.submit("identify", audio, voiceprints=[ids[0], "vp_0123"])
+
+
+# --- the production profile without its weights -------------------------------------------------
+
+@pytest.mark.parametrize("loader", ["diarization", "ecapa"])
+@pytest.mark.parametrize("model_dir", [None, "empty"])
+def test_production_models_missing_offline_say_how_to_give_them(tmp_path, monkeypatch, loader, model_dir):
+    import torch
+
+    from engine.models.loading import load_production_diarization, load_production_ecapa
+    from shared.errors import ModelError
+    from shared.settings import Settings
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = Settings(model_profile="production", model_dir=tmp_path if model_dir else None)
+    with pytest.raises(ModelError) as raised:
+        if loader == "diarization":
+            load_production_diarization(settings)
+        else:
+            load_production_ecapa(settings, torch.device("cpu"))
+    message = raised.value.detail
+    # before: "... is not in the model directory and the hub is offline"
+    assert ("AUDIO_ANALYSIS_MODEL_DIR is not set" if model_dir is None
+            else "not in AUDIO_ANALYSIS_MODEL_DIR") in message, message
+    assert "scripts/fetch_models.py --out DIR" in message and "AUDIO_ANALYSIS_HF_TOKEN" in message, message
+    assert str(tmp_path) not in message

@@ -95,12 +95,26 @@ def _local_folder(settings: Settings, hub_id: str) -> Path | None:
     return settings.model_dir / LOCAL_NAMES[hub_id] if settings.model_dir else None
 
 
+def _offline_without(settings: Settings, hub_id: str) -> ModelError:
+    """A production model that is neither in the model directory nor to be fetched, saying how
+    to give it: "is not in the model directory and the hub is offline" named no directory (none
+    was set, as a first run has it) and no way out. No path: /health shows the load error."""
+    where = ("AUDIO_ANALYSIS_MODEL_DIR is not set" if settings.model_dir is None
+             else "it is not in AUDIO_ANALYSIS_MODEL_DIR")
+    return ModelError(
+        f"{hub_id}: {where} and the hub is offline (HF_HUB_OFFLINE): fetch the production models with "
+        "`python scripts/fetch_models.py --out DIR` and set AUDIO_ANALYSIS_MODEL_DIR=DIR, or allow the hub "
+        "(HF_HUB_OFFLINE=0, AUDIO_ANALYSIS_HF_TOKEN for its gated models); AUDIO_ANALYSIS_MODEL_PROFILE=embedded "
+        "needs neither"
+    )
+
+
 def _diarization_config(settings: Settings) -> dict[str, Any]:
     folder = _local_folder(settings, DIARIZATION_ID)
     if folder is not None and (folder / PIPELINE_CONFIG).is_file():
         path = folder / PIPELINE_CONFIG
     elif hub_offline():
-        raise ModelError(f"{DIARIZATION_ID} is not in the model directory and the hub is offline")
+        raise _offline_without(settings, DIARIZATION_ID)
     else:
         from huggingface_hub import hf_hub_download
 
@@ -125,7 +139,7 @@ def _pyannote_model(settings: Settings, hub_id: str):
     if folder is not None and (folder / PYANNOTE_CHECKPOINT).is_file():
         source = str(folder / PYANNOTE_CHECKPOINT)
     elif hub_offline():
-        raise ModelError(f"{hub_id} is not in the model directory and the hub is offline")
+        raise _offline_without(settings, hub_id)
     else:
         source = hub_id
     # strict=False: as pyannote's own get_model, so a checkpoint carrying its training loss loads
@@ -183,7 +197,7 @@ def load_production_ecapa(settings: Settings, device: torch.device):
                 run_opts=run_opts,
             )
         if hub_offline():
-            raise ModelError(f"{ECAPA_ID} is not in the model directory and the hub is offline")
+            raise _offline_without(settings, ECAPA_ID)
         # savedir=None: files stay in the hub cache, nothing is linked into the working directory
         return EncoderClassifier.from_hparams(source=ECAPA_ID, savedir=None, run_opts=run_opts)
     except ModelError:
