@@ -45,14 +45,19 @@ def shown(text: object) -> str:
     return escape(one_line(str(text)))
 
 
-def _exit_for(exc: Exception) -> typer.Exit:
-    """An API or job error, printed; exit 2 for the caller's mistakes (4xx), 1 for the service's."""
+def _exit_for(exc: Exception, url: str | None = None) -> typer.Exit:
+    """An API or job error, printed; exit 2 for the caller's mistakes (4xx), 1 for the service's.
+    An API that cannot be reached is named, with how to name another: "cannot reach the API
+    (ConnectError): [Errno 111] Connection refused" said neither where it looked nor that an API
+    on another port (`up --port`, AUDIO_ANALYSIS_API_PORT) needs --url."""
     import httpx
 
     from shared.errors import AnalysisError
 
     if isinstance(exc, httpx.TransportError):
-        err.print(f"[red]cannot reach the API[/red] ({type(exc).__name__}): {shown(exc)}")
+        where = f" at {shown(url)}" if url else ""
+        err.print(f"[red]cannot reach the API{where}[/red] ({type(exc).__name__}): {shown(exc)}"
+                  + ("; is the service running there? Another address: --url or AUDIO_ANALYSIS_URL" if url else ""))
         return typer.Exit(1)
     if not isinstance(exc, AnalysisError):
         raise exc
@@ -156,7 +161,7 @@ def submit(
                 raise typer.Exit(2 if (record.get("error") or {}).get("status_code", 500) < 500 else 1)
             _echo_result(record["result"] if format == "json" else client.result(job["job_id"], format), format)
     except (AnalysisError, httpx.TransportError) as exc:
-        raise _exit_for(exc)
+        raise _exit_for(exc, url)
 
 
 def status(
@@ -211,7 +216,7 @@ def _with_client(url: str, api_key: str | None, call: Any) -> Any:
         with Client(url, api_key=api_key) as client:
             return call(client)
     except (AnalysisError, httpx.TransportError) as exc:
-        raise _exit_for(exc)
+        raise _exit_for(exc, url)
 
 
 def _all_form_fields() -> dict[str, Any]:

@@ -27,6 +27,10 @@ Each test fails on the code (or the docs) before its fix:
   with "pyannote/speaker-diarization-3.1 is not in the model directory and the hub is offline":
   no directory was set, and nothing said how to give one. It now names AUDIO_ANALYSIS_MODEL_DIR,
   ``scripts/fetch_models.py`` and the hub's token (still no path: /health shows the load error).
+* ``audio-analysis submit``/``status``/``result``/``cancel`` with no API where they looked said
+  "cannot reach the API (ConnectError): [Errno 111] Connection refused": not where it looked
+  (http://127.0.0.1:8000 by default, whatever port ``up`` was given) nor how to name another.
+  It now names the URL, and --url / AUDIO_ANALYSIS_URL.
 """
 
 from __future__ import annotations
@@ -246,6 +250,21 @@ def test_up_checks_a_port_as_its_servers_bind():
             c.recv(1)
     assert not port_taken("127.0.0.1", port)
     assert not port_taken("127.0.0.1", free_port())
+
+
+def test_an_api_the_cli_cannot_reach_is_named_with_how_to_name_another(capsys):
+    import httpx
+    import typer
+
+    from cli.service import _exit_for
+
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    exit_ = _exit_for(refused, "http://127.0.0.1:8000")
+    assert isinstance(exit_, typer.Exit) and exit_.exit_code == 1
+    said = " ".join(capsys.readouterr().err.split())
+    # before: "cannot reach the API (ConnectError): [Errno 111] Connection refused"
+    assert "cannot reach the API at http://127.0.0.1:8000 (ConnectError)" in said, said
+    assert "--url or AUDIO_ANALYSIS_URL" in said, said
 
 
 # --- the Python client ----------------------------------------------------------------------------
