@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -599,7 +600,8 @@ def _decode_in_parallel(snd, reopen: Callable[[], str | BinaryIO], threads: int,
 
 
 def _read_soundfile(
-    fh: BinaryIO, max_duration: float, reopen: Callable[[], str | BinaryIO] | None = None, *, chains: bool = True
+    fh: BinaryIO, max_duration: float, reopen: Callable[[], str | BinaryIO] | None = None, *, chains: bool = True,
+    into: _Collector | None = None,
 ) -> _Collector | None:
     """Decode with libsndfile; ``None`` when libsndfile does not know the format, or (unless
     ``chains`` is false) when the file is a chained Ogg or one of unknown length, which FFmpeg
@@ -645,7 +647,8 @@ def _read_soundfile(
             if not unknown:
                 check_decode_work(snd.frames / snd.samplerate, snd.samplerate, snd.channels, max_duration)
             rate = snd.samplerate
-            out = _Collector(max_duration, None if unknown else snd.frames / rate)
+            # ``into``: a collector that already holds what came before (a chain's earlier links)
+            out = into if into is not None else _Collector(max_duration, None if unknown else snd.frames / rate)
             out.hold_to_work(rate, snd.channels)
             # Long or wide input: down-mixed and resampled block by block so that only the 16 kHz
             # mono result is ever held whole (a 1 h 48 kHz stereo file would otherwise take 1.4
@@ -683,6 +686,103 @@ def _read_soundfile(
         fh.seek(start)
         return None
     out.add(resample(mono, rate))
+    return out
+
+
+# an Ogg page header whose flags mark the beginning of a stream (version 0, flag 0x02)
+_OGG_BOS = re.compile(rb"OggS\x00[\x02\x03\x06\x07]")
+_OGG_SEARCH = 1 << 20
+
+
+class _Slice:
+    """Bytes ``start`` to ``end`` of a binary file, as a file of its own (for libsndfile)."""
+
+    def __init__(self, fh: BinaryIO, start: int, end: int) -> None:
+        self.fh, self.start, self.end = fh, start, end
+        self.at = 0
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self.end - self.start - self.at)
+        size = left if size is None or size < 0 else min(size, left)
+        self.fh.seek(self.start + self.at)
+        data = self.fh.read(size)
+        self.at += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.at, os.SEEK_END: self.end - self.start}[whence]
+        self.at = max(0, base + offset)
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+
+def _ogg_links(fh: BinaryIO) -> list[tuple[int, int]] | None:
+    """The byte ranges of a chained Ogg's links, or None where ``fh`` is not an Ogg of more than
+    one link, or of more than :data:`_MAX_FORMAT_CHANGES` + 1. A link starts at a
+    beginning-of-stream page that does not follow another (a link multiplexing several streams
+    opens with one such page per stream); the pages are searched for a MB at a time, not walked:
+    a GB of 28-byte pages would be 38 million steps of Python."""
+    fh.seek(0)
+    if fh.read(4) != b"OggS":
+        fh.seek(0)
+        return None
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    starts: list[int] = []
+    grouped_until = -1  # where the last beginning-of-stream page ends
+    at = 0
+    while at < size:
+        fh.seek(at)
+        chunk = fh.read(_OGG_SEARCH + 27 + 255)
+        for found in _OGG_BOS.finditer(chunk, 0, _OGG_SEARCH + 5):
+            page = at + found.start()
+            head = chunk[found.start() : found.start() + 27 + 255]
+            if len(head) < 27 or len(head) < 27 + head[26]:
+                fh.seek(page)
+                head = fh.read(27 + 255)
+                if len(head) < 27 or len(head) < 27 + head[26]:
+                    continue
+            if page != grouped_until:
+                starts.append(page)
+                if len(starts) > _MAX_FORMAT_CHANGES + 1:
+                    fh.seek(0)
+                    return None
+            grouped_until = page + 27 + head[26] + sum(head[27 : 27 + head[26]])
+        at += _OGG_SEARCH
+    fh.seek(0)
+    if len(starts) < 2 or starts[0] != 0:
+        return None
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def _read_ogg_links(fh: BinaryIO, max_duration: float) -> _Collector | None:
+    """A chained Ogg whose links change codec, sample rate or channels, decoded link by link by
+    libsndfile into one collector, each down-mixed and resampled to 16 kHz on its own; None where
+    ``fh`` is not one.
+
+    FFmpeg's Ogg demuxer stops at such a link (AVERROR_PATCHWELCOME) and libsndfile reads the
+    first link alone: a recording of 5 s at 8 kHz and 5 s at 48 kHz joined with cat, or a mono
+    and a stereo one, was analysed as its first 5 s, without a word. The links are decoded up to
+    the first that cannot be (a link over MAX_CHANNELS, one libsndfile refuses), whose refusal
+    stands where it is the first; the links together are held to ``max_duration``."""
+    links = _ogg_links(fh)
+    if links is None:
+        return None
+    out = _Collector(max_duration)
+    for index, (start, end) in enumerate(links):
+        try:
+            done = _read_soundfile(_Slice(fh, start, end), max_duration, chains=False, into=out)  # type: ignore[arg-type]
+        except AudioDecodeError:
+            if index == 0:
+                raise
+            break
+        if done is None:
+            if index == 0:
+                return None
+            break
+    fh.seek(0)
     return out
 
 
@@ -870,10 +970,13 @@ def load_audio(
             try:
                 collected = _read_pyav(fh, max_duration)
             except AudioDecodeError:
-                # an Ogg whose links change codec or layout, which FFmpeg's decoder cannot follow:
-                # libsndfile's first link, as before (anything else libsndfile refuses again)
+                # an Ogg whose links change codec, rate or layout, which FFmpeg cannot follow:
+                # libsndfile decodes it link by link (anything else libsndfile refuses again)
                 fh.seek(0)
-                collected = _read_soundfile(fh, max_duration, _reopener(source), chains=False)
+                collected = _read_ogg_links(fh, max_duration)
+                if collected is None:
+                    fh.seek(0)
+                    collected = _read_soundfile(fh, max_duration, _reopener(source), chains=False)
                 if collected is None:
                     raise
         elif collected.expected_s is not None and collected.size < _SHORT_READ * collected.expected_s * SAMPLE_RATE:

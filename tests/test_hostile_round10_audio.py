@@ -16,6 +16,13 @@ formats earlier rounds did not hold to it.
   is an estimate from the first frames' bitrate (400 s at 8 kHz and 400 s at 48 kHz joined: 3600
   s), so such a file's length is now unknown at submit, as an uncountable ADTS stream's is: the
   decoder holds it to the limit, and its job gets the limit's time.
+- Chained Ogg whose links change sample rate or channels (recordings joined with ``cat``): FFmpeg's
+  Ogg demuxer stops at such a link (AVERROR_PATCHWELCOME), and the decoder fell back on
+  libsndfile, which reads the first link alone: 5 s of Vorbis at 8 kHz and 5 s at 48 kHz, or a
+  mono and a stereo recording, were analysed as their first 5 s without a word, and a silent
+  first link (a recorder's pre-roll) with the speech behind it failed its job as "audio is silent"
+  (422). libsndfile now decodes such a chain link by link, each resampled and down-mixed on its
+  own; a link it cannot decode (more than MAX_CHANNELS: round 6) ends the decode there.
 
 Files are crafted here with FFmpeg's encoders (PyAV), their headers rewritten. The decoder's cases
 call it directly; the end-to-end ones go through the API and the session's real Celery worker
@@ -30,6 +37,7 @@ import struct
 import av
 import numpy as np
 import pytest
+import soundfile as sf
 
 from engine.audio import load_audio
 from shared.audio_limits import check_audio_limits, probe
@@ -139,3 +147,60 @@ def test_mp3s_joined_end_to_end_have_no_length_at_submit(tmp_path, settings, san
         assert info is not None and info.sample_rate == 8000 and info.duration is None, info
     assert load_audio(joined).duration == pytest.approx(101.0, abs=0.2)
     assert check_audio_limits(io.BytesIO(alone), max_duration=200.0, sandbox=sandbox).duration == pytest.approx(100.0, abs=0.1)
+
+
+# --- chained Ogg whose links change rate or channels ------------------------------------------------
+
+def _ogg(samples: np.ndarray, rate: int, subtype: str) -> bytes:
+    """One Ogg file (a link) of ``samples`` ((frames,) or (frames, channels)) by libsndfile,
+    written a second at a time (libsndfile's Vorbis encoder crashed on a long array at once)."""
+    buf = io.BytesIO()
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    with sf.SoundFile(buf, "w", rate, channels, format="OGG", subtype=subtype) as out:
+        for start in range(0, len(samples), rate):
+            out.write(samples[start : start + rate])
+    return buf.getvalue()
+
+
+def _sine(hz: float, seconds: float, rate: int) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+
+
+def _peak_hz(samples: np.ndarray) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(samples)))) * 16000 / len(samples)
+
+
+@pytest.mark.parametrize("subtype, first, second", [
+    ("VORBIS", (8000, 1), (48000, 1)),
+    ("VORBIS", (44100, 1), (22050, 2)),
+    ("VORBIS", (16000, 2), (16000, 1)),
+    ("OPUS", (16000, 1), (16000, 2)),
+], ids=["vorbis-8k-48k", "vorbis-44k-mono-22k-stereo", "vorbis-stereo-mono", "opus-mono-stereo"])
+def test_a_chain_whose_links_change_rate_or_channels_is_decoded_to_its_end(subtype, first, second) -> None:
+    """5 s of a 300 Hz tone, then 5 s of a 1000 Hz one in a link of another rate or channel
+    count: decoded as the first 5 s alone. Now 10 s, each link at its own pitch and level."""
+    links = []
+    for (rate, channels), hz in ((first, 300), (second, 1000)):
+        tone = _sine(hz, 5.0, rate)
+        links.append(_ogg(tone if channels == 1 else np.repeat(tone[:, None], channels, axis=1), rate, subtype))
+    decoded = load_audio(b"".join(links))
+    assert decoded.duration == pytest.approx(10.0, abs=0.05)
+    samples = decoded.float32()
+    assert _peak_hz(samples[16000:64000]) == pytest.approx(300, abs=5)
+    tail = samples[-64000:-16000]
+    assert _peak_hz(tail) == pytest.approx(1000, abs=5)
+    assert np.sqrt(np.mean(tail**2)) == pytest.approx(0.3 / np.sqrt(2), rel=0.1)
+
+
+def test_a_job_whose_speech_is_in_a_chains_later_link_is_analysed(client, utterances) -> None:
+    """A silent first link (2 s of 8 kHz mono, a recorder's pre-roll) and the speech in a stereo
+    link behind it, through the API and the session's real worker: the job failed "audio is
+    silent" (422), from the first link alone; it now embeds the speech."""
+    speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
+    chain = _ogg(np.zeros(2 * 8000, np.float32), 8000, "VORBIS") + _ogg(np.repeat(speech[:, None], 2, axis=1), rate,
+                                                                         "VORBIS")
+    r = client.post("/jobs/embedding", files={"file": ("joined.ogg", chain, "audio/ogg")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 90)
+    assert done["status"] == "succeeded", done
+    assert done["result"]["audio_duration"] == pytest.approx(2.0 + len(speech) / rate, abs=0.1), done["result"]
