@@ -179,8 +179,12 @@ def _peak_rss(process: psutil.Process) -> int:
 
 def test_the_api_refuses_such_an_embedding_without_taking_the_memory(api) -> None:
     server: psutil.Process = api.server
-    # the peak counted from now (Linux: 5 into clear_refs resets VmHWM to the current RSS)
-    Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+    if not Path(f"/proc/{server.pid}/status").exists():
+        pytest.skip("reads the server's peak memory from Linux's /proc")
+    try:  # the peak counted from now: 5 into clear_refs resets VmHWM to the current RSS
+        Path(f"/proc/{server.pid}/clear_refs").write_text("5")
+    except OSError:
+        pass  # the peak so far then: the pickle's 320 MB still shows above it
     before = _peak_rss(server)
     bomb = _far_put(20_000_000, "long_binput")
     for path in ("/jobs/compare_embedding", "/compare_embedding"):
