@@ -26,7 +26,7 @@ from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
     check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end, ogg_chained, probe,
-    pyav_options, stream_channels, wav_data_unsized,
+    pyav_options, stream_channels, wav_data_unsized, xing_count,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -787,29 +787,11 @@ def _read_ogg_links(fh: BinaryIO, max_duration: float) -> _Collector | None:
 
 
 def _xing_seconds(fh: BinaryIO) -> float | None:
-    """The length an MP3's Xing/Info header counts (frames x samples per frame / rate), when its
-    first frame holds one that counts both frames and bytes; None otherwise. Reads the first
-    frame only, from ``fh``'s start, and leaves ``fh`` where it was. libsndfile (mpg123) takes
-    the same count for the file's length: what the API's header check held the file to."""
-    where = fh.tell()
-    try:
-        fh.seek(id3_end(fh))  # where FFmpeg is given the file (ffmpeg_input)
-        frame = fh.read(4 + 32 + 16)
-    finally:
-        fh.seek(where)
-    if len(frame) < 52 or frame[0] != 0xFF or frame[1] & 0xE0 != 0xE0:
-        return None
-    version, layer = (frame[1] >> 3) & 3, (frame[1] >> 1) & 3  # version 3: MPEG-1, 2: MPEG-2, 0: 2.5
-    rate = (44100, 48000, 32000, 0)[(frame[2] >> 2) & 3]
-    if layer != 1 or version == 1 or not rate:  # Layer III only (the Xing header's own)
-        return None
-    rate >>= {3: 0, 2: 1, 0: 2}[version]
-    mono = frame[3] >> 6 == 3
-    side = (17 if mono else 32) if version == 3 else (9 if mono else 17)
-    tag = frame[4 + side : 4 + side + 12]
-    if tag[:4] not in (b"Xing", b"Info") or int.from_bytes(tag[4:8], "big") & 3 != 3:
-        return None
-    return int.from_bytes(tag[8:12], "big") * (1152 if version == 3 else 576) / rate
+    """The length an MP3's Xing/Info header counts (shared.audio_limits.xing_count), None where
+    its first frame holds none that counts both frames and bytes. libsndfile (mpg123) takes the
+    same count for the file's length: what the API's header check held the file to."""
+    counted = xing_count(fh)
+    return None if counted is None else counted[0]
 
 
 def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
