@@ -31,6 +31,11 @@ Each test fails on the code (or the docs) before its fix:
   "cannot reach the API (ConnectError): [Errno 111] Connection refused": not where it looked
   (http://127.0.0.1:8000 by default, whatever port ``up`` was given) nor how to name another.
   It now names the URL, and --url / AUDIO_ANALYSIS_URL.
+* docs/service.md and docs/models.md sent a reader to ``engine.core.DEFAULT_THRESHOLDS`` for the
+  calibrated thresholds: no such name (they are each profile's ``default_threshold`` in
+  ``engine/profiles.py``). Every dotted name and file path the docs give in backticks now
+  exists; the CLI's and /docs' ``threshold`` help names the embedded default (0.45) besides
+  ECAPA's 0.25, and the identification example shows the calibrated 0.5, not 0.45.
 """
 
 from __future__ import annotations
@@ -87,6 +92,51 @@ def _code_block_after(doc: Path, marker: str) -> str:
     found = re.search(r"```[a-z]*\n(.*?)```", text[start:], re.S)
     assert found, marker
     return found.group(1)
+
+
+# --- names the docs point at ----------------------------------------------------------------------
+
+DOCS = ["README.md", "docs/service.md", "docs/models.md", "docs/scaling.md", "docs/architecture.md"]
+
+
+def test_every_code_name_the_docs_give_exists():
+    """`shared.webhooks.verify`, `engine/lanes.py` ...: a reader looks them up."""
+    import importlib
+
+    missing = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for dotted in set(re.findall(r"`((?:shared|engine|api|worker|cli|evaluation)(?:\.[A-Za-z_]\w*)+)", text)):
+            if dotted.endswith((".py", ".md", ".yaml", ".yml", ".json")):
+                continue
+            parts = dotted.split(".")
+            for cut in range(len(parts), 0, -1):
+                try:
+                    found: Any = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                for name in parts[cut:]:
+                    found = getattr(found, name, None)
+                break
+            if found is None:
+                missing.append((doc, dotted))
+        for path in set(re.findall(r"`((?:shared|engine|api|worker|cli|evaluation|bench|scripts|tests|deploy|docker)"
+                                   r"/[\w./-]+\.(?:py|sh|yaml|yml|json))", text)):
+            if not (ROOT / path).exists():
+                missing.append((doc, path))
+    # before: engine.core.DEFAULT_THRESHOLDS, in docs/service.md and docs/models.md
+    assert not missing, missing
+
+
+def test_the_threshold_help_names_the_default_of_each_profile():
+    from engine.profiles import EMBEDDED, PRODUCTION
+    from shared.kinds import KINDS
+
+    text = KINDS["compare"].form_fields["threshold"].description
+    assert f"{EMBEDDED.default_threshold} for the embedded" in text, text
+    assert f"{PRODUCTION.default_threshold} for the production" in text, text
+    service = (ROOT / "docs" / "service.md").read_text()
+    assert f'"identification": {{"threshold": {EMBEDDED.identification_threshold}, ' in service
 
 
 # --- docs/service.md, Audio by URL ----------------------------------------------------------------
