@@ -94,13 +94,28 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# letters and a symbol drawn as nothing: the Hangul fillers (placeholders of an incomplete
+# syllable, Unicode's default-ignorable letters) and the blank Braille pattern. A name of them
+# alone ("\u3164", "\u2800\u2800") passed for visible, a letter or a symbol, and was stored and
+# shown as a blank name: a label listed as an empty cell and written as a blank speaker into
+# subtitles, a job's file name as a blank row
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(c: str) -> bool:
+    """Whether ``c`` shows as something: a letter, number, punctuation or symbol, and not one drawn
+    as nothing; a format character (zero-width space, BOM, joiners), a combining mark without its
+    base or a space does not."""
+    return unicodedata.category(c)[0] in "LNPS" and c not in _BLANK_GLYPHS
+
+
 def file_name(text: str, limit: int = 255) -> str | None:
     """A file name as a record shows it: one line of printable text (:func:`one_line`), at most
     ``limit`` long, or None when nothing visible is left. A name of zero-width spaces, joiners or
     a BOM alone (``"\u200b\ufeff"``) was kept and shown as a blank row in listings and on the
     page, where a name-less job shows its id; voiceprint labels are refused for the same."""
     name = one_line(text)[:limit]
-    return name if any(unicodedata.category(c)[0] in "LNPS" for c in name) else None
+    return name if any(visible(c) for c in name) else None
 
 
 def turns(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, str]]:

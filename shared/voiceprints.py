@@ -33,6 +33,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InputError
+from shared.formats import visible
 from shared.record_heads import RecordHeads
 from shared.settings import Settings
 
@@ -92,17 +93,11 @@ def clean_label(label: Any) -> str:
     if len(label) > MAX_LABEL or not all(_printable(c) for c in label):
         raise InputError(f"label: at most {MAX_LABEL} printable characters (no control, line-break or "
                          "bidirectional-override characters)")
-    if not any(_visible(c) for c in label):
+    if not any(visible(c) for c in label):
         # "\u200b\u200b" or a lone combining mark: stored, listed as an empty cell on the page,
         # and written as a blank cue into subtitles, a speaker nobody can read
         raise InputError("label: needs at least one visible character (a letter, digit, punctuation or symbol)")
     return label
-
-
-def _visible(c: str) -> bool:
-    # letters, numbers, punctuation, symbols: not a format character (zero-width space, BOM,
-    # joiners), a combining mark without its base, or a space
-    return unicodedata.category(c)[0] in "LNPS"
 
 
 def unit_vector(values: Iterable[float], dimension: int) -> list[float]:

@@ -25,6 +25,10 @@ Each test fails on the code before its fix:
   /jobs/diarize?num_speakers=3&webhook_url=...`` with the file as a form part was answered 202
   for a job that ran with the default speaker count and sent no webhook, and ``POST
   /voiceprints/import?label=Bob`` stored the file's own label (201);
+* a voiceprint label, or an upload's file name, of Hangul fillers or blank Braille alone
+  (``"\u3164"``, ``"\uffa0"``, ``"\u2800\u2800"``: letters and a symbol drawn as nothing) passed
+  the check rounds 6 and 7 added for names with nothing visible, and was stored (201, 202) and
+  shown as a blank name: an empty cell on the page, a blank speaker in subtitles;
 * no answer of the API said whether it could be cached: what a request with an ``X-API-Key`` is
   answered depends on the key (``GET /jobs`` and ``GET /voiceprints`` list that key's own at one
   URL for every key; ``GET /health`` names the workers' hosts to a key only; an export is a
@@ -276,3 +280,35 @@ def test_a_voiceprint_label_in_the_query_string_is_refused_not_replaced(api) -> 
     assert _assert_documented(r, 422)["detail"].startswith("label: sent in the query string")
     ok = api.post("/voiceprints/import", data={"label": "Bob"}, files=upload)
     assert ok.status_code == 201 and ok.json()["label"] == "Bob", ok.text
+
+
+# --- names drawn as nothing ----------------------------------------------------------------------
+BLANK_NAMES = {"hangul_filler": "\u3164", "halfwidth_hangul_filler": "\uffa0", "choseong_jungseong": "\u115f\u1160",
+               "braille_blank": "\u2800\u2800", "with_spaces": "\u3164 \u2800"}
+
+
+@pytest.mark.parametrize("label", list(BLANK_NAMES.values()), ids=list(BLANK_NAMES))
+def test_a_label_drawn_as_nothing_is_refused_at_import_and_enrolment(api, label: str) -> None:
+    from shared.voiceprints import EMBEDDING_MODELS
+
+    document = {"label": label, "model": EMBEDDING_MODELS["embedded"].name, "embedding": [0.1] * 192}
+    r = api.post("/voiceprints/import", files={"file": ("v.json", json.dumps(document).encode())})
+    assert "visible character" in _assert_documented(r, 422)["detail"]
+    # an enrolment job, refused at the edge before any worker embeds its files
+    r = api.post("/jobs/enroll", files={"files": ("a.wav", tone_wav(), "audio/wav")}, data={"label": label})
+    assert "visible character" in _assert_documented(r, 422)["detail"]
+
+
+@pytest.mark.parametrize("name", list(BLANK_NAMES.values()), ids=list(BLANK_NAMES))
+def test_an_upload_named_with_what_is_drawn_as_nothing_has_no_file_name(api, name: str) -> None:
+    r = api.post("/jobs/diarize", files={"file": (name, tone_wav(), "audio/wav")})
+    assert r.status_code == 202 and r.json()["filename"] is None, r.text
+
+
+def test_names_in_hangul_and_braille_are_still_names() -> None:
+    from shared.formats import file_name
+    from shared.voiceprints import clean_label
+
+    for name in ("\ud55c\uad6d\uc5b4", "\u2801\u2803", "Ann \u2800", "\u3164\ud55c"):
+        assert clean_label(name) == name
+        assert file_name(name) == name
