@@ -12,6 +12,7 @@ import io
 import math
 import os
 import re
+import struct
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -794,6 +795,36 @@ def _xing_seconds(fh: BinaryIO) -> float | None:
     return None if counted is None else counted[0]
 
 
+# the most of an FLV's first tag read for its onMetaData duration (a writer's is a few hundred bytes)
+_FLV_METADATA_BYTES = 64 << 10
+
+
+def _flv_duration(fh: BinaryIO) -> float | None:
+    """The duration (seconds, over 0) that an FLV's onMetaData states, where its first tag is that
+    script tag and states one within its first :data:`_FLV_METADATA_BYTES`; None otherwise. Reads
+    the file's start only, and leaves ``fh`` where it was."""
+    where = fh.tell()
+    try:
+        fh.seek(0)
+        head = fh.read(9)
+        if len(head) < 9 or head[:3] != b"FLV":
+            return None
+        fh.seek(int.from_bytes(head[5:9], "big") + 4)  # past the header and PreviousTagSize0
+        tag = fh.read(11)
+        if len(tag) < 11 or tag[0] & 0x1F != 18:  # a script data tag
+            return None
+        body = fh.read(min(int.from_bytes(tag[1:4], "big"), _FLV_METADATA_BYTES))
+    finally:
+        fh.seek(where)
+    if not body.startswith(b"\x02\x00\x0aonMetaData"):
+        return None
+    at = body.find(b"\x00\x08duration\x00")  # the key, then an AMF0 number (a big-endian double)
+    if at < 0 or at + 19 > len(body):
+        return None
+    seconds = struct.unpack(">d", body[at + 11 : at + 19])[0]
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
@@ -834,6 +865,13 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
             # two files joined): that one is a count the encoder wrote
             counted = _xing_seconds(fh)
             binding = counted is not None and abs(counted - declared) <= 0.01 * counted + 0.1
+        elif container.format.name == "flv" and declared:
+            # an FLV's length is its onMetaData's duration, which its writer fills in, where it
+            # has one; else FFmpeg's guess from the last tag's timestamp (a live recording's
+            # timestamps may start again from 0). A 1 s duration over 300 s of AAC decoded whole,
+            # as a WavPack's first block did (_DECLARED_FORMATS)
+            metadata = _flv_duration(fh)
+            binding = metadata is not None and abs(metadata - declared) <= 0.01 * metadata + 0.1
         collected = _Collector(max_duration, declared or None, binding=binding)
         collected.tracks = len(container.streams.audio)
         if binding and declared == 0:  # declares nothing to decode: held to the slack alone

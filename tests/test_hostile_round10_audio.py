@@ -8,6 +8,10 @@ formats earlier rounds did not hold to it.
   5.1 GB of RSS as the buffer grew from 2 s) for the engine to run past that limit (504). It is
   now held to its declared length as MP4, Matroska and an MP3's Xing count are (round 5): refused
   (415) as soon as it decodes past twice that and a minute.
+- FLV: the same with its onMetaData duration, which FFmpeg takes for the file's length: 300 s of
+  AAC whose metadata said 1 s passed as 1 s and decoded whole. Held to it where the metadata
+  states one; an FLV without (a live writer's 0, none at all: FFmpeg then goes by the last tag's
+  timestamp, which a live recording may restart) decodes to its end as before.
 - MP3s joined end to end (``cat``): the header check read libsndfile's length, the first MP3's
   Xing count, where the decoder reads what FFmpeg reads, every MP3 of them. A 1 s MP3 and 2 h of
   8 kbps behind it (7 MB) passed the API and the worker's header check as 1 s and decoded to
@@ -107,6 +111,30 @@ def test_a_wavpack_decoding_past_its_length_fails_its_job_with_a_415(client) -> 
     assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
     assert done["error"]["status_code"] == 415, done
     assert "decodes to more than its header declares" in done["error"]["detail"], done
+
+
+# --- FLV: the onMetaData duration ---------------------------------------------------------------
+
+def _flv(seconds: float, duration: float | None) -> bytes:
+    """``seconds`` of AAC in FLV, its onMetaData duration rewritten to ``duration`` where given."""
+    data = bytearray(_encode(_tone(seconds, 16000), 16000, "flv", "aac"))
+    at = data.find(b"\x00\x08duration\x00")
+    assert at > 0 and struct.unpack(">d", data[at + 11 : at + 19])[0] == pytest.approx(seconds, abs=0.1)
+    if duration is not None:
+        data[at + 11 : at + 19] = struct.pack(">d", duration)
+    return bytes(data)
+
+
+def test_an_flv_decoding_far_past_its_metadata_duration_is_refused() -> None:
+    """70 s of AAC in FLV whose onMetaData says 1 s: 1 s at the header check, 70 s decoded.
+    Refused past 2 x 1 s + 60 s now; the honest file and one whose metadata says 0 (a live
+    writer's) decode to their end."""
+    forged = _flv(70.0, 1.0)
+    assert check_audio_limits(io.BytesIO(forged), max_duration=20.0).duration == pytest.approx(1.0)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(forged)
+    assert load_audio(_flv(70.0, None)).duration == pytest.approx(70.0, abs=0.1)
+    assert load_audio(_flv(70.0, 0.0)).duration == pytest.approx(70.0, abs=0.1)
 
 
 # --- MP3s joined end to end: libsndfile's length is the first one's ---------------------------------
