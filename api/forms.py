@@ -19,14 +19,25 @@ from pydantic.fields import FieldInfo
 from shared.errors import InputError
 from shared.kinds import KINDS, JobKind
 
+def optional_form(description: str) -> Any:
+    """An optional form field, documented with an empty example.
+
+    /docs (Swagger UI) fills every form field of "Try it out" with a sample of its type and sends
+    it: ``file_url=string``, ``num_speakers=0``, ``webhook_url=string``..., so a submission made
+    there with nothing but a file was refused 422 ("give either an upload or file_url, not
+    both"). An empty example leaves the field empty, and an empty field is not sent (or, sent
+    empty, is read as left out), so the request is what the user filled in."""
+    return Form(None, description=description, examples=[""])
+
+
 WEBHOOK = inspect.Parameter(
     "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-    default=Form(None, description="POSTed the job record, signed, when the job ends"),
+    default=optional_form("POSTed the job record, signed, when the job ends"),
 )
 WEBHOOK_PAYLOAD = inspect.Parameter(
     "webhook_payload", inspect.Parameter.KEYWORD_ONLY, annotation=Literal["full", "status"] | None,
-    default=Form(None, description="what the webhook carries: 'full' (default) the job record with its result, "
-                 "'status' the record without `result` (fetch it from GET /jobs/{id}/result)"),
+    default=optional_form("what the webhook carries: 'full' (default) the job record with its result, "
+                          "'status' the record without `result` (fetch it from GET /jobs/{id}/result)"),
 )
 # every asynchronous route's webhook fields, after the kind's own
 WEBHOOK_FIELDS = [WEBHOOK, WEBHOOK_PAYLOAD]
@@ -45,10 +56,10 @@ def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parame
             ))
             params.append(inspect.Parameter(
                 f.url_name, inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
-                default=Form(None, description=(
+                default=optional_form(
                     f"instead of uploading {f.name}: an http(s) URL the worker fetches it from (a presigned "
                     "S3/GCS URL, say); public addresses only, same size and duration limits as an upload"
-                )),
+                ),
             ))
         else:
             params.append(inspect.Parameter(
@@ -65,8 +76,8 @@ def form_parameters(fields: Iterable[tuple[str, FieldInfo]], *, required: bool =
     it showed them optional, and a request made as /docs described was refused 422."""
     return [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation | None,
-                          default=Form(... if required and field.is_required() else None,
-                                       description=field.description))
+                          default=Form(..., description=field.description) if required and field.is_required()
+                          else optional_form(field.description))
         for name, field in fields
     ]
 

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.errors import not_found
-from api.forms import refuse_repeated
+from api.forms import optional_form, refuse_repeated
 from api.limits import BoundedFormRoute
 from api.models import ERRORS
 from shared.errors import ModelError
@@ -118,8 +118,8 @@ async def import_voiceprint(
     principal: PrincipalDep,
     settings: SettingsDep,
     file: UploadFile = File(..., description="a voiceprint exported as JSON, or a bare vector (.npy or JSON array)"),
-    label: str | None = Form(None, description="the person's name (required for a bare vector; overrides the file's)"),
-    model: str | None = Form(None, description="embedding model of a bare vector (required for one)"),
+    label: str | None = optional_form("the person's name (required for a bare vector; overrides the file's)"),
+    model: str | None = optional_form("embedding model of a bare vector (required for one)"),
 ) -> JSONResponse:
     """JSON or ``.npy`` only, never a pickle; the vector must come from this service's embedding
     model (422 otherwise: vectors of two models are not comparable)."""
