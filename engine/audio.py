@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 import struct
 import sys
 from collections import deque
@@ -26,8 +25,8 @@ import numpy as np
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
-    check_mp4_edits, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end, ogg_chained, probe,
-    pyav_options, stream_channels, wav_data_unsized, xing_count,
+    check_mp4_edits, check_ogg_comments, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end,
+    ogg_chained, ogg_link_starts, probe, pyav_options, stream_channels, wav_data_unsized, xing_count,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -690,11 +689,6 @@ def _read_soundfile(
     return out
 
 
-# an Ogg page header whose flags mark the beginning of a stream (version 0, flag 0x02)
-_OGG_BOS = re.compile(rb"OggS\x00[\x02\x03\x06\x07]")
-_OGG_SEARCH = 1 << 20
-
-
 class _Slice:
     """Bytes ``start`` to ``end`` of a binary file, as a file of its own (for libsndfile)."""
 
@@ -720,41 +714,17 @@ class _Slice:
 
 
 def _ogg_links(fh: BinaryIO) -> list[tuple[int, int]] | None:
-    """The byte ranges of a chained Ogg's links, or None where ``fh`` is not an Ogg of more than
-    one link, or of more than :data:`_MAX_FORMAT_CHANGES` + 1. A link starts at a
-    beginning-of-stream page that does not follow another (a link multiplexing several streams
-    opens with one such page per stream); the pages are searched for a MB at a time, not walked:
-    a GB of 28-byte pages would be 38 million steps of Python."""
+    """The byte ranges of a chained Ogg's links (shared.audio_limits.ogg_link_starts), or None
+    where ``fh`` is not an Ogg of more than one link, or of more than :data:`_MAX_FORMAT_CHANGES` + 1."""
     fh.seek(0)
     if fh.read(4) != b"OggS":
         fh.seek(0)
         return None
-    fh.seek(0, os.SEEK_END)
-    size = fh.tell()
-    starts: list[int] = []
-    grouped_until = -1  # where the last beginning-of-stream page ends
-    at = 0
-    while at < size:
-        fh.seek(at)
-        chunk = fh.read(_OGG_SEARCH + 27 + 255)
-        for found in _OGG_BOS.finditer(chunk, 0, _OGG_SEARCH + 5):
-            page = at + found.start()
-            head = chunk[found.start() : found.start() + 27 + 255]
-            if len(head) < 27 or len(head) < 27 + head[26]:
-                fh.seek(page)
-                head = fh.read(27 + 255)
-                if len(head) < 27 or len(head) < 27 + head[26]:
-                    continue
-            if page != grouped_until:
-                starts.append(page)
-                if len(starts) > _MAX_FORMAT_CHANGES + 1:
-                    fh.seek(0)
-                    return None
-            grouped_until = page + 27 + head[26] + sum(head[27 : 27 + head[26]])
-        at += _OGG_SEARCH
-    fh.seek(0)
-    if len(starts) < 2 or starts[0] != 0:
+    starts = ogg_link_starts(fh, most=_MAX_FORMAT_CHANGES + 1)
+    if starts is None or len(starts) < 2 or starts[0] != 0:
         return None
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(0)
     return list(zip(starts, starts[1:] + [size]))
 
 
@@ -771,6 +741,9 @@ def _read_ogg_links(fh: BinaryIO, max_duration: float) -> _Collector | None:
     links = _ogg_links(fh)
     if links is None:
         return None
+    # libsndfile holds a link's comment header whole, twice over (_read_pyav refused the chain for
+    # it where that is why FFmpeg did not decode it)
+    check_ogg_comments(fh, every_link=True)
     out = _Collector(max_duration)
     for index, (start, end) in enumerate(links):
         try:
@@ -830,6 +803,9 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
 
     check_containers(fh)  # before FFmpeg indexes, converts or tables what their headers declare
     check_riff_chunks(fh)  # before FFmpeg walks them one seek at a time
+    # FFmpeg reads the comments of every link of a chain as it decodes it (check_containers
+    # checked the first link's, as the header check did)
+    check_ogg_comments(fh, every_link=True)
     # Not sandboxed: the worker checked this file's header first (check_audio_limits, in
     # worker/tasks.py), and FFmpeg's reading of it ran in a child held to the header check's CPU,
     # memory and time limits (shared/probe_sandbox.py): a file that passed was readable within

@@ -976,6 +976,137 @@ def check_ape(fh: BinaryIO) -> None:
 
 # an Ogg page: a 27-byte header, up to 255 lacing values, up to 255 x 255 bytes of body
 _OGG_MAX_PAGE = 27 + 255 + 255 * 255
+# An Ogg stream's comment header (Vorbis, Opus, Theora, Speex; Ogg FLAC's VORBIS_COMMENT):
+# FFmpeg puts each comment in a dictionary it searches from its start for every one it adds, so a
+# header of 40,000 short comments (a 480 KB upload, chained behind 3 s of audio so that the
+# worker's decoder gives it to FFmpeg) took 12.6 s of the worker's CPU to decode, quadratic (10,000
+# 0.5 s; a 16 MB header about 4 h), under a job time limit of hours for a chain's unknown length;
+# and libsndfile, which reads the header in the API's own process, held twice its size (a 100 MB
+# comment: 204 MB; a 1 GB upload would take the API past its 2 GB). Taggers write a few dozen
+# comments, and a cover picture of a few MB at most (METADATA_BLOCK_PICTURE)
+MAX_OGG_COMMENTS = 1024
+MAX_OGG_COMMENT_BYTES = 16 << 20
+# pages walked for a stream's header packets: libogg writes a 16 MB header in some 4000 pages;
+# one byte a page, the walk would take seconds of the API's CPU before the size refused it
+_MAX_OGG_HEADER_PAGES = 8192
+# an Ogg page header whose flags mark the beginning of a stream (version 0, flag 0x02)
+OGG_BOS = re.compile(rb"OggS\x00[\x02\x03\x06\x07]")
+_OGG_SEARCH = 1 << 20
+
+
+def ogg_link_starts(fh: BinaryIO, most: int | None = None) -> list[int] | None:
+    """Where an Ogg file's links start: each beginning-of-stream page that does not follow
+    another (a link multiplexing several streams opens with one such page per stream), searched
+    for a MB at a time, not walked (a GB of 28-byte pages would be 38 million steps of Python).
+    None where there are more than ``most``. Leaves ``fh`` at its start."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    starts: list[int] = []
+    grouped_until = -1  # where the last beginning-of-stream page ends
+    at = 0
+    try:
+        while at < size:
+            fh.seek(at)
+            chunk = fh.read(_OGG_SEARCH + 27 + 255)
+            for found in OGG_BOS.finditer(chunk, 0, _OGG_SEARCH + 5):
+                page = at + found.start()
+                head = chunk[found.start() : found.start() + 27 + 255]
+                if len(head) < 27 or len(head) < 27 + head[26]:
+                    fh.seek(page)
+                    head = fh.read(27 + 255)
+                    if len(head) < 27 or len(head) < 27 + head[26]:
+                        continue
+                if page != grouped_until:
+                    starts.append(page)
+                    if most is not None and len(starts) > most:
+                        return None
+                grouped_until = page + 27 + head[26] + sum(head[27 : 27 + head[26]])
+            at += _OGG_SEARCH
+    finally:
+        fh.seek(0)
+    return starts
+
+
+def check_ogg_comments(fh: BinaryIO, *, every_link: bool = False) -> None:
+    """Refuse (415) an Ogg file whose comment header (of its first link's first stream, or with
+    ``every_link`` of each link's, as FFmpeg reads them decoding a chain) declares more than
+    :data:`MAX_OGG_COMMENTS` comments or is over :data:`MAX_OGG_COMMENT_BYTES`; anything else
+    passes. Walks the pages of a link's headers only (``every_link``: searches the whole file for
+    links, a MB at a time); leaves ``fh`` at its start."""
+    try:
+        fh.seek(0)
+        if fh.read(4) != b"OggS":
+            return
+        starts = ogg_link_starts(fh) if every_link else [0]
+        for start in starts or [0]:
+            count = _ogg_comments(fh, start)
+            if count > MAX_OGG_COMMENTS:
+                raise AudioDecodeError(f"the Ogg file's comment header declares {count} comments; at most "
+                                       f"{MAX_OGG_COMMENTS} are supported (a tagger writes a few dozen)")
+    finally:
+        fh.seek(0)
+
+
+def _ogg_comments(fh: BinaryIO, start: int) -> int:
+    """The comments that the comment header (second packet) of the stream whose first page is at
+    ``start`` declares; 0 where it is not one of a codec FFmpeg reads comments of, or the pages
+    end or break before it does. Refuses a header over :data:`MAX_OGG_COMMENT_BYTES`."""
+    packets: list[bytes] = []
+    packet = bytearray()
+    serial: bytes | None = None
+    at = start
+    walked = 0
+    for _ in range(_MAX_OGG_HEADER_PAGES):
+        if len(packets) == 2:
+            break
+        fh.seek(at)
+        head = fh.read(27)
+        if len(head) < 27 or head[:4] != b"OggS":
+            return 0  # the pages break: the decoders' own trouble
+        lacing = fh.read(head[26])
+        if len(lacing) < head[26]:
+            return 0
+        size = sum(lacing)
+        serial = head[14:18] if serial is None else serial
+        if head[14:18] == serial:
+            data = fh.read(size)
+            offset = 0
+            for length in lacing:
+                packet += data[offset : offset + length]
+                offset += length
+                if len(packet) > MAX_OGG_COMMENT_BYTES:
+                    raise AudioDecodeError(f"the Ogg file's header packets are over {MAX_OGG_COMMENT_BYTES >> 20} MB, "
+                                           "which is all that is supported")
+                if length < 255:
+                    packets.append(bytes(packet))
+                    packet.clear()
+                    if len(packets) == 2:
+                        break
+        at += 27 + len(lacing) + size
+        walked += 27 + len(lacing) + size
+        if walked > MAX_OGG_COMMENT_BYTES + (1 << 20):  # other streams' pages between: not a header
+            return 0
+    else:
+        if len(packets) < 2:
+            raise AudioDecodeError(f"the Ogg file's header packets are spread over more than {_MAX_OGG_HEADER_PAGES} "
+                                   "pages, which is all that is supported")
+    first, comments = packets
+    if comments.startswith((b"\x03vorbis", b"\x81theora")):
+        body = comments[7:]
+    elif comments.startswith(b"OpusTags"):
+        body = comments[8:]
+    elif first.startswith(b"\x7fFLAC") and comments[:1] and comments[0] & 0x7F == 4:  # a VORBIS_COMMENT block
+        body = comments[4:]
+    elif first.startswith(b"Speex   "):
+        body = comments
+    else:
+        return 0
+    if len(body) < 4:
+        return 0
+    vendor = int.from_bytes(body[:4], "little")
+    return int.from_bytes(body[4 + vendor : 8 + vendor], "little") if len(body) >= 8 + vendor else 0
+
+
 
 
 def ogg_chained(fh: BinaryIO) -> bool:
@@ -1253,6 +1384,7 @@ def check_containers(fh: BinaryIO) -> None:
     check_matroska(fh)
     check_id3(fh)
     check_ape(fh)
+    check_ogg_comments(fh)  # the first link's: the decoder checks every link before FFmpeg reads a chain
     behind = ffmpeg_input(fh)
     if behind is not fh:
         # FFmpeg is given the file from behind its ID3 tags (ffmpeg_input), where an MP4 or a

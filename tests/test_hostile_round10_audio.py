@@ -27,6 +27,14 @@ formats earlier rounds did not hold to it.
   first link (a recorder's pre-roll) with the speech behind it failed its job as "audio is silent"
   (422). libsndfile now decodes such a chain link by link, each resampled and down-mixed on its
   own; a link it cannot decode (more than MAX_CHANNELS: round 6) ends the decode there.
+- Ogg comment headers: FFmpeg adds each comment to a dictionary it searches from its start, so a
+  Vorbis header of 40,000 short comments (a 480 KB upload) took 12.6 s of the worker's CPU to
+  decode where the file is a chain (the decoder gives chains to FFmpeg; 10,000: 0.5 s;
+  quadratic, so a 16 MB header hours), under a job time limit of hours for a chain's unknown
+  length, and libsndfile, which reads an Ogg's header in the API's own process, held twice a
+  comment's size (a 100 MB one: 204 MB; 1 GB would take the API past its 2 GB). More than 1024
+  comments in a header, or a header over 16 MB, is refused: the first link's at submit, every
+  link's before the worker's decoder reads a chain.
 
 Files are crafted here with FFmpeg's encoders (PyAV), their headers rewritten. The decoder's cases
 call it directly; the end-to-end ones go through the API and the session's real Celery worker
@@ -242,3 +250,50 @@ def test_a_job_whose_speech_is_in_a_chains_later_link_is_analysed(client, uttera
     done = wait_for_job(client, r.json()["job_id"], 90)
     assert done["status"] == "succeeded", done
     assert done["result"]["audio_duration"] == pytest.approx(2.0 + len(speech) / rate, abs=0.1), done["result"]
+
+
+# --- Ogg comment headers ----------------------------------------------------------------------------
+
+def _opus(seconds: float, comments: int = 0, comment_bytes: int = 0) -> bytes:
+    """``seconds`` of tone in Ogg Opus by FFmpeg, its OpusTags holding ``comments`` comments
+    (k0=v, k1=v, ...) and one of ``comment_bytes`` bytes where given."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        for i in range(comments):
+            stream.metadata[f"k{i}"] = "v"
+        if comment_bytes:
+            stream.metadata["cover"] = "a" * comment_bytes
+        samples = _tone(seconds, 48000)
+        for start in range(0, len(samples), 48000):
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 48000, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_an_ogg_of_thousands_of_comments_or_a_huge_one_is_refused_at_submit(client) -> None:
+    """2000 comments, or one of 17 MB, in an Opus file's comment header: queued (202). Refused
+    (415) in the documented shape now; a tagged file, its cover picture of a few MB included,
+    passes the header check."""
+    for name, data in (("many.opus", _opus(3.0, comments=2000)), ("huge.opus", _opus(3.0, comment_bytes=17 << 20))):
+        r = client.post("/jobs/embedding", files={"file": (name, data, "audio/ogg")})
+        assert r.status_code == 415, (name, r.status_code, r.text)
+        assert set(r.json()) == ERROR_KEYS, r.text
+        assert "comment" in r.json()["detail"] or "header packets" in r.json()["detail"], r.text
+    tagged = _opus(3.0, comments=40, comment_bytes=3 << 20)
+    assert check_audio_limits(io.BytesIO(tagged), max_duration=20.0).duration == pytest.approx(3.0, abs=0.05)
+
+
+def test_a_chain_whose_later_link_holds_thousands_of_comments_is_refused_before_ffmpeg_reads_it() -> None:
+    """A clean first link and a second whose header holds 2000 comments: the header check reads
+    the first link (and passes the chain, its length unknown), and FFmpeg read every link's
+    comments as it decoded the chain. The decoder refuses it now; a chain of tagged links decodes."""
+    chain = _opus(3.0) + _opus(3.0, comments=2000)
+    assert check_audio_limits(io.BytesIO(chain), max_duration=20.0).duration is None
+    with pytest.raises(AudioDecodeError, match="2001 comments"):
+        load_audio(chain)
+    assert load_audio(_opus(3.0, comments=40) + _opus(3.0, comments=40)).duration == pytest.approx(6.0, abs=0.05)
