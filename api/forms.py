@@ -30,6 +30,24 @@ def optional_form(description: str) -> Any:
     return Form(None, description=description, examples=[""])
 
 
+def _files_as_files(schema: dict[str, Any]) -> None:
+    # OpenAPI 3.1 gives an upload as a string with contentMediaType, which Swagger UI shows as
+    # a file input for one upload but not for the items of an array of them
+    items = schema.get("items")
+    if isinstance(items, dict) and "contentMediaType" in items:
+        items["format"] = "binary"
+
+
+def several_files(description: str) -> Any:
+    """A required field of one or more uploads (``files``: repeat the field once per file).
+
+    Documented with its items as ``format: binary``: /docs (Swagger UI) offered text boxes
+    prefilled with random characters for them, so /jobs/batch, /jobs/enroll and /voiceprints
+    could not be tried there at all (422, "files.0: Value error, Expected UploadFile, received:
+    <class 'str'>"); it now offers a file input per item."""
+    return File(..., description=description, json_schema_extra=_files_as_files)
+
+
 WEBHOOK = inspect.Parameter(
     "webhook_url", inspect.Parameter.KEYWORD_ONLY, annotation=str | None,
     default=optional_form("POSTed the job record, signed, when the job ends"),
@@ -64,7 +82,8 @@ def file_parameters(kind: JobKind, *, urls: bool = False) -> list[inspect.Parame
         else:
             params.append(inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile] if f.multiple else UploadFile,
-                default=File(..., description=f.description + (f" (1 to {f.max_count})" if f.multiple else "")),
+                default=several_files(f"{f.description} (1 to {f.max_count})") if f.multiple
+                else File(..., description=f.description),
             ))
     return params
 

@@ -43,6 +43,12 @@ Each test fails on the code (or the docs) before its fix:
   /voiceprints/import`` with an export went out with ``label=string&model=string`` and was
   refused for a model "string". Optional form fields are now documented with an empty example:
   "Try it out" leaves them empty and the request is what the user filled in (202, 201).
+* /docs offered no file input for a field of several uploads (``files`` of /jobs/batch,
+  /jobs/enroll, /voiceprints): text boxes prefilled with random characters, sent as text and
+  refused 422 ("files.0: Value error, Expected UploadFile, received: <class 'str'>"), so none of
+  the three could be tried there. Their items are now documented ``format: binary`` (OpenAPI
+  3.1's ``contentMediaType`` alone Swagger UI reads for a single upload only): a file input per
+  item, and a batch of two files tried in /docs is answered 202 with two jobs.
 """
 
 from __future__ import annotations
@@ -444,5 +450,62 @@ def test_try_it_out_in_the_docs_with_only_a_file(api_base, settings, tmp_path, o
             # before: 422, "file: give either an upload or file_url, not both" (file_url=string
             # sent); the import: 422, a voiceprint of model "string"
             assert answered.inner_text().split()[0] == status, (answered.inner_text(), body[:500])
+        finally:
+            browser.close()
+
+
+def test_every_field_of_several_uploads_is_documented_as_files(api_base):
+    import httpx
+
+    document = httpx.get(f"{api_base}/openapi.json", timeout=30).json()
+    arrays = {(name, field): spec["items"] for name, schema in document["components"]["schemas"].items()
+              for field, spec in schema.get("properties", {}).items()
+              if spec.get("type") == "array" and "contentMediaType" in spec.get("items", {})}
+    assert {field for _, field in arrays} == {"files"} and len(arrays) == 3, arrays
+    assert all(items.get("format") == "binary" for items in arrays.values()), arrays
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+@pytest.mark.parametrize("operation,label", [
+    ("operations-jobs-submit_batch_jobs_batch_post", None),
+    ("operations-jobs-submit_enroll_jobs_enroll_post", "Ada"),
+])
+def test_try_it_out_in_the_docs_with_several_files(api_base, tmp_path, operation, label):
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import tone_wav
+
+    paths = []
+    for name in ("a.wav", "b.wav"):
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(tone_wav(2.0))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page()
+            page.goto(f"{api_base}/docs")
+            block = page.locator(f"#{operation}")
+            block.locator(".opblock-summary").first.click()
+            block.locator("button.try-out__btn").click()
+            for i, path in enumerate(paths):
+                # the one array of the form: files (uploads are its only file inputs)
+                if block.locator("input[type=file]").count() <= i:
+                    block.locator("button.json-schema-form-item-add").click()
+                # before: a text box, prefilled with random characters
+                block.locator("input[type=file]").nth(i).set_input_files(str(path), timeout=10_000)
+            if label:
+                block.locator("input[placeholder='label']").fill(label)
+            block.locator("button.execute").click()
+            answered = block.locator(".live-responses-table tbody .response-col_status").first
+            answered.wait_for(timeout=60_000)
+            body = block.locator(".live-responses-table .microlight").first.inner_text()
+            assert answered.inner_text().split()[0] == "202", (answered.inner_text(), body[:500])
+            reply = json.loads(body)
+            if label is None:
+                assert [job["filename"] for job in reply["jobs"]] == ["a.wav", "b.wav"], reply
+            else:
+                assert reply["kind"] == "enroll" and reply["status"] == "queued", reply
         finally:
             browser.close()

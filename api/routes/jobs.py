@@ -8,7 +8,7 @@ import inspect
 from typing import Any, Literal
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 from starlette.concurrency import run_in_threadpool
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, SettingsDep, require_api_key
 from api.dispatch import summary_view, view, view_json
 from api.errors import JobConflict, not_found
-from api.forms import WEBHOOK_FIELDS, form_parameters, with_signature
+from api.forms import WEBHOOK_FIELDS, form_parameters, several_files, with_signature
 from api.idempotency import Idempotent, sent_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS, Batch, Job, JobList
@@ -90,7 +90,7 @@ submit_batch = with_signature(
         inspect.Parameter("kind", inspect.Parameter.KEYWORD_ONLY, annotation=BatchKind,
                           default=Form(..., description="the analysis run on every file")),
         inspect.Parameter("files", inspect.Parameter.KEYWORD_ONLY, annotation=list[UploadFile],
-                          default=File(..., description="one job per file")),
+                          default=several_files("one job per file")),
         *_batch_form_fields(),
         *WEBHOOK_FIELDS,
     ],

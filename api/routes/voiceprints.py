@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
 from api.errors import not_found
-from api.forms import optional_form, refuse_repeated
+from api.forms import optional_form, refuse_repeated, several_files
 from api.limits import BoundedFormRoute
 from api.models import ERRORS
 from shared.errors import ModelError
@@ -64,7 +64,7 @@ async def create_voiceprint(
     dispatcher: DispatcherDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    files: list[UploadFile] = File(..., description=f"one or more recordings of the person (1 to {ENROLL.files[0].max_count})"),
+    files: list[UploadFile] = several_files(f"one or more recordings of the person (1 to {ENROLL.files[0].max_count})"),
     label: str = Form(..., description="the person's name, as diarization and identify will report it"),
 ) -> JSONResponse:
     """Embeds the speech of every file on a worker (the ``enroll`` job kind, waited for like the
