@@ -268,3 +268,47 @@ def test_damage_in_an_ogg_vorbis_stays_within_its_block(tmp_path: Path, stereo: 
     assert wrong_after(one_pass, 45.0) > 0.01  # out of place to the end
     assert wrong_after(parallel, 45.0) == 0.0  # the last blocks are as in the clean file
     assert abs(len(parallel) - len(clean)) <= 1
+
+
+def test_a_wavpack_ffmpeg_wrote_to_a_pipe_is_decoded_whole(tmp_path: Path) -> None:
+    """FFmpeg's WavPack muxer writes the file's sample count into its first block only where it
+    can seek back to it; written to a pipe (``ffmpeg -i talk.wav -f wv - | curl -F file=@- ...``)
+    the count stays 0, which FFmpeg reads as a length of 0. Held to its first block's count
+    (282c4a1), 90 s of such a WavPack was refused, 415 "decodes to more than its header declares
+    (0 s)", after the API's header check had counted it 0 s. Its length is unknown, as WavPack's
+    own -1 is."""
+    from shared.audio_limits import probe
+
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return False
+
+        def write(self, b) -> int:  # noqa: ANN001
+            self.data += bytes(b)
+            return len(b)
+
+    rate, seconds = 16000, 90
+    pipe = Pipe()
+    with av.open(pipe, mode="w", format="wv") as out:
+        stream = out.add_stream("wavpack", rate=rate, layout="mono")
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(seconds * rate) / rate)).astype(np.float32)
+        for at in range(0, len(tone), rate):
+            frame = av.AudioFrame.from_ndarray(tone[None, at : at + rate], format="flt", layout="mono")
+            frame.rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    path = tmp_path / "piped.wv"
+    path.write_bytes(bytes(pipe.data))
+    assert path.read_bytes()[12:16] == b"\x00\x00\x00\x00"  # the first block's count, as a pipe leaves it
+
+    assert probe(path).duration is None
+    decoded = load_audio(path, max_duration=3600)
+    assert len(decoded.samples) == seconds * SAMPLE_RATE
