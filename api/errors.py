@@ -113,8 +113,15 @@ def error_response(status_code: int, detail: str, error_type: ErrorType, headers
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "header"))
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+        loc = [p for p in err.get("loc", ()) if p not in ("body", "query", "header")]
+        where = ".".join(str(p) for p in loc)
+        msg = str(err.get("msg", "invalid"))
+        if "Expected UploadFile" in msg and loc:
+            # text where a file goes: curl's -F file=meeting.wav without the @ that sends the
+            # file, which was answered "Value error, Expected UploadFile, received: <class 'str'>"
+            msg = (f"expected an uploaded file, got text (curl sends a file with an @: "
+                   f"-F '{loc[0]}=@meeting.wav')")
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 
 

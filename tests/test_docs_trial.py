@@ -49,6 +49,10 @@ Each test fails on the code (or the docs) before its fix:
   the three could be tried there. Their items are now documented ``format: binary`` (OpenAPI
   3.1's ``contentMediaType`` alone Swagger UI reads for a single upload only): a file input per
   item, and a batch of two files tried in /docs is answered 202 with two jobs.
+* curl's most common slip, ``-F file=meeting.wav`` (the ``@`` that sends the file left out), was
+  answered "file: Value error, Expected UploadFile, received: <class 'str'>", pydantic's words
+  about the API's internals; now "file: expected an uploaded file, got text (curl sends a file
+  with an @: -F 'file=@meeting.wav')", on every route and upload field alike.
 """
 
 from __future__ import annotations
@@ -328,6 +332,27 @@ def test_an_api_the_cli_cannot_reach_is_named_with_how_to_name_another(capsys):
     # before: "cannot reach the API (ConnectError): [Errno 111] Connection refused"
     assert "cannot reach the API at http://127.0.0.1:8000 (ConnectError)" in said, said
     assert "--url or AUDIO_ANALYSIS_URL" in said, said
+
+
+@pytest.mark.parametrize("path,field,fields", [
+    ("/diarize", "file", {}),
+    ("/jobs/diarize", "file", {}),
+    ("/jobs/batch", "files.0", {"kind": "diarize"}),
+    ("/voiceprints", "files.0", {"label": "Ada"}),
+    ("/jobs/compare_embedding", "embedding", {"audio_url": "http://127.0.0.1:8081/a.wav"}),
+])
+def test_text_where_a_file_goes_says_how_to_send_the_file(api_base, path, field, fields):
+    import httpx
+
+    name = field.split(".")[0]
+    # as curl -F file=meeting.wav sends it: a form field of text, multipart
+    parts = [(name, (None, "meeting.wav"))] + [(k, (None, v)) for k, v in fields.items()]
+    r = httpx.post(f"{api_base}{path}", files=parts, timeout=30)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    # before: "file: Value error, Expected UploadFile, received: <class 'str'>"
+    assert detail == (f"{field}: expected an uploaded file, got text (curl sends a file with an @: "
+                      f"-F '{name}=@meeting.wav')"), detail
 
 
 # --- the Python client ----------------------------------------------------------------------------
