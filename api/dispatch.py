@@ -67,6 +67,10 @@ MAX_CONCURRENT_SAVES = 16
 # than one after the other, and three clients' parses back to back held every other request of
 # the API, /health included, for their sum.
 MAX_CONCURRENT_RENDERS = 1
+# ... for a result of at least this much JSON (about 4,000 turns: a meeting of some hours). A
+# smaller one parses in under 3 ms and renders in tens: it never waits behind another tenant's
+# day-long recording (0.6 s a SubRip render of 150,000 turns; 20 of them queued 12 s).
+RENDER_ALONE_BYTES = 256 * 1024
 # A synchronous call polls its job's record from sync_poll_interval_s (50 ms: a short job is
 # answered at once), each poll half again as long, up to this. At a fixed 50 ms, every waiting
 # call read and parsed its record 20 times a second for up to sync_timeout_s (an hour): a few
@@ -270,8 +274,11 @@ class Dispatcher:
             self._lookups = anyio.CapacityLimiter(MAX_CONCURRENT_LOOKUPS)
         return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
-    async def render(self, render: Callable[..., T], *args: Any) -> T:
-        """``render(*args)`` (a result as text) in a thread, at most MAX_CONCURRENT_RENDERS at once."""
+    async def render(self, size: int, render: Callable[..., T], *args: Any) -> T:
+        """``render(*args)`` (a result of ``size`` bytes of JSON, as text) in a thread; from
+        RENDER_ALONE_BYTES on, at most MAX_CONCURRENT_RENDERS at once."""
+        if size < RENDER_ALONE_BYTES:
+            return await run_in_threadpool(render, *args)
         if self._renders is None:
             self._renders = anyio.CapacityLimiter(MAX_CONCURRENT_RENDERS)
         return await anyio.to_thread.run_sync(functools.partial(render, *args), limiter=self._renders)

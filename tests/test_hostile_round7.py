@@ -133,6 +133,34 @@ def test_a_long_results_formats_are_rendered_off_the_event_loop(api, redis_clien
     assert waits and max(waits) < max(1.0, took / 2), (max(waits), took, len(waits))
 
 
+def test_a_short_results_render_waits_for_no_long_one(api, redis_client):
+    """Long results render one at a time (Dispatcher.render); a short one (a meeting's few
+    thousand turns) is not queued behind them: a tenant asking for a day-long recording's SubRip
+    twenty times made every other tenant's subtitles wait 12 s."""
+    import httpx
+
+    long_id, short_id = _plant_result(redis_client, 150_000), _plant_result(redis_client, 200)
+    base = str(api.base_url).rstrip("/")
+    ended: dict[str, float] = {}
+
+    def fetch(name: str, job_id: str) -> None:
+        r = httpx.get(f"{base}/jobs/{job_id}/result?format=srt", headers={"X-API-Key": KEY}, timeout=120)
+        assert r.status_code == 200
+        ended[name] = time.monotonic()
+
+    longs = [threading.Thread(target=fetch, args=(f"long{i}", long_id)) for i in range(4)]
+    for t in longs:
+        t.start()
+    time.sleep(0.5)  # the long ones asked first: the slot is taken and three wait for it
+    fetch("short", short_id)
+    for t in longs:
+        t.join()
+    # renders of 150,000 turns one after another end some 0.5 s apart; the short one is answered
+    # while the first or second of them still renders (queued behind them it came after all four)
+    later = sorted(v for k, v in ended.items() if k != "short" and v > ended["short"])
+    assert len(later) >= 3, {k: round(v - ended["short"], 3) for k, v in ended.items()}
+
+
 def test_a_result_is_sent_as_stored_and_an_earlier_releases_record_still_read(api, redis_client):
     """GET /jobs/{id} and its JSON result send the stored result text on unparsed
     (shared.jobs.split_result): the same body a parse would give, for a record whose values hold

@@ -202,9 +202,9 @@ async def get_result(
     if format == "json":
         # as stored: parsing and encoding 8 MB again held the GIL, and with it the event loop
         return Response(result, media_type="application/json")
-    # rendered off the event loop, one at a time (Dispatcher.render): 100,000 turns took 2.4 s as
-    # SubRip, and while a few clients fetched such a result the API answered nobody else
-    return await dispatcher.render(_render_result, kind, record, result, format, job_id)
+    # rendered off the event loop, a long one at a time (Dispatcher.render): 100,000 turns took
+    # 2.4 s as SubRip, and while a few clients fetched such a result the API answered nobody else
+    return await dispatcher.render(len(result), _render_result, kind, record, result, format, job_id)
 
 
 def _render_result(kind: JobKind, record: JobRecord, result: str, format: str, job_id: str) -> Response:  # noqa: A002
