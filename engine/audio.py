@@ -8,6 +8,7 @@ blocks so a bogus header cannot make us allocate more than the duration limit al
 
 from __future__ import annotations
 
+import contextvars
 import io
 import math
 import os
@@ -142,8 +143,14 @@ def _reopener(source: AudioSource) -> Callable[[], str | BinaryIO] | None:
     return None
 
 
+# Set while a recording whose channels cancel in their mean is decoded again (load_audio): its
+# first channel is taken instead of the mean
+_FIRST_CHANNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("first_channel", default=False)
+
+
 def _downmix(data: np.ndarray) -> np.ndarray:
     """(frames, channels) -> (frames,) float32 mean; as ``data.mean(axis=1, dtype=float32)``.
+    The first channel alone while :data:`_FIRST_CHANNEL` is set.
 
     Channel by channel: numpy's mean over a short last axis is a strided reduction, 0.3 s per
     10 min of stereo, a third of decoding a 44.1 kHz FLAC (2 s of an hour, which on a GPU is a
@@ -152,6 +159,8 @@ def _downmix(data: np.ndarray) -> np.ndarray:
     if data.ndim != 2:
         return data.astype(np.float32, copy=False)
     out = data[:, 0].astype(np.float32)
+    if _FIRST_CHANNEL.get():
+        return out
     for channel in range(1, data.shape[1]):
         out += data[:, channel]
     if data.shape[1] > 1:
@@ -198,12 +207,15 @@ class _Collector:
         self.work_of: tuple[int, int] | None = None
         # audio tracks (streams) in the container, of which the first alone is decoded
         self.tracks = 1
+        # the most channels the stream decoded had (hold_to_work), down-mixed to their mean
+        self.channels = 1
 
     def hold_to_work(self, rate: int, channels: int) -> None:
         """The stream decoded is ``channels`` at ``rate``: past 8 x 48 kHz each of its seconds
         counts for more of the limit (shared.audio_limits.decode_work_factor), so that a file whose
         header declares no length costs no more to decode than one the header check refused.
         A stream that changes its format is held to the costliest it took."""
+        self.channels = max(self.channels, channels)
         factor = decode_work_factor(rate, channels)
         if factor > self.work_factor:
             self.work_factor, self.work_of = factor, (rate, channels)
@@ -492,7 +504,8 @@ def _blocks_in_order(handles: list, count: int, decode: Callable[[Any, int], tup
         while True:
             while submitted < count and len(pending) < threads + 1:
                 lane = submitted % threads
-                pending.append(lanes[lane].submit(decode, handles[lane], submitted))
+                # in the caller's context: _downmix reads _FIRST_CHANNEL in the lanes' threads
+                pending.append(lanes[lane].submit(contextvars.copy_context().run, decode, handles[lane], submitted))
                 submitted += 1
             if not pending:
                 return False
@@ -952,7 +965,38 @@ def load_audio(
     """Decode ``source`` (path, bytes or binary file object) into 16 kHz mono samples (float16: STORAGE_DTYPE).
 
     Raises :class:`~shared.errors.InputError` subclasses for anything a caller sent wrong.
+
+    A recording of several channels whose mean is silent is decoded again, its first channel
+    alone: channels that cancel in their mean (a microphone wired with one leg of a balanced
+    cable reversed, a mono voice written to left and right in opposite polarity) made speech on
+    every channel a mean of exact zeros, or of a lossy codec's residue under -80 dBFS (MP3, AAC,
+    Opus alike), refused as "audio is silent" (422). A file silent on every channel is decoded
+    twice before that refusal.
     """
+    start = source.tell() if hasattr(source, "seek") else 0
+    try:
+        return _load_audio(source, max_duration=max_duration, min_duration=min_duration,
+                           reject_silence=reject_silence)
+    except InputError as silent:
+        if getattr(silent, _SILENT_MEAN_OF, 1) < 2 or _FIRST_CHANNEL.get():
+            raise
+        # its traceback holds the first decode's frame, and that the whole (silent) result
+        silent.__traceback__ = None
+        if hasattr(source, "seek"):
+            source.seek(start)  # type: ignore[union-attr]
+        token = _FIRST_CHANNEL.set(True)
+        try:
+            return _load_audio(source, max_duration=max_duration, min_duration=min_duration,
+                               reject_silence=reject_silence)
+        except InputError as again:
+            if getattr(again, _SILENT_MEAN_OF, 0):
+                raise silent from None  # silent on its first channel too: the first refusal
+            raise
+        finally:
+            _FIRST_CHANNEL.reset(token)
+
+
+def _load_audio(source: AudioSource, *, max_duration: float, min_duration: float, reject_silence: bool) -> Audio:
     owned = isinstance(source, (bytes, bytearray, str, os.PathLike))
     fh = _open(source)
     try:
@@ -992,28 +1036,38 @@ def load_audio(
     samples = collected.samples()
     if reject_silence and not collected.loud and samples.size / SAMPLE_RATE >= min_duration:
         # nothing but exact zeros: refused before any pass over the (never written) buffer
-        raise silent_audio(collected.tracks)
+        raise silent_audio(collected.tracks, collected.channels)
     return validate_samples(samples, min_duration=min_duration, max_duration=max_duration,
-                            reject_silence=reject_silence, tracks=collected.tracks)
+                            reject_silence=reject_silence, tracks=collected.tracks, channels=collected.channels)
 
 
-def silent_audio(tracks: int = 1) -> InputError:
+# the attribute of silent_audio's refusal that says how many channels the silent mean was of
+_SILENT_MEAN_OF = "silent_mean_of"
+
+
+def silent_audio(tracks: int = 1, channels: int = 1) -> InputError:
     """The refusal of a recording without sound (422). Of a container of several audio tracks
     only the first is decoded (the header check reads the first too): a recorder's silent first
     track (OBS's desktop audio, a muted microphone) beside the speech in the second was refused
-    as "audio is silent" without a word of the other tracks."""
+    as "audio is silent" without a word of the other tracks. ``channels``: of the mean found
+    silent (load_audio then tries the first channel alone)."""
     if tracks > 1:
-        return InputError(f"audio is silent: the first of {tracks} audio tracks holds no sound; "
-                          "only the first audio track is analysed")
-    return InputError("audio is silent: no signal to analyse")
+        error = InputError(f"audio is silent: the first of {tracks} audio tracks holds no sound; "
+                           "only the first audio track is analysed")
+    else:
+        error = InputError("audio is silent: no signal to analyse")
+    setattr(error, _SILENT_MEAN_OF, channels)
+    return error
 
 
 def validate_samples(
-    samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True, tracks: int = 1
+    samples: np.ndarray, *, min_duration: float, max_duration: float, reject_silence: bool = True, tracks: int = 1,
+    channels: int = 1,
 ) -> Audio:
     """Checks of the decoded result as a whole: its length and its level. Each sample was
     checked finite and clipped to full scale as it was collected (``_Collector.add``).
-    ``tracks``: the audio tracks of the file the samples are the first of (the refusal says so)."""
+    ``tracks``: the audio tracks of the file the samples are the first of (the refusal says so);
+    ``channels``: what the samples are the mean of (silent_audio)."""
     if samples.size == 0:
         raise AudioDecodeError("audio holds no samples")
     duration = samples.size / SAMPLE_RATE
@@ -1029,5 +1083,5 @@ def validate_samples(
             part = samples[start : start + step].astype(np.float64)
             squares += float(np.dot(part, part))
         if math.sqrt(squares / samples.size) < SILENCE_RMS:
-            raise silent_audio(tracks)
+            raise silent_audio(tracks, channels)
     return Audio(samples)

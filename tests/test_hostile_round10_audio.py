@@ -35,6 +35,10 @@ formats earlier rounds did not hold to it.
   comment's size (a 100 MB one: 204 MB; 1 GB would take the API past its 2 GB). More than 1024
   comments in a header, or a header over 16 MB, is refused: the first link's at submit, every
   link's before the worker's decoder reads a chain.
+- Channels that cancel in their mean: a voice on left and right in opposite polarity (a balanced
+  microphone cable with one leg reversed, a mono signal written L/-R) down-mixed to exact zeros,
+  or to a lossy codec's residue under -80 dBFS (MP3, AAC, Opus alike), and the recording was
+  refused as "audio is silent" (422). Such a file is now decoded again, its first channel alone.
 
 Files are crafted here with FFmpeg's encoders (PyAV), their headers rewritten. The decoder's cases
 call it directly; the end-to-end ones go through the API and the session's real Celery worker
@@ -53,7 +57,7 @@ import soundfile as sf
 
 from engine.audio import load_audio
 from shared.audio_limits import check_audio_limits, probe
-from shared.errors import AudioDecodeError
+from shared.errors import AudioDecodeError, InputError
 
 from tests.conftest import wait_for_job
 
@@ -297,3 +301,49 @@ def test_a_chain_whose_later_link_holds_thousands_of_comments_is_refused_before_
     with pytest.raises(AudioDecodeError, match="2001 comments"):
         load_audio(chain)
     assert load_audio(_opus(3.0, comments=40) + _opus(3.0, comments=40)).duration == pytest.approx(6.0, abs=0.05)
+
+
+# --- channels that cancel in their mean ---------------------------------------------------------------
+
+@pytest.mark.parametrize("container, codec", [("wav", "pcm_s16le"), ("flac", "flac"), ("mp3", "libmp3lame"),
+                                              ("mp4", "aac")])
+def test_a_voice_in_opposite_polarity_on_two_channels_is_not_silence(utterances, container, codec) -> None:
+    """Speech on the left channel and its inverse on the right: its mean is zero, or a lossy
+    codec's residue, and the recording was refused as silent. Now the first channel is decoded;
+    a stereo file silent on both channels is still refused."""
+    speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
+    data = _encode_stereo(np.stack([speech, -speech], axis=1), rate, container, codec)
+    decoded = load_audio(data)
+    assert decoded.duration == pytest.approx(len(speech) / rate, abs=0.1)
+    level = float(np.sqrt(np.mean(decoded.float32() ** 2)))
+    assert level == pytest.approx(float(np.sqrt(np.mean(speech**2))), rel=0.2)
+    with pytest.raises(InputError, match="audio is silent"):
+        load_audio(_encode_stereo(np.zeros((5 * rate, 2), np.float32), rate, container, codec))
+
+
+def _encode_stereo(samples: np.ndarray, rate: int, container: str, codec: str) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        step = 10 * rate
+        for start in range(0, len(samples), step):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[start : start + step].T), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_job_of_a_voice_in_opposite_polarity_is_analysed(client, utterances) -> None:
+    """The same as an MP3 through the API and the session's real worker: the job failed "audio
+    is silent" (422); it now embeds the voice."""
+    speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
+    data = _encode_stereo(np.stack([speech, -speech], axis=1), rate, "mp3", "libmp3lame")
+    r = client.post("/jobs/embedding", files={"file": ("inverted.mp3", data, "audio/mpeg")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 90)
+    assert done["status"] == "succeeded", done
+    assert done["result"]["audio_duration"] == pytest.approx(len(speech) / rate, abs=0.1), done["result"]
