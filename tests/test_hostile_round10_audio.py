@@ -1,5 +1,6 @@
-"""Hostile audio, round 10: what a file's header declares against what it decodes to, in the
-formats earlier rounds did not hold to it.
+"""Hostile audio, round 10: lengths that headers declare against what the files decode to, in
+formats earlier rounds did not hold to them; comments FFmpeg reads in quadratic time; and valid
+recordings (joined with ``cat``, channels in opposite polarity) that were analysed wrongly.
 
 - WavPack: every block's header carries the file's total samples, and FFmpeg takes the first
   block's for the file's length but decodes every block there is. A 1.4 MB WavPack of 24 h of DC
@@ -70,15 +71,24 @@ def _tone(seconds: float, rate: int) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
-def _encode(samples: np.ndarray, rate: int, container: str, codec: str) -> bytes:
-    """Mono ``samples`` encoded by FFmpeg, in blocks of 10 s (evaluation.encoding's, which
-    takes a whole recording in frames of 4608 samples: a minute of WavPack in 200 blocks)."""
+def _encode(samples: np.ndarray, rate: int, container: str, codec: str, *, bit_rate: int | None = None,
+            metadata: dict[str, str] | None = None) -> bytes:
+    """``samples`` ((frames,) or (frames, 2) float32) encoded by FFmpeg in blocks of 10 s
+    (evaluation.encoding's frames of 4608 samples made a minute of WavPack 200 blocks), with the
+    stream's ``metadata`` (an Ogg's comments) where given."""
+    layout = "mono" if samples.ndim == 1 else "stereo"
+    planar = samples.reshape(len(samples), -1).T
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono")
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        for key, value in (metadata or {}).items():
+            stream.metadata[key] = value
         step = 10 * rate
         for start in range(0, len(samples), step):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + step].copy(), format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planar[:, start : start + step]), format="fltp",
+                                               layout=layout)
             frame.sample_rate, frame.pts = rate, start
             for packet in stream.encode(frame):
                 out.mux(packet)
@@ -153,20 +163,7 @@ def test_an_flv_decoding_far_past_its_metadata_duration_is_refused() -> None:
 
 def _mp3(seconds: float, rate: int = 8000) -> bytes:
     """``seconds`` of tone as FFmpeg's LAME writes it: a Xing/Info header counting its frames."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp3") as out:
-        stream = out.add_stream("libmp3lame", rate=rate, layout="mono")
-        stream.bit_rate = 8000
-        samples = _tone(seconds, rate)
-        step = 10 * rate
-        for start in range(0, len(samples), step):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + step].copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = rate, start
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    data = buf.getvalue()
+    data = _encode(_tone(seconds, rate), rate, "mp3", "libmp3lame", bit_rate=8000)
     assert b"Xing" in data[:2048] or b"Info" in data[:2048]
     return data
 
@@ -261,22 +258,10 @@ def test_a_job_whose_speech_is_in_a_chains_later_link_is_analysed(client, uttera
 def _opus(seconds: float, comments: int = 0, comment_bytes: int = 0) -> bytes:
     """``seconds`` of tone in Ogg Opus by FFmpeg, its OpusTags holding ``comments`` comments
     (k0=v, k1=v, ...) and one of ``comment_bytes`` bytes where given."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="ogg") as out:
-        stream = out.add_stream("libopus", rate=48000, layout="mono")
-        for i in range(comments):
-            stream.metadata[f"k{i}"] = "v"
-        if comment_bytes:
-            stream.metadata["cover"] = "a" * comment_bytes
-        samples = _tone(seconds, 48000)
-        for start in range(0, len(samples), 48000):
-            frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = 48000, start
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+    metadata = {f"k{i}": "v" for i in range(comments)}
+    if comment_bytes:
+        metadata["cover"] = "a" * comment_bytes
+    return _encode(_tone(seconds, 48000), 48000, "ogg", "libopus", metadata=metadata)
 
 
 def test_an_ogg_of_thousands_of_comments_or_a_huge_one_is_refused_at_submit(client) -> None:
@@ -312,36 +297,20 @@ def test_a_voice_in_opposite_polarity_on_two_channels_is_not_silence(utterances,
     codec's residue, and the recording was refused as silent. Now the first channel is decoded;
     a stereo file silent on both channels is still refused."""
     speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
-    data = _encode_stereo(np.stack([speech, -speech], axis=1), rate, container, codec)
+    data = _encode(np.stack([speech, -speech], axis=1), rate, container, codec)
     decoded = load_audio(data)
     assert decoded.duration == pytest.approx(len(speech) / rate, abs=0.1)
     level = float(np.sqrt(np.mean(decoded.float32() ** 2)))
     assert level == pytest.approx(float(np.sqrt(np.mean(speech**2))), rel=0.2)
     with pytest.raises(InputError, match="audio is silent"):
-        load_audio(_encode_stereo(np.zeros((5 * rate, 2), np.float32), rate, container, codec))
-
-
-def _encode_stereo(samples: np.ndarray, rate: int, container: str, codec: str) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="stereo")
-        step = 10 * rate
-        for start in range(0, len(samples), step):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[start : start + step].T), format="fltp",
-                                               layout="stereo")
-            frame.sample_rate, frame.pts = rate, start
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+        load_audio(_encode(np.zeros((5 * rate, 2), np.float32), rate, container, codec))
 
 
 def test_a_job_of_a_voice_in_opposite_polarity_is_analysed(client, utterances) -> None:
     """The same as an MP3 through the API and the session's real worker: the job failed "audio
     is silent" (422); it now embeds the voice."""
     speech, rate = sf.read(utterances["spk1"][0], dtype="float32")
-    data = _encode_stereo(np.stack([speech, -speech], axis=1), rate, "mp3", "libmp3lame")
+    data = _encode(np.stack([speech, -speech], axis=1), rate, "mp3", "libmp3lame")
     r = client.post("/jobs/embedding", files={"file": ("inverted.mp3", data, "audio/mpeg")})
     assert r.status_code == 202, r.text
     done = wait_for_job(client, r.json()["job_id"], 90)
