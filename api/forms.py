@@ -192,6 +192,32 @@ def refuse_fields_in_query(request: Request, form_fields: frozenset[str]) -> Non
                          "takes its fields in the form (multipart/form-data), not the URL")
 
 
+FORM_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
+
+
+def refuse_other_bodies(request: Request) -> None:
+    """415 for a body that is not a form, sent to a route that takes one, naming what was sent
+    and what is taken.
+
+    A JSON body (``{"file_url": "https://…", "num_speakers": 2}``, what most HTTP APIs take) was
+    read as an empty form and answered "file: an upload (or file_url) is required" though it
+    held a file_url; audio sent as the body itself (``--data-binary @meeting.wav``) likewise.
+    A request without a Content-Type is left to the form's own checks."""
+    sent = request.headers.get("content-type")
+    if sent is None:
+        return
+    media = sent.split(";", 1)[0].strip().lower()
+    if media and media not in FORM_TYPES:
+        raise UnsupportedBody(
+            f"{request.method} {request.url.path} takes a form (multipart/form-data; without a file also "
+            f"application/x-www-form-urlencoded), not {media[:100]}: with curl, -F 'file=@meeting.wav' for an "
+            "upload and -F name=value for each other field")
+
+
+class UnsupportedBody(InputError):
+    status_code = 415
+
+
 def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],
                    extra: list[inspect.Parameter]) -> Callable[..., Awaitable[Any]]:
     """``endpoint(**values)`` as FastAPI sees it: ``fixed`` (dependencies, ``request`` among

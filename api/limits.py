@@ -26,7 +26,7 @@ from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from api.forms import refuse_fields_in_query
+from api.forms import refuse_fields_in_query, refuse_other_bodies
 
 # What a form may hold in memory. Every form field of every route is a number, a flag, a name or
 # a URL (8 KB at most), so 64 fields of 64 KB each is far more than any request needs. Starlette's
@@ -104,7 +104,8 @@ class BoundedFormRequest(Request):
 class BoundedFormRoute(APIRoute):
     """A route that parses its form as a :class:`BoundedFormRequest` (``route_class`` of the
     routers); one that takes a form refuses its fields sent in the query string instead
-    (:func:`api.forms.refuse_fields_in_query`), before reading its body."""
+    (:func:`api.forms.refuse_fields_in_query`), and a body that is not a form (JSON, audio
+    itself: :func:`api.forms.refuse_other_bodies`), before reading its body."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -114,6 +115,8 @@ class BoundedFormRoute(APIRoute):
         async def bounded(request: Request) -> Response:
             if form_fields and request.query_params:
                 refuse_fields_in_query(request, form_fields)
+            if form_fields:
+                refuse_other_bodies(request)
             return await handler(BoundedFormRequest(request.scope, request.receive))
 
         return bounded

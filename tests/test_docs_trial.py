@@ -53,6 +53,10 @@ Each test fails on the code (or the docs) before its fix:
   answered "file: Value error, Expected UploadFile, received: <class 'str'>", pydantic's words
   about the API's internals; now "file: expected an uploaded file, got text (curl sends a file
   with an @: -F 'file=@meeting.wav')", on every route and upload field alike.
+* a JSON body (``{"file_url": "https://…", "num_speakers": 2}``, what most HTTP APIs take) sent
+  to ``POST /jobs/diarize`` was read as an empty form: 422 "file: an upload (or file_url) is
+  required", though it held a file_url; audio sent as the body itself (``--data-binary
+  @meeting.wav``) the same. Such a body is now 415, naming what was sent and what the route takes.
 """
 
 from __future__ import annotations
@@ -353,6 +357,40 @@ def test_text_where_a_file_goes_says_how_to_send_the_file(api_base, path, field,
     # before: "file: Value error, Expected UploadFile, received: <class 'str'>"
     assert detail == (f"{field}: expected an uploaded file, got text (curl sends a file with an @: "
                       f"-F '{name}=@meeting.wav')"), detail
+
+
+@pytest.mark.parametrize("path,content_type,body", [
+    ("/jobs/diarize", "application/json", b'{"file_url": "http://127.0.0.1:8081/a.wav", "num_speakers": 2}'),
+    ("/jobs/diarize", "audio/wav", None),
+    ("/diarize", "audio/wav", None),
+    ("/voiceprints/import", "application/json", b'{"label": "Ada", "embedding": [1.0]}'),
+])
+def test_a_body_that_is_not_a_form_is_named(api_base, path, content_type, body):
+    import httpx
+
+    from tests.conftest import tone_wav
+
+    r = httpx.post(f"{api_base}{path}", content=body if body is not None else tone_wav(),
+                   headers={"Content-Type": content_type}, timeout=30)
+    # before: 422 "file: an upload (or file_url) is required" (or "file: Field required")
+    assert r.status_code == 415, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith(f"POST {path} takes a form (multipart/form-data") and f"not {content_type}" in detail
+
+
+def test_forms_are_taken_as_before(api_base):
+    """Multipart with its boundary, and urlencoded without a file, still reach the route."""
+    import httpx
+
+    from tests.conftest import tone_wav
+
+    r = httpx.post(f"{api_base}/jobs/diarize", files={"file": ("a.wav", tone_wav(2.0), "audio/wav")}, timeout=30)
+    assert r.status_code == 202, r.text
+    r = httpx.post(f"{api_base}/jobs/diarize", data={"file_url": "http://127.0.0.1:8081/a.wav"}, timeout=30)
+    assert r.status_code == 202, r.text
+    # no Content-Type (nothing sent): the form's own answer
+    r = httpx.post(f"{api_base}/jobs/diarize", timeout=30)
+    assert r.status_code == 422 and r.json()["detail"] == "file: an upload (or file_url) is required", r.text
 
 
 # --- the Python client ----------------------------------------------------------------------------
