@@ -866,10 +866,24 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         if binding and declared == 0:  # declares nothing to decode: held to the slack alone
             collected.ceiling, collected.expected_s = int(_DECLARED_SLACK[1] * SAMPLE_RATE), 0.0
 
+        def packets():
+            # PyAV (18.1) flushes at the end of the file by the streams the container has then,
+            # with a table of those it had when demuxing began: a stream that appeared mid-file
+            # (an FLV's first video or data tag, a new PID in an MPEG-TS) raised IndexError there,
+            # after every packet of this stream and its flush, and the job failed as an internal
+            # error (500). The decode is whole by then
+            demuxed = container.demux(stream)
+            while True:
+                try:
+                    packet = next(demuxed)
+                except (StopIteration, IndexError):
+                    return
+                yield packet
+
         def frames():
             # packet by packet: a corrupt packet (a damaged frame of an MP3, a bad AAC block) is
             # skipped, as FFmpeg's own tools do, instead of ending the decode there
-            for packet in container.demux(stream):
+            for packet in packets():
                 try:
                     decoded = packet.decode()
                 except (av.FFmpegError, ValueError):

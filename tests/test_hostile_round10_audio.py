@@ -40,6 +40,11 @@ recordings (joined with ``cat``, channels in opposite polarity) that were analys
   microphone cable with one leg reversed, a mono signal written L/-R) down-mixed to exact zeros,
   or to a lossy codec's residue under -80 dBFS (MP3, AAC, Opus alike), and the recording was
   refused as "audio is silent" (422). Such a file is now decoded again, its first channel alone.
+- Streams that appear mid-file: PyAV (18.1) flushes at the end of a file by the streams the
+  container has then, with a table of those it had when demuxing began, and raised IndexError
+  when a stream had appeared since (an MPEG-TS whose middle holds a program of 30 more streams,
+  two captures joined; an FLV's first video tag): the job failed as an internal error (500)
+  after decoding the whole file. The decode is kept now.
 
 Files are crafted here with FFmpeg's encoders (PyAV), their headers rewritten. The decoder's cases
 call it directly; the end-to-end ones go through the API and the session's real Celery worker
@@ -316,3 +321,53 @@ def test_a_job_of_a_voice_in_opposite_polarity_is_analysed(client, utterances) -
     done = wait_for_job(client, r.json()["job_id"], 90)
     assert done["status"] == "succeeded", done
     assert done["result"]["audio_duration"] == pytest.approx(len(speech) / rate, abs=0.1), done["result"]
+
+
+# --- streams that appear mid-file ----------------------------------------------------------------------
+
+def _ts(seconds: float, streams: int, bit_rate: int) -> bytes:
+    """``seconds`` of a tone in an MPEG-TS of ``streams`` MP2 streams (PIDs 0x100 on)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mpegts") as out:
+        outs = [out.add_stream("mp2", rate=48000, layout="mono") for _ in range(streams)]
+        for stream in outs:
+            stream.bit_rate = bit_rate
+        samples = _tone(seconds, 48000)
+        for start in range(0, len(samples), 48000):
+            for stream in outs:
+                frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp",
+                                                   layout="mono")
+                frame.sample_rate, frame.pts = 48000, start
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for stream in outs:
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def joined_ts() -> bytes:
+    """110 s of one stream, 1 s of a program of 30 streams (the first on the same PID), 110 s of
+    the one stream again: 6.3 MB on either side, past what FFmpeg reads of the file's start and
+    end when it opens it, so the 29 other streams appear while it is demuxed."""
+    one = _ts(110.0, 1, 384_000)
+    assert len(one) > 5_000_000
+    return one + _ts(1.0, 30, 64_000) + one
+
+
+def test_streams_that_appear_mid_file_do_not_fail_the_decode(joined_ts) -> None:
+    """The decoder raised IndexError out of PyAV's flush, after the whole file; it is decoded."""
+    with av.open(io.BytesIO(joined_ts)) as container:
+        assert len(container.streams) == 1  # the premise: the others are not known at open
+    assert load_audio(joined_ts).duration == pytest.approx(221.0, abs=0.1)
+
+
+def test_a_job_whose_file_gains_streams_mid_file_is_analysed(client, joined_ts) -> None:
+    """Through the API and the session's real worker: the job failed as an internal error (500);
+    it now succeeds, the whole file analysed."""
+    r = client.post("/jobs/embedding", files={"file": ("joined.ts", joined_ts, "video/mp2t")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 120)
+    assert done["status"] == "succeeded", done
+    assert done["result"]["audio_duration"] == pytest.approx(221.0, abs=0.1), done["result"]
