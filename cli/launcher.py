@@ -402,10 +402,24 @@ def summary(settings: Settings, redis_url: str, flower_login: str | None) -> str
     return "\n".join(lines)
 
 
+def anchored_data_dir(settings: Settings) -> Settings:
+    """``settings`` with the default data folder (``.data``) in this checkout, wherever ``up``
+    is started from; a folder the environment names is taken as given.
+
+    It was relative to the working directory: ``.venv/bin/audio-analysis up`` started from
+    another folder made a ``.data`` there with a new webhook secret and Flower login, and, the
+    Redis database being marked with that folder, took another database, where the voiceprints
+    and jobs of the earlier runs were not (they "never expire", and were gone)."""
+    if "data_dir" in settings.model_fields_set or settings.data_dir.is_absolute():
+        return settings
+    return settings.model_copy(update={"data_dir": PROJECT_ROOT / settings.data_dir})
+
+
 def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> int:
     """``audio-analysis up``: everything in the foreground until Ctrl-C."""
     # soft_wrap: paths printed whole, not folded at the terminal width (people copy them)
     say = (lambda text: console.print(text, soft_wrap=True, highlight=False)) if console is not None else print
+    settings = anchored_data_dir(settings)
     taken = taken_ports(settings, with_flower)
     if taken:
         for line in taken:

@@ -57,6 +57,12 @@ Each test fails on the code (or the docs) before its fix:
   to ``POST /jobs/diarize`` was read as an empty form: 422 "file: an upload (or file_url) is
   required", though it held a file_url; audio sent as the body itself (``--data-binary
   @meeting.wav``) the same. Such a body is now 415, naming what was sent and what the route takes.
+* ``up``'s data folder (``.data``: the webhook secret, Flower's login, the mark of its Redis
+  database) was relative to the working directory: ``.venv/bin/audio-analysis up`` started
+  outside the checkout made new secrets there and, its database marked with that folder, took
+  another Redis database, in which the voiceprints and jobs of earlier runs were not. The
+  default folder is now the checkout's ``.data`` wherever ``up`` starts; one the environment
+  names is taken as given.
 """
 
 from __future__ import annotations
@@ -303,6 +309,33 @@ def test_up_refuses_a_port_another_program_holds(tmp_path, which):
     # nothing was started: no Redis of its own, no worker (whose models take seconds to load)
     assert "is up" not in out and not (tmp_path / "data" / "redis").exists(), out[-2000:]
     assert took < 30, took
+
+
+def test_up_keeps_its_data_in_the_checkout_wherever_it_starts(tmp_path, monkeypatch):
+    from cli import launcher
+    from shared.settings import Settings
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def ensure_redis(self, url, data_dir):
+        seen["redis"] = data_dir
+        raise Stop
+
+    monkeypatch.delenv("AUDIO_ANALYSIS_DATA_DIR", raising=False)
+    monkeypatch.setattr(launcher, "taken_ports", lambda settings, with_flower: [])
+    monkeypatch.setattr(launcher.Stack, "ensure_redis", ensure_redis)
+    monkeypatch.chdir(tmp_path)  # started from another folder
+    with pytest.raises(Stop):
+        launcher.run_local(Settings(), with_flower=False, console=None)
+    # before: tmp_path/.data/redis, and a database marked with tmp_path/.data
+    assert seen["redis"] == ROOT / ".data" / "redis"
+    assert not (tmp_path / ".data").exists()
+    # a folder the environment names is kept as given, relative or not
+    monkeypatch.setenv("AUDIO_ANALYSIS_DATA_DIR", "mine")
+    assert launcher.anchored_data_dir(Settings()).data_dir == Path("mine")
 
 
 def test_up_checks_a_port_as_its_servers_bind():
