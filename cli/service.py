@@ -142,6 +142,11 @@ def submit(
             usage_error(source, "is a directory (give a file or an http(s) URL)")
         if not Path(source).is_file():
             usage_error(source, "no such file (give a local file or an http(s) URL)")
+    # an option the kind cannot run without, before anything is uploaded: it was the API's
+    # "ValidationError (422): label: Field required", once the files had gone up
+    missing = [name for name, spec in job_kind.form_fields.items() if spec.is_required() and not params.get(name)]
+    if missing:
+        usage_error(f"submit --kind {kind}", "needs " + ", ".join("--" + n.replace("_", "-") for n in missing))
     try:
         with Client(url, api_key=api_key) as client:
             job = client.submit(kind, *(f if is_url(f) else Path(f) for f in files), webhook_url=webhook_url,

@@ -14,6 +14,8 @@ Each test fails on the code (or the docs) before its fix:
   CLI's ``enroll`` and ``identify`` likewise showed ``--label`` and ``--voiceprints`` without
   ``[required]``; left out, the command imported torch and then printed "ValidationError:
   voiceprints: Field required"; now typer's "Missing option '--voiceprints'", before anything loads.
+  ``submit --kind enroll`` without ``--label`` uploaded its files to be told "label: Field
+  required" by the API; it now says "needs --label" (exit 2) before sending anything.
 * ``audio-analysis up`` with its API's port held by another program (port 8000 is a common one)
   started Redis and the workers, loaded the models, took the other program's listening port for
   its own API's ("the API is up", then "audio-analysis is up: web page http://127.0.0.1:8000/"),
@@ -261,6 +263,22 @@ def test_the_cli_says_which_options_a_command_requires(tmp_path, command, option
     assert ran.returncode == 2, (ran.returncode, ran.stderr)
     assert f"Missing option '{option}'" in ran.stderr, ran.stderr
     assert "torch" not in ran.stderr
+
+
+@pytest.mark.parametrize("kind,option", [("enroll", "--label"), ("identify", "--voiceprints")])
+def test_submit_names_an_option_its_kind_needs_before_sending(tmp_path, kind, option):
+    from cli.launcher import free_port
+    from tests.conftest import tone_wav
+
+    audio = tmp_path / "a.wav"
+    audio.write_bytes(tone_wav())
+    # nothing listens there: had it sent the files, it would have retried for 15 s, then exit 1
+    ran = subprocess.run([sys.executable, "-m", "cli.main", "submit", "--kind", kind, str(audio),
+                          "--url", f"http://127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    said = " ".join(ran.stderr.split())
+    assert ran.returncode == 2, (ran.returncode, said)
+    assert f"submit --kind {kind}: needs {option}" in said, said
 
 
 def test_submit_takes_the_options_of_its_kind_only():
