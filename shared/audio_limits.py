@@ -994,11 +994,12 @@ OGG_BOS = re.compile(rb"OggS\x00[\x02\x03\x06\x07]")
 _OGG_SEARCH = 1 << 20
 
 
-def ogg_link_starts(fh: BinaryIO, most: int | None = None) -> list[int] | None:
+def ogg_link_starts(fh: BinaryIO, most: int | None = None, *, streams: bool = False) -> list[int] | None:
     """Where an Ogg file's links start: each beginning-of-stream page that does not follow
-    another (a link multiplexing several streams opens with one such page per stream), searched
-    for a MB at a time, not walked (a GB of 28-byte pages would be 38 million steps of Python).
-    None where there are more than ``most``. Leaves ``fh`` at its start."""
+    another (a link multiplexing several streams opens with one such page per stream; with
+    ``streams``, each of those too), searched for a MB at a time, not walked (a GB of 28-byte
+    pages would be 38 million steps of Python). None where there are more than ``most``. Leaves
+    ``fh`` at its start."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
     starts: list[int] = []
@@ -1016,7 +1017,7 @@ def ogg_link_starts(fh: BinaryIO, most: int | None = None) -> list[int] | None:
                     head = fh.read(27 + 255)
                     if len(head) < 27 or len(head) < 27 + head[26]:
                         continue
-                if page != grouped_until:
+                if streams or page != grouped_until:
                     starts.append(page)
                     if most is not None and len(starts) > most:
                         return None
@@ -1028,23 +1029,40 @@ def ogg_link_starts(fh: BinaryIO, most: int | None = None) -> list[int] | None:
 
 
 def check_ogg_comments(fh: BinaryIO, *, every_link: bool = False) -> None:
-    """Refuse (415) an Ogg file whose comment header (of its first link's first stream, or with
-    ``every_link`` of each link's, as FFmpeg reads them decoding a chain) declares more than
-    :data:`MAX_OGG_COMMENTS` comments or is over :data:`MAX_OGG_COMMENT_BYTES`; anything else
-    passes. Walks the pages of a link's headers only (``every_link``: searches the whole file for
-    links, a MB at a time); leaves ``fh`` at its start."""
+    """Refuse (415) an Ogg file where a stream's comment header (each stream of its first link,
+    or with ``every_link`` of every link, as FFmpeg reads them decoding a chain) declares more
+    than :data:`MAX_OGG_COMMENTS` comments or is over :data:`MAX_OGG_COMMENT_BYTES`; anything
+    else passes. Walks the pages of the streams' headers only (``every_link``: searches the whole
+    file for streams, a MB at a time); leaves ``fh`` at its start. At most :data:`MAX_STREAMS`
+    streams a link are looked at: FFmpeg opens no file of more."""
     try:
         fh.seek(0)
         if fh.read(4) != b"OggS":
             return
-        starts = ogg_link_starts(fh) if every_link else [0]
-        for start in starts or [0]:
+        starts = (ogg_link_starts(fh, streams=True) if every_link else _ogg_first_streams(fh)) or [0]
+        for start in starts:
             count = _ogg_comments(fh, start)
             if count > MAX_OGG_COMMENTS:
                 raise AudioDecodeError(f"the Ogg file's comment header declares {count} comments; at most "
                                        f"{MAX_OGG_COMMENTS} are supported (a tagger writes a few dozen)")
     finally:
         fh.seek(0)
+
+
+def _ogg_first_streams(fh: BinaryIO) -> list[int]:
+    """Where the beginning-of-stream pages that open an Ogg file lie (one a stream of its first
+    link, a skeleton's or a video's before the audio's), at most :data:`MAX_STREAMS` of them."""
+    starts: list[int] = []
+    at = 0
+    while len(starts) < MAX_STREAMS:
+        fh.seek(at)
+        head = fh.read(27)
+        if len(head) < 27 or head[:4] != b"OggS" or not head[5] & 0x02:
+            break
+        starts.append(at)
+        lacing = fh.read(head[26])
+        at += 27 + len(lacing) + sum(lacing)
+    return starts
 
 
 def _ogg_comments(fh: BinaryIO, start: int) -> int:

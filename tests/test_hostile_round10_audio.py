@@ -34,8 +34,9 @@ recordings (joined with ``cat``, channels in opposite polarity) that were analys
   quadratic, so a 16 MB header hours), under a job time limit of hours for a chain's unknown
   length, and libsndfile, which reads an Ogg's header in the API's own process, held twice a
   comment's size (a 100 MB one: 204 MB; 1 GB would take the API past its 2 GB). More than 1024
-  comments in a header, or a header over 16 MB, is refused: the first link's at submit, every
-  link's before the worker's decoder reads a chain.
+  comments in a header, or a header over 16 MB, is refused: each stream's of the first link at
+  submit (a second stream beside the first, a skeleton's or a video's before the audio, was not
+  looked at), every link's before the worker's decoder reads a chain.
 - Channels that cancel in their mean: a voice on left and right in opposite polarity (a balanced
   microphone cable with one leg reversed, a mono signal written L/-R) down-mixed to exact zeros,
   or to a lossy codec's residue under -80 dBFS (MP3, AAC, Opus alike), and the recording was
@@ -280,6 +281,36 @@ def test_an_ogg_of_thousands_of_comments_or_a_huge_one_is_refused_at_submit(clie
         assert "comment" in r.json()["detail"] or "header packets" in r.json()["detail"], r.text
     tagged = _opus(3.0, comments=40, comment_bytes=3 << 20)
     assert check_audio_limits(io.BytesIO(tagged), max_duration=20.0).duration == pytest.approx(3.0, abs=0.05)
+
+
+def _two_streams(comments: int) -> bytes:
+    """Two Opus streams multiplexed in one Ogg (FFmpeg's muxer), the second's header holding
+    ``comments`` comments: FFmpeg reads both streams' headers as it opens the file."""
+    buf = io.BytesIO()
+    samples = _tone(3.0, 48000)
+    with av.open(buf, mode="w", format="ogg") as out:
+        first, second = (out.add_stream("libopus", rate=48000, layout="mono") for _ in range(2))
+        for i in range(comments):
+            second.metadata[f"k{i}"] = "v"
+        for start in range(0, len(samples), 48000):
+            for stream in (first, second):
+                frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp",
+                                                   layout="mono")
+                frame.sample_rate, frame.pts = 48000, start
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+        for stream in (first, second):
+            for packet in stream.encode(None):
+                out.mux(packet)
+    return buf.getvalue()
+
+
+def test_a_second_streams_thousands_of_comments_are_refused_at_submit() -> None:
+    """The first stream's header alone was looked at: a second stream beside it (a skeleton or a
+    video first, the audio after) held what it liked. Each stream of the first link is checked."""
+    with pytest.raises(AudioDecodeError, match="2001 comments"):
+        check_audio_limits(io.BytesIO(_two_streams(2000)), max_duration=20.0)
+    assert check_audio_limits(io.BytesIO(_two_streams(40)), max_duration=20.0).sample_rate == 48000
 
 
 def test_a_chain_whose_later_link_holds_thousands_of_comments_is_refused_before_ffmpeg_reads_it() -> None:
