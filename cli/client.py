@@ -103,14 +103,17 @@ class Client:
     connection failed or the service answered 502/503/504 (a submit also after a 429, its
     tenant at its quota), waiting its Retry-After (at most ``retry_wait_max_s``). A submit carries an ``Idempotency-Key``, so that a retry after an
     answer lost on the way (a reset, a timeout) gets the job the first attempt made instead of
-    running the recording twice."""
+    running the recording twice. ``on_retry(why, wait_s, retry, retries)``, when given, is told
+    of each retry before its wait (the CLI says it on stderr)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout_s: float = 60.0,
-                 retries: int = 4, retry_wait_max_s: float = 30.0):
+                 retries: int = 4, retry_wait_max_s: float = 30.0,
+                 on_retry: Callable[[str, float, int, int], None] | None = None):
         headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
         self.retries = retries
         self.retry_wait_max_s = retry_wait_max_s
+        self.on_retry = on_retry
 
     def _retrying(self, send: Callable[[], httpx.Response], retried: frozenset[int] = TRANSIENT_STATUS) -> httpx.Response:
         """``send()``, again after a transport error or an answer in ``retried``, ``retries`` times
@@ -119,13 +122,18 @@ class Client:
             response: httpx.Response | None = None
             try:
                 response = send()
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise
+                why = f"no answer ({type(exc).__name__}: {exc})"
             else:
                 if response.status_code not in retried or attempt == self.retries:
                     return response
-            time.sleep(_retry_wait(response, attempt, self.retry_wait_max_s))
+                why = f"answered {response.status_code}"
+            wait_s = _retry_wait(response, attempt, self.retry_wait_max_s)
+            if self.on_retry is not None:
+                self.on_retry(why, wait_s, attempt + 1, self.retries)
+            time.sleep(wait_s)
         raise AssertionError("unreachable")  # the loop returns or raises on its last attempt
 
     def __enter__(self) -> "Client":

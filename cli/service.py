@@ -65,6 +65,16 @@ def _exit_for(exc: Exception, url: str | None = None) -> typer.Exit:
     return typer.Exit(2 if exc.status_code < 500 else 1)
 
 
+def _retrying_said(url: str) -> Any:
+    """What the client's retries tell stderr: an API that does not answer (or answers 502, 503,
+    504, 429) was waited for in silence, 15 s and four retries before "cannot reach the API"."""
+    def said(why: str, wait_s: float, retry: int, retries: int) -> None:
+        err.print(f"[yellow]the API at {shown(url)}[/yellow]: {shown(why)}; retry {retry} of {retries} in "
+                  f"{wait_s:.0f} s", highlight=False)
+
+    return said
+
+
 def _echo_result(result: Any, format: str) -> None:  # noqa: A002
     if format == "json":
         typer.echo(json.dumps(result, indent=2))
@@ -148,7 +158,7 @@ def submit(
     if missing:
         usage_error(f"submit --kind {kind}", "needs " + ", ".join("--" + n.replace("_", "-") for n in missing))
     try:
-        with Client(url, api_key=api_key) as client:
+        with Client(url, api_key=api_key, on_retry=_retrying_said(url)) as client:
             job = client.submit(kind, *(f if is_url(f) else Path(f) for f in files), webhook_url=webhook_url,
                                 webhook_payload=webhook_payload, **params)
             if not wait:
@@ -218,7 +228,7 @@ def _with_client(url: str, api_key: str | None, call: Any) -> Any:
     from shared.errors import AnalysisError
 
     try:
-        with Client(url, api_key=api_key) as client:
+        with Client(url, api_key=api_key, on_retry=_retrying_said(url)) as client:
             return call(client)
     except (AnalysisError, httpx.TransportError) as exc:
         raise _exit_for(exc, url)

@@ -32,7 +32,8 @@ Each test fails on the code (or the docs) before its fix:
 * ``audio-analysis submit``/``status``/``result``/``cancel`` with no API where they looked said
   "cannot reach the API (ConnectError): [Errno 111] Connection refused": not where it looked
   (http://127.0.0.1:8000 by default, whatever port ``up`` was given) nor how to name another.
-  It now names the URL, and --url / AUDIO_ANALYSIS_URL.
+  It now names the URL, and --url / AUDIO_ANALYSIS_URL; and the 15 s of retries before it (4,
+  waiting 1, 2, 4, 8 s), which passed in silence, say each what happened and when the next is.
 * docs/service.md and docs/models.md sent a reader to ``engine.core.DEFAULT_THRESHOLDS`` for the
   calibrated thresholds: no such name (they are each profile's ``default_threshold`` in
   ``engine/profiles.py``). Every dotted name and file path the docs give in backticks now
@@ -442,6 +443,25 @@ def test_forms_are_taken_as_before(api_base):
     # no Content-Type (nothing sent): the form's own answer
     r = httpx.post(f"{api_base}/jobs/diarize", timeout=30)
     assert r.status_code == 422 and r.json()["detail"] == "file: an upload (or file_url) is required", r.text
+
+
+def test_the_cli_says_it_retries_an_api_that_does_not_answer(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli import client as client_module
+    from cli.launcher import free_port
+    from cli.main import app
+
+    waited = []
+    monkeypatch.setattr(client_module.time, "sleep", waited.append)
+    url = f"http://127.0.0.1:{free_port()}"
+    ran = CliRunner().invoke(app, ["status", "0123", "--url", url], env={"COLUMNS": "300"})
+    assert ran.exit_code == 1, ran.output
+    said = [line for line in ran.output.splitlines() if "retry" in line]
+    # before: nothing for 15 s, then "cannot reach the API"
+    assert waited == [1, 2, 4, 8], waited
+    assert len(said) == 4 and all(line.startswith(f"the API at {url}: no answer (ConnectError") for line in said), said
+    assert said[-1].endswith("retry 4 of 4 in 8 s"), said
 
 
 # --- the Python client ----------------------------------------------------------------------------
