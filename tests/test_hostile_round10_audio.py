@@ -28,6 +28,10 @@ recordings (joined with ``cat``, channels in opposite polarity) that were analys
   first link (a recorder's pre-roll) with the speech behind it failed its job as "audio is silent"
   (422). libsndfile now decodes such a chain link by link, each resampled and down-mixed on its
   own; a link it cannot decode (more than MAX_CHANNELS: round 6) ends the decode there.
+- Ogg files joined whose streams have the same serial number (``cat a.ogg a.ogg``, a writer that
+  numbers every stream alike): the chain test compared the first page's stream with the last
+  page's, found them the same, and libsndfile decoded the first file alone (4 s of 8, without a
+  word). The decoder now searches the file for a second link where they are the same.
 - Ogg comment headers: FFmpeg adds each comment to a dictionary it searches from its start, so a
   Vorbis header of 40,000 short comments (a 480 KB upload) took 12.6 s of the worker's CPU to
   decode where the file is a chain (the decoder gives chains to FFmpeg; 10,000: 0.5 s;
@@ -257,6 +261,16 @@ def test_a_job_whose_speech_is_in_a_chains_later_link_is_analysed(client, uttera
     done = wait_for_job(client, r.json()["job_id"], 90)
     assert done["status"] == "succeeded", done
     assert done["result"]["audio_duration"] == pytest.approx(2.0 + len(speech) / rate, abs=0.1), done["result"]
+
+
+def test_ogg_files_joined_whose_streams_share_a_serial_number_decode_to_their_end() -> None:
+    """The same 4 s Ogg twice, and three times: decoded as 4 s; each link now, as any chain."""
+    for subtype in ("VORBIS", "OPUS"):
+        one = _ogg(_sine(300, 4.0, 16000), 16000, subtype)
+        assert load_audio(one).duration == pytest.approx(4.0, abs=0.01)
+        for times in (2, 3):
+            # Vorbis links each add their encoder's few ms of priming (round 6)
+            assert load_audio(one * times).duration == pytest.approx(4.0 * times, abs=0.05 * times), (subtype, times)
 
 
 # --- Ogg comment headers ----------------------------------------------------------------------------
