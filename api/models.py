@@ -21,7 +21,7 @@ class _JobFields(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     progress: float = Field(description="0..1 while running (diarization reports per step)")
-    step: str | None = Field(None, description="pipeline step currently running")
+    step: str | None = Field(None, description="the step running; null once succeeded, the step it stopped in once failed or cancelled")
     attempts: int = Field(0, description="times a worker started the job: 2 or more after a redelivery")
     error: JobError | None = Field(None, description="the documented error body, once failed")
     webhook_url: str | None = None

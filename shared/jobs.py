@@ -1272,7 +1272,9 @@ class JobStore:
                 "finished_ts": time.time(),
             }
             if status == SUCCEEDED:
-                update["progress"] = 1.0
+                # no step is running any more: a finished embedding said "starting" for good (its
+                # only step); a failed or cancelled job keeps the step it stopped in
+                update.update(progress=1.0, step=None)
             if unannounced:
                 update.update(_UNANNOUNCED)
             return r.model_copy(update=update)

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
 
     # --- verification -------------------------------------------------------------------------
     # Cosine threshold of same_speaker when a request gives none. Unset: the value calibrated
-    # for the active model (see engine.core.DEFAULT_THRESHOLDS and docs/models.md).
+    # for the active model (its profile's default_threshold, engine/profiles.py; docs/models.md).
     verification_threshold: float | None = None
 
     # --- voiceprints and identification (issue 10, docs/models.md) -----------------------------

@@ -39,6 +39,7 @@ def test_diarize_job_reports_progress_and_result(client, long_sample, settings):
     assert abs(result["audio_duration"] - 120.0) < 0.1
     assert result["model_device"] == "cpu"
     assert done["progress"] == 1.0 and done["started_at"] and done["finished_at"]
+    assert done["step"] is None  # nothing runs any more (it kept the last step it reported)
     running = [s for s in seen if s["status"] == "running"]
     assert running, "never observed the job running"
     assert any(0 < s["progress"] < 1 and s["step"] for s in running), running[-3:]
@@ -54,6 +55,7 @@ def test_embedding_job(client, utterances, settings):
     assert r.status_code == 202, r.text
     done = wait_for_job(client, r.json()["job_id"])
     assert done["status"] == "succeeded", done
+    assert done["step"] is None, done  # it said "starting" for good
     assert set(done["result"]) == EMBED_KEYS
     assert len(done["result"]["embedding"]) == 192
     assert done["result"]["normalized"] is False
