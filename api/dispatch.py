@@ -76,6 +76,11 @@ RENDER_ALONE_BYTES = 256 * 1024
 # call read and parsed its record 20 times a second for up to sync_timeout_s (an hour): a few
 # hundred calls waiting on busy or absent workers took the API's core with them.
 SYNC_POLL_MAX_S = 1.0
+# ... but not before the call has waited this long: a verification of a 3 s clip takes its worker
+# 0.4-0.6 s, and backing off from the first poll saw a job that ended at 0.45 s at 0.66 s and one
+# that ended at 0.7 s at 1.04 s (0.19 s median between the worker's end and the answer over 498
+# /compare calls). A call's first seconds at 50 ms are some 40 reads of a small record.
+SYNC_POLL_STEADY_S = 2.0
 # Connections of the API's asyncio Redis client (the synchronous calls' polls). redis-py's plain
 # pool refuses a request past its 100 connections ("Too many connections"): when more polls than
 # that were on their way at once (200 calls waiting, a Redis slow to answer), the calls were
@@ -851,6 +856,7 @@ class Dispatcher:
         """
         deadline = time.monotonic() + timeout_s
         interval = self.settings.sync_poll_interval_s
+        steady_until = time.monotonic() + SYNC_POLL_STEADY_S
         # the call was taken with a worker live (require_worker); once a heartbeat interval
         # passed with the job still queued, whether one still is, at most once an interval
         recheck_s = self.settings.worker_heartbeat_interval_s
@@ -890,7 +896,8 @@ class Dispatcher:
                         raise _no_worker()
                     continue
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0.0)))
-            interval = min(interval * 1.5, max(SYNC_POLL_MAX_S, self.settings.sync_poll_interval_s))
+            if time.monotonic() >= steady_until:
+                interval = min(interval * 1.5, max(SYNC_POLL_MAX_S, self.settings.sync_poll_interval_s))
 
     async def _cancel_quietly(self, job_id: str) -> bool:
         """Cancel the job: True, or False when it ended meanwhile."""
