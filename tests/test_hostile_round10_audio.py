@@ -264,10 +264,14 @@ def test_a_job_whose_speech_is_in_a_chains_later_link_is_analysed(client, uttera
 
 
 def test_ogg_files_joined_whose_streams_share_a_serial_number_decode_to_their_end() -> None:
-    """The same 4 s Ogg twice, and three times: decoded as 4 s; each link now, as any chain."""
+    """The same 4 s Ogg twice, and three times: decoded as 4 s; each link now, as any chain. The
+    header check gives no length for them (it gave one link's, which a job's time limit and the
+    synchronous limit followed), as for any chain; one link alone keeps its length."""
     for subtype in ("VORBIS", "OPUS"):
         one = _ogg(_sine(300, 4.0, 16000), 16000, subtype)
         assert load_audio(one).duration == pytest.approx(4.0, abs=0.01)
+        assert check_audio_limits(io.BytesIO(one), max_duration=60.0).duration == pytest.approx(4.0, abs=0.01)
+        assert check_audio_limits(io.BytesIO(one * 2), max_duration=60.0).duration is None, subtype
         for times in (2, 3):
             # Vorbis links each add their encoder's few ms of priming (round 6)
             assert load_audio(one * times).duration == pytest.approx(4.0 * times, abs=0.05 * times), (subtype, times)
