@@ -463,19 +463,20 @@ class Engine:
         identification and enrollment use) finds none in those and all of a real utterance,
         down to -75 dBFS.
 
-        Nor is a voice verified from less speech than ``identify`` names one from
-        (``identification_min_speech_s``, 1 s): under ``MIN_EMBEDDED_S`` the whole recording was
-        embedded, its silence with it, and 3 s holding 0.25 s of a reader's voice scored 0.105
-        against that reader (200, same_speaker false) where ``/identify`` of the same clip said
-        "too little speech". Over 250 same-reader trials of 1-3 s clips, at the 0.45 threshold,
-        the clips with 0.5-0.75 s of speech were rejected 64 % of the time, 0.75-1 s 11 %, and
-        none with more than 1 s."""
+        Nor is a voice verified from less speech than can be embedded alone (``MIN_EMBEDDED_S``,
+        0.5 s): under it the whole recording was embedded, its silence with it, and 3 s holding
+        0.25 s of a reader's voice scored 0.105 against that reader (200, same_speaker false).
+        Over 250 same-reader trials of 1-3 s clips, at the 0.45 threshold, clips with 0.5-0.75 s
+        of speech were rejected 64 % of the time, 0.75-1 s 11 %, none with more than 1 s, and no
+        other reader was accepted at any length: such a score is weak but not wrong, and short
+        answers ("yes", a name) are what some verification clients send, so they are scored
+        (``identify``, which names a person, keeps its 1 s, ``identification_min_speech_s``)."""
         regions = self.speech_detector(audio)
         speech_s = ident.seconds(regions)
         if speech_s <= 0:
             raise InputError(f"{field}: no speech detected in its {audio.duration:.1f} s: "
                              "a voice cannot be verified from a recording without one")
-        needed = self.settings.identification_min_speech_s
+        needed = MIN_EMBEDDED_S
         if speech_s < needed:
             detected, least = shortfall(speech_s, needed)
             raise InputError(f"{field}: too little speech to verify: {detected} s detected in its "
