@@ -70,7 +70,7 @@ def _retrying_said(url: str) -> Any:
     504, 429) was waited for in silence, 15 s and four retries before "cannot reach the API"."""
     def said(why: str, wait_s: float, retry: int, retries: int) -> None:
         err.print(f"[yellow]the API at {shown(url)}[/yellow]: {shown(why)}; retry {retry} of {retries} in "
-                  f"{wait_s:.0f} s", highlight=False)
+                  f"{wait_s:.0f} s", highlight=False, soft_wrap=True)
 
     return said
 
