@@ -7,15 +7,17 @@ Celery worker with the embedded CAM++).
   interval grew by half from 50 ms from the first poll, so a job that ended 0.45 s in was seen
   0.21 s late, at 0.7 s 0.35 s late, at 1.8 s 0.72 s late (this test, before): on 498 /compare
   calls of 1-7 s clips the answer came 0.19 s (median) after the worker's own 0.50 s. It now
-  polls at 50 ms for a short job's first 2 s, then backs off as before.
+  polls at 50 ms for a short job's first 2 s, then backs off as before (the test checks the
+  waits the polling asks for, and the lag against a loose bound).
 - ``test_too_little_speech_is_refused_not_scored``: ``/compare`` and ``/compare_embedding``
   refused a clip with no speech but scored one with a little: under 0.5 s of detected speech the
   whole recording was embedded, its silence with it, so 3.25 s holding 0.25 s of a reader's voice
   scored 0.105 against that reader's other half (200, ``same_speaker`` false: a genuine caller
   rejected with confidence), while ``/identify`` of the same clip said "too little speech". Over
   250 same-reader trials of 1-3 s clips, 0.5-0.75 s of speech was rejected 64 % of the time and
-  0.75-1 s 11 %; more than 1 s never. Both now answer 422 under ``identify``'s own floor of 1 s
-  of speech, naming the field and the seconds found; 1.2 s of speech is still verified.
+  0.75-1 s 11 %; more than 1 s never, and no other reader was accepted at any length. Both now
+  answer 422 under 0.5 s of speech (what can be embedded alone), naming the field and the seconds
+  found; 0.7 s of speech (a short answer) is scored, 1.2 s verified.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pytest
 LIBRISPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "librispeech-train-clean"
 
 
-def test_sync_call_answers_as_its_job_ends(settings):
+def test_sync_call_answers_as_its_job_ends(settings, monkeypatch):
     from api.dispatch import Dispatcher
     from shared.jobs import RUNNING, SUCCEEDED, JobRecord, JobStore, new_job_id
     from shared.queue import make_celery
@@ -39,6 +41,17 @@ def test_sync_call_answers_as_its_job_ends(settings):
 
     store = JobStore.from_settings(settings)
     lags = {}
+    # each wait the polling asked for, with when it asked: the schedule itself, which a loaded
+    # machine does not change, where the lag measured below has only a loose bound
+    asked: list[tuple[float, float]] = []
+    sleep = asyncio.sleep
+
+    async def recorded(delay: float, *args, **kwargs):
+        asked.append((time.monotonic() - started["at"], delay))
+        return await sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", recorded)
+    started = {"at": time.monotonic()}
 
     async def run(ends_after: float) -> float:
         dispatcher = Dispatcher(settings, store, get_storage(settings), make_celery(settings))
@@ -52,6 +65,7 @@ def test_sync_call_answers_as_its_job_ends(settings):
             ended["at"] = time.monotonic()
 
         worker = threading.Thread(target=finish)
+        started["at"] = time.monotonic()
         worker.start()
         try:
             answer = await dispatcher.wait(record.job_id, 30)
@@ -64,8 +78,14 @@ def test_sync_call_answers_as_its_job_ends(settings):
 
     for ends_after in (0.3, 0.45, 0.7, 1.2, 1.8):
         lags[ends_after] = asyncio.run(run(ends_after))
-    # one poll interval (50 ms) and a Redis read, with room for a loaded 2-core machine
-    assert max(lags.values()) < 0.15, lags
+    # for a call's first 2 s the polls are sync_poll_interval_s apart (before: 50, 75, 112, 168,
+    # 253, 380 ms...); a wait asked for within the last poll interval before 2 s may be the first
+    # longer one
+    early = [delay for at, delay in asked if at < 2.0 - 2 * settings.sync_poll_interval_s]
+    assert early and max(early) <= settings.sync_poll_interval_s + 1e-9, sorted(early)[-5:]
+    # and so the answer comes about one interval after the job ended (before: 0.21, 0.35 and
+    # 0.72 s late at 0.45, 0.7 and 1.8 s); the bound leaves a loaded 2-core machine its delays
+    assert max(lags.values()) < 0.5, lags
 
 
 @pytest.fixture(scope="module")
