@@ -392,6 +392,11 @@ class Dispatcher:
         streamed), and the jobs are confirmed only while it still holds the key, which then
         names them. A submission refused gives the key back.
         """
+        if webhook_payload is not None and webhook_url is None:
+            # what a webhook carries, with no webhook: dropped without a word, so a client that
+            # misspelt or forgot webhook_url waited for a delivery that never came
+            raise InputError("webhook_payload: given without webhook_url; it says what the webhook carries "
+                             "(full or status), so give webhook_url too, or leave it out")
         keyed = _Keyed(idempotent, KeyClaim(self.store.key_entry(principal.owner if principal is not None else None,
                                                                  idempotent.key.value))) \
             if idempotent is not None else None

@@ -643,3 +643,23 @@ def test_try_it_out_in_the_docs_with_several_files(api_base, tmp_path, operation
                 assert reply["kind"] == "enroll" and reply["status"] == "queued", reply
         finally:
             browser.close()
+
+
+# --- a webhook's payload without a webhook ---------------------------------------------------------
+
+@pytest.mark.parametrize("route, data", [("/jobs/diarize", {}), ("/jobs/batch", {"kind": "diarize"})])
+def test_a_webhook_payload_without_a_webhook_url_is_refused(api_base, route, data):
+    """`webhook_payload=status` with no `webhook_url` (forgotten, or misspelt `webhook_ur`) was
+    accepted (202) and dropped: the client waited for a delivery that never came. 422 now, naming
+    both fields, nothing queued; with a URL it is taken as before (the webhook tests)."""
+    import httpx
+
+    from tests.conftest import tone_wav
+
+    field = "files" if route == "/jobs/batch" else "file"
+    before = httpx.get(f"{api_base}/jobs?limit=100", timeout=30).json()["count"]
+    r = httpx.post(f"{api_base}{route}", data={**data, "webhook_payload": "status"},
+                   files=[(field, ("a.wav", tone_wav(), "audio/wav"))], timeout=30)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("webhook_payload: given without webhook_url"), r.json()
+    assert httpx.get(f"{api_base}/jobs?limit=100", timeout=30).json()["count"] == before

@@ -495,10 +495,10 @@ def test_the_fingerprint_takes_the_fields_as_sent(parked, settings, monkeypatch)
         return real(self, uploads)
 
     monkeypatch.setattr(Idempotent, "fingerprint", spy)
-    r = _submit(parked, _key(), route="/jobs/diarize", data={"num_speakers": "2", "webhook_payload": "status",
+    r = _submit(parked, _key(), route="/jobs/diarize", data={"exclusive": "false", "num_speakers": "2",
                                                               "webhook_url": ""})
     assert r.status_code == 202, r.text
-    assert seen[-1] == (("num_speakers", "2"), ("webhook_payload", "status"), ("webhook_url", "")), seen[-1]
+    assert seen[-1] == (("exclusive", "false"), ("num_speakers", "2"), ("webhook_url", "")), seen[-1]
     files = [("files", ("a.wav", tone_wav(), "audio/wav"))]
     r = parked.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers=_headers(_key()))
     assert r.status_code == 202, r.text
