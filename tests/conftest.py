@@ -470,6 +470,28 @@ def wait_for_api(base: str, proc) -> None:
 
 
 @contextlib.contextmanager
+def parked_api(service_env: dict, settings: Any, tmp_path_factory: Any, name: str, keys: list[str]) -> Iterator[str]:
+    """:func:`api_under_uvicorn` in Redis keys (``aa-<name>:``), queues (``audio-<name>``,
+    ``webhooks-<name>``) and storage of its own, which no worker consumes, so a job stays where
+    the test puts it: its base URL. Its keys and queues are deleted afterwards."""
+    import redis
+
+    prefix, queues = f"aa-{name}", (f"audio-{name}", f"webhooks-{name}")
+    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": prefix, "AUDIO_ANALYSIS_QUEUE_NAME": queues[0],
+           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": queues[1],
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{name}-uploads"))}
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{name}-api"), keys, env) as base:
+            yield base
+    finally:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
+        client.delete(*queues)
+        client.close()
+
+
+@contextlib.contextmanager
 def api_under_uvicorn(service_env: dict, log_dir: Path, keys: list[str],
                       extra_env: dict[str, str] | None = None, module: str = "api.serve") -> Iterator[str]:
     """The API under a real uvicorn (api.serve) with ``keys`` as its API keys, sending to the

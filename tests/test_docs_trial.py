@@ -80,32 +80,28 @@ from typing import Any, Iterator
 
 import pytest
 
+from tests.test_web import CHROMIUM, browser  # noqa: F401  (the fixture, shared)
+
 ROOT = Path(__file__).resolve().parents[1]
-PREFIX = "aa-docs-trial"
-QUEUE, WEBHOOK_QUEUE = "audio-docs-trial", "webhooks-docs-trial"  # nobody consumes them: jobs stay queued
+NAME = "docs-trial"  # its keys (aa-docs-trial:), queues and storage (tests.conftest.parked_api)
+PREFIX = f"aa-{NAME}"
 
 
 @pytest.fixture(scope="module")
 def redis_client(settings):
     import redis
 
-    r = redis.Redis.from_url(settings.redis_url)
-    yield r
-    for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
-        r.delete(key)
-    r.delete(QUEUE, WEBHOOK_QUEUE)
+    with redis.Redis.from_url(settings.redis_url) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
-def api_base(service_env, settings, redis_client, tmp_path_factory) -> Iterator[str]:
+def api_base(service_env, settings, tmp_path_factory) -> Iterator[str]:
     """The API under a real uvicorn (api.serve), without API keys as `up` runs it, in keys and
     queues of its own: its base URL."""
-    from tests.conftest import api_under_uvicorn
+    from tests.conftest import parked_api
 
-    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
-           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("docs-trial-uploads"))}
-    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("docs-trial-api"), [], env) as base:
+    with parked_api(service_env, settings, tmp_path_factory, NAME, []) as base:
         yield base
 
 
@@ -526,9 +522,6 @@ def test_production_models_missing_offline_say_how_to_give_them(tmp_path, monkey
 
 # --- /docs: "Try it out" --------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
 def test_every_optional_form_field_is_documented_empty(api_base):
     """What "Try it out" fills in is each field's example: empty for every optional field of
     every route (uploads aside: a file input)."""
@@ -548,14 +541,31 @@ def test_every_optional_form_field_is_documented_empty(api_base):
     assert not filled, filled
 
 
+def _try_it_out(browser, api_base: str, operation: str):  # noqa: F811
+    """The /docs page's form of ``operation``, opened and put in "Try it out": (page, its block)."""
+    page = browser.new_page()
+    page.goto(f"{api_base}/docs")
+    block = page.locator(f"#{operation}")
+    block.locator(".opblock-summary").first.click()
+    block.locator("button.try-out__btn").click()
+    return page, block
+
+
+def _executed(block) -> tuple[str, str]:
+    """Execute the form: the answer's status and body as the page shows them."""
+    block.locator("button.execute").click()
+    answered = block.locator(".live-responses-table tbody .response-col_status").first
+    answered.wait_for(timeout=60_000)
+    return answered.inner_text().split()[0], block.locator(".live-responses-table .microlight").first.inner_text()
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 @pytest.mark.parametrize("operation,upload,status", [
     ("operations-jobs-submit_diarize_jobs_diarize_post", "a.wav", "202"),
     ("operations-voiceprints-import_voiceprint_voiceprints_import_post", "vp.json", "201"),
 ])
-def test_try_it_out_in_the_docs_with_only_a_file(api_base, settings, tmp_path, operation, upload, status):
-    from playwright.sync_api import sync_playwright
-
+def test_try_it_out_in_the_docs_with_only_a_file(api_base, settings, browser, tmp_path, operation, upload,  # noqa: F811
+                                                 status):
     from shared.voiceprints import embedding_model
     from tests.conftest import tone_wav
 
@@ -566,26 +576,15 @@ def test_try_it_out_in_the_docs_with_only_a_file(api_base, settings, tmp_path, o
     else:
         path.write_text(json.dumps({"format": "audio-analysis/voiceprint-v1", "label": "Ada", "model": model.name,
                                     "dimension": model.dimension, "embedding": [1.0] + [0.0] * (model.dimension - 1)}))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
-        try:
-            page = browser.new_page()
-            page.goto(f"{api_base}/docs")
-            block = page.locator(f"#{operation}")
-            block.locator(".opblock-summary").first.click()
-            block.locator("button.try-out__btn").click()
-            block.locator("input[type=file]").first.set_input_files(str(path))
-            block.locator("button.execute").click()
-            answered = block.locator(".live-responses-table tbody .response-col_status").first
-            answered.wait_for(timeout=60_000)
-            body = block.locator(".live-responses-table .microlight").first.inner_text()
-            # before: 422, "file: give either an upload or file_url, not both" (file_url=string
-            # sent); the import: 422, a voiceprint of model "string"
-            assert answered.inner_text().split()[0] == status, (answered.inner_text(), body[:500])
-        finally:
-            browser.close()
+    page, block = _try_it_out(browser, api_base, operation)
+    try:
+        block.locator("input[type=file]").first.set_input_files(str(path))
+        answered, body = _executed(block)
+        # before: 422, "file: give either an upload or file_url, not both" (file_url=string
+        # sent); the import: 422, a voiceprint of model "string"
+        assert answered == status, (answered, body[:500])
+    finally:
+        page.close()
 
 
 def test_every_field_of_several_uploads_is_documented_as_files(api_base):
@@ -604,45 +603,32 @@ def test_every_field_of_several_uploads_is_documented_as_files(api_base):
     ("operations-jobs-submit_batch_jobs_batch_post", None),
     ("operations-jobs-submit_enroll_jobs_enroll_post", "Ada"),
 ])
-def test_try_it_out_in_the_docs_with_several_files(api_base, tmp_path, operation, label):
-    from playwright.sync_api import sync_playwright
-
+def test_try_it_out_in_the_docs_with_several_files(api_base, browser, tmp_path, operation, label):  # noqa: F811
     from tests.conftest import tone_wav
 
     paths = []
     for name in ("a.wav", "b.wav"):
         paths.append(tmp_path / name)
         paths[-1].write_bytes(tone_wav(2.0))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-            "--disable-background-networking", "--disable-component-update"])
-        try:
-            page = browser.new_page()
-            page.goto(f"{api_base}/docs")
-            block = page.locator(f"#{operation}")
-            block.locator(".opblock-summary").first.click()
-            block.locator("button.try-out__btn").click()
-            for i, path in enumerate(paths):
-                # the one array of the form: files (uploads are its only file inputs)
-                if block.locator("input[type=file]").count() <= i:
-                    block.locator("button.json-schema-form-item-add").click()
-                # before: a text box, prefilled with random characters
-                block.locator("input[type=file]").nth(i).set_input_files(str(path), timeout=10_000)
-            if label:
-                block.locator("input[placeholder='label']").fill(label)
-            block.locator("button.execute").click()
-            answered = block.locator(".live-responses-table tbody .response-col_status").first
-            answered.wait_for(timeout=60_000)
-            body = block.locator(".live-responses-table .microlight").first.inner_text()
-            assert answered.inner_text().split()[0] == "202", (answered.inner_text(), body[:500])
-            reply = json.loads(body)
-            if label is None:
-                assert [job["filename"] for job in reply["jobs"]] == ["a.wav", "b.wav"], reply
-            else:
-                assert reply["kind"] == "enroll" and reply["status"] == "queued", reply
-        finally:
-            browser.close()
+    page, block = _try_it_out(browser, api_base, operation)
+    try:
+        for i, path in enumerate(paths):
+            # the one array of the form: files (uploads are its only file inputs)
+            if block.locator("input[type=file]").count() <= i:
+                block.locator("button.json-schema-form-item-add").click()
+            # before: a text box, prefilled with random characters
+            block.locator("input[type=file]").nth(i).set_input_files(str(path), timeout=10_000)
+        if label:
+            block.locator("input[placeholder='label']").fill(label)
+        answered, body = _executed(block)
+        assert answered == "202", (answered, body[:500])
+        reply = json.loads(body)
+        if label is None:
+            assert [job["filename"] for job in reply["jobs"]] == ["a.wav", "b.wav"], reply
+        else:
+            assert reply["kind"] == "enroll" and reply["status"] == "queued", reply
+    finally:
+        page.close()
 
 
 # --- a webhook's payload without a webhook ---------------------------------------------------------

@@ -32,33 +32,27 @@ from tests.conftest import tone_wav
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round7-key-0123456789"
-PREFIX = "aa-round7"
-QUEUE, WEBHOOK_QUEUE = "audio-round7", "webhooks-round7"  # nobody consumes them: jobs stay queued
+NAME = "round7"  # its keys (aa-round7:), queues and storage (tests.conftest.parked_api)
+PREFIX = f"aa-{NAME}"
 
 
 @pytest.fixture(scope="module")
 def redis_client(settings):
     import redis
 
-    r = redis.Redis.from_url(settings.redis_url)
-    yield r
-    for key in r.scan_iter(match=f"{PREFIX}:*", count=1000):
-        r.delete(key)
-    r.delete(QUEUE, WEBHOOK_QUEUE)
+    with redis.Redis.from_url(settings.redis_url) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
-def api(service_env, settings, redis_client, tmp_path_factory) -> Iterator[Any]:
+def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """The API under a real uvicorn (api.serve) with an API key, in keys and queues of its own:
     an httpx client with the key."""
     import httpx
 
-    from tests.conftest import api_under_uvicorn
+    from tests.conftest import parked_api
 
-    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
-           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("round7-uploads"))}
-    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("round7-api"), [KEY], env) as base, \
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY]) as base, \
             httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=60) as client:
         yield client
 

@@ -22,8 +22,7 @@ from tests.conftest import tone_wav
 from tests.test_web import CHROMIUM, browser  # noqa: F401  (the fixture, shared)
 
 KEY = "web-recent-key-0123456789"
-PREFIX = "aa-web-recent"
-QUEUE, WEBHOOK_QUEUE = "audio-web-recent", "webhooks-web-recent"  # nobody consumes them
+NAME = "web-recent"  # its keys (aa-web-recent:), queues and storage (tests.conftest.parked_api)
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -36,21 +35,14 @@ def store(settings) -> Iterator[Any]:
     """The jobs as the API under test keeps them (its own key prefix)."""
     from shared.jobs import JobStore
 
-    jobs = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
-    yield jobs
-    for key in jobs.redis.scan_iter(match=f"{PREFIX}:*", count=1000):
-        jobs.redis.delete(key)
-    jobs.redis.delete(QUEUE, WEBHOOK_QUEUE)
+    yield JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": f"aa-{NAME}"}))
 
 
 @pytest.fixture(scope="module")
-def web(service_env, store, tmp_path_factory) -> Iterator[str]:
-    from tests.conftest import api_under_uvicorn
+def web(service_env, settings, tmp_path_factory) -> Iterator[str]:
+    from tests.conftest import parked_api
 
-    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE,
-           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": WEBHOOK_QUEUE,
-           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp("web-recent-uploads"))}
-    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("web-recent"), [KEY], env) as base:
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY]) as base:
         yield base
 
 
