@@ -634,11 +634,9 @@ def _read_soundfile(
     start = fh.tell()
     chained = False
     if chains and start == 0:
-        # the first page's header and the last page; where their streams are the same, a search
-        # of the file for a second link (a MB at a time): files joined with cat whose streams
-        # have the same serial number (one file twice, a writer that numbers every stream alike)
-        # were decoded to the end of the first, half of `cat a.ogg a.ogg`, without a word
-        chained = ogg_chained(fh) or _ogg_links(fh) is not None
+        # the first page's header and the last page, and where their streams are the same a
+        # search for a second link (`cat a.ogg a.ogg` was decoded to half its length)
+        chained = ogg_chained(fh)
     try:
         with sf.SoundFile(fh) as snd:
             if snd.samplerate <= 0 or snd.channels <= 0:

@@ -1130,15 +1130,18 @@ def _ogg_comments(fh: BinaryIO, start: int) -> int:
 
 
 def ogg_chained(fh: BinaryIO) -> bool:
-    """Whether ``fh`` is an Ogg file whose last page belongs to another logical stream than its
-    first: a chained Ogg (links one after the other: files joined with cat, a radio stream's
-    dump) or one multiplexing several streams. Reads the first page's header and the last page,
-    from ``fh``'s start, and leaves ``fh`` there.
+    """Whether ``fh`` is an Ogg file of more than one link or stream: its last page belongs to
+    another logical stream than its first (a chained Ogg: files joined with cat, a radio stream's
+    dump; or one multiplexing several streams), or, where they are the same, a second link starts
+    in it (files joined whose streams share a serial number: one file twice, a writer that numbers
+    every stream alike). Reads the first page's header and the last page, then searches the file
+    for a second link (a MB at a time, 0.09 s per 100 MB) where those do not tell, from ``fh``'s
+    start, and leaves ``fh`` there.
 
-    libsndfile decodes such a file to the end of its first link only and reports that link's
+    libsndfile decodes such a file to the end of its first link only and reports one link's
     length (or none): two recordings of 7 s and 3 s joined were taken for 7 s by the API, the
-    worker's time limit and the decoder alike. Its length is unknown; FFmpeg decodes every link
-    (engine/audio.py)."""
+    worker's time limit and the decoder alike, and `cat a.ogg a.ogg` decoded to half its length.
+    Its length is unknown; FFmpeg decodes every link (engine/audio.py)."""
     try:
         fh.seek(0)
         head = fh.read(27)
@@ -1157,8 +1160,10 @@ def ogg_chained(fh: BinaryIO) -> bool:
             segments = tail[at + 26]
             lacing = tail[at + 27 : at + 27 + segments]
             if len(lacing) == segments and at + 27 + segments + sum(lacing) == len(tail):
-                return tail[at + 14 : at + 18] != head[14:18]
-    return False
+                if tail[at + 14 : at + 18] != head[14:18]:
+                    return True
+                break
+    return ogg_link_starts(fh, most=1) is None
 
 
 # ADTS (raw AAC) sampling_frequency_index -> Hz (ISO/IEC 14496-3, table 1.18; 13 to 15 reserved)
@@ -1561,17 +1566,10 @@ def _unsized(source: Source) -> bool:
 
 
 def _chained(source: Source) -> bool:
-    def chained(fh: BinaryIO) -> bool:
-        # files joined whose streams share a serial number (cat a.ogg a.ogg) have the same stream
-        # first and last, and libsndfile's length is one link's, where the decoder reads them all
-        # (engine/audio.py): 120 s + 4 s passed as 4 s, and a job's time limit followed it. A
-        # search for a second link: 0.09 s per 100 MB (both leave the file at its start)
-        return ogg_chained(fh) or ogg_link_starts(fh, most=1) is None
-
     if hasattr(source, "read"):
-        return chained(source)  # type: ignore[arg-type]
+        return ogg_chained(source)  # type: ignore[arg-type]  (it leaves the file at its start)
     with open(source, "rb") as fh:
-        return chained(fh)
+        return ogg_chained(fh)
 
 
 def declared_duration(container, stream) -> float | None:
