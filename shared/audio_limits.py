@@ -13,7 +13,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, BinaryIO, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, TypeVar, Union
 
 from shared.errors import AudioDecodeError, AudioTooLongError
 
@@ -1075,7 +1075,6 @@ def _ogg_comments(fh: BinaryIO, start: int) -> int:
     packet = bytearray()
     serial: bytes | None = None
     at = start
-    walked = 0
     for _ in range(_MAX_OGG_HEADER_PAGES):
         if len(packets) == 2:
             break
@@ -1103,8 +1102,7 @@ def _ogg_comments(fh: BinaryIO, start: int) -> int:
                     if len(packets) == 2:
                         break
         at += 27 + len(lacing) + size
-        walked += 27 + len(lacing) + size
-        if walked > MAX_OGG_COMMENT_BYTES + (1 << 20):  # other streams' pages between: not a header
+        if at - start > MAX_OGG_COMMENT_BYTES + (1 << 20):  # other streams' pages between: not a header
             return 0
     else:
         if len(packets) < 2:
@@ -1125,8 +1123,6 @@ def _ogg_comments(fh: BinaryIO, start: int) -> int:
         return 0
     vendor = int.from_bytes(body[:4], "little")
     return int.from_bytes(body[4 + vendor : 8 + vendor], "little") if len(body) >= 8 + vendor else 0
-
-
 
 
 def ogg_chained(fh: BinaryIO) -> bool:
@@ -1311,6 +1307,7 @@ class AudioInfo:
 
 
 Source = Union[str, os.PathLike, BinaryIO]
+_T = TypeVar("_T")
 
 
 class _FromSettings:
@@ -1432,7 +1429,7 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
     try:
         rewind()
         with sf.SoundFile(source) as snd:
-            if snd.frames == 0 and snd.format == "WAV" and _unsized(source):
+            if snd.frames == 0 and snd.format == "WAV" and _read_of(source, wav_data_unsized):
                 raise ValueError("a WAV data chunk of unknown size: FFmpeg reads it to the file's end")
             rate = int(snd.samplerate)
             # a length the header does not give is libsndfile's SF_COUNT_MAX: a FLAC written to
@@ -1440,13 +1437,13 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
             # read as 576460752303424 s, refused as too long
             known = 0 <= snd.frames < UNKNOWN_FRAMES
             if known and snd.format == "OGG":  # a chain's first link is not the file's length
-                known = not _chained(source)
+                known = not _read_of(source, ogg_chained)
             read = AudioInfo(snd.frames / rate if rate > 0 and known else None, rate, int(snd.channels) or None)
             mp3 = snd.format == "MP3"
     except Exception:  # noqa: BLE001 - not a libsndfile format: ask FFmpeg
         read = None
     if read is not None:
-        if mp3 and read.duration is not None and not _xing_spans(source) \
+        if mp3 and read.duration is not None and not _read_of(source, _xing_spans) \
                 and _mp3_goes_on(source, read.duration, sandbox):
             # MP3s joined end to end (cat): libsndfile's length is the first one's Xing count, and
             # the decoder reads what FFmpeg reads, all of them (engine/audio.py). FFmpeg's own
@@ -1492,21 +1489,19 @@ def _probe(source: Source, sandbox: ProbeLimits | None = None) -> AudioInfo | No
     return info
 
 
-def _xing_spans(source: Source) -> bool:
+def _xing_spans(fh: BinaryIO) -> bool:
     """Whether an MP3's Xing/Info header counts the bytes of the whole file (1/32 more allowed:
     its tags), so that FFmpeg takes the same length as libsndfile without being asked: most MP3s
     (LAME writes the header for constant bitrates too), each of a batch of a thousand spared a
-    sandboxed FFmpeg read (about 10 ms)."""
-    with contextlib.ExitStack() as stack:
-        fh: Any = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
-        where = fh.tell()
-        try:
-            counted = xing_count(fh)
-            if counted is None or counted[1] <= 0:
-                return False
-            size = fh.seek(0, os.SEEK_END) - id3_end(fh)
-        finally:
-            fh.seek(where)
+    sandboxed FFmpeg read (about 10 ms). Leaves ``fh`` where it was."""
+    where = fh.tell()
+    try:
+        counted = xing_count(fh)
+        if counted is None or counted[1] <= 0:
+            return False
+        size = fh.seek(0, os.SEEK_END) - id3_end(fh)
+    finally:
+        fh.seek(where)
     return size <= counted[1] + counted[1] // 32
 
 
@@ -1558,18 +1553,13 @@ def ffmpeg_header(source: Source) -> AudioInfo | None:
                              demuxer=container.format.name)
 
 
-def _unsized(source: Source) -> bool:
+def _read_of(source: Source, read: Callable[[BinaryIO], _T]) -> _T:
+    """``read(fh)`` of ``source``: the file object given (each ``read`` here leaves it where it
+    found it, or at its start), or the path, opened for it."""
     if hasattr(source, "read"):
-        return wav_data_unsized(source)  # type: ignore[arg-type]  (it leaves the file at its start)
+        return read(source)  # type: ignore[arg-type]
     with open(source, "rb") as fh:
-        return wav_data_unsized(fh)
-
-
-def _chained(source: Source) -> bool:
-    if hasattr(source, "read"):
-        return ogg_chained(source)  # type: ignore[arg-type]  (it leaves the file at its start)
-    with open(source, "rb") as fh:
-        return ogg_chained(fh)
+        return read(fh)
 
 
 def declared_duration(container, stream) -> float | None:
