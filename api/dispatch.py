@@ -1042,7 +1042,7 @@ def view_json(record: JobRecord, result: str | None, base_url: str = "") -> byte
     """:func:`view` as a response body, with the result's stored JSON text (``JobStore.get_split``)
     set in as it is: a long diarization's result is megabytes, and turning it into objects and
     back held the GIL, so every other request of the API, for a third of a second a poll."""
-    body = {**record.public(), "status_url": _status_url(record, base_url)}
+    body = view(record, base_url)
     body.pop("result", None)
     head = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     return f'{head[:-1]},"result":{result or "null"}}}'.encode()
