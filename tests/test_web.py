@@ -69,6 +69,20 @@ class Requests:
                 if urlsplit(u).scheme not in ("blob", "data") and urlsplit(u).netloc != own and u not in self.blocked]
 
 
+def keyed_page(browser, base: str, key: str, width: int = 1280, height: int = 900):  # noqa: F811
+    """The page in a new tab of ``width`` x ``height`` with ``key`` typed in, as a user starts:
+    its uncaught errors in ``page.errors``, what it asked for in ``page.requests``."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.requests = Requests(page)  # type: ignore[attr-defined]
+    page.goto(base + "/")
+    page.fill("#api-key", key)
+    page.dispatch_event("#api-key", "change")
+    page.errors = errors  # type: ignore[attr-defined]
+    return page
+
+
 def _recorded(page) -> Requests:
     return Requests(page)
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import tone_wav
-from tests.test_web import CHROMIUM, browser  # noqa: F401  (the fixture, shared)
+from tests.test_web import CHROMIUM, browser, keyed_page  # noqa: F401  (the fixture, shared)
 
 KEY = "web-recent-key-0123456789"
 NAME = "web-recent"  # its keys (aa-web-recent:), queues and storage (tests.conftest.parked_api)
@@ -57,12 +57,7 @@ def _submit(base: str, name: str) -> str:
 def test_recent_jobs_keep_up_and_a_job_submitted_elsewhere_can_be_followed(web, store, browser) -> None:  # noqa: F811
     followed_id = _submit(web, "followed.wav")
     listed_id = _submit(web, "listed.wav")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(web + "/")
-    page.fill("#api-key", KEY)
-    page.dispatch_event("#api-key", "change")
+    page = keyed_page(browser, web, KEY)
 
     def cell(job_id: str) -> str:
         return page.inner_text(f"#recent tbody tr[data-job-id='{job_id}'] td:nth-child(4)")
@@ -102,5 +97,5 @@ def test_recent_jobs_keep_up_and_a_job_submitted_elsewhere_can_be_followed(web, 
         "id => document.querySelector(`#recent tbody tr[data-job-id='${id}'] td:nth-child(4)`)"
         ".textContent === 'cancelled'", arg=followed_id, timeout=15_000)
     assert store.get(followed_id).status == "cancelled"
-    assert errors == []
+    assert page.errors == []
     page.close()

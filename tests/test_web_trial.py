@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import api_under_uvicorn
-from tests.test_web import CHROMIUM, browser  # noqa: F401  (the fixture, shared)
+from tests.test_web import CHROMIUM, browser, keyed_page  # noqa: F401  (the fixture, shared)
 
 KEY = "web-trial-key-0123456789"
 
@@ -34,14 +34,7 @@ def web(service_env, worker, tmp_path_factory) -> Iterator[str]:
 
 
 def _page(browser, base: str, width: int = 1280, height: int = 900):  # noqa: F811
-    page = browser.new_page(viewport={"width": width, "height": height})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(base + "/")
-    page.fill("#api-key", KEY)
-    page.dispatch_event("#api-key", "change")
-    page.errors = errors  # type: ignore[attr-defined]
-    return page
+    return keyed_page(browser, base, KEY, width, height)
 
 
 def _jobs(base: str) -> list[dict]:
