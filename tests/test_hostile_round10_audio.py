@@ -303,26 +303,35 @@ def test_an_ogg_of_thousands_of_comments_or_a_huge_one_is_refused_at_submit(clie
     assert check_audio_limits(io.BytesIO(book), max_duration=20.0).duration == pytest.approx(3.0, abs=0.05)
 
 
-def _two_streams(comments: int) -> bytes:
-    """Two Opus streams multiplexed in one Ogg (FFmpeg's muxer), the second's header holding
-    ``comments`` comments: FFmpeg reads both streams' headers as it opens the file."""
+def _tone_streams(container: str, codec: str, seconds: float, count: int, setup=lambda streams: None) -> bytes:
+    """``seconds`` of a 48 kHz tone in each of ``count`` mono ``codec`` streams multiplexed in one
+    ``container`` (FFmpeg's muxer); ``setup(streams)`` sets them up before anything is written."""
     buf = io.BytesIO()
-    samples = _tone(3.0, 48000)
-    with av.open(buf, mode="w", format="ogg") as out:
-        first, second = (out.add_stream("libopus", rate=48000, layout="mono") for _ in range(2))
-        for i in range(comments):
-            second.metadata[f"k{i}"] = "v"
+    samples = _tone(seconds, 48000)
+    with av.open(buf, mode="w", format=container) as out:
+        streams = [out.add_stream(codec, rate=48000, layout="mono") for _ in range(count)]
+        setup(streams)
         for start in range(0, len(samples), 48000):
-            for stream in (first, second):
+            for stream in streams:
                 frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp",
                                                    layout="mono")
                 frame.sample_rate, frame.pts = 48000, start
                 for packet in stream.encode(frame):
                     out.mux(packet)
-        for stream in (first, second):
+        for stream in streams:
             for packet in stream.encode(None):
                 out.mux(packet)
     return buf.getvalue()
+
+
+def _two_streams(comments: int) -> bytes:
+    """Two Opus streams multiplexed in one Ogg, the second's header holding ``comments``
+    comments: FFmpeg reads both streams' headers as it opens the file."""
+    def tagged(streams: list) -> None:
+        for i in range(comments):
+            streams[1].metadata[f"k{i}"] = "v"
+
+    return _tone_streams("ogg", "libopus", 3.0, 2, tagged)
 
 
 def test_a_second_streams_thousands_of_comments_are_refused_at_submit() -> None:
@@ -378,23 +387,11 @@ def test_a_job_of_a_voice_in_opposite_polarity_is_analysed(client, utterances) -
 
 def _ts(seconds: float, streams: int, bit_rate: int) -> bytes:
     """``seconds`` of a tone in an MPEG-TS of ``streams`` MP2 streams (PIDs 0x100 on)."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mpegts") as out:
-        outs = [out.add_stream("mp2", rate=48000, layout="mono") for _ in range(streams)]
+    def rated(outs: list) -> None:
         for stream in outs:
             stream.bit_rate = bit_rate
-        samples = _tone(seconds, 48000)
-        for start in range(0, len(samples), 48000):
-            for stream in outs:
-                frame = av.AudioFrame.from_ndarray(samples[None, start : start + 48000].copy(), format="fltp",
-                                                   layout="mono")
-                frame.sample_rate, frame.pts = 48000, start
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-        for stream in outs:
-            for packet in stream.encode(None):
-                out.mux(packet)
-    return buf.getvalue()
+
+    return _tone_streams("mpegts", "mp2", seconds, streams, rated)
 
 
 @pytest.fixture(scope="module")
