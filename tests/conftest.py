@@ -142,6 +142,16 @@ def settings(service_env):
 
 
 @pytest.fixture(scope="session")
+def redis_client(settings) -> Iterator[Any]:
+    """A client of the session's Redis database (bytes), for tests that read or plant what the
+    service stores there."""
+    import redis
+
+    with redis.Redis.from_url(settings.redis_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
 def worker(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """One real Celery worker for the whole session (models loaded once), run as every
     deployment and `up` run it: prefork, one pool process. A solo worker hid that the header

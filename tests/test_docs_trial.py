@@ -88,14 +88,6 @@ PREFIX = f"aa-{NAME}"
 
 
 @pytest.fixture(scope="module")
-def redis_client(settings):
-    import redis
-
-    with redis.Redis.from_url(settings.redis_url) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
 def api_base(service_env, settings, tmp_path_factory) -> Iterator[str]:
     """The API under a real uvicorn (api.serve), without API keys as `up` runs it, in keys and
     queues of its own: its base URL."""

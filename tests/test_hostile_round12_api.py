@@ -58,14 +58,6 @@ NAME = "round12"  # its keys (aa-round12:), queues and storage (tests.conftest.p
 
 
 @pytest.fixture(scope="module")
-def redis_client(settings) -> Iterator[Any]:
-    import redis
-
-    with redis.Redis.from_url(settings.redis_url) as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
 def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """The API under a real uvicorn (api.serve) with an API key, in keys and queues of its own:
     an httpx client with the key, and the server's process (``client.server``)."""
