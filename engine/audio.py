@@ -993,8 +993,8 @@ def load_audio(
     try:
         return _load_audio(source, max_duration=max_duration, min_duration=min_duration,
                            reject_silence=reject_silence)
-    except SilentAudio as silent:
-        if silent.channels < 2 or _FIRST_CHANNEL.get():
+    except InputError as silent:
+        if getattr(silent, _SILENT_MEAN_OF, 1) < 2 or _FIRST_CHANNEL.get():
             raise
         # its traceback holds the first decode's frame, and that the whole (silent) result
         silent.__traceback__ = None
@@ -1004,8 +1004,10 @@ def load_audio(
         try:
             return _load_audio(source, max_duration=max_duration, min_duration=min_duration,
                                reject_silence=reject_silence)
-        except SilentAudio:
-            raise silent from None  # silent on its first channel too: the first refusal
+        except InputError as again:
+            if getattr(again, _SILENT_MEAN_OF, 0):
+                raise silent from None  # silent on its first channel too: the first refusal
+            raise
         finally:
             _FIRST_CHANNEL.reset(token)
 
@@ -1055,25 +1057,22 @@ def _load_audio(source: AudioSource, *, max_duration: float, min_duration: float
                             reject_silence=reject_silence, tracks=collected.tracks, channels=collected.channels)
 
 
-class SilentAudio(InputError):
-    """The refusal of a recording without sound (silent_audio); ``channels``: how many channels
-    the silent samples are the mean of (load_audio then tries the first channel alone)."""
-
-    channels: int = 1
+# the attribute of silent_audio's refusal that says how many channels the silent mean was of
+_SILENT_MEAN_OF = "silent_mean_of"
 
 
-def silent_audio(tracks: int = 1, channels: int = 1) -> SilentAudio:
+def silent_audio(tracks: int = 1, channels: int = 1) -> InputError:
     """The refusal of a recording without sound (422). Of a container of several audio tracks
     only the first is decoded (the header check reads the first too): a recorder's silent first
     track (OBS's desktop audio, a muted microphone) beside the speech in the second was refused
     as "audio is silent" without a word of the other tracks. ``channels``: of the mean found
     silent (load_audio then tries the first channel alone)."""
     if tracks > 1:
-        error = SilentAudio(f"audio is silent: the first of {tracks} audio tracks holds no sound; "
-                            "only the first audio track is analysed")
+        error = InputError(f"audio is silent: the first of {tracks} audio tracks holds no sound; "
+                           "only the first audio track is analysed")
     else:
-        error = SilentAudio("audio is silent: no signal to analyse")
-    error.channels = channels
+        error = InputError("audio is silent: no signal to analyse")
+    setattr(error, _SILENT_MEAN_OF, channels)
     return error
 
 
