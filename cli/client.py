@@ -88,14 +88,57 @@ def _form_value(value: Any) -> str:
     return str(value)
 
 
+# what an error's detail quotes at most of a body that is not the API's error shape
+_QUOTED_BODY = 300
+
+
 def _raise_for_error(response: httpx.Response) -> None:
+    """An error answer as the AnalysisError it says. A body not in the API's error shape (a
+    proxy's or another server's: ``[...]``, ``null``, ``"text"``, ``{"message": ...}``) is
+    quoted, at most _QUOTED_BODY characters of it: a JSON body that was not an object raised
+    TypeError ("'list' object is not a mapping") out of every call, a traceback in the CLI, and
+    ``{"message": "Forbidden"}`` was "unknown error"."""
     if response.status_code < 400:
         return
     try:
         body = response.json()
     except ValueError:
-        body = {"detail": response.text or response.reason_phrase}
+        body = None
+    if not isinstance(body, dict) or not isinstance(body.get("detail"), str):
+        said = body if isinstance(body, str) else next(
+            (body[k] for k in ("detail", "message", "error") if isinstance(body, dict) and isinstance(body.get(k), str)),
+            None) or response.text.strip() or response.reason_phrase
+        body = {"detail": said[:_QUOTED_BODY], "error_type": body.get("error_type") if isinstance(body, dict) else None}
     raise AnalysisError.from_body({**body, "status_code": response.status_code})
+
+
+class NotThisApi(AnalysisError):
+    """A success answer that is not this API's (not JSON, or JSON of another shape): the server at
+    the client's base URL is something else (another service on that port, a proxy's login page
+    answered 200) or misbehaves. 502: the fault is the server's, as a gateway's would be."""
+
+    error_type = "ProcessingError"
+    status_code = 502
+
+
+def _answer(response: httpx.Response, *, needs: tuple[str, ...] = ()) -> Any:
+    """The JSON body of a success answer, an object holding ``needs`` (each a string) where
+    given; :class:`NotThisApi` otherwise. Such an answer (an HTML page, ``[]``, a record without
+    ``status``) was a JSONDecodeError, TypeError or KeyError out of the call: a traceback."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = _NOT_JSON
+    if body is not _NOT_JSON and (not needs or isinstance(body, dict)
+                                  and all(isinstance(body.get(k), str) for k in needs)):
+        return body
+    kind = (response.headers.get("content-type") or "no Content-Type").split(";", 1)[0].strip()[:60]
+    what = "not JSON" if body is _NOT_JSON else "JSON of another shape" + (f" (no {', '.join(needs)})" if needs else "")
+    raise NotThisApi(f"{response.request.method} {response.url.copy_with(query=None)} answered "
+                     f"{response.status_code} with {kind}, {what}: not this service's answer (is the URL the API's?)")
+
+
+_NOT_JSON = object()
 
 
 class Client:
@@ -171,7 +214,7 @@ class Client:
         response = self._retrying(lambda: self._post_files(f"/jobs/{kind}", local, data, key),
                                   TRANSIENT_STATUS | {409, 429})
         _raise_for_error(response)
-        return response.json()
+        return _answer(response, needs=("job_id", "status"))
 
     def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str],
                     headers: dict[str, str] | None = None) -> httpx.Response:
@@ -191,22 +234,34 @@ class Client:
         """Enroll a person from one or more recordings; returns the stored voiceprint (its ``id``)."""
         response = self._post_files("/voiceprints", [("files", f) for f in files], {"label": label})
         _raise_for_error(response)
-        return response.json()
+        return _answer(response, needs=("id",))
 
     def voiceprints(self, page_size: int = 1000) -> list[dict[str, Any]]:
         """Every voiceprint of this key, oldest first: the listing comes a page at a time, each
         naming the next in its ``Link`` header."""
         found: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": page_size}
+        seen: set[str] = set()
         while True:
             response = self.http.get("/voiceprints", params=params)
             _raise_for_error(response)
-            found += response.json()["voiceprints"]
+            page = _answer(response)
+            if not isinstance(page, dict) or not isinstance(page.get("voiceprints"), list):
+                raise NotThisApi(f"GET {response.url.copy_with(query=None)} answered a page without its voiceprints")
+            found += page["voiceprints"]
             following = response.links.get("next", {}).get("url")
             if not following:
                 return found
             # only the cursor is taken from the link: the key goes to this client's own base URL
-            params = {"limit": page_size, "cursor": parse_qs(urlsplit(following).query)["cursor"][0]}
+            cursor = (parse_qs(urlsplit(following).query).get("cursor") or [""])[0]
+            # a cursor given twice is a server going round (one that ignores the cursor, behind
+            # a proxy that drops the query string, answers page one again and again): the loop
+            # listed the same voiceprints without end, the list growing until memory ran out
+            if not cursor or cursor in seen:
+                raise NotThisApi(f"GET {response.url.copy_with(query=None)}: its next page "
+                                 + ("names no cursor" if not cursor else "is one already listed: the listing goes round"))
+            seen.add(cursor)
+            params = {"limit": page_size, "cursor": cursor}
 
     def delete_voiceprint(self, voiceprint_id: str) -> None:
         _raise_for_error(self.http.delete(f"/voiceprints/{voiceprint_id}"))
@@ -215,12 +270,12 @@ class Client:
         # a read: an API restarting under an hour-long wait is waited out, not the end of it
         response = self._retrying(lambda: self.http.get(f"/jobs/{job_id}"))
         _raise_for_error(response)
-        return response.json()
+        return _answer(response, needs=("job_id", "status"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         response = self.http.post(f"/jobs/{job_id}/cancel")
         _raise_for_error(response)
-        return response.json()
+        return _answer(response, needs=("job_id", "status"))
 
     def wait(
         self,
@@ -235,7 +290,7 @@ class Client:
         while True:
             record = self.status(job_id)
             if progress is not None:
-                progress(float(record.get("progress") or 0.0), record.get("step") or record["status"])
+                progress(_fraction(record.get("progress")), record.get("step") or record["status"])
             if record["status"] in TERMINAL:
                 return record
             if deadline is not None and time.monotonic() >= deadline:
@@ -250,6 +305,16 @@ class Client:
         if response.status_code == 409:
             record = self.status(job_id)
             if record["status"] == "failed":
-                raise AnalysisError.from_body(record.get("error") or {})
+                error = record.get("error")
+                raise AnalysisError.from_body(error if isinstance(error, dict) else {"detail": str(error)})
         _raise_for_error(response)
-        return response.json() if format == "json" else response.text
+        return _answer(response) if format == "json" else response.text
+
+
+def _fraction(value: Any) -> float:
+    """A record's ``progress`` as a fraction for the caller's progress hook: 0 for anything else."""
+    try:
+        fraction = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return fraction if 0.0 <= fraction <= 1.0 else 0.0

@@ -1,0 +1,166 @@
+"""A thirteenth round of what a hostile client, or a hostile server, tried against the API and its
+Python client, after the earlier rounds (tests/test_hostile_*.py, test_security.py,
+test_tenant_quota.py, test_idempotency.py).
+
+Each test fails on the code before its fix:
+
+* the Python client (``cli.client.Client``, and with it every CLI command that talks to the
+  API) took whatever answered at its base URL for the API: an error body that was JSON but not
+  an object (``[1, 2]``, ``null``, ``"oops"``: a proxy's, another server's) raised TypeError
+  ("'list' object is not a mapping") out of the call, a traceback in the CLI; a 200 that was not
+  JSON (another service on that port, a proxy's login page) was a JSONDecodeError, and a record
+  without ``status`` a KeyError; ``{"message": "Forbidden"}`` (an API gateway's) was reported as
+  "unknown error";
+* ``Client.voiceprints()`` followed the listing's ``Link: rel="next"`` for as long as the server
+  gave one: a server that ignores the cursor (behind a proxy that drops the query string) answers
+  page one again and again, and the loop listed the same voiceprints without end, its list
+  growing until the process ran out of memory (a link without a cursor was a KeyError).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from shared.errors import AnalysisError
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+
+
+# --- the Python client against a server that is not the API -----------------------------------
+@contextmanager
+def answering(answer: Callable[[http.server.BaseHTTPRequestHandler], tuple[int, dict[str, str], bytes]]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 whose every GET and POST is answered ``answer(handler)``
+    (status, headers, body): its base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            if length:
+                self.rfile.read(length)
+            status, headers, body = answer(self)
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _fixed(status: int, body: bytes, content_type: str = "application/json"):
+    return lambda _: (status, {"Content-Type": content_type}, body)
+
+
+@pytest.mark.parametrize(("status", "body", "said"), [
+    (404, b"[1, 2]", "[1, 2]"),
+    (500, b"null", "null"),
+    (400, b'"oops"', "oops"),
+    (403, b'{"message": "Forbidden"}', "Forbidden"),
+])
+def test_client_reports_an_error_body_of_another_shape(status, body, said):
+    """An error answer whose JSON is not the API's error object is the AnalysisError of its
+    status, quoting the body: it was a TypeError ("'list' object is not a mapping") out of every
+    call, and an API gateway's ``{"message": "Forbidden"}`` was "unknown error"."""
+    from cli.client import Client
+
+    with answering(_fixed(status, body)) as base, Client(base, retries=0) as client:
+        with pytest.raises(AnalysisError) as raised:
+            client.status("0123456789abcdef0123456789abcdef")
+    assert raised.value.status_code == status
+    assert raised.value.detail == said
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"<html><body>Sign in</body></html>", "text/html"),
+    (b"[]", "application/json"),
+    (b'{"job_id": "x"}', "application/json"),
+])
+def test_client_refuses_a_success_answer_that_is_not_the_apis(body, content_type, tmp_path):
+    """A 200 that is not this API's answer (an HTML page, JSON without a record's ``status``) is
+    an AnalysisError saying so (502: the server's fault), from status, wait, cancel and submit
+    alike: it was a JSONDecodeError, TypeError or KeyError, a traceback in the CLI."""
+    from cli.client import Client
+
+    wav = tmp_path / "a.wav"
+    wav.write_bytes(b"RIFF")
+    with answering(_fixed(200, body, content_type)) as base, Client(base, retries=0) as client:
+        calls = [lambda: client.status("0123456789abcdef0123456789abcdef"),
+                 lambda: client.wait("0123456789abcdef0123456789abcdef"),
+                 lambda: client.cancel("0123456789abcdef0123456789abcdef"),
+                 lambda: client.submit("diarize", wav)]
+        for call in calls:
+            with pytest.raises(AnalysisError) as raised:
+                call()
+            assert raised.value.status_code == 502
+            assert "not this service's answer" in raised.value.detail
+
+
+def test_cli_says_what_answered_instead_of_a_traceback():
+    """``audio-analysis status`` against a server that answers 200 with a web page prints one line
+    saying so and exits 1, where it printed a JSONDecodeError traceback."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    with answering(_fixed(200, b"<html>login</html>", "text/html")) as base:
+        result = CliRunner().invoke(app, ["status", "0123456789abcdef0123456789abcdef", "--url", base])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "not this service's answer" in result.output
+
+
+def test_client_voiceprints_stops_when_the_listing_goes_round():
+    """A server that ignores ``cursor`` answers page one, with its rel=next, every time: the loop
+    of ``Client.voiceprints()`` listed the same voiceprints without end (its list growing until
+    memory ran out). Now a cursor given twice is an error, after the second page."""
+    from cli.client import Client
+
+    pages = {"n": 0}
+    page = json.dumps({"voiceprints": [{"id": "vp_" + "0" * 32, "label": "Ann"}], "count": 1}).encode()
+
+    def first_page_again(handler: http.server.BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        pages["n"] += 1
+        if pages["n"] > 50:  # the old loop: stop it, and the test fails below
+            return 200, {"Content-Type": "application/json"}, json.dumps({"voiceprints": [], "count": 0}).encode()
+        link = f'<http://{handler.headers["host"]}/voiceprints?limit=1000&cursor=MTIzOnZw>; rel="next"'
+        return 200, {"Content-Type": "application/json", "Link": link}, page
+
+    with answering(first_page_again) as base, Client(base, retries=0) as client:
+        with pytest.raises(AnalysisError) as raised:
+            client.voiceprints()
+    assert "goes round" in raised.value.detail
+    assert pages["n"] == 2
+
+
+def test_client_voiceprints_refuses_a_next_link_without_a_cursor():
+    """A ``rel="next"`` without a cursor was a KeyError out of ``Client.voiceprints()``."""
+    from cli.client import Client
+
+    def no_cursor(handler: http.server.BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 200, {"Content-Type": "application/json", "Link": '</voiceprints?limit=5>; rel="next"'}, \
+            json.dumps({"voiceprints": [], "count": 0}).encode()
+
+    with answering(no_cursor) as base, Client(base, retries=0) as client:
+        with pytest.raises(AnalysisError) as raised:
+            client.voiceprints()
+    assert "names no cursor" in raised.value.detail
