@@ -98,6 +98,9 @@ class Audio:
 
     samples: np.ndarray  # (num_samples,) float16 when decoded here (STORAGE_DTYPE); float32 too
     sample_rate: int = SAMPLE_RATE
+    # the channels the file held (samples are their mean): a stereo call may carry one talker a
+    # channel, which the diarization then uses (Engine.diarize, engine.channel.separated)
+    channels: int = 1
 
     @property
     def duration(self) -> float:
@@ -146,6 +149,8 @@ def _reopener(source: AudioSource) -> Callable[[], str | BinaryIO] | None:
 # Set while a recording whose channels cancel in their mean is decoded again (load_audio): its
 # first channel is taken instead of the mean
 _FIRST_CHANNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("first_channel", default=False)
+# Set while one channel of a several-channel recording is decoded alone (load_channel)
+_CHANNEL: contextvars.ContextVar[int | None] = contextvars.ContextVar("channel", default=None)
 
 
 def _downmix(data: np.ndarray) -> np.ndarray:
@@ -158,6 +163,9 @@ def _downmix(data: np.ndarray) -> np.ndarray:
     (numpy pairs them from 8 on: within 2.4e-7 there)."""
     if data.ndim != 2:
         return data.astype(np.float32, copy=False)
+    alone = _CHANNEL.get()
+    if alone is not None:
+        return data[:, min(alone, data.shape[1] - 1)].astype(np.float32)
     out = data[:, 0].astype(np.float32)
     if _FIRST_CHANNEL.get():
         return out
@@ -1012,6 +1020,17 @@ def load_audio(
             _FIRST_CHANNEL.reset(token)
 
 
+def load_channel(source: AudioSource, channel: int, *, max_duration: float = 4 * 3600.0,
+                 min_duration: float = 0.5) -> Audio:
+    """One channel of ``source`` alone, decoded as :func:`load_audio` decodes the mean (a silent
+    channel is not refused: the other may hold the speech)."""
+    token = _CHANNEL.set(channel)
+    try:
+        return _load_audio(source, max_duration=max_duration, min_duration=min_duration, reject_silence=False)
+    finally:
+        _CHANNEL.reset(token)
+
+
 def _load_audio(source: AudioSource, *, max_duration: float, min_duration: float, reject_silence: bool) -> Audio:
     owned = isinstance(source, (bytes, bytearray, str, os.PathLike))
     fh = _open(source)
@@ -1100,4 +1119,4 @@ def validate_samples(
             squares += float(np.dot(part, part))
         if math.sqrt(squares / samples.size) < SILENCE_RMS:
             raise silent_audio(tracks, channels)
-    return Audio(samples)
+    return Audio(samples, channels=max(1, channels))

@@ -20,10 +20,11 @@ from engine import runtime  # noqa: I001  (before torch is imported)
 
 import torch  # noqa: E402
 
-from engine.audio import Audio, AudioSource, load_audio
+from engine import channel as line_channel
+from engine.audio import Audio, AudioSource, load_audio, load_channel
 from engine.models.loading import device_label, resolve_device
 from engine.pipelines import identification as ident
-from engine.pipelines.diarization import Diarizer, ProgressCallback, Turn
+from engine.pipelines.diarization import Diarization, Diarizer, ProgressCallback, Turn
 from engine.pipelines.embedding import SpeakerEmbedder, cosine_similarity, l2_normalize
 from engine.profiles import PROFILES, ModelProfile
 from shared.errors import InputError
@@ -267,23 +268,32 @@ class Engine:
                          voiceprints=voiceprints, identification_threshold=identification_threshold)
         refs = self._usable(checked.voiceprints) if checked.voiceprints else None
         started = time.perf_counter()
+        position = source.tell() if hasattr(source, "seek") and not isinstance(source, Audio) else None
         audio = self.load(source)
-        result = self.diarizer.run(
-            audio,
-            num_speakers=num_speakers,
-            min_speakers=min_speakers,
-            max_speakers=max_speakers,
-            min_duration=min_duration or 0.0,
-            exclusive=exclusive,
-            progress=progress,
-        )
+        two = None
+        if self._two_talkers_possible(num_speakers, min_speakers, max_speakers):
+            two = self.talker_channels(source, audio, position)
+        if two is not None:
+            result = self._diarize_channels(two, min_duration=min_duration or 0.0, exclusive=exclusive,
+                                            progress=progress)
+        else:
+            result = self.diarizer.run(
+                audio,
+                num_speakers=num_speakers,
+                min_speakers=min_speakers,
+                max_speakers=max_speakers,
+                min_duration=min_duration or 0.0,
+                exclusive=exclusive,
+                progress=progress,
+            )
         turns: list[Turn] = result.turns
         identities: dict[str, str | None] = {}
         speakers = info = None
         if refs is not None:
             named = time.perf_counter()
             threshold = self.identification_threshold if identification_threshold is None else identification_threshold
-            speakers = self.name_speakers(audio, turns, result.speech, refs, threshold)
+            own = None if two is None else {"SPEAKER_00": two[0], "SPEAKER_01": two[1]}
+            speakers = self.name_speakers(audio, turns, result.speech, refs, threshold, own)
             identities = {s.speaker: s.identity for s in speakers}
             info = Identification(threshold=threshold, model=self.embedding_model, voiceprints=len(refs),
                                   processing_time=round(time.perf_counter() - named, 4))
@@ -301,6 +311,73 @@ class Engine:
             audio_duration=round(audio.duration, 4),
             model_device=self.model_device,
         )
+
+    # --- stereo calls: one talker a channel -------------------------------------------------
+    def _two_talkers_possible(self, num_speakers: int | None, min_speakers: int | None,
+                              max_speakers: int | None) -> bool:
+        if not self.settings.diarize_by_channel:
+            return False
+        if num_speakers is not None:
+            return num_speakers == 2
+        return (min_speakers is None or min_speakers <= 2) and (max_speakers is None or max_speakers >= 2)
+
+    def talker_channels(self, source: AudioSource | Audio, audio: Audio,
+                        position: int | None = None) -> tuple[Audio, Audio] | None:
+        """(left, right) of a two-channel recording whose channels each carry a talker of their
+        own (engine.channel.separated), else None. The left channel is decoded again alone; the
+        right is what the mean leaves (2 x mean - left: decoding and resampling are linear), so a
+        stereo file costs one more decode, a mono one nothing."""
+        if audio.channels != 2 or isinstance(source, Audio):
+            return None
+        if position is not None:
+            source.seek(position)  # type: ignore[union-attr]
+        limit = self.settings.max_audio_seconds
+        if self._decode_limit_s is not None:
+            limit = min(limit, self._decode_limit_s)
+        left = load_channel(source, 0, max_duration=limit, min_duration=0.0)
+        n = min(len(left.samples), len(audio.samples))
+        if n == 0:
+            return None
+        mix = audio.samples[:n].astype(np.float32)
+        right = np.clip(2 * mix - left.samples[:n].astype(np.float32), -1.0, 1.0)
+        del mix
+        pair = (Audio(left.samples[:n]), Audio(right.astype(audio.samples.dtype)))
+        if not line_channel.separated(pair[0].samples, pair[1].samples):
+            return None
+        log.info("stereo recording with a talker on each channel: diarized by its channels")
+        return pair
+
+    def _diarize_channels(self, pair: tuple[Audio, Audio], *, min_duration: float, exclusive: bool,
+                          progress: ProgressCallback | None = None) -> Diarization:
+        """Each channel's speech is its own talker's: SPEAKER_00 the left channel's, SPEAKER_01
+        the right's. ``exclusive``: where both speak, the turn already under way keeps the time."""
+        regions = []
+        for k, (mine, other) in enumerate((pair, pair[::-1])):
+            found = self.speech_detector(mine)
+            regions.append(line_channel.own_speech(found, mine.samples, other.samples))
+            if progress is not None:
+                progress("segmentation", 0.5 * (k + 1))
+        end = math.floor(pair[0].duration * 1000) / 1000
+        turns = [Turn(round(s, 3), round(min(e, end), 3), f"SPEAKER_{k:02d}")
+                 for k, found in enumerate(regions) for s, e in found if min(e, end) > s]
+        turns.sort(key=lambda t: (t.start, t.end))
+        if exclusive:
+            cut: list[Turn] = []
+            busy_until = 0.0
+            for t in turns:  # in start order: a turn loses the part heard over an earlier one
+                start = max(t.start, busy_until)  # a channel's own regions never overlap
+                if t.end > start:
+                    cut.append(Turn(round(start, 3), t.end, t.speaker))
+                busy_until = max(busy_until, t.end)
+            turns = cut
+        turns = [t for t in turns if t.end - t.start >= min_duration]
+        if progress is not None:
+            progress("discrete_diarization", 1.0)
+        # each talker's speech for naming it: its own channel, overlap included (the other talker
+        # is on the other channel)
+        speech = {name: [(t.start, t.end) for t in turns if t.speaker == name]
+                  for name in dict.fromkeys(t.speaker for t in turns)}
+        return Diarization(turns, speech)
 
     # --- voiceprints -----------------------------------------------------------------------
     def _usable(self, voiceprints: list[VoiceprintRef] | list[dict]) -> list[VoiceprintRef]:
@@ -327,10 +404,11 @@ class Engine:
             return None, round(speech_s, 3)
         return ident.unit(self.embedder.embed(Audio(samples))), round(speech_s, 3)
 
-    def speaker_vectors(self, audio: Audio, turns: list[Turn], speech: dict[str, list[tuple[float, float]]]
-                        ) -> tuple[dict[str, np.ndarray | None], dict[str, float]]:
+    def speaker_vectors(self, audio: Audio, turns: list[Turn], speech: dict[str, list[tuple[float, float]]],
+                        own: dict[str, Audio] | None = None) -> tuple[dict[str, np.ndarray | None], dict[str, float]]:
         """Per reported speaker: the unit embedding of its own non-overlapped speech (None with
-        less than identification_min_speech_s), and the seconds embedded."""
+        less than identification_min_speech_s), and the seconds embedded. ``own``: a speaker's
+        own recording (its channel of a stereo call) to embed instead of ``audio``."""
         order = list(dict.fromkeys(t.speaker for t in turns))
         if any(not speech.get(name) for name in order):
             speech = {**ident.exclusive_regions(turns), **{k: v for k, v in speech.items() if v}}
@@ -341,14 +419,16 @@ class Engine:
             if ident.seconds(regions) < self.settings.identification_min_speech_s:
                 vectors[name], secs[name] = None, round(ident.seconds(regions), 3)
                 continue
-            vectors[name], secs[name] = self.speech_vector(audio, regions, self.settings.identification_max_speech_s)
+            vectors[name], secs[name] = self.speech_vector((own or {}).get(name, audio), regions,
+                                                           self.settings.identification_max_speech_s)
         return vectors, secs
 
     def name_speakers(self, audio: Audio, turns: list[Turn], speech: dict[str, list[tuple[float, float]]],
-                      refs: list[VoiceprintRef], threshold: float) -> list[SpeakerIdentity]:
+                      refs: list[VoiceprintRef], threshold: float, own: dict[str, Audio] | None = None
+                      ) -> list[SpeakerIdentity]:
         """Each diarized speaker's identity: its own speech embedded, then the optimal assignment."""
         order = list(dict.fromkeys(t.speaker for t in turns))
-        vectors, secs = self.speaker_vectors(audio, turns, speech)
+        vectors, secs = self.speaker_vectors(audio, turns, speech, own)
         scored = [n for n in order if vectors[n] is not None]
         prints = np.asarray([r.embedding for r in refs], dtype=np.float32)
         matrix = ident.score_matrix(np.stack([vectors[n] for n in scored]), prints) if scored else np.zeros((0, len(refs)))

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # four-talker calls 0.558 -> 0.263 DER, 5-8 talkers 0.712 -> 0.442, one or two talkers
     # 0.256 -> 0.263 (docs/models.md, "Recording conditions"); None: clustering_threshold always
     clustering_telephone_threshold: float | None = Field(0.65, gt=0.0, le=2.0)
+    # a stereo recording whose channels each carry a talker of their own (a call recorder's agent
+    # left, customer right; engine.channel.separated) is diarized by its channels: SPEAKER_00 is
+    # the left channel's talker, SPEAKER_01 the right's (docs/models.md, "Stereo calls")
+    diarize_by_channel: bool = True
     # size-aware merging: where a recording's own within-talker spread (the distance between
     # embeddings of rows the segmentation gives the same stretch of speech) is above the
     # reference, two clusters also merge when their centroids' squared distance is under the
