@@ -1293,6 +1293,43 @@ class JobStore:
             self._count_finished(record)
         return record, changed_flag
 
+    # --- job messages a worker holds before the job started ---------------------------------------
+    # A worker that takes a job's message before the API confirmed its submission waits a moment,
+    # then holds the message as a Celery retry (an ETA message, worker.tasks._confirmation_awaited):
+    # unacked in Redis, where the broker hands it out again only after its visibility timeout (6 h)
+    # should that worker die meanwhile (SIGKILL, the OOM killer, a container's memory limit). The
+    # job is queued, not running: no lease, nothing the recovery pass looked at, and a job its
+    # client was answered 202 for stayed "queued" those 6 h. So each such hold has a due time here,
+    # by which the retry must have run again; the recovery pass sends the job's message again once
+    # it passed (worker/recovery.py, recover_held_jobs). A retry that runs late meets a job started
+    # or ended by the message sent again, and skips it or waits for it as any copy does.
+    def _held(self) -> str:
+        return self.key("held")
+
+    def hold_message(self, job_id: str, in_s: float) -> None:
+        """A worker holds ``job_id``'s message (a retry), to run again within ``in_s`` seconds."""
+        self.redis.zadd(self._held(), {job_id: self.clock() + in_s})
+
+    def drop_hold(self, job_id: str) -> None:
+        """The held message ran again (or was sent again): no longer owed."""
+        self.redis.zrem(self._held(), job_id)
+
+    def holds_past_due(self, limit: int = 100) -> list[str]:
+        return list(self.redis.zrangebyscore(self._held(), "-inf", self.clock(), start=0, num=limit))
+
+    _TAKE_OVER_HOLD = """
+    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+    return 1
+    """
+
+    def take_over_hold(self, job_id: str, next_in_s: float) -> bool:
+        """Atomically, if the hold of ``job_id`` is past due: due again in ``next_in_s`` (should the
+        caller die before it sent the message again), and True for this caller alone."""
+        now = self.clock()
+        return bool(self.redis.eval(self._TAKE_OVER_HOLD, 1, self._held(), job_id, repr(now), repr(now + next_in_s)))
+
     # --- webhook deliveries that must still happen -----------------------------------------------
     # A delivery is a Celery message acked late: a worker killed while it delivers, or while it
     # holds the delivery's retry for its countdown, leaves the message unacked, and the broker

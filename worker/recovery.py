@@ -70,6 +70,30 @@ def recover_stalled_jobs(store: JobStore, storage: Storage, settings: Settings) 
     return handled
 
 
+def recover_held_jobs(store: JobStore, settings: Settings) -> list[str]:
+    """One pass over job messages a worker held (a retry waiting for the job's confirmation,
+    ``JobStore.hold_message``) and did not run again by their due time: the worker died holding
+    it, and the broker would hand it out again only after its visibility timeout (6 h). A job
+    still queued and never started gets its message again (at level 0: it waited its turn); one
+    that started, ended or is gone needs none. Returns the ids sent again."""
+    from worker.tasks import _enqueue
+
+    handled: list[str] = []
+    for job_id in store.holds_past_due():
+        # due again a lease from now, should this process die before the message is sent; taken
+        # by one pass alone
+        if not store.take_over_hold(job_id, settings.job_lease_s):
+            continue
+        record = store.get(job_id)
+        if record is not None and record.status == QUEUED and not record.attempts:
+            _enqueue(job_id, record.kind, record.queue)
+            log.warning("job %s: the worker that held its message (waiting for its confirmation) was not heard "
+                        "from past its due time (it died?); its message is sent again", job_id)
+            handled.append(job_id)
+        store.drop_hold(job_id)
+    return handled
+
+
 def fail_interrupted_submissions(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
     """One pass over jobs whose submission was not confirmed within ``job_submit_grace_s``
     (``JobStore.confirm_queued``): the API died, or Redis or the broker failed, between writing

@@ -160,7 +160,13 @@ def _confirmation_awaited(task: Task, jobs: JobStore, storage: Storage, record: 
             return True
         if time.monotonic() >= deadline:
             log.info("job %s: its submission is not confirmed yet; checking again later", record.job_id)
-            raise task.retry(countdown=min(5.0, settings.job_submit_grace_s - waited_s))
+            countdown = min(5.0, settings.job_submit_grace_s - waited_s)
+            # held by this worker from now on (an ETA message, unacked): due again by then, or the
+            # recovery pass sends the job's message again (JobStore.hold_message), should this
+            # worker die holding it: the broker would hand it out again only after its visibility
+            # timeout, 6 h, while the job, confirmed meanwhile, stayed "queued"
+            jobs.hold_message(record.job_id, countdown + settings.job_lease_s)
+            raise task.retry(countdown=countdown)
         time.sleep(0.02)
         waited_s = jobs.unconfirmed_for_s(record.job_id)
     return True
@@ -174,6 +180,9 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         if record is not None and record.status == QUEUED and not record.attempts \
                 and _confirmation_awaited(task, jobs, storage, record):
             record = jobs.get(job_id)
+        if task.request.retries:
+            # a retry of this message: one held for a confirmation (hold_message) is heard from
+            jobs.drop_hold(job_id)
     except redis.RedisError as exc:
         raise _not_started(task, job_id, exc) from None
     if record is None:
