@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, TypeVar
@@ -62,6 +63,16 @@ MAX_CONCURRENT_LOOKUPS = 8
 # pool, 40 of them held every thread, and every other request (a status poll's Redis read)
 # waited seconds for one. Past this many, copies wait for a slot without holding a thread.
 MAX_CONCURRENT_SAVES = 16
+# Header checks of uploads (duration, sample rate) that may run at once, each in a thread of its
+# own. A header only FFmpeg reads is read by a child process held to probe_cpu_s of CPU (3 s) and
+# probe_timeout_s of wall time (10 s). In the shared pool, 45 uploads at once of a file whose
+# header FFmpeg reads slowly held 40 of its threads and ran 45 readers at once on the API's cores:
+# a status poll waited 10.9 s for a thread, and the readers, starved, hit the wall-clock limit
+# before their CPU one, so 40 of the 45 were answered 503 (the service's state: clients retry it)
+# instead of 415 for the file. One reader a core the API may run on, up to four, each then has
+# its CPU within its wall clock; past them, checks wait for a slot without holding a thread.
+MAX_CONCURRENT_PROBES = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                   else os.cpu_count() or 1))
 # Results rendered as text (SubRip, WebVTT, RTTM) at once. A render is Python and its parse one
 # C call that holds the GIL throughout (76 ms for 150,000 turns), so two at once finish no sooner
 # than one after the other, and three clients' parses back to back held every other request of
@@ -180,6 +191,7 @@ class Dispatcher:
     _aredis: Any = field(default=None, init=False, repr=False)
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    _probes: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _renders: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
     _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
@@ -788,11 +800,14 @@ class Dispatcher:
             if await _is_empty(upload):
                 # nothing a worker could decode: refused here, as the synchronous route's worker did
                 raise AudioDecodeError(f"uploaded file {name!r} is empty")
+            if self._probes is None:
+                self._probes = anyio.CapacityLimiter(MAX_CONCURRENT_PROBES)
             try:
-                info = await run_in_threadpool(
+                # off the shared pool, a few at once (MAX_CONCURRENT_PROBES)
+                info = await anyio.to_thread.run_sync(functools.partial(
                     check_audio_limits, upload.file, max_duration=limit,
                     min_sample_rate=self.settings.min_sample_rate, hint=hint, sandbox=self.settings.probe_limits(),
-                )
+                ), limiter=self._probes)
             except NotAudioError as exc:
                 # which of a batch's (or an enrollment's) files it is
                 raise exc.about(f"uploaded file {name!r}") from None

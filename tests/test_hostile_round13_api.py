@@ -14,7 +14,14 @@ Each test fails on the code before its fix:
 * ``Client.voiceprints()`` followed the listing's ``Link: rel="next"`` for as long as the server
   gave one: a server that ignores the cursor (behind a proxy that drops the query string) answers
   page one again and again, and the loop listed the same voiceprints without end, its list
-  growing until the process ran out of memory (a link without a cursor was a KeyError).
+  growing until the process ran out of memory (a link without a cursor was a KeyError);
+* the header check of every upload (the duration and sample rate of a file only FFmpeg reads,
+  in a sandboxed child held to 3 s of CPU and 10 s of wall clock) ran in the thread pool every
+  request shares, as many at once as uploads came in: 45 uploads at once of a TTA whose APEv2
+  tag FFmpeg reads slowly (1 MB each) held 40 of its 40 threads and ran 45 readers on 2 cores,
+  so a status poll waited 10.9 s for a thread, and the starved readers met the wall clock before
+  their CPU limit: 40 of the 45 were answered 503 (retry later) instead of 415. Now one a core runs
+  at once (four at most), in threads of their own.
 """
 
 from __future__ import annotations
@@ -164,3 +171,79 @@ def test_client_voiceprints_refuses_a_next_link_without_a_cursor():
         with pytest.raises(AnalysisError) as raised:
             client.voiceprints()
     assert "names no cursor" in raised.value.detail
+
+
+# --- the API under a real uvicorn, in keys and queues of its own -------------------------------
+KEY = "round13-key-0123456789"
+NAME = "round13"
+
+
+@pytest.fixture(scope="module")
+def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
+    """The API under a real uvicorn (api.serve) with an API key, in Redis keys, queues and storage
+    of its own that no worker consumes (as tests.conftest.parked_api), its header reader held to
+    1 s of CPU (as tests/test_probe_sandbox.py's refusals): an httpx client with the key."""
+    import httpx
+    import redis
+
+    from tests.conftest import api_under_uvicorn
+
+    prefix, queues = f"aa-{NAME}", (f"audio-{NAME}", f"webhooks-{NAME}")
+    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": prefix, "AUDIO_ANALYSIS_QUEUE_NAME": queues[0],
+           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": queues[1],
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{NAME}-uploads")),
+           "AUDIO_ANALYSIS_PROBE_CPU_S": "1"}
+    store = redis.Redis.from_url(settings.redis_url)
+    try:
+        with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{NAME}-api"), [KEY], env) as base, \
+                httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
+            yield client
+    finally:
+        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
+            store.delete(key)
+        store.delete(*queues)
+        store.close()
+
+
+def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
+    """45 uploads at once whose header only FFmpeg reads, and slowly (a TTA file with an APEv2 tag
+    of 8,192 fields: 0.3 s of a core each, 130 KB): each held a thread of the pool every request
+    shares while its reader ran, and all 45 readers ran at once on the API's cores, so every
+    poll of a job waited for all of them: 7-11 s on 2 cores. With 65,536 fields (FFmpeg needs
+    8-16 s, stopped at its CPU limit) no reader got its CPU before the 10 s wall-clock limit:
+    40 of 45 uploads were answered 503 (the service's state, which clients retry) instead of 415
+    for the file, and a poll waited 10.9 s. Now at most MAX_CONCURRENT_PROBES readers run at
+    once, in threads of their own: polls are answered meanwhile, and each file as it is."""
+    import time
+
+    from tests.test_probe_sandbox import tta_apev2
+
+    data = tta_apev2(8192)
+    answers: list[int] = []
+    polls: list[float] = []
+    done = threading.Event()
+
+    def upload() -> None:
+        answers.append(api.post("/jobs/embedding", files={"file": ("tagged.tta", data)}).status_code)
+
+    def poll() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            r = api.get("/jobs/0123456789abcdef0123456789abcdef")
+            assert r.status_code == 404, r.text
+            polls.append(time.monotonic() - started)
+            time.sleep(0.1)
+
+    uploads = [threading.Thread(target=upload) for _ in range(45)]
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for t in uploads:
+        t.start()
+    for t in uploads:
+        t.join(300)
+    done.set()
+    poller.join(60)
+    seen = f"answers {sorted(answers)}, slowest polls {sorted(polls)[-3:]}"
+    assert answers == [202] * 45, seen
+    assert max(polls) < 3.0, seen
+
