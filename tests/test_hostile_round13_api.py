@@ -21,7 +21,11 @@ Each test fails on the code before its fix:
   tag FFmpeg reads slowly (1 MB each) held 40 of its 40 threads and ran 45 readers on 2 cores,
   so a status poll waited 10.9 s for a thread, and the starved readers met the wall clock before
   their CPU limit: 40 of the 45 were answered 503 (retry later) instead of 415. Now one a core runs
-  at once (four at most), in threads of their own.
+  at once (four at most), in threads of their own;
+* ``POST /voiceprints/import`` with a job route's ``webhook_url`` and ``num_speakers`` stored the
+  voiceprint (201) and dropped both without a word, and ``POST /voiceprints`` took a
+  ``webhook_url`` nothing would call: the job routes refuse another route's field (rounds 7, 12),
+  the voiceprint routes did not.
 """
 
 from __future__ import annotations
@@ -247,3 +251,29 @@ def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
     assert answers == [202] * 45, seen
     assert max(polls) < 3.0, seen
 
+
+def test_voiceprint_routes_refuse_another_routes_fields(api):
+    """``POST /voiceprints/import`` with ``webhook_url`` and ``num_speakers`` stored the voiceprint
+    (201) and dropped both without a word, and ``POST /voiceprints`` (an enrollment, answered when
+    done) took a ``webhook_url`` that nothing would ever call: the job routes refuse another
+    route's field (rounds 7 and 12), these did not. Now 422 naming it, and nothing is stored."""
+    from tests.conftest import json_embedding_file, tone_wav
+
+    before = api.get("/voiceprints").json()["count"]
+    r = api.post("/voiceprints/import", files={"file": ("v.json", json_embedding_file([0.1] * 192))},
+                 data={"label": "Ann", "model": "3d-speaker/campplus-cn-en-common",
+                       "webhook_url": "https://hooks.example.com/x", "num_speakers": "3"})
+    body = _documented(r, 422)
+    assert "num_speakers, webhook_url: not a field of POST /voiceprints/import" in body["detail"], body
+    r = api.post("/voiceprints", files={"files": ("ann.wav", tone_wav(1.0))},
+                 data={"label": "Ann", "webhook_url": "https://hooks.example.com/x"})
+    body = _documented(r, 422)
+    assert "webhook_url: not a field of POST /voiceprints" in body["detail"], body
+    assert api.get("/voiceprints").json()["count"] == before
+
+
+def _documented(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == ERROR_KEYS, body
+    return body
