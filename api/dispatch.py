@@ -63,16 +63,20 @@ MAX_CONCURRENT_LOOKUPS = 8
 # pool, 40 of them held every thread, and every other request (a status poll's Redis read)
 # waited seconds for one. Past this many, copies wait for a slot without holding a thread.
 MAX_CONCURRENT_SAVES = 16
-# Header checks of uploads (duration, sample rate) that may run at once, each in a thread of its
-# own. A header only FFmpeg reads is read by a child process held to probe_cpu_s of CPU (3 s) and
-# probe_timeout_s of wall time (10 s). In the shared pool, 45 uploads at once of a file whose
+# Header checks of uploads (duration, sample rate), off the pool every request shares, in two
+# lanes. A header only FFmpeg reads is read by a child process held to probe_cpu_s of CPU (3 s)
+# and probe_timeout_s of wall time (10 s). In the shared pool, 45 uploads at once of a file whose
 # header FFmpeg reads slowly held 40 of its threads and ran 45 readers at once on the API's cores:
 # a status poll waited 10.9 s for a thread, and the readers, starved, hit the wall-clock limit
 # before their CPU one, so 40 of the 45 were answered 503 (the service's state: clients retry it)
-# instead of 415 for the file. One reader a core the API may run on, up to four, each then has
-# its CPU within its wall clock; past them, checks wait for a slot without holding a thread.
+# instead of 415 for the file. Such readers run one a core the API may run on, up to four, each
+# then getting its CPU within its wall clock; a WAV, FLAC or Ogg upload (libsndfile reads its
+# header in microseconds) is checked in a lane of its own, never queued behind them.
 MAX_CONCURRENT_PROBES = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                    else os.cpu_count() or 1))
+MAX_CONCURRENT_CHECKS = 16
+# what an upload starts with where libsndfile reads its header (RIFF....WAVE, fLaC, OggS)
+_LIBSNDFILE_MAGIC = (b"RIFF", b"RF64", b"fLaC", b"OggS")
 # Results rendered as text (SubRip, WebVTT, RTTM) at once. A render is Python and its parse one
 # C call that holds the GIL throughout (76 ms for 150,000 turns), so two at once finish no sooner
 # than one after the other, and three clients' parses back to back held every other request of
@@ -192,6 +196,7 @@ class Dispatcher:
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _probes: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    _checks: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _renders: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
     _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
@@ -800,14 +805,12 @@ class Dispatcher:
             if await _is_empty(upload):
                 # nothing a worker could decode: refused here, as the synchronous route's worker did
                 raise AudioDecodeError(f"uploaded file {name!r} is empty")
-            if self._probes is None:
-                self._probes = anyio.CapacityLimiter(MAX_CONCURRENT_PROBES)
             try:
-                # off the shared pool, a few at once (MAX_CONCURRENT_PROBES)
+                # off the shared pool, in the lane of the reader it needs
                 info = await anyio.to_thread.run_sync(functools.partial(
                     check_audio_limits, upload.file, max_duration=limit,
                     min_sample_rate=self.settings.min_sample_rate, hint=hint, sandbox=self.settings.probe_limits(),
-                ), limiter=self._probes)
+                ), limiter=await self._check_lane(upload))
             except NotAudioError as exc:
                 # which of a batch's (or an enrollment's) files it is
                 raise exc.about(f"uploaded file {name!r}") from None
@@ -818,6 +821,16 @@ class Dispatcher:
                     raise exc.about(f"uploaded file {name!r}") from None
                 raise
             budget.add(info)
+
+    async def _check_lane(self, upload: UploadFile) -> anyio.CapacityLimiter:
+        """The limiter an upload's header check runs under: MAX_CONCURRENT_CHECKS for what
+        libsndfile reads by its first bytes, MAX_CONCURRENT_PROBES for the rest (FFmpeg's)."""
+        if self._probes is None:
+            self._probes = anyio.CapacityLimiter(MAX_CONCURRENT_PROBES)
+            self._checks = anyio.CapacityLimiter(MAX_CONCURRENT_CHECKS)
+        head = await upload.read(4)
+        await upload.seek(0)
+        return self._checks if head in _LIBSNDFILE_MAGIC else self._probes  # type: ignore[return-value]
 
     # --- the synchronous contract -----------------------------------------------------------
     async def has_worker(self) -> bool:

@@ -21,7 +21,8 @@ Each test fails on the code before its fix:
   tag FFmpeg reads slowly (1 MB each) held 40 of its 40 threads and ran 45 readers on 2 cores,
   so a status poll waited 10.9 s for a thread, and the starved readers met the wall clock before
   their CPU limit: 40 of the 45 were answered 503 (retry later) instead of 415. Now one a core runs
-  at once (four at most), in threads of their own;
+  at once (four at most), in threads of their own, and a WAV, FLAC or Ogg upload is checked in a
+  lane of its own: behind 45 such readers, a WAV's upload waited 4.2 s in a single lane;
 * ``POST /voiceprints/import`` with a job route's ``webhook_url`` and ``num_speakers`` stored the
   voiceprint (201) and dropped both without a word, and ``POST /voiceprints`` took a
   ``webhook_url`` nothing would call: the job routes refuse another route's field (rounds 7, 12),
@@ -217,25 +218,33 @@ def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
     8-16 s, stopped at its CPU limit) no reader got its CPU before the 10 s wall-clock limit:
     40 of 45 uploads were answered 503 (the service's state, which clients retry) instead of 415
     for the file, and a poll waited 10.9 s. Now at most MAX_CONCURRENT_PROBES readers run at
-    once, in threads of their own: polls are answered meanwhile, and each file as it is."""
+    once, in threads of their own: polls are answered meanwhile, each file as it is, and a WAV
+    (whose header libsndfile reads) is checked in a lane of its own, not queued behind them."""
     import time
 
+    from tests.conftest import tone_wav
     from tests.test_probe_sandbox import tta_apev2
 
-    data = tta_apev2(8192)
+    data, wav = tta_apev2(8192), tone_wav(1.0)
     answers: list[int] = []
     polls: list[float] = []
+    wavs: list[float] = []
     done = threading.Event()
 
     def upload() -> None:
         answers.append(api.post("/jobs/embedding", files={"file": ("tagged.tta", data)}).status_code)
 
     def poll() -> None:
+        # a status poll, and a WAV's upload (whose header libsndfile reads), while the flood lasts
         while not done.is_set():
             started = time.monotonic()
             r = api.get("/jobs/0123456789abcdef0123456789abcdef")
             assert r.status_code == 404, r.text
             polls.append(time.monotonic() - started)
+            started = time.monotonic()
+            r = api.post("/jobs/embedding", files={"file": ("meeting.wav", wav)})
+            assert r.status_code == 202, r.text
+            wavs.append(time.monotonic() - started)
             time.sleep(0.1)
 
     uploads = [threading.Thread(target=upload) for _ in range(45)]
@@ -247,9 +256,9 @@ def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
         t.join(300)
     done.set()
     poller.join(60)
-    seen = f"answers {sorted(answers)}, slowest polls {sorted(polls)[-3:]}"
+    seen = f"answers {sorted(answers)}, slowest polls {sorted(polls)[-3:]}, slowest WAV uploads {sorted(wavs)[-3:]}"
     assert answers == [202] * 45, seen
-    assert max(polls) < 3.0, seen
+    assert max(polls) < 3.0 and max(wavs) < 3.0, seen
 
 
 def test_voiceprint_routes_refuse_another_routes_fields(api):
