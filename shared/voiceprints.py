@@ -62,6 +62,8 @@ def embedding_model(settings: Settings) -> EmbeddingModel:
 
 
 _ID = re.compile(r"^vp_[0-9a-f]{32}$")
+# what a refusal may echo of an id it was given (api/errors.py's rule for a path's id)
+_ECHOED = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_LABEL = 200
 
 
@@ -340,7 +342,10 @@ class VoiceprintStore:
             for i in ids:
                 vp = self.get(i, owner)
                 if vp is None:
-                    raise InputError(f"voiceprints: no voiceprint {i!r}", status_code=404)
+                    # echoed only where it looks like an id (as api.errors.not_found does): a
+                    # field of up to 64 KB, markup and all, came back whole in the 404
+                    named = repr(i) if _ECHOED.match(i) else "with that id (not an id this service makes)"
+                    raise InputError(f"voiceprints: no voiceprint {named}", status_code=404)
                 found.append(vp)
         if len(found) > limit:
             raise InputError(f"voiceprints: at most {limit} per job; this key has {len(found)}")

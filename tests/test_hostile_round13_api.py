@@ -26,7 +26,10 @@ Each test fails on the code before its fix:
 * ``POST /voiceprints/import`` with a job route's ``webhook_url`` and ``num_speakers`` stored the
   voiceprint (201) and dropped both without a word, and ``POST /voiceprints`` took a
   ``webhook_url`` nothing would call: the job routes refuse another route's field (rounds 7, 12),
-  the voiceprint routes did not.
+  the voiceprint routes did not;
+* a ``voiceprints`` field naming an unknown voiceprint was echoed whole in the 404 (60 KB of it,
+  markup and all), where a path's id is echoed only when it looks like one (round 7's
+  ``not_found``).
 """
 
 from __future__ import annotations
@@ -280,6 +283,21 @@ def test_voiceprint_routes_refuse_another_routes_fields(api):
     assert "webhook_url: not a field of POST /voiceprints" in body["detail"], body
     assert api.get("/voiceprints").json()["count"] == before
 
+
+
+def test_an_unknown_voiceprint_id_is_not_echoed_whole(api):
+    """``voiceprints=<60 KB, markup first>`` on ``POST /jobs/identify`` was answered 404 with the
+    whole field in its detail (a 60 KB error body; a path's id was already held to 64 id
+    characters, ``api.errors.not_found``). An id-shaped one is still named, so a typo is found."""
+    from tests.conftest import tone_wav
+
+    hostile = "<img src=x onerror=alert(1)>" + "A" * 60_000
+    r = api.post("/jobs/identify", files={"file": ("a.wav", tone_wav(1.0))}, data={"voiceprints": hostile})
+    body = _documented(r, 404)
+    assert len(r.content) < 500 and "<img" not in body["detail"], body["detail"][:200]
+    assert body["detail"] == "voiceprints: no voiceprint with that id (not an id this service makes)"
+    r = api.post("/jobs/identify", files={"file": ("a.wav", tone_wav(1.0))}, data={"voiceprints": "vp_" + "a" * 32})
+    assert _documented(r, 404)["detail"] == f"voiceprints: no voiceprint 'vp_{'a' * 32}'"
 
 def _documented(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
