@@ -132,6 +132,12 @@ def _answer(response: httpx.Response, *, needs: tuple[str, ...] = ()) -> Any:
     if body is not _NOT_JSON and (not needs or isinstance(body, dict)
                                   and all(isinstance(body.get(k), str) for k in needs)):
         return body
+    if response.is_redirect:
+        # never followed: the X-API-Key would go wherever a proxy (http to https, a moved host) or
+        # anyone answering there pointed it
+        raise NotThisApi(f"{response.request.method} {response.url.copy_with(query=None)} answered "
+                         f"{response.status_code}, a redirect to {response.headers.get('location', '')[:200]!r}, "
+                         "which the client does not follow (its API key would go with it): give the API's own URL")
     kind = (response.headers.get("content-type") or "no Content-Type").split(";", 1)[0].strip()[:60]
     what = "not JSON" if body is _NOT_JSON else "JSON of another shape" + (f" (no {', '.join(needs)})" if needs else "")
     raise NotThisApi(f"{response.request.method} {response.url.copy_with(query=None)} answered "

@@ -28,8 +28,8 @@ Each test fails on the code before its fix:
   ``webhook_url`` nothing would call: the job routes refuse another route's field (rounds 7, 12),
   the voiceprint routes did not;
 * a ``voiceprints`` field naming an unknown voiceprint was echoed whole in the 404 (60 KB of it,
-  markup and all), where a path's id is echoed only when it looks like one (round 7's
-  ``not_found``).
+  markup and all), where a path's id is echoed only when it looks like one
+  (``api.errors.not_found``).
 """
 
 from __future__ import annotations
@@ -129,6 +129,21 @@ def test_client_refuses_a_success_answer_that_is_not_the_apis(body, content_type
             assert raised.value.status_code == 502
             assert "not this service's answer" in raised.value.detail
 
+
+
+def test_client_says_where_a_redirect_pointed_and_does_not_follow_it():
+    """A 301 (a proxy sending http to https, a moved host) was a JSONDecodeError of its HTML body.
+    Now an error naming where it points; not followed, so the key goes nowhere else."""
+    from cli.client import Client
+
+    def moved(handler: http.server.BaseHTTPRequestHandler) -> tuple[int, dict[str, str], bytes]:
+        return 301, {"Content-Type": "text/html", "Location": "https://api.example.com/jobs/x"}, b"<html>Moved</html>"
+
+    with answering(moved) as base, Client(base, api_key="k", retries=0) as client:
+        with pytest.raises(AnalysisError) as raised:
+            client.status("0123456789abcdef0123456789abcdef")
+    assert raised.value.status_code == 502
+    assert "a redirect to 'https://api.example.com/jobs/x'" in raised.value.detail
 
 def test_cli_says_what_answered_instead_of_a_traceback():
     """``audio-analysis status`` against a server that answers 200 with a web page prints one line
