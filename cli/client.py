@@ -147,6 +147,17 @@ def _answer(response: httpx.Response, *, needs: tuple[str, ...] = ()) -> Any:
 _NOT_JSON = object()
 
 
+def _record(response: httpx.Response) -> dict[str, Any]:
+    """A job record (:func:`_answer` with ``job_id`` and ``status``) whose ``error`` is an object
+    or null, as callers read it: a string there was an AttributeError out of the CLI's
+    ``submit --wait`` (``record["error"].get("status_code")``), a traceback."""
+    record = _answer(response, needs=("job_id", "status"))
+    if not isinstance(record.get("error"), (dict, type(None))):
+        raise NotThisApi(f"{response.request.method} {response.url.copy_with(query=None)} answered a job record "
+                         "whose error is not an object: not this service's answer (is the URL the API's?)")
+    return record
+
+
 class Client:
     """``retries``: how many times a submit, or a poll of ``wait``, is sent again after the
     connection failed or the service answered 502/503/504 (a submit also after a 429, its
@@ -220,7 +231,7 @@ class Client:
         response = self._retrying(lambda: self._post_files(f"/jobs/{kind}", local, data, key),
                                   TRANSIENT_STATUS | {409, 429})
         _raise_for_error(response)
-        return _answer(response, needs=("job_id", "status"))
+        return _record(response)
 
     def _post_files(self, path: str, pairs: list[tuple[str, str | Path]], data: dict[str, str],
                     headers: dict[str, str] | None = None) -> httpx.Response:
@@ -276,12 +287,12 @@ class Client:
         # a read: an API restarting under an hour-long wait is waited out, not the end of it
         response = self._retrying(lambda: self.http.get(f"/jobs/{job_id}"))
         _raise_for_error(response)
-        return _answer(response, needs=("job_id", "status"))
+        return _record(response)
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         response = self.http.post(f"/jobs/{job_id}/cancel")
         _raise_for_error(response)
-        return _answer(response, needs=("job_id", "status"))
+        return _record(response)
 
     def wait(
         self,

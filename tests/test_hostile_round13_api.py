@@ -109,6 +109,7 @@ def test_client_reports_an_error_body_of_another_shape(status, body, said):
     (b"<html><body>Sign in</body></html>", "text/html"),
     (b"[]", "application/json"),
     (b'{"job_id": "x"}', "application/json"),
+    (b'{"job_id": "x", "status": "failed", "error": "oops"}', "application/json"),
 ])
 def test_client_refuses_a_success_answer_that_is_not_the_apis(body, content_type, tmp_path):
     """A 200 that is not this API's answer (an HTML page, JSON without a record's ``status``) is
