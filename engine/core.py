@@ -334,14 +334,22 @@ class Engine:
         limit = self.settings.max_audio_seconds
         if self._decode_limit_s is not None:
             limit = min(limit, self._decode_limit_s)
-        left = load_channel(source, 0, max_duration=limit, min_duration=0.0)
+        try:
+            left = load_channel(source, 0, max_duration=limit, min_duration=0.0)
+        except InputError as exc:  # what decoded as a mean is diarized as one, as before
+            log.info("stereo recording's left channel did not decode alone (%s): diarized on the mix", exc)
+            return None
         n = min(len(left.samples), len(audio.samples))
         if n == 0:
             return None
-        mix = audio.samples[:n].astype(np.float32)
-        right = np.clip(2 * mix - left.samples[:n].astype(np.float32), -1.0, 1.0)
-        del mix
-        pair = (Audio(left.samples[:n]), Audio(right.astype(audio.samples.dtype)))
+        # a block at a time, as stored: float32 copies of an hour's mean and left would be 460 MB
+        right = np.empty(n, dtype=audio.samples.dtype)
+        step = 1 << 20
+        for first in range(0, n, step):
+            last = min(n, first + step)
+            block = 2 * audio.samples[first:last].astype(np.float32) - left.samples[first:last].astype(np.float32)
+            right[first:last] = np.clip(block, -1.0, 1.0)
+        pair = (Audio(left.samples[:n]), Audio(right))
         if not line_channel.separated(pair[0].samples, pair[1].samples):
             return None
         log.info("stereo recording with a talker on each channel: diarized by its channels")

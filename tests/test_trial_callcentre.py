@@ -177,3 +177,23 @@ def test_a_stereo_call_names_the_agent_from_their_own_channel(engine, talkers, t
     result = engine.diarize(str(path), num_speakers=2, voiceprints=[ref])
     named = {s.speaker: s.identity for s in result.speakers}
     assert named == {"SPEAKER_00": "Agent", "SPEAKER_01": None}, result.speakers
+
+
+def test_a_stereo_call_whose_channel_does_not_decode_alone_is_diarized_on_its_mix(engine, talkers, tmp_path,
+                                                                                  monkeypatch):
+    import engine.core as core
+    from shared.errors import AudioDecodeError
+
+    rng = np.random.default_rng(8)
+    agent, customer, _, _ = _call(*talkers, seed=9)
+    path = tmp_path / "call.wav"
+    n = 12 * SAMPLE_RATE
+    _stereo_wav(path, _line(agent[:n], rng, 3e-4), _line(customer[:n], rng, 1e-3))
+    assert engine.talker_channels(str(path), engine.load(str(path))) is not None
+
+    def refuse(*args, **kwargs):
+        raise AudioDecodeError("a channel of this file cannot be decoded alone")
+
+    monkeypatch.setattr(core, "load_channel", refuse)
+    assert engine.talker_channels(str(path), engine.load(str(path))) is None
+    assert engine.diarize(str(path), num_speakers=2).diarization_results
