@@ -26,7 +26,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from shared.errors import InputError, ModelError, QuotaExceeded
-from shared.queue import PRIORITY_STEPS, level_thresholds
+from shared.queue import PRIORITY_STEPS, REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, level_thresholds
 from shared.record_heads import RecordHeads
 from shared.schemas import JobError
 from shared.settings import Settings, get_settings
@@ -616,7 +616,12 @@ class JobStore:
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> "JobStore":
         settings = settings or get_settings()
-        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True), settings)
+        # timeouts of the service's own (shared/queue.py), not the client library's default: 5 s
+        # in redis-py 8, none at all (wait for ever on a connection whose Redis went away without
+        # closing it) in the 5.x releases pyproject.toml allows
+        return cls(redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                                        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_keepalive=True),
+                   settings)
 
     # --- the one clock every process reads --------------------------------------------------
     def clock(self) -> float:

@@ -24,6 +24,13 @@ from shared.kinds import JobKind
 from shared.settings import Settings, get_settings
 
 WEBHOOK_TASK = "audio.deliver_webhook"
+# How long any Redis client of the service waits on a reply, and to connect: every command it sends
+# answers in milliseconds (BRPOP waits 1 s, kombu's brpop_timeout), so past this the connection is
+# taken for dead and the command fails as an unreachable Redis does (the caller retries, hands the
+# job back, or answers 503). Without it, a connection whose Redis went away without closing it
+# waits as long as the kernel's TCP retries (some 15 min on a lost route), or for ever.
+REDIS_SOCKET_TIMEOUT_S = 10.0
+REDIS_CONNECT_TIMEOUT_S = 5.0
 
 
 def make_celery(settings: Settings | None = None, *, include: Sequence[str] = ()) -> Celery:
@@ -47,6 +54,15 @@ def make_celery(settings: Settings | None = None, *, include: Sequence[str] = ()
         # orders queues of the same priority (a worker on both "audio" and "webhooks" takes
         # them in turn, as before)
         "priority_steps": list(PRIORITY_STEPS),
+        # kombu gives its connections no socket timeout (its Transport passes None over redis-py's
+        # own), so a publish on a connection whose Redis went away without closing it (a failover
+        # to another address, a NAT or firewall that dropped the flow, a host lost) waited for
+        # good: a worker publishing its job's webhook delivery then never took another job, while
+        # its heartbeat (another thread, the job store's connections) told /health it was there.
+        # Timed out, the publish is retried on a new connection (task_publish_retry)
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
     }
     app.conf.update(
         task_serializer="json",
@@ -67,6 +83,9 @@ def make_celery(settings: Settings | None = None, *, include: Sequence[str] = ()
         result_extended=True,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
+        # the result backend's client (120 s and no connect timeout by default), as the broker's
+        redis_socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        redis_socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
         broker_connection_retry_on_startup=True,
         # Flower builds its task views from events
         worker_send_task_events=True,
