@@ -58,6 +58,12 @@ T = TypeVar("T")
 # held all of its threads, and every other request (each runs its key check there) waited for
 # them, 10 s at a time. Past this many, lookups wait for a slot without holding a thread.
 MAX_CONCURRENT_LOOKUPS = 8
+# ... of which one tenant (an API key) may hold this many: one tenant's 16 submissions naming
+# hosts whose DNS server never answers held all 8 in turn, and another tenant's submission, its
+# webhook host an IP address with nothing to look up, waited behind them in the same queue (3.5 s
+# at a 2 s lookup limit; 45 of them at the default 10 s, about 50 s). Its further lookups wait for
+# its own slots; without API keys there is one tenant, held to MAX_CONCURRENT_LOOKUPS alone.
+MAX_LOOKUPS_PER_TENANT = 4
 # Uploads being copied into storage at once, each in a thread of their own. An S3 upload holds
 # its thread for as long as the bucket takes (a 1 GB file, a slow or far bucket): in the shared
 # pool, 40 of them held every thread, and every other request (a status poll's Redis read)
@@ -194,6 +200,8 @@ class Dispatcher:
     # created on first use, inside the server's event loop
     _aredis: Any = field(default=None, init=False, repr=False)
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
+    # per tenant (owner digest), beside _lookups: one per API key the settings name, at most
+    _tenant_lookups: dict[str, anyio.CapacityLimiter] = field(default_factory=dict, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _probes: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _checks: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
@@ -246,7 +254,7 @@ class Dispatcher:
         for spec in kind.audio_files:
             if spec.name in urls:
                 # resolves the host name: off the event loop, in a thread of the lookups' own
-                await self._lookup(check_media_url, urls[spec.name], spec.url_name, self.settings,
+                await self._lookup(edge.owner, check_media_url, urls[spec.name], spec.url_name, self.settings,
                                    self.settings.submit_lookup_timeout_s)
         audio: dict[str, UploadFile] = {}
         for spec in kind.audio_files:
@@ -279,22 +287,27 @@ class Dispatcher:
         return {name: await run_in_threadpool(self.store.keep_apart, value)
                 for name, value in values.items() if value is not None}
 
-    async def check_webhook(self, url: str | None) -> str | None:
+    async def check_webhook(self, url: str | None, principal: Principal | None = None) -> str | None:
         if not url:
             return None
         # resolves the host name: off the event loop, in a thread of the lookups' own
         return await self._lookup(
-            validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses,
+            principal.owner if principal is not None else None, validate_webhook_url, url, self.settings.webhook_allowed_hosts, self.settings.webhook_allow_private_addresses,
             self.settings.submit_lookup_timeout_s,
         )
 
-    async def _lookup(self, check: Callable[..., T], *args: Any) -> T:
+    async def _lookup(self, owner: str | None, check: Callable[..., T], *args: Any) -> T:
         """``check(*args)`` (a URL check that resolves its host) in a thread, at most
         MAX_CONCURRENT_LOOKUPS at once, so lookups that stall never take the threads the other
-        requests need."""
+        requests need, and at most MAX_LOOKUPS_PER_TENANT of them ``owner``'s (a tenant: an API
+        key), so that one tenant's never hold another's back."""
         if self._lookups is None:
             self._lookups = anyio.CapacityLimiter(MAX_CONCURRENT_LOOKUPS)
-        return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
+        if owner is None:
+            return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
+        tenant = self._tenant_lookups.setdefault(owner, anyio.CapacityLimiter(MAX_LOOKUPS_PER_TENANT))
+        async with tenant:
+            return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
     async def render(self, size: int, render: Callable[..., T], *args: Any) -> T:
         """``render(*args)`` (a result of ``size`` bytes of JSON, as text) in a thread; from

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from shared.errors import AnalysisError
 
@@ -320,3 +321,65 @@ def _documented(response: Any, status: int) -> dict[str, Any]:
     body = response.json()
     assert set(body) == ERROR_KEYS, body
     return body
+
+
+# --- the API in process, for a resolver that stalls (as tests/test_hostile_inputs_round3.py) ---
+def test_one_tenants_stalled_lookups_do_not_hold_another_tenants_submit(settings, monkeypatch):
+    """Submit-time host lookups (a webhook_url's, a file_url's) run 8 at a time, apart from the
+    shared pool (round 3): so one tenant's 16 submissions naming hosts whose DNS server never
+    answers, each given up after submit_lookup_timeout_s, held all 8 slots in turn, and another
+    tenant's submission, whose webhook host is an IP address (nothing to look up), waited in the
+    same queue: 3.5 s at a 2 s timeout (at the default 10 s and 45 such submissions, 50 s). Now a
+    tenant's lookups take at most MAX_LOOKUPS_PER_TENANT of the slots; its further ones wait
+    for its own, and another tenant's go ahead."""
+    import socket
+    import time
+
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import tone_wav
+
+    prefix = f"aa-{NAME}-lookups"
+    own = settings.model_copy(update={
+        "redis_key_prefix": prefix, "queue_name": f"audio-{NAME}-lookups", "webhook_queue_name": f"webhooks-{NAME}-lookups",
+        "api_keys": [SecretStr("tenant-a-0123456789"), SecretStr("tenant-b-0123456789")],
+        "webhook_allow_private_addresses": False, "submit_lookup_timeout_s": 2.0})
+    real = socket.getaddrinfo
+
+    def resolver(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(host).endswith(".stall.example"):  # a DNS server that never answers
+            time.sleep(20)
+            raise socket.gaierror("no answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    wav = tone_wav(0.5)
+    answers: list[int] = []
+    try:
+        with TestClient(create_app(own), raise_server_exceptions=False) as api:
+            def stalled(i: int) -> None:
+                r = api.post("/jobs/embedding", headers={"X-API-Key": "tenant-a-0123456789"},
+                             files={"file": ("a.wav", wav)}, data={"webhook_url": f"https://h{i}.stall.example/hook"})
+                answers.append(r.status_code)
+
+            attackers = [threading.Thread(target=stalled, args=(i,)) for i in range(16)]
+            for t in attackers:
+                t.start()
+            time.sleep(0.5)  # the 16 parsed and queued for their lookups
+            started = time.monotonic()
+            r = api.post("/jobs/embedding", headers={"X-API-Key": "tenant-b-0123456789"},
+                         files={"file": ("b.wav", wav)}, data={"webhook_url": "https://93.184.215.14/hook"})
+            waited = time.monotonic() - started
+            for t in attackers:
+                t.join(120)
+    finally:
+        store = redis.Redis.from_url(own.redis_url)
+        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
+            store.delete(key)
+        store.delete(own.queue_name, own.webhook_queue_name)
+    print(f"\ntenant B's submit during tenant A's 16 stalled lookups: {waited:.2f} s")
+    assert r.status_code == 202, r.text
+    assert waited < 1.5, f"tenant B's submit waited {waited:.1f} s behind tenant A's stalled lookups"
+    assert answers == [422] * 16, answers

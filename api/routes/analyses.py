@@ -66,7 +66,7 @@ def _submit_endpoint(kind: JobKind):
                      idempotency_key: IdempotencyKeyDep, **values: Any) -> JSONResponse:
         uploads, urls, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal, urls)
-        webhook_url = await dispatcher.check_webhook(values.get("webhook_url"))
+        webhook_url = await dispatcher.check_webhook(values.get("webhook_url"), principal)
         idempotent = Idempotent(idempotency_key, f"jobs/{kind.name}", sent_fields(await request.form())) \
             if idempotency_key else None
         accepted = await dispatcher.submit(submission, webhook_url=webhook_url, principal=principal,

@@ -61,7 +61,7 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
         raise InputError(f"{', '.join(foreign)}: not a parameter of {kind} jobs, which take "
                          f"{', '.join(job_kind.form_fields) or 'no parameters'}")
     form = {name: values.get(name) for name in job_kind.form_fields}
-    webhook_url = await dispatcher.check_webhook(webhook_url)
+    webhook_url = await dispatcher.check_webhook(webhook_url, principal)
     batch_id = new_job_id()
     # All or nothing: every file is read and its header checked before any job exists. A batch
     # refused at its third file had queued (and run) the first two, whose ids the client, told
