@@ -29,7 +29,11 @@ Each test fails on the code before its fix:
   the voiceprint routes did not;
 * a ``voiceprints`` field naming an unknown voiceprint was echoed whole in the 404 (60 KB of it,
   markup and all), where a path's id is echoed only when it looks like one
-  (``api.errors.not_found``).
+  (``api.errors.not_found``);
+* submit-time host lookups ran 8 at a time in one queue for every tenant: one API key's 16
+  submissions naming hosts whose DNS server never answers held all 8 in turn, and another key's
+  submission (its webhook host an IP address, nothing to look up) waited 3.5 s behind them at a
+  2 s lookup limit. Now one tenant holds at most 4 of them (0.04 s).
 """
 
 from __future__ import annotations
