@@ -92,6 +92,9 @@ MAX_CONCURRENT_RENDERS = 1
 # smaller one parses in under 3 ms and renders in tens: it never waits behind another tenant's
 # day-long recording (0.6 s a SubRip render of 150,000 turns; 20 of them queued 12 s).
 RENDER_ALONE_BYTES = 256 * 1024
+# ... and each tenant (an API key) has one such render in that queue at a time: one key asking for
+# its day-long diarization's SubRip 8 times at once put another key's own long result behind all 8
+# (40,000 turns each: 1.5 s late); its further ones now wait for its own turn, not in the queue
 # A synchronous call polls its job's record from sync_poll_interval_s (50 ms: a short job is
 # answered at once), each poll half again as long, up to this. At a fixed 50 ms, every waiting
 # call read and parsed its record 20 times a second for up to sync_timeout_s (an hour): a few
@@ -202,6 +205,7 @@ class Dispatcher:
     _lookups: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # per tenant (owner digest), beside _lookups: one per API key the settings name, at most
     _tenant_lookups: dict[str, anyio.CapacityLimiter] = field(default_factory=dict, init=False, repr=False)
+    _tenant_renders: dict[str, anyio.CapacityLimiter] = field(default_factory=dict, init=False, repr=False)
     _saves: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _probes: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     _checks: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
@@ -309,14 +313,18 @@ class Dispatcher:
         async with tenant:
             return await anyio.to_thread.run_sync(functools.partial(check, *args), limiter=self._lookups)
 
-    async def render(self, size: int, render: Callable[..., T], *args: Any) -> T:
+    async def render(self, owner: str | None, size: int, render: Callable[..., T], *args: Any) -> T:
         """``render(*args)`` (a result of ``size`` bytes of JSON, as text) in a thread; from
-        RENDER_ALONE_BYTES on, at most MAX_CONCURRENT_RENDERS at once."""
+        RENDER_ALONE_BYTES on, at most MAX_CONCURRENT_RENDERS at once, and one of ``owner``'s
+        (a tenant: an API key; None, without keys, is one tenant) in their queue at a time."""
         if size < RENDER_ALONE_BYTES:
             return await run_in_threadpool(render, *args)
         if self._renders is None:
             self._renders = anyio.CapacityLimiter(MAX_CONCURRENT_RENDERS)
-        return await anyio.to_thread.run_sync(functools.partial(render, *args), limiter=self._renders)
+        if owner is None:
+            return await anyio.to_thread.run_sync(functools.partial(render, *args), limiter=self._renders)
+        async with self._tenant_renders.setdefault(owner, anyio.CapacityLimiter(1)):
+            return await anyio.to_thread.run_sync(functools.partial(render, *args), limiter=self._renders)
 
     # --- submit -----------------------------------------------------------------------------
     def _saves_limiter(self) -> anyio.CapacityLimiter:

@@ -33,7 +33,10 @@ Each test fails on the code before its fix:
 * submit-time host lookups ran 8 at a time in one queue for every tenant: one API key's 16
   submissions naming hosts whose DNS server never answers held all 8 in turn, and another key's
   submission (its webhook host an IP address, nothing to look up) waited 3.5 s behind them at a
-  2 s lookup limit. Now one tenant holds at most 4 of them (0.04 s).
+  2 s lookup limit. Now one tenant holds at most 4 of them (0.04 s);
+* long results render as text one at a time (round 7) in one queue for every tenant: one key's
+  12 SubRip fetches at once of a 40,000-turn result put another key's own long result behind all
+  12 (2.72 s, 0.2 s a render). Now a tenant has one render in that queue at a time (0.61 s).
 """
 
 from __future__ import annotations
@@ -204,6 +207,7 @@ def test_client_voiceprints_refuses_a_next_link_without_a_cursor():
 
 # --- the API under a real uvicorn, in keys and queues of its own -------------------------------
 KEY = "round13-key-0123456789"
+KEY_B = "round13-key-b-0123456789"
 NAME = "round13"
 
 
@@ -211,7 +215,8 @@ NAME = "round13"
 def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """The API under a real uvicorn (api.serve) with an API key, in Redis keys, queues and storage
     of its own that no worker consumes (as tests.conftest.parked_api), its header reader held to
-    1 s of CPU (as tests/test_probe_sandbox.py's refusals): an httpx client with the key."""
+    1 s of CPU (as tests/test_probe_sandbox.py's refusals): an httpx client with the key (a
+    second tenant's key is KEY_B)."""
     import httpx
     import redis
 
@@ -224,7 +229,7 @@ def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
            "AUDIO_ANALYSIS_PROBE_CPU_S": "1"}
     store = redis.Redis.from_url(settings.redis_url)
     try:
-        with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{NAME}-api"), [KEY], env) as base, \
+        with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{NAME}-api"), [KEY, KEY_B], env) as base, \
                 httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
             yield client
     finally:
@@ -319,6 +324,60 @@ def test_an_unknown_voiceprint_id_is_not_echoed_whole(api):
     assert body["detail"] == "voiceprints: no voiceprint with that id (not an id this service makes)"
     r = api.post("/jobs/identify", files={"file": ("a.wav", tone_wav(1.0))}, data={"voiceprints": "vp_" + "a" * 32})
     assert _documented(r, 404)["detail"] == f"voiceprints: no voiceprint 'vp_{'a' * 32}'"
+
+
+def _plant_result(redis_client: Any, turns: int, key: str) -> str:
+    """A succeeded diarization of ``turns`` turns of ``key``'s tenant, as a worker stores it."""
+    import hashlib
+
+    from shared.jobs import JobRecord, new_job_id
+
+    job_id = new_job_id()
+    segments = [{"start": round(i * 0.8, 3), "end": round(i * 0.8 + 0.7, 3), "speaker": f"SPEAKER_{i % 7:02d}"}
+                for i in range(turns)]
+    result = {"diarization_results": segments, "processing_time": 1.0, "audio_duration": turns * 0.8,
+              "segments_count": turns, "model_device": "cpu"}
+    record = JobRecord(job_id=job_id, kind="diarize", status="succeeded", result=result, progress=1.0,
+                       owner=hashlib.sha256(key.encode()).hexdigest()[:32], filename="meeting.wav")
+    redis_client.set(f"aa-{NAME}:job:{job_id}", record.to_json(), ex=600)
+    return job_id
+
+
+def test_one_tenants_long_renders_do_not_queue_another_tenants(api, redis_client):
+    """Long results render as text one at a time (round 7), in one queue for every tenant: one
+    API key asking for its long diarization's SubRip 12 times at once put another key's own long
+    result behind all 12 (40,000 turns, 0.2 s a render: answered after every one of them). Now a
+    tenant has one render in that queue at a time; its further ones wait for its own turn, and
+    another tenant's comes after the render under way."""
+    import time
+
+    import httpx
+
+    a_id, b_id = _plant_result(redis_client, 40_000, KEY), _plant_result(redis_client, 40_000, KEY_B)
+    base = str(api.base_url).rstrip("/")
+    ended: dict[str, float] = {}
+
+    def fetch(name: str, key: str, job_id: str) -> None:
+        r = httpx.get(f"{base}/jobs/{job_id}/result?format=srt", headers={"X-API-Key": key}, timeout=120)
+        assert r.status_code == 200, r.text
+        ended[name] = time.monotonic()
+
+    a = [threading.Thread(target=fetch, args=(f"a{i}", KEY, a_id)) for i in range(12)]
+    for t in a:
+        t.start()
+    time.sleep(0.3)  # tenant A's twelve asked first: one renders, the others wait
+    asked = time.monotonic()
+    fetch("b", KEY_B, b_id)
+    for t in a:
+        t.join(120)
+    # one render's time: the gap between two of A's answers (they end one after another)
+    a_ends = sorted(v for k, v in ended.items() if k != "b")
+    render_s = sorted(b - a for a, b in zip(a_ends, a_ends[1:]))[len(a_ends) // 2 - 1]
+    waited = ended["b"] - asked
+    print(f"\ntenant B's long render answered in {waited:.2f} s; one render takes {render_s:.2f} s; "
+          f"{sum(v > ended['b'] for v in a_ends)} of A's 12 ended after it")
+    # behind the one under way, and its own (and the answers' transfer): not behind A's queue
+    assert waited < 7 * render_s, (waited, render_s)
 
 def _documented(response: Any, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text

@@ -204,7 +204,8 @@ async def get_result(
         return Response(result, media_type="application/json")
     # rendered off the event loop, a long one at a time (Dispatcher.render): 100,000 turns took
     # 2.4 s as SubRip, and while a few clients fetched such a result the API answered nobody else
-    return await dispatcher.render(len(result), _render_result, kind, record, result, format, job_id)
+    return await dispatcher.render(principal.owner, len(result), _render_result, kind, record, result, format,
+                                   job_id)
 
 
 def _render_result(kind: JobKind, record: JobRecord, result: str, format: str, job_id: str) -> Response:  # noqa: A002
