@@ -13,6 +13,13 @@ Each test fails on the code before its fix:
   for it, as the recovery pass looks only at running jobs. Such a hold now has a due time in
   Redis (``JobStore.hold_message``), and each worker's recovery pass sends the job's message
   again once it passed (worker/recovery.py ``recover_held_jobs``);
+* a prefork worker whose pool processes kept dying as they loaded the models (the OOM killer:
+  the models do not fit in the memory left; a crashing GPU driver) had each replacement announce
+  its queues while loading, so the queue's consumers key never lapsed and synchronous calls were
+  taken for a worker that could never run them (each waited the sync timeout, an hour, for a
+  504) instead of the prompt 503 a worker whose load raised gets. A process that finds two of its
+  worker's loads unfinished before its own now announces only once its load succeeded
+  (worker/lifecycle.py);
 * a worker whose broker connection went silent (its Redis gone without closing it: a failover to
   another address, a NAT or firewall that dropped the flow) as it published a job's webhook
   delivery waited on it for good: kombu gives broker connections no socket timeout. It never took
@@ -313,3 +320,53 @@ def test_a_broker_connection_gone_silent_as_a_job_ends_does_not_stop_the_worker_
     finally:
         proxy.close()
         store.redis.delete(*queue_keys(SILENT_BROKER_QUEUE), *queue_keys(SILENT_HOOKS))
+
+
+# --- a worker whose pool processes die loading the models -------------------------------------------
+
+DYING_QUEUE = "audio-r13-dying"
+
+
+def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_no_synchronous_call(
+        service_env, settings, utterances, tmp_path_factory):
+    """A prefork worker whose pool process is killed while it loads the models (the OOM killer: the
+    models do not fit in what memory is left), each time: its parent starts another, which loads
+    again. Each announced the worker's queues from its start, so the queue's consumers key never
+    lapsed (a 15 s lifetime at the default 5 s heartbeat; a process every second or so): a
+    synchronous call was taken for a worker that could never run it, and waited for the sync
+    timeout (an hour) for its 504, where a worker whose load raised is answered 503 at once. After
+    two processes died loading, the next announces the queues only once its load succeeded: the
+    key lapses, and the call is answered 503 at once."""
+    import sys
+
+    from cli.launcher import Stack
+
+    store = _store(settings)
+    base = tmp_path_factory.mktemp("r13-dying")
+    stack = Stack(log_dir=base)
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": DYING_QUEUE, "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "5"}
+    clip = utterances["spk1"][0]
+    try:
+        proc = stack.spawn("r13dying", [
+            sys.executable, "-m", "tests._dying_load_worker", "--pool", "prefork", "--concurrency", "1",
+            "-Q", DYING_QUEUE, "-n", "r13dying@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+        ], env=env)
+        log = base / "r13dying.log"
+
+        def deaths() -> int:
+            return log.read_text(errors="replace").count("exited with 'signal 9 (SIGKILL)'") if log.exists() else 0
+
+        _wait(lambda: deaths() >= 2, 60, "the pool processes did not die loading", step=0.2)
+        assert proc.poll() is None, "the worker itself ended"
+        # its queue's key lapses (it lives 15 s) while processes go on dying
+        _wait(lambda: not store.redis.exists(store.consumers_key(DYING_QUEUE)), 20,
+              "the queue is still announced for a worker that cannot run a job", step=0.2)
+        assert deaths() >= 3
+        with _api(settings, DYING_QUEUE) as client:
+            started = time.monotonic()
+            r = client.post("/diarize", files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
+            assert r.status_code == 503 and time.monotonic() - started < 5, (r.status_code, r.text)
+            assert "no worker is running" in r.json()["detail"]
+    finally:
+        stack.stop()
+        store.redis.delete(*__import__("shared.queue", fromlist=["queue_keys"]).queue_keys(DYING_QUEUE))

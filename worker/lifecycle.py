@@ -29,7 +29,10 @@ _state: dict[str, Any] = {"name": None, "stop": threading.Event(), "thread": Non
                          # whether the heartbeat thread runs the recovery passes and the sweep (boot)
                          "runs_passes": True,
                          # set once this process's models loaded or failed to (boot)
-                         "booted": threading.Event()}
+                         "booted": threading.Event(),
+                         # whether the queues are announced while the models load (boot: not after
+                         # MAX_LOAD_DEATHS of this worker's processes died loading them)
+                         "announce_while_loading": True}
 # set by a warm shutdown (SIGTERM, Ctrl-C of `up`): a running job is handed back to the queue
 _shutting_down = threading.Event()
 _stop_checked: dict[str, float] = {"at": 0.0}
@@ -152,7 +155,8 @@ def _heartbeat_loop(stop: threading.Event) -> None:
             info = heartbeat_info()
             # the queues from the start, while the models load (a job taken then runs once they
             # are loaded); the heartbeat /health shows, and the passes below, once the load ended
-            announce_queues(store, info, ttl_s=interval * 3)
+            if loaded or _state["announce_while_loading"]:
+                announce_queues(store, info, ttl_s=interval * 3)
             if loaded:
                 store.heartbeat(worker_name(), info, ttl_s=interval * 3)
             now = time.monotonic()
@@ -248,10 +252,57 @@ def _runs_tasks_here(consumer: Any) -> bool:
     return pool is not None and type(pool).__module__.rsplit(".", 1)[-1] in ("thread", "gevent", "eventlet")
 
 
+# A pool process that dies while it loads the models (the OOM killer, a crash in a GPU driver)
+# is replaced by its worker's parent, which then loads them again, and again. Each one announced
+# the worker's queues while loading, so a worker that could never run a job kept them alive for
+# good: synchronous calls were taken for it and waited AUDIO_ANALYSIS_SYNC_TIMEOUT_S (an hour) for
+# a 504, where a worker whose load failed (an exception, load_error) is answered 503 at once. So
+# the loads under way are counted per worker (each cleared once its load ended, either way), and
+# a process that finds this many of its worker's loads unfinished before its own (its
+# predecessors died loading within LOAD_DEATHS_WINDOW_S) announces the queues only once its own
+# load succeeded.
+MAX_LOAD_DEATHS = 2
+LOAD_DEATHS_WINDOW_S = 600
+
+
+def _loading_key(node: str) -> str:
+    # not under "worker:": /health reads every aa:worker:* key as a heartbeat
+    return JobStore.from_settings().key("loading", node)
+
+
+def _count_load(node: str) -> int:
+    """This process's load counted among its worker's unfinished ones: how many were before it."""
+    try:
+        client = JobStore.from_settings().redis
+        with client.pipeline(transaction=True) as pipe:
+            pipe.incr(_loading_key(node))
+            pipe.expire(_loading_key(node), LOAD_DEATHS_WINDOW_S)
+            before = int(pipe.execute()[0]) - 1
+    except Exception:  # noqa: BLE001 - Redis away: announced as before
+        log.debug("could not count the model load", exc_info=True)
+        return 0
+    return before
+
+
+def _load_ended(node: str) -> None:
+    try:
+        JobStore.from_settings().redis.delete(_loading_key(node))
+    except Exception:  # noqa: BLE001 - it lapses after LOAD_DEATHS_WINDOW_S
+        log.debug("could not clear the model load count", exc_info=True)
+
+
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
     _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
     _state["runs_passes"] = runs_passes
+    node = str(sender or socket.gethostname())
+    loads = get_settings().worker_load_models
+    if loads:
+        died = _count_load(node)
+        if died >= MAX_LOAD_DEATHS:
+            _state["announce_while_loading"] = False
+            log.critical("%d pool processes of this worker died while loading the models (killed: out of "
+                         "memory?); its queues are announced only once this one's load succeeded", died)
     # the heartbeat thread starts before the models load: while they do, it announces the queues
     # (a worker still loading can take a synchronous call: its job runs once they are loaded),
     # and once the load ended, it heartbeats as before, with the load_error if it failed
@@ -270,6 +321,7 @@ def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
         except Exception as exc:  # noqa: BLE001 - keep serving; jobs report ModelError, /health shows it
             _state["load_error"] = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
+        _load_ended(node)
     _state["booted"].set()
 
 
