@@ -17,7 +17,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Union
 
@@ -92,6 +92,10 @@ AudioSource = Union[str, os.PathLike, bytes, BinaryIO]
 STORAGE_DTYPE = np.float16
 
 
+# a telephone line's rate (G.711, GSM, AMR-NB): what is recorded at it or below has no band above 4 kHz
+NARROWBAND_RATE = 8000
+
+
 @dataclass(frozen=True)
 class Audio:
     """Decoded mono waveform at :data:`SAMPLE_RATE`."""
@@ -101,6 +105,15 @@ class Audio:
     # the channels the file held (samples are their mean): a stereo call may carry one talker a
     # channel, which the diarization then uses (Engine.diarize, engine.channel.separated)
     channels: int = 1
+    # the lowest sample rate the file's audio stream had before it was resampled to 16 kHz (None:
+    # not decoded from a file): a recording at 8 kHz or less (a telephone call) carries nothing
+    # above 4 kHz, and that moves where a verification threshold belongs (``narrowband``)
+    source_rate: int | None = None
+
+    @property
+    def narrowband(self) -> bool:
+        """Recorded at :data:`NARROWBAND_RATE` or less: no voice above 4 kHz in it."""
+        return self.source_rate is not None and self.source_rate <= NARROWBAND_RATE
 
     @property
     def duration(self) -> float:
@@ -217,6 +230,8 @@ class _Collector:
         self.tracks = 1
         # the most channels the stream decoded had (hold_to_work), down-mixed to their mean
         self.channels = 1
+        # the lowest sample rate it had (hold_to_work): Audio.source_rate
+        self.lowest_rate: int | None = None
 
     def hold_to_work(self, rate: int, channels: int) -> None:
         """The stream decoded is ``channels`` at ``rate``: past 8 x 48 kHz each of its seconds
@@ -224,6 +239,7 @@ class _Collector:
         header declares no length costs no more to decode than one the header check refused.
         A stream that changes its format is held to the costliest it took."""
         self.channels = max(self.channels, channels)
+        self.lowest_rate = rate if self.lowest_rate is None else min(self.lowest_rate, rate)
         factor = decode_work_factor(rate, channels)
         if factor > self.work_factor:
             self.work_factor, self.work_of = factor, (rate, channels)
@@ -1072,8 +1088,9 @@ def _load_audio(source: AudioSource, *, max_duration: float, min_duration: float
     if reject_silence and not collected.loud and samples.size / SAMPLE_RATE >= min_duration:
         # nothing but exact zeros: refused before any pass over the (never written) buffer
         raise silent_audio(collected.tracks, collected.channels)
-    return validate_samples(samples, min_duration=min_duration, max_duration=max_duration,
-                            reject_silence=reject_silence, tracks=collected.tracks, channels=collected.channels)
+    audio = validate_samples(samples, min_duration=min_duration, max_duration=max_duration,
+                             reject_silence=reject_silence, tracks=collected.tracks, channels=collected.channels)
+    return replace(audio, source_rate=collected.lowest_rate)
 
 
 # the attribute of silent_audio's refusal that says how many channels the silent mean was of

@@ -105,7 +105,8 @@ class EmbeddingParams(Params):
 
 _THRESHOLD = (
     "cosine threshold in [-1, 1]; default: calibrated for the active model "
-    "(0.45 for the embedded CAM++ model; 0.25 for the production ECAPA model, as in the original contract)"
+    "(0.45 for the embedded CAM++ model, 0.55 when both recordings are telephone-band, 8 kHz or less; "
+    "0.25 for the production ECAPA model, as in the original contract)"
 )
 
 
