@@ -344,17 +344,19 @@ class Dispatcher:
         return key
 
     async def save_uploads(self, job_id: str, uploads: Mapping[str, UploadFile], *, sync: bool,
-                           digests: dict[str, str] | None = None) -> dict[str, str]:
+                           digests: dict[str, str] | None = None, checked: bool = False) -> dict[str, str]:
         """Check each upload's header, then stream it into storage; the request as a whole stays
         under max_upload_bytes. The header is read from the upload as received, before anything
         is stored: nothing refused is written, and an S3 backend is never read back. With
         ``digests`` (a submission with an Idempotency-Key), each upload's SHA-256, taken as it
-        is stored, is put there by name."""
+        is stored, is put there by name. ``checked``: the headers were checked already (a batch's,
+        all of them before any job)."""
         keys: dict[str, str] = {}
         budget = self.settings.max_upload_bytes
         storing = False
         try:
-            await self.check_audio_limits(uploads.values(), sync=sync)
+            if not checked:
+                await self.check_audio_limits(uploads.values(), sync=sync)
             if sync:
                 # nothing stored yet: a refused call leaves neither upload nor job behind
                 await self.require_worker()
@@ -410,6 +412,7 @@ class Dispatcher:
         sync: bool = False,
         principal: Principal | None = None,
         idempotent: Idempotent | None = None,
+        checked: bool = False,
     ) -> Accepted:
         """Jobs the client is answered for at once (one, or a batch's): every upload stored first,
         then each record written and its message sent, then all of them confirmed
@@ -428,7 +431,8 @@ class Dispatcher:
         is renewed while this submission is alive (:meth:`_renewing`), taken again once the
         uploads are stored, now with the request's fingerprint (their digests taken as they
         streamed), and the jobs are confirmed only while it still holds the key, which then
-        names them. A submission refused gives the key back.
+        names them. A submission refused gives the key back. ``checked``: every upload's header
+        was checked already (a batch's, by the route), and is not read again.
         """
         if webhook_payload is not None and webhook_url is None:
             # what a webhook carries, with no webhook: dropped without a word, so a client that
@@ -445,11 +449,11 @@ class Dispatcher:
         async with self._renewing(keyed) as renewal:
             return await self._submit_held(submissions, keyed, renewal, webhook_url=webhook_url,
                                            webhook_payload=webhook_payload, batch_id=batch_id, sync=sync,
-                                           principal=principal)
+                                           principal=principal, checked=checked)
 
     async def _submit_held(self, submissions: Sequence[Submission], keyed: _Keyed | None, renewal: _Renewal, *,
                            webhook_url: str | None, webhook_payload: str | None, batch_id: str | None, sync: bool,
-                           principal: Principal | None) -> Accepted:
+                           principal: Principal | None, checked: bool = False) -> Accepted:
         """:meth:`submit_all` once its key (if any) is held by it."""
         stored: list[tuple[str, dict[str, str]]] = []
         digests: list[dict[str, str]] = []
@@ -471,7 +475,8 @@ class Dispatcher:
                     await self._hold_again(keyed, renewal, None)
                 digests.append({})
                 stored.append((job_id, await self.save_uploads(job_id, submission.audio, sync=sync,
-                                                               digests=digests[-1] if keyed else None)))
+                                                               digests=digests[-1] if keyed else None,
+                                                               checked=checked)))
             if keyed is not None:
                 # the key again, now with what the request was: taken by another meanwhile (this
                 # one's hold lapsed while its uploads were stored), that one answers for it

@@ -36,7 +36,9 @@ Each test fails on the code before its fix:
   2 s lookup limit. Now one tenant holds at most 4 of them (0.04 s);
 * long results render as text one at a time (round 7) in one queue for every tenant: one key's
   12 SubRip fetches at once of a 40,000-turn result put another key's own long result behind all
-  12 (2.72 s, 0.2 s a render). Now a tenant has one render in that queue at a time (0.61 s).
+  12 (2.72 s, 0.2 s a render). Now a tenant has one render in that queue at a time (0.61 s);
+* a batch's every file had its header read twice (the route's all-or-nothing check, then again as
+  each was stored): 20 reads for 10 files, two sandboxed FFmpeg reads a file of AAC or m4a.
 """
 
 from __future__ import annotations
@@ -446,3 +448,45 @@ def test_one_tenants_stalled_lookups_do_not_hold_another_tenants_submit(settings
     assert r.status_code == 202, r.text
     assert waited < 1.5, f"tenant B's submit waited {waited:.1f} s behind tenant A's stalled lookups"
     assert answers == [422] * 16, answers
+
+
+def test_a_batchs_headers_are_read_once(settings, monkeypatch):
+    """``POST /jobs/batch`` checks every file's header before any job exists (all or nothing),
+    then stored each file through the single job's path, which checked its header again: 20
+    header reads for 10 files, two sandboxed FFmpeg reads a file for a batch of AAC or m4a (a
+    1,000-file batch of 200-byte AAC files: about 29 s of CPU spent twice). Now once a file."""
+    import api.dispatch
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import tone_wav
+
+    read: list[int] = []
+    real = api.dispatch.check_audio_limits
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        read.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api.dispatch, "check_audio_limits", counted)
+    prefix = f"aa-{NAME}-batch"
+    own = settings.model_copy(update={"redis_key_prefix": prefix, "queue_name": f"audio-{NAME}-batch",
+                                      "webhook_queue_name": f"webhooks-{NAME}-batch"})
+    wav = tone_wav(0.5)
+    try:
+        with TestClient(create_app(own), raise_server_exceptions=False) as client:
+            r = client.post("/jobs/batch", data={"kind": "embedding"},
+                            files=[("files", (f"a{i}.wav", wav)) for i in range(10)])
+            assert r.status_code == 202, r.text
+            assert len(read) == 10, f"{len(read)} header reads for a batch of 10 files"
+            read.clear()
+            r = client.post("/jobs/compare", files={"file1": ("a.wav", wav), "file2": ("b.wav", wav)})
+            assert r.status_code == 202, r.text
+            assert len(read) == 2  # a job's own files: read once, as they are stored
+    finally:
+        import redis
+
+        store = redis.Redis.from_url(own.redis_url)
+        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
+            store.delete(key)
+        store.delete(own.queue_name, own.webhook_queue_name)

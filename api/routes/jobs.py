@@ -76,8 +76,11 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # queued is failed by the workers' recovery pass (Dispatcher.submit_all)
     idempotent = Idempotent(idempotency_key, "jobs/batch", sent_fields(await request.form())) \
         if idempotency_key else None
+    # checked above, every file: not read again as each is stored (each of a batch's headers was
+    # read twice, two sandboxed FFmpeg reads a file for a batch of m4a)
     accepted = await dispatcher.submit_all(submissions, webhook_url=webhook_url, webhook_payload=webhook_payload,
-                                           batch_id=batch_id, principal=principal, idempotent=idempotent)
+                                           batch_id=batch_id, principal=principal, idempotent=idempotent,
+                                           checked=True)
     # a batch answered from its key is that batch, under its own id
     body = _batch_body(base, accepted.records[0].batch_id or batch_id, kind, accepted.records)
     return JSONResponse(body, status_code=202, headers=accepted_headers(body["status_url"], accepted))
