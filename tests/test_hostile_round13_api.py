@@ -38,7 +38,9 @@ Each test fails on the code before its fix:
   12 SubRip fetches at once of a 40,000-turn result put another key's own long result behind all
   12 (2.72 s, 0.2 s a render). Now a tenant has one render in that queue at a time (0.61 s);
 * a batch's every file had its header read twice (the route's all-or-nothing check, then again as
-  each was stored): 20 reads for 10 files, two sandboxed FFmpeg reads a file of AAC or m4a.
+  each was stored): 20 reads for 10 files, two sandboxed FFmpeg reads a file of AAC or m4a;
+* the header readers' lanes were one queue for every tenant: another key's upload of one TTA
+  waited 6.8 s behind one key's 45; now a tenant holds half of each lane at most (0.61 s).
 """
 
 from __future__ import annotations
@@ -291,6 +293,40 @@ def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
     assert answers == [202] * 45, seen
     assert max(polls) < 3.0 and max(wavs) < 3.0, seen
 
+
+
+def test_one_tenants_header_reads_do_not_queue_another_tenants(api):
+    """The header readers FFmpeg's files need run one a core at once (above), in one queue for
+    every tenant: behind one API key's 45 uploads of a TTA whose APEv2 tag FFmpeg reads in 0.3 s,
+    another key's upload of one such file waited 6.8 s. Now a tenant holds half of the readers at
+    most, and the other's is read beside them."""
+    import time
+
+    import httpx
+
+    from tests.test_probe_sandbox import tta_apev2
+
+    data = tta_apev2(8192)
+    base = str(api.base_url).rstrip("/")
+    answers: list[int] = []
+
+    def upload() -> None:
+        answers.append(api.post("/jobs/embedding", files={"file": ("tagged.tta", data)}).status_code)
+
+    flood = [threading.Thread(target=upload) for _ in range(45)]
+    for t in flood:
+        t.start()
+    time.sleep(0.5)  # tenant A's 45 parsed and queued for their readers
+    started = time.monotonic()
+    r = httpx.post(f"{base}/jobs/embedding", headers={"X-API-Key": KEY_B}, files={"file": ("b.tta", data)},
+                   timeout=120)
+    waited = time.monotonic() - started
+    for t in flood:
+        t.join(300)
+    print(f"\ntenant B's upload behind tenant A's 45: {waited:.2f} s")
+    assert r.status_code == 202, r.text
+    assert answers == [202] * 45, answers
+    assert waited < 2.5, f"tenant B's upload waited {waited:.1f} s behind tenant A's header reads"
 
 def test_voiceprint_routes_refuse_another_routes_fields(api):
     """``POST /voiceprints/import`` with ``webhook_url`` and ``num_speakers`` stored the voiceprint

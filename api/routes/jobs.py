@@ -70,7 +70,8 @@ async def submit_batch(*, request: Request, dispatcher: DispatcherDep, principal
     # each file is a job of its own, held to the limit on its own: with one budget for the whole
     # batch, two 13 h recordings (each within a 24 h limit) were refused as 26 h "together"
     for submission in submissions:
-        await dispatcher.check_audio_limits(submission.audio.values(), sync=False, of_several=len(submissions) > 1)
+        await dispatcher.check_audio_limits(submission.audio.values(), sync=False, of_several=len(submissions) > 1,
+                                            owner=principal.owner)
     # stored, queued and confirmed together: refused midway all the same (storage full, job store
     # or broker gone), what was queued is withdrawn; cut off midway (the process died), what was
     # queued is failed by the workers' recovery pass (Dispatcher.submit_all)
