@@ -40,7 +40,9 @@ Each test fails on the code before its fix:
 * a batch's every file had its header read twice (the route's all-or-nothing check, then again as
   each was stored): 20 reads for 10 files, two sandboxed FFmpeg reads a file of AAC or m4a;
 * the header readers' lanes were one queue for every tenant: another key's upload of one TTA
-  waited 6.8 s behind one key's 45; now a tenant holds half of each lane at most (0.61 s).
+  waited 6.8 s behind one key's 45; now a tenant holds half of each lane at most (0.61 s);
+* so were the copies of uploads into storage: behind one key's 32 uploads into a slow bucket,
+  another key's waited 2.7 s; now a tenant holds half of the 16 at most (0.06 s).
 """
 
 from __future__ import annotations
@@ -526,3 +528,60 @@ def test_a_batchs_headers_are_read_once(settings, monkeypatch):
         for key in store.scan_iter(match=f"{prefix}:*", count=1000):
             store.delete(key)
         store.delete(own.queue_name, own.webhook_queue_name)
+
+
+def test_one_tenants_slow_saves_do_not_queue_another_tenants(settings, monkeypatch):
+    """Uploads are copied into storage 16 at a time, apart from the shared pool (round 5), in one
+    queue for every tenant: one API key's 32 uploads into a slow bucket (1.5 s a copy here) put
+    another key's upload behind 16 of them (2.7 s). Now a tenant holds half of the copies at most."""
+    import io
+    import time
+
+    import redis
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import tone_wav
+
+    prefix = f"aa-{NAME}-saves"
+    own = settings.model_copy(update={
+        "redis_key_prefix": prefix, "queue_name": f"audio-{NAME}-saves", "webhook_queue_name": f"webhooks-{NAME}-saves",
+        "api_keys": [SecretStr("tenant-a-0123456789"), SecretStr("tenant-b-0123456789")]})
+    slow, quick = tone_wav(0.5), tone_wav(0.6)
+    try:
+        with TestClient(create_app(own), raise_server_exceptions=False) as api:
+            storage = api.app.state.dispatcher.storage
+            real = storage.save
+
+            def save(job_id: str, name: str, stream: Any, **kwargs: Any) -> str:
+                data = stream.read()
+                if len(data) == len(slow):  # tenant A's: a bucket that takes its time
+                    time.sleep(1.5)
+                return real(job_id, name, io.BytesIO(data), **kwargs)
+
+            monkeypatch.setattr(storage, "save", save)
+            answers: list[int] = []
+
+            def upload() -> None:
+                answers.append(api.post("/jobs/embedding", headers={"X-API-Key": "tenant-a-0123456789"},
+                                        files={"file": ("a.wav", slow)}).status_code)
+
+            flood = [threading.Thread(target=upload) for _ in range(32)]
+            for t in flood:
+                t.start()
+            time.sleep(0.5)  # tenant A's 32 checked and queued for their copies
+            started = time.monotonic()
+            r = api.post("/jobs/embedding", headers={"X-API-Key": "tenant-b-0123456789"},
+                         files={"file": ("b.wav", quick)})
+            waited = time.monotonic() - started
+            for t in flood:
+                t.join(120)
+    finally:
+        store = redis.Redis.from_url(own.redis_url)
+        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
+            store.delete(key)
+        store.delete(own.queue_name, own.webhook_queue_name)
+    print(f"\ntenant B's upload behind tenant A's 32 slow copies: {waited:.2f} s")
+    assert r.status_code == 202, r.text
+    assert answers == [202] * 32, answers
+    assert waited < 1.0, f"tenant B's upload waited {waited:.1f} s behind tenant A's copies"
