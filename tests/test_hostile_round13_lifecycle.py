@@ -41,8 +41,6 @@ import time
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-import pytest
-
 from tests.conftest import wait_for_job
 from tests.test_queued_records import _start_worker, _wait_for_log
 from tests.test_service_redelivery import _ts
@@ -83,10 +81,14 @@ def _wait(predicate, timeout_s: float, what: str, step: float = 0.05) -> None:
         time.sleep(step)
 
 
-def _queued_messages(store: Any, queue: str) -> int:
+def _queue_keys(queue: str) -> list[str]:
     from shared.queue import queue_keys
 
-    return sum(store.redis.llen(key) for key in queue_keys(queue))
+    return queue_keys(queue)
+
+
+def _queued_messages(store: Any, queue: str) -> int:
+    return sum(store.redis.llen(key) for key in _queue_keys(queue))
 
 
 def test_a_worker_killed_while_it_holds_an_unconfirmed_jobs_retry_leaves_the_job_to_run(
@@ -132,7 +134,7 @@ def test_a_worker_killed_while_it_holds_an_unconfirmed_jobs_retry_leaves_the_job
             assert done["status"] == "failed" and done["attempts"] == 1, done
             assert done["error"]["status_code"] == 422 and "404" in done["error"]["detail"], done["error"]
     finally:
-        store.redis.delete(*__import__("shared.queue", fromlist=["queue_keys"]).queue_keys(HELD_QUEUE))
+        store.redis.delete(*_queue_keys(HELD_QUEUE))
 
 
 # --- a Redis gone without closing its connections ---------------------------------------------------
@@ -369,4 +371,4 @@ def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_
             assert "no worker is running" in r.json()["detail"]
     finally:
         stack.stop()
-        store.redis.delete(*__import__("shared.queue", fromlist=["queue_keys"]).queue_keys(DYING_QUEUE))
+        store.redis.delete(*_queue_keys(DYING_QUEUE))
