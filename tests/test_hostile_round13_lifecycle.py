@@ -19,7 +19,12 @@ Each test fails on the code before its fix:
   taken for a worker that could never run them (each waited the sync timeout, an hour, for a
   504) instead of the prompt 503 a worker whose load raised gets. A process that finds two of its
   worker's loads unfinished before its own now announces only once its load succeeded
-  (worker/lifecycle.py);
+  (worker/lifecycle.py). And the job such a worker's parent took from the queue (it consumes
+  whatever its pool processes do) waited in its hands for a process that never became ready: the
+  job stayed "queued" until the broker's visibility timeout (6 h), with a healthy worker beside
+  it. The recovery pass now sends again the message of a queued job that a worker has held
+  unstarted for two leases and a pass (worker/recovery.py ``recover_reserved_jobs``), which also
+  covers a worker killed between taking a message and starting its job;
 * a worker whose broker connection went silent (its Redis gone without closing it: a failover to
   another address, a NAT or firewall that dropped the flow) as it published a job's webhook
   delivery waited on it for good: kombu gives broker connections no socket timeout. It never took
@@ -330,7 +335,7 @@ DYING_QUEUE = "audio-r13-dying"
 
 
 def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_no_synchronous_call(
-        service_env, settings, utterances, tmp_path_factory):
+        service_env, settings, utterances, media_server, tmp_path_factory):
     """A prefork worker whose pool process is killed while it loads the models (the OOM killer: the
     models do not fit in what memory is left), each time: its parent starts another, which loads
     again. Each announced the worker's queues from its start, so the queue's consumers key never
@@ -338,7 +343,14 @@ def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_
     synchronous call was taken for a worker that could never run it, and waited for the sync
     timeout (an hour) for its 504, where a worker whose load raised is answered 503 at once. After
     two processes died loading, the next announces the queues only once its load succeeded: the
-    key lapses, and the call is answered 503 at once."""
+    key lapses, and the call is answered 503 at once.
+
+    And a job submitted meanwhile: the dying worker's parent takes its message (it consumes the
+    queue whatever its pool processes do) and holds it for a process that never becomes ready, so
+    the job stayed "queued" until the broker's visibility timeout (6 h), though a healthy worker
+    started beside it. Each worker's recovery pass now sends again the message of a queued job
+    that a worker has held unstarted for two leases and a pass (worker/recovery.py
+    ``recover_reserved_jobs``): the healthy worker runs it."""
     import sys
 
     from cli.launcher import Stack
@@ -369,6 +381,16 @@ def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_
             r = client.post("/diarize", files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
             assert r.status_code == 503 and time.monotonic() - started < 5, (r.status_code, r.text)
             assert "no worker is running" in r.json()["detail"]
+            r = client.post("/jobs/embedding", data={"file_url": media_server.file("/r13/dying.wav", b"gone", status=404)})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            _wait(lambda: f"[{job_id}] received" in log.read_text(errors="replace"), 20,
+                  "the dying worker did not take the job's message", step=0.2)
+            with _worker(base, "r13healthy", DYING_QUEUE, {"AUDIO_ANALYSIS_QUEUE_NAME": DYING_QUEUE, **NO_MODELS}):
+                done = wait_for_job(client, job_id, timeout_s=30)
+            # run by the healthy worker, once: its audio's URL answered 404
+            assert done["status"] == "failed" and done["attempts"] == 1, done
+            assert done["error"]["status_code"] == 422 and "404" in done["error"]["detail"], done["error"]
     finally:
         stack.stop()
         store.redis.delete(*_queue_keys(DYING_QUEUE))

@@ -173,11 +173,14 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                     if now >= next_recovery:
                         # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
                         from worker.recovery import (fail_interrupted_submissions, recover_held_jobs,
-                                                     recover_lost_deliveries, recover_stalled_jobs)
+                                                     recover_lost_deliveries, recover_reserved_jobs,
+                                                     recover_stalled_jobs)
 
                         recover_stalled_jobs(store, storage, settings)
                         # queued jobs whose message a dead worker held (waiting for their confirmation)
                         recover_held_jobs(store, settings)
+                        # and queued jobs whose message a worker took and has held too long unstarted
+                        recover_reserved_jobs(store, settings)
                         # jobs whose submission stopped between their record and their message
                         fail_interrupted_submissions(store, storage, settings)
                         # webhook deliveries whose worker died while it delivered or held a retry

@@ -94,6 +94,62 @@ def recover_held_jobs(store: JobStore, settings: Settings) -> list[str]:
     return handled
 
 
+# kombu's Redis transport keeps each message a worker took and has not acked yet in a hash (the
+# message) and a sorted set (when it was taken, by that worker's clock), under these names
+# (Channel.unacked_key and unacked_index_key; this service sets no global_keyprefix)
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
+def reserved_for_s(settings: Settings) -> float:
+    """How long a queued job's message may be held by a worker before the pass sends it again:
+    two leases and a pass, past the few seconds a worker holds one it is about to start (or waits
+    to see confirmed)."""
+    return 2 * settings.job_lease_s + settings.job_recovery_interval_s
+
+
+def recover_reserved_jobs(store: JobStore, settings: Settings) -> list[str]:
+    """One pass over job messages a worker has held for longer than :func:`reserved_for_s` (in
+    kombu's unacked set) whose job is still queued: the worker took it and never started it. Its
+    pool process keeps dying as it loads the models (the message waits in the parent for a process
+    that never becomes ready), it died between taking the message and starting the job, or it
+    holds the message behind a job that runs for hours. The broker hands such a message out again
+    only after its visibility timeout (6 h), while another worker could run the job now: its message
+    is sent again (level 0), once per held message. A copy that runs after the job started or ended
+    waits for it or skips it, as any copy does. Returns the ids sent again."""
+    import json
+    import time
+
+    from shared.jobs import is_job_id
+    from shared.queue import WEBHOOK_TASK
+    from worker.tasks import _enqueue
+
+    older_than_s = reserved_for_s(settings)
+    tags = store.redis.zrangebyscore(UNACKED_INDEX, "-inf", time.time() - older_than_s, start=0, num=100)
+    handled: list[str] = []
+    for tag, raw in zip(tags, store.redis.hmget(UNACKED, tags) if tags else ()):
+        try:
+            headers = json.loads(raw)[0].get("headers") or {}
+            task, job_id = headers.get("task"), headers.get("id")
+        except (TypeError, ValueError, AttributeError, IndexError):
+            continue  # gone meanwhile (acked), or not a message of this service
+        if not isinstance(task, str) or not task.startswith("audio.") or task == WEBHOOK_TASK \
+                or not isinstance(job_id, str) or not is_job_id(job_id):
+            continue
+        record = store.get(job_id)
+        if record is None or record.status != QUEUED:
+            continue
+        # once per held message (its delivery tag), whichever worker's pass gets here first: a
+        # message held behind a job of hours is sent again once, not at every pass
+        if not store.redis.set(store.key("job", job_id, "resent", str(tag)), "1", nx=True,
+                               ex=max(1, int(settings.visibility_timeout_s))):
+            continue
+        _enqueue(job_id, record.kind, record.queue)
+        log.warning("job %s: its message has been held by a worker for over %.0f s without the job starting; "
+                    "sent again", job_id, older_than_s)
+        handled.append(job_id)
+    return handled
+
+
 def fail_interrupted_submissions(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
     """One pass over jobs whose submission was not confirmed within ``job_submit_grace_s``
     (``JobStore.confirm_queued``): the API died, or Redis or the broker failed, between writing
