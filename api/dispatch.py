@@ -38,7 +38,7 @@ from shared.formats import file_name, one_line
 from shared.jobs import (CANCELLED, FAILED, INTERRUPTED_SUBMISSION, QUEUED, SUCCEEDED, JobRecord, JobStore, KeyClaim,
                          KeyHolder, KeyLost, Quota, is_job_id, new_job_id)
 from shared.kinds import JobKind, Params
-from shared.queue import send_job, send_webhook
+from shared.queue import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S, send_job, send_webhook
 from shared.settings import Settings
 from shared.storage import Storage, out_of_room
 from shared.url_input import check_media_url, filename_of
@@ -998,9 +998,13 @@ class Dispatcher:
         import redis.asyncio
 
         if self._aredis is None:
+            # the service's reply and connect timeouts (shared/queue.py), as the job store's: none
+            # at all in the redis-py 5.x releases pyproject.toml allows, where a connection whose
+            # Redis went away without closing it held its request for ever
             pool = redis.asyncio.BlockingConnectionPool.from_url(
                 self.settings.redis_url, decode_responses=True, max_connections=REDIS_POOL_CONNECTIONS,
-                timeout=REDIS_POOL_WAIT_S)
+                timeout=REDIS_POOL_WAIT_S, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_keepalive=True)
             self._aredis = redis.asyncio.Redis(connection_pool=pool)
         return self._aredis
 
