@@ -484,7 +484,8 @@ def test_one_tenants_stalled_lookups_do_not_hold_another_tenants_submit(settings
         store.delete(own.queue_name, own.webhook_queue_name)
     print(f"\ntenant B's submit during tenant A's 16 stalled lookups: {waited:.2f} s")
     assert r.status_code == 202, r.text
-    assert waited < 1.5, f"tenant B's submit waited {waited:.1f} s behind tenant A's stalled lookups"
+    # 3.5 s before the per-tenant slots, 0.04 s after: the bound leaves a loaded CI host room
+    assert waited < 2.5, f"tenant B's submit waited {waited:.1f} s behind tenant A's stalled lookups"
     assert answers == [422] * 16, answers
 
 
@@ -584,4 +585,5 @@ def test_one_tenants_slow_saves_do_not_queue_another_tenants(settings, monkeypat
     print(f"\ntenant B's upload behind tenant A's 32 slow copies: {waited:.2f} s")
     assert r.status_code == 202, r.text
     assert answers == [202] * 32, answers
-    assert waited < 1.0, f"tenant B's upload waited {waited:.1f} s behind tenant A's copies"
+    # 2.7 s before the per-tenant slots, 0.06 s after: the bound leaves a loaded CI host room
+    assert waited < 1.8, f"tenant B's upload waited {waited:.1f} s behind tenant A's copies"
