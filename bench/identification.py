@@ -32,6 +32,7 @@ own voiceprint removed, the share accepted as someone else).
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 import time
@@ -47,6 +48,7 @@ from engine.pipelines import identification as ident  # noqa: E402
 from evaluation.speech import Clip, librispeech_clips, many_talker_conversation  # noqa: E402
 from shared.kinds import VoiceprintRef  # noqa: E402
 from shared.errors import InputError  # noqa: E402
+from evaluation.conditions import add_noise, telephone  # noqa: E402
 
 STEP = 0.01
 
@@ -258,6 +260,108 @@ def identify_trials(engine: Engine, prints: dict[str, VoiceprintRef], tests: dic
           f"accepted as someone else {impostor / n:.1%}")
 
 
+# --- through a telephone line (--line) ------------------------------------------------------------
+def line_wav(samples: np.ndarray, seed: int) -> bytes:
+    """``samples`` through evaluation.conditions' G.711 line (line noise 25 dB down, 300-3400 Hz,
+    mu-law), written as the 8 kHz mu-law WAV a call recorder keeps: the decoder sees 8 kHz."""
+    import soundfile as sf
+    from scipy.signal import resample_poly
+
+    rng = np.random.default_rng(seed)
+    noisy = add_noise(samples, rng.standard_normal(len(samples)).astype(np.float32), 25.0)
+    narrow = resample_poly(telephone(noisy), 1, 2)
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(narrow, -1, 1), 8000, format="WAV", subtype="ULAW")
+    return buf.getvalue()
+
+
+def line_vectors(engine: Engine, clips: list[Clip], seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per reader: the voiceprint enrolled from the first half through the line (``enroll``, as
+    ``POST /voiceprints`` runs it on the WAV) and the unit vector of the second half's speech
+    through the line (as ``identify`` embeds it); readers refused either way are left out."""
+    out = {}
+    for n, clip in enumerate(clips):
+        half = len(clip.samples) // 2
+        try:
+            enrolled = engine.enroll([line_wav(clip.samples[:half], seed * 100_000 + 2 * n)], label=clip.speaker)
+        except InputError:
+            continue
+        audio = engine.load(line_wav(clip.samples[half:], seed * 100_000 + 2 * n + 1))
+        assert audio.narrowband, audio.source_rate
+        vector, speech_s = engine.speech_vector(audio)
+        if vector is None or speech_s < engine.settings.identification_min_speech_s:
+            continue
+        out[clip.speaker] = (np.asarray(enrolled.embedding, dtype=np.float32), vector)
+    return out
+
+
+def line_rates(pairs: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float,
+               gallery: int | None = None, draws: int = 20) -> tuple[float, float]:
+    """``identify`` of every reader's line probe against line voiceprints of the split: the share
+    named right (own voiceprint best and at least the threshold) and, with the reader's own
+    voiceprint left out (a caller never enrolled), the share named as someone. ``gallery``: the
+    job holds that many voiceprints (the own one and others drawn at random, ``draws`` times per
+    reader, as a tenant's 20 voiceprints of the conversations' calibration); None: every one."""
+    names = sorted(pairs)
+    matrix = ident.score_matrix(np.stack([pairs[n][1] for n in names]), np.stack([pairs[n][0] for n in names]))
+    rng = np.random.default_rng(0)
+    right = named = trials = 0
+    for i in range(len(names)):
+        others = np.delete(matrix[i], i)
+        sets = ([np.arange(len(others))] if gallery is None else
+                [rng.choice(len(others), size=gallery, replace=False) for _ in range(draws)])
+        for chosen in sets:
+            # with the own voiceprint: the gallery's other gallery - 1; without it: all gallery others
+            with_own = others[chosen[:-1]] if gallery is not None else others
+            right += matrix[i, i] >= threshold and matrix[i, i] > with_own.max()
+            named += others[chosen].max() >= threshold
+            trials += 1
+    return right / trials, named / trials
+
+
+def line_calibration(engine: Engine, calibration: list[Clip], evaluation: list[Clip], default: float,
+                     gallery: int = 20) -> float:
+    """The narrowband identification threshold, read off the calibration readers (the one that
+    maximises named right minus unenrolled named, the middle of its plateau) and checked on the
+    held-out readers at the default and at it."""
+    t = time.perf_counter()
+    cal, held = line_vectors(engine, calibration, seed=1), line_vectors(engine, evaluation, seed=2)
+    print(f"through the G.711 line: {len(cal)} calibration and {len(held)} held-out readers "
+          f"({time.perf_counter() - t:.0f} s)")
+    for split, pairs in (("calibration", cal), ("held out", held)):
+        names = sorted(pairs)
+        matrix = ident.score_matrix(np.stack([pairs[n][1] for n in names]), np.stack([pairs[n][0] for n in names]))
+        same = np.diag(matrix)
+        other = matrix[~np.eye(len(names), dtype=bool)]
+        print(f"  {split}: same reader median {np.median(same):.3f} [10 %: {np.quantile(same, 0.1):.3f}], "
+              f"other readers median {np.median(other):.3f} (99th pct {np.quantile(other, 0.99):.3f}, "
+              f"max {other.max():.3f})")
+    print(f"  a job of {gallery} voiceprints (left: all {len(cal)} / {len(held)} of the split)")
+    print("  thr    calibration: named right / unenrolled named    held out: named right / unenrolled named")
+    sweep = []
+    for threshold in np.arange(0.40, 0.951, 0.01):
+        threshold = round(float(threshold), 2)
+        right, named = line_rates(cal, threshold, gallery)
+        h_right, h_named = line_rates(held, threshold, gallery)
+        a_right, a_named = line_rates(cal, threshold)
+        ah_right, ah_named = line_rates(held, threshold)
+        sweep.append((threshold, right - named))
+        print(f"  {threshold:.2f}   {right:6.1%} / {named:6.1%}   {h_right:6.1%} / {h_named:6.1%}   "
+              f"(all: {a_right:6.1%} / {a_named:6.1%}   {ah_right:6.1%} / {ah_named:6.1%})")
+    best = max(objective for _, objective in sweep)
+    plateau = [t for t, objective in sweep if objective >= best - 0.005]
+    chosen = round(statistics.median(plateau) / 0.025) * 0.025
+    print(f"calibration ({gallery} voiceprints a job): best right-named {best:.3f}; within 0.005 of it "
+          f"{plateau[0]:.2f}..{plateau[-1]:.2f}; chosen {chosen:.3f}")
+    for label, threshold in (("default", default), ("chosen", chosen)):
+        for size in (gallery, None):
+            right, named = line_rates(cal, threshold, size)
+            h_right, h_named = line_rates(held, threshold, size)
+            print(f"  {label} {threshold:.3f}, {size or 'all'} voiceprints: calibration {right:.1%} right / "
+                  f"{named:.1%} unenrolled named; held out {h_right:.1%} / {h_named:.1%} ({len(held)} readers)")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calibrate", action="store_true")
@@ -267,10 +371,17 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=16)
     parser.add_argument("--long-minutes", type=float, default=10.0, help="time a long meeting too (0: skip)")
     parser.add_argument("--skip-conversations", action="store_true", help="only the long meeting's timing")
+    parser.add_argument("--line", action="store_true",
+                        help="only the narrowband threshold: voiceprints and probes through a G.711 line, 8 kHz WAVs")
     args = parser.parse_args()
 
     engine = Engine()
     engine.load_models()
+    if args.line:
+        clips = librispeech_clips()
+        line_calibration(engine, clips[0::2], clips[1::2], engine.identification_threshold,
+                         gallery=args.enrolled + args.distractors)
+        return
     if args.long_minutes:
         long_meeting(engine, args.long_minutes)
     if args.skip_conversations:

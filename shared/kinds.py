@@ -59,6 +59,10 @@ class VoiceprintRef(Params):
     label: str
     model: str = Field(description="embedding model the vector comes from (checked against the worker's)")
     embedding: list[float] = Field(min_length=1, max_length=4096)
+    # enrolled from telephone recordings only (8 kHz or less): a telephone recording is matched
+    # against it at the profile's narrowband identification threshold (Engine.identification_thresholds).
+    # Sent only when true, so a job naming other voiceprints carries what it did before this field
+    narrowband: bool = Field(False, description="enrolled from telephone recordings (8 kHz or less) only")
 
     @field_validator("embedding")
     @classmethod
@@ -70,7 +74,8 @@ class VoiceprintRef(Params):
 
 _VOICEPRINTS = "voiceprint ids separated by commas, or 'all' for every voiceprint of this API key"
 _ID_THRESHOLD = ("cosine threshold in [-1, 1] for naming a speaker; default: calibrated for the active model "
-                 "(docs/models.md)")
+                 "(docs/models.md), and for a telephone recording (8 kHz or less) against voiceprints enrolled "
+                 "from telephone recordings, the model's narrowband identification threshold")
 
 
 class DiarizeParams(Params):
@@ -236,7 +241,8 @@ def _voiceprint_files(value: str, settings: Settings) -> list[dict[str, Any]]:
         if not path.is_file():
             raise InputError(f"voiceprints: {name} is not a file (offline, voiceprints are JSON files)")
         vp = parse_import(path.read_bytes(), path.name, label=None, model=None, expected=embedding_model(settings))
-        refs.append({"id": path.stem or f"file{i}", "label": vp.label, "model": vp.model, "embedding": vp.embedding})
+        refs.append({"id": path.stem or f"file{i}", "label": vp.label, "model": vp.model, "embedding": vp.embedding,
+                     **({"narrowband": True} if vp.narrowband else {})})
     if not refs:
         raise InputError("voiceprints: name at least one voiceprint file")
     return refs

@@ -48,8 +48,17 @@ class SpeakerIdentity(Match):
     speaker: str
 
 
+_NARROWBAND_THRESHOLD = (
+    "the threshold the voiceprints enrolled from telephone recordings were held to, when the recording is "
+    "one (8 kHz or less) and no threshold was given; then `threshold` is the one every other voiceprint was "
+    "held to (the same value when all of them were enrolled from telephone recordings). null: every "
+    "voiceprint was held to `threshold`"
+)
+
+
 class Identification(BaseModel):
     threshold: float = Field(description="cosine threshold a match must reach")
+    narrowband_threshold: float | None = Field(None, description=_NARROWBAND_THRESHOLD)
     model: str = Field(description="embedding model of the voiceprints and the speakers' embeddings")
     voiceprints: int = Field(description="voiceprints compared")
     processing_time: float = Field(description="seconds the identification added to the diarization")
@@ -78,6 +87,7 @@ class DiarizationResponse(Timing):
 
 class IdentifyResponse(Match, Timing):
     threshold: float
+    narrowband_threshold: float | None = Field(None, description=_NARROWBAND_THRESHOLD)
     model: str
     voiceprints: int = Field(description="voiceprints compared")
 
@@ -89,6 +99,7 @@ class EnrollResponse(Timing):
     embedding: list[float] = Field(description="speech-weighted average over the files, L2-normalised")
     speech_seconds: float = Field(description="speech detected over all files")
     file_speech_seconds: list[float] = Field(description="speech detected in each file, in order")
+    narrowband: bool = Field(False, description="every file was recorded at 8 kHz or less (a telephone call)")
 
 
 class EmbeddingResponse(Timing):

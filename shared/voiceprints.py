@@ -15,6 +15,11 @@ digest); another key is answered 404, as for an unknown id. Without API keys the
 
 Exports are JSON (the vector with its label, model and dimension) or ``.npy`` (the float32
 vector alone); imports take the same two formats and never a pickle.
+
+``narrowband`` says whether every recording a voiceprint was enrolled from was at 8 kHz or less (a
+telephone call): a telephone recording is then matched against it at the model's narrowband
+identification threshold. Voiceprints stored or exported before the field existed have none
+(null: not known), and are matched as the others are.
 """
 
 from __future__ import annotations
@@ -127,6 +132,9 @@ class Voiceprint(BaseModel):
     embedding: list[float] = Field(description="L2-normalised average embedding")
     speech_seconds: float | None = Field(None, description="speech the vector was computed from (None: imported)")
     files: int | None = Field(None, description="recordings it was averaged over (None: imported)")
+    narrowband: bool | None = Field(
+        None, description="enrolled from telephone recordings only (every file at 8 kHz or less); "
+        "None: not known (stored or exported before this field, or a bare vector imported)")
     created_at: str
     owner: str | None = None
 
@@ -144,8 +152,12 @@ class Voiceprint(BaseModel):
         return {"format": FORMAT, **self.model_dump(mode="json", exclude={"owner"})}
 
     def reference(self) -> dict[str, Any]:
-        """What a job's parameters carry (shared.kinds.VoiceprintRef)."""
-        return {"id": self.id, "label": self.label, "model": self.model, "embedding": self.embedding}
+        """What a job's parameters carry (shared.kinds.VoiceprintRef): ``narrowband`` only when
+        true, so the reference of any other voiceprint (and its stored digest) is what it was."""
+        ref = {"id": self.id, "label": self.label, "model": self.model, "embedding": self.embedding}
+        if self.narrowband:
+            ref["narrowband"] = True
+        return ref
 
 
 def _utc_now() -> str:
@@ -164,6 +176,7 @@ class VoiceprintSummary(BaseModel):
     dimension: int
     speech_seconds: float | None = None
     files: int | None = None
+    narrowband: bool | None = None
     created_at: str
 
 
@@ -247,12 +260,13 @@ class VoiceprintStore:
         return f"{self.prefix}:voiceprints:{owner or '_'}"
 
     def create(self, *, owner: str | None, label: str, model: EmbeddingModel, embedding: Iterable[float],
-               speech_seconds: float | None = None, files: int | None = None) -> Voiceprint:
+               speech_seconds: float | None = None, files: int | None = None,
+               narrowband: bool | None = None) -> Voiceprint:
         vp = Voiceprint(
             id=new_voiceprint_id(), label=clean_label(label), model=model.name, dimension=model.dimension,
             embedding=unit_vector(embedding, model.dimension),
             speech_seconds=None if speech_seconds is None else round(float(speech_seconds), 3),
-            files=files, created_at=_utc_now(), owner=owner,
+            files=files, narrowband=narrowband, created_at=_utc_now(), owner=owner,
         )
         index = self._index(owner)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -381,6 +395,7 @@ class Imported:
     embedding: list[float]
     speech_seconds: float | None = None
     files: int | None = None
+    narrowband: bool | None = None
 
 
 def parse_import(data: bytes, filename: str | None, *, label: str | None, model: str | None,
@@ -420,6 +435,8 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
         label=clean_label(label or doc_label), model=name, dimension=dimension, embedding=[float(x) for x in vector],
         speech_seconds=_number_or_none(document.get("speech_seconds")),
         files=_count_or_none(document.get("files")),
+        # only a JSON true or false: an export from before the field (or a bare vector) is not known
+        narrowband=document.get("narrowband") if isinstance(document.get("narrowband"), bool) else None,
     )
 
 

@@ -136,7 +136,7 @@ def test_a_load_balancer_probe_by_head_finds_the_api_up(uvicorn_api):
 
 # --- GET /voiceprints: a page at a time, no vectors read -----------------------------------------
 
-INFO_KEYS = {"id", "label", "model", "dimension", "speech_seconds", "files", "created_at"}
+INFO_KEYS = {"id", "label", "model", "dimension", "speech_seconds", "files", "narrowband", "created_at"}
 
 
 def _fill(store: Any, owner: str, count: int) -> list[str]:

@@ -23,7 +23,7 @@ from tests.test_service_jobs import DIARIZE_KEYS
 LIBRISPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "librispeech-train-clean"
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 MODEL = "3d-speaker/campplus-cn-en-common"
-INFO_KEYS = {"id", "label", "model", "dimension", "speech_seconds", "files", "created_at"}
+INFO_KEYS = {"id", "label", "model", "dimension", "speech_seconds", "files", "narrowband", "created_at"}
 # three readers to enroll, one who never is (calibration readers of bench/identification.py)
 ENROLLED = ("103", "1040", "1069")
 OUTSIDER = "1081"

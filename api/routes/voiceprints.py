@@ -38,6 +38,10 @@ class VoiceprintInfo(BaseModel):
     dimension: int
     speech_seconds: float | None = Field(description="speech it was computed from (null: imported as a bare vector)")
     files: int | None = Field(description="recordings averaged (null: imported as a bare vector)")
+    narrowband: bool | None = Field(
+        None, description="enrolled from telephone recordings only (every file at 8 kHz or less): a telephone "
+        "recording is matched against it at the model's narrowband identification threshold; null: not known "
+        "(enrolled or exported before this field, or a bare vector imported), matched as a microphone voiceprint")
     created_at: str
 
 
@@ -85,6 +89,8 @@ async def create_voiceprint(
     vp = await run_in_threadpool(
         dispatcher.voiceprints.create, owner=principal.owner, label=result["label"], model=expected,
         embedding=result["embedding"], speech_seconds=result["speech_seconds"], files=len(result["file_speech_seconds"]),
+        # a worker from before the field answers none: not known
+        narrowband=result["narrowband"] if isinstance(result.get("narrowband"), bool) else None,
     )
     return JSONResponse(vp.public(), status_code=201, headers={"Location": f"/voiceprints/{vp.id}"})
 
@@ -135,6 +141,7 @@ async def import_voiceprint(
     vp = await run_in_threadpool(
         dispatcher.voiceprints.create, owner=principal.owner, label=parsed.label, model=embedding_model(settings),
         embedding=parsed.embedding, speech_seconds=parsed.speech_seconds, files=parsed.files,
+        narrowband=parsed.narrowband,
     )
     return JSONResponse(vp.public(), status_code=201, headers={"Location": f"/voiceprints/{vp.id}"})
 

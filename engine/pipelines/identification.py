@@ -118,20 +118,22 @@ def score_matrix(vectors: np.ndarray, voiceprints: np.ndarray) -> np.ndarray:
     return np.clip(a @ b.T, -1.0, 1.0)
 
 
-def assign(scores: np.ndarray, threshold: float) -> list[int | None]:
+def assign(scores: np.ndarray, threshold: float | np.ndarray) -> list[int | None]:
     """Per speaker (row), the voiceprint (column) it is named after, or None.
 
     Maximises the sum of ``score - threshold`` over the accepted pairs: a pair under the
     threshold is worth nothing (it is never accepted), each voiceprint goes to at most one
-    speaker and each speaker gets at most one voiceprint.
+    speaker and each speaker gets at most one voiceprint. ``threshold``: one for every
+    voiceprint, or one per voiceprint (column).
     """
     if scores.size == 0:
         return [None] * scores.shape[0]
-    gain = np.where(scores >= threshold, scores - threshold + 1e-9, 0.0)
+    limit = np.broadcast_to(np.asarray(threshold, dtype=np.float64), scores.shape)
+    gain = np.where(scores >= limit, scores - limit + 1e-9, 0.0)
     rows, cols = linear_sum_assignment(gain, maximize=True)
     out: list[int | None] = [None] * scores.shape[0]
     for r, c in zip(rows, cols):
-        if scores[r, c] >= threshold:
+        if scores[r, c] >= limit[r, c]:
             out[r] = int(c)
     return out
 
