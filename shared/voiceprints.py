@@ -240,7 +240,13 @@ class VoiceprintStore:
     @classmethod
     def from_settings(cls, settings: Settings) -> "VoiceprintStore":
         url = settings.voiceprint_redis_url or settings.redis_url
-        return cls(redis.Redis.from_url(url, decode_responses=True), settings.redis_key_prefix,
+        # the service's reply and connect timeouts (shared/queue.py), as the job store's: none
+        # at all in the redis-py 5.x releases pyproject.toml allows
+        from shared.queue import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
+
+        client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                                      socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_keepalive=True)
+        return cls(client, settings.redis_key_prefix,
                    settings.voiceprints_max_per_owner)
 
     def check_room(self, owner: str | None) -> None:
