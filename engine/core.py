@@ -207,7 +207,8 @@ class Engine:
         with self._lock:
             if self._speech is None:
                 segmentation = diarizer.pipeline._segmentation
-                self._speech = ident.SpeechDetector(segmentation.model, self.device, step=segmentation.step)
+                self._speech = ident.SpeechDetector(segmentation.model, self.device, step=segmentation.step,
+                                                    lanes=getattr(diarizer.pipeline, "lanes", None))
             return self._speech
 
     def load_models(self) -> "Engine":

@@ -14,8 +14,9 @@ project's 2-core machine, 10 min of four-talker speech, step 0.5 (docs/models.md
     2 lanes of 1 thread               14.7 s   23.4 s beside a busy process
     =============================  ==========  =================================
 
-DER is unchanged (each row's numbers are the same model on the same input). Only the engine's
-diarization runs in lanes, on the CPU; a GPU takes whole batches as before.
+DER is unchanged (each row's numbers are the same model on the same input). The engine's
+diarization and its speech detector (verification, identification, enrolment, stereo calls) run
+in lanes on the CPU; a GPU takes whole batches as before.
 """
 
 from __future__ import annotations
@@ -62,6 +63,17 @@ class Lanes:
                 self._pool.shutdown(wait=True)
                 self._pool = None
                 torch.set_num_threads(previous)
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator["Lanes"]:
+        """The lanes for a model call made outside the diarization (the speech detector): a
+        session of its own, or the one already open (never a second on the same thread, whose lock
+        it would wait on for ever)."""
+        if self._pool is not None:
+            yield self
+            return
+        with self.session():
+            yield self
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """``fn`` over ``items`` in the lanes (in inference mode, which is per thread), in order."""
