@@ -127,22 +127,21 @@ class Engine:
             return self.settings.verification_threshold
         return self.profile.default_threshold
 
-    def verification_threshold(self, first: Audio, second: Audio | None = None) -> float:
-        """The threshold a verification of these recordings is decided at, when its caller gives
-        none: the operator's (``verification_threshold``), else the profile's for two telephone
-        recordings when both are one (``Audio.narrowband``), else the profile's default.
+    def verification_threshold(self, first: Audio, second: Audio) -> float:
+        """The threshold a comparison of two recordings is decided at, when its caller gives none:
+        the profile's for two telephone recordings (``Audio.narrowband``), else
+        :attr:`default_threshold` (the operator's, if set, holds for both). ``/compare_embedding``
+        keeps the default: a stored vector does not say what it was recorded at.
 
         CAM++ hears nothing above 4 kHz in a call, so every narrowband voice shares that much of
         its embedding: two different LibriSpeech readers, both at 8 kHz, scored 0.27 on average
         against 0.09 at 16 kHz, and 7.6-8.8 % of them passed the 0.45 threshold
-        (docs/models.md, "Through a telephone line"). ``second`` None: a stored embedding, whose
-        recording is not known, so the default holds."""
-        if self.settings.verification_threshold is not None:
-            return self.settings.verification_threshold
+        (docs/models.md, "Through a telephone line")."""
         narrowband = self.profile.narrowband_threshold
-        if narrowband is not None and second is not None and first.narrowband and second.narrowband:
+        if (self.settings.verification_threshold is None and narrowband is not None
+                and first.narrowband and second.narrowband):
             return narrowband
-        return self.profile.default_threshold
+        return self.default_threshold
 
     @property
     def identification_threshold(self) -> float:
