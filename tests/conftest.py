@@ -480,24 +480,34 @@ def wait_for_api(base: str, proc) -> None:
 
 
 @contextlib.contextmanager
-def parked_api(service_env: dict, settings: Any, tmp_path_factory: Any, name: str, keys: list[str]) -> Iterator[str]:
+def parked_api(service_env: dict, settings: Any, tmp_path_factory: Any, name: str, keys: list[str],
+               env: dict[str, str] | None = None) -> Iterator[str]:
     """:func:`api_under_uvicorn` in Redis keys (``aa-<name>:``), queues (``audio-<name>``,
     ``webhooks-<name>``) and storage of its own, which no worker consumes, so a job stays where
-    the test puts it: its base URL. Its keys and queues are deleted afterwards."""
-    import redis
-
+    the test puts it: its base URL. ``env``: more of the API's settings. Its keys and queues are
+    deleted afterwards."""
     prefix, queues = f"aa-{name}", (f"audio-{name}", f"webhooks-{name}")
     env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": prefix, "AUDIO_ANALYSIS_QUEUE_NAME": queues[0],
            "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": queues[1],
-           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{name}-uploads"))}
-    client = redis.Redis.from_url(settings.redis_url)
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{name}-uploads")), **(env or {})}
     try:
         with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{name}-api"), keys, env) as base:
             yield base
     finally:
+        drop_namespace(settings.redis_url, prefix, *queues)
+
+
+def drop_namespace(redis_url: str, prefix: str, *queues: str) -> None:
+    """Delete a test's own Redis keys (``<prefix>:*``) and queues."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
         for key in client.scan_iter(match=f"{prefix}:*", count=1000):
             client.delete(key)
-        client.delete(*queues)
+        if queues:
+            client.delete(*queues)
+    finally:
         client.close()
 
 

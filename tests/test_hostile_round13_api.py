@@ -58,6 +58,7 @@ import pytest
 from pydantic import SecretStr
 
 from shared.errors import AnalysisError
+from tests.conftest import drop_namespace
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 
@@ -220,29 +221,16 @@ NAME = "round13"
 @pytest.fixture(scope="module")
 def api(service_env, settings, tmp_path_factory) -> Iterator[Any]:
     """The API under a real uvicorn (api.serve) with an API key, in Redis keys, queues and storage
-    of its own that no worker consumes (as tests.conftest.parked_api), its header reader held to
+    of its own that no worker consumes (tests.conftest.parked_api), its header reader held to
     1 s of CPU (as tests/test_probe_sandbox.py's refusals): an httpx client with the key (a
     second tenant's key is KEY_B)."""
     import httpx
-    import redis
 
-    from tests.conftest import api_under_uvicorn
+    from tests.conftest import parked_api
 
-    prefix, queues = f"aa-{NAME}", (f"audio-{NAME}", f"webhooks-{NAME}")
-    env = {"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": prefix, "AUDIO_ANALYSIS_QUEUE_NAME": queues[0],
-           "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": queues[1],
-           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{NAME}-uploads")),
-           "AUDIO_ANALYSIS_PROBE_CPU_S": "1"}
-    store = redis.Redis.from_url(settings.redis_url)
-    try:
-        with api_under_uvicorn(service_env, tmp_path_factory.mktemp(f"{NAME}-api"), [KEY, KEY_B], env) as base, \
-                httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
-            yield client
-    finally:
-        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
-            store.delete(key)
-        store.delete(*queues)
-        store.close()
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY, KEY_B], {"AUDIO_ANALYSIS_PROBE_CPU_S": "1"}) \
+            as base, httpx.Client(base_url=base, headers={"X-API-Key": KEY}, timeout=120) as client:
+        yield client
 
 
 def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
@@ -438,7 +426,6 @@ def test_one_tenants_stalled_lookups_do_not_hold_another_tenants_submit(settings
     import socket
     import time
 
-    import redis
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -478,10 +465,7 @@ def test_one_tenants_stalled_lookups_do_not_hold_another_tenants_submit(settings
             for t in attackers:
                 t.join(120)
     finally:
-        store = redis.Redis.from_url(own.redis_url)
-        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
-            store.delete(key)
-        store.delete(own.queue_name, own.webhook_queue_name)
+        drop_namespace(own.redis_url, prefix, own.queue_name, own.webhook_queue_name)
     print(f"\ntenant B's submit during tenant A's 16 stalled lookups: {waited:.2f} s")
     assert r.status_code == 202, r.text
     # 3.5 s before the per-tenant slots, 0.04 s after: the bound leaves a loaded CI host room
@@ -523,12 +507,7 @@ def test_a_batchs_headers_are_read_once(settings, monkeypatch):
             assert r.status_code == 202, r.text
             assert len(read) == 2  # a job's own files: read once, as they are stored
     finally:
-        import redis
-
-        store = redis.Redis.from_url(own.redis_url)
-        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
-            store.delete(key)
-        store.delete(own.queue_name, own.webhook_queue_name)
+        drop_namespace(own.redis_url, prefix, own.queue_name, own.webhook_queue_name)
 
 
 def test_one_tenants_slow_saves_do_not_queue_another_tenants(settings, monkeypatch):
@@ -538,7 +517,6 @@ def test_one_tenants_slow_saves_do_not_queue_another_tenants(settings, monkeypat
     import io
     import time
 
-    import redis
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -578,10 +556,7 @@ def test_one_tenants_slow_saves_do_not_queue_another_tenants(settings, monkeypat
             for t in flood:
                 t.join(120)
     finally:
-        store = redis.Redis.from_url(own.redis_url)
-        for key in store.scan_iter(match=f"{prefix}:*", count=1000):
-            store.delete(key)
-        store.delete(own.queue_name, own.webhook_queue_name)
+        drop_namespace(own.redis_url, prefix, own.queue_name, own.webhook_queue_name)
     print(f"\ntenant B's upload behind tenant A's 32 slow copies: {waited:.2f} s")
     assert r.status_code == 202, r.text
     assert answers == [202] * 32, answers
