@@ -259,15 +259,18 @@ class Engine:
         a refusal ("file2: audio is silent ..."), which otherwise leaves the caller guessing."""
         if isinstance(source, Audio):
             return source
-        limit = self.settings.max_audio_seconds
-        if self._decode_limit_s is not None:
-            limit = min(limit, self._decode_limit_s)
         try:
-            return load_audio(source, max_duration=limit, min_duration=self.settings.min_audio_seconds)
+            return load_audio(source, max_duration=self._decode_limit, min_duration=self.settings.min_audio_seconds)
         except InputError as exc:
             if field is None:
                 raise
             raise exc.about(field) from exc
+
+    @property
+    def _decode_limit(self) -> float:
+        """How long a file may decode to: the settings' limit, or the job's own (decoding_at_most)."""
+        limit = self.settings.max_audio_seconds
+        return limit if self._decode_limit_s is None else min(limit, self._decode_limit_s)
 
     @contextlib.contextmanager
     def decoding_at_most(self, seconds: float) -> Iterator[None]:
@@ -372,11 +375,8 @@ class Engine:
             return None
         if position is not None:
             source.seek(position)  # type: ignore[union-attr]
-        limit = self.settings.max_audio_seconds
-        if self._decode_limit_s is not None:
-            limit = min(limit, self._decode_limit_s)
         try:
-            left = load_channel(source, 0, max_duration=limit, min_duration=0.0)
+            left = load_channel(source, 0, max_duration=self._decode_limit, min_duration=0.0)
         except InputError as exc:  # what decoded as a mean is diarized as one, as before
             log.info("stereo recording's left channel did not decode alone (%s): diarized on the mix", exc)
             return None
