@@ -355,20 +355,11 @@ def test_an_unknown_voiceprint_id_is_not_echoed_whole(api):
 
 
 def _plant_result(redis_client: Any, turns: int, key: str) -> str:
-    """A succeeded diarization of ``turns`` turns of ``key``'s tenant, as a worker stores it."""
-    import hashlib
+    """A succeeded diarization of ``turns`` turns of ``key``'s tenant, in this file's API's keys."""
+    from tests.test_hostile_round7 import _owner
+    from tests.test_hostile_round7 import _plant_result as plant
 
-    from shared.jobs import JobRecord, new_job_id
-
-    job_id = new_job_id()
-    segments = [{"start": round(i * 0.8, 3), "end": round(i * 0.8 + 0.7, 3), "speaker": f"SPEAKER_{i % 7:02d}"}
-                for i in range(turns)]
-    result = {"diarization_results": segments, "processing_time": 1.0, "audio_duration": turns * 0.8,
-              "segments_count": turns, "model_device": "cpu"}
-    record = JobRecord(job_id=job_id, kind="diarize", status="succeeded", result=result, progress=1.0,
-                       owner=hashlib.sha256(key.encode()).hexdigest()[:32], filename="meeting.wav")
-    redis_client.set(f"aa-{NAME}:job:{job_id}", record.to_json(), ex=600)
-    return job_id
+    return plant(redis_client, turns, owner=_owner(key), prefix=f"aa-{NAME}")
 
 
 def test_one_tenants_long_renders_do_not_queue_another_tenants(api, redis_client):

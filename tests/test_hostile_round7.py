@@ -53,8 +53,9 @@ def _owner(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _plant_result(redis_client, turns: int, *, owner: str | None = None) -> str:
-    """A succeeded diarization of ``turns`` turns, as a worker would have stored it."""
+def _plant_result(redis_client, turns: int, *, owner: str | None = None, prefix: str = PREFIX) -> str:
+    """A succeeded diarization of ``turns`` turns, as a worker would have stored it (in the
+    ``prefix`` API's keys; ``owner``: the tenant, KEY's by default)."""
     from shared.jobs import JobRecord, new_job_id
 
     job_id = new_job_id()
@@ -64,7 +65,7 @@ def _plant_result(redis_client, turns: int, *, owner: str | None = None) -> str:
               "segments_count": turns, "model_device": "cpu"}
     record = JobRecord(job_id=job_id, kind="diarize", status="succeeded", result=result, progress=1.0,
                        owner=owner or _owner(KEY), filename="meeting.wav")
-    redis_client.set(f"{PREFIX}:job:{job_id}", record.to_json(), ex=3600)
+    redis_client.set(f"{prefix}:job:{job_id}", record.to_json(), ex=3600)
     return job_id
 
 
