@@ -265,7 +265,9 @@ def test_a_redis_restart_while_a_worker_holds_a_retry_neither_ends_the_worker_no
     hits = receiver.for_path("/blip")
     assert [h["answered"] for h in hits] == [500, 200], hits
     assert [h["headers"]["X-AudioAnalysis-Attempt"] for h in hits] == ["1", "2"]
-    assert rig.client.get(f"/jobs/{job}").json()["webhook"]["status"] == "delivered"
+    # the worker records the delivery once the receiver's 200 reached it, after the hit above
+    _wait(lambda: rig.client.get(f"/jobs/{job}").json()["webhook"]["status"] == "delivered", 10,
+          f"delivered, but not recorded: {rig.client.get(f'/jobs/{job}').json()['webhook']}")
     # the same worker process takes the next job
     after = _failing_job(rig, media_server, receiver.url("/after-blip"), "after-blip")
     assert wait_for_job(rig.client, after, timeout_s=30)["status"] == "failed"
