@@ -42,10 +42,19 @@ const KEY_ITEM = "audio-analysis.api-key";
 const keyInput = $("#api-key");
 localStorage.removeItem(KEY_ITEM);
 keyInput.value = sessionStorage.getItem(KEY_ITEM) || "";
+// The key the lists were last read with. A "change" that leaves it as it was (the field losing
+// focus after a paste the page had already taken, a key typed again) reads nothing again: the
+// lists were rebuilt under the pointer, and the click that took the focus away (a "follow" right
+// after typing the key) could land on a row that was no longer there and do nothing.
+let appliedKey = keyInput.value.trim();
 keyInput.addEventListener("change", () => {
   const key = keyInput.value.trim();
+  if (key === appliedKey) return;
+  appliedKey = key;
   if (key) sessionStorage.setItem(KEY_ITEM, key); else sessionStorage.removeItem(KEY_ITEM);
   refreshRecent();
+  refreshVoiceprints();
+  restoreFollowed();
 });
 
 async function api(path, options = {}) {
@@ -710,29 +719,45 @@ const rowState = (job) => `${job.status} ${job.step || ""} ${Math.round((job.pro
 
 function jobRow(job) {
   const tr = document.createElement("tr");
+  tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
+  fillJobRow(tr, job);
+  return tr;
+}
+
+// The listing a row was last filled from: what "follow" starts from
+const rowJobs = new WeakMap();
+
+// A row is filled in place when its job moves on, its buttons kept where they still apply: a row
+// replaced under the pointer took the click that was on its way to "follow" or "show" with it.
+function fillJobRow(tr, job) {
+  rowJobs.set(tr, job);
   tr.dataset.jobId = job.job_id;
   tr.dataset.status = job.status;
   tr.dataset.state = rowState(job);
-  tr.innerHTML = "<td></td><td></td><td></td><td></td><td></td>";
   const cells = tr.querySelectorAll("td");
   cells[0].textContent = job.created_at.replace("T", " ").slice(0, 19);
   cells[1].textContent = job.kind;
   cells[2].textContent = job.filename || "";
   cells[3].textContent = stepText(job);
+  const follow = cells[4].querySelector("button.follow");
   if (!TERMINAL.has(job.status) && !state.jobs.has(job.job_id)) {
     // a job this tab did not submit (another tab's, a script's): followed here on request, with
     // its progress and its cancel button
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "small follow";
-    button.textContent = "follow";
-    button.addEventListener("click", () => { button.remove(); track(job, null); });
-    cells[4].appendChild(button);
+    if (!follow) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "small follow";
+      button.textContent = "follow";
+      button.addEventListener("click", () => { button.remove(); track(rowJobs.get(tr), null); });
+      cells[4].appendChild(button);
+    }
+  } else if (follow) {
+    follow.remove();
   }
-  if (job.status === "succeeded" && job.kind in VIEWS) {
+  if (job.status === "succeeded" && job.kind in VIEWS && !cells[4].querySelector("button.show")) {
     const button = document.createElement("button");
     button.type = "button";
-    button.className = "small";
+    button.className = "small show";
     button.textContent = "show";
     // the list carries no results (GET /jobs is a summary): the record is fetched when shown
     button.addEventListener("click", async () => {
@@ -747,7 +772,6 @@ function jobRow(job) {
     });
     cells[4].appendChild(button);
   }
-  return tr;
 }
 
 const refreshRecent = pagedTable({ path: "/jobs", field: "jobs", pageSize: 20, table: "#recent",
@@ -756,7 +780,7 @@ $("#refresh").addEventListener("click", refreshRecent);
 
 function updateRecentRow(job) {
   const tr = $(`#recent tbody tr[data-job-id="${CSS.escape(job.job_id)}"]`);
-  if (tr && tr.dataset.state !== rowState(job)) tr.replaceWith(jobRow(job));
+  if (tr && tr.dataset.state !== rowState(job)) fillJobRow(tr, job);
 }
 
 // Recent jobs keep up by themselves while one they show is unfinished: each status was read once,
@@ -836,8 +860,6 @@ $("#vp-enroll").addEventListener("click", async () => {
   refreshVoiceprints();
 });
 
-keyInput.addEventListener("change", refreshVoiceprints);
-keyInput.addEventListener("change", restoreFollowed);
 refreshRecent();
 refreshVoiceprints();
 restoreFollowed();
