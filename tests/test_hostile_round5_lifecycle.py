@@ -170,8 +170,10 @@ def test_a_worker_killed_while_delivering_a_webhook_loses_no_delivery(rig, recei
     assert len(answered) == 1, answered
     # the attempt that died with its worker is counted: the receiver is told this is the second
     assert answered[0]["headers"]["X-AudioAnalysis-Attempt"] == "2"
-    record = rig.client.get(f"/jobs/{job_id}").json()
-    assert record["webhook"]["status"] == "delivered", record
+    # the receiver logs a hit before it answers; the worker records the delivery once the 200
+    # reached it: waited for, not read once
+    _wait(lambda: rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered", 10,
+          f"delivered, but not recorded: {rig.client.get(f'/jobs/{job_id}').json()['webhook']}")
 
 
 def test_a_worker_dying_between_a_jobs_end_and_its_delivery_loses_no_delivery(rig, receiver, media_server):
@@ -193,7 +195,8 @@ def test_a_worker_dying_between_a_jobs_end_and_its_delivery_loses_no_delivery(ri
           f"the webhook of a job whose worker died at its end was never sent: {rig.client.get(f'/jobs/{job_id}').json()}")
     time.sleep(2)
     assert len(receiver.for_path("/orphan")) == 1
-    assert rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered"
+    _wait(lambda: rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered", 10,
+          f"delivered, but not recorded: {rig.client.get(f'/jobs/{job_id}').json()['webhook']}")
 
 
 def test_a_worker_killed_while_it_holds_a_deliverys_retry_loses_no_delivery(rig, receiver, media_server):
@@ -214,6 +217,8 @@ def test_a_worker_killed_while_it_holds_a_deliverys_retry_loses_no_delivery(rig,
     hits = receiver.for_path("/retry")
     assert [h["answered"] for h in hits] == [500, 200], hits
     assert [h["headers"]["X-AudioAnalysis-Attempt"] for h in hits] == ["1", "2"]
+    _wait(lambda: rig.client.get(f"/jobs/{job_id}").json()["webhook"]["status"] == "delivered", 10,
+          f"delivered, but not recorded: {rig.client.get(f'/jobs/{job_id}').json()['webhook']}")
     record = rig.client.get(f"/jobs/{job_id}").json()
     assert record["webhook"]["status"] == "delivered" and record["webhook"]["attempts"] == 2, record
 
