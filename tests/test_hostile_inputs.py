@@ -372,7 +372,8 @@ def test_a_url_trickling_its_response_head_hits_the_deadline(limited, media_serv
     assert error["status_code"] == 422
     assert error["detail"] == (f"file_url: {media_server.url('/trickle-head.wav')} did not send the file within "
                                "the deadline of 4 s"), error
-    assert error["elapsed"] < 6.5, error
+    # the 4 s deadline and a loaded worker's slack; the head trickled for 70 s before
+    assert error["elapsed"] < 9.0, error
 
 
 def test_cancelling_while_the_response_head_trickles_frees_the_worker(limited, media_server):  # noqa: F811
@@ -392,8 +393,10 @@ def test_cancelling_while_the_response_head_trickles_frees_the_worker(limited, m
         time.sleep(0.05)
     took = time.monotonic() - cancelled
     print(f"\ncancelled while the head trickled in: the worker hung up {took:.1f} s later (deadline 4 s)")
-    # the server notices on its next write or the one after (0.3 s apart)
-    assert hit["closed"] and took < 2.0, took
+    # the server notices on its next write or the one after (0.3 s apart), and the worker checks
+    # for the cancel at most every 0.25 s: about 1 s. Before, only the 4 s deadline (from the
+    # connection, 0.5 s before the cancel) hung up: 3.4 s or more after it
+    assert hit["closed"] and took < 2.8, took
 
 
 @pytest.fixture()
@@ -440,7 +443,8 @@ def test_a_webhook_receiver_trickling_its_answer_is_cut_at_the_deadline(tricklin
         webhooks.post(trickling_receiver, "job", {"x": 1}, "s" * 32, 1.0, allow_private=True, deadline_s=2.0)
     took = time.monotonic() - started
     print(f"\na receiver answering a byte every 0.3 s (timeout 1 s, deadline 2 s): given up after {took:.1f} s")
-    assert took < 3.5, took
+    # the 2 s deadline and a loaded host's slack; the trickle went on for 60 s before
+    assert took < 6.0, took
 
 
 @pytest.fixture()

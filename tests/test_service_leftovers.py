@@ -138,7 +138,8 @@ def test_a_webhook_whose_host_never_resolves_is_cut_at_the_deadline(stalling_res
     print(f"\nwebhook to a host whose resolver stalls (timeout 10 s, deadline 1.5 s): given up after {took:.1f} s")
     assert stalling_resolver, "the resolver was never asked"
     assert str(caught.value) == "delivery failed: could not connect within 1.5 s"
-    assert took < 3.0, took
+    # the 1.5 s deadline and a loaded host's slack; the stalled lookup held it 20 s before
+    assert took < 5.0, took
 
 
 def _fetch(url: str, tmp_path, **limits):
@@ -164,7 +165,8 @@ def test_audio_by_url_whose_host_never_resolves_is_cut_at_the_deadline(stalling_
     assert stalling_resolver, "the resolver was never asked"
     assert caught.value.status_code == 422
     assert caught.value.detail == f"file_url: http://{STALLED}/a.wav did not send the file within the deadline of 1.5 s"
-    assert took < 3.0, took
+    # the 1.5 s deadline and a loaded host's slack; the stalled lookup held it 20 s before
+    assert took < 5.0, took
 
 
 def test_a_redirect_to_a_host_that_never_resolves_is_cut_at_the_deadline(stalling_resolver, tmp_path,
@@ -186,7 +188,8 @@ def test_a_redirect_to_a_host_that_never_resolves_is_cut_at_the_deadline(stallin
     assert caught.value.status_code == 422
     assert caught.value.detail.startswith(f"file_url: redirect to http://{STALLED}/a.wav refused: "), caught.value.detail
     assert "did not resolve in time" in caught.value.detail, caught.value.detail
-    assert took < 3.0, took
+    # the 1.5 s deadline and a loaded host's slack; the stalled lookup held it 20 s before
+    assert took < 5.0, took
 
 
 @pytest.mark.parametrize("field", ["webhook_url", "file_url"])

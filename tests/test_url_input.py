@@ -277,7 +277,8 @@ def test_a_source_that_does_not_answer_hits_the_timeout(limited, media_server, u
     error = _failure(limited, _submit(limited, file_url=media_server.url("/slow.wav")))
     assert error["status_code"] == 422
     assert error["detail"] == f"file_url: {media_server.url('/slow.wav')} did not answer within 1 s (timeout)"
-    assert error["elapsed"] < 2.5, error
+    # the 1 s timeout and a loaded worker's slack, below the 3 s the source takes to answer
+    assert error["elapsed"] < 2.9, error
 
 
 def _trickle(every_s: float):
@@ -300,7 +301,8 @@ def test_a_trickling_source_hits_the_deadline(limited, media_server):
     error = _failure(limited, _submit(limited, file_url=media_server.url("/trickle.wav")))
     assert error["status_code"] == 422
     assert error["detail"] == f"file_url: {media_server.url('/trickle.wav')} did not send the file within the deadline of 4 s"
-    assert 3.9 < error["elapsed"] < 6.5, error
+    # the 4 s deadline and a loaded worker's slack; the trickle lasts 30 s
+    assert 3.9 < error["elapsed"] < 9.0, error
 
 
 def test_too_many_redirects(limited, media_server):
@@ -343,7 +345,9 @@ def test_cancelling_stops_the_download(limited, media_server):
     assert limited.post(f"/jobs/{job['job_id']}/cancel").json()["status"] == "cancelled"
     [hit] = media_server.for_path("/cancel-me.wav")
     while not hit["closed"]:
-        assert time.monotonic() - cancelled_at < 2.5, "the download went on after the cancel"
+        # a chunk every 0.2 s, each a check for the cancel (at most every 0.25 s): under 1 s.
+        # Before, only the 4 s deadline from the download's start (just before the cancel) ended it
+        assert time.monotonic() - cancelled_at < 3.0, "the download went on after the cancel"
         time.sleep(0.05)
     assert limited.get(f"/jobs/{job['job_id']}").json()["status"] == "cancelled"
 
