@@ -203,7 +203,9 @@ def test_id3_tags_of_thousands_of_frames_are_refused_at_submit_not_read(client):
     elapsed = time.monotonic() - started
     assert r.status_code == 415, r.text
     assert "ID3" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
-    assert elapsed < 1.0
+    # 0.3 s here, most of it building the 370 KB upload (timed with it): room for a loaded CI
+    # host, and still half of the 3.7 s the header check took before
+    assert elapsed < 2.0
     assert client.get("/jobs", params={"limit": 1}).json()["jobs"] == before
 
 
