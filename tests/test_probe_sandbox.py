@@ -107,7 +107,7 @@ def hostile() -> dict[str, bytes]:
 
 
 def _latest(client) -> list:
-    return client.get("/jobs", params={"limit": 1}).json()["jobs"]
+    return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
 
 
 # The refusal tests below hold the reader to 1 s of CPU, not the default 3: a limit of CPU time
