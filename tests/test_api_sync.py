@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -209,13 +210,17 @@ def test_metrics_expose_jobs_durations_and_queue_depth(client, utterances):
     from tests.conftest import wait_for_job
 
     wait_for_job(client, job["job_id"])
-    text = client.get("/metrics").text
-    assert 'audio_analysis_jobs{state="succeeded"}' in text
-    assert 'audio_analysis_jobs_finished_total{kind="embedding",status="succeeded"}' in text
-    assert 'audio_analysis_job_duration_seconds_count{kind="embedding"}' in text
-    assert 'audio_analysis_queue_depth{queue="audio-test"} 0.0' in text
-    assert "audio_analysis_workers 1.0" in text
-    assert "audio_analysis_http_request_duration_seconds_bucket" in text
+    expected = ['audio_analysis_jobs{state="succeeded"}',
+                'audio_analysis_jobs_finished_total{kind="embedding",status="succeeded"}',
+                'audio_analysis_job_duration_seconds_count{kind="embedding"}',
+                'audio_analysis_queue_depth{queue="audio-test"} 0.0', "audio_analysis_workers 1.0",
+                "audio_analysis_http_request_duration_seconds_bucket"]
+    # the worker counts a job among the finished (and its durations) just after it writes the
+    # record wait_for_job saw: waited for, not read at once
+    deadline = time.monotonic() + 10
+    while missing := [line for line in expected if line not in (text := client.get("/metrics").text)]:
+        assert time.monotonic() < deadline, (missing, text[-3000:])
+        time.sleep(0.1)
 
 
 def test_metrics_show_each_worker_process_and_its_device(client, utterances):

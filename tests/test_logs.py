@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Iterator
 
 import httpx
@@ -56,6 +57,13 @@ def test_every_line_about_a_job_carries_its_ids(api, worker, short_sample) -> No
         # a request without an id (or with a hostile one) gets a fresh one
         assert len(http.get("/health", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]) == 16
 
+    # the worker writes "job succeeded" just after the record it finished, which wait_for_job saw:
+    # waited for, not read at once (that read raced the worker's line)
+    deadline = time.monotonic() + 10
+    while not any(line.get("job_id") == job_id and line.get("message") == "job succeeded"
+                  for line in _lines(worker.log_path)[0]):
+        assert time.monotonic() < deadline, "the worker never logged the job's end"
+        time.sleep(0.05)
     api_lines, api_other = _lines(api_log)
     worker_lines, worker_other = _lines(worker.log_path)
     assert not [line for line in api_other + worker_other if job_id in line], "a plain-text line names the job"
