@@ -281,7 +281,9 @@ def test_header_readers_at_once_are_bounded_and_leave_the_shared_threads(api):
     poller.join(60)
     seen = f"answers {sorted(answers)}, slowest polls {sorted(polls)[-3:]}, slowest WAV uploads {sorted(wavs)[-3:]}"
     assert answers == [202] * 45, seen
-    assert max(polls) < 3.0 and max(wavs) < 3.0, seen
+    # the slowest WAV upload took 0.96 s beside another test run on 2 cores (polls 0.24 s), where
+    # a poll waited 7-11 s before: 4.5 s leaves a loaded CI host room and still fails that
+    assert max(polls) < 4.5 and max(wavs) < 4.5, seen
 
 
 
