@@ -429,7 +429,8 @@ return {crossed, jobs, bytes}
 # its index entries and its marks are never written, which a MULTI could not do (each of its
 # commands runs, whatever an earlier one answered).
 # KEYS: 1 the record, 2 the unconfirmed, 3 the tenant's waiting jobs on its queue, 4 its last
-# level, 5 its unfinished jobs, 6 their bytes, 7.. the job indexes, then the batch's list (with
+# level, 5 its unfinished jobs, 6 their bytes, 7 the index of waiting sets (JobStore.waiting_sets),
+# 8.. the job indexes, then the batch's list (with
 # p.batch). ARGV: 1 job id, 2 the record (JSON), 3 p (JSON): now, record_ttl, horizon, lives_until (when
 # the record expires at the latest), reserve_until, size (its uploads' bytes), reserve ({{id,
 # bytes}, ...}: the rest of its submission, held for it now, so a batch is refused whole or taken
@@ -456,7 +457,7 @@ if crossed then return {0, crossed, jobs, bytes} end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', p.record_ttl)
 local last = #KEYS
 if p.batch then last = last - 1 end
-for i = 7, last do
+for i = 8, last do
   -- trimmed here rather than by a cron: records expire on their own, at the latest their
   -- expires_by, horizon after the creation time they are scored by
   redis.call('ZADD', KEYS[i], p.now, id)
@@ -480,6 +481,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', p.waiting_stale)
 local ahead = redis.call('ZCARD', KEYS[3])
 redis.call('ZADD', KEYS[3], p.now, id)
 redis.call('EXPIRE', KEYS[3], p.waiting_ttl)
+redis.call('SADD', KEYS[7], KEYS[3])
+redis.call('EXPIRE', KEYS[7], p.waiting_ttl)
 local level = 0
 if ahead > 0 then
   for _, threshold in ipairs(p.thresholds) do
@@ -672,6 +675,51 @@ class JobStore:
             # for the tenant's next submissions
             pipe.zadd(self._waiting_key(after), {after.job_id: self.clock()})
             pipe.expire(self._waiting_key(after), math.ceil(self.queued_life_s))
+            pipe.sadd(self._waiting_index(), self._waiting_key(after))
+            pipe.expire(self._waiting_index(), math.ceil(self.queued_life_s))
+
+    # Every tenant's waiting set of every queue, named in one set (written with each entry, and
+    # living as long as the longest of them), so that the recovery pass that looks for queued jobs
+    # whose message was lost (worker/recovery.py, recover_unqueued_jobs) reads them without a SCAN
+    # of the keyspace. A set that emptied (Redis deletes an empty sorted set) or expired leaves the
+    # index in the same script that finds it gone, so a job queued meanwhile is never dropped.
+    _PRUNE_WAITING_INDEX = """
+    local out = {}
+    for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+      if redis.call('EXISTS', key) == 1 then table.insert(out, key) else redis.call('SREM', KEYS[1], key) end
+    end
+    return out
+    """
+
+    def _waiting_index(self) -> str:
+        return self.key("waiting-sets")
+
+    def waiting_sets(self) -> list[str]:
+        """The keys of every tenant's waiting set, on every queue (see above)."""
+        return list(self.redis.eval(self._PRUNE_WAITING_INDEX, 1, self._waiting_index()))
+
+    def index_waiting_sets(self, keys: Iterable[str]) -> None:
+        """Add waiting sets to the index: those an API of an earlier release wrote, which it
+        never named there (found by one SCAN, worker/recovery.py)."""
+        keys = list(keys)
+        if keys:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.sadd(self._waiting_index(), *keys)
+                pipe.expire(self._waiting_index(), math.ceil(self.queued_life_s))
+                pipe.execute()
+
+    def waiting_before(self, keys: Sequence[str], before: float, limit: int) -> list[str]:
+        """The ids of jobs queued before ``before`` (Redis clock) in these waiting sets, up to
+        ``limit`` of the oldest of each, in one round trip. Entries older than a queued record's
+        life are left out: their records expired (a removal missed), and they would take the
+        places of live jobs."""
+        if not keys:
+            return []
+        since = self.clock() - self.queued_life_s
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.zrangebyscore(key, since, before, start=0, num=limit)
+            return [job_id for ids in pipe.execute() for job_id in ids]
 
     # --- create / read ----------------------------------------------------------------------
     def create(self, record: JobRecord) -> JobRecord:
@@ -713,7 +761,8 @@ class JobStore:
         }
         reply = self._create_queued(
             keys=[self._job_key(record.job_id), self._unconfirmed(), self._waiting_key(record),
-                  self._waiting_key(record) + ":level", *self._unfinished_keys(record.owner), *indexes, *batch],
+                  self._waiting_key(record) + ":level", *self._unfinished_keys(record.owner),
+                  self._waiting_index(), *indexes, *batch],
             args=[record.job_id, record.to_json(), json.dumps(params)])
         if not reply[0]:
             _, limit, jobs, held = reply
@@ -854,6 +903,26 @@ class JobStore:
             pipe.time()
             marked, now = pipe.execute()
         return None if marked is None else max(0.0, _epoch(now) - float(marked))
+
+    def queued_confirmed(self, job_ids: Sequence[str]) -> list[JobRecord]:
+        """The records of those of these jobs that are queued and whose submission was confirmed
+        (their message was sent), in one round trip. Each job's unconfirmed mark is read before its
+        record: a job failed as interrupted in between reads failed, and one confirmed in between
+        was sent."""
+        if not job_ids:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.zscore(self._unconfirmed(), job_id)
+                pipe.get(self._job_key(job_id))
+            replies = pipe.execute()
+        records = []
+        for marked, raw in zip(replies[::2], replies[1::2]):
+            if marked is None and raw is not None:
+                record = JobRecord.from_json(raw)
+                if record.status == QUEUED:
+                    records.append(record)
+        return records
 
     def look_again_later(self, job_id: str) -> None:
         """An unconfirmed job that started all the same (its message went out before the API

@@ -274,6 +274,17 @@ class Settings(BaseSettings):
     # run it after the client, told nothing, submitted it again. Minutes above what a submission
     # takes between the two (milliseconds; a batch's records and messages, a second or two)
     job_submit_grace_s: float = Field(60.0, gt=0.0)
+    # A confirmed job queued this long (since its message was sent) has its message looked for in
+    # the broker (its queue's lists, kombu's unacked messages); one found in neither on two passes
+    # a job_recovery_interval_s apart was lost (a worker's connection cut between Redis popping
+    # the message and the worker reading it, a flushed queue, a failover that lost the list's last
+    # writes) and is sent again (worker/recovery.py, recover_unqueued_jobs). Age alone is no
+    # evidence (a job may wait hours behind a backlog): it only decides when the look is worth a
+    # read of the whole queue. 5 min: well past job_submit_grace_s (an unconfirmed job is the
+    # submission pass's) and the milliseconds a message is between two places, while a lost job
+    # still runs minutes late, not a day; under a backlog older than this the queue's lists are
+    # read once per pass, by one worker of all (about 1 KB a message)
+    job_unqueued_after_s: float = Field(300.0, gt=0.0)
     # Idempotency-Key (POST /jobs/<kind>, /jobs/batch; api/idempotency.py): a client whose 202 was
     # lost on the wire submits again with the same key and is answered the first submission's
     # job instead of running (and paying for) the hour twice. A key is answered so for this long

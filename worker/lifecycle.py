@@ -174,7 +174,7 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                         # jobs left "running" by a worker that died (SIGKILL, OOM, Redis crash mid-job)
                         from worker.recovery import (fail_interrupted_submissions, recover_held_jobs,
                                                      recover_lost_deliveries, recover_reserved_jobs,
-                                                     recover_stalled_jobs)
+                                                     recover_stalled_jobs, recover_unqueued_jobs)
 
                         recover_stalled_jobs(store, storage, settings)
                         # queued jobs whose message a dead worker held (waiting for their confirmation)
@@ -185,6 +185,9 @@ def _heartbeat_loop(stop: threading.Event) -> None:
                         fail_interrupted_submissions(store, storage, settings)
                         # webhook deliveries whose worker died while it delivered or held a retry
                         recover_lost_deliveries(store, settings)
+                        # and queued jobs whose message is nowhere (lost between the broker and a
+                        # worker, a flushed queue); last: it may read a whole queue
+                        recover_unqueued_jobs(store, settings)
                         next_recovery = time.monotonic() + settings.job_recovery_interval_s
                     if time.monotonic() >= next_sweep:
                         # uploads of jobs that never reached a worker (expired, purged queue)

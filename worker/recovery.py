@@ -14,13 +14,16 @@ A requeued job that is also redelivered later by the broker is safe: the copy fi
 running under a live lease (and waits) or ended (and skips it), see worker.tasks._run.
 
 The same pass fails jobs whose submission was cut off between their record and their queue
-message (:func:`fail_interrupted_submissions`).
+message (:func:`fail_interrupted_submissions`), and sends again the message of a queued job that
+is in no queue and no worker's hands (:func:`recover_unqueued_jobs`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from typing import Any
 
 from shared.errors import ProcessingError
 from shared.jobs import QUEUED, RUNNING, JobStore
@@ -148,6 +151,133 @@ def recover_reserved_jobs(store: JobStore, settings: Settings) -> list[str]:
                     "sent again", job_id, older_than_s)
         handled.append(job_id)
     return handled
+
+
+# Where a message of the service names its job: the task id is the job id (shared/queue.py,
+# send_job), in its headers' "id" (kombu's JSON). A webhook delivery's id is its own.
+_MESSAGE_ID = re.compile(r'"id"\s*:\s*"([0-9a-f]{32})"')
+# a queue's lists are read this many messages at a time (about 1 KB each)
+LIST_PAGE = 1000
+# at most this many of the oldest queued jobs of each tenant's waiting set, and of all, per pass
+OLDEST_PER_SET, MOST_PER_PASS = 100, 1000
+_indexed = {"done": False}
+
+
+def _unqueued_key(store: JobStore) -> str:
+    # "<job id>:<attempts>" -> when (Redis clock) a pass first found its message nowhere
+    return store.key("unqueued")
+
+
+def _ids_in_unacked(client: Any) -> set[str]:
+    found: set[str] = set()
+    for _tag, raw in client.hscan_iter(UNACKED, count=LIST_PAGE):
+        found.update(_MESSAGE_ID.findall(raw))
+    return found
+
+
+def _ids_in_queue(client: Any, queue: str) -> set[str]:
+    """The job ids of every message in ``queue``'s lists, read from the head (index 0) in pages:
+    kombu pushes at the head (LPUSH, a restore's RPUSH at the tail) and pops at the tail (BRPOP),
+    so no message that stays in the list is skipped (one pushed meanwhile may be read twice)."""
+    from shared.queue import queue_keys
+
+    found: set[str] = set()
+    for key in queue_keys(queue):
+        start = 0
+        while True:
+            page = client.lrange(key, start, start + LIST_PAGE - 1)
+            found.update(_MESSAGE_ID.findall("\n".join(page)))
+            if len(page) < LIST_PAGE:
+                break
+            start += LIST_PAGE
+    return found
+
+
+def recover_unqueued_jobs(store: JobStore, settings: Settings) -> list[str]:
+    """One pass over confirmed queued jobs whose message is in no queue list and no worker's hands:
+    kombu's Redis transport takes a message with BRPOP and only then, from the worker, writes it to
+    its unacked set, so a connection cut in between (a stall past the socket timeout, a worker host
+    lost at that moment, a proxy) leaves it nowhere; so does a flushed or trimmed queue, or a
+    failover that lost the list's last writes but not the record's. Nothing else would ever run
+    such a job: it stayed "queued" until its record expired. Returns the ids sent again.
+
+    Age is no evidence (a job waits hours behind a backlog): jobs queued over
+    ``job_unqueued_after_s`` (the tenants' waiting sets, JobStore.waiting_sets) are only the
+    candidates. When there are any, one pass of all workers' in each ``job_recovery_interval_s``
+    (a lock) reads kombu's unacked messages, the candidates' queues' lists, and the unacked
+    messages again (a message moving from a list to a worker meanwhile is seen in the second read,
+    one moving back in the first). A candidate found in none of them is noted; found so on a later
+    pass that started at least an interval after the note ended, its message is sent again (level
+    0: it waited its turn), once per queued spell (its attempts). A message between two places
+    (microseconds: BRPOP and the unacked write, a restore, an ack) is never missed by two passes an
+    interval apart; and should a copy still exist, it finds the job running (it waits) or ended
+    (it skips it), as any copy does (worker.tasks._run). Unconfirmed submissions are
+    fail_interrupted_submissions' alone, and held or reserved messages are in the unacked set.
+
+    Cost: with no candidate, one script over the index of waiting sets and one pipelined
+    ZRANGEBYSCORE per tenant and queue. With candidates, once per interval across all workers:
+    their records (one pipeline), the unacked hash (HSCAN, twice), and each of their queues' four
+    lists in LRANGE pages of LIST_PAGE: a queue of 10,000 messages is ten round trips and about
+    10 MB read and searched."""
+    import math
+
+    from worker.tasks import _enqueue
+
+    client = store.redis
+    if not _indexed["done"]:
+        # once per process: waiting sets an API of an earlier release wrote, never indexed
+        store.index_waiting_sets(client.scan_iter(match=store.key("waiting", "*"), count=1000, _type="zset"))
+        _indexed["done"] = True
+    sightings = _unqueued_key(store)
+    old = store.waiting_before(store.waiting_sets(), store.clock() - settings.job_unqueued_after_s, OLDEST_PER_SET)
+    if not old:
+        client.delete(sightings)
+        return []
+    interval = settings.job_recovery_interval_s
+    if not client.set(store.key("unqueued", "scan"), "1", nx=True, px=max(1, int(interval * 1000))):
+        return []  # another worker's pass reads the queues this interval
+    candidates = store.queued_confirmed(list(dict.fromkeys(old))[:MOST_PER_PASS])
+    started = store.clock()
+    present = _ids_in_unacked(client)
+    for queue in sorted({record.queue or settings.queue_name for record in candidates}):
+        present |= _ids_in_queue(client, queue)
+    present |= _ids_in_unacked(client)
+    ended = store.clock()
+    missing = {f"{r.job_id}:{r.attempts}": r for r in candidates if r.job_id not in present}
+    noted = dict(client.zrange(sightings, 0, -1, withscores=True))
+    stale = [member for member in noted if member not in missing]
+    handled: list[str] = []
+    with client.pipeline(transaction=False) as pipe:
+        for member in stale:
+            pipe.zrem(sightings, member)
+        for member, record in missing.items():
+            first = noted.get(member)
+            if first is None:
+                pipe.zadd(sightings, {member: ended}, nx=True)
+            elif first <= started - interval and _send_again(store, settings, record, _enqueue):
+                pipe.zrem(sightings, member)
+                handled.append(record.job_id)
+        pipe.expire(sightings, math.ceil(store.queued_life_s))
+        pipe.execute()
+    return handled
+
+
+def _send_again(store: JobStore, settings: Settings, record: Any, enqueue: Any) -> bool:
+    """Send a lost message once per queued spell (the job's attempts), whichever pass gets here
+    first, while the job is still queued, confirmed, at those attempts."""
+    import math
+
+    mark = store.key("job", record.job_id, "resent", "lost", str(record.attempts))
+    if not store.redis.set(mark, "1", nx=True, ex=math.ceil(store.queued_life_s)):
+        return False
+    now = store.queued_confirmed([record.job_id])
+    if not now or now[0].attempts != record.attempts:
+        return False
+    enqueue(record.job_id, record.kind, record.queue)
+    log.warning("job %s: queued %.0f s or more with its message in no queue and no worker's hands on two passes "
+                "%.0f s apart (lost between the broker and a worker, or the queue was emptied); sent again",
+                record.job_id, settings.job_unqueued_after_s, settings.job_recovery_interval_s)
+    return True
 
 
 def fail_interrupted_submissions(store: JobStore, storage: Storage, settings: Settings) -> list[str]:
