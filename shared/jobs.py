@@ -1024,11 +1024,13 @@ class JobStore:
             failed = False
             return pipe.zscore(unconfirmed, job_id) is not None
 
-        record = self.update(job_id, change, lambda pipe, _: pipe.zrem(unconfirmed, job_id), watch=(unconfirmed,),
-                             holds=still_unconfirmed)
+        def also(pipe: Any, record: JobRecord) -> None:
+            pipe.zrem(unconfirmed, job_id)
+            self._count_finished(pipe, record)  # with the end, as finish counts
+
+        record = self.update(job_id, change, also, watch=(unconfirmed,), holds=still_unconfirmed)
         if not failed or record is None:
             return None
-        self._count_finished(record)
         return record
 
     # --- values kept apart from records -----------------------------------------------------
@@ -1360,11 +1362,13 @@ class JobStore:
         def also(pipe: Any, record: JobRecord) -> None:
             if due and record.webhook_url:
                 pipe.zadd(self._webhooks_due(), {job_id: due})
+            # in the same transaction as the end: written after it, a reader of /metrics that saw
+            # the job end could miss it from the counts, and a worker dying in between left the job
+            # uncounted (and in the running set, for the recovery pass to look at again) for good
+            pipe.srem(self._running_set(), job_id)
+            self._count_finished(pipe, record)
 
         record = self.update(job_id, change, also)
-        if changed_flag and record is not None:
-            self.redis.srem(self._running_set(), job_id)
-            self._count_finished(record)
         return record, changed_flag
 
     # --- job messages a worker holds before the job started ---------------------------------------
@@ -1483,9 +1487,8 @@ class JobStore:
         return {k: int(v) for k, v in self.redis.hgetall(self.key("stats", "webhooks")).items()}
 
     # --- metrics kept in Redis so every API replica reports the same figures ----------------
-    def _count_finished(self, record: JobRecord) -> None:
+    def _count_finished(self, pipe: Any, record: JobRecord) -> None:
         kind, status = record.kind, record.status
-        pipe = self.redis.pipeline()
         pipe.hincrby(self.key("stats", "finished"), f"{kind}:{status}", 1)
         started = record.started_ts
         if started is not None and record.finished_ts is not None and status == SUCCEEDED:
@@ -1495,7 +1498,6 @@ class JobStore:
             if isinstance(audio_s, (int, float)) and audio_s > 0:
                 # what users pay for: worker seconds per hour of audio (a real-time factor)
                 self._observe(pipe, "per_audio_hour", kind, PER_AUDIO_HOUR_BUCKETS, duration * 3600.0 / audio_s)
-        pipe.execute()
 
     def _observe(self, pipe: Any, name: str, kind: str, bounds: tuple[float, ...], value: float) -> None:
         """One observation of a per-kind histogram kept as le:<bound>/count/sum in a Redis hash."""
