@@ -375,7 +375,8 @@ def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_
         # its queue's key lapses (it lives 15 s) while processes go on dying
         _wait(lambda: not store.redis.exists(store.consumers_key(DYING_QUEUE)), 20,
               "the queue is still announced for a worker that cannot run a job", step=0.2)
-        assert deaths() >= 3
+        # and the worker goes on starting processes that die (a third, however slow the host)
+        _wait(lambda: deaths() >= 3, 60, "the worker stopped starting pool processes", step=0.2)
         with _api(settings, DYING_QUEUE) as client:
             started = time.monotonic()
             r = client.post("/diarize", files={"file": (clip.name, clip.read_bytes(), "audio/wav")})
