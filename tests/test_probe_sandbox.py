@@ -148,14 +148,26 @@ def test_the_worker_refuses_it_too_before_decoding(tmp_path, settings, hostile, 
 def test_the_wall_clock_timeout_kills_the_child(tmp_path, hostile):
     from shared.probe_sandbox import ProbeLimits, read_header
 
+    from shared.probe_sandbox import SandboxUnavailable
+
     path = tmp_path / "slow.flv"
     path.write_bytes(hostile["metadata.flv"])  # 15.9 s of CPU to read
-    started = time.monotonic()
     # 2 s, not less: a child given under half of its time's CPU is taken for a starved host (503),
-    # and on a loaded 2-core CI machine a 0.5 s child got 0.2 s of it
-    with pytest.raises(AudioDecodeError, match="longer than 2 s"):
-        read_header(path, ProbeLimits(cpu_s=60, timeout_s=2.0))
-    assert time.monotonic() - started < 4.0
+    # and on a loaded 2-core CI machine a 0.5 s child got 0.2 s of it. A run with three pytest
+    # processes and a busy loop on two cores gave even the 2 s child 0.9 s: such a 503 says "retry
+    # later", and the test does as a client would, up to three times
+    for _ in range(3):
+        started = time.monotonic()
+        try:
+            read_header(path, ProbeLimits(cpu_s=60, timeout_s=2.0))
+        except SandboxUnavailable:
+            continue
+        except AudioDecodeError as exc:
+            assert "longer than 2 s" in str(exc), exc
+            assert time.monotonic() - started < 4.0
+            return
+        raise AssertionError("the reader of a 15.9 s header was not stopped")
+    raise AssertionError("the host starved the header check on three tries")
 
 
 def _segfault(conn, kind, payload, limits) -> None:  # the child: a crash in FFmpeg, as it would look
