@@ -189,6 +189,13 @@ def client(worker, settings):
         yield c
 
 
+def newest_job_ids(client) -> list[str]:
+    """The id of the newest job the client's key can list (none: []), for "no job was made"
+    checks: its id, not its summary, whose status and progress move on while an earlier test's
+    job runs."""
+    return [job["job_id"] for job in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+
+
 def gone(path: Path, timeout_s: float = 10.0) -> bool:
     """True once ``path`` does not exist. A worker records a job's end first and deletes its
     upload next (a crash in between leaves a stray folder, never a job without its audio), so

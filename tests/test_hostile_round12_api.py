@@ -50,7 +50,7 @@ import pytest
 
 from shared.embedding_file import load_embedding
 from shared.errors import InputError
-from tests.conftest import tone_wav
+from tests.conftest import newest_job_ids, tone_wav
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 KEY = "round12-key-0123456789"
@@ -229,11 +229,6 @@ def test_what_a_key_is_answered_is_kept_by_no_cache(api) -> None:
 
 
 # --- form fields sent in the URL -------------------------------------------------------------------
-def _newest_job(api) -> str | None:
-    jobs = api.get("/jobs", params={"limit": 1}).json()["jobs"]
-    return jobs[0]["job_id"] if jobs else None
-
-
 @pytest.mark.parametrize("path,query,files,form", [
     # with the form that goes with it (``form``), as a client that put the rest in the URL sends it
     ("/jobs/diarize", {"num_speakers": "3", "webhook_url": "http://127.0.0.1:9/hook"}, ("file",), {}),
@@ -245,12 +240,12 @@ def _newest_job(api) -> str | None:
 ])
 def test_a_form_field_in_the_query_string_is_refused_not_dropped(api, path: str, query: dict[str, str],
                                                                 files: tuple[str, ...], form: dict[str, str]) -> None:
-    before = _newest_job(api)
+    before = newest_job_ids(api)
     uploads = [(name, (f"{name}.wav", tone_wav(), "audio/wav")) for name in files]
     r = api.post(path, params=query, files=uploads, data=form)
     detail = _assert_documented(r, 422)["detail"]
     assert detail.startswith(f"{', '.join(sorted(query))}: sent in the query string"), detail
-    assert _newest_job(api) == before  # nothing queued
+    assert newest_job_ids(api) == before  # nothing queued
     # without them, the request is taken, and a name no route reads stays free in the URL
     ok = api.post(path, params={"trace": "1"}, files=uploads, data=form)
     assert ok.status_code in (202, 503), ok.text  # /diarize waits for a worker: none runs here

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import newest_job_ids
+
 
 @pytest.fixture()
 def racing_store(settings):
@@ -90,14 +92,11 @@ def test_a_field_of_another_route_is_refused_not_dropped(client, path, files, fo
     from tests.conftest import tone_wav
 
     uploads = [(name, (f"{name}.wav", tone_wav(), "audio/wav")) for name in ((files,) if isinstance(files, str) else files)]
-    def newest() -> list[str]:
-        return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
-
-    before = newest()
+    before = newest_job_ids(client)
     r = client.post(path, files=uploads, data=form)
     assert r.status_code == 422, r.text
     assert r.json()["detail"].startswith(f"{foreign}: not a field of POST {path}")
-    assert newest() == before
+    assert newest_job_ids(client) == before
     # what the route reads is still taken, and an unknown name is still ignored
     ok = client.post(path, files=uploads, data={**{k: v for k, v in form.items() if k != foreign}, "x_custom": "1"})
     assert ok.status_code != 422 or "voiceprints" in ok.text, ok.text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import mp4_boxes, mp4_bytes
+from tests.conftest import mp4_boxes, mp4_bytes, newest_job_ids
 
 
 def _hum_wav(seconds: float = 3.0, hz: float = 110.0) -> bytes:
@@ -57,13 +57,13 @@ def test_a_wav_of_countless_empty_chunks_is_refused_at_submit_not_walked(client,
     (202) for the worker to walk them again. Now the chunks are counted first (415, no job)."""
     import time
 
-    before = [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+    before = newest_job_ids(client)
     started = time.monotonic()
     r = client.post("/jobs/diarize", files={"file": ("chunks.wav", _wav_with_chunks(200_000), "audio/wav")})
     assert r.status_code == 415, r.text
     assert "chunks" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
     assert time.monotonic() - started < 1.0
-    assert [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]] == before
+    assert newest_job_ids(client) == before
 
 
 def test_the_worker_refuses_countless_chunks_before_ffmpeg_walks_them(tmp_path):
@@ -253,7 +253,7 @@ def test_an_mp4_declaring_millions_of_samples_is_refused_at_submit(client, forge
     memory went from 79 to 817 MB, and the job was queued (202) for the worker's decoder to do
     the same (a trun: 781 MB before the duration limit's 413). Now the boxes are counted first:
     415, no job."""
-    before = [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+    before = newest_job_ids(client)
     data = _FORGED[forged](20_000_000)
     assert len(data) < 10_000
     r = client.post("/jobs/diarize", files={"file": ("forged.m4a", data, "audio/mp4")})
@@ -261,7 +261,7 @@ def test_an_mp4_declaring_millions_of_samples_is_refused_at_submit(client, forge
     body = r.json()
     assert set(body) == {"detail", "error_type", "timestamp"} and body["error_type"] == "ValidationError"
     assert "declares 20000000 samples" in body["detail"]
-    assert [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]] == before
+    assert newest_job_ids(client) == before
 
 
 @pytest.mark.parametrize("forged", sorted(_FORGED))

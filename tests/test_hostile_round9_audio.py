@@ -8,6 +8,8 @@ import struct
 import numpy as np
 import pytest
 
+from tests.conftest import newest_job_ids
+
 
 # --- a Matroska file, element by element --------------------------------------------------------
 def _size(n: int) -> bytes:
@@ -53,14 +55,14 @@ def test_a_matroska_of_thousands_of_tags_is_refused_at_submit_not_converted(clie
     counted first (415 in milliseconds, no job)."""
     import time
 
-    before = [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+    before = newest_job_ids(client)
     started = time.monotonic()
     r = client.post("/jobs/diarize", files={"file": ("tags.mkv", _mkv(_named_tags(2000)), "audio/x-matroska")})
     elapsed = time.monotonic() - started
     assert r.status_code == 415, r.text
     assert "tags" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
     assert elapsed < 1.0
-    assert [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]] == before
+    assert newest_job_ids(client) == before
 
 
 def _seekhead(entries: list[tuple[str, int]]) -> bytes:
@@ -197,7 +199,7 @@ def test_id3_tags_of_thousands_of_frames_are_refused_at_submit_not_read(client):
     Now the frames are counted first (415 in milliseconds, no job)."""
     import time
 
-    before = [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+    before = newest_job_ids(client)
     started = time.monotonic()
     r = client.post("/jobs/diarize", files={"file": ("tagged.aac", _id3(20_000) + _aac(), "audio/aac")})
     elapsed = time.monotonic() - started
@@ -206,7 +208,7 @@ def test_id3_tags_of_thousands_of_frames_are_refused_at_submit_not_read(client):
     # 0.3 s here, most of it building the 370 KB upload (timed with it): room for a loaded CI
     # host, and still half of the 3.7 s the header check took before
     assert elapsed < 2.0
-    assert [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]] == before
+    assert newest_job_ids(client) == before
 
 
 @pytest.mark.parametrize("tags", ["2.2", "2.3", "2.4", "two tags"])
@@ -278,11 +280,11 @@ def test_an_ape_declaring_millions_of_frames_is_refused_before_ffmpeg_tables_the
     from shared.audio_limits import check_audio_limits
     from shared.errors import AudioDecodeError
 
-    before = [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
+    before = newest_job_ids(client)
     r = client.post("/jobs/diarize", files={"file": ("many.ape", _ape(3_000_000), "audio/ape")})
     assert r.status_code == 415, r.text
     assert "APE" in r.json()["detail"] and r.json()["error_type"] == "ValidationError"
-    assert [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]] == before
+    assert newest_job_ids(client) == before
     path = tmp_path / "many.ape"
     path.write_bytes(_id3(3) + _ape(3_000_000))  # behind an ID3 tag, as FFmpeg finds it too
     with pytest.raises(AudioDecodeError, match="APE"):

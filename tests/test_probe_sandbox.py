@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from shared.errors import AudioDecodeError
+from tests.conftest import newest_job_ids
 
 
 def _encode(fmt: str, codec: str, seconds: float = 2.0, rate: int = 16000) -> bytes:
@@ -106,10 +107,6 @@ def hostile() -> dict[str, bytes]:
     return {name: build() for name, build in HOSTILE.items()}
 
 
-def _latest(client) -> list:
-    return [j["job_id"] for j in client.get("/jobs", params={"limit": 1}).json()["jobs"]]
-
-
 # The refusal tests below hold the reader to 1 s of CPU, not the default 3: a limit of CPU time
 # is wall time only on a core of its own. At 3 s the reader was killed at 4 s of CPU (its hard
 # limit), and a submit took 3.3-6.2 s on this project's 2-core machine beside another test run,
@@ -120,7 +117,7 @@ SHORT_CPU_S = 1
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_a_header_ffmpeg_cannot_read_within_the_limits_is_refused_at_submit(client, variant_app, hostile, name):
     api = variant_app(probe_cpu_s=SHORT_CPU_S)
-    before = _latest(client)
+    before = newest_job_ids(client)
     started = time.monotonic()
     r = api.post("/jobs/diarize", files={"file": (name, hostile[name], "application/octet-stream")})
     elapsed = time.monotonic() - started
@@ -129,7 +126,7 @@ def test_a_header_ffmpeg_cannot_read_within_the_limits_is_refused_at_submit(clie
     assert body["error_type"] == "ValidationError"
     assert "header could not be read within the limits" in body["detail"] and "CPU" in body["detail"]
     assert elapsed < 6.0  # the 1 s CPU limit, not 8-16 s of FFmpeg (nor the 10 s wall-clock timeout)
-    assert _latest(client) == before  # no job
+    assert newest_job_ids(client) == before  # no job
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
