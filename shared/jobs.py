@@ -1029,9 +1029,7 @@ class JobStore:
             self._count_finished(pipe, record)  # with the end, as finish counts
 
         record = self.update(job_id, change, also, watch=(unconfirmed,), holds=still_unconfirmed)
-        if not failed or record is None:
-            return None
-        return record
+        return record if failed else None
 
     # --- values kept apart from records -----------------------------------------------------
     def keep_apart(self, items: list[Any]) -> str:

@@ -110,7 +110,6 @@ def test_the_pipeline_and_the_embedder_share_one_campplus(engine):
     assert engine.diarizer.pipeline._embedding.model_ is engine.embedder.model
 
 
-
 def test_the_speech_detector_runs_in_the_diarizations_lanes(engine):
     """/compare, /embedding, /identify, enrolment and stereo calls ask the speech detector about
     every file: outside the lanes its LSTM ran on one two-thread team (13.2 s for 15 min against
