@@ -119,9 +119,43 @@ def file_name(text: str, limit: int = 255) -> str | None:
 
 
 def turns(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, str]]:
-    """(start, end, speaker) of a diarization result body (or of its list of segments)."""
+    """(start, end, speaker) of a diarization result body (or of its list of segments); each
+    diarized speaker under a name of its own (:func:`_distinct_names`)."""
     segments = body.get("diarization_results", []) if isinstance(body, Mapping) else body
-    return [(float(_field(s, "start")), float(_field(s, "end")), speaker_label(s)) for s in segments]
+    found = [(float(_field(s, "start")), float(_field(s, "end")), str(_field(s, "speaker")), speaker_label(s))
+             for s in segments]
+    names = _distinct_names((speaker, label) for _, _, speaker, label in found)
+    return [(start, end, names[speaker, label]) for start, end, speaker, label in found]
+
+
+def _written(name: str) -> str:
+    # a name as every format writes it: RTTM's fields are split on whitespace (written "_"), and
+    # SubRip's arrows are written "->", so "Bob Smith" and "Bob_Smith" are one name in RTTM
+    return "_".join(_SRT_ARROW.sub("->", name).split())
+
+
+def _distinct_names(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """The name each (diarized speaker, name) pair is written under, no two speakers under one.
+
+    A voiceprint's label is the client's choice: one labelled "SPEAKER_01" that named diarization's
+    SPEAKER_00 beside an unnamed SPEAKER_01, two people enrolled as "Alex", or "Bob Smith" and
+    "Bob_Smith" (one name in RTTM) wrote two speakers under one name, and every reader of the file
+    (pyannote.metrics, dscore, a player's voice list) took them for one. A speaker written under
+    its own diarization label keeps it; a named one keeps its name unless a speaker before it has
+    it, and is then written ``name (SPEAKER_xx)``. The JSON result is not concerned: it has both
+    ``speaker`` and ``identity``."""
+    order = list(dict.fromkeys(pairs))
+    # unnamed speakers first: their labels are the diarization's own, unique among themselves
+    order.sort(key=lambda pair: pair[1] != _name(pair[0]))
+    holder: dict[str, str] = {}  # written name -> the speaker written under it
+    names: dict[tuple[str, str], str] = {}
+    for speaker, name in order:
+        chosen, n = name, 1
+        while holder.setdefault(_written(chosen), speaker) != speaker:
+            n += 1
+            chosen = f"{name} ({_name(speaker) or 'unknown'})" + (f" {n - 1}" if n > 2 else "")
+        names[speaker, name] = chosen
+    return names
 
 
 # --- timestamps ---------------------------------------------------------------------------------

@@ -47,13 +47,14 @@ def test_a_hostile_name_is_one_cue_of_printable_text_in_every_format(name):
     srt_text, vtt_text, rttm_text = to_srt(body), to_webvtt(body), to_rttm(body, uri=name)
     for text in (srt_text, vtt_text, rttm_text):
         assert _printable(text), repr(text)
-    # one timing line per turn, and the readers read back two cues with the same (clean) name
+    # one timing line per turn, and the readers read back two cues with the same (clean) name, the
+    # named speaker's told apart from the other speaker's (round 14: two speakers under one name)
     assert len(re.findall(r"-[ -]+>", srt_text)) == 2, srt_text
     srt_cues = read_srt(srt_text)
     assert [(s, e) for s, e, _ in srt_cues] == [(1.0, 2.0), (3.0, 4.0)], srt_text
-    assert srt_cues[0][2] == srt_cues[1][2] and srt_cues[0][2].strip(), srt_cues
+    assert srt_cues[0][2] == f"{srt_cues[1][2]} (SPEAKER_00)" and srt_cues[1][2].strip(), srt_cues
     vtt_cues = read_vtt(vtt_text)
-    assert [(s, e) for s, e, _ in vtt_cues] == [(1.0, 2.0), (3.0, 4.0)] and vtt_cues[0][2] == vtt_cues[1][2]
+    assert [(s, e) for s, e, _ in vtt_cues] == [(1.0, 2.0), (3.0, 4.0)] and vtt_cues[0][2] == f"{vtt_cues[1][2]} (SPEAKER_00)"
     assert [len(line.split()) for line in rttm_text.splitlines()] == [10, 10]
     assert [t[:2] for t in read_rttm(rttm_text)] == [(1.0, 2.0), (3.0, 4.0)]
 

@@ -1,0 +1,103 @@
+"""A fourteenth round of what a hostile or careless client tried against the API, after the
+earlier rounds (tests/test_hostile_*.py, test_security.py): strings the client chooses that end
+up in the files the service writes.
+
+Each test fails on the code before its fix:
+
+* a voiceprint's label is the client's choice, and identification writes it as the speaker's
+  name into RTTM, SubRip and WebVTT. Two diarized speakers could come out under one name: a
+  voiceprint labelled ``SPEAKER_01`` that named diarization's SPEAKER_00 beside an unnamed
+  SPEAKER_01, two voiceprints of one label, or ``Bob Smith`` and ``Bob_Smith`` (one name once
+  RTTM writes spaces as ``_``). Every reader of the file (pyannote.database's RTTM loader, which
+  pyannote.metrics scores with; the ``srt`` and ``webvtt-py`` packages) then read one speaker
+  where the job had found two. Each diarized speaker is now written under a name of its own
+  (``shared.formats._distinct_names``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import json_embedding_file, wait_for_job
+from tests.test_formats import read_rttm, read_srt, read_vtt
+
+
+# --- names in the result formats ------------------------------------------------------------------
+
+# (speaker, identity) pairs of results whose names collided in at least one format
+COLLIDING = [
+    pytest.param([("SPEAKER_00", "SPEAKER_01"), ("SPEAKER_01", None)], id="a-label-that-is-another-speakers"),
+    pytest.param([("SPEAKER_00", "Alex"), ("SPEAKER_01", "Alex")], id="two-voiceprints-of-one-label"),
+    pytest.param([("SPEAKER_00", "Bob Smith"), ("SPEAKER_01", "Bob_Smith")], id="one-name-once-rttm-writes-it"),
+    pytest.param([("SPEAKER_00", "a --> b"), ("SPEAKER_01", "a -> b")], id="one-name-once-subrip-writes-it"),
+    pytest.param([("SPEAKER_00", "Bob_Smith (SPEAKER_01)"), ("SPEAKER_01", "Bob Smith"),
+                  ("SPEAKER_02", "Bob_Smith")], id="a-label-that-is-the-told-apart-name"),
+]
+
+
+@pytest.mark.parametrize("speakers", COLLIDING)
+def test_two_speakers_are_never_written_under_one_name(speakers):
+    from shared.formats import to_rttm, to_srt, to_webvtt
+
+    # each speaker speaks twice, in turn
+    body = {"diarization_results": [
+        {"start": float(2 * i + n * 10), "end": float(2 * i + n * 10 + 1), "speaker": speaker, "identity": identity}
+        for n in range(2) for i, (speaker, identity) in enumerate(speakers)]}
+    per_turn = [s["speaker"] for s in body["diarization_results"]]
+    for text, read in ((to_rttm(body), read_rttm), (to_srt(body), read_srt), (to_webvtt(body), read_vtt)):
+        names = {start: who for start, _, who in read(text)}
+        written = [names[s["start"]] for s in body["diarization_results"]]
+        # as many names as speakers, each speaker under one of them throughout
+        assert len(set(written)) == len(speakers), text
+        assert len(set(zip(per_turn, written))) == len(speakers), text
+    # a name nobody else has is kept as it is
+    assert read_srt(to_srt({"diarization_results": [
+        {"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": "Bob Smith"},
+        {"start": 1.0, "end": 2.0, "speaker": "SPEAKER_01", "identity": "Alex"},
+        {"start": 2.0, "end": 3.0, "speaker": "SPEAKER_02"}]})) == [
+        (0.0, 1.0, "Bob Smith"), (1.0, 2.0, "Alex"), (2.0, 3.0, "SPEAKER_02")]
+
+
+def test_the_speaker_a_name_was_taken_from_keeps_it():
+    """The unnamed speaker keeps its diarization label; the named one is told apart by its own."""
+    from shared.formats import to_srt
+
+    body = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": "SPEAKER_01"},
+                                    {"start": 1.0, "end": 2.0, "speaker": "SPEAKER_01", "identity": None},
+                                    {"start": 2.0, "end": 3.0, "speaker": "SPEAKER_02", "identity": "Alex"},
+                                    {"start": 3.0, "end": 4.0, "speaker": "SPEAKER_03", "identity": "Alex"}]}
+    assert [who for *_, who in read_srt(to_srt(body))] == [
+        "SPEAKER_01 (SPEAKER_00)", "SPEAKER_01", "Alex", "Alex (SPEAKER_03)"]
+
+
+def test_a_job_whose_voiceprints_name_two_speakers_alike_gives_files_of_two_speakers(client, settings, sample_wav):
+    """The service end to end: two voiceprints imported as "Bob Smith" and "Bob_Smith", a job on
+    a two-speaker recording at a threshold every voiceprint reaches, so each names one speaker.
+    Before: its RTTM was read back as one speaker ("Bob_Smith") by pyannote's loader."""
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(settings)
+    rng = np.random.default_rng(14)
+    ids = []
+    for label in ("Bob Smith", "Bob_Smith"):
+        vector = rng.standard_normal(model.dimension)
+        r = client.post("/voiceprints/import", files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)),
+                                                                "application/json")},
+                        data={"label": label, "model": model.name})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    try:
+        job = client.post("/jobs/diarize", files={"file": ("sample.wav", sample_wav.read_bytes(), "audio/wav")},
+                          data={"num_speakers": "2", "voiceprints": ",".join(ids), "identification_threshold": "-1"})
+        assert job.status_code == 202, job.text
+        done = wait_for_job(client, job.json()["job_id"], timeout_s=300)
+        assert done["status"] == "succeeded", done
+        assert sorted(s["identity"] for s in done["result"]["speakers"]) == ["Bob Smith", "Bob_Smith"], done["result"]
+        for fmt, read in (("rttm", read_rttm), ("srt", read_srt), ("vtt", read_vtt)):
+            r = client.get(f"/jobs/{done['job_id']}/result", params={"format": fmt})
+            assert r.status_code == 200, r.text
+            assert len({who for *_, who in read(r.text)}) == 2, r.text
+    finally:
+        for voiceprint_id in ids:
+            client.delete(f"/voiceprints/{voiceprint_id}")
