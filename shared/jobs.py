@@ -563,6 +563,49 @@ def _parse_cursor(cursor: str) -> tuple[str, str]:
     return repr(float(found.group(1))), found.group(2)
 
 
+@dataclass(frozen=True)
+class DueSet:
+    """Jobs owed something by a time: a sorted set of job id -> due time (the Redis clock), which
+    a recovery pass reads once past due and takes over one job at a time. Two are kept (worker
+    messages held as retries, webhook deliveries owed); they differ only in what a take-over also
+    claims."""
+
+    redis: Any
+    key: str
+    clock: Callable[[], float]
+
+    # past due: due again at ARGV[3] and, where a claim key is given, that claim written in the
+    # same step (KEYS[2] is nil with one key), so exactly one caller takes a due job over
+    _TAKE_OVER = """
+    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+    if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+    if KEYS[2] then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
+    return 1
+    """
+
+    def owe(self, job_id: str, in_s: float, *, keep_earlier: bool = False) -> None:
+        """Due ``in_s`` seconds from now (``keep_earlier``: an earlier due time already set stays)."""
+        self.redis.zadd(self.key, {job_id: self.clock() + in_s}, nx=keep_earlier)
+
+    def settle(self, job_id: str) -> None:
+        self.redis.zrem(self.key, job_id)
+
+    def due_at(self, job_id: str) -> float | None:
+        return self.redis.zscore(self.key, job_id)
+
+    def past_due(self, limit: int = 100) -> list[str]:
+        return list(self.redis.zrangebyscore(self.key, "-inf", self.clock(), start=0, num=limit))
+
+    def take_over(self, job_id: str, next_in_s: float, *, claim: tuple[str, str, int] | None = None) -> bool:
+        """Atomically, if ``job_id`` is past due: due again in ``next_in_s`` (should the caller die
+        before it acted), ``claim`` (key, value, TTL in s) set, and True for this caller alone."""
+        now = self.clock()
+        keys = [self.key] if claim is None else [self.key, claim[0]]
+        args = [job_id, repr(now), repr(now + next_in_s)] + ([] if claim is None else [claim[1], str(claim[2])])
+        return bool(self.redis.eval(self._TAKE_OVER, len(keys), *keys, *args))
+
+
 class JobStore:
     """Job records and what goes with them in Redis.
 
@@ -1359,7 +1402,7 @@ class JobStore:
 
         def also(pipe: Any, record: JobRecord) -> None:
             if due and record.webhook_url:
-                pipe.zadd(self._webhooks_due(), {job_id: due})
+                pipe.zadd(self._webhooks_due().key, {job_id: due})
             # in the same transaction as the end: written after it, a reader of /metrics that saw
             # the job end could miss it from the counts, and a worker dying in between left the job
             # uncounted (and in the running set, for the recovery pass to look at again) for good
@@ -1379,32 +1422,24 @@ class JobStore:
     # by which the retry must have run again; the recovery pass sends the job's message again once
     # it passed (worker/recovery.py, recover_held_jobs). A retry that runs late meets a job started
     # or ended by the message sent again, and skips it or waits for it as any copy does.
-    def _held(self) -> str:
-        return self.key("held")
+    def _held(self) -> DueSet:
+        return DueSet(self.redis, self.key("held"), self.clock)
 
     def hold_message(self, job_id: str, in_s: float) -> None:
         """A worker holds ``job_id``'s message (a retry), to run again within ``in_s`` seconds."""
-        self.redis.zadd(self._held(), {job_id: self.clock() + in_s})
+        self._held().owe(job_id, in_s)
 
     def drop_hold(self, job_id: str) -> None:
         """The held message ran again (or was sent again): no longer owed."""
-        self.redis.zrem(self._held(), job_id)
+        self._held().settle(job_id)
 
     def holds_past_due(self, limit: int = 100) -> list[str]:
-        return list(self.redis.zrangebyscore(self._held(), "-inf", self.clock(), start=0, num=limit))
-
-    _TAKE_OVER_HOLD = """
-    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-    if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
-    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-    return 1
-    """
+        return self._held().past_due(limit)
 
     def take_over_hold(self, job_id: str, next_in_s: float) -> bool:
         """Atomically, if the hold of ``job_id`` is past due: due again in ``next_in_s`` (should the
         caller die before it sent the message again), and True for this caller alone."""
-        now = self.clock()
-        return bool(self.redis.eval(self._TAKE_OVER_HOLD, 1, self._held(), job_id, repr(now), repr(now + next_in_s)))
+        return self._held().take_over(job_id, next_in_s)
 
     # --- webhook deliveries that must still happen -----------------------------------------------
     # A delivery is a Celery message acked late: a worker killed while it delivers, or while it
@@ -1412,8 +1447,8 @@ class JobStore:
     # hands it out again only after its visibility timeout (6 h). So every delivery owed has a
     # due time here: the time by which its task must have been heard from again (started, retried,
     # done). The recovery pass (worker/recovery.py) sends again those past due.
-    def _webhooks_due(self) -> str:
-        return self.key("webhooks", "due")
+    def _webhooks_due(self) -> DueSet:
+        return DueSet(self.redis, self.key("webhooks", "due"), self.clock)
 
     def webhook_grace_s(self) -> float:
         """How long past its expected start a delivery may be silent before it is presumed lost:
@@ -1423,7 +1458,7 @@ class JobStore:
     def webhook_due(self, job_id: str, in_s: float, *, keep_earlier: bool = False) -> None:
         """The delivery of ``job_id`` is owed and must be heard from within ``in_s`` seconds
         (``keep_earlier``: an earlier due time already set stays)."""
-        self.redis.zadd(self._webhooks_due(), {job_id: self.clock() + in_s}, nx=keep_earlier)
+        self._webhooks_due().owe(job_id, in_s, keep_earlier=keep_earlier)
 
     _QUEUED = """
     local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -1435,41 +1470,31 @@ class JobStore:
     """
 
     def webhook_due_at(self, job_id: str) -> float | None:
-        return self.redis.zscore(self._webhooks_due(), job_id)
+        return self._webhooks_due().due_at(job_id)
 
     def webhook_queued(self, job_id: str, expected: float | None, in_s: float) -> bool:
         """The delivery's message is now in its queue, where it waits durably however long the
         queue is: its due time moves ``in_s`` ahead, unless it changed since it read ``expected``
         (a worker took the message and set its own, or the delivery settled). Without this a
         queue backed up past the due time had each of its deliveries sent again, and again."""
-        return bool(self.redis.eval(self._QUEUED, 1, self._webhooks_due(), job_id,
+        return bool(self.redis.eval(self._QUEUED, 1, self._webhooks_due().key, job_id,
                                     "" if expected is None else repr(float(expected)), repr(self.clock() + in_s)))
 
     def webhook_settled(self, job_id: str) -> None:
         """Delivered, failed for good, or nothing to deliver: no longer owed."""
-        self.redis.zrem(self._webhooks_due(), job_id)
+        self._webhooks_due().settle(job_id)
 
     def webhooks_past_due(self, limit: int = 100) -> list[str]:
-        return list(self.redis.zrangebyscore(self._webhooks_due(), "-inf", self.clock(), start=0, num=limit))
-
-    _TAKE_OVER = """
-    local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
-    if not due or tonumber(due) > tonumber(ARGV[2]) then return 0 end
-    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-    redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5])
-    return 1
-    """
+        return self._webhooks_due().past_due(limit)
 
     def take_over_webhook(self, job_id: str, task_id: str, next_in_s: float) -> float | None:
         """Atomically, if the delivery of ``job_id`` is past due: make ``task_id`` its owner (the
         claim a delivery task checks, so a late copy of the lost one stops) and set its next due
         time, which it returns. None when it is not past due (delivered, or another worker took
         it over first)."""
-        now = self.clock()
-        due = now + next_in_s
-        taken = self.redis.eval(self._TAKE_OVER, 2, self._webhooks_due(), self.key("webhook", job_id, "claim"),
-                                job_id, repr(now), repr(due), task_id, str(max(1, self.ttl)))
-        return self.webhook_due_at(job_id) if taken else None
+        due = self._webhooks_due()
+        claim = (self.key("webhook", job_id, "claim"), task_id, max(1, self.ttl))
+        return due.due_at(job_id) if due.take_over(job_id, next_in_s, claim=claim) else None
 
     def set_webhook(self, job_id: str, **fields: Any) -> None:
         def change(r: JobRecord) -> JobRecord | None:
