@@ -216,6 +216,10 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_s: float = 5.0
     # how long a fresh pool process may take to load the models before Celery gives up on it
     worker_boot_timeout_s: float = 300.0
+    # a prefork worker whose pool processes died this many times in a row while loading the
+    # models (OOM killer, GPU driver crash) exits with status 1, for its orchestrator to restart
+    # it with back-off; 0: it never does (worker/lifecycle.py)
+    worker_max_load_deaths: int = Field(default=3, ge=0)
     # how often a worker sweeps uploads left behind by jobs that never ran (expired, lost)
     storage_sweep_interval_s: float = 600.0
     # first retry delay; doubles each attempt (Celery retry_backoff), capped by the max

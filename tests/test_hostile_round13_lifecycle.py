@@ -358,7 +358,10 @@ def test_a_worker_whose_pool_processes_keep_dying_as_they_load_the_models_takes_
     store = _store(settings)
     base = tmp_path_factory.mktemp("r13-dying")
     stack = Stack(log_dir=base)
-    env = {"AUDIO_ANALYSIS_QUEUE_NAME": DYING_QUEUE, "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "5"}
+    # kept up past its third death (it now exits then: tests/test_worker_lifecycle_gaps.py), to
+    # show what a worker does while its processes die
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": DYING_QUEUE, "AUDIO_ANALYSIS_WORKER_HEARTBEAT_INTERVAL_S": "5",
+           "AUDIO_ANALYSIS_WORKER_MAX_LOAD_DEATHS": "0"}
     clip = utterances["spk1"][0]
     try:
         proc = stack.spawn("r13dying", [

@@ -213,7 +213,7 @@ def format_logs(logger: logging.Logger | None = None, **_: Any) -> None:
 
 
 @signals.worker_init.connect
-def preimport(**_: Any) -> None:
+def preimport(sender: Any = None, **_: Any) -> None:
     from shared.webhooks import InsecureSecretError, check_secret
 
     settings = get_settings()
@@ -223,6 +223,7 @@ def preimport(**_: Any) -> None:
         log.critical("%s", exc)
         # SystemExit, not an exception: Celery logs and ignores exceptions of signal handlers
         raise SystemExit(1) from None
+    watch_load_deaths(sender)
     # import torch and the pipelines once in the main process so every forked pool process
     # starts with them; no model is built and CUDA is not touched here, so forking stays safe
     if settings.worker_load_models:
@@ -269,6 +270,78 @@ def _runs_tasks_here(consumer: Any) -> bool:
 # load succeeded.
 MAX_LOAD_DEATHS = 2
 LOAD_DEATHS_WINDOW_S = 600
+# And the worker itself stayed up for good past those deaths: Kubernetes and compose saw a running
+# container, so they never restarted it (a fresh container may well load: memory freed, a driver
+# reset), never backed off, never showed CrashLoopBackOff, and no alert fired. So a pool process
+# that finds settings.worker_max_load_deaths (3) of its worker's loads died before its own tells
+# the worker's main process, through a pipe opened before the pool forked, and that process stops
+# with exit status 1 (a warm shutdown: a job another pool process runs is handed back first).
+LOAD_DEATHS_EXIT_STATUS = 1
+# how long the pool process that gave up waits for its main process to begin its shutdown
+GIVE_UP_WAIT_S = 3.0
+_giveup: dict[str, Any] = {"write": None, "main_pid": None, "controller": None}
+
+
+def watch_load_deaths(controller: Any) -> None:
+    """In the worker's main process, before the pool forks (worker_init): count this process's
+    pool processes' loads afresh (a restarted worker gets its own tries, not its predecessor's
+    deaths within LOAD_DEATHS_WINDOW_S), and wait for a pool process to say they keep dying."""
+    settings = get_settings()
+    if not settings.worker_load_models or settings.worker_max_load_deaths <= 0 or controller is None:
+        return
+    hostname = getattr(controller, "hostname", None)
+    if hostname:
+        _load_ended(str(hostname))
+    read, write = os.pipe()
+    _giveup.update(write=write, main_pid=os.getpid(), controller=controller)
+
+    def wait() -> None:
+        try:
+            said = os.read(read, 64)
+        except OSError:
+            return
+        if not said:
+            return
+        from celery.worker import state
+
+        log.critical("the pool processes of this worker died %d times in a row while loading the models "
+                     "(killed: out of memory? a GPU driver crash?); stopping the worker with exit status %d "
+                     "so that its orchestrator restarts it with back-off", settings.worker_max_load_deaths,
+                     LOAD_DEATHS_EXIT_STATUS)
+        # what a SIGTERM does (celery.apps.worker), with our status: pool processes running a job
+        # hand it back (on_shutting_down), and the consumer's loop, which checks should_stop at
+        # least once a second, raises WorkerShutdown, which the worker exits with
+        signals.worker_shutting_down.send(sender=hostname, sig="load deaths", how="Warm",
+                                          exitcode=LOAD_DEATHS_EXIT_STATUS)
+        state.should_stop = LOAD_DEATHS_EXIT_STATUS
+
+    threading.Thread(target=wait, name="load-deaths", daemon=True).start()
+
+
+def _pool_size() -> int:
+    # loads of sibling pool processes under way count too: with N processes, N-1 of them are
+    # not deaths (the prefork parent's concurrency, inherited over the fork)
+    try:
+        return max(1, int(getattr(_giveup["controller"], "concurrency", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _give_up() -> None:
+    """In a pool process: tell the main process to stop the worker, then end this process without
+    loading (it would only die as its predecessors did, or take jobs of a worker that stops)."""
+    write = _giveup["write"]
+    if write is None or os.getpid() == _giveup["main_pid"]:
+        return
+    try:
+        os.write(write, b"x")
+    except OSError:
+        log.debug("could not tell the main process", exc_info=True)
+        return
+    # not at once: the main process would only start another pool process that does the same.
+    # It starts its shutdown within a second (its consumer's loop), then waits for this one
+    time.sleep(GIVE_UP_WAIT_S)
+    os._exit(LOAD_DEATHS_EXIT_STATUS)
 
 
 def _loading_key(node: str) -> str:
@@ -304,7 +377,12 @@ def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
     node = str(sender or socket.gethostname())
     loads = get_settings().worker_load_models
     if loads:
-        died = _count_load(node)
+        died = max(0, _count_load(node) - (_pool_size() - 1))
+        most = get_settings().worker_max_load_deaths
+        if most > 0 and died >= most and _giveup["write"] is not None and os.getpid() != _giveup["main_pid"]:
+            log.critical("%d pool processes of this worker died in a row while loading the models (killed: out "
+                         "of memory? a GPU driver crash?); the worker stops", died)
+            _give_up()
         if died >= MAX_LOAD_DEATHS:
             _state["announce_while_loading"] = False
             log.critical("%d pool processes of this worker died while loading the models (killed: out of "
