@@ -649,8 +649,12 @@ class Engine:
         return self._decision(cosine_similarity(vector, reference), threshold, started, audio.duration)
 
     def _decision(self, score: float, threshold: float, started: float, duration: float) -> CompareResponse:
+        # decided on the score as reported (the contract: same_speaker is similarity_score >=
+        # threshold): the same file twice at threshold 1 scored just under 1 and was answered
+        # similarity_score 1.0, same_speaker false
+        score = round(float(score), ident.SCORE_DECIMALS)
         return CompareResponse(
-            similarity_score=round(score, 6),
+            similarity_score=score,
             same_speaker=score >= threshold,
             threshold=threshold,
             processing_time=round(time.perf_counter() - started, 4),

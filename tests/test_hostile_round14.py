@@ -11,7 +11,12 @@ Each test fails on the code before its fix:
   RTTM writes spaces as ``_``). Every reader of the file (pyannote.database's RTTM loader, which
   pyannote.metrics scores with; the ``srt`` and ``webvtt-py`` packages) then read one speaker
   where the job had found two. Each diarized speaker is now written under a name of its own
-  (``shared.formats._distinct_names``).
+  (``shared.formats._distinct_names``);
+* a score was compared with the threshold before it was rounded to the 6 decimals it is reported
+  with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
+  ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
+  ``similarity_score >= threshold``, and identification named nobody at a confidence it reported
+  as reaching the threshold.
 """
 
 from __future__ import annotations
@@ -101,3 +106,35 @@ def test_a_job_whose_voiceprints_name_two_speakers_alike_gives_files_of_two_spea
     finally:
         for voiceprint_id in ids:
             client.delete(f"/voiceprints/{voiceprint_id}")
+
+
+# --- a decision and the score it is reported with -------------------------------------------------
+
+def test_same_speaker_is_the_reported_score_against_the_threshold(client, sample_wav):
+    """The same recording twice, at the highest threshold a client may give (this one scores just
+    under 1 against itself)."""
+    clip = sample_wav.read_bytes()
+    r = client.post("/compare", files={"file1": ("a.wav", clip, "audio/wav"), "file2": ("b.wav", clip, "audio/wav")},
+                    data={"threshold": "1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["threshold"] == 1.0 and body["similarity_score"] == 1.0, body
+    assert body["same_speaker"] is True, body
+
+
+def test_a_speaker_is_named_by_the_confidence_the_result_reports():
+    """Two vectors of cosine 0.99999982, at threshold 1: named, since the result says 1.0."""
+    from engine.pipelines import identification as ident
+
+    class Ref:
+        id, label = "vp_" + "0" * 32, "Self"
+
+    speaker, voiceprint = np.array([[1.0, 0.0]]), np.array([[1.0, 6e-4]])
+    scores = ident.score_matrix(speaker, voiceprint)
+    for threshold in (1.0, np.array([1.0])):
+        described = ident.describe(scores[0], ident.assign(scores, threshold)[0], [Ref()])
+        assert described["confidence"] == 1.0, described
+        assert described["identity"] == "Self", described
+    # a score under the threshold as reported still names nobody
+    described = ident.describe(scores[0], ident.assign(scores, 1.0 + 1e-6)[0], [Ref()])
+    assert described["identity"] is None, described
