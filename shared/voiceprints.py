@@ -25,6 +25,7 @@ identification threshold. Voiceprints stored or exported before the field existe
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import re
@@ -206,22 +207,40 @@ return redis.call('ZRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITH
 
 # the fields but the vector: about 300 bytes, and a label of 200 four-byte characters 800 more
 _SUMMARY_HEAD_BYTES = 2048
-_CURSOR = re.compile(r"^(-?[0-9][0-9.e+-]{0,30}):(vp_[0-9a-f]{32})$")
+# score:id, and since this release :tag, the owner's (_owner_tag); a cursor given before it has none
+_CURSOR = re.compile(r"^(-?[0-9][0-9.e+-]{0,30}):(vp_[0-9a-f]{32})(?::([0-9a-f]{12}))?$")
+# b64decode skips what is not base64 rather than refuse it: "<cursor>!!" and "<cursor>====" were
+# taken for the cursor (GET /jobs's check)
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+_NOT_GIVEN = "cursor: not one this API gave (pass the next page's cursor as it was given)"
 
 
-def _cursor(score: float, voiceprint_id: str) -> str:
-    """Opaque to clients: where a page ended (its last voiceprint's place in the owner's index)."""
-    return base64.urlsafe_b64encode(f"{score!r}:{voiceprint_id}".encode()).decode().rstrip("=")
+def _owner_tag(owner: str | None) -> str:
+    # 48 bits of the owner's digest: tells one key's cursor from another's, names neither
+    return hashlib.sha256((owner or "-").encode()).hexdigest()[:12]
 
 
-def _parse_cursor(cursor: str) -> tuple[str, str]:
+def _cursor(score: float, voiceprint_id: str, owner: str | None) -> str:
+    """Opaque to clients: where a page ended (its last voiceprint's place in the owner's index),
+    and whose listing it is."""
+    return base64.urlsafe_b64encode(f"{score!r}:{voiceprint_id}:{_owner_tag(owner)}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str, owner: str | None) -> tuple[str, str]:
+    """(score, id) of a cursor :func:`_cursor` gave ``owner``; 422 for anything else. Another
+    API key's cursor was taken as a place in this key's listing (its page started at the other
+    key's time, skipping what came before without a word)."""
     try:
+        if not _BASE64URL.match(cursor):
+            raise ValueError(cursor)
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         found = _CURSOR.match(text)
         if found is None or not math.isfinite(float(found.group(1))):
             raise ValueError(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError("cursor: not one this API gave (pass the next page's cursor as it was given)") from exc
+        raise InputError(_NOT_GIVEN) from exc
+    if found.group(3) is not None and found.group(3) != _owner_tag(owner):
+        raise InputError(_NOT_GIVEN)
     return repr(float(found.group(1))), found.group(2)
 
 
@@ -316,7 +335,7 @@ class VoiceprintStore:
 
         Reads each one up to its vector, cut in Redis: the whole list of 10,000 voiceprints (the
         most one key keeps) read 43 MB of vectors it then dropped, in 0.6 s of the API."""
-        score, after = _parse_cursor(cursor) if cursor else ("", "")
+        score, after = _parse_cursor(cursor, owner) if cursor else ("", "")
         # one more than asked for: whether a next page exists
         flat = self._page(keys=[self._index(owner)], args=[score, after, limit + 1])
         ids, scores = flat[0::2], [float(x) for x in flat[1::2]]
@@ -327,7 +346,7 @@ class VoiceprintStore:
         whole = dict(zip(missing, self.redis.mget([self._key(i) for i in missing]))) if missing else {}
         raws = [head if head is not None else whole.get(i) for i, head in zip(ids, heads)]
         found = [VoiceprintSummary.model_validate_json(r) for r in raws if r]
-        return VoiceprintPage(found, _cursor(scores[-1], ids[-1]) if more else None)
+        return VoiceprintPage(found, _cursor(scores[-1], ids[-1], owner) if more else None)
 
     def delete(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> bool:
         vp = self.get(voiceprint_id, owner, admin=admin)
