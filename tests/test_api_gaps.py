@@ -36,6 +36,94 @@ def _error(r: Any, status: int) -> dict[str, Any]:
     return body
 
 
+# --- 2. the tenant's quota before a batch's headers -----------------------------------------------
+
+QUOTA_KEY = "gaps-quota-tenant"
+
+
+@pytest.fixture()
+def over_quota(variant_app, settings) -> Iterator[tuple[Any, str]]:
+    """An API whose tenant may have two unfinished jobs, on a queue nobody consumes, with one
+    queued: a batch of two would take it past its quota. (app, the queued job's id); cancelled after."""
+    import redis
+
+    from shared.queue import queue_keys
+
+    queue = f"audio-gaps-{uuid.uuid4().hex[:8]}"
+    app = variant_app(queue_name=queue, api_keys=[SecretStr(QUOTA_KEY)], tenant_max_unfinished_jobs=2)
+    app.headers["X-API-Key"] = QUOTA_KEY
+    r = app.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(), "audio/wav")})
+    assert r.status_code == 202, r.text
+    yield app, r.json()["job_id"]
+    for job in app.get("/jobs", params={"status": "queued", "limit": 100}).json()["jobs"]:
+        app.post(f"/jobs/{job['job_id']}/cancel")
+    redis.Redis.from_url(settings.redis_url).delete(*queue_keys(queue))
+
+
+@pytest.fixture()
+def header_reads(monkeypatch) -> list[str]:
+    """The uploads whose header the API reads (the real check, counted as it runs)."""
+    import api.dispatch
+
+    read: list[str] = []
+    real = api.dispatch.check_audio_limits
+
+    def counted(stream: Any, *args: Any, **kwargs: Any) -> Any:
+        read.append(getattr(stream, "name", "?"))
+        return real(stream, *args, **kwargs)
+
+    monkeypatch.setattr(api.dispatch, "check_audio_limits", counted)
+    return read
+
+
+def test_an_over_quota_tenants_batch_is_refused_before_any_header_is_read(over_quota, header_reads):
+    """Two files that are not audio (each would be 415 once its header is read): a tenant whose
+    quota they would cross is answered 429 and no header is read. It was 415, a header read first."""
+    app, _ = over_quota
+    files = [("files", (f"{i}.m4a", b"not audio at all, " * 64, "audio/mp4")) for i in range(2)]
+    r = app.post("/jobs/batch", data={"kind": "embedding"}, files=files)
+    body = _error(r, 429)
+    assert "AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS" in body["detail"] and r.headers["Retry-After"] == "30"
+    assert header_reads == [], f"{len(header_reads)} headers read for a batch refused 429"
+    # a batch alone past the limit is 413 as before, also before any header
+    one = app.post("/jobs/batch", data={"kind": "embedding"},
+                   files=[("files", (f"{i}.wav", tone_wav(), "audio/wav")) for i in range(3)])
+    assert _error(one, 413) and header_reads == []
+
+
+def test_a_batch_retried_with_its_key_is_answered_from_it_even_at_the_quota(variant_app, settings, header_reads):
+    """The early check leaves a key already in use to the key: a tenant whose batch filled its
+    quota retries it with its key and gets that batch (202, replayed), not a 429; a new batch
+    with a new key is refused before its headers are read."""
+    import redis
+
+    from shared.queue import queue_keys
+
+    queue = f"audio-gaps-{uuid.uuid4().hex[:8]}"
+    app = variant_app(queue_name=queue, api_keys=[SecretStr(QUOTA_KEY)], tenant_max_unfinished_jobs=2)
+    app.headers["X-API-Key"] = QUOTA_KEY
+    files = [("files", (f"{i}.wav", tone_wav(), "audio/wav")) for i in range(2)]
+    key = str(uuid.uuid4())
+    try:
+        first = app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers={"Idempotency-Key": key})
+        assert first.status_code == 202, first.text
+        assert len(header_reads) == 2
+        retry = app.post("/jobs/batch", data={"kind": "embedding"}, files=files, headers={"Idempotency-Key": key})
+        assert retry.status_code == 202, retry.text
+        assert retry.headers.get("idempotent-replayed") == "true"
+        assert retry.json()["batch_id"] == first.json()["batch_id"]
+        # (a retry is read as a submission is before its key is looked at: its headers too)
+        read = len(header_reads)
+        fresh = app.post("/jobs/batch", data={"kind": "embedding"}, files=files,
+                         headers={"Idempotency-Key": str(uuid.uuid4())})
+        _error(fresh, 429)
+        assert len(header_reads) == read, "a batch refused 429 had its headers read"
+    finally:
+        for job in app.get("/jobs", params={"status": "queued", "limit": 100}).json()["jobs"]:
+            app.post(f"/jobs/{job['job_id']}/cancel")
+        redis.Redis.from_url(settings.redis_url).delete(*queue_keys(queue))
+
+
 # --- 3. GET /voiceprints?cursor= ------------------------------------------------------------------
 
 VP_A, VP_B = "gaps-vp-a", "gaps-vp-b"
