@@ -193,12 +193,13 @@ async def idempotency_key(
     _documented: str | None = Header(
         None, alias=HEADER, description="makes a retry safe: the same key (1 to 255 printable ASCII characters, "
         "a UUID say) from the same API key within AUDIO_ANALYSIS_IDEMPOTENCY_WINDOW_S of the first's 202 is answered "
-        "that submission's 202 (same job or batch, `Idempotent-Replayed: true`) and runs nothing again; reused for "
-        "another request: 422; while the first is still being submitted: 409 with Retry-After",
+        "that submission's 202 (same job or batch, `Idempotent-Replayed: true`) and runs nothing again; on a "
+        "synchronous route, the first's job is waited for and its result answered; reused for another request: "
+        "422; while the first is still being submitted: 409 with Retry-After",
         # documented only: parse_key checks the key (FastAPI's check would take one of two keys)
         json_schema_extra={"minLength": 1, "maxLength": KEY_MAX_LENGTH, "pattern": KEY_PATTERN}),
 ) -> IdempotencyKey | None:
-    """The ``Idempotency-Key`` header of an asynchronous submit, validated once (422), or None.
+    """The ``Idempotency-Key`` header of a submit (asynchronous or synchronous), validated once (422), or None.
     Read from every value the request carries: FastAPI's parameter (which documents it) would
     take one of two keys sent and drop the other without a word."""
     return parse_key(request.headers.getlist(HEADER))

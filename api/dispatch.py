@@ -917,10 +917,26 @@ class Dispatcher:
             raise _no_worker()
 
     async def run_sync(self, submission: Submission, principal: Principal | None = None,
-                       request: Request | None = None) -> dict[str, Any]:
-        record = (await self.submit(submission, sync=True, principal=principal)).record
+                       request: Request | None = None, idempotent: Idempotent | None = None) -> dict[str, Any]:
+        """Submit the job and wait for its result. With an Idempotency-Key (``idempotent``), a
+        retry of the same request is answered from the key as the jobs routes' are, here by
+        waiting for the first's job (``request.state.idempotent_replayed`` set): a client whose
+        connection dropped and that retried ran its audio a second time. A job the key names
+        that was cancelled (the first's wait gave up: no worker, its timeout, the store failing;
+        or a cancel) is given up with its key, and the retry is a new submission."""
+        for _ in range(2):
+            accepted = await self.submit(submission, sync=True, principal=principal, idempotent=idempotent)
+            record = accepted.record
+            if not (accepted.replayed and idempotent is not None and record.status == CANCELLED):
+                break
+            entry = self.store.key_entry(principal.owner if principal is not None else None, idempotent.key.value)
+            await run_in_threadpool(self.store.forget_answer, entry, (record.job_id,))
+        if accepted.replayed and request is not None:
+            request.state.idempotent_replayed = True
         try:
-            record = await self.wait(record.job_id, self.settings.sync_timeout_s, request)
+            # with a key, the job outlives a client that hangs up: its retry is answered the result
+            record = await self.wait(record.job_id, self.settings.sync_timeout_s, request,
+                                     keep_on_disconnect=idempotent is not None)
         except (redis.ConnectionError, redis.TimeoutError):
             # the client is told to retry (503): the job it never heard of must not run as well
             # (a retry ran it twice); best effort, as the store may be gone for this cancel too
@@ -935,11 +951,13 @@ class Dispatcher:
             raise JobConflict("job was cancelled")
         return record.result or {}
 
-    async def wait(self, job_id: str, timeout_s: float, request: Request | None = None) -> JobRecord:
+    async def wait(self, job_id: str, timeout_s: float, request: Request | None = None, *,
+                   keep_on_disconnect: bool = False) -> JobRecord:
         """Poll the record until the job ends (synchronous endpoints).
 
         A client that hangs up gets its job cancelled: nobody is left to read the result, and
-        the worker should not spend an hour on it.
+        the worker should not spend an hour on it. Unless it sent an Idempotency-Key
+        (``keep_on_disconnect``): its retry with the key waits for this job and is answered it.
         """
         deadline = time.monotonic() + timeout_s
         interval = self.settings.sync_poll_interval_s
@@ -968,6 +986,11 @@ class Dispatcher:
                     raise SyncTimeout(f"no result within {timeout_s:.0f} s; submit long audio to /jobs instead")
                 continue
             if request is not None and await request.is_disconnected():
+                if keep_on_disconnect:
+                    log.info("sync client of job %s disconnected: the job runs on for its Idempotency-Key's retry",
+                             job_id)
+                    raise JobConflict("client disconnected; the job runs on, a retry with its Idempotency-Key "
+                                      "is answered its result")
                 log.info("sync client of job %s disconnected: cancelling it", job_id)
                 if await self._cancel_quietly(job_id):
                     raise JobConflict("client disconnected; job cancelled")

@@ -36,6 +36,124 @@ def _error(r: Any, status: int) -> dict[str, Any]:
     return body
 
 
+# --- 1. Idempotency-Key on the synchronous routes -------------------------------------------------
+
+def _embed(client: Any, audio: bytes, name: str = "a.wav", key: str | None = None) -> Any:
+    return client.post("/embedding", files={"file": (name, audio, "audio/wav")},
+                       headers={"Idempotency-Key": key} if key else {})
+
+
+def test_a_sync_retry_with_its_key_is_answered_the_first_jobs_result_and_runs_nothing(client, utterances):
+    """The same /embedding twice with one key: one job (GET /jobs), the same vector, the retry
+    marked replayed. The key on another file or route is 422, as on the jobs routes; without a
+    key nothing changes (a job each time)."""
+    audio = utterances["spk1"][0].read_bytes()
+    key = f"sync-{uuid.uuid4()}"
+    first = _embed(client, audio, key=key)
+    assert first.status_code == 200, first.text
+    assert "idempotent-replayed" not in first.headers
+    made = newest_job_ids(client)
+    assert made, "the synchronous call made no job"
+
+    retry = _embed(client, audio, key=key)
+    assert retry.status_code == 200, retry.text
+    assert retry.json() == first.json()
+    assert retry.headers.get("idempotent-replayed") == "true"
+    assert newest_job_ids(client) == made, "the retry ran a second job"
+
+    # the key reused for another request: refused, nothing run
+    other = _embed(client, utterances["spk2"][0].read_bytes(), key=key)
+    assert "already used for another request" in _error(other, 422)["detail"]
+    elsewhere = client.post("/jobs/embedding", files={"file": ("a.wav", audio, "audio/wav")},
+                            headers={"Idempotency-Key": key})
+    assert "already used for another request" in _error(elsewhere, 422)["detail"]
+    compare = client.post("/compare", headers={"Idempotency-Key": key},
+                          files={"file1": ("a.wav", audio, "audio/wav"), "file2": ("a.wav", audio, "audio/wav")})
+    _error(compare, 422)
+    assert newest_job_ids(client) == made
+    # a malformed key is refused before anything runs, as on the jobs routes
+    _error(_embed(client, audio, key="k" * 256), 422)
+    assert newest_job_ids(client) == made
+
+    # no key: as before, each call its own job
+    plain = _embed(client, audio)
+    assert plain.status_code == 200 and "idempotent-replayed" not in plain.headers
+    assert newest_job_ids(client) != made
+
+
+def test_a_sync_client_that_hangs_up_and_retries_with_its_key_gets_the_first_jobs_result(
+        worker, service_env, tmp_path, long_sample):
+    """Over a real uvicorn: the client gives up on /diarize of 2 min of audio (its read timeout:
+    the connection is closed, as a proxy's would be) and sends it again with its key. The job
+    the first call made runs on, once, and the retry is answered its result. It was cancelled as
+    the client hung up, and the retry ran the audio again (two jobs: one cancelled, one run)."""
+    api_key = f"sync-hangup-{uuid.uuid4().hex[:8]}"
+    key = str(uuid.uuid4())
+    audio = long_sample.read_bytes()
+
+    def diarize(http: httpx.Client) -> httpx.Response:
+        return http.post("/diarize", files={"file": ("call.wav", audio, "audio/wav")},
+                         data={"min_speakers": "1", "max_speakers": "3"}, headers={"Idempotency-Key": key})
+
+    with api_under_uvicorn(service_env, tmp_path, [api_key]) as base:
+        with httpx.Client(base_url=base, headers={"X-API-Key": api_key}, timeout=300) as http:
+            # the first call's job exists and has been taken, then the client hangs up
+            with httpx.Client(base_url=base, headers={"X-API-Key": api_key},
+                              timeout=httpx.Timeout(30, read=1.5)) as impatient:
+                with pytest.raises(httpx.ReadTimeout):
+                    diarize(impatient)
+            deadline = time.monotonic() + 30
+            while not (jobs := http.get("/jobs").json()["jobs"]):
+                assert time.monotonic() < deadline, "the call that hung up made no job"
+                time.sleep(0.05)
+            (first_job,) = jobs
+            for _ in range(100):
+                retry = diarize(http)
+                if retry.status_code != 409 or "still being submitted" not in retry.text:
+                    break
+                time.sleep(0.2)
+            assert retry.status_code == 200, retry.text
+            assert retry.headers.get("idempotent-replayed") == "true"
+            assert retry.json()["segments_count"] > 0
+            listing = http.get("/jobs").json()["jobs"]
+            assert [j["job_id"] for j in listing] == [first_job["job_id"]], json.dumps(listing)[:2000]
+            assert listing[0]["status"] == "succeeded" and listing[0]["attempts"] == 1, listing[0]
+
+
+def test_a_sync_retry_whose_job_was_cancelled_is_a_new_submission(client, long_sample):
+    """A job the key names that was cancelled (here by a cancel; the service cancels a waiting
+    call's job for want of a worker, at its timeout, or with the store failing, and tells the
+    client to retry) is not answered 409 "cancelled" for the key's whole window: the retry runs."""
+    key = f"sync-cancelled-{uuid.uuid4()}"
+    audio = long_sample.read_bytes()
+    before = newest_job_ids(client)
+    answer: list[Any] = []
+
+    def call() -> None:
+        answer.append(client.post("/diarize", files={"file": ("c.wav", audio, "audio/wav")},
+                                  headers={"Idempotency-Key": key}))
+
+    first = threading.Thread(target=call)
+    first.start()
+    deadline = time.monotonic() + 30
+    while (made := newest_job_ids(client)) == before:
+        assert time.monotonic() < deadline, "the call made no job"
+        time.sleep(0.05)
+    assert client.post(f"/jobs/{made[0]}/cancel").status_code == 200
+    first.join(60)
+    assert answer and answer[0].status_code == 409 and "cancelled" in answer[0].json()["detail"], answer
+    retry = client.post("/diarize", files={"file": ("c.wav", audio, "audio/wav")}, headers={"Idempotency-Key": key})
+    assert retry.status_code == 200, retry.text
+    assert "idempotent-replayed" not in retry.headers
+    rerun = newest_job_ids(client)
+    assert rerun != made
+    assert client.get(f"/jobs/{rerun[0]}").json()["status"] == "succeeded"
+    # ... and that run is what the key names now
+    again = client.post("/diarize", files={"file": ("c.wav", audio, "audio/wav")}, headers={"Idempotency-Key": key})
+    assert again.status_code == 200 and again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == retry.json() and newest_job_ids(client) == rerun
+
+
 # --- 2. the tenant's quota before a batch's headers -----------------------------------------------
 
 QUOTA_KEY = "gaps-quota-tenant"

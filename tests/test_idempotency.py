@@ -360,7 +360,11 @@ def test_two_keys_in_one_request_are_refused_and_the_header_is_documented(parked
         (header,) = [p for p in op.get("parameters", []) if p["in"] == "header" and p["name"] == "Idempotency-Key"]
         assert header["schema"]["maxLength"] == 255 and header["schema"]["pattern"], header
         assert {"Location", "Idempotent-Replayed"} <= set(op["responses"]["202"].get("headers", {})), path
-    assert not any(p.get("name") == "Idempotency-Key" for p in spec["paths"]["/diarize"]["post"].get("parameters", []))
+    # the synchronous routes take it too (a retry waits for the first's job: tests/test_api_gaps.py)
+    for path in ("/diarize", "/embedding", "/compare", "/compare_embedding", "/identify"):
+        op = spec["paths"][path]["post"]
+        assert any(p.get("name") == "Idempotency-Key" for p in op.get("parameters", [])), path
+        assert "Idempotent-Replayed" in op["responses"]["200"].get("headers", {}), path
 
 
 # --- review fixes: a live hold is renewed; fingerprints of what was sent; records gone; the 409s;

@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, require_api_key
 from api.dispatch import Accepted, view
@@ -37,6 +37,10 @@ ACCEPTED_HEADERS = {
 ACCEPTED = {202: {"model": Job, "headers": ACCEPTED_HEADERS,
                   "description": "queued; poll status_url or wait for the webhook. With an Idempotency-Key "
                                  "already answered: that job again, as it is now (`Idempotent-Replayed: true`)"}}
+
+SYNC_REPLAYED: dict[int | str, dict[str, Any]] = {200: {"headers": {"Idempotent-Replayed": {
+    "description": "`true` when this answers an earlier request made with the same Idempotency-Key (its job's "
+                   "result: nothing ran again); absent otherwise", "schema": {"type": "string", "enum": ["true"]}}}}}
 
 # what every generated endpoint asks for before its form fields (routes/jobs.py's batch too)
 DEPENDENCIES = [
@@ -78,16 +82,29 @@ def _submit_endpoint(kind: JobKind):
     return with_signature(submit, SUBMIT_DEPENDENCIES, _fields(kind, urls=True) + WEBHOOK_FIELDS)
 
 
+# ... and the synchronous routes': a retry with the key waits for the first's job (Dispatcher.run_sync)
+SYNC_DEPENDENCIES = [
+    *SUBMIT_DEPENDENCIES,
+    inspect.Parameter("response", inspect.Parameter.KEYWORD_ONLY, annotation=Response),
+]
+
+
 def _sync_endpoint(kind: JobKind):
     async def run(*, request: Request, dispatcher: DispatcherDep, principal: PrincipalDep, base: BaseUrlDep,
-                  **values: Any) -> dict[str, Any]:
+                  idempotency_key: IdempotencyKeyDep, response: Response, **values: Any) -> dict[str, Any]:
         uploads, _, form = split(kind, values)
         submission = await dispatcher.read(kind, uploads, form, principal)
-        return await dispatcher.run_sync(submission, principal, request)
+        # its own route in the fingerprint ("diarize", not "jobs/diarize"): one key is one request
+        idempotent = Idempotent(idempotency_key, kind.sync_path.strip("/"), sent_fields(await request.form())) \
+            if idempotency_key and kind.sync_path else None
+        result = await dispatcher.run_sync(submission, principal, request, idempotent=idempotent)
+        if getattr(request.state, "idempotent_replayed", False):
+            response.headers["Idempotent-Replayed"] = "true"
+        return result
 
     run.__name__ = kind.name
     # the original contract: uploads only (audio by URL is for jobs, whose worker fetches it)
-    return with_signature(run, DEPENDENCIES, _fields(kind, urls=False))
+    return with_signature(run, SYNC_DEPENDENCIES, _fields(kind, urls=False))
 
 
 for _kind in KINDS.values():
@@ -98,5 +115,5 @@ for _kind in KINDS.values():
     if _kind.sync_path:
         synchronous.add_api_route(
             _kind.sync_path, _sync_endpoint(_kind), methods=["POST"], response_model=_kind.result,
-            summary=_kind.summary, name=_kind.name,
+            summary=_kind.summary, name=_kind.name, responses=SYNC_REPLAYED,
         )
