@@ -7,18 +7,37 @@ Redis (nothing of Celery, billiard or Redis mocked), each failing on the code be
   compose saw a running container and never restarted it, never backed off, never showed
   CrashLoopBackOff. It now exits with status 1 after ``worker_max_load_deaths`` (3) deaths in a
   row, saying why in a critical log line; a worker whose load *raises* (``load_error``) stays up
-  and answers 503 as before.
+  and answers 503 as before;
+* a prefork worker whose main process is frozen (SIGSTOP; or hung: its consumer's loop blocked)
+  fetches no job, acknowledges none and answers no control message, while its pool processes,
+  which write the heartbeat and announce the queues, run on: /health listed it as alive and the
+  queue's consumers key stayed up for good, so synchronous calls were taken for a worker that
+  would never run them (each waited the sync timeout, an hour, for a 504). The pool processes now
+  heartbeat only while the main process's loop stamps its progress.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Any
 
-from tests.test_hostile_round13_lifecycle import NO_MODELS, _wait  # noqa: F401
+from tests.test_hostile_round13_lifecycle import NO_MODELS, _api_with, _wait
 
 DEATH = "exited with 'signal 9 (SIGKILL)'"
+
+
+def _wav(seconds: float = 2.0) -> bytes:
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1
+    sf.write(buf, noise.astype("float32"), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
 
 
 def _spawn(base: Any, name: str, app: str, queue: str, env: dict[str, str], concurrency: int = 1) -> Any:
@@ -27,7 +46,8 @@ def _spawn(base: Any, name: str, app: str, queue: str, env: dict[str, str], conc
 
     stack = Stack(log_dir=base)
     proc = stack.spawn(name, [
-        sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork", "--concurrency", str(concurrency), "-Q", queue,
+        sys.executable, "-m", "celery", "-A", app, "worker", "--pool", "prefork", "--concurrency", str(concurrency),
+        "-Q", queue,
         "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle",
     ], env=env)
     return stack, proc, base / f"{name}.log"
@@ -86,4 +106,87 @@ def test_a_worker_whose_load_raises_stays_up_with_its_load_error(service_env, se
         time.sleep(3)  # several heartbeats (1 s)
         assert proc.poll() is None and beat(), log.read_text(errors="replace")[-3000:]
     finally:
+        stack.stop()
+
+
+def test_a_worker_whose_main_process_is_frozen_stops_looking_alive(service_env, settings, tmp_path_factory):
+    """SIGSTOP to a prefork worker's main process (no models; 1 s heartbeats, which live 3 s).
+    Within a bound (a few seconds here; 45 s leaves a loaded host room) it leaves /health's
+    workers and its queue's consumers key lapses, so a synchronous call is answered 503 at once;
+    after SIGCONT it heartbeats again. Before, its pool process went on heartbeating for good
+    (checked: still listed 45 s after the SIGSTOP)."""
+    from shared.jobs import JobStore
+
+    store = JobStore.from_settings(settings)
+    queue = "audio-gaps-frozen"
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": queue, **NO_MODELS}
+    stack, proc, log = _spawn(tmp_path_factory.mktemp("gaps-frozen"), "gapsfrozen", "worker.celery_app", queue, env)
+
+    def listed() -> bool:
+        return any(w["worker"].startswith("gapsfrozen@") for w in store.workers())
+
+    def alive() -> bool:
+        return listed() or bool(store.redis.exists(store.consumers_key(queue)))
+
+    stopped = False
+    try:
+        _wait(lambda: listed() or proc.poll() is not None, 60, "the worker never heartbeat", step=0.2)
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        proc.send_signal(signal.SIGSTOP)
+        stopped, frozen_at = True, time.monotonic()
+        while alive() and time.monotonic() - frozen_at < 45:
+            time.sleep(0.2)
+        gone_after = time.monotonic() - frozen_at
+        print(f"\nfrozen worker {'gone' if not alive() else 'still listed'} {gone_after:.1f} s after its SIGSTOP")
+        assert not alive(), f"a worker whose main process is stopped still looks alive {gone_after:.0f} s on"
+        with _api_with(settings.model_copy(update={"queue_name": queue})) as client:
+            started = time.monotonic()
+            r = client.post("/diarize", files={"file": ("a.wav", _wav(), "audio/wav")})
+            assert r.status_code == 503 and time.monotonic() - started < 10, (r.status_code, r.text)
+        proc.send_signal(signal.SIGCONT)
+        stopped = False
+        _wait(listed, 30, "the worker did not heartbeat again after SIGCONT", step=0.2)
+    finally:
+        if stopped:
+            proc.send_signal(signal.SIGCONT)
+        stack.stop()
+
+
+def test_a_worker_whose_broker_connection_is_cut_keeps_heartbeating(service_env, settings, tmp_path_factory):
+    """The other side of the frozen-main-process check: a main process that lost its broker
+    connection (a Redis blip) and reconnected is making progress, and its pool process must keep
+    heartbeating. Celery cancels the timer entries a consumer's step registered for a lost
+    connection; the stamp's step registers its entry again with the new one (were it not, the
+    worker would leave /health 15 s after every blip). The worker reaches Redis through a proxy
+    that cuts its BRPOP connection once."""
+    from urllib.parse import urlsplit
+
+    from shared.jobs import JobStore
+    from tests.test_worker_redis_blip import CuttingProxy
+
+    store = JobStore.from_settings(settings)
+    queue = "audio-gaps-blip"
+    proxy = CuttingProxy(urlsplit(settings.redis_url).port or 6379)
+    via_proxy = f"redis://127.0.0.1:{proxy.port}/{urlsplit(settings.redis_url).path.strip('/') or 0}"
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": queue, "REDIS_URL": via_proxy, "AUDIO_ANALYSIS_REDIS_URL": via_proxy,
+           **NO_MODELS}
+    stack, proc, log = _spawn(tmp_path_factory.mktemp("gaps-blip"), "gapsblip", "worker.celery_app", queue, env)
+
+    def listed() -> bool:
+        return any(w["worker"].startswith("gapsblip@") for w in store.workers())
+
+    try:
+        _wait(lambda: listed() or proc.poll() is not None, 60, "the worker never heartbeat", step=0.2)
+        proxy.arm(b"BRPOP", 1)
+        _wait(lambda: proxy.cuts.get(b"BRPOP", 0) >= 1, 20, "the broker connection was not cut", step=0.2)
+        _wait(lambda: "Connection to broker lost" in log.read_text(errors="replace"), 20,
+              "the worker did not notice the cut", step=0.2)
+        # past the stall bound (15 s) and the heartbeat's lifetime (3 s): listed all along
+        until = time.monotonic() + 25
+        while time.monotonic() < until:
+            assert listed(), f"the worker left /health after a reconnect: {log.read_text(errors='replace')[-2000:]}"
+            time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        proxy.close()
         stack.stop()

@@ -48,3 +48,6 @@ app = make_celery(include=["worker.tasks"])
 
 # make `celery -A worker.celery_app` find the signal handlers
 import worker.lifecycle  # noqa: E402,F401
+
+# the main process's loop stamps its progress for the pool processes' heartbeat (worker/lifecycle.py)
+app.steps["consumer"].add(worker.lifecycle.MainLoopStamp)

@@ -9,13 +9,15 @@ its tasks run in the worker's main process, which starts the heartbeat at ``work
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from typing import Any
 
-from celery import signals
+from celery import bootsteps, signals
 
 from shared import logs
 from shared.jobs import JobStore, utc_now
@@ -138,6 +140,72 @@ def announce_queues(store: JobStore, info: dict[str, Any], ttl_s: float) -> None
 # the queues' keys' lifetime while this thread runs a recovery pass or a storage sweep
 PASS_TTL_S = 300.0
 
+# A prefork worker's heartbeat is written by its pool processes, which run on when its main process
+# is frozen (SIGSTOP) or hung (its consumer's loop blocked): that process then fetches no job and
+# acknowledges none, yet /health listed the worker as alive and its queues' keys stayed up for
+# good, so synchronous calls were taken for a worker that would never run them. So the main
+# process's loop stamps a page it shares with its pool processes (mapped before they fork) every
+# MAIN_STAMP_EVERY_S (MainLoopStamp), and a pool process heartbeats, announces and runs the
+# passes only while the stamp is younger than main_stall_s(); a stalled worker's heartbeat and
+# keys lapse with their TTL (measured: off /health 17 s after a SIGSTOP, at 1 s heartbeats).
+MAIN_STAMP_EVERY_S = 1.0
+# the least a stamp may age before the main process counts as stalled: its loop may wait on Redis
+# for up to the clients' 10 s socket timeout (shared/queue.py) and still be making progress
+MIN_MAIN_STALL_S = 15.0
+_main: dict[str, Any] = {"page": None, "pid": None, "stalled": False}
+
+
+def main_stall_s(interval: float) -> float:
+    return max(3 * interval, MIN_MAIN_STALL_S)
+
+
+def _stamp_main() -> None:
+    page = _main["page"]
+    if page is not None:
+        struct.pack_into("d", page, 0, time.monotonic())
+
+
+def share_main_stamp() -> None:
+    """In the worker's main process, before the pool forks (worker_init): the shared page, stamped
+    from now on; its loop keeps stamping it once it runs (stamp_from_loop)."""
+    _main["page"] = mmap.mmap(-1, 8)  # anonymous and shared: the forked pool processes see its writes
+    _main["pid"] = os.getpid()
+    _stamp_main()
+
+
+class MainLoopStamp(bootsteps.StartStopStep):
+    """A step of the main process's consumer (worker/celery_app.py): stamps the page from the
+    consumer's own loop (kombu's hub), not from a thread of its own, so a loop that hangs stops
+    stamping too. Started again with each broker connection: Celery cancels the timer entries a
+    lost connection's start registered, so an entry made once (at worker_ready) stopped at the
+    first Redis blip, and the worker's heartbeat with it."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        hub = getattr(c, "hub", None)
+        if hub is None or _main["page"] is None or _main["pid"] != os.getpid():
+            return
+        _stamp_main()
+        hub.call_repeatedly(MAIN_STAMP_EVERY_S, _stamp_main)
+
+
+def main_stalled(interval: float) -> bool:
+    """True in a pool process whose worker's main process has not stamped for main_stall_s()."""
+    page = _main["page"]
+    if page is None or _main["pid"] in (None, os.getpid()):
+        return False  # the main process itself (solo, threads), or no page (not a Celery worker)
+    age = time.monotonic() - struct.unpack_from("d", page, 0)[0]
+    stalled = age > main_stall_s(interval)
+    if stalled != _main["stalled"]:
+        _main["stalled"] = stalled
+        if stalled:
+            log.error("the worker's main process (pid %s) has made no progress for %.0f s (stopped? hung?): "
+                      "no heartbeat, no queue announced until it does", _main["pid"], age)
+        else:
+            log.warning("the worker's main process (pid %s) makes progress again: heartbeating", _main["pid"])
+    return stalled
+
 
 def _heartbeat_loop(stop: threading.Event) -> None:
     settings = get_settings()
@@ -147,6 +215,10 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     next_sweep = next_recovery = 0.0
     booted = _state["booted"]
     while not stop.is_set():
+        if main_stalled(interval):
+            # the heartbeat and the queues' keys lapse; another worker's passes do the recovery
+            stop.wait(min(interval, 1.0))
+            continue
         try:
             # read before the info: a load that ends between the two would otherwise have its
             # first heartbeat say loading, without its load_error (boot sets that before booted),
@@ -223,6 +295,7 @@ def preimport(sender: Any = None, **_: Any) -> None:
         log.critical("%s", exc)
         # SystemExit, not an exception: Celery logs and ignores exceptions of signal handlers
         raise SystemExit(1) from None
+    share_main_stamp()
     watch_load_deaths(sender)
     # import torch and the pipelines once in the main process so every forked pool process
     # starts with them; no model is built and CUDA is not touched here, so forking stays safe
