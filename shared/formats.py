@@ -131,7 +131,26 @@ def turns(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, s
 def _written(name: str) -> str:
     # a name as every format writes it: RTTM's fields are split on whitespace (written "_"), and
     # SubRip's arrows are written "->", so "Bob Smith" and "Bob_Smith" are one name in RTTM
-    return "_".join(_SRT_ARROW.sub("->", name).split())
+    return _rttm_field(_SRT_ARROW.sub("->", name))
+
+
+# what pandas reads as a missing value by default (its STR_NA_VALUES), which is how
+# pyannote.database's load_rttm, the RTTM reader of pyannote.metrics, reads every field
+_READ_AS_MISSING = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+    "NULL", "NaN", "None", "n/a", "nan", "null",
+})
+
+
+def _rttm_field(text: str) -> str:
+    """``text`` as one RTTM field, as pyannote.database's reader (pandas) reads it back: its
+    whitespace written ``_`` (fields are split on it); ``"`` written ``'`` (pandas takes a field
+    that starts with one for a quoted one, and a speaker named ``"Bob`` made the next two lines
+    part of his name: 3 turns read as 1); and a ``_`` after a word that pandas reads as missing (a
+    speaker named "NA", "None" or "null" was read back as NaN, five of them as one speaker, and a
+    file named "NA.wav" gave an RTTM whose every line the reader dropped, its uri NaN)."""
+    field = "_".join(text.split()).replace('"', "'")
+    return f"{field}_" if field in _READ_AS_MISSING else field
 
 
 def _distinct_names(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -186,11 +205,13 @@ def _cues(body: Mapping[str, Any] | Iterable[Any]) -> list[tuple[float, float, s
 def to_rttm(body: Mapping[str, Any] | Iterable[Any], uri: str = "audio") -> str:
     """RTTM lines: ``SPEAKER <uri> 1 <start> <duration> <NA> <NA> <speaker> <NA> <NA>``.
 
-    Fields are separated by spaces, so spaces in the file name or a speaker's name become ``_``.
+    Fields are separated by spaces, so spaces in the file name or a speaker's name become ``_``;
+    a name that RTTM readers take for a missing value is written with a ``_`` after it
+    (:func:`_rttm_field`).
     """
-    uri = "_".join(one_line(uri).split()) or "audio"
+    uri = _rttm_field(one_line(uri) or "audio")
     return "".join(
-        f"SPEAKER {uri} 1 {start:.3f} {end - start:.3f} <NA> <NA> {'_'.join(label.split())} <NA> <NA>\n"
+        f"SPEAKER {uri} 1 {start:.3f} {end - start:.3f} <NA> <NA> {_rttm_field(label)} <NA> <NA>\n"
         for start, end, label in turns(body)
     )
 

@@ -12,6 +12,11 @@ Each test fails on the code before its fix:
   pyannote.metrics scores with; the ``srt`` and ``webvtt-py`` packages) then read one speaker
   where the job had found two. Each diarized speaker is now written under a name of its own
   (``shared.formats._distinct_names``);
+* RTTM is read with pandas by pyannote.database (what pyannote.metrics scores with), which takes
+  "NA", "None", "null", "nan"... for a missing value and a field opening with ``"`` for a quoted
+  one: speakers named so were read as one speaker "nan", a file named ``NA.wav`` gave an RTTM of
+  which nothing was read (its uri missing), and a speaker named ``"Bob`` swallowed the next two
+  lines into his name (``shared.formats._rttm_field``);
 * a score was compared with the threshold before it was rounded to the 6 decimals it is reported
   with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
   ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
@@ -62,6 +67,25 @@ def test_two_speakers_are_never_written_under_one_name(speakers):
         {"start": 1.0, "end": 2.0, "speaker": "SPEAKER_01", "identity": "Alex"},
         {"start": 2.0, "end": 3.0, "speaker": "SPEAKER_02"}]})) == [
         (0.0, 1.0, "Bob Smith"), (1.0, 2.0, "Alex"), (2.0, 3.0, "SPEAKER_02")]
+
+
+@pytest.mark.parametrize("names", [
+    pytest.param(["NA", "None", "null", "nan", "#N/A", "<NA>", "NULL", "n/a"], id="words-pandas-reads-as-missing"),
+    pytest.param(['"Bob', '"The Rock"', "O\"Neil", "Ann"], id="fields-opening-with-a-quote"),
+    pytest.param(["NA", "NA_", "NA_ (SPEAKER_01)"], id="a-name-as-another-is-written"),
+])
+@pytest.mark.parametrize("uri", ["meeting", "NA", "null", '"quoted name'])
+def test_every_rttm_line_is_read_back_as_written(names, uri):
+    from shared.formats import to_rttm
+
+    body = {"diarization_results": [
+        {"start": float(i), "end": i + 0.5, "speaker": f"SPEAKER_{i % len(names):02d}", "identity": names[i % len(names)]}
+        for i in range(2 * len(names))]}
+    text = to_rttm(body, uri=uri)
+    read = read_rttm(text)
+    assert [(start, end) for start, end, _ in read] == [(float(i), i + 0.5) for i in range(2 * len(names))], text
+    assert len({who for *_, who in read}) == len(names), text
+    assert all(who == line.split()[7] for (*_, who), line in zip(read, text.splitlines())), text
 
 
 def test_the_speaker_a_name_was_taken_from_keeps_it():
@@ -138,3 +162,34 @@ def test_a_speaker_is_named_by_the_confidence_the_result_reports():
     # a score under the threshold as reported still names nobody
     described = ident.describe(scores[0], ident.assign(scores, 1.0 + 1e-6)[0], [Ref()])
     assert described["identity"] is None, described
+
+
+def test_a_job_of_a_file_and_speakers_named_as_pandas_reads_missing_gives_a_readable_rttm(client, settings, sample_wav):
+    """A recording uploaded as NA.wav, its two speakers named by voiceprints labelled "None" and
+    '"Bob'. Before: pyannote's reader read nothing of its RTTM (every line's uri NaN)."""
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(settings)
+    rng = np.random.default_rng(41)
+    ids = []
+    for label in ("None", '"Bob'):
+        vector = rng.standard_normal(model.dimension)
+        r = client.post("/voiceprints/import", files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)),
+                                                                "application/json")},
+                        data={"label": label, "model": model.name})
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    try:
+        job = client.post("/jobs/diarize", files={"file": ("NA.wav", sample_wav.read_bytes(), "audio/wav")},
+                          data={"num_speakers": "2", "voiceprints": ",".join(ids), "identification_threshold": "-1"})
+        assert job.status_code == 202, job.text
+        done = wait_for_job(client, job.json()["job_id"], timeout_s=300)
+        assert done["status"] == "succeeded", done
+        turns = done["result"]["diarization_results"]
+        r = client.get(f"/jobs/{done['job_id']}/result", params={"format": "rttm"})
+        assert r.status_code == 200, r.text
+        read = read_rttm(r.text)
+        assert len(read) == len(turns) and {who for *_, who in read} == {"None_", "'Bob"}, r.text
+    finally:
+        for voiceprint_id in ids:
+            client.delete(f"/voiceprints/{voiceprint_id}")
