@@ -13,6 +13,7 @@ ends. Two backends behind one :class:`Storage` protocol, chosen by ``settings.st
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ def out_of_room(exc: BaseException) -> bool:
     state, answered 507 by the API (an upload) and by the worker (a fetched or copied file)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 # the S3 backend's local copies of objects (S3Storage.local_path), swept once stale
@@ -67,7 +70,16 @@ def _safe_part(value: str) -> str:
 class LocalStorage:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A folder that cannot be made (a read-only volume, its parent a file, no permission)
+            # raised here: the API died at import and served nothing, not even its health or the
+            # results of jobs already run, and a worker's heartbeat thread died, leaving it off
+            # /health. Each save makes the folder again (mkdir parents), and fails there, answered
+            # 503 "upload storage unavailable" until the storage is fixed.
+            log.error("upload storage %s is unusable (%s: %s): uploads are refused until it is fixed",
+                      self.root, type(exc).__name__, exc)
 
     def _path(self, key: str) -> Path:
         job, _, name = key.partition("/")

@@ -18,10 +18,14 @@ Redis (nothing of Celery, billiard or Redis mocked), each failing on the code be
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
 
 from tests.test_hostile_round13_lifecycle import NO_MODELS, _api_with, _wait
 
@@ -190,3 +194,86 @@ def test_a_worker_whose_broker_connection_is_cut_keeps_heartbeating(service_env,
     finally:
         proxy.close()
         stack.stop()
+
+
+# --- an upload storage that cannot be written -------------------------------------------------------
+
+@contextlib.contextmanager
+def _read_only_dir(base: Path) -> Iterator[Callable[[], None]]:
+    """A folder, and a callable that makes it refuse writes for good: a tmpfs remounted read-only
+    (EROFS, a volume mounted ro or a filesystem the kernel turned read-only after an error) where
+    this process may mount, else chmod 0555 where it is not root (root writes through a chmod)."""
+    import os
+    import subprocess
+
+    folder = base / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"root without the right to mount (chmod would not stop its writes): {done.stderr[:200]!r}")
+        try:
+            yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+        finally:
+            subprocess.run(["umount", str(folder)], check=False)
+    else:
+        try:
+            yield lambda: folder.chmod(0o555)
+        finally:
+            folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("route", ["/jobs/embedding", "/jobs/batch"])
+def test_an_upload_to_a_read_only_storage_is_a_503_that_leaves_nothing(settings, tmp_path, route):
+    """The storage folder turns read-only after the API started (a volume remounted ro, a disk
+    the kernel set read-only after an I/O error): a submission is the service's fault and passes,
+    so it is a 503 in the documented error shape with Retry-After, never a 500, and leaves neither
+    a file nor a job behind."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from shared.jobs import JobStore
+
+    with _read_only_dir(tmp_path) as make_read_only:
+        uploads = tmp_path / "ro" / "uploads"
+        changed = settings.model_copy(update={"storage_dir": uploads, "queue_name": "audio-gaps-ro"})
+        store = JobStore.from_settings(changed)
+        before = {r.job_id for r in store.recent(50)}
+        with TestClient(create_app(changed), raise_server_exceptions=False) as client:
+            make_read_only()
+            files = [("files", (f"{i}.wav", _wav(), "audio/wav")) for i in range(2)] if "batch" in route \
+                else {"file": ("a.wav", _wav(), "audio/wav")}
+            r = client.post(route, files=files, data={"kind": "embedding"} if "batch" in route else None)
+        print(f"\n{route} to a read-only storage: {r.status_code} {r.text}")
+        assert r.status_code == 503, r.text
+        assert set(r.json()) == {"detail", "error_type", "timestamp"}, r.json()
+        assert r.json()["error_type"] == "ModelError" and "storage unavailable" in r.json()["detail"]
+        assert r.headers["retry-after"] == "30"
+        assert list(uploads.iterdir()) == []
+        assert {r.job_id for r in store.recent(50)} == before
+
+
+def test_an_api_whose_storage_folder_cannot_be_made_starts_and_refuses_uploads_with_a_503(settings, tmp_path):
+    """The storage folder cannot be made (here its parent is a file; a read-only volume, a
+    missing permission do the same, and work as root too): the API raised at its start and served
+    nothing, not /health, not the results of jobs already run. It now starts, and a submission is
+    a 503 in the documented shape that leaves nothing behind, as for a storage that turns
+    read-only later."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from shared.jobs import JobStore
+
+    (tmp_path / "a-file").write_text("not a folder")
+    changed = settings.model_copy(update={"storage_dir": tmp_path / "a-file" / "uploads",
+                                          "queue_name": "audio-gaps-nofolder"})
+    store = JobStore.from_settings(changed)
+    before = {r.job_id for r in store.recent(50)}
+    with TestClient(create_app(changed), raise_server_exceptions=False) as client:
+        assert client.get("/health").status_code in (200, 503)
+        r = client.post("/jobs/embedding", files={"file": ("a.wav", _wav(), "audio/wav")})
+    assert r.status_code == 503, r.text
+    assert set(r.json()) == {"detail", "error_type", "timestamp"} and r.json()["error_type"] == "ModelError", r.json()
+    assert "storage unavailable" in r.json()["detail"] and r.headers["retry-after"] == "30"
+    assert {r.job_id for r in store.recent(50)} == before
+    assert (tmp_path / "a-file").read_text() == "not a folder"
