@@ -17,6 +17,9 @@ Each test fails on the code before its fix:
   one: speakers named so were read as one speaker "nan", a file named ``NA.wav`` gave an RTTM of
   which nothing was read (its uri missing), and a speaker named ``"Bob`` swallowed the next two
   lines into his name (``shared.formats._rttm_field``);
+* a speaker named ``Ann--`` was written ``<v Ann-->`` in WebVTT: a cue line holding ``-->`` is a
+  timing line to every WebVTT reader, so chromium showed the cue without its text and webvtt-py
+  raised TypeError on the whole file;
 * a score was compared with the threshold before it was rounded to the 6 decimals it is reported
   with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
   ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
@@ -86,6 +89,19 @@ def test_every_rttm_line_is_read_back_as_written(names, uri):
     assert [(start, end) for start, end, _ in read] == [(float(i), i + 0.5) for i in range(2 * len(names))], text
     assert len({who for *_, who in read}) == len(names), text
     assert all(who == line.split()[7] for (*_, who), line in zip(read, text.splitlines())), text
+
+
+@pytest.mark.parametrize("name", ["Ann--", "-", "--", "a -- -", "x&#45;-", "--->"])
+def test_a_name_ending_in_a_dash_keeps_its_webvtt_cue(name):
+    from shared.formats import to_webvtt
+
+    body = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": name},
+                                    {"start": 1.0, "end": 2.0, "speaker": "SPEAKER_01"},
+                                    {"start": 2.0, "end": 3.0, "speaker": "SPEAKER_00", "identity": name}]}
+    text = to_webvtt(body)
+    # one timing line per cue, and the voices read back as the names
+    assert sum("-->" in line for line in text.splitlines()) == 3, text
+    assert [who for *_, who in read_vtt(text)] == [name, "SPEAKER_01", name], text
 
 
 def test_the_speaker_a_name_was_taken_from_keeps_it():
