@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import (STORE_REFUSED, JobConflict, KeyInUse, StorageFull, StorageUnavailable, StoreRefused,
                         SyncTimeout, not_found, refuses_writes)
-from api.idempotency import Digesting, Idempotent, UploadPart, digest_upload
+from api.idempotency import Digesting, Idempotent, IdempotencyKey, UploadPart, digest_upload
 from shared import logs
 from shared.audio_limits import SYNC_HINT, DurationBudget, NotAudioError, check_audio_limits
 from shared.errors import AnalysisError, AudioDecodeError, InputError, ModelError
@@ -911,19 +911,29 @@ class Dispatcher:
         self._legacy = (answer, time.monotonic() + 5.0)
         return answer
 
+    async def key_in_use(self, principal: Principal | None, key: IdempotencyKey | None) -> bool:
+        """Whether ``key`` already names a submission of this caller's: its retry is answered from
+        the key, so a check made before the submission (the quota's, ahead of the headers) must
+        not refuse it for the room that submission itself took."""
+        if key is None:
+            return False
+        entry = self.store.key_entry(principal.owner if principal is not None else None, key.value)
+        return bool(await run_in_threadpool(self.store.redis.exists, entry))
+
     async def require_worker(self) -> None:
         """503 with Retry-After when no worker could take a synchronous call's job now."""
         if self.settings.sync_requires_live_worker and not await self.has_worker():
             raise _no_worker()
 
     async def run_sync(self, submission: Submission, principal: Principal | None = None,
-                       request: Request | None = None, idempotent: Idempotent | None = None) -> dict[str, Any]:
-        """Submit the job and wait for its result. With an Idempotency-Key (``idempotent``), a
-        retry of the same request is answered from the key as the jobs routes' are, here by
-        waiting for the first's job (``request.state.idempotent_replayed`` set): a client whose
-        connection dropped and that retried ran its audio a second time. A job the key names
-        that was cancelled (the first's wait gave up: no worker, its timeout, the store failing;
-        or a cancel) is given up with its key, and the retry is a new submission."""
+                       request: Request | None = None, idempotent: Idempotent | None = None) -> JobRecord:
+        """Submit the job and wait for it to succeed: its record, the result in it (the job's id
+        names what an enrollment stores). With an Idempotency-Key (``idempotent``), a retry of the
+        same request is answered from the key as the jobs routes' are, here by waiting for the
+        first's job (``request.state.idempotent_replayed`` set): a client whose connection dropped
+        and that retried ran its audio a second time. A job the key names that was cancelled (the
+        first's wait gave up: no worker, its timeout, the store failing; or a cancel) is given up
+        with its key, and the retry is a new submission."""
         for _ in range(2):
             accepted = await self.submit(submission, sync=True, principal=principal, idempotent=idempotent)
             record = accepted.record
@@ -949,7 +959,7 @@ class Dispatcher:
             raise AnalysisError.from_body(record.error or {})
         if record.status == CANCELLED:
             raise JobConflict("job was cancelled")
-        return record.result or {}
+        return record
 
     async def wait(self, job_id: str, timeout_s: float, request: Request | None = None, *,
                    keep_on_disconnect: bool = False) -> JobRecord:

@@ -77,6 +77,12 @@ def new_voiceprint_id() -> str:
     return "vp_" + uuid.uuid4().hex
 
 
+def enrolled_id(job_id: str) -> str:
+    """The voiceprint an enrolment job makes: one per job (both ids are 32 hex digits), so a retry
+    answered that job's result again (its Idempotency-Key) finds it stored instead of adding one."""
+    return "vp_" + job_id
+
+
 # Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): a label
 # ends up in subtitle cues, RTTM lines and the web page next to other text, and an unclosed
 # right-to-left override there shows "SPEAKER_00" as "00_REKAEPS" and reorders whatever follows.
@@ -286,9 +292,13 @@ class VoiceprintStore:
 
     def create(self, *, owner: str | None, label: str, model: EmbeddingModel, embedding: Iterable[float],
                speech_seconds: float | None = None, files: int | None = None,
-               narrowband: bool | None = None) -> Voiceprint:
+               narrowband: bool | None = None, voiceprint_id: str | None = None) -> Voiceprint:
+        """Store a new voiceprint. With ``voiceprint_id`` (an enrolment's, made from its job's id,
+        :func:`enrolled_id`), one already stored under it is returned as it is, room or not: a
+        retried enrolment answered its job's result again stores nothing twice."""
         vp = Voiceprint(
-            id=new_voiceprint_id(), label=clean_label(label), model=model.name, dimension=model.dimension,
+            id=voiceprint_id or new_voiceprint_id(), label=clean_label(label), model=model.name,
+            dimension=model.dimension,
             embedding=unit_vector(embedding, model.dimension),
             speech_seconds=None if speech_seconds is None else round(float(speech_seconds), 3),
             files=files, narrowband=narrowband, created_at=_utc_now(), owner=owner,
@@ -299,7 +309,10 @@ class VoiceprintStore:
                 try:
                     # the count and the write in one transaction: concurrent imports cannot
                     # all pass a count taken before any of them was stored
-                    pipe.watch(index)
+                    pipe.watch(index, self._key(vp.id))
+                    if voiceprint_id is not None and (stored := pipe.get(self._key(vp.id))) is not None:
+                        pipe.unwatch()
+                        return Voiceprint.model_validate_json(stored)
                     if self.max_per_owner is not None and pipe.zcard(index) >= self.max_per_owner:
                         pipe.unwatch()
                         raise self._full()

@@ -326,3 +326,48 @@ def test_voiceprint_cursors_it_did_not_give_are_422(vp_api):
     assert vp_api.get("/voiceprints", params={"limit": 1000}, headers=a).json()["count"] == 4
     for limit in ("0", "-1", "1001", str(2**70), "1e3", "", "\u0661"):
         _error(vp_api.get("/voiceprints", params={"limit": limit}, headers=a), 422)
+
+
+# --- 4. Idempotency-Key on enrolment (POST /voiceprints) ------------------------------------------
+
+def test_an_enrolment_retried_with_its_key_stores_one_voiceprint_even_in_a_full_room(variant_app, utterances):
+    """POST /voiceprints twice with one key: one enrol job, one voiceprint, answered again with
+    the retry marked replayed. The header was ignored: the retry embedded the files again and
+    stored a second voiceprint of the person (two ids, two jobs). The first enrolment here takes
+    the key's last place; its retry is answered it, not the full room's 409. Without a key each
+    enrolment is its own, as before."""
+    app = variant_app(api_keys=[SecretStr("enrol-a")], voiceprints_max_per_owner=2)
+    app.headers["X-API-Key"] = "enrol-a"
+    for vp in app.get("/voiceprints").json()["voiceprints"]:
+        app.delete(f"/voiceprints/{vp['id']}")
+    files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in utterances["spk1"][:2]]
+
+    def enrol(key: str | None, label: str = "Ann") -> Any:
+        return app.post("/voiceprints", files=files, data={"label": label},
+                        headers={"Idempotency-Key": key} if key else {})
+
+    plain = enrol(None)  # one place left after it
+    assert plain.status_code == 201, plain.text
+    key = f"enrol-{uuid.uuid4()}"
+    first = enrol(key)
+    assert first.status_code == 201, first.text
+    assert "idempotent-replayed" not in first.headers
+    made = newest_job_ids(app)
+    # the voiceprint is its job's: one per enrolment
+    assert first.json()["id"] == "vp_" + made[0]
+
+    retry = enrol(key)
+    assert retry.status_code == 201, retry.text
+    assert retry.headers.get("idempotent-replayed") == "true"
+    assert retry.json() == first.json()
+    assert retry.headers["location"] == f"/voiceprints/{first.json()['id']}"
+    assert newest_job_ids(app) == made, "the retry ran a second enrolment"
+    listed = [vp["id"] for vp in app.get("/voiceprints").json()["voiceprints"]]
+    assert sorted(listed) == sorted([plain.json()["id"], first.json()["id"]])
+
+    # the key on another enrolment: 422; a new one without a key meets the full room; nothing run
+    assert "already used for another request" in _error(enrol(key, label="Bo"), 422)["detail"]
+    assert "delete some" in _error(enrol(None, label="Cy"), 409)["detail"]
+    assert newest_job_ids(app) == made
+    for vp_id in listed:
+        assert app.delete(f"/voiceprints/{vp_id}").status_code == 204

@@ -97,10 +97,10 @@ def _sync_endpoint(kind: JobKind):
         # its own route in the fingerprint ("diarize", not "jobs/diarize"): one key is one request
         idempotent = Idempotent(idempotency_key, kind.sync_path.strip("/"), sent_fields(await request.form())) \
             if idempotency_key and kind.sync_path else None
-        result = await dispatcher.run_sync(submission, principal, request, idempotent=idempotent)
+        record = await dispatcher.run_sync(submission, principal, request, idempotent=idempotent)
         if getattr(request.state, "idempotent_replayed", False):
             response.headers["Idempotent-Replayed"] = "true"
-        return result
+        return record.result or {}
 
     run.__name__ = kind.name
     # the original contract: uploads only (audio by URL is for jobs, whose worker fetches it)

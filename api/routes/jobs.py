@@ -98,7 +98,7 @@ async def _refuse_over_quota(dispatcher: Dispatcher, principal: Principal, key: 
     Not for a key already in use: its retry is answered from the key, never refused by the jobs
     it holds (the key is looked at again, and the quota after it, by submit_all)."""
     store = dispatcher.store
-    if key is not None and await run_in_threadpool(store.redis.exists, store.key_entry(principal.owner, key.value)):
+    if await dispatcher.key_in_use(principal, key):
         return
     await run_in_threadpool(store.check_room, principal.owner, Quota.from_settings(dispatcher.settings),
                             [(new_job_id(), size) for size in sizes])

@@ -18,14 +18,15 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import BaseUrlDep, DispatcherDep, PrincipalDep, SettingsDep, require_api_key
+from api.deps import BaseUrlDep, DispatcherDep, IdempotencyKeyDep, PrincipalDep, SettingsDep, require_api_key
 from api.errors import not_found
 from api.forms import optional_form, refuse_foreign, refuse_repeated, several_files
+from api.idempotency import Idempotent, sent_fields
 from api.limits import BoundedFormRoute
 from api.models import ERRORS
 from shared.errors import ModelError
 from shared.kinds import ENROLL
-from shared.voiceprints import FORMAT, Voiceprint, embedding_model, parse_import, to_npy
+from shared.voiceprints import FORMAT, Voiceprint, embedding_model, enrolled_id, parse_import, to_npy
 
 router = APIRouter(prefix="/voiceprints", tags=["voiceprints"], dependencies=[Depends(require_api_key)],
                    responses=ERRORS, route_class=BoundedFormRoute)
@@ -68,6 +69,7 @@ async def create_voiceprint(
     dispatcher: DispatcherDep,
     principal: PrincipalDep,
     settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep,
     files: list[UploadFile] = several_files(f"one or more recordings of the person (1 to {ENROLL.files[0].max_count})"),
     label: str = Form(..., description="the person's name, as diarization and identify will report it"),
 ) -> JSONResponse:
@@ -79,9 +81,16 @@ async def create_voiceprint(
     # num_speakers, voiceprints) was dropped without a word, as rounds 7 and 12 found elsewhere
     await refuse_foreign(request, ["files", "label"])
     submission = await dispatcher.read(ENROLL, {"files": files}, {"label": label}, principal)
-    # a key with no room left hears it before a worker embeds its files
-    await run_in_threadpool(dispatcher.voiceprints.check_room, principal.owner)
-    result = await dispatcher.run_sync(submission, principal, request)
+    # with an Idempotency-Key a retry waits for the first's job and is answered its voiceprint
+    # (one per job: enrolled_id), as the synchronous routes are answered their job's result
+    idempotent = Idempotent(idempotency_key, "voiceprints", sent_fields(await request.form())) \
+        if idempotency_key else None
+    # a key with no room left hears it before a worker embeds its files (not a retry: the room
+    # may be full of the very voiceprint it is to be answered)
+    if not await dispatcher.key_in_use(principal, idempotency_key):
+        await run_in_threadpool(dispatcher.voiceprints.check_room, principal.owner)
+    record = await dispatcher.run_sync(submission, principal, request, idempotent=idempotent)
+    result = record.result or {}
     expected = embedding_model(settings)
     if result.get("model") != expected.name or result.get("dimension") != expected.dimension:
         raise ModelError(f"the worker embeds with {result.get('model')!r}, this API expects {expected.name!r}: "
@@ -91,8 +100,12 @@ async def create_voiceprint(
         embedding=result["embedding"], speech_seconds=result["speech_seconds"], files=len(result["file_speech_seconds"]),
         # a worker from before the field answers none: not known
         narrowband=result["narrowband"] if isinstance(result.get("narrowband"), bool) else None,
+        voiceprint_id=enrolled_id(record.job_id),
     )
-    return JSONResponse(vp.public(), status_code=201, headers={"Location": f"/voiceprints/{vp.id}"})
+    headers = {"Location": f"/voiceprints/{vp.id}"}
+    if getattr(request.state, "idempotent_replayed", False):
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(vp.public(), status_code=201, headers=headers)
 
 
 _NEXT_PAGE: dict[int | str, dict[str, Any]] = {200: {"headers": {"Link": {
