@@ -1,5 +1,7 @@
-"""Gaps in the worker's life cycle, each shown with real Celery worker processes and the session's
-Redis (nothing of Celery, billiard or Redis mocked), each failing on the code before its fix:
+"""Gaps in the worker's life cycle, shown with real Celery worker processes (the production
+``celery -A ... worker`` command line) and the session's Redis, nothing of Celery, billiard or
+Redis mocked. Each fix's test fails on the code before it (checked); the others pin what held
+already, or what a fix must not break:
 
 * a prefork worker whose pool processes keep dying as they load the models (the OOM killer, a
   GPU driver crash; ``tests/_dying_load_worker.py`` SIGKILLs each load 0.3 s in) stopped
@@ -13,7 +15,11 @@ Redis (nothing of Celery, billiard or Redis mocked), each failing on the code be
   which write the heartbeat and announce the queues, run on: /health listed it as alive and the
   queue's consumers key stayed up for good, so synchronous calls were taken for a worker that
   would never run them (each waited the sync timeout, an hour, for a 504). The pool processes now
-  heartbeat only while the main process's loop stamps its progress.
+  heartbeat only while the main process's loop stamps its progress;
+* an upload storage that refuses writes: one turned read-only while the API runs (a tmpfs
+  remounted ro: a real EROFS) was already a 503 in the documented shape that stores nothing
+  (pinned here); one whose folder cannot be made at the API's start made the API raise at import,
+  serving nothing. It now starts and answers uploads the same 503.
 """
 
 from __future__ import annotations
