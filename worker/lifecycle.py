@@ -167,7 +167,7 @@ def _stamp_main() -> None:
 
 def share_main_stamp() -> None:
     """In the worker's main process, before the pool forks (worker_init): the shared page, stamped
-    from now on; its loop keeps stamping it once it runs (stamp_from_loop)."""
+    from now on; its consumer's loop keeps stamping it once it runs (MainLoopStamp)."""
     _main["page"] = mmap.mmap(-1, 8)  # anonymous and shared: the forked pool processes see its writes
     _main["pid"] = os.getpid()
     _stamp_main()
@@ -176,9 +176,9 @@ def share_main_stamp() -> None:
 class MainLoopStamp(bootsteps.StartStopStep):
     """A step of the main process's consumer (worker/celery_app.py): stamps the page from the
     consumer's own loop (kombu's hub), not from a thread of its own, so a loop that hangs stops
-    stamping too. Started again with each broker connection: Celery cancels the timer entries a
-    lost connection's start registered, so an entry made once (at worker_ready) stopped at the
-    first Redis blip, and the worker's heartbeat with it."""
+    stamping too. Its timer entry is its broker connection's: Celery cancels it when the
+    connection is lost and starts the step again with the next one, so a worker reconnecting to
+    its broker for longer than main_stall_s() (it takes no job meanwhile) leaves /health too."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
