@@ -247,9 +247,14 @@ class Client:
                 h.close()
 
     # --- voiceprints ----------------------------------------------------------------------------
-    def create_voiceprint(self, label: str, *files: str | Path) -> dict[str, Any]:
-        """Enroll a person from one or more recordings; returns the stored voiceprint (its ``id``)."""
-        response = self._post_files("/voiceprints", [("files", f) for f in files], {"label": label})
+    def create_voiceprint(self, label: str, *files: str | Path, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Enroll a person from one or more recordings; returns the stored voiceprint (its ``id``).
+        Retried as a submit is, with an ``Idempotency-Key`` (a fresh one by default): a retry after
+        an answer lost on the way is answered the voiceprint the first attempt stored, not a second
+        one (a 409 is not retried: it is also a key's full room)."""
+        key = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        response = self._retrying(lambda: self._post_files("/voiceprints", [("files", f) for f in files],
+                                                           {"label": label}, key))
         _raise_for_error(response)
         return _answer(response, needs=("id",))
 

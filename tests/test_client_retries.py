@@ -82,6 +82,26 @@ def test_a_submit_whose_answer_is_lost_is_retried_and_runs_once(worker, service_
         assert [j["job_id"] for j in listing["jobs"]] == [job["job_id"]], listing
 
 
+def test_an_enrollment_whose_answer_is_lost_is_retried_and_stores_one_voiceprint(
+        worker, service_env, tmp_path, utterances):
+    """The first answer to an enrollment is lost after the voiceprint was stored. The client did
+    not retry it (httpx.RemoteProtocolError to the caller, whose own retry stored the person
+    twice); now it sends it again with the same Idempotency-Key and is answered the voiceprint the
+    first attempt stored: the key keeps one voiceprint, from one enroll job."""
+    from cli.client import Client
+
+    api_key = f"client-enrol-{uuid.uuid4().hex[:8]}"
+    with api_under_uvicorn(service_env, tmp_path, [api_key]) as base:
+        with lossy_proxy(base, lambda n: n == 0) as proxy:
+            with Client(proxy, api_key=api_key, retry_wait_max_s=0.2) as client:
+                vp = client.create_voiceprint("Ann", *utterances["spk1"][:2])
+        headers = {"X-API-Key": api_key}
+        listed = httpx.get(f"{base}/voiceprints", headers=headers).json()["voiceprints"]
+        assert [v["id"] for v in listed] == [vp["id"]], listed
+        jobs = httpx.get(f"{base}/jobs", headers=headers).json()["jobs"]
+        assert [(j["kind"], j["status"]) for j in jobs] == [("enroll", "succeeded")], jobs
+
+
 def test_a_client_gives_up_after_its_retries(service_env, tmp_path, utterances):
     """A service that loses every answer: the error comes back after ``retries`` + 1 attempts,
     not an endless loop."""
