@@ -20,6 +20,9 @@ Each test fails on the code before its fix:
 * a speaker named ``Ann--`` was written ``<v Ann-->`` in WebVTT: a cue line holding ``-->`` is a
   timing line to every WebVTT reader, so chromium showed the cue without its text and webvtt-py
   raised TypeError on the whole file;
+* the web page named each speaker by its voiceprint's label as it was: two speakers named by
+  voiceprints labelled alike showed two lanes, and two sets of turns, under one name, where the
+  downloads now tell them apart; it now names them as the downloads do.
 * a score was compared with the threshold before it was rounded to the 6 decimals it is reported
   with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
   ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
@@ -29,10 +32,14 @@ Each test fails on the code before its fix:
 
 from __future__ import annotations
 
+import os
+import time
+
+import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import json_embedding_file, wait_for_job
+from tests.conftest import api_under_uvicorn, json_embedding_file, wait_for_job
 from tests.test_formats import read_rttm, read_srt, read_vtt
 
 
@@ -209,3 +216,71 @@ def test_a_job_of_a_file_and_speakers_named_as_pandas_reads_missing_gives_a_read
     finally:
         for voiceprint_id in ids:
             client.delete(f"/voiceprints/{voiceprint_id}")
+
+
+# --- the web page ---------------------------------------------------------------------------------
+
+WEB_KEY = "round14-web-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def web(service_env, worker, tmp_path_factory):
+    """The API under uvicorn with an API key, sending to the session worker's queue."""
+    with api_under_uvicorn(service_env, tmp_path_factory.mktemp("r14web"), [WEB_KEY]) as base:
+        yield base
+
+
+def _import_voiceprint(base: str, label: str, dimension: int, model: str, seed: int) -> str:
+    vector = np.random.default_rng(seed).standard_normal(dimension)
+    r = httpx.post(f"{base}/voiceprints/import", headers={"X-API-Key": WEB_KEY}, timeout=30,
+                   files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)), "application/json")},
+                   data={"label": label, "model": model})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Debian's chromium is not installed")
+def test_the_page_names_two_speakers_alike_as_the_downloads_do(web, settings, sample_wav):
+    from playwright.sync_api import sync_playwright
+
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(settings)
+    ids = [_import_voiceprint(web, "Alex", model.dimension, model.name, seed) for seed in (1, 2)]
+    job = httpx.post(f"{web}/jobs/diarize", headers={"X-API-Key": WEB_KEY}, timeout=60,
+                     files={"file": ("sample.wav", sample_wav.read_bytes(), "audio/wav")},
+                     data={"num_speakers": "2", "voiceprints": ",".join(ids), "identification_threshold": "-1"})
+    assert job.status_code == 202, job.text
+    job_id, deadline = job.json()["job_id"], time.monotonic() + 300
+    while (record := httpx.get(f"{web}/jobs/{job_id}", headers={"X-API-Key": WEB_KEY}, timeout=30).json())["status"] \
+            not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert record["status"] == "succeeded", record
+    assert sorted(s["identity"] for s in record["result"]["speakers"]) == ["Alex", "Alex"], record["result"]
+    srt = httpx.get(f"{web}/jobs/{job_id}/result", params={"format": "srt"}, headers={"X-API-Key": WEB_KEY},
+                    timeout=30).text
+    downloaded = {who for *_, who in read_srt(srt)}
+    assert len(downloaded) == 2, srt
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+            "--disable-background-networking", "--disable-component-update"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(web + "/")
+            page.fill("#api-key", WEB_KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+            page.click(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+            page.wait_for_selector("#timeline .lane")
+            lanes = page.eval_on_selector_all("#timeline .lane-label", "els => els.map(e => e.textContent)")
+            assert sorted(lanes) == sorted(downloaded), (lanes, downloaded)
+            page.click("#turns-list summary")
+            listed = set(page.eval_on_selector_all("#turns tbody tr", "rows => rows.map(r => r.cells[2].textContent)"))
+            assert listed == downloaded, (listed, downloaded)
+            assert errors == []
+        finally:
+            browser.close()

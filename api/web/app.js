@@ -289,6 +289,39 @@ function show(entry, reveal = false) {
   if (view) view(entry, reveal);
 }
 
+// What pandas reads as a missing value, after which the RTTM download writes a "_"
+// (shared/formats.py, _READ_AS_MISSING)
+const READ_AS_MISSING = new Set(["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+  "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]);
+
+// a name as the downloads write it (shared/formats.py, _written): two names alike there are one
+function written(name) {
+  const field = name.replace(/-[ -]+>/g, "->").split(/\s+/).filter(Boolean).join("_").replace(/"/g, "'");
+  return READ_AS_MISSING.has(field) ? `${field}_` : field;
+}
+
+// Each speaker's name, no two speakers under one, as the RTTM/SRT/WebVTT downloads name them
+// (shared/formats.py, _distinct_names): a speaker under its own diarization label keeps it; a
+// named one keeps its voiceprint's label unless a speaker before it has it, and is then
+// "label (SPEAKER_xx)". Two voiceprints labelled "Alex" showed two lanes and two sets of turns
+// under one name, where the downloads told them apart.
+function distinctNames(speakers, names) {
+  const holder = new Map();
+  const chosen = new Array(speakers.length);
+  const order = speakers.map((_, i) => i);
+  order.sort((a, b) => (names[a] !== speakers[a]) - (names[b] !== speakers[b]) || a - b);
+  for (const i of order) {
+    let name = names[i], n = 1;
+    while ((holder.get(written(name)) ?? speakers[i]) !== speakers[i]) {
+      n += 1;
+      name = `${names[i]} (${speakers[i]})` + (n > 2 ? ` ${n - 1}` : "");
+    }
+    holder.set(written(name), speakers[i]);
+    chosen[i] = name;
+  }
+  return chosen;
+}
+
 function showTimeline(entry) {
   state.shown = entry;
   const result = entry.job.result;
@@ -304,6 +337,7 @@ function showTimeline(entry) {
     if (t.end > duration) duration = t.end;
   }
   const speakers = [...bySpeaker.keys()];
+  const named = distinctNames(speakers, speakers.map((s) => bySpeaker.get(s).find((t) => t.identity)?.identity || s));
   $("#result-panel").hidden = false;
   $("#result-title").textContent = `Who spoke when: ${entry.job.filename || entry.job.job_id}`;
   if (entry.file) {
@@ -327,7 +361,7 @@ function showTimeline(entry) {
     const lane = document.createElement("div");
     lane.className = "lane";
     lane.dataset.speaker = speaker;
-    const name = own.find((t) => t.identity)?.identity || speaker;
+    const name = named[i];
     lane.innerHTML = `<div class="lane-label"></div><div class="track"></div>`;
     lane.querySelector(".lane-label").textContent = name;
     lane.querySelector(".lane-label").title = name;
@@ -350,7 +384,6 @@ function showTimeline(entry) {
   lanes.appendChild(cursor);
   timeline.appendChild(lanes);
   const seconds = speakers.map((s) => bySpeaker.get(s).reduce((a, t) => a + t.end - t.start, 0));
-  const named = speakers.map((s) => bySpeaker.get(s).find((t) => t.identity)?.identity || s);
   $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
     speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
   layout();
