@@ -308,6 +308,9 @@ def preimport(sender: Any = None, **_: Any) -> None:
         # never runs); handed back before the fork, neither holds them
         if runtime.cpu_only(settings.device):
             runtime.drop_gpu_libraries()
+    # stamped again once those imports are done (seconds; more on a loaded host): the pool
+    # processes fork next, and the main loop's own stamps begin only once its consumer starts
+    _stamp_main()
 
 
 @signals.worker_ready.connect
