@@ -22,7 +22,7 @@ Each test fails on the code before its fix:
   raised TypeError on the whole file;
 * the web page named each speaker by its voiceprint's label as it was: two speakers named by
   voiceprints labelled alike showed two lanes, and two sets of turns, under one name, where the
-  downloads now tell them apart; it now names them as the downloads do.
+  downloads now tell them apart; it now names them as the downloads do;
 * a score was compared with the threshold before it was rounded to the 6 decimals it is reported
   with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
   ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
