@@ -220,6 +220,12 @@ class Settings(BaseSettings):
     # models (OOM killer, GPU driver crash) exits with status 1, for its orchestrator to restart
     # it with back-off; 0: it never does (worker/lifecycle.py)
     worker_max_load_deaths: int = Field(default=3, ge=0)
+    # a file the worker's main process touches each second while its consumer's loop runs, for an
+    # orchestrator's liveness probe (`python -m worker.alive`: fails once it is older than
+    # worker_liveness_max_age_s): a frozen or hung main process fetches no job and is restarted.
+    # None: no file (worker/lifecycle.py)
+    worker_liveness_file: Path | None = None
+    worker_liveness_max_age_s: float = Field(default=60.0, gt=0)
     # how often a worker sweeps uploads left behind by jobs that never ran (expired, lost)
     storage_sweep_interval_s: float = 600.0
     # first retry delay; doubles each attempt (Celery retry_backoff), capped by the max

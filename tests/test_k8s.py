@@ -102,6 +102,21 @@ def test_gpu_workers_take_one_card_one_job_and_drain(docs) -> None:
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
 
 
+def test_a_worker_whose_main_process_hangs_is_restarted(docs) -> None:
+    """Both worker Deployments keep a liveness file in a writable volume and are probed on it
+    (tests/test_worker_lifecycle_gaps.py shows the probe failing for a frozen main process)."""
+    for name in ("worker-gpu", "webhooks"):
+        container = _container(docs[("Deployment", name)])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        path = env["AUDIO_ANALYSIS_WORKER_LIVENESS_FILE"]
+        assert any(path.startswith(m["mountPath"].rstrip("/") + "/") for m in container["volumeMounts"]), name
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["exec"]["command"] == ["python", "-m", "worker.alive"], (name, probe)
+        # a probe that fails twice, 30 s apart, past the file's 60 s: a restart within about 2.5 min
+        live = container["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] <= 120, name
+
+
 def test_keda_scales_the_workers_on_their_queue(docs) -> None:
     from shared.queue import queue_keys
 

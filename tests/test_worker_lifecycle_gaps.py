@@ -25,7 +25,9 @@ already, or what a fix must not break:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,8 +131,16 @@ def test_a_worker_whose_main_process_is_frozen_stops_looking_alive(service_env, 
 
     store = JobStore.from_settings(settings)
     queue = "audio-gaps-frozen"
-    env = {"AUDIO_ANALYSIS_QUEUE_NAME": queue, **NO_MODELS}
-    stack, proc, log = _spawn(tmp_path_factory.mktemp("gaps-frozen"), "gapsfrozen", "worker.celery_app", queue, env)
+    base = tmp_path_factory.mktemp("gaps-frozen")
+    # and its liveness file, which Kubernetes' probe reads (python -m worker.alive)
+    probe_env = {"AUDIO_ANALYSIS_WORKER_LIVENESS_FILE": str(base / "alive"),
+                 "AUDIO_ANALYSIS_WORKER_LIVENESS_MAX_AGE_S": "5"}
+    env = {"AUDIO_ANALYSIS_QUEUE_NAME": queue, **NO_MODELS, **probe_env}
+    stack, proc, log = _spawn(base, "gapsfrozen", "worker.celery_app", queue, env)
+
+    def probe() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "worker.alive"], env={**os.environ, **probe_env},
+                              capture_output=True, text=True, timeout=60)
 
     def listed() -> bool:
         return any(w["worker"].startswith("gapsfrozen@") for w in store.workers())
@@ -142,6 +152,7 @@ def test_a_worker_whose_main_process_is_frozen_stops_looking_alive(service_env, 
     try:
         _wait(lambda: listed() or proc.poll() is not None, 60, "the worker never heartbeat", step=0.2)
         assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert probe().returncode == 0, probe().stderr
         proc.send_signal(signal.SIGSTOP)
         stopped, frozen_at = True, time.monotonic()
         while alive() and time.monotonic() - frozen_at < 45:
@@ -153,9 +164,14 @@ def test_a_worker_whose_main_process_is_frozen_stops_looking_alive(service_env, 
             started = time.monotonic()
             r = client.post("/diarize", files={"file": ("a.wav", _wav(), "audio/wav")})
             assert r.status_code == 503 and time.monotonic() - started < 10, (r.status_code, r.text)
+        # its liveness file went stale with it (5 s here; 60 s by default): the probe fails, and
+        # Kubernetes restarts the container
+        failed = probe()
+        assert failed.returncode == 1 and "frozen or hung" in failed.stderr, (failed.returncode, failed.stderr)
         proc.send_signal(signal.SIGCONT)
         stopped = False
         _wait(listed, 30, "the worker did not heartbeat again after SIGCONT", step=0.2)
+        _wait(lambda: probe().returncode == 0, 30, "the liveness probe still fails after SIGCONT", step=0.5)
     finally:
         if stopped:
             proc.send_signal(signal.SIGCONT)

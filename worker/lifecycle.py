@@ -8,6 +8,7 @@ its tasks run in the worker's main process, which starts the heartbeat at ``work
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -152,7 +153,7 @@ MAIN_STAMP_EVERY_S = 1.0
 # the least a stamp may age before the main process counts as stalled: its loop may wait on Redis
 # for up to the clients' 10 s socket timeout (shared/queue.py) and still be making progress
 MIN_MAIN_STALL_S = 15.0
-_main: dict[str, Any] = {"page": None, "pid": None, "stalled": False}
+_main: dict[str, Any] = {"page": None, "pid": None, "stalled": False, "liveness_file": None}
 
 
 def main_stall_s(interval: float) -> float:
@@ -163,6 +164,15 @@ def _stamp_main() -> None:
     page = _main["page"]
     if page is not None:
         struct.pack_into("d", page, 0, time.monotonic())
+    alive = _main["liveness_file"]
+    if alive is not None:
+        try:  # what an orchestrator's liveness probe reads (worker/alive.py)
+            os.utime(alive)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                alive.touch()
+        except OSError:
+            log.debug("could not touch the liveness file %s", alive, exc_info=True)
 
 
 def share_main_stamp() -> None:
@@ -170,6 +180,7 @@ def share_main_stamp() -> None:
     from now on; its consumer's loop keeps stamping it once it runs (MainLoopStamp)."""
     _main["page"] = mmap.mmap(-1, 8)  # anonymous and shared: the forked pool processes see its writes
     _main["pid"] = os.getpid()
+    _main["liveness_file"] = get_settings().worker_liveness_file
     _stamp_main()
 
 
