@@ -259,3 +259,15 @@ def file_stem(filename: str | None, fallback: str) -> str:
     stem = stem.rsplit(".", 1)[0] if "." in stem else stem
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_.") else "_" for c in stem).strip("._")
     return safe[:100] or fallback
+
+
+def own_stem(filename: str | None) -> str | None:
+    """The uploaded file's own stem, in any script, as one line of visible text (:func:`file_name`:
+    no control or bidi characters), at most 100 characters; None when nothing is left. What a
+    download's ``filename*`` offers (``Réunion`` where :func:`file_stem` has ``R_union``, and
+    ``会议`` where it has nothing and falls back to the job's id)."""
+    name = file_name((filename or "").rsplit("/", 1)[-1].rsplit("\\", 1)[-1])
+    if name is None:
+        return None
+    stem = (name.rsplit(".", 1)[0] if "." in name else name).strip(" .")[:100]
+    return stem if any(visible(c) for c in stem) else None

@@ -207,3 +207,34 @@ def test_listings_carry_no_results_and_stay_small_with_many_finished_jobs(worker
         for job_id in ids:
             store.redis.delete(store._job_key(job_id))
             store.redis.zrem(store.key("jobs"), job_id)
+
+
+@pytest.mark.parametrize("filename, ascii_name, own_name", [
+    ("Réunion d'équipe.wav", "R_union_d__quipe", "Réunion d'équipe"),
+    # nothing of it is ASCII: the plain name falls back to the job's id
+    ("会议记录.wav", None, "会议记录"),
+    # a name that would end the header's quotes or field is only ever percent-encoded
+    ("Q3 final; filename=x.exe\u202e.wav", "Q3_final__filename_x.exe", "Q3 final; filename=x.exe"),
+])
+def test_a_result_downloads_under_the_uploads_own_name(client, sample_wav, filename, ascii_name, own_name):
+    """A result's ``Content-Disposition`` gives its upload's own name as ``filename*`` (RFC 6266,
+    RFC 8187), as a browser saves it, beside the plain ASCII ``filename`` for clients that lack it.
+    Before, a name in any other script was saved as the job's id (``会议记录.wav`` as
+    ``<job id>.srt``) and accents as underscores. Read back by werkzeug's header parser (moto's
+    server brings it), which prefers ``filename*`` as browsers do, and by Python's email parser
+    for the plain ``filename``; bidi controls (U+202E) are never part of either."""
+    from email.message import Message
+
+    from werkzeug.http import parse_options_header
+
+    job_id = client.post("/jobs/diarize", files={"file": (filename, sample_wav.read_bytes(), "audio/wav")},
+                         data={"num_speakers": "2"}).json()["job_id"]
+    assert wait_for_job(client, job_id, timeout_s=300)["status"] == "succeeded"
+    r = client.get(f"/jobs/{job_id}/result", params={"format": "srt"})
+    assert r.status_code == 200, r.text
+    header = r.headers["content-disposition"]
+    assert header.isascii() and "\r" not in header and "\n" not in header, header
+    message = Message()
+    message["content-disposition"] = header
+    assert message.get_param("filename", header="content-disposition") == f"{ascii_name or job_id}.srt", header
+    assert parse_options_header(header) == ("inline", {"filename": f"{own_name}.srt"}), header

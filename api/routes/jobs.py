@@ -6,7 +6,7 @@ import functools
 import json
 import inspect
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -23,7 +23,7 @@ from api.models import ERRORS, Batch, Job, JobList
 from api.routes.analyses import ACCEPTED_HEADERS, SUBMIT_DEPENDENCIES, accepted_headers
 from api.routes.analyses import jobs as router
 from shared.errors import InputError
-from shared.formats import FORMATS, FormatName, file_stem
+from shared.formats import FORMATS, FormatName, file_stem, own_stem
 from shared.jobs import STATES, SUCCEEDED, JobRecord, Quota, Status, is_job_id, new_job_id
 from shared.kinds import KINDS, JobKind, KindName, get_kind
 
@@ -234,8 +234,19 @@ def _render_result(kind: JobKind, record: JobRecord, result: str, format: str, j
     stem = file_stem(record.filename, job_id)
     return Response(
         kind.render(json.loads(result), format, uri=stem), media_type=spec.media_type,
-        headers={"Content-Disposition": f'inline; filename="{stem}{spec.suffix}"'},
+        headers={"Content-Disposition": _disposition(stem, own_stem(record.filename), spec.suffix)},
     )
+
+
+def _disposition(stem: str, own: str | None, suffix: str) -> str:
+    """``filename`` in plain ASCII for every client, and the upload's own name as ``filename*``
+    (RFC 6266, RFC 8187's UTF-8 form) where that differs: a result of "会议.wav" downloaded as
+    "<job id>.srt", one of "Réunion.wav" as "R_union.srt". Percent-encoded whole, so no byte of
+    the client's name can end the header's field or its quotes."""
+    header = f'inline; filename="{stem}{suffix}"'
+    if own is not None and own != stem:
+        header += f"; filename*=UTF-8''{quote(own + suffix, safe='')}"
+    return header
 
 
 @router.post("/{job_id}/cancel", response_model=Job, summary="Cancel a queued or running job")
