@@ -30,6 +30,7 @@ import logging
 import socket
 import threading
 import time
+import unicodedata
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -327,9 +328,13 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
     if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > max_length:
         raise InputError(f"{field} must be an absolute http(s) URL")
     # whitespace and control characters (CR LF: header injection) have no place in a URL; httpx
-    # would refuse them only when connecting, long after the caller could be told
-    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
-        raise InputError(f"{field} must not contain whitespace or control characters")
+    # would refuse them only when connecting, long after the caller could be told. Nor have
+    # characters drawn as nothing or that reorder what follows (Unicode's format characters: a
+    # bidi override, U+202E, made "https://evil.example/\u202egro.knab" read as a bank's address
+    # wherever the job's record is shown), which a URL only ever carries percent-encoded
+    if any(ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F or unicodedata.category(c) == "Cf" for c in url):
+        raise InputError(f"{field} must not contain whitespace, control or invisible formatting characters "
+                         "(percent-encode them)")
     if port in BAD_PORTS:
         raise InputError(f"{field} must not name port {port}: it is not a web port (the Fetch standard's bad ports)")
     if allowed_hosts and parts.hostname.lower() not in {h.lower() for h in allowed_hosts}:

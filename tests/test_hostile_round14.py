@@ -27,7 +27,10 @@ Each test fails on the code before its fix:
   with: ``POST /compare`` of one file twice at ``threshold=1`` answered ``similarity_score: 1.0``,
   ``threshold: 1.0``, ``same_speaker: false``, where the contract says ``same_speaker`` is
   ``similarity_score >= threshold``, and identification named nobody at a confidence it reported
-  as reaching the threshold.
+  as reaching the threshold;
+* a ``webhook_url`` or ``file_url`` holding Unicode's format characters (a bidi override,
+  U+202E; a zero-width space) was stored and shown as sent, reading in the job's record as another
+  address than the one called; it is refused (422) like whitespace and control characters.
 """
 
 from __future__ import annotations
@@ -284,3 +287,21 @@ def test_the_page_names_two_speakers_alike_as_the_downloads_do(web, settings, sa
             assert errors == []
         finally:
             browser.close()
+
+
+# --- invisible characters in a URL -----------------------------------------------------------------
+
+@pytest.mark.parametrize("field", ["webhook_url", "file_url"])
+@pytest.mark.parametrize("char", ["\u202e", "\u200b", "\u2066"])
+def test_a_url_with_invisible_formatting_characters_is_refused(client, sample_wav, field, char):
+    """``https://example.com/\u202egro.knab`` reads as ``https://example.com/bank.org`` wherever the
+    record is shown; it was taken (202) and stored as sent. Nothing is made."""
+    from tests.conftest import newest_job_ids
+
+    before = newest_job_ids(client)
+    url = f"https://example.com/{char}gro.knab/a.wav"
+    files = {} if field == "file_url" else {"file": ("a.wav", sample_wav.read_bytes(), "audio/wav")}
+    r = client.post("/jobs/diarize", data={field: url}, files=files or None)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"detail", "error_type", "timestamp"} and "formatting characters" in r.json()["detail"]
+    assert newest_job_ids(client) == before
