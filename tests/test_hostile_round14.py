@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -126,36 +128,45 @@ def test_the_speaker_a_name_was_taken_from_keeps_it():
         "SPEAKER_01 (SPEAKER_00)", "SPEAKER_01", "Alex", "Alex (SPEAKER_03)"]
 
 
-def test_a_job_whose_voiceprints_name_two_speakers_alike_gives_files_of_two_speakers(client, settings, sample_wav):
-    """The service end to end: two voiceprints imported as "Bob Smith" and "Bob_Smith", a job on
-    a two-speaker recording at a threshold every voiceprint reaches, so each names one speaker.
-    Before: its RTTM was read back as one speaker ("Bob_Smith") by pyannote's loader."""
+@contextmanager
+def _named_job(client, settings, audio: bytes, filename: str, labels: tuple[str, ...], seed: int) -> Iterator[dict]:
+    """A two-speaker job on ``audio`` uploaded as ``filename``, its speakers named by voiceprints
+    imported under ``labels`` (random vectors, at a threshold every voiceprint reaches), run by
+    the worker: its finished record. The voiceprints are deleted afterwards."""
     from shared.voiceprints import embedding_model
 
     model = embedding_model(settings)
-    rng = np.random.default_rng(14)
+    rng = np.random.default_rng(seed)
     ids = []
-    for label in ("Bob Smith", "Bob_Smith"):
-        vector = rng.standard_normal(model.dimension)
-        r = client.post("/voiceprints/import", files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)),
-                                                                "application/json")},
-                        data={"label": label, "model": model.name})
-        assert r.status_code == 201, r.text
-        ids.append(r.json()["id"])
     try:
-        job = client.post("/jobs/diarize", files={"file": ("sample.wav", sample_wav.read_bytes(), "audio/wav")},
+        for label in labels:
+            vector = rng.standard_normal(model.dimension)
+            r = client.post("/voiceprints/import", data={"label": label, "model": model.name},
+                            files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)),
+                                            "application/json")})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        job = client.post("/jobs/diarize", files={"file": (filename, audio, "audio/wav")},
                           data={"num_speakers": "2", "voiceprints": ",".join(ids), "identification_threshold": "-1"})
         assert job.status_code == 202, job.text
         done = wait_for_job(client, job.json()["job_id"], timeout_s=300)
         assert done["status"] == "succeeded", done
+        yield done
+    finally:
+        for voiceprint_id in ids:
+            client.delete(f"/voiceprints/{voiceprint_id}")
+
+
+def test_a_job_whose_voiceprints_name_two_speakers_alike_gives_files_of_two_speakers(client, settings, sample_wav):
+    """The service end to end: two voiceprints imported as "Bob Smith" and "Bob_Smith", a job on
+    a two-speaker recording at a threshold every voiceprint reaches, so each names one speaker.
+    Before: its RTTM was read back as one speaker ("Bob_Smith") by pyannote's loader."""
+    with _named_job(client, settings, sample_wav.read_bytes(), "sample.wav", ("Bob Smith", "Bob_Smith"), 14) as done:
         assert sorted(s["identity"] for s in done["result"]["speakers"]) == ["Bob Smith", "Bob_Smith"], done["result"]
         for fmt, read in (("rttm", read_rttm), ("srt", read_srt), ("vtt", read_vtt)):
             r = client.get(f"/jobs/{done['job_id']}/result", params={"format": fmt})
             assert r.status_code == 200, r.text
             assert len({who for *_, who in read(r.text)}) == 2, r.text
-    finally:
-        for voiceprint_id in ids:
-            client.delete(f"/voiceprints/{voiceprint_id}")
 
 
 # --- a decision and the score it is reported with -------------------------------------------------
@@ -193,32 +204,12 @@ def test_a_speaker_is_named_by_the_confidence_the_result_reports():
 def test_a_job_of_a_file_and_speakers_named_as_pandas_reads_missing_gives_a_readable_rttm(client, settings, sample_wav):
     """A recording uploaded as NA.wav, its two speakers named by voiceprints labelled "None" and
     '"Bob'. Before: pyannote's reader read nothing of its RTTM (every line's uri NaN)."""
-    from shared.voiceprints import embedding_model
-
-    model = embedding_model(settings)
-    rng = np.random.default_rng(41)
-    ids = []
-    for label in ("None", '"Bob'):
-        vector = rng.standard_normal(model.dimension)
-        r = client.post("/voiceprints/import", files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)),
-                                                                "application/json")},
-                        data={"label": label, "model": model.name})
-        assert r.status_code == 201, r.text
-        ids.append(r.json()["id"])
-    try:
-        job = client.post("/jobs/diarize", files={"file": ("NA.wav", sample_wav.read_bytes(), "audio/wav")},
-                          data={"num_speakers": "2", "voiceprints": ",".join(ids), "identification_threshold": "-1"})
-        assert job.status_code == 202, job.text
-        done = wait_for_job(client, job.json()["job_id"], timeout_s=300)
-        assert done["status"] == "succeeded", done
+    with _named_job(client, settings, sample_wav.read_bytes(), "NA.wav", ("None", '"Bob'), 41) as done:
         turns = done["result"]["diarization_results"]
         r = client.get(f"/jobs/{done['job_id']}/result", params={"format": "rttm"})
         assert r.status_code == 200, r.text
         read = read_rttm(r.text)
         assert len(read) == len(turns) and {who for *_, who in read} == {"None_", "'Bob"}, r.text
-    finally:
-        for voiceprint_id in ids:
-            client.delete(f"/voiceprints/{voiceprint_id}")
 
 
 # --- the web page ---------------------------------------------------------------------------------
