@@ -12,7 +12,11 @@ Recordings, all real speech with exact references:
   one to three of them minor (3-6 s of speech);
 - a ``--long-minutes`` meeting of the four talkers (clustering behaves differently with many
   embeddings per speaker);
-- ``--short`` one-reader and two-reader recordings of 15-35 s (a handful of embeddings each).
+- ``--short`` one-reader and two-reader recordings of 15-35 s (a handful of embeddings each);
+- ``--meetings`` meeting-like conversations of 3-5 LibriSpeech readers, 1.2-2.6 min, with long
+  overlaps at 40 % of turn changes and 0.3-1.2 s interjections inside other talkers' turns
+  (``evaluation.speech.meeting_conversation``); every other one has a minor talker. Their
+  DER is also split into missed speech / false alarm / confusion (shares of reference speech).
 
 ``--condition room|phone|narrowband|noisy`` lays the conversations, the many-talker set and the
 meeting out in a reverberant room, through a telephone line, at 8 kHz or under noise
@@ -31,6 +35,7 @@ import time
 
 import numpy as np
 import torch
+from pyannote.metrics.diarization import DiarizationErrorRate
 
 from engine.audio import SAMPLE_RATE, load_audio
 from evaluation.speech import (
@@ -38,6 +43,8 @@ from evaluation.speech import (
     librispeech_clips,
     load_reference,
     many_talker_conversation,
+    meeting_conversation,
+    to_annotation,
     multi_speaker_conversation,
     pyannote_sample,
 )
@@ -49,19 +56,19 @@ from shared.settings import Settings
 
 # first seeds of each set: the tuning draw, and a held-out draw no default was chosen on
 DRAWS = {
-    "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0},
-    "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100},
+    "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0, "meet": 700},
+    "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100, "meet": 800},
 }
 
 
 def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None,
-               short: int = 0, draw: str = "tuning"):
+               short: int = 0, draw: str = "tuning", meetings: int = 0):
     first = DRAWS[draw]
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).float32(), load_reference(rttm)
     for i in range(conversations):
         yield f"conv{i}", *multi_speaker_conversation(seed=first["conv"] + i, condition=condition)
-    clips = librispeech_clips() if many or short else []
+    clips = librispeech_clips() if many or short or meetings else []
     for i in range(many):
         talkers = 5 + i % 4
         yield f"many{i}", *many_talker_conversation(
@@ -69,6 +76,8 @@ def recordings(conversations: int, many: int, long_minutes: float, condition: Co
     for i in range(short):
         yield f"solo{i}", *many_talker_conversation(1, seed=first["solo"] + i, clips=clips, condition=condition)
         yield f"duo{i}", *many_talker_conversation(2, seed=first["duo"] + i, clips=clips, condition=condition)
+    for i in range(meetings):
+        yield f"meet{i}", *meeting_conversation(3 + i % 3, minor=i % 2, seed=first["meet"] + i, clips=clips)
     if long_minutes:
         yield "long", *long_conversation(long_minutes, condition=condition, first_seed=first["long"])
 
@@ -98,6 +107,8 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--short", type=int, default=0,
                         help="this many one-reader and two-reader recordings of 15-35 s (few embeddings each)")
+    parser.add_argument("--meetings", type=int, default=0,
+                        help="this many meeting-like conversations (long overlaps, interjections; 3-5 talkers)")
     parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
                         help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
     parser.add_argument("--draw", choices=sorted(DRAWS), default="tuning",
@@ -108,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
 
     condition = None if args.condition == "clean" else Condition(args.condition)
-    data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short, args.draw))
+    data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short, args.draw,
+                           args.meetings))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "
@@ -136,6 +148,7 @@ def main() -> None:
             pipeline.centre_sigma = sigma or None
             started = time.perf_counter()
             ders, found, count_err, short_err = {}, {}, [], []
+            meet_err, meet_parts = [], []
             with torch.inference_mode():
                 for file, (name, _, reference) in zip(files, data):
                     turns = to_turns(pipeline(file), min_speaker_s=defaults.diarization_min_speaker_s)
@@ -146,6 +159,12 @@ def main() -> None:
                         count_err.append(abs(n - true))
                     if name.startswith(("solo", "duo")):
                         short_err.append(abs(n - true))
+                    if name.startswith("meet"):
+                        meet_err.append(n - true)
+                        parts = DiarizationErrorRate(collar=0.0, skip_overlap=False)(
+                            reference, to_annotation(turns), detailed=True)
+                        meet_parts.append([parts[k] / parts["total"] for k in
+                                           ("missed detection", "false alarm", "confusion")])
             if first_pass_s is None:
                 first_pass_s = time.perf_counter() - started
 
@@ -160,7 +179,14 @@ def main() -> None:
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
                 f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}"
                 + (f"  short DER {np.mean(pick('solo') + pick('duo')):.3f}, count err {np.mean(short_err):.2f}"
-                   if short_err else ""),
+                   if short_err else "")
+                + (f"  meetings DER {np.mean(pick('meet')):.3f} max {np.max(pick('meet')):.3f} "
+                   f"(miss {np.mean(meet_parts, axis=0)[0]:.3f} fa {np.mean(meet_parts, axis=0)[1]:.3f} "
+                   f"conf {np.mean(meet_parts, axis=0)[2]:.3f}), found-true {np.mean(meet_err):+.2f} "
+                   f"|err| {np.mean(np.abs(meet_err)):.2f}: "
+                   + " ".join(v for k, v in found.items() if k.startswith("meet"))
+                   + " DER " + " ".join(f"{v:.2f}" for k, v in ders.items() if k.startswith("meet"))
+                   if meet_err else ""),
                 flush=True,
             )
 
