@@ -253,10 +253,14 @@ def _parse_cursor(cursor: str, owner: str | None) -> tuple[str, str]:
 class VoiceprintStore:
     """Voiceprints in Redis: ``<prefix>:voiceprint:<id>`` (JSON) and one set of ids per owner."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "aa", max_per_owner: int | None = None) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "aa", max_per_owner: int | None = None,
+                 deleted_for_s: int = 24 * 3600) -> None:
         self.redis = client
         self.prefix = prefix
         self.max_per_owner = max_per_owner
+        # how long a deleted voiceprint's id is remembered (:meth:`delete`): as long as a retried
+        # enrolment can be answered its job's result (the job's record, the key's window)
+        self.deleted_for_s = deleted_for_s
         self._page = client.register_script(_PAGE)
         # each record up to its embedding, cut in Redis (Voiceprint.to_json stores it last)
         self._summary_heads = RecordHeads(client, cut_before="embedding", last_before="owner",
@@ -272,7 +276,8 @@ class VoiceprintStore:
         client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
                                       socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_keepalive=True)
         return cls(client, settings.redis_key_prefix,
-                   settings.voiceprints_max_per_owner)
+                   settings.voiceprints_max_per_owner,
+                   deleted_for_s=max(settings.result_expires_s, settings.idempotency_window_s))
 
     def check_room(self, owner: str | None) -> None:
         """409 when ``owner`` already keeps ``max_per_owner`` voiceprints: asked before an
@@ -289,6 +294,9 @@ class VoiceprintStore:
 
     def _index(self, owner: str | None) -> str:
         return f"{self.prefix}:voiceprints:{owner or '_'}"
+
+    def _deleted_key(self, voiceprint_id: str) -> str:
+        return f"{self.prefix}:voiceprint-deleted:{voiceprint_id}"
 
     def create(self, *, owner: str | None, label: str, model: EmbeddingModel, embedding: Iterable[float],
                speech_seconds: float | None = None, files: int | None = None,
@@ -309,10 +317,19 @@ class VoiceprintStore:
                 try:
                     # the count and the write in one transaction: concurrent imports cannot
                     # all pass a count taken before any of them was stored
-                    pipe.watch(index, self._key(vp.id))
+                    pipe.watch(index, self._key(vp.id), self._deleted_key(vp.id))
                     if voiceprint_id is not None and (stored := pipe.get(self._key(vp.id))) is not None:
                         pipe.unwatch()
                         return Voiceprint.model_validate_json(stored)
+                    if voiceprint_id is not None and pipe.exists(self._deleted_key(vp.id)):
+                        # a retried enrolment, answered its job's result again after the
+                        # voiceprint was deleted: storing it again undid the delete (a person's
+                        # voiceprint back, a new created_at, under the id the delete was told of)
+                        pipe.unwatch()
+                        raise InputError(
+                            f"voiceprint {vp.id}, which this enrolment stored, was deleted since; it is not "
+                            "stored again (enrol with a new Idempotency-Key to store the person again)",
+                            status_code=409)
                     if self.max_per_owner is not None and pipe.zcard(index) >= self.max_per_owner:
                         pipe.unwatch()
                         raise self._full()
@@ -368,6 +385,8 @@ class VoiceprintStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(vp.id))
             pipe.zrem(self._index(vp.owner), vp.id)
+            # remembered, so that a retried enrolment of it (create with its id) does not store it again
+            pipe.set(self._deleted_key(vp.id), 1, ex=max(1, self.deleted_for_s))
             pipe.execute()
         return True
 
