@@ -1078,11 +1078,22 @@ class Dispatcher:
         if not changed or cancelled is None:
             raise JobConflict(f"job {job_id} already {cancelled.status if cancelled else 'gone'}")
         # a queued job is dropped by the worker that receives it (revoke, plus the task's own
-        # check of the record); a running diarization stops at its next progress report
-        await run_in_threadpool(self.celery.control.revoke, job_id)
+        # check of the record); a running diarization stops at its next progress report. The
+        # cancel has happened: a broker failing now (a blip) answered it 5xx, and a client that
+        # retried was told 409 "already cancelled". The revoke is a courtesy (the task checks
+        # the record), and an owed delivery is sent by the workers' recovery pass (its due time
+        # was written with the cancel)
+        try:
+            await run_in_threadpool(self.celery.control.revoke, job_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s cancelled but not revoked (%s): its worker skips it by its record", job_id, exc)
         await self.delete_uploads(job_id)
         if cancelled.webhook_url:
-            await run_in_threadpool(send_webhook, self.celery, job_id, self.settings)
+            try:
+                await run_in_threadpool(send_webhook, self.celery, job_id, self.settings)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("job %s cancelled; its webhook not queued now (%s): the recovery pass sends it",
+                            job_id, exc)
         return cancelled
 
     async def withdraw(self, job_id: str) -> None:
