@@ -463,8 +463,7 @@ class Dispatcher:
             # misspelt or forgot webhook_url waited for a delivery that never came
             raise InputError("webhook_payload: given without webhook_url; it says what the webhook carries "
                              "(full or status), so give webhook_url too, or leave it out")
-        keyed = _Keyed(idempotent, KeyClaim(self.store.key_entry(principal.owner if principal is not None else None,
-                                                                 idempotent.key.value))) \
+        keyed = _Keyed(idempotent, KeyClaim(self._key_entry(principal, idempotent.key))) \
             if idempotent is not None else None
         if keyed is not None:
             answer = await self._take_key(keyed, None, submissions, None)
@@ -923,8 +922,11 @@ class Dispatcher:
         not refuse it for the room that submission itself took."""
         if key is None:
             return False
-        entry = self.store.key_entry(principal.owner if principal is not None else None, key.value)
-        return bool(await run_in_threadpool(self.store.redis.exists, entry))
+        return bool(await run_in_threadpool(self.store.redis.exists, self._key_entry(principal, key)))
+
+    def _key_entry(self, principal: Principal | None, key: IdempotencyKey) -> str:
+        """Where ``key`` of this caller lives in Redis (keys are each tenant's own)."""
+        return self.store.key_entry(principal.owner if principal is not None else None, key.value)
 
     async def require_worker(self) -> None:
         """503 with Retry-After when no worker could take a synchronous call's job now."""
@@ -945,8 +947,8 @@ class Dispatcher:
             record = accepted.record
             if not (accepted.replayed and idempotent is not None and record.status == CANCELLED):
                 break
-            entry = self.store.key_entry(principal.owner if principal is not None else None, idempotent.key.value)
-            await run_in_threadpool(self.store.forget_answer, entry, (record.job_id,))
+            await run_in_threadpool(self.store.forget_answer, self._key_entry(principal, idempotent.key),
+                                    (record.job_id,))
         if accepted.replayed and request is not None:
             request.state.idempotent_replayed = True
         try:
