@@ -164,8 +164,9 @@ def describe(scores: np.ndarray, assigned: int | None, refs: Sequence[Any]) -> d
     return {
         "identity": refs[assigned].label if assigned is not None else None,
         "voiceprint_id": refs[assigned].id if assigned is not None else None,
-        "confidence": round(float(scores[main]), 6) if main is not None else None,
+        "confidence": round(float(scores[main]), SCORE_DECIMALS) if main is not None else None,
         "runner_up": None if runner is None else {
-            "voiceprint_id": refs[runner].id, "label": refs[runner].label, "score": round(float(scores[runner]), 6)
+            "voiceprint_id": refs[runner].id, "label": refs[runner].label,
+            "score": round(float(scores[runner]), SCORE_DECIMALS),
         },
     }
