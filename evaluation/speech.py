@@ -222,21 +222,30 @@ def many_talker_conversation(
     utterance. Pauses and overlaps as in :func:`build_conversation`. Returns (samples, reference).
     """
     rng = np.random.default_rng(seed)
-    pool = list(clips) if clips is not None else librispeech_clips(data_dir)
-    chosen = [pool[i] for i in rng.choice(len(pool), size=talkers, replace=False)]
+    chosen = pick_talkers(talkers, rng, clips, data_dir)
     turns: list[Clip] = []
     for i, clip in enumerate(chosen):
         pieces = split_clip(clip, rng)
-        if i < minor:
-            keep, total = [], 0
-            for piece in pieces:
-                keep.append(piece)
-                total += len(piece.samples)
-                if total >= 3 * SAMPLE_RATE:
-                    break
-            pieces = keep
-        turns.extend(pieces)
+        turns.extend(minor_turns(pieces) if i < minor else pieces)
     return build_conversation(interleave(turns, rng), seed=seed, condition=condition)
+
+
+def pick_talkers(talkers: int, rng: np.random.Generator, clips: Sequence[Clip] | None,
+                 data_dir: str | os.PathLike) -> list[Clip]:
+    """``talkers`` distinct readers' utterances, drawn from ``clips`` (LibriSpeech's by default)."""
+    pool = list(clips) if clips is not None else librispeech_clips(data_dir)
+    return [pool[i] for i in rng.choice(len(pool), size=talkers, replace=False)]
+
+
+def minor_turns(pieces: Sequence[Clip]) -> list[Clip]:
+    """The first of a minor talker's ``pieces`` up to 3 s of speech (one or two turns)."""
+    keep, total = [], 0
+    for piece in pieces:
+        keep.append(piece)
+        total += len(piece.samples)
+        if total >= 3 * SAMPLE_RATE:
+            break
+    return keep
 
 
 def interleave(turns: Sequence[Clip], rng: np.random.Generator) -> list[Clip]:
@@ -308,18 +317,11 @@ def meeting_conversation(
     from pyannote.core import Segment
 
     rng = np.random.default_rng(seed)
-    pool = list(clips) if clips is not None else librispeech_clips(data_dir)
-    chosen = [pool[i] for i in rng.choice(len(pool), size=talkers, replace=False)]
+    chosen = pick_talkers(talkers, rng, clips, data_dir)
     turns: list[Clip] = []
     for i, clip in enumerate(chosen):
         if i < minor:
-            keep, total = [], 0
-            for piece in split_clip(clip, rng, turn_s):
-                keep.append(piece)
-                total += len(piece.samples)
-                if total >= 3 * SAMPLE_RATE:
-                    break
-            turns.extend(keep)
+            turns.extend(minor_turns(split_clip(clip, rng, turn_s)))
         else:
             for _ in range(int(rng.integers(passes[0], passes[1] + 1))):
                 turns.extend(split_clip(clip, rng, turn_s))
