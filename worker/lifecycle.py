@@ -414,12 +414,14 @@ def _pool_size() -> int:
         return 1
 
 
-def _give_up() -> None:
+def _give_up(died: int) -> None:
     """In a pool process: tell the main process to stop the worker, then end this process without
     loading (it would only die as its predecessors did, or take jobs of a worker that stops)."""
     write = _giveup["write"]
     if write is None or os.getpid() == _giveup["main_pid"]:
         return
+    log.critical("%d pool processes of this worker died in a row while loading the models (killed: out "
+                 "of memory? a GPU driver crash?); the worker stops", died)
     try:
         os.write(write, b"x")
     except OSError:
@@ -466,10 +468,8 @@ def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
     if loads:
         died = max(0, _count_load(node) - (_pool_size() - 1))
         most = get_settings().worker_max_load_deaths
-        if most > 0 and died >= most and _giveup["write"] is not None and os.getpid() != _giveup["main_pid"]:
-            log.critical("%d pool processes of this worker died in a row while loading the models (killed: out "
-                         "of memory? a GPU driver crash?); the worker stops", died)
-            _give_up()
+        if most > 0 and died >= most:
+            _give_up(died)
         if died >= MAX_LOAD_DEATHS:
             _state["announce_while_loading"] = False
             log.critical("%d pool processes of this worker died while loading the models (killed: out of "
