@@ -143,9 +143,7 @@ def test_the_worker_refuses_it_too_before_decoding(tmp_path, settings, hostile, 
 
 
 def test_the_wall_clock_timeout_kills_the_child(tmp_path, hostile):
-    from shared.probe_sandbox import ProbeLimits, read_header
-
-    from shared.probe_sandbox import SandboxUnavailable
+    from shared.probe_sandbox import ProbeLimits, SandboxUnavailable, read_header
 
     path = tmp_path / "slow.flv"
     path.write_bytes(hostile["metadata.flv"])  # 15.9 s of CPU to read
