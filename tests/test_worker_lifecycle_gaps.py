@@ -35,21 +35,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from tests.conftest import tone_wav
 from tests.test_hostile_round13_lifecycle import NO_MODELS, _api_with, _wait
 
 DEATH = "exited with 'signal 9 (SIGKILL)'"
-
-
-def _wav(seconds: float = 2.0) -> bytes:
-    import io
-
-    import numpy as np
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    noise = np.random.default_rng(0).standard_normal(int(16000 * seconds)) * 0.1
-    sf.write(buf, noise.astype("float32"), 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
 
 
 def _spawn(base: Any, name: str, app: str, queue: str, env: dict[str, str], concurrency: int = 1) -> Any:
@@ -162,7 +151,7 @@ def test_a_worker_whose_main_process_is_frozen_stops_looking_alive(service_env, 
         assert not alive(), f"a worker whose main process is stopped still looks alive {gone_after:.0f} s on"
         with _api_with(settings.model_copy(update={"queue_name": queue})) as client:
             started = time.monotonic()
-            r = client.post("/diarize", files={"file": ("a.wav", _wav(), "audio/wav")})
+            r = client.post("/diarize", files={"file": ("a.wav", tone_wav(2.0), "audio/wav")})
             assert r.status_code == 503 and time.monotonic() - started < 10, (r.status_code, r.text)
         # its liveness file went stale with it (5 s here; 60 s by default): the probe fails, and
         # Kubernetes restarts the container
@@ -263,8 +252,8 @@ def test_an_upload_to_a_read_only_storage_is_a_503_that_leaves_nothing(settings,
         before = {r.job_id for r in store.recent(50)}
         with TestClient(create_app(changed), raise_server_exceptions=False) as client:
             make_read_only()
-            files = [("files", (f"{i}.wav", _wav(), "audio/wav")) for i in range(2)] if "batch" in route \
-                else {"file": ("a.wav", _wav(), "audio/wav")}
+            files = [("files", (f"{i}.wav", tone_wav(2.0), "audio/wav")) for i in range(2)] if "batch" in route \
+                else {"file": ("a.wav", tone_wav(2.0), "audio/wav")}
             r = client.post(route, files=files, data={"kind": "embedding"} if "batch" in route else None)
         print(f"\n{route} to a read-only storage: {r.status_code} {r.text}")
         assert r.status_code == 503, r.text
@@ -293,7 +282,7 @@ def test_an_api_whose_storage_folder_cannot_be_made_starts_and_refuses_uploads_w
     before = {r.job_id for r in store.recent(50)}
     with TestClient(create_app(changed), raise_server_exceptions=False) as client:
         assert client.get("/health").status_code in (200, 503)
-        r = client.post("/jobs/embedding", files={"file": ("a.wav", _wav(), "audio/wav")})
+        r = client.post("/jobs/embedding", files={"file": ("a.wav", tone_wav(2.0), "audio/wav")})
     assert r.status_code == 503, r.text
     assert set(r.json()) == {"detail", "error_type", "timestamp"} and r.json()["error_type"] == "ModelError", r.json()
     assert "storage unavailable" in r.json()["detail"] and r.headers["retry-after"] == "30"
