@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from tests.conftest import api_under_uvicorn, newest_job_ids, tone_wav
+from tests.conftest import api_under_uvicorn, json_embedding_file, newest_job_ids, tone_wav
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 
@@ -269,14 +269,13 @@ def vp_api(settings) -> Iterator[Any]:
 def _import(app: Any, key: str, count: int, seed: int) -> list[str]:
     from shared.voiceprints import embedding_model
 
-    model = embedding_model(app.app.state.settings).name
+    model = embedding_model(app.app.state.settings)
     rng = np.random.default_rng(seed)
     ids = []
     for i in range(count):
-        vector = rng.normal(size=embedding_model(app.app.state.settings).dimension)
-        r = app.post("/voiceprints/import", data={"label": f"p{seed}.{i}", "model": model}, headers={"X-API-Key": key},
-                     files={"file": ("v.json", json.dumps((vector / np.linalg.norm(vector)).tolist()).encode(),
-                                     "application/json")})
+        vector = rng.normal(size=model.dimension)
+        r = app.post("/voiceprints/import", data={"label": f"p{seed}.{i}", "model": model.name}, headers={"X-API-Key": key},
+                     files={"file": ("v.json", json_embedding_file(vector / np.linalg.norm(vector)), "application/json")})
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     return ids
