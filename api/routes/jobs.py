@@ -97,10 +97,9 @@ async def _refuse_over_quota(dispatcher: Dispatcher, principal: Principal, key: 
     over its quota had each batch's headers read (a sandboxed FFmpeg each) only to be refused.
     Not for a key already in use: its retry is answered from the key, never refused by the jobs
     it holds (the key is looked at again, and the quota after it, by submit_all)."""
-    store = dispatcher.store
     if await dispatcher.key_in_use(principal, key):
         return
-    await run_in_threadpool(store.check_room, principal.owner, Quota.from_settings(dispatcher.settings),
+    await run_in_threadpool(dispatcher.store.check_room, principal.owner, Quota.from_settings(dispatcher.settings),
                             [(new_job_id(), size) for size in sizes])
 
 
