@@ -225,11 +225,22 @@ def _heartbeat_loop(stop: threading.Event) -> None:
     interval = settings.worker_heartbeat_interval_s
     next_sweep = next_recovery = 0.0
     booted = _state["booted"]
+    stall_noted = False
     while not stop.is_set():
         if main_stalled(interval):
-            # the heartbeat and the queues' keys lapse; another worker's passes do the recovery
+            # the heartbeat and the queues' keys lapse; another worker's passes do the recovery,
+            # told (once a stall) to look for a message the stalled process's BRPOP may have taken
+            if not stall_noted:
+                from worker.recovery import note_stalled_consumer
+
+                try:
+                    note_stalled_consumer(store, settings)
+                    stall_noted = True
+                except Exception:  # noqa: BLE001 - a Redis blip: said again on the next turn
+                    log.warning("could not note the main process's stall in Redis", exc_info=True)
             stop.wait(min(interval, 1.0))
             continue
+        stall_noted = False
         try:
             # read before the info: a load that ends between the two would otherwise have its
             # first heartbeat say loading, without its load_error (boot sets that before booted),

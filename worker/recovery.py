@@ -168,6 +168,27 @@ def _unqueued_key(store: JobStore) -> str:
     return store.key("unqueued")
 
 
+def _stalled_consumer_key(store: JobStore) -> str:
+    # set while a worker's main process stalled recently (note_stalled_consumer)
+    return store.key("unqueued", "stalled")
+
+
+def note_stalled_consumer(store: JobStore, settings: Settings) -> None:
+    """Said by a pool process whose worker's main process stopped making progress (frozen by
+    SIGSTOP or a paused VM, its loop hung; worker.lifecycle.main_stalled): that process's BRPOP
+    may have been waiting in Redis, which then hands the next message pushed to its queue to a
+    socket nobody reads, in no list and no unacked set. Such a job waited for the look at jobs
+    queued over ``job_unqueued_after_s`` (300 s) and two passes: six minutes lost, while the stall
+    is known here within seconds. So, for ``job_unqueued_after_s`` from now (then the usual look
+    covers every job queued before the stall), :func:`recover_unqueued_jobs` looks at every
+    confirmed queued job whatever its age: the same two passes an interval apart, the same
+    once-per-spell send, only sooner; age was never its evidence, only what made a look worth
+    its reads (a stall is rare, and the look stays one worker's per interval)."""
+    import math
+
+    store.redis.set(_stalled_consumer_key(store), "1", ex=max(1, math.ceil(settings.job_unqueued_after_s)))
+
+
 def _ids_in_unacked(client: Any) -> set[str]:
     found: set[str] = set()
     for _tag, raw in client.hscan_iter(UNACKED, count=LIST_PAGE):
@@ -229,7 +250,9 @@ def recover_unqueued_jobs(store: JobStore, settings: Settings) -> list[str]:
         store.index_waiting_sets(client.scan_iter(match=store.key("waiting", "*"), count=1000, _type="zset"))
         _indexed["done"] = True
     sightings = _unqueued_key(store)
-    old = store.waiting_before(store.waiting_sets(), store.clock() - settings.job_unqueued_after_s, OLDEST_PER_SET)
+    # any age while a worker's main process stalled lately (note_stalled_consumer)
+    after_s = 0.0 if client.exists(_stalled_consumer_key(store)) else settings.job_unqueued_after_s
+    old = store.waiting_before(store.waiting_sets(), store.clock() - after_s, OLDEST_PER_SET)
     if not old:
         client.delete(sightings)
         return []
