@@ -267,7 +267,7 @@ class Dispatcher:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
             digests[spec.name] = hashlib.sha256(data).hexdigest()  # at most max_bytes (1 MB), in memory already
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
-        params = kind.parse_params(values)
+        params = kind.parse_params(values, self.settings)
         if getattr(params, "identification_threshold", None) is not None and not getattr(params, "voiceprints", None):
             # a threshold for naming speakers, with nobody to name them after: dropped without a
             # word, so a client that forgot or misspelt voiceprints got speakers never named and

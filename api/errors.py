@@ -110,6 +110,14 @@ def error_response(status_code: int, detail: str, error_type: ErrorType, headers
     return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
+def _file_like(text: object) -> bool:
+    """True for a form field's text that is a file's content rather than a value someone typed:
+    longer than any file name, or holding control characters or bytes that were not UTF-8."""
+    if not isinstance(text, str):
+        return False
+    return len(text) > 255 or any((c < " " and c not in "\t") or c == "\ufffd" for c in text)
+
+
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -121,6 +129,14 @@ def _validation_message(exc: RequestValidationError) -> str:
             # file, which was answered "Value error, Expected UploadFile, received: <class 'str'>"
             msg = (f"expected an uploaded file, got text (curl sends a file with an @: "
                    f"-F '{loc[0]}=@meeting.wav')")
+            if _file_like(err.get("input")):
+                # a file's bytes in a part without filename=: one that names its file only as
+                # RFC 5987's filename*=UTF-8''... (python-multipart takes a part for a file by
+                # its filename= alone), or none at all. The curl hint sent such a client
+                # looking in the wrong place
+                msg = (f"expected an uploaded file, got a part of file content without filename= (a part that "
+                       f"names its file only as filename*=UTF-8''... is read as text): give its Content-Disposition "
+                       f"a plain filename=\"...\" too, as curl -F '{loc[0]}=@meeting.wav' does")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 

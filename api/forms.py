@@ -17,7 +17,7 @@ from fastapi import File, Form, Request, UploadFile
 from pydantic.fields import FieldInfo
 
 from shared.errors import InputError
-from shared.kinds import KINDS, JobKind
+from shared.kinds import KINDS, JobKind, loose_number, number_type
 
 def optional_form(description: str) -> Any:
     """An optional form field, documented with an empty example.
@@ -145,6 +145,40 @@ async def refuse_repeated_query(request: Request) -> None:
         count = len(request.query_params.getlist(field.alias))
         if count > 1:
             raise InputError(f"{field.alias}: given {count} times; send each query parameter once")
+
+
+async def refuse_loose_numbers(request: Request) -> None:
+    """422 for a number parameter of the route (query or form) not written as plain digits.
+
+    FastAPI reads them with pydantic's lax mode, which takes what Python's ``int()`` and
+    ``float()`` take: ``num_speakers=1_0`` ran with 10 speakers, ``limit=+5`` or ``limit=%205``
+    listed 5, ``threshold=+0.5`` compared at 0.5 (:func:`shared.kinds.loose_number`). Checked on
+    the raw text of every route's own number parameters, once, before any of them is read; the
+    form is read only for a route that takes a number in it (parsed once, and cached for the
+    route). Installed on the whole app, with :func:`refuse_repeated_query`.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    queried, posted, pending = [], [], [dependant]
+    while pending:  # the route's own parameters and its dependencies'
+        current = pending.pop()
+        queried += current.query_params
+        posted += current.body_params
+        pending += current.dependencies
+    sources = [(request.query_params, queried)] if request.query_params else []
+    posted = [f for f in posted if number_type(f.field_info.annotation) is not None]
+    if posted and request.headers.get("content-type", "").split(";", 1)[0].strip().lower() in FORM_TYPES:
+        sources.append((await request.form(), posted))
+    for values, fields in sources:
+        for f in fields:
+            kind = number_type(f.field_info.annotation)
+            if kind is None:
+                continue
+            for text in values.getlist(f.alias):
+                if isinstance(text, str) and (problem := loose_number(f.alias, text, kind)):
+                    raise InputError(problem)
 
 
 def _known_fields() -> frozenset[str]:

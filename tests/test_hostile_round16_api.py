@@ -1,0 +1,174 @@
+"""A sixteenth round of what a hostile or careless client (or operator) tried against the API,
+after the earlier rounds (tests/test_hostile_*.py, test_security.py).
+
+Each test fails on the code before its fix:
+
+* a number sent as text was read as Python's ``int()``/``float()`` read it (pydantic's lax mode):
+  ``num_speakers=1_0`` ran with 10 speakers, ``num_speakers=+3`` and ``num_speakers=%203`` with 3,
+  ``min_duration=1_0.5`` with 10.5 s, ``threshold=+0.5`` at 0.5, and ``GET /jobs?limit=1_0``
+  listed 10. Every number parameter (form or query, of every route) must now be written as plain
+  digits, else 422 naming it (``shared.kinds.loose_number``, ``api.forms.refuse_loose_numbers``);
+* ``min_duration=1e20`` was taken and would have dropped every segment: it is bounded by the
+  longest audio the service takes (``max_audio_seconds``);
+* an empty or one-character API key was taken from the configuration, and a key with a space at
+  an end (which no request can match: HTTP drops it) started a service that answered that key
+  401 with no sign why: the API refuses to start, naming the setting, without echoing the key;
+* a part that named its file only as ``filename*=UTF-8''...`` (RFC 5987, no ``filename=``) was
+  read as text (python-multipart knows a file by ``filename=`` alone), and the 422 told the client
+  to add curl's ``@``; a part of file content read as text is now told to send ``filename=``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from tests.conftest import newest_job_ids, tone_wav
+
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+
+
+def _refused(r, field: str) -> dict:
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert set(body) == ERROR_KEYS and body["error_type"] == "ValidationError", body
+    assert body["detail"].startswith(f"{field}:"), body
+    return body
+
+
+def _audio(field: str = "file") -> list:
+    return [(field, ("a.wav", tone_wav(0.5), "audio/wav"))]
+
+
+TWO = [("file1", ("a.wav", tone_wav(0.5), "audio/wav")), ("file2", ("b.wav", tone_wav(0.5), "audio/wav"))]
+
+
+@pytest.mark.parametrize("route, files, field, value", [
+    ("/jobs/diarize", None, "num_speakers", "1_0"),      # before: 202, ran with 10 speakers
+    ("/jobs/diarize", None, "num_speakers", "+3"),       # before: 202, 3
+    ("/jobs/diarize", None, "max_speakers", " 3"),       # before: 202, 3
+    ("/jobs/diarize", None, "min_speakers", "2.0"),      # before: 202, 2
+    ("/jobs/diarize", None, "min_duration", "1_0.5"),    # before: 202, 10.5 s
+    ("/diarize", None, "min_duration", "0.5 "),          # before: 200, 0.5 s (synchronous route)
+    ("/jobs/compare", TWO, "threshold", "+0.5"),         # before: 202, 0.5
+    ("/jobs/identify", None, "threshold", "0_5"),        # before: 422 for another reason, at best
+    ("/jobs/batch", "files", "num_speakers", "1_0"),     # before: 202, a batch of 10-speaker jobs
+])
+def test_a_number_not_written_plainly_is_refused(client, route, files, field, value):
+    before = newest_job_ids(client)
+    if files is None:
+        files = _audio()
+    elif files == "files":
+        files = _audio("files")
+    extra = {"kind": "diarize"} if route == "/jobs/batch" else {}
+    if route == "/jobs/identify":
+        extra = {"voiceprints": "all"}
+    body = _refused(client.post(route, files=files, data={field: value, **extra}), field)
+    assert repr(value) in body["detail"], body
+    assert newest_job_ids(client) == before
+
+
+@pytest.mark.parametrize("path", ["/jobs", "/voiceprints"])
+@pytest.mark.parametrize("value", ["1_0", "+5", " 5", "5.0"])
+def test_a_page_size_not_written_plainly_is_refused(client, path, value):
+    # before: 200 with a page of 10 (or 5)
+    _refused(client.get(path, params={"limit": value}), "limit")
+
+
+def test_plainly_written_numbers_are_read_as_before():
+    from shared.kinds import CompareParams, DiarizeParams, loose_number
+
+    params = DiarizeParams.model_validate({"num_speakers": "3", "min_duration": "0.25"})
+    assert (params.num_speakers, params.min_duration) == (3, 0.25)
+    for text in ("0.5", ".5", "1.", "5e-1", "1e+0", "-0.5", "-1E-2"):
+        assert loose_number("threshold", text, float) is None, text
+        CompareParams.model_validate({"threshold": text})
+    for text in ("3", "003", "-3"):
+        assert loose_number("num_speakers", text, int) is None, text
+    for text in ("３", "٣", "1__0", "0x10", "1e1", "nan", "inf", "3\n", "\t3"):
+        assert loose_number("num_speakers", text, int), text
+    with pytest.raises(ValidationError, match="num_speakers: '1_0'"):
+        DiarizeParams.model_validate({"num_speakers": "1_0"})
+
+
+def test_a_plainly_written_number_is_still_taken(client):
+    r = client.post("/jobs/diarize", files=_audio(), data={"num_speakers": "2", "min_duration": "5e-1"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    assert client.post(f"/jobs/{job_id}/cancel").status_code in (200, 409)
+
+
+@pytest.mark.parametrize("value", ["1e20", "86401", "1e308"])
+def test_a_minimum_segment_longer_than_any_audio_is_refused(client, value):
+    before = newest_job_ids(client)
+    # before: 202, a job that would drop every segment
+    body = _refused(client.post("/jobs/diarize", files=_audio(), data={"min_duration": value}), "min_duration")
+    assert "longest audio" in body["detail"], body
+    assert newest_job_ids(client) == before
+
+
+def test_the_bound_on_min_duration_follows_the_services_audio_limit(settings):
+    from shared.kinds import DiarizeParams, validate_params
+    from shared.errors import InputError
+
+    roomy = settings.model_copy(update={"max_audio_seconds": 172800.0})
+    assert validate_params(DiarizeParams, {"min_duration": 100000.0}, settings=roomy).min_duration == 100000.0
+    with pytest.raises(InputError, match="min_duration: .*longest audio"):
+        validate_params(DiarizeParams, {"min_duration": 100000.0}, settings=settings)
+    # without settings (the worker reading back what its API checked): not bounded here
+    assert validate_params(DiarizeParams, {"min_duration": 100000.0}).min_duration == 100000.0
+
+
+@pytest.mark.parametrize("setting, keys", [
+    ("api_keys", [""]),
+    ("api_keys", ["x"]),
+    ("admin_api_keys", ["ab"]),
+    ("api_keys", ["a-good-key-0123456789", " padded-key-0123"]),
+    ("api_keys", ["clé-secrète-0123456789"]),
+])
+def test_a_weak_or_unmatchable_api_key_is_refused_in_the_settings(setting, keys):
+    from shared.settings import Settings
+
+    with pytest.raises(ValidationError) as caught:
+        Settings(**{setting: [SecretStr(k) for k in keys]})
+    said = str(caught.value)
+    assert f"AUDIO_ANALYSIS_{setting.upper()}" in said
+    assert all(k not in said for k in keys if len(k) > 2), said  # the key itself is never echoed
+
+
+def test_the_suites_own_short_keys_and_no_keys_still_start():
+    from shared.settings import Settings
+
+    assert Settings(api_keys=[]).api_keys == []
+    assert len(Settings(api_keys=[SecretStr("other"), SecretStr("s3cret")]).api_keys) == 2
+
+
+def test_the_api_refuses_to_start_with_a_one_character_key(service_env):
+    """Under ``python -m api.serve`` as deployed: before, it started and took ``X-API-Key: x``."""
+    env = {**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")},
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps(["a-good-key-0123456789", "q"])}
+    proc = subprocess.run([sys.executable, "-m", "api.serve", "--host", "127.0.0.1", "--port", "9"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "AUDIO_ANALYSIS_API_KEYS: key 2 of 2 has 1 characters" in proc.stderr, proc.stderr[-2000:]
+    assert "a-good-key-0123456789" not in proc.stderr + proc.stdout
+
+
+def test_a_file_named_only_by_filename_star_is_told_to_send_filename(client):
+    audio = tone_wav(0.5)
+    body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''r%C3%A9union.wav\r\n"
+            b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n--B--\r\n")
+    before = newest_job_ids(client)
+    r = client.post("/jobs/diarize", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    detail = _refused(r, "file")["detail"]
+    # before: only "curl sends a file with an @", which such a client was not using
+    assert "filename*=" in detail and 'filename="' in detail, detail
+    assert newest_job_ids(client) == before
+    # text typed where the file goes (curl -F file=meeting.wav) is still told about curl's @
+    typed = _refused(client.post("/jobs/diarize", files=[("file", (None, "meeting.wav"))]), "file")["detail"]
+    assert "filename*=" not in typed and "-F 'file=@meeting.wav'" in typed, typed
