@@ -514,13 +514,18 @@ return 0
 # name in the index of workers (KEYS[2], a set); a name whose record expired leaves the index here,
 # in the same step, so a worker that heartbeats meanwhile is never dropped from it. False while no
 # job worker of this release heartbeats (KEYS[3], its mark, lives as long as its heartbeat).
+# A name whose record expired is a worker that did not stop (a stop removes both, forget_worker):
+# it died, froze or lost its host, and its BRPOP may have taken a message nobody will read, so
+# the mark KEYS[4] is set for ARGV[1] seconds (JobStore.consumer_lost_key).
 _LIVE_WORKERS = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 local out = {}
+local gone = false
 for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   local info = redis.call('GET', KEYS[1] .. name)
-  if info then table.insert(out, info) else redis.call('SREM', KEYS[2], name) end
+  if info then table.insert(out, info) else redis.call('SREM', KEYS[2], name); gone = true end
 end
+if gone then redis.call('SET', KEYS[4], '1', 'EX', ARGV[1]) end
+if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 return out
 """
 
@@ -1570,8 +1575,25 @@ class JobStore:
         pipe.srem(self.key("workers"), worker)
         pipe.execute()
 
+    def consumer_lost_key(self) -> str:
+        """Set while a worker lately stopped heartbeating without stopping (or its main process
+        stalled, worker/recovery.py note_stalled_consumer): the recovery pass then looks for lost
+        messages among queued jobs of any age (recover_unqueued_jobs)."""
+        return self.key("unqueued", "stalled")
+
+    def _prune_workers(self) -> Any:
+        return self._live_workers(keys=[self.key("worker", ""), self.key("workers"), self.key("workers", "indexed"),
+                                        self.consumer_lost_key()],
+                                  args=[max(1, math.ceil(self.settings.job_unqueued_after_s))])
+
+    def prune_workers(self) -> None:
+        """Drop the names of workers whose heartbeat lapsed from the index, noting that one may
+        have taken a message with it (see _LIVE_WORKERS); each recovery pass does, so that a
+        worker lost while nobody asks for /health is noticed too."""
+        self._prune_workers()
+
     def workers(self) -> list[dict[str, Any]]:
-        raw = self._live_workers(keys=[self.key("worker", ""), self.key("workers"), self.key("workers", "indexed")])
+        raw = self._prune_workers()
         if raw is None:  # no worker of this release yet: the earlier releases' records by a SCAN
             keys = list(self.redis.scan_iter(match=self.key("worker", "*"), count=100))
             raw = [r for r in (self.redis.mget(keys) if keys else []) if r]

@@ -168,11 +168,6 @@ def _unqueued_key(store: JobStore) -> str:
     return store.key("unqueued")
 
 
-def _stalled_consumer_key(store: JobStore) -> str:
-    # set while a worker's main process stalled recently (note_stalled_consumer)
-    return store.key("unqueued", "stalled")
-
-
 def note_stalled_consumer(store: JobStore, settings: Settings) -> None:
     """Said by a pool process whose worker's main process stopped making progress (frozen by
     SIGSTOP or a paused VM, its loop hung; worker.lifecycle.main_stalled): that process's BRPOP
@@ -186,7 +181,7 @@ def note_stalled_consumer(store: JobStore, settings: Settings) -> None:
     its reads (a stall is rare, and the look stays one worker's per interval)."""
     import math
 
-    store.redis.set(_stalled_consumer_key(store), "1", ex=max(1, math.ceil(settings.job_unqueued_after_s)))
+    store.redis.set(store.consumer_lost_key(), "1", ex=max(1, math.ceil(settings.job_unqueued_after_s)))
 
 
 def _ids_in_unacked(client: Any) -> set[str]:
@@ -232,7 +227,10 @@ def recover_unqueued_jobs(store: JobStore, settings: Settings) -> list[str]:
     0: it waited its turn), once per queued spell (its attempts). A message between two places
     (microseconds: BRPOP and the unacked write, a restore, an ack) is never missed by two passes an
     interval apart; and should a copy still exist, it finds the job running (it waits) or ended
-    (it skips it), as any copy does (worker.tasks._run). Unconfirmed submissions are
+    (it skips it), as any copy does (worker.tasks._run). While ``JobStore.consumer_lost_key`` is
+    set (a worker's heartbeat lapsed without its stopping, its main process stalled: its waiting
+    BRPOP may have taken the next message pushed, into a socket nobody reads), every confirmed
+    queued job is a candidate, whatever its age: the job runs seconds after, not minutes. Unconfirmed submissions are
     fail_interrupted_submissions' alone, and held or reserved messages are in the unacked set.
 
     Cost: with no candidate, one script over the index of waiting sets and one pipelined
@@ -250,8 +248,11 @@ def recover_unqueued_jobs(store: JobStore, settings: Settings) -> list[str]:
         store.index_waiting_sets(client.scan_iter(match=store.key("waiting", "*"), count=1000, _type="zset"))
         _indexed["done"] = True
     sightings = _unqueued_key(store)
-    # any age while a worker's main process stalled lately (note_stalled_consumer)
-    after_s = 0.0 if client.exists(_stalled_consumer_key(store)) else settings.job_unqueued_after_s
+    # any age while a worker's main process stalled lately (note_stalled_consumer), or a worker
+    # stopped heartbeating without stopping (frozen whole, killed, its host lost: the pruning of
+    # the heartbeats' index, here at each pass, notes it)
+    store.prune_workers()
+    after_s = 0.0 if client.exists(store.consumer_lost_key()) else settings.job_unqueued_after_s
     old = store.waiting_before(store.waiting_sets(), store.clock() - after_s, OLDEST_PER_SET)
     if not old:
         client.delete(sightings)
