@@ -64,7 +64,13 @@ _MAX_DECODE_THREADS = 8
 # the API as 1 s, a synchronous request decoded 30 min of it before its 413, and a job, held to
 # 601 s for its "1 s", decoded all 24 h (21 s, 5.1 GB of RSS as the buffer grew) for the engine
 # to run past that limit (504).
-_DECLARED_FORMATS = ("mov", "matroska", "wv")
+# WAV (and Wave64) and AIFF-C too, of the codecs libsndfile leaves to FFmpeg: FFmpeg's length for
+# them is the data's size over the header's average byte rate, or the COMM chunk's frame count,
+# fields anyone can write. A 4 MB WAV of TrueSpeech whose byte rate said 4 MB/s passed as 1 s and
+# decoded to 3750 s (with the upload limit's 1 GB, to the 24 h limit: 2.7 GB of float16 under a
+# job time limit of 601 s), a 2 MB AIFF-C of MACE counting 1 s of frames to 1500 s. And AVI,
+# whose audio stream header (strh) counts its length: 70 s of MP3 counted as 1 s decoded whole
+_DECLARED_FORMATS = ("mov", "matroska", "wv", "wav", "w64", "aiff", "avi")
 # FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
 _PACKED_FROM = 8
 # at most this many changes of rate, layout or sample format in one FFmpeg stream (_read_pyav):

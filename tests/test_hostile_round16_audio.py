@@ -1,0 +1,138 @@
+"""Hostile audio, round 16: headers that declare a length FFmpeg takes at its word, of formats
+earlier rounds did not hold to it.
+
+- A WAV of a codec libsndfile does not read (TrueSpeech, GSM in an odd layout, ...) goes to
+  FFmpeg, whose length for it is the data chunk's size over the header's average byte rate, a
+  field anyone can write. A 4 MB WAV of TrueSpeech packets whose byte rate said 4 MB/s passed the
+  header check (API and worker) as 1.0 s and decoded to 3750 s (2 s of CPU, 250 MB); with the
+  upload limit's 1 GB it decodes to the 24 h limit (2.7 GB of float16 in the worker) under a job
+  time limit of 601 s for its "1 s", and an enrolment's 20 such files counted 20 s in its
+  duration budget. A synchronous request decoded 30 min of it before its 413.
+- An AIFF-C of a codec libsndfile does not read (MACE 3:1 and 6:1, QCELP) the same with its
+  COMM chunk's frame count: 2 MB said 1 s and decoded to 750 s, 1500 s and 1143 s.
+
+Both are now held to their declared length as MP4, Matroska, WavPack and FLV are (rounds 5 and
+10): refused (415) as soon as they decode past twice that and a minute. Honest files of the same
+codecs decode to their end.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from engine.audio import load_audio
+from evaluation.encoding import encode
+from shared.audio_limits import check_audio_limits
+from shared.errors import AudioDecodeError
+from tests.conftest import wait_for_job
+
+# the documented error shape (docs/service.md)
+ERROR_KEYS = {"detail", "error_type", "timestamp"}
+
+# random bytes decode as TrueSpeech (32-byte packets of 240 samples at 8 kHz) and as MACE: no
+# encoder for either is at hand, and the decoders take any bits
+_PAYLOAD = np.random.default_rng(16).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+
+
+def _wav(byte_rate: int, data: bytes = _PAYLOAD) -> bytes:
+    """A mono 8 kHz WAV of TrueSpeech (format tag 0x22), declaring ``byte_rate`` bytes a second."""
+    fmt = struct.pack("<HHIIHH", 0x22, 1, 8000, byte_rate, 32, 1)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _ext80(value: float) -> bytes:
+    """An IEEE 754 80-bit extended float, as AIFF's COMM chunk holds its sample rate."""
+    exponent = int(math.floor(math.log2(value)))
+    return struct.pack(">HQ", 16383 + exponent, int(value / 2**exponent * 2**63))
+
+
+def _aifc(frames: int, codec: bytes = b"MAC6", data: bytes = _PAYLOAD) -> bytes:
+    """A mono 8 kHz AIFF-C of ``codec`` whose COMM chunk counts ``frames``."""
+    comm = struct.pack(">hIh", 1, frames, 16) + _ext80(8000.0) + codec + b"\x00\x00"
+    ssnd = struct.pack(">II", 0, 0) + data
+    body = (b"AIFC" + b"FVER" + struct.pack(">II", 4, 0xA2805140) + b"COMM" + struct.pack(">I", len(comm)) + comm
+            + b"SSND" + struct.pack(">I", len(ssnd)) + ssnd)
+    return b"FORM" + struct.pack(">I", len(body)) + body
+
+
+# TrueSpeech's own rate: 32 bytes per 30 ms; 400 KB of it is 375 s
+_TRUESPEECH_BYTE_RATE = 1067
+
+
+def test_a_wav_whose_byte_rate_understates_its_length_is_refused_as_it_decodes() -> None:
+    """The header check reads 1 s of the forged WAV; its 375 s are refused past 2 x 1 s + 60 s
+    (before: decoded whole, 375 s). The honest file's length is what it decodes to."""
+    forged = _wav(len(_PAYLOAD))
+    assert check_audio_limits(io.BytesIO(forged), max_duration=3600.0).duration == pytest.approx(1.0)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares") as refused:
+        load_audio(forged, reject_silence=False)
+    assert refused.value.status_code == 415
+    honest = _wav(_TRUESPEECH_BYTE_RATE)
+    declared = check_audio_limits(io.BytesIO(honest), max_duration=3600.0).duration
+    assert declared == pytest.approx(375.0, rel=0.01)
+    assert load_audio(honest, reject_silence=False).duration == pytest.approx(declared, rel=0.01)
+
+
+def test_an_aifc_whose_frame_count_understates_its_length_is_refused_as_it_decodes() -> None:
+    """MACE 6:1 in AIFF-C: 400 KB is 2.4 M samples (300 s at 8 kHz); a COMM chunk counting 1333
+    frames said 1 s and the file decoded to 300 s. Refused now; the honest count decodes whole."""
+    forged = _aifc(1333)
+    assert check_audio_limits(io.BytesIO(forged), max_duration=3600.0).duration == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(forged, reject_silence=False)
+    honest = _aifc(len(_PAYLOAD))  # MACE 6:1: a byte a frame of 6 samples
+    declared = check_audio_limits(io.BytesIO(honest), max_duration=3600.0).duration
+    assert declared == pytest.approx(300.0, rel=0.01)
+    assert load_audio(honest, reject_silence=False).duration == pytest.approx(declared, rel=0.01)
+
+
+def test_a_header_counting_no_frames_is_a_length_unknown_not_0_s() -> None:
+    """A COMM chunk counting 0 frames over 300 s of MACE read as 0.0 s at the header check: nothing
+    in a job's duration budget, the floor of its time limit, and held to 0 s the decoder would
+    refuse it after a minute. A writer that could not go back to count (a pipe) leaves 0: the
+    length is unknown (the job gets the limit's time) and the file decodes to its end."""
+    unsized = _aifc(0)
+    assert check_audio_limits(io.BytesIO(unsized), max_duration=3600.0).duration is None
+    assert load_audio(unsized, reject_silence=False).duration == pytest.approx(300.0, rel=0.01)
+
+
+def _avi(seconds: float, *, count_as: float | None = None) -> bytes:
+    """``seconds`` of MP3 in AVI as FFmpeg writes it; its audio stream header's length (strh
+    dwLength, in its own blocks) rewritten to count ``count_as`` seconds where given."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    data = bytearray(encode(tone, 16000, container="avi", codec="mp3"))
+    at = data.find(b"strh")
+    assert data[at + 8 : at + 12] == b"auds"
+    length = struct.unpack("<I", data[at + 40 : at + 44])[0]
+    if count_as is not None:
+        data[at + 40 : at + 44] = struct.pack("<I", max(1, round(length * count_as / seconds)))
+    return bytes(data)
+
+
+def test_an_avi_whose_stream_header_understates_its_length_is_refused_as_it_decodes() -> None:
+    """70 s of MP3 in AVI whose strh counted 1 s: 1 s at the header check, 70 s decoded (an
+    hour's as cheaply). Refused now past 2 x 1 s + 60 s; the honest file decodes whole."""
+    forged = _avi(70.0, count_as=1.0)
+    assert check_audio_limits(io.BytesIO(forged), max_duration=3600.0).duration == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(forged)
+    assert load_audio(_avi(70.0)).duration == pytest.approx(70.0, abs=0.2)
+
+
+def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
+    """Through the API (202: its header says 1 s) and the session's real worker: the job fails in
+    the documented shape, a 415, rather than analysing 375 s under the time limit of 1 s."""
+    r = client.post("/jobs/embedding", files={"file": ("forged.wav", _wav(len(_PAYLOAD)), "audio/wav")})
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], 60)
+    assert done["status"] == "failed", done
+    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
+    assert done["error"]["status_code"] == 415, done
+    assert "decodes to more than its header declares" in done["error"]["detail"], done
