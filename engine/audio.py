@@ -69,8 +69,10 @@ _MAX_DECODE_THREADS = 8
 # fields anyone can write. A 4 MB WAV of TrueSpeech whose byte rate said 4 MB/s passed as 1 s and
 # decoded to 3750 s (with the upload limit's 1 GB, to the 24 h limit: 2.7 GB of float16 under a
 # job time limit of 601 s), a 2 MB AIFF-C of MACE counting 1 s of frames to 1500 s. And AVI,
-# whose audio stream header (strh) counts its length: 70 s of MP3 counted as 1 s decoded whole
-_DECLARED_FORMATS = ("mov", "matroska", "wv", "wav", "w64", "aiff", "avi")
+# whose audio stream header (strh) counts its length: 70 s of MP3 counted as 1 s decoded whole;
+# and ASF (WMA), whose File Properties state the play duration (a broadcast's, flagged as such,
+# FFmpeg does not take): 70 s of WMA said 1 s
+_DECLARED_FORMATS = ("mov", "matroska", "wv", "wav", "w64", "aiff", "avi", "asf")
 # FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
 _PACKED_FROM = 8
 # at most this many changes of rate, layout or sample format in one FFmpeg stream (_read_pyav):

@@ -1580,7 +1580,7 @@ def declared_duration(container, stream) -> float | None:
         seconds = container.duration / av.time_base
     else:
         return None
-    if seconds == 0 and container.format.name in ("wv", "aiff", "wav", "w64", "avi"):
+    if seconds == 0 and container.format.name in ("wv", "aiff", "wav", "w64", "avi", "asf"):
         # FFmpeg's own WavPack muxer counts the samples into the first block only where it can
         # seek back to it: written to a pipe (ffmpeg -f wv -) it leaves 0. No length, as WavPack's
         # own -1 is; held to 0 (engine/audio.py's _DECLARED_FORMATS), 90 s of it was refused.

@@ -126,6 +126,34 @@ def test_an_avi_whose_stream_header_understates_its_length_is_refused_as_it_deco
     assert load_audio(_avi(70.0)).duration == pytest.approx(70.0, abs=0.2)
 
 
+# ASF's File Properties Object: its GUID, then size, file id, file size, creation date and packet
+# count before the play and send durations (100 ns units; play includes the preroll, in ms)
+_ASF_FILE_PROPERTIES = bytes.fromhex("A1DCAB8C47A9CF118EE400C00C205365")
+
+
+def _wma(seconds: float, *, count_as: float | None = None) -> bytes:
+    """``seconds`` of WMA (v2) in ASF as FFmpeg writes it; its File Properties' play and send
+    durations rewritten to ``count_as`` seconds where given."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    data = bytearray(encode(tone, 16000, container="asf", codec="wmav2", bit_rate=32000))
+    at = data.find(_ASF_FILE_PROPERTIES) + 16 + 8 + 16 + 8 + 8 + 8
+    preroll_ms = struct.unpack("<Q", data[at + 16 : at + 24])[0]
+    if count_as is not None:
+        data[at : at + 16] = struct.pack("<QQ", int(count_as * 1e7) + preroll_ms * 10_000, int(count_as * 1e7))
+    return bytes(data)
+
+
+def test_a_wma_whose_file_properties_understate_its_length_is_refused_as_it_decodes() -> None:
+    """70 s of WMA whose ASF header said 1 s: 1 s at the header check, 70 s decoded. Refused now
+    past 2 x 1 s + 60 s; the honest file decodes whole."""
+    forged = _wma(70.0, count_as=1.0)
+    assert check_audio_limits(io.BytesIO(forged), max_duration=3600.0).duration == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
+        load_audio(forged)
+    assert load_audio(_wma(70.0)).duration == pytest.approx(70.0, abs=0.2)
+
+
 def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
     """Through the API (202: its header says 1 s) and the session's real worker: the job fails in
     the documented shape, a 415, rather than analysing 375 s under the time limit of 1 s."""
