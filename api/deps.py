@@ -82,12 +82,16 @@ def _matches(key: str, keys: list) -> bool:
     return found
 
 
-def authenticate(key: str | None, settings: Settings) -> Principal:
+def authenticate(key: str | None, settings: Settings, *, count: int = 1) -> Principal:
     """Who sends ``key`` (AuthError if nobody with keys on); keys off: everyone, unnamed.
-    Compared in constant time."""
+    Compared in constant time. ``count``: how many X-API-Key headers the request carried; more
+    than one is refused: the request was served as its first key's, another tenant's perhaps
+    (a proxy that adds its own key to a client's), with no sign which one was used."""
     keys, admins = settings.api_keys, settings.admin_api_keys
     if not keys and not admins:
         return Principal(owner=None, admin=False)
+    if count > 1:
+        raise AuthError(f"X-API-Key given {count} times; send one key")
     if key is None:
         raise AuthError("missing X-API-Key header")
     if _matches(key, admins):
@@ -99,7 +103,7 @@ def authenticate(key: str | None, settings: Settings) -> Principal:
 
 async def require_api_key(request: Request, key: str | None = Security(api_key_header)) -> Principal:
     """Off unless settings.api_keys (or admin_api_keys) is set."""
-    return authenticate(key, request.app.state.settings)
+    return authenticate(key, request.app.state.settings, count=len(request.headers.getlist("x-api-key")))
 
 
 class ApiKeyGate:
@@ -120,9 +124,10 @@ class ApiKeyGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
             # the first one, as the dependency reads it (Starlette's headers.get)
-            raw = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
+            sent = [v for k, v in scope["headers"] if k == b"x-api-key"]
+            raw = sent[0] if sent else None
             try:
-                authenticate(raw.decode("latin-1") if raw is not None else None, self.settings)
+                authenticate(raw.decode("latin-1") if raw is not None else None, self.settings, count=len(sent))
             except AuthError as exc:
                 response = error_response(401, exc.detail, exc.error_type, {"WWW-Authenticate": "X-API-Key"})
                 await response(scope, receive, send)

@@ -208,6 +208,26 @@ async def refuse_foreign(request: Request, accepted: Iterable[str]) -> None:
     if foreign:
         raise InputError(f"{', '.join(foreign)}: not a field of {request.method} {request.url.path}, which takes "
                          f"{', '.join(sorted(accepted))}")
+    refuse_misspelt(form.keys(), accepted, "field")
+
+
+def _spelling(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def refuse_misspelt(sent: Iterable[str], accepted: Iterable[str], what: str) -> None:
+    """422 for a name that is a field of a job route but for its case, a dash or spaces around it.
+
+    Names are case-sensitive, and one no route reads is left alone: ``Num_Speakers=3`` (a form
+    filled from a template, a client that capitalises its keys) and ``num-speakers=3`` ran with
+    the default speaker count, and a second upload sent as ``FILE`` was dropped, 202 without a
+    word. Such a name is no proxy's or tracker's: it is this API's field, misspelt."""
+    ours = {_spelling(name): name for name in (*KNOWN_FIELDS, *accepted)}
+    taken = set(accepted) | KNOWN_FIELDS
+    misspelt = sorted({name for name in sent if name not in taken and _spelling(name) in ours})
+    if misspelt:
+        said = ", ".join(f"{name!r} (the {what} is {ours[_spelling(name)]})" for name in misspelt[:5])
+        raise InputError(f"{said}: {what} names are case-sensitive, with '_' between words; send each as named")
 
 
 def refuse_fields_in_query(request: Request, form_fields: frozenset[str]) -> None:
@@ -220,7 +240,8 @@ def refuse_fields_in_query(request: Request, form_fields: frozenset[str]) -> Non
     sent no webhook, and ``POST /voiceprints/import?label=Bob`` stored the file's label. Checked
     before the body is read; names no route reads are left alone, as in the form.
     """
-    sent = sorted({name for name in request.query_params.keys() if name in form_fields or name in KNOWN_FIELDS})
+    sent = sorted({name for name in request.query_params.keys() if name in form_fields or name in KNOWN_FIELDS
+                   or _spelling(name) in {_spelling(f) for f in (*form_fields, *KNOWN_FIELDS)}})
     if sent:
         raise InputError(f"{', '.join(sent)}: sent in the query string; {request.method} {request.url.path} "
                          "takes its fields in the form (multipart/form-data), not the URL")

@@ -172,3 +172,43 @@ def test_a_file_named_only_by_filename_star_is_told_to_send_filename(client):
     # text typed where the file goes (curl -F file=meeting.wav) is still told about curl's @
     typed = _refused(client.post("/jobs/diarize", files=[("file", (None, "meeting.wav"))]), "file")["detail"]
     assert "filename*=" not in typed and "-F 'file=@meeting.wav'" in typed, typed
+
+
+@pytest.mark.parametrize("route, files, data, named", [
+    ("/jobs/diarize", None, {"Num_Speakers": "3"}, "num_speakers"),       # before: 202, the default count
+    ("/jobs/diarize", None, {"num-speakers": "3"}, "num_speakers"),       # before: 202, the default count
+    ("/diarize", None, {"Min_Duration": "1"}, "min_duration"),            # before: 200, nothing dropped
+    ("/jobs/compare", TWO, {"THRESHOLD": "0.9"}, "threshold"),            # before: 202, the default threshold
+    ("/jobs/diarize", [("file", ("a.wav", tone_wav(0.5), "audio/wav")), ("FILE", ("b.wav", tone_wav(0.5), "audio/wav"))],
+     {}, "file"),                                                          # before: 202, the second upload dropped
+    ("/voiceprints", [("files", ("a.wav", tone_wav(0.5), "audio/wav"))], {"label": "Ann", "Label": "Bob"}, "label"),
+])
+def test_a_field_misspelt_by_its_case_or_a_dash_is_refused_not_dropped(client, route, files, data, named):
+    before = newest_job_ids(client)
+    r = client.post(route, files=files or _audio(), data=data)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert set(body) == ERROR_KEYS and body["error_type"] == "ValidationError", body
+    assert f"(the field is {named})" in body["detail"], body
+    assert newest_job_ids(client) == before
+
+
+def test_a_field_misspelt_in_the_query_string_is_refused(client):
+    before = newest_job_ids(client)
+    r = client.post("/jobs/diarize?Num_Speakers=3", files=_audio())
+    # before: 202, the default speaker count
+    _refused(r, "Num_Speakers")
+    assert newest_job_ids(client) == before
+
+
+def test_two_api_keys_in_one_request_are_refused(variant_app):
+    key_a, key_b = "round16-key-a-0123456789", "round16-key-b-0123456789"
+    secured = variant_app(api_keys=[SecretStr(key_a), SecretStr(key_b)])
+    both = [("X-API-Key", key_b), ("X-API-Key", key_a)]
+    for r in (secured.get("/jobs", headers=both), secured.get("/voiceprints", headers=both),
+              secured.post("/jobs/diarize", files=_audio(), headers=both)):
+        # before: 200/202, served as the first key's tenant
+        assert r.status_code == 401, r.text
+        body = r.json()
+        assert set(body) == ERROR_KEYS and "X-API-Key given 2 times" in body["detail"], body
+    assert secured.get("/jobs", headers={"X-API-Key": key_a}).status_code == 200
