@@ -8,7 +8,13 @@
   six minutes of a lost job, while the frozen worker's own pool process knew within seconds
   (``main_stall_s``) that its main process had stopped. That pool process now says so in Redis,
   and every worker's pass then looks at every confirmed queued job, whatever its age, until the
-  usual look covers what the stall could have taken.
+  usual look covers what the stall could have taken;
+* the same of a worker frozen whole (a solo worker stopped; ``docker pause``, a VM paused: the
+  pool processes stop too, so nothing of that worker can say so), or lost with its host while its
+  BRPOP waited (Redis hands the message to a connection it does not yet know is dead): the
+  heartbeat index's pruning, which every worker's pass now runs, takes a worker whose heartbeat
+  lapsed without its stopping (a clean stop removes its name) for one that may hold a message, and
+  says so as above.
 """
 
 from __future__ import annotations
@@ -51,6 +57,28 @@ def _unacked(store: Any) -> str:
                      for v in store.redis.hvals(UNACKED))
 
 
+def _lose_to_frozen(store: Any, api: Any, proc: Any, queue: str, media_server: Any, name: str) -> tuple[str, str]:
+    """Stop ``proc`` (SIGSTOP) and submit a job to ``queue``, which only it consumes, at once,
+    until the job's message is nowhere in Redis: taken by the stopped process's waiting BRPOP
+    (else it was between two waits: it runs the job, and another try follows). Returns the job's
+    id and the path of its URL (which answers 404), ``proc`` stopped."""
+    for attempt in range(3):
+        path = f"/r16/{name}-{attempt}.wav"
+        url = media_server.file(path, b"gone", status=404)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)
+        r = api.post("/jobs/embedding", data={"file_url": url})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        time.sleep(0.3)
+        if job_id not in _ids(store, queue) and job_id not in _unacked(store):
+            return job_id, path
+        proc.send_signal(signal.SIGCONT)
+        wait_for_job(api, job_id, timeout_s=60)
+        time.sleep(1.5)
+    raise AssertionError("the stopped worker's BRPOP never took a message")
+
+
 def test_a_message_a_frozen_main_process_took_is_sent_again_within_a_minute(
         service_env, settings, media_server, tmp_path_factory):
     """Worker A (prefork, no models) alone consumes QUEUE; worker B consumes another queue and
@@ -83,26 +111,8 @@ def test_a_message_a_frozen_main_process_took_is_sent_again_within_a_minute(
               lambda: (stack.log_dir / "r16frozen.log").read_text(errors="replace")[-3000:])
         time.sleep(1.5)  # A's consumer is in its BRPOP loop
         with TestClient(create_app(mine), raise_server_exceptions=False) as api:
-            job_id = path = ""
-            for attempt in range(3):
-                path = f"/r16/frozen-{attempt}.wav"
-                url = media_server.file(path, b"gone", status=404)
-                a.send_signal(signal.SIGSTOP)
-                frozen = a
-                time.sleep(0.05)
-                r = api.post("/jobs/embedding", data={"file_url": url})
-                assert r.status_code == 202, r.text
-                job_id = r.json()["job_id"]
-                time.sleep(0.3)
-                if job_id not in _ids(store, QUEUE) and job_id not in _unacked(store):
-                    break  # taken by the frozen process's BRPOP: nowhere in Redis
-                # A was between two BRPOPs: the message waits in the list; let A run it, try again
-                a.send_signal(signal.SIGCONT)
-                frozen = None
-                wait_for_job(api, job_id, timeout_s=60)
-                time.sleep(1.5)
-            else:
-                raise AssertionError("the frozen worker's BRPOP never took a message")
+            frozen = a
+            job_id, path = _lose_to_frozen(store, api, a, QUEUE, media_server, "frozen")
             took = _wait(lambda: job_id in _ids(store, QUEUE), 60,
                          lambda: f"the message the frozen worker took is still nowhere; {store.get(job_id)}")
             print(f"\nthe message a frozen main process took was sent again {took:.1f} s after the submission")
@@ -121,3 +131,116 @@ def test_a_message_a_frozen_main_process_took_is_sent_again_within_a_minute(
             frozen.send_signal(signal.SIGCONT)
         stack.stop()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(QUEUE), *queue_keys(OTHER), *queue_keys(HOOKS))
+
+
+def test_a_message_a_worker_frozen_whole_took_is_sent_again_within_a_minute(
+        service_env, settings, media_server, tmp_path_factory):
+    """As above, with A a solo worker stopped whole (nothing of it runs: as a paused container or
+    VM, or a host lost). Its heartbeat lapses (3 s here); B's pass prunes its name from the index
+    of workers and looks at every queued job: the message is back in the queue within 60 s
+    (measured about 5 s); before, it stayed nowhere past the 60 s (300 s and two passes). After
+    SIGCONT, the job ran once."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack
+    from shared.jobs import JobStore
+    from shared.queue import queue_keys
+
+    queue = QUEUE + "-solo"
+    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue, "webhook_queue_name": HOOKS})
+    store = JobStore.from_settings(mine)
+    stack = Stack(log_dir=tmp_path_factory.mktemp("r16-frozen-solo"))
+    frozen = None
+    try:
+        a = stack.start_worker(queues=[queue], name="r16solo", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": queue})
+        stack.start_worker(queues=[OTHER], name="r16other2", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": OTHER})
+
+        def listed(name: str) -> bool:
+            return any(w["worker"].startswith(f"{name}@") for w in store.workers())
+
+        _wait(lambda: listed("r16solo") and listed("r16other2"), 90,
+              lambda: (stack.log_dir / "r16solo.log").read_text(errors="replace")[-3000:])
+        time.sleep(1.5)
+        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
+            frozen = a
+            job_id, path = _lose_to_frozen(store, api, a, queue, media_server, "frozen-solo")
+            took = _wait(lambda: job_id in _ids(store, queue), 60,
+                         lambda: f"the message the frozen worker took is still nowhere; {store.get(job_id)}")
+            print(f"\nthe message a worker frozen whole took was sent again {took:.1f} s after the submission")
+            a.send_signal(signal.SIGCONT)
+            frozen = None
+            record = wait_for_job(api, job_id, timeout_s=60)
+            assert record["status"] == "failed" and record["attempts"] == 1, record
+            _wait(lambda: job_id not in _ids(store, queue) and job_id not in _unacked(store), 30,
+                  "a copy of the job's message stays in the broker")
+            assert len(media_server.for_path(path)) == 1, media_server.for_path(path)
+    finally:
+        if frozen is not None:
+            frozen.send_signal(signal.SIGCONT)
+        stack.stop()
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue), *queue_keys(OTHER), *queue_keys(HOOKS))
+
+
+# the holder: a lease taken in a process of its own PID namespace, its token printed, then held
+_HOLDER = """
+import sys, time
+import redis
+from worker.lease import JobLease
+client = redis.Redis.from_url(sys.argv[1])
+lease = JobLease(client, sys.argv[2], 30.0)
+assert lease.acquire() is None
+print(client.get(sys.argv[2]).decode(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lease_held_in_another_pid_namespace_of_the_same_hostname_is_not_taken_over(settings, redis_client):
+    """Two worker containers with one hostname (host networking: Docker's ``network_mode: host``,
+    Kubernetes' ``hostNetwork``, each with its own PID namespace) on one machine. A job's lease
+    held by a live worker in one was taken for a dead one's by the other: its holder's PID, looked
+    up in the wrong namespace, did not exist, so the second copy of the job took the lease over
+    and ran the job a second time, and the recovery pass queued the running job again. Here the
+    holder runs in a PID namespace of its own (``unshare --pid``, the hostname shared), at a PID
+    that does not exist in this one; this process's JobLease must find it alive, and so must the
+    recovery pass's check."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import uuid
+
+    from shared.jobs import JobStore
+    from worker.lease import JobLease, holder_alive
+    from worker.recovery import _lease_alive
+
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        import pytest
+
+        pytest.skip("needs unshare(1) and root to make a PID namespace")
+    # a PID free here, which the holder gets in its own namespace
+    pid = next(p for p in range(31000, 20000, -1) if not os.path.exists(f"/proc/{p}"))
+    store = JobStore.from_settings(settings)
+    job_id = uuid.uuid4().hex
+    key = store.key("job", job_id, "lease")
+    proc = subprocess.Popen(
+        [unshare, "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c",
+         f'echo {pid - 1} > /proc/sys/kernel/ns_last_pid; "$0" -c "$1" "$2" "$3" & wait',
+         sys.executable, _HOLDER, settings.redis_url, key],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=os.getcwd(),
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        token = proc.stdout.readline().strip()
+        assert token, proc.stderr.read() if proc.poll() is not None else "no token"
+        assert token.split("|")[1] == str(pid) and not os.path.exists(f"/proc/{pid}"), (token, pid)
+        assert holder_alive(token), token
+        assert _lease_alive(store, job_id)
+        # a second copy of the job, here: it must wait for the holder, not take its lease
+        second = JobLease(store.redis, key, 30.0)
+        assert second.acquire() == token
+        assert redis_client.get(key).decode() == token
+    finally:
+        proc.kill()  # unshare's SIGKILL: --kill-child ends its namespace with it
+        proc.wait(timeout=10)
+        redis_client.delete(key)

@@ -24,22 +24,40 @@ from redis.exceptions import LockError
 log = logging.getLogger(__name__)
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"), "" where it cannot be read."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _host() -> str:
+    """Where a PID means one process: the hostname and the PID namespace. Containers that share
+    a hostname (host networking: Docker's ``network_mode: host``, Kubernetes' ``hostNetwork``)
+    each have a namespace of their own, where a PID of the other's names no process or another
+    one: by the hostname alone, a live holder in the container beside was taken for dead, its
+    lease taken over and its job run twice."""
+    return f"{socket.gethostname()}/{_pid_namespace()}"
+
+
 def owner_token() -> str:
-    return f"{socket.gethostname()}|{os.getpid()}|{uuid.uuid4().hex}"
+    return f"{_host()}|{os.getpid()}|{uuid.uuid4().hex}"
 
 
 def holder_alive(token: str) -> bool:
-    """False only when the holder provably died: a process of this host that no longer exists.
+    """False only when the holder provably died: a process of this host and PID namespace that
+    no longer exists.
 
-    Containers and machines have their own hostnames, so a holder elsewhere is trusted until its
-    lease expires.
+    A holder elsewhere (another hostname, another PID namespace, a token of an earlier release,
+    which named the hostname alone) is trusted until its lease expires.
     """
     try:
         host, pid, _ = token.split("|", 2)
         pid_number = int(pid)
     except ValueError:
         return True
-    if host != socket.gethostname():
+    if host != _host() or not _pid_namespace():
         return True
     if pid_number == os.getpid():
         return False  # this very process holds no job while it is asking for one
