@@ -516,7 +516,8 @@ return 0
 # job worker of this release heartbeats (KEYS[3], its mark, lives as long as its heartbeat).
 # A name whose record expired is a worker that did not stop (a stop removes both, forget_worker):
 # it died, froze or lost its host, and its BRPOP may have taken a message nobody will read, so
-# the mark KEYS[4] is set for ARGV[1] seconds (JobStore.consumer_lost_key).
+# the mark KEYS[4] is set for ARGV[1] seconds (JobStore.consumer_lost_key). ARGV[2] '1': the
+# pruning alone (the recovery pass's, each worker's every interval), no heartbeat sent back.
 _LIVE_WORKERS = """
 local out = {}
 local gone = false
@@ -525,6 +526,7 @@ for _, name in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   if info then table.insert(out, info) else redis.call('SREM', KEYS[2], name); gone = true end
 end
 if gone then redis.call('SET', KEYS[4], '1', 'EX', ARGV[1]) end
+if ARGV[2] == '1' then return false end
 if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 return out
 """
@@ -1581,16 +1583,16 @@ class JobStore:
         messages among queued jobs of any age (recover_unqueued_jobs)."""
         return self.key("unqueued", "stalled")
 
-    def _prune_workers(self) -> Any:
+    def _prune_workers(self, *, only: bool = False) -> Any:
         return self._live_workers(keys=[self.key("worker", ""), self.key("workers"), self.key("workers", "indexed"),
                                         self.consumer_lost_key()],
-                                  args=[max(1, math.ceil(self.settings.job_unqueued_after_s))])
+                                  args=[max(1, math.ceil(self.settings.job_unqueued_after_s)), "1" if only else "0"])
 
     def prune_workers(self) -> None:
         """Drop the names of workers whose heartbeat lapsed from the index, noting that one may
         have taken a message with it (see _LIVE_WORKERS); each recovery pass does, so that a
         worker lost while nobody asks for /health is noticed too."""
-        self._prune_workers()
+        self._prune_workers(only=True)
 
     def workers(self) -> list[dict[str, Any]]:
         raw = self._prune_workers()
