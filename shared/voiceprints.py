@@ -470,11 +470,18 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
     stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()
     if stripped[:1] == b"{":
         try:
-            document = json.loads(stripped.decode("utf-8"), parse_int=_small_int)
+            document = json.loads(stripped.decode("utf-8"), parse_int=_small_int, object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise InputError(f"file is not valid JSON ({exc.__class__.__name__})") from exc
         if not isinstance(document, dict):
             raise InputError("voiceprint JSON must be an object")
+        # another version's document (or another tool's) was read as this one: a v2 export whose
+        # vector means something else was stored as a v1 voiceprint, with no sign of it. A
+        # document without "format" (written by hand: label, model, embedding) is still read
+        if "format" in document and document["format"] != FORMAT:
+            named = document["format"]
+            shown = repr(named[:80]) if isinstance(named, str) else "not a string"
+            raise InputError(f"format: {shown} is not a voiceprint format this service reads ({FORMAT!r})")
     dimension = document.get("dimension", expected.dimension)
     if not isinstance(dimension, int) or isinstance(dimension, bool) or not 1 <= dimension <= 4096:
         raise InputError("dimension: must be a whole number of values")
@@ -495,6 +502,18 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
         # only a JSON true or false: an export from before the field (or a bare vector) is not known
         narrowband=document.get("narrowband") if isinstance(document.get("narrowband"), bool) else None,
     )
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose every key is named once: ``{"label": "A", ..., "label": "B"}`` was
+    stored as B (Python's reading keeps the last), while another reader of the same file keeps
+    the first; which person a vector is of is not guessed."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise InputError(f"voiceprint JSON names {twice[:40]!r} more than once; name each key once")
+    return document
 
 
 def _small_int(text: str) -> int:

@@ -212,3 +212,46 @@ def test_two_api_keys_in_one_request_are_refused(variant_app):
         body = r.json()
         assert set(body) == ERROR_KEYS and "X-API-Key given 2 times" in body["detail"], body
     assert secured.get("/jobs", headers={"X-API-Key": key_a}).status_code == 200
+
+
+def _export(**changes) -> bytes:
+    from shared.settings import Settings
+    from shared.voiceprints import FORMAT, embedding_model
+
+    document = {"format": FORMAT, "label": "Ann R16", "model": embedding_model(Settings()).name,
+                "dimension": 192, "embedding": [1.0] + [0.0] * 191, **changes}
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize("data, said", [
+    # before: 201, a voiceprint of another version's document stored as a v1 one
+    (_export(format="audio-analysis/voiceprint-v2"), "format: 'audio-analysis/voiceprint-v2'"),
+    (_export(format=7), "format: not a string"),
+    # before: 201, stored as "Bob" (the last), where another reader of the file takes "Ann R16"
+    (_export()[:-1] + b', "label": "Bob"}', "names 'label' more than once"),
+])
+def test_an_import_of_another_format_or_a_key_named_twice_is_refused(client, data, said):
+    before = [vp["id"] for vp in client.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]]
+    r = client.post("/voiceprints/import", files=[("file", ("ann.json", data, "application/json"))])
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert set(body) == ERROR_KEYS and body["error_type"] == "ValidationError" and said in body["detail"], body
+    after = [vp["id"] for vp in client.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]]
+    assert after == before
+
+
+def test_an_export_and_a_hand_written_document_are_still_imported(client):
+    exported = client.post("/voiceprints/import", files=[("file", ("ann.json", _export(), "application/json"))])
+    assert exported.status_code == 201, exported.text
+    vp_id = exported.json()["id"]
+    again = client.get(f"/voiceprints/{vp_id}/export")
+    assert again.status_code == 200
+    roundtrip = client.post("/voiceprints/import", files=[("file", ("again.json", again.content, "application/json"))])
+    assert roundtrip.status_code == 201, roundtrip.text
+    document = json.loads(_export())
+    del document["format"]
+    written = client.post("/voiceprints/import",
+                          files=[("file", ("hand.json", json.dumps(document).encode(), "application/json"))])
+    assert written.status_code == 201, written.text
+    for made in (vp_id, roundtrip.json()["id"], written.json()["id"]):
+        assert client.delete(f"/voiceprints/{made}").status_code == 204
