@@ -255,3 +255,19 @@ def test_an_export_and_a_hand_written_document_are_still_imported(client):
     assert written.status_code == 201, written.text
     for made in (vp_id, roundtrip.json()["id"], written.json()["id"]):
         assert client.delete(f"/voiceprints/{made}").status_code == 204
+
+
+@pytest.mark.parametrize("document, form", [
+    ({"label": "Ann", "model": "<b>" + "x" * 60_000}, {}),                # a model name of 60 KB in the file
+    ({"label": "Ann"}, {"model": "<script>" + "x" * 60_000}),             # or in the form
+    ({"label": "Ann", "model": "<b>" + "x" * 60_000}, {"model": "other"}),  # the two told apart
+])
+def test_an_imports_model_name_is_not_echoed_whole(client, document, form):
+    data = json.dumps({**document, "embedding": [1.0] + [0.0] * 191}).encode()
+    r = client.post("/voiceprints/import", files=[("file", ("v.json", data, "application/json"))], data=form)
+    assert r.status_code == 422, r.text[:300]
+    body = r.json()
+    assert set(body) == ERROR_KEYS and body["detail"].startswith(("model:", "voiceprint was made with")), body
+    # before: the whole name, 60 KB of it, came back in the answer
+    assert len(r.content) < 1000, len(r.content)
+    assert "60003 characters" in body["detail"] or "60008 characters" in body["detail"], body
