@@ -244,3 +244,77 @@ def test_a_lease_held_in_another_pid_namespace_of_the_same_hostname_is_not_taken
         proc.kill()  # unshare's SIGKILL: --kill-child ends its namespace with it
         proc.wait(timeout=10)
         redis_client.delete(key)
+
+
+def test_a_worker_stopping_leaves_the_running_jobs_of_another_of_the_same_name_alone(
+        service_env, settings, media_server, tmp_path_factory):
+    """Two workers of one node name on one machine: ``celery worker`` started twice without
+    ``-n`` (both ``celery@<host>``), or two pods of ``-n gpu@%h`` on one node with host networking.
+    A warm shutdown of one marked ``stopping:<node name>`` in Redis, which the other's pool
+    process read too: its running job was handed back to the queue, and, the flag being for good
+    in that process, every job it took after was handed back at its first progress report: a
+    worker that bounced every job. Here A (prefork) downloads a job's audio from a URL that
+    trickles it; B, of A's node name and another queue, is stopped (SIGTERM, as a deploy does).
+    A's job must still be running, at its first attempt, seconds after B is gone (before: at
+    attempt 53, 3 s on); A's own SIGTERM then hands it back."""
+    import socket
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack
+    from shared.jobs import JobStore
+    from shared.queue import queue_keys
+
+    queue, other = QUEUE + "-dup", OTHER + "-dup"
+    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue, "webhook_queue_name": HOOKS})
+    store = JobStore.from_settings(mine)
+    stop_trickle = threading.Event()
+
+    def trickle(handler: Any) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "audio/wav")
+        handler.send_header("Content-Length", str(10_000_000))
+        handler.end_headers()
+        while not stop_trickle.is_set():
+            handler.write(b"\0" * 512)
+            time.sleep(0.1)
+
+    url = media_server.route("/r16/trickle.wav", trickle)
+    stacks = [Stack(log_dir=tmp_path_factory.mktemp("r16-dup-a")), Stack(log_dir=tmp_path_factory.mktemp("r16-dup-b"))]
+    try:
+        a = stacks[0].start_worker(queues=[queue], name="r16dup", pool="prefork",
+                                   env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": queue})
+        b = stacks[1].start_worker(queues=[other], name="r16dup", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": other})
+        node = f"r16dup@{socket.gethostname()}"
+        _wait(lambda: len([w for w in store.workers() if w["worker"].startswith(node)]) >= 2, 90,
+              lambda: (stacks[0].log_dir / "r16dup.log").read_text(errors="replace")[-3000:])
+        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
+            r = api.post("/jobs/embedding", data={"file_url": url})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+
+            def downloading() -> bool:
+                record = store.get(job_id)
+                return record is not None and record.status == "running" and record.step is not None
+
+            _wait(downloading, 60, lambda: store.get(job_id))
+            b.send_signal(signal.SIGTERM)
+            b.wait(timeout=60)
+            time.sleep(3)  # A's job reports progress every chunk (0.1 s), checking the mark each second
+            record = store.get(job_id)
+            log = (stacks[0].log_dir / "r16dup.log").read_text(errors="replace")
+            assert record.status == "running" and record.attempts == 1, (record, log[-3000:])
+            assert "handed back" not in log, log[-3000:]
+            # and A's own warm shutdown still reaches its pool process: the job goes back at once
+            a.send_signal(signal.SIGTERM)
+            _wait(lambda: store.get(job_id).status == "queued", 30,
+                  lambda: (store.get(job_id), (stacks[0].log_dir / "r16dup.log").read_text(errors="replace")[-3000:]))
+            assert store.get(job_id).attempts == 1
+            assert api.post(f"/jobs/{job_id}/cancel").status_code == 200
+    finally:
+        stop_trickle.set()
+        for stack in stacks:
+            stack.stop()
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue), *queue_keys(other), *queue_keys(HOOKS))

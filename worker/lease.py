@@ -32,7 +32,7 @@ def _pid_namespace() -> str:
         return ""
 
 
-def _host() -> str:
+def host_id() -> str:
     """Where a PID means one process: the hostname and the PID namespace. Containers that share
     a hostname (host networking: Docker's ``network_mode: host``, Kubernetes' ``hostNetwork``)
     each have a namespace of their own, where a PID of the other's names no process or another
@@ -42,7 +42,7 @@ def _host() -> str:
 
 
 def owner_token() -> str:
-    return f"{_host()}|{os.getpid()}|{uuid.uuid4().hex}"
+    return f"{host_id()}|{os.getpid()}|{uuid.uuid4().hex}"
 
 
 def holder_alive(token: str) -> bool:
@@ -57,7 +57,7 @@ def holder_alive(token: str) -> bool:
         pid_number = int(pid)
     except ValueError:
         return True
-    if host != _host() or not _pid_namespace():
+    if host != host_id() or not _pid_namespace():
         return True
     if pid_number == os.getpid():
         return False  # this very process holds no job while it is asking for one

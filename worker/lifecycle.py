@@ -42,8 +42,16 @@ _stop_checked: dict[str, float] = {"at": 0.0}
 
 
 def _stopping_key(hostname: str) -> str:
-    # not under "worker:": /health reads every aa:worker:* key as a heartbeat
-    return JobStore.from_settings().key("stopping", hostname)
+    # not under "worker:": /health reads every aa:worker:* key as a heartbeat. Per worker, not per
+    # node name: two workers of one name on one machine (`celery worker` started twice without -n,
+    # both celery@<host>; two pods of -n gpu@%h on one node with host networking) shared the mark,
+    # and the warm shutdown of one made the other hand back its running job, then every job it took
+    # after (its flag is for good): attempt 53 of one job within 3 s. The worker is its main
+    # process, which a prefork pool process knows from before its fork (_main, share_main_stamp)
+    from worker.lease import host_id
+
+    main = _main["pid"] or os.getpid()
+    return JobStore.from_settings().key("stopping", hostname, f"{host_id()}:{main}")
 
 
 @signals.worker_shutting_down.connect
