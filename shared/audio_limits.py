@@ -1292,6 +1292,106 @@ def _adts_frame(head: bytes, past: int | None = None) -> bool:
     return past is None or length > past
 
 
+# AC-3 (ATSC A/52) frame sizes: the bitrate (kbps) each frmsizecod's pair stands for, and the
+# sample rates of fscod 0 to 2
+_AC3_KBPS = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 576, 640)
+_AC3_RATES = (48000, 44100, 32000)
+# at most this many frames are counted, about 1.1 us of Python each holding the GIL (0.3 s), as
+# for ADTS: 2.3 h of 1536-sample frames at 48 kHz (what encoders write), 23 min of E-AC-3's
+# shortest; a longer stream's length is unknown
+_MAX_DOLBY_FRAMES = 1 << 18
+
+
+def _dolby_frame(head: bytes) -> tuple[int, int, int, bool] | None:
+    """(bytes, samples, sample rate, adds time) of the AC-3 or E-AC-3 frame whose header
+    ``head`` (6 bytes) begins with, or None where it is not one. A dependent E-AC-3 substream
+    (more channels of the same time), or an independent one past the first, adds no time."""
+    if len(head) < 6 or head[0] != 0x0B or head[1] != 0x77:
+        return None
+    bsid = head[5] >> 3
+    fscod = head[4] >> 6
+    if bsid <= 10:  # AC-3
+        code = head[4] & 0x3F
+        if fscod == 3 or code >= 2 * len(_AC3_KBPS):
+            return None
+        rate, kbps = _AC3_RATES[fscod], _AC3_KBPS[code >> 1]
+        words = 2 * kbps if rate == 48000 else 3 * kbps if rate == 32000 else kbps * 1536 * 1000 // (rate * 16) + (code & 1)
+        return 2 * words, 1536, rate, True
+    if bsid <= 16:  # E-AC-3
+        size = 2 * ((((head[2] & 7) << 8) | head[3]) + 1)
+        if size < 6:  # shorter than its own header
+            return None
+        if fscod == 3:
+            fscod2 = (head[4] >> 4) & 3
+            if fscod2 == 3:
+                return None
+            rate, blocks = _AC3_RATES[fscod2] // 2, 6
+        else:
+            rate, blocks = _AC3_RATES[fscod], (1, 2, 3, 6)[(head[4] >> 4) & 3]
+        independent = head[2] >> 6 in (0, 2) and (head[2] >> 3) & 7 == 0
+        return size, 256 * blocks, rate, independent
+    return None
+
+
+def dolby_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None:
+    """The length of a raw AC-3 or E-AC-3 stream counted from its frames' headers, as
+    :func:`adts_length` counts an ADTS stream's (None where ``fh``, behind its ID3v2 tags, does
+    not begin with such a frame). Reads from ``fh``'s start and leaves ``fh`` there.
+
+    FFmpeg estimates such a stream's length from its first frames' bitrate: one second at 640 kbps
+    and 120 s at 32 kbps behind it read as 7 s (E-AC-3; AC-3 12 s) and decoded to 121 s, and with
+    20 min behind it 61 s: a job's duration budget and time limit went by the estimate. The walk
+    stops once it counted past ``up_to``; anything among the frames that is not one (damage,
+    streams joined with a tag between them: FFmpeg resyncs past it and decodes on), more than
+    :data:`_MAX_DOLBY_FRAMES` frames, or bytes after the last frame, leave the length unknown:
+    the decoder then holds the file to the limit as it decodes (engine/audio.py)."""
+    try:
+        at = id3_end(fh)
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(at)
+        if _dolby_frame(fh.read(6)) is None:
+            return None
+        seconds, frames = 0.0, 0
+        while True:
+            fh.seek(at)
+            buf = fh.read(_ADTS_CHUNK)
+            n, i = len(buf), 0
+            while i + 6 <= n:
+                frame = _dolby_frame(buf[i : i + 6])
+                if frame is None or i + frame[0] > n:
+                    break  # not a frame, or one that ends in the next read (or past the file's end)
+                length, samples, rate, adds = frame
+                if adds:
+                    seconds += samples / rate
+                frames += 1
+                if frames > _MAX_DOLBY_FRAMES:
+                    return AdtsLength(None)
+                i += length
+            at += i
+            if seconds > up_to:
+                return AdtsLength(seconds, at_least=True)
+            if i and n == _ADTS_CHUNK:
+                continue  # a frame across the end of this read
+            if at >= size:
+                return AdtsLength(seconds)
+            fh.seek(at)
+            rest = fh.read(6)
+            frame = _dolby_frame(rest)
+            if frame is not None and frame[0] > size - at:
+                return AdtsLength(seconds)  # a last frame cut short: not decoded
+            return AdtsLength(None)
+    finally:
+        fh.seek(0)
+
+
+# FFmpeg's demuxers of raw streams whose length it estimates from the first frames' bitrate, and
+# the walks that count it instead (_counted)
+_COUNTED: dict[str, Callable[[BinaryIO, float], AdtsLength | None]] = {
+    "aac": adts_length, "ac3": dolby_length, "eac3": dolby_length,
+}
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     """What a container header declares, read without decoding a sample."""
@@ -1370,7 +1470,7 @@ def audio_header(source: Source, sandbox: ProbeLimits | None | _FromSettings = F
     with fh:
         check_containers(fh)
     info = _probe(source, sandbox)
-    if info is None or info.demuxer != "aac":  # opened again only for an ADTS stream's count
+    if info is None or info.demuxer not in _COUNTED:  # opened again only for a raw stream's count
         return info
     try:
         with open(source, "rb") as fh:
@@ -1388,10 +1488,10 @@ def _counted(fh: BinaryIO, info: AudioInfo | None, up_to: float) -> AudioInfo | 
     (2400 s, refused by a synchronous call's 1800 s), but the count found a frame and then
     something else, took the length for unknown, and the file passed the header check, its
     DurationBudget and its job's time limit with no length at all."""
-    if info is None or info.demuxer != "aac":
+    if info is None or info.demuxer not in _COUNTED:
         return info
     fh.seek(0)
-    counted = adts_length(fh, up_to)
+    counted = _COUNTED[info.demuxer](fh, up_to)
     if counted is None:
         return info
     return replace(info, duration=counted.seconds, at_least=counted.at_least)

@@ -28,7 +28,7 @@ import pytest
 from engine.audio import load_audio
 from evaluation.encoding import encode
 from shared.audio_limits import check_audio_limits
-from shared.errors import AudioDecodeError
+from shared.errors import AudioDecodeError, AudioTooLongError
 from tests.conftest import wait_for_job
 
 # the documented error shape (docs/service.md)
@@ -152,6 +152,33 @@ def test_a_wma_whose_file_properties_understate_its_length_is_refused_as_it_deco
     with pytest.raises(AudioDecodeError, match="decodes to more than its header declares"):
         load_audio(forged)
     assert load_audio(_wma(70.0)).duration == pytest.approx(70.0, abs=0.2)
+
+
+def _dolby(container: str, seconds: float, bit_rate: int) -> bytes:
+    """``seconds`` of a tone as a raw AC-3 or E-AC-3 stream (``container`` "ac3"/"eac3") at 48 kHz."""
+    t = np.arange(int(seconds * 48000)) / 48000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    return encode(tone, 48000, container=container, codec=container, bit_rate=bit_rate)
+
+
+@pytest.mark.parametrize("kind", ["ac3", "eac3"])
+def test_a_raw_dolby_streams_length_is_counted_not_estimated_from_its_first_frames(kind: str) -> None:
+    """A raw AC-3 or E-AC-3 stream has no header of its own: FFmpeg estimates its length from its
+    first frames' bitrate, as it does an ADTS stream's. One second at 640 kbps and 120 s at 32 kbps
+    behind it (a stream joined with cat, or frames an uploader chose) read as 7 s (AC-3) and 5 s
+    (E-AC-3) at the header check and decoded to 121 s (1201 s read as 101 s and 61 s): the job's
+    duration budget and time limit went by the estimate. The frames are counted now."""
+    joined = _dolby(kind, 1.0, 640_000) + _dolby(kind, 120.0, 32_000)
+    declared = check_audio_limits(io.BytesIO(joined), max_duration=3600.0)
+    decoded = load_audio(joined).duration
+    assert decoded == pytest.approx(121.0, abs=0.2)
+    assert declared.duration == pytest.approx(decoded, abs=0.2)
+    # past the caller's limit the count stops, and says so
+    with pytest.raises(AudioTooLongError, match="over 60 s"):
+        check_audio_limits(io.BytesIO(joined), max_duration=60.0)
+    # what is not a frame among them (damage, a tag): the length is unknown, as FFmpeg resyncs
+    damaged = joined[:50_000] + b"\x00" * 999 + joined[50_000:]
+    assert check_audio_limits(io.BytesIO(damaged), max_duration=3600.0).duration is None
 
 
 def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
