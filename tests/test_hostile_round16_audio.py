@@ -11,9 +11,17 @@ earlier rounds did not hold to it.
 - An AIFF-C of a codec libsndfile does not read (MACE 3:1 and 6:1, QCELP) the same with its
   COMM chunk's frame count: 2 MB said 1 s and decoded to 750 s, 1500 s and 1143 s.
 
-Both are now held to their declared length as MP4, Matroska, WavPack and FLV are (rounds 5 and
-10): refused (415) as soon as they decode past twice that and a minute. Honest files of the same
-codecs decode to their end.
+- An AVI's audio stream header (strh dwLength) and an ASF's (WMA) play duration the same: 70 s
+  of MP3 or WMA counted as 1 s passed as 1 s and decoded whole.
+
+These are now held to their declared length as MP4, Matroska, WavPack and FLV are (rounds 5 and
+10): refused (415) as soon as they decode past twice that and a minute; a count of 0 (a writer
+that could not go back to fill it in) is no length. Honest files of the same codecs decode to
+their end.
+
+- A raw AC-3 or E-AC-3 stream has no header: FFmpeg estimates its length from its first frames'
+  bitrate, so one second at 640 kbps before 120 s at 32 kbps passed as 12 s (E-AC-3: 7 s) and
+  decoded to 121 s. Its frames are counted now, as an ADTS stream's are (round 7).
 """
 
 from __future__ import annotations
