@@ -21,7 +21,7 @@ their end.
 
 - A raw AC-3 or E-AC-3 stream has no header: FFmpeg estimates its length from its first frames'
   bitrate, so one second at 640 kbps before 120 s at 32 kbps passed as 12 s (E-AC-3: 7 s) and
-  decoded to 121 s. Its frames are counted now, as an ADTS stream's are (round 7).
+  decoded to 121 s. Its frames are counted now, as an ADTS stream's are (adts_length).
 """
 
 from __future__ import annotations
