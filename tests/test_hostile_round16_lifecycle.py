@@ -79,15 +79,17 @@ def _lose_to_frozen(store: Any, api: Any, proc: Any, queue: str, media_server: A
     raise AssertionError("the stopped worker's BRPOP never took a message")
 
 
-def test_a_message_a_frozen_main_process_took_is_sent_again_within_a_minute(
+def test_a_message_a_frozen_worker_took_is_sent_again_within_a_minute(
         service_env, settings, media_server, tmp_path_factory):
-    """Worker A (prefork, no models) alone consumes QUEUE; worker B consumes another queue and
-    runs the recovery passes (every second; ``job_unqueued_after_s`` stays 300 s). A's main
-    process is stopped and a job submitted at once: its message leaves the list for A's frozen
-    socket (tried again should A's BRPOP have been between two waits). The message is back in the
-    queue within 60 s (measured about 17 s: the 15 s stall bound and two passes); before, it stayed
-    nowhere past the 60 s (the six minutes above). After SIGCONT, A runs the job once: its URL,
-    which answers 404, is asked once, and the job failed at attempt 1."""
+    """Two workers without models, each alone on its queue: A1 (prefork), whose main process is
+    stopped, and A2 (solo), stopped whole (as a paused container or VM, or a host lost); B, on a
+    queue of its own, runs the recovery passes (every second; ``job_unqueued_after_s`` stays
+    300 s). Each is stopped and a job submitted to its queue at once: the message leaves the list
+    for the stopped process's socket (tried again should its BRPOP have been between two waits).
+    One after the other, each message is back in its queue within 60 s (measured: 15 s for A1, the
+    stall bound and two passes; 3.4 s for A2, its heartbeat's lapse and two passes); before, both
+    stayed nowhere past the 60 s (300 s and two passes). After SIGCONT each job ran once: its URL, which answers 404,
+    was asked once, and the job failed at attempt 1."""
     from fastapi.testclient import TestClient
 
     from api.main import create_app
@@ -95,91 +97,56 @@ def test_a_message_a_frozen_main_process_took_is_sent_again_within_a_minute(
     from shared.jobs import JobStore
     from shared.queue import queue_keys
 
-    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": QUEUE, "webhook_queue_name": HOOKS})
-    store = JobStore.from_settings(mine)
+    queues = {"r16frozen": QUEUE, "r16solo": QUEUE + "-solo"}
+    store = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
     stack = Stack(log_dir=tmp_path_factory.mktemp("r16-frozen"))
-    frozen = None
+    frozen: list[Any] = []
     try:
-        a = stack.start_worker(queues=[QUEUE], name="r16frozen", pool="prefork",
-                               env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": QUEUE})
+        procs = {name: stack.start_worker(queues=[queue], name=name, pool="prefork" if name == "r16frozen" else "solo",
+                                          env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": queue})
+                 for name, queue in queues.items()}
         stack.start_worker(queues=[OTHER], name="r16other", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": OTHER})
 
         def listed(name: str) -> bool:
             return any(w["worker"].startswith(f"{name}@") for w in store.workers())
 
-        _wait(lambda: listed("r16frozen") and listed("r16other"), 90,
+        _wait(lambda: all(listed(name) for name in (*queues, "r16other")), 90,
               lambda: (stack.log_dir / "r16frozen.log").read_text(errors="replace")[-3000:])
-        time.sleep(1.5)  # A's consumer is in its BRPOP loop
-        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
-            frozen = a
-            job_id, path = _lose_to_frozen(store, api, a, QUEUE, media_server, "frozen")
-            took = _wait(lambda: job_id in _ids(store, QUEUE), 60,
-                         lambda: f"the message the frozen worker took is still nowhere; {store.get(job_id)}")
-            print(f"\nthe message a frozen main process took was sent again {took:.1f} s after the submission")
-            assert store.get(job_id).status == "queued"
-            a.send_signal(signal.SIGCONT)
-            frozen = None
-            record = wait_for_job(api, job_id, timeout_s=60)
-            assert record["status"] == "failed" and record["attempts"] == 1, record
-            assert "404" in record["error"]["detail"], record["error"]
-            # the copy that was sent again and the frozen one: the job ran once
-            _wait(lambda: job_id not in _ids(store, QUEUE) and job_id not in _unacked(store), 30,
-                  "a copy of the job's message stays in the broker")
-            assert len(media_server.for_path(path)) == 1, media_server.for_path(path)
-    finally:
-        if frozen is not None:
-            frozen.send_signal(signal.SIGCONT)
-        stack.stop()
-        drop_namespace(settings.redis_url, PREFIX, *queue_keys(QUEUE), *queue_keys(OTHER), *queue_keys(HOOKS))
-
-
-def test_a_message_a_worker_frozen_whole_took_is_sent_again_within_a_minute(
-        service_env, settings, media_server, tmp_path_factory):
-    """As above, with A a solo worker stopped whole (nothing of it runs: as a paused container or
-    VM, or a host lost). Its heartbeat lapses (3 s here); B's pass prunes its name from the index
-    of workers and looks at every queued job: the message is back in the queue within 60 s
-    (measured about 5 s); before, it stayed nowhere past the 60 s (300 s and two passes). After
-    SIGCONT, the job ran once."""
-    from fastapi.testclient import TestClient
-
-    from api.main import create_app
-    from cli.launcher import Stack
-    from shared.jobs import JobStore
-    from shared.queue import queue_keys
-
-    queue = QUEUE + "-solo"
-    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue, "webhook_queue_name": HOOKS})
-    store = JobStore.from_settings(mine)
-    stack = Stack(log_dir=tmp_path_factory.mktemp("r16-frozen-solo"))
-    frozen = None
-    try:
-        a = stack.start_worker(queues=[queue], name="r16solo", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": queue})
-        stack.start_worker(queues=[OTHER], name="r16other2", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": OTHER})
-
-        def listed(name: str) -> bool:
-            return any(w["worker"].startswith(f"{name}@") for w in store.workers())
-
-        _wait(lambda: listed("r16solo") and listed("r16other2"), 90,
-              lambda: (stack.log_dir / "r16solo.log").read_text(errors="replace")[-3000:])
-        time.sleep(1.5)
-        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
-            frozen = a
-            job_id, path = _lose_to_frozen(store, api, a, queue, media_server, "frozen-solo")
+        time.sleep(1.5)  # their consumers are in their BRPOP loops
+        lost: dict[str, tuple[str, str]] = {}
+        for name, queue in queues.items():
+            mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue,
+                                               "webhook_queue_name": HOOKS})
+            with TestClient(create_app(mine), raise_server_exceptions=False) as api:
+                frozen.append(procs[name])
+                lost[name] = job_id, _ = _lose_to_frozen(store, api, procs[name], queue, media_server, name)
             took = _wait(lambda: job_id in _ids(store, queue), 60,
-                         lambda: f"the message the frozen worker took is still nowhere; {store.get(job_id)}")
-            print(f"\nthe message a worker frozen whole took was sent again {took:.1f} s after the submission")
-            a.send_signal(signal.SIGCONT)
-            frozen = None
-            record = wait_for_job(api, job_id, timeout_s=60)
-            assert record["status"] == "failed" and record["attempts"] == 1, record
-            _wait(lambda: job_id not in _ids(store, queue) and job_id not in _unacked(store), 30,
-                  "a copy of the job's message stays in the broker")
-            assert len(media_server.for_path(path)) == 1, media_server.for_path(path)
+                         lambda: f"the message the stopped {name} took is still nowhere; {store.get(job_id)}")
+            print(f"\nthe message {name} took stopped was sent again {took:.1f} s after its submission")
+            assert store.get(job_id).status == "queued"
+            # the next worker's case is its own: the mark the first one left (A1's stall, then its
+            # heartbeat's lapse, once pruned) would send its message again as well
+            _wait(lambda: not listed(name), 30, f"{name} is still listed")
+            store.redis.delete(store.consumer_lost_key())
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
+        frozen.clear()
+        with TestClient(create_app(settings.model_copy(update={"redis_key_prefix": PREFIX})),
+                        raise_server_exceptions=False) as api:
+            for name, queue in queues.items():
+                job_id, path = lost[name]
+                record = wait_for_job(api, job_id, timeout_s=60)
+                assert record["status"] == "failed" and record["attempts"] == 1, record
+                assert "404" in record["error"]["detail"], record["error"]
+                # the copy that was sent again and the stopped one: the job ran once
+                _wait(lambda: job_id not in _ids(store, queue) and job_id not in _unacked(store), 30,
+                      "a copy of the job's message stays in the broker")
+                assert len(media_server.for_path(path)) == 1, media_server.for_path(path)
     finally:
-        if frozen is not None:
-            frozen.send_signal(signal.SIGCONT)
+        for proc in frozen:
+            proc.send_signal(signal.SIGCONT)
         stack.stop()
-        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue), *queue_keys(OTHER), *queue_keys(HOOKS))
+        drop_namespace(settings.redis_url, PREFIX, *(k for q in (*queues.values(), OTHER, HOOKS) for k in queue_keys(q)))
 
 
 # the holder: a lease taken in a process of its own PID namespace, its token printed, then held
