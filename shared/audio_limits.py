@@ -1373,14 +1373,13 @@ def dolby_length(fh: BinaryIO, up_to: float = ADTS_COUNT_S) -> AdtsLength | None
                 return AdtsLength(seconds, at_least=True)
             if i and n == _ADTS_CHUNK:
                 continue  # a frame across the end of this read
-            if at >= size:
-                return AdtsLength(seconds)
             fh.seek(at)
-            rest = fh.read(6)
-            frame = _dolby_frame(rest)
-            if frame is not None and frame[0] > size - at:
-                return AdtsLength(seconds)  # a last frame cut short: not decoded
-            return AdtsLength(None)
+            frame = _dolby_frame(fh.read(6))
+            if at < size and (frame is None or frame[0] <= size - at):
+                return AdtsLength(None)  # not a frame, or a frame FFmpeg resyncs to past it
+            # the end, or a last frame cut short (not decoded). Frames none of which adds time
+            # (dependent or further substreams alone): no length this count could give
+            return AdtsLength(seconds if seconds else None)
     finally:
         fh.seek(0)
 
