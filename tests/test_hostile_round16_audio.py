@@ -35,7 +35,7 @@ import pytest
 
 from engine.audio import load_audio
 from evaluation.encoding import encode
-from shared.audio_limits import check_audio_limits
+from shared.audio_limits import check_audio_limits, dolby_length
 from shared.errors import AudioDecodeError, AudioTooLongError
 from tests.conftest import wait_for_job
 
@@ -187,6 +187,21 @@ def test_a_raw_dolby_streams_length_is_counted_not_estimated_from_its_first_fram
     # what is not a frame among them (damage, a tag): the length is unknown, as FFmpeg resyncs
     damaged = joined[:50_000] + b"\x00" * 999 + joined[50_000:]
     assert check_audio_limits(io.BytesIO(damaged), max_duration=3600.0).duration is None
+
+
+def test_dolby_frames_that_add_no_time_give_no_length_not_0_s() -> None:
+    """E-AC-3 frames all marked as a dependent substream (more channels of a time an independent
+    frame carries) add no time to the count: their length is unknown, not 0 s (nothing in a job's
+    budget, the floor of its time limit); a last frame cut short is left out, as FFmpeg leaves it."""
+    stream = bytearray(_dolby("eac3", 10.0, 96_000))
+    assert dolby_length(io.BytesIO(bytes(stream))).seconds == pytest.approx(10.0, abs=0.05)
+    assert dolby_length(io.BytesIO(bytes(stream[:-100]))).seconds == pytest.approx(10.0, abs=0.05)
+    at = 0
+    while at + 6 <= len(stream):
+        size = 2 * ((((stream[at + 2] & 7) << 8) | stream[at + 3]) + 1)
+        stream[at + 2] = (stream[at + 2] & 0x3F) | 0x40  # strmtyp 1: dependent
+        at += size
+    assert dolby_length(io.BytesIO(bytes(stream))).seconds is None
 
 
 def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
