@@ -130,13 +130,12 @@ def _validation_message(exc: RequestValidationError) -> str:
             msg = (f"expected an uploaded file, got text (curl sends a file with an @: "
                    f"-F '{loc[0]}=@meeting.wav')")
             if _file_like(err.get("input")):
-                # a file's bytes in a part without filename=: one that names its file only as
-                # RFC 5987's filename*=UTF-8''... (python-multipart takes a part for a file by
-                # its filename= alone), or none at all. The curl hint sent such a client
-                # looking in the wrong place
-                msg = (f"expected an uploaded file, got a part of file content without filename= (a part that "
-                       f"names its file only as filename*=UTF-8''... is read as text): give its Content-Disposition "
-                       f"a plain filename=\"...\" too, as curl -F '{loc[0]}=@meeting.wav' does")
+                # a file's bytes in a part that names no file (a form part is a file by its
+                # Content-Disposition's filename= or filename*=): the curl hint sent such a
+                # client looking in the wrong place
+                msg = (f"expected an uploaded file, got a part of file content without a file name: give its "
+                       f"Content-Disposition a filename=\"...\" (or filename*=UTF-8''...), as curl "
+                       f"-F '{loc[0]}=@meeting.wav' does")
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 

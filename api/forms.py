@@ -226,7 +226,8 @@ def refuse_misspelt(sent: Iterable[str], accepted: Iterable[str], what: str) -> 
     taken = set(accepted) | KNOWN_FIELDS
     misspelt = sorted({name for name in sent if name not in taken and _spelling(name) in ours})
     if misspelt:
-        said = ", ".join(f"{name!r} (the {what} is {ours[_spelling(name)]})" for name in misspelt[:5])
+        # a name is quoted at most 60 characters long: spaces around it may run to the part's size
+        said = ", ".join(f"{name[:60]!r} (the {what} is {ours[_spelling(name)]})" for name in misspelt[:5])
         raise InputError(f"{said}: {what} names are case-sensitive, with '_' between words; send each as named")
 
 

@@ -13,8 +13,11 @@ protocol (api/serve.py), since no ASGI app sees a request before its head is com
 from __future__ import annotations
 
 import asyncio
+import codecs
 import errno
+import re
 from typing import Any, Callable, Coroutine
+from urllib.parse import unquote_to_bytes
 
 import starlette.requests
 from fastapi import Request, Response
@@ -56,6 +59,52 @@ class WholeMultiPartParser(MultiPartParser):
 
     def on_end(self) -> None:
         self.closed_properly = True
+
+    def on_headers_finished(self) -> None:
+        """A part's file name given as RFC 5987's ``filename*=UTF-8''r%C3%A9union.wav`` is the
+        part's name, as RFC 7578 and 6266 have it (preferred to a plain ``filename=`` beside it).
+
+        python-multipart knows only ``filename=``: a part that named its file with ``filename*``
+        alone (what some HTTP libraries write for a non-ASCII name) was read as a text field, and
+        the client told "expected an uploaded file, got text"; one with both was stored under
+        the plain fallback (``R_union.wav``). The decoded name is given to Starlette's parser as
+        the plain ``filename`` it reads."""
+        disposition = self._current_part.content_disposition
+        named = _extended_filename(disposition) if disposition else None
+        if named is not None:
+            plain = _PLAIN_FILENAME.sub(b"", disposition)
+            # as Starlette decodes it: in the form's charset (UTF-8 unless the request says)
+            quoted = named.replace("\\", "_").replace('"', "_").encode(self._charset or "utf-8", errors="replace")
+            self._current_part.content_disposition = plain + b'; filename="' + quoted + b'"'
+        super().on_headers_finished()
+
+
+# ;filename*=charset'language'percent-encoded (RFC 5987 / 8187), and a plain ;filename=... beside it
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
+_PLAIN_FILENAME = re.compile(rb';\s*filename\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+
+
+def _extended_filename(disposition: bytes) -> str | None:
+    """The file name of a ``filename*`` parameter, decoded; None without one or with one that is
+    not ``charset'language'value``. The name only names the upload (it is cleaned before it is
+    shown: ``api.dispatch._first_filename``), so bytes its charset does not decode, or a charset
+    Python does not know (RFC 8187 names only UTF-8 and ISO-8859-1), leave a replacement
+    character rather than turn the file into text."""
+    found = _EXTENDED_FILENAME.search(disposition)
+    if found is None:
+        return None
+    parts = found.group(1).strip().strip(b'"').split(b"'", 2)
+    if len(parts) != 3:
+        return None
+    # the two of RFC 8187, and ASCII; any other name is read as UTF-8: Python's codecs include
+    # ones that are no text encoding ("hex", "zlib", "unicode_escape") and would raise or rewrite
+    try:
+        charset = codecs.lookup(parts[0].decode("latin-1").strip()).name
+    except LookupError:
+        charset = "utf-8"
+    if charset not in ("utf-8", "iso8859-1", "latin-1", "ascii"):
+        charset = "utf-8"
+    return unquote_to_bytes(parts[2].decode("latin-1")).decode(charset, errors="replace")
 
     async def parse(self) -> FormData:
         self.closed_properly = False

@@ -15,7 +15,8 @@ Each test fails on the code before its fix:
   401 with no sign why: the API refuses to start, naming the setting, without echoing the key;
 * a part that named its file only as ``filename*=UTF-8''...`` (RFC 5987, no ``filename=``) was
   read as text (python-multipart knows a file by ``filename=`` alone), and the 422 told the client
-  to add curl's ``@``; a part of file content read as text is now told to send ``filename=``.
+  to add curl's ``@``; it is read as the file it is, under that name (``api.limits``), and a part
+  of file content that names no file at all is told to name it.
 """
 
 from __future__ import annotations
@@ -159,19 +160,40 @@ def test_the_api_refuses_to_start_with_a_one_character_key(service_env):
     assert "a-good-key-0123456789" not in proc.stderr + proc.stdout
 
 
-def test_a_file_named_only_by_filename_star_is_told_to_send_filename(client):
-    audio = tone_wav(0.5)
-    body = (b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename*=UTF-8''r%C3%A9union.wav\r\n"
-            b"Content-Type: audio/wav\r\n\r\n" + audio + b"\r\n--B--\r\n")
+def _part(disposition: bytes, content: bytes) -> bytes:
+    return (b"--B\r\nContent-Disposition: form-data; name=\"file\"" + disposition + b"\r\n"
+            b"Content-Type: audio/wav\r\n\r\n" + content + b"\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("disposition, named", [
+    # before: 422 "expected an uploaded file, got text (curl sends a file with an @ ...)"
+    (b"; filename*=UTF-8''r%C3%A9union.wav", "réunion.wav"),
+    (b"; FILENAME*=iso-8859-1'fr'caf%E9.wav", "café.wav"),
+    # before: 202 under the plain fallback, R_union.wav (RFC 6266: filename* comes first)
+    (b"; filename=\"R_union.wav\"; filename*=UTF-8''r%C3%A9union.wav", "réunion.wav"),
+    (b"; filename*=hex''abc.wav", "abc.wav"),  # a codec that is no text encoding: read as UTF-8
+])
+def test_a_file_named_by_filename_star_is_read_as_that_file(client, disposition, named):
+    r = client.post("/jobs/diarize", content=_part(disposition, tone_wav(0.5)),
+                    headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["filename"] == named, job
+    assert client.post(f"/jobs/{job['job_id']}/cancel").status_code in (200, 409)
+
+
+def test_a_part_of_file_content_without_a_file_name_is_told_to_name_it(client):
     before = newest_job_ids(client)
-    r = client.post("/jobs/diarize", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
-    detail = _refused(r, "file")["detail"]
-    # before: only "curl sends a file with an @", which such a client was not using
-    assert "filename*=" in detail and 'filename="' in detail, detail
-    assert newest_job_ids(client) == before
+    for disposition in (b"", b"; filename*=not-rfc-5987"):
+        r = client.post("/jobs/diarize", content=_part(disposition, tone_wav(0.5)),
+                        headers={"Content-Type": "multipart/form-data; boundary=B"})
+        detail = _refused(r, "file")["detail"]
+        # before: only "curl sends a file with an @", which such a client was not using
+        assert "without a file name" in detail and 'filename="..."' in detail, detail
     # text typed where the file goes (curl -F file=meeting.wav) is still told about curl's @
     typed = _refused(client.post("/jobs/diarize", files=[("file", (None, "meeting.wav"))]), "file")["detail"]
-    assert "filename*=" not in typed and "-F 'file=@meeting.wav'" in typed, typed
+    assert "without a file name" not in typed and "-F 'file=@meeting.wav'" in typed, typed
+    assert newest_job_ids(client) == before
 
 
 @pytest.mark.parametrize("route, files, data, named", [
