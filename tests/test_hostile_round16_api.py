@@ -293,3 +293,31 @@ def test_an_imports_model_name_is_not_echoed_whole(client, document, form):
     # before: the whole name, 60 KB of it, came back in the answer
     assert len(r.content) < 1000, len(r.content)
     assert "60003 characters" in body["detail"] or "60008 characters" in body["detail"], body
+
+
+@pytest.mark.parametrize("label, plain, own", [
+    ("李雷", None, "%E6%9D%8E%E9%9B%B7"),             # before: saved as vp_<id>.json, the name lost
+    ("Zoë Ørsted", "Zo_rsted", "Zo%C3%AB%20%C3%98rsted"),  # before: Zo_rsted.json
+    ('Ann "A/B"; x', "Ann_A_B_x", "Ann%20%22A_B%22%3B%20x"),
+])
+def test_an_exported_voiceprint_is_named_after_its_person(client, label, plain, own):
+    from email.message import Message
+
+    from werkzeug.http import parse_options_header
+
+    imported = client.post("/voiceprints/import", files=[("file", ("p.json", _export(label=label), "application/json"))])
+    assert imported.status_code == 201, imported.text
+    vp_id = imported.json()["id"]
+    for fmt, suffix in (("json", ".json"), ("npy", ".npy")):
+        r = client.get(f"/voiceprints/{vp_id}/export", params={"format": fmt})
+        assert r.status_code == 200
+        header = r.headers["content-disposition"]
+        assert f"filename*=UTF-8''{own}{suffix}" in header, header
+        assert f'filename="{plain or vp_id}{suffix}"' in header, header
+        # read back as a browser does (werkzeug prefers filename*, as browsers do), and the plain one
+        assert header.isascii() and "\r" not in header and "\n" not in header, header
+        assert parse_options_header(header) == ("attachment", {"filename": label.replace("/", "_") + suffix})
+        parsed = Message()
+        parsed["content-disposition"] = header
+        assert parsed.get_param("filename", header="content-disposition") == f"{plain or vp_id}{suffix}"
+    assert client.delete(f"/voiceprints/{vp_id}").status_code == 204

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -174,10 +174,24 @@ async def export_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, princ
     vp = await run_in_threadpool(_get, dispatcher, voiceprint_id, principal)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", vp.label).strip("._") or vp.id
     if format == "npy":
-        headers = {"Content-Disposition": f'attachment; filename="{stem}.npy"',
+        headers = {"Content-Disposition": _disposition(stem, vp.label, ".npy"),
                    "X-Voiceprint-Model": vp.model, "X-Voiceprint-Dimension": str(vp.dimension)}
         return Response(to_npy(vp), media_type="application/octet-stream", headers=headers)
-    return JSONResponse(vp.export(), headers={"Content-Disposition": f'attachment; filename="{stem}.json"'})
+    return JSONResponse(vp.export(), headers={"Content-Disposition": _disposition(stem, vp.label, ".json")})
+
+
+def _disposition(stem: str, label: str, suffix: str) -> str:
+    """``filename`` in plain ASCII for every client, and the person's name as ``filename*`` (RFC
+    6266, RFC 8187's UTF-8 form) where it differs, as a job's result offers its upload's name:
+    a voiceprint of "李雷" was saved as "vp_<id>.json" and one of "Zoë" as "Zo_.json". The label
+    is one line of printable text (``clean_label``), percent-encoded whole, and a "/" in it
+    becomes "_" as in the plain name, so no byte of it can end the header's field or name a
+    folder."""
+    header = f'attachment; filename="{stem}{suffix}"'
+    own = label.replace("/", "_").replace("\\", "_")
+    if own != stem:
+        header += f"; filename*=UTF-8''{quote(own + suffix, safe='')}"
+    return header
 
 
 @router.delete("/{voiceprint_id}", status_code=204, summary="Delete a voiceprint")
