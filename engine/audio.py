@@ -26,8 +26,8 @@ import numpy as np
 from shared.audio_limits import (  # noqa: F401  (re-exported)
     MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
-    check_mp4_edits, check_ogg_comments, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, id3_end,
-    ogg_chained, ogg_link_starts, probe, pyav_options, stream_channels, wav_data_unsized, xing_count,
+    check_mp4_edits, check_ogg_comments, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, flac_starts,
+    id3_end, ogg_chained, ogg_link_starts, probe, pyav_options, stream_channels, wav_data_unsized, xing_count,
 )
 from shared.errors import AudioDecodeError, AudioTooLongError, InputError
 
@@ -669,6 +669,14 @@ def _read_soundfile(
         # the first page's header and the last page, and where their streams are the same a
         # search for a second link (`cat a.ogg a.ogg` was decoded to half its length)
         chained = ogg_chained(fh)
+        starts = None if chained else flac_starts(fh)
+        if starts is not None:
+            # FLACs joined, of which libsndfile reads the first alone (3 s and 5 s joined decoded
+            # to 3 s): each decoded on its own; where one cannot be (a FLAC of no count, which
+            # libsndfile cannot stream from a slice), FFmpeg decodes them all (None)
+            joined = _read_flac_parts(fh, starts, max_duration)
+            fh.seek(start)
+            return joined
     try:
         with sf.SoundFile(fh) as snd:
             if snd.samplerate <= 0 or snd.channels <= 0:
@@ -803,6 +811,28 @@ def _read_ogg_links(fh: BinaryIO, max_duration: float) -> _Collector | None:
             if index == 0:
                 return None
             break
+    fh.seek(0)
+    return out
+
+
+def _read_flac_parts(fh: BinaryIO, starts: list[int], max_duration: float) -> _Collector | None:
+    """FLACs joined with cat, beginning at ``starts`` (shared.audio_limits.flac_starts), decoded
+    one by one by libsndfile into one collector, each down-mixed and resampled to 16 kHz on its
+    own; None where one of them cannot be (FFmpeg then decodes the file: load_audio). libsndfile
+    stops at the end of the first, and FFmpeg decodes on but not across a change of rate or
+    channels (3 s at 16 kHz mono and 5 s at 44.1 kHz stereo decoded to 8.9 s)."""
+    size = fh.seek(0, os.SEEK_END)
+    fh.seek(0)
+    out = _Collector(max_duration)
+    # the first from the file's start, its ID3v2 tags with it, as libsndfile reads a file
+    for start, end in zip([0] + starts[1:], starts[1:] + [size]):
+        try:
+            done = _read_soundfile(_Slice(fh, start, end), max_duration, chains=False, into=out)  # type: ignore[arg-type]
+        except AudioDecodeError:  # too long (413) or not finite (422) stand as they are
+            done = None
+        if done is None:
+            fh.seek(0)
+            return None
     fh.seek(0)
     return out
 

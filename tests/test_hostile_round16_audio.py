@@ -214,3 +214,43 @@ def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
     assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
     assert done["error"]["status_code"] == 415, done
     assert "decodes to more than its header declares" in done["error"]["detail"], done
+
+
+# --- FLAC files joined with cat ---------------------------------------------------------------------
+
+def _flac(seconds: float, rate: int, channels: int = 1) -> bytes:
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([tone] * channels, axis=1), rate, format="FLAC")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("second", [(16000, 1), (44100, 2)], ids=["same", "other_rate_and_channels"])
+def test_flac_files_joined_with_cat_are_decoded_to_the_end(second: tuple[int, int]) -> None:
+    """libsndfile reads a FLAC to its STREAMINFO's count and stops: two recordings of 3 s and 5 s
+    joined with cat were taken for 3 s by the header check and analysed as their first 3 s
+    without a word (FFmpeg decodes on, but not across a change of rate or channels: 8.9 s). Each
+    is decoded by libsndfile now, and the header check sums their counts."""
+    joined = _flac(3.0, 16000) + _flac(5.0, *second)
+    assert check_audio_limits(io.BytesIO(joined), max_duration=3600.0).duration == pytest.approx(8.0)
+    assert load_audio(joined).duration == pytest.approx(8.0, abs=0.05)
+    with pytest.raises(AudioTooLongError):
+        check_audio_limits(io.BytesIO(joined), max_duration=5.0)
+    # one FLAC alone keeps its length, read by libsndfile
+    alone = _flac(3.0, 16000)
+    assert check_audio_limits(io.BytesIO(alone), max_duration=3600.0).duration == pytest.approx(3.0)
+    assert load_audio(alone).duration == pytest.approx(3.0)
+
+
+def test_flacs_joined_where_one_does_not_count_its_samples_have_no_length() -> None:
+    """A FLAC an encoder wrote to a pipe counts 0 samples (unknown): joined behind another, the sum
+    is unknown too, and the decoder reads both to their end."""
+    data = bytearray(_flac(5.0, 16000))
+    data[21] &= 0xF0  # STREAMINFO's 36-bit total samples and its MD5: 0, as such an encoder leaves them
+    data[22:42] = bytes(20)
+    joined = _flac(3.0, 16000) + bytes(data)
+    assert check_audio_limits(io.BytesIO(joined), max_duration=3600.0).duration is None
+    assert load_audio(joined).duration == pytest.approx(8.0, abs=0.05)
