@@ -11,7 +11,8 @@ Recordings, all real speech with exact references:
 - ``--many`` conversations of 5-8 LibriSpeech readers (249 voices, none used elsewhere in tuning),
   one to three of them minor (3-6 s of speech);
 - a ``--long-minutes`` meeting of the four talkers (clustering behaves differently with many
-  embeddings per speaker);
+  embeddings per speaker), with ``--long-guests`` readers laid in its pauses who speak once, 3-6 s
+  (a cluster of a few embeddings among thousands; ``evaluation.longform.with_minor_talkers``);
 - ``--short`` one-reader and two-reader recordings of 15-35 s (a handful of embeddings each);
 - ``--meetings`` meeting-like conversations of 3-5 LibriSpeech readers, 1.2-2.6 min, with long
   overlaps at 40 % of turn changes and 0.3-1.2 s interjections inside other talkers' turns
@@ -49,26 +50,26 @@ from evaluation.speech import (
     pyannote_sample,
 )
 from evaluation.conditions import CONDITIONS, Condition
-from evaluation.longform import long_conversation
+from evaluation.longform import long_conversation, with_minor_talkers
 from engine.pipelines.diarization import build_embedded_pipeline, to_turns
 from shared.settings import Settings
 
 
 # first seeds of each set: the tuning draw, and a held-out draw no default was chosen on
 DRAWS = {
-    "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0, "meet": 700},
-    "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100, "meet": 800},
+    "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0, "meet": 700, "guests": 900},
+    "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100, "meet": 800, "guests": 1000},
 }
 
 
 def recordings(conversations: int, many: int, long_minutes: float, condition: Condition | None = None,
-               short: int = 0, draw: str = "tuning", meetings: int = 0):
+               short: int = 0, draw: str = "tuning", meetings: int = 0, long_guests: int = 0):
     first = DRAWS[draw]
     wav, rttm = pyannote_sample()
     yield "sample", load_audio(wav).float32(), load_reference(rttm)
     for i in range(conversations):
         yield f"conv{i}", *multi_speaker_conversation(seed=first["conv"] + i, condition=condition)
-    clips = librispeech_clips() if many or short or meetings else []
+    clips = librispeech_clips() if many or short or meetings or long_guests else []
     for i in range(many):
         talkers = 5 + i % 4
         yield f"many{i}", *many_talker_conversation(
@@ -79,7 +80,10 @@ def recordings(conversations: int, many: int, long_minutes: float, condition: Co
     for i in range(meetings):
         yield f"meet{i}", *meeting_conversation(3 + i % 3, minor=i % 2, seed=first["meet"] + i, clips=clips)
     if long_minutes:
-        yield "long", *long_conversation(long_minutes, condition=condition, first_seed=first["long"])
+        samples, reference = long_conversation(long_minutes, condition=condition, first_seed=first["long"])
+        if long_guests:
+            samples, reference, _ = with_minor_talkers(samples, reference, clips, long_guests, seed=first["guests"])
+        yield "long", samples, reference
 
 
 def main() -> None:
@@ -105,6 +109,9 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
     parser.add_argument("--long-minutes", type=float, default=10.0)
+    parser.add_argument("--long-guests", type=int, default=0,
+                        help="this many LibriSpeech readers who speak once, 3-6 s, laid in pauses of the long "
+                             "meeting (evaluation.longform.with_minor_talkers); prints how many were found")
     parser.add_argument("--short", type=int, default=0,
                         help="this many one-reader and two-reader recordings of 15-35 s (few embeddings each)")
     parser.add_argument("--meetings", type=int, default=0,
@@ -120,7 +127,7 @@ def main() -> None:
 
     condition = None if args.condition == "clean" else Condition(args.condition)
     data = list(recordings(args.conversations, args.many, args.long_minutes, condition, args.short, args.draw,
-                           args.meetings))
+                           args.meetings, args.long_guests))
     total_s = sum(len(s) for _, s, _ in data) / SAMPLE_RATE
     print(f"{len(data)} recordings, {total_s / 60:.1f} min, torch threads {torch.get_num_threads()}")
     print("step  mcs  share  thr    dist  DER sample  conv mean  conv max  many mean  many max  long    count err  "
@@ -148,7 +155,7 @@ def main() -> None:
             pipeline.centre_sigma = sigma or None
             started = time.perf_counter()
             ders, found, count_err, short_err = {}, {}, [], []
-            meet_err, meet_parts = [], []
+            meet_err, meet_parts, guests = [], [], ""
             with torch.inference_mode():
                 for file, (name, _, reference) in zip(files, data):
                     turns = to_turns(pipeline(file), min_speaker_s=defaults.diarization_min_speaker_s)
@@ -159,6 +166,12 @@ def main() -> None:
                         count_err.append(abs(n - true))
                     if name.startswith(("solo", "duo")):
                         short_err.append(abs(n - true))
+                    minors = [label for label in reference.labels() if label.startswith("minor-")]
+                    if name == "long" and minors:
+                        # found: an output speaker is mapped to the guest (pyannote.metrics' optimal mapping)
+                        mapped = set(DiarizationErrorRate(collar=0.0, skip_overlap=False).optimal_mapping(
+                            reference, to_annotation(turns)).values())
+                        guests = f"  long's guests found {sum(m in mapped for m in minors)}/{len(minors)}"
                     if name.startswith("meet"):
                         meet_err.append(n - true)
                         parts = DiarizationErrorRate(collar=0.0, skip_overlap=False)(
@@ -187,7 +200,8 @@ def main() -> None:
                    f"|err| {np.mean(np.abs(meet_err)):.2f}: "
                    + " ".join(v for k, v in found.items() if k.startswith("meet"))
                    + " DER " + " ".join(f"{v:.2f}" for k, v in ders.items() if k.startswith("meet"))
-                   if meet_err else ""),
+                   if meet_err else "")
+                + guests,
                 flush=True,
             )
 

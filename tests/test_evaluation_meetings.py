@@ -110,3 +110,43 @@ def test_turn_changes_overlap_often_and_long(meeting):
     assert max(overlaps) > 1.0 and all(o <= 2.0 + 1e-6 for o in overlaps)
     # the overlapped time in the reference is the turns' overlaps plus the interjections
     assert reference.get_overlap().duration() >= sum(overlaps) - 1e-3
+
+
+def test_guests_are_laid_whole_in_pauses_and_the_meeting_moves_later_intact(clips) -> None:
+    """``with_minor_talkers`` (bench/tune_diarization.py --long-guests): each guest's segment is
+    their own audio at one gain, laid in silence; cutting the guests' blocks out gives back the
+    meeting sample for sample, and its reference moved to the new timeline."""
+    from pyannote.core import Segment
+
+    from evaluation.longform import with_minor_talkers
+
+    audio, reference = meeting_conversation(3, seed=3, clips=clips[:3], interjections_per_minute=0)
+    guests = clips[3:]
+    laid, moved, labels = with_minor_talkers(audio, reference, guests, 2, seed=11)
+    assert sorted(labels) == sorted(f"minor-{c.speaker}" for c in guests)
+    assert with_minor_talkers(audio, reference, guests, 2, seed=11)[1] == moved
+
+    blocks = []
+    for label in labels:
+        (segment,) = moved.label_timeline(label)
+        assert 3.0 - 0.01 <= segment.duration <= 6.0 + 0.01
+        a, b = round(segment.start * SAMPLE_RATE), round(segment.end * SAMPLE_RATE)
+        own = next(c.samples for c in guests if f"minor-{c.speaker}" == label)[: b - a].astype(np.float64)
+        gain = float(np.dot(laid[a:b], own) / np.dot(own, own))
+        assert gain > 0 and np.allclose(laid[a:b], own * gain, atol=1e-4)
+        # half a second of silence either side, where nobody else speaks
+        half = SAMPLE_RATE // 2
+        assert not laid[a - half : a].any() and not laid[b : b + half].any()
+        assert moved.crop(Segment(segment.start - 0.5, segment.end + 0.5)).labels() == [label]
+        blocks.append((a - half, b + half))
+
+    kept = np.concatenate([laid[start:end] for start, end in
+                           zip([0] + [e for _, e in sorted(blocks)], [s for s, _ in sorted(blocks)] + [len(laid)])])
+    assert np.array_equal(kept, audio)
+    # every turn of the meeting keeps its length and order, each moved by the blocks before it
+    before = sorted((s.start, s.end, label) for s, _, label in reference.itertracks(yield_label=True))
+    after = sorted((s.start, s.end, label) for s, _, label in moved.itertracks(yield_label=True) if label not in labels)
+    assert [b[2] for b in before] == [a[2] for a in after]
+    for (s0, e0, _), (s1, e1, _) in zip(before, after):
+        shift = sum((e - s) / SAMPLE_RATE for s, e in blocks if s / SAMPLE_RATE < s1)
+        assert abs((s1 - s0) - shift) < 1e-3 and abs((e1 - s1) - (e0 - s0)) < 1e-6
