@@ -128,7 +128,8 @@ async def refuse_repeated_query(request: Request) -> None:
 
     As for form fields (:func:`refuse_repeated`): ``GET /jobs?status=failed&status=succeeded``
     was read as its last value and answered as if only ``status=succeeded`` had been asked.
-    Installed on the whole app; parameters the route does not declare are left alone.
+    So is one of the route's parameters misspelt by its case or a dash (:func:`refuse_misspelt`).
+    Installed on the whole app; other parameters the route does not declare are left alone.
     """
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
@@ -145,6 +146,8 @@ async def refuse_repeated_query(request: Request) -> None:
         count = len(request.query_params.getlist(field.alias))
         if count > 1:
             raise InputError(f"{field.alias}: given {count} times; send each query parameter once")
+    # GET /jobs?Status=failed listed every job, as if every one had failed, and ?Limit=5 twenty
+    refuse_misspelt(request.query_params.keys(), [f.alias for f in fields], "query parameter", job_fields=False)
 
 
 async def refuse_loose_numbers(request: Request) -> None:
@@ -215,15 +218,19 @@ def _spelling(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def refuse_misspelt(sent: Iterable[str], accepted: Iterable[str], what: str) -> None:
+def refuse_misspelt(sent: Iterable[str], accepted: Iterable[str], what: str, *, job_fields: bool = True) -> None:
     """422 for a name that is a field of a job route but for its case, a dash or spaces around it.
 
     Names are case-sensitive, and one no route reads is left alone: ``Num_Speakers=3`` (a form
     filled from a template, a client that capitalises its keys) and ``num-speakers=3`` ran with
     the default speaker count, and a second upload sent as ``FILE`` was dropped, 202 without a
-    word. Such a name is no proxy's or tracker's: it is this API's field, misspelt."""
-    ours = {_spelling(name): name for name in (*KNOWN_FIELDS, *accepted)}
-    taken = set(accepted) | KNOWN_FIELDS
+    word. Such a name is no proxy's or tracker's: it is this API's field, misspelt. With
+    ``job_fields`` (a form), the job routes' fields count as this route's too (another route's
+    field is :func:`refuse_foreign`'s); a query string is held to the route's own parameters."""
+    accepted = list(accepted)
+    known = KNOWN_FIELDS if job_fields else frozenset()
+    ours = {_spelling(name): name for name in (*known, *accepted)}
+    taken = set(accepted) | known
     misspelt = sorted({name for name in sent if name not in taken and _spelling(name) in ours})
     if misspelt:
         # a name is quoted at most 60 characters long: spaces around it may run to the part's size

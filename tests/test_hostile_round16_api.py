@@ -321,3 +321,22 @@ def test_an_exported_voiceprint_is_named_after_its_person(client, label, plain, 
         parsed["content-disposition"] = header
         assert parsed.get_param("filename", header="content-disposition") == f"{plain or vp_id}{suffix}"
     assert client.delete(f"/voiceprints/{vp_id}").status_code == 204
+
+
+@pytest.mark.parametrize("path, params, named", [
+    ("/jobs", {"Status": "failed"}, "status"),      # before: 200, every job listed as if failed
+    ("/jobs", {"LIMIT": "5"}, "limit"),             # before: 200, a page of 20
+    ("/jobs", {"kind ": "diarize"}, "kind"),
+    ("/voiceprints", {"Limit": "5"}, "limit"),
+])
+def test_a_query_parameter_misspelt_by_its_case_is_refused(client, path, params, named):
+    r = client.get(path, params=params)
+    assert r.status_code == 422, r.text[:300]
+    body = r.json()
+    assert set(body) == ERROR_KEYS and f"(the query parameter is {named})" in body["detail"], body
+
+
+def test_query_parameters_no_route_reads_are_still_left_alone(client):
+    # a tracker's or a proxy's, and a form field's name on a route that has no such parameter
+    for params in ({"utm_source": "x"}, {"File": "x"}, {"_": "1"}):
+        assert client.get("/jobs", params=params).status_code == 200, params
