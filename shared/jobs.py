@@ -1503,15 +1503,33 @@ class JobStore:
         claim = (self.key("webhook", job_id, "claim"), task_id, max(1, self.ttl))
         return due.due_at(job_id) if due.take_over(job_id, next_in_s, claim=claim) else None
 
-    def set_webhook(self, job_id: str, **fields: Any) -> None:
+    def set_webhook(self, job_id: str, *, owner: str | None = None, **fields: Any) -> bool:
+        """Write the delivery's state; with ``owner`` (a delivery task's id) only while that task
+        still owns the delivery (its claim) and it was not delivered: False, and nothing written,
+        otherwise. A task whose worker stalled mid-POST past its due time came back after the
+        recovery pass had handed the delivery to another task, which delivered it, and wrote its
+        own failure over the record: "retrying" (or "failed") for a delivered webhook, for good."""
+        claim, delivered = self.key("webhook", job_id, "claim"), self.key("webhook", job_id, "delivered")
+        owns = [True]
+
+        def holds(pipe: Any) -> bool:
+            owns[0] = pipe.get(claim) == owner and not pipe.exists(delivered)
+            return owns[0]
+
         def change(r: JobRecord) -> JobRecord | None:
             state = (r.webhook or WebhookState()).model_copy(update=fields)
             return r.model_copy(update={"webhook": state})
 
-        self.update(job_id, change)
+        if owner is None:
+            self.update(job_id, change)
+        else:
+            self.update(job_id, change, watch=(claim, delivered), holds=holds)
+            if not owns[0]:
+                return False
         if fields.get("status") in ("retrying", "delivered", "failed"):
             # every delivery attempt's outcome, for /metrics (webhook retries on the dashboard)
             self.redis.hincrby(self.key("stats", "webhooks"), fields["status"], 1)
+        return True
 
     def webhook_counts(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.redis.hgetall(self.key("stats", "webhooks")).items()}

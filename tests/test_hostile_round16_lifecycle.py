@@ -285,3 +285,62 @@ def test_a_worker_stopping_leaves_the_running_jobs_of_another_of_the_same_name_a
         for stack in stacks:
             stack.stop()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue), *queue_keys(other), *queue_keys(HOOKS))
+
+
+def test_a_delivery_taken_over_while_it_hung_leaves_the_delivered_state_alone(service_env, settings):
+    """A delivery task whose worker stalled mid-POST (a SIGSTOP, a paused VM) past its due time:
+    the recovery pass gave the delivery to a new task, which delivered it. The stalled task then
+    came back, its POST failed (the receiver had closed the connection), and it wrote its failure
+    over the record: ``webhook.status`` "retrying" (or "failed", were it its last attempt) with its
+    ``last_error`` and its attempt count, for a webhook that was delivered, and for good. Here the
+    takeover happens, for real (the delivery task's own code, run in this process), while the
+    first attempt's POST waits on the receiver; the first attempt is then answered with a closed
+    connection. The record must still say delivered, at attempt 2."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+    import uuid
+
+    import worker.tasks as tasks
+    from shared.jobs import CANCELLED, JobRecord, JobStore, new_job_id
+
+    store = JobStore.from_settings(settings)
+    job_id = new_job_id()
+    posts: list[str] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(self.headers["X-AudioAnalysis-Attempt"])
+            if len(posts) == 1:
+                # the recovery pass's takeover (JobStore.take_over_webhook's claim), and the new
+                # task's delivery, while this first attempt waits for its answer
+                taker = uuid.uuid4().hex
+                store.redis.set(store.key("webhook", job_id, "claim"), taker)
+                tasks.deliver_webhook.apply(args=(job_id,), task_id=taker)
+                self.close_connection = True
+                return  # no answer: the first attempt fails
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        record = JobRecord(job_id=job_id, kind="embedding", status="queued",
+                           webhook_url=f"http://127.0.0.1:{server.server_address[1]}/hook")
+        store.create_queued(record)
+        store.confirm_queued([job_id])
+        store.finish(job_id, CANCELLED, notify=True)
+        tasks.deliver_webhook.apply(args=(job_id,), task_id=uuid.uuid4().hex)
+        assert posts == ["1", "2"], posts
+        state = store.get(job_id).webhook
+        assert state.status == "delivered" and state.attempts == 2 and state.last_error is None, state
+        assert store.webhook_due_at(job_id) is None
+    finally:
+        server.shutdown()
+        server.server_close()

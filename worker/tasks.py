@@ -725,7 +725,11 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
         )
     except webhooks.WebhookDeliveryError as exc:
         final = attempt > self.max_retries
-        jobs.set_webhook(job_id, status="failed" if final else "retrying", attempts=attempt, last_error=str(exc))
+        if not jobs.set_webhook(job_id, owner=self.request.id, status="failed" if final else "retrying",
+                                attempts=attempt, last_error=str(exc)):
+            # this task stalled mid-POST past its due time and the recovery pass handed the
+            # delivery to another task (which may have delivered it): that one's to finish
+            return {"job_id": job_id, "delivered": False, "reason": "another delivery took over"}
         if final:
             jobs.webhook_settled(job_id)
             return {"job_id": job_id, "delivered": False}
