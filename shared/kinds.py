@@ -164,6 +164,14 @@ class DiarizeParams(Params):
     def _ordered(self) -> "DiarizeParams":
         if self.min_speakers is not None and self.max_speakers is not None and self.max_speakers < self.min_speakers:
             raise ValueError(f"max_speakers ({self.max_speakers}) is smaller than min_speakers ({self.min_speakers})")
+        # num_speakers overrides the bounds: num_speakers=2 with min_speakers=5 ran with 2 and
+        # the 5 dropped without a word. Bounds that agree with it (2 within 1..3) are harmless
+        if self.num_speakers is not None:
+            for name, bound, outside in (("min_speakers", self.min_speakers, lambda b: self.num_speakers < b),
+                                         ("max_speakers", self.max_speakers, lambda b: self.num_speakers > b)):
+                if bound is not None and outside(bound):
+                    raise ValueError(f"num_speakers: {self.num_speakers} is outside {name} ({bound}); num_speakers "
+                                     "is the exact count and overrides the bounds, so send one or the other")
         return self
 
 

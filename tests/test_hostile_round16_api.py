@@ -340,3 +340,27 @@ def test_query_parameters_no_route_reads_are_still_left_alone(client):
     # a tracker's or a proxy's, and a form field's name on a route that has no such parameter
     for params in ({"utm_source": "x"}, {"File": "x"}, {"_": "1"}):
         assert client.get("/jobs", params=params).status_code == 200, params
+
+
+@pytest.mark.parametrize("data, ok", [
+    ({"num_speakers": "2", "min_speakers": "5"}, False),   # before: 202, ran with 2, the 5 dropped
+    ({"num_speakers": "4", "max_speakers": "3"}, False),   # before: 202, ran with 4
+    ({"num_speakers": "2", "min_speakers": "1", "max_speakers": "3"}, True),
+])
+def test_num_speakers_outside_the_bounds_sent_with_it_is_refused(data, ok):
+    from shared.errors import InputError
+    from shared.kinds import DiarizeParams, validate_params
+
+    if ok:
+        assert validate_params(DiarizeParams, data).num_speakers == int(data["num_speakers"])
+        return
+    with pytest.raises(InputError, match=r"^num_speakers: \d is outside (min|max)_speakers"):
+        validate_params(DiarizeParams, data)
+
+
+def test_num_speakers_outside_its_bounds_is_a_422_before_a_job(client):
+    before = newest_job_ids(client)
+    body = _refused(client.post("/jobs/diarize", files=_audio(), data={"num_speakers": "2", "min_speakers": "5"}),
+                    "num_speakers")
+    assert "outside min_speakers (5)" in body["detail"], body
+    assert newest_job_ids(client) == before
