@@ -267,13 +267,7 @@ class Dispatcher:
                 raise InputError(f"{spec.name}: file is larger than {spec.max_bytes} bytes")
             digests[spec.name] = hashlib.sha256(data).hexdigest()  # at most max_bytes (1 MB), in memory already
             values[spec.into or spec.name] = await run_in_threadpool(spec.parse, data, upload.filename, self.settings)
-        params = kind.parse_params(values, self.settings)
-        if getattr(params, "identification_threshold", None) is not None and not getattr(params, "voiceprints", None):
-            # a threshold for naming speakers, with nobody to name them after: dropped without a
-            # word, so a client that forgot or misspelt voiceprints got speakers never named and
-            # no sign why (as webhook_payload without webhook_url, refused in submit_all)
-            raise InputError("identification_threshold: given without voiceprints; it says how sure a match must "
-                             "be to name a speaker, so give voiceprints too, or leave it out")
+        params = kind.parse_params(values, self.settings)  # with settings: the edge's own rules too
         for spec in kind.audio_files:
             if spec.name in urls:
                 # resolves the host name: off the event loop, in a thread of the lookups' own

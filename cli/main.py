@@ -34,8 +34,9 @@ def _fail(exc: Exception) -> None:
     if isinstance(exc, AnalysisError):
         from cli.service import shown
 
-        # the detail names files ("x[/]y.wav"): printed literally, not as markup
-        err.print(f"[red]{shown(exc.error_type)}[/red]: {shown(exc.detail)}")
+        # the detail names files ("x[/]y.wav"): printed literally, not as markup; one line
+        # however long (soft_wrap), as a script reading stderr expects, not cut at 80 columns
+        err.print(f"[red]{shown(exc.error_type)}[/red]: {shown(exc.detail)}", soft_wrap=True)
         raise typer.Exit(2 if exc.status_code < 500 else 1)
     raise exc
 
@@ -53,7 +54,9 @@ def read_inputs(kind: JobKind, files: dict[str, Any], options: dict[str, Any]) -
         if spec.parse is not None:
             values[spec.into or spec.name] = spec.parse(files[spec.name].read_bytes(), files[spec.name].name,
                                                         get_settings())
-    return kind.parse_params(values), {f.name: files[f.name] for f in kind.audio_files}
+    # with settings, the rules of a request read at the edge, as the API applies them
+    # (identification_threshold without voiceprints, min_duration past the longest audio)
+    return kind.parse_params(values, settings), {f.name: files[f.name] for f in kind.audio_files}
 
 
 # A frozen CAM++ (shared.settings.Settings.embedding_frozen) saves about 4 ms of CPU per second

@@ -48,6 +48,11 @@ CASES = {
     "a result onto a folder": (lambda f: _service("result", "0" * 32, "-o", f["dir"]), "is a directory"),
     "a vector into a missing folder": (lambda f: ("embed", f["a"], "-o", f["missing_dir"]), "no such directory"),
     "RTTM onto a folder": (lambda f: ("diarize", f["a"], "--rttm", f["dir"]), "is a directory"),
+    # the API's rules of a request, offline too: the threshold was dropped and the speakers never named
+    "a threshold without voiceprints": (lambda f: ("diarize", f["a"], "--identification-threshold", "0.9"),
+                                        "identification_threshold: given without voiceprints"),
+    "segments longer than any audio": (lambda f: ("diarize", f["a"], "--min-duration", "1e20"),
+                                       "longer than the longest audio"),
 }
 
 
