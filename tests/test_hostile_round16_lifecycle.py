@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -213,18 +214,52 @@ def test_a_lease_held_in_another_pid_namespace_of_the_same_hostname_is_not_taken
         redis_client.delete(key)
 
 
-def test_a_worker_stopping_leaves_the_running_jobs_of_another_of_the_same_name_alone(
-        service_env, settings, media_server, tmp_path_factory):
+# a worker whose main process takes 3 s between its start and its pool's fork (its import of
+# torch and the pipelines does, in production) and whose load raises after 2 s
+_SLOW_LOAD_APP = '''
+import time
+
+from celery import signals
+
+from engine.core import Engine
+from worker.celery_app import app
+
+__all__ = ["app"]
+
+
+@signals.worker_init.connect
+def _slow_start(**_):
+    time.sleep(3)
+
+
+def _raising_load(self, *args, **kwargs):
+    time.sleep(2)
+    raise RuntimeError("no weights here")
+
+
+Engine.load_models = _raising_load
+'''
+
+
+def test_two_workers_of_one_name_leave_each_other_alone(service_env, settings, media_server, tmp_path_factory):
     """Two workers of one node name on one machine: ``celery worker`` started twice without
     ``-n`` (both ``celery@<host>``), or two pods of ``-n gpu@%h`` on one node with host networking.
-    A warm shutdown of one marked ``stopping:<node name>`` in Redis, which the other's pool
-    process read too: its running job was handed back to the queue, and, the flag being for good
-    in that process, every job it took after was handed back at its first progress report: a
-    worker that bounced every job. Here A (prefork) downloads a job's audio from a URL that
-    trickles it; B, of A's node name and another queue, is stopped (SIGTERM, as a deploy does).
-    A's job must still be running, at its first attempt, seconds after B is gone (before: at
-    attempt 53, 3 s on); A's own SIGTERM then hands it back."""
+    Both kept per node name what is each worker's own:
+
+    * the count of its model loads that never ended (``worker_max_load_deaths``): started within
+      the seconds their main processes take to import torch, each cleared the count, then counted
+      the other's load as a death; with the limit at 1 here (3 by default: the fourth of
+      same-named GPU pods of a node starting together) the second stopped with status 1, "died 1
+      times in a row while loading the models", though no process died. Both start together here
+      (and their loads raise: a load_error keeps a worker up); both must stay up;
+    * the warm-shutdown mark: B's SIGTERM marked ``stopping:<node name>``, which A's pool process
+      read too: its running job was handed back, and, the flag being for good in that process,
+      every job it took after at its first progress report: a worker that bounced every job. Here
+      A downloads a job's audio from a URL that trickles it; B (another queue) is stopped. A's job
+      must still be running, at its first attempt, seconds after B is gone (before: attempt 53,
+      3 s on); A's own SIGTERM then hands it back."""
     import socket
+    import sys
     import threading
 
     from fastapi.testclient import TestClient
@@ -249,14 +284,28 @@ def test_a_worker_stopping_leaves_the_running_jobs_of_another_of_the_same_name_a
             time.sleep(0.1)
 
     url = media_server.route("/r16/trickle.wav", trickle)
+    app_dir = tmp_path_factory.mktemp("r16-slow-load-app")
+    (app_dir / "r16_slow_load_app.py").write_text(_SLOW_LOAD_APP)
     stacks = [Stack(log_dir=tmp_path_factory.mktemp("r16-dup-a")), Stack(log_dir=tmp_path_factory.mktemp("r16-dup-b"))]
+
+    def spawn(stack: Any, on: str) -> Any:
+        env = {**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": on, "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "true",
+               "AUDIO_ANALYSIS_WORKER_MAX_LOAD_DEATHS": "1", "PYTHONPATH": f"{app_dir}:{os.getcwd()}"}
+        return stack.spawn("r16dup", [
+            sys.executable, "-m", "celery", "-A", "r16_slow_load_app", "worker", "--pool", "prefork",
+            "--concurrency", "1", "-Q", on, "-n", "r16dup@%h", "--loglevel", "INFO", "--without-gossip",
+            "--without-mingle"], env=env)
+
+    def logs() -> str:
+        return "\n---\n".join((s.log_dir / "r16dup.log").read_text(errors="replace")[-2000:] for s in stacks)
+
     try:
-        a = stacks[0].start_worker(queues=[queue], name="r16dup", pool="prefork",
-                                   env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": queue})
-        b = stacks[1].start_worker(queues=[other], name="r16dup", env={**WORKER_ENV, "AUDIO_ANALYSIS_QUEUE_NAME": other})
+        a, b = spawn(stacks[0], queue), spawn(stacks[1], other)
         node = f"r16dup@{socket.gethostname()}"
-        _wait(lambda: len([w for w in store.workers() if w["worker"].startswith(node)]) >= 2, 90,
-              lambda: (stacks[0].log_dir / "r16dup.log").read_text(errors="replace")[-3000:])
+        _wait(lambda: len([w for w in store.workers() if w["worker"].startswith(node) and w.get("load_error")]) >= 2
+              or a.poll() is not None or b.poll() is not None, 120, logs)
+        assert a.poll() is None and b.poll() is None, logs()
+        assert "in a row while loading the models" not in logs(), logs()
         with TestClient(create_app(mine), raise_server_exceptions=False) as api:
             r = api.post("/jobs/embedding", data={"file_url": url})
             assert r.status_code == 202, r.text
@@ -269,7 +318,7 @@ def test_a_worker_stopping_leaves_the_running_jobs_of_another_of_the_same_name_a
             _wait(downloading, 60, lambda: store.get(job_id))
             b.send_signal(signal.SIGTERM)
             b.wait(timeout=60)
-            time.sleep(3)  # A's job reports progress every chunk (0.1 s), checking the mark each second
+            time.sleep(2)  # A's job reports progress every chunk (0.1 s), checking the mark each second
             record = store.get(job_id)
             log = (stacks[0].log_dir / "r16dup.log").read_text(errors="replace")
             assert record.status == "running" and record.attempts == 1, (record, log[-3000:])

@@ -453,8 +453,13 @@ def _give_up(died: int) -> None:
 
 
 def _loading_key(node: str) -> str:
-    # not under "worker:": /health reads every aa:worker:* key as a heartbeat
-    return JobStore.from_settings().key("loading", node)
+    # not under "worker:": /health reads every aa:worker:* key as a heartbeat. Per worker (its main
+    # process), as the stopping mark is: per node name, two workers of one name on one machine
+    # that started within the seconds their main processes take to import torch each cleared the
+    # count, then counted the other's load as a death, and one stopped with status 1
+    from worker.lease import host_id
+
+    return JobStore.from_settings().key("loading", node, f"{host_id()}:{_main['pid'] or os.getpid()}")
 
 
 def _count_load(node: str) -> int:
