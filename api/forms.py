@@ -9,12 +9,14 @@ once (``Dispatcher.read``).
 
 from __future__ import annotations
 
+import codecs
 import inspect
 from types import UnionType
 from typing import Any, Awaitable, Callable, Iterable, Literal, Union, get_args, get_origin
 
 from fastapi import File, Form, Request, UploadFile
 from pydantic.fields import FieldInfo
+from python_multipart.multipart import parse_options_header
 
 from shared.errors import InputError
 from shared.kinds import KINDS, JobKind, loose_number, number_type
@@ -275,6 +277,38 @@ def refuse_other_bodies(request: Request) -> None:
             f"{request.method} {request.url.path} takes a form (multipart/form-data; without a file also "
             f"application/x-www-form-urlencoded), not {media[:100]}: with curl, -F 'file=@meeting.wav' for an "
             "upload and -F name=value for each other field")
+    if media in FORM_TYPES:
+        refuse_unreadable_charset(sent)
+
+
+# what every form's names and separators are written in: a charset that writes them otherwise
+# (UTF-16, UTF-32, EBCDIC) is not one a form can be read in
+_ASCII_PROBE = 'Content-Disposition: form-data; name="file_url"; filename="a.wav"\r\n--&=+%'
+
+
+def refuse_unreadable_charset(content_type: str) -> None:
+    """415 for a form whose Content-Type names a charset that does not write ASCII as ASCII
+    (``charset=utf-16``, ``utf-32``, ``cp037``), or one Python does not know as a text encoding.
+
+    Starlette decoded each part's name in that charset: in UTF-16, ``name="file"`` became two
+    CJK characters, so the upload was no field of the route and the client was told
+    "file: an upload (or file_url) is required"; in UTF-32 (whose decoding of it fails, so it
+    falls back to Latin-1) the same form was taken. A charset the form's ASCII survives
+    (UTF-8, Latin-1, Windows-1252) is read as before."""
+    _, params = parse_options_header(content_type)
+    charset = params.get(b"charset")
+    if charset is None:
+        return
+    name = charset.decode("latin-1").strip()
+    try:
+        readable = codecs.encode(_ASCII_PROBE, name) == _ASCII_PROBE.encode("ascii")
+    except (LookupError, TypeError, ValueError):
+        # unknown, or no str-to-bytes text encoding ("hex", "zlib", "rot13")
+        readable = False
+    if not readable:
+        raise UnsupportedBody(
+            f"Content-Type charset {name[:40]!r} is not supported for a form: send it in UTF-8 "
+            "(charset=utf-8, or no charset)")
 
 
 class UnsupportedBody(InputError):

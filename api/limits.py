@@ -24,7 +24,8 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
+from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +47,34 @@ MAX_URLENCODED_BYTES = 1024 * 1024
 # 1 MB, 900 uploads of just under 1 MB (a batch) also stayed in memory, 900 MB a request
 SPOOL_BYTES = 64 * 1024
 MultiPartParser.spool_max_size = SPOOL_BYTES
+
+
+# ;filename*=charset'language'percent-encoded (RFC 5987 / 8187), and a plain ;filename=... beside it
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
+_PLAIN_FILENAME = re.compile(rb';\s*filename\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
+
+
+def _extended_filename(disposition: bytes) -> str | None:
+    """The file name of a ``filename*`` parameter, decoded; None without one or with one that is
+    not ``charset'language'value``. The name only names the upload (it is cleaned before it is
+    shown: ``api.dispatch._first_filename``), so bytes its charset does not decode, or a charset
+    Python does not know (RFC 8187 names only UTF-8 and ISO-8859-1), leave a replacement
+    character rather than turn the file into text."""
+    found = _EXTENDED_FILENAME.search(disposition)
+    if found is None:
+        return None
+    parts = found.group(1).strip().strip(b'"').split(b"'", 2)
+    if len(parts) != 3:
+        return None
+    # the two of RFC 8187, and ASCII; any other name is read as UTF-8: Python's codecs include
+    # ones that are no text encoding ("hex", "zlib", "unicode_escape") and would raise or rewrite
+    try:
+        charset = codecs.lookup(parts[0].decode("latin-1").strip()).name
+    except LookupError:
+        charset = "utf-8"
+    if charset not in ("utf-8", "iso8859-1", "latin-1", "ascii"):
+        charset = "utf-8"
+    return unquote_to_bytes(parts[2].decode("latin-1")).decode(charset, errors="replace")
 
 
 class WholeMultiPartParser(MultiPartParser):
@@ -78,37 +107,12 @@ class WholeMultiPartParser(MultiPartParser):
             self._current_part.content_disposition = plain + b'; filename="' + quoted + b'"'
         super().on_headers_finished()
 
-
-# ;filename*=charset'language'percent-encoded (RFC 5987 / 8187), and a plain ;filename=... beside it
-_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
-_PLAIN_FILENAME = re.compile(rb';\s*filename\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;]*)', re.IGNORECASE)
-
-
-def _extended_filename(disposition: bytes) -> str | None:
-    """The file name of a ``filename*`` parameter, decoded; None without one or with one that is
-    not ``charset'language'value``. The name only names the upload (it is cleaned before it is
-    shown: ``api.dispatch._first_filename``), so bytes its charset does not decode, or a charset
-    Python does not know (RFC 8187 names only UTF-8 and ISO-8859-1), leave a replacement
-    character rather than turn the file into text."""
-    found = _EXTENDED_FILENAME.search(disposition)
-    if found is None:
-        return None
-    parts = found.group(1).strip().strip(b'"').split(b"'", 2)
-    if len(parts) != 3:
-        return None
-    # the two of RFC 8187, and ASCII; any other name is read as UTF-8: Python's codecs include
-    # ones that are no text encoding ("hex", "zlib", "unicode_escape") and would raise or rewrite
-    try:
-        charset = codecs.lookup(parts[0].decode("latin-1").strip()).name
-    except LookupError:
-        charset = "utf-8"
-    if charset not in ("utf-8", "iso8859-1", "latin-1", "ascii"):
-        charset = "utf-8"
-    return unquote_to_bytes(parts[2].decode("latin-1")).decode(charset, errors="replace")
-
     async def parse(self) -> FormData:
         self.closed_properly = False
-        form = await super().parse()
+        try:
+            form = await super().parse()
+        except MultiPartException as exc:
+            raise MultiPartException(self._said(exc)) from exc
         if not self.closed_properly:
             for _, value in form.multi_items():
                 if isinstance(value, UploadFile):
@@ -116,9 +120,55 @@ def _extended_filename(disposition: bytes) -> str | None:
             raise MultiPartException("the multipart body ended before its closing boundary: it was cut short")
         return form
 
+    def _said(self, exc: MultiPartException) -> str:
+        """Starlette's refusal of a form, said as the limit the client passed and what to do.
+
+        A part's headers past python-multipart's 4 KB (a 5,000-character file name) were "Invalid
+        multipart data.", which names no limit; a field past 64 KB did not say which field."""
+        cause = exc.__cause__
+        part = self._current_part.field_name if self._current_part is not None else ""
+        named = f"{part[:40]}: " if part else ""
+        if exc.message.startswith("Part exceeded maximum size"):
+            return (f"{named}a form field over {MAX_FIELD_BYTES // 1024} KB; fields are numbers, names and URLs "
+                    "(send audio as a file part, with a filename=)")
+        if exc.message.startswith("Too many fields"):
+            return f"a form of more than {MAX_FORM_FIELDS} fields; no route takes that many"
+        if exc.message.startswith("Too many files"):
+            return f"a form of more than {self.max_files} files; send them in smaller batches"
+        if isinstance(cause, Exception) and "header size" in str(cause):
+            return (f"a form part's header line is over {DEFAULT_MAX_HEADER_SIZE} bytes: give files "
+                    "names of at most 255 characters")
+        if isinstance(cause, Exception) and "header count" in str(cause):
+            return "a form part has more than 8 header lines; send Content-Disposition and Content-Type"
+        if exc.message.startswith("Missing boundary"):
+            return "multipart/form-data without a boundary= in its Content-Type"
+        if exc.message == "Invalid multipart data.":
+            why = str(cause)[:120] if cause is not None else ""
+            return "the multipart body is malformed" + (f" ({why})" if why else "") + \
+                ": send the form as multipart/form-data with the Content-Type's boundary"
+        return exc.message
+
+
+class BoundedFormParser(FormParser):
+    """Starlette's parser of application/x-www-form-urlencoded, naming the limit a form passed."""
+
+    async def parse(self) -> FormData:
+        try:
+            return await super().parse()
+        except MultiPartException as exc:
+            if exc.message.startswith("Field exceeded maximum size"):
+                raise MultiPartException(
+                    f"a form field over {MAX_FIELD_BYTES // 1024} KB; fields are numbers, names and URLs "
+                    "(send audio as multipart/form-data, a file part with a filename=)") from exc
+            if exc.message.startswith("Too many fields"):
+                raise MultiPartException(
+                    f"a form of more than {MAX_FORM_FIELDS} fields; no route takes that many") from exc
+            raise
+
 
 # Request.form builds its parser by this name (every request of the app, bounded or not)
 starlette.requests.MultiPartParser = WholeMultiPartParser  # type: ignore[misc]
+starlette.requests.FormParser = BoundedFormParser  # type: ignore[misc]
 
 
 # what the API itself lacks while it spools a form (not the client's doing): the disk of the
