@@ -47,11 +47,16 @@ keyInput.value = sessionStorage.getItem(KEY_ITEM) || "";
 // lists were rebuilt under the pointer, and the click that took the focus away (a "follow" right
 // after typing the key) could land on a row that was no longer there and do nothing.
 let appliedKey = keyInput.value.trim();
+// Counts the key changes: an answer asked for under an earlier key (an upload, a job fetched to be
+// shown or followed) that arrives after the change is dropped, not shown under the new key.
+let keyEpoch = 0;
 keyInput.addEventListener("change", () => {
   const key = keyInput.value.trim();
   if (key === appliedKey) return;
   appliedKey = key;
+  keyEpoch += 1;
   if (key) sessionStorage.setItem(KEY_ITEM, key); else sessionStorage.removeItem(KEY_ITEM);
+  forgetKeysJobs();
   refreshRecent();
   refreshVoiceprints();
   restoreFollowed();
@@ -91,11 +96,12 @@ drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
 // --- submitting and following jobs -------------------------------------------------------------
 // A form sent with XMLHttpRequest, whose upload reports progress (fetch's does not): a recording of
 // hundreds of MB takes minutes to send, and the page said nothing meanwhile.
-function send(path, form, onProgress) {
+// key: the one the submit began under (a batch whose key is changed half-way still goes to the
+// account it was started for, not part to one and part to another)
+function send(path, form, onProgress, key = keyInput.value.trim()) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
-    const key = keyInput.value.trim();
     if (key) xhr.setRequestHeader("X-API-Key", key);
     xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
     xhr.addEventListener("load", () => {
@@ -133,6 +139,10 @@ $("#submit").addEventListener("click", async () => {
   const status = $("#submit-status");
   const files = state.picked;
   const url = $("#audio-url").value.trim();
+  const key = keyInput.value.trim(), epoch = keyEpoch;
+  // a job sent under a key the field no longer holds is not followed here (the new key's page
+  // would show the previous key's job); the user finds it again under that key
+  const keep = (job, file) => { if (epoch === keyEpoch) track(job, file); };
   try {
     for (const [i, file] of files.entries()) {
       const form = diarizeForm();
@@ -142,8 +152,8 @@ $("#submit").addEventListener("click", async () => {
       try {
         const job = await send("/jobs/diarize", form, (done) => {
           status.textContent = `uploading ${file.name}${which}: ${Math.floor(done * 100)} %`;
-        });
-        track(job, file);
+        }, key);
+        keep(job, file);
       } catch (err) {
         errors.push(`${file.name}: ${err.message}`);
       }
@@ -154,7 +164,7 @@ $("#submit").addEventListener("click", async () => {
       form.append("file_url", url);
       status.textContent = "sending the URL…";
       try {
-        track(await send("/jobs/diarize", form, () => {}), null);
+        keep(await send("/jobs/diarize", form, () => {}, key), null);
         $("#audio-url").value = "";
       } catch (err) {
         errors.push(`${url}: ${err.message}`);
@@ -222,11 +232,15 @@ function track(job, file, restored = false, name = null) {
 }
 
 async function restoreFollowed() {
+  const epoch = keyEpoch;
   for (const id of followed()) {
     if (state.jobs.has(id)) continue;
     try {
-      track(await (await api(`/jobs/${encodeURIComponent(id)}`)).json(), null, true);
+      const job = await (await api(`/jobs/${encodeURIComponent(id)}`)).json();
+      if (epoch !== keyEpoch) return;
+      track(job, null, true);
     } catch (err) {
+      if (epoch !== keyEpoch) return;
       // gone (expired, or another key's): no longer followed; anything else is tried next load
       if (err.status === 404) setFollowed(followed().filter((x) => x !== id));
     }
@@ -235,9 +249,13 @@ async function restoreFollowed() {
 
 async function poll(jobId) {
   const entry = state.jobs.get(jobId);
+  if (!entry) return; // no longer followed (the key changed)
   try {
-    entry.job = await (await api(`/jobs/${jobId}`)).json();
+    const job = await (await api(`/jobs/${jobId}`)).json();
+    if (state.jobs.get(jobId) !== entry) return;
+    entry.job = job;
   } catch (err) {
+    if (state.jobs.get(jobId) !== entry) return;
     entry.row.querySelector(".step").textContent = err.message;
     if (err.status !== 404) setTimeout(() => poll(jobId), 2000);
     return;
@@ -273,6 +291,38 @@ function render({ job, row, name }) {
     if (job.status === "failed") panel.error.textContent = `${name || job.filename || job.job_id}: ${(job.error || {}).detail || "failed"}`;
     if (job.status === "cancelled") panel.error.textContent = `${name || job.filename || job.job_id}: cancelled`;
   }
+}
+
+// What the page shows of one key's jobs, forgotten when the key changes: the jobs this tab follows
+// (their rows, names and ids kept for a reload), the timeline and the answers shown, the messages.
+// The new key's lists are read afresh. Before, the previous key's job names, timeline, speaker names
+// and downloads stayed on the page under the new key, and its jobs were polled with the new key.
+function forgetKeysJobs() {
+  for (const { row } of state.jobs.values()) row.remove();
+  state.jobs.clear();
+  setFollowed([]);
+  state.shown = null;
+  $("#result-panel").hidden = true;
+  $("#result-title").textContent = "Result";
+  $("#timeline").replaceChildren();
+  $("#summary").textContent = "";
+  turnsShown = { turns: [], next: 0, names: new Map() };
+  $("#turns tbody").replaceChildren();
+  $("#turns-more").hidden = true;
+  if (audio.src) URL.revokeObjectURL(audio.src);
+  audio.removeAttribute("src");
+  delete audio.dataset.jobId;
+  audio.load();
+  for (const panel of Object.values(PANELS)) {
+    panel.awaiting = null;
+    panel.shown = null;
+    panel.status.textContent = "";
+    panel.error.textContent = "";
+    panel.answer.replaceChildren();
+    panel.answer.hidden = true;
+  }
+  chosen.clear();
+  for (const id of ["#submit-error", "#vp-error"]) $(id).textContent = "";
 }
 
 async function cancel(jobId) {
@@ -614,10 +664,12 @@ async function submitAnswer(kind, button, form, name) {
   panel.error.textContent = "";
   $(button).disabled = true;
   panel.status.textContent = `uploading ${name}…`;
+  const epoch = keyEpoch;
   try {
     const job = await send(`/jobs/${kind}`, form, (done) => {
-      panel.status.textContent = `uploading ${name}: ${Math.floor(done * 100)} %`;
+      if (epoch === keyEpoch) panel.status.textContent = `uploading ${name}: ${Math.floor(done * 100)} %`;
     });
+    if (epoch !== keyEpoch) return true; // sent under the previous key: not followed under this one
     panel.answer.hidden = true;
     panel.awaiting = job.job_id;
     panel.status.textContent = `${name}: ${job.status}`;
@@ -625,6 +677,7 @@ async function submitAnswer(kind, button, form, name) {
     refreshRecent();
     return true;
   } catch (err) {
+    if (epoch !== keyEpoch) return false;
     panel.status.textContent = "";
     panel.error.textContent = `${name}: ${err.message}`;
     return false;
@@ -795,8 +848,10 @@ function fillJobRow(tr, job) {
     // the list carries no results (GET /jobs is a summary): the record is fetched when shown
     button.addEventListener("click", async () => {
       const entry = state.jobs.get(job.job_id);
+      const epoch = keyEpoch;
       try {
         const full = await (await api(`/jobs/${job.job_id}`)).json();
+        if (epoch !== keyEpoch) return;
         if (entry) entry.job = full;
         show(entry || { job: full, file: null, name: null }, true);
       } catch (err) {

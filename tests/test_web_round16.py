@@ -1,0 +1,87 @@
+"""Round 16 of attacks on the web page, in Debian's chromium driven by playwright against a real
+uvicorn: a user who changes the API key mid-session (a shared screen, a wrong key typed first).
+
+The API runs in keys and queues of its own that no worker consumes (tests.conftest.parked_api),
+so a job stays where the test puts it, moved on with the same ``JobStore`` calls a worker makes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import tone_wav
+from tests.test_web import CHROMIUM, browser, keyed_page  # noqa: F401  (the fixture, shared)
+
+KEY_A = "web-r16-key-a-0123456789"
+KEY_B = "web-r16-key-b-0123456789"
+NAME = "web-r16"  # its keys (aa-web-r16:), queues and storage
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (scripts/dev.sh test installs it as root: apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def store(settings) -> Iterator[Any]:
+    from shared.jobs import JobStore
+
+    yield JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": f"aa-{NAME}"}))
+
+
+@pytest.fixture(scope="module")
+def web(service_env, settings, tmp_path_factory) -> Iterator[str]:
+    from tests.conftest import parked_api
+
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY_A, KEY_B]) as base:
+        yield base
+
+
+def _submit(base: str, key: str, name: str) -> str:
+    r = httpx.post(f"{base}/jobs/diarize", files={"file": (name, tone_wav(), "audio/wav")},
+                   headers={"X-API-Key": key}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def test_a_new_key_shows_nothing_of_the_previous_keys_jobs(web, store, browser) -> None:  # noqa: F811
+    """Before: after the key field changed, "This session's jobs" still listed the previous key's
+    jobs (their names, and "404: job not found" from polling them under the new key), and the
+    result panel still showed the previous key's timeline, its speakers' names and its downloads."""
+    done_id = _submit(web, KEY_A, "board-meeting-secret.wav")
+    open_id = _submit(web, KEY_A, "salary-review-secret.wav")
+    assert store.mark_running(done_id) is not None
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": "Alice Secret"}],
+              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    assert store.finish(done_id, "succeeded", result=result)[1]
+
+    page = keyed_page(browser, web, KEY_A)
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{done_id}'] button.show")
+    page.click(f"#recent tbody tr[data-job-id='{done_id}'] button.show")
+    page.wait_for_selector("#timeline .lane")
+    page.click(f"#recent tbody tr[data-job-id='{open_id}'] button.follow")
+    page.wait_for_selector(f".job[data-job-id='{open_id}'][data-status='queued']")
+
+    # another person takes the screen and types their own key
+    page.fill("#api-key", KEY_B)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#recent tbody:not(:has(tr))", state="attached", timeout=15_000)
+    page.wait_for_timeout(1500)  # a poll of the followed job under the new key comes and goes
+    text = page.inner_text("body")
+    assert "secret" not in text.lower(), text
+    assert page.query_selector(".job") is None
+    assert page.is_hidden("#result-panel")
+    assert page.evaluate("sessionStorage.getItem('audio-analysis.followed-jobs')") in (None, "[]")
+
+    # the first key back: its jobs are there again, from the service, and nothing broke
+    page.fill("#api-key", KEY_A)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{open_id}']")
+    assert page.errors == []
+    page.close()
+
+
