@@ -85,3 +85,21 @@ def test_a_new_key_shows_nothing_of_the_previous_keys_jobs(web, store, browser) 
     page.close()
 
 
+
+
+def test_a_key_pasted_with_a_typographic_dash_is_told_in_words(web, browser) -> None:  # noqa: F811
+    """A key copied from a document whose editor made its hyphens into dashes: before, every list
+    and every submit said the browser's "Failed to execute 'fetch' on 'Window': ... String contains
+    non ISO-8859-1 code point", which named neither the key nor what was wrong with it."""
+    page = keyed_page(browser, web, KEY_A.replace("-", "\u2013"))
+    page.wait_for_selector("#recent tbody .error")
+    page.wait_for_selector("#voiceprints tbody .error")
+    page.fill("#audio-url", "http://127.0.0.1:9/x.wav")
+    page.click("#submit")
+    page.wait_for_selector("#submit-error:not(:empty)")
+    for where in ("#recent tbody", "#voiceprints tbody", "#submit-error"):
+        text = page.inner_text(where)
+        assert "API key" in text and "U+2013" in text and "Failed to execute" not in text, (where, text)
+        assert KEY_A[:10] not in text  # the key itself is not put on the screen
+    assert page.errors == []
+    page.close()

@@ -62,9 +62,23 @@ keyInput.addEventListener("change", () => {
   restoreFollowed();
 });
 
+// A key a header cannot carry (past ISO-8859-1: a dash or quote a word processor made of a
+// pasted key's hyphen), said in words: the browser refused to send it with "Failed to execute
+// 'fetch' on 'Window': ... String contains non ISO-8859-1 code point", which named neither the
+// key nor the character. The key itself is not put on the screen.
+function keyProblem(key) {
+  const bad = /[^\u0000-\u00ff]/u.exec(key);
+  if (!bad) return null;
+  const code = bad[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+  return `the API key holds a character no API key has ("${bad[0]}", U+${code}, at position ${bad.index + 1}): ` +
+    "type it again, or paste it as plain text";
+}
+
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   const key = keyInput.value.trim();
+  const problem = keyProblem(key);
+  if (problem) throw new Error(problem);
   if (key) headers["X-API-Key"] = key;
   const response = await fetch(path, Object.assign({}, options, { headers }));
   if (!response.ok) {
@@ -100,6 +114,8 @@ drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
 // account it was started for, not part to one and part to another)
 function send(path, form, onProgress, key = keyInput.value.trim()) {
   return new Promise((resolve, reject) => {
+    const problem = keyProblem(key);
+    if (problem) { reject(new Error(problem)); return; }
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
     if (key) xhr.setRequestHeader("X-API-Key", key);
