@@ -103,3 +103,39 @@ def test_a_key_pasted_with_a_typographic_dash_is_told_in_words(web, browser) -> 
         assert KEY_A[:10] not in text  # the key itself is not put on the screen
     assert page.errors == []
     page.close()
+
+
+def test_a_long_file_name_does_not_widen_the_page_on_a_phone(web, store, browser, tmp_path) -> None:  # noqa: F811
+    """A name with nowhere to break (underscores, no spaces or hyphens): before, the picked line,
+    the refusal, the job's row, the result's title and the Recent row each stretched the page to
+    about 2,000 px on a 375 px phone, so every panel scrolled sideways under the thumb."""
+    width = 375
+    recording = tmp_path / ("Quarterly_all_hands_recording_" * 8 + ".wav")
+    recording.write_bytes(tone_wav())
+    page = keyed_page(browser, web, "not-a-key-of-this-service", width=width, height=800)
+
+    def fits(when: str) -> None:
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, when
+
+    page.set_input_files("#files", str(recording))
+    fits("picked")
+    page.click("#submit")
+    page.wait_for_selector("#submit-error:not(:empty)")
+    assert "401" in page.inner_text("#submit-error")
+    fits("refused")
+    page.fill("#api-key", KEY_A)
+    page.dispatch_event("#api-key", "change")
+    page.set_input_files("#files", str(recording))
+    page.click("#submit")
+    row = page.wait_for_selector(".job[data-status='queued']")
+    job_id = row.get_attribute("data-job-id")
+    assert store.mark_running(job_id) is not None
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
+              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    assert store.finish(job_id, "succeeded", result=result)[1]
+    page.wait_for_selector("#timeline .lane")
+    page.click("#refresh")
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+    fits("shown")
+    assert page.errors == []
+    page.close()
