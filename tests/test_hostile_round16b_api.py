@@ -91,3 +91,34 @@ def test_a_url_encoded_form_past_the_limits_says_which(client):
     assert "a form field over 64 KB" in detail, detail
     detail = _error(client.post("/jobs/diarize", data={f"x{i}": "1" for i in range(70)}), 400)
     assert "more than 64 fields" in detail, detail
+
+
+def _two_pages(client, **filters) -> str:
+    """The next_cursor of a first page of one job under ``filters`` (at least two such jobs)."""
+    r = client.get("/jobs", params={"limit": 1, **filters})
+    assert r.status_code == 200 and r.json()["next_cursor"], r.text
+    return r.json()["next_cursor"]
+
+
+def test_a_job_listings_cursor_is_refused_with_other_filters(client, redis_client):
+    for _ in range(2):
+        for kind in ("diarize", "embedding"):
+            r = client.post(f"/jobs/{kind}", files=[("file", ("a.wav", tone_wav(0.5), "audio/wav"))])
+            assert r.status_code == 202, r.text
+            client.post(f"/jobs/{r.json()['job_id']}/cancel")
+    cursor = _two_pages(client, kind="embedding")
+    # its own listing's next page: embedding jobs, as before
+    r = client.get("/jobs", params={"limit": 1, "kind": "embedding", "cursor": cursor})
+    assert r.status_code == 200 and {j["kind"] for j in r.json()["jobs"]} <= {"embedding"}, r.text
+    # before: 200, the diarize listing carried on from the embedding listing's place
+    for other in ({"kind": "diarize"}, {}, {"kind": "embedding", "status": "cancelled"}):
+        detail = _error(client.get("/jobs", params={"limit": 1, "cursor": cursor, **other}), 422)
+        assert detail.startswith("cursor: given for another listing"), detail
+    # the Link header's cursor is the body's, filters kept
+    r = client.get("/jobs", params={"limit": 1, "kind": "embedding"})
+    assert r.json()["next_cursor"] in r.headers["link"] and "kind=embedding" in r.headers["link"]
+    # a cursor of the release before (the store's own, without the listing's tag) is read as before
+    old = cursor.rsplit(".", 1)[0]
+    assert client.get("/jobs", params={"limit": 1, "kind": "diarize", "cursor": old}).status_code == 200
+    for forged in (old + ".zz", old + "!.0123456789ab", cursor + "x"):
+        assert _error(client.get("/jobs", params={"cursor": forged}), 422).startswith("cursor: not one this API gave")
