@@ -139,3 +139,37 @@ def test_a_long_file_name_does_not_widen_the_page_on_a_phone(web, store, browser
     fits("shown")
     assert page.errors == []
     page.close()
+
+
+def test_a_recording_plays_again_after_another_job_was_shown(web, store, browser, tmp_path) -> None:  # noqa: F811
+    """Before: a job submitted from the page was shown with its recording; another job shown from
+    Recent jobs (no recording) took the player's source away but left it marked as the first
+    job's, so "show" on the first job again set no source: its turns played nothing, and the page
+    asked to open a recording it had."""
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
+              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    recording = tmp_path / "with-audio.wav"
+    recording.write_bytes(tone_wav())
+    page = keyed_page(browser, web, KEY_A)
+    page.set_input_files("#files", str(recording))
+    page.click("#submit")
+    mine = page.wait_for_selector(".job[data-status='queued']").get_attribute("data-job-id")
+    other = _submit(web, KEY_A, "from-a-script.wav")
+    for job_id in (mine, other):
+        assert store.mark_running(job_id) is not None
+        assert store.finish(job_id, "succeeded", result=result)[1]
+    page.wait_for_selector(f".job[data-job-id='{mine}'][data-status='succeeded']")
+    page.wait_for_selector("#timeline .lane")
+    assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
+
+    page.click("#refresh")
+    page.click(f"#recent tbody tr[data-job-id='{other}'] button.show")
+    page.wait_for_selector("#result-title:has-text('from-a-script.wav')")
+    assert page.evaluate("document.querySelector('#audio').src") == ""
+
+    page.click(f".job[data-job-id='{mine}'] .show")
+    page.wait_for_selector("#result-title:has-text('with-audio.wav')")
+    assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
+    assert page.is_hidden("#no-audio")
+    assert page.errors == []
+    page.close()

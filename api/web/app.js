@@ -413,7 +413,11 @@ function showTimeline(entry) {
       audio.dataset.jobId = entry.job.job_id;
     }
   } else {
+    // no longer any job's: left marked as the job shown before, "show" on that job again set no
+    // source (the same job, it seemed), and its turns played nothing
+    if (audio.src) URL.revokeObjectURL(audio.src);
     audio.removeAttribute("src");
+    delete audio.dataset.jobId;
   }
   $("#no-audio").hidden = Boolean(entry.file);
   $("#play-file").value = "";
