@@ -271,6 +271,11 @@ def refuse_other_bodies(request: Request) -> None:
     sent = request.headers.get("content-type")
     if sent is None:
         return
+    given = len(request.headers.getlist("content-type"))
+    if given > 1:
+        # Starlette reads the first; a proxy or filter in front may go by the last (a JSON body
+        # it let through, parsed here as a form): one request, two readings of its body
+        raise AmbiguousBody(f"Content-Type given {given} times; send one")
     media = sent.split(";", 1)[0].strip().lower()
     if media and media not in FORM_TYPES:
         raise UnsupportedBody(
@@ -313,6 +318,10 @@ def refuse_unreadable_charset(content_type: str) -> None:
 
 class UnsupportedBody(InputError):
     status_code = 415
+
+
+class AmbiguousBody(InputError):
+    status_code = 400
 
 
 def with_signature(endpoint: Callable[..., Awaitable[Any]], fixed: list[inspect.Parameter],

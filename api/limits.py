@@ -140,6 +140,8 @@ class WholeMultiPartParser(MultiPartParser):
                     "names of at most 255 characters")
         if isinstance(cause, Exception) and "header count" in str(cause):
             return "a form part has more than 8 header lines; send Content-Disposition and Content-Type"
+        if exc.message.startswith("The Content-Disposition header field \"name\""):
+            return "a form part without a name= in its Content-Disposition (form-data; name=\"file\"; filename=...)"
         if exc.message.startswith("Missing boundary"):
             return "multipart/form-data without a boundary= in its Content-Type"
         if exc.message == "Invalid multipart data.":

@@ -122,3 +122,23 @@ def test_a_job_listings_cursor_is_refused_with_other_filters(client, redis_clien
     assert client.get("/jobs", params={"limit": 1, "kind": "diarize", "cursor": old}).status_code == 200
     for forged in (old + ".zz", old + "!.0123456789ab", cursor + "x"):
         assert _error(client.get("/jobs", params={"cursor": forged}), 422).startswith("cursor: not one this API gave")
+
+
+def test_a_form_with_two_content_types_is_refused(client):
+    before = newest_job_ids(client)
+    for second in ("application/json", "multipart/form-data; boundary=C", "multipart/form-data; boundary=B"):
+        # before: 202, read as the first (a proxy or WAF in front that reads the last saw JSON)
+        r = client.post("/jobs/diarize", content=_body(_file()),
+                        headers=[("Content-Type", MULTIPART), ("Content-Type", second)])
+        assert "Content-Type given 2 times" in _error(r, 400)
+    assert newest_job_ids(client) == before
+
+
+def test_a_form_part_without_a_name_or_boundary_says_so(client):
+    # before: 400 'The Content-Disposition header field "name" must be provided.' / "Missing boundary in multipart."
+    unnamed = _body(b'Content-Disposition: form-data; filename="a.wav"\r\n\r\nxx')
+    detail = _error(client.post("/jobs/diarize", content=unnamed, headers={"Content-Type": MULTIPART}), 400)
+    assert "without a name=" in detail, detail
+    detail = _error(client.post("/jobs/diarize", content=_body(_file()),
+                                headers={"Content-Type": "multipart/form-data"}), 400)
+    assert "without a boundary=" in detail, detail
