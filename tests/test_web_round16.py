@@ -173,3 +173,27 @@ def test_a_recording_plays_again_after_another_job_was_shown(web, store, browser
     assert page.is_hidden("#no-audio")
     assert page.errors == []
     page.close()
+
+
+def test_show_in_recent_jobs_brings_the_timeline_into_view(web, store, browser) -> None:  # noqa: F811
+    """Before: "show" on a row of Recent jobs (the page's last panel) drew the timeline in the
+    result panel far above and left the view where it was, so on a phone nothing seemed to happen
+    (the compare and identify answers were scrolled to; the timeline was not)."""
+    job_id = _submit(web, KEY_A, "shown-from-recent.wav")
+    assert store.mark_running(job_id) is not None
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
+              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    assert store.finish(job_id, "succeeded", result=result)[1]
+    page = keyed_page(browser, web, KEY_A, width=375, height=700)
+    show = page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+    show.scroll_into_view_if_needed()
+    show.focus()
+    page.keyboard.press("Enter")  # from the keyboard, as the main actions must work
+    page.wait_for_selector("#timeline .lane")
+    page.wait_for_function(
+        "() => { const r = document.querySelector('#result-panel').getBoundingClientRect();"
+        " return r.top < innerHeight && r.bottom > 0; }", timeout=5_000)
+    # the keyboard goes on from the result
+    assert page.evaluate("document.activeElement.id") == "result-title"
+    assert page.errors == []
+    page.close()

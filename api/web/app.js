@@ -388,7 +388,7 @@ function distinctNames(speakers, names) {
   return chosen;
 }
 
-function showTimeline(entry) {
+function showTimeline(entry, reveal = false) {
   state.shown = entry;
   const result = entry.job.result;
   const turns = result.diarization_results;
@@ -458,6 +458,13 @@ function showTimeline(entry) {
     speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
   layout();
   listTurns(turns, speakers, named);
+  if (reveal) {
+    // "show" is clicked in a list below (Recent jobs, the page's last panel): the timeline was drawn
+    // out of sight and on a phone nothing seemed to happen. The focus moves with the view, so the
+    // keyboard goes on from the result (its player and downloads), not from the list.
+    $("#result-panel").scrollIntoView({ block: "start" });
+    $("#result-title").focus({ preventScroll: true });
+  }
 }
 
 // The turns as a table, in time order, each with a button that plays it: the timeline's bars are
