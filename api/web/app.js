@@ -339,6 +339,9 @@ function forgetKeysJobs() {
   }
   chosen.clear();
   for (const id of ["#submit-error", "#vp-error"]) $(id).textContent = "";
+  // the lists too, at once: the new key's come back in a request's time (seconds on a loaded
+  // service), and meanwhile the previous key's rows took a "follow" or a "show" under the new key
+  for (const id of ["#recent tbody", "#voiceprints tbody", "#id-voiceprints"]) $(id).replaceChildren();
 }
 
 async function cancel(jobId) {
