@@ -47,6 +47,9 @@ MAX_URLENCODED_BYTES = 1024 * 1024
 # 1 MB, 900 uploads of just under 1 MB (a batch) also stayed in memory, 900 MB a request
 SPOOL_BYTES = 64 * 1024
 MultiPartParser.spool_max_size = SPOOL_BYTES
+# ... and only this many of a request's uploads are (the rest go to disk at once): at most
+# 16 x 64 KB of a form's files in memory, however many a batch holds
+SPOOLED_IN_MEMORY_FILES = 16
 
 
 # ;filename*=charset'language'percent-encoded (RFC 5987 / 8187), and a plain ;filename=... beside it
@@ -106,6 +109,12 @@ class WholeMultiPartParser(MultiPartParser):
             quoted = named.replace("\\", "_").replace('"', "_").encode(self._charset or "utf-8", errors="replace")
             self._current_part.content_disposition = plain + b'; filename="' + quoted + b'"'
         super().on_headers_finished()
+        upload = self._current_part.file
+        if upload is not None and self._current_files > SPOOLED_IN_MEMORY_FILES:
+            # past the first few, each upload goes to its temporary file from its first byte: every
+            # file under SPOOL_BYTES stayed in memory, and a batch of 1,000 files of 60 KB held
+            # 60 MB of the API's memory until it was answered (300 files: 18.6 MB)
+            upload.file.rollover()  # type: ignore[attr-defined]
 
     async def parse(self) -> FormData:
         self.closed_properly = False
