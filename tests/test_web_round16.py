@@ -204,3 +204,47 @@ def test_show_in_recent_jobs_brings_the_timeline_into_view(web, store, browser) 
     assert page.evaluate("document.activeElement.id") == "result-title"
     assert page.errors == []
     page.close()
+
+
+def _throttled(page, bytes_per_s: int) -> None:
+    """Uploads from ``page`` at ``bytes_per_s`` (chromium's own network throttling, as DevTools
+    does it): a recording takes seconds to send, as over a real uplink, and the test can act while
+    it goes."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": bytes_per_s})
+
+
+def _jobs_of(base: str, key: str) -> list[str]:
+    r = httpx.get(f"{base}/jobs?limit=100", headers={"X-API-Key": key}, timeout=10)
+    assert r.status_code == 200, r.text
+    return [j["filename"] for j in r.json()["jobs"]]
+
+
+def test_while_a_batch_uploads_new_picks_and_a_new_key_do_not_go_astray(web, browser, tmp_path) -> None:  # noqa: F811
+    """Before: a key typed in while a batch uploaded sent the rest of the batch under the new key
+    (part of one person's files to another account); files picked while it uploaded were dropped
+    without a word when it ended (the picked line cleared, Submit off)."""
+    first, second, later = (tmp_path / f"batch-{n}.wav" for n in ("first", "second", "picked-later"))
+    for f in (first, second, later):
+        f.write_bytes(tone_wav(8.0))  # 256 KB: seconds to send at 64 KB/s
+    page = keyed_page(browser, web, KEY_A)
+    _throttled(page, 64_000)
+    before_a, before_b = _jobs_of(web, KEY_A), _jobs_of(web, KEY_B)
+    page.set_input_files("#files", [str(first), str(second)])
+    page.click("#submit")
+    page.wait_for_selector("#submit-status:has-text('batch-first.wav (1 of 2)')")
+    page.set_input_files("#files", str(later))  # the next recording, chosen while the batch goes
+    page.fill("#api-key", KEY_B)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_selector("#submit-status:empty", state="attached", timeout=60_000)
+    assert page.inner_text("#submit-error") == ""
+    sent_a = [n for n in _jobs_of(web, KEY_A) if n not in before_a]
+    assert sorted(sent_a) == ["batch-first.wav", "batch-second.wav"]
+    assert _jobs_of(web, KEY_B) == before_b
+    # the pick made meanwhile is still there, ready to submit
+    assert page.inner_text("#picked") == "batch-picked-later.wav"
+    assert page.is_enabled("#submit")
+    assert page.errors == []
+    page.close()

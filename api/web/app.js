@@ -101,11 +101,13 @@ function pick(files) {
   $("#picked").textContent = state.picked.map((f) => f.name).join(", ");
   $("#submit").disabled = submitting || (state.picked.length === 0 && !$("#audio-url").value.trim());
 }
-$("#files").addEventListener("change", (e) => pick(e.target.files));
+// how many times files were chosen: a submit clears the pick it sent, not one made while it sent
+let picks = 0;
+$("#files").addEventListener("change", (e) => { picks += 1; pick(e.target.files); });
 $("#audio-url").addEventListener("input", () => pick(state.picked));
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
-drop.addEventListener("drop", (e) => pick(e.dataTransfer.files));
+drop.addEventListener("drop", (e) => { picks += 1; pick(e.dataTransfer.files); });
 
 // --- submitting and following jobs -------------------------------------------------------------
 // A form sent with XMLHttpRequest, whose upload reports progress (fetch's does not): a recording of
@@ -153,7 +155,7 @@ $("#submit").addEventListener("click", async () => {
   const errors = [];
   $("#submit-error").textContent = "";
   const status = $("#submit-status");
-  const files = state.picked;
+  const files = state.picked, pickedAt = picks;
   const url = $("#audio-url").value.trim();
   const key = keyInput.value.trim(), epoch = keyEpoch;
   // a job sent under a key the field no longer holds is not followed here (the new key's page
@@ -191,8 +193,14 @@ $("#submit").addEventListener("click", async () => {
     $("#submit-error").textContent = errors.join("\n");
     status.textContent = "";
     submitting = false;
-    pick([]);
-    $("#files").value = "";
+    // files chosen while these were sent are the next submit's: they were cleared with these,
+    // without a word, and the user took them for sent
+    if (picks === pickedAt) {
+      pick([]);
+      $("#files").value = "";
+    } else {
+      pick(state.picked);
+    }
   }
   refreshRecent();
 });
