@@ -244,6 +244,16 @@ class Settings(BaseSettings):
     # one delivery attempt, connect to status line, ends by then however slowly the receiver
     # answers (webhook_timeout_s bounds each read only)
     webhook_deadline_s: float = Field(30.0, gt=0.0)
+    # the most deliveries of one tenant (API key; every job together without keys) in flight at
+    # once, across the webhook workers (worker/webhook_share.py): a tenant whose receivers hang
+    # held every delivery thread for webhook_deadline_s per attempt, and every other tenant's
+    # webhooks waited behind its. One over the cap is deferred (sent again after
+    # webhook_tenant_defer_s, not counted as an attempt, never dropped). None: half the threads of
+    # the worker that takes the delivery (its --concurrency), at least 1; 0: no cap
+    webhook_tenant_max_in_flight: int | None = Field(None, ge=0)
+    # how long a delivery deferred for its tenant's cap waits before it looks again (between half
+    # and the whole of this, so deferred deliveries do not all come back at once)
+    webhook_tenant_defer_s: float = Field(1.0, gt=0.0)
     # how often a synchronous request polls its job record while waiting
     sync_poll_interval_s: float = 0.05
     # a synchronous call (/diarize, ..., POST /voiceprints) made while no worker that can run it
@@ -302,7 +312,10 @@ class Settings(BaseSettings):
     # read of the whole queue. 5 min: well past job_submit_grace_s (an unconfirmed job is the
     # submission pass's) and the milliseconds a message is between two places, while a lost job
     # still runs minutes late, not a day; under a backlog older than this the queue's lists are
-    # read once per pass, by one worker of all (about 1 KB a message)
+    # read once per pass, by one worker of all (about 1 KB a message). While a worker's main
+    # process stalled lately (or a worker stopped heartbeating without stopping), the look covers
+    # confirmed queued jobs of any age, for this long after the stall was noted (worker/recovery.py,
+    # note_stalled_consumer): a frozen BRPOP may have taken a message that was only just sent
     job_unqueued_after_s: float = Field(300.0, gt=0.0)
     # Idempotency-Key (POST /jobs/<kind>, /jobs/batch; api/idempotency.py): a client whose 202 was
     # lost on the wire submits again with the same key and is answered the first submission's

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import uuid
 from contextlib import ExitStack
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 import redis
 from celery import Task, signals
-from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from shared import logs, webhooks
 from shared.audio_limits import SYNC_HINT, DurationBudget, check_audio_limits
@@ -35,7 +36,7 @@ from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
 from shared.storage import Storage, get_storage, out_of_room
 from shared.url_input import DOWNLOAD_STEP, fetch_audio
-from worker import lifecycle, telemetry
+from worker import lifecycle, telemetry, webhook_share
 from worker.celery_app import app
 from worker.deadline import JobDeadline, JobTimedOut
 from worker.lease import JobLease
@@ -687,6 +688,7 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
     jobs = store()
     delivered = jobs.key("webhook", job_id, "delivered")
     claim = jobs.key("webhook", job_id, "claim")
+    slots: webhook_share.TenantSlots | None = None
     try:
         record = jobs.get(job_id)
         if record is None or not record.webhook_url:
@@ -707,23 +709,32 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
             jobs.set_webhook(job_id, status="failed")
             jobs.webhook_settled(job_id)
             return {"job_id": job_id, "delivered": False, "reason": "no attempts left"}
+        # one of its tenant's slots, or no thread for it now: a tenant whose receivers hang must
+        # not hold every delivery thread (worker/webhook_share.py). Not run in a pool (apply()):
+        # there are no threads to share
+        cap = webhook_share.tenant_cap(settings.webhook_tenant_max_in_flight)
+        if cap is not None and not self.request.is_eager:
+            slots = webhook_share.TenantSlots(jobs, record.owner)
+            if not slots.take(self.request.id, cap, jobs.webhook_grace_s()):
+                raise _defer(self, jobs, job_id)
         # recorded before the POST: a worker killed during it still counts the attempt (the next
         # says it is the next, and the retries stay bounded however often that happens)
         jobs.webhook_due(job_id, jobs.webhook_grace_s())
         jobs.set_webhook(job_id, attempts=attempt)
     except redis.RedisError as exc:
+        if slots is not None:
+            _give_back(slots, self.request.id)
         # raised, this acked the delivery's only message: the webhook was never sent. Handed
         # back, the same message (same task id, so its claim still passes) runs again
         raise _not_started(self, job_id, exc) from None
 
     try:
-        code = webhooks.post(
-            record.webhook_url, job_id, webhook_payload(record),
-            webhooks.signing_secret(settings.webhook_secret.get_secret_value(), record.owner),
-            settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
-            deadline_s=settings.webhook_deadline_s,
-        )
-    except webhooks.WebhookDeliveryError as exc:
+        code = _post(record, job_id, attempt)
+    finally:
+        if slots is not None:
+            _give_back(slots, self.request.id)
+    if isinstance(code, webhooks.WebhookDeliveryError):
+        exc = code
         final = attempt > self.max_retries
         if not jobs.set_webhook(job_id, owner=self.request.id, status="failed" if final else "retrying",
                                 attempts=attempt, last_error=str(exc)):
@@ -735,8 +746,49 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
             return {"job_id": job_id, "delivered": False}
         countdown = webhook_countdown(attempt)
         jobs.webhook_due(job_id, countdown + jobs.webhook_grace_s())
-        raise self.retry(exc=exc, countdown=countdown) from None
+        raise self.retry(exc=exc, countdown=countdown)
     if jobs.redis.set(delivered, utc_now(), nx=True, ex=jobs.ttl):
         jobs.set_webhook(job_id, status="delivered", attempts=attempt, delivered_at=utc_now(), last_error=None)
     jobs.webhook_settled(job_id)
     return {"job_id": job_id, "delivered": True, "status_code": code, "attempts": attempt}
+
+
+def _post(record: JobRecord, job_id: str, attempt: int) -> int | webhooks.WebhookDeliveryError:
+    """One attempt at ``record``'s webhook: the receiver's 2xx status, or why it failed."""
+    try:
+        return webhooks.post(
+            record.webhook_url, job_id, webhook_payload(record),
+            webhooks.signing_secret(settings.webhook_secret.get_secret_value(), record.owner),
+            settings.webhook_timeout_s, allow_private=settings.webhook_allow_private_addresses, attempt=attempt,
+            deadline_s=settings.webhook_deadline_s,
+        )
+    except webhooks.WebhookDeliveryError as exc:
+        return exc
+
+
+def _give_back(slots: webhook_share.TenantSlots, task_id: str) -> None:
+    try:
+        slots.give_back(task_id)
+    except redis.RedisError as exc:
+        # the slot lapses by itself (its deadline and a margin): the tenant runs one short till then
+        log.warning("webhook delivery %s: its tenant slot was not given back (%s)", task_id, exc)
+
+
+def _defer(task: Task, jobs: JobStore, job_id: str) -> Exception:
+    """Send this delivery again after a short countdown, as it is: its tenant holds all of its
+    slots. Not an attempt (the retry count travels unchanged, nothing is recorded but the due
+    time), and never dropped: the due time is pushed past the countdown first, so a worker killed
+    while it holds the deferred message leaves it past due, for the recovery pass to send again."""
+    countdown = settings.webhook_tenant_defer_s * random.uniform(0.5, 1.0)
+    jobs.webhook_due(job_id, countdown + jobs.webhook_grace_s())
+    again = task.signature_from_request(task.request, countdown=countdown, retries=task.request.retries)
+    try:
+        again.apply_async()
+    except Exception as exc:  # noqa: BLE001 - the broker's (kombu's) errors are not Redis's
+        # not sent: this message goes back to its queue instead of being acked and lost
+        log.warning("webhook delivery for job %s: deferral not sent (%s); message handed back", job_id, exc)
+        return Reject(f"deferral not sent: {type(exc).__name__}", requeue=True)
+    log.debug("webhook delivery for job %s deferred %.1f s: its tenant's deliveries in flight are at the cap",
+             job_id, countdown)
+    # what self.retry raises: the worker acks this message and records a retry, not a failure
+    return Retry(when=countdown, sig=again)
