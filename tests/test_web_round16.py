@@ -248,3 +248,24 @@ def test_while_a_batch_uploads_new_picks_and_a_new_key_do_not_go_astray(web, bro
     assert page.is_enabled("#submit")
     assert page.errors == []
     page.close()
+
+
+def test_show_of_a_job_gone_since_it_was_listed_says_so_in_its_row(web, store, browser) -> None:  # noqa: F811
+    """Before: "show" on a Recent row whose job had expired since the list was read put "404: no
+    job ..." in the submit panel's error line, at the top of the page, out of sight of the row
+    (the last panel): on a phone nothing seemed to happen."""
+    job_id = _submit(web, KEY_A, "expires-soon.wav")
+    assert store.mark_running(job_id) is not None
+    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
+              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+    assert store.finish(job_id, "succeeded", result=result)[1]
+    page = keyed_page(browser, web, KEY_A, width=375, height=700)
+    show = page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+    store.redis.delete(store._job_key(job_id))  # its record expired meanwhile
+    show.click()
+    row = f"#recent tbody tr[data-job-id='{job_id}']"
+    page.wait_for_selector(f"{row}:has-text('404')", timeout=10_000)
+    assert "expired" in page.inner_text(row)
+    assert page.is_visible(f"{row} .error")
+    assert page.errors == []
+    page.close()

@@ -893,7 +893,13 @@ function fillJobRow(tr, job) {
         if (entry) entry.job = full;
         show(entry || { job: full, file: null, name: null }, true);
       } catch (err) {
-        $("#submit-error").textContent = err.message;
+        if (epoch !== keyEpoch) return;
+        // in the row clicked (the page's last panel): in the submit panel's error line, at the top
+        // of the page, it was out of sight, and nothing seemed to happen
+        const said = document.createElement("span");
+        said.className = "error";
+        said.textContent = err.message;
+        cells[3].replaceChildren(said);
       }
     });
     cells[4].appendChild(button);
