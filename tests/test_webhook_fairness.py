@@ -154,3 +154,31 @@ def test_a_tenants_hanging_receivers_leave_other_tenants_deliveries_prompt(servi
         stack.stop()
         celery.close()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(HOOKS))
+
+
+def test_a_slot_lapses_by_itself_and_the_cap_is_per_tenant(service_env, settings):
+    """A worker killed mid-POST never gives its slot back: the slot lapses after the time it was
+    taken for, and the tenant has its share again. Other tenants (and the jobs without an owner,
+    one tenant together) are counted apart; a delivery that holds a slot keeps it when it looks
+    again (its retry, a copy of its message)."""
+    from shared.jobs import JobStore
+    from worker.webhook_share import TenantSlots, tenant_cap
+
+    store = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
+    try:
+        a, b, nobody = TenantSlots(store, "tenant-a"), TenantSlots(store, "tenant-b"), TenantSlots(store, None)
+        assert a.take("killed", 1, 1.0)
+        assert not a.take("next", 1, 30.0)
+        assert a.take("killed", 1, 1.0)  # its own slot, kept
+        assert b.take("other", 1, 30.0) and nobody.take("ownerless", 1, 30.0)
+        assert not nobody.take("ownerless-2", 1, 30.0)
+        time.sleep(1.3)
+        assert a.held() == 0
+        assert a.take("next", 1, 30.0)
+        a.give_back("next")
+        assert a.held() == 0 and b.held() == 1
+        # the default: half the worker's threads, at least 1; 0 turns the cap off
+        assert tenant_cap(None, 8) == 4 and tenant_cap(None, 1) == 1 and tenant_cap(0, 8) is None
+        assert tenant_cap(3, 8) == 3
+    finally:
+        drop_namespace(settings.redis_url, PREFIX)

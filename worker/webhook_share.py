@@ -38,6 +38,14 @@ def _note_concurrency(sender: Any = None, **_: Any) -> None:
     _concurrency["threads"] = threads if isinstance(threads, int) and threads > 0 else None
 
 
+@signals.worker_ready.connect
+def _note_resolved_concurrency(sender: Any = None, **_: Any) -> None:
+    # --concurrency auto is resolved only after worker_init: read again once the consumer runs
+    # (the threads pool runs its tasks in this process; a prefork child forked before keeps None)
+    if _concurrency["threads"] is None:
+        _note_concurrency(getattr(sender, "controller", None))
+
+
 def tenant_cap(configured: int | None, threads: int | None = None) -> int | None:
     """How many deliveries of one tenant may be in flight at once: ``configured`` when set (0:
     no cap), else half of ``threads`` (this worker's), at least 1; None: no cap."""
