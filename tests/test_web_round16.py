@@ -269,3 +269,23 @@ def test_show_of_a_job_gone_since_it_was_listed_says_so_in_its_row(web, store, b
     assert page.is_visible(f"{row} .error")
     assert page.errors == []
     page.close()
+
+
+def test_a_service_gone_away_is_said_in_words(service_env, settings, tmp_path_factory,
+                                                                     browser) -> None:  # noqa: F811
+    """Before: with the API stopped (a restart, a deploy), the lists and a followed job's row said
+    the browser's "Failed to fetch", where an upload said "the service did not answer"."""
+    from tests.conftest import parked_api
+
+    with parked_api(service_env, settings, tmp_path_factory, NAME + "-gone", [KEY_A]) as base:
+        job_id = _submit(base, KEY_A, "while-it-restarts.wav")
+        page = keyed_page(browser, base, KEY_A)
+        page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.follow").click()
+        page.wait_for_selector(f".job[data-job-id='{job_id}'][data-status='queued']")
+    page.click("#refresh")
+    page.wait_for_selector("#recent tbody .error")
+    page.wait_for_selector(f".job[data-job-id='{job_id}'] .step:has-text('did not answer')", timeout=10_000)
+    for text in (page.inner_text("#recent tbody"), page.inner_text(f".job[data-job-id='{job_id}'] .step")):
+        assert "the service did not answer" in text and "Failed to fetch" not in text, text
+    assert page.errors == []
+    page.close()

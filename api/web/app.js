@@ -80,7 +80,14 @@ async function api(path, options = {}) {
   const problem = keyProblem(key);
   if (problem) throw new Error(problem);
   if (key) headers["X-API-Key"] = key;
-  const response = await fetch(path, Object.assign({}, options, { headers }));
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, { headers }));
+  } catch (_) {
+    // the API stopped or restarting: as an upload says it (send), where the lists and a followed
+    // job's row said the browser's "Failed to fetch"
+    throw new Error("the service did not answer (network error)");
+  }
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
