@@ -77,7 +77,7 @@ def test_a_new_key_shows_nothing_of_the_previous_keys_jobs(web, store, browser) 
     }""", KEY_B)
     assert "secret" not in shown, shown
     page.wait_for_selector("#recent tbody:not(:has(tr))", state="attached", timeout=15_000)
-    page.wait_for_timeout(1500)  # a poll of the followed job under the new key comes and goes
+    page.wait_for_timeout(1000)  # a poll of the followed job under the new key comes and goes
     text = page.inner_text("body")
     assert "secret" not in text.lower(), text
     assert page.query_selector(".job") is None
@@ -228,7 +228,7 @@ def test_while_a_batch_uploads_new_picks_and_a_new_key_do_not_go_astray(web, bro
     without a word when it ended (the picked line cleared, Submit off)."""
     first, second, later = (tmp_path / f"batch-{n}.wav" for n in ("first", "second", "picked-later"))
     for f in (first, second, later):
-        f.write_bytes(tone_wav(8.0))  # 256 KB: seconds to send at 64 KB/s
+        f.write_bytes(tone_wav(4.0))  # 128 KB: 2 s to send at 64 KB/s
     page = keyed_page(browser, web, KEY_A)
     _throttled(page, 64_000)
     before_a, before_b = _jobs_of(web, KEY_A), _jobs_of(web, KEY_B)
