@@ -17,14 +17,14 @@ import codecs
 import errno
 import re
 from typing import Any, Callable, Coroutine
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 import starlette.requests
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
-from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE
+from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE, parse_options_header
 from starlette.formparsers import FormParser, MultiPartException, MultiPartParser
 from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -161,7 +161,34 @@ class WholeMultiPartParser(MultiPartParser):
 
 
 class BoundedFormParser(FormParser):
-    """Starlette's parser of application/x-www-form-urlencoded, naming the limit a form passed."""
+    """Starlette's parser of application/x-www-form-urlencoded, naming the limit a form passed,
+    and reading its text as UTF-8 (or the charset the request names).
+
+    Starlette read a field's raw bytes as Latin-1 (its %-escapes as UTF-8): ``curl -d
+    'file_url=https://host/réunion.wav'`` sends the é as two raw UTF-8 bytes, and the job was
+    made for ``rÃ©union.wav``. Raw bytes are decoded in the form's charset (UTF-8 unless the
+    request names one that writes ASCII as ASCII: :func:`api.forms.refuse_unreadable_charset`),
+    bytes it does not decode replaced; %-escapes are UTF-8, as before."""
+
+    def on_field_end(self) -> None:
+        super().on_field_end()  # counts the field (and refuses one too many), appends Starlette's reading
+        self._items[-1] = (self._text(self._field_name), self._text(self._field_value))
+
+    def _text(self, raw: bytes) -> str:
+        # as Starlette does, with the form's charset for Latin-1: %-escapes stay UTF-8, as before
+        return unquote_plus(bytes(raw).decode(self._form_charset(), errors="replace"))
+
+    def _form_charset(self) -> str:
+        """The charset the Content-Type names, where it writes ASCII as ASCII; else UTF-8 (a
+        route without form fields is not gated, and "hex" or UTF-16 would raise or garble)."""
+        _, params = parse_options_header(self.headers.get("Content-Type", ""))
+        named = params.get(b"charset", b"utf-8").decode("latin-1").strip()
+        try:
+            if codecs.encode("name=a+b%20&", named) == b"name=a+b%20&":
+                return codecs.lookup(named).name
+        except (LookupError, TypeError, ValueError):
+            pass
+        return "utf-8"
 
     async def parse(self) -> FormData:
         try:

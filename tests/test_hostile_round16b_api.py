@@ -190,3 +190,18 @@ def test_a_batch_past_the_in_memory_files_is_taken_whole(client):
     assert sorted(j["filename"] for j in batch["jobs"]) == sorted(f"f{i}.wav" for i in range(20)), batch
     for job in batch["jobs"]:
         client.post(f"/jobs/{job['job_id']}/cancel")
+
+
+@pytest.mark.parametrize("charset, sent, named", [
+    ("", "réunion.wav".encode(), "réunion.wav"),                         # before: rÃ©union.wav
+    ("; charset=utf-8", "会议.wav".encode(), "会议.wav"),                 # before: mojibake
+    ("", b"r%C3%A9union.wav", "réunion.wav"),                            # %-escaped: as before
+    ("; charset=iso-8859-1", "réunion.wav".encode("latin-1"), "réunion.wav"),  # as declared
+])
+def test_a_url_encoded_forms_raw_utf8_is_read_as_utf8(client, charset, sent, named):
+    body = b"file_url=" + b"http://127.0.0.1:8099/" + sent
+    r = client.post("/jobs/diarize", content=body,
+                    headers={"Content-Type": "application/x-www-form-urlencoded" + charset})
+    assert r.status_code == 202, r.text
+    assert r.json()["filename"] == named, r.json()
+    client.post(f"/jobs/{r.json()['job_id']}/cancel")
