@@ -220,6 +220,21 @@ def wait_for_job(client, job_id: str, timeout_s: float = 120, on_poll=None) -> d
     raise AssertionError(f"job {job_id} did not finish in {timeout_s}s: {body}")
 
 
+# a failed job's ``error``: the documented error shape, and the status an API call would have had
+JOB_ERROR_KEYS = frozenset({"detail", "error_type", "timestamp", "status_code"})
+
+
+def failed_job_error(client, path: str, files: dict[str, Any], timeout_s: float = 60) -> dict[str, Any]:
+    """``files`` submitted to ``path`` (202: taken), run by the session's worker: the job must
+    fail, its error in the documented shape, which is returned."""
+    r = client.post(path, files=files)
+    assert r.status_code == 202, r.text
+    done = wait_for_job(client, r.json()["job_id"], timeout_s)
+    assert done["status"] == "failed", done
+    assert set(done["error"]) == JOB_ERROR_KEYS, done
+    return done["error"]
+
+
 class WebhookReceiver:
     """A webhook receiver on 127.0.0.1: records every POST and answers with the queued status
     codes first, then 200; while ``hold`` is set it keeps the request open without answering (a
@@ -502,6 +517,14 @@ def parked_api(service_env: dict, settings: Any, tmp_path_factory: Any, name: st
             yield base
     finally:
         drop_namespace(settings.redis_url, prefix, *queues)
+
+
+def parked_store(settings: Any, name: str) -> Any:
+    """The jobs as :func:`parked_api`'s API of ``name`` keeps them (its own key prefix), for a
+    test that puts a job where it wants it."""
+    from shared.jobs import JobStore
+
+    return JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": f"aa-{name}"}))
 
 
 def drop_namespace(redis_url: str, prefix: str, *queues: str) -> None:

@@ -33,9 +33,9 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def store(settings) -> Iterator[Any]:
     """The jobs as the API under test keeps them (its own key prefix)."""
-    from shared.jobs import JobStore
+    from tests.conftest import parked_store
 
-    yield JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": f"aa-{NAME}"}))
+    yield parked_store(settings, NAME)
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def store(settings) -> Iterator[Any]:
-    from shared.jobs import JobStore
+    from tests.conftest import parked_store
 
-    yield JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": f"aa-{NAME}"}))
+    yield parked_store(settings, NAME)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +48,25 @@ def _submit(base: str, key: str, name: str) -> str:
     return r.json()["job_id"]
 
 
+# a result as a worker writes it: one turn of one speaker
+ONE_TURN = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
+            "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
+
+
+def _succeed(store: Any, job_id: str, result: dict[str, Any] = ONE_TURN) -> None:
+    """``job_id`` run and ended with ``result``, as a worker would record it."""
+    assert store.mark_running(job_id) is not None
+    assert store.finish(job_id, "succeeded", result=result)[1]
+
+
 def test_a_new_key_shows_nothing_of_the_previous_keys_jobs(web, store, browser) -> None:  # noqa: F811
     """Before: after the key field changed, "This session's jobs" still listed the previous key's
     jobs (their names, and "404: job not found" from polling them under the new key), and the
     result panel still showed the previous key's timeline, its speakers' names and its downloads."""
     done_id = _submit(web, KEY_A, "board-meeting-secret.wav")
     open_id = _submit(web, KEY_A, "salary-review-secret.wav")
-    assert store.mark_running(done_id) is not None
-    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": "Alice Secret"}],
-              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
-    assert store.finish(done_id, "succeeded", result=result)[1]
+    _succeed(store, done_id, {**ONE_TURN, "diarization_results": [
+        {"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00", "identity": "Alice Secret"}]})
 
     page = keyed_page(browser, web, KEY_A)
     page.wait_for_selector(f"#recent tbody tr[data-job-id='{done_id}'] button.show")
@@ -136,10 +145,7 @@ def test_a_long_file_name_does_not_widen_the_page_on_a_phone(web, store, browser
     page.click("#submit")
     row = page.wait_for_selector(".job[data-status='queued']")
     job_id = row.get_attribute("data-job-id")
-    assert store.mark_running(job_id) is not None
-    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
-              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
-    assert store.finish(job_id, "succeeded", result=result)[1]
+    _succeed(store, job_id)
     page.wait_for_selector("#timeline .lane")
     page.click("#refresh")
     page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
@@ -153,8 +159,6 @@ def test_a_recording_plays_again_after_another_job_was_shown(web, store, browser
     Recent jobs (no recording) took the player's source away but left it marked as the first
     job's, so "show" on the first job again set no source: its turns played nothing, and the page
     asked to open a recording it had."""
-    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
-              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
     recording = tmp_path / "with-audio.wav"
     recording.write_bytes(tone_wav())
     page = keyed_page(browser, web, KEY_A)
@@ -163,8 +167,7 @@ def test_a_recording_plays_again_after_another_job_was_shown(web, store, browser
     mine = page.wait_for_selector(".job[data-status='queued']").get_attribute("data-job-id")
     other = _submit(web, KEY_A, "from-a-script.wav")
     for job_id in (mine, other):
-        assert store.mark_running(job_id) is not None
-        assert store.finish(job_id, "succeeded", result=result)[1]
+        _succeed(store, job_id)
     page.wait_for_selector(f".job[data-job-id='{mine}'][data-status='succeeded']")
     page.wait_for_selector("#timeline .lane")
     assert page.evaluate("document.querySelector('#audio').src").startswith("blob:")
@@ -187,10 +190,7 @@ def test_show_in_recent_jobs_brings_the_timeline_into_view(web, store, browser) 
     result panel far above and left the view where it was, so on a phone nothing seemed to happen
     (the compare and identify answers were scrolled to; the timeline was not)."""
     job_id = _submit(web, KEY_A, "shown-from-recent.wav")
-    assert store.mark_running(job_id) is not None
-    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
-              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
-    assert store.finish(job_id, "succeeded", result=result)[1]
+    _succeed(store, job_id)
     page = keyed_page(browser, web, KEY_A, width=375, height=700)
     show = page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
     show.scroll_into_view_if_needed()
@@ -255,10 +255,7 @@ def test_show_of_a_job_gone_since_it_was_listed_says_so_in_its_row(web, store, b
     job ..." in the submit panel's error line, at the top of the page, out of sight of the row
     (the last panel): on a phone nothing seemed to happen."""
     job_id = _submit(web, KEY_A, "expires-soon.wav")
-    assert store.mark_running(job_id) is not None
-    result = {"diarization_results": [{"start": 0.0, "end": 1.0, "speaker": "SPEAKER_00"}],
-              "processing_time": 0.1, "audio_duration": 1.0, "segments_count": 1, "model_device": "cpu"}
-    assert store.finish(job_id, "succeeded", result=result)[1]
+    _succeed(store, job_id)
     page = keyed_page(browser, web, KEY_A, width=375, height=700)
     show = page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
     store.redis.delete(store._job_key(job_id))  # its record expired meanwhile
