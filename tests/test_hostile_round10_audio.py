@@ -70,7 +70,7 @@ from engine.audio import load_audio
 from shared.audio_limits import check_audio_limits, probe
 from shared.errors import AudioDecodeError, InputError
 
-from tests.conftest import wait_for_job
+from tests.conftest import failed_job_error, wait_for_job
 
 # the documented error body (an HTTP error's; a failed job's adds its status code)
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -136,13 +136,10 @@ def test_a_wavpack_decoding_far_past_its_first_blocks_length_is_refused() -> Non
 def test_a_wavpack_decoding_past_its_length_fails_its_job_with_a_415(client) -> None:
     """The same file through the API (202: its header says 1 s) and the session's real worker:
     the job fails in the documented shape, a 415, rather than analysing 70 s for 1."""
-    r = client.post("/jobs/embedding", files={"file": ("forged.wv", _wavpack(70.0, total=16000), "audio/x-wavpack")})
-    assert r.status_code == 202, r.text
-    done = wait_for_job(client, r.json()["job_id"], 60)
-    assert done["status"] == "failed", done
-    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
-    assert done["error"]["status_code"] == 415, done
-    assert "decodes to more than its header declares" in done["error"]["detail"], done
+    error = failed_job_error(client, "/jobs/embedding",
+                             {"file": ("forged.wv", _wavpack(70.0, total=16000), "audio/x-wavpack")})
+    assert error["status_code"] == 415, error
+    assert "decodes to more than its header declares" in error["detail"], error
 
 
 # --- FLV: the onMetaData duration ---------------------------------------------------------------

@@ -37,10 +37,7 @@ from engine.audio import load_audio
 from evaluation.encoding import encode
 from shared.audio_limits import check_audio_limits, dolby_length
 from shared.errors import AudioDecodeError, AudioTooLongError
-from tests.conftest import wait_for_job
-
-# the documented error shape (docs/service.md)
-ERROR_KEYS = {"detail", "error_type", "timestamp"}
+from tests.conftest import failed_job_error
 
 # random bytes decode as TrueSpeech (32-byte packets of 240 samples at 8 kHz) and as MACE: no
 # encoder for either is at hand, and the decoders take any bits
@@ -207,13 +204,9 @@ def test_dolby_frames_that_add_no_time_give_no_length_not_0_s() -> None:
 def test_a_forged_wav_fails_its_job_with_a_415(client) -> None:
     """Through the API (202: its header says 1 s) and the session's real worker: the job fails in
     the documented shape, a 415, rather than analysing 375 s under the time limit of 1 s."""
-    r = client.post("/jobs/embedding", files={"file": ("forged.wav", _wav(len(_PAYLOAD)), "audio/wav")})
-    assert r.status_code == 202, r.text
-    done = wait_for_job(client, r.json()["job_id"], 60)
-    assert done["status"] == "failed", done
-    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
-    assert done["error"]["status_code"] == 415, done
-    assert "decodes to more than its header declares" in done["error"]["detail"], done
+    error = failed_job_error(client, "/jobs/embedding", {"file": ("forged.wav", _wav(len(_PAYLOAD)), "audio/wav")})
+    assert error["status_code"] == 415, error
+    assert "decodes to more than its header declares" in error["detail"], error
 
 
 # --- FLAC files joined with cat ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ from evaluation.encoding import encode
 from shared.audio_limits import MAX_EDITS, MAX_STREAMS, DurationBudget, check_audio_limits, probe
 from shared.errors import AudioDecodeError, AudioTooLongError
 
-from tests.conftest import mp4_boxes, mp4_bytes, wait_for_job
+from tests.conftest import failed_job_error, mp4_boxes, mp4_bytes, wait_for_job
 
 # the documented error body (an HTTP error's; a failed job's adds its status code)
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
@@ -370,13 +370,9 @@ def test_a_file_decoding_past_its_header_fails_its_job_with_a_415(client, m4a):
     """The API takes the replayed MP4 for the 1 s its header says; the real worker refuses it
     while decoding, in the documented error shape, instead of analysing 100 s of audio."""
     replayed = _with_edits(m4a, 100)
-    r = client.post("/jobs/embedding", files={"file": ("replayed.m4a", replayed, "audio/mp4")})
-    assert r.status_code == 202, r.text
-    done = wait_for_job(client, r.json()["job_id"], 60)
-    assert done["status"] == "failed", done
-    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
-    assert done["error"]["status_code"] == 415 and done["error"]["error_type"] == "ValidationError", done
-    assert "decodes to more than its header declares" in done["error"]["detail"], done
+    error = failed_job_error(client, "/jobs/embedding", {"file": ("replayed.m4a", replayed, "audio/mp4")})
+    assert error["status_code"] == 415 and error["error_type"] == "ValidationError", error
+    assert "decodes to more than its header declares" in error["detail"], error
 
 
 def test_the_worker_analyses_an_8_channel_file_read_by_ffmpeg(client, utterances):

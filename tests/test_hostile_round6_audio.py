@@ -28,7 +28,7 @@ from engine.audio import SAMPLE_RATE, load_audio
 from shared.audio_limits import MAX_CHANNELS, check_audio_limits
 from shared.errors import AudioDecodeError, InputError
 
-from tests.conftest import wait_for_job
+from tests.conftest import failed_job_error
 
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 UTTERANCES = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "utterances"
@@ -206,10 +206,6 @@ def test_the_api_refuses_a_file_of_too_many_channels_at_submit(client) -> None:
 
 def test_a_compare_job_of_two_voiceless_files_fails_with_a_422(client) -> None:
     voiceless = _voiceless()
-    r = client.post("/jobs/compare", files={"file1": ("hum.wav", voiceless["hum"], "audio/wav"),
-                                           "file2": ("tone.wav", voiceless["tone"], "audio/wav")})
-    assert r.status_code == 202, r.text
-    done = wait_for_job(client, r.json()["job_id"], 90)
-    assert done["status"] == "failed", done
-    assert set(done["error"]) == ERROR_KEYS | {"status_code"}, done
-    assert done["error"]["status_code"] == 422 and "no speech" in done["error"]["detail"], done
+    error = failed_job_error(client, "/jobs/compare", {"file1": ("hum.wav", voiceless["hum"], "audio/wav"),
+                                                       "file2": ("tone.wav", voiceless["tone"], "audio/wav")}, 90)
+    assert error["status_code"] == 422 and "no speech" in error["detail"], error
