@@ -291,6 +291,16 @@ def refuse_other_bodies(request: Request) -> None:
 _ASCII_PROBE = 'Content-Disposition: form-data; name="file_url"; filename="a.wav"\r\n--&=+%'
 
 
+def ascii_compatible(charset: str, probe: str = _ASCII_PROBE) -> str | None:
+    """``charset``'s codec name where it writes ``probe`` (ASCII) as ASCII; None for one that
+    does not (UTF-16, UTF-32, EBCDIC) or that Python does not know as a text encoding ("hex",
+    "zlib", "rot13")."""
+    try:
+        return codecs.lookup(charset).name if codecs.encode(probe, charset) == probe.encode("ascii") else None
+    except (LookupError, TypeError, ValueError):
+        return None
+
+
 def refuse_unreadable_charset(content_type: str) -> None:
     """415 for a form whose Content-Type names a charset that does not write ASCII as ASCII
     (``charset=utf-16``, ``utf-32``, ``cp037``), or one Python does not know as a text encoding.
@@ -305,12 +315,7 @@ def refuse_unreadable_charset(content_type: str) -> None:
     if charset is None:
         return
     name = charset.decode("latin-1").strip()
-    try:
-        readable = codecs.encode(_ASCII_PROBE, name) == _ASCII_PROBE.encode("ascii")
-    except (LookupError, TypeError, ValueError):
-        # unknown, or no str-to-bytes text encoding ("hex", "zlib", "rot13")
-        readable = False
-    if not readable:
+    if ascii_compatible(name) is None:
         raise UnsupportedBody(
             f"Content-Type charset {name[:40]!r} is not supported for a form: send it in UTF-8 "
             "(charset=utf-8, or no charset)")

@@ -30,7 +30,7 @@ from starlette.requests import AwaitableOrContextManager
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
-from api.forms import refuse_fields_in_query, refuse_other_bodies
+from api.forms import ascii_compatible, refuse_fields_in_query, refuse_other_bodies
 
 # What a form may hold in memory. Every form field of every route is a number, a flag, a name or
 # a URL (8 KB at most), so 64 fields of 64 KB each is far more than any request needs. Starlette's
@@ -176,21 +176,18 @@ class BoundedFormParser(FormParser):
 
     def _text(self, raw: bytes) -> str:
         # as Starlette does, with the form's charset for Latin-1: %-escapes stay UTF-8, as before
-        return unquote_plus(bytes(raw).decode(self._form_charset(), errors="replace"))
+        return unquote_plus(bytes(raw).decode(self._form_charset, errors="replace"))
 
-    def _form_charset(self) -> str:
-        """The charset the Content-Type names, where it writes ASCII as ASCII; else UTF-8 (a
-        route without form fields is not gated, and "hex" or UTF-16 would raise or garble)."""
+    def _charset_named(self) -> str:
+        """The charset the Content-Type names, where it writes a url-encoded form's ASCII as
+        ASCII; else UTF-8 (a route without form fields is not gated, and "hex" or UTF-16 would
+        raise or garble)."""
         _, params = parse_options_header(self.headers.get("Content-Type", ""))
         named = params.get(b"charset", b"utf-8").decode("latin-1").strip()
-        try:
-            if codecs.encode("name=a+b%20&", named) == b"name=a+b%20&":
-                return codecs.lookup(named).name
-        except (LookupError, TypeError, ValueError):
-            pass
-        return "utf-8"
+        return ascii_compatible(named, "name=a+b%20&") or "utf-8"
 
     async def parse(self) -> FormData:
+        self._form_charset = self._charset_named()  # once a form, not twice a field
         try:
             return await super().parse()
         except MultiPartException as exc:
