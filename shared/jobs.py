@@ -547,16 +547,29 @@ if ARGV[1] ~= '' then
 end
 return redis.call('ZREVRANGE', KEYS[1], start, start + tonumber(ARGV[3]) - 1, 'WITHSCORES')
 """
-_CURSOR = re.compile(r"^([0-9][0-9.e+-]{0,30}):([0-9a-f]{32})$")
+# score:id, and since this release :tag, the listing's (_listing_tag); a cursor given before it has none
+_CURSOR = re.compile(r"^([0-9][0-9.e+-]{0,30}):([0-9a-f]{32})(?::([0-9a-f]{12}))?$")
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 
 
-def _cursor(score: float, job_id: str) -> str:
-    """Opaque to clients: where a page stopped (the last job it looked at, by its place in the index)."""
-    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode().rstrip("=")
+def _listing_tag(status: str | None, kind: str | None) -> str:
+    """48 bits of a digest of the filters of the listing a cursor walks: tells one listing's
+    cursor from another's. Not the owner: another key's cursor is taken, and shows that key its
+    own jobs from the cursor's place (tests/test_jobs_paging.py), as it always did."""
+    return hashlib.sha256(json.dumps([status, kind]).encode()).hexdigest()[:12]
 
 
-def _parse_cursor(cursor: str) -> tuple[str, str]:
+def _cursor(score: float, job_id: str, listing: str) -> str:
+    """Opaque to clients: where a page stopped (the last job it looked at, by its place in the
+    index), and which listing it is a place in."""
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}:{listing}".encode()).decode().rstrip("=")
+
+
+def _parse_cursor(cursor: str, listing: str) -> tuple[str, str]:
+    """(score, id) of a cursor :func:`_cursor` gave ``listing``; 422 for anything else. The
+    place is one in the index of every job, whatever the filters: a cursor given for
+    ``kind=embedding`` and sent with ``kind=diarize`` (or another ``status``) carried on from the
+    first listing's place without a word."""
     try:
         if not _BASE64URL.match(cursor):  # b64decode would skip what is not base64 rather than refuse it
             raise ValueError(cursor)
@@ -567,6 +580,9 @@ def _parse_cursor(cursor: str) -> tuple[str, str]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise InputError("cursor: not one this API gave (pass a page's next_cursor, or follow its Link "
                          "rel=\"next\", as it was given)") from exc
+    if found.group(3) is not None and found.group(3) != listing:
+        raise InputError("cursor: given for another listing (other status or kind filters); send it with the "
+                         "filters of the page that gave it, or start again without one")
     return repr(float(found.group(1))), found.group(2)
 
 
@@ -1186,7 +1202,8 @@ class JobStore:
         window = max(limit * 10, 1000) if filtered else limit
         chunk = max(limit, 100) if filtered else limit
         index = self._owner_index(owner) if owner else self.key("jobs")
-        score, after = _parse_cursor(cursor) if cursor else ("", "")
+        listing = _listing_tag(status, kind)
+        score, after = _parse_cursor(cursor, listing) if cursor else ("", "")
         records: list[JobRecord] = []
         scanned, more = 0, True
         while more and scanned < window and len(records) < limit:
@@ -1206,7 +1223,7 @@ class JobStore:
                     if len(records) == limit:
                         more = more or i + 1 < len(ids)
                         break
-        return JobPage(records, _cursor(float(score), after) if more and scanned else None)
+        return JobPage(records, _cursor(float(score), after, listing) if more and scanned else None)
 
     def batch(self, batch_id: str, *, summaries: bool = False) -> list[JobRecord]:
         return self.get_many(self.redis.lrange(self.key("batch", batch_id), 0, -1), summaries=summaries)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import inspect
-import re
 from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
@@ -170,48 +168,17 @@ async def list_jobs(
     # says the limit that applied, and next_cursor and the Link header name the rest, which a
     # client with 500 jobs could not reach at all
     limit = min(limit, settings.jobs_list_limit)
-    listing = _listing_tag(status, kind)
+    # the cursor is bound to its listing's filters (shared.jobs._parse_cursor): 422 with others
     page = await run_in_threadpool(functools.partial(
-        dispatcher.store.recent_page, limit, status=status, kind=kind, owner=principal.list_owner,
-        cursor=_unbound_cursor(cursor, listing) if cursor else None, summaries=True))
+        dispatcher.store.recent_page, limit, status=status, kind=kind, owner=principal.list_owner, cursor=cursor,
+        summaries=True))
     jobs = [summary_view(r, base) for r in page.jobs if principal.can_see(r)]
     headers: dict[str, str] = {}
-    next_cursor = f"{page.next_cursor}.{listing}" if page.next_cursor is not None else None
-    if next_cursor is not None:
-        query = {"limit": limit, "status": status, "kind": kind, "cursor": next_cursor}
+    if page.next_cursor is not None:
+        query = {"limit": limit, "status": status, "kind": kind, "cursor": page.next_cursor}
         headers["Link"] = f'<{base}/jobs?{urlencode({k: v for k, v in query.items() if v is not None})}>; rel="next"'
-    return JSONResponse({"jobs": jobs, "count": len(jobs), "limit": limit, "next_cursor": next_cursor},
+    return JSONResponse({"jobs": jobs, "count": len(jobs), "limit": limit, "next_cursor": page.next_cursor},
                         headers=headers)
-
-
-def _listing_tag(status: Status | None, kind: KindName | None) -> str:
-    """48 bits of a digest of the filters of the listing a cursor walks: tells one listing's
-    cursor from another's. Not the key: another key's cursor is taken, and shows that key its
-    own jobs from the cursor's place (tests/test_jobs_paging.py), as it always did."""
-    named = json.dumps([status, kind])
-    return hashlib.sha256(named.encode()).hexdigest()[:12]
-
-
-# the store's cursor (base64url, no ".") and the listing's tag after a "."
-_BOUND_CURSOR = re.compile(r"^([A-Za-z0-9_-]+)\.([0-9a-f]{12})$")
-
-
-def _unbound_cursor(cursor: str, listing: str) -> str:
-    """The store's cursor out of ``cursor`` as this route gives it (``<store's>.<listing tag>``);
-    422 for one given for another listing. The store's cursor is a place in the index of every
-    job, whatever the filters: one given for ``kind=embedding`` and sent with ``kind=diarize`` (or
-    another ``status``) carried on from the first listing's place without a
-    word. A cursor without a tag (given before this release) is read as before."""
-    if "." not in cursor:
-        return cursor
-    found = _BOUND_CURSOR.match(cursor)
-    if found is None:
-        raise InputError("cursor: not one this API gave (pass a page's next_cursor, or follow its Link "
-                         "rel=\"next\", as it was given)")
-    if found.group(2) != listing:
-        raise InputError("cursor: given for another listing (other status or kind filters); send it with the "
-                         "filters of the page that gave it, or start again without one")
-    return found.group(1)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Status, progress and result of a job")
