@@ -27,23 +27,23 @@ from celery import signals
 
 from shared.jobs import JobStore
 
-# the threads (or processes) of this worker, set as it starts (worker_init); None where the
-# delivery runs outside a worker (``deliver_webhook.apply``, in the tests): no pool to share
-_concurrency: dict[str, int | None] = {"threads": None}
+# this worker's controller (its WorkController), kept as it starts (worker_init); None where the
+# delivery runs outside a worker (``deliver_webhook.apply``, in the tests): no pool to share.
+# Its concurrency is read when a delivery asks, not copied at worker_init: ``--concurrency auto``
+# is resolved only after worker_init, and a prefork child is forked after that but before
+# worker_ready, so a copied value stayed None in every prefork child and such a webhook worker
+# ran with no tenant cap at all (its pool processes inherit the controller, resolved, over the fork)
+_worker: dict[str, Any] = {"controller": None}
 
 
 @signals.worker_init.connect
-def _note_concurrency(sender: Any = None, **_: Any) -> None:
-    threads = getattr(sender, "concurrency", None)
-    _concurrency["threads"] = threads if isinstance(threads, int) and threads > 0 else None
+def _note_controller(sender: Any = None, **_: Any) -> None:
+    _worker["controller"] = sender
 
 
-@signals.worker_ready.connect
-def _note_resolved_concurrency(sender: Any = None, **_: Any) -> None:
-    # --concurrency auto is resolved only after worker_init: read again once the consumer runs
-    # (the threads pool runs its tasks in this process; a prefork child forked before keeps None)
-    if _concurrency["threads"] is None:
-        _note_concurrency(getattr(sender, "controller", None))
+def _worker_concurrency() -> int | None:
+    threads = getattr(_worker["controller"], "concurrency", None)
+    return threads if isinstance(threads, int) and threads > 0 else None
 
 
 def tenant_cap(configured: int | None, threads: int | None = None) -> int | None:
@@ -51,7 +51,7 @@ def tenant_cap(configured: int | None, threads: int | None = None) -> int | None
     no cap), else half of ``threads`` (this worker's), at least 1; None: no cap."""
     if configured is not None:
         return configured or None
-    threads = _concurrency["threads"] if threads is None else threads
+    threads = _worker_concurrency() if threads is None else threads
     return None if threads is None else max(1, threads // 2)
 
 
