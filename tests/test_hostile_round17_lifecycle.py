@@ -80,3 +80,67 @@ def test_a_prefork_webhook_worker_of_concurrency_auto_caps_a_tenant(service_env,
         stack.stop()
         celery.close()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(HOOKS))
+
+
+def test_two_workers_of_one_name_at_one_pid_keep_a_heartbeat_each(service_env, settings, tmp_path_factory):
+    """Two workers of one node name in containers that share a hostname (host networking: Docker's
+    ``network_mode: host``, Kubernetes' ``hostNetwork``), each in a PID namespace of its own where
+    the worker is PID 1 (``unshare --pid``, the hostname shared). Their heartbeat records were one
+    (``<node>:1``): /health listed one worker of the two, and the warm stop of either deleted the
+    record the other still heartbeat into. Each must have its own, and keep it when the other
+    stops."""
+    import os
+    import shutil
+    import socket
+
+    import pytest
+
+    from cli.launcher import Stack
+    from shared.jobs import JobStore
+    from shared.lifeline import PARENT_ENV
+    from shared.queue import queue_keys
+
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root to make a PID namespace")
+    queues = ["audio-r17-dup-a", "audio-r17-dup-b"]
+    store = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX}))
+    stacks = [Stack(log_dir=tmp_path_factory.mktemp(f"r17-dup-{n}")) for n in range(2)]
+    node = f"r17dup@{socket.gethostname()}"
+
+    def spawn(stack: Any, queue: str) -> Any:
+        # --kill-child=SIGTERM: the stop of unshare is the worker's warm shutdown, as docker stop's
+        return stack.spawn("r17dup", [
+            unshare, "--pid", "--fork", "--kill-child=SIGTERM", "--mount-proc",
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "threads",
+            "--concurrency", "1", "-Q", queue, "-n", "r17dup@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle"], env={
+            "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
+            "AUDIO_ANALYSIS_QUEUE_NAME": queue, "PYTHONPATH": os.getcwd(),
+            # its parent is outside its namespace (getppid() is 0 there): no lifeline to follow
+            PARENT_ENV: ""})
+
+    def listed() -> list[dict[str, Any]]:
+        return [w for w in store.workers() if w["worker"].startswith(node)]
+
+    def logs() -> str:
+        return "\n---\n".join((s.log_dir / "r17dup.log").read_text(errors="replace")[-2000:] for s in stacks)
+
+    try:
+        procs = [spawn(stack, queue) for stack, queue in zip(stacks, queues)]
+        # both heartbeat, each from PID 1 of its namespace
+        _wait(lambda: {q for w in listed() for q in w["queues"]} == set(queues)
+              or any(p.poll() is not None for p in procs), 60, lambda: (listed(), logs()))
+        assert all(p.poll() is None for p in procs), logs()
+        time.sleep(3)  # a few heartbeats (1 s) of both
+        workers = listed()
+        assert len(workers) == 2 and {w["pid"] for w in workers} == {1}, (workers, logs())
+        # one stops; the other's record stays, through heartbeats of its own
+        stacks[1].stop()
+        time.sleep(3)
+        workers = listed()
+        assert [w["queues"] for w in workers] == [[queues[0]]], (workers, logs())
+    finally:
+        for stack in stacks:
+            stack.stop()
+        drop_namespace(settings.redis_url, PREFIX, *(key for q in queues for key in queue_keys(q)))

@@ -32,6 +32,11 @@ def _pid_namespace() -> str:
         return ""
 
 
+def pid_namespace_number() -> str:
+    """The number of this process's PID namespace ("4026531836"), "" where it cannot be read."""
+    return _pid_namespace().removeprefix("pid:[").removesuffix("]")
+
+
 def host_id() -> str:
     """Where a PID means one process: the hostname and the PID namespace. Containers that share
     a hostname (host networking: Docker's ``network_mode: host``, Kubernetes' ``hostNetwork``)

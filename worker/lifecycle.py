@@ -88,8 +88,21 @@ def shutting_down(hostname: str | None) -> bool:
     return _shutting_down.is_set()
 
 
+def _process_name(node: str) -> str:
+    """This process's name among the workers (its heartbeat record's key, /health's ``worker``):
+    the node name, the PID and the PID namespace's number. By node name and PID alone, two workers
+    of one name in containers sharing a hostname (host networking) at one PID (each namespace
+    numbers its own: a solo or threads worker is often PID 1 or 7 in both) wrote one record: /health
+    listed one worker of the two, showing the models and ``load_error`` of whichever wrote last,
+    and the stop of one deleted the record the other still heartbeat into."""
+    from worker.lease import pid_namespace_number
+
+    namespace = pid_namespace_number()
+    return f"{node}:{os.getpid()}" + (f"/{namespace}" if namespace else "")
+
+
 def worker_name() -> str:
-    return _state["name"] or f"{socket.gethostname()}:{os.getpid()}"
+    return _state["name"] or _process_name(socket.gethostname())
 
 
 def heartbeat_info() -> dict[str, Any]:
@@ -485,7 +498,7 @@ def _load_ended(node: str) -> None:
 
 @signals.worker_process_init.connect
 def boot(sender: str | None = None, runs_passes: bool = True, **_: Any) -> None:
-    _state["name"] = f"{sender or socket.gethostname()}:{os.getpid()}"
+    _state["name"] = _process_name(str(sender or socket.gethostname()))
     _state["runs_passes"] = runs_passes
     node = str(sender or socket.gethostname())
     loads = get_settings().worker_load_models
