@@ -143,11 +143,15 @@ class Voiceprint(BaseModel):
         None, description="enrolled from telephone recordings only (every file at 8 kHz or less); "
         "None: not known (stored or exported before this field, or a bare vector imported)")
     created_at: str
+    # made by an enrolment job, its id the job's (:func:`enrolled_id`): only such a voiceprint's
+    # delete is remembered (:meth:`VoiceprintStore.delete`). None: stored before this field.
+    # Never shown, as ``owner``; both before the vector, which ``to_json`` stores last
+    enrolled: bool | None = None
     owner: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What GET /voiceprints shows: no vector, no owner."""
-        return self.model_dump(mode="json", exclude={"embedding", "owner"})
+        return self.model_dump(mode="json", exclude={"embedding", "owner", "enrolled"})
 
     def to_json(self) -> str:
         # the vector last, after ``owner``: a listing reads each stored voiceprint up to it and
@@ -156,7 +160,7 @@ class Voiceprint(BaseModel):
         return f"{head[:-1]},{self.model_dump_json(include={'embedding'})[1:]}"
 
     def export(self) -> dict[str, Any]:
-        return {"format": FORMAT, **self.model_dump(mode="json", exclude={"owner"})}
+        return {"format": FORMAT, **self.model_dump(mode="json", exclude={"owner", "enrolled"})}
 
     def reference(self) -> dict[str, Any]:
         """What a job's parameters carry (shared.kinds.VoiceprintRef): ``narrowband`` only when
@@ -309,7 +313,8 @@ class VoiceprintStore:
             dimension=model.dimension,
             embedding=unit_vector(embedding, model.dimension),
             speech_seconds=None if speech_seconds is None else round(float(speech_seconds), 3),
-            files=files, narrowband=narrowband, created_at=_utc_now(), owner=owner,
+            files=files, narrowband=narrowband, created_at=_utc_now(), enrolled=voiceprint_id is not None,
+            owner=owner,
         )
         index = self._index(owner)
         with self.redis.pipeline(transaction=True) as pipe:
@@ -385,8 +390,12 @@ class VoiceprintStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(vp.id))
             pipe.zrem(self._index(vp.owner), vp.id)
-            # remembered, so that a retried enrolment of it (create with its id) does not store it again
-            pipe.set(self._deleted_key(vp.id), 1, ex=max(1, self.deleted_for_s))
+            if vp.enrolled is not False:
+                # remembered, so that a retried enrolment of it (create with its id) does not store
+                # it again. Not an import's: nothing stores one under its id again, and a key that
+                # imported and deleted in a loop left a marker a cycle (104 bytes each, for a day),
+                # unbounded by the per-key cap, until Redis refused every tenant's writes
+                pipe.set(self._deleted_key(vp.id), 1, ex=max(1, self.deleted_for_s))
             pipe.execute()
         return True
 
