@@ -1,0 +1,169 @@
+"""Round 17 of attacks on the web page, in Debian's chromium driven by playwright against a real
+uvicorn: a podcast or meeting-transcription user with long recordings, many speakers and big files.
+
+The API runs in keys and queues of its own that no worker consumes (tests.conftest.parked_api),
+so a job stays where the test puts it, moved on with the same ``JobStore`` calls a worker makes;
+the results planted are what a worker writes, sized as a day's recording would make them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import tone_wav
+from tests.test_web import CHROMIUM, browser, keyed_page  # noqa: F401  (the fixture, shared)
+
+KEY = "web-r17-key-a-0123456789"
+NAME = "web-r17"  # its keys (aa-web-r17:), queues and storage
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM),
+    reason="Debian's chromium is not installed (scripts/dev.sh test installs it as root: apt-get install chromium)",
+)
+
+
+@pytest.fixture(scope="module")
+def store(settings) -> Iterator[Any]:
+    from tests.conftest import parked_store
+
+    yield parked_store(settings, NAME)
+
+
+@pytest.fixture(scope="module")
+def web(service_env, settings, tmp_path_factory) -> Iterator[str]:
+    from tests.conftest import parked_api
+
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY]) as base:
+        yield base
+
+
+def _submit(base: str, name: str) -> str:
+    r = httpx.post(f"{base}/jobs/diarize", files={"file": (name, tone_wav(), "audio/wav")},
+                   headers={"X-API-Key": KEY}, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()["job_id"]
+
+
+def _succeed(store: Any, job_id: str, result: dict[str, Any]) -> None:
+    """``job_id`` run and ended with ``result``, as a worker would record it."""
+    assert store.mark_running(job_id) is not None
+    assert store.finish(job_id, "succeeded", result=result)[1]
+
+
+def _result(turns: int, speakers: int, seconds: float) -> dict[str, Any]:
+    """A diarization of ``seconds`` with ``turns`` turns, each of one of ``speakers`` (at random,
+    seeded), 90 % of its slot long."""
+    rnd = random.Random(17)
+    slot = seconds / turns
+    rows = [{"start": round(i * slot, 3), "end": round(i * slot + 0.9 * slot, 3),
+             "speaker": f"SPEAKER_{rnd.randrange(speakers):02d}"} for i in range(turns)]
+    return {"diarization_results": rows, "processing_time": 1.0, "audio_duration": seconds,
+            "segments_count": turns, "model_device": "cpu"}
+
+
+def _show(page, job_id: str) -> float:
+    """Clicks "show" on ``job_id``'s Recent row; the milliseconds until its timeline was drawn
+    (performance.now() in the page, the record's fetch included), for the report only."""
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.show")
+    return page.evaluate("""id => new Promise(done => {
+        const started = performance.now();
+        document.querySelector(`#recent tbody tr[data-job-id='${id}'] button.show`).click();
+        const drawn = () => document.querySelector('#timeline .lane') ? done(performance.now() - started)
+                                                                       : setTimeout(drawn, 5);
+        drawn();
+    })""", job_id)
+
+
+# every turn of the result whose span meets what was drawn lies within a bar of its own lane
+UNDRAWN = """result => {
+    const { from, to } = window.__drawn();
+    const bars = new Map();
+    for (const lane of document.querySelectorAll('#timeline .lane')) {
+        bars.set(lane.dataset.speaker, [...lane.querySelectorAll('.turn')].map(
+            b => [Number(b.dataset.start), Number(b.dataset.end)]));
+    }
+    const missing = [];
+    let checked = 0;
+    for (const t of result.diarization_results) {
+        if (t.end < from || t.start > to) continue;
+        checked += 1;
+        if (!(bars.get(t.speaker) || []).some(([s, e]) => s <= t.start && e >= t.end)) missing.push(t);
+    }
+    return { checked, missing: missing.slice(0, 5), bars: document.querySelectorAll('#timeline .turn').length };
+}"""
+
+# the seconds of the recording in view, from the timeline's own scale (the track's width)
+IN_VIEW = """() => window.__drawn = () => {
+    const timeline = document.querySelector('#timeline');
+    const track = timeline.querySelector('.track');
+    const perSecond = track.getBoundingClientRect().width / window.__seconds;
+    return { from: timeline.scrollLeft / perSecond, to: (timeline.scrollLeft + timeline.clientWidth - 144) / perSecond };
+}"""
+
+
+def test_a_days_turns_are_drawn_without_freezing_the_page(web, store, browser) -> None:  # noqa: F811
+    """A day's recording of 30 speakers, 100,000 turns (the service takes 24 h of audio). Before:
+    one element per turn, every one placed again at each step of the zoom: in this chromium the
+    timeline took 7.5 s to show and each zoom step 1.7 s, the page frozen meanwhile (measured with
+    performance.now(); the timings are printed, not asserted). Now the turns in view (and half a
+    view either side) are drawn, a speaker's turns less than a pixel apart as one bar: the bars
+    drawn are bounded by the pixels in view, and every turn in view still lies within one of its
+    speaker's bars, at any zoom and scroll."""
+    seconds = 8 * 3600.0
+    result = _result(100_000, 30, seconds)
+    job_id = _submit(web, "all-day-call-centre.wav")
+    _succeed(store, job_id, result)
+    page = keyed_page(browser, web, KEY)
+    shown_ms = _show(page, job_id)
+    page.evaluate(f"window.__seconds = {seconds}")
+    page.evaluate(IN_VIEW)
+    drawn = page.evaluate(UNDRAWN, result)
+    assert drawn["checked"] > 90_000 and drawn["missing"] == [], drawn
+    assert drawn["bars"] < 10_000, drawn  # one element per turn before: 100,000
+    steps = page.evaluate("""() => {
+        const zoom = document.querySelector('#zoom');
+        const started = performance.now();
+        for (const value of [2, 4, 8, 16, 40]) {
+            zoom.value = value;
+            zoom.dispatchEvent(new Event('input'));
+            document.body.offsetHeight;  // laid out, as the next frame would
+        }
+        return (performance.now() - started) / 5;
+    }""")
+    # zoomed in 40 times and scrolled to the middle of the day: what is in view is drawn there
+    page.evaluate("() => { const t = document.querySelector('#timeline'); t.scrollLeft = t.scrollWidth / 2; }")
+    page.wait_for_function("""() => {
+        const t = document.querySelector('#timeline');
+        return [...t.querySelectorAll('.turn')].some(b => parseFloat(b.style.left) >= t.scrollLeft);
+    }""", timeout=10_000)
+    drawn = page.evaluate(UNDRAWN, result)
+    assert drawn["checked"] > 500 and drawn["missing"] == [], drawn
+    print(f"\n100,000 turns: shown in {shown_ms:.0f} ms, a zoom step {steps:.0f} ms, {drawn['bars']} bars at zoom 40")
+    assert page.errors == []
+    page.close()
+
+
+def test_thirty_two_speakers_each_look_their_own(web, store, browser) -> None:  # noqa: F811
+    """Before: the timeline had 10 colours, so speakers 1, 11, 21 and 31 were drawn alike (and
+    so on); a recording of a panel or a classroom has 30 voices and more. Now each has a colour
+    and, past the tenth, a pattern of its own, shown beside its name too."""
+    result = _result(640, 32, 600.0)
+    job_id = _submit(web, "panel-of-thirty-two.wav")
+    _succeed(store, job_id, result)
+    page = keyed_page(browser, web, KEY, width=1280, height=1600)
+    _show(page, job_id)
+    looks = page.eval_on_selector_all("#timeline .lane", """lanes => lanes.map(lane => {
+        const look = el => { const s = getComputedStyle(el); return [s.backgroundColor, s.backgroundImage, s.boxShadow].join(' | '); };
+        const swatch = lane.querySelector('.lane-label .swatch');
+        return [look(lane.querySelector('.turn')), swatch && look(swatch)];
+    })""")
+    assert len(looks) == 32
+    assert len({turn for turn, _ in looks}) == 32, sorted(turn for turn, _ in looks)
+    assert all(turn == swatch for turn, swatch in looks), looks
+    assert page.errors == []
+    page.close()
