@@ -276,7 +276,10 @@ class BodyLimitMiddleware:
                      f"a form without files (application/x-www-form-urlencoded) is larger than {limit} bytes; "
                      "send uploads as multipart/form-data")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = error_response(413, too_large, "ValidationError")
+            # the connection closed with the answer: kept open, the browser sent all of the body
+            # before it read the 413 (a 500 MB recording uploaded in full to be refused at its
+            # first byte; minutes on a home uplink) and uvicorn read it all to keep the connection
+            response = error_response(413, too_large, "ValidationError", headers={"Connection": "close"})
             await response(scope, receive, send)
             return
 

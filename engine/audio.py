@@ -875,6 +875,31 @@ def _flv_duration(fh: BinaryIO) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
+# FFmpeg's own AMR decoders refuse the frames discontinuous transmission (DTX) writes in a
+# speaker's pauses, comfort noise (SID) and NO_DATA ("dtx mode" not implemented, "corrupt
+# bitstream"), so each was skipped as a damaged packet and the pauses vanished from the result: a
+# call of 1 s of speech, 3 s of DTX pause and 1 s of speech (5.02 s) decoded to 2.18 s, its second
+# turn reported at 1.1 s instead of 4 s, and the length fell short of what the header check
+# counted (shared.audio_limits.amr_length). The 3GPP reference decoders FFmpeg wraps
+# (libopencore-amr, in PyAV's wheels) decode them as the comfort noise they describe, 20 ms each
+_DTX_DECODERS = {"amrnb": "libopencore_amrnb", "amrwb": "libopencore_amrwb"}
+
+
+def _own_decoder(stream) -> Any | None:
+    """A decoder of its own for ``stream`` where FFmpeg's default one drops frames the stream is
+    made of (:data:`_DTX_DECODERS`), None to decode with the stream's own (or where this build of
+    FFmpeg lacks the other)."""
+    import av
+
+    name = _DTX_DECODERS.get(stream.codec_context.name)
+    if name is None:
+        return None
+    try:
+        return av.CodecContext.create(name, "r")
+    except (av.FFmpegError, ValueError):  # a build without libopencore-amr
+        return None
+
+
 def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
     import av
 
@@ -944,12 +969,14 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     return
                 yield packet
 
+        decoder = _own_decoder(stream)
+
         def frames():
             # packet by packet: a corrupt packet (a damaged frame of an MP3, a bad AAC block) is
             # skipped, as FFmpeg's own tools do, instead of ending the decode there
             for packet in packets():
                 try:
-                    decoded = packet.decode()
+                    decoded = packet.decode() if decoder is None else decoder.decode(packet)
                 except (av.FFmpegError, ValueError):
                     continue
                 yield from decoded

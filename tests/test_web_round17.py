@@ -20,6 +20,7 @@ from tests.test_web import CHROMIUM, browser, keyed_page  # noqa: F401  (the fix
 
 KEY = "web-r17-key-a-0123456789"
 NAME = "web-r17"  # its keys (aa-web-r17:), queues and storage
+UPLOAD_LIMIT = 3_000_000  # the API's AUDIO_ANALYSIS_MAX_UPLOAD_BYTES here
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -38,7 +39,8 @@ def store(settings) -> Iterator[Any]:
 def web(service_env, settings, tmp_path_factory) -> Iterator[str]:
     from tests.conftest import parked_api
 
-    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY]) as base:
+    with parked_api(service_env, settings, tmp_path_factory, NAME, [KEY],
+                    env={"AUDIO_ANALYSIS_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}) as base:
         yield base
 
 
@@ -77,6 +79,15 @@ def _show(page, job_id: str) -> float:
                                                                        : setTimeout(drawn, 5);
         drawn();
     })""", job_id)
+
+
+def _throttled(page, bytes_per_s: int) -> None:
+    """Uploads from ``page`` at ``bytes_per_s`` (chromium's own network throttling, as DevTools
+    does it)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "downloadThroughput": -1,
+                                                  "uploadThroughput": bytes_per_s})
 
 
 # every turn of the result whose span meets what was drawn lies within a bar of its own lane
@@ -165,5 +176,37 @@ def test_thirty_two_speakers_each_look_their_own(web, store, browser) -> None:  
     assert len(looks) == 32
     assert len({turn for turn, _ in looks}) == 32, sorted(turn for turn, _ in looks)
     assert all(turn == swatch for turn, swatch in looks), looks
+    assert page.errors == []
+    page.close()
+
+
+def test_an_upload_over_the_limit_is_refused_before_it_is_all_sent(web, browser, tmp_path) -> None:  # noqa: F811
+    """A recording larger than the service takes (AUDIO_ANALYSIS_MAX_UPLOAD_BYTES): the API
+    answers 413 from the request's Content-Length, before any of the body. Before: it kept the
+    connection open, so chromium sent all of the body before it read the answer (a 500 MB file
+    uploaded in full, minutes on a home uplink, to be told it was too large); the progress went to
+    100 % first. Now the connection closes with the 413 and the page says it while most of the
+    file is still unsent. The upload runs at 2 MB/s, as over a real uplink."""
+    big = tmp_path / "two-hour-podcast.wav"
+    with open(big, "wb") as f:
+        f.write(tone_wav(1.0))
+        f.truncate(20_000_000)
+    page = keyed_page(browser, web, KEY)
+    # the largest share of the body the browser reported sent, from its own upload progress
+    page.evaluate("""() => {
+        window.__sent = 0;
+        const send = XMLHttpRequest.prototype.send;
+        XMLHttpRequest.prototype.send = function (body) {
+            this.upload.addEventListener('progress', e => { window.__sent = Math.max(window.__sent, e.loaded / e.total); });
+            return send.call(this, body);
+        };
+    }""")
+    _throttled(page, 2_000_000)
+    page.set_input_files("#files", str(big))
+    page.click("#submit")
+    page.wait_for_selector("#submit-error:not(:empty)", timeout=60_000)
+    error = page.inner_text("#submit-error")
+    assert "413" in error and f"limit of {UPLOAD_LIMIT} bytes" in error, error
+    assert page.evaluate("window.__sent") < 0.5, page.evaluate("window.__sent")
     assert page.errors == []
     page.close()
