@@ -90,6 +90,50 @@ def enrolled_id(job_id: str) -> str:
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+# Unicode's default-ignorable code points (DerivedCoreProperties.txt, Default_Ignorable_Code_Point):
+# drawn as nothing. "Alex\u200b" or "Alex\u2060" beside "Alex" were two voiceprints whose names
+# showed alike everywhere, and a job they both named wrote two speakers as "Alex" into its
+# subtitles and RTTM, which give two people enrolled as "Alex" names of their own (round 14).
+_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+# kept where they do something: the plain direction marks (the formats drop them when writing a
+# name, so they never part two names there); joiners (ZWNJ, ZWJ) between two non-ASCII characters
+# (Persian and Indic words, emoji sequences); selectors, tags and the Hangul fillers after one (an
+# emoji's presentation, a flag's tags, an old syllable). Beside ASCII they change nothing seen, and
+# the rest (zero-width space, word joiner, BOM, soft hyphen, ...) nothing anywhere in a name
+_DIRECTION_MARKS = frozenset("\u200e\u200f\u061c")
+_JOINERS = frozenset("\u200c\u200d")
+_MODIFIERS = ((0x115F, 0x1160), (0x180B, 0x180D), (0x180F, 0x180F), (0x3164, 0x3164), (0xFE00, 0xFE0F),
+              (0xFFA0, 0xFFA0), (0xE0020, 0xE007F), (0xE0100, 0xE01EF))
+
+
+def _ignorable(c: str, ranges: tuple[tuple[int, int], ...] = _IGNORABLE) -> bool:
+    point = ord(c)
+    return any(low <= point <= high for low, high in ranges)
+
+
+def _without_invisible(label: str) -> str:
+    """``label`` without the default-ignorable characters that change nothing drawn (above)."""
+    kept: list[str] = []
+    for i, c in enumerate(label):
+        if _ignorable(c) and c not in _DIRECTION_MARKS and c not in _BIDI_CONTROLS:
+            # what it sits between as drawn: the character kept before it, the next one not ignorable
+            before = kept[-1] if kept else ""
+            after = next((d for d in label[i + 1:] if not _ignorable(d)), "")
+            if c in _JOINERS:
+                meant = bool(before) and not before.isascii() and bool(after) and not after.isascii()
+            else:
+                meant = _ignorable(c, _MODIFIERS) and bool(before) and not before.isascii()
+            if not meant:
+                continue
+        kept.append(c)
+    return "".join(kept)
+
+
 def _printable(c: str) -> bool:
     # Cc: C0 and C1 controls and DEL (not only below 32); Zl/Zp: U+2028/U+2029, line breaks to
     # every Unicode-aware reader; Cs: lone surrogates, which no UTF-8 encoder writes
@@ -103,7 +147,9 @@ def clean_label(label: Any) -> str:
     imports), so a label never needs escaping beyond each format's own syntax."""
     if not isinstance(label, str) or not label.strip():
         raise InputError("label: a voiceprint needs a non-empty label (the person's name)")
-    label = label.strip()
+    # one spelling per name: NFC ("Zoe" + U+0308 is "Zoë", which was stored as another name that
+    # showed alike), and nothing that is drawn as nothing (_without_invisible)
+    label = _without_invisible(unicodedata.normalize("NFC", label.strip())).strip()
     if len(label) > MAX_LABEL or not all(_printable(c) for c in label):
         raise InputError(f"label: at most {MAX_LABEL} printable characters (no control, line-break or "
                          "bidirectional-override characters)")

@@ -9,12 +9,20 @@ Each test fails on the code before its fix:
   bounded nothing, since none was ever kept. 300 cycles took 8.6 s through the in-process API
   on this machine: a day of one client at that pace is 3 million markers, 0.3 GB. The marker is
   what keeps a retried *enrolment* from storing its deleted voiceprint again (round 15), and
-  only an enrolment's id can be stored again; an import's never is.
+  only an enrolment's id can be stored again; an import's never is;
+* a label was stored as sent, in any Unicode spelling and with characters drawn as nothing:
+  "Alex" + U+200B (a zero-width space a copied name brings along) and "Alex", or "Zoë" written
+  "Zoe" + U+0308 and "Zoë", were two names that showed alike in every listing, and a job that
+  both voiceprints named wrote its two speakers as "Alex" and "Alex" into its subtitles and RTTM,
+  which give two people enrolled under one name names of their own (round 14). A label is now
+  stored in NFC without the default-ignorable characters that change nothing drawn (joiners
+  inside Persian words and emoji sequences, variation selectors and a flag's tags are kept).
 """
 
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any, Iterator
 
 import numpy as np
@@ -93,3 +101,55 @@ def test_importing_and_deleting_in_a_loop_leaves_nothing_behind(bare_api, redis_
     left = list(redis_raw.scan_iter(match=f"{PREFIX}:voiceprint-deleted:*", count=1000))
     assert left == [], f"{len(left)} deleted-voiceprint markers kept for imports"
     assert bare_api.get("/voiceprints", headers=A).json() == {"voiceprints": [], "count": 0}
+
+
+# --- labels that show alike are one label -------------------------------------------------------
+
+@pytest.mark.parametrize("sent, stored", [
+    ("Alex\u200b", "Alex"),                      # a zero-width space copied along
+    ("\ufeffAlex", "Alex"),                      # a BOM
+    ("Al\u2060ex\u00ad", "Alex"),                # a word joiner, a soft hyphen
+    ("Al\u200dex", "Alex"),                      # a joiner between ASCII letters joins nothing
+    ("Zoe\u0308", "Zo\u00eb"),                   # decomposed: stored composed (NFC)
+    ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),  # Persian ZWNJ
+    ("\U0001F469\u200d\U0001F52C Ana", "\U0001F469\u200d\U0001F52C Ana"),  # an emoji ZWJ sequence
+    ("\u2764\ufe0f Ana", "\u2764\ufe0f Ana"),            # emoji presentation selector
+])
+def test_a_label_is_stored_in_one_spelling_without_what_is_drawn_as_nothing(bare_api, own_settings, sent,
+                                                                             stored) -> None:
+    from shared.voiceprints import embedding_model
+
+    r = _import(bare_api, A, sent, 1, embedding_model(own_settings).name)
+    assert r.status_code == 201, r.text
+    assert r.json()["label"] == stored, ascii(r.json()["label"])
+    assert bare_api.delete(f"/voiceprints/{r.json()['id']}", headers=A).status_code == 204
+
+
+def test_a_label_of_nothing_drawn_is_still_refused(bare_api, own_settings) -> None:
+    from shared.voiceprints import embedding_model
+
+    r = _import(bare_api, A, "\u200b\u2060\ufeff", 1, embedding_model(own_settings).name)
+    assert r.status_code == 422 and "visible" in r.json()["detail"], r.text
+
+
+def _as_seen(name: str) -> str:
+    """A name as a reader sees it: one spelling, nothing drawn as nothing."""
+    return "".join(c for c in unicodedata.normalize("NFC", name) if unicodedata.category(c) != "Cf")
+
+
+@pytest.mark.parametrize("labels", [("Alex", "Alex\u200b"), ("Zo\u00eb", "Zoe\u0308")])
+def test_two_speakers_named_by_labels_that_show_alike_are_told_apart_in_the_files(client, settings, sample_wav,
+                                                                                   labels) -> None:
+    """The service end to end (the session's worker): two voiceprints whose labels show alike, a
+    two-speaker recording at a threshold every voiceprint reaches. Before: its subtitles and RTTM
+    showed both speakers as "Alex" ("Zoë")."""
+    from tests.test_formats import read_rttm, read_srt, read_vtt
+    from tests.test_hostile_round14 import _named_job
+
+    with _named_job(client, settings, sample_wav.read_bytes(), "sample.wav", labels, 17) as done:
+        assert len(done["result"]["speakers"]) == 2, done["result"]
+        for fmt, read in (("rttm", read_rttm), ("srt", read_srt), ("vtt", read_vtt)):
+            r = client.get(f"/jobs/{done['job_id']}/result", params={"format": fmt})
+            assert r.status_code == 200, r.text
+            seen = {_as_seen(who) for *_, who in read(r.text)}
+            assert len(seen) == 2, (fmt, [ascii(s) for s in seen])
