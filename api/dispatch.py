@@ -225,6 +225,9 @@ class Dispatcher:
     _renders: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
     _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
+    # jobs of synchronous calls the server cancelled while they waited (its graceful shutdown ran
+    # out): cancelled by close(), in the lifespan's shutdown
+    _abandoned: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voiceprints is None:
@@ -949,6 +952,23 @@ class Dispatcher:
             # with a key, the job outlives a client that hangs up: its retry is answered the result
             record = await self.wait(record.job_id, self.settings.sync_timeout_s, request,
                                      keep_on_disconnect=idempotent is not None)
+        except asyncio.CancelledError:
+            # the server is stopping and gave up on this call (http_shutdown_grace_s): its client
+            # submits again, elsewhere, so the job must not run for nobody as well, as when a
+            # client hangs up. Not cancelled here: the server goes on to the lifespan's shutdown
+            # without waiting for this task; close() cancels it there. A keyed call's job runs on:
+            # its retry with the key is answered its result
+            if idempotent is None:
+                self._abandoned.add(record.job_id)
+            task = asyncio.current_task()
+            if task is None:
+                raise
+            # answered 503 in the documented shape, which clients retry (cli.client does), where
+            # the cancellation reached uvicorn as a text/plain 500 "Internal Server Error"
+            task.uncancel()
+            retry = "retry with the same Idempotency-Key: it is answered this call's job" if idempotent is not None \
+                else "its job was cancelled; submit it again"
+            raise ModelError(f"the API stopped before this call's job ended; {retry}", status_code=503) from None
         except (redis.ConnectionError, redis.TimeoutError):
             # the client is told to retry (503): the job it never heard of must not run as well
             # (a retry ran it twice); best effort, as the store may be gone for this cancel too
@@ -1121,6 +1141,15 @@ class Dispatcher:
                         job_id, type(exc).__name__, one_line(str(exc))[:300])
 
     async def close(self) -> None:
+        """At the server's shutdown: cancel the jobs of the synchronous calls it gave up on
+        (run_sync), then close the Redis client."""
+        while self._abandoned:
+            job_id = self._abandoned.pop()
+            try:
+                if await self._cancel_quietly(job_id):
+                    log.info("sync job %s cancelled: the API stopped before its call was answered", job_id)
+            except Exception as exc:  # noqa: BLE001 - the others are still to be cancelled
+                log.warning("sync job %s not cancelled as the API stopped: %s", job_id, exc)
         if self._aredis is not None:
             await self._aredis.aclose()
             self._aredis = None

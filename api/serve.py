@@ -183,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
         "timeout_keep_alive": 5,
         # request heads larger than this are refused by h11 (its default is 16 KiB)
         "h11_max_incomplete_event_size": 64 * 1024,
+        # on SIGTERM, the requests in flight get this long, then are cancelled (a synchronous
+        # call's job with it: Dispatcher.run_sync); uvicorn's default waited for every one, a
+        # synchronous call up to sync_timeout_s, until the orchestrator's SIGKILL
+        "timeout_graceful_shutdown": settings.http_shutdown_grace_s,
     }
     # our formatter on the root logger, uvicorn's loggers propagating to it: its access and error
     # lines come out as JSON (or text) with the request id, like the app's own

@@ -350,6 +350,12 @@ class Settings(BaseSettings):
     # each part of a body within http_body_timeout_s of the previous one (api/serve.py)
     http_header_timeout_s: float = 10.0
     http_body_timeout_s: float = 30.0
+    # an API told to stop (SIGTERM) waits this long for the requests in flight, then cancels them
+    # and the jobs of the synchronous calls among them (api/serve.py, Dispatcher.run_sync). Unbounded,
+    # it waited for a synchronous call up to sync_timeout_s, and was killed by its orchestrator
+    # (docker stop: 10 s; Kubernetes: 30 s) with the call's job left to run for nobody while the
+    # cut-off client submitted it again. Under both, so the API ends on its own
+    http_shutdown_grace_s: float = Field(8.0, gt=0.0)
 
     # --- audio given by URL (issue 10; shared/url_input.py) -----------------------------------
     # a job's audio field <name> may be given as <name>_url instead of an upload; the worker
