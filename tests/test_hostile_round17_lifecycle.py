@@ -4,7 +4,12 @@
 * a webhook worker run as prefork with ``--concurrency auto`` (Celery 5.7 sizes it from the CPUs)
   had no per-tenant cap at all: the cap's default (half the worker's processes) was read at
   ``worker_init``, where ``auto`` is not yet a number, and again at ``worker_ready``, after the
-  pool processes, which deliver, were forked. One tenant's hanging receivers held every process.
+  pool processes, which deliver, were forked. One tenant's hanging receivers held every process;
+* two workers of one node name at one PID in PID namespaces of their own (containers sharing a
+  hostname) wrote one heartbeat record: /health listed one, and the stop of either removed it;
+* ``audio-analysis up`` stopped everything, the API included, the first time one of its workers
+  exited (the OOM killer; a worker ending itself with status 1 after its pool processes died
+  loading the models, so that compose or k8s start it again): it now starts the worker again.
 """
 
 from __future__ import annotations
@@ -144,3 +149,79 @@ def test_two_workers_of_one_name_at_one_pid_keep_a_heartbeat_each(service_env, s
         for stack in stacks:
             stack.stop()
         drop_namespace(settings.redis_url, PREFIX, *(key for q in queues for key in queue_keys(q)))
+
+
+def test_up_starts_a_worker_again_that_died_and_keeps_serving(tmp_path, utterances):
+    """``audio-analysis up``, its job worker's main process killed (SIGKILL: the OOM killer). Before,
+    ``up`` said "worker exited with -9; stopping" and stopped the API, the webhook worker and Redis
+    with it: every client lost the service. Now the API answers on, the worker is started again
+    (after a second's back-off), and a job submitted after the kill succeeds; Ctrl-C still stops
+    everything with status 0."""
+    import httpx
+    import psutil
+
+    from cli.launcher import free_port
+    from tests.test_service_cli import _ctrl_c, _start_up, _up_env
+
+    api_port = free_port()
+    env = _up_env(tmp_path, api_port, free_port(), free_port())
+    base = f"http://127.0.0.1:{api_port}"
+    log_path = tmp_path / "up.log"
+    up = _start_up(env, base, log_path, "--no-flower")
+    log = lambda: log_path.read_text(errors="replace")[-3000:]  # noqa: E731
+
+    def job_worker() -> psutil.Process | None:
+        for child in psutil.Process(up.pid).children():
+            argv = child.cmdline()
+            if "-n" in argv and argv[argv.index("-n") + 1] == "worker@%h":
+                return child
+        return None
+
+    try:
+        first = job_worker()
+        assert first is not None, log()
+        first.kill()
+        first.wait(10)
+        # the API and `up` stay; the worker comes back as a new process
+        _wait(lambda: (w := job_worker()) is not None and w.pid != first.pid, 30, log)
+        assert up.poll() is None, log()
+        assert httpx.get(f"{base}/health", timeout=5).status_code in (200, 503)
+        r = httpx.post(f"{base}/jobs/embedding", timeout=30, files={
+            "file": ("a.wav", utterances["spk1"][0].read_bytes(), "audio/wav")})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+        _wait(lambda: httpx.get(f"{base}/jobs/{job_id}", timeout=5).json()["status"] in ("succeeded", "failed"),
+              180, log)
+        assert httpx.get(f"{base}/jobs/{job_id}", timeout=5).json()["status"] == "succeeded", log()
+        said = log_path.read_text(errors="replace")
+        assert "worker exited with -9" in said and "starting it again" in said and "; stopping" not in said, log()
+    finally:
+        _ctrl_c(up)
+    assert up.returncode == 0, log()
+
+
+def test_up_gives_up_on_a_child_that_keeps_exiting_at_once(tmp_path):
+    """The other side of starting a worker again: one that exits at once, every time (a bad
+    setting, an import that fails), is broken, not unlucky. ``up``'s watch starts it again after
+    1, 2, 4 and 8 s, then stops with the fifth exit, as before the restarts (a script sees exit
+    status 1), having started it five times; Redis exiting stops it at once, never restarted."""
+    from cli import launcher
+
+    stack = launcher.Stack(log_dir=tmp_path)
+    said: list[str] = []
+    try:
+        stack.spawn("worker", [sys.executable, "-c", "print('started', flush=True); raise SystemExit(3)"])
+        started = time.monotonic()
+        while stack.watch(said.append):
+            assert time.monotonic() - started < 60, said
+            time.sleep(0.1)
+        assert (tmp_path / "worker.log").read_text().count("started") == launcher.RESTART_GIVE_UP, said
+        assert said[-1] == "worker exited with 3, 5 times in a row within 60 s of its start; stopping", said
+        assert [line.rsplit(" in ", 1)[1] for line in said[:-1]] == ["1 s", "2 s", "4 s", "8 s"], said
+        stack.stop()
+        said.clear()
+        stack.spawn("redis", [sys.executable, "-c", "raise SystemExit(0)"])
+        stack.children[-1].proc.wait(10)
+        assert not stack.watch(said.append) and said == ["redis exited with 0; stopping"], said
+    finally:
+        stack.stop()
