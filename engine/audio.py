@@ -71,8 +71,12 @@ _MAX_DECODE_THREADS = 8
 # job time limit of 601 s), a 2 MB AIFF-C of MACE counting 1 s of frames to 1500 s. And AVI,
 # whose audio stream header (strh) counts its length: 70 s of MP3 counted as 1 s decoded whole;
 # and ASF (WMA), whose File Properties state the play duration (a broadcast's, flagged as such,
-# FFmpeg does not take): 70 s of WMA said 1 s
-_DECLARED_FORMATS = ("mov", "matroska", "wv", "wav", "w64", "aiff", "avi", "asf")
+# FFmpeg does not take): 70 s of WMA said 1 s. And CAF, whose length FFmpeg takes from its
+# description's frames per packet (times the packets of its packet table, or of its data chunk's
+# size at a constant bitrate), and RealMedia, from its stream header's duration: 70 s of ALAC or
+# IMA ADPCM in CAF said 1 s with that one field rewritten, 70 s of AC-3 or RealAudio 14.4 in RM
+# likewise, and each decoded whole
+_DECLARED_FORMATS = ("mov", "matroska", "wv", "wav", "w64", "aiff", "avi", "asf", "caf", "rm")
 # FFmpeg's frames with this many channels or more are converted interleaved (_read_pyav)
 _PACKED_FROM = 8
 # at most this many changes of rate, layout or sample format in one FFmpeg stream (_read_pyav):

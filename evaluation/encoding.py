@@ -10,14 +10,16 @@ import numpy as np
 
 
 def encode(samples: np.ndarray, rate: int, *, container: str, codec: str, bit_rate: int | None = None,
-           path: Path | None = None) -> bytes:
+           path: Path | None = None, options: dict[str, str] | None = None) -> bytes:
     """``samples`` ((frames,) or (frames, channels) float32) encoded with ``codec`` in ``container``
-    (e.g. "mp4"/"aac", "adts"/"aac", "mp3"/"libmp3lame"); written to ``path`` too when given."""
+    (e.g. "mp4"/"aac", "adts"/"aac", "mp3"/"libmp3lame"); written to ``path`` too when given.
+    ``options``: the encoder's own (``{"dtx": "1"}``: AMR's discontinuous transmission, as phones
+    send it)."""
     data = samples.reshape(len(samples), -1)
     layout = "mono" if data.shape[1] == 1 else "stereo"
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
+        stream = out.add_stream(codec, rate=rate, layout=layout, options=options or {})
         if bit_rate:
             stream.bit_rate = bit_rate
         step = 4608

@@ -1823,13 +1823,14 @@ def declared_duration(container, stream) -> float | None:
         seconds = container.duration / av.time_base
     else:
         return None
-    if seconds == 0 and container.format.name in ("wv", "aiff", "wav", "w64", "avi", "asf"):
+    if seconds == 0 and container.format.name in ("wv", "aiff", "wav", "w64", "avi", "asf", "caf", "rm"):
         # FFmpeg's own WavPack muxer counts the samples into the first block only where it can
         # seek back to it: written to a pipe (ffmpeg -f wv -) it leaves 0. No length, as WavPack's
         # own -1 is; held to 0 (engine/audio.py's _DECLARED_FORMATS), 90 s of it was refused.
         # An AIFF-C's COMM chunk the same (0 frames over 300 s of MACE read as 0 s: nothing in a
         # job's duration budget, the floor of its time limit), a WAV's and an AVI's (a recorder
-        # that stopped before it went back to count)
+        # that stopped before it went back to count), a CAF's packet table and a RealMedia
+        # stream's (FFmpeg's own muxer writes 0 for 70 s of RealAudio 14.4)
         return None
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 

@@ -1,0 +1,211 @@
+"""Hostile audio, round 17: lengths that FFmpeg estimates or takes from a field anyone can write,
+of formats earlier rounds left alone.
+
+- AMR changes its bitrate frame by frame, and discontinuous transmission (DTX, as phones send a
+  call) writes a 6-byte comfort-noise frame (SID) or a 1-byte empty one (NO_DATA) for each 20 ms
+  of a pause. FFmpeg estimates an AMR file's length from the bitrate of the frames it read while
+  opening it: 31 s of speech with DTX pauses read as 109 s (refused by a limit of 60 s), a 10 min
+  call that opened on 2 s of DTX silence as 2,743 s (refused by a synchronous call's 1800 s), and
+  1 s at 12.2 kbps before 600 s at 4.75 kbps passed as 326 s. And FFmpeg's own AMR decoders drop
+  SID and NO_DATA frames as errors, so the pauses vanished from the decoded audio: the 31 s
+  decoded to 16.2 s, every turn after the first pause reported seconds early. Frames are counted
+  now (each is 20 ms: ``amr_length``), and decoded by the 3GPP reference decoders
+  (libopencore-amr, in PyAV's wheels), which decode a pause as the comfort noise it describes.
+
+- A CAF's length is its description's frames per packet times its packets (of its packet table,
+  or of its data size at a constant bitrate), and a RealMedia file's its stream header's duration:
+  fields anyone can write. 70 s of ALAC or IMA ADPCM in CAF, or of AC-3 or RealAudio 14.4 in RM,
+  said 1 s with one field rewritten, passed the header check (API and worker) as 1 s (a job's
+  duration budget and the time limit of 1 s) and decoded whole. They are held to it now, as WAV,
+  AIFF-C, AVI, ASF, MP4, Matroska, WavPack and FLV are: refused (415) past twice that and a
+  minute. A duration of 0 (FFmpeg's own RM muxer writes it for RealAudio 14.4) is no length.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from engine.audio import SAMPLE_RATE, load_audio, resample
+from evaluation.encoding import encode
+from shared.audio_limits import amr_length, check_audio_limits
+from shared.errors import AudioDecodeError, AudioTooLongError
+from tests.conftest import failed_job_error
+
+
+# --- A. AMR: counted, and its DTX pauses decoded -------------------------------------------------
+
+
+def _tone(seconds: float, rate: int = 8000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def _amr(samples: np.ndarray, bit_rate: int = 12200, dtx: bool = False) -> bytes:
+    """8 kHz ``samples`` as an AMR-NB file (RFC 4867 storage format), with DTX where asked."""
+    return encode(samples, 8000, container="amr", codec="libopencore_amrnb", bit_rate=bit_rate,
+                  options={"dtx": "1"} if dtx else None)
+
+
+def _speech_with_pauses(utterances: dict[str, list[Path]]) -> np.ndarray:
+    """One talker's six utterances at 8 kHz, after 3 s of silence and each followed by 2 s of it
+    (31.2 s)."""
+    parts = [np.zeros(3 * 8000, np.float32)]
+    for path in utterances["spk1"]:
+        x, rate = sf.read(path, dtype="float32")
+        parts += [resample(x, rate, 8000).astype(np.float32), np.zeros(2 * 8000, np.float32)]
+    return np.concatenate(parts)
+
+
+def _loud_spans(samples: np.ndarray, threshold: float = 0.01) -> list[tuple[float, float]]:
+    """Where ``samples`` (16 kHz) are louder than ``threshold`` in 20 ms windows, merged across
+    gaps under 0.5 s: the speech, seen from the decoded audio."""
+    hop = SAMPLE_RATE // 50
+    rms = np.sqrt(np.mean(samples[: len(samples) // hop * hop].astype(np.float32).reshape(-1, hop) ** 2, axis=1))
+    spans: list[list[float]] = []
+    for i in np.flatnonzero(rms > threshold):
+        t = i / 50
+        if spans and t - spans[-1][1] < 0.5:
+            spans[-1][1] = t + 0.02
+        else:
+            spans.append([t, t + 0.02])
+    return [(a, b) for a, b in spans]
+
+
+def test_an_amr_call_with_dtx_pauses_keeps_its_pauses_and_its_length(utterances) -> None:
+    """31.2 s of speech with pauses, encoded with DTX (642 NO_DATA and 107 SID frames of 1559):
+    before, 109 s at the header check (refused by a limit of 60 s) and 16.2 s decoded, each
+    utterance after the first pause moved earlier. Now 31.2 s at both, and each utterance is
+    where it was spoken."""
+    samples = _speech_with_pauses(utterances)
+    data = _amr(samples, dtx=True)
+    length = len(samples) / 8000
+    info = check_audio_limits(io.BytesIO(data), max_duration=60.0)
+    assert info.duration == pytest.approx(length, abs=0.05)
+    audio = load_audio(data)
+    assert audio.duration == pytest.approx(length, abs=0.05)
+    spoken = _loud_spans(resample(samples, 8000, SAMPLE_RATE))
+    found = _loud_spans(audio.samples)
+    assert len(spoken) == 6 and len(found) == len(spoken), (spoken, found)
+    for (start, end), (was_start, was_end) in zip(found, spoken):
+        assert start == pytest.approx(was_start, abs=0.1) and end == pytest.approx(was_end, abs=0.1)
+
+
+def test_an_amr_files_length_is_its_frames_not_an_estimate_from_its_first() -> None:
+    """AMR's bitrate changes frame by frame: 2 s of DTX silence (NO_DATA frames) before 120 s of
+    12.2 kbps read as 548 s, and 1 s at 12.2 kbps before 120 s at 4.75 kbps as 66 s. Counted, each
+    is its 20 ms frames: what the decoder makes of it."""
+    speech = _amr(_tone(120.0))
+    quiet_start = speech[:6] + b"\x7c" * 100 + speech[6:]
+    joined = _amr(_tone(1.0)) + _amr(_tone(120.0), bit_rate=4750)[6:]
+    for data, length in ((quiet_start, 122.0), (joined, 121.0)):
+        declared = check_audio_limits(io.BytesIO(data), max_duration=3600.0).duration
+        assert declared == pytest.approx(length, abs=0.1)
+        assert load_audio(data).duration == pytest.approx(declared, abs=0.03)
+    # past the caller's limit the count stops, and says so
+    with pytest.raises(AudioTooLongError, match="over 60 s"):
+        check_audio_limits(io.BytesIO(joined), max_duration=60.0)
+    # a last frame cut short is no packet to FFmpeg's demuxer, nor a frame to the count
+    assert amr_length(io.BytesIO(speech[:-5])).seconds == pytest.approx(amr_length(io.BytesIO(speech)).seconds - 0.02)
+
+
+def test_amr_wb_frames_are_counted_as_ffmpeg_reads_them() -> None:
+    """AMR-WB (16 kHz, 320 samples a frame) has frame sizes of its own: 100 frames of 12.65 kbps,
+    500 NO_DATA and 100 of 23.85 kbps are 14 s, as FFmpeg's demuxer and the decoder make them.
+    No AMR-WB encoder is at hand: the decoder takes any bits of a frame's size."""
+    rng = np.random.default_rng(17)
+
+    def frames(kind: int, size: int, count: int) -> bytes:
+        return b"".join(bytes([(kind << 3) | 4]) + rng.integers(0, 256, size - 1, dtype=np.uint8).tobytes()
+                        for _ in range(count))
+
+    data = b"#!AMR-WB\n" + frames(2, 33, 100) + frames(15, 1, 500) + frames(8, 61, 100)
+    info = check_audio_limits(io.BytesIO(data), max_duration=3600.0)
+    assert (info.duration, info.sample_rate) == (pytest.approx(14.0), 16000)
+    assert load_audio(data, reject_silence=False).duration == pytest.approx(14.0)
+
+
+def test_a_synchronous_call_takes_an_amr_call_with_dtx_whole(variant_app, utterances) -> None:
+    """Through the API (its synchronous limit at 60 s) and the session's real worker: the 31.2 s
+    DTX call was refused at submit (413, "audio is 109 s long"); now it is embedded whole."""
+    samples = _speech_with_pauses(utterances)
+    api = variant_app(sync_max_audio_seconds=60.0)
+    r = api.post("/embedding", files={"file": ("call.amr", _amr(samples, dtx=True), "audio/amr")})
+    assert r.status_code == 200, r.text
+    assert r.json()["audio_duration"] == pytest.approx(len(samples) / 8000, abs=0.05)
+
+
+# --- B. CAF and RealMedia: the length their header states is held to ----------------------------
+
+
+def _caf(seconds: float, codec: str, *, frames_per_packet: int | None = None) -> bytes:
+    """``seconds`` of a tone in CAF as FFmpeg writes it (``codec`` "alac" or "adpcm_ima_qt"), its
+    description's frames per packet rewritten to ``frames_per_packet`` where given: the one field
+    FFmpeg's length is the product of (with the packets of its packet table, or of its data size)."""
+    data = bytearray(encode(_tone(seconds, 16000), 16000, container="caf", codec=codec))
+    at = data.find(b"desc") + 12 + 8 + 4 + 4 + 4  # size, rate, format, flags, bytes per packet
+    if frames_per_packet is not None:
+        data[at : at + 4] = frames_per_packet.to_bytes(4, "big")
+    return bytes(data)
+
+
+def _rm(seconds: float, codec: str, rate: int, *, duration_ms: int | None = None) -> bytes:
+    """``seconds`` of a tone in RealMedia as FFmpeg writes it (``codec`` "ac3" or "ra_144"), its
+    properties' and stream header's durations rewritten to ``duration_ms`` where given."""
+    data = bytearray(encode(_tone(seconds, rate), rate, container="rm", codec=codec))
+    if duration_ms is not None:
+        # PROP: id, size, version, then max and average bitrate, max and average packet size,
+        # packets, duration; MDPR: id, size, version, stream number, those four, start time,
+        # preroll, duration
+        for chunk, at in ((b"PROP", 4 + 4 + 2 + 5 * 4), (b"MDPR", 4 + 4 + 2 + 2 + 6 * 4)):
+            where = data.find(chunk) + at
+            data[where : where + 4] = duration_ms.to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("forge", [
+    lambda: _caf(70.0, "alac", frames_per_packet=64),  # of 4096
+    lambda: _caf(70.0, "adpcm_ima_qt", frames_per_packet=1),  # of 64
+    lambda: _rm(70.0, "ac3", 48000, duration_ms=1000),
+    lambda: _rm(70.0, "ra_144", 8000, duration_ms=1000),
+], ids=["caf-alac", "caf-ima", "rm-ac3", "rm-ra144"])
+def test_a_caf_or_rm_whose_header_understates_its_length_is_refused_as_it_decodes(forge) -> None:
+    """70 s whose header says about 1 s: 1 s at the header check (a job's duration budget and
+    time limit), then decoded whole. Refused now past 2 x 1 s + 60 s, as a forged WAV or MP4 is."""
+    forged = forge()
+    assert check_audio_limits(io.BytesIO(forged), max_duration=3600.0).duration == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(AudioDecodeError, match="decodes to more than its header declares") as refused:
+        load_audio(forged)
+    assert refused.value.status_code == 415
+
+
+@pytest.mark.parametrize("honest", [
+    lambda: _caf(70.0, "alac"), lambda: _caf(70.0, "adpcm_ima_qt"), lambda: _rm(70.0, "ac3", 48000),
+], ids=["caf-alac", "caf-ima", "rm-ac3"])
+def test_honest_caf_and_rm_files_decode_whole(honest) -> None:
+    data = honest()
+    declared = check_audio_limits(io.BytesIO(data), max_duration=3600.0).duration
+    assert declared == pytest.approx(70.0, abs=0.05)
+    assert load_audio(data).duration == pytest.approx(declared, abs=0.05)
+
+
+def test_a_realmedia_stream_that_states_no_length_is_unknown_not_0_s() -> None:
+    """FFmpeg's own RM muxer writes a duration of 0 for RealAudio 14.4: 0.0 s at the header check
+    (nothing in a job's duration budget, the floor of its time limit). Unknown now, so the job is
+    given the limit's time, and it decodes to its end."""
+    data = _rm(70.0, "ra_144", 8000)
+    assert check_audio_limits(io.BytesIO(data), max_duration=3600.0).duration is None
+    assert load_audio(data).duration == pytest.approx(70.0, abs=0.05)
+
+
+def test_a_forged_caf_fails_its_job_with_a_415(client) -> None:
+    """Through the API (202: its header says 1 s) and the session's real worker: the job fails in
+    the documented shape, a 415, rather than analysing 70 s under the time limit of its 1 s."""
+    error = failed_job_error(client, "/jobs/embedding",
+                             {"file": ("forged.caf", _caf(70.0, "adpcm_ima_qt", frames_per_packet=1), "audio/x-caf")})
+    assert error["status_code"] == 415, error
+    assert "decodes to more than its header declares" in error["detail"], error
