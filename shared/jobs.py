@@ -1193,13 +1193,16 @@ class JobStore:
 
         The cursor is a place in the index (score and id), not an offset: jobs created between two
         pages are newer than it and shift nothing, and none is listed twice or skipped. Filters
-        apply after the fetch, so a page looks through a bounded stretch of the index, read
-        max(limit, 100) at a time: ``limit`` entries unfiltered, max(10 x limit, 1000) with a
-        filter; it stops once ``limit`` matched. A filter that matches nothing there gives a page
-        with fewer jobs, even none, and a ``next_cursor`` where the stretch ended, so no request
-        reads the whole index."""
+        apply after the fetch, so a page looks through a bounded stretch of the index, at most
+        max(10 x limit, 1000) entries read max(limit, 100) at a time (unfiltered, ``limit`` first);
+        it stops once ``limit`` matched. Entries whose record expired are passed over the same way,
+        filtered or not: the index keeps an entry for the horizon (51 h), a record lives 24 h after
+        its job ended, and an unfiltered page read ``limit`` entries alone, so a listing walked
+        through such a stretch came back in empty pages, each with a ``next_cursor``. A filter that
+        matches nothing there gives a page with fewer jobs, even none, and a ``next_cursor`` where
+        the stretch ended, so no request reads the whole index."""
         filtered = status is not None or kind is not None
-        window = max(limit * 10, 1000) if filtered else limit
+        window = max(limit * 10, 1000)
         chunk = max(limit, 100) if filtered else limit
         index = self._owner_index(owner) if owner else self.key("jobs")
         listing = _listing_tag(status, kind)
@@ -1213,6 +1216,8 @@ class JobStore:
             ids, scores = flat[0::2][:n], flat[1::2][:n]
             more = len(flat) > 2 * n
             found = {r.job_id: r for r in self.get_many(ids, summaries=summaries)}
+            # unfiltered, the first read is the page itself; only expired entries make it read on
+            chunk = max(limit, 100)
             for i, (job_id, at) in enumerate(zip(ids, scores)):
                 score, after = str(at), job_id
                 scanned += 1
