@@ -210,3 +210,87 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_all_sent(web, browser,
     assert page.evaluate("window.__sent") < 0.5, page.evaluate("window.__sent")
     assert page.errors == []
     page.close()
+
+
+def _jobs_named(base: str, *names: str) -> list[str]:
+    r = httpx.get(f"{base}/jobs?limit=100", headers={"X-API-Key": KEY}, timeout=10)
+    assert r.status_code == 200, r.text
+    return [j["filename"] for j in r.json()["jobs"] if j["filename"] in names]
+
+
+def test_an_upload_can_be_cancelled_and_what_was_not_sent_stays_picked(web, browser, tmp_path) -> None:  # noqa: F811
+    """The wrong recording chosen, or one too big for the uplink: before, an upload had no
+    cancel; it went on to its end (minutes for hundreds of MB) and made a job, and the only way
+    out was to close the page. Now "cancel upload" stops it: no job, the batch's files not sent
+    are still picked, and Submit sends them."""
+    files = [tmp_path / f"long-interview-{n}.wav" for n in ("one", "two")]
+    for f in files:
+        f.write_bytes(tone_wav(8.0))  # 256 KB: 4 s to send at 64 KB/s
+    names = [f.name for f in files]
+    page = keyed_page(browser, web, KEY)
+    _throttled(page, 64_000)
+    page.set_input_files("#files", [str(f) for f in files])
+    page.click("#submit")
+    page.wait_for_selector("#submit-status:has-text('long-interview-one.wav (1 of 2): ')")
+    page.click("#cancel-upload")
+    page.wait_for_selector("#submit-status:has-text('upload cancelled')")
+    assert page.inner_text("#submit-status") == f"upload cancelled: {', '.join(names)} not sent"
+    assert page.inner_text("#submit-error") == ""
+    assert page.is_hidden("#cancel-upload")
+    assert page.inner_text("#picked") == ", ".join(names)
+    assert page.query_selector(".job") is None
+    assert _jobs_named(web, *names) == []
+    # sent again, to its end: both are jobs, once each
+    _throttled(page, 4_000_000)
+    page.click("#submit")
+    page.wait_for_function("() => document.querySelectorAll('.job').length === 2", timeout=30_000)
+    assert sorted(_jobs_named(web, *names)) == names
+    assert page.inner_text("#picked") == "" and page.inner_text("#submit-status") == ""
+    assert page.errors == []
+    page.close()
+
+
+def test_leaving_the_page_during_an_upload_asks_first(web, browser, tmp_path) -> None:  # noqa: F811
+    """A reload, back, or the "API docs" link while a recording uploads: before, the page left
+    at once and the upload was dropped, nothing sent and no job made, minutes into a big file.
+    Now the browser asks first; staying lets the upload finish. With nothing uploading it
+    leaves without asking."""
+    recording = tmp_path / "board-meeting.wav"
+    recording.write_bytes(tone_wav(6.0))  # 192 KB: 3 s to send at 64 KB/s
+    page = keyed_page(browser, web, KEY)
+    _throttled(page, 64_000)
+    page.set_input_files("#files", str(recording))
+    page.click("#submit")
+    page.wait_for_selector("#submit-status:has-text('board-meeting.wav: ')")
+    with page.expect_event("dialog") as asked:
+        page.evaluate("() => { setTimeout(() => location.reload(), 0); }")
+    assert asked.value.type == "beforeunload"
+    asked.value.dismiss()  # stay
+    page.wait_for_selector(".job", timeout=30_000)
+    assert _jobs_named(web, recording.name) == [recording.name]
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.type), d.dismiss()))
+    page.reload()
+    page.wait_for_selector(".job")  # followed again after the reload
+    assert dialogs == []
+    assert page.errors == []
+    page.close()
+
+
+def test_a_failed_download_is_said_beside_the_download_buttons(web, store, browser) -> None:  # noqa: F811
+    """A job whose record expired while its timeline was on the screen: before, its RTTM, SRT or
+    WebVTT download put "404: ..." in the submit panel's error line, at the top of the page, out
+    of sight of the timeline, and the click seemed to do nothing."""
+    job_id = _submit(web, "weekly-sync.wav")
+    _succeed(store, job_id, _result(40, 3, 120.0))
+    page = keyed_page(browser, web, KEY, width=1280, height=700)
+    _show(page, job_id)
+    store.redis.delete(store._job_key(job_id))  # expired meanwhile
+    page.click(".downloads button[data-format='srt']")
+    page.wait_for_selector("#download-error:not(:empty)", timeout=10_000)
+    said = page.inner_text("#download-error")
+    assert said.startswith("SRT: 404") and "expired" in said, said
+    assert page.is_visible("#download-error")
+    assert page.inner_text("#submit-error") == ""
+    assert page.errors == []
+    page.close()

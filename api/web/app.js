@@ -121,7 +121,8 @@ drop.addEventListener("drop", (e) => { picks += 1; pick(e.dataTransfer.files); }
 // hundreds of MB takes minutes to send, and the page said nothing meanwhile.
 // key: the one the submit began under (a batch whose key is changed half-way still goes to the
 // account it was started for, not part to one and part to another)
-function send(path, form, onProgress, key = keyInput.value.trim()) {
+// started: given the request once it goes, for a cancel (xhr.abort(): rejected as `cancelled`)
+function send(path, form, onProgress, key = keyInput.value.trim(), started = () => {}) {
   return new Promise((resolve, reject) => {
     const problem = keyProblem(key);
     if (problem) { reject(new Error(problem)); return; }
@@ -129,6 +130,10 @@ function send(path, form, onProgress, key = keyInput.value.trim()) {
     xhr.open("POST", path);
     if (key) xhr.setRequestHeader("X-API-Key", key);
     xhr.upload.addEventListener("progress", (e) => { if (e.lengthComputable) onProgress(e.loaded / e.total); });
+    uploading += 1;
+    xhr.addEventListener("loadend", () => { uploading -= 1; });
+    xhr.addEventListener("abort", () => reject(Object.assign(new Error("upload cancelled"), { cancelled: true })));
+    started(xhr);
     xhr.addEventListener("load", () => {
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
@@ -139,6 +144,25 @@ function send(path, form, onProgress, key = keyInput.value.trim()) {
     xhr.send(form);
   });
 }
+
+// Uploads under way: leaving the page (a reload, back, a link to the API docs) drops them, with
+// nothing sent and no job made; the browser asks first. It left at once, and a recording of
+// hundreds of MB, minutes into its upload, had to be sent again from the start.
+let uploading = 0;
+window.addEventListener("beforeunload", (event) => {
+  if (uploading === 0) return;
+  event.preventDefault();
+  event.returnValue = ""; // what older browsers need to ask
+});
+
+// The Submit panel's upload, stopped by "cancel upload": the wrong file chosen, or one too large
+// for the uplink, went on to its end (minutes for hundreds of MB), and the only way out was to
+// close the page.
+let submitXhr = null, submitCancelled = false;
+$("#cancel-upload").addEventListener("click", () => {
+  submitCancelled = true;
+  if (submitXhr) submitXhr.abort();
+});
 
 function diarizeForm() {
   const form = new FormData();
@@ -168,6 +192,9 @@ $("#submit").addEventListener("click", async () => {
   // a job sent under a key the field no longer holds is not followed here (the new key's page
   // would show the previous key's job); the user finds it again under that key
   const keep = (job, file) => { if (epoch === keyEpoch) track(job, file); };
+  submitCancelled = false;
+  let unsent = null; // the files a cancel left unsent, the one cut short first
+  $("#cancel-upload").hidden = false;
   try {
     for (const [i, file] of files.entries()) {
       const form = diarizeForm();
@@ -175,15 +202,20 @@ $("#submit").addEventListener("click", async () => {
       const which = files.length > 1 ? ` (${i + 1} of ${files.length})` : "";
       status.textContent = `uploading ${file.name}${which}…`;
       try {
+        if (submitCancelled) throw Object.assign(new Error("upload cancelled"), { cancelled: true });
         const job = await send("/jobs/diarize", form, (done) => {
           status.textContent = `uploading ${file.name}${which}: ${Math.floor(done * 100)} %`;
-        }, key);
+        }, key, (xhr) => { submitXhr = xhr; });
         keep(job, file);
       } catch (err) {
+        if (err.cancelled) {
+          unsent = files.slice(i);
+          break;
+        }
         errors.push(`${file.name}: ${err.message}`);
       }
     }
-    if (url) {
+    if (url && !submitCancelled) {
       // the worker fetches it (same limits and address policy as any job by URL); no audio to play
       const form = diarizeForm();
       form.append("file_url", url);
@@ -198,15 +230,22 @@ $("#submit").addEventListener("click", async () => {
   } finally {
     // every file's refusal, one a line (each replaced the one before: only the last was left)
     $("#submit-error").textContent = errors.join("\n");
-    status.textContent = "";
+    submitXhr = null;
+    $("#cancel-upload").hidden = true;
+    // a cancel says what was not sent; those files stay picked (Submit sends them), the ones
+    // sent before it are jobs as any
+    status.textContent = unsent ? `upload cancelled: ${unsent.map((f) => f.name).join(", ")} not sent` +
+      (url ? "; the URL not sent" : "") : "";
     submitting = false;
     // files chosen while these were sent are the next submit's: they were cleared with these,
     // without a word, and the user took them for sent
-    if (picks === pickedAt) {
+    if (picks !== pickedAt) {
+      pick(state.picked);
+    } else if (unsent) {
+      pick(unsent);
+    } else {
       pick([]);
       $("#files").value = "";
-    } else {
-      pick(state.picked);
     }
   }
   refreshRecent();
@@ -365,14 +404,20 @@ function forgetKeysJobs() {
     panel.answer.hidden = true;
   }
   chosen.clear();
-  for (const id of ["#submit-error", "#vp-error"]) $(id).textContent = "";
+  for (const id of ["#submit-error", "#vp-error", "#download-error"]) $(id).textContent = "";
   // the lists too, at once: the new key's come back in a request's time (seconds on a loaded
   // service), and meanwhile the previous key's rows took a "follow" or a "show" under the new key
   for (const id of ["#recent tbody", "#voiceprints tbody", "#id-voiceprints"]) $(id).replaceChildren();
 }
 
 async function cancel(jobId) {
-  try { await api(`/jobs/${jobId}/cancel`, { method: "POST" }); } catch (err) { $("#submit-error").textContent = err.message; }
+  try {
+    await api(`/jobs/${jobId}/cancel`, { method: "POST" });
+  } catch (err) {
+    // in the job's row, where "cancel" was clicked (the next reading of the job overwrites it)
+    const entry = state.jobs.get(jobId);
+    if (entry) entry.row.querySelector(".step").textContent = `cancel: ${err.message}`;
+  }
 }
 
 // --- the speaker timeline ----------------------------------------------------------------------
@@ -450,6 +495,7 @@ function showTimeline(entry, reveal = false) {
     delete audio.dataset.jobId;
   }
   $("#no-audio").hidden = Boolean(entry.file);
+  $("#download-error").textContent = "";
   $("#play-file").value = "";
   state.duration = duration;
   const timeline = $("#timeline");
@@ -682,18 +728,25 @@ document.querySelectorAll(".downloads button").forEach((button) => button.addEve
   const job = state.shown?.job;
   if (!job) return;
   const format = button.dataset.format;
+  const said = $("#download-error");
+  said.textContent = "";
   let blob;
   try {
     blob = format === "json"
       ? new Blob([JSON.stringify(job.result, null, 2)], { type: "application/json" })
       : await (await api(`/jobs/${job.job_id}/result?format=${format}`)).blob();
   } catch (err) {
-    $("#submit-error").textContent = err.message;
+    // beside the buttons: in the submit panel's error line, at the top of the page, it was out
+    // of sight of the timeline, and the click seemed to do nothing
+    if (state.shown?.job === job) said.textContent = `${format.toUpperCase()}: ${err.message}`;
     return;
   }
   const link = document.createElement("a");
   link.href = URL.createObjectURL(blob);
-  link.download = `${(job.filename || job.job_id).replace(/\.[^.]+$/, "")}.${format}`;
+  // a name that is only dots once its extension is off ("..wav") made ".srt", a hidden file the
+  // browser renamed "srt", with no extension: the job's id then
+  const stem = (job.filename || "").replace(/\.[^.]+$/, "");
+  link.download = `${/[^.\s]/.test(stem) ? stem : job.job_id}.${format}`;
   link.click();
   setTimeout(() => URL.revokeObjectURL(link.href), 1000);
 }));
