@@ -511,13 +511,19 @@ class Engine:
             if vector is not None:
                 vectors.append(vector)
                 weights.append(speech_s)
-        total = round(sum(per_file), 3)
+        # the speech the vector is made of: a file with too little to embed (under MIN_EMBEDDED_S)
+        # was counted too, so 19 clips of 0.3 s and one of 1 s passed the 3 s minimum (7.4 s
+        # detected) with a vector of 1.7 s of speech, and the voiceprint said 7.4 s
+        total = round(sum(weights), 3)
         needed = self.settings.voiceprint_min_speech_s
         if total < needed or not vectors:
             detected, least = shortfall(total, needed)
+            short = sum(1 for s in per_file if 0 < s < MIN_EMBEDDED_S)
             raise InputError(
-                f"too little speech for a voiceprint: {detected} s detected in {len(sources)} file(s), "
-                f"at least {least} s of the person speaking are needed (more gives a steadier voiceprint)"
+                f"too little speech for a voiceprint: {detected} s detected in {len(sources)} file(s)"
+                + (f" ({short} file(s) under {MIN_EMBEDDED_S} s of speech each, too little to embed, not counted)"
+                   if short else "")
+                + f", at least {least} s of the person speaking are needed (more gives a steadier voiceprint)"
             )
         mean = ident.unit(np.average(np.stack(vectors), axis=0, weights=np.asarray(weights)))
         # every file at 8 kHz or less: a telephone recording is matched against it at the

@@ -16,13 +16,18 @@ Each test fails on the code before its fix:
   both voiceprints named wrote its two speakers as "Alex" and "Alex" into its subtitles and RTTM,
   which give two people enrolled under one name names of their own (round 14). A label is now
   stored in NFC without the default-ignorable characters that change nothing drawn (joiners
-  inside Persian words and emoji sequences, variation selectors and a flag's tags are kept).
+  inside Persian words and emoji sequences, variation selectors and a flag's tags are kept);
+* an enrolment counted toward its 3 s minimum the speech of files too short to embed (under
+  0.5 s of speech each), which the voiceprint is not made of: 19 clips of 0.3 s of a reader and
+  one of 1 s were stored (201) as a voiceprint of "7.4 s" of speech, its vector made of 1.7 s.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import unicodedata
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -153,3 +158,45 @@ def test_two_speakers_named_by_labels_that_show_alike_are_told_apart_in_the_file
             assert r.status_code == 200, r.text
             seen = {_as_seen(who) for *_, who in read(r.text)}
             assert len(seen) == 2, (fmt, [ascii(s) for s in seen])
+
+
+# --- an enrolment's speech is the speech its vector is made of -------------------------------------
+
+LIBRISPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech" / "librispeech-train-clean"
+
+
+def _clips(reader: str, spans: list[tuple[float, float]]) -> list[tuple[str, bytes, str]]:
+    """WAV files of a reader's speech (its utterance, silence trimmed) between ``spans`` (start,
+    length in seconds), each with half a second of silence either side."""
+    import soundfile as sf
+
+    from engine.audio import load_audio
+    from evaluation.speech import trim_silence
+
+    (path,) = LIBRISPEECH.glob(f"{reader}-*.ogg")
+    speech = trim_silence(load_audio(path).float32()).astype(np.float32)
+    pause = np.zeros(8000, dtype=np.float32)
+    files = []
+    for n, (start, length) in enumerate(spans):
+        piece = speech[int(start * 16000): int((start + length) * 16000)]
+        buf = io.BytesIO()
+        sf.write(buf, np.concatenate([pause, piece, pause]), 16000, format="WAV", subtype="PCM_16")
+        files.append((f"clip{n:02d}.wav", buf.getvalue(), "audio/wav"))
+    return files
+
+
+def test_speech_too_short_to_embed_does_not_count_toward_an_enrolment(client) -> None:
+    """19 clips of 0.3 s (each heard as 0 to 0.56 s of speech, all but one too little to embed)
+    and one of 1 s: 7.4 s of speech detected, 1.7 s embedded. Before: 201, a voiceprint whose
+    ``speech_seconds`` said 7.4."""
+    files = _clips("103", [(0.5 + n * 0.6, 0.3) for n in range(19)] + [(12.0, 1.0)])
+    before = {vp["id"] for vp in client.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]}
+    r = client.post("/voiceprints", files=[("files", f) for f in files], data={"label": "Clipped R17"})
+    if r.status_code == 201:
+        client.delete(f"/voiceprints/{r.json()['id']}")
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error_type"] == "ValidationError" and "too little speech" in body["detail"], body
+    assert "too little to embed, not counted" in body["detail"], body
+    after = {vp["id"] for vp in client.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]}
+    assert after == before
