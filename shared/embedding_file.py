@@ -290,7 +290,24 @@ def _json_int(text: str) -> float:
     return float(int(text))
 
 
-def _from_json(data: bytes) -> Any:
+# Commas a JSON embedding may hold: a vector of ``dimension`` numbers has dimension - 1, and a
+# voiceprint document besides a few keys and a label of at most 200 characters. Counted before it
+# is parsed: 500,000 zeros in 1 MB ("[0,0,...]") held the GIL, and so every request of the API,
+# 0.5-0.6 s while json read them one Python call each, only to be refused as not 192 values.
+_COMMAS_BESIDES = 256
+
+
+def check_json_size(data: bytes, dimension: int) -> None:
+    """Refuse, from a count of its commas (nothing parsed), JSON holding far more values than a
+    vector of ``dimension`` numbers and a voiceprint's few fields."""
+    most = 2 * dimension + _COMMAS_BESIDES
+    if data.count(b",") > most:
+        raise InputError(f"embedding JSON holds far more values than a vector of {dimension} numbers "
+                         f"(over {most} commas)")
+
+
+def _from_json(data: bytes, dimension: int) -> Any:
+    check_json_size(data, dimension)
     try:
         obj = json.loads(data.decode("utf-8-sig"), parse_int=_json_int)
     # RecursionError: deeply nested brackets
@@ -371,7 +388,7 @@ def load_embedding(data: bytes, filename: str | None = None, *, dimension: int =
     # JSON may come with a UTF-8 byte-order mark or leading whitespace
     stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()
     if stripped[:1] in (b"[", b"{"):
-        return _to_vector(_from_json(data), dimension)
+        return _to_vector(_from_json(data, dimension), dimension)
     if not allow_pickle:
         raise InputError(f"{label} is neither .npy nor JSON (pickles are not accepted here)")
     # protocol 2+ pickles start with PROTO (\x80); protocols 0 and 1 have no header at all, so

@@ -518,6 +518,10 @@ class Imported:
     narrowband: bool | None = None
 
 
+# the largest "dimension" an imported document may declare (refused afterwards unless the model's)
+_MAX_DIMENSION = 4096
+
+
 def parse_import(data: bytes, filename: str | None, *, label: str | None, model: str | None,
                  expected: EmbeddingModel) -> Imported:
     """An uploaded voiceprint: our JSON export (label, model and dimension inside) or a bare
@@ -525,13 +529,15 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
 
     Never a pickle: a voiceprint is data, and pickles are code.
     """
-    from shared.embedding_file import MAX_EMBEDDING_BYTES, load_embedding
+    from shared.embedding_file import MAX_EMBEDDING_BYTES, check_json_size, load_embedding
 
     if len(data) > MAX_EMBEDDING_BYTES:
         raise InputError(f"file is {len(data)} bytes; the limit is {MAX_EMBEDDING_BYTES}")
     document: dict[str, Any] = {}
     stripped = data.removeprefix(b"\xef\xbb\xbf").lstrip()
     if stripped[:1] == b"{":
+        # the most values a document may name (its "dimension", below), counted before parsing
+        check_json_size(stripped, _MAX_DIMENSION)
         try:
             document = json.loads(stripped.decode("utf-8"), parse_int=_small_int, object_pairs_hook=_unique_keys)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -546,7 +552,7 @@ def parse_import(data: bytes, filename: str | None, *, label: str | None, model:
             shown = repr(named[:80]) if isinstance(named, str) else "not a string"
             raise InputError(f"format: {shown} is not a voiceprint format this service reads ({FORMAT!r})")
     dimension = document.get("dimension", expected.dimension)
-    if not isinstance(dimension, int) or isinstance(dimension, bool) or not 1 <= dimension <= 4096:
+    if not isinstance(dimension, int) or isinstance(dimension, bool) or not 1 <= dimension <= _MAX_DIMENSION:
         raise InputError("dimension: must be a whole number of values")
     # load_embedding detects the format from the content; allow_pickle=False refuses pickles
     vector = load_embedding(data, filename, dimension=dimension, allow_pickle=False)

@@ -19,7 +19,11 @@ Each test fails on the code before its fix:
   inside Persian words and emoji sequences, variation selectors and a flag's tags are kept);
 * an enrolment counted toward its 3 s minimum the speech of files too short to embed (under
   0.5 s of speech each), which the voiceprint is not made of: 19 clips of 0.3 s of a reader and
-  one of 1 s were stored (201) as a voiceprint of "7.4 s" of speech, its vector made of 1.7 s.
+  one of 1 s were stored (201) as a voiceprint of "7.4 s" of speech, its vector made of 1.7 s;
+* a JSON embedding (an import, ``compare_embedding``'s file) of 1 MB holding 500,000 zeros, or a
+  document of 90,000 keys, was parsed whole, a Python call per number, holding the GIL and with
+  it every request of the API 0.5-0.6 s on this machine, to be refused afterwards as not 192
+  values; it is now refused from a count of its commas, before any parsing.
 """
 
 from __future__ import annotations
@@ -200,3 +204,47 @@ def test_speech_too_short_to_embed_does_not_count_toward_an_enrolment(client) ->
     assert "too little to embed, not counted" in body["detail"], body
     after = {vp["id"] for vp in client.get("/voiceprints", params={"limit": 1000}).json()["voiceprints"]}
     assert after == before
+
+
+# --- a JSON embedding of far too many values is refused before it is parsed -----------------------
+
+_ZEROS = b"[" + b"0," * 500_000 + b"0]"
+_KEYS = b"{" + b",".join(b'"k%d":0' % i for i in range(90_000)) + b"}"
+
+
+@pytest.mark.parametrize("data", [_ZEROS, _KEYS], ids=["zeros", "keys"])
+def test_a_json_embedding_of_far_too_many_values_is_refused_before_it_is_parsed(bare_api, own_settings,
+                                                                                  data) -> None:
+    """Before: the same 422 after the whole file was parsed ("stored embedding has shape
+    (500001,)", "has no embedding field"); the message now says it was counted, not read."""
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(own_settings).name
+    assert len(data) <= 1024 * 1024
+    for r in (bare_api.post("/voiceprints/import", headers=A, data={"label": "Zeros", "model": model},
+                            files={"file": ("v.json", data, "application/json")}),
+              bare_api.post("/jobs/compare_embedding", headers=A,
+                            files={"audio": ("a.wav", b"RIFF"), "embedding": ("e.json", data, "application/json")})):
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["error_type"] == "ValidationError" and "far more values" in body["detail"], body
+    assert bare_api.get("/voiceprints", headers=A).json()["count"] == 0
+
+
+def test_an_export_and_a_pretty_printed_vector_are_still_read(bare_api, own_settings) -> None:
+    """What the count must let through: an export, written back indented, with a label of 200
+    commas; a vector indented one number a line."""
+    from shared.voiceprints import embedding_model
+
+    model = embedding_model(own_settings).name
+    r = _import(bare_api, A, "," * 199 + "A", 3, model)
+    assert r.status_code == 201, r.text
+    exported = bare_api.get(f"/voiceprints/{r.json()['id']}/export", headers=A).json()
+    again = bare_api.post("/voiceprints/import", headers=A,
+                          files={"file": ("v.json", json.dumps(exported, indent=2).encode(), "application/json")})
+    assert again.status_code == 201 and again.json()["label"] == "," * 199 + "A", again.text
+    bare = bare_api.post("/voiceprints/import", headers=A, data={"label": "Indented", "model": model},
+                         files={"file": ("v.json", json.dumps(_vector(4), indent=4).encode(), "application/json")})
+    assert bare.status_code == 201, bare.text
+    for voiceprint_id in (r.json()["id"], again.json()["id"], bare.json()["id"]):
+        assert bare_api.delete(f"/voiceprints/{voiceprint_id}", headers=A).status_code == 204
