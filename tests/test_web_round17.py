@@ -122,9 +122,10 @@ def test_a_days_turns_are_drawn_without_freezing_the_page(web, store, browser) -
     one element per turn, every one placed again at each step of the zoom: in this chromium the
     timeline took 7.5 s to show and each zoom step 1.7 s, the page frozen meanwhile (measured with
     performance.now(); the timings are printed, not asserted). Now the turns in view (and half a
-    view either side) are drawn, a speaker's turns less than a pixel apart as one bar: the bars
-    drawn are bounded by the pixels in view, and every turn in view still lies within one of its
-    speaker's bars, at any zoom and scroll."""
+    view either side) are drawn, and a speaker with more of them there than one per 4 px has those
+    less than a pixel apart drawn as one bar: the bars drawn are bounded by the pixels in view,
+    and every turn in view still lies within one of its speaker's bars, at any zoom and scroll;
+    zoomed in, each turn is a bar of its own again."""
     seconds = 8 * 3600.0
     result = _result(100_000, 30, seconds)
     job_id = _submit(web, "all-day-call-centre.wav")
@@ -154,6 +155,7 @@ def test_a_days_turns_are_drawn_without_freezing_the_page(web, store, browser) -
     }""", timeout=10_000)
     drawn = page.evaluate(UNDRAWN, result)
     assert drawn["checked"] > 500 and drawn["missing"] == [], drawn
+    assert page.query_selector("#timeline .turn[data-turns]") is None  # one bar a turn
     print(f"\n100,000 turns: shown in {shown_ms:.0f} ms, a zoom step {steps:.0f} ms, {drawn['bars']} bars at zoom 40")
     assert page.errors == []
     page.close()
