@@ -895,7 +895,9 @@ def _own_decoder(stream) -> Any | None:
     FFmpeg lacks the other)."""
     import av
 
-    name = _DTX_DECODERS.get(stream.codec_context.name)
+    # no codec context at all where FFmpeg knows no decoder for the stream (an MP4 track of an
+    # unknown sample entry): decoded, as before, into no samples (415)
+    name = _DTX_DECODERS.get(getattr(stream.codec_context, "name", None) or "")
     if name is None:
         return None
     try:

@@ -129,6 +129,19 @@ def test_amr_wb_frames_are_counted_as_ffmpeg_reads_them() -> None:
     assert load_audio(data, reject_silence=False).duration == pytest.approx(14.0)
 
 
+def test_a_stream_without_a_decoder_is_still_a_415_not_a_500(client) -> None:
+    """An MP4 cut off before its sample description: FFmpeg opens an audio stream it has no
+    codec context for, which the header check leaves unread (None) and the decoder answers for.
+    Choosing AMR's decoder read the missing context's name: AttributeError, a job failed as an
+    internal error (500), where it had failed as "audio stream holds no samples" (415)."""
+    whole = encode(_tone(4.0, 16000), 16000, container="mp4", codec="aac")
+    cut = whole[: whole.find(b"stsd") - 4]
+    with pytest.raises(AudioDecodeError, match="holds no samples"):
+        load_audio(cut)
+    error = failed_job_error(client, "/jobs/embedding", {"file": ("cut.m4a", cut, "audio/mp4")})
+    assert error["status_code"] == 415, error
+
+
 def test_a_synchronous_call_takes_an_amr_call_with_dtx_whole(variant_app, utterances) -> None:
     """Through the API (its synchronous limit at 60 s) and the session's real worker: the 31.2 s
     DTX call was refused at submit (413, "audio is 109 s long"); now it is embedded whole."""
