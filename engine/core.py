@@ -505,12 +505,15 @@ class Engine:
         for n, source in enumerate(sources):
             audio = self.load(source, f"file {n + 1} of {len(sources)}" if len(sources) > 1 else None)
             duration += audio.duration
-            narrowband = narrowband and audio.narrowband
             vector, speech_s = self.speech_vector(audio)
             per_file.append(speech_s)
             if vector is not None:
                 vectors.append(vector)
                 weights.append(speech_s)
+                # of the files the vector is made of: a microphone clip too short to embed beside
+                # telephone calls made a voiceprint of calls alone a microphone one, matched at
+                # the default threshold that names nearly every caller over the line
+                narrowband = narrowband and audio.narrowband
         # the speech the vector is made of: a file with too little to embed (under MIN_EMBEDDED_S)
         # was counted too, so 19 clips of 0.3 s and one of 1 s passed the 3 s minimum (7.4 s
         # detected) with a vector of 1.7 s of speech, and the voiceprint said 7.4 s
