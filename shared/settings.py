@@ -254,6 +254,10 @@ class Settings(BaseSettings):
     # how long a delivery deferred for its tenant's cap waits before it looks again (between half
     # and the whole of this, so deferred deliveries do not all come back at once)
     webhook_tenant_defer_s: float = Field(1.0, gt=0.0)
+    # how often, per slot of its cap, a tenant's deferred deliveries look again in all each
+    # webhook_tenant_defer_s: past cap x this many deferred, each one's wait grows with their
+    # number, so the worker does not spend itself (and every other tenant's wait) on deferrals
+    webhook_tenant_defer_looks: float = Field(8.0, gt=0.0)
     # how often a synchronous request polls its job record while waiting
     sync_poll_interval_s: float = 0.05
     # a synchronous call (/diarize, ..., POST /voiceprints) made while no worker that can run it

@@ -9,7 +9,10 @@
   hostname) wrote one heartbeat record: /health listed one, and the stop of either removed it;
 * ``audio-analysis up`` stopped everything, the API included, the first time one of its workers
   exited (the OOM killer; a worker ending itself with status 1 after its pool processes died
-  loading the models, so that compose or k8s start it again): it now starts the worker again.
+  loading the models, so that compose or k8s start it again): it now starts the worker again;
+* a tenant with many deliveries over its cap (its receivers hang): each deferred delivery came
+  back every second, 1,000 of them 1,000 times a second, more than the worker could take, and
+  every other tenant's delivery waited in line behind them (the cap's promise undone by scale).
 """
 
 from __future__ import annotations
@@ -225,3 +228,62 @@ def test_up_gives_up_on_a_child_that_keeps_exiting_at_once(tmp_path):
         assert not stack.watch(said.append) and said == ["redis exited with 0; stopping"], said
     finally:
         stack.stop()
+
+
+def test_a_tenants_thousand_deferred_deliveries_leave_another_tenants_prompt(service_env, settings, tmp_path_factory):
+    """A webhook worker of 2 threads (cap 1 a tenant), tenant A's 1,000 finished jobs owed to
+    receivers that take the connection and never answer (an endpoint in an outage), then tenant
+    B's one delivery. Each of A's deferred deliveries came back every 0.5-1 s: the worker ran
+    about 1,300 deferrals a second's worth of messages, far more than it could, and B's message
+    waited behind them (measured: 28.8 s behind 2,000, 2.7 s behind 400, 0.1 s behind 10). Now A's
+    deferred deliveries wait longer the more of them there are; B's must arrive within 6 s, and
+    none of A's is dropped or counted as an attempt."""
+    from cli.launcher import Stack
+    from shared.jobs import CANCELLED, JobRecord, JobStore, new_job_id
+    from shared.queue import WEBHOOK_TASK, make_celery, queue_keys
+
+    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "webhook_queue_name": HOOKS})
+    store = JobStore.from_settings(mine)
+    receivers = _Receivers()
+    stack = Stack(log_dir=tmp_path_factory.mktemp("r17-defer"))
+    celery = make_celery(mine)
+
+    def owed(owner: str, path: str) -> str:
+        job_id = new_job_id()
+        store.create_queued(JobRecord(job_id=job_id, kind="embedding", status="queued", owner=owner,
+                                      webhook_url=receivers.url(path)))
+        store.confirm_queued([job_id])
+        store.finish(job_id, CANCELLED, notify=True)
+        celery.send_task(WEBHOOK_TASK, args=(job_id,), queue=HOOKS)
+        return job_id
+
+    try:
+        stack.start_worker(queues=[HOOKS], name="r17defer", pool="threads", concurrency=2, env={
+            "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": HOOKS,
+            "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false", "AUDIO_ANALYSIS_WEBHOOK_DEADLINE_S": "60",
+            "AUDIO_ANALYSIS_WEBHOOK_TIMEOUT_S": "60"})
+        log = lambda: (stack.log_dir / "r17defer.log").read_text(errors="replace")[-3000:]  # noqa: E731
+        assert stack.wait_for_queues(mine, [HOOKS], 90), log()
+        hanging = [owed("tenant-a", f"/hang/{n}") for n in range(1000)]
+        due_key = store.key("webhooks", "due")
+        owed_at = store.redis.zmscore(due_key, hanging)
+        _wait(lambda: receivers.waiting >= 1, 30, log)
+        # every one of A's deliveries has been taken and deferred once (a deferral pushes its due
+        # time on): B's message does not queue behind A's first looks, only behind their next ones
+        _wait(lambda: sum(a != b for a, b in zip(owed_at, store.redis.zmscore(due_key, hanging))) >= 999,
+              120, log)
+        sent = time.monotonic()
+        owed("tenant-b", "/prompt")
+        took = _wait(lambda: receivers.for_path("/prompt"), 60, "B's delivery never arrived")
+        print(f"\nB's delivery arrived {took:.2f} s after it was sent, behind 1,000 deferred deliveries of A")
+        assert took < 6.0, took
+        # A holds its one slot, and every other delivery of A's is still owed, at no attempt
+        assert receivers.most_waiting == 1
+        records = store.get_many(hanging)
+        assert sum(1 for r in records if r.webhook.attempts == 0) >= 999, [r.webhook for r in records[:3]]
+        assert all(store.webhook_due_at(j) is not None for j in hanging)
+    finally:
+        receivers.close()
+        stack.stop()
+        celery.close()
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(HOOKS))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 import uuid
 from contextlib import ExitStack
@@ -716,7 +715,7 @@ def deliver_webhook(self: Task, job_id: str) -> dict[str, Any]:
         if cap is not None and not self.request.is_eager:
             slots = webhook_share.TenantSlots(jobs, record.owner)
             if not slots.take(self.request.id, cap, jobs.webhook_grace_s()):
-                raise _defer(self, jobs, job_id)
+                raise _defer(self, jobs, job_id, slots, cap)
         # recorded before the POST: a worker killed during it still counts the attempt (the next
         # says it is the next, and the retries stay bounded however often that happens)
         jobs.webhook_due(job_id, jobs.webhook_grace_s())
@@ -774,13 +773,17 @@ def _give_back(slots: webhook_share.TenantSlots, task_id: str) -> None:
         log.warning("webhook delivery %s: its tenant slot was not given back (%s)", task_id, exc)
 
 
-def _defer(task: Task, jobs: JobStore, job_id: str) -> Exception:
+def _defer(task: Task, jobs: JobStore, job_id: str, slots: webhook_share.TenantSlots, cap: int) -> Exception:
     """Send this delivery again after a short countdown, as it is: its tenant holds all of its
     slots. Not an attempt (the retry count travels unchanged, nothing is recorded but the due
     time), and never dropped: the due time is pushed past the countdown first, so a worker killed
-    while it holds the deferred message leaves it past due, for the recovery pass to send again."""
-    countdown = settings.webhook_tenant_defer_s * random.uniform(0.5, 1.0)
+    while it holds the deferred message leaves it past due, for the recovery pass to send again.
+    The countdown grows with the tenant's deferred deliveries (webhook_share.defer_countdown), so
+    however many wait, they come back a bounded number of times a second."""
+    countdown = webhook_share.defer_countdown(settings.webhook_tenant_defer_s, slots.waiting + 1, cap,
+                                              settings.webhook_tenant_defer_looks)
     jobs.webhook_due(job_id, countdown + jobs.webhook_grace_s())
+    slots.wait(task.request.id, countdown + jobs.webhook_grace_s())
     again = task.signature_from_request(task.request, countdown=countdown, retries=task.request.retries)
     try:
         again.apply_async()

@@ -21,6 +21,7 @@ service without API keys) are one tenant.
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 from celery import signals
@@ -56,21 +57,46 @@ def tenant_cap(configured: int | None, threads: int | None = None) -> int | None
 
 
 # expired slots dropped first (a killed worker's), then this delivery's slot taken (or kept: its
-# own retry, or a copy of its message, already holds it) while the tenant holds under the cap. The
-# key lives as long as its latest slot, so an idle tenant leaves nothing behind.
+# own retry, or a copy of its message, already holds it) while the tenant holds under the cap, and
+# its entry among the tenant's deferred deliveries dropped. Refused, it answers how many of the
+# tenant's deliveries wait deferred (expired entries dropped first). The keys live as long as
+# their latest entry, so an idle tenant leaves nothing behind.
 _TAKE = """
-local key, member = KEYS[1], ARGV[1]
+local key, waiting, member = KEYS[1], KEYS[2], ARGV[1]
 local now, lapses, cap = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
 if not redis.call('ZSCORE', key, member) and redis.call('ZCARD', key) >= cap then
-  return 0
+  redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now)
+  return {0, redis.call('ZCARD', waiting)}
 end
 redis.call('ZADD', key, lapses, member)
 local ttl = redis.call('PTTL', key)
 local wanted = math.ceil((lapses - now) * 1000)
 if ttl < wanted then redis.call('PEXPIRE', key, wanted) end
+redis.call('ZREM', waiting, member)
+return {1, 0}
+"""
+
+_WAIT = """
+local waiting, member, now, lapses = KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZADD', waiting, lapses, member)
+local ttl = redis.call('PTTL', waiting)
+local wanted = math.ceil((lapses - now) * 1000)
+if ttl < wanted then redis.call('PEXPIRE', waiting, wanted) end
 return 1
 """
+
+
+def defer_countdown(defer_s: float, waiting: int, cap: int, looks: float) -> float:
+    """How long a delivery deferred for its tenant's cap waits before it looks again: between half
+    and the whole of ``defer_s``, times the tenant's deferred deliveries (``waiting``, this one
+    included) over ``cap`` x ``looks``, when more. So the tenant's deferred deliveries look again
+    about ``cap`` x ``looks`` / ``defer_s`` times a second in all, however many wait. At a fixed
+    second each, a tenant's 2,000 deliveries to receivers that hang came back 2,000 times a second,
+    more than a 2-thread worker could take: every other tenant's delivery queued behind them
+    (28.8 s; 0.1 s behind 10), and the worker did nothing but defer."""
+    spread = max(1.0, waiting / max(1.0, cap * looks))
+    return defer_s * random.uniform(0.5, 1.0) * spread
 
 
 class TenantSlots:
@@ -79,12 +105,23 @@ class TenantSlots:
     def __init__(self, jobs: JobStore, owner: str | None) -> None:
         self.jobs = jobs
         self.key = jobs.key("webhooks", "in-flight", owner or "-")
+        self.waiting_key = jobs.key("webhooks", "deferred", owner or "-")
+        self.waiting = 0  # the tenant's deferred deliveries, as the last refused take() saw them
 
     def take(self, member: str, cap: int, hold_s: float) -> bool:
         """Take (or keep) ``member``'s slot for ``hold_s`` seconds; False when the tenant already
-        holds ``cap`` others."""
+        holds ``cap`` others (``waiting`` then says how many of its deliveries wait deferred)."""
         now = self.jobs.clock()
-        return bool(self.jobs.redis.eval(_TAKE, 1, self.key, member, now, now + hold_s, max(1, math.floor(cap))))
+        taken, waiting = self.jobs.redis.eval(_TAKE, 2, self.key, self.waiting_key, member, now, now + hold_s,
+                                              max(1, math.floor(cap)))
+        self.waiting = int(waiting)
+        return bool(taken)
+
+    def wait(self, member: str, hold_s: float) -> None:
+        """Count ``member`` among the tenant's deferred deliveries for ``hold_s`` seconds (its
+        countdown and a margin: a worker killed while holding it leaves it only till then)."""
+        now = self.jobs.clock()
+        self.jobs.redis.eval(_WAIT, 1, self.waiting_key, member, now, now + hold_s)
 
     def give_back(self, member: str) -> None:
         self.jobs.redis.zrem(self.key, member)
