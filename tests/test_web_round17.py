@@ -296,3 +296,28 @@ def test_a_failed_download_is_said_beside_the_download_buttons(web, store, brows
     assert page.inner_text("#submit-error") == ""
     assert page.errors == []
     page.close()
+
+
+def test_each_jobs_buttons_are_named_for_a_screen_reader(web, store, browser) -> None:  # noqa: F811
+    """A screen reader in "This session's jobs" (rows of a grid, no table to give a button its
+    context): before, a batch's rows were so many buttons all read as "cancel" and as "show", and
+    Recent jobs' as "follow" and "show", with nothing to tell whose; the progress bars were not
+    read at all. Now each is named after its job (file, and for Recent when it was sent)."""
+    open_id = _submit(web, "standup-monday.wav")
+    done_id = _submit(web, "standup-tuesday.wav")
+    _succeed(store, done_id, _result(10, 2, 30.0))
+    page = keyed_page(browser, web, KEY)
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{open_id}'] button.follow")
+    created = {j["job_id"]: j["created_at"].replace("T", " ")[:19] for j in httpx.get(
+        f"{web}/jobs?limit=100", headers={"X-API-Key": KEY}, timeout=10).json()["jobs"]}
+    recent = page.locator("#recent")
+    recent.get_by_role("button", name=f"follow standup-monday.wav of {created[open_id]}", exact=True).click()
+    recent.get_by_role("button", name=f"show standup-tuesday.wav of {created[done_id]}", exact=True).click()
+    page.wait_for_selector("#timeline .lane")
+    jobs = page.locator("#jobs")
+    jobs.get_by_role("button", name="cancel standup-monday.wav", exact=True).wait_for()
+    bar = jobs.get_by_role("progressbar", name="standup-monday.wav", exact=True)
+    assert bar.get_attribute("aria-valuenow") == "0"
+    assert page.get_by_role("button", name="download RTTM", exact=True).count() == 1
+    assert page.errors == []
+    page.close()

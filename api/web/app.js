@@ -286,9 +286,15 @@ function track(job, file, restored = false, name = null) {
   const row = document.createElement("div");
   row.className = "job";
   row.dataset.jobId = job.job_id;
-  row.innerHTML = `<span class="name"></span><span class="step"></span><div class="bar"><div></div></div>
+  row.innerHTML = `<span class="name"></span><span class="step"></span><div class="bar" role="progressbar"><div></div></div>
     <span><button type="button" class="cancel">cancel</button> <button type="button" class="show" hidden>show</button></span>`;
-  row.querySelector(".name").textContent = name || job.filename || job.job_id;
+  const called = name || job.filename || job.job_id;
+  row.querySelector(".name").textContent = called;
+  // each button and bar named after its job for a screen reader: the rows are no table, and a
+  // batch's were twenty buttons all read as "cancel", twenty as "show"
+  row.querySelector(".cancel").setAttribute("aria-label", `cancel ${called}`);
+  row.querySelector(".show").setAttribute("aria-label", `show ${called}`);
+  row.querySelector(".bar").setAttribute("aria-label", called);
   row.querySelector(".cancel").addEventListener("click", () => cancel(job.job_id));
   row.querySelector(".show").addEventListener("click", () => show(state.jobs.get(job.job_id), true));
   $("#jobs").prepend(row);
@@ -361,7 +367,9 @@ function render({ job, row, name }) {
   const step = stepText(job);
   row.querySelector(".step").textContent = step;
   updateRecentRow(job);
-  row.querySelector(".bar > div").style.width = `${TERMINAL.has(job.status) ? 100 : job.progress * 100}%`;
+  const done = TERMINAL.has(job.status) ? 100 : Math.round(job.progress * 100);
+  row.querySelector(".bar > div").style.width = `${done}%`;
+  row.querySelector(".bar").setAttribute("aria-valuenow", String(done));
   row.querySelector(".cancel").hidden = TERMINAL.has(job.status);
   row.querySelector(".show").hidden = job.status !== "succeeded" || !(job.kind in VIEWS);
   const panel = PANELS[job.kind];
@@ -993,6 +1001,10 @@ function jobRow(job) {
   return tr;
 }
 
+// a Recent row's job as its buttons are named for a screen reader: its file (or id) and when
+// it was submitted, since one file may be sent twice
+const jobCalled = (job) => `${job.filename || job.job_id} of ${job.created_at.replace("T", " ").slice(0, 19)}`;
+
 // The listing a row was last filled from: what "follow" starts from
 const rowJobs = new WeakMap();
 
@@ -1017,6 +1029,7 @@ function fillJobRow(tr, job) {
       button.type = "button";
       button.className = "small follow";
       button.textContent = "follow";
+      button.setAttribute("aria-label", `follow ${jobCalled(job)}`);
       button.addEventListener("click", () => { button.remove(); track(rowJobs.get(tr), null); });
       cells[4].appendChild(button);
     }
@@ -1028,6 +1041,7 @@ function fillJobRow(tr, job) {
     button.type = "button";
     button.className = "small show";
     button.textContent = "show";
+    button.setAttribute("aria-label", `show ${jobCalled(job)}`);
     // the list carries no results (GET /jobs is a summary): the record is fetched when shown
     button.addEventListener("click", async () => {
       const entry = state.jobs.get(job.job_id);
@@ -1095,6 +1109,7 @@ function voiceprintRow(vp) {
   button.type = "button";
   button.className = "small";
   button.textContent = "delete";
+  button.setAttribute("aria-label", `delete the voiceprint of ${vp.label}`);
   button.addEventListener("click", async () => {
     // deleting cannot be undone (enrolling again needs the recordings): one stray click took a
     // person out of every identification
