@@ -30,6 +30,13 @@ def out_of_room(exc: BaseException) -> bool:
     """Whether ``exc`` says a disk had no room left (ENOSPC, or a quota's EDQUOT): the service's
     state, answered 507 by the API (an upload) and by the worker (a fetched or copied file)."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def refused_by_storage(exc: BaseException) -> bool:
+    """Whether ``exc`` says a disk refused the service's own file (a volume mounted or turned
+    read-only: EROFS; no permission: EACCES, EPERM): the service's state, as the API answers an
+    upload so refused (503), never the caller's doing nor an internal error."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,9 @@
   loading the models, so that compose or k8s start it again): it now starts the worker again;
 * a tenant with many deliveries over its cap (its receivers hang): each deferred delivery came
   back every second, 1,000 of them 1,000 times a second, more than the worker could take, and
-  every other tenant's delivery waited in line behind them (the cap's promise undone by scale).
+  every other tenant's delivery waited in line behind them (the cap's promise undone by scale);
+* a worker whose storage refuses writes (a volume read-only) failed a ``file_url`` job as an
+  "internal error" (500), for good, where the API answers an upload so refused 503.
 """
 
 from __future__ import annotations
@@ -287,3 +289,58 @@ def test_a_tenants_thousand_deferred_deliveries_leave_another_tenants_prompt(ser
         stack.stop()
         celery.close()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(HOOKS))
+
+
+def test_a_worker_whose_storage_is_read_only_fails_a_fetched_job_as_the_services_state(
+        service_env, settings, media_server, utterances, tmp_path_factory):
+    """A job worker whose storage volume is mounted read-only (its own mount namespace here:
+    ``unshare --mount``, a read-only bind mount of the storage folder) takes a ``file_url`` job:
+    the fetch cannot write the file. The job failed at once, "internal error while processing the
+    job" with status 500: a bug for the client, and a job lost for the service's state. It now goes
+    back to the queue as a lost attempt (another worker may have its storage) and, past
+    ``job_max_attempts``, fails 503 saying why and to submit it again."""
+    import os
+    import shutil
+
+    import pytest
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack
+    from shared.jobs import JobStore
+    from shared.queue import queue_keys
+
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root to mount a folder read-only")
+    queue = "audio-r17-ro"
+    storage = tmp_path_factory.mktemp("r17-ro-storage")
+    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue, "storage_dir": storage})
+    store = JobStore.from_settings(mine)
+    stack = Stack(log_dir=tmp_path_factory.mktemp("r17-ro"))
+    url = media_server.file("/r17/ro.wav", utterances["spk1"][0].read_bytes(), content_type="audio/wav")
+    worker = " ".join([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
+                       "--concurrency", "1", "-Q", queue, "-n", "r17ro@%h", "--loglevel", "INFO",
+                       "--without-gossip", "--without-mingle"])
+    try:
+        stack.spawn("r17ro", [unshare, "--mount", "sh", "-c",
+                              f'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec {worker}', str(storage)],
+                    env={"AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": queue,
+                         "AUDIO_ANALYSIS_STORAGE_DIR": str(storage), "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
+                         "PYTHONPATH": os.getcwd()})
+        log = lambda: (stack.log_dir / "r17ro.log").read_text(errors="replace")[-3000:]  # noqa: E731
+        assert stack.wait_for_queues(mine, [queue], 90), log()
+        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
+            r = api.post("/jobs/embedding", data={"file_url": url})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            _wait(lambda: api.get(f"/jobs/{job_id}").json()["status"] in ("succeeded", "failed"), 90, log)
+            record = api.get(f"/jobs/{job_id}").json()
+        assert record["status"] == "failed", record
+        error = record["error"]
+        assert error["status_code"] == 503, (error, log())
+        assert "storage refused" in error["detail"] and "submit it again" in error["detail"], error
+        assert record["attempts"] == settings.job_max_attempts, record
+    finally:
+        stack.stop()
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue))

@@ -33,7 +33,7 @@ from shared.kinds import KINDS, FileField, JobKind, Params
 from shared.probe_sandbox import SandboxUnavailable
 from shared.queue import WEBHOOK_TASK, send_job
 from shared.settings import get_settings
-from shared.storage import Storage, get_storage, out_of_room
+from shared.storage import Storage, get_storage, out_of_room, refused_by_storage
 from shared.url_input import DOWNLOAD_STEP, fetch_audio
 from worker import lifecycle, telemetry, webhook_share
 from worker.celery_app import app
@@ -384,6 +384,16 @@ def _run_leased(
             log.error("job %s: the worker's storage is full: %s", job_id, exc)
             outcome = (FAILED, None, ProcessingError("the worker's storage is full; submit the job again later",
                                                      status_code=507))
+        elif refused_by_storage(exc):
+            # the worker's storage refused the job's file (a volume read-only, no permission): a
+            # fetched file_url failed as "internal error" (500), lost for good, for the service's
+            # state. Another worker (or this one, fixed) may have the room: back to the queue as
+            # a lost attempt, and past the attempts a 503 that says so (as the API's for uploads)
+            log.error("job %s: the worker's storage refused a write: %s", job_id, exc)
+            outcome = _short_of(jobs, running, attempt, "the worker's storage refused the job's file "
+                                "(read-only, or no permission)")
+            if outcome is None:
+                return {"job_id": job_id, "status": QUEUED}
         elif _out_of_device_memory(exc):
             # the card's memory was taken when the job needed it (workers sharing a card, a
             # neighbour's peak)
