@@ -321,3 +321,27 @@ def test_each_jobs_buttons_are_named_for_a_screen_reader(web, store, browser) ->
     assert page.get_by_role("button", name="download RTTM", exact=True).count() == 1
     assert page.errors == []
     page.close()
+
+
+def test_back_from_the_api_docs_keeps_what_was_chosen_submittable(web, browser, tmp_path) -> None:  # noqa: F811
+    """Files chosen and a URL typed, then "API docs" and back: the browser puts the files and the
+    URL back in their fields. Before, the page took them for nothing picked: the files were not
+    listed and Submit stayed off, with the URL in its field. Now they are listed and sent."""
+    recording = tmp_path / "town-hall.wav"
+    recording.write_bytes(tone_wav())
+    page = keyed_page(browser, web, KEY)
+    page.set_input_files("#files", str(recording))
+    page.fill("#audio-url", "https://media.example.org/town-hall-2.wav")
+    page.click("a[href='/docs']")
+    page.wait_for_selector(".swagger-ui .info")
+    page.go_back()
+    page.wait_for_function("() => document.querySelector('#files').files.length === 1")
+    assert page.input_value("#audio-url") == "https://media.example.org/town-hall-2.wav"
+    page.wait_for_selector("#submit:enabled")
+    assert page.inner_text("#picked") == recording.name
+    page.click("#submit")
+    page.wait_for_function("() => document.querySelectorAll('.job').length === 2")
+    assert sorted(_jobs_named(web, recording.name, "town-hall-2.wav")) == ["town-hall-2.wav", recording.name]
+    assert page.input_value("#audio-url") == "" and page.inner_text("#submit-error") == ""
+    assert page.errors == []
+    page.close()

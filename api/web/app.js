@@ -115,6 +115,11 @@ $("#audio-url").addEventListener("input", () => pick(state.picked));
 ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.add("over"); }));
 ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => { e.preventDefault(); drop.classList.remove("over"); }));
 drop.addEventListener("drop", (e) => { picks += 1; pick(e.dataTransfer.files); });
+// A page come back to (back from the API docs, a tab restored) gets the files and the URL it had
+// put back in its fields by the browser: the page took them for nothing picked, so the files were
+// not listed and Submit stayed off with a URL in its field.
+// (From the back-forward cache the page is as it was left: nothing to take.)
+window.addEventListener("pageshow", (event) => { if (!event.persisted) pick($("#files").files); });
 
 // --- submitting and following jobs -------------------------------------------------------------
 // A form sent with XMLHttpRequest, whose upload reports progress (fetch's does not): a recording of
