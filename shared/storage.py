@@ -33,10 +33,14 @@ def out_of_room(exc: BaseException) -> bool:
 
 
 def refused_by_storage(exc: BaseException) -> bool:
-    """Whether ``exc`` says a disk refused the service's own file (a volume mounted or turned
-    read-only: EROFS; no permission: EACCES, EPERM): the service's state, as the API answers an
+    """Whether ``exc`` says the storage refused or failed the service's own file: a disk's (a
+    volume mounted or turned read-only: EROFS; no permission: EACCES, EPERM) or the S3 backend's
+    (the bucket out of reach or answering an error once boto3's retries ran out: botocore's
+    errors come from nothing else in a worker). The service's state, as the API answers an
     upload so refused (503), never the caller's doing nor an internal error."""
-    return isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return True
+    return type(exc).__module__.partition(".")[0] == "botocore"
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

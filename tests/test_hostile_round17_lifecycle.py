@@ -14,7 +14,8 @@
   back every second, 1,000 of them 1,000 times a second, more than the worker could take, and
   every other tenant's delivery waited in line behind them (the cap's promise undone by scale);
 * a worker whose storage refuses writes (a volume read-only) failed a ``file_url`` job as an
-  "internal error" (500), for good, where the API answers an upload so refused 503.
+  "internal error" (500), for good, where the API answers an upload so refused 503; so did one
+  whose S3 bucket was out of reach when it took an uploaded job.
 """
 
 from __future__ import annotations
@@ -343,4 +344,63 @@ def test_a_worker_whose_storage_is_read_only_fails_a_fetched_job_as_the_services
         assert record["attempts"] == settings.job_max_attempts, record
     finally:
         stack.stop()
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue))
+
+
+def test_a_worker_whose_bucket_is_out_of_reach_fails_the_job_as_the_services_state(
+        service_env, settings, utterances, tmp_path_factory):
+    """The S3 backend (moto's server on 127.0.0.1): a job uploaded into the bucket, then the
+    bucket out of reach (the server stopped: an outage, a network partition) when a worker takes
+    the job. The worker's look for the upload raised botocore's EndpointConnectionError once
+    boto3's retries ran out, and the job failed for good as an "internal error" (500). It now goes
+    back to the queue as a lost attempt and, past ``job_max_attempts``, fails 503 saying so."""
+    import os
+
+    import boto3
+    from fastapi.testclient import TestClient
+    from moto.server import ThreadedMotoServer
+
+    from api.main import create_app
+    from cli.launcher import Stack, free_port
+    from shared.jobs import JobStore
+    from shared.queue import queue_keys
+
+    queue, bucket, port = "audio-r17-s3", "r17-bucket", free_port()
+    aws = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    s3 = {"storage_backend": "s3", "s3_bucket": bucket, "s3_endpoint_url": url, "s3_region": "us-east-1",
+          "s3_addressing_style": "path", "storage_dir": tmp_path_factory.mktemp("r17-s3-tmp")}
+    mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue, **s3})
+    store = JobStore.from_settings(mine)
+    stack = Stack(log_dir=tmp_path_factory.mktemp("r17-s3"))
+    try:
+        boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket=bucket)
+        with TestClient(create_app(mine), raise_server_exceptions=False) as api:
+            r = api.post("/jobs/embedding", files={"file": ("a.wav", utterances["spk1"][0].read_bytes(), "audio/wav")})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["job_id"]
+            server.stop()  # the bucket is out of reach from here on
+            stack.start_worker(queues=[queue], name="r17s3", pool="prefork", env={
+                **aws, "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": queue,
+                "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false",
+                **{f"AUDIO_ANALYSIS_{k.upper()}": str(v) for k, v in s3.items()}})
+            log = lambda: (stack.log_dir / "r17s3.log").read_text(errors="replace")[-3000:]  # noqa: E731
+            _wait(lambda: store.get(job_id).status == "failed", 180, log)
+            record = api.get(f"/jobs/{job_id}").json()
+        error = record["error"]
+        assert error["status_code"] == 503, (error, log())
+        assert "bucket out of reach" in error["detail"] and "submit it again" in error["detail"], error
+        assert record["attempts"] == settings.job_max_attempts, record
+    finally:
+        stack.stop()
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue))

@@ -385,13 +385,13 @@ def _run_leased(
             outcome = (FAILED, None, ProcessingError("the worker's storage is full; submit the job again later",
                                                      status_code=507))
         elif refused_by_storage(exc):
-            # the worker's storage refused the job's file (a volume read-only, no permission): a
-            # fetched file_url failed as "internal error" (500), lost for good, for the service's
-            # state. Another worker (or this one, fixed) may have the room: back to the queue as
-            # a lost attempt, and past the attempts a 503 that says so (as the API's for uploads)
-            log.error("job %s: the worker's storage refused a write: %s", job_id, exc)
+            # the worker's storage refused the job's file (a volume read-only, no permission, a
+            # bucket out of reach): the job failed as "internal error" (500), lost for good, for
+            # the service's state. Another worker (or this one, fixed) may reach it: back to the
+            # queue as a lost attempt, and past the attempts a 503 that says so (as the API's)
+            log.error("job %s: the worker's storage failed: %s: %s", job_id, type(exc).__name__, exc)
             outcome = _short_of(jobs, running, attempt, "the worker's storage refused the job's file "
-                                "(read-only, or no permission)")
+                                "(read-only, no permission, or its bucket out of reach)")
             if outcome is None:
                 return {"job_id": job_id, "status": QUEUED}
         elif _out_of_device_memory(exc):
