@@ -8,6 +8,7 @@ the results planted are what a worker writes, sized as a day's recording would m
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from typing import Any, Iterator
@@ -345,3 +346,44 @@ def test_back_from_the_api_docs_keeps_what_was_chosen_submittable(web, browser, 
     assert page.input_value("#audio-url") == "" and page.inner_text("#submit-error") == ""
     assert page.errors == []
     page.close()
+
+
+def test_the_lists_come_back_with_the_service(service_env, store, browser, tmp_path) -> None:  # noqa: F811
+    """The API restarted (a deploy) while the page is open. Before: the jobs followed picked up
+    again once it was back, but Recent jobs went on saying "the service did not answer", and not
+    that the job had ended, until "refresh" was clicked. Now a list the service did not answer is
+    read again every 5 s until it answers. The API is stopped and started again on its
+    port, in the module's keys and queues."""
+    from cli.launcher import Stack, free_port
+    from tests.conftest import wait_for_api
+
+    env = {**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")},
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": f"aa-{NAME}",
+           "AUDIO_ANALYSIS_QUEUE_NAME": f"audio-{NAME}", "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": f"webhooks-{NAME}",
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path / "uploads")}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    def start() -> Stack:
+        stack = Stack(env=env, log_dir=tmp_path)
+        wait_for_api(base, stack.start_api("127.0.0.1", port))
+        return stack
+
+    stack = start()
+    try:
+        job_id = _submit(base, "while-it-deploys.wav")
+        page = keyed_page(browser, base, KEY)
+        page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'] button.follow").click()
+        page.wait_for_selector(f".job[data-job-id='{job_id}'][data-status='queued']")
+        stack.stop()
+        page.click("#refresh")
+        page.wait_for_selector("#recent tbody .error:has-text('did not answer')")
+        stack = start()
+        _succeed(store, job_id, _result(10, 2, 30.0))
+        page.wait_for_selector(f".job[data-job-id='{job_id}'][data-status='succeeded']", timeout=20_000)
+        page.wait_for_selector(f"#recent tbody tr[data-job-id='{job_id}'][data-status='succeeded']", timeout=20_000)
+        assert page.query_selector("#recent tbody .error") is None
+        assert page.errors == []
+        page.close()
+    finally:
+        stack.stop()

@@ -86,7 +86,7 @@ async function api(path, options = {}) {
   } catch (_) {
     // the API stopped or restarting: as an upload says it (send), where the lists and a followed
     // job's row said the browser's "Failed to fetch"
-    throw new Error("the service did not answer (network error)");
+    throw Object.assign(new Error("the service did not answer (network error)"), { network: true });
   }
   if (!response.ok) {
     let detail = response.statusText;
@@ -958,6 +958,8 @@ function nextCursor(response) {
   return link ? new URL(link[1], location.href).searchParams.get("cursor") : null;
 }
 
+const LIST_RETRY_MS = 5000;
+
 // onPage(items, first): told of each page shown (the identify panel's list of voiceprints)
 function pagedTable({ path, field, pageSize, table, more, row, onPage = () => {} }) {
   let cursor = null;
@@ -987,6 +989,16 @@ function pagedTable({ path, field, pageSize, table, more, row, onPage = () => {}
       body.innerHTML = `<tr><td colspan="5" class="error"></td></tr>`;
       body.querySelector("td").textContent = err.message;
       if (first) onPage(null, true);
+      // the service gone (a restart, a deploy): read again every 5 s until it answers, unless
+      // another listing began meanwhile. The list said "did not answer" after the service was
+      // back, while the jobs followed above it had moved on, until "refresh" was clicked.
+      if (err.network) {
+        const again = () => {
+          if (mine !== latest) return;
+          if (document.hidden) setTimeout(again, LIST_RETRY_MS); else load(true);
+        };
+        setTimeout(again, LIST_RETRY_MS);
+      }
     }
     cursor = next;
     $(more).hidden = cursor === null;
