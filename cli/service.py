@@ -164,12 +164,27 @@ def submit(
             if not wait:
                 typer.echo(json.dumps(job, indent=2))
                 return
-            with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), console=err, transient=True) as bar:
-                task = bar.add_task("queued", total=1.0)
-                record = client.wait(
-                    job["job_id"], progress=lambda frac, step: bar.update(task, completed=frac, description=shown(step or ""))
-                )
+            # the job's id, said before the wait: with --wait it was printed nowhere, so a Ctrl-C,
+            # a closed terminal or an API gone for longer than the retries left a job running
+            # (and billed) that its submitter could neither follow, fetch nor cancel
+            job_id = shown(job["job_id"])
+            err.print(f"job {job_id} queued; waiting for it (Ctrl-C stops the wait, not the job)",
+                      highlight=False, soft_wrap=True)
+            try:
+                with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                              TimeElapsedColumn(), console=err, transient=True) as bar:
+                    task = bar.add_task("queued", total=1.0)
+                    record = client.wait(
+                        job["job_id"],
+                        progress=lambda frac, step: bar.update(task, completed=frac, description=shown(step or "")),
+                    )
+            except (KeyboardInterrupt, httpx.TransportError) as exc:
+                err.print(f"stopped waiting; job {job_id} goes on: `audio-analysis status {job_id}` follows it, "
+                          f"`audio-analysis result {job_id}` fetches its result, `audio-analysis cancel {job_id}` "
+                          "stops it", highlight=False, soft_wrap=True)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise typer.Exit(130) from None
+                raise
             if record["status"] != "succeeded":
                 err.print(f"[red]job {shown(record['job_id'])} {shown(record['status'])}[/red]: "
                           f"{shown(json.dumps(record.get('error')))}")

@@ -15,11 +15,14 @@
   every other tenant's delivery waited in line behind them (the cap's promise undone by scale);
 * a worker whose storage refuses writes (a volume read-only) failed a ``file_url`` job as an
   "internal error" (500), for good, where the API answers an upload so refused 503; so did one
-  whose S3 bucket was out of reach when it took an uploaded job.
+  whose S3 bucket was out of reach when it took an uploaded job;
+* ``audio-analysis submit --wait`` printed the job's id nowhere until the job ended: a Ctrl-C (or
+  an API gone past the retries) left a job running that its submitter could not follow or cancel.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Any
@@ -403,4 +406,51 @@ def test_a_worker_whose_bucket_is_out_of_reach_fails_the_job_as_the_services_sta
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue))
+
+
+def test_submit_wait_says_the_jobs_id_before_it_waits_and_when_it_stops(service_env, settings, utterances,
+                                                                         tmp_path_factory):
+    """``audio-analysis submit FILE --wait`` against the API (uvicorn), its job queued where no
+    worker takes it, then Ctrl-C (SIGINT) during the wait. Before: "Aborted!", exit 1, and the
+    job's id nowhere: the job went on, queued or running, and its submitter could neither follow,
+    fetch nor cancel it. Now stderr names the job before the wait and again, with the commands
+    that follow, fetch and cancel it, when the wait stops (exit 130, a Ctrl-C's)."""
+    import os
+    import subprocess
+
+    from cli.launcher import Stack, free_port
+    from shared.jobs import JobStore
+    from shared.queue import queue_keys
+
+    queue = "audio-r17-nobody"
+    env = {**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")},
+           "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": PREFIX, "AUDIO_ANALYSIS_QUEUE_NAME": queue}
+    store = JobStore.from_settings(settings.model_copy(update={"redis_key_prefix": PREFIX, "queue_name": queue}))
+    stack = Stack(env=env, log_dir=tmp_path_factory.mktemp("r17-wait"))
+    port = free_port()
+    err_path = stack.log_dir / "cli.err"
+    try:
+        stack.start_api("127.0.0.1", port)
+        with open(err_path, "wb") as err:
+            cli = subprocess.Popen([sys.executable, "-m", "cli.main", "submit", str(utterances["spk1"][0]), "--wait",
+                                    "--kind", "embedding", "--url", f"http://127.0.0.1:{port}"],
+                                   env=env, stdout=subprocess.PIPE, stderr=err)
+            try:
+                _wait(lambda: store.redis.keys(f"{PREFIX}:job:*") or cli.poll() is not None, 60,
+                      lambda: err_path.read_text(errors="replace"))
+                assert cli.poll() is None, err_path.read_text(errors="replace")
+                [job_id] = [r.job_id for r in store.recent(5)]
+                time.sleep(1.0)  # polling now
+                cli.send_signal(signal.SIGINT)
+                cli.wait(30)
+            finally:
+                if cli.poll() is None:
+                    cli.kill()
+        said = err_path.read_text(errors="replace")
+        assert cli.returncode == 130, (cli.returncode, said)
+        assert f"job {job_id} queued" in said and f"audio-analysis cancel {job_id}" in said, said
+        assert store.get(job_id).status == "queued"  # the job goes on
+    finally:
+        stack.stop()
         drop_namespace(settings.redis_url, PREFIX, *queue_keys(queue))
