@@ -627,7 +627,9 @@ $("#timeline").addEventListener("click", (event) => {
   if (el) playTurn({ start: Number(el.dataset.start), end: Number(el.dataset.end) });
 });
 
-function layout() {
+// soon: the turns drawn in the next frame, once for all the zoom steps and resizes before it (a
+// slider dragged across sends one step after another, each drawn in turn before)
+function layout(soon = false) {
   // at zoom 1 the whole recording fits the panel; each step of the slider adds detail
   const timeline = $("#timeline");
   if (!state.shown) return;
@@ -635,7 +637,7 @@ function layout() {
   state.pxPerSecond = fit * Number($("#zoom").value);
   const width = state.duration * state.pxPerSecond;
   timeline.querySelectorAll(".track").forEach((track) => { track.style.width = `${width}px`; });
-  drawTurns();
+  if (soon) redrawSoon(); else drawTurns();
   moveCursor();
 }
 
@@ -706,16 +708,19 @@ $("#timeline").addEventListener("mouseover", (event) => {
   el.title = el.dataset.turns ? `${name}: ${el.dataset.turns} turns, ${span} (zoom in to tell them apart)` : `${name}: ${span}`;
 });
 
-// scrolled past what was drawn: the turns now in view (once a frame at most)
 let redrawAsked = false;
-$("#timeline").addEventListener("scroll", () => {
-  const timeline = $("#timeline");
-  if (!state.drawn || redrawAsked) return;
-  const pps = state.pxPerSecond;
-  const left = timeline.scrollLeft / pps, right = (timeline.scrollLeft + timeline.clientWidth) / pps;
-  if (left >= state.drawn.from && right <= state.drawn.to) return;
+function redrawSoon() {
+  if (redrawAsked) return;
   redrawAsked = true;
   requestAnimationFrame(() => { redrawAsked = false; drawTurns(); });
+}
+// scrolled past what was drawn: the turns now in view
+$("#timeline").addEventListener("scroll", () => {
+  const timeline = $("#timeline");
+  if (!state.drawn) return;
+  const pps = state.pxPerSecond;
+  const left = timeline.scrollLeft / pps, right = (timeline.scrollLeft + timeline.clientWidth) / pps;
+  if (left < state.drawn.from || right > state.drawn.to) redrawSoon();
 });
 
 function moveCursor() {
@@ -741,8 +746,8 @@ audio.addEventListener("play", function frame() {
   moveCursor();
   if (!audio.paused) requestAnimationFrame(frame);
 });
-$("#zoom").addEventListener("input", layout);
-window.addEventListener("resize", layout);
+$("#zoom").addEventListener("input", () => layout(true));
+window.addEventListener("resize", () => layout(true));
 
 // --- downloads ---------------------------------------------------------------------------------
 document.querySelectorAll(".downloads button").forEach((button) => button.addEventListener("click", async () => {
