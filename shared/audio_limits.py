@@ -1845,7 +1845,34 @@ def declared_duration(container, stream) -> float | None:
         # that stopped before it went back to count), a CAF's packet table and a RealMedia
         # stream's (FFmpeg's own muxer writes 0 for 70 s of RealAudio 14.4)
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return None
+    if container.format.name in _SPAN_OF_TIMESTAMPS and not _bytes_could_hold(container, stream, seconds):
+        return None
+    return seconds
+
+
+# The demuxers whose length FFmpeg takes as the span of the file's timestamps (its last less its
+# first): MPEG transport and program streams, which carry no length of their own
+_SPAN_OF_TIMESTAMPS = ("mpegts", "mpeg")
+
+
+def _bytes_could_hold(container, stream, seconds: float) -> bool:
+    """Whether ``container``'s bytes could hold ``seconds`` of ``stream`` at the bitrate its codec
+    states (an MP2, MP3 or AC-3 frame header's; FFmpeg's guess from the first frames for AAC),
+    with the slack a forged header is given as it decodes (engine/audio.py's _DECLARED_SLACK):
+    True where either is unknown.
+
+    A timestamp that jumps (a broadcast recording across a programme change, TS recordings
+    joined with cat, each from its own clock) makes the span of a file's timestamps anything: 40 s
+    of MP2 in MPEG-TS with its second half 10 h on read as 36,020 s (and one that jumped back as
+    59,464 s), refused by a synchronous call (413) and given a job's time limit for 10 h. A length
+    its bytes cannot hold is no length: unknown, the decoder holds the file to the limit instead."""
+    bit_rate = getattr(stream.codec_context, "bit_rate", 0) or 0
+    size = getattr(container, "size", -1) or -1
+    if bit_rate <= 0 or size <= 0:
+        return True
+    return seconds <= 2.0 * size * 8 / bit_rate + 60.0
 
 
 def stream_channels(stream) -> int | None:

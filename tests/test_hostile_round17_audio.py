@@ -19,6 +19,11 @@ of formats earlier rounds left alone.
   duration budget and the time limit of 1 s) and decoded whole. They are held to it now, as WAV,
   AIFF-C, AVI, ASF, MP4, Matroska, WavPack and FLV are: refused (415) past twice that and a
   minute. A duration of 0 (FFmpeg's own RM muxer writes it for RealAudio 14.4) is no length.
+
+- An MPEG transport or program stream carries no length: FFmpeg takes the span of its timestamps,
+  and a clock that jumps (a broadcast recording across a programme change, recordings joined
+  with cat) makes it anything: 40 s read as 36,020 s and was refused by a synchronous call (413).
+  A span longer than the file's bytes could hold at the codec's own bitrate is no length now.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile as sf
@@ -222,3 +228,55 @@ def test_a_forged_caf_fails_its_job_with_a_415(client) -> None:
                              {"file": ("forged.caf", _caf(70.0, "adpcm_ima_qt", frames_per_packet=1), "audio/x-caf")})
     assert error["status_code"] == 415, error
     assert "decodes to more than its header declares" in error["detail"], error
+
+
+# --- C. MPEG transport and program streams: a span of timestamps that jumps is no length --------
+
+
+def _mpeg(samples: np.ndarray, rate: int, *, starts_at_s: float, container: str = "mpegts") -> bytes:
+    """``samples`` as MP2 in an MPEG transport (or program) stream whose timestamps start at
+    ``starts_at_s``, as a recorder's clock would have them."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream("mp2", rate=rate, layout="mono")
+        for start in range(0, len(samples), 4608):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start : start + 4608]),
+                                               format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start + int(starts_at_s * rate)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("container", ["mpegts", "mpeg"])
+@pytest.mark.parametrize("second_at_s", [36_000.0, -1.0], ids=["jumps-on", "jumps-back"])
+def test_mpeg_streams_whose_timestamps_jump_have_no_length_not_hours(container: str, second_at_s: float) -> None:
+    """20 s of MP2 in MPEG-TS (or PS) and 20 s behind it whose clock stands 10 h on (or started
+    again): FFmpeg's length is the span of the timestamps, 36,020 s (59,464 s where the clock went
+    back), refused by a synchronous call (413) and a job's time limit for 10 h. Bytes at the
+    codec's 160 kbps hold 48 s at most: the length is unknown now, and the file decodes whole.
+    One whose clock runs on keeps its length."""
+    tone = _tone(20.0, 16000)
+    first = 1.0 if second_at_s >= 0 else 36_000.0
+    second = second_at_s if second_at_s >= 0 else 1.0
+    joined = _mpeg(tone, 16000, starts_at_s=first, container=container) \
+        + _mpeg(tone, 16000, starts_at_s=second, container=container)
+    assert check_audio_limits(io.BytesIO(joined), max_duration=1800.0).duration is None
+    assert load_audio(joined).duration == pytest.approx(40.0, abs=0.1)
+    running_on = _mpeg(tone, 16000, starts_at_s=1.0, container=container) \
+        + _mpeg(tone, 16000, starts_at_s=21.0, container=container)
+    assert check_audio_limits(io.BytesIO(running_on), max_duration=1800.0).duration == pytest.approx(40.0, abs=0.1)
+
+
+def test_a_synchronous_call_takes_a_transport_stream_whose_clock_jumped(client, utterances) -> None:
+    """Through the API and the session's real worker: a recording of speech in MPEG-TS whose
+    clock jumped 10 h was refused at submit (413, "audio is 36011 s long; the limit is 1800 s");
+    now it is embedded, its whole length."""
+    speech = np.concatenate([sf.read(path, dtype="float32")[0] for path in utterances["spk1"]])
+    half = len(speech) // 2
+    joined = _mpeg(speech[:half], 16000, starts_at_s=1.0) + _mpeg(speech[half:], 16000, starts_at_s=36_000.0)
+    r = client.post("/embedding", files={"file": ("dvr.ts", joined, "video/mp2t")})
+    assert r.status_code == 200, r.text
+    assert r.json()["audio_duration"] == pytest.approx(len(speech) / 16000, abs=0.2)  # an MP2 frame a part
