@@ -389,3 +389,42 @@ def test_the_lists_come_back_with_the_service(service_env, store, browser, tmp_p
         page.close()
     finally:
         stack.stop()
+
+
+def test_a_big_batch_followed_through_an_outage_is_not_read_every_2_s(service_env, store, browser,  # noqa: F811
+                                                                      tmp_path) -> None:
+    """40 unfinished jobs followed, the service stopped (a deploy). Before: a job whose reading
+    failed was read again every 2 s, whatever the number followed (round 16's bound, about 8
+    requests a second from a tab, held only while readings succeeded): 20 requests a second from
+    one tab at a service on its way back, 100 for a batch of 200. Now a failed reading waits as
+    long as a successful one (5 s each for 40). The window counts requests, not time: a slow host
+    only makes fewer."""
+    from cli.launcher import Stack, free_port
+    from tests.conftest import wait_for_api
+
+    env = {**os.environ, **{k: v for k, v in service_env.items() if not k.startswith("_")},
+           "AUDIO_ANALYSIS_API_KEYS": json.dumps([KEY]), "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": f"aa-{NAME}",
+           "AUDIO_ANALYSIS_QUEUE_NAME": f"audio-{NAME}", "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": f"webhooks-{NAME}",
+           "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path / "uploads")}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    stack = Stack(env=env, log_dir=tmp_path)
+    try:
+        wait_for_api(base, stack.start_api("127.0.0.1", port))
+        ids = [_submit(base, f"outage-{i:02d}.wav") for i in range(40)]
+        page = keyed_page(browser, base, KEY)
+        page.evaluate("ids => sessionStorage.setItem('audio-analysis.followed-jobs', JSON.stringify(ids))", ids)
+        page.reload()
+        page.wait_for_function("n => document.querySelectorAll('.job[data-status=\"queued\"]').length === n",
+                               arg=len(ids), timeout=30_000)
+    finally:
+        stack.stop()
+    page.wait_for_function("n => [...document.querySelectorAll('.job .step')].filter("
+                           "s => s.textContent.includes('did not answer')).length === n", arg=len(ids), timeout=30_000)
+    start = len(page.requests.urls)
+    page.wait_for_timeout(10_000)
+    polls = [u for u in page.requests.urls[start:] if u.rsplit("/", 1)[-1] in ids]
+    # every 2 s: about 200 in 10 s; now at most 3 each (one every 5 s)
+    assert len(polls) <= 3 * len(ids), len(polls)
+    assert page.errors == []
+    page.close()

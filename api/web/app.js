@@ -338,7 +338,9 @@ async function poll(jobId) {
   } catch (err) {
     if (state.jobs.get(jobId) !== entry) return;
     entry.row.querySelector(".step").textContent = err.message;
-    if (err.status !== 404) setTimeout(() => poll(jobId), 2000);
+    // no faster than a reading that succeeds: every followed job asked every 2 s while the
+    // service was down (a batch of 200, 100 requests a second at a restarting service)
+    if (err.status !== 404) setTimeout(() => poll(jobId), Math.max(2000, pollEvery()));
     return;
   }
   render(entry);
