@@ -193,6 +193,11 @@ def fetch_audio(
                         continue
                     if not 200 <= response.status_code < 300:
                         raise UrlFetchError(f"{field}: {where} answered {_status(response.status_code)}")
+                    if response.status_code == HTTPStatus.PARTIAL_CONTENT:
+                        # a part of the file, where no part was asked for (no Range is sent): its
+                        # first 40 KB of a WAV were analysed as the whole recording, unsaid
+                        raise UrlFetchError(f"{field}: {where} answered {_status(response.status_code)} to a "
+                                            "request for the whole file; only a whole file is accepted")
                     content_type = response.headers.get("content-type", "")
                     if content_type and _declares_not_audio(content_type):
                         raise AudioDecodeError(f"{field}: {where} sent {_media_type(content_type)}, not audio")

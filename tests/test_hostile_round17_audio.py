@@ -282,3 +282,19 @@ def test_a_synchronous_call_takes_a_transport_stream_whose_clock_jumped(client, 
     r = client.post("/embedding", files={"file": ("dvr.ts", joined, "video/mp2t")})
     assert r.status_code == 200, r.text
     assert r.json()["audio_duration"] == pytest.approx(len(speech) / 16000, abs=0.2)  # an MP2 frame a part
+
+
+# --- D. audio by URL: a part of a file is not the file ----------------------------------------------
+
+
+def test_a_url_answering_with_part_of_the_file_fails_its_job(client, media_server, utterances) -> None:
+    """The worker sends no Range, so a 206 Partial Content is a part the server chose: the first
+    half of a WAV of speech (its header stating the whole) passed the header checks and was
+    analysed as the whole recording. The job fails now with a 422 naming the answer."""
+    whole = utterances["spk1"][0].read_bytes()
+    part = whole[: len(whole) // 2]
+    url = media_server.route("/part.wav", lambda h: h.answer(206, part, "audio/wav",
+                                                             {"Content-Range": f"bytes 0-{len(part) - 1}/{len(whole)}"}))
+    error = failed_job_error(client, "/jobs/embedding", {"file_url": (None, url)})
+    assert error["status_code"] == 422, error
+    assert "answered 206 Partial Content" in error["detail"], error
