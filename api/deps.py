@@ -129,7 +129,11 @@ class ApiKeyGate:
             try:
                 authenticate(raw.decode("latin-1") if raw is not None else None, self.settings, count=len(sent))
             except AuthError as exc:
-                response = error_response(401, exc.detail, exc.error_type, {"WWW-Authenticate": "X-API-Key"})
+                # the connection closed with the answer, as the 413 of a declared length
+                # (api/limits.py): kept open, a browser sent the whole upload (500 MB with a
+                # mistyped key) before it read this 401
+                response = error_response(401, exc.detail, exc.error_type,
+                                          {"WWW-Authenticate": "X-API-Key", "Connection": "close"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

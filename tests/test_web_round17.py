@@ -428,3 +428,52 @@ def test_a_big_batch_followed_through_an_outage_is_not_read_every_2_s(service_en
     assert len(polls) <= 3 * len(ids), len(polls)
     assert page.errors == []
     page.close()
+
+
+def _sent_share(page) -> None:
+    """``window.__sent``: the largest share of an upload's body the browser reported sent."""
+    page.evaluate("""() => {
+        window.__sent = 0;
+        const send = XMLHttpRequest.prototype.send;
+        XMLHttpRequest.prototype.send = function (body) {
+            this.upload.addEventListener('progress', e => { window.__sent = Math.max(window.__sent, e.loaded / e.total); });
+            return send.call(this, body);
+        };
+    }""")
+
+
+def test_a_mistyped_key_or_speaker_count_is_told_before_the_file_is_sent(web, browser, tmp_path) -> None:  # noqa: F811
+    """Before: a recording sent with a mistyped API key was uploaded in full (the API answered
+    401 from the request's headers, but kept the connection, so chromium sent all of the body
+    first): 500 MB with a wrong key is minutes on a home uplink. And "Speakers 0" (the field's
+    own minimum is 1) sent the whole file to be refused 422. Now the 401 closes the connection
+    and is said while most of the file is unsent, and a number field out of its range is said at
+    the field, with nothing sent. The upload runs at 2 MB/s, as over a real uplink."""
+    big = tmp_path / "quarterly-review.wav"
+    with open(big, "wb") as f:
+        f.write(tone_wav(1.0))
+        f.truncate(20_000_000)
+    page = keyed_page(browser, web, KEY[:-1] + "X")  # one character off
+    _sent_share(page)
+    _throttled(page, 2_000_000)
+    page.set_input_files("#files", str(big))
+    page.click("#submit")
+    page.wait_for_selector("#submit-error:not(:empty)", timeout=60_000)
+    assert "401" in page.inner_text("#submit-error"), page.inner_text("#submit-error")
+    assert page.evaluate("window.__sent") < 0.5, page.evaluate("window.__sent")
+
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.set_input_files("#files", str(big))
+    page.fill("#num-speakers", "0")
+    asked = len(page.requests.urls)
+    page.click("#submit")
+    page.wait_for_timeout(500)
+    assert not [u for u in page.requests.urls[asked:] if u.endswith("/jobs/diarize")]
+    assert page.evaluate("document.querySelector('#num-speakers').validity.rangeUnderflow")
+    assert page.is_enabled("#submit") and page.inner_text("#picked") == big.name
+    # a threshold between the field's steps is no error: the service takes any in [-1, 1]
+    page.fill("#cmp-threshold", "0.555")
+    assert page.evaluate("document.querySelector('#cmp-threshold').checkValidity()")
+    assert page.errors == []
+    page.close()

@@ -183,8 +183,16 @@ function diarizeForm() {
 // One submit at a time: the button stays disabled until every file has been sent. It stayed
 // enabled while a recording uploaded, and a second click (nothing seemed to happen) sent the same
 // files again, as a second job each.
+// The number fields checked in the browser before anything is sent (their min, max and step, as
+// the browser says it, at the field): the service checks them only once the whole upload is in,
+// so "Speakers 0" or a threshold of 5 sent all of a 500 MB recording to be refused 422.
+function fieldsValid(...ids) {
+  return ids.every((id) => $(id).reportValidity());
+}
+
 $("#submit").addEventListener("click", async () => {
   if (submitting) return;
+  if (!fieldsValid("#num-speakers", "#min-speakers", "#max-speakers")) return;
   submitting = true;
   const button = $("#submit");
   button.disabled = true;
@@ -890,6 +898,7 @@ async function submitAnswer(kind, button, form, name) {
 }
 
 $("#cmp-submit").addEventListener("click", async () => {
+  if (!fieldsValid("#cmp-threshold")) return;
   const first = $("#cmp-file1").files[0], second = $("#cmp-file2").files[0];
   if (!first || !second) {
     PANELS.compare.error.textContent = "choose two recordings, one in each field";
@@ -932,6 +941,7 @@ $("#id-voiceprints").addEventListener("change", (event) => {
 });
 
 $("#id-submit").addEventListener("click", async () => {
+  if (!fieldsValid("#id-threshold")) return;
   const file = $("#id-file").files[0];
   const error = PANELS.identify.error;
   if (!file) {
