@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import http
+import logging
 import os
 import re
+import struct
+import termios
 from typing import Any
 
 import h11
@@ -27,6 +31,8 @@ from shared import logs
 from shared.lifeline import follow_parent
 from shared.schemas import ErrorBody
 from shared.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 class _HeaderTimeout:
@@ -62,6 +68,72 @@ class _HeaderTimeout:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class _SendTimeout:
+    """Mixed into uvicorn's HTTP protocol class: a response its client stops reading is cut.
+
+    A response is handed to the transport whole (Starlette writes a body in one message), and
+    what the client has not read stays in the transport's buffer: a client that asked for a
+    long result (100,000 turns: 5.4 MB) and read nothing held it in the API's memory for as long
+    as it kept the connection open, for ever, and 40 such connections took 248 MB. Once the
+    buffer passed its high-water mark, a client that reads nothing of it for
+    ``http_body_timeout_s`` has its connection aborted (a close would wait for the buffer to be
+    sent). A slow client that reads is not cut: each period in which it took anything (the
+    buffer and the socket's kernel queue shrank) starts the next."""
+
+    _send_timer: asyncio.TimerHandle | None = None
+    _send_left: int = 0
+
+    def _unsent(self) -> int:
+        """Bytes of the response the client has not taken: the transport's buffer and the
+        socket's send queue (Linux's SIOCOUTQ). The buffer alone shrinks only once the kernel
+        queue (megabytes, autotuned) drained by a third: a client reading 27 KB/s took a minute
+        for that, and was taken for one that reads nothing."""
+        transport = self.transport  # type: ignore[attr-defined]
+        unsent = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        try:
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (AttributeError, OSError, ValueError):
+            pass  # no kernel queue to read (another platform, a socket gone): the buffer alone
+        return unsent
+
+    def _arm_send_timer(self) -> None:
+        self._cancel_send_timer()
+        self._send_left = self._unsent()
+        timeout = get_settings().http_body_timeout_s
+        self._send_timer = self.loop.call_later(timeout, self._on_send_timeout)  # type: ignore[attr-defined]
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _on_send_timeout(self) -> None:
+        self._send_timer = None
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing() and transport.get_write_buffer_size() == 0:
+            return
+        left = self._unsent()
+        if left < self._send_left:
+            self._arm_send_timer()  # the client reads, slowly
+            return
+        log.info("connection aborted: its client read nothing of %d bytes of its response for %.0f s", left,
+                 get_settings().http_body_timeout_s)
+        transport.abort()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()  # type: ignore[misc]
+        self._cancel_send_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_send_timer()
         super().connection_lost(exc)  # type: ignore[misc]
 
 
@@ -126,7 +198,7 @@ class _DocumentedRefusal:
         self.transport.close()  # type: ignore[attr-defined]
 
 
-class TimeoutH11Protocol(_DocumentedRefusal, _HeaderTimeout, H11Protocol):
+class TimeoutH11Protocol(_DocumentedRefusal, _HeaderTimeout, _SendTimeout, H11Protocol):
     pass
 
 

@@ -8,16 +8,27 @@ on the code before its fix:
   job ran on for nobody while its client, cut off, submitted it again: the audio ran twice. The
   API now waits ``AUDIO_ANALYSIS_HTTP_SHUTDOWN_GRACE_S`` for the requests in flight, then cancels
   the jobs of the synchronous calls still waiting (not one made with an ``Idempotency-Key``, whose
-  retry is answered that job's result) and exits.
+  retry is answered that job's result) and exits;
+* a walk of ``GET /jobs`` through jobs whose records had expired (their index entries outlive them
+  by up to a day) came back as empty pages, each with a ``next_cursor`` (5 of them for 25 expired
+  jobs at ``limit=5``), and a client that stopped at an empty page never saw the older jobs behind
+  them: a page passes over expired entries, as a filtered one did;
+* a client that asked for a long result and read nothing of it held the whole result in the API's
+  memory for as long as it kept the connection (40 such connections: 248 MB, for ever): a response
+  its client reads nothing of for ``AUDIO_ANALYSIS_HTTP_BODY_TIMEOUT_S`` has its connection aborted;
+  a slow reader is not cut.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
+import time
 from typing import Any, Iterator
 
 import httpx
@@ -28,28 +39,23 @@ from tests.conftest import drop_namespace, parked_store, tone_wav, wait_for_api
 ERROR_KEYS = {"detail", "error_type", "timestamp"}
 
 
-# --- an API told to stop while synchronous calls wait -------------------------------------------
-@pytest.fixture
-def stoppable_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Any]]:
-    """The API under uvicorn (api.serve) with queues no worker consumes, so that a synchronous
-    call's job stays queued and its call waits: (base URL, its process, its job store). Calls wait
-    without a worker (sync_requires_live_worker off, as where workers scale from zero) for an hour,
-    as the default timeout has them; a stop grace of 2 s."""
+@contextlib.contextmanager
+def _uvicorn_api(service_env: dict, settings: Any, tmp_path_factory: Any, name: str,
+                 env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen, Any]]:
+    """The API under uvicorn (api.serve) with key prefix, queues and storage of its own, which no
+    worker consumes (a job stays where the test puts it), and ``env``'s settings: (base URL, its
+    process, its job store). Its keys and queues are deleted afterwards."""
     from cli.launcher import Stack, free_port
 
-    name = "r17stop"
     prefix, queues = f"aa-{name}", (f"audio-{name}", f"webhooks-{name}")
-    env = {k: v for k, v in service_env.items() if not k.startswith("_")}
-    env.update({
+    full = {k: v for k, v in service_env.items() if not k.startswith("_")}
+    full.update({
         "AUDIO_ANALYSIS_API_KEYS": json.dumps([]),
         "AUDIO_ANALYSIS_REDIS_KEY_PREFIX": prefix, "AUDIO_ANALYSIS_QUEUE_NAME": queues[0],
         "AUDIO_ANALYSIS_WEBHOOK_QUEUE_NAME": queues[1],
-        "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{name}-uploads")),
-        "AUDIO_ANALYSIS_SYNC_REQUIRES_LIVE_WORKER": "false",
-        "AUDIO_ANALYSIS_SYNC_TIMEOUT_S": "3600",
-        "AUDIO_ANALYSIS_HTTP_SHUTDOWN_GRACE_S": "2",
+        "AUDIO_ANALYSIS_STORAGE_DIR": str(tmp_path_factory.mktemp(f"{name}-uploads")), **env,
     })
-    stack = Stack(env={**os.environ, **env}, log_dir=tmp_path_factory.mktemp(f"{name}-api"))
+    stack = Stack(env={**os.environ, **full}, log_dir=tmp_path_factory.mktemp(f"{name}-api"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     try:
@@ -59,6 +65,19 @@ def stoppable_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str
     finally:
         stack.stop(timeout_s=5)
         drop_namespace(settings.redis_url, prefix, *queues)
+
+
+# --- an API told to stop while synchronous calls wait -------------------------------------------
+@pytest.fixture
+def stoppable_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen, Any]]:
+    """Synchronous calls wait without a worker (sync_requires_live_worker off, as where workers
+    scale from zero) for an hour, as the default timeout has them; a stop grace of 2 s."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17stop", {
+        "AUDIO_ANALYSIS_SYNC_REQUIRES_LIVE_WORKER": "false",
+        "AUDIO_ANALYSIS_SYNC_TIMEOUT_S": "3600",
+        "AUDIO_ANALYSIS_HTTP_SHUTDOWN_GRACE_S": "2",
+    }) as api:
+        yield api
 
 
 def _call_in_background(base: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -161,3 +180,65 @@ def test_a_listing_walks_past_expired_records_instead_of_giving_empty_pages(own_
     # filtered listings skip them as they always did
     assert [j["job_id"] for j in client.get("/jobs", params={"limit": 10, "status": "queued"}).json()["jobs"]] \
         == newest[::-1] + older[::-1]
+
+
+# --- a client that asks for a long result and does not read it ----------------------------------
+def _long_result(store: Any, base: str) -> tuple[str, int]:
+    """A succeeded diarization of 500,000 turns (27 MB as JSON, more than the kernel buffers of a
+    connection hold, 4 MB to send and 6 MB to receive here): (its job id, its result's size).
+    Submitted through the API; its result is put in its record as a worker puts it (a worker
+    producing it would need hours of audio and of CPU)."""
+    r = httpx.post(f"{base}/jobs/diarize", files={"file": ("long.wav", tone_wav(0.5), "audio/wav")}, timeout=30)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    turns = [{"start": n * 0.5, "end": n * 0.5 + 0.4, "speaker": f"SPEAKER_{n % 7:02d}"} for n in range(500_000)]
+    store.mark_running(job_id)
+    store.finish(job_id, "succeeded", result={
+        "diarization_results": turns, "segments_count": len(turns), "processing_time": 1.0,
+        "audio_duration": 50_000.0, "model_device": "cpu"})
+    size = len(httpx.get(f"{base}/jobs/{job_id}/result", timeout=30).content)
+    return job_id, size
+
+
+def _ask(base: str, job_id: str) -> socket.socket:
+    """GET the result, reading nothing of it yet."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"GET /jobs/{job_id}/result HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    return sock
+
+
+def _read_to_end(sock: socket.socket, pause_s: float = 0.0) -> int:
+    """Bytes read until the connection ends (closed, or reset by the server), ``pause_s`` after
+    each read."""
+    sock.settimeout(30)
+    got = 0
+    try:
+        while chunk := sock.recv(65536):
+            got += len(chunk)
+            time.sleep(pause_s)
+    except ConnectionResetError:
+        pass
+    sock.close()
+    return got
+
+
+def test_a_response_its_client_does_not_read_is_cut_and_a_slow_reader_is_not(service_env, settings,
+                                                                                tmp_path_factory):
+    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17read",
+                      {"AUDIO_ANALYSIS_HTTP_BODY_TIMEOUT_S": "2"}) as (base, _, store):
+        job_id, size = _long_result(store, base)
+        stalled, slow = _ask(base, job_id), _ask(base, job_id)
+        # the slow client reads a little at a time, about 160 KB/s, for 4 timeouts; the stalled one nothing
+        deadline = time.monotonic() + 8
+        slow_got = 0
+        while time.monotonic() < deadline:
+            slow_got += len(slow.recv(16384))
+            time.sleep(0.1)
+        # before: the API held the whole result for the stalled client as long as it kept the
+        # connection (40 such connections: 248 MB of the API); it is cut now, the rest of its
+        # result dropped, where what the kernel had taken already still reaches it
+        stalled_got = _read_to_end(stalled)
+        assert stalled_got < size
+        # the slow one was never cut: it reads the whole result
+        assert slow_got + _read_to_end(slow) > size
