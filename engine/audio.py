@@ -879,6 +879,35 @@ def _flv_duration(fh: BinaryIO) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
+# Matroska/WebM stamps every block with its time, and a recorder that writes nothing while the
+# sender is silent (WebRTC's discontinuous transmission, a muted track) leaves a gap between one
+# block's end and the next block's time. The samples were taken back to back (frame.pts dropped,
+# _read_pyav), so a 3 s pause between two 1 s sentences decoded to 2 s, the second turn reported at
+# 1 s instead of 4 s. Gaps from _TIMESTAMP_GAP_S[0] to [1] are decoded as the silence they are; a
+# longer jump (files joined, a clock reset) is left as it was, and so is a step back
+_GAP_FILLED_FORMATS = ("matroska",)
+_TIMESTAMP_GAP_S = (0.1, 60.0)
+
+
+class _Timeline:
+    """Where a stream's next frame should begin, from the frames' own timestamps: how much of
+    the stream's time is missing before each frame (:data:`_TIMESTAMP_GAP_S`)."""
+
+    def __init__(self) -> None:
+        self.next_s: float | None = None
+
+    def gap(self, frame) -> float:
+        """Seconds missing before ``frame`` (0 where none, or where its time is unknown)."""
+        if frame.pts is None or frame.time_base is None or not frame.sample_rate:
+            self.next_s = None
+            return 0.0
+        start = float(frame.pts * frame.time_base)
+        missing = 0.0 if self.next_s is None else start - self.next_s
+        self.next_s = start + frame.samples / frame.sample_rate
+        least, most = _TIMESTAMP_GAP_S
+        return missing if least <= missing <= most else 0.0
+
+
 # FFmpeg's own AMR decoders refuse the frames discontinuous transmission (DTX) writes in a
 # speaker's pauses, comfort noise (SID) and NO_DATA ("dtx mode" not implemented, "corrupt
 # bitstream"), so each was skipped as a damaged packet and the pauses vanished from the result: a
@@ -1022,6 +1051,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
 
         setup: tuple | None = None
         changes = 0
+        timeline = _Timeline() if container.format.name.split(",")[0] in _GAP_FILLED_FORMATS else None
         try:
             for frame in frames():
                 _check_sample_rate(frame.sample_rate)
@@ -1050,6 +1080,22 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     fifo = av.AudioFifo()
                     block = max(1, min(10 * rate, _BLOCK_SAMPLES // channels))
                     setup = params
+                missing = timeline.gap(frame) if timeline is not None else 0.0
+                if missing:
+                    # the silence the recorder left out, in the frame's own layout and format,
+                    # a second at a time (the collector counts it against the limits as audio)
+                    template = frame.to_ndarray()
+                    per_sample = template.shape[1] // max(1, frame.samples)  # the channels, where packed
+                    left = round(missing * rate)
+                    while left > 0:
+                        n = min(left, rate)
+                        silence = av.AudioFrame.from_ndarray(
+                            np.zeros((template.shape[0], n * per_sample), dtype=template.dtype),
+                            format=frame.format.name, layout=frame.layout.name)
+                        silence.sample_rate = rate
+                        fifo.write(silence)
+                        drain(final=False)
+                        left -= n
                 # the FIFO checks that timestamps run on without a gap; a damaged stream's need
                 # not, and only the samples matter here
                 frame.pts = None

@@ -298,3 +298,44 @@ def test_a_url_answering_with_part_of_the_file_fails_its_job(client, media_serve
     error = failed_job_error(client, "/jobs/embedding", {"file_url": (None, url)})
     assert error["status_code"] == 422, error
     assert "answered 206 Partial Content" in error["detail"], error
+
+
+# --- E. WebM: a gap in the blocks' times is a pause, not nothing --------------------------------
+
+
+def _webm_with_gap(gap_s: float, utterances: dict[str, list[Path]]) -> tuple[bytes, float]:
+    """Two talkers' utterances as Opus in WebM, back to back, then the second one's blocks stamped
+    ``gap_s`` later, nothing written between them (a WebRTC recorder during DTX, a muted track);
+    and where the second begins (seconds)."""
+    rate, step = 48000, 960  # Opus's 20 ms frames
+    first, second = (resample(sf.read(path, dtype="float32")[0], 16000, rate).astype(np.float32)
+                     for path in (utterances["spk1"][0], utterances["spk2"][0]))
+    first = np.concatenate([first, np.zeros(-len(first) % step, np.float32)])
+    speech = np.concatenate([first, second])
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as out:
+        stream = out.add_stream("libopus", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(speech[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = rate, 0
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            if packet.pts is not None and packet.pts >= len(first):
+                packet.pts = packet.dts = packet.pts + int(gap_s * rate)
+            out.mux(packet)
+    return buf.getvalue(), len(first) / rate + gap_s
+
+
+def test_a_webm_whose_blocks_leave_a_pause_out_keeps_the_pause(utterances) -> None:
+    """A 3 s gap between two talkers' blocks: the header said 3 s more than was decoded, and the
+    second talker began 3 s early in the decoded audio (the samples taken back to back). The gap
+    is decoded as silence now: the length is the header's and the second talker starts where his
+    blocks' times put him."""
+    data, second_at = _webm_with_gap(3.0, utterances)
+    declared = check_audio_limits(io.BytesIO(data), max_duration=600.0).duration
+    audio = load_audio(data)
+    assert audio.duration == pytest.approx(declared, abs=0.05)
+    spans = _loud_spans(audio.samples)
+    assert len(spans) == 2, spans
+    assert spans[1][0] == pytest.approx(second_at, abs=0.15)
+    # a jump past a minute (files joined, a clock reset) is left as it was: nothing invented
+    joined, _ = _webm_with_gap(120.0, utterances)
+    assert load_audio(joined).duration == pytest.approx(audio.duration - 3.0, abs=0.05)
