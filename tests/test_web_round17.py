@@ -237,8 +237,10 @@ def test_an_upload_can_be_cancelled_and_what_was_not_sent_stays_picked(web, brow
     page.set_input_files("#files", [str(f) for f in files])
     page.click("#submit")
     page.wait_for_selector("#submit-status:has-text('long-interview-one.wav (1 of 2): ')")
-    page.click("#cancel-upload")
+    page.focus("#cancel-upload")
+    page.keyboard.press("Enter")  # from the keyboard: the focus goes on from Submit, not the page's top
     page.wait_for_selector("#submit-status:has-text('upload cancelled')")
+    assert page.evaluate("document.activeElement.id") == "submit"
     assert page.inner_text("#submit-status") == f"upload cancelled: {', '.join(names)} not sent"
     assert page.inner_text("#submit-error") == ""
     assert page.is_hidden("#cancel-upload")
@@ -472,8 +474,5 @@ def test_a_mistyped_key_or_speaker_count_is_told_before_the_file_is_sent(web, br
     assert not [u for u in page.requests.urls[asked:] if u.endswith("/jobs/diarize")]
     assert page.evaluate("document.querySelector('#num-speakers').validity.rangeUnderflow")
     assert page.is_enabled("#submit") and page.inner_text("#picked") == big.name
-    # a threshold between the field's steps is no error: the service takes any in [-1, 1]
-    page.fill("#cmp-threshold", "0.555")
-    assert page.evaluate("document.querySelector('#cmp-threshold').checkValidity()")
     assert page.errors == []
     page.close()

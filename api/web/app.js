@@ -185,7 +185,8 @@ function diarizeForm() {
 // files again, as a second job each.
 // The number fields checked in the browser before anything is sent (their min, max and step, as
 // the browser says it, at the field): the service checks them only once the whole upload is in,
-// so "Speakers 0" or a threshold of 5 sent all of a 500 MB recording to be refused 422.
+// so "Speakers 0" sent all of a 500 MB recording to be refused 422. (The compare and identify
+// panels' thresholds are left to the service, whose 422 says the range: two short recordings.)
 function fieldsValid(...ids) {
   return ids.every((id) => $(id).reportValidity());
 }
@@ -244,6 +245,7 @@ $("#submit").addEventListener("click", async () => {
     // every file's refusal, one a line (each replaced the one before: only the last was left)
     $("#submit-error").textContent = errors.join("\n");
     submitXhr = null;
+    const onCancel = document.activeElement === $("#cancel-upload");
     $("#cancel-upload").hidden = true;
     // a cancel says what was not sent; those files stay picked (Submit sends them), the ones
     // sent before it are jobs as any
@@ -256,6 +258,9 @@ $("#submit").addEventListener("click", async () => {
       pick(state.picked);
     } else if (unsent) {
       pick(unsent);
+      // from the keyboard, the focus was on "cancel upload", now hidden: it went to the page's
+      // top, and the next Tab started from there; it goes on from Submit, which sends them again
+      if (onCancel) $("#submit").focus();
     } else {
       pick([]);
       $("#files").value = "";
@@ -898,7 +903,6 @@ async function submitAnswer(kind, button, form, name) {
 }
 
 $("#cmp-submit").addEventListener("click", async () => {
-  if (!fieldsValid("#cmp-threshold")) return;
   const first = $("#cmp-file1").files[0], second = $("#cmp-file2").files[0];
   if (!first || !second) {
     PANELS.compare.error.textContent = "choose two recordings, one in each field";
@@ -941,7 +945,6 @@ $("#id-voiceprints").addEventListener("change", (event) => {
 });
 
 $("#id-submit").addEventListener("click", async () => {
-  if (!fieldsValid("#id-threshold")) return;
   const file = $("#id-file").files[0];
   const error = PANELS.identify.error;
   if (!file) {
