@@ -476,3 +476,29 @@ def test_a_mistyped_key_or_speaker_count_is_told_before_the_file_is_sent(web, br
     assert page.is_enabled("#submit") and page.inner_text("#picked") == big.name
     assert page.errors == []
     page.close()
+
+
+def test_an_enrollments_upload_shows_its_progress_and_leaving_asks_first(web, browser, tmp_path) -> None:  # noqa: F811
+    """A person enrolled from a few long recordings. Before: the enrollment went by fetch, so the
+    button said "enrolling…" for all the minutes the files took to send, and a reload or a click
+    on "API docs" meanwhile dropped them without asking, as a diarization's upload no longer
+    does. Now it is sent as the other uploads are: its progress on the button, and leaving asks.
+    (No worker runs here: the service's answer, whatever it is, is said in the panel.)"""
+    files = [tmp_path / f"alice-{n}.wav" for n in (1, 2)]
+    for f in files:
+        f.write_bytes(tone_wav(6.0))  # 192 KB each: 6 s to send at 64 KB/s
+    page = keyed_page(browser, web, KEY)
+    _throttled(page, 64_000)
+    page.fill("#vp-label", "Alice")
+    page.set_input_files("#vp-files", [str(f) for f in files])
+    page.click("#vp-enroll")
+    page.wait_for_selector("#vp-enroll:has-text('sending ')")
+    assert page.is_disabled("#vp-enroll")
+    with page.expect_event("dialog") as asked:
+        page.evaluate("() => { setTimeout(() => location.reload(), 0); }")
+    assert asked.value.type == "beforeunload"
+    asked.value.dismiss()
+    page.wait_for_function("() => document.querySelector('#vp-enroll').textContent === 'Enroll'", timeout=60_000)
+    assert "503" in page.inner_text("#vp-error"), page.inner_text("#vp-error")  # no worker: refused at once
+    assert page.errors == []
+    page.close()

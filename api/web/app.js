@@ -1177,7 +1177,12 @@ $("#vp-enroll").addEventListener("click", async () => {
   button.disabled = true;
   button.textContent = "enrolling…";
   try {
-    await api("/voiceprints", { method: "POST", body: form });
+    // sent as the other uploads are (send): its progress on the button, and leaving the page while
+    // it goes asks first; by fetch it said "enrolling…" for the minutes a few long recordings take
+    // to send, and a reload dropped them unasked
+    await send("/voiceprints", form, (done) => {
+      button.textContent = done < 1 ? `sending ${Math.floor(done * 100)} %` : "enrolling…";
+    });
     $("#vp-label").value = "";
     $("#vp-files").value = "";
   } catch (err) {
