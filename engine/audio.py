@@ -879,13 +879,15 @@ def _flv_duration(fh: BinaryIO) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
-# Matroska/WebM stamps every block with its time, and a recorder that writes nothing while the
-# sender is silent (WebRTC's discontinuous transmission, a muted track) leaves a gap between one
-# block's end and the next block's time. The samples were taken back to back (frame.pts dropped,
-# _read_pyav), so a 3 s pause between two 1 s sentences decoded to 2 s, the second turn reported at
-# 1 s instead of 4 s. Gaps from _TIMESTAMP_GAP_S[0] to [1] are decoded as the silence they are; a
-# longer jump (files joined, a clock reset) is left as it was, and so is a step back
-_GAP_FILLED_FORMATS = ("matroska",)
+# Matroska/WebM, MP4, MPEG-TS and Ogg stamp their packets (Ogg its pages) with their time, and a
+# recorder that writes nothing while the sender is silent (WebRTC's discontinuous transmission, a
+# muted track) leaves a gap between one packet's end and the next one's time. The samples were
+# taken back to back (frame.pts dropped, _read_pyav), so a 3 s pause between two talkers vanished
+# (7.9 s decoded to 4.9 s in each), the second one's turns reported 3 s early. Gaps from
+# _TIMESTAMP_GAP_S[0] to [1] are decoded as the silence they are; a longer jump (files joined, a
+# clock reset) is left as it was, and so is a step back. An Ogg that libsndfile reads is read
+# again by FFmpeg where it falls short of its length (_SHORT_READ)
+_GAP_FILLED_FORMATS = ("matroska", "mov", "mpegts", "ogg")
 _TIMESTAMP_GAP_S = (0.1, 60.0)
 
 
@@ -924,8 +926,8 @@ def _own_decoder(stream) -> Any | None:
     FFmpeg lacks the other)."""
     import av
 
-    # no codec context at all where FFmpeg knows no decoder for the stream (an MP4 track of an
-    # unknown sample entry): decoded, as before, into no samples (415)
+    # no codec context at all where FFmpeg has no decoder for the stream (an MP4 cut off before
+    # its sample description): decoded, as before, into no samples (415)
     name = _DTX_DECODERS.get(getattr(stream.codec_context, "name", None) or "")
     if name is None:
         return None
