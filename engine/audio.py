@@ -1084,19 +1084,17 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
                     setup = params
                 missing = timeline.gap(frame) if timeline is not None else 0.0
                 if missing:
-                    # the silence the recorder left out, in the frame's own layout and format,
-                    # a second at a time (the collector counts it against the limits as audio)
-                    template = frame.to_ndarray()
-                    per_sample = template.shape[1] // max(1, frame.samples)  # the channels, where packed
+                    # what came before goes on, then the silence the recorder left out, added as
+                    # mono at the stream's rate a second at a time (never from the frame itself:
+                    # to_ndarray of a planar frame of 8 or more channels reads past its planes)
+                    drain(final=True)
                     left = round(missing * rate)
                     while left > 0:
                         n = min(left, rate)
-                        silence = av.AudioFrame.from_ndarray(
-                            np.zeros((template.shape[0], n * per_sample), dtype=template.dtype),
-                            format=frame.format.name, layout=frame.layout.name)
-                        silence.sample_rate = rate
-                        fifo.write(silence)
-                        drain(final=False)
+                        if to_16k is None:
+                            collected.skip(n)
+                        else:
+                            to_16k.feed(np.zeros(n, dtype=np.float32))
                         left -= n
                 # the FIFO checks that timestamps run on without a gap; a damaged stream's need
                 # not, and only the samples matter here

@@ -29,6 +29,8 @@ of formats earlier rounds left alone.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import av
@@ -352,3 +354,31 @@ def test_a_jump_of_more_than_a_minute_is_left_as_it_was(utterances) -> None:
     data, _ = _with_gap(120.0, utterances)
     together, _ = _with_gap(0.0, utterances)
     assert load_audio(data).duration == pytest.approx(load_audio(together).duration, abs=0.05)
+
+
+def test_a_pause_left_out_of_an_8_channel_stream_does_not_kill_the_decoder(tmp_path) -> None:
+    """7.1 AAC in MP4 (FFmpeg's AAC decoder gives planar frames) with a 3 s gap: the silence was
+    first built from the decoded frame's own array, and to_ndarray of a planar frame of 8 channels
+    reads past its planes (PyAV 18.1): the decoding process died of SIGSEGV (exit -11), a worker
+    lost with its job. Decoded in a process of its own here, it now gives its 5 s."""
+    rate, tone = 48000, _tone(1.0, 48000)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate, layout="7.1")
+        packets = []
+        for second in range(2):
+            # packed: PyAV cannot build a planar frame of 8 channels either
+            frame = av.AudioFrame.from_ndarray(np.repeat(tone, 8)[None], format="flt", layout="7.1")
+            frame.sample_rate, frame.pts = rate, second * rate
+            packets += list(stream.encode(frame))
+        for packet in [*packets, *stream.encode(None)]:
+            if packet.pts is not None and packet.pts >= rate:
+                packet.pts = packet.dts = packet.pts + 3 * rate
+            out.mux(packet)
+    path = tmp_path / "film.m4a"
+    path.write_bytes(buf.getvalue())
+    code = f"import engine.audio as a; print(a.load_audio({str(path)!r}, reject_silence=False).duration)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(5.0, abs=0.05)
