@@ -164,7 +164,9 @@ class CrossSiteGate:
             if site in self.REFUSED:
                 response = error_response(
                     403, f"refused: a page of another site ({site.decode()}) may not send this request",
-                    "ValidationError")
+                    # the connection closed with the answer, as the 401 above: kept open, the
+                    # browser sent the whole upload (hundreds of MB) before it read this 403
+                    "ValidationError", {"Connection": "close"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

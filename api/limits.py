@@ -344,7 +344,9 @@ class RequestFramingGate:
                 shown = b", ".join(codings).decode("latin-1")[:100]
                 response = error_response(
                     415, f"Content-Encoding {shown!r}: request bodies are taken uncompressed only", "ValidationError",
-                    headers={"Accept-Encoding": "identity"})
+                    # the connection closed with the answer, as the 413 of a declared length:
+                    # kept open, the client sent all of the compressed body before it read this
+                    headers={"Accept-Encoding": "identity", "Connection": "close"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

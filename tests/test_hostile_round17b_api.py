@@ -1,0 +1,101 @@
+"""Round 17, second part: what a client sent that the API answered from the request's headers
+alone, but answered late or misleadingly. Each test fails on the code before its fix:
+
+* a request refused from its headers alone (a page of another site: 403; a host name the API
+  does not answer to: 400; a compressed body: 415) was answered at once but the connection was
+  kept, so the client went on sending the whole body (a browser does: hundreds of MB on a home
+  uplink) before it could read the answer, and uvicorn read all of it to keep the connection.
+  Each now closes the connection with its answer, as the 413 of a declared length (1928b76) and
+  the 401 (ce42b28) do.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+from tests.test_hostile_round17_api import _uvicorn_api
+
+
+@pytest.fixture(scope="module")
+def open_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str, Any, Any]]:
+    """The API under uvicorn on loopback, without keys (so its Host check is on)."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17b", {}) as api:
+        yield api
+
+
+UPLOAD = 1_000_000_000  # the Content-Length declared: a 1 GB recording
+
+
+def _refused_early(base: str, head_lines: str, first: bytes = b"") -> tuple[bytes, bytes, int]:
+    """A POST /jobs/diarize of a 1 GB body with the request head's ``head_lines``, sent as a
+    client sends it, 1 MB at a time, whatever the server answers meanwhile, until the body is
+    sent or the server closes the connection: (the answer's head, lower case; its body; the
+    bytes of the body sent)."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall((f"POST /jobs/diarize HTTP/1.1\r\n{head_lines}"
+                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {UPLOAD}\r\n\r\n").encode())
+    sent = 0
+
+    def send_body() -> None:
+        nonlocal sent
+        chunk = first + bytes((1 << 20) - len(first))
+        try:
+            while sent < UPLOAD:
+                n = min(len(chunk), UPLOAD - sent)
+                sock.sendall(chunk[:n])
+                sent += n
+                chunk = bytes(1 << 20)
+        except OSError:
+            pass  # the server closed the connection
+
+    sender = threading.Thread(target=send_body, daemon=True)
+    sender.start()
+    sock.settimeout(60)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    sender.join(60)
+    sock.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head.lower(), body, sent
+
+
+PART = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+
+
+@pytest.mark.parametrize("extra, status", [
+    ("Sec-Fetch-Site: cross-site\r\n", b" 403 "),  # a page of another site
+    ("Origin: https://elsewhere.example\r\n", b" 403 "),  # the same, from a browser without Sec-Fetch-Site
+    ("Content-Encoding: gzip\r\n", b" 415 "),
+])
+def test_a_refusal_from_the_headers_closes_the_connection(open_api, extra, status) -> None:
+    """Before: each was answered at once, and then all of the 1 GB body was taken in (sent in
+    full, 1,000,000,000 bytes). Now its answer says ``Connection: close`` and the server closes
+    the connection after it: less than a tenth of the body is ever sent (what the sockets'
+    buffers hold)."""
+    base, _, _ = open_api
+    host = base.removeprefix("http://")
+    head, body, sent = _refused_early(base, f"Host: {host}\r\n{extra}", PART)
+    assert status in head.split(b"\r\n", 1)[0], head
+    assert b"\r\nconnection: close" in head, head
+    assert b'"detail"' in body and b'"error_type"' in body
+    assert sent < UPLOAD // 10, sent
+
+
+def test_the_host_checks_refusal_closes_the_connection(open_api) -> None:
+    """A name the API does not answer to (a rebound DNS name) sending an upload: before, 400
+    and the whole 1 GB taken in; now 400, ``Connection: close``, and less than a tenth sent."""
+    base, _, _ = open_api
+    port = base.rsplit(":", 1)[1]
+    head, _, sent = _refused_early(base, f"Host: attacker.example:{port}\r\n", PART)
+    assert b" 400 " in head.split(b"\r\n", 1)[0], head
+    assert b"\r\nconnection: close" in head, head
+    assert sent < UPLOAD // 10, sent
