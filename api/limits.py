@@ -256,6 +256,15 @@ class BoundedFormRoute(APIRoute):
         return bounded
 
 
+def readable_size(n: int) -> str:
+    """``n`` bytes as a person reads them, in powers of 1024: 1073741824 is "1 GiB", 1500000000
+    "1.4 GiB", 1048576 "1 MiB", 500 "500 bytes"."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}" if n % scale else f"{n // scale} {unit}"
+    return f"{n} bytes"
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, body_timeout_s: float) -> None:
         self.app = app
@@ -272,9 +281,12 @@ class BodyLimitMiddleware:
         limit = self.max_bytes
         if content_type.split(b";", 1)[0].strip().lower() == b"application/x-www-form-urlencoded":
             limit = min(limit, MAX_URLENCODED_BYTES)
-        too_large = (f"request body is larger than the limit of {limit} bytes" if limit == self.max_bytes else
-                     f"a form without files (application/x-www-form-urlencoded) is larger than {limit} bytes; "
-                     "send uploads as multipart/form-data")
+        # the size in bytes as before (what a client may parse), then as a person reads it: "limit
+        # of 1073741824 bytes" alone had the page's user counting digits
+        too_large = (f"request body is larger than the limit of {limit} bytes ({readable_size(limit)})"
+                     if limit == self.max_bytes else
+                     f"a form without files (application/x-www-form-urlencoded) is larger than {limit} bytes "
+                     f"({readable_size(limit)}); send uploads as multipart/form-data")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             # the connection closed with the answer: kept open, the browser sent all of the body
             # before it read the 413 (a 500 MB recording uploaded in full to be refused at its

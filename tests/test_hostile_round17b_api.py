@@ -6,11 +6,15 @@ alone, but answered late or misleadingly. Each test fails on the code before its
   kept, so the client went on sending the whole body (a browser does: hundreds of MB on a home
   uplink) before it could read the answer, and uvicorn read all of it to keep the connection.
   Each now closes the connection with its answer, as the 413 of a declared length (1928b76) and
-  the 401 (ce42b28) do.
+  the 401 (ce42b28) do;
+* the 413 of a body over the upload limit said the limit in bytes only ("larger than the limit
+  of 1073741824 bytes"): it says it as a person reads it too, "(1 GiB)", after the figure in
+  bytes that a client may parse, which is unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from typing import Any, Iterator
@@ -23,7 +27,8 @@ from tests.test_hostile_round17_api import _uvicorn_api
 @pytest.fixture(scope="module")
 def open_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str, Any, Any]]:
     """The API under uvicorn on loopback, without keys (so its Host check is on)."""
-    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17b", {}) as api:
+    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17b",
+                      {"AUDIO_ANALYSIS_MAX_UPLOAD_BYTES": str(1 << 30)}) as api:
         yield api
 
 
@@ -99,3 +104,30 @@ def test_the_host_checks_refusal_closes_the_connection(open_api) -> None:
     assert b" 400 " in head.split(b"\r\n", 1)[0], head
     assert b"\r\nconnection: close" in head, head
     assert sent < UPLOAD // 10, sent
+
+
+@pytest.mark.parametrize("content_type, size, said", [
+    ("multipart/form-data; boundary=b", 2 << 30,
+     "request body is larger than the limit of 1073741824 bytes (1 GiB)"),
+    ("application/x-www-form-urlencoded", 2 << 20,
+     "a form without files (application/x-www-form-urlencoded) is larger than 1048576 bytes (1 MiB); "
+     "send uploads as multipart/form-data"),
+])
+def test_the_413_says_the_limit_as_a_person_reads_it(open_api, content_type, size, said) -> None:
+    """Before: "request body is larger than the limit of 1073741824 bytes". Now the same, and
+    "(1 GiB)"; the error's shape (detail, error_type, timestamp) is as documented."""
+    base, _, _ = open_api
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall((f"POST /jobs/diarize HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+                      f"Content-Length: {size}\r\n\r\n").encode())
+        sock.settimeout(15)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), head
+    error = json.loads(body)
+    assert set(error) == {"detail", "error_type", "timestamp"}, error
+    assert error["detail"] == said, error["detail"]
+    assert error["error_type"] == "ValidationError"
