@@ -320,12 +320,17 @@ def check_url(url: str, *, field: str, allowed_hosts: list[str], allow_private: 
     Resolves the host (blocking: call it from a thread in async code), for at most ``timeout``
     seconds when given (422 past it).
     """
+    if len(url) > max_length:
+        # said as what it is: "must be an absolute http(s) URL" sent the client looking for a
+        # mistake in a URL that was only too long (a presigned URL's signature, a long query)
+        raise InputError(f"{field} is {len(url)} characters long, longer than the limit of {max_length}: "
+                         "give a shorter URL (a presigned URL with fewer parameters, a shortened link)")
     try:
         parts = urlsplit(url)
         port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     except ValueError:
         raise InputError(f"{field} must be an absolute http(s) URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or len(url) > max_length:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InputError(f"{field} must be an absolute http(s) URL")
     # whitespace and control characters (CR LF: header injection) have no place in a URL; httpx
     # would refuse them only when connecting, long after the caller could be told. Nor have

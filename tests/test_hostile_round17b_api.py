@@ -9,7 +9,9 @@ alone, but answered late or misleadingly. Each test fails on the code before its
   the 401 (ce42b28) do;
 * the 413 of a body over the upload limit said the limit in bytes only ("larger than the limit
   of 1073741824 bytes"): it says it as a person reads it too, "(1 GiB)", after the figure in
-  bytes that a client may parse, which is unchanged.
+  bytes that a client may parse, which is unchanged;
+* a ``file_url`` (or ``webhook_url``) longer than its limit was told "must be an absolute http(s)
+  URL", though it was one: it is told it is too long, and the limit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import socket
 import threading
 from typing import Any, Iterator
 
+import httpx
 import pytest
 
 from tests.test_hostile_round17_api import _uvicorn_api
@@ -131,3 +134,21 @@ def test_the_413_says_the_limit_as_a_person_reads_it(open_api, content_type, siz
     assert set(error) == {"detail", "error_type", "timestamp"}, error
     assert error["detail"] == said, error["detail"]
     assert error["error_type"] == "ValidationError"
+
+
+@pytest.mark.parametrize("field, limit", [("file_url", 8192), ("webhook_url", 2048)])
+def test_a_url_too_long_is_told_so(open_api, field, limit) -> None:
+    """Before: 422 "file_url must be an absolute http(s) URL" for an absolute https URL of
+    9,000 characters. Now 422 saying it is too long and what the limit is; one character
+    shorter than the limit is not refused for its length."""
+    base, _, _ = open_api
+    long = "https://bucket.example.com/m.wav?X-Amz-Signature=" + "a" * (limit + 1)
+    form = {"file_url": "https://bucket.example.com/m.wav", field: long}
+    r = httpx.post(f"{base}/jobs/diarize", data=form, timeout=30)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"detail", "error_type", "timestamp"}
+    assert r.json()["detail"] == (f"{field} is {len(long)} characters long, longer than the limit of {limit}: give "
+                                  "a shorter URL (a presigned URL with fewer parameters, a shortened link)"), r.json()
+    fits = long[:limit]
+    r = httpx.post(f"{base}/jobs/diarize", data={**form, field: fits}, timeout=30)
+    assert "characters long" not in r.text and "absolute" not in r.text, r.text
