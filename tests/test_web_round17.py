@@ -502,3 +502,29 @@ def test_an_enrollments_upload_shows_its_progress_and_leaving_asks_first(web, br
     assert "503" in page.inner_text("#vp-error"), page.inner_text("#vp-error")  # no worker: refused at once
     assert page.errors == []
     page.close()
+
+
+def test_a_result_without_speech_says_so(web, store, browser) -> None:  # noqa: F811
+    """A recording in which no speech was found (silence, music, a dial tone): before, the
+    timeline was an empty box and the summary read "0 speakers, 0 turns, 12.0 s; ", cut short,
+    as if the page had failed to draw the result. Now both say that no speech was found; a
+    result with speech is summed up as before, one speaker said as one."""
+    empty = _submit(web, "hold-music.wav")
+    _succeed(store, empty, {"diarization_results": [], "processing_time": 1.0, "audio_duration": 12.0,
+                            "segments_count": 0, "model_device": "cpu"})
+    spoken = _submit(web, "voicemail.wav")
+    _succeed(store, spoken, _result(3, 1, 30.0))
+    page = keyed_page(browser, web, KEY, width=1280, height=900)
+    page.wait_for_selector(f"#recent tbody tr[data-job-id='{empty}'] button.show").click()
+    page.wait_for_selector("#summary:not(:empty)", timeout=10_000)
+    assert page.inner_text("#summary") == "No speech found in 12.0 s of audio: no speaker, no turn."
+    assert page.inner_text("#timeline").strip() == "No speech found in this recording."
+    assert page.is_visible("#timeline .no-speech")
+    assert page.eval_on_selector_all("#timeline .lane", "lanes => lanes.length") == 0
+
+    _show(page, spoken)
+    summary = page.inner_text("#summary")
+    assert summary.startswith("1 speaker, 3 turns, 30.0 s; SPEAKER_00 "), summary
+    assert page.query_selector("#timeline .no-speech") is None
+    assert page.errors == []
+    page.close()

@@ -555,8 +555,20 @@ function showTimeline(entry, reveal = false) {
   lanes.appendChild(cursor);
   timeline.appendChild(lanes);
   const seconds = speakers.map((s) => bySpeaker.get(s).reduce((a, t) => a + t.end - t.start, 0));
-  $("#summary").textContent = `${speakers.length} speakers, ${turns.length} turns, ${duration.toFixed(1)} s; ` +
-    speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
+  if (!turns.length) {
+    // no speech found (silence, music, a tone): the timeline was an empty box and the summary
+    // "0 speakers, 0 turns, 12.0 s; ", cut short, as if the page had failed to draw the result
+    const heard = (result.audio_duration || 0).toFixed(1);
+    const none = document.createElement("p");
+    none.className = "no-speech hint";
+    none.textContent = "No speech found in this recording.";
+    timeline.insertBefore(none, lanes);
+    $("#summary").textContent = `No speech found in ${heard} s of audio: no speaker, no turn.`;
+  } else {
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    $("#summary").textContent = `${plural(speakers.length, "speaker")}, ${plural(turns.length, "turn")}, ` +
+      `${duration.toFixed(1)} s; ` + speakers.map((s, i) => `${named[i]} ${seconds[i].toFixed(1)} s`).join(", ");
+  }
   layout();
   listTurns(turns, speakers, named);
   if (reveal) {
