@@ -11,7 +11,11 @@ alone, but answered late or misleadingly. Each test fails on the code before its
   of 1073741824 bytes"): it says it as a person reads it too, "(1 GiB)", after the figure in
   bytes that a client may parse, which is unchanged;
 * a ``file_url`` (or ``webhook_url``) longer than its limit was told "must be an absolute http(s)
-  URL", though it was one: it is told it is too long, and the limit.
+  URL", though it was one: it is told it is too long, and the limit;
+* a compare job cancelled while its worker read its first file's header had its uploads removed
+  at once (as a cancel does), and the worker, finding the second file gone, logged an ERROR
+  blaming the service's storage ("the API and the workers must share one storage"), though the
+  job stayed "cancelled": it logs, at INFO, that the cancelled job's files were removed.
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from typing import Any, Iterator
 
 import httpx
 import pytest
+
+from tests.conftest import tone_wav
 
 from tests.test_hostile_round17_api import _uvicorn_api
 
@@ -152,3 +159,66 @@ def test_a_url_too_long_is_told_so(open_api, field, limit) -> None:
     fits = long[:limit]
     r = httpx.post(f"{base}/jobs/diarize", data={**form, field: fits}, timeout=30)
     assert "characters long" not in r.text and "absolute" not in r.text, r.text
+
+
+@pytest.fixture(scope="module")
+def held_probe(settings, tmp_path_factory):
+    """A private Redis, the API in-process, and one real worker (tests/_held_probe_worker.py)
+    whose first job holds in its first file's header check until ``release`` exists."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from cli.launcher import Stack, free_port
+    from tests.test_reliability import PrivateStack
+
+    base = tmp_path_factory.mktemp("held-probe")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    changes = {"redis_url": url, "storage_dir": base / "uploads", "queue_name": "audio-held-probe"}
+    env = {
+        "REDIS_URL": url, "AUDIO_ANALYSIS_REDIS_URL": url, "AUDIO_ANALYSIS_STORAGE_DIR": str(changes["storage_dir"]),
+        "AUDIO_ANALYSIS_QUEUE_NAME": "audio-held-probe",
+        "HELD_PROBE_MARKER": str(base / "held"), "HELD_PROBE_RELEASE": str(base / "release"),
+    }
+    p = PrivateStack(base, settings.model_copy(update=changes), env, port, Stack(log_dir=base),
+                     worker_module="tests._held_probe_worker")
+    try:
+        p.start_redis()
+        with TestClient(create_app(p.settings), raise_server_exceptions=False) as client:
+            p.client = client
+            yield p
+    finally:
+        p.stack.stop()
+
+
+def test_a_cancelled_compare_is_logged_as_cancelled_not_as_a_storage_fault(held_probe) -> None:
+    """Before: the worker logged "ERROR ... job J: its upload J/file2... is not in this worker's
+    storage ... the API and the workers must share one storage" for a job its client had
+    cancelled. Now: "INFO ... job J cancelled while it started: its files were removed", no
+    ERROR, and the job ends "cancelled", its files gone."""
+    p = held_probe
+    p.worker("w1")
+    r = p.client.post("/jobs/compare", files={"file1": ("alice.wav", tone_wav(1.0), "audio/wav"),
+                                              "file2": ("unknown.wav", tone_wav(1.0), "audio/wav")})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    marker = p.base / "held"
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, f"the worker never reached the header check: {p.log('w1')[-2000:]}"
+        time.sleep(0.05)
+    r = p.client.post(f"/jobs/{job_id}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    (p.base / "release").write_text("go")
+    deadline = time.monotonic() + 60
+    while f"job {job_id} cancelled while it started" not in p.log("w1") \
+            and "must share one storage" not in p.log("w1"):
+        assert time.monotonic() < deadline, p.log("w1")[-3000:]
+        time.sleep(0.1)
+    log = p.log("w1")
+    assert "must share one storage" not in log, log[-3000:]
+    said = next(line for line in log.splitlines() if f"job {job_id} cancelled while it started" in line)
+    assert '"level": "INFO"' in said and "its files were removed" in said, said
+    assert not [line for line in log.splitlines() if '"level": "ERROR"' in line or "ERROR/" in line], log[-3000:]
+    assert p.client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
+    assert not (p.base / "uploads" / job_id).exists()

@@ -210,6 +210,15 @@ def _run(task: Task, job_id: str, kind: JobKind, legacy_params: dict[str, Any] |
         return _run_leased(task, job_id, kind, jobs, storage, lease, legacy_params)
 
 
+def _cancelled(jobs: JobStore, job_id: str) -> bool:
+    """Whether the job's record says it was cancelled (a job store out of reach: not known, no)."""
+    try:
+        record = jobs.get(job_id)
+    except redis.RedisError:
+        return False
+    return record is not None and record.status == CANCELLED
+
+
 def _missing_upload(record: JobRecord, key: str, jobs: JobStore) -> ProcessingError:
     """Why a job's upload is not in storage, for its client and its operator. It said "no longer
     in storage (expired)" whatever the cause, and the usual one is not expiry: an API and workers
@@ -313,6 +322,11 @@ def _run_leased(
 
             def path_of(key: str, audio: bool = True) -> Path:
                 if not storage.exists(key):
+                    if _cancelled(jobs, job_id):
+                        # cancelled while its other files were read: the cancel removed its
+                        # uploads at once; no fault of the storage (it was logged as one)
+                        log.info("job %s cancelled while it started: its files were removed (%s)", job_id, key)
+                        raise JobCancelled(job_id)
                     raise _missing_upload(running, key, jobs)
                 path = stack.enter_context(storage.local_path(key))
                 if audio:
