@@ -11,7 +11,7 @@ from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.deps import ApiKeyGate, CrossSiteGate
+from api.deps import ApiKeyGate, CrossSiteGate, QuotaGate
 from api.forms import refuse_loose_numbers, refuse_repeated_query
 from api.hosts import HostGate
 from api.dispatch import Dispatcher
@@ -200,6 +200,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     # innermost: everything outside sees the request as the HEAD it is
     app.add_middleware(HeadAsGetMiddleware)
+    # a tenant at its quota of jobs is refused before the body is read (inside the body limit:
+    # a body over the limit is told so first, as before)
+    app.add_middleware(QuotaGate, settings=settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, body_timeout_s=settings.http_body_timeout_s)
     # outside the body limit: a request without a valid key is refused before its body is read
     app.add_middleware(ApiKeyGate, settings=settings)

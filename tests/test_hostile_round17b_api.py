@@ -15,7 +15,9 @@ alone, but answered late or misleadingly. Each test fails on the code before its
 * a compare job cancelled while its worker read its first file's header had its uploads removed
   at once (as a cancel does), and the worker, finding the second file gone, logged an ERROR
   blaming the service's storage ("the API and the workers must share one storage"), though the
-  job stayed "cancelled": it logs, at INFO, that the cancelled job's files were removed.
+  job stayed "cancelled": it logs, at INFO, that the cancelled job's files were removed;
+* a tenant at its quota of unfinished jobs was refused 429 only once its whole upload had been
+  received (and spooled): it is refused from the request's headers, and the connection closed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def open_api(service_env, settings, tmp_path_factory) -> Iterator[tuple[str, Any
 UPLOAD = 1_000_000_000  # the Content-Length declared: a 1 GB recording
 
 
-def _refused_early(base: str, head_lines: str, first: bytes = b"") -> tuple[bytes, bytes, int]:
+def _refused_early(base: str, head_lines: str, first: bytes = b"", upload: int = UPLOAD) -> tuple[bytes, bytes, int]:
     """A POST /jobs/diarize of a 1 GB body with the request head's ``head_lines``, sent as a
     client sends it, 1 MB at a time, whatever the server answers meanwhile, until the body is
     sent or the server closes the connection: (the answer's head, lower case; its body; the
@@ -53,15 +55,15 @@ def _refused_early(base: str, head_lines: str, first: bytes = b"") -> tuple[byte
     host, port = base.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall((f"POST /jobs/diarize HTTP/1.1\r\n{head_lines}"
-                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {UPLOAD}\r\n\r\n").encode())
+                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {upload}\r\n\r\n").encode())
     sent = 0
 
     def send_body() -> None:
         nonlocal sent
         chunk = first + bytes((1 << 20) - len(first))
         try:
-            while sent < UPLOAD:
-                n = min(len(chunk), UPLOAD - sent)
+            while sent < upload:
+                n = min(len(chunk), upload - sent)
                 sock.sendall(chunk[:n])
                 sent += n
                 chunk = bytes(1 << 20)
@@ -222,3 +224,25 @@ def test_a_cancelled_compare_is_logged_as_cancelled_not_as_a_storage_fault(held_
     assert not [line for line in log.splitlines() if '"level": "ERROR"' in line or "ERROR/" in line], log[-3000:]
     assert p.client.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
     assert not (p.base / "uploads" / job_id).exists()
+
+
+def test_a_tenant_at_its_jobs_quota_is_refused_before_its_upload_is_sent(service_env, settings,
+                                                                        tmp_path_factory) -> None:
+    """A tenant allowed 1 unfinished job, with one queued (no worker takes it), sends another
+    of 200 MB. Before: all 200 MB were received and spooled, then refused (this body, never
+    finished, as a 400). Now: 429 with Retry-After and ``Connection: close`` from the headers,
+    less than a tenth of the body sent. A retry whose Idempotency-Key names the queued job is
+    still answered from its key (202), not refused by the job it holds."""
+    with _uvicorn_api(service_env, settings, tmp_path_factory, "r17bq",
+                      {"AUDIO_ANALYSIS_TENANT_MAX_UNFINISHED_JOBS": "1"}) as (base, _, _):
+        first = {"file": ("a.wav", tone_wav(0.5), "audio/wav")}
+        r = httpx.post(f"{base}/jobs/diarize", files=first, headers={"Idempotency-Key": "r17b-first"}, timeout=30)
+        assert r.status_code == 202, r.text
+        host = base.removeprefix("http://")
+        head, body, sent = _refused_early(base, f"Host: {host}\r\n", PART, upload=200_000_000)
+        assert b" 429 " in head.split(b"\r\n", 1)[0], head
+        assert b"\r\nconnection: close" in head and b"\r\nretry-after: 30" in head, head
+        assert json.loads(body)["detail"].startswith("the service has 1 job queued or running"), body
+        assert sent < 20_000_000, sent
+        again = httpx.post(f"{base}/jobs/diarize", files=first, headers={"Idempotency-Key": "r17b-first"}, timeout=30)
+        assert again.status_code == 202 and again.json()["job_id"] == r.json()["job_id"], again.text
