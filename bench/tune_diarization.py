@@ -108,6 +108,10 @@ def main() -> None:
                              "every frame of a chunk counts the same, as pyannote's)")
     parser.add_argument("--conversations", type=int, default=8)
     parser.add_argument("--many", type=int, default=8)
+    parser.add_argument("--minors-apart", type=int, nargs="+", choices=(0, 1), default=[1],
+                        help="1: a small cluster like a minor talker joins it, one like a main speaker folds into a "
+                             "main speaker; 0: every small cluster folds into the nearest speaker kept "
+                             "(engine.pipelines.embedded, before 2026-12-06)")
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--long-guests", type=int, default=0,
                         help="this many LibriSpeech readers who speak once, 3-6 s, laid in pauses of the long "
@@ -141,10 +145,10 @@ def main() -> None:
             for name, s, _ in data
         ]
         first_pass_s = None
-        trials = ((m, t, d, sh, lam, ref, sig) for m in args.min_cluster_sizes for t in args.thresholds
+        trials = ((m, t, d, sh, lam, ref, sig, apart) for m in args.min_cluster_sizes for t in args.thresholds
                   for d in args.distinct_distances for sh in args.min_cluster_shares for lam in args.spread_lambdas
-                  for ref in args.spread_references for sig in args.centre_sigmas)
-        for mcs, threshold, distinct, share, lam, ref, sigma in trials:
+                  for ref in args.spread_references for sig in args.centre_sigmas for apart in args.minors_apart)
+        for mcs, threshold, distinct, share, lam, ref, sigma, apart in trials:
             params = pipeline.parameters(instantiated=True)
             params["clustering"].update(threshold=threshold, min_cluster_size=mcs)
             pipeline.instantiate(params)
@@ -153,6 +157,7 @@ def main() -> None:
             pipeline.clustering.spread_lambda = lam
             pipeline.clustering.spread_reference = ref
             pipeline.centre_sigma = sigma or None
+            pipeline.clustering.minors_apart = bool(apart)
             started = time.perf_counter()
             ders, found, count_err, short_err = {}, {}, [], []
             meet_err, meet_parts, guests = [], [], ""
@@ -190,7 +195,7 @@ def main() -> None:
             # the meetings' DER in its parts, averaged once
             miss, false_alarm, confusion = np.mean(meet_parts, axis=0) if meet_parts else (float("nan"),) * 3
             print(
-                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} c{sigma:<5} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
+                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} c{sigma:<5} a{apart} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
                 f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}"
                 + (f"  short DER {np.mean(pick('solo') + pick('duo')):.3f}, count err {np.mean(short_err):.2f}"

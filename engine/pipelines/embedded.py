@@ -10,7 +10,9 @@
   clusters of any size. pyannote's version settles
   for "the closest it found" and prints about it on stdout. Unconstrained, a small cluster unlike
   every speaker (cosine distance above ``distinct_distance``) stays a speaker of its own instead
-  of being folded in (a minor talker). Speakers too short to embed inherit
+  of being folded in (a minor talker); two such clusters alike are one minor talker, and a small
+  cluster like a main speaker is folded into a main speaker, not into a minor talker kept on one
+  embedding (``minors_apart``). Speakers too short to embed inherit
   the cluster of the local speaker they continue in the neighbouring chunk instead of cluster 0.
   Where the recording's own within-talker spread is high (a room, noise), clusters of a few
   embeddings merge more readily than the threshold alone allows (``_merge_spread``).
@@ -316,6 +318,11 @@ class ExactCountClustering(AgglomerativeClustering):
     spread_reference: float = 0.85
     # this recording's spread, measured in __call__ (which has the segmentation) for ``cluster``
     _spread: float | None = None
+    # minor talkers are kept apart from the main speakers' fragments: a small cluster like a
+    # minor talker kept before it joins that talker, and one like a main speaker is not folded
+    # into a minor talker kept on one embedding (_keep_distinct, ``cluster``); False: every small
+    # cluster folds into the nearest speaker kept, minor or main (before 2026-12-06)
+    minors_apart: bool = True
 
     def filter_embeddings(self, embeddings, segmentations=None, **kwargs):
         train, chunk_idx, speaker_idx = super().filter_embeddings(embeddings, segmentations=segmentations, **kwargs)
@@ -364,6 +371,16 @@ class ExactCountClustering(AgglomerativeClustering):
         else:
             # a bound alone folds the minor talkers past it, the farthest kept first
             keep = keep[: target or max_clusters]
+            if self.minors_apart and self.distinct_distance is not None:
+                # a minor talker kept on one embedding (one moment unlike everyone) is no centre
+                # to gather others around: a small cluster within the distinct distance of a main
+                # speaker goes to the nearest main speaker or minor talker of min_cluster_size,
+                # not to a nearer lone one (such a singleton drew 5 fragments of three talkers:
+                # 15 s of an extra speaker in a 10 min meeting, see docs/models.md); a small
+                # cluster unlike every main speaker still goes to the nearest kept, lone or not
+                sizes = np.bincount(clusters)[keep]
+                main = keep[(np.arange(len(keep)) < large_count) | (sizes >= self.min_cluster_size)]
+                return _fold_into(unit, clusters, keep, self.metric, main=main, near=self.distinct_distance)
         return _fold_into(unit, clusters, keep, self.metric)
 
     def _free_speakers(self, unit: np.ndarray, clusters: np.ndarray, free_size: int) -> tuple[np.ndarray, int]:
@@ -379,7 +396,8 @@ class ExactCountClustering(AgglomerativeClustering):
             keep = largest[[int(np.argmin(cdist(_centroids(unit, clusters, largest), middle, metric=self.metric)))]]
         large_count = len(keep)
         if self.distinct_distance is not None:
-            keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance)
+            keep = _keep_distinct(unit, clusters, keep, self.metric, self.distinct_distance,
+                                  join_minors=self.minors_apart)
         return keep, large_count
 
     def __call__(self, embeddings, segmentations=None, **kwargs):
@@ -439,9 +457,11 @@ DISTINCT_MIN_SHARE = 0.001
 
 
 def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str,
-                   distance: float) -> np.ndarray:
+                   distance: float, join_minors: bool = False) -> np.ndarray:
     """``keep`` plus the small clusters unlike every kept one (centroid distance above ``distance``),
-    farthest first.
+    farthest first. With ``join_minors``, a small cluster unlike every kept one but like a minor
+    talker kept before it (within ``distance``) is that talker: it is merged into it in
+    ``clusters`` (changed in place) instead of being a speaker of its own.
 
     A talker with a few seconds in a meeting gives one or two chunk embeddings: a cluster below
     ``min_cluster_size``, which pyannote folds into the nearest speaker whatever the distance. If
@@ -461,20 +481,41 @@ def _keep_distinct(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, met
     nearest = cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric).min(axis=0)
     order = np.argsort(-nearest, kind="stable")
     distinct = [small[i] for i in order if nearest[i] > distance]
+    if join_minors and len(distinct) > 1:
+        # one guest's few seconds can come out as two small clusters (two 2 s rows of one 5 s
+        # turn 0.46 apart: too far for the threshold's merge, near enough to be one voice by the
+        # verification threshold); the farthest from the main speakers first, as above
+        minors: list[int] = []
+        for k in distinct:
+            if minors:
+                gaps = cdist(_centroids(unit, clusters, np.asarray([k])),
+                             _centroids(unit, clusters, np.asarray(minors)), metric=metric)[0]
+                if gaps.min() <= distance:
+                    clusters[clusters == k] = minors[int(np.argmin(gaps))]
+                    continue
+            minors.append(k)
+        distinct = minors
     return np.concatenate([keep, np.asarray(distinct, dtype=keep.dtype)]) if distinct else keep
 
 
-def _fold_into(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str) -> np.ndarray:
-    """Fold every cluster not in ``keep`` into the nearest kept one (by centroid); 0..K-1 labels."""
+def _fold_into(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, metric: str,
+               main: np.ndarray | None = None, near: float | None = None) -> np.ndarray:
+    """Fold every cluster not in ``keep`` into the nearest kept one (by centroid), or into the
+    nearest of ``main`` when one of those is within ``near``; 0..K-1 labels."""
     labels = np.unique(clusters)
     if len(keep) == 0:
         return np.zeros_like(clusters)
     small = np.setdiff1d(labels, keep)
     if len(small):
-        nearest = np.argmin(cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric),
-                            axis=0)
-        for k, j in zip(small, nearest):
-            clusters[clusters == k] = keep[j]
+        distances = cdist(_centroids(unit, clusters, keep), _centroids(unit, clusters, small), metric=metric)
+        targets = keep[np.argmin(distances, axis=0)]
+        if main is not None and near is not None and len(main):
+            in_main = np.isin(keep, main)
+            to_main = np.where(in_main[:, None], distances, np.inf)
+            like_main = to_main.min(axis=0) <= near
+            targets = np.where(like_main, keep[np.argmin(to_main, axis=0)], targets)
+        for k, j in zip(small, targets):
+            clusters[clusters == k] = j
     return np.unique(clusters, return_inverse=True)[1]
 
 
