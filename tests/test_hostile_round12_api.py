@@ -290,5 +290,7 @@ def test_names_in_hangul_and_braille_are_still_names() -> None:
     from shared.voiceprints import clean_label
 
     for name in ("\ud55c\uad6d\uc5b4", "\u2801\u2803", "Ann \u2800", "\u3164\ud55c"):
-        assert clean_label(name) == name
+        # a Hangul filler before everything modifies nothing and is drawn as nothing: a label is
+        # stored without it (round 17, shared.voiceprints._without_invisible), still a name
+        assert clean_label(name) == ("\ud55c" if name == "\u3164\ud55c" else name)
         assert file_name(name) == name

@@ -286,8 +286,14 @@ def test_a_tenants_thousand_deferred_deliveries_leave_another_tenants_prompt(ser
         # A holds its one slot, and every other delivery of A's is still owed, at no attempt
         assert receivers.most_waiting == 1
         records = store.get_many(hanging)
-        assert sum(1 for r in records if r.webhook.attempts == 0) >= 999, [r.webhook for r in records[:3]]
-        assert all(store.webhook_due_at(j) is not None for j in hanging)
+        # a receiver answers after 60 s (_Receivers.release.wait): on a loaded machine the one
+        # holding A's slot may have been delivered by now, once, and the next taken its slot
+        delivered = [r for r in records if r.webhook.status == "delivered"]
+        assert all(r.webhook.attempts == 1 for r in delivered), [r.webhook for r in delivered]
+        owed_still = [j for j, r in zip(hanging, records) if r.webhook.status != "delivered"]
+        assert sum(1 for r in records if r.webhook.attempts == 0) + len(delivered) >= 999, \
+            [r.webhook for r in records[:3]]
+        assert all(store.webhook_due_at(j) is not None for j in owed_still)
     finally:
         receivers.close()
         stack.stop()
