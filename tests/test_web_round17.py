@@ -197,15 +197,7 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_all_sent(web, browser,
         f.write(tone_wav(1.0))
         f.truncate(20_000_000)
     page = keyed_page(browser, web, KEY)
-    # the largest share of the body the browser reported sent, from its own upload progress
-    page.evaluate("""() => {
-        window.__sent = 0;
-        const send = XMLHttpRequest.prototype.send;
-        XMLHttpRequest.prototype.send = function (body) {
-            this.upload.addEventListener('progress', e => { window.__sent = Math.max(window.__sent, e.loaded / e.total); });
-            return send.call(this, body);
-        };
-    }""")
+    _sent_share(page)
     _throttled(page, 2_000_000)
     page.set_input_files("#files", str(big))
     page.click("#submit")
