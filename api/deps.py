@@ -130,11 +130,7 @@ class ApiKeyGate:
             try:
                 authenticate(raw.decode("latin-1") if raw is not None else None, self.settings, count=len(sent))
             except AuthError as exc:
-                # the connection closed with the answer, as the 413 of a declared length
-                # (api/limits.py): kept open, a browser sent the whole upload (500 MB with a
-                # mistyped key) before it read this 401
-                response = error_response(401, exc.detail, exc.error_type,
-                                          {"WWW-Authenticate": "X-API-Key", "Connection": "close"})
+                response = error_response(401, exc.detail, exc.error_type, {"WWW-Authenticate": "X-API-Key"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -191,7 +187,7 @@ class QuotaGate:
                                     Quota(max_jobs=self.settings.tenant_max_unfinished_jobs), [(new_job_id(), 0)])
         except QuotaExceeded as exc:
             return error_response(exc.status_code, exc.detail, exc.error_type,
-                                  {"Retry-After": str(QUOTA_RETRY_AFTER_S), "Connection": "close"})
+                                  {"Retry-After": str(QUOTA_RETRY_AFTER_S)})
         except Exception:  # noqa: BLE001 - the job store out of reach: the route answers as before
             return None
         return None
@@ -222,9 +218,7 @@ class CrossSiteGate:
             if site in self.REFUSED:
                 response = error_response(
                     403, f"refused: a page of another site ({site.decode()}) may not send this request",
-                    # the connection closed with the answer, as the 401 above: kept open, the
-                    # browser sent the whole upload (hundreds of MB) before it read this 403
-                    "ValidationError", {"Connection": "close"})
+                    "ValidationError")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -109,10 +109,7 @@ class HostGate:
                     response = error_response(
                         400, f"refused: this API does not answer to the host {shown!r} (a name another site may have "
                              "pointed at this address); reach it as localhost or by its address, or list the name "
-                             "in AUDIO_ANALYSIS_ALLOWED_HOSTS", "ValidationError",
-                        # the connection closed with the answer, as the 401 (api/deps.py): kept
-                        # open, the client sent its whole upload before it read this 400
-                        headers={"Connection": "close"})
+                             "in AUDIO_ANALYSIS_ALLOWED_HOSTS", "ValidationError")
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)

@@ -288,10 +288,9 @@ class BodyLimitMiddleware:
                      f"a form without files (application/x-www-form-urlencoded) is larger than {limit} bytes "
                      f"({readable_size(limit)}); send uploads as multipart/form-data")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            # the connection closed with the answer: kept open, the browser sent all of the body
-            # before it read the 413 (a 500 MB recording uploaded in full to be refused at its
-            # first byte; minutes on a home uplink) and uvicorn read it all to keep the connection
-            response = error_response(413, too_large, "ValidationError", headers={"Connection": "close"})
+            # the connection closes with the answer (CloseUnreadBody): a 500 MB recording was
+            # uploaded in full, minutes on a home uplink, to be refused at its first byte
+            response = error_response(413, too_large, "ValidationError")
             await response(scope, receive, send)
             return
 
@@ -321,6 +320,48 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class CloseUnreadBody:
+    """A response started before its request's body was all received closes the connection.
+
+    Every refusal made from a request's headers (a declared length over the limit, a compressed
+    body, a host this API is not reached by, another site's page, a missing key, a tenant at its
+    quota, a form field in the query) is answered while the client is still sending. Kept open,
+    the connection had uvicorn read and drop the whole body to serve the next request on it, and a
+    client (a browser above all) sent all of it, hundreds of MB, before it read the answer. With
+    ``Connection: close`` the server stops reading and the client stops sending at once. A
+    response to a request whose body was read, or that had none, is left as it is."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _declares_body(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        received = False
+
+        async def watched_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                received = True
+            return message
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and not received:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, watched_receive, closing_send)
+
+
+def _declares_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request's head says a body follows (chunked, or a length other than 0)."""
+    return any(k.lower() == b"transfer-encoding" or (k.lower() == b"content-length" and v.strip() not in (b"", b"0"))
+               for k, v in headers)
+
+
 class RequestFramingGate:
     """Requests whose body is framed ambiguously, or encoded in a way the API does not decode,
     are refused before anything reads them.
@@ -348,17 +389,14 @@ class RequestFramingGate:
                     headers={"Connection": "close"})
                 await response(scope, receive, send)
                 return
-            has_body = b"transfer-encoding" in names or any(
-                k.lower() == b"content-length" and v.strip() not in (b"", b"0") for k, v in scope["headers"])
+            has_body = _declares_body(scope["headers"])
             codings = [c.strip().lower() for k, v in scope["headers"] if k.lower() == b"content-encoding"
                        for c in v.split(b",") if c.strip()]
             if has_body and any(c != b"identity" for c in codings):
                 shown = b", ".join(codings).decode("latin-1")[:100]
                 response = error_response(
                     415, f"Content-Encoding {shown!r}: request bodies are taken uncompressed only", "ValidationError",
-                    # the connection closed with the answer, as the 413 of a declared length:
-                    # kept open, the client sent all of the compressed body before it read this
-                    headers={"Accept-Encoding": "identity", "Connection": "close"})
+                    headers={"Accept-Encoding": "identity"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

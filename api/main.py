@@ -15,7 +15,7 @@ from api.deps import ApiKeyGate, CrossSiteGate, QuotaGate
 from api.forms import refuse_loose_numbers, refuse_repeated_query
 from api.hosts import HostGate
 from api.dispatch import Dispatcher
-from api.limits import BodyLimitMiddleware, RequestFramingGate
+from api.limits import BodyLimitMiddleware, CloseUnreadBody, RequestFramingGate
 from api.metrics import build_registry
 from api.routes import analyses, jobs, ops, voiceprints, web, webhooks
 from shared import logs
@@ -212,6 +212,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HostGate, settings=settings)
     # and, before all of these, a body framed two ways (request smuggling) or compressed
     app.add_middleware(RequestFramingGate)
+    # around every refusal above and in the routes: one answered before its body was all read
+    # closes the connection, so that the client stops sending
+    app.add_middleware(CloseUnreadBody)
 
     app.add_middleware(LatencyMiddleware, latency=latency)
     # a keyed request's answer, refusals included, is kept by no cache
