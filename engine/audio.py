@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable, Union
 import numpy as np
 
 from shared.audio_limits import (  # noqa: F401  (re-exported)
-    MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
+    DECLARED_SLACK, MAX_CHANNELS, MAX_SAMPLE_RATE, MAX_STREAMS, MIN_SAMPLE_RATE, PYAV_OPTIONS, UNKNOWN_FRAMES, AudioInfo,
     NotAudioError, check_ape, check_audio_limits, check_channels, check_containers, check_decode_work, check_id3, check_matroska,
     check_mp4_edits, check_ogg_comments, check_riff_chunks, declared_duration, decode_work_factor, ffmpeg_input, flac_starts,
     id3_end, ogg_chained, ogg_link_starts, probe, pyav_options, stream_channels, wav_data_unsized, xing_count,
@@ -84,8 +84,9 @@ _PACKED_FROM = 8
 # 10x as long to decode as the same frames in two runs (0.48 s against 0.05 s for 1128 frames;
 # a day of them about 9 min). Joined recordings change a few times, not on every frame
 _MAX_FORMAT_CHANGES = 1000
-# (factor, seconds): decoding may run to factor x the declared length + seconds
-_DECLARED_SLACK = (2.0, 60.0)
+# (factor, seconds): decoding may run to factor x the declared length + seconds (shared with the
+# header check's test of a stated length against the bytes that could hold it)
+_DECLARED_SLACK = DECLARED_SLACK
 # MP3 frames decoded and dropped before each such block (_parallel_plan): an MP3 frame may take
 # its bits from up to 511 bytes of earlier frames (the bit reservoir), which mpg123 has not read
 # right after a seek: a 32 kbps MP3 gave errors of 0.24 in its first frames, an 8 kbps one still

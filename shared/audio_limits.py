@@ -1855,12 +1855,15 @@ def declared_duration(container, stream) -> float | None:
 # The demuxers whose length FFmpeg takes as the span of the file's timestamps (its last less its
 # first): MPEG transport and program streams, which carry no length of their own
 _SPAN_OF_TIMESTAMPS = ("mpegts", "mpeg")
+# (factor, seconds): a forged header's length is held to factor x it + seconds as the file
+# decodes (engine/audio.py), and a stated length is tested against its bytes with the same slack
+DECLARED_SLACK = (2.0, 60.0)
 
 
 def _bytes_could_hold(container, stream, seconds: float) -> bool:
     """Whether ``container``'s bytes could hold ``seconds`` of ``stream`` at the bitrate its codec
     states (an MP2, MP3 or AC-3 frame header's; FFmpeg's guess from the first frames for AAC),
-    with the slack a forged header is given as it decodes (engine/audio.py's _DECLARED_SLACK):
+    with the slack a forged header is given as it decodes (:data:`DECLARED_SLACK`):
     True where either is unknown.
 
     A timestamp that jumps (a broadcast recording across a programme change, TS recordings
@@ -1872,7 +1875,8 @@ def _bytes_could_hold(container, stream, seconds: float) -> bool:
     size = getattr(container, "size", -1) or -1
     if bit_rate <= 0 or size <= 0:
         return True
-    return seconds <= 2.0 * size * 8 / bit_rate + 60.0
+    factor, slack = DECLARED_SLACK
+    return seconds <= factor * size * 8 / bit_rate + slack
 
 
 def stream_channels(stream) -> int | None:
