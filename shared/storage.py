@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol
 
 from shared.errors import InputError
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 def out_of_room(exc: BaseException) -> bool:
@@ -41,9 +44,7 @@ def refused_by_storage(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return True
     return type(exc).__module__.partition(".")[0] == "botocore"
-from shared.settings import Settings, get_settings
 
-log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
 # the S3 backend's local copies of objects (S3Storage.local_path), swept once stale
