@@ -220,6 +220,16 @@ def wait_for_job(client, job_id: str, timeout_s: float = 120, on_poll=None) -> d
     raise AssertionError(f"job {job_id} did not finish in {timeout_s}s: {body}")
 
 
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: Any, step: float = 0.1) -> float:
+    """Poll ``predicate`` every ``step`` s until it holds, and return the seconds that took; past
+    ``timeout_s`` fail, saying ``what`` (or what ``what()`` returns: a log read only then)."""
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout_s, what() if callable(what) else what
+        time.sleep(step)
+    return time.monotonic() - started
+
+
 # a failed job's ``error``: the documented error shape, and the status an API call would have had
 JOB_ERROR_KEYS = frozenset({"detail", "error_type", "timestamp", "status_code"})
 

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from tests.conftest import drop_namespace, wait_for_job
+from tests.conftest import wait_until as _wait
 
 PREFIX = "aa-r16-frozen"
 QUEUE, OTHER, HOOKS = "audio-r16-frozen", "audio-r16-other", "webhooks-r16-frozen"
@@ -34,14 +35,6 @@ WORKER_ENV = {
     "AUDIO_ANALYSIS_WORKER_LOAD_MODELS": "false", "AUDIO_ANALYSIS_JOB_LEASE_S": "2",
     "AUDIO_ANALYSIS_JOB_RECOVERY_INTERVAL_S": "1",
 }
-
-
-def _wait(predicate, timeout_s: float, what: Any, step: float = 0.1) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout_s, what() if callable(what) else what
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def _ids(store: Any, queue: str) -> list[str]:

@@ -28,18 +28,11 @@ import time
 from typing import Any
 
 from tests.conftest import drop_namespace
+from tests.conftest import wait_until as _wait
 from tests.test_webhook_fairness import _Receivers
 
 PREFIX = "aa-r17-life"
 HOOKS = "webhooks-r17-life"
-
-
-def _wait(predicate, timeout_s: float, what: Any, step: float = 0.1) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout_s, what() if callable(what) else what
-        time.sleep(step)
-    return time.monotonic() - started
 
 
 def test_a_prefork_webhook_worker_of_concurrency_auto_caps_a_tenant(service_env, settings, tmp_path_factory):
