@@ -225,9 +225,13 @@ class Dispatcher:
     _renders: anyio.CapacityLimiter | None = field(default=None, init=False, repr=False)
     # (answer, until when) of the last look for workers older than the queues' keys (has_worker)
     _legacy: tuple[bool, float] = field(default=(False, 0.0), init=False, repr=False)
-    # jobs of synchronous calls the server cancelled while they waited (its graceful shutdown ran
-    # out): cancelled by close(), in the lifespan's shutdown
-    _abandoned: set[str] = field(default_factory=set, init=False, repr=False)
+    # jobs of synchronous calls without an Idempotency-Key while their calls wait for them: a call
+    # the server gives up on as it stops (http_shutdown_grace_s) leaves its job here, and close(),
+    # in the lifespan's shutdown, cancels it. Registered before the wait rather than as the
+    # cancellation reaches the call, which can be after close() ran (the cancellation crosses
+    # the middleware's task groups in several turns of the loop; the lifespan's shutdown does not
+    # wait for them)
+    _sync_waits: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.voiceprints is None:
@@ -948,18 +952,20 @@ class Dispatcher:
                                     (record.job_id,))
         if accepted.replayed and request is not None:
             request.state.idempotent_replayed = True
+        job_id, abandoned = record.job_id, False
+        if idempotent is None:
+            self._sync_waits.add(job_id)
         try:
             # with a key, the job outlives a client that hangs up: its retry is answered the result
-            record = await self.wait(record.job_id, self.settings.sync_timeout_s, request,
+            record = await self.wait(job_id, self.settings.sync_timeout_s, request,
                                      keep_on_disconnect=idempotent is not None)
         except asyncio.CancelledError:
             # the server is stopping and gave up on this call (http_shutdown_grace_s): its client
             # submits again, elsewhere, so the job must not run for nobody as well, as when a
             # client hangs up. Not cancelled here: the server goes on to the lifespan's shutdown
-            # without waiting for this task; close() cancels it there. A keyed call's job runs on:
-            # its retry with the key is answered its result
-            if idempotent is None:
-                self._abandoned.add(record.job_id)
+            # without waiting for this task; close() cancels it there (it stays in _sync_waits).
+            # A keyed call's job runs on: its retry with the key is answered its result
+            abandoned = True
             task = asyncio.current_task()
             if task is None:
                 raise
@@ -977,6 +983,9 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001
                 log.warning("sync job %s not cancelled after its wait failed: %s", record.job_id, exc)
             raise
+        finally:
+            if not abandoned:
+                self._sync_waits.discard(job_id)
         if record.status == FAILED:
             raise AnalysisError.from_body(record.error or {})
         if record.status == CANCELLED:
@@ -1142,9 +1151,9 @@ class Dispatcher:
 
     async def close(self) -> None:
         """At the server's shutdown: cancel the jobs of the synchronous calls it gave up on
-        (run_sync), then close the Redis client."""
-        while self._abandoned:
-            job_id = self._abandoned.pop()
+        (run_sync: those still waiting), then close the Redis client."""
+        while self._sync_waits:
+            job_id = self._sync_waits.pop()
             try:
                 if await self._cancel_quietly(job_id):
                     log.info("sync job %s cancelled: the API stopped before its call was answered", job_id)

@@ -131,6 +131,57 @@ def test_a_stopping_api_cancels_the_jobs_of_the_synchronous_calls_it_gives_up(st
         assert says in answer.json()["detail"] and answer.headers["retry-after"]
 
 
+def test_the_shutdown_cancels_a_waiting_calls_job_before_the_cancellation_reaches_the_call(settings, tmp_path):
+    """The order the test above left to chance, forced: the lifespan's shutdown (close()) ran
+    before the server's cancellation of the call had reached it through the middleware's task
+    groups, as a loaded host had it (CI: both jobs left queued). The job is the call's from the moment it waits,
+    not from the moment the cancellation reaches it."""
+    import asyncio
+    import io
+
+    from starlette.datastructures import UploadFile
+
+    from api.dispatch import Dispatcher
+    from shared.errors import ModelError
+    from shared.jobs import CANCELLED, JobStore
+    from shared.kinds import KINDS
+    from shared.queue import make_celery
+    from shared.storage import get_storage
+
+    name = "r17order"
+    own = settings.model_copy(update={
+        "redis_key_prefix": f"aa-{name}", "queue_name": f"audio-{name}", "webhook_queue_name": f"webhooks-{name}",
+        "storage_dir": tmp_path, "sync_requires_live_worker": False, "sync_timeout_s": 3600.0})
+    store = JobStore.from_settings(own)
+    dispatcher = Dispatcher(own, store, get_storage(own), make_celery(own))
+
+    async def stop_during_a_call() -> tuple[str, BaseException | None]:
+        upload = UploadFile(io.BytesIO(tone_wav(1.0)), filename="call.wav")
+        submission = await dispatcher.read(KINDS["diarize"], {"file": upload}, {})
+        call = asyncio.create_task(dispatcher.run_sync(submission))
+        while not store.recent(1):
+            await asyncio.sleep(0.05)
+        [record] = store.recent(1)
+        await asyncio.sleep(0.5)  # the call polls its job
+        # the server cancels the call, and its lifespan's shutdown runs before the cancellation
+        # has reached the call (no turn of the loop between the two here)
+        call.cancel()
+        await dispatcher.close()
+        try:
+            await call
+        except (ModelError, asyncio.CancelledError) as exc:
+            return record.job_id, exc
+        return record.job_id, None
+
+    try:
+        job_id, ended = asyncio.run(stop_during_a_call())
+        # before: queued, to run for nobody once a worker came
+        assert store.get(job_id).status == CANCELLED
+        assert isinstance(ended, ModelError) and ended.status_code == 503, ended
+    finally:
+        drop_namespace(settings.redis_url, f"aa-{name}", f"audio-{name}", f"webhooks-{name}")
+
+
 # --- a listing walked past jobs whose records expired --------------------------------------------
 @pytest.fixture
 def own_api(settings, tmp_path) -> Iterator[tuple[Any, Any]]:
