@@ -22,10 +22,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
 from typing import Any
+
+import psutil
 
 from tests.conftest import drop_namespace
 from tests.conftest import wait_until as _wait
@@ -127,6 +130,16 @@ def test_two_workers_of_one_name_at_one_pid_keep_a_heartbeat_each(service_env, s
             # its parent is outside its namespace (getppid() is 0 there): no lifeline to follow
             PARENT_ENV: ""})
 
+    def stop(stack: Any) -> None:
+        # as docker stop does, SIGTERM to PID 1 of the namespace, the worker: unshare --fork
+        # blocks SIGTERM while it waits for its child, and Stack.stop's SIGTERM to it reached the
+        # worker only through --kill-child once the stop's 20 s were up and unshare was killed
+        for child in stack.children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for inner in psutil.Process(child.proc.pid).children():
+                    inner.send_signal(signal.SIGTERM)
+        stack.stop()
+
     def listed() -> list[dict[str, Any]]:
         return [w for w in store.workers() if w["worker"].startswith(node)]
 
@@ -143,13 +156,13 @@ def test_two_workers_of_one_name_at_one_pid_keep_a_heartbeat_each(service_env, s
         workers = listed()
         assert len(workers) == 2 and {w["pid"] for w in workers} == {1}, (workers, logs())
         # one stops; the other's record stays, through heartbeats of its own
-        stacks[1].stop()
+        stop(stacks[1])
         time.sleep(3)
         workers = listed()
         assert [w["queues"] for w in workers] == [[queues[0]]], (workers, logs())
     finally:
         for stack in stacks:
-            stack.stop()
+            stop(stack)
         drop_namespace(settings.redis_url, PREFIX, *(key for q in queues for key in queue_keys(q)))
 
 
