@@ -242,18 +242,20 @@ def test_up_gives_up_on_a_child_that_keeps_exiting_at_once(tmp_path):
         stack.stop()
 
 
-def test_a_tenants_thousand_deferred_deliveries_leave_another_tenants_prompt(service_env, settings, tmp_path_factory):
-    """A webhook worker of 2 threads (cap 1 a tenant), tenant A's 1,000 finished jobs owed to
+def test_a_tenants_hundreds_of_deferred_deliveries_leave_another_tenants_prompt(service_env, settings, tmp_path_factory):
+    """A webhook worker of 2 threads (cap 1 a tenant), tenant A's 400 finished jobs owed to
     receivers that take the connection and never answer (an endpoint in an outage), then tenant
     B's one delivery. Each of A's deferred deliveries came back every 0.5-1 s: the worker ran
     about 1,300 deferrals a second's worth of messages, far more than it could, and B's message
     waited behind them (measured: 28.8 s behind 2,000, 2.7 s behind 400, 0.1 s behind 10). Now A's
-    deferred deliveries wait longer the more of them there are; B's must arrive within 6 s, and
-    none of A's is dropped or counted as an attempt."""
+    deferred deliveries wait longer the more of them there are; B's must arrive within 1.5 s, and
+    none of A's is dropped or counted as an attempt but the one holding A's slot. (1,000 of A's
+    took 38 s to be deferred once each, which the test waits for; 400 show the same.)"""
     from cli.launcher import Stack
     from shared.jobs import CANCELLED, JobRecord, JobStore, new_job_id
     from shared.queue import WEBHOOK_TASK, make_celery, queue_keys
 
+    N = 400
     mine = settings.model_copy(update={"redis_key_prefix": PREFIX, "webhook_queue_name": HOOKS})
     store = JobStore.from_settings(mine)
     receivers = _Receivers()
@@ -276,29 +278,29 @@ def test_a_tenants_thousand_deferred_deliveries_leave_another_tenants_prompt(ser
             "AUDIO_ANALYSIS_WEBHOOK_TIMEOUT_S": "60"})
         log = lambda: (stack.log_dir / "r17defer.log").read_text(errors="replace")[-3000:]  # noqa: E731
         assert stack.wait_for_queues(mine, [HOOKS], 90), log()
-        hanging = [owed("tenant-a", f"/hang/{n}") for n in range(1000)]
+        hanging = [owed("tenant-a", f"/hang/{n}") for n in range(N)]
         due_key = store.key("webhooks", "due")
         owed_at = store.redis.zmscore(due_key, hanging)
         _wait(lambda: receivers.waiting >= 1, 30, log)
         # every one of A's deliveries has been taken and deferred once (a deferral pushes its due
         # time on): B's message does not queue behind A's first looks, only behind their next ones
-        _wait(lambda: sum(a != b for a, b in zip(owed_at, store.redis.zmscore(due_key, hanging))) >= 999,
+        _wait(lambda: sum(a != b for a, b in zip(owed_at, store.redis.zmscore(due_key, hanging))) >= N - 1,
               120, log)
         sent = time.monotonic()
         owed("tenant-b", "/prompt")
         took = _wait(lambda: receivers.for_path("/prompt"), 60, "B's delivery never arrived")
-        print(f"\nB's delivery arrived {took:.2f} s after it was sent, behind 1,000 deferred deliveries of A")
-        assert took < 6.0, took
+        print(f"\nB's delivery arrived {took:.2f} s after it was sent, behind {N} deferred deliveries of A")
+        assert took < 1.5, took
         # A holds its one slot, and every other delivery of A's is still owed, at no attempt
         assert receivers.most_waiting == 1
         records = store.get_many(hanging)
-        # a receiver answers after 60 s (_Receivers.release.wait): on a loaded machine the one
-        # holding A's slot may have been delivered by now, once, and the next taken its slot
-        delivered = [r for r in records if r.webhook.status == "delivered"]
-        assert all(r.webhook.attempts == 1 for r in delivered), [r.webhook for r in delivered]
+        # a receiver answers after 60 s (_Receivers.release.wait), and the worker gives up on it
+        # after 60 s (the webhook timeout): on a loaded machine the one holding A's slot may have
+        # ended by now, delivered or timed out and to be retried, at one attempt, and the next
+        # taken its slot. None of the others was counted as an attempt
+        attempted = [r.webhook for r in records if r.webhook.attempts]
+        assert len(attempted) <= 2 and all(w.attempts == 1 for w in attempted), attempted
         owed_still = [j for j, r in zip(hanging, records) if r.webhook.status != "delivered"]
-        assert sum(1 for r in records if r.webhook.attempts == 0) + len(delivered) >= 999, \
-            [r.webhook for r in records[:3]]
         assert all(store.webhook_due_at(j) is not None for j in owed_still)
     finally:
         receivers.close()
