@@ -133,7 +133,9 @@ def test_anonymous_health_and_metrics_calls_share_one_reading_of_the_store(own_s
     from api.main import create_app
 
     app = create_app(own_settings)
-    workers = _CountingWorkers(delay_s=1.0)
+    # a reading of 3 s: 80 of them in the 40 threads kept a poll waiting 3 s or more; the poll's
+    # own time (under 0.01 s) grew past 1 s on a loaded host, so the bound is half the reading
+    workers = _CountingWorkers(delay_s=3.0)
     monkeypatch.setattr(app.state.store, "workers", workers)
     job_id = "0" * 32
 
@@ -157,7 +159,7 @@ def test_anonymous_health_and_metrics_calls_share_one_reading_of_the_store(own_s
     assert all(b"audio_analysis_workers 1.0" in a.content for a in answers if a.request.url.path == "/metrics")
     # 80 calls at once: one reading for /health and one for /metrics, not 80 of 1 s in the 40 threads the poll needs too
     assert workers.calls <= 4, workers.calls
-    assert max(polls) < 0.5, polls
+    assert max(polls) < 1.5, polls
 
 
 def test_a_call_after_an_answer_gets_a_reading_of_its_own(own_settings, monkeypatch) -> None:

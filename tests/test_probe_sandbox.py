@@ -150,8 +150,9 @@ def test_the_wall_clock_timeout_kills_the_child(tmp_path, hostile):
     # 2 s, not less: a child given under half of its time's CPU is taken for a starved host (503),
     # and on a loaded 2-core CI machine a 0.5 s child got 0.2 s of it. A run with three pytest
     # processes and a busy loop on two cores gave even the 2 s child 0.9 s: such a 503 says "retry
-    # later", and the test does as a client would, up to three times
-    for _ in range(3):
+    # later", and the test does as a client would, up to five times (three were all starved once
+    # with a bench running beside the suite)
+    for _ in range(5):
         started = time.monotonic()
         try:
             read_header(path, ProbeLimits(cpu_s=60, timeout_s=2.0))
@@ -162,7 +163,7 @@ def test_the_wall_clock_timeout_kills_the_child(tmp_path, hostile):
             assert time.monotonic() - started < 4.0
             return
         raise AssertionError("the reader of a 15.9 s header was not stopped")
-    raise AssertionError("the host starved the header check on three tries")
+    raise AssertionError("the host starved the header check on five tries")
 
 
 def _segfault(conn, kind, payload, limits) -> None:  # the child: a crash in FFmpeg, as it would look
