@@ -146,9 +146,12 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
 
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from engine.core import Engine
         try:
             params, audio = read_inputs(kind, files, values)
+            # after the inputs are read: importing the engine (torch, pyannote) takes seconds,
+            # which a mistake in the arguments was answered only after
+            from engine.core import Engine
+
             engine = Engine(engine_settings(audio))
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                           TimeElapsedColumn(), console=err, transient=True) as bar:
