@@ -11,6 +11,8 @@ Audio is built here from ../shared/data's LibriSpeech readers (nothing copied in
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -18,16 +20,22 @@ from scipy import signal
 
 from engine.audio import SAMPLE_RATE, load_audio, load_channel
 from engine.channel import separated
-from evaluation.speech import librispeech_clips
+from evaluation.speech import LIBRISPEECH, trim_silence
 
 RATE = 8000
 
 
+# the two longest readers of the pool (evaluation.speech.librispeech_clips sorted by trimmed
+# length, first in file order among the 15 s ones), named: finding them decoded all 249 (15 s)
+READERS = Path("../shared/data/speech") / LIBRISPEECH
+LONGEST = ("1235-135883-0000.ogg", "1737-142396-0000.ogg")
+
+
 @pytest.fixture(scope="module")
 def talkers():
-    clips = sorted(librispeech_clips(), key=lambda c: -len(c.samples))
-    # a woman and a man would be easy for any clustering; two long readers of the pool
-    return clips[0].samples.astype(np.float32), clips[1].samples.astype(np.float32)
+    # a woman and a man would be easy for any clustering; two long readers of the pool, each
+    # trimmed as librispeech_clips trims them
+    return tuple(trim_silence(load_audio(str(READERS / name)).float32()).astype(np.float32) for name in LONGEST)
 
 
 @pytest.fixture(scope="module")
