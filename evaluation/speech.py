@@ -186,12 +186,31 @@ def multi_speaker_conversation(
 LIBRISPEECH = "librispeech-train-clean"
 
 
-def librispeech_clips(data_dir: str | os.PathLike = "../shared/data/speech") -> list[Clip]:
-    """One trimmed utterance (up to 15 s) of each of the 249 LibriSpeech readers; speaker = reader id."""
-    clips = []
-    for path in sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg"))):
-        clips.append(Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).float32())))
-    return clips
+class _ClipOnDemand(Clip):
+    """A LibriSpeech :class:`Clip` decoded and trimmed when its samples are first read (a frozen
+    dataclass, hence ``object.__setattr__``)."""
+
+    def __init__(self, path: str) -> None:
+        object.__setattr__(self, "speaker", Path(path).name.split("-")[0])
+        object.__setattr__(self, "_path", path)
+
+    @property
+    def samples(self) -> np.ndarray:  # type: ignore[override]
+        if "_samples" not in self.__dict__:
+            object.__setattr__(self, "_samples", trim_silence(load_audio(self._path).float32()))
+        return self.__dict__["_samples"]
+
+
+def librispeech_clips(data_dir: str | os.PathLike = "../shared/data/speech", *, lazy: bool = False) -> list[Clip]:
+    """One trimmed utterance (up to 15 s) of each of the 249 LibriSpeech readers; speaker = reader id.
+
+    ``lazy``: each clip is decoded when its samples are first read, the same samples in the same
+    order. A test that draws a few readers (``many_talker_conversation(..., clips=...)`` picks by
+    index) decoded all 249 first: 13-15 s of a 2-core host, for the two to eight it used."""
+    paths = sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg")))
+    if lazy:
+        return [_ClipOnDemand(path) for path in paths]
+    return [Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).float32())) for path in paths]
 
 
 def split_clip(clip: Clip, rng: np.random.Generator, piece_s: tuple[float, float] = (2.0, 4.0)) -> list[Clip]:

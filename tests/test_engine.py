@@ -144,11 +144,10 @@ def test_one_reader_in_a_reverberant_room_is_one_speaker(engine):
     threshold. pyannote keeps every such singleton as a speaker below 15 embeddings: 4, 3, 3 and
     4 speakers here before. Two readers in the same room are still two."""
     from evaluation.conditions import Condition
-    from evaluation.speech import many_talker_conversation
-    from tests._lazy_clips import lazy_librispeech_clips
+    from evaluation.speech import librispeech_clips, many_talker_conversation
 
     # the pool the seeds draw from, decoding only the readers drawn (all 249 took 13-15 s)
-    clips, room = lazy_librispeech_clips(), Condition("room")
+    clips, room = librispeech_clips(lazy=True), Condition("room")
     found = {}
     for talkers, seeds in ((1, (301, 302, 304, 307)), (2, (402, 405, 406, 407))):
         for seed in seeds:

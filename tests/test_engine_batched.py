@@ -46,7 +46,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def clips():
-    found = librispeech_clips()
+    found = librispeech_clips(lazy=True)
     if len(found) < 50:
         pytest.skip("LibriSpeech readers not under ../shared/data")
     return found

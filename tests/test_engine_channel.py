@@ -14,17 +14,17 @@ from engine.channel import through_a_telephone_line
 from evaluation.conditions import Condition
 from evaluation.speech import (
     diarization_error_rate,
+    librispeech_clips,
     many_talker_conversation,
     multi_speaker_conversation,
     pyannote_sample,
 )
-from tests._lazy_clips import lazy_librispeech_clips
 
 
 @pytest.fixture(scope="module")
 def clips():
     # the pool the seeds draw from, decoding only the readers drawn (all 249 took 13-15 s)
-    return lazy_librispeech_clips()
+    return librispeech_clips(lazy=True)
 
 
 @pytest.mark.parametrize("condition", [None, "narrowband", "room", "noisy", "phone"])
