@@ -68,18 +68,22 @@ FROZEN_FROM_S = 300.0
 
 def engine_settings(audio: dict[str, Any]) -> Settings:
     """The settings an offline command's engine runs with: the service's, with CAM++ left
-    unfrozen for short recordings (header durations; a file without one counts as long)."""
-    from shared.audio_limits import probe
+    unfrozen for short recordings (header durations; a file without one counts as long). A file
+    that is not audio is refused here (NotAudioError), before the engine is imported, as the API
+    refuses it at submit: the engine's decoder said so only after torch and the models had
+    loaded (7-9 s)."""
+    from shared.audio_limits import audio_header
 
     settings = get_settings()
-    total = 0.0
+    total: float | None = 0.0
     for value in audio.values():
         for path in value if isinstance(value, list) else [value]:
-            info = probe(path)
-            if info is None or info.duration is None:
-                return settings
+            info = audio_header(path)
+            if total is None or info is None or info.duration is None:
+                total = None  # long, as far as freezing goes; the other files are still looked at
+                continue
             total += info.duration
-    return settings if total >= FROZEN_FROM_S else settings.model_copy(update={"embedding_frozen": False})
+    return settings if total is None or total >= FROZEN_FROM_S else settings.model_copy(update={"embedding_frozen": False})
 
 
 # --- what some kinds write besides JSON ----------------------------------------------------------
@@ -148,11 +152,12 @@ def _offline_command(kind: JobKind) -> Callable[..., None]:
 
         try:
             params, audio = read_inputs(kind, files, values)
-            # after the inputs are read: importing the engine (torch, pyannote) takes seconds,
-            # which a mistake in the arguments was answered only after
+            settings = engine_settings(audio)
+            # after the inputs are read and the audio's headers looked at: importing the engine
+            # (torch, pyannote) takes seconds, which a mistake in the arguments was answered only after
             from engine.core import Engine
 
-            engine = Engine(engine_settings(audio))
+            engine = Engine(settings)
             with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                           TimeElapsedColumn(), console=err, transient=True) as bar:
                 task = bar.add_task("loading", total=1.0)

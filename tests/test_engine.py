@@ -264,8 +264,17 @@ def test_cli_embed_and_compare(tmp_path):
 
 
 def test_cli_reports_bad_audio_as_a_caller_error(tmp_path):
+    """Refused from its header, before the engine is imported: the decoder said so only after
+    torch and the models had loaded (7-9 s of a 2-core host for a file that is not audio)."""
     bad = tmp_path / "notes.wav"
     bad.write_text("this is not audio")
-    proc = _cli("embed", str(bad))
-    assert proc.returncode == 2
-    assert "ValidationError" in proc.stderr
+    # the CLI as `python -m cli.main embed notes.wav`, saying on the way out whether torch was imported
+    proc = subprocess.run([sys.executable, "-c", (
+        "import runpy, sys\n"
+        f"sys.argv = ['audio-analysis', 'embed', {str(bad)!r}]\n"
+        "try:\n    runpy.run_module('cli.main', run_name='__main__')\n"
+        "finally:\n    print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "ValidationError" in proc.stderr and "not a decodable audio file" in proc.stderr, proc.stderr
+    assert "torch imported: False" in proc.stderr, proc.stderr

@@ -175,8 +175,9 @@ def test_what_the_worker_fetches_by_url_keeps_its_words(client, media_server):
 
 
 def test_probe_still_answers_none_for_what_is_not_audio():
-    """The offline CLI asks ``probe`` for lengths (cli/main.py engine_settings) and leaves the
-    refusal to the decoder: unchanged."""
+    """``probe`` answers None for what is not audio (a caller that wants a length only), where
+    ``check_audio_limits`` (and ``audio_header``, which the offline CLI reads before it loads the
+    engine) refuse it: unchanged."""
     for name, (data, _, why) in _not_audio().items():
         assert probe(io.BytesIO(data)) is None, name
         with pytest.raises(NotAudioError, match=why):
