@@ -186,6 +186,12 @@ def multi_speaker_conversation(
 LIBRISPEECH = "librispeech-train-clean"
 
 
+def librispeech_utterance(path: str | os.PathLike) -> np.ndarray:
+    """One LibriSpeech reader's utterance as :func:`librispeech_clips` holds it: decoded, its
+    quiet ends trimmed."""
+    return trim_silence(load_audio(path).float32())
+
+
 class _ClipOnDemand(Clip):
     """A LibriSpeech :class:`Clip` decoded and trimmed when its samples are first read (a frozen
     dataclass, hence ``object.__setattr__``)."""
@@ -197,7 +203,7 @@ class _ClipOnDemand(Clip):
     @property
     def samples(self) -> np.ndarray:  # type: ignore[override]
         if "_samples" not in self.__dict__:
-            object.__setattr__(self, "_samples", trim_silence(load_audio(self._path).float32()))
+            object.__setattr__(self, "_samples", librispeech_utterance(self._path))
         return self.__dict__["_samples"]
 
 
@@ -207,10 +213,8 @@ def librispeech_clips(data_dir: str | os.PathLike = "../shared/data/speech", *, 
     ``lazy``: each clip is decoded when its samples are first read, the same samples in the same
     order. A test that draws a few readers (``many_talker_conversation(..., clips=...)`` picks by
     index) decoded all 249 first: 13-15 s of a 2-core host, for the two to eight it used."""
-    paths = sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg")))
-    if lazy:
-        return [_ClipOnDemand(path) for path in paths]
-    return [Clip(Path(path).name.split("-")[0], trim_silence(load_audio(path).float32())) for path in paths]
+    clips = [_ClipOnDemand(path) for path in sorted(glob.glob(os.path.join(data_dir, LIBRISPEECH, "*.ogg")))]
+    return clips if lazy else [Clip(clip.speaker, clip.samples) for clip in clips]
 
 
 def split_clip(clip: Clip, rng: np.random.Generator, piece_s: tuple[float, float] = (2.0, 4.0)) -> list[Clip]:

@@ -26,9 +26,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from engine.audio import load_audio
 from engine.profiles import EMBEDDED
-from evaluation.speech import trim_silence
+from evaluation.speech import librispeech_utterance
 
 READERS = Path("../shared/data/speech/librispeech-train-clean")
 # calls (second halves, 8 kHz mu-law) against the enrolled reader's call voiceprint (first half):
@@ -39,7 +38,7 @@ DEFAULT = EMBEDDED.identification_threshold
 
 
 def _halves(name: str) -> tuple[np.ndarray, np.ndarray]:
-    samples = trim_silence(load_audio(READERS / name).float32())  # as evaluation.speech.librispeech_clips
+    samples = librispeech_utterance(READERS / name)
     half = len(samples) // 2
     return samples[:half], samples[half:]
 

@@ -20,7 +20,7 @@ from scipy import signal
 
 from engine.audio import SAMPLE_RATE, load_audio, load_channel
 from engine.channel import separated
-from evaluation.speech import LIBRISPEECH, trim_silence
+from evaluation.speech import LIBRISPEECH, librispeech_utterance
 
 RATE = 8000
 
@@ -33,9 +33,8 @@ LONGEST = ("1235-135883-0000.ogg", "1737-142396-0000.ogg")
 
 @pytest.fixture(scope="module")
 def talkers():
-    # a woman and a man would be easy for any clustering; two long readers of the pool, each
-    # trimmed as librispeech_clips trims them
-    return tuple(trim_silence(load_audio(str(READERS / name)).float32()).astype(np.float32) for name in LONGEST)
+    # a woman and a man would be easy for any clustering; two long readers of the pool
+    return tuple(librispeech_utterance(READERS / name) for name in LONGEST)
 
 
 @pytest.fixture(scope="module")

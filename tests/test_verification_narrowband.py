@@ -23,14 +23,14 @@ from scipy.signal import resample_poly
 
 from engine.audio import load_audio
 from engine.profiles import EMBEDDED
-from evaluation.speech import trim_silence
+from evaluation.speech import librispeech_utterance
 
 READERS = Path("../shared/data/speech/librispeech-train-clean")
 IMPOSTOR, TARGET = "1069-133699-0000.ogg", "7302-86814-0000.ogg"
 
 
 def _halves(name: str) -> tuple[np.ndarray, np.ndarray]:
-    samples = trim_silence(load_audio(READERS / name).float32())  # as evaluation.speech.librispeech_clips
+    samples = librispeech_utterance(READERS / name)
     half = len(samples) // 2
     return samples[:half], samples[half:]
 
