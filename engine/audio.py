@@ -53,7 +53,7 @@ _MAX_DECODE_THREADS = 8
 # FFmpeg containers whose header states the length of what they hold (MP4/MOV: mvhd, mdhd and
 # the sample tables; Matroska: its Duration, left out by recorders that cannot go back to write
 # it; and an MP3's Xing header, _xing_seconds), not estimated from a bitrate as for other MP3s,
-# ADTS AAC or MPEG streams: decoding one further than _DECLARED_SLACK allows is refused
+# ADTS AAC or MPEG streams: decoding one further than DECLARED_SLACK allows is refused
 # (_Collector). The API and the worker's time limit take the length from the same header: an MP4
 # whose edit list played its 60 s of media 1000 times (a 96 KB upload) passed the API as 60 s
 # and decoded to 16.7 h (22 s, 1.9 GB), 20000 times ran to the 24 h limit (4 GB), and an MP3
@@ -84,9 +84,6 @@ _PACKED_FROM = 8
 # 10x as long to decode as the same frames in two runs (0.48 s against 0.05 s for 1128 frames;
 # a day of them about 9 min). Joined recordings change a few times, not on every frame
 _MAX_FORMAT_CHANGES = 1000
-# (factor, seconds): decoding may run to factor x the declared length + seconds (shared with the
-# header check's test of a stated length against the bytes that could hold it)
-_DECLARED_SLACK = DECLARED_SLACK
 # MP3 frames decoded and dropped before each such block (_parallel_plan): an MP3 frame may take
 # its bits from up to 511 bytes of earlier frames (the bit reservoir), which mpg123 has not read
 # right after a seek: a 32 kbps MP3 gave errors of 0.24 in its first frames, an 8 kbps one still
@@ -225,7 +222,7 @@ class _Collector:
         # a little slack over the limit for resampling's rounding; validate_samples is exact
         self.limit = int(max_duration * SAMPLE_RATE) + SAMPLE_RATE
         # ``binding``: the header's length is a promise (_DECLARED_FORMATS), held to within slack
-        factor, slack = _DECLARED_SLACK
+        factor, slack = DECLARED_SLACK
         self.ceiling = int((factor * expected_s + slack) * SAMPLE_RATE) if binding and expected_s is not None else None
         capacity = int(expected_s * SAMPLE_RATE) + SAMPLE_RATE if expected_s else 60 * SAMPLE_RATE
         try:
@@ -991,7 +988,7 @@ def _read_pyav(fh: BinaryIO, max_duration: float) -> _Collector:
         collected = _Collector(max_duration, declared or None, binding=binding)
         collected.tracks = len(container.streams.audio)
         if binding and declared == 0:  # declares nothing to decode: held to the slack alone
-            collected.ceiling, collected.expected_s = int(_DECLARED_SLACK[1] * SAMPLE_RATE), 0.0
+            collected.ceiling, collected.expected_s = int(DECLARED_SLACK[1] * SAMPLE_RATE), 0.0
 
         def packets():
             # PyAV (18.1) flushes at the end of the file by the streams the container has then,
