@@ -75,15 +75,11 @@ def engine_settings(audio: dict[str, Any]) -> Settings:
     from shared.audio_limits import audio_header
 
     settings = get_settings()
-    total: float | None = 0.0
-    for value in audio.values():
-        for path in value if isinstance(value, list) else [value]:
-            info = audio_header(path)
-            if total is None or info is None or info.duration is None:
-                total = None  # long, as far as freezing goes; the other files are still looked at
-                continue
-            total += info.duration
-    return settings if total is None or total >= FROZEN_FROM_S else settings.model_copy(update={"embedding_frozen": False})
+    # every file's header, each refusing what is not audio
+    infos = [audio_header(path) for value in audio.values() for path in (value if isinstance(value, list) else [value])]
+    if any(info is None or info.duration is None for info in infos) or sum(i.duration for i in infos) >= FROZEN_FROM_S:
+        return settings
+    return settings.model_copy(update={"embedding_frozen": False})
 
 
 # --- what some kinds write besides JSON ----------------------------------------------------------
