@@ -132,13 +132,14 @@ def test_a_days_turns_are_drawn_without_freezing_the_page(web, store, browser) -
     zoomed in, each turn is a bar of its own again."""
     seconds = 8 * 3600.0
     result = _result(100_000, 30, seconds)
+    result_text = json.dumps(result)
     job_id = _submit(web, "all-day-call-centre.wav")
     _succeed(store, job_id, result)
     page = keyed_page(browser, web, KEY)
     shown_ms = _show(page, job_id)
     page.evaluate(f"window.__seconds = {seconds}")
     page.evaluate(IN_VIEW)
-    drawn = page.evaluate(UNDRAWN, json.dumps(result))
+    drawn = page.evaluate(UNDRAWN, result_text)
     assert drawn["checked"] > 90_000 and drawn["missing"] == [], drawn
     assert drawn["bars"] < 10_000, drawn  # one element per turn before: 100,000
     steps = page.evaluate("""async () => {
@@ -159,7 +160,7 @@ def test_a_days_turns_are_drawn_without_freezing_the_page(web, store, browser) -
         const t = document.querySelector('#timeline');
         return [...t.querySelectorAll('.turn')].some(b => parseFloat(b.style.left) >= t.scrollLeft);
     }""", timeout=10_000)
-    drawn = page.evaluate(UNDRAWN, json.dumps(result))
+    drawn = page.evaluate(UNDRAWN, result_text)
     assert drawn["checked"] > 500 and drawn["missing"] == [], drawn
     assert page.query_selector("#timeline .turn[data-turns]") is None  # one bar a turn
     print(f"\n100,000 turns: shown in {shown_ms:.0f} ms, a zoom step {steps:.0f} ms, {drawn['bars']} bars at zoom 40")
