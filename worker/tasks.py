@@ -361,7 +361,7 @@ def _run_leased(
             timed_out = ProcessingError(f"the job ran past its time limit of {limit:.0f} s, for {of_audio}, "
                                         "and was stopped", status_code=504)
             with telemetry.job(engine.model_device) as peak, engine.decoding_at_most(duration_limit), \
-                    JobDeadline(limit, settings.job_time_limit_grace_s,
+                    engine.one_job(), JobDeadline(limit, settings.job_time_limit_grace_s,
                                 lambda: _stuck(jobs, storage, job_id, attempt, timed_out)):
                 result = kind.run(engine, files, params, report)
         outcome = (SUCCEEDED, {**result.model_dump(mode="json"), **peak}, None)
