@@ -59,6 +59,11 @@ from shared.settings import Settings
 DRAWS = {
     "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0, "meet": 700, "guests": 900},
     "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100, "meet": 800, "guests": 1000},
+    # drawn for the first time on 2026-12-06 to judge a rule that both draws above had shaped
+    # (docs/models.md, "Fragments joined"); up to 30 of a set fit below the next set's seeds
+    "fresh": {"conv": 40, "many": 1100, "solo": 1200, "duo": 1300, "long": 200, "meet": 1400, "guests": 1500},
+    # drawn after the rule was mended on "fresh" (complete linkage), to judge the mended rule
+    "fresh2": {"conv": 70, "many": 1600, "solo": 1700, "duo": 1800, "long": 300, "meet": 1900, "guests": 2000},
 }
 
 
@@ -112,6 +117,10 @@ def main() -> None:
                         help="1: a small cluster like a minor talker joins it, one like a main speaker folds into a "
                              "main speaker; 0: every small cluster folds into the nearest speaker kept "
                              "(engine.pipelines.embedded, before 2026-12-06)")
+    parser.add_argument("--join-fragments", type=int, nargs="+", choices=(0, 1),
+                        default=[int(defaults.clustering_join_fragments)],
+                        help="1: speakers of a few embeddings within the distinct distance of each other are one "
+                             "talker (engine.pipelines.embedded._join_fragments)")
     parser.add_argument("--long-minutes", type=float, default=10.0)
     parser.add_argument("--long-guests", type=int, default=0,
                         help="this many LibriSpeech readers who speak once, 3-6 s, laid in pauses of the long "
@@ -145,10 +154,11 @@ def main() -> None:
             for name, s, _ in data
         ]
         first_pass_s = None
-        trials = ((m, t, d, sh, lam, ref, sig, apart) for m in args.min_cluster_sizes for t in args.thresholds
+        trials = ((m, t, d, sh, lam, ref, sig, apart, join) for m in args.min_cluster_sizes for t in args.thresholds
                   for d in args.distinct_distances for sh in args.min_cluster_shares for lam in args.spread_lambdas
-                  for ref in args.spread_references for sig in args.centre_sigmas for apart in args.minors_apart)
-        for mcs, threshold, distinct, share, lam, ref, sigma, apart in trials:
+                  for ref in args.spread_references for sig in args.centre_sigmas for apart in args.minors_apart
+                  for join in args.join_fragments)
+        for mcs, threshold, distinct, share, lam, ref, sigma, apart, join in trials:
             params = pipeline.parameters(instantiated=True)
             params["clustering"].update(threshold=threshold, min_cluster_size=mcs)
             pipeline.instantiate(params)
@@ -158,6 +168,7 @@ def main() -> None:
             pipeline.clustering.spread_reference = ref
             pipeline.centre_sigma = sigma or None
             pipeline.clustering.minors_apart = bool(apart)
+            pipeline.clustering.join_fragments = bool(join)
             started = time.perf_counter()
             ders, found, count_err, short_err = {}, {}, [], []
             meet_err, meet_parts, guests = [], [], ""
@@ -195,7 +206,7 @@ def main() -> None:
             # the meetings' DER in its parts, averaged once
             miss, false_alarm, confusion = np.mean(meet_parts, axis=0) if meet_parts else (float("nan"),) * 3
             print(
-                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} c{sigma:<5} a{apart} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
+                f"{step:<5} {mcs:<4} {share:<6} {threshold:<6} {distinct:<5} l{lam:<4} r{ref:<5} c{sigma:<5} a{apart} j{join} {ders['sample']:<11.3f} {np.mean(conv):<10.3f} {np.max(conv):<9.3f} "
                 f"{np.mean(many):<10.3f} {np.max(many):<9.3f} {ders.get('long', float('nan')):<7.3f} "
                 f"{np.mean(count_err) if count_err else float('nan'):<10.2f} {counts}  {first_pass_s / (total_s / 60):.2f}"
                 + (f"  short DER {np.mean(pick('solo') + pick('duo')):.3f}, count err {np.mean(short_err):.2f}"

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     # (0.45) because in a room or under noise one talker's odd moments fall under 0.45
     # (docs/models.md, "Recording conditions"); None: always fold
     clustering_distinct_distance: float | None = Field(0.65, gt=0.0, le=2.0)
+    # kept speakers of at most 4 embeddings all within the distinct distance of each other are
+    # one talker's fragments, merged (engine.pipelines.embedded._join_fragments): on a draw of
+    # recordings first seen after the rule was written, 5-8-talker count error 0.67 -> 0.58,
+    # meetings' 0.67 -> 0.42, four-talker conversations' DER 0.175 -> 0.154 (docs/models.md,
+    # "Fragments joined")
+    clustering_join_fragments: bool = True
     # the threshold for a recording that came through a telephone line (engine.channel: almost
     # nothing below 250 Hz or above 3.7 kHz), where different talkers' embeddings are alike:
     # four-talker calls 0.558 -> 0.263 DER, 5-8 talkers 0.712 -> 0.442, one or two talkers

@@ -332,6 +332,63 @@ def test_a_minor_talker_in_two_small_clusters_is_one_speaker():
     assert len(np.unique(speakers(False))) == 6  # before: the guest as two speakers
 
 
+def _voices(rng: np.random.Generator, distances: list[list[float]], dims: range) -> np.ndarray:
+    """Unit vectors at the given pairwise cosine distances, in the basis vectors ``dims`` of a
+    random orthonormal basis of 32 (Cholesky of their Gram matrix)."""
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0]
+    gram = 1.0 - np.asarray(distances)
+    return np.linalg.cholesky(gram) @ basis[list(dims)]
+
+
+def test_one_talkers_fragments_are_one_speaker_and_two_talkers_fragments_are_not_chained():
+    """A minute of speech: three main talkers of 12 embeddings, then clusters of 3 embeddings
+    (each large enough to be a speaker in a recording this short) that are unlike every main
+    talker. One reader of a held-out many-talker conversation came out as three such speakers
+    0.38, 0.41 and 0.52 apart: fragments within the distinct distance of each other are one
+    talker. Two minor talkers' three fragments 0.44 and 0.48 apart, the two ends 0.67, stay two
+    talkers: merged by single linkage they were one, and a conversation lost a talker."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(9)
+
+    def speakers(fragments: np.ndarray, join: bool) -> np.ndarray:
+        voices = _voices(rng, [[0, 1, 1], [1, 0, 1], [1, 1, 0]], range(3))
+        main = np.vstack([v + 0.01 * rng.standard_normal((12, 32)) for v in voices])
+        points = np.vstack([main, *[f + 0.01 * rng.standard_normal((3, 32)) for f in fragments]])
+        clustering = ExactCountClustering(metric="cosine")
+        clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+        clustering.distinct_distance, clustering.min_cluster_share = 0.65, 0.03
+        clustering.join_fragments = join
+        return clustering.cluster(points)
+
+    one = _voices(rng, [[0, 0.38, 0.41], [0.38, 0, 0.52], [0.41, 0.52, 0]], range(3, 6))
+    labels = speakers(one, join=True)
+    assert len(np.unique(labels)) == 4 and len(set(labels[36:])) == 1 and labels[36] not in set(labels[:36])
+    assert len(np.unique(speakers(one, join=False))) == 6  # before: the reader as three speakers
+    chain = _voices(rng, [[0, 0.44, 0.67], [0.44, 0, 0.48], [0.67, 0.48, 0]], range(3, 6))
+    labels = speakers(chain, join=True)
+    assert len(np.unique(labels)) == 5
+    assert labels[36] == labels[39] != labels[42]  # the nearest two joined, the far end apart
+
+
+def test_a_speaker_of_more_than_a_few_embeddings_is_not_joined_as_a_fragment():
+    """Two clusters 0.4 apart, each unlike the main talkers, of 5 and 3 embeddings: the larger is
+    past a fragment's size (its centroid is no longer as noisy as one embedding), so both stay."""
+    from engine.pipelines.embedded import ExactCountClustering
+
+    rng = np.random.default_rng(10)
+    voices = _voices(rng, [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 0.4], [1, 1, 0.4, 0]], range(4))
+    points = np.vstack([voices[0] + 0.01 * rng.standard_normal((12, 32)),
+                        voices[1] + 0.01 * rng.standard_normal((12, 32)),
+                        voices[2] + 0.01 * rng.standard_normal((5, 32)),
+                        voices[3] + 0.01 * rng.standard_normal((3, 32))])
+    clustering = ExactCountClustering(metric="cosine")
+    clustering.instantiate({"method": "centroid", "threshold": 0.5, "min_cluster_size": 2})
+    clustering.distinct_distance, clustering.min_cluster_share = 0.65, 0.03
+    clustering.join_fragments = True
+    assert len(np.unique(clustering.cluster(points))) == 4
+
+
 def test_a_stray_like_a_main_speaker_folds_into_it_not_into_a_minor_talker():
     """A small cluster within the distinct distance of a main speaker is not a talker of its own;
     when it was nearer still to a minor talker kept on one embedding (one moment unlike everyone),
@@ -659,15 +716,18 @@ def test_the_spread_is_read_from_rows_the_segmentation_links():
 def test_a_conversation_in_a_room_is_not_split_into_more_talkers():
     """Four talkers for 55 s in a reverberant room with noise 15 dB down: each talker's handful
     of embeddings is too noisy to merge at the threshold, and these came out as 9, 7, 6 and 7
-    speakers. The size-aware merge reads the recording's spread and joins them; the same
-    conversations heard clean are clustered as before."""
+    speakers. The size-aware merge reads the recording's spread and joins them, and so does
+    joining fragments of a few embeddings (seeds 1 and 4 here: neither rule 7 and 9 speakers,
+    the merge alone 4 and 5, the joining alone 5 and 4, both 4 and 4); the same conversations
+    heard clean are clustered as before."""
     from engine.core import Engine
     from evaluation.conditions import Condition
     from evaluation.speech import multi_speaker_conversation
     from shared.settings import Settings
 
-    merged, plain = Engine(Settings()), Engine(Settings(clustering_spread_lambda=0.0))
-    assert merged.settings.clustering_spread_lambda > 0
+    merged = Engine(Settings())
+    plain = Engine(Settings(clustering_spread_lambda=0.0, clustering_join_fragments=False))
+    assert merged.settings.clustering_spread_lambda > 0 and merged.settings.clustering_join_fragments
 
     def speakers(engine, samples) -> int:
         return len({t.speaker for t in engine.diarize(Audio(samples)).diarization_results})
