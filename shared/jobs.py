@@ -1305,6 +1305,23 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
+    def drop_from_result(self, job_id: str, field: str, *, kind: str, owner: str | None) -> bool:
+        """Remove ``field`` from the result of job ``job_id``, if it is a job of ``kind`` of this
+        ``owner`` that holds one; whether it was removed. The record keeps its TTL and the rest of
+        its result (an enrolment's vector, once its voiceprint is deleted: the voiceprints route)."""
+        dropped = False
+
+        def change(r: JobRecord) -> JobRecord | None:
+            nonlocal dropped  # the last try's (update tries again when the record changed)
+            dropped = r.kind == kind and r.owner == owner and bool(r.result) and field in r.result
+            if not dropped:
+                return None
+            r.result = {k: v for k, v in r.result.items() if k != field}
+            return r
+
+        self.update(job_id, change)
+        return dropped
+
     def _lives_until_ms(self, before: JobRecord, after: JobRecord, pttl_ms: Callable[[], int]) -> int | None:
         """When the record expires after the change from ``before`` to ``after`` (epoch ms), or
         None to keep its TTL. ``pttl_ms`` reads its TTL now (only for a job going on: a record

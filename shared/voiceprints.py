@@ -83,6 +83,17 @@ def enrolled_id(job_id: str) -> str:
     return "vp_" + job_id
 
 
+def deleted_since(voiceprint_id: str) -> InputError:
+    """What a retried enrolment is answered once the voiceprint it stored was deleted."""
+    return InputError(f"voiceprint {voiceprint_id}, which this enrolment stored, was deleted since; it is not "
+                      "stored again (enrol with a new Idempotency-Key to store the person again)", status_code=409)
+
+
+def enrolment_job_id(voiceprint_id: str) -> str:
+    """The enrolment job an enrolled voiceprint was made by (:func:`enrolled_id` read back)."""
+    return voiceprint_id.removeprefix("vp_")
+
+
 # Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069): a label
 # ends up in subtitle cues, RTTM lines and the web page next to other text, and an unclosed
 # right-to-left override there shows "SPEAKER_00" as "00_REKAEPS" and reorders whatever follows.
@@ -377,10 +388,7 @@ class VoiceprintStore:
                         # voiceprint was deleted: storing it again undid the delete (a person's
                         # voiceprint back, a new created_at, under the id the delete was told of)
                         pipe.unwatch()
-                        raise InputError(
-                            f"voiceprint {vp.id}, which this enrolment stored, was deleted since; it is not "
-                            "stored again (enrol with a new Idempotency-Key to store the person again)",
-                            status_code=409)
+                        raise deleted_since(vp.id)
                     if self.max_per_owner is not None and pipe.zcard(index) >= self.max_per_owner:
                         pipe.unwatch()
                         raise self._full()
@@ -429,10 +437,12 @@ class VoiceprintStore:
         found = [VoiceprintSummary.model_validate_json(r) for r in raws if r]
         return VoiceprintPage(found, _cursor(scores[-1], ids[-1], owner) if more else None)
 
-    def delete(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> bool:
+    def delete(self, voiceprint_id: str, owner: str | None, *, admin: bool = False) -> Voiceprint | None:
+        """Delete the voiceprint if this owner may see it; the voiceprint deleted, None for an
+        unknown id and another's alike."""
         vp = self.get(voiceprint_id, owner, admin=admin)
         if vp is None:
-            return False
+            return None
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(self._key(vp.id))
             pipe.zrem(self._index(vp.owner), vp.id)
@@ -443,7 +453,7 @@ class VoiceprintStore:
                 # unbounded by the per-key cap, until Redis refused every tenant's writes
                 pipe.set(self._deleted_key(vp.id), 1, ex=max(1, self.deleted_for_s))
             pipe.execute()
-        return True
+        return vp
 
     def resolve(self, spec: str, owner: str | None, model: EmbeddingModel, limit: int) -> list[dict[str, Any]]:
         """A job's ``voiceprints`` field (comma-separated ids, or ``all`` for the caller's own) as

@@ -8,7 +8,8 @@ Each test fails on the code before its fix:
   voiceprint was deleted was answered its job's result again, and the voiceprint stored again
   under the id the delete had been answered 204 for (with a new ``created_at``): a delete undone
   by a client's retry. The delete now leaves a tombstone for as long as a retry can be answered,
-  and the retry is a 409 that says so (``VoiceprintStore.delete``, ``create``);
+  and the retry is a 409 that says so (``VoiceprintStore.delete``, ``create``). The enrolment's
+  job result, which held the same vector for a day after the delete, no longer holds it;
 * diarization's ``identification_threshold`` sent without ``voiceprints`` (forgotten, misspelt, or
   sent empty) was taken and dropped: 202 (200 on ``POST /diarize``), and speakers never named,
   with no sign why. It is a 422 now, as ``webhook_payload`` without ``webhook_url`` is
@@ -37,7 +38,13 @@ def test_a_retried_enrolment_does_not_bring_back_a_deleted_voiceprint(client, sa
     first = enrol()
     assert first.status_code == 201, first.text
     voiceprint_id = first.json()["id"]
+    job = client.get(f"/jobs/{voiceprint_id.removeprefix('vp_')}").json()
+    assert job["kind"] == "enroll" and len(job["result"]["embedding"]) == 192
     assert client.delete(f"/voiceprints/{voiceprint_id}").status_code == 204
+    # the enrolment's job result held the same vector for a day after the delete; the rest of
+    # the result stays
+    job = client.get(f"/jobs/{voiceprint_id.removeprefix('vp_')}").json()
+    assert "embedding" not in job["result"] and job["result"]["label"] == "Ann R15", job["result"]
 
     retry = enrol()
     # before: 201 with Idempotent-Replayed, and the deleted voiceprint stored again

@@ -26,7 +26,8 @@ from api.limits import BoundedFormRoute
 from api.models import ERRORS
 from shared.errors import ModelError
 from shared.kinds import ENROLL
-from shared.voiceprints import FORMAT, Voiceprint, embedding_model, enrolled_id, parse_import, to_npy
+from shared.voiceprints import (FORMAT, Voiceprint, deleted_since, embedding_model, enrolled_id, enrolment_job_id,
+                                parse_import, to_npy)
 
 router = APIRouter(prefix="/voiceprints", tags=["voiceprints"], dependencies=[Depends(require_api_key)],
                    responses=ERRORS, route_class=BoundedFormRoute)
@@ -91,6 +92,10 @@ async def create_voiceprint(
         await run_in_threadpool(dispatcher.voiceprints.check_room, principal.owner)
     record = await dispatcher.run_sync(submission, principal, request, idempotent=idempotent)
     result = record.result or {}
+    if "embedding" not in result:
+        # a retry answered the job's result after its voiceprint was deleted, and the vector
+        # with it (delete_voiceprint)
+        raise deleted_since(enrolled_id(record.job_id))
     expected = embedding_model(settings)
     if result.get("model") != expected.name or result.get("dimension") != expected.dimension:
         raise ModelError(f"the worker embeds with {result.get('model')!r}, this API expects {expected.name!r}: "
@@ -198,7 +203,12 @@ def _disposition(stem: str, label: str, suffix: str) -> str:
 async def delete_voiceprint(voiceprint_id: str, dispatcher: DispatcherDep, principal: PrincipalDep) -> Response:
     deleted = await run_in_threadpool(dispatcher.voiceprints.delete, voiceprint_id, principal.owner,
                                       admin=principal.admin)
-    if not deleted:
+    if deleted is None:
         raise not_found("voiceprint", voiceprint_id)
+    if deleted.enrolled is not False:
+        # the enrolment's job result holds the same vector for as long as the record lives (a
+        # day): GET /jobs/{id} read a deleted person's voiceprint back until then
+        await run_in_threadpool(dispatcher.store.drop_from_result, enrolment_job_id(deleted.id), "embedding",
+                                kind=ENROLL.name, owner=deleted.owner)
     return Response(status_code=204)
 
