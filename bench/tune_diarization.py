@@ -60,7 +60,8 @@ DRAWS = {
     "tuning": {"conv": 0, "many": 100, "solo": 300, "duo": 400, "long": 0, "meet": 700, "guests": 900},
     "held-out": {"conv": 8, "many": 200, "solo": 500, "duo": 600, "long": 100, "meet": 800, "guests": 1000},
     # drawn for the first time on 2026-12-06 to judge a rule that both draws above had shaped
-    # (docs/models.md, "Fragments joined"); up to 30 of a set fit below the next set's seeds
+    # (docs/models.md, "Fragments joined"); the conversations' seeds leave room for 30
+    # recordings before the next draw's, the other sets' for 100
     "fresh": {"conv": 40, "many": 1100, "solo": 1200, "duo": 1300, "long": 200, "meet": 1400, "guests": 1500},
     # drawn after the rule was mended on "fresh" (complete linkage), to judge the mended rule
     "fresh2": {"conv": 70, "many": 1600, "solo": 1700, "duo": 1800, "long": 300, "meet": 1900, "guests": 2000},
@@ -132,7 +133,8 @@ def main() -> None:
     parser.add_argument("--stored-as", choices=["float16", "float32"], default="float16",
                         help="the recordings' dtype as handed to the pipeline (workers hold decoded audio as float16)")
     parser.add_argument("--draw", choices=sorted(DRAWS), default="tuning",
-                        help="which recordings: those the defaults were tuned on, or a held-out draw of each set")
+                        help="which recordings: those the defaults were tuned on, a held-out draw of each set, or "
+                             "one of two draws first used on 2026-12-06 (fresh, fresh2)")
     parser.add_argument("--condition", choices=CONDITIONS, default="clean",
                         help="the conversations as taken in a room, through a telephone line or under noise "
                              "(evaluation.conditions); pyannote's sample stays as recorded")

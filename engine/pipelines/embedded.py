@@ -520,7 +520,8 @@ def _join_fragments(unit: np.ndarray, clusters: np.ndarray, keep: np.ndarray, la
     The mean of 2-4 embeddings is nearly as noisy as one, so two such clusters are compared as
     two short utterances are, by the verification distance, not by the threshold tuned on
     centroids of many: one talker of 13 s in a minute of many talkers came out as three speakers
-    of 3 embeddings 0.38-0.52 apart (docs/models.md, "Over-counts on the held-out draw")."""
+    of 3 embeddings 0.38-0.52 apart (docs/models.md, "Over-counts on the held-out draw" and
+    "Fragments joined")."""
     sizes = np.bincount(clusters)[keep]
     small = np.flatnonzero(sizes <= FRAGMENT_SIZE)
     if len(small) < 2:
