@@ -571,6 +571,23 @@ def test_num_speakers_is_honoured_with_many_and_minor_talkers(engine, clips, tal
     assert len({t.speaker for t in at_most.diarization_results}) <= 2
 
 
+def test_a_reader_of_a_many_talker_conversation_in_fragments_is_one_speaker(engine, clips):
+    """The held-out draw's eight-reader conversation (two minor talkers; bench/tune_diarization.py
+    --draw held-out, many7): reader 7113's 13 s were three clusters of 3 embeddings, 0.38-0.52
+    apart, each kept as a speaker (10 of 8). Joined as one talker's fragments, 8 of 8."""
+    from engine.core import Engine
+    from evaluation.speech import diarization_error_rate
+    from shared.settings import Settings
+
+    assert engine.settings.clustering_join_fragments
+    samples, reference = many_talker_conversation(8, minor=2, seed=207, clips=clips)
+    joined = engine.diarize(Audio(samples)).diarization_results
+    apart = Engine(Settings(clustering_join_fragments=False)).diarize(Audio(samples)).diarization_results
+    assert len({t.speaker for t in apart}) >= 9
+    assert len({t.speaker for t in joined}) == 8
+    assert diarization_error_rate(reference, joined) <= diarization_error_rate(reference, apart)
+
+
 def test_cli_stdout_is_only_json_when_the_count_is_forced(tmp_path):
     """Forcing more speakers than a short clip holds made pyannote print on stdout."""
     import soundfile as sf
