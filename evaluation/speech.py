@@ -383,3 +383,23 @@ def meeting_conversation(
     reference.uri = "meeting"
     peak = float(np.abs(audio).max()) or 1.0
     return (audio / peak * 0.9).astype(np.float32), reference
+
+
+# talkers of a panel (`panel_conversation`), by seed: a debate or a radio round table
+PANEL_TALKERS = (10, 12, 14, 16)
+
+
+def panel_conversation(seed: int, *, clips: Sequence[Clip] | None = None,
+                       data_dir: str | os.PathLike = "../shared/data/speech"):
+    """A panel of 10-16 LibriSpeech readers (``PANEL_TALKERS[seed % 4]``), 2-4 of them minor.
+
+    The many-speaker recordings users send (a debate, a round table, a broadcast) hold more
+    talkers than the 5-8 of :func:`many_talker_conversation`, for minutes, with talk time far
+    from equal. Built as a :func:`meeting_conversation` whose main talkers say their utterance
+    one to four times over (4-60 s each), with fewer and shorter overlaps (15 % of turn changes,
+    0.2-1.0 s: one talker has the floor) and two interjections a minute. 4-9 minutes; deterministic
+    by ``seed``. Returns ``(samples, reference)`` as that function does.
+    """
+    return meeting_conversation(PANEL_TALKERS[seed % len(PANEL_TALKERS)], minor=2 + seed % 3, seed=seed,
+                                clips=clips, data_dir=data_dir, passes=(1, 4), overlap_probability=0.15,
+                                overlap=(0.2, 1.0), interjections_per_minute=2.0)

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     # meetings' 0.67 -> 0.42, four-talker conversations' DER 0.175 -> 0.154 (docs/models.md,
     # "Fragments joined")
     clustering_join_fragments: bool = True
+    # two large clusters (30 embeddings or more) merge only when their mean directions lie within
+    # the cosine distance the threshold allows at this concentration (the length of a large
+    # clean cluster's mean unit vector; 0.845: the median of a clean 20 min meeting's four
+    # talkers): in a room or under noise the means shorten and two talkers came within the
+    # threshold, an hour of four talkers as three; room 0.258 -> 0.070 DER, noisy 0.309 -> 0.137
+    # (engine.pipelines.embedded._cut_directed; docs/models.md, "Long recordings in a room or
+    # under noise"); None: the threshold alone
+    clustering_reference_concentration: float | None = Field(0.845, gt=0.0, le=1.0)
     # the threshold for a recording that came through a telephone line (engine.channel: almost
     # nothing below 250 Hz or above 3.7 kHz), where different talkers' embeddings are alike:
     # four-talker calls 0.558 -> 0.263 DER, 5-8 talkers 0.712 -> 0.442, one or two talkers

@@ -699,6 +699,63 @@ def test_size_aware_merging_joins_small_noisy_clusters_but_not_large_ones():
     assert clusters_of(2, 0.0) == 2  # no allowance: the threshold alone
 
 
+def _scattered(rng: np.random.Generator, direction: np.ndarray, n: int, length: float) -> np.ndarray:
+    """``n`` unit vectors about ``direction`` whose mean is about ``length`` long (a talker's
+    embeddings, scattered as in a room when ``length`` is low)."""
+    noise = rng.standard_normal((n, len(direction)))
+    noise -= noise @ direction[:, None] * direction[None, :]
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    angle = np.arccos(length)  # every vector at this angle from the direction: the mean's length
+    return np.cos(angle) * direction[None, :] + np.sin(angle) * noise
+
+
+def test_large_clusters_merge_by_direction_when_their_means_shorten():
+    """Two talkers whose mean directions lie 0.5 apart (cosine distance), 200 embeddings each.
+    Scattered as in clean speech (mean length 0.87) their centroids lie 0.87 apart, past the
+    threshold (0.8): two speakers. Scattered as in a room (0.75) the centroids come within 0.75
+    and the threshold alone merges them: the reverberant hour of four talkers came out as three.
+    With the direction check they stay two; one talker's two halves still merge, and with the
+    check at a distance it never reaches the cut is fcluster's own."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    from engine.pipelines.embedded import _cut_directed, _merge_spread
+
+    rng = np.random.default_rng(11)
+    basis = np.linalg.qr(rng.standard_normal((64, 64)))[0][:2]
+    a = basis[0]
+    b = 0.5 * basis[0] + np.sqrt(1 - 0.5**2) * basis[1]  # cosine distance 0.5 from a
+    apart = 0.8**2 / (2 * 0.845**2)  # the threshold's cosine distance at a clean concentration, 0.448
+
+    def cut(length: float, second: np.ndarray, check: float | None) -> np.ndarray:
+        points = np.vstack([_scattered(rng, a, 200, length), _scattered(rng, second, 200, length)])
+        dendrogram = linkage(points, method="centroid", metric="euclidean")
+        if check is None:
+            return fcluster(dendrogram, 0.8, criterion="distance") - 1
+        return _cut_directed(dendrogram, points, 0.8, check)
+
+    def big(labels: np.ndarray) -> int:
+        return int(np.sum(np.bincount(labels) >= 30))
+
+    assert big(cut(0.87, b, None)) == 2  # clean: the threshold keeps them apart
+    assert big(cut(0.75, b, None)) == 1  # in a room: merged
+    assert big(cut(0.75, b, apart)) == 2  # by direction: apart
+    assert big(cut(0.75, a, apart)) == 1  # one talker's two halves: merged
+    # a check that never fires is fcluster's cut, labels and their order included (the order
+    # decides ties further on)
+    points = np.vstack([_scattered(rng, a, 150, 0.75), _scattered(rng, b, 150, 0.75), rng.standard_normal((40, 64))])
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    dendrogram = linkage(points, method="centroid", metric="euclidean")
+    for threshold in (0.6, 0.8, 1.0):
+        assert np.array_equal(_cut_directed(dendrogram, points, threshold, 10.0),
+                              fcluster(dendrogram, threshold, criterion="distance") - 1)
+
+    # the size-aware merge (a noisy recording's) does not undo the check
+    points = np.vstack([_scattered(rng, a, 200, 0.75), _scattered(rng, b, 200, 0.75)])
+    halves = np.repeat([0, 1], 200)
+    assert len(np.unique(_merge_spread(points, halves.copy(), 0.8, 0.1))) == 1
+    assert len(np.unique(_merge_spread(points, halves.copy(), 0.8, 0.1, apart=apart))) == 2
+
+
 def test_the_spread_is_read_from_rows_the_segmentation_links():
     """Rows of neighbouring chunks that hold the same stretch of speech are one talker; the
     distance between their embeddings is the recording's within-talker spread."""

@@ -57,6 +57,7 @@ def build_embedded_pipeline(settings: Settings, device: torch.device | None = No
         lanes=lanes,
         distinct_distance=settings.clustering_distinct_distance,
         join_fragments=settings.clustering_join_fragments,
+        reference_concentration=settings.clustering_reference_concentration,
         min_cluster_share=settings.clustering_min_cluster_share,
         telephone_threshold=settings.clustering_telephone_threshold,
         spread_lambda=settings.clustering_spread_lambda,

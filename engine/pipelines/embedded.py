@@ -101,7 +101,8 @@ def budget_for(device: torch.device | None) -> EmbeddingBudget:
 
 class EmbeddedSpeakerDiarization(SpeakerDiarization):
     def __init__(self, *, budget: EmbeddingBudget, lanes: Lanes | None = None,
-                 distinct_distance: float | None = None, join_fragments: bool = False, min_cluster_share: float = 0.0,
+                 distinct_distance: float | None = None, join_fragments: bool = False,
+                 reference_concentration: float | None = None, min_cluster_share: float = 0.0,
                  telephone_threshold: float | None = None, spread_lambda: float = 0.0,
                  spread_reference: float = 0.85, embedding_tf32: bool = False,
                  centre_sigma: float | None = None, stray_speaker_s: float = 0.0, **kwargs):
@@ -119,6 +120,7 @@ class EmbeddedSpeakerDiarization(SpeakerDiarization):
         self.clustering = ExactCountClustering(metric=self._embedding.metric)
         self.clustering.distinct_distance = distinct_distance
         self.clustering.join_fragments = join_fragments
+        self.clustering.reference_concentration = reference_concentration
         self.clustering.min_cluster_share = min_cluster_share
         self.clustering.spread_lambda = spread_lambda
         self.clustering.spread_reference = spread_reference
@@ -328,6 +330,11 @@ class ExactCountClustering(AgglomerativeClustering):
     # speakers of at most FRAGMENT_SIZE embeddings all within the distinct distance of each other
     # are one talker (_join_fragments); False: each stays a speaker (before 2026-12-06, later)
     join_fragments: bool = False
+    # two clusters of at least LARGE_FOR_DIRECTION embeddings each are not merged when their mean
+    # directions lie further apart (cosine distance) than the threshold allows at this
+    # concentration, the length of a large clean cluster's mean unit vector (_cut_directed,
+    # _merge_spread); None: the threshold alone, on centroid distances
+    reference_concentration: float | None = None
 
     def filter_embeddings(self, embeddings, segmentations=None, **kwargs):
         train, chunk_idx, speaker_idx = super().filter_embeddings(embeddings, segmentations=segmentations, **kwargs)
@@ -355,10 +362,12 @@ class ExactCountClustering(AgglomerativeClustering):
         unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
         dendrogram = linkage(unit, method=self.method, metric="euclidean")
         threshold = self.threshold if self.channel_threshold is None else self.channel_threshold
-        clusters = fcluster(dendrogram, threshold, criterion="distance") - 1
+        apart = None if self.reference_concentration is None else threshold**2 / (2 * self.reference_concentration**2)
+        clusters = (fcluster(dendrogram, threshold, criterion="distance") - 1 if apart is None
+                    else _cut_directed(dendrogram, unit, threshold, apart))
         if self.spread_lambda > 0 and self._spread is not None and self._spread > self.spread_reference:
             extra = self.spread_lambda * (self._spread**2 - self.spread_reference**2) / 2
-            clusters = _merge_spread(unit, clusters, threshold, extra)
+            clusters = _merge_spread(unit, clusters, threshold, extra, apart=apart)
         # the free count's speakers, the large clusters first: when the caller asks for as many
         # as it has large clusters, or as many as it has speakers in all (with the minor talkers
         # it kept), that is the answer (a cut held to the count would fold a minor talker the
@@ -674,7 +683,8 @@ def _linked_spread(embeddings: np.ndarray, segmentations, min_iou: float = 0.7, 
     return float(np.median(distances)) if len(distances) >= min_pairs else None
 
 
-def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extra: float) -> np.ndarray:
+def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extra: float,
+                  apart: float | None = None) -> np.ndarray:
     """Merge clusters whose centroids are closer than the threshold once the noise of a centroid
     of few embeddings is allowed for: squared distance under threshold^2 + extra (1/n_A + 1/n_B),
     closest first.
@@ -700,11 +710,18 @@ def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extr
     d2 = np.maximum(squares[:, None] + squares[None, :] - 2 * centroids @ centroids.T, 0.0)
     np.fill_diagonal(d2, np.inf)
     inv = 1.0 / counts
+    # pairs of large clusters whose directions are too far apart to merge (_cut_directed); a
+    # cluster merged from a vetoed one stays vetoed against the same clusters
+    vetoed = np.zeros((k, k), dtype=bool)
     while True:
-        margin = d2 - extra * (inv[:, None] + inv[None, :])
+        margin = np.where(vetoed, np.inf, d2 - extra * (inv[:, None] + inv[None, :]))
         i, j = np.unravel_index(int(np.argmin(margin)), margin.shape)
         if not margin[i, j] < threshold**2:
             break
+        if apart is not None and min(counts[i], counts[j]) >= LARGE_FOR_DIRECTION and \
+                _direction_gap(sums[i], sums[j]) > apart:
+            vetoed[i, j] = vetoed[j, i] = True
+            continue
         n_i, n_j = counts[i], counts[j]
         n = n_i + n_j
         merged = (n_i * d2[i] + n_j * d2[j]) / n - n_i * n_j * d2[i, j] / n**2
@@ -712,5 +729,77 @@ def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extr
         d2[j, :] = d2[:, j] = np.inf
         d2[i, i] = np.inf
         counts[i], inv[i], inv[j] = n, 1.0 / n, 0.0
+        sums[i] += sums[j]
+        vetoed[i, :] |= vetoed[j, :]
+        vetoed[:, i] |= vetoed[:, j]
         clusters[clusters == j] = i
     return np.unique(clusters, return_inverse=True)[1]
+
+
+# embeddings a cluster needs before its mean direction, not its centroid, decides a merge
+# (ExactCountClustering.reference_concentration)
+LARGE_FOR_DIRECTION = 30
+
+
+def _direction_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine distance between two vectors (sums or means of unit embeddings)."""
+    return float(1.0 - a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
+
+
+def _cut_directed(dendrogram: np.ndarray, unit: np.ndarray, threshold: float, apart: float) -> np.ndarray:
+    """``fcluster(dendrogram, threshold, "distance")``, except that no flat cluster joins two
+    clusters of :data:`LARGE_FOR_DIRECTION` embeddings or more whose mean directions lie more
+    than ``apart`` (cosine distance) from each other; 0..K-1 labels.
+
+    Centroid linkage compares means of unit vectors, whose length (the concentration) falls as a
+    talker's embeddings scatter: in a reverberant room or under noise a large cluster's mean is
+    0.75-0.8 long against 0.83-0.89 in clean speech, so two talkers whose directions lie as far
+    apart as in clean speech (cosine distance 0.45-0.51) come within the threshold (0.74-0.80
+    against 0.86) and an hour of four talkers came out as three. ``apart`` is the cosine distance
+    the threshold allows at a clean concentration; a flat cluster is a subtree whose every merge
+    is under the threshold (as fcluster's, centroid linkage not being monotonic) and none of
+    them one of two such large clusters too far apart.
+    """
+    n = len(unit)
+    nodes = n + len(dendrogram)
+    sums = np.zeros((nodes, unit.shape[1]))
+    sums[:n] = unit
+    sizes = np.ones(nodes, dtype=np.int64)
+    top = np.zeros(nodes)  # the highest merge in each node's subtree
+    bad = np.zeros(nodes, dtype=bool)  # a vetoed merge in the subtree
+    children = dendrogram[:, :2].astype(np.int64)
+    for m, (a, b) in enumerate(children):
+        node = n + m
+        sums[node] = sums[a] + sums[b]
+        sizes[node] = sizes[a] + sizes[b]
+        top[node] = max(dendrogram[m, 2], top[a], top[b])
+        bad[node] = bad[a] or bad[b] or (
+            min(sizes[a], sizes[b]) >= LARGE_FOR_DIRECTION and _direction_gap(sums[a], sums[b]) > apart)
+    # numbered as fcluster numbers them (the order of the labels decides ties further on: which
+    # of two kept speakers a fragment joins): depth first, a node's internal children (left, then
+    # right) before its leaves
+    clusters = np.empty(n, dtype=np.int64)
+    label, stack = 0, [(nodes - 1, False)]
+    while stack:
+        node, expanded = stack.pop()
+        left, right = children[node - n]
+        if expanded:
+            for leaf in (left, right):
+                if leaf < n:
+                    clusters[leaf] = label
+                    label += 1
+            continue
+        if top[node] <= threshold and not bad[node]:
+            members, pending = [], [node]
+            while pending:
+                x = pending.pop()
+                if x < n:
+                    members.append(x)
+                else:
+                    pending.extend(children[x - n])
+            clusters[members] = label
+            label += 1
+            continue
+        stack.append((node, True))
+        stack.extend((child, False) for child in (right, left) if child >= n)
+    return clusters
