@@ -134,7 +134,7 @@ def main() -> None:
                         help="1: speakers of a few embeddings within the distinct distance of each other are one "
                              "talker (engine.pipelines.embedded._join_fragments)")
     parser.add_argument("--reference-concentrations", type=float, nargs="+",
-                        default=[Settings().clustering_reference_concentration or 0.0],
+                        default=[defaults.clustering_reference_concentration or 0.0],
                         help="large clusters merge by mean direction as at this concentration; 0: off "
                              "(engine.pipelines.embedded._cut_directed)")
     parser.add_argument("--long-minutes", type=float, default=10.0)

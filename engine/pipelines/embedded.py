@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from pyannote.audio.pipelines import SpeakerDiarization
 from pyannote.audio.pipelines.clustering import AgglomerativeClustering
-from scipy.cluster.hierarchy import fcluster, linkage
-from scipy.spatial.distance import cdist, pdist
+from scipy.cluster.hierarchy import fcluster, linkage, maxdists
+from scipy.spatial.distance import cdist, cosine, pdist
 
 from engine import runtime
 from engine.channel import through_a_telephone_line
@@ -719,7 +719,7 @@ def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extr
         if not margin[i, j] < threshold**2:
             break
         if apart is not None and min(counts[i], counts[j]) >= LARGE_FOR_DIRECTION and \
-                _direction_gap(sums[i], sums[j]) > apart:
+                cosine(sums[i], sums[j]) > apart:
             vetoed[i, j] = vetoed[j, i] = True
             continue
         n_i, n_j = counts[i], counts[j]
@@ -741,11 +741,6 @@ def _merge_spread(unit: np.ndarray, clusters: np.ndarray, threshold: float, extr
 LARGE_FOR_DIRECTION = 30
 
 
-def _direction_gap(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine distance between two vectors (sums or means of unit embeddings)."""
-    return float(1.0 - a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
-
 def _cut_directed(dendrogram: np.ndarray, unit: np.ndarray, threshold: float, apart: float) -> np.ndarray:
     """``fcluster(dendrogram, threshold, "distance")``, except that no flat cluster joins two
     clusters of :data:`LARGE_FOR_DIRECTION` embeddings or more whose mean directions lie more
@@ -764,17 +759,17 @@ def _cut_directed(dendrogram: np.ndarray, unit: np.ndarray, threshold: float, ap
     nodes = n + len(dendrogram)
     sums = np.zeros((nodes, unit.shape[1]))
     sums[:n] = unit
-    sizes = np.ones(nodes, dtype=np.int64)
-    top = np.zeros(nodes)  # the highest merge in each node's subtree
+    # each node's size (linkage's fourth column) and the highest merge in its subtree (what
+    # fcluster's distance criterion compares with the threshold); leaves first
+    sizes = np.concatenate([np.ones(n), dendrogram[:, 3]])
+    top = np.concatenate([np.zeros(n), maxdists(dendrogram)])
     bad = np.zeros(nodes, dtype=bool)  # a vetoed merge in the subtree
     children = dendrogram[:, :2].astype(np.int64)
     for m, (a, b) in enumerate(children):
         node = n + m
         sums[node] = sums[a] + sums[b]
-        sizes[node] = sizes[a] + sizes[b]
-        top[node] = max(dendrogram[m, 2], top[a], top[b])
         bad[node] = bad[a] or bad[b] or (
-            min(sizes[a], sizes[b]) >= LARGE_FOR_DIRECTION and _direction_gap(sums[a], sums[b]) > apart)
+            min(sizes[a], sizes[b]) >= LARGE_FOR_DIRECTION and cosine(sums[a], sums[b]) > apart)
     # numbered as fcluster numbers them (the order of the labels decides ties further on: which
     # of two kept speakers a fragment joins): depth first, a node's internal children (left, then
     # right) before its leaves
